@@ -1,0 +1,7 @@
+"""``python -m ckpt_watcher``: the same as the ``ckpt-watcher`` console script."""
+
+import sys
+
+from ckpt_watcher.cli import main
+
+sys.exit(main())

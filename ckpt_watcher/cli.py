@@ -1,0 +1,163 @@
+"""Command line: ``prune`` (one-shot, ``--dry-run`` is the audit), ``policy`` (validate and show).
+
+Exit codes: 0 success, 1 some deletion failed, 2 usage or policy error. Stdout carries only the
+command's output (table or JSON); everything else is a structured log record on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import structlog
+
+from ckpt_watcher import __version__
+from ckpt_watcher.delete import apply_plan
+from ckpt_watcher.logs import LEVELS, configure_logging
+from ckpt_watcher.plan import plan
+from ckpt_watcher.policy import LoadedPolicy, PolicyError, load_policy
+from ckpt_watcher.report import (
+    plan_document,
+    policy_document,
+    render_json,
+    render_policy,
+    render_table,
+)
+from ckpt_watcher.scan import ScanOptions, ScanResult, scan_tree
+
+EXIT_OK = 0
+EXIT_DELETE_FAILED = 1
+EXIT_USAGE = 2
+
+logger = structlog.get_logger("ckpt_watcher.cli")
+
+
+class UsageError(Exception):
+    """A command line that cannot run; printed as one line, exit code 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser; also used by tests to check deployment command lines."""
+    parser = argparse.ArgumentParser(
+        prog="ckpt-watcher",
+        description="Keep a training run's checkpoint directory within a retention policy.",
+    )
+    parser.add_argument("--version", action="version", version=f"ckpt-watcher {__version__}")
+    parser.add_argument(
+        "--log-level", choices=LEVELS, default="info", help="least severe log records shown (default: info)"
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    prune = commands.add_parser(
+        "prune",
+        help="apply the policy once (with --dry-run: show what would go, and why)",
+        description="Scan PATH recursively, plan per the policy, and delete what it does not keep.",
+    )
+    prune.add_argument("path", type=Path, metavar="PATH", help="checkpoint root directory")
+    prune.add_argument("--policy", type=Path, metavar="FILE", help="YAML policy (default: embedded)")
+    prune.add_argument("--dry-run", action="store_true", help="change nothing; print the plan")
+    prune.add_argument("--json", action="store_true", help="print one JSON document instead of a table")
+    prune.add_argument(
+        "--settle",
+        type=_non_negative_float,
+        default=0.0,
+        metavar="SECONDS",
+        help="treat files modified less than SECONDS ago as still being written (default: 0)",
+    )
+
+    policy = commands.add_parser(
+        "policy",
+        help="validate a policy file and print the effective policy",
+        description="Validate FILE (or the embedded default) and print every value and its origin.",
+    )
+    policy.add_argument("file", type=Path, nargs="?", metavar="FILE", help="YAML policy file")
+    policy.add_argument("--json", action="store_true", help="print JSON instead of commented YAML")
+    return parser
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds >= 0, got {text!r}")
+    return value
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the console script; returns the exit code."""
+    arguments = build_parser().parse_args(argv)
+    configure_logging(arguments.log_level)
+    try:
+        if arguments.command == "prune":
+            return run_prune(arguments)
+        if arguments.command == "policy":
+            return run_policy(arguments)
+    except PolicyError as error:
+        print(f"ckpt-watcher: {error.render()}", file=sys.stderr)
+        return EXIT_USAGE
+    except UsageError as error:
+        print(f"ckpt-watcher: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    raise AssertionError(f"unhandled command {arguments.command}")
+
+
+def load_policy_logged(path: Path | None) -> LoadedPolicy:
+    """Load the policy and log its warnings (such as a misspelt key)."""
+    loaded = load_policy(path)
+    for warning in loaded.warnings:
+        logger.warning("policy_warning", source=loaded.source_label, message=warning)
+    return loaded
+
+
+def resolve_root(path: Path) -> Path:
+    """The canonical root directory the user named; nothing outside it is ever touched."""
+    if not path.exists():
+        raise UsageError(f"{path}: no such directory")
+    if not path.is_dir():
+        raise UsageError(f"{path}: not a directory")
+    return Path(os.path.realpath(path))
+
+
+def log_scan_warnings(scan: ScanResult) -> None:
+    """Warn about what the scan could not read and about names that look wrong."""
+    for problem in scan.problems:
+        logger.warning("scan_problem", path=str(problem.path), error=problem.message)
+    for record in scan.records:
+        if record.note:
+            logger.warning(
+                "checkpoint_suspicious",
+                path=str(record.path),
+                detail=f"{record.note}; kept",
+            )
+
+
+def run_prune(arguments: argparse.Namespace) -> int:
+    """``prune``: scan, plan, and delete (or, with --dry-run, only show)."""
+    loaded = load_policy_logged(arguments.policy)
+    root = resolve_root(arguments.path)
+    scan = scan_tree(root, loaded.policy.compiled_naming, ScanOptions(settle_seconds=arguments.settle))
+    log_scan_warnings(scan)
+    the_plan = plan(scan.records, loaded.policy)
+    applied = None if arguments.dry_run else apply_plan(the_plan, root)
+    if arguments.json:
+        print(render_json(plan_document(the_plan, loaded, arguments.dry_run, applied)))
+    else:
+        print(render_table(the_plan, arguments.dry_run, applied))
+    if applied is not None and applied.failed:
+        return EXIT_DELETE_FAILED
+    return EXIT_OK
+
+
+def run_policy(arguments: argparse.Namespace) -> int:
+    """``policy``: validate and print the effective policy."""
+    loaded = load_policy_logged(arguments.file)
+    if arguments.json:
+        print(render_json({**policy_document(loaded), "origins": dict(loaded.origins)}))
+    else:
+        print(render_policy(loaded))
+    return EXIT_OK

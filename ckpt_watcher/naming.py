@@ -1,0 +1,248 @@
+"""Classify checkpoint file names by templates written like Lightning's ``ModelCheckpoint(filename=...)``.
+
+A template such as ``epoch={epoch:02d}-step={step:06d}-train`` compiles once into a parser. A name
+parses only if formatting the parsed values with the template's own format specs gives the name
+back, so a format width is a minimum (``step=1234567`` parses) while names the trainer could never
+have produced (``step=15`` for ``{step:06d}``, ``Epoch=``, a trailing space) are ``unknown``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import enum
+import re
+import string
+from dataclasses import dataclass
+
+CHECKPOINT_EXTENSION = ".ckpt"
+INTEGER_FIELDS = frozenset({"epoch", "step"})
+DATE_FIELD = "date"
+
+DEFAULT_STEP_TEMPLATE = "epoch={epoch:02d}-step={step:06d}-train"
+DEFAULT_BEST_TEMPLATE = "best_{date}_epoch={epoch:02d}_step={step:06d}_loss={loss:.4f}"
+DEFAULT_LAST_TEMPLATE = "last"
+
+# Lightning's collision suffix: CHECKPOINT_JOIN_CHAR "-" + "v" + a version counted from 1.
+_VERSION_SUFFIX = r"(?:-v(?P<_version>[1-9][0-9]*))?"
+_INTEGER_PATTERN = r"[0-9]+"
+_DATE_PATTERN = r"[0-9]{8}"
+_METRIC_PATTERN = r"[-+]?(?:[0-9]+(?:\.[0-9]*)?(?:[eE][-+]?[0-9]+)?|\.[0-9]+|nan|inf|NAN|INF)"
+
+
+class Kind(enum.StrEnum):
+    """What a file name says a file is."""
+
+    STEP = "step"
+    BEST = "best"
+    LAST = "last"
+    UNKNOWN = "unknown"
+
+
+class TemplateError(ValueError):
+    """A naming template that cannot describe checkpoint names of its kind."""
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedName:
+    """The fields a checkpoint name carries."""
+
+    kind: Kind
+    epoch: int | None = None
+    step: int | None = None
+    date: str | None = None
+    metric_name: str | None = None
+    metric: float | None = None
+    metric_text: str | None = None
+    version: int = 0
+    note: str | None = None
+
+
+UNKNOWN_NAME = ParsedName(kind=Kind.UNKNOWN)
+
+
+@dataclass(frozen=True, slots=True)
+class _Field:
+    name: str
+    format_spec: str
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledTemplate:
+    """One template compiled into a regular expression plus the format specs to verify against."""
+
+    kind: Kind
+    template: str
+    pattern: re.Pattern[str]
+    fields: tuple[_Field, ...]
+    metric_name: str | None
+
+    def parse(self, name: str) -> ParsedName | None:
+        """Return the parsed fields of ``name``, or None if the template could not have produced it."""
+        match = self.pattern.fullmatch(name)
+        if match is None:
+            return None
+        integers: dict[str, int] = {}
+        date: str | None = None
+        metric: float | None = None
+        metric_text: str | None = None
+        for field in self.fields:
+            text = match.group(field.name)
+            if field.name in INTEGER_FIELDS:
+                value = int(text)
+                if format(value, field.format_spec or "d") != text:
+                    return None
+                integers[field.name] = value
+            elif field.name == DATE_FIELD:
+                if not _is_calendar_date(text):
+                    return None
+                date = text
+            else:
+                metric = float(text)
+                if format(metric, field.format_spec) != text:
+                    return None
+                metric_text = text
+        version_text = match.group("_version")
+        return ParsedName(
+            kind=self.kind,
+            epoch=integers.get("epoch"),
+            step=integers.get("step"),
+            date=date,
+            metric_name=self.metric_name,
+            metric=metric,
+            metric_text=metric_text,
+            version=int(version_text) if version_text else 0,
+        )
+
+
+def _is_calendar_date(text: str) -> bool:
+    try:
+        datetime.datetime.strptime(text, "%Y%m%d")
+    except ValueError:
+        return False
+    return True
+
+
+def compile_template(kind: Kind, template: str) -> CompiledTemplate:
+    """Compile ``template`` for ``kind``; raise TemplateError saying what is wrong with it."""
+    if not template:
+        raise TemplateError("a template must not be empty")
+    if "/" in template or "\\" in template or "\0" in template:
+        raise TemplateError("a template names a file, so it cannot contain '/', '\\' or NUL")
+    if template.endswith(CHECKPOINT_EXTENSION):
+        raise TemplateError(f"write the template without the '{CHECKPOINT_EXTENSION}' extension")
+    parts: list[str] = []
+    fields: list[_Field] = []
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as error:
+        raise TemplateError(f"not a valid format string: {error}") from None
+    for literal, field_name, format_spec, conversion in parsed:
+        parts.append(re.escape(literal))
+        if field_name is None:
+            continue
+        if not field_name.isidentifier() or field_name.startswith("_"):
+            raise TemplateError(f"'{{{field_name}}}' is not a plain field name")
+        if conversion:
+            raise TemplateError(f"'{{{field_name}!{conversion}}}': conversions are not supported")
+        if any(existing.name == field_name for existing in fields):
+            raise TemplateError(f"'{{{field_name}}}' appears twice")
+        spec = format_spec or ""
+        _check_format_spec(field_name, spec)
+        if field_name in INTEGER_FIELDS:
+            pattern = _INTEGER_PATTERN
+        elif field_name == DATE_FIELD:
+            if spec:
+                raise TemplateError("'{date}' takes no format spec; it is always YYYYMMDD")
+            pattern = _DATE_PATTERN
+        else:
+            pattern = _METRIC_PATTERN
+        parts.append(f"(?P<{field_name}>{pattern})")
+        fields.append(_Field(field_name, spec))
+    metric_names = [field.name for field in fields if field.name not in INTEGER_FIELDS | {DATE_FIELD}]
+    field_names = {field.name for field in fields}
+    if kind is Kind.STEP:
+        if "step" not in field_names:
+            raise TemplateError("a step template must contain '{step}'")
+        if metric_names:
+            raise TemplateError(
+                f"a step template may contain only '{{epoch}}', '{{step}}' and '{{date}}', "
+                f"not '{{{metric_names[0]}}}'"
+            )
+    elif kind is Kind.BEST:
+        if len(metric_names) != 1:
+            raise TemplateError(
+                f"a best template must contain exactly one metric field (such as '{{val_loss:.4f}}'), "
+                f"found {len(metric_names)}"
+            )
+    elif kind is Kind.LAST:
+        if fields:
+            raise TemplateError("the last template takes no fields")
+    else:
+        raise TemplateError(f"no template for kind {kind}")
+    regex = "".join(parts) + _VERSION_SUFFIX + re.escape(CHECKPOINT_EXTENSION)
+    return CompiledTemplate(
+        kind=kind,
+        template=template,
+        pattern=re.compile(regex, re.ASCII),
+        fields=tuple(fields),
+        metric_name=metric_names[0] if metric_names else None,
+    )
+
+
+def _check_format_spec(field_name: str, spec: str) -> None:
+    """Reject a spec that format() refuses, or one whose output the parser could not read back."""
+    if field_name == DATE_FIELD:
+        return
+    is_integer = field_name in INTEGER_FIELDS
+    try:
+        format(1 if is_integer else 1.5, spec)
+    except ValueError as error:
+        raise TemplateError(f"'{{{field_name}:{spec}}}': {error}") from None
+    if any(character in spec for character in "%,_ #<>^=+"):
+        raise TemplateError(f"'{{{field_name}:{spec}}}': use a plain format such as '06d' or '.4f'")
+    if is_integer and spec and spec[-1] not in "d0123456789":
+        raise TemplateError(f"'{{{field_name}:{spec}}}': an integer field takes a 'd' format")
+    if not is_integer and spec and spec[-1] not in "fFeEgG0123456789":
+        raise TemplateError(f"'{{{field_name}:{spec}}}': a metric is a float, use a float format")
+
+
+@dataclass(frozen=True, slots=True)
+class Naming:
+    """The compiled step, best and last templates of one policy."""
+
+    step: CompiledTemplate
+    best: CompiledTemplate
+    last: CompiledTemplate
+
+    @classmethod
+    def from_templates(
+        cls,
+        step: str = DEFAULT_STEP_TEMPLATE,
+        best: str = DEFAULT_BEST_TEMPLATE,
+        last: str = DEFAULT_LAST_TEMPLATE,
+    ) -> Naming:
+        """Compile three templates; raise TemplateError naming the first bad one."""
+        return cls(
+            step=compile_template(Kind.STEP, step),
+            best=compile_template(Kind.BEST, best),
+            last=compile_template(Kind.LAST, last),
+        )
+
+    def classify(self, name: str) -> ParsedName:
+        """Return what ``name`` is; a name two templates both accept is ambiguous, hence unknown."""
+        if not name.endswith(CHECKPOINT_EXTENSION):
+            return UNKNOWN_NAME
+        matches = [
+            parsed
+            for template in (self.last, self.best, self.step)
+            if (parsed := template.parse(name)) is not None
+        ]
+        if len(matches) == 1:
+            return matches[0]
+        if len(matches) > 1:
+            kinds = " and ".join(match.kind.value for match in matches)
+            return ParsedName(kind=Kind.UNKNOWN, note=f"ambiguous: matches the {kinds} templates")
+        return UNKNOWN_NAME
+
+
+DEFAULT_NAMING = Naming.from_templates()

@@ -1,0 +1,299 @@
+"""The retention plan: a pure function from scan records and a policy to one decision per record.
+
+No I/O happens here. Every record gets exactly one action (keep, delete or skip) and the reasons for
+it, so ``prune --dry-run`` can show why each file stays or goes. Only complete, regular step and best
+checkpoint files can ever be deleted; everything else is kept or skipped.
+"""
+
+from __future__ import annotations
+
+import enum
+import fnmatch
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from ckpt_watcher.naming import Kind
+from ckpt_watcher.policy import Policy
+from ckpt_watcher.records import CheckpointRecord, EntryType
+
+
+class Action(enum.StrEnum):
+    """What happens to a record."""
+
+    KEEP = "keep"
+    DELETE = "delete"
+    SKIP = "skip"
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """One record, its action and the human-readable reasons for it."""
+
+    record: CheckpointRecord
+    action: Action
+    reasons: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Summary:
+    """Counts and bytes of a plan or a group."""
+
+    kept: int = 0
+    deleted: int = 0
+    skipped: int = 0
+    bytes_deleted: int = 0
+    bytes_kept: int = 0
+
+    def __add__(self, other: Summary) -> Summary:
+        return Summary(
+            self.kept + other.kept,
+            self.deleted + other.deleted,
+            self.skipped + other.skipped,
+            self.bytes_deleted + other.bytes_deleted,
+            self.bytes_kept + other.bytes_kept,
+        )
+
+
+def summarize(decisions: Iterable[Decision]) -> Summary:
+    """Count the actions of ``decisions``."""
+    kept = deleted = skipped = bytes_deleted = bytes_kept = 0
+    for decision in decisions:
+        if decision.action is Action.KEEP:
+            kept += 1
+            bytes_kept += decision.record.bytes
+        elif decision.action is Action.DELETE:
+            deleted += 1
+            bytes_deleted += decision.record.bytes
+        else:
+            skipped += 1
+    return Summary(kept, deleted, skipped, bytes_deleted, bytes_kept)
+
+
+@dataclass(frozen=True, slots=True)
+class GroupPlan:
+    """The decisions for one directory."""
+
+    directory: Path
+    decisions: tuple[Decision, ...]
+
+    @property
+    def deletions(self) -> tuple[Decision, ...]:
+        """The decisions whose action is delete, oldest first."""
+        return tuple(decision for decision in reversed(self.decisions) if decision.action is Action.DELETE)
+
+    @property
+    def summary(self) -> Summary:
+        """Counts for this group."""
+        return summarize(self.decisions)
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """Decisions for every group, ordered by directory."""
+
+    groups: tuple[GroupPlan, ...]
+
+    @property
+    def decisions(self) -> tuple[Decision, ...]:
+        """Every decision of every group."""
+        return tuple(decision for group in self.groups for decision in group.decisions)
+
+    @property
+    def deletions(self) -> tuple[Decision, ...]:
+        """Every delete decision."""
+        return tuple(decision for group in self.groups for decision in group.deletions)
+
+    @property
+    def summary(self) -> Summary:
+        """Counts over all groups."""
+        return summarize(self.decisions)
+
+
+def format_metric(record: CheckpointRecord) -> str:
+    """``loss=0.4100`` as written in the name."""
+    return f"{record.metric_name}={record.metric_text}"
+
+
+def _best_sort_key(record: CheckpointRecord, mode: str) -> tuple[bool, float, int, int, int]:
+    """Better first: NaN last, then the metric by mode, then the higher step, epoch and version."""
+    metric = record.metric if record.metric is not None else math.nan
+    is_nan = math.isnan(metric)
+    ordered_metric = 0.0 if is_nan else (metric if mode == "min" else -metric)
+    step, epoch, version = record.step_order
+    return (is_nan, ordered_metric, -step, -epoch, -version)
+
+
+def symlink_targets(records: Iterable[CheckpointRecord]) -> dict[Path, str]:
+    """Each resolved symlink target, with the reason it must be kept (``target of last.ckpt``)."""
+    targets: dict[Path, str] = {}
+    for record in records:
+        if record.entry_type is EntryType.SYMLINK and record.link_target is not None:
+            targets.setdefault(record.link_target, f"target of {record.relative_path}")
+    return targets
+
+
+def plan(
+    records: Iterable[CheckpointRecord],
+    policy: Policy,
+    pins: Mapping[Path, str] | None = None,
+) -> Plan:
+    """Decide for every record; ``pins`` maps paths that must be kept to the reason why.
+
+    Symlink targets found among ``records`` are pinned too. A caller that plans one group alone
+    passes the targets of links elsewhere in ``pins``.
+    """
+    records = list(records)
+    protected: dict[Path, list[str]] = defaultdict(list)
+    for path, reason in symlink_targets(records).items():
+        protected[path].append(reason)
+    for path, reason in (pins or {}).items():
+        protected[path].append(reason)
+    groups: dict[Path, list[CheckpointRecord]] = defaultdict(list)
+    for record in records:
+        groups[record.directory].append(record)
+    return Plan(
+        groups=tuple(
+            _plan_group(directory, groups[directory], policy, protected) for directory in sorted(groups)
+        )
+    )
+
+
+def _skip_reason(record: CheckpointRecord) -> str | None:
+    """Why a record can never be deleted, or None if it is a complete step or best checkpoint file."""
+    if record.kind is Kind.UNKNOWN:
+        return record.note or "unknown name: matches no checkpoint template"
+    if record.entry_type is EntryType.SYMLINK:
+        return "symlink: never followed, never deleted"
+    if record.entry_type is EntryType.DIRECTORY:
+        return "directory: " + (record.incomplete_reason or "not pruned")
+    if record.entry_type is EntryType.OTHER:
+        return "not a regular file"
+    if not record.complete:
+        reason = record.incomplete_reason or "incomplete"
+        return f"{reason}; {record.note}" if record.note and record.note not in reason else reason
+    return None
+
+
+def _plan_group(
+    directory: Path,
+    records: list[CheckpointRecord],
+    policy: Policy,
+    protected: Mapping[Path, list[str]],
+) -> GroupPlan:
+    keep_reasons: dict[int, list[str]] = defaultdict(list)
+    delete_reasons: dict[int, list[str]] = defaultdict(list)
+    lasts: list[CheckpointRecord] = []
+    skipped: list[tuple[CheckpointRecord, str]] = []
+    steps: list[CheckpointRecord] = []
+    bests: list[CheckpointRecord] = []
+    for record in records:
+        if record.kind is Kind.LAST:
+            lasts.append(record)
+            continue
+        reason = _skip_reason(record)
+        if reason is not None:
+            skipped.append((record, reason))
+        elif record.kind is Kind.STEP:
+            steps.append(record)
+        else:
+            bests.append(record)
+
+    steps.sort(key=lambda record: record.step_order, reverse=True)
+    _rank_steps(steps, policy.save_top_k_checkpoints, keep_reasons, delete_reasons)
+    _keep_epoch_ends(steps, policy.save_every_n_epochs, keep_reasons, delete_reasons)
+    bests.sort(key=lambda record: _best_sort_key(record, policy.best_mode))
+    _rank_bests(bests, policy.save_top_k_best, keep_reasons, delete_reasons)
+
+    candidates = steps + bests
+    for record in candidates:
+        for reason in protected.get(record.path, ()):
+            keep_reasons[id(record)].append(reason)
+        for pattern in policy.protect:
+            if fnmatch.fnmatchcase(record.name, pattern) or fnmatch.fnmatchcase(
+                record.relative_path, pattern
+            ):
+                keep_reasons[id(record)].append(f"matches protect pattern '{pattern}'")
+
+    has_usable_last = any(last.complete for last in lasts)
+    if candidates and not has_usable_last and not any(id(record) in keep_reasons for record in candidates):
+        newest = max(candidates, key=lambda record: (record.step_order, record.kind is Kind.STEP))
+        keep_reasons[id(newest)].append("newest checkpoint: the last way to resume (no usable last.ckpt)")
+
+    decisions: list[Decision] = []
+    for last in sorted(lasts, key=lambda record: (record.version, record.name)):
+        decisions.append(Decision(last, Action.KEEP, _last_reasons(last, protected)))
+    for record in bests + steps:
+        if id(record) in keep_reasons:
+            decisions.append(Decision(record, Action.KEEP, tuple(keep_reasons[id(record)])))
+        else:
+            decisions.append(Decision(record, Action.DELETE, tuple(delete_reasons[id(record)])))
+    for record, reason in sorted(skipped, key=lambda pair: pair[0].name):
+        extra = tuple(protected.get(record.path, ()))
+        decisions.append(Decision(record, Action.SKIP, (reason, *extra)))
+    return GroupPlan(directory=directory, decisions=tuple(decisions))
+
+
+def _last_reasons(last: CheckpointRecord, protected: Mapping[Path, list[str]]) -> tuple[str, ...]:
+    reasons = ["last checkpoint: the resume point, always kept"]
+    if last.entry_type is EntryType.SYMLINK:
+        target = last.link_target.name if last.link_target is not None else "?"
+        reasons.append(f"symlink to {target}")
+    if not last.complete and last.incomplete_reason:
+        reasons.append(f"not usable: {last.incomplete_reason}")
+    reasons.extend(protected.get(last.path, ()))
+    return tuple(reasons)
+
+
+def _rank_steps(
+    steps: list[CheckpointRecord],
+    top_k: int,
+    keep_reasons: dict[int, list[str]],
+    delete_reasons: dict[int, list[str]],
+) -> None:
+    for rank, record in enumerate(steps, start=1):
+        if top_k == -1:
+            keep_reasons[id(record)].append("all step checkpoints kept (save_top_k_checkpoints: -1)")
+        elif rank <= top_k:
+            keep_reasons[id(record)].append(f"newest {top_k} step checkpoints (#{rank} of {top_k})")
+        else:
+            delete_reasons[id(record)].append(f"outside newest {top_k} step checkpoints (#{rank})")
+
+
+def _keep_epoch_ends(
+    steps: list[CheckpointRecord],
+    every_n_epochs: int,
+    keep_reasons: dict[int, list[str]],
+    delete_reasons: dict[int, list[str]],
+) -> None:
+    """Keep the newest step checkpoint of each epoch e with (e + 1) % n == 0 (Lightning's convention)."""
+    if every_n_epochs == 0:
+        return
+    seen_epochs: set[int] = set()
+    for record in steps:  # newest first, so the first of an epoch is its newest
+        epoch = record.epoch
+        if epoch is None or (epoch + 1) % every_n_epochs != 0:
+            continue
+        if epoch in seen_epochs:
+            delete_reasons[id(record)].append(f"not the newest of epoch {epoch}")
+            continue
+        seen_epochs.add(epoch)
+        keep_reasons[id(record)].append(f"newest of epoch {epoch} (save_every_n_epochs: {every_n_epochs})")
+
+
+def _rank_bests(
+    bests: list[CheckpointRecord],
+    top_k: int,
+    keep_reasons: dict[int, list[str]],
+    delete_reasons: dict[int, list[str]],
+) -> None:
+    for rank, record in enumerate(bests, start=1):
+        metric = format_metric(record)
+        if top_k == -1:
+            keep_reasons[id(record)].append(f"all best checkpoints kept (rank {rank}, {metric})")
+        elif rank <= top_k:
+            keep_reasons[id(record)].append(f"top {top_k} best (rank {rank}, {metric})")
+        else:
+            delete_reasons[id(record)].append(f"outside top {top_k} best (rank {rank}, {metric})")

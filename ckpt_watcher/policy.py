@@ -1,0 +1,249 @@
+"""The retention policy: read from a YAML file (often the trainer's own config), validated strictly.
+
+Only the retention keys are read from the top level, so a trainer config with many other keys can
+serve as the policy file. Every problem in a file is reported at once, one ``At 'key': ...`` line
+each, so a user fixes a broken edit in one go.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from ckpt_watcher.naming import (
+    DEFAULT_BEST_TEMPLATE,
+    DEFAULT_LAST_TEMPLATE,
+    DEFAULT_STEP_TEMPLATE,
+    Kind,
+    Naming,
+    TemplateError,
+    compile_template,
+)
+
+
+class NamingTemplates(BaseModel):
+    """Template overrides, one per checkpoint kind, written as for ``ModelCheckpoint(filename=...)``."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    step: str = DEFAULT_STEP_TEMPLATE
+    best: str = DEFAULT_BEST_TEMPLATE
+    last: str = DEFAULT_LAST_TEMPLATE
+
+    @field_validator("step", "best", "last")
+    @classmethod
+    def _compiles(cls, template: str, info: Any) -> str:
+        try:
+            compile_template(Kind(info.field_name), template)
+        except TemplateError as error:
+            raise ValueError(str(error)) from None
+        return template
+
+
+class Policy(BaseModel):
+    """What to keep. Field docs are the reference the README and ``ckpt-watcher policy`` show."""
+
+    model_config = ConfigDict(extra="ignore", strict=True, frozen=True)
+
+    save_top_k_checkpoints: int = Field(default=5, ge=-1)
+    save_top_k_best: int = Field(default=3, ge=-1)
+    save_every_n_epochs: int = Field(default=0, ge=0)
+    save_on_n_steps: int = Field(default=500, ge=0)
+    best_mode: Literal["min", "max"] = "min"
+    naming: NamingTemplates = NamingTemplates()
+    protect: tuple[str, ...] = ()
+
+    @field_validator("protect", mode="before")
+    @classmethod
+    def _protect_is_list(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            return tuple(value)
+        raise ValueError(f"expected a list of glob patterns, got {describe_value(value)}")
+
+    @field_validator("protect")
+    @classmethod
+    def _protect_globs_not_empty(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if any(not pattern.strip() for pattern in value):
+            raise ValueError("a protect pattern must not be empty")
+        return value
+
+    @cached_property
+    def compiled_naming(self) -> Naming:
+        """The naming templates compiled once for classification."""
+        return Naming.from_templates(self.naming.step, self.naming.best, self.naming.last)
+
+
+POLICY_KEYS: tuple[str, ...] = tuple(Policy.model_fields)
+DEFAULT_POLICY = Policy()
+
+
+class PolicyError(Exception):
+    """A policy file that cannot be used; ``problems`` lists every ``At 'key': ...`` line."""
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        self.source = source
+        self.problems = problems
+        super().__init__(self.render())
+
+    def render(self) -> str:
+        """The message a user sees: the file, then one line per problem."""
+        lines = [f"invalid policy {self.source}:"]
+        lines.extend(f"  {problem}" for problem in self.problems)
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class LoadedPolicy:
+    """A validated policy plus where each value came from and any warnings worth logging."""
+
+    policy: Policy
+    source: Path | None
+    origins: Mapping[str, str]
+    warnings: tuple[str, ...] = field(default=())
+
+    @property
+    def source_label(self) -> str:
+        """The file the policy came from, or 'embedded default'."""
+        return str(self.source) if self.source is not None else "embedded default"
+
+
+def describe_value(value: Any) -> str:
+    """A YAML-flavoured description of a value for error messages: ``true (a boolean)``."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"{str(value).lower()} (a boolean)"
+    if isinstance(value, int):
+        return f"{value} (an integer)"
+    if isinstance(value, float):
+        return f"{value!r} (a number with a fraction)"
+    if isinstance(value, str):
+        return f"{value!r} (a string)"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "a mapping"
+    return type(value).__name__
+
+
+def _message_for(error: Mapping[str, Any]) -> str:
+    kind = error["type"]
+    value = error.get("input")
+    context = error.get("ctx") or {}
+    if kind in {"int_type", "int_from_float", "int_parsing"}:
+        return f"expected a whole number, got {describe_value(value)}"
+    if kind == "greater_than_equal":
+        return f"must be at least {context.get('ge')}, got {describe_value(value)}"
+    if kind == "literal_error":
+        return f"must be one of {context.get('expected')}, got {describe_value(value)}"
+    if kind == "string_type":
+        return f"expected a string, got {describe_value(value)}"
+    if kind == "extra_forbidden":
+        return "unknown key (the known ones are step, best and last)"
+    if kind in {"model_type", "model_attributes_type", "dict_type"}:
+        return f"expected a mapping, got {describe_value(value)}"
+    message = str(error["msg"])
+    return message.removeprefix("Value error, ")
+
+
+def _location(location: tuple[Any, ...]) -> str:
+    return ".".join(str(part) for part in location)
+
+
+def _edit_distance(left: str, right: str) -> int:
+    """Optimal-string-alignment distance: insertions, deletions, substitutions, adjacent swaps."""
+    previous_previous: list[int] = []
+    previous = list(range(len(right) + 1))
+    for i, left_char in enumerate(left, start=1):
+        current = [i] + [0] * len(right)
+        for j, right_char in enumerate(right, start=1):
+            cost = 0 if left_char == right_char else 1
+            current[j] = min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + cost)
+            if i > 1 and j > 1 and left_char == right[j - 2] and left[i - 2] == right_char:
+                current[j] = min(current[j], previous_previous[j - 2] + 1)
+        previous_previous, previous = previous, current
+    return previous[-1]
+
+
+def suggest_key(key: str) -> str | None:
+    """The retention key a misspelt top-level key probably meant, if it is within two edits."""
+    for known in POLICY_KEYS:
+        distance = _edit_distance(key, known)
+        # Short keys need closer matches, or a trainer's own 'name:' would be taken for 'naming:'.
+        if 0 < distance <= 2 and distance * 4 < len(known):
+            return known
+    return None
+
+
+def validate_policy(document: Any, source: str) -> LoadedPolicy:
+    """Validate a parsed YAML document; raise PolicyError listing every problem at once."""
+    if not isinstance(document, dict):
+        raise PolicyError(
+            source, [f"At '<top level>': expected a mapping of keys, got {describe_value(document)}"]
+        )
+    problems: list[str] = []
+    warnings: list[str] = []
+    for key in document:
+        if not isinstance(key, str):
+            continue
+        suggestion = suggest_key(key)
+        if suggestion is not None:
+            warnings.append(f"At '{key}': unknown key, did you mean '{suggestion}'? It is ignored.")
+    present = [key for key in POLICY_KEYS if key in document]
+    if not present:
+        problems.append(
+            "At '<top level>': sets none of the retention keys "
+            f"({', '.join(POLICY_KEYS)}); is this the right file?"
+        )
+    retention = {key: document[key] for key in present}
+    try:
+        policy = Policy.model_validate(retention)
+    except ValidationError as error:
+        for item in error.errors():
+            problems.append(f"At '{_location(item['loc'])}': {_message_for(item)}")
+        policy = DEFAULT_POLICY
+    if problems:
+        raise PolicyError(source, problems)
+    origins = {key: (source if key in document else "default") for key in POLICY_KEYS}
+    return LoadedPolicy(policy=policy, source=Path(source), origins=origins, warnings=tuple(warnings))
+
+
+def load_policy(path: Path | None) -> LoadedPolicy:
+    """Read and validate the policy at ``path``; None gives the embedded default."""
+    if path is None:
+        return LoadedPolicy(
+            policy=DEFAULT_POLICY,
+            source=None,
+            origins=dict.fromkeys(POLICY_KEYS, "default"),
+        )
+    source = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise PolicyError(source, ["At '<file>': no such file"]) from None
+    except IsADirectoryError:
+        raise PolicyError(source, ["At '<file>': is a directory, not a YAML file"]) from None
+    except UnicodeDecodeError as error:
+        raise PolicyError(source, [f"At '<file>': not UTF-8 text ({error.reason})"]) from None
+    except OSError as error:
+        raise PolicyError(source, [f"At '<file>': cannot read it ({error.strerror})"]) from None
+    return validate_policy(parse_yaml(text, source), source)
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """Parse YAML text; a syntax error becomes a PolicyError with its line and column."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark or error.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = error.problem or error.context or "invalid YAML"
+        raise PolicyError(source, [f"At '<file>': YAML syntax error{where}: {problem}"]) from None
+    except yaml.YAMLError as error:
+        raise PolicyError(source, [f"At '<file>': YAML syntax error: {error}"]) from None

@@ -1,0 +1,90 @@
+"""What a scan knows about one directory entry: the input of the pure planner."""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from ckpt_watcher.naming import Kind
+
+
+class EntryType(enum.StrEnum):
+    """What the entry is on disk, never following a symlink."""
+
+    FILE = "file"
+    SYMLINK = "symlink"
+    DIRECTORY = "directory"
+    OTHER = "other"
+
+
+@dataclass(frozen=True, slots=True)
+class FileIdentity:
+    """Device, inode, size and mtime: the delete step removes a file only if all four still match."""
+
+    device: int
+    inode: int
+    size: int
+    mtime_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointRecord:
+    """One entry of a checkpoint directory as the scan saw it.
+
+    ``complete`` is False for anything that is not (yet) a whole checkpoint, with ``incomplete_reason``
+    saying why. ``link_target`` is the resolved target of a symlink, kept so the planner can protect it.
+    """
+
+    path: Path
+    relative_path: str
+    kind: Kind
+    entry_type: EntryType
+    bytes: int
+    identity: FileIdentity | None
+    complete: bool
+    incomplete_reason: str | None = None
+    epoch: int | None = None
+    step: int | None = None
+    date: str | None = None
+    metric_name: str | None = None
+    metric: float | None = None
+    metric_text: str | None = None
+    version: int = 0
+    link_target: Path | None = None
+    note: str | None = None
+
+    @property
+    def name(self) -> str:
+        """The entry's file name."""
+        return self.path.name
+
+    @property
+    def directory(self) -> Path:
+        """The group this record belongs to."""
+        return self.path.parent
+
+    @property
+    def step_order(self) -> tuple[int, int, int]:
+        """Newness as numbers: (step, epoch, version); never the name or the mtime."""
+        return (self.step or 0, self.epoch or 0, self.version)
+
+    @property
+    def metric_is_nan(self) -> bool:
+        """True when the metric is missing or NaN, which ranks worst."""
+        return self.metric is None or math.isnan(self.metric)
+
+
+def display_name(name: str) -> str:
+    """A name safe to print: bytes that are not UTF-8 (kept by surrogateescape) shown as U+FFFD."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def metric_for_json(record: CheckpointRecord) -> float | str | None:
+    """The metric as JSON can carry it: a number, or the text ``nan``/``inf``/``-inf``."""
+    if record.metric is None:
+        return None
+    if math.isfinite(record.metric):
+        return record.metric
+    return record.metric_text

@@ -1,0 +1,216 @@
+"""Read checkpoint directories from disk into records for the planner; never follows a symlink.
+
+Each directory is a group. The walk never descends into a symlinked directory, nor into a directory
+whose own name is a checkpoint name (such a directory is one record). Reading never changes anything.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ckpt_watcher.integrity import Completeness, check_zip_path
+from ckpt_watcher.naming import CHECKPOINT_EXTENSION, Kind, Naming
+from ckpt_watcher.records import CheckpointRecord, EntryType, FileIdentity
+
+UNFINISHED_MARKER_SUFFIX = "-unfinished"
+_TEMPORARY_SUFFIXES = (".tmp", ".partial")
+
+
+@dataclass(frozen=True, slots=True)
+class ScanProblem:
+    """Something the scan could not read; logged, never fatal."""
+
+    path: Path
+    message: str
+
+
+@dataclass
+class ScanResult:
+    """Records of every group below the root, the groups themselves, and what could not be read."""
+
+    records: list[CheckpointRecord] = field(default_factory=list)
+    directories: list[Path] = field(default_factory=list)
+    problems: list[ScanProblem] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ScanOptions:
+    """How strictly a file must look finished to count.
+
+    ``settle_seconds``: a file modified more recently than this is still being written. ``now`` is the
+    wall-clock time to compare mtimes with (the caller's, so tests can fix it).
+    """
+
+    settle_seconds: float = 0.0
+    now: float | None = None
+
+
+CompletenessCache = dict[FileIdentity, Completeness]
+
+
+def scan_tree(
+    root: Path,
+    naming: Naming,
+    options: ScanOptions = ScanOptions(),
+    cache: CompletenessCache | None = None,
+) -> ScanResult:
+    """Scan ``root`` and every real (non-symlinked) directory below it."""
+    result = ScanResult()
+    for directory in walk_directories(root, naming, result.problems):
+        result.directories.append(directory)
+        result.records.extend(scan_directory(root, directory, naming, options, cache, result.problems))
+    return result
+
+
+def walk_directories(root: Path, naming: Naming, problems: list[ScanProblem]) -> Iterator[Path]:
+    """Yield ``root`` and its subdirectories, depth first, skipping symlinks and checkpoint directories."""
+    pending = [root]
+    while pending:
+        directory = pending.pop()
+        yield directory
+        try:
+            with os.scandir(directory) as entries:
+                children = [
+                    Path(entry.path)
+                    for entry in entries
+                    if entry.is_dir(follow_symlinks=False)
+                    and naming.classify(entry.name).kind is Kind.UNKNOWN
+                ]
+        except FileNotFoundError:
+            continue
+        except OSError as error:
+            problems.append(ScanProblem(directory, f"cannot list directory: {error.strerror}"))
+            continue
+        pending.extend(sorted(children, reverse=True))
+
+
+def scan_directory(
+    root: Path,
+    directory: Path,
+    naming: Naming,
+    options: ScanOptions = ScanOptions(),
+    cache: CompletenessCache | None = None,
+    problems: list[ScanProblem] | None = None,
+) -> list[CheckpointRecord]:
+    """One record per entry of ``directory`` other than its plain subdirectories."""
+    try:
+        with os.scandir(directory) as iterator:
+            entries = list(iterator)
+    except FileNotFoundError:
+        return []
+    except OSError as error:
+        if problems is not None:
+            problems.append(ScanProblem(directory, f"cannot list directory: {error.strerror}"))
+        return []
+    names = {entry.name for entry in entries}
+    now = options.now if options.now is not None else time.time()
+    records: list[CheckpointRecord] = []
+    for entry in entries:
+        record = _record_for(root, directory, entry, names, naming, options, now, cache)
+        if record is not None:
+            records.append(record)
+    return records
+
+
+def _record_for(
+    root: Path,
+    directory: Path,
+    entry: os.DirEntry[str],
+    names: set[str],
+    naming: Naming,
+    options: ScanOptions,
+    now: float,
+    cache: CompletenessCache | None,
+) -> CheckpointRecord | None:
+    parsed = naming.classify(entry.name)
+    try:
+        status = entry.stat(follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+    mode = status.st_mode
+    if stat.S_ISDIR(mode):
+        if parsed.kind is Kind.UNKNOWN:
+            return None  # a plain subdirectory: its own group
+        entry_type = EntryType.DIRECTORY
+    elif stat.S_ISLNK(mode):
+        entry_type = EntryType.SYMLINK
+    elif stat.S_ISREG(mode):
+        entry_type = EntryType.FILE
+    else:
+        entry_type = EntryType.OTHER
+    path = directory / entry.name
+    identity = FileIdentity(status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns)
+    relative = os.path.relpath(path, root)
+    link_target: Path | None = None
+    completeness: Completeness
+    if entry_type is EntryType.SYMLINK:
+        link_target = Path(os.path.realpath(path))
+        completeness = (
+            check_zip_path(str(path), follow_symlinks=True)
+            if parsed.kind is not Kind.UNKNOWN
+            else Completeness(False, "symlink")
+        )
+    elif entry_type is EntryType.FILE and parsed.kind is not Kind.UNKNOWN:
+        completeness = _file_completeness(entry.name, path, identity, names, options, now, cache)
+    elif entry_type is EntryType.DIRECTORY:
+        completeness = Completeness(False, "directory checkpoints are not pruned")
+    else:
+        completeness = Completeness(False, None)
+    return CheckpointRecord(
+        path=path,
+        relative_path=relative,
+        kind=parsed.kind,
+        entry_type=entry_type,
+        bytes=status.st_size if entry_type is EntryType.FILE else 0,
+        identity=identity,
+        complete=completeness.complete,
+        incomplete_reason=completeness.reason,
+        epoch=parsed.epoch,
+        step=parsed.step,
+        date=parsed.date,
+        metric_name=parsed.metric_name,
+        metric=parsed.metric,
+        metric_text=parsed.metric_text,
+        version=parsed.version,
+        link_target=link_target,
+        note=parsed.note or ("not a zip archive" if completeness.not_zip else None),
+    )
+
+
+def unfinished_marker_name(checkpoint_name: str) -> str:
+    """NeMo's marker for a checkpoint still being saved: the name without ``.ckpt`` plus ``-unfinished``."""
+    return checkpoint_name.removesuffix(CHECKPOINT_EXTENSION) + UNFINISHED_MARKER_SUFFIX
+
+
+def _file_completeness(
+    name: str,
+    path: Path,
+    identity: FileIdentity,
+    names: set[str],
+    options: ScanOptions,
+    now: float,
+    cache: CompletenessCache | None,
+) -> Completeness:
+    if name.endswith(_TEMPORARY_SUFFIXES):
+        return Completeness(False, "temporary file name")
+    marker = unfinished_marker_name(name)
+    if marker in names:
+        return Completeness(False, f"still being written ({marker} marker present)")
+    age = now - identity.mtime_ns / 1e9
+    if age < options.settle_seconds:
+        return Completeness(
+            False,
+            f"still being written (modified {max(age, 0.0):.1f} s ago, "
+            f"settle time {options.settle_seconds:g} s)",
+        )
+    if cache is not None and (cached := cache.get(identity)) is not None:
+        return cached
+    completeness = check_zip_path(str(path))
+    if cache is not None and completeness.complete:
+        cache[identity] = completeness
+    return completeness
