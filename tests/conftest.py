@@ -1,0 +1,24 @@
+"""Shared fixtures: every test must leave no thread behind (a leaked watcher thread is a bug)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def no_thread_leak() -> Iterator[None]:
+    """Fail a test that leaves a thread running that it started."""
+    before = set(threading.enumerate())
+    yield
+    deadline = time.monotonic() + 5.0
+    leaked: list[threading.Thread] = []
+    while time.monotonic() < deadline:
+        leaked = [thread for thread in threading.enumerate() if thread not in before and thread.is_alive()]
+        if not leaked:
+            return
+        time.sleep(0.05)
+    pytest.fail(f"threads leaked by this test: {[thread.name for thread in leaked]}")

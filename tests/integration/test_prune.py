@@ -1,0 +1,319 @@
+"""``prune`` on real files laid out like a real run, run as a real process where it matters."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from ckpt_watcher.cli import main
+from ckpt_watcher.delete import Outcome, apply_plan
+from ckpt_watcher.plan import plan
+from ckpt_watcher.policy import DEFAULT_POLICY
+from ckpt_watcher.scan import scan_tree
+from tests.support.factories import best_name, step_name, write_checkpoint, write_truncated
+
+STEPS_PER_EPOCH = 1000
+SAVE_EVERY = 50
+
+
+@dataclass
+class RunLayout:
+    """A generated run directory and the names the default policy must keep in it."""
+
+    root: Path
+    run: Path
+    second_run: Path
+    outside: Path
+    expected_kept: set[Path]
+    never_touched: set[Path]
+
+
+def _files_below(root: Path) -> set[Path]:
+    found: set[Path] = set()
+    for directory, directories, files in os.walk(root):
+        for name in files + [name for name in directories if os.path.islink(Path(directory, name))]:
+            found.add(Path(directory, name))
+    return found
+
+
+@pytest.fixture
+def run_layout(tmp_path: Path) -> RunLayout:
+    """Hundreds of checkpoints over several epochs, plus every kind of thing that must survive."""
+    root = tmp_path / "checkpoint"
+    run = root / "Custom_LLaDA" / "stage1_llm_pretraining"
+    second_run = root / "Custom_LLaDA" / "stage2_finetune"
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    outside_checkpoint = write_checkpoint(outside / step_name(9, 999_000))
+
+    steps = [
+        (epoch, step)
+        for step in range(SAVE_EVERY, 6 * STEPS_PER_EPOCH + 1, SAVE_EVERY)
+        for epoch in [(step - 1) // STEPS_PER_EPOCH]
+    ]
+    # Overflow of the {step:06d} width: 1,000,000 and beyond sort before 999,950 by name.
+    steps += [(999, 999_950), (999, 1_000_000), (1000, 1_000_050)]
+    for epoch, step in steps:
+        write_checkpoint(run / step_name(epoch, step))
+    losses = [0.9, 0.5, math.nan, 0.31, 0.2, 0.2, 0.44, math.nan, 0.25, 0.8]
+    best_paths = []
+    for index, loss in enumerate(losses):
+        best_paths.append(write_checkpoint(run / best_name(index // 2, 100 * (index + 1), loss)))
+    (run / "last.ckpt").write_bytes((run / step_name(1000, 1_000_050)).read_bytes())
+
+    never_touched = {
+        write_truncated(run / step_name(1000, 1_000_100)),  # newest, but half written
+        write_checkpoint(run / step_name(1000, 1_000_150)),  # complete but NeMo says unfinished
+        run / "epoch=1000-step=1000150-train-unfinished",
+        run / "notes.txt",
+        run / "epoch=03-step=001500-train.ckpt.tmp",
+        run / "Epoch=03-step=001500-train.ckpt",
+        run / "outside-link.ckpt",
+        run / step_name(0, 999_500),  # symlink named like a checkpoint, pointing outside the root
+        run / "legacy.ckpt",
+        run / step_name(1000, 1_000_200),  # a checkpoint name on a non-zip (legacy pickle) file
+    }
+    (run / step_name(1000, 1_000_200)).write_bytes(b"\x80\x02legacy pickle")
+    (run / "epoch=1000-step=1000150-train-unfinished").write_bytes(b"")
+    (run / "notes.txt").write_text("hyper-parameters")
+    write_checkpoint(run / "epoch=03-step=001500-train.ckpt.tmp")
+    write_checkpoint(run / "Epoch=03-step=001500-train.ckpt")
+    os.symlink(outside_checkpoint, run / "outside-link.ckpt")
+    os.symlink(outside_checkpoint, run / step_name(0, 999_500))
+    (run / "legacy.ckpt").write_bytes(b"\x80\x02legacy pickle")
+    os.symlink(outside, run / "linked-dir")  # a symlinked directory: never descended into
+    never_touched.add(run / "linked-dir")
+
+    # The second run resumes through a last.ckpt symlink to an old step checkpoint.
+    for epoch, step in [(0, 100), (0, 200), (0, 300), (1, 400), (1, 500), (1, 600), (2, 700)]:
+        write_checkpoint(second_run / step_name(epoch, step))
+    os.symlink(step_name(0, 100), second_run / "last.ckpt")
+
+    expected_kept = {
+        run / "last.ckpt",
+        *(
+            run / step_name(epoch, step)
+            for epoch, step in [(1000, 1_000_050), (999, 1_000_000), (999, 999_950), (5, 6000), (5, 5950)]
+        ),
+        best_paths[4],
+        best_paths[5],
+        best_paths[8],  # 0.2 (step 600), 0.2 (step 500), 0.25
+        second_run / "last.ckpt",
+        second_run / step_name(0, 100),  # the target of last.ckpt, outside the newest 5
+        *(
+            second_run / step_name(epoch, step)
+            for epoch, step in [(2, 700), (1, 600), (1, 500), (1, 400), (0, 300)]
+        ),
+    }
+    return RunLayout(root, run, second_run, outside, expected_kept | never_touched, never_touched)
+
+
+def _run_cli(*arguments: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "ckpt_watcher", *arguments],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_dry_run_changes_nothing_and_explains_every_file(run_layout: RunLayout) -> None:
+    before = {path: path.lstat() for path in _files_below(run_layout.root)}
+
+    completed = _run_cli("prune", str(run_layout.root), "--dry-run")
+
+    assert completed.returncode == 0, completed.stderr
+    after = {path: path.lstat() for path in _files_below(run_layout.root)}
+    assert set(after) == set(before)
+    assert all(after[path].st_mtime_ns == before[path].st_mtime_ns for path in before)
+    assert "dry run: nothing was deleted" in completed.stdout
+    assert "outside newest 5 step checkpoints" in completed.stdout
+    assert "target of Custom_LLaDA/stage2_finetune/last.ckpt" in completed.stdout
+    assert "checkpoint_deleted" not in completed.stderr
+    warnings = [json.loads(line) for line in completed.stderr.splitlines() if "suspicious" in line]
+    assert [Path(warning["path"]).name for warning in warnings] == [step_name(1000, 1_000_200)]
+
+
+def test_dry_run_json_names_every_entry(run_layout: RunLayout) -> None:
+    completed = _run_cli("prune", str(run_layout.root), "--dry-run", "--json")
+
+    assert completed.returncode == 0, completed.stderr
+    document = json.loads(completed.stdout)
+    entries = {Path(entry["path"]): entry for group in document["groups"] for entry in group["entries"]}
+    deleted = {path for path, entry in entries.items() if entry["action"] == "delete"}
+    all_files = _files_below(run_layout.root.resolve())
+    resolved_expected = {Path(os.path.realpath(path.parent)) / path.name for path in run_layout.expected_kept}
+    assert deleted == all_files - resolved_expected
+    assert document["summary"]["deleted"] == len(deleted)
+    assert document["summary"]["dry_run"] is True
+    assert document["policy"]["source"] == "embedded default"
+    nan_entry = next(entry for entry in entries.values() if entry["metric"] == "nan")
+    assert nan_entry["kind"] == "best"
+    assert all(entry["reasons"] for entry in entries.values())
+
+
+def test_prune_leaves_exactly_the_policy_and_logs_every_deletion(run_layout: RunLayout) -> None:
+    before = _files_below(run_layout.root)
+
+    completed = _run_cli("prune", str(run_layout.root))
+
+    assert completed.returncode == 0, completed.stderr
+    after = _files_below(run_layout.root)
+    assert after == run_layout.expected_kept
+    assert (run_layout.outside / step_name(9, 999_000)).exists()
+    records = [json.loads(line) for line in completed.stderr.splitlines() if line.strip()]
+    deletions = [record for record in records if record["event"] == "checkpoint_deleted"]
+    deleted_paths = {Path(record["path"]) for record in deletions}
+    assert len(deletions) == len(deleted_paths)
+    assert deleted_paths == {Path(os.path.realpath(path)) for path in before - after}
+    for record in deletions:
+        assert {"path", "kind", "epoch", "step", "metric", "bytes", "reasons", "timestamp"} <= record.keys()
+        assert record["reasons"]
+        assert record["bytes"] > 0
+
+
+def test_prune_twice_deletes_nothing_the_second_time(run_layout: RunLayout) -> None:
+    assert _run_cli("prune", str(run_layout.root)).returncode == 0
+
+    second = _run_cli("prune", str(run_layout.root), "--json")
+
+    assert second.returncode == 0
+    assert json.loads(second.stdout)["summary"]["deleted"] == 0
+    assert _files_below(run_layout.root) == run_layout.expected_kept
+
+
+def test_symlinked_root_is_resolved_and_nothing_outside_is_touched(run_layout: RunLayout) -> None:
+    link = run_layout.root.parent / "checkpoint-link"
+    os.symlink(run_layout.root, link)
+
+    completed = _run_cli("prune", str(link))
+
+    assert completed.returncode == 0, completed.stderr
+    assert _files_below(run_layout.root) == run_layout.expected_kept
+    assert (run_layout.outside / step_name(9, 999_000)).exists()
+
+
+def test_file_replaced_after_planning_is_not_deleted(tmp_path: Path) -> None:
+    for step in range(100, 1100, 100):
+        write_checkpoint(tmp_path / step_name(0, step))
+    scan = scan_tree(tmp_path, DEFAULT_POLICY.compiled_naming)
+    the_plan = plan(scan.records, DEFAULT_POLICY)
+    victim = the_plan.deletions[0].record.path
+    victim.unlink()
+    write_checkpoint(victim, payload=b"a different, newer file")
+
+    applied = apply_plan(the_plan, tmp_path)
+
+    outcomes = {result.decision.record.path: result.outcome for result in applied.results}
+    assert outcomes[victim] is Outcome.CHANGED
+    assert victim.exists()
+
+
+def test_file_swapped_for_symlink_after_planning_is_not_followed(tmp_path: Path) -> None:
+    outside = write_checkpoint(tmp_path / "outside" / "precious.ckpt")
+    root = tmp_path / "root"
+    for step in range(100, 1100, 100):
+        write_checkpoint(root / step_name(0, step))
+    the_plan = plan(scan_tree(root, DEFAULT_POLICY.compiled_naming).records, DEFAULT_POLICY)
+    victim = the_plan.deletions[0].record.path
+    victim.unlink()
+    os.symlink(outside, victim)
+
+    applied = apply_plan(the_plan, root)
+
+    assert outside.exists()
+    assert victim.is_symlink()
+    assert {result.outcome for result in applied.results if result.decision.record.path == victim} == {
+        Outcome.CHANGED
+    }
+
+
+def test_group_directory_swapped_for_symlink_is_refused(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    outside = tmp_path / "outside"
+    for step in range(100, 1100, 100):
+        write_checkpoint(root / "run" / step_name(0, step))
+    the_plan = plan(scan_tree(root, DEFAULT_POLICY.compiled_naming).records, DEFAULT_POLICY)
+    (root / "run").rename(outside)
+    os.symlink(outside, root / "run")
+
+    applied = apply_plan(the_plan, root)
+
+    assert applied.failed
+    assert len(list(outside.iterdir())) == 10
+
+
+def test_vanished_file_is_not_an_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for step in range(100, 1100, 100):
+        write_checkpoint(tmp_path / step_name(0, step))
+    the_plan = plan(scan_tree(tmp_path, DEFAULT_POLICY.compiled_naming).records, DEFAULT_POLICY)
+    gone = the_plan.deletions[0].record.path
+    gone.unlink()
+
+    applied = apply_plan(the_plan, tmp_path)
+
+    assert not applied.failed
+    assert [result.outcome for result in applied.results].count(Outcome.ALREADY_GONE) == 1
+    assert len(applied.deleted) == 4
+
+
+def test_permission_error_is_logged_and_the_rest_goes_ahead(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for step in range(100, 1100, 100):
+        write_checkpoint(tmp_path / step_name(0, step))
+    refused = step_name(0, 200)
+    real_unlink = os.unlink
+
+    def unlink_refusing_one(path: str, *, dir_fd: int | None = None) -> None:
+        if path == refused:
+            raise PermissionError(13, "Permission denied")
+        real_unlink(path, dir_fd=dir_fd)
+
+    monkeypatch.setattr(os, "unlink", unlink_refusing_one)
+
+    exit_code = main(["prune", str(tmp_path)])
+
+    assert exit_code == 1
+    remaining = sorted(path.name for path in tmp_path.iterdir())
+    assert remaining == sorted([refused, *(step_name(0, step) for step in range(600, 1100, 100))])
+    errors = [json.loads(line) for line in capsys.readouterr().err.splitlines() if "delete_failed" in line]
+    assert len(errors) == 1
+    assert errors[0]["error"] == "Permission denied"
+    assert errors[0]["path"].endswith(refused)
+
+
+def test_missing_path_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["prune", str(tmp_path / "nope")]) == 2
+    assert "no such directory" in capsys.readouterr().err
+
+
+def test_invalid_policies_exit_2_and_delete_nothing(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    for step in range(100, 1100, 100):
+        write_checkpoint(root / step_name(0, step))
+    cases = {
+        "syntax.yaml": "save_top_k_checkpoints: [1,\n",
+        "types.yaml": "save_top_k_checkpoints: 2.5\nsave_top_k_best: true\n",
+        "range.yaml": "save_top_k_checkpoints: -2\nsave_every_n_epochs: -1\n",
+        "nothing.yaml": "model: llada\nlr: 0.001\n",
+        "list.yaml": "- save_top_k_checkpoints: 1\n",
+    }
+    for file_name, text in cases.items():
+        policy_file = tmp_path / file_name
+        policy_file.write_text(text)
+
+        completed = _run_cli("prune", str(root), "--policy", str(policy_file))
+
+        assert completed.returncode == 2, file_name
+        assert "At '" in completed.stderr, file_name
+        assert "Traceback" not in completed.stderr, file_name
+        assert len(list(root.iterdir())) == 10, file_name

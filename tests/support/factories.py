@@ -1,0 +1,87 @@
+"""Builders of records and of real checkpoint-like files for tests."""
+
+from __future__ import annotations
+
+import io
+import os
+import zipfile
+from pathlib import Path
+
+from ckpt_watcher.naming import DEFAULT_NAMING, Kind, Naming
+from ckpt_watcher.records import CheckpointRecord, EntryType, FileIdentity
+
+_inode_counter = iter(range(1, 10**9))
+
+
+def step_name(epoch: int, step: int, version: int = 0) -> str:
+    """A default-template step checkpoint name."""
+    suffix = f"-v{version}" if version else ""
+    return f"epoch={epoch:02d}-step={step:06d}-train{suffix}.ckpt"
+
+
+def best_name(epoch: int, step: int, loss: float, date: str = "20261128", version: int = 0) -> str:
+    """A default-template best checkpoint name."""
+    suffix = f"-v{version}" if version else ""
+    return f"best_{date}_epoch={epoch:02d}_step={step:06d}_loss={loss:.4f}{suffix}.ckpt"
+
+
+def make_record(
+    name: str,
+    directory: Path = Path("/ckpt/run"),
+    *,
+    root: Path = Path("/ckpt"),
+    entry_type: EntryType = EntryType.FILE,
+    complete: bool = True,
+    incomplete_reason: str | None = None,
+    size: int = 1000,
+    link_target: Path | None = None,
+    naming: Naming = DEFAULT_NAMING,
+) -> CheckpointRecord:
+    """A record as the scan would produce it for ``name`` in ``directory`` (no disk access)."""
+    parsed = naming.classify(name)
+    path = directory / name
+    checkpoint_file = entry_type is EntryType.FILE and parsed.kind is not Kind.UNKNOWN
+    return CheckpointRecord(
+        path=path,
+        relative_path=os.path.relpath(path, root),
+        kind=parsed.kind,
+        entry_type=entry_type,
+        bytes=size if entry_type is EntryType.FILE else 0,
+        identity=FileIdentity(1, next(_inode_counter), size, 0),
+        complete=complete and (checkpoint_file or (parsed.kind is Kind.LAST)),
+        incomplete_reason=None if complete else (incomplete_reason or "still being written"),
+        epoch=parsed.epoch,
+        step=parsed.step,
+        date=parsed.date,
+        metric_name=parsed.metric_name,
+        metric=parsed.metric,
+        metric_text=parsed.metric_text,
+        version=parsed.version,
+        link_target=link_target,
+        note=parsed.note,
+    )
+
+
+def zip_bytes(payload: bytes = b"weights", entries: int = 1) -> bytes:
+    """A small complete zip archive laid out like torch.save's (an archive/data.pkl entry)."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED) as archive:
+        archive.writestr("archive/data.pkl", payload)
+        for index in range(1, entries):
+            archive.writestr(f"archive/data/{index}", payload)
+    return buffer.getvalue()
+
+
+def write_checkpoint(path: Path, payload: bytes = b"weights") -> Path:
+    """Write a complete checkpoint-like zip file at ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(zip_bytes(payload))
+    return path
+
+
+def write_truncated(path: Path, payload: bytes = b"weights" * 100) -> Path:
+    """Write the first half of a checkpoint, as a crash or an unfinished copy leaves it."""
+    data = zip_bytes(payload)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data[: len(data) // 2])
+    return path
