@@ -1,4 +1,4 @@
-"""Command line: ``prune`` (one-shot, ``--dry-run`` is the audit), ``policy`` (validate and show).
+"""Command line: ``watch`` (the daemon), ``prune`` (one-shot; ``--dry-run`` is the audit), ``policy``.
 
 Exit codes: 0 success, 1 some deletion failed, 2 usage or policy error. Stdout carries only the
 command's output (table or JSON); everything else is a structured log record on stderr.
@@ -8,15 +8,20 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
 import structlog
 
 from ckpt_watcher import __version__
+from ckpt_watcher.daemon import Watcher, WatchOptions
 from ckpt_watcher.delete import apply_plan
+from ckpt_watcher.lock import LockHeldError
 from ckpt_watcher.logs import LEVELS, configure_logging
+from ckpt_watcher.notify import Notifier
 from ckpt_watcher.plan import plan
 from ckpt_watcher.policy import LoadedPolicy, PolicyError, load_policy
 from ckpt_watcher.report import (
@@ -31,6 +36,9 @@ from ckpt_watcher.scan import ScanOptions, ScanResult, scan_tree
 EXIT_OK = 0
 EXIT_DELETE_FAILED = 1
 EXIT_USAGE = 2
+DEFAULT_POLL_SECONDS = 5.0
+_STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
+_HANDLED_SIGNALS = _STOP_SIGNALS | {signal.SIGHUP}
 
 logger = structlog.get_logger("ckpt_watcher.cli")
 
@@ -68,6 +76,50 @@ def build_parser() -> argparse.ArgumentParser:
         help="treat files modified less than SECONDS ago as still being written (default: 0)",
     )
 
+    watch = commands.add_parser(
+        "watch",
+        help="run the retention daemon on PATH until SIGTERM/SIGINT (SIGHUP reloads the policy)",
+        description=(
+            "Keep PATH within the policy while a trainer writes into it: reconcile at start-up, then "
+            "re-plan each directory as checkpoints are closed or moved into place, with a full rescan "
+            "every --rescan seconds. Write the options after PATH when --poll takes no value."
+        ),
+    )
+    watch.add_argument(
+        "path", type=Path, metavar="PATH", help="checkpoint root directory (may not exist yet)"
+    )
+    watch.add_argument("--policy", type=Path, metavar="FILE", help="YAML policy, hot-reloaded on change")
+    watch.add_argument(
+        "--poll",
+        nargs="?",
+        const=DEFAULT_POLL_SECONDS,
+        type=_positive_float,
+        default=None,
+        metavar="SECONDS",
+        help="poll instead of inotify, for NFS/CIFS/Lustre/FUSE mounts "
+        f"(default interval {DEFAULT_POLL_SECONDS:g} s)",
+    )
+    watch.add_argument(
+        "--settle",
+        type=_non_negative_float,
+        default=5.0,
+        metavar="SECONDS",
+        help="a file found by polling or a rescan counts only once unchanged this long (default: 5)",
+    )
+    watch.add_argument(
+        "--rescan",
+        type=_positive_float,
+        default=300.0,
+        metavar="SECONDS",
+        help="full rescan interval; events are hints, the rescan is the truth (default: 300)",
+    )
+    watch.add_argument(
+        "--heartbeat",
+        type=Path,
+        metavar="FILE",
+        help="touch FILE every few seconds from the worker loop (for a liveness probe)",
+    )
+
     policy = commands.add_parser(
         "policy",
         help="validate a policy file and print the effective policy",
@@ -78,12 +130,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _positive_float(text: str) -> float:
+    value = _non_negative_float(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}")
+    return value
+
+
 def _non_negative_float(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-    if not value >= 0:
+    if not 0 <= value < float("inf"):
         raise argparse.ArgumentTypeError(f"expected a number of seconds >= 0, got {text!r}")
     return value
 
@@ -97,6 +156,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_prune(arguments)
         if arguments.command == "policy":
             return run_policy(arguments)
+        if arguments.command == "watch":
+            return run_watch(arguments)
     except PolicyError as error:
         print(f"ckpt-watcher: {error.render()}", file=sys.stderr)
         return EXIT_USAGE
@@ -161,3 +222,56 @@ def run_policy(arguments: argparse.Namespace) -> int:
     else:
         print(render_policy(loaded))
     return EXIT_OK
+
+
+def run_watch(arguments: argparse.Namespace) -> int:
+    """``watch``: run the daemon until a stop signal; a bad policy at start-up is exit 2."""
+    loaded = load_policy_logged(arguments.policy)
+    options = WatchOptions(
+        root=arguments.path,
+        policy_path=arguments.policy,
+        poll_interval=arguments.poll,
+        settle_seconds=arguments.settle,
+        rescan_seconds=arguments.rescan,
+        heartbeat=arguments.heartbeat,
+    )
+    watcher = Watcher(options, loaded, notifier=Notifier())
+    try:
+        watcher.lock_now()
+    except LockHeldError as error:
+        raise UsageError(str(error)) from None
+    return supervise(watcher)
+
+
+def supervise(watcher: Watcher) -> int:
+    """Run the worker in its own thread; the main thread takes signals synchronously.
+
+    The handled signals are blocked in every thread and collected with ``sigtimedwait``, so no handler
+    ever runs inside a lock, and SIGTERM works the same when this process is PID 1 in a container.
+    The first SIGTERM/SIGINT stops after the group in hand; a second one exits at once.
+    """
+    previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _HANDLED_SIGNALS)
+    try:
+        worker = threading.Thread(target=watcher.run, name="ckpt-watcher-worker")
+        worker.start()
+        stopping = False
+        while worker.is_alive():
+            received = signal.sigtimedwait(_HANDLED_SIGNALS, 0.2)
+            if received is None:
+                continue
+            name = signal.Signals(received.si_signo).name
+            if received.si_signo == signal.SIGHUP:
+                logger.info("reload_requested", signal=name)
+                watcher.request_reload()
+            elif stopping:
+                logger.warning("forced_exit", signal=name, detail="second stop signal; exiting at once")
+                os._exit(128 + received.si_signo)
+            else:
+                stopping = True
+                logger.info("stop_requested", signal=name)
+                watcher.notifier.stopping()
+                watcher.request_stop()
+        worker.join()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
+    return watcher.exit_code

@@ -21,11 +21,15 @@ _NO_END_RECORD = "no end-of-central-directory record: still being written or tru
 
 @dataclass(frozen=True, slots=True)
 class Completeness:
-    """The verdict on one file: complete, or why not. ``not_zip`` marks a name-matching non-archive."""
+    """The verdict on one file: complete, or why not.
+
+    ``not_zip`` marks a name-matching non-archive; ``settles_at`` a file only waiting out the settle time.
+    """
 
     complete: bool
     reason: str | None = None
     not_zip: bool = False
+    settles_at: float | None = None
 
 
 COMPLETE = Completeness(complete=True)

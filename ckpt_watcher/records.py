@@ -35,6 +35,7 @@ class CheckpointRecord:
 
     ``complete`` is False for anything that is not (yet) a whole checkpoint, with ``incomplete_reason``
     saying why. ``link_target`` is the resolved target of a symlink, kept so the planner can protect it.
+    ``settles_at`` is the wall-clock time at which a file that is only waiting to settle will count.
     """
 
     path: Path
@@ -54,6 +55,7 @@ class CheckpointRecord:
     version: int = 0
     link_target: Path | None = None
     note: str | None = None
+    settles_at: float | None = None
 
     @property
     def name(self) -> str:

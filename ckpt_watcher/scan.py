@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ckpt_watcher.integrity import Completeness, check_zip_path
+from ckpt_watcher.lock import LOCK_FILE_NAME
 from ckpt_watcher.naming import CHECKPOINT_EXTENSION, Kind, Naming
 from ckpt_watcher.records import CheckpointRecord, EntryType, FileIdentity
 
@@ -42,12 +43,15 @@ class ScanResult:
 class ScanOptions:
     """How strictly a file must look finished to count.
 
-    ``settle_seconds``: a file modified more recently than this is still being written. ``now`` is the
-    wall-clock time to compare mtimes with (the caller's, so tests can fix it).
+    ``settle_seconds``: a file modified more recently than this is still being written, unless its
+    path is in ``closed_paths`` (its writer was seen closing it) or the cache already judged this very
+    file (same device, inode, size, mtime) complete. ``now`` is the wall-clock time to compare mtimes
+    with (the caller's, so tests can fix it).
     """
 
     settle_seconds: float = 0.0
     now: float | None = None
+    closed_paths: frozenset[Path] = frozenset()
 
 
 CompletenessCache = dict[FileIdentity, Completeness]
@@ -111,6 +115,8 @@ def scan_directory(
     now = options.now if options.now is not None else time.time()
     records: list[CheckpointRecord] = []
     for entry in entries:
+        if entry.name == LOCK_FILE_NAME:
+            continue
         record = _record_for(root, directory, entry, names, naming, options, now, cache)
         if record is not None:
             records.append(record)
@@ -179,6 +185,7 @@ def _record_for(
         version=parsed.version,
         link_target=link_target,
         note=parsed.note or ("not a zip archive" if completeness.not_zip else None),
+        settles_at=completeness.settles_at,
     )
 
 
@@ -201,15 +208,16 @@ def _file_completeness(
     marker = unfinished_marker_name(name)
     if marker in names:
         return Completeness(False, f"still being written ({marker} marker present)")
+    if cache is not None and (cached := cache.get(identity)) is not None:
+        return cached
     age = now - identity.mtime_ns / 1e9
-    if age < options.settle_seconds:
+    if age < options.settle_seconds and path not in options.closed_paths:
         return Completeness(
             False,
             f"still being written (modified {max(age, 0.0):.1f} s ago, "
             f"settle time {options.settle_seconds:g} s)",
+            settles_at=identity.mtime_ns / 1e9 + options.settle_seconds,
         )
-    if cache is not None and (cached := cache.get(identity)) is not None:
-        return cached
     completeness = check_zip_path(str(path))
     if cache is not None and completeness.complete:
         cache[identity] = completeness

@@ -1,0 +1,177 @@
+"""Run ``ckpt-watcher watch`` as a real process and read its JSON log lines; poll with deadlines."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+DEFAULT_TIMEOUT = 30.0
+
+LogRecord = dict[str, Any]
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = DEFAULT_TIMEOUT, what: str = "") -> None:
+    """Poll ``condition`` until it holds; fail with ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.05)
+    if condition():
+        return
+    raise AssertionError(f"timed out after {timeout:g} s waiting for {what or condition}")
+
+
+class DaemonProcess:
+    """One ``python -m ckpt_watcher ...`` child whose stderr (JSON lines) goes to a file."""
+
+    def __init__(
+        self,
+        arguments: Sequence[str],
+        log_path: Path,
+        environment: dict[str, str] | None = None,
+        command: Sequence[str] | None = None,
+    ) -> None:
+        self.log_path = log_path
+        self.stdout_path = log_path.with_suffix(".stdout")
+        env = {
+            key: value
+            for key, value in os.environ.items()
+            if key not in {"NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"}
+        }
+        env.update(environment or {})
+        self._log_file = log_path.open("wb")
+        self._stdout_file = self.stdout_path.open("wb")
+        self.process = subprocess.Popen(
+            [*(command or [sys.executable, "-m", "ckpt_watcher"]), *arguments],
+            stdout=self._stdout_file,
+            stderr=self._log_file,
+            stdin=subprocess.DEVNULL,
+            env=env,
+        )
+
+    def records(self) -> list[LogRecord]:
+        """Every complete JSON line logged so far (a line being written is left for later)."""
+        text = self.log_path.read_text(errors="replace")
+        records = []
+        for line in text.splitlines(keepends=True):
+            if not line.endswith("\n") or not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                records.append({"event": "<not json>", "line": line})
+        return records
+
+    def events(self, event: str) -> list[LogRecord]:
+        """The records with this event name."""
+        return [record for record in self.records() if record.get("event") == event]
+
+    def wait_for(
+        self,
+        event: str,
+        predicate: Callable[[LogRecord], bool] = lambda record: True,
+        timeout: float = DEFAULT_TIMEOUT,
+        count: int = 1,
+    ) -> list[LogRecord]:
+        """Wait until ``count`` records of ``event`` match ``predicate``; return them."""
+        found: list[LogRecord] = []
+
+        def enough() -> bool:
+            nonlocal found
+            if self.process.poll() is not None and not self._has(event, predicate, count):
+                raise AssertionError(
+                    f"daemon exited ({self.process.returncode}) before {event}:\n{self.log_path.read_text()}"
+                )
+            found = [record for record in self.events(event) if predicate(record)]
+            return len(found) >= count
+
+        wait_until(enough, timeout, f"{count} x {event} in {self.log_path}")
+        return found
+
+    def _has(self, event: str, predicate: Callable[[LogRecord], bool], count: int) -> bool:
+        return len([record for record in self.events(event) if predicate(record)]) >= count
+
+    def wait_ready(self, timeout: float = DEFAULT_TIMEOUT) -> None:
+        """Wait for ``watch_started`` (after the start-up reconcile)."""
+        self.wait_for("watch_started", timeout=timeout)
+
+    def send(self, signal_number: int) -> None:
+        """Send a signal to the daemon."""
+        self.process.send_signal(signal_number)
+
+    def stop(self, signal_number: int = signal.SIGTERM, timeout: float = 10.0) -> tuple[int, float]:
+        """Signal the daemon and wait; return its exit code and how long it took to exit."""
+        started = time.monotonic()
+        if self.process.poll() is None:
+            self.process.send_signal(signal_number)
+        code = self.process.wait(timeout=timeout)
+        return code, time.monotonic() - started
+
+    def close(self) -> None:
+        """Kill the process if it is still running and close the log files."""
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+        self._log_file.close()
+        self._stdout_file.close()
+
+
+@contextmanager
+def running_daemon(
+    arguments: Sequence[str],
+    log_path: Path,
+    environment: dict[str, str] | None = None,
+    command: Sequence[str] | None = None,
+) -> Iterator[DaemonProcess]:
+    """A daemon that is always killed and closed at the end of the block."""
+    daemon = DaemonProcess(arguments, log_path, environment, command)
+    try:
+        yield daemon
+    finally:
+        daemon.close()
+
+
+class NotifySocket:
+    """A datagram socket standing in for systemd's NOTIFY_SOCKET; collects every message."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.messages: list[str] = []
+        self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._socket.bind(str(path))
+        self._socket.settimeout(0.1)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._receive, name="notify-socket", daemon=True)
+        self._thread.start()
+
+    def _receive(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data = self._socket.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.messages.append(data.decode("utf-8", "replace"))
+
+    def lines(self) -> list[str]:
+        """Every ``KEY=value`` line received so far, in order."""
+        return [line for message in list(self.messages) for line in message.splitlines()]
+
+    def close(self) -> None:
+        """Stop receiving and remove the socket."""
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self._socket.close()
+        self.path.unlink(missing_ok=True)
