@@ -23,6 +23,7 @@ DEFAULT_BEST_TEMPLATE = "best_{date}_epoch={epoch:02d}_step={step:06d}_loss={los
 DEFAULT_LAST_TEMPLATE = "last"
 
 # Lightning's collision suffix: CHECKPOINT_JOIN_CHAR "-" + "v" + a version counted from 1.
+_LONGEST_FIELD = 255
 _VERSION_SUFFIX = r"(?:-v(?P<_version>[1-9][0-9]*))?"
 _INTEGER_PATTERN = r"[0-9]+"
 _DATE_PATTERN = r"[0-9]{8}"
@@ -87,6 +88,8 @@ class CompiledTemplate:
         metric_text: str | None = None
         for field in self.fields:
             text = match.group(field.name)
+            if len(text) > _LONGEST_FIELD:
+                return None  # no file name is this long; also keeps int() within its digit limit
             if field.name in INTEGER_FIELDS:
                 value = int(text)
                 if format(value, field.format_spec or "d") != text:
@@ -140,6 +143,11 @@ def compile_template(kind: Kind, template: str) -> CompiledTemplate:
         parts.append(re.escape(literal))
         if field_name is None:
             continue
+        if fields and not literal:
+            raise TemplateError(
+                f"'{{{fields[-1].name}}}' and '{{{field_name}}}' must be separated by some text, "
+                "or their digits cannot be told apart"
+            )
         if not field_name.isidentifier() or field_name.startswith("_"):
             raise TemplateError(f"'{{{field_name}}}' is not a plain field name")
         if conversion:
@@ -200,6 +208,9 @@ def _check_format_spec(field_name: str, spec: str) -> None:
         raise TemplateError(f"'{{{field_name}:{spec}}}': {error}") from None
     if any(character in spec for character in "%,_ #<>^=+"):
         raise TemplateError(f"'{{{field_name}:{spec}}}': use a plain format such as '06d' or '.4f'")
+    if spec[:1].isdigit() and not spec.startswith("0"):
+        # format(500, "6d") pads with spaces; a file name with blanks in it is not worth guessing at.
+        raise TemplateError(f"'{{{field_name}:{spec}}}': a width must be zero-padded, such as '0{spec}'")
     if is_integer and spec and spec[-1] not in "d0123456789":
         raise TemplateError(f"'{{{field_name}:{spec}}}': an integer field takes a 'd' format")
     if not is_integer and spec and spec[-1] not in "fFeEgG0123456789":

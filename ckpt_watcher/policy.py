@@ -7,14 +7,15 @@ each, so a user fixes a broken edit in one go.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ckpt_watcher.naming import (
     DEFAULT_BEST_TEMPLATE,
@@ -25,6 +26,15 @@ from ckpt_watcher.naming import (
     TemplateError,
     compile_template,
 )
+
+
+def _non_empty_pattern(pattern: str) -> str:
+    if not pattern.strip():
+        raise ValueError("a protect pattern must not be empty")
+    return pattern
+
+
+ProtectPattern = Annotated[str, AfterValidator(_non_empty_pattern)]
 
 
 class NamingTemplates(BaseModel):
@@ -57,7 +67,7 @@ class Policy(BaseModel):
     save_on_n_steps: int = Field(default=500, ge=0)
     best_mode: Literal["min", "max"] = "min"
     naming: NamingTemplates = NamingTemplates()
-    protect: tuple[str, ...] = ()
+    protect: tuple[ProtectPattern, ...] = ()
 
     @field_validator("protect", mode="before")
     @classmethod
@@ -65,13 +75,6 @@ class Policy(BaseModel):
         if isinstance(value, list):
             return tuple(value)
         raise ValueError(f"expected a list of glob patterns, got {describe_value(value)}")
-
-    @field_validator("protect")
-    @classmethod
-    def _protect_globs_not_empty(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        if any(not pattern.strip() for pattern in value):
-            raise ValueError("a protect pattern must not be empty")
-        return value
 
     @cached_property
     def compiled_naming(self) -> Naming:
@@ -171,8 +174,14 @@ def _edit_distance(left: str, right: str) -> int:
     return previous[-1]
 
 
+# Common trainer-config keys that sit within two edits of a retention key but mean something else.
+_NEVER_SUGGESTED = frozenset({"project", "best_model", "name", "mode", "model", "protected"})
+
+
 def suggest_key(key: str) -> str | None:
     """The retention key a misspelt top-level key probably meant, if it is within two edits."""
+    if key in _NEVER_SUGGESTED:
+        return None
     for known in POLICY_KEYS:
         distance = _edit_distance(key, known)
         # Short keys need closer matches, or a trainer's own 'name:' would be taken for 'naming:'.
@@ -181,13 +190,16 @@ def suggest_key(key: str) -> str | None:
     return None
 
 
-def validate_policy(document: Any, source: str) -> LoadedPolicy:
-    """Validate a parsed YAML document; raise PolicyError listing every problem at once."""
+def validate_policy(document: Any, source: str, duplicates: tuple[str, ...] = ()) -> LoadedPolicy:
+    """Validate a parsed YAML document; raise PolicyError listing every problem at once.
+
+    ``duplicates`` are problems found while parsing (a retention key set twice).
+    """
     if not isinstance(document, dict):
         raise PolicyError(
             source, [f"At '<top level>': expected a mapping of keys, got {describe_value(document)}"]
         )
-    problems: list[str] = []
+    problems: list[str] = list(duplicates)
     warnings: list[str] = []
     for key in document:
         if not isinstance(key, str):
@@ -201,6 +213,7 @@ def validate_policy(document: Any, source: str) -> LoadedPolicy:
             "At '<top level>': sets none of the retention keys "
             f"({', '.join(POLICY_KEYS)}); is this the right file?"
         )
+        problems.extend(warnings)  # a misspelt key is the likely reason; say so in the error itself
     retention = {key: document[key] for key in present}
     try:
         policy = Policy.model_validate(retention)
@@ -233,13 +246,69 @@ def load_policy(path: Path | None) -> LoadedPolicy:
         raise PolicyError(source, [f"At '<file>': not UTF-8 text ({error.reason})"]) from None
     except OSError as error:
         raise PolicyError(source, [f"At '<file>': cannot read it ({error.strerror})"]) from None
-    return validate_policy(parse_yaml(text, source), source)
+    document, duplicates = parse_yaml(text, source)
+    return validate_policy(document, source, duplicates)
 
 
-def parse_yaml(text: str, source: str) -> Any:
-    """Parse YAML text; a syntax error becomes a PolicyError with its line and column."""
+class _PolicyLoader(yaml.SafeLoader):
+    """SafeLoader with YAML 1.2 integers: ``0500`` is 500 (not octal 320) and ``1:30`` is not 90."""
+
+
+_INT_TAG = "tag:yaml.org,2002:int"
+_PolicyLoader.yaml_implicit_resolvers = {
+    first: [(tag, pattern) for tag, pattern in resolvers if tag != _INT_TAG]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_PolicyLoader.add_implicit_resolver(
+    _INT_TAG, re.compile(r"^(?:[-+]?[0-9]+|0x[0-9a-fA-F]+|0o[0-7]+)$"), list("-+0123456789")
+)
+
+
+def _construct_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
+    text = str(loader.construct_scalar(node))
+    if text.startswith("0x"):
+        return int(text, 16)
+    if text.startswith("0o"):
+        return int(text[2:], 8)
+    return int(text, 10)
+
+
+_PolicyLoader.add_constructor(_INT_TAG, _construct_int)
+
+
+def _duplicate_retention_keys(node: yaml.Node | None) -> tuple[str, ...]:
+    """Retention keys (and naming keys) set twice: YAML keeps the last silently, we refuse."""
+    problems: list[str] = []
+
+    def check(mapping: yaml.Node, prefix: str, keys: tuple[str, ...]) -> None:
+        if not isinstance(mapping, yaml.MappingNode):
+            return
+        lines: dict[str, list[int]] = {}
+        for key_node, value_node in mapping.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.value in keys:
+                lines.setdefault(key_node.value, []).append(key_node.start_mark.line + 1)
+                if key_node.value == "naming" and not prefix:
+                    check(value_node, "naming.", tuple(NamingTemplates.model_fields))
+        for key, key_lines in lines.items():
+            if len(key_lines) > 1:
+                listed = ", ".join(str(line) for line in key_lines)
+                problems.append(f"At '{prefix}{key}': set more than once (lines {listed}); keep one")
+
+    if node is not None:
+        check(node, "", POLICY_KEYS)
+    return tuple(problems)
+
+
+def parse_yaml(text: str, source: str) -> tuple[Any, tuple[str, ...]]:
+    """Parse YAML text into (document, duplicate-key problems); a syntax error is a PolicyError."""
     try:
-        return yaml.safe_load(text)
+        loader = _PolicyLoader(text)
+        try:
+            node = loader.get_single_node()
+            document = loader.construct_document(node) if node is not None else None
+        finally:
+            loader.dispose()
+        return document, _duplicate_retention_keys(node)
     except yaml.MarkedYAMLError as error:
         mark = error.problem_mark or error.context_mark
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""

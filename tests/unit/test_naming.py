@@ -600,48 +600,20 @@ def test_best_template_records_its_metric_name(template: str, metric_name: str) 
     assert compile_template(Kind.BEST, template).metric_name == metric_name
 
 
-# --- bugs -------------------------------------------------------------------------------------
+# --- templates refused rather than half-supported ---------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: a space-padded width ('{step:6d}', '{loss:8.4f}') compiles, but the names it produces "
-        "('step=   500') never parse: the field regex allows digits only. Either reject such a "
-        "template with TemplateError or recognise its names."
-    ),
-)
 @pytest.mark.parametrize(
-    ("kind", "template", "values"),
-    [
-        (Kind.STEP, "step={step:6d}", {"step": 500}),
-        (Kind.BEST, "loss={loss:8.4f}", {"loss": 0.5}),
-    ],
+    ("kind", "template"),
+    [(Kind.STEP, "step={step:6d}"), (Kind.BEST, "loss={loss:8.4f}")],
 )
-def test_space_padded_width_is_rejected_or_recognised(
-    kind: Kind, template: str, values: dict[str, float]
-) -> None:
-    try:
-        compiled = compile_template(kind, template)
-    except TemplateError:
-        return
-    name = template.format(**values) + ".ckpt"
-    assert compiled.parse(name) is not None, f"{name!r} was produced by {template!r} but does not parse"
+def test_space_padded_width_is_refused(kind: Kind, template: str) -> None:
+    """format(500, '6d') pads with blanks; such a template is refused rather than half-supported."""
+    with pytest.raises(TemplateError, match="zero-padded"):
+        compile_template(kind, template)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: with adjacent fields ('{epoch:02d}{step:06d}') the greedy regex gives epoch every digit "
-        "but one, the format check then fails and no other split is tried, so '01000500.ckpt' "
-        "(epoch=1, step=500, the only valid split) is unknown. Either reject adjacent fields with "
-        "TemplateError or try the other splits."
-    ),
-)
-def test_adjacent_fields_template_is_rejected_or_recognised() -> None:
-    template = "{epoch:02d}{step:06d}"
-    try:
-        naming = Naming.from_templates(step=template)
-    except TemplateError:
-        return
-    assert_parsed(naming.classify("01000500.ckpt"), step(1, 500))
+def test_adjacent_fields_are_refused() -> None:
+    """'01000500' could be epoch 1 step 500 or epoch 10 step 500...: adjacent fields are refused."""
+    with pytest.raises(TemplateError, match="separated"):
+        Naming.from_templates(step="{epoch:02d}{step:06d}")
