@@ -1,0 +1,437 @@
+"""``ckpt-watcher watch`` as a real process: lifecycle, live completeness, policy reload, supervisors."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+import pytest
+
+from tests.support.daemon import DaemonProcess, NotifySocket, running_daemon, wait_until
+from tests.support.factories import best_name, step_name, write_checkpoint, zip_bytes
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _names(directory: Path) -> set[str]:
+    return {path.name for path in directory.iterdir() if not path.name.startswith(".ckpt-watcher")}
+
+
+def _write_policy(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def _steps(directory: Path, steps: Iterable[int], epoch: int = 0) -> list[str]:
+    names = []
+    for step in steps:
+        write_checkpoint(directory / step_name(epoch, step))
+        names.append(step_name(epoch, step))
+    return names
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    directory = tmp_path / "checkpoints"
+    directory.mkdir()
+    return directory
+
+
+def test_startup_reconcile_then_sigterm_exits_zero_within_two_seconds(root: Path, tmp_path: Path) -> None:
+    _steps(root, range(100, 1100, 100))
+    with running_daemon(["watch", str(root), "--settle", "0"], tmp_path / "log") as daemon:
+        daemon.wait_ready()
+        assert _names(root) == {step_name(0, step) for step in range(600, 1100, 100)}
+
+        code, seconds = daemon.stop(signal.SIGTERM)
+
+        assert code == 0
+        assert seconds < 2.0
+        assert daemon.events("stop_requested")[0]["signal"] == "SIGTERM"
+        assert daemon.events("watch_stopped")
+        assert len(daemon.events("checkpoint_deleted")) == 5
+
+
+def test_sigint_stops_too(root: Path, tmp_path: Path) -> None:
+    with running_daemon(["watch", str(root)], tmp_path / "log") as daemon:
+        daemon.wait_ready()
+        code, _ = daemon.stop(signal.SIGINT)
+        assert code == 0
+
+
+def test_second_instance_is_refused_by_the_lock(root: Path, tmp_path: Path) -> None:
+    with running_daemon(["watch", str(root)], tmp_path / "first") as first:
+        first.wait_ready()
+
+        second = subprocess.run(
+            [sys.executable, "-m", "ckpt_watcher", "watch", str(root)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
+        assert second.returncode == 2
+        assert f"another ckpt-watcher is already pruning {root} (pid {first.process.pid})" in second.stderr
+        assert first.process.poll() is None
+
+
+def test_new_checkpoints_are_pruned_as_they_are_closed(root: Path, tmp_path: Path) -> None:
+    policy = _write_policy(tmp_path / "policy.yaml", "save_top_k_checkpoints: 2\nsave_top_k_best: 1\n")
+    with running_daemon(["watch", str(root), "--policy", str(policy)], tmp_path / "log") as daemon:
+        daemon.wait_ready()
+        for step in range(100, 600, 100):
+            write_checkpoint(root / step_name(0, step))
+            write_checkpoint(root / best_name(0, step, 1.0 / step))
+
+        wait_until(
+            lambda: _names(root) == {step_name(0, 400), step_name(0, 500), best_name(0, 500, 1 / 500)},
+            what="the newest 2 step and the best checkpoint to remain",
+        )
+        deleted = {Path(record["path"]).name for record in daemon.events("checkpoint_deleted")}
+        assert len(deleted) == 7
+        detected = daemon.events("checkpoint_detected")
+        assert {record["kind"] for record in detected} == {"step", "best"}
+
+
+def test_path_created_late_is_watched_once_it_appears(tmp_path: Path) -> None:
+    root = tmp_path / "not-yet"
+    with running_daemon(["watch", str(root), "--settle", "0"], tmp_path / "log") as daemon:
+        daemon.wait_for("watch_path_missing")
+        root.mkdir()
+        daemon.wait_ready()
+        _steps(root, range(100, 800, 100))
+
+        wait_until(lambda: len(_names(root)) == 5, what="pruning to 5 in the late directory")
+        assert (root / ".ckpt-watcher.lock").exists()
+
+
+def test_path_deleted_and_recreated_is_rearmed(root: Path, tmp_path: Path) -> None:
+    with running_daemon(["watch", str(root), "--settle", "0"], tmp_path / "log") as daemon:
+        daemon.wait_ready()
+        shutil.rmtree(root)
+        daemon.wait_for("watch_path_lost")
+        root.mkdir()
+        daemon.wait_for("watch_rearmed")
+        _steps(root, range(100, 800, 100))
+
+        wait_until(lambda: len(_names(root)) == 5, what="pruning to 5 after re-arming")
+        assert daemon.process.poll() is None
+
+
+def test_polling_mode_prunes(root: Path, tmp_path: Path) -> None:
+    arguments = ["watch", str(root), "--poll", "0.2", "--settle", "0.5"]
+    with running_daemon(arguments, tmp_path / "log") as daemon:
+        daemon.wait_ready()
+        assert daemon.events("watch_started")[0]["observer"] == "polling every 0.2 s"
+        _steps(root, range(100, 900, 100))
+
+        wait_until(lambda: len(_names(root)) == 5, what="pruning to 5 by polling")
+        assert _names(root) == {step_name(0, step) for step in range(400, 900, 100)}
+
+
+def test_notify_socket_gets_ready_status_watchdog_and_stopping(root: Path, tmp_path: Path) -> None:
+    notify = NotifySocket(tmp_path / "notify.sock")
+    try:
+        environment = {"NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": "400000"}
+        with running_daemon(["watch", str(root)], tmp_path / "log", environment) as daemon:
+            daemon.wait_ready()
+            wait_until(lambda: "READY=1" in notify.lines(), what="READY=1")
+            wait_until(lambda: notify.lines().count("WATCHDOG=1") >= 3, what="repeated WATCHDOG=1")
+            assert any(line.startswith("STATUS=") for line in notify.lines())
+
+            assert daemon.stop()[0] == 0
+            wait_until(lambda: "STOPPING=1" in notify.lines(), what="STOPPING=1")
+    finally:
+        notify.close()
+
+
+def test_watchdog_for_another_pid_is_not_answered(root: Path, tmp_path: Path) -> None:
+    notify = NotifySocket(tmp_path / "notify.sock")
+    try:
+        environment = {"NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": "200000", "WATCHDOG_PID": "1"}
+        with running_daemon(["watch", str(root)], tmp_path / "log", environment) as daemon:
+            daemon.wait_ready()
+            wait_until(lambda: "READY=1" in notify.lines(), what="READY=1")
+            assert daemon.stop()[0] == 0
+        assert "WATCHDOG=1" not in notify.lines()
+    finally:
+        notify.close()
+
+
+def test_heartbeat_file_is_touched(root: Path, tmp_path: Path) -> None:
+    heartbeat = tmp_path / "heartbeat"
+    with running_daemon(["watch", str(root), "--heartbeat", str(heartbeat)], tmp_path / "log") as daemon:
+        daemon.wait_ready()
+        wait_until(heartbeat.exists, what="the heartbeat file")
+        first = heartbeat.stat().st_mtime_ns
+        wait_until(lambda: heartbeat.stat().st_mtime_ns > first, timeout=15, what="a second heartbeat")
+
+
+def test_slow_writer_is_never_counted_until_complete(root: Path, tmp_path: Path) -> None:
+    """A big checkpoint streamed over seconds: not deleted, not counted, older ones survive meanwhile."""
+    policy = _write_policy(tmp_path / "policy.yaml", "save_top_k_checkpoints: 2\n")
+    _steps(root, [100, 200])
+    big = zip_bytes(os.urandom(1 << 20), entries=24)  # ~24 MiB, written in 64 KiB chunks
+    target = root / step_name(0, 300)
+    arguments = ["watch", str(root), "--policy", str(policy), "--settle", "1"]
+    with running_daemon(arguments, tmp_path / "log") as daemon:
+        daemon.wait_ready()
+        with target.open("wb") as stream:
+            for offset in range(0, len(big), 1 << 16):
+                stream.write(big[offset : offset + (1 << 16)])
+                stream.flush()
+                os.fsync(stream.fileno())
+                if offset % (1 << 21) == 0:
+                    time.sleep(0.1)
+                    assert (root / step_name(0, 100)).exists(), "an older checkpoint went mid-write"
+                    assert target.exists(), "the checkpoint being written was deleted"
+            daemon.wait_for(
+                "checkpoint_detected",
+                lambda record: record["path"].endswith(step_name(0, 300)) and record["complete"] is False,
+            )
+            assert not daemon.events("checkpoint_deleted")
+
+        daemon.wait_for("checkpoint_deleted", lambda record: record["path"].endswith(step_name(0, 100)))
+        wait_until(lambda: _names(root) == {step_name(0, 200), step_name(0, 300)}, what="200 and 300 kept")
+
+
+def test_atomic_writer_moving_into_place_is_counted(root: Path, tmp_path: Path) -> None:
+    """A temp file in another directory moved into place (as Lightning's fsspec transaction does)."""
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    _steps(root, range(100, 600, 100))
+    with running_daemon(["watch", str(root), "--settle", "0"], tmp_path / "log") as daemon:
+        daemon.wait_ready()
+        temporary = write_checkpoint(staging / "tmpabc123")
+        os.rename(temporary, root / step_name(0, 600))
+
+        daemon.wait_for("checkpoint_deleted", lambda record: record["path"].endswith(step_name(0, 100)))
+        assert _names(root) == {step_name(0, step) for step in range(200, 700, 100)}
+
+
+def test_temporary_names_in_the_directory_are_never_counted(root: Path, tmp_path: Path) -> None:
+    _steps(root, range(100, 600, 100))
+    with running_daemon(["watch", str(root), "--settle", "0"], tmp_path / "log") as daemon:
+        daemon.wait_ready()
+        write_checkpoint(root / (step_name(0, 600) + ".tmp"))
+        write_checkpoint(root / (step_name(0, 700) + ".partial"))
+        write_checkpoint(root / step_name(0, 800))
+        (root / "epoch=00-step=000800-train-unfinished").touch()
+
+        daemon.wait_for("checkpoint_detected", lambda record: record["path"].endswith(step_name(0, 800)))
+        time_limit = time.monotonic() + 1.0
+        while time.monotonic() < time_limit:
+            assert _names(root) >= {step_name(0, step) for step in range(100, 600, 100)}
+            time.sleep(0.05)
+        assert not daemon.events("checkpoint_deleted")
+
+
+class TestPolicyReload:
+    """Edits of every kind: the valid ones apply at once, the broken ones never stop the daemon."""
+
+    def test_rename_replace_edit_is_applied(self, root: Path, tmp_path: Path) -> None:
+        policy = _write_policy(tmp_path / "conf" / "policy.yaml", "save_top_k_checkpoints: 5\n")
+        _steps(root, range(100, 900, 100))
+        with running_daemon(["watch", str(root), "--policy", str(policy)], tmp_path / "log") as daemon:
+            daemon.wait_ready()
+            wait_until(lambda: len(_names(root)) == 5)
+
+            replacement = _write_policy(tmp_path / "conf" / ".policy.yaml.swp", "save_top_k_checkpoints: 2\n")
+            os.replace(replacement, policy)
+
+            reloaded = daemon.wait_for("policy_reloaded")[0]
+            assert reloaded["changes"] == {"save_top_k_checkpoints": {"old": 5, "new": 2}}
+            wait_until(lambda: _names(root) == {step_name(0, 700), step_name(0, 800)})
+
+    def test_in_place_edit_is_applied(self, root: Path, tmp_path: Path) -> None:
+        policy = _write_policy(tmp_path / "policy.yaml", "save_top_k_checkpoints: 5\n")
+        _steps(root, range(100, 900, 100))
+        with running_daemon(["watch", str(root), "--policy", str(policy)], tmp_path / "log") as daemon:
+            daemon.wait_ready()
+            with policy.open("r+") as stream:
+                stream.seek(0)
+                stream.write("save_top_k_checkpoints: 3\n")
+                stream.truncate()
+
+            daemon.wait_for("policy_reloaded")
+            wait_until(lambda: len(_names(root)) == 3)
+
+    def test_invalid_edit_is_rejected_and_the_old_policy_stays(self, root: Path, tmp_path: Path) -> None:
+        policy = _write_policy(tmp_path / "policy.yaml", "save_top_k_checkpoints: 3\n")
+        with running_daemon(["watch", str(root), "--policy", str(policy)], tmp_path / "log") as daemon:
+            daemon.wait_ready()
+            policy.write_text("save_top_k_checkpoints: 3.5\nsave_top_k_best: yes please\n")
+
+            rejected = daemon.wait_for("policy_rejected")[0]
+            assert rejected["problems"] == [
+                "At 'save_top_k_checkpoints': expected a whole number, got 3.5 (a number with a fraction)",
+                "At 'save_top_k_best': expected a whole number, got 'yes please' (a string)",
+            ]
+            _steps(root, range(100, 700, 100))
+            wait_until(lambda: len(_names(root)) == 3, what="the old policy (3) still applied")
+
+            policy.write_text("save_top_k_checkpoints: [\n")
+            daemon.wait_for("policy_rejected", count=2)
+            assert daemon.process.poll() is None
+
+    def test_deleted_policy_keeps_the_last_good_one(self, root: Path, tmp_path: Path) -> None:
+        policy = _write_policy(tmp_path / "policy.yaml", "save_top_k_checkpoints: 2\n")
+        with running_daemon(["watch", str(root), "--policy", str(policy)], tmp_path / "log") as daemon:
+            daemon.wait_ready()
+            policy.unlink()
+            daemon.wait_for("policy_missing")
+            _steps(root, range(100, 600, 100))
+            wait_until(lambda: len(_names(root)) == 2, what="the last good policy (2) still applied")
+
+    def test_configmap_style_symlink_swap_is_applied(self, root: Path, tmp_path: Path) -> None:
+        """Kubernetes mounts a ConfigMap as policy.yaml -> ..data/policy.yaml, ..data -> ..<timestamp>."""
+        mount = tmp_path / "configmap"
+        first = _write_policy(
+            mount / "..2026_11_28_00_00_00.1" / "policy.yaml", "save_top_k_checkpoints: 4\n"
+        )
+        os.symlink(first.parent.name, mount / "..data")
+        os.symlink("..data/policy.yaml", mount / "policy.yaml")
+        _steps(root, range(100, 900, 100))
+        policy = mount / "policy.yaml"
+        with running_daemon(["watch", str(root), "--policy", str(policy)], tmp_path / "log") as daemon:
+            daemon.wait_ready()
+            wait_until(lambda: len(_names(root)) == 4)
+
+            second = _write_policy(
+                mount / "..2026_11_28_00_05_00.2" / "policy.yaml", "save_top_k_checkpoints: 1\n"
+            )
+            os.symlink(second.parent.name, mount / "..data_tmp")
+            os.replace(mount / "..data_tmp", mount / "..data")
+            shutil.rmtree(first.parent)
+
+            daemon.wait_for("policy_reloaded")
+            wait_until(lambda: _names(root) == {step_name(0, 800)})
+
+    def test_sighup_rereads_the_policy(self, root: Path, tmp_path: Path) -> None:
+        policy = _write_policy(tmp_path / "policy.yaml", "save_top_k_checkpoints: 4\n")
+        notify = NotifySocket(tmp_path / "notify.sock")
+        try:
+            environment = {"NOTIFY_SOCKET": str(notify.path)}
+            arguments = ["watch", str(root), "--policy", str(policy)]
+            with running_daemon(arguments, tmp_path / "log", environment) as daemon:
+                daemon.wait_ready()
+                daemon.send(signal.SIGHUP)
+
+                daemon.wait_for("reload_requested")
+                daemon.wait_for("policy_unchanged")
+                wait_until(lambda: "RELOADING=1" in notify.lines(), what="RELOADING=1")
+                reloading = notify.lines().index("RELOADING=1")
+                assert notify.lines()[reloading + 1].startswith("MONOTONIC_USEC=")
+                assert "READY=1" in notify.lines()[reloading:]
+                assert daemon.process.poll() is None
+        finally:
+            notify.close()
+
+
+def test_immutable_file_failure_is_logged_and_retried(root: Path, tmp_path: Path) -> None:
+    """A deletion the OS refuses (chattr +i stands in for EPERM/EROFS): logged, daemon keeps running."""
+    _steps(root, range(100, 700, 100))
+    stuck = root / step_name(0, 100)
+    if subprocess.run(["chattr", "+i", str(stuck)], check=False, capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is not supported on this file system")
+    try:
+        with running_daemon(
+            ["watch", str(root), "--settle", "0", "--rescan", "1"], tmp_path / "log"
+        ) as daemon:
+            daemon.wait_ready()
+            failures = daemon.wait_for("checkpoint_delete_failed", count=2)
+            assert failures[0]["error"] == "Operation not permitted"
+            assert daemon.process.poll() is None
+
+            subprocess.run(["chattr", "-i", str(stuck)], check=True)
+            daemon.wait_for("checkpoint_deleted", lambda record: record["path"].endswith(stuck.name))
+    finally:
+        subprocess.run(["chattr", "-i", str(stuck)], check=False, capture_output=True)
+
+
+def test_daemon_as_pid_1_stops_on_sigterm(root: Path, tmp_path: Path) -> None:
+    """In a container the daemon is PID 1, for which the kernel drops signals with no handler."""
+    if shutil.which("unshare") is None:
+        pytest.skip("unshare is not installed")
+    probe = subprocess.run(["unshare", "--pid", "--fork", "true"], check=False, capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot create a PID namespace here: {probe.stderr.decode().strip()}")
+    command = ["unshare", "--pid", "--fork", "--kill-child", sys.executable, "-m", "ckpt_watcher"]
+    daemon = DaemonProcess(["watch", str(root)], tmp_path / "log", command=command)
+    try:
+        daemon.wait_ready()
+        child = _only_child(daemon.process.pid)
+        started = time.monotonic()
+        os.kill(child, signal.SIGTERM)  # signal the daemon itself, PID 1 of its namespace
+        assert daemon.process.wait(timeout=10) == 0
+        assert time.monotonic() - started < 2.0
+        assert daemon.events("watch_stopped")
+    finally:
+        daemon.close()
+
+
+def _only_child(pid: int) -> int:
+    children: list[int] = []
+
+    def found() -> bool:
+        nonlocal children
+        path = Path(f"/proc/{pid}/task/{pid}/children")
+        children = [int(part) for part in path.read_text().split()] if path.exists() else []
+        return len(children) == 1
+
+    wait_until(found, timeout=10, what=f"the child of {pid}")
+    return children[0]
+
+
+_HUNG_WORKER = """
+import sys, time
+from ckpt_watcher.cli import supervise
+from ckpt_watcher.logs import configure_logging
+from ckpt_watcher.notify import Notifier
+
+class HungWatcher:
+    notifier = Notifier({})
+    exit_code = 0
+    def run(self):
+        print("worker-started", flush=True)
+        while True:  # a worker stuck in I/O that never sees the stop request
+            time.sleep(0.05)
+    def request_stop(self):
+        pass
+    def request_reload(self):
+        pass
+
+configure_logging()
+sys.exit(supervise(HungWatcher()))
+"""
+
+
+def test_second_signal_forces_exit_when_the_worker_hangs(tmp_path: Path) -> None:
+    log = (tmp_path / "log").open("wb")
+    process = subprocess.Popen(
+        [sys.executable, "-c", _HUNG_WORKER], stdout=subprocess.PIPE, stderr=log, text=True
+    )
+    try:
+        assert process.stdout is not None
+        assert process.stdout.readline().strip() == "worker-started"
+        process.send_signal(signal.SIGTERM)
+        wait_until(lambda: "stop_requested" in (tmp_path / "log").read_text(), what="the first signal")
+        assert process.poll() is None, "the hung worker should keep the process alive after one signal"
+
+        process.send_signal(signal.SIGTERM)
+
+        assert process.wait(timeout=10) == 128 + signal.SIGTERM
+        assert "forced_exit" in (tmp_path / "log").read_text()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        log.close()

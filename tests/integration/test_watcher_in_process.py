@@ -1,0 +1,141 @@
+"""The worker in-process, for failures a subprocess cannot stage: dead observers, inotify limits, overflow."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import threading
+from collections.abc import Iterator, MutableMapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog
+from structlog.testing import LogCapture
+
+from ckpt_watcher.daemon import ObserverLike, Watcher, WatchOptions, default_observer_factory
+from ckpt_watcher.policy import load_policy
+from tests.support.daemon import wait_until
+from tests.support.factories import step_name, write_checkpoint
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+def captured() -> Iterator[LogCapture]:
+    """Every structlog event of the test, from any thread."""
+    capture = LogCapture()
+    structlog.configure(processors=[capture], cache_logger_on_first_use=False)
+    yield capture
+    structlog.reset_defaults()
+
+
+def _events(capture: LogCapture, name: str) -> list[MutableMapping[str, Any]]:
+    return [entry for entry in list(capture.entries) if entry["event"] == name]
+
+
+class RunningWatcher:
+    """A Watcher whose worker runs in a thread for the duration of a test."""
+
+    def __init__(self, watcher: Watcher) -> None:
+        self.watcher = watcher
+        self.thread = threading.Thread(target=watcher.run, name="test-worker")
+
+    def __enter__(self) -> Watcher:
+        self.thread.start()
+        return self.watcher
+
+    def __exit__(self, *exception: object) -> None:
+        self.watcher.request_stop()
+        self.thread.join(timeout=10)
+        assert not self.thread.is_alive()
+
+
+def _watcher(root: Path, **options: Any) -> Watcher:
+    return Watcher(WatchOptions(root=root, settle_seconds=0, **options), load_policy(None))
+
+
+def _pruned_to_five(root: Path) -> bool:
+    return len([path for path in root.iterdir() if path.suffix == ".ckpt"]) == 5
+
+
+def test_dead_observer_is_restarted_and_pruning_goes_on(tmp_path: Path, captured: LogCapture) -> None:
+    watcher = _watcher(tmp_path)
+    with RunningWatcher(watcher):
+        wait_until(lambda: bool(_events(captured, "watch_started")), what="watch_started")
+        observer = watcher._observer
+        assert observer is not None
+        observer.stop()  # the observer thread dies
+        observer.join(timeout=5)
+
+        wait_until(lambda: bool(_events(captured, "observer_restarted")), what="observer_restarted")
+        for step in range(100, 800, 100):
+            write_checkpoint(tmp_path / step_name(0, step))
+        wait_until(lambda: _pruned_to_five(tmp_path), what="pruning with the restarted observer")
+
+
+def test_inotify_limit_falls_back_to_polling(tmp_path: Path, captured: LogCapture) -> None:
+    def factory(poll_interval: float | None) -> ObserverLike:
+        if poll_interval is None:
+            raise OSError(errno.ENOSPC, "inotify watch limit reached")
+        return default_observer_factory(0.1)
+
+    watcher = Watcher(
+        WatchOptions(root=tmp_path, settle_seconds=0), load_policy(None), observer_factory=factory
+    )
+    with RunningWatcher(watcher):
+        wait_until(lambda: bool(_events(captured, "watch_started")), what="watch_started")
+        assert _events(captured, "inotify_unavailable")[0]["error"] == "inotify watch limit reached"
+        assert "inotify unavailable" in _events(captured, "watch_started")[0]["observer"]
+        for step in range(100, 800, 100):
+            write_checkpoint(tmp_path / step_name(0, step))
+        wait_until(lambda: _pruned_to_five(tmp_path), what="pruning by the fallback poller")
+
+
+def test_inotify_overflow_triggers_a_full_rescan(tmp_path: Path, captured: LogCapture) -> None:
+    watcher = _watcher(tmp_path)
+    with RunningWatcher(watcher):
+        wait_until(lambda: bool(_events(captured, "watch_started")), what="watch_started")
+        logging.getLogger("watchdog.observers.inotify_c").warning(
+            "Inotify queue overflowed; filesystem events were lost"
+        )
+        wait_until(
+            lambda: any(entry["trigger"] == "full" for entry in _events(captured, "pass_completed")),
+            what="a full rescan after the overflow",
+        )
+        assert _events(captured, "event_queue_overflow")
+
+
+def test_periodic_rescan_finds_what_no_event_announced(tmp_path: Path, captured: LogCapture) -> None:
+    """Events are hints: with no observer events at all, the rescan still prunes."""
+
+    class DeafObserver:
+        def __init__(self) -> None:
+            self._alive = threading.Event()
+
+        def schedule(self, event_handler: Any, path: str, *, recursive: bool = False) -> None:
+            return None
+
+        def start(self) -> None:
+            self._alive.set()
+
+        def stop(self) -> None:
+            self._alive.clear()
+
+        def join(self, timeout: float | None = None) -> None:
+            return None
+
+        def is_alive(self) -> bool:
+            return self._alive.is_set()
+
+    watcher = Watcher(
+        WatchOptions(root=tmp_path, settle_seconds=0, rescan_seconds=0.3),
+        load_policy(None),
+        observer_factory=lambda interval: DeafObserver(),
+    )
+    with RunningWatcher(watcher):
+        wait_until(lambda: bool(_events(captured, "watch_started")), what="watch_started")
+        for step in range(100, 800, 100):
+            write_checkpoint(tmp_path / step_name(0, step))
+        wait_until(lambda: _pruned_to_five(tmp_path), what="pruning by the periodic rescan")
+        assert any(entry["trigger"] == "rescan" for entry in _events(captured, "pass_completed"))
