@@ -22,8 +22,10 @@ from ckpt_watcher.delete import apply_plan
 from ckpt_watcher.lock import LockHeldError
 from ckpt_watcher.logs import LEVELS, configure_logging
 from ckpt_watcher.notify import Notifier
+from ckpt_watcher.overrides import PolicyTree
 from ckpt_watcher.plan import plan
 from ckpt_watcher.policy import LoadedPolicy, PolicyError, load_policy
+from ckpt_watcher.protection import ProtectionError, ProtectionRegistry, command_line_pins
 from ckpt_watcher.report import (
     plan_document,
     policy_document,
@@ -47,6 +49,14 @@ class UsageError(Exception):
     """A command line that cannot run; printed as one line, exit code 2."""
 
 
+class ManyPolicyErrors(Exception):  # noqa: N818  (a group of PolicyError)
+    """Several policy files (root and per-run overrides) with problems; all are shown, exit code 2."""
+
+    def __init__(self, errors: list[PolicyError]) -> None:
+        self.errors = errors
+        super().__init__("; ".join(str(error) for error in errors))
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser; also used by tests to check deployment command lines."""
     parser = argparse.ArgumentParser(
@@ -67,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("path", type=Path, metavar="PATH", help="checkpoint root directory")
     prune.add_argument("--policy", type=Path, metavar="FILE", help="YAML policy (default: embedded)")
     prune.add_argument("--dry-run", action="store_true", help="change nothing; print the plan")
+    _add_protect_option(prune)
     prune.add_argument("--json", action="store_true", help="print one JSON document instead of a table")
     prune.add_argument(
         "--settle",
@@ -89,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
         "path", type=Path, metavar="PATH", help="checkpoint root directory (may not exist yet)"
     )
     watch.add_argument("--policy", type=Path, metavar="FILE", help="YAML policy, hot-reloaded on change")
+    _add_protect_option(watch)
     watch.add_argument(
         "--poll",
         nargs="?",
@@ -130,6 +142,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_protect_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--protect",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="never delete PATH, e.g. the ckpt_path given on the trainer's command line (repeatable)",
+    )
+
+
 def _positive_float(text: str) -> float:
     value = _non_negative_float(text)
     if value == 0:
@@ -160,6 +183,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_watch(arguments)
     except PolicyError as error:
         print(f"ckpt-watcher: {error.render()}", file=sys.stderr)
+        return EXIT_USAGE
+    except ManyPolicyErrors as many:
+        for one in many.errors:
+            print(f"ckpt-watcher: {one.render()}", file=sys.stderr)
+        print("ckpt-watcher: nothing was deleted", file=sys.stderr)
         return EXIT_USAGE
     except UsageError as error:
         print(f"ckpt-watcher: {error}", file=sys.stderr)
@@ -201,14 +229,30 @@ def run_prune(arguments: argparse.Namespace) -> int:
     """``prune``: scan, plan, and delete (or, with --dry-run, only show)."""
     loaded = load_policy_logged(arguments.policy)
     root = resolve_root(arguments.path)
-    scan = scan_tree(root, loaded.policy.compiled_naming, ScanOptions(settle_seconds=arguments.settle))
+    tree = PolicyTree(root, loaded, strict=True)
+    scan = scan_tree(root, tree.naming_for, ScanOptions(settle_seconds=arguments.settle))
     log_scan_warnings(scan)
-    the_plan = plan(scan.records, loaded.policy)
+    effective = {directory: tree.for_directory(directory) for directory in scan.directories}
+    if tree.errors:
+        raise ManyPolicyErrors(tree.errors)
+    group_policies = {directory: value.policy for directory, value in effective.items() if value is not None}
+    configs: dict[Path, str] = {}
+    for value in effective.values():
+        if value is not None:
+            configs.update(value.protect_from)
+    registry = ProtectionRegistry(Path.cwd())
+    try:
+        registry.refresh(configs, strict=True)
+    except ProtectionError as error:
+        raise ManyPolicyErrors([PolicyError("protect_from", [f"At 'protect_from': {error}"])]) from None
+    pins = {**command_line_pins(arguments.protect, Path.cwd()), **registry.pins()}
+    the_plan = plan(scan.records, loaded.policy, pins, group_policies)
+    sources = {directory: value.sources for directory, value in effective.items() if value is not None}
     applied = None if arguments.dry_run else apply_plan(the_plan, root)
     if arguments.json:
-        print(render_json(plan_document(the_plan, loaded, arguments.dry_run, applied)))
+        print(render_json(plan_document(the_plan, loaded, arguments.dry_run, applied, sources)))
     else:
-        print(render_table(the_plan, arguments.dry_run, applied))
+        print(render_table(the_plan, arguments.dry_run, applied, sources))
     if applied is not None and applied.failed:
         return EXIT_DELETE_FAILED
     return EXIT_OK
@@ -234,6 +278,7 @@ def run_watch(arguments: argparse.Namespace) -> int:
         settle_seconds=arguments.settle,
         rescan_seconds=arguments.rescan,
         heartbeat=arguments.heartbeat,
+        protect=tuple(arguments.protect),
     )
     watcher = Watcher(options, loaded, notifier=Notifier())
     try:

@@ -26,10 +26,12 @@ from watchdog.observers.polling import PollingObserver
 from ckpt_watcher.delete import DeletionResult, Outcome, apply_group
 from ckpt_watcher.integrity import Completeness
 from ckpt_watcher.lock import DirectoryLock, LockHeldError
-from ckpt_watcher.naming import Kind
+from ckpt_watcher.naming import Kind, Naming
 from ckpt_watcher.notify import Notifier
+from ckpt_watcher.overrides import OVERRIDE_FILE_NAME, EffectivePolicy, PolicyTree
 from ckpt_watcher.plan import Summary, plan, symlink_targets
 from ckpt_watcher.policy import LoadedPolicy, PolicyError, load_policy
+from ckpt_watcher.protection import ProtectionRegistry, command_line_pins
 from ckpt_watcher.records import CheckpointRecord, FileIdentity, display_name
 from ckpt_watcher.report import human_bytes
 from ckpt_watcher.scan import ScanOptions, ScanProblem, scan_directory, walk_directories
@@ -55,6 +57,7 @@ class WatchOptions:
     settle_seconds: float = 5.0
     rescan_seconds: float = 300.0
     heartbeat: Path | None = None
+    protect: tuple[Path, ...] = ()
 
 
 @dataclass
@@ -150,11 +153,11 @@ def default_observer_factory(poll_interval: float | None) -> ObserverLike:
 class EventRouter(FileSystemEventHandler):
     """The watchdog handler: classifies an event into the inbox and does nothing else."""
 
-    def __init__(self, inbox: Inbox, *, polling: bool, policy_directory: str | None) -> None:
+    def __init__(self, inbox: Inbox, *, polling: bool, config_directories: frozenset[str]) -> None:
         super().__init__()
         self._inbox = inbox
         self._polling = polling
-        self._policy_directory = policy_directory
+        self._config_directories = config_directories
 
     def dispatch(self, event: FileSystemEvent) -> None:
         """Route every event; an exception here is logged and never reaches the observer."""
@@ -170,10 +173,12 @@ class EventRouter(FileSystemEventHandler):
         source = os.fsdecode(event.src_path)
         destination = os.fsdecode(event.dest_path) if event.dest_path else ""
         paths = [path for path in (source, destination) if path]
-        if self._policy_directory is not None and any(
-            os.path.dirname(path) == self._policy_directory for path in paths
-        ):
-            self._inbox.request_reload()
+        if any(os.path.dirname(path) in self._config_directories for path in paths):
+            self._inbox.request_reload()  # the policy or a protect_from config may have changed
+        if any(os.path.basename(path) == OVERRIDE_FILE_NAME for path in paths):
+            for path in paths:
+                self._inbox.add_tree(os.path.dirname(path))  # a per-run policy: re-plan its subtree
+            return
         if event_type == "modified" and not self._polling:
             return  # inotify: a write in progress; its close (or move into place) is what counts
         if event.is_directory:
@@ -211,6 +216,7 @@ class GroupState:
     cache: dict[FileIdentity, Completeness] = field(default_factory=dict)
     seen: dict[str, bool] = field(default_factory=dict)
     link_targets: dict[Path, str] = field(default_factory=dict)
+    protect_from: dict[Path, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -253,11 +259,15 @@ class Watcher:
         self._root: Path | None = None
         self._root_identity: tuple[int, int] | None = None
         self._groups: dict[Path, GroupState] = {}
+        self.tree: PolicyTree | None = None
+        self.registry = ProtectionRegistry(Path.cwd())
+        self._command_line_pins = command_line_pins(options.protect, Path.cwd())
+        self._blocked: set[Path] = set()
         self._rechecks: dict[Path, float] = {}
         self._announced_missing = False
         self._started = False
         self._ever_armed = False
-        self._policy_signature = _file_signature(options.policy_path)
+        self._policy_signature = FileIdentity.of_path(options.policy_path)
         self._policy_missing_logged = False
         now = time.monotonic()
         self._next_rescan = now + options.rescan_seconds
@@ -341,10 +351,15 @@ class Watcher:
             if not self._root_still_there():
                 return
             self._ensure_observer_alive()
-            if _file_signature(self.options.policy_path) != self._policy_signature:
+            if FileIdentity.of_path(self.options.policy_path) != self._policy_signature:
                 batch.reload = True
-        if batch.reload and self._reload_policy():
-            batch.full_rescan = True
+            elif self.registry.refresh(self.registry.configs()):
+                batch.full_rescan = True
+        if batch.reload:
+            policy_changed = self._reload_policy()
+            protection_changed = self.registry.refresh(self.registry.configs())
+            if policy_changed or protection_changed:
+                batch.full_rescan = True
         if batch.full_rescan or now >= self._next_rescan:
             self._full_pass("rescan" if not batch.full_rescan else "full")
         else:
@@ -397,6 +412,7 @@ class Watcher:
         root = Path(os.path.realpath(root_as_given))
         self._acquire_lock(root)
         self._root = root
+        self.tree = PolicyTree(root, self.loaded, strict=False)
         self._root_identity = (status.st_dev, status.st_ino)
         self._start_observer()
         rearm = self._ever_armed
@@ -456,19 +472,21 @@ class Watcher:
 
     def _schedule(self, observer: ObserverLike, polling: bool) -> ObserverLike:
         assert self._root is not None
-        policy_directory = self._policy_directory()
-        router = EventRouter(self.inbox, polling=polling, policy_directory=policy_directory)
+        config_directories = self._config_directories()
+        router = EventRouter(self.inbox, polling=polling, config_directories=config_directories)
         try:
             observer.schedule(router, str(self._root), recursive=True)
-            if policy_directory is not None and not _is_below(Path(policy_directory), self._root):
+            for directory in sorted(config_directories):
+                if _is_below(Path(directory), self._root) or not os.path.isdir(directory):
+                    continue
                 try:
-                    observer.schedule(router, policy_directory, recursive=False)
+                    observer.schedule(router, directory, recursive=False)
                 except OSError as error:
                     logger.warning(
-                        "policy_watch_unavailable",
-                        path=policy_directory,
+                        "config_watch_unavailable",
+                        path=directory,
                         error=error.strerror or str(error),
-                        detail="policy edits are still picked up by a periodic check",
+                        detail="edits are still picked up by a check every second",
                     )
             observer.start()
         except BaseException:
@@ -476,10 +494,11 @@ class Watcher:
             raise
         return observer
 
-    def _policy_directory(self) -> str | None:
-        if self.options.policy_path is None:
-            return None
-        return os.path.dirname(os.path.abspath(self.options.policy_path))
+    def _config_directories(self) -> frozenset[str]:
+        """The directories of the policy file and of the protect_from configs known now."""
+        files = [self.options.policy_path] if self.options.policy_path is not None else []
+        files.extend(self.registry.configs())
+        return frozenset(os.path.dirname(os.path.abspath(path)) for path in files)
 
     def _ensure_observer_alive(self) -> None:
         if self._observer is None or self._observer.is_alive() or self.stop.is_set():
@@ -507,7 +526,7 @@ class Watcher:
     def _reload_policy(self) -> bool:
         """Re-read the policy file; True if a different valid policy is now in force."""
         path = self.options.policy_path
-        self._policy_signature = _file_signature(path)
+        self._policy_signature = FileIdentity.of_path(path)
         if path is None:
             return False
         if not path.exists():
@@ -538,6 +557,8 @@ class Watcher:
         new = loaded.policy.model_dump(mode="json")
         changes = {key: {"old": old[key], "new": new[key]} for key in new if old.get(key) != new[key]}
         self.loaded = loaded
+        if self.tree is not None:
+            self.tree.set_base(loaded)
         if changes:
             logger.info("policy_reloaded", source=str(path), changes=changes)
         else:
@@ -566,7 +587,7 @@ class Watcher:
                     self._forget(known)
             if tree_path.is_dir() and not tree_path.is_symlink():
                 problems: list[ScanProblem] = []
-                groups.update(walk_directories(tree_path, self.loaded.policy.compiled_naming, problems))
+                groups.update(walk_directories(tree_path, self._naming_for, problems))
                 _log_problems(problems)
         return groups
 
@@ -578,18 +599,23 @@ class Watcher:
         assert self._root is not None
         if path == self._root or not _is_below(path, self._root):
             return None
-        naming = self.loaded.policy.compiled_naming
         relative = path.relative_to(self._root).parts
         for index, part in enumerate(relative[:-1]):
-            if naming.classify(part).kind is not Kind.UNKNOWN:
-                return self._root.joinpath(*relative[:index])
+            parent = self._root.joinpath(*relative[:index])
+            if self._naming_for(parent).classify(part).kind is not Kind.UNKNOWN:
+                return parent
         return path.parent
+
+    def _naming_for(self, directory: Path) -> Naming:
+        if self.tree is None:
+            return self.loaded.policy.compiled_naming
+        return self.tree.naming_for(directory)
 
     def _full_pass(self, trigger: str) -> None:
         assert self._root is not None
         self._next_rescan = time.monotonic() + self.options.rescan_seconds
         problems: list[ScanProblem] = []
-        groups = list(walk_directories(self._root, self.loaded.policy.compiled_naming, problems))
+        groups = list(walk_directories(self._root, self._naming_for, problems))
         _log_problems(problems)
         present = set(groups)
         for known in list(self._groups):
@@ -602,13 +628,39 @@ class Watcher:
         self._groups.pop(group, None)
         self._rechecks.pop(group, None)
 
+    def _effective_policies(self, groups: Iterable[Path]) -> dict[Path, EffectivePolicy | None]:
+        assert self.tree is not None
+        effective = {group: self.tree.for_directory(group) for group in groups}
+        for group, value in effective.items():
+            state = self._groups.setdefault(group, GroupState())
+            state.protect_from = dict(value.protect_from) if value is not None else state.protect_from
+        return effective
+
+    def _known_configs(self) -> dict[Path, str]:
+        configs: dict[Path, str] = {}
+        for state in self._groups.values():
+            configs.update(state.protect_from)
+        return configs
+
     def _pass(self, groups: Iterable[Path], closed: set[Path], trigger: str) -> None:
         started = time.monotonic()
         totals = PassTotals()
+        groups = set(groups)
+        effective = self._effective_policies(groups)
+        configs = self._known_configs()
+        protection_changed = self.registry.refresh(configs)
+        if trigger != "event":
+            protection_changed = self.registry.retain(configs) or protection_changed
+        if protection_changed and trigger == "event":
+            groups |= set(self._groups)  # a new resume source may sit in any group
+            effective = self._effective_policies(groups)
+        pins = {**self._command_line_pins, **self.registry.pins()}
+        for state in self._groups.values():
+            pins.update(state.link_targets)
         for group in sorted(groups):
             if self.stop.is_set():
                 break  # between groups only: a group in hand is always finished
-            self._process_group(group, closed, totals)
+            self._process_group(group, effective.get(group), pins, closed, totals)
         self.total_deleted += totals.deleted
         self.total_bytes_freed += totals.bytes_freed
         summary = totals.summary
@@ -632,18 +684,36 @@ class Watcher:
             status += f"; {totals.failed} deletion(s) failed, retried next pass"
         self._set_status(status)
 
-    def _process_group(self, directory: Path, closed: set[Path], totals: PassTotals) -> None:
+    def _process_group(
+        self,
+        directory: Path,
+        effective: EffectivePolicy | None,
+        pins: dict[Path, str],
+        closed: set[Path],
+        totals: PassTotals,
+    ) -> None:
         assert self._root is not None
         if not directory.is_dir() or directory.is_symlink():
             self._forget(directory)
             return
+        if effective is None:
+            if directory not in self._blocked:
+                logger.warning(
+                    "group_blocked",
+                    directory=str(directory),
+                    detail=f"an invalid {OVERRIDE_FILE_NAME} applies here; "
+                    "nothing is deleted here until it is fixed",
+                )
+                self._blocked.add(directory)
+            return
+        self._blocked.discard(directory)
         state = self._groups.setdefault(directory, GroupState())
         problems: list[ScanProblem] = []
         wall_now = time.time()
         records = scan_directory(
             self._root,
             directory,
-            self.loaded.policy.compiled_naming,
+            effective.policy.compiled_naming,
             ScanOptions(
                 settle_seconds=self.options.settle_seconds,
                 now=wall_now,
@@ -657,13 +727,7 @@ class Watcher:
         state.cache = {identity: value for identity, value in state.cache.items() if identity in present}
         totals.detected += self._log_detected(state, records)
         state.link_targets = symlink_targets(records)
-        pins = {
-            target: reason
-            for other, other_state in self._groups.items()
-            if other != directory
-            for target, reason in other_state.link_targets.items()
-        }
-        group_plans = plan(records, self.loaded.policy, pins).groups
+        group_plans = plan(records, effective.policy, pins).groups
         totals.groups += 1
         if not group_plans:
             return
@@ -751,17 +815,6 @@ def _touch(path: Path) -> None:
         os.utime(path)
     except OSError as error:
         logger.warning("heartbeat_failed", path=str(path), error=error.strerror or str(error))
-
-
-def _file_signature(path: Path | None) -> tuple[int, int, int, int] | None:
-    """What changes when a file is edited in place, replaced by rename, or swapped by a symlink."""
-    if path is None:
-        return None
-    try:
-        status = os.stat(path)
-    except OSError:
-        return None
-    return (status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns)
 
 
 def _is_below(path: Path, root: Path) -> bool:

@@ -19,6 +19,8 @@ from ckpt_watcher.naming import Kind
 from ckpt_watcher.policy import Policy
 from ckpt_watcher.records import CheckpointRecord, EntryType
 
+PIN_SUFFIX = ".keep"
+
 
 class Action(enum.StrEnum):
     """What happens to a record."""
@@ -81,8 +83,9 @@ class GroupPlan:
 
     @property
     def deletions(self) -> tuple[Decision, ...]:
-        """The decisions whose action is delete, oldest first."""
-        return tuple(decision for decision in reversed(self.decisions) if decision.action is Action.DELETE)
+        """The decisions whose action is delete, oldest (lowest step) first."""
+        deletions = [decision for decision in self.decisions if decision.action is Action.DELETE]
+        return tuple(sorted(deletions, key=lambda decision: _oldest_first_key(decision.record)))
 
     @property
     def summary(self) -> Summary:
@@ -117,21 +120,38 @@ def format_metric(record: CheckpointRecord) -> str:
     return f"{record.metric_name}={record.metric_text}"
 
 
-def _best_sort_key(record: CheckpointRecord, mode: str) -> tuple[bool, float, int, int, int]:
-    """Better first: NaN last, then the metric by mode, then the higher step, epoch and version."""
+def _newest_first_key(record: CheckpointRecord) -> tuple[int, int, int, int, str]:
+    """Newer first: higher (step, epoch, version), then the later date; the name settles exact ties."""
+    step, epoch, version = record.step_order
+    return (-step, -epoch, -version, -int(record.date or 0), record.name)
+
+
+def _oldest_first_key(record: CheckpointRecord) -> tuple[tuple[int, int, int], str]:
+    return (record.step_order, record.name)
+
+
+def _best_sort_key(record: CheckpointRecord, mode: str) -> tuple[bool, float, tuple[int, int, int, int, str]]:
+    """Better first: NaN last, then the metric by mode, then the newer checkpoint."""
     metric = record.metric if record.metric is not None else math.nan
     is_nan = math.isnan(metric)
     ordered_metric = 0.0 if is_nan else (metric if mode == "min" else -metric)
-    step, epoch, version = record.step_order
-    return (is_nan, ordered_metric, -step, -epoch, -version)
+    return (is_nan, ordered_metric + 0.0, _newest_first_key(record))
 
 
 def symlink_targets(records: Iterable[CheckpointRecord]) -> dict[Path, str]:
-    """Each resolved symlink target, with the reason it must be kept (``target of last.ckpt``)."""
+    """Each resolved symlink target, with the reason it must be kept (``target of last.ckpt``).
+
+    When several links share a target, the reason names a ``last`` link if there is one, else the
+    first link by path, so the reason never depends on the order of the input.
+    """
+    links = sorted(
+        (record for record in records if record.entry_type is EntryType.SYMLINK and record.link_target),
+        key=lambda record: (record.kind is not Kind.LAST, record.relative_path),
+    )
     targets: dict[Path, str] = {}
-    for record in records:
-        if record.entry_type is EntryType.SYMLINK and record.link_target is not None:
-            targets.setdefault(record.link_target, f"target of {record.relative_path}")
+    for record in links:
+        assert record.link_target is not None
+        targets.setdefault(record.link_target, f"target of {record.relative_path}")
     return targets
 
 
@@ -139,12 +159,15 @@ def plan(
     records: Iterable[CheckpointRecord],
     policy: Policy,
     pins: Mapping[Path, str] | None = None,
+    group_policies: Mapping[Path, Policy] | None = None,
 ) -> Plan:
     """Decide for every record; ``pins`` maps paths that must be kept to the reason why.
 
     Symlink targets found among ``records`` are pinned too. A caller that plans one group alone
-    passes the targets of links elsewhere in ``pins``.
+    passes the targets of links elsewhere in ``pins``. ``group_policies`` gives a directory its own
+    policy (per-run overrides); other directories use ``policy``.
     """
+    group_policies = group_policies or {}
     records = list(records)
     protected: dict[Path, list[str]] = defaultdict(list)
     for path, reason in symlink_targets(records).items():
@@ -156,7 +179,8 @@ def plan(
         groups[record.directory].append(record)
     return Plan(
         groups=tuple(
-            _plan_group(directory, groups[directory], policy, protected) for directory in sorted(groups)
+            _plan_group(directory, groups[directory], group_policies.get(directory, policy), protected)
+            for directory in sorted(groups)
         )
     )
 
@@ -201,16 +225,19 @@ def _plan_group(
         else:
             bests.append(record)
 
-    steps.sort(key=lambda record: record.step_order, reverse=True)
+    steps.sort(key=_newest_first_key)
     _rank_steps(steps, policy.save_top_k_checkpoints, keep_reasons, delete_reasons)
     _keep_epoch_ends(steps, policy.save_every_n_epochs, keep_reasons, delete_reasons)
     bests.sort(key=lambda record: _best_sort_key(record, policy.best_mode))
     _rank_bests(bests, policy.save_top_k_best, keep_reasons, delete_reasons)
 
     candidates = steps + bests
+    names = {record.name for record in records}
     for record in candidates:
         for reason in protected.get(record.path, ()):
             keep_reasons[id(record)].append(reason)
+        if record.name + PIN_SUFFIX in names:
+            keep_reasons[id(record)].append(f"pinned by {record.name}{PIN_SUFFIX}")
         for pattern in policy.protect:
             if fnmatch.fnmatchcase(record.name, pattern) or fnmatch.fnmatchcase(
                 record.relative_path, pattern
@@ -219,7 +246,10 @@ def _plan_group(
 
     has_usable_last = any(last.complete for last in lasts)
     if candidates and not has_usable_last and not any(id(record) in keep_reasons for record in candidates):
-        newest = max(candidates, key=lambda record: (record.step_order, record.kind is Kind.STEP))
+        newest = min(
+            candidates,
+            key=lambda record: (_newest_first_key(record)[:3], record.kind is not Kind.STEP, record.name),
+        )
         keep_reasons[id(newest)].append("newest checkpoint: the last way to resume (no usable last.ckpt)")
 
     decisions: list[Decision] = []

@@ -15,7 +15,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 from ckpt_watcher.naming import (
     DEFAULT_BEST_TEMPLATE,
@@ -30,7 +38,7 @@ from ckpt_watcher.naming import (
 
 def _non_empty_pattern(pattern: str) -> str:
     if not pattern.strip():
-        raise ValueError("a protect pattern must not be empty")
+        raise ValueError("must not be empty")
     return pattern
 
 
@@ -68,13 +76,15 @@ class Policy(BaseModel):
     best_mode: Literal["min", "max"] = "min"
     naming: NamingTemplates = NamingTemplates()
     protect: tuple[ProtectPattern, ...] = ()
+    protect_from: tuple[ProtectPattern, ...] = ()
 
-    @field_validator("protect", mode="before")
+    @field_validator("protect", "protect_from", mode="before")
     @classmethod
-    def _protect_is_list(cls, value: Any) -> Any:
-        if isinstance(value, list):
+    def _is_list(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, list | tuple):
             return tuple(value)
-        raise ValueError(f"expected a list of glob patterns, got {describe_value(value)}")
+        what = "glob patterns" if info.field_name == "protect" else "training config files"
+        raise ValueError(f"expected a list of {what}, got {describe_value(value)}")
 
     @cached_property
     def compiled_naming(self) -> Naming:
@@ -103,12 +113,16 @@ class PolicyError(Exception):
 
 @dataclass(frozen=True)
 class LoadedPolicy:
-    """A validated policy plus where each value came from and any warnings worth logging."""
+    """A validated policy plus where each value came from and any warnings worth logging.
+
+    ``settings`` holds only the keys the file itself sets, for layering per-directory overrides.
+    """
 
     policy: Policy
     source: Path | None
     origins: Mapping[str, str]
     warnings: tuple[str, ...] = field(default=())
+    settings: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def source_label(self) -> str:
@@ -224,7 +238,9 @@ def validate_policy(document: Any, source: str, duplicates: tuple[str, ...] = ()
     if problems:
         raise PolicyError(source, problems)
     origins = {key: (source if key in document else "default") for key in POLICY_KEYS}
-    return LoadedPolicy(policy=policy, source=Path(source), origins=origins, warnings=tuple(warnings))
+    return LoadedPolicy(
+        policy=policy, source=Path(source), origins=origins, warnings=tuple(warnings), settings=retention
+    )
 
 
 def load_policy(path: Path | None) -> LoadedPolicy:

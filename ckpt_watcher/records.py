@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,20 @@ class FileIdentity:
     inode: int
     size: int
     mtime_ns: int
+
+    @classmethod
+    def of_path(cls, path: Path | None) -> FileIdentity | None:
+        """The identity of ``path`` (through symlinks, as a config file is read), or None if absent.
+
+        It changes when a file is edited in place, replaced by rename, or swapped by a symlink flip.
+        """
+        if path is None:
+            return None
+        try:
+            status = os.stat(path)
+        except OSError:
+            return None
+        return cls(status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns)
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from ckpt_watcher.delete import ApplyResult
@@ -38,15 +39,23 @@ def _row(decision: Decision) -> tuple[str, ...]:
     )
 
 
-def render_table(plan: Plan, dry_run: bool, applied: ApplyResult | None = None) -> str:
-    """The dry-run audit: one table per group, then a summary line."""
+def render_table(
+    plan: Plan,
+    dry_run: bool,
+    applied: ApplyResult | None = None,
+    sources: Mapping[Path, tuple[str, ...]] | None = None,
+) -> str:
+    """The dry-run audit: one table per group (with the policy files that apply), then a summary."""
     lines: list[str] = []
     for group in plan.groups:
         rows = [_row(decision) for decision in group.decisions]
         widths = [
             max(len(column), *(len(row[index]) for row in rows)) for index, column in enumerate(_COLUMNS[:-1])
         ]
-        lines.append(f"{display_name(str(group.directory))}")
+        header = display_name(str(group.directory))
+        if sources and group.directory in sources:
+            header += f"  (policy: {' + '.join(sources[group.directory])})"
+        lines.append(header)
         for row in [_COLUMNS, *rows]:
             cells = [cell.ljust(width) for cell, width in zip(row[:-1], widths, strict=True)]
             lines.append(("  " + "  ".join(cells) + "  " + row[-1]).rstrip())
@@ -77,6 +86,7 @@ def plan_document(
     loaded: LoadedPolicy,
     dry_run: bool,
     applied: ApplyResult | None = None,
+    sources: Mapping[Path, tuple[str, ...]] | None = None,
 ) -> dict[str, Any]:
     """The ``--json`` document: the policy, every group's entries with reasons, and the summary."""
     outcomes: Mapping[int, str] = (
@@ -104,7 +114,13 @@ def plan_document(
             if id(decision) in outcomes:
                 entry["outcome"] = outcomes[id(decision)]
             entries.append(entry)
-        groups.append({"directory": display_name(str(group.directory)), "entries": entries})
+        groups.append(
+            {
+                "directory": display_name(str(group.directory)),
+                "policy_sources": list((sources or {}).get(group.directory, (loaded.source_label,))),
+                "entries": entries,
+            }
+        )
     summary = plan.summary
     document_summary: dict[str, Any] = {
         "kept": summary.kept,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import stat
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,35 +55,49 @@ class ScanOptions:
 
 
 CompletenessCache = dict[FileIdentity, Completeness]
+NamingLookup = Callable[[Path], Naming]
+
+
+def _lookup(naming: Naming | NamingLookup) -> NamingLookup:
+    """One naming for every directory, or per-directory naming (per-run policies)."""
+    if isinstance(naming, Naming):
+        return lambda directory: naming
+    return naming
 
 
 def scan_tree(
     root: Path,
-    naming: Naming,
+    naming: Naming | NamingLookup,
     options: ScanOptions = ScanOptions(),
     cache: CompletenessCache | None = None,
 ) -> ScanResult:
     """Scan ``root`` and every real (non-symlinked) directory below it."""
     result = ScanResult()
-    for directory in walk_directories(root, naming, result.problems):
+    naming_for = _lookup(naming)
+    for directory in walk_directories(root, naming_for, result.problems):
         result.directories.append(directory)
-        result.records.extend(scan_directory(root, directory, naming, options, cache, result.problems))
+        result.records.extend(
+            scan_directory(root, directory, naming_for(directory), options, cache, result.problems)
+        )
     return result
 
 
-def walk_directories(root: Path, naming: Naming, problems: list[ScanProblem]) -> Iterator[Path]:
+def walk_directories(
+    root: Path, naming: Naming | NamingLookup, problems: list[ScanProblem]
+) -> Iterator[Path]:
     """Yield ``root`` and its subdirectories, depth first, skipping symlinks and checkpoint directories."""
+    naming_for = _lookup(naming)
     pending = [root]
     while pending:
         directory = pending.pop()
         yield directory
+        classify = naming_for(directory).classify
         try:
             with os.scandir(directory) as entries:
                 children = [
                     Path(entry.path)
                     for entry in entries
-                    if entry.is_dir(follow_symlinks=False)
-                    and naming.classify(entry.name).kind is Kind.UNKNOWN
+                    if entry.is_dir(follow_symlinks=False) and classify(entry.name).kind is Kind.UNKNOWN
                 ]
         except FileNotFoundError:
             continue

@@ -41,6 +41,7 @@ class DaemonProcess:
         log_path: Path,
         environment: dict[str, str] | None = None,
         command: Sequence[str] | None = None,
+        cwd: Path | None = None,
     ) -> None:
         self.log_path = log_path
         self.stdout_path = log_path.with_suffix(".stdout")
@@ -58,6 +59,7 @@ class DaemonProcess:
             stderr=self._log_file,
             stdin=subprocess.DEVNULL,
             env=env,
+            cwd=cwd,
         )
 
     def records(self) -> list[LogRecord]:
@@ -133,9 +135,10 @@ def running_daemon(
     log_path: Path,
     environment: dict[str, str] | None = None,
     command: Sequence[str] | None = None,
+    cwd: Path | None = None,
 ) -> Iterator[DaemonProcess]:
     """A daemon that is always killed and closed at the end of the block."""
-    daemon = DaemonProcess(arguments, log_path, environment, command)
+    daemon = DaemonProcess(arguments, log_path, environment, command, cwd)
     try:
         yield daemon
     finally:

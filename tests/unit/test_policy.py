@@ -32,6 +32,7 @@ RETENTION_KEYS = (
     "best_mode",
     "naming",
     "protect",
+    "protect_from",
 )
 
 
@@ -77,6 +78,7 @@ def test_load_policy_none_gives_the_embedded_default() -> None:
         ("save_on_n_steps", 500),
         ("best_mode", "min"),
         ("protect", ()),
+        ("protect_from", ()),
         ("naming", NamingTemplates()),
     ],
 )
@@ -144,6 +146,7 @@ def test_origins_say_which_keys_came_from_the_file(tmp_path: Path) -> None:
         "best_mode": str(path),
         "naming": "default",
         "protect": "default",
+        "protect_from": "default",
     }
     assert loaded.policy == Policy(save_top_k_best=2, best_mode="max")
 
@@ -308,8 +311,8 @@ INVALID: list[tuple[str, str]] = [
     ("protect: {a: b}", "At 'protect': expected a list of glob patterns, got a mapping"),
     ("protect: [1]", "At 'protect.0': expected a string, got 1 (an integer)"),
     ("protect: ['ok', [a]]", "At 'protect.1': expected a string, got a list"),
-    ("protect: ['']", "At 'protect.0': a protect pattern must not be empty"),
-    ("protect: ['ok', '   ']", "At 'protect.1': a protect pattern must not be empty"),
+    ("protect: ['']", "At 'protect.0': must not be empty"),
+    ("protect: ['ok', '   ']", "At 'protect.1': must not be empty"),
 ]
 
 

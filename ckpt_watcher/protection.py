@@ -1,0 +1,241 @@
+"""Never delete what a run resumes or fine-tunes from.
+
+Training configs name their resume source (``ckpt_path``) or fine-tuning source
+(``pretrained_ckpt_path``). The policy's ``protect_from`` lists such configs; every checkpoint they name
+is pinned. So are paths given with ``--protect`` (a resume on the trainer's command line). Lightning's
+own ModelCheckpoint refuses to delete the path it resumed from; a watcher outside the trainer must do
+at least as well.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+import yaml
+
+from ckpt_watcher.records import FileIdentity
+
+logger = structlog.get_logger("ckpt_watcher.protection")
+
+RESUME_KEYS = ("ckpt_path", "pretrained_ckpt_path")
+_KEY_ROLES = {"ckpt_path": "resume source", "pretrained_ckpt_path": "fine-tuning source"}
+_MAXIMUM_DEPTH = 4
+
+
+class ProtectionError(Exception):
+    """A protect_from config that cannot be read; the previous protection set stays."""
+
+    def __init__(self, config: str, message: str) -> None:
+        self.config = config
+        self.message = message
+        super().__init__(f"{config}: {message}")
+
+
+@dataclass(frozen=True, slots=True)
+class ResumeReference:
+    """One checkpoint path named by a config, with every place it may resolve to."""
+
+    config_label: str
+    key: str
+    value: str
+    candidates: tuple[Path, ...]
+
+    @property
+    def reason(self) -> str:
+        """``resume source in configs/train_llada.yaml (ckpt_path)``."""
+        role = _KEY_ROLES[self.key.rsplit(".", 1)[-1]]
+        return f"{role} in {self.config_label} ({self.key})"
+
+    @property
+    def exists(self) -> bool:
+        """True if any candidate exists."""
+        return any(candidate.exists() for candidate in self.candidates)
+
+
+@dataclass(frozen=True)
+class ConfigProtection:
+    """What one protect_from config names, and what is odd about it."""
+
+    config: Path
+    label: str
+    references: tuple[ResumeReference, ...]
+    warnings: tuple[str, ...] = field(default=())
+
+
+def _find_resume_keys(
+    document: Mapping[Any, Any], prefix: str = "", depth: int = 0
+) -> Iterator[tuple[str, Any]]:
+    """``ckpt_path`` and ``pretrained_ckpt_path``: top level, nested (``trainer.ckpt_path``) or dotted."""
+    for key, value in document.items():
+        if not isinstance(key, str):
+            continue
+        dotted = f"{prefix}{key}"
+        if key.rsplit(".", 1)[-1] in RESUME_KEYS:
+            yield dotted, value
+        elif isinstance(value, Mapping) and depth < _MAXIMUM_DEPTH:
+            yield from _find_resume_keys(value, f"{dotted}.", depth + 1)
+
+
+def candidate_paths(value: str, config_directory: Path, working_directory: Path) -> tuple[Path, ...]:
+    """Where a configured path may point: relative to the config and to the working directory, both.
+
+    Each candidate is given as written (absolute) and with symlinks resolved, so ``last.ckpt`` protects
+    both the link and its target.
+    """
+    expanded = Path(os.path.expanduser(value))
+    bases = [Path("/")] if expanded.is_absolute() else [config_directory, working_directory]
+    found: list[Path] = []
+    for base in bases:
+        absolute = Path(os.path.abspath(base / expanded))
+        for candidate in (absolute, Path(os.path.realpath(absolute))):
+            if candidate not in found:
+                found.append(candidate)
+    return tuple(found)
+
+
+def read_config_protection(config: Path, label: str, working_directory: Path) -> ConfigProtection:
+    """Read one training config; raise ProtectionError if it cannot be read as a YAML mapping."""
+    try:
+        text = config.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ProtectionError(label, "no such file") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ProtectionError(label, f"cannot read it ({error})") from None
+    try:
+        document = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ProtectionError(label, f"YAML syntax error: {error}") from None
+    if document is None:
+        document = {}
+    if not isinstance(document, dict):
+        raise ProtectionError(label, "expected a mapping of keys at the top level")
+    references: list[ResumeReference] = []
+    warnings: list[str] = []
+    set_keys: list[str] = []
+    for key, value in _find_resume_keys(document):
+        if value is None or value == "":
+            continue
+        if not isinstance(value, str):
+            warnings.append(f"{label}: '{key}' should be a path, got {value!r}; ignored")
+            continue
+        set_keys.append(key)
+        reference = ResumeReference(
+            config_label=label,
+            key=key,
+            value=value,
+            candidates=candidate_paths(value, config.parent, working_directory),
+        )
+        references.append(reference)
+        if not reference.exists:
+            warnings.append(f"{label}: '{key}' names {value!r}, which does not exist (yet)")
+    kinds = {key.rsplit(".", 1)[-1] for key in set_keys}
+    if kinds == set(RESUME_KEYS):
+        warnings.append(
+            f"{label}: both ckpt_path (full resume) and pretrained_ckpt_path (weights only, for "
+            "fine-tuning) are set, but only one may be used; both are protected"
+        )
+    return ConfigProtection(
+        config=config, label=label, references=tuple(references), warnings=tuple(warnings)
+    )
+
+
+def command_line_pins(paths: Iterable[Path], working_directory: Path) -> dict[Path, str]:
+    """``--protect PATH`` pins: the path as given and with symlinks resolved."""
+    pins: dict[Path, str] = {}
+    for path in paths:
+        candidates = candidate_paths(str(path), working_directory, working_directory)
+        if not any(candidate.exists() for candidate in candidates):
+            logger.warning(
+                "protected_path_missing", path=str(path), detail="--protect names no existing file"
+            )
+        for candidate in candidates:
+            pins.setdefault(candidate, f"protected by --protect {path}")
+    return pins
+
+
+def pins_from(protections: Iterable[ConfigProtection]) -> dict[Path, str]:
+    """Every candidate path of every reference, with its reason."""
+    pins: dict[Path, str] = {}
+    for protection in protections:
+        for reference in protection.references:
+            for candidate in reference.candidates:
+                pins.setdefault(candidate, reference.reason)
+    return pins
+
+
+@dataclass
+class _LoadedConfig:
+    identity: FileIdentity | None
+    label: str
+    protection: ConfigProtection | None
+
+
+class ProtectionRegistry:
+    """Keeps the protect_from configs loaded; an unreadable edit keeps that config's previous set."""
+
+    def __init__(self, working_directory: Path) -> None:
+        self.working_directory = working_directory
+        self._loaded: dict[Path, _LoadedConfig] = {}
+
+    def retain(self, configs: Mapping[Path, str]) -> bool:
+        """Forget configs no policy names any more; True if any was dropped."""
+        dropped = [config for config in self._loaded if config not in configs]
+        for config in dropped:
+            del self._loaded[config]
+        return bool(dropped)
+
+    def refresh(self, configs: Mapping[Path, str], *, strict: bool = False) -> bool:
+        """Bring every config in ``configs`` (path -> label) up to date; True if any protection changed.
+
+        With ``strict`` (one-shot prune) an unreadable config raises ProtectionError; otherwise it is
+        logged as ``protection_rejected`` and its previous references stay in force.
+        """
+        changed = False
+        for config, label in configs.items():
+            identity = FileIdentity.of_path(config)
+            previous = self._loaded.get(config)
+            if previous is not None and previous.identity == identity:
+                continue
+            old_protection = previous.protection if previous is not None else None
+            try:
+                protection = read_config_protection(config, label, self.working_directory)
+            except ProtectionError as error:
+                if strict:
+                    raise
+                logger.error(
+                    "protection_rejected",
+                    config=label,
+                    error=error.message,
+                    detail="the previous protection set from this file stays in force",
+                )
+                self._loaded[config] = _LoadedConfig(identity, label, old_protection)
+                changed = changed or previous is None
+                continue
+            for warning in protection.warnings:
+                logger.warning("protection_warning", config=label, message=warning)
+            old_pins = pins_from([old_protection]) if old_protection is not None else {}
+            new_pins = pins_from([protection])
+            if previous is not None and new_pins != old_pins:
+                logger.info(
+                    "protection_reloaded",
+                    config=label,
+                    sources=[reference.value for reference in protection.references],
+                )
+            changed = changed or previous is None or new_pins != old_pins
+            self._loaded[config] = _LoadedConfig(identity, label, protection)
+        return changed
+
+    def configs(self) -> dict[Path, str]:
+        """The configs loaded (or tried), path -> label."""
+        return {config: loaded.label for config, loaded in self._loaded.items()}
+
+    def pins(self) -> dict[Path, str]:
+        """The union of every loaded config's pins."""
+        return pins_from(
+            loaded.protection for loaded in self._loaded.values() if loaded.protection is not None
+        )

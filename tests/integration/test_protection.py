@@ -1,0 +1,329 @@
+"""Resume protection (protect_from, --protect, .keep pins) and per-run policies, in prune and in watch."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ckpt_watcher.protection import read_config_protection
+from tests.support.daemon import running_daemon, wait_until
+from tests.support.factories import step_name, write_checkpoint
+
+pytestmark = pytest.mark.timeout(120)
+
+RESUME = step_name(3, 1500)
+RUN = Path("checkpoint/Custom_LLaDA/stage1_llm_pretraining")
+
+
+def _prune(cwd: Path, *arguments: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "ckpt_watcher", "prune", *arguments],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def _layout(tmp_path: Path, config_text: str, top_k: int = 2) -> tuple[Path, Path, Path]:
+    """A project as users lay it out: configs/ beside checkpoint/, the policy in configs/trainer/."""
+    run = tmp_path / RUN
+    write_checkpoint(run / RESUME)
+    config = tmp_path / "configs" / "train_llada.yaml"
+    config.parent.mkdir(parents=True)
+    config.write_text(config_text)
+    policy = tmp_path / "configs" / "trainer" / "llada8b.yaml"
+    policy.parent.mkdir(parents=True)
+    policy.write_text(
+        f"model: llada-8b\nsave_on_n_steps: 500\nsave_top_k_checkpoints: {top_k}\n"
+        "protect_from:\n  - ../train_llada.yaml\n"
+    )
+    return run, config, policy
+
+
+def _names(directory: Path) -> set[str]:
+    return {path.name for path in directory.iterdir() if not path.name.startswith(".ckpt-watcher")}
+
+
+def _entries(completed: subprocess.CompletedProcess[str]) -> dict[str, dict[str, object]]:
+    document = json.loads(completed.stdout)
+    return {entry["name"]: entry for group in document["groups"] for entry in group["entries"]}
+
+
+@pytest.mark.parametrize("relative_to", ["working directory", "config directory", "absolute"])
+def test_resume_source_survives_twenty_newer_checkpoints_in_prune(tmp_path: Path, relative_to: str) -> None:
+    value = {
+        "working directory": f"{RUN}/{RESUME}",
+        "config directory": f"../{RUN}/{RESUME}",
+        "absolute": str(tmp_path / RUN / RESUME),
+    }[relative_to]
+    run, config, policy = _layout(tmp_path, f'ckpt_path: "{value}"\npretrained_ckpt_path: null\n')
+    for step in range(2000, 12000, 500):
+        write_checkpoint(run / step_name(4, step))
+
+    dry = _prune(tmp_path, "checkpoint", "--policy", str(policy), "--dry-run", "--json")
+
+    assert dry.returncode == 0, dry.stderr
+    entry = _entries(dry)[RESUME]
+    assert entry["action"] == "keep"
+    assert entry["reasons"] == ["resume source in ../train_llada.yaml (ckpt_path)"]
+
+    assert _prune(tmp_path, "checkpoint", "--policy", str(policy)).returncode == 0
+    assert _names(run) == {RESUME, step_name(4, 11000), step_name(4, 11500)}
+
+    config.write_text("ckpt_path: null\n")  # the run no longer resumes from it: it may go
+    assert _prune(tmp_path, "checkpoint", "--policy", str(policy)).returncode == 0
+    assert _names(run) == {step_name(4, 11000), step_name(4, 11500)}
+
+
+def test_dry_run_table_shows_the_protecting_reason(tmp_path: Path) -> None:
+    run, _, policy = _layout(tmp_path, f'ckpt_path: "{RUN}/{RESUME}"\n')
+    for step in range(2000, 4000, 500):
+        write_checkpoint(run / step_name(4, step))
+
+    dry = _prune(tmp_path, "checkpoint", "--policy", str(policy), "--dry-run")
+
+    line = next(line for line in dry.stdout.splitlines() if RESUME in line)
+    assert line.split()[0] == "keep"
+    assert line.endswith("resume source in ../train_llada.yaml (ckpt_path)")
+
+
+def test_nested_and_dotted_keys_are_read(tmp_path: Path) -> None:
+    other = step_name(3, 1000)
+    run, _, policy = _layout(
+        tmp_path,
+        f'trainer:\n  ckpt_path: "{RUN}/{RESUME}"\n"model.pretrained_ckpt_path": "{RUN}/{other}"\n',
+    )
+    write_checkpoint(run / other)
+    for step in range(2000, 5000, 500):
+        write_checkpoint(run / step_name(4, step))
+
+    entries = _entries(_prune(tmp_path, "checkpoint", "--policy", str(policy), "--dry-run", "--json"))
+
+    assert entries[RESUME]["reasons"] == ["resume source in ../train_llada.yaml (trainer.ckpt_path)"]
+    assert entries[other]["reasons"] == [
+        "fine-tuning source in ../train_llada.yaml (model.pretrained_ckpt_path)"
+    ]
+
+
+def test_both_keys_set_warns_quoting_the_rule_and_protects_both(tmp_path: Path) -> None:
+    other = step_name(3, 1000)
+    run, _, policy = _layout(
+        tmp_path, f'ckpt_path: "{RUN}/{RESUME}"\npretrained_ckpt_path: "{RUN}/{other}"\n'
+    )
+    write_checkpoint(run / other)
+    for step in range(2000, 5000, 500):
+        write_checkpoint(run / step_name(4, step))
+
+    completed = _prune(tmp_path, "checkpoint", "--policy", str(policy))
+
+    assert completed.returncode == 0
+    assert {RESUME, other} <= _names(run)
+    warnings = [json.loads(line) for line in completed.stderr.splitlines() if "protection_warning" in line]
+    assert any("only one may be used" in warning["message"] for warning in warnings)
+
+
+def test_missing_resume_file_is_a_warning_not_an_error(tmp_path: Path) -> None:
+    _, _, policy = _layout(tmp_path, f'ckpt_path: "{RUN}/epoch=09-step=009999-train.ckpt"\n')
+
+    completed = _prune(tmp_path, "checkpoint", "--policy", str(policy), "--dry-run")
+
+    assert completed.returncode == 0
+    warnings = [json.loads(line) for line in completed.stderr.splitlines() if "protection_warning" in line]
+    assert len(warnings) == 1
+    assert "does not exist" in warnings[0]["message"]
+
+
+def test_unreadable_protect_from_config_stops_prune(tmp_path: Path) -> None:
+    run, config, policy = _layout(tmp_path, "ckpt_path: [\n")
+    for step in range(2000, 5000, 500):
+        write_checkpoint(run / step_name(4, step))
+    before = _names(run)
+
+    completed = _prune(tmp_path, "checkpoint", "--policy", str(policy))
+
+    assert completed.returncode == 2
+    assert "At 'protect_from'" in completed.stderr
+    assert "nothing was deleted" in completed.stderr
+    assert _names(run) == before
+    config.unlink()
+    assert _prune(tmp_path, "checkpoint", "--policy", str(policy)).returncode == 2
+
+
+def test_keep_pin_and_command_line_protect(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    for step in range(500, 5500, 500):
+        write_checkpoint(run / step_name(0, step))
+    (run / (step_name(0, 500) + ".keep")).touch()
+
+    dry = _prune(tmp_path, "run", "--protect", f"run/{step_name(0, 1000)}", "--dry-run", "--json")
+
+    entries = _entries(dry)
+    assert entries[step_name(0, 500)]["reasons"] == [f"pinned by {step_name(0, 500)}.keep"]
+    assert entries[step_name(0, 1000)]["reasons"] == [f"protected by --protect run/{step_name(0, 1000)}"]
+    assert entries[step_name(0, 1500)]["action"] == "delete"
+
+    (run / (step_name(0, 500) + ".keep")).unlink()
+    assert _prune(tmp_path, "run").returncode == 0
+    assert step_name(0, 500) not in _names(run)
+
+
+def test_protect_through_a_symlinked_path_protects_the_real_file(tmp_path: Path) -> None:
+    run = tmp_path / "data" / "run"
+    for step in range(500, 5500, 500):
+        write_checkpoint(run / step_name(0, step))
+    os.symlink(tmp_path / "data", tmp_path / "mnt")
+
+    completed = _prune(tmp_path, "data", "--protect", f"mnt/run/{step_name(0, 500)}")
+
+    assert completed.returncode == 0
+    assert step_name(0, 500) in _names(run)
+
+
+def test_two_runs_under_one_root_have_their_own_policies(tmp_path: Path) -> None:
+    root = tmp_path / "checkpoint"
+    stage1 = root / "Custom_LLaDA" / "stage1_llm_pretraining"
+    stage2 = root / "Custom_LLaDA" / "stage2_finetune"
+    for run in (stage1, stage2):
+        for step in range(500, 5500, 500):
+            write_checkpoint(run / step_name(0, step))
+    (root / "Custom_LLaDA" / ".ckpt-watcher.yaml").write_text(
+        "save_top_k_checkpoints: 4\nsave_top_k_best: 1\n"
+    )
+    (stage2 / ".ckpt-watcher.yaml").write_text("save_top_k_checkpoints: 1\n")
+
+    dry = _prune(tmp_path, "checkpoint", "--dry-run", "--json")
+
+    document = json.loads(dry.stdout)
+    sources = {Path(group["directory"]).name: group["policy_sources"] for group in document["groups"]}
+    assert sources["stage1_llm_pretraining"] == ["embedded default", "Custom_LLaDA/.ckpt-watcher.yaml"]
+    assert sources["stage2_finetune"] == [
+        "embedded default",
+        "Custom_LLaDA/.ckpt-watcher.yaml",
+        "Custom_LLaDA/stage2_finetune/.ckpt-watcher.yaml",
+    ]
+    table = _prune(tmp_path, "checkpoint", "--dry-run").stdout
+    assert "stage2_finetune  (policy: embedded default + Custom_LLaDA/.ckpt-watcher.yaml + " in table
+
+    assert _prune(tmp_path, "checkpoint").returncode == 0
+    assert len([name for name in _names(stage1) if name.endswith(".ckpt")]) == 4
+    assert [name for name in _names(stage2) if name.endswith(".ckpt")] == [step_name(0, 5000)]
+
+
+def test_invalid_per_run_policy_stops_prune(tmp_path: Path) -> None:
+    root = tmp_path / "checkpoint"
+    for step in range(500, 5500, 500):
+        write_checkpoint(root / "run" / step_name(0, step))
+    (root / "run" / ".ckpt-watcher.yaml").write_text("save_top_k_checkpoints: many\n")
+
+    completed = _prune(tmp_path, "checkpoint")
+
+    assert completed.returncode == 2
+    assert "At 'save_top_k_checkpoints': expected a whole number, got 'many' (a string)" in completed.stderr
+    assert len(_names(root / "run")) == 10
+
+
+def test_override_keys_fall_through_and_protection_adds_up(tmp_path: Path) -> None:
+    root = tmp_path / "checkpoint"
+    run = root / "run"
+    for step in range(500, 5500, 500):
+        write_checkpoint(run / step_name(0, step))
+    (root / ".ckpt-watcher.yaml").write_text("save_top_k_checkpoints: 3\nprotect: ['*step=000500*']\n")
+    (run / ".ckpt-watcher.yaml").write_text("best_mode: max\nprotect: ['*step=001000*']\n")
+
+    entries = _entries(_prune(tmp_path, "checkpoint", "--dry-run", "--json"))
+
+    kept = {name for name, entry in entries.items() if entry["action"] == "keep"}
+    assert kept == {step_name(0, step) for step in (500, 1000, 4000, 4500, 5000)}
+
+
+def test_read_config_protection_resolves_both_bases(tmp_path: Path) -> None:
+    config = tmp_path / "configs" / "train.yaml"
+    config.parent.mkdir()
+    config.write_text('ckpt_path: "ckpt/last.ckpt"\n')
+    working = tmp_path / "work"
+
+    protection = read_config_protection(config, "configs/train.yaml", working)
+
+    (reference,) = protection.references
+    assert tmp_path / "configs" / "ckpt" / "last.ckpt" in reference.candidates
+    assert working / "ckpt" / "last.ckpt" in reference.candidates
+    assert protection.warnings == (
+        "configs/train.yaml: 'ckpt_path' names 'ckpt/last.ckpt', which does not exist (yet)",
+    )
+
+
+class TestWatch:
+    """The same protections, live."""
+
+    def test_resume_source_survives_while_newer_arrive_and_goes_once_unnamed(self, tmp_path: Path) -> None:
+        run, config, policy = _layout(tmp_path, f'ckpt_path: "{RUN}/{RESUME}"\n')
+        arguments = ["watch", "checkpoint", "--policy", str(policy), "--settle", "0"]
+        with running_daemon(arguments, tmp_path / "log", cwd=tmp_path) as daemon:
+            daemon.wait_ready()
+            for step in range(2000, 12000, 500):
+                write_checkpoint(run / step_name(4, step))
+            wait_until(lambda: _names(run) == {RESUME, step_name(4, 11000), step_name(4, 11500)})
+
+            config.write_text("ckpt_path: null\n")
+
+            daemon.wait_for("checkpoint_deleted", lambda record: record["path"].endswith(RESUME))
+            wait_until(lambda: _names(run) == {step_name(4, 11000), step_name(4, 11500)})
+
+    def test_invalid_protect_from_edit_keeps_the_previous_protection(self, tmp_path: Path) -> None:
+        run, config, policy = _layout(tmp_path, f'ckpt_path: "{RUN}/{RESUME}"\n')
+        arguments = ["watch", "checkpoint", "--policy", str(policy), "--settle", "0"]
+        with running_daemon(arguments, tmp_path / "log", cwd=tmp_path) as daemon:
+            daemon.wait_ready()
+            config.write_text("ckpt_path: [\n")
+            daemon.wait_for("protection_rejected")
+            for step in range(2000, 6000, 500):
+                write_checkpoint(run / step_name(4, step))
+            wait_until(lambda: _names(run) == {RESUME, step_name(4, 5000), step_name(4, 5500)})
+            assert daemon.process.poll() is None
+
+    def test_keep_pin_and_protect_flag_live(self, tmp_path: Path) -> None:
+        run = tmp_path / "run"
+        run.mkdir()
+        arguments = ["watch", "run", "--settle", "0", "--protect", f"run/{step_name(0, 1000)}"]
+        with running_daemon(arguments, tmp_path / "log", cwd=tmp_path) as daemon:
+            daemon.wait_ready()
+            write_checkpoint(run / step_name(0, 500))
+            (run / (step_name(0, 500) + ".keep")).touch()
+            for step in range(1000, 6000, 500):
+                write_checkpoint(run / step_name(0, step))
+            expected = {step_name(0, step) for step in (500, 1000, 3500, 4000, 4500, 5000, 5500)}
+            wait_until(lambda: _names(run) == expected | {step_name(0, 500) + ".keep"})
+
+            (run / (step_name(0, 500) + ".keep")).unlink()
+            daemon.wait_for("checkpoint_deleted", lambda record: record["path"].endswith(step_name(0, 500)))
+
+    def test_editing_a_per_run_policy_is_applied_live(self, tmp_path: Path) -> None:
+        root = tmp_path / "checkpoint"
+        stage1, stage2 = root / "stage1", root / "stage2"
+        for run in (stage1, stage2):
+            for step in range(500, 5500, 500):
+                write_checkpoint(run / step_name(0, step))
+        (stage2 / ".ckpt-watcher.yaml").write_text("save_top_k_checkpoints: 3\n")
+        with running_daemon(["watch", str(root), "--settle", "0"], tmp_path / "log") as daemon:
+            daemon.wait_ready()
+            wait_until(lambda: len(_names(stage1)) == 5 and len(_names(stage2)) == 3)
+
+            (stage2 / ".ckpt-watcher.yaml").write_text("save_top_k_checkpoints: 1\n")
+            wait_until(lambda: len(_names(stage2)) == 1, what="stage2 pruned to 1")
+
+            (stage2 / ".ckpt-watcher.yaml").write_text("save_top_k_checkpoints: -3\n")
+            daemon.wait_for("policy_rejected")
+            for step in range(6000, 7000, 500):
+                write_checkpoint(stage2 / step_name(0, step))
+            wait_until(
+                lambda: _names(stage2) == {step_name(0, 6500)},
+                what="the previous per-run policy still applied",
+            )
+            assert len(_names(stage1)) == 5
