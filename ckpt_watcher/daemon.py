@@ -69,6 +69,7 @@ class Batch:
     trees: set[str] = field(default_factory=set)
     full_rescan: bool = False
     reload: bool = False
+    forced_reload: bool = False
 
     def __bool__(self) -> bool:
         return bool(self.files or self.trees or self.full_rescan or self.reload)
@@ -102,10 +103,11 @@ class Inbox:
             self._batch.full_rescan = True
             self._condition.notify()
 
-    def request_reload(self) -> None:
-        """Re-read the policy file (SIGHUP, or an event in its directory)."""
+    def request_reload(self, *, forced: bool = False) -> None:
+        """Check the policy and protect_from files; ``forced`` (SIGHUP) re-reads even if unchanged."""
         with self._condition:
             self._batch.reload = True
+            self._batch.forced_reload = self._batch.forced_reload or forced
             self._condition.notify()
 
     def wake(self) -> None:
@@ -153,11 +155,18 @@ def default_observer_factory(poll_interval: float | None) -> ObserverLike:
 class EventRouter(FileSystemEventHandler):
     """The watchdog handler: classifies an event into the inbox and does nothing else."""
 
-    def __init__(self, inbox: Inbox, *, polling: bool, config_directories: frozenset[str]) -> None:
+    def __init__(self, inbox: Inbox, *, polling: bool, config_files: frozenset[str]) -> None:
         super().__init__()
         self._inbox = inbox
         self._polling = polling
-        self._config_directories = config_directories
+        self._config_files = config_files
+        self._config_directories = frozenset(os.path.dirname(path) for path in config_files)
+
+    def _is_config_change(self, path: str) -> bool:
+        """The policy or a protect_from file itself, or a ConfigMap's ``..data`` symlink beside one."""
+        if path in self._config_files:
+            return True
+        return os.path.basename(path) == "..data" and os.path.dirname(path) in self._config_directories
 
     def dispatch(self, event: FileSystemEvent) -> None:
         """Route every event; an exception here is logged and never reaches the observer."""
@@ -173,8 +182,8 @@ class EventRouter(FileSystemEventHandler):
         source = os.fsdecode(event.src_path)
         destination = os.fsdecode(event.dest_path) if event.dest_path else ""
         paths = [path for path in (source, destination) if path]
-        if any(os.path.dirname(path) in self._config_directories for path in paths):
-            self._inbox.request_reload()  # the policy or a protect_from config may have changed
+        if any(self._is_config_change(path) for path in paths):
+            self._inbox.request_reload()  # re-read if the file's identity changed
         if any(os.path.basename(path) == OVERRIDE_FILE_NAME for path in paths):
             for path in paths:
                 self._inbox.add_tree(os.path.dirname(path))  # a per-run policy: re-plan its subtree
@@ -284,8 +293,8 @@ class Watcher:
         self.inbox.wake()
 
     def request_reload(self) -> None:
-        """Re-read the policy file at the next opportunity (SIGHUP)."""
-        self.inbox.request_reload()
+        """Re-read the policy file at the next opportunity, changed or not (SIGHUP)."""
+        self.inbox.request_reload(forced=True)
 
     def lock_now(self) -> None:
         """Take the directory lock up front if the root exists; raise LockHeldError if it is held."""
@@ -304,7 +313,7 @@ class Watcher:
                         if self._root is None:
                             self._keepalive()
                             if self.inbox.take(min(ROOT_CHECK_INTERVAL, self._until_keepalive())).reload:
-                                self._reload_policy()
+                                self._reload_policy()  # rare: only while waiting for the root
                             continue
                     batch = self.inbox.take(self._wait_time())
                     if self.stop.is_set():
@@ -356,7 +365,12 @@ class Watcher:
             elif self.registry.refresh(self.registry.configs()):
                 batch.full_rescan = True
         if batch.reload:
-            policy_changed = self._reload_policy()
+            policy_changed = False
+            if (
+                batch.forced_reload
+                or FileIdentity.of_path(self.options.policy_path) != self._policy_signature
+            ):
+                policy_changed = self._reload_policy()
             protection_changed = self.registry.refresh(self.registry.configs())
             if policy_changed or protection_changed:
                 batch.full_rescan = True
@@ -472,11 +486,11 @@ class Watcher:
 
     def _schedule(self, observer: ObserverLike, polling: bool) -> ObserverLike:
         assert self._root is not None
-        config_directories = self._config_directories()
-        router = EventRouter(self.inbox, polling=polling, config_directories=config_directories)
+        config_files = self._config_files()
+        router = EventRouter(self.inbox, polling=polling, config_files=config_files)
         try:
             observer.schedule(router, str(self._root), recursive=True)
-            for directory in sorted(config_directories):
+            for directory in sorted({os.path.dirname(path) for path in config_files}):
                 if _is_below(Path(directory), self._root) or not os.path.isdir(directory):
                     continue
                 try:
@@ -494,11 +508,11 @@ class Watcher:
             raise
         return observer
 
-    def _config_directories(self) -> frozenset[str]:
-        """The directories of the policy file and of the protect_from configs known now."""
+    def _config_files(self) -> frozenset[str]:
+        """The policy file and the protect_from configs known now, as absolute paths."""
         files = [self.options.policy_path] if self.options.policy_path is not None else []
         files.extend(self.registry.configs())
-        return frozenset(os.path.dirname(os.path.abspath(path)) for path in files)
+        return frozenset(os.path.abspath(path) for path in files)
 
     def _ensure_observer_alive(self) -> None:
         if self._observer is None or self._observer.is_alive() or self.stop.is_set():
@@ -527,7 +541,15 @@ class Watcher:
         """Re-read the policy file; True if a different valid policy is now in force."""
         path = self.options.policy_path
         self._policy_signature = FileIdentity.of_path(path)
+        self.notifier.reloading()  # always paired with READY=1, so `systemctl reload` never hangs
+        try:
+            return self._read_policy(path)
+        finally:
+            self.notifier.ready(self._last_status)
+
+    def _read_policy(self, path: Path | None) -> bool:
         if path is None:
+            logger.info("policy_unchanged", source=self.loaded.source_label)
             return False
         if not path.exists():
             if not self._policy_missing_logged:
@@ -539,7 +561,6 @@ class Watcher:
                 self._policy_missing_logged = True
             return False
         self._policy_missing_logged = False
-        self.notifier.reloading()
         try:
             loaded = load_policy(path)
         except PolicyError as error:
@@ -549,7 +570,6 @@ class Watcher:
                 problems=error.problems,
                 detail="the previous policy stays in force",
             )
-            self.notifier.ready(self._last_status)
             return False
         for warning in loaded.warnings:
             logger.warning("policy_warning", source=loaded.source_label, message=warning)
@@ -563,7 +583,6 @@ class Watcher:
             logger.info("policy_reloaded", source=str(path), changes=changes)
         else:
             logger.info("policy_unchanged", source=str(path))
-        self.notifier.ready(self._last_status)
         return bool(changes)
 
     # -- passes -----------------------------------------------------------------------------------
@@ -661,6 +680,7 @@ class Watcher:
             if self.stop.is_set():
                 break  # between groups only: a group in hand is always finished
             self._process_group(group, effective.get(group), pins, closed, totals)
+            self._keepalive()  # a long pass (a big tree on slow NFS) must not look like a hang
         self.total_deleted += totals.deleted
         self.total_bytes_freed += totals.bytes_freed
         summary = totals.summary

@@ -244,6 +244,8 @@ def _plan_group(
             ):
                 keep_reasons[id(record)].append(f"matches protect pattern '{pattern}'")
 
+    _keep_pending_link_target(lasts, candidates, keep_reasons)
+
     has_usable_last = any(last.complete for last in lasts)
     if candidates and not has_usable_last and not any(id(record) in keep_reasons for record in candidates):
         newest = min(
@@ -264,6 +266,43 @@ def _plan_group(
         extra = tuple(protected.get(record.path, ()))
         decisions.append(Decision(record, Action.SKIP, (reason, *extra)))
     return GroupPlan(directory=directory, decisions=tuple(decisions))
+
+
+def _keep_pending_link_target(
+    lasts: list[CheckpointRecord],
+    candidates: list[CheckpointRecord],
+    keep_reasons: dict[int, list[str]],
+) -> None:
+    """With ``save_last="link"``, the newest checkpoint of the link's kind is about to become its target.
+
+    Lightning saves a checkpoint, runs its loggers (a slow upload, say), and only then moves the link,
+    always to a file of the callback that owns it, so of one kind. While the link still points at an
+    older checkpoint of that kind, the newest of that kind is kept, so the link never ends up pointing
+    at a file that was just deleted. A link whose target is gone or unknown protects the newest of each
+    kind.
+    """
+    by_path = {record.path: record for record in candidates}
+    for link in lasts:
+        if (
+            link.entry_type is not EntryType.SYMLINK
+            or link.link_target is None
+            or link.link_target.parent != link.directory  # Lightning links within its own dirpath
+        ):
+            continue
+        target = by_path.get(link.link_target)
+        kinds = [target.kind] if target is not None else [Kind.STEP, Kind.BEST]
+        for kind in kinds:
+            same_kind = [record for record in candidates if record.kind is kind]
+            if not same_kind:
+                continue
+            newest_step = max(record.step or 0 for record in same_kind)
+            if target is not None and (target.step or 0) >= newest_step:
+                continue
+            for record in same_kind:
+                if (record.step or 0) == newest_step:
+                    keep_reasons[id(record)].append(
+                        f"newest {kind.value} checkpoint: {link.name} does not point at it yet"
+                    )
 
 
 def _last_reasons(last: CheckpointRecord, protected: Mapping[Path, list[str]]) -> tuple[str, ...]:
