@@ -1,4 +1,5 @@
-"""Command line: ``watch`` (the daemon), ``prune`` (one-shot; ``--dry-run`` is the audit), ``policy``.
+"""Command line: ``watch`` (the daemon), ``prune`` (one-shot; ``--dry-run`` is the audit), ``inspect``,
+``policy``.
 
 Exit codes: 0 success, 1 some deletion failed, 2 usage or policy error. Stdout carries only the
 command's output (table or JSON); everything else is a structured log record on stderr.
@@ -21,14 +22,17 @@ from ckpt_watcher.daemon import Watcher, WatchOptions
 from ckpt_watcher.delete import apply_plan
 from ckpt_watcher.lock import LockHeldError
 from ckpt_watcher.logs import LEVELS, configure_logging
+from ckpt_watcher.naming import CHECKPOINT_EXTENSION, Kind, Naming
 from ckpt_watcher.notify import Notifier
 from ckpt_watcher.overrides import PolicyTree
 from ckpt_watcher.plan import plan
 from ckpt_watcher.policy import LoadedPolicy, PolicyError, load_policy
 from ckpt_watcher.protection import ProtectionError, ProtectionRegistry, command_line_pins
 from ckpt_watcher.report import (
+    contents_document,
     plan_document,
     policy_document,
+    render_contents_table,
     render_json,
     render_policy,
     render_table,
@@ -132,6 +136,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="touch FILE every few seconds from the worker loop (for a liveness probe)",
     )
 
+    inspect = commands.add_parser(
+        "inspect",
+        help="show what is inside checkpoints (epoch, step, resumability, callbacks, tensors)",
+        description=(
+            "Read each checkpoint with torch.load(mmap=True, weights_only=True): tensor data stays on disk "
+            "and no pickle code runs. A directory gives one row per checkpoint in it."
+        ),
+    )
+    inspect.add_argument(
+        "paths", type=Path, nargs="+", metavar="PATH", help="checkpoint files or directories"
+    )
+    inspect.add_argument("--json", action="store_true", help="one JSON object per checkpoint, in a list")
+    inspect.add_argument(
+        "--unsafe",
+        action="store_true",
+        help="load objects the safe loader refuses (runs the checkpoint's pickle code: trusted files only)",
+    )
+    inspect.add_argument("--policy", type=Path, metavar="FILE", help="policy whose naming templates apply")
+
     policy = commands.add_parser(
         "policy",
         help="validate a policy file and print the effective policy",
@@ -181,6 +204,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_policy(arguments)
         if arguments.command == "watch":
             return run_watch(arguments)
+        if arguments.command == "inspect":
+            return run_inspect(arguments)
     except PolicyError as error:
         print(f"ckpt-watcher: {error.render()}", file=sys.stderr)
         return EXIT_USAGE
@@ -320,3 +345,48 @@ def supervise(watcher: Watcher) -> int:
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
     return watcher.exit_code
+
+
+def run_inspect(arguments: argparse.Namespace) -> int:
+    """``inspect``: one row (or JSON object) per checkpoint; exit 1 if any could not be read."""
+    from ckpt_watcher.contents import inspect_checkpoint  # noqa: PLC0415  (keeps torch off other commands)
+
+    loaded = load_policy_logged(arguments.policy)
+    naming = loaded.policy.compiled_naming
+    if arguments.unsafe:
+        logger.warning(
+            "unsafe_load_enabled",
+            detail="checkpoints the safe loader refuses will run their pickle code; trusted files only",
+        )
+    paths = expand_inspect_paths(arguments.paths, naming)
+    results = [inspect_checkpoint(path, unsafe=arguments.unsafe, naming=naming) for path in paths]
+    for result in results:
+        if result.error is not None:
+            logger.error("inspect_failed", path=str(result.path), error=result.error)
+    if arguments.json:
+        print(render_json([contents_document(result) for result in results]))
+    else:
+        print(render_contents_table(results))
+    return EXIT_OK if all(result.ok for result in results) else EXIT_DELETE_FAILED
+
+
+def expand_inspect_paths(paths: Sequence[Path], naming: Naming) -> list[Path]:
+    """Files as given; a plain directory becomes its checkpoint files (sorted by step, then name)."""
+    expanded: list[Path] = []
+    for path in paths:
+        if path.is_dir() and naming.classify(path.name).kind is Kind.UNKNOWN:
+            entries = [
+                entry
+                for entry in path.iterdir()
+                if entry.name.endswith(CHECKPOINT_EXTENSION) and not entry.is_dir()
+            ]
+            expanded.extend(sorted(entries, key=lambda entry: _inspect_order(entry, naming)))
+        else:
+            expanded.append(path)
+    return expanded
+
+
+def _inspect_order(path: Path, naming: Naming) -> tuple[int, int, str]:
+    parsed = naming.classify(path.name)
+    order = {Kind.STEP: 0, Kind.BEST: 1, Kind.LAST: 2}.get(parsed.kind, 3)
+    return (order, parsed.step or 0, path.name)

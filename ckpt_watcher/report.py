@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from ckpt_watcher.contents import CheckpointContents
 from ckpt_watcher.delete import ApplyResult
 from ckpt_watcher.plan import Decision, Plan, Summary
 from ckpt_watcher.policy import LoadedPolicy
@@ -145,7 +147,7 @@ def policy_document(loaded: LoadedPolicy) -> dict[str, Any]:
     return {"source": loaded.source_label, **values}
 
 
-def render_json(document: Mapping[str, Any]) -> str:
+def render_json(document: Mapping[str, Any] | list[dict[str, Any]]) -> str:
     """Stable, indented JSON."""
     return json.dumps(document, indent=2, allow_nan=False)
 
@@ -165,3 +167,76 @@ def render_policy(loaded: LoadedPolicy) -> str:
         else:
             lines.append(f"{key}: {json.dumps(value)}  # {comment}")
     return "\n".join(lines)
+
+
+def contents_document(contents: CheckpointContents) -> dict[str, Any]:
+    """One ``inspect --json`` object."""
+    document = dataclasses.asdict(contents)
+    document["path"] = display_name(str(contents.path))
+    return document
+
+
+_CONTENTS_COLUMNS = (
+    "NAME",
+    "EPOCH",
+    "STEP",
+    "RESUME",
+    "TENSORS",
+    "TENSOR BYTES",
+    "DTYPES",
+    "SIZE",
+    "LIGHTNING",
+)
+
+
+def render_contents_table(results: list[CheckpointContents]) -> str:
+    """``inspect``: one row per checkpoint, then per checkpoint its callbacks and warnings."""
+    rows: list[tuple[str, ...]] = [_CONTENTS_COLUMNS]
+    for result in results:
+        if result.error is not None:
+            rows.append(
+                (display_name(result.path.name), "", "", "", "", "", "", human_bytes(result.bytes), "")
+            )
+            continue
+        resume = {True: "yes", False: "weights only", None: "?"}[result.resumable]
+        rows.append(
+            (
+                display_name(result.path.name),
+                "" if result.epoch is None else str(result.epoch),
+                "" if result.global_step is None else str(result.global_step),
+                resume if result.loaded else "?",
+                str(result.tensor_count),
+                human_bytes(result.tensor_bytes),
+                ",".join(result.dtypes) if result.dtypes else "",
+                human_bytes(result.bytes),
+                result.lightning_version or "",
+            )
+        )
+    widths = [max(len(row[index]) for row in rows) for index in range(len(_CONTENTS_COLUMNS))]
+    lines = [
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows
+    ]
+    for result in results:
+        details = _contents_details(result)
+        if details:
+            lines.append("")
+            lines.append(f"{display_name(str(result.path))}:")
+            lines.extend(f"  {detail}" for detail in details)
+    return "\n".join(lines)
+
+
+def _contents_details(result: CheckpointContents) -> list[str]:
+    details: list[str] = []
+    if result.error is not None:
+        details.append(f"error: {result.error}")
+        return details
+    for state in result.model_checkpoints:
+        score = "none" if state.best_model_score is None else f"{state.best_model_score:.6g}"
+        details.append(
+            f"ModelCheckpoint monitor={state.monitor} mode={state.mode} best_model_score={score} "
+            f"best_model_path={state.best_model_path} best_k_models={len(state.best_k_models)}"
+        )
+    if result.unsafe_globals:
+        details.append(f"objects the safe loader refuses: {', '.join(result.unsafe_globals)}")
+    details.extend(f"warning: {warning}" for warning in result.warnings)
+    return details
