@@ -255,7 +255,13 @@ def run_prune(arguments: argparse.Namespace) -> int:
     loaded = load_policy_logged(arguments.policy)
     root = resolve_root(arguments.path)
     tree = PolicyTree(root, loaded, strict=True)
-    scan = scan_tree(root, tree.naming_for, ScanOptions(settle_seconds=arguments.settle))
+
+    def options_for(directory: Path) -> ScanOptions:
+        effective = tree.for_directory(directory)
+        verify = (effective.policy if effective is not None else loaded.policy).verify
+        return ScanOptions(settle_seconds=arguments.settle, verify=verify)
+
+    scan = scan_tree(root, tree.naming_for, options_for=options_for)
     log_scan_warnings(scan)
     effective = {directory: tree.for_directory(directory) for directory in scan.directories}
     if tree.errors:

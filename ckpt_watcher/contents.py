@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import time
 import zipfile
 from collections import Counter
 from collections.abc import Iterator
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ckpt_watcher.integrity import check_zip_path
+from ckpt_watcher.integrity import check_directory, check_zip_path
 from ckpt_watcher.naming import DEFAULT_NAMING, Kind, Naming
 
 TORCH_MISSING = (
@@ -63,6 +64,7 @@ class CheckpointContents:
     tensor_bytes: int = 0
     dtypes: dict[str, int] = field(default_factory=dict)
     archive_entries: int = 0
+    layout: str | None = None
     unsafe_globals: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     error: str | None = None
@@ -92,10 +94,21 @@ def inspect_checkpoint(
         contents.error = f"cannot read it: {error.strerror}"
         return contents
     if path.is_dir():
-        contents.error = (
-            "a directory: inspect reads checkpoint files (directory checkpoints are pruned, not inspected)"
+        directory = check_directory(
+            str(path), Path(os.path.realpath(path)).name, quiet_seconds=0.0, now=time.time()
         )
+        contents.bytes = directory.bytes
+        contents.layout = directory.layout
+        contents.complete = directory.completeness.complete
+        contents.integrity = (
+            "complete" if contents.complete else (directory.completeness.reason or "incomplete")
+        )
+        if not contents.complete:
+            contents.error = f"not a complete directory checkpoint: {contents.integrity}"
+        else:
+            contents.warnings.append(f"a {directory.layout} directory checkpoint: its files are not loaded")
         return contents
+
     contents.bytes = status.st_size
     verdict = check_zip_path(str(path), follow_symlinks=True)
     contents.complete = verdict.complete
@@ -201,8 +214,7 @@ def _describe_document(torch: Any, document: Any, contents: CheckpointContents) 
         contents.lightning_version = str(version) if version is not None else None
         contents.has_optimizer_states = bool(document.get("optimizer_states"))
         contents.has_lr_schedulers = "lr_schedulers" in document
-        if contents.lightning_version is not None or "state_dict" in document:
-            contents.resumable = contents.has_optimizer_states
+        contents.resumable = contents.has_optimizer_states  # without optimizer state: weights only
         callbacks = document.get("callbacks")
         if isinstance(callbacks, dict):
             contents.model_checkpoints = [

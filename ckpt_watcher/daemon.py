@@ -23,7 +23,7 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 from watchdog.observers.polling import PollingObserver
 
-from ckpt_watcher.delete import DeletionResult, Outcome, apply_group
+from ckpt_watcher.delete import DeletionResult, Outcome, apply_group, remove_leftovers
 from ckpt_watcher.integrity import Completeness
 from ckpt_watcher.lock import DirectoryLock, LockHeldError
 from ckpt_watcher.naming import Kind, Naming
@@ -641,6 +641,8 @@ class Watcher:
             if known not in present:
                 self._forget(known)
         self._rechecks.clear()
+        for group in groups:
+            remove_leftovers(self._root, group)
         self._pass(groups, closed=set(), trigger=trigger)
 
     def _forget(self, group: Path) -> None:
@@ -738,6 +740,7 @@ class Watcher:
                 settle_seconds=self.options.settle_seconds,
                 now=wall_now,
                 closed_paths=frozenset(path for path in closed if path.parent == directory),
+                verify=effective.policy.verify,
             ),
             state.cache,
             problems,

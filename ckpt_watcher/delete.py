@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import errno
 import os
+import shutil
 import stat
 import threading
 from dataclasses import dataclass, field
@@ -19,7 +20,14 @@ from pathlib import Path
 import structlog
 
 from ckpt_watcher.plan import Decision, GroupPlan, Plan
-from ckpt_watcher.records import FileIdentity, display_name, metric_for_json
+from ckpt_watcher.records import (
+    DELETING_PREFIX,
+    CheckpointRecord,
+    EntryType,
+    FileIdentity,
+    display_name,
+    metric_for_json,
+)
 
 logger = structlog.get_logger("ckpt_watcher.delete")
 
@@ -130,7 +138,8 @@ def _delete_one(directory_fd: int, decision: Decision) -> DeletionResult:
     except OSError as error:
         return _failed(decision, _describe(error))
     now_identity = FileIdentity(status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns)
-    if not stat.S_ISREG(status.st_mode) or now_identity != record.identity:
+    expected_type = stat.S_ISDIR if record.entry_type is EntryType.DIRECTORY else stat.S_ISREG
+    if not expected_type(status.st_mode) or now_identity != record.identity:
         logger.warning(
             "checkpoint_changed",
             path=display_name(str(record.path)),
@@ -138,7 +147,10 @@ def _delete_one(directory_fd: int, decision: Decision) -> DeletionResult:
         )
         return DeletionResult(decision, Outcome.CHANGED)
     try:
-        os.unlink(name, dir_fd=directory_fd)
+        if record.entry_type is EntryType.DIRECTORY:
+            _remove_directory(directory_fd, name, record)
+        else:
+            os.unlink(name, dir_fd=directory_fd)
     except FileNotFoundError:
         return _gone(decision)
     except OSError as error:
@@ -154,6 +166,47 @@ def _delete_one(directory_fd: int, decision: Decision) -> DeletionResult:
         reasons=list(decision.reasons),
     )
     return DeletionResult(decision, Outcome.DELETED)
+
+
+def _remove_directory(directory_fd: int, name: str, record: CheckpointRecord) -> None:
+    """Rename the directory checkpoint out of the way in one step, then remove the tree.
+
+    After the rename nothing carries the checkpoint's name, so a removal that fails halfway never
+    leaves half a checkpoint that looks whole. ``shutil.rmtree`` with ``dir_fd`` never follows a
+    symlink inside the tree: a link planted there pointing outside the root is removed, not followed.
+    """
+    doomed = f"{DELETING_PREFIX}{os.getpid()}-{name}"[:255]
+    os.rename(name, doomed, src_dir_fd=directory_fd, dst_dir_fd=directory_fd)
+    try:
+        shutil.rmtree(doomed, dir_fd=directory_fd)
+    except OSError as error:
+        logger.error(
+            "checkpoint_delete_incomplete",
+            path=display_name(str(record.path.parent / doomed)),
+            error=_describe(error),
+            detail="renamed out of the way; the rest is removed on a later pass",
+        )
+
+
+def remove_leftovers(root: Path, directory: Path) -> None:
+    """Finish removing directory checkpoints whose earlier removal was interrupted."""
+    try:
+        directory_fd = open_below_root(root, directory)
+    except (OSError, ValueError):
+        return
+    try:
+        for name in os.listdir(directory_fd):
+            if not name.startswith(DELETING_PREFIX):
+                continue
+            try:
+                shutil.rmtree(name, dir_fd=directory_fd)
+                logger.info("leftover_removed", path=display_name(str(directory / name)))
+            except OSError as error:
+                logger.warning(
+                    "leftover_not_removed", path=display_name(str(directory / name)), error=_describe(error)
+                )
+    finally:
+        os.close(directory_fd)
 
 
 def _describe(error: OSError) -> str:

@@ -30,6 +30,7 @@ class Completeness:
     reason: str | None = None
     not_zip: bool = False
     settles_at: float | None = None
+    corrupt: bool = False
 
 
 COMPLETE = Completeness(complete=True)
@@ -92,3 +93,83 @@ def check_zip_path(path: str, *, follow_symlinks: bool = False, dir_fd: int | No
         return Completeness(False, f"cannot be read: {error.strerror}")
     finally:
         os.close(file_descriptor)
+
+
+# A directory checkpoint is whole once the file its writer writes last exists (see docs/ or README):
+#   DeepSpeed (Lightning's DeepSpeedStrategy): rank 0 writes `latest` after its model/optimizer files;
+#   Lightning FSDP sharded: torch.distributed.checkpoint's `.metadata`, then `meta.pt`;
+#   torch.distributed.checkpoint: `.metadata` (written to .metadata.tmp, then renamed);
+#   Hugging Face Trainer `checkpoint-N/`: `trainer_state.json`.
+# Other ranks may still be writing when the marker appears (DeepSpeed), so the whole tree must also
+# have been quiet for a while.
+DIRECTORY_QUIET_SECONDS = 30.0
+_DEEPSPEED_MARKER = "latest"
+_DCP_MARKER = ".metadata"
+_LIGHTNING_FSDP_MARKER = "meta.pt"
+_HUGGING_FACE_MARKER = "trainer_state.json"
+_NO_MARKER = (
+    "no completion marker yet (DeepSpeed 'latest', Lightning FSDP 'meta.pt', "
+    "torch.distributed.checkpoint '.metadata', Hugging Face 'trainer_state.json')"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class DirectoryVerdict:
+    """A directory checkpoint: is it whole, what layout, how many bytes its files hold."""
+
+    completeness: Completeness
+    layout: str | None
+    bytes: int
+
+
+def _directory_layout(entries: set[str], name: str) -> tuple[str | None, str | None]:
+    """(layout, missing-marker reason or None when complete)."""
+    if _DEEPSPEED_MARKER in entries:
+        return "DeepSpeed", None
+    if _DCP_MARKER in entries or _LIGHTNING_FSDP_MARKER in entries:
+        lightning = name.endswith(".ckpt") or _LIGHTNING_FSDP_MARKER in entries
+        if lightning:
+            if _LIGHTNING_FSDP_MARKER in entries and _DCP_MARKER in entries:
+                return "Lightning FSDP (sharded)", None
+            return "Lightning FSDP (sharded)", "still being written (meta.pt, written last, is missing)"
+        return "torch.distributed.checkpoint", None
+    if _HUGGING_FACE_MARKER in entries:
+        return "Hugging Face Trainer", None
+    return None, _NO_MARKER
+
+
+def check_directory(path: str, name: str, *, quiet_seconds: float, now: float) -> DirectoryVerdict:
+    """Judge a directory checkpoint: its marker, and no file in it modified for ``quiet_seconds``."""
+    total = 0
+    newest = 0.0
+    pending = [path]
+    top_entries: set[str] = set()
+    try:
+        while pending:
+            current = pending.pop()
+            with os.scandir(current) as iterator:
+                for entry in iterator:
+                    if current == path:
+                        top_entries.add(entry.name)
+                    status = entry.stat(follow_symlinks=False)
+                    newest = max(newest, status.st_mtime)
+                    if entry.is_dir(follow_symlinks=False):
+                        pending.append(entry.path)
+                    elif entry.is_file(follow_symlinks=False):
+                        total += status.st_size
+            newest = max(newest, os.stat(current, follow_symlinks=False).st_mtime)
+    except FileNotFoundError:
+        return DirectoryVerdict(Completeness(False, "vanished while being checked"), None, total)
+    except OSError as error:
+        return DirectoryVerdict(Completeness(False, f"cannot be read: {error.strerror}"), None, total)
+    layout, missing = _directory_layout(top_entries, name)
+    if missing is not None:
+        return DirectoryVerdict(Completeness(False, missing), layout, total)
+    age = now - newest
+    if age < quiet_seconds:
+        reason = (
+            f"still being written (a file in it changed {max(age, 0.0):.1f} s ago, "
+            f"quiet time {quiet_seconds:g} s)"
+        )
+        return DirectoryVerdict(Completeness(False, reason, settles_at=newest + quiet_seconds), layout, total)
+    return DirectoryVerdict(COMPLETE, layout, total)

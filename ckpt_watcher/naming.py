@@ -74,12 +74,16 @@ class CompiledTemplate:
     kind: Kind
     template: str
     pattern: re.Pattern[str]
+    directory_pattern: re.Pattern[str]
     fields: tuple[_Field, ...]
     metric_name: str | None
 
-    def parse(self, name: str) -> ParsedName | None:
-        """Return the parsed fields of ``name``, or None if the template could not have produced it."""
-        match = self.pattern.fullmatch(name)
+    def parse(self, name: str, *, directory: bool = False) -> ParsedName | None:
+        """Return the parsed fields of ``name``, or None if the template could not have produced it.
+
+        A directory checkpoint may also lack the extension (Hugging Face's ``checkpoint-500``).
+        """
+        match = (self.directory_pattern if directory else self.pattern).fullmatch(name)
         if match is None:
             return None
         integers: dict[str, int] = {}
@@ -187,11 +191,12 @@ def compile_template(kind: Kind, template: str) -> CompiledTemplate:
             raise TemplateError("the last template takes no fields")
     else:
         raise TemplateError(f"no template for kind {kind}")
-    regex = "".join(parts) + _VERSION_SUFFIX + re.escape(CHECKPOINT_EXTENSION)
+    stem = "".join(parts) + _VERSION_SUFFIX
     return CompiledTemplate(
         kind=kind,
         template=template,
-        pattern=re.compile(regex, re.ASCII),
+        pattern=re.compile(stem + re.escape(CHECKPOINT_EXTENSION), re.ASCII),
+        directory_pattern=re.compile(stem + f"(?:{re.escape(CHECKPOINT_EXTENSION)})?", re.ASCII),
         fields=tuple(fields),
         metric_name=metric_names[0] if metric_names else None,
     )
@@ -239,14 +244,17 @@ class Naming:
             last=compile_template(Kind.LAST, last),
         )
 
-    def classify(self, name: str) -> ParsedName:
-        """Return what ``name`` is; a name two templates both accept is ambiguous, hence unknown."""
-        if not name.endswith(CHECKPOINT_EXTENSION):
+    def classify(self, name: str, *, directory: bool = False) -> ParsedName:
+        """Return what ``name`` is; a name two templates both accept is ambiguous, hence unknown.
+
+        With ``directory``, the ``.ckpt`` extension is optional (``checkpoint-{step}`` directories).
+        """
+        if not directory and not name.endswith(CHECKPOINT_EXTENSION):
             return UNKNOWN_NAME
         matches = [
             parsed
             for template in (self.last, self.best, self.step)
-            if (parsed := template.parse(name)) is not None
+            if (parsed := template.parse(name, directory=directory)) is not None
         ]
         if len(matches) == 1:
             return matches[0]

@@ -186,17 +186,21 @@ def plan(
 
 
 def _skip_reason(record: CheckpointRecord) -> str | None:
-    """Why a record can never be deleted, or None if it is a complete step or best checkpoint file."""
+    """Why a record can never be deleted, or None if it is a complete step or best checkpoint.
+
+    A checkpoint is a regular file, or a directory (DeepSpeed, sharded FSDP, DCP, Hugging Face) that
+    the scan found complete.
+    """
     if record.kind is Kind.UNKNOWN:
         return record.note or "unknown name: matches no checkpoint template"
     if record.entry_type is EntryType.SYMLINK:
         return "symlink: never followed, never deleted"
-    if record.entry_type is EntryType.DIRECTORY:
-        return "directory: " + (record.incomplete_reason or "not pruned")
     if record.entry_type is EntryType.OTHER:
         return "not a regular file"
     if not record.complete:
         reason = record.incomplete_reason or "incomplete"
+        if record.entry_type is EntryType.DIRECTORY:
+            reason = f"directory checkpoint: {reason}"
         return f"{reason}; {record.note}" if record.note and record.note not in reason else reason
     return None
 

@@ -7,6 +7,7 @@ each, so a user fixes a broken edit in one go.
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -77,6 +78,17 @@ class Policy(BaseModel):
     naming: NamingTemplates = NamingTemplates()
     protect: tuple[ProtectPattern, ...] = ()
     protect_from: tuple[ProtectPattern, ...] = ()
+    verify: Literal["zip", "load"] = "zip"
+
+    @field_validator("verify")
+    @classmethod
+    def _load_needs_torch(cls, value: str) -> str:
+        if value == "load" and importlib.util.find_spec("torch") is None:
+            raise ValueError(
+                "'load' reads checkpoints with torch, which is not installed: "
+                "pip install 'ckpt-watcher[torch]'"
+            )
+        return value
 
     @field_validator("protect", "protect_from", mode="before")
     @classmethod

@@ -10,6 +10,10 @@ from pathlib import Path
 
 from ckpt_watcher.naming import Kind
 
+# A directory checkpoint being deleted is first renamed to this prefix, so it is never seen half
+# deleted under its own name; scans ignore such names, and the delete step finishes them.
+DELETING_PREFIX = ".ckpt-watcher-deleting-"
+
 
 class EntryType(enum.StrEnum):
     """What the entry is on disk, never following a symlink."""

@@ -186,6 +186,7 @@ _CONTENTS_COLUMNS = (
     "DTYPES",
     "SIZE",
     "LIGHTNING",
+    "STATUS",
 )
 
 
@@ -194,9 +195,8 @@ def render_contents_table(results: list[CheckpointContents]) -> str:
     rows: list[tuple[str, ...]] = [_CONTENTS_COLUMNS]
     for result in results:
         if result.error is not None:
-            rows.append(
-                (display_name(result.path.name), "", "", "", "", "", "", human_bytes(result.bytes), "")
-            )
+            blank = ("",) * 6
+            rows.append((display_name(result.path.name), *blank, human_bytes(result.bytes), "", "error"))
             continue
         resume = {True: "yes", False: "weights only", None: "?"}[result.resumable]
         rows.append(
@@ -210,6 +210,7 @@ def render_contents_table(results: list[CheckpointContents]) -> str:
                 ",".join(result.dtypes) if result.dtypes else "",
                 human_bytes(result.bytes),
                 result.lightning_version or "",
+                "warning" if result.warnings else "ok",
             )
         )
     widths = [max(len(row[index]) for row in rows) for index in range(len(_CONTENTS_COLUMNS))]

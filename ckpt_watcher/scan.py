@@ -13,10 +13,15 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ckpt_watcher.integrity import Completeness, check_zip_path
+from ckpt_watcher.integrity import (
+    DIRECTORY_QUIET_SECONDS,
+    Completeness,
+    check_directory,
+    check_zip_path,
+)
 from ckpt_watcher.lock import LOCK_FILE_NAME
 from ckpt_watcher.naming import CHECKPOINT_EXTENSION, Kind, Naming
-from ckpt_watcher.records import CheckpointRecord, EntryType, FileIdentity
+from ckpt_watcher.records import DELETING_PREFIX, CheckpointRecord, EntryType, FileIdentity
 
 UNFINISHED_MARKER_SUFFIX = "-unfinished"
 _TEMPORARY_SUFFIXES = (".tmp", ".partial")
@@ -46,12 +51,15 @@ class ScanOptions:
     ``settle_seconds``: a file modified more recently than this is still being written, unless its
     path is in ``closed_paths`` (its writer was seen closing it) or the cache already judged this very
     file (same device, inode, size, mtime) complete. ``now`` is the wall-clock time to compare mtimes
-    with (the caller's, so tests can fix it).
+    with (the caller's, so tests can fix it). ``verify`` is the policy's ``zip`` or ``load``. A directory
+    checkpoint counts once nothing in it changed for ``directory_quiet_seconds`` (or the settle time).
     """
 
     settle_seconds: float = 0.0
     now: float | None = None
     closed_paths: frozenset[Path] = frozenset()
+    verify: str = "zip"
+    directory_quiet_seconds: float = DIRECTORY_QUIET_SECONDS
 
 
 CompletenessCache = dict[FileIdentity, Completeness]
@@ -70,14 +78,19 @@ def scan_tree(
     naming: Naming | NamingLookup,
     options: ScanOptions = ScanOptions(),
     cache: CompletenessCache | None = None,
+    options_for: Callable[[Path], ScanOptions] | None = None,
 ) -> ScanResult:
-    """Scan ``root`` and every real (non-symlinked) directory below it."""
+    """Scan ``root`` and every real (non-symlinked) directory below it.
+
+    ``options_for`` gives a directory its own options (a per-run policy's ``verify``).
+    """
     result = ScanResult()
     naming_for = _lookup(naming)
     for directory in walk_directories(root, naming_for, result.problems):
         result.directories.append(directory)
+        directory_options = options_for(directory) if options_for is not None else options
         result.records.extend(
-            scan_directory(root, directory, naming_for(directory), options, cache, result.problems)
+            scan_directory(root, directory, naming_for(directory), directory_options, cache, result.problems)
         )
     return result
 
@@ -97,7 +110,9 @@ def walk_directories(
                 children = [
                     Path(entry.path)
                     for entry in entries
-                    if entry.is_dir(follow_symlinks=False) and classify(entry.name).kind is Kind.UNKNOWN
+                    if entry.is_dir(follow_symlinks=False)
+                    and not entry.name.startswith(DELETING_PREFIX)
+                    and classify(entry.name, directory=True).kind is Kind.UNKNOWN
                 ]
         except FileNotFoundError:
             continue
@@ -129,7 +144,7 @@ def scan_directory(
     now = options.now if options.now is not None else time.time()
     records: list[CheckpointRecord] = []
     for entry in entries:
-        if entry.name == LOCK_FILE_NAME:
+        if entry.name == LOCK_FILE_NAME or entry.name.startswith(DELETING_PREFIX):
             continue
         record = _record_for(root, directory, entry, names, naming, options, now, cache)
         if record is not None:
@@ -147,12 +162,12 @@ def _record_for(
     now: float,
     cache: CompletenessCache | None,
 ) -> CheckpointRecord | None:
-    parsed = naming.classify(entry.name)
     try:
         status = entry.stat(follow_symlinks=False)
     except FileNotFoundError:
         return None
     mode = status.st_mode
+    parsed = naming.classify(entry.name, directory=stat.S_ISDIR(mode))
     if stat.S_ISDIR(mode):
         if parsed.kind is Kind.UNKNOWN:
             return None  # a plain subdirectory: its own group
@@ -168,17 +183,28 @@ def _record_for(
     relative = os.path.relpath(path, root)
     link_target: Path | None = None
     completeness: Completeness
+    size = status.st_size if entry_type is EntryType.FILE else 0
     if entry_type is EntryType.SYMLINK:
         link_target = Path(os.path.realpath(path))
-        completeness = (
-            check_zip_path(str(path), follow_symlinks=True)
-            if parsed.kind is not Kind.UNKNOWN
-            else Completeness(False, "symlink")
-        )
+        if parsed.kind is Kind.UNKNOWN:
+            completeness = Completeness(False, "symlink")
+        elif link_target.is_dir():
+            completeness = check_directory(
+                str(link_target), link_target.name, quiet_seconds=0.0, now=now
+            ).completeness
+        else:
+            completeness = check_zip_path(str(path), follow_symlinks=True)
     elif entry_type is EntryType.FILE and parsed.kind is not Kind.UNKNOWN:
         completeness = _file_completeness(entry.name, path, identity, names, options, now, cache)
     elif entry_type is EntryType.DIRECTORY:
-        completeness = Completeness(False, "directory checkpoints are not pruned")
+        verdict = check_directory(
+            str(path),
+            entry.name,
+            quiet_seconds=max(options.settle_seconds, options.directory_quiet_seconds),
+            now=now,
+        )
+        size = verdict.bytes
+        completeness = _with_marker(entry.name, names, verdict.completeness)
     else:
         completeness = Completeness(False, None)
     return CheckpointRecord(
@@ -186,7 +212,7 @@ def _record_for(
         relative_path=relative,
         kind=parsed.kind,
         entry_type=entry_type,
-        bytes=status.st_size if entry_type is EntryType.FILE else 0,
+        bytes=size,
         identity=identity,
         complete=completeness.complete,
         incomplete_reason=completeness.reason,
@@ -198,9 +224,18 @@ def _record_for(
         metric_text=parsed.metric_text,
         version=parsed.version,
         link_target=link_target,
-        note=parsed.note or ("not a zip archive" if completeness.not_zip else None),
+        note=parsed.note
+        or ("not a zip archive" if completeness.not_zip else None)
+        or ("corrupt: it does not load" if completeness.corrupt else None),
         settles_at=completeness.settles_at,
     )
+
+
+def _with_marker(name: str, names: set[str], completeness: Completeness) -> Completeness:
+    marker = unfinished_marker_name(name)
+    if marker in names:
+        return Completeness(False, f"still being written ({marker} marker present)")
+    return completeness
 
 
 def unfinished_marker_name(checkpoint_name: str) -> str:
@@ -233,6 +268,21 @@ def _file_completeness(
             settles_at=identity.mtime_ns / 1e9 + options.settle_seconds,
         )
     completeness = check_zip_path(str(path))
+    if completeness.complete and options.verify == "load":
+        completeness = _verify_load(path)
     if cache is not None and completeness.complete:
         cache[identity] = completeness
     return completeness
+
+
+def _verify_load(path: Path) -> Completeness:
+    """``verify: load``: the safe, mmap'd torch.load must succeed (torch is imported only here)."""
+    from ckpt_watcher.contents import ContentsError, verify_loadable  # noqa: PLC0415  (lazy: torch)
+
+    try:
+        problem = verify_loadable(path)
+    except ContentsError as error:
+        return Completeness(False, f"cannot verify: {error}")
+    if problem is not None:
+        return Completeness(False, f"corrupt: {problem}", corrupt=True)
+    return Completeness(True)

@@ -119,7 +119,7 @@ def test_weights_only_file_truncated_file_and_non_checkpoint(tmp_path: Path) -> 
 
     assert completed.returncode == 1
     documents = _documents(completed)
-    assert documents[weights.name]["resumable"] is None
+    assert documents[weights.name]["resumable"] is False  # no optimizer state: weights only
     assert documents[weights.name]["tensor_count"] == 2
     assert documents[weights.name]["dtypes"] == {"bfloat16": 1, "float32": 1}
     assert documents[weights.name]["error"] is None

@@ -33,6 +33,7 @@ RETENTION_KEYS = (
     "naming",
     "protect",
     "protect_from",
+    "verify",
 )
 
 
@@ -79,6 +80,7 @@ def test_load_policy_none_gives_the_embedded_default() -> None:
         ("best_mode", "min"),
         ("protect", ()),
         ("protect_from", ()),
+        ("verify", "zip"),
         ("naming", NamingTemplates()),
     ],
 )
@@ -147,6 +149,7 @@ def test_origins_say_which_keys_came_from_the_file(tmp_path: Path) -> None:
         "naming": "default",
         "protect": "default",
         "protect_from": "default",
+        "verify": "default",
     }
     assert loaded.policy == Policy(save_top_k_best=2, best_mode="max")
 

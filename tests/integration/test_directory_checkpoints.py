@@ -1,0 +1,269 @@
+"""Checkpoints that are directories (DeepSpeed, sharded FSDP, torch.distributed.checkpoint, Hugging Face),
+and ``verify: load``."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support.factories import step_name, write_checkpoint
+
+pytestmark = pytest.mark.timeout(240)
+
+AN_HOUR_AGO = time.time() - 3600
+
+
+def _backdate(path: Path, when: float = AN_HOUR_AGO) -> None:
+    """Make a directory tree look finished long ago (its quiet time is over)."""
+    for directory, directories, files in os.walk(path, topdown=False):
+        for name in files + directories:
+            os.utime(Path(directory, name), (when, when), follow_symlinks=False)
+    os.utime(path, (when, when))
+
+
+def _python(code: str, *arguments: str) -> None:
+    subprocess.run([sys.executable, "-c", textwrap.dedent(code), *arguments], check=True, timeout=200)
+
+
+def _prune(*arguments: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "ckpt_watcher", "prune", *arguments],
+        capture_output=True,
+        text=True,
+        timeout=200,
+        check=False,
+    )
+
+
+def _entries(completed: subprocess.CompletedProcess[str]) -> dict[str, dict[str, Any]]:
+    assert completed.returncode == 0, completed.stderr
+    document = json.loads(completed.stdout)
+    return {entry["name"]: entry for group in document["groups"] for entry in group["entries"]}
+
+
+def deepspeed_layout(path: Path, *, complete: bool = True) -> Path:
+    """What Lightning's DeepSpeedStrategy leaves (DeepSpeed's save_checkpoint, tag "checkpoint"):
+    per-rank model and ZeRO optimizer files, zero_to_fp32.py, and `latest`, written last by rank 0."""
+    (path / "checkpoint").mkdir(parents=True)
+    write_checkpoint(path / "checkpoint" / "mp_rank_00_model_states.pt", payload=b"m" * 4096)
+    for rank in range(2):
+        write_checkpoint(path / "checkpoint" / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt", b"o" * 4096)
+    (path / "zero_to_fp32.py").write_text("# DeepSpeed's conversion script\n")
+    if complete:
+        (path / "latest").write_text("checkpoint")
+    return path
+
+
+def dcp_save(path: Path, *, lightning_meta: bool) -> None:
+    """A real torch.distributed.checkpoint save on CPU; Lightning's sharded FSDP adds meta.pt last."""
+    _python(
+        """
+        import sys, warnings, torch
+        import torch.distributed.checkpoint as dcp
+        warnings.simplefilter("ignore")
+        path = sys.argv[1]
+        dcp.save({"model": {"w": torch.randn(64, 64), "b": torch.zeros(64)}}, checkpoint_id=path)
+        if sys.argv[2] == "meta":
+            torch.save({"epoch": 0, "global_step": 500, "optimizer_states": []}, path + "/meta.pt")
+        """,
+        str(path),
+        "meta" if lightning_meta else "no-meta",
+    )
+
+
+def test_deepspeed_directories_complete_ones_pruned_incomplete_ones_kept(tmp_path: Path) -> None:
+    root = tmp_path / "run"
+    for step in range(500, 3500, 500):
+        _backdate(deepspeed_layout(root / step_name(0, step)))
+    unfinished = deepspeed_layout(root / step_name(0, 3500), complete=False)  # `latest` not yet written
+    _backdate(unfinished)
+    fresh = deepspeed_layout(root / step_name(0, 4000))  # complete, but written just now
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("save_top_k_checkpoints: 2\n")
+
+    entries = _entries(_prune(str(root), "--policy", str(policy), "--dry-run", "--json"))
+
+    assert entries[step_name(0, 3500)]["action"] == "skip"
+    assert "no completion marker" in entries[step_name(0, 3500)]["reasons"][0]
+    assert entries[fresh.name]["action"] == "skip"
+    assert "still being written" in entries[fresh.name]["reasons"][0]
+    assert entries[step_name(0, 3000)]["type"] == "directory"
+    assert entries[step_name(0, 3000)]["bytes"] > 3 * 4096
+    kept = {name for name, entry in entries.items() if entry["action"] == "keep"}
+    assert kept == {step_name(0, 2500), step_name(0, 3000)}
+
+    assert _prune(str(root), "--policy", str(policy)).returncode == 0
+    assert sorted(path.name for path in root.iterdir()) == sorted(
+        [step_name(0, 2500), step_name(0, 3000), step_name(0, 3500), step_name(0, 4000)]
+    )
+    assert (unfinished / "checkpoint" / "mp_rank_00_model_states.pt").exists()
+
+
+def test_lightning_sharded_fsdp_needs_meta_pt(tmp_path: Path) -> None:
+    root = tmp_path / "run"
+    for step in (500, 1000, 1500):
+        dcp_save(root / step_name(0, step), lightning_meta=True)
+    dcp_save(root / step_name(0, 2000), lightning_meta=False)  # .metadata written, meta.pt not yet
+    _backdate(root)
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("save_top_k_checkpoints: 1\n")
+
+    entries = _entries(_prune(str(root), "--policy", str(policy), "--dry-run", "--json"))
+
+    assert "meta.pt, written last, is missing" in entries[step_name(0, 2000)]["reasons"][0]
+    assert entries[step_name(0, 1500)]["action"] == "keep"
+    assert entries[step_name(0, 1000)]["action"] == "delete"
+    assert entries[step_name(0, 500)]["action"] == "delete"
+
+
+def test_plain_dcp_directories_with_their_own_template(tmp_path: Path) -> None:
+    root = tmp_path / "run"
+    for step in (100, 200, 300):
+        dcp_save(root / f"dcp_step_{step}", lightning_meta=False)
+    partial = root / "dcp_step_400"
+    dcp_save(partial, lightning_meta=False)
+    (partial / ".metadata").rename(partial / ".metadata.tmp")  # torch renames it into place last
+    _backdate(root)
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("save_top_k_checkpoints: 2\nnaming:\n  step: 'dcp_step_{step}'\n")
+
+    assert _prune(str(root), "--policy", str(policy)).returncode == 0
+
+    assert sorted(path.name for path in root.iterdir()) == ["dcp_step_200", "dcp_step_300", "dcp_step_400"]
+
+
+def test_hugging_face_checkpoint_directories(tmp_path: Path) -> None:
+    root = tmp_path / "output"
+    for step in (500, 1000, 1500, 2000):
+        directory = root / f"checkpoint-{step}"
+        directory.mkdir(parents=True)
+        for name in (
+            "model.safetensors",
+            "optimizer.pt",
+            "scheduler.pt",
+            "rng_state.pth",
+            "training_args.bin",
+        ):
+            (directory / name).write_bytes(b"x" * 100)
+        if step != 2000:  # the newest one has not written trainer_state.json (its last file) yet
+            (directory / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    _backdate(root)
+    (root / "tmp-checkpoint-2500").mkdir()  # a staging directory is never a checkpoint
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("save_top_k_checkpoints: 1\nnaming:\n  step: 'checkpoint-{step}'\n")
+
+    entries = _entries(_prune(str(root), "--policy", str(policy), "--dry-run", "--json"))
+    assert entries["checkpoint-2000"]["action"] == "skip"
+    assert _prune(str(root), "--policy", str(policy)).returncode == 0
+
+    assert sorted(path.name for path in root.iterdir()) == [
+        "checkpoint-1500",
+        "checkpoint-2000",
+        "tmp-checkpoint-2500",
+    ]
+
+
+def test_symlink_planted_inside_a_directory_checkpoint_is_not_followed(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    precious = write_checkpoint(outside / "precious.ckpt")
+    (outside / "data").mkdir()
+    write_checkpoint(outside / "data" / "shard.pt")
+    root = tmp_path / "run"
+    for step in (500, 1000):
+        doomed = deepspeed_layout(root / step_name(0, step))
+        os.symlink(precious, doomed / "checkpoint" / "link-to-file.pt")
+        os.symlink(outside / "data", doomed / "checkpoint" / "link-to-directory")
+    for step in (1500, 2000, 2500, 3000, 3500):
+        deepspeed_layout(root / step_name(0, step))
+    _backdate(root)
+
+    completed = _prune(str(root))
+
+    assert completed.returncode == 0, completed.stderr
+    assert not (root / step_name(0, 500)).exists()
+    assert precious.exists()
+    assert (outside / "data" / "shard.pt").exists()
+    assert not any(name.startswith(".ckpt-watcher-deleting") for name in os.listdir(root))
+
+
+def test_last_symlink_to_a_directory_checkpoint_protects_it(tmp_path: Path) -> None:
+    root = tmp_path / "run"
+    for step in range(500, 4000, 500):
+        deepspeed_layout(root / step_name(0, step))
+    os.symlink(step_name(0, 500), root / "last.ckpt")
+    _backdate(root)
+
+    entries = _entries(_prune(str(root), "--dry-run", "--json"))
+
+    assert entries[step_name(0, 500)]["action"] == "keep"
+    assert entries[step_name(0, 500)]["reasons"] == ["target of last.ckpt"]
+
+
+def _corrupt_pickle(path: Path) -> None:
+    """Keep the archive valid but replace data.pkl with bytes that do not unpickle."""
+    with zipfile.ZipFile(path) as source:
+        items = [(info, source.read(info.filename)) for info in source.infolist()]
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as target:
+        for info, data in items:
+            target.writestr(info, b"\x80\x05not a pickle" if info.filename.endswith("data.pkl") else data)
+
+
+def test_verify_load_skips_a_zip_valid_file_whose_pickle_is_corrupt(tmp_path: Path) -> None:
+    root = tmp_path / "run"
+    root.mkdir()
+    _python(
+        """
+        import sys, torch
+        for step in (500, 1000, 1500):
+            torch.save({"state_dict": {"w": torch.zeros(8)}, "global_step": step},
+                       f"{sys.argv[1]}/epoch=00-step={step:06d}-train.ckpt")
+        """,
+        str(root),
+    )
+    corrupt = root / step_name(0, 1500)
+    _corrupt_pickle(corrupt)
+    zip_policy = tmp_path / "zip.yaml"
+    zip_policy.write_text("save_top_k_checkpoints: 1\nverify: zip\n")
+    load_policy = tmp_path / "load.yaml"
+    load_policy.write_text("save_top_k_checkpoints: 1\nverify: load\n")
+
+    by_zip = _entries(_prune(str(root), "--policy", str(zip_policy), "--dry-run", "--json"))
+    by_load_run = _prune(str(root), "--policy", str(load_policy), "--json")
+    by_load = _entries(by_load_run)
+
+    assert by_zip[corrupt.name]["action"] == "keep"  # the archive is whole; only loading finds out
+    assert by_load[corrupt.name]["action"] == "skip"
+    assert by_load[corrupt.name]["reasons"][0].startswith("corrupt: ")
+    assert by_load[step_name(0, 1000)]["action"] == "keep"  # the corrupt newest pushes nothing out
+    assert sorted(path.name for path in root.iterdir()) == [step_name(0, 1000), step_name(0, 1500)]
+    assert "checkpoint_suspicious" in by_load_run.stderr
+
+
+def test_verify_load_accepts_checkpoints_with_objects_the_safe_loader_refuses(tmp_path: Path) -> None:
+    root = tmp_path / "run"
+    root.mkdir()
+    _python(
+        """
+        import argparse, sys, torch
+        for step in (500, 1000):
+            torch.save({"hyper_parameters": argparse.Namespace(lr=0.1), "global_step": step},
+                       f"{sys.argv[1]}/epoch=00-step={step:06d}-train.ckpt")
+        """,
+        str(root),
+    )
+    policy = tmp_path / "load.yaml"
+    policy.write_text("save_top_k_checkpoints: 1\nverify: load\n")
+
+    entries = _entries(_prune(str(root), "--policy", str(policy), "--dry-run", "--json"))
+
+    assert entries[step_name(0, 1000)]["action"] == "keep"
+    assert entries[step_name(0, 500)]["action"] == "delete"
