@@ -14,11 +14,11 @@ import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
 
 from ckpt_watcher import __version__
-from ckpt_watcher.daemon import Watcher, WatchOptions
 from ckpt_watcher.delete import apply_plan
 from ckpt_watcher.lock import LockHeldError
 from ckpt_watcher.logs import LEVELS, configure_logging
@@ -38,6 +38,9 @@ from ckpt_watcher.report import (
     render_table,
 )
 from ckpt_watcher.scan import ScanOptions, ScanResult, scan_tree
+
+if TYPE_CHECKING:
+    from ckpt_watcher.daemon import Watcher
 
 EXIT_OK = 0
 EXIT_DELETE_FAILED = 1
@@ -301,6 +304,8 @@ def run_policy(arguments: argparse.Namespace) -> int:
 
 def run_watch(arguments: argparse.Namespace) -> int:
     """``watch``: run the daemon until a stop signal; a bad policy at start-up is exit 2."""
+    from ckpt_watcher.daemon import Watcher, WatchOptions  # noqa: PLC0415  (prune need not load watchdog)
+
     loaded = load_policy_logged(arguments.policy)
     options = WatchOptions(
         root=arguments.path,

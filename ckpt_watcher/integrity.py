@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import struct
-import zipfile
 from dataclasses import dataclass
 
 _LOCAL_HEADER_MAGIC = b"PK\x03\x04"
@@ -17,6 +16,15 @@ _END_OF_CENTRAL_DIRECTORY_MAGIC = b"PK\x05\x06"
 _END_OF_CENTRAL_DIRECTORY_SIZE = 22
 _MAXIMUM_COMMENT = 0xFFFF
 _NO_END_RECORD = "no end-of-central-directory record: still being written or truncated"
+_END_RECORD = struct.Struct("<4s4H2LH")
+_ZIP64_LOCATOR_MAGIC = b"PK\x06\x07"
+_ZIP64_LOCATOR = struct.Struct("<4sLQL")
+_ZIP64_END_MAGIC = b"PK\x06\x06"
+_ZIP64_END_RECORD = struct.Struct("<4sQ2H2L4Q")
+_CENTRAL_HEADER_MAGIC = b"PK\x01\x02"
+_CENTRAL_HEADER_SIZE = 46
+_CENTRAL_LENGTHS = struct.Struct("<3H")
+_MAXIMUM_CENTRAL_DIRECTORY = 1 << 30
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,7 +45,7 @@ COMPLETE = Completeness(complete=True)
 
 
 def check_zip_file(file_descriptor: int, size: int) -> Completeness:
-    """Judge the open file ``file_descriptor`` of ``size`` bytes; reads only its head and tail."""
+    """Judge the open file ``file_descriptor`` of ``size`` bytes: its head, tail and central directory."""
     if size == 0:
         return Completeness(False, "empty: still being written")
     head = os.pread(file_descriptor, 4, 0)
@@ -47,39 +55,91 @@ def check_zip_file(file_descriptor: int, size: int) -> Completeness:
         )
     if size < _END_OF_CENTRAL_DIRECTORY_SIZE:
         return Completeness(False, _NO_END_RECORD)
-    # torch.save writes no archive comment, so the record is almost always the last 22 bytes.
-    last_record = os.pread(
-        file_descriptor, _END_OF_CENTRAL_DIRECTORY_SIZE, size - _END_OF_CENTRAL_DIRECTORY_SIZE
-    )
-    if not _ends_with_end_record(last_record):
+    # torch.save writes no archive comment, so the record is almost always the last 22 bytes; read
+    # the 20 before it too, where a zip64 locator would be.
+    tail_length = min(size, _END_OF_CENTRAL_DIRECTORY_SIZE + _ZIP64_LOCATOR.size)
+    tail = os.pread(file_descriptor, tail_length, size - tail_length)
+    position = _find_end_record(tail)
+    if position is None:
         tail_length = min(size, _END_OF_CENTRAL_DIRECTORY_SIZE + _MAXIMUM_COMMENT)
         tail = os.pread(file_descriptor, tail_length, size - tail_length)
-        if not _ends_with_end_record(tail):
+        position = _find_end_record(tail)
+        if position is None:
             return Completeness(False, _NO_END_RECORD)
-    try:
-        with os.fdopen(os.dup(file_descriptor), "rb") as stream, zipfile.ZipFile(stream) as archive:
-            if not archive.infolist():
-                return Completeness(False, "zip archive holds no entries")
-    except (zipfile.BadZipFile, ValueError, struct.error, EOFError) as error:
-        return Completeness(False, f"central directory does not parse: {error}")
+    end_offset = size - tail_length + position
+    record = tail[position : position + _END_OF_CENTRAL_DIRECTORY_SIZE]
+    locator = tail[position - _ZIP64_LOCATOR.size : position] if position >= _ZIP64_LOCATOR.size else None
+    problem = _check_central_directory(file_descriptor, end_offset, record, locator)
+    if problem is not None:
+        return Completeness(False, f"central directory does not parse: {problem}")
     return COMPLETE
 
 
-def _ends_with_end_record(tail: bytes) -> bool:
-    """True if an end-of-central-directory record (plus its comment) ends exactly at the file's end."""
+def _check_central_directory(
+    file_descriptor: int, end_offset: int, record: bytes, locator: bytes | None
+) -> str | None:
+    """Walk every central-directory header; None if all are there and end where the end record says.
+
+    ``locator`` is the 20 bytes before the end record, if already read.
+    """
+    _, _, _, _, entries, directory_size, directory_offset, _ = _END_RECORD.unpack(record)
+    directory_end = end_offset
+    locator_offset = end_offset - _ZIP64_LOCATOR.size
+    if locator_offset >= 0:
+        if locator is None:
+            locator = os.pread(file_descriptor, _ZIP64_LOCATOR.size, locator_offset)
+        if locator[:4] == _ZIP64_LOCATOR_MAGIC:
+            _, _, zip64_offset, _ = _ZIP64_LOCATOR.unpack(locator)
+            zip64_record = os.pread(file_descriptor, _ZIP64_END_RECORD.size, zip64_offset)
+            if len(zip64_record) != _ZIP64_END_RECORD.size or zip64_record[:4] != _ZIP64_END_MAGIC:
+                return "the zip64 end record is missing"
+            fields = _ZIP64_END_RECORD.unpack(zip64_record)
+            entries, directory_size, directory_offset = fields[7], fields[8], fields[9]
+            directory_end = zip64_offset
+    if entries == 0:
+        return "the archive holds no entries"
+    if directory_offset + directory_size != directory_end:
+        return "it does not end where the end record says"
+    if directory_size > _MAXIMUM_CENTRAL_DIRECTORY:
+        return f"implausibly large ({directory_size} bytes)"
+    directory = os.pread(file_descriptor, directory_size, directory_offset)
+    if len(directory) != directory_size:
+        return "it is cut short"
+    position = 0
+    count = 0
+    while position < directory_size:
+        if directory[position : position + 4] != _CENTRAL_HEADER_MAGIC:
+            return f"no entry header at offset {directory_offset + position}"
+        if position + _CENTRAL_HEADER_SIZE > directory_size:
+            return "an entry header is cut short"
+        name_length, extra_length, comment_length = _CENTRAL_LENGTHS.unpack_from(directory, position + 28)
+        position += _CENTRAL_HEADER_SIZE + name_length + extra_length + comment_length
+        count += 1
+    if position != directory_size or count != entries:
+        return f"{count} entries found where the end record says {entries}"
+    return None
+
+
+def _find_end_record(tail: bytes) -> int | None:
+    """Where in ``tail`` an end-of-central-directory record (plus its comment) ends exactly at the end."""
     position = tail.rfind(_END_OF_CENTRAL_DIRECTORY_MAGIC)
     while position != -1:
         record = tail[position : position + _END_OF_CENTRAL_DIRECTORY_SIZE]
         if len(record) == _END_OF_CENTRAL_DIRECTORY_SIZE:
             comment_length = struct.unpack("<H", record[20:22])[0]
             if position + _END_OF_CENTRAL_DIRECTORY_SIZE + comment_length == len(tail):
-                return True
+                return position
         position = tail.rfind(_END_OF_CENTRAL_DIRECTORY_MAGIC, 0, position)
-    return False
+    return None
 
 
-def check_zip_path(path: str, *, follow_symlinks: bool = False, dir_fd: int | None = None) -> Completeness:
-    """Open ``path`` read-only (not through a symlink unless asked) and judge it."""
+def check_zip_path(
+    path: str, *, follow_symlinks: bool = False, dir_fd: int | None = None, size: int | None = None
+) -> Completeness:
+    """Open ``path`` read-only (not through a symlink unless asked) and judge it.
+
+    ``size`` is what a stat the caller just made says; without it the open file is stat'ed.
+    """
     flags = os.O_RDONLY | os.O_CLOEXEC | (0 if follow_symlinks else os.O_NOFOLLOW)
     try:
         file_descriptor = os.open(path, flags, dir_fd=dir_fd)
@@ -88,7 +148,9 @@ def check_zip_path(path: str, *, follow_symlinks: bool = False, dir_fd: int | No
     except OSError as error:
         return Completeness(False, f"cannot be read: {error.strerror}")
     try:
-        return check_zip_file(file_descriptor, os.fstat(file_descriptor).st_size)
+        return check_zip_file(
+            file_descriptor, size if size is not None else os.fstat(file_descriptor).st_size
+        )
     except OSError as error:
         return Completeness(False, f"cannot be read: {error.strerror}")
     finally:

@@ -77,12 +77,15 @@ class CompiledTemplate:
     directory_pattern: re.Pattern[str]
     fields: tuple[_Field, ...]
     metric_name: str | None
+    literal_prefix: str
 
     def parse(self, name: str, *, directory: bool = False) -> ParsedName | None:
         """Return the parsed fields of ``name``, or None if the template could not have produced it.
 
         A directory checkpoint may also lack the extension (Hugging Face's ``checkpoint-500``).
         """
+        if not name.startswith(self.literal_prefix):
+            return None  # cheap rejection before the regular expression
         match = (self.directory_pattern if directory else self.pattern).fullmatch(name)
         if match is None:
             return None
@@ -199,6 +202,7 @@ def compile_template(kind: Kind, template: str) -> CompiledTemplate:
         directory_pattern=re.compile(stem + f"(?:{re.escape(CHECKPOINT_EXTENSION)})?", re.ASCII),
         fields=tuple(fields),
         metric_name=metric_names[0] if metric_names else None,
+        literal_prefix=parsed[0][0] if parsed else "",
     )
 
 

@@ -142,18 +142,20 @@ def scan_directory(
         return []
     names = {entry.name for entry in entries}
     now = options.now if options.now is not None else time.time()
+    relative_directory = os.path.relpath(directory, root)
+    prefix = "" if relative_directory == "." else relative_directory + os.sep
     records: list[CheckpointRecord] = []
     for entry in entries:
         if entry.name == LOCK_FILE_NAME or entry.name.startswith(DELETING_PREFIX):
             continue
-        record = _record_for(root, directory, entry, names, naming, options, now, cache)
+        record = _record_for(prefix, directory, entry, names, naming, options, now, cache)
         if record is not None:
             records.append(record)
     return records
 
 
 def _record_for(
-    root: Path,
+    relative_prefix: str,
     directory: Path,
     entry: os.DirEntry[str],
     names: set[str],
@@ -180,7 +182,7 @@ def _record_for(
         entry_type = EntryType.OTHER
     path = directory / entry.name
     identity = FileIdentity(status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns)
-    relative = os.path.relpath(path, root)
+    relative = relative_prefix + entry.name
     link_target: Path | None = None
     completeness: Completeness
     size = status.st_size if entry_type is EntryType.FILE else 0
@@ -267,7 +269,7 @@ def _file_completeness(
             f"settle time {options.settle_seconds:g} s)",
             settles_at=identity.mtime_ns / 1e9 + options.settle_seconds,
         )
-    completeness = check_zip_path(str(path))
+    completeness = check_zip_path(str(path), size=identity.size)
     if completeness.complete and options.verify == "load":
         completeness = _verify_load(path)
     if cache is not None and completeness.complete:
