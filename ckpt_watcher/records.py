@@ -7,8 +7,9 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from ckpt_watcher.naming import Kind
+from ckpt_watcher.naming import Kind, ParsedName
 
 # A directory checkpoint being deleted is first renamed to this prefix, so it is never seen half
 # deleted under its own name; scans ignore such names, and the delete step finishes them.
@@ -95,6 +96,20 @@ class CheckpointRecord:
     def metric_is_nan(self) -> bool:
         """True when the metric is missing or NaN, which ranks worst."""
         return self.metric is None or math.isnan(self.metric)
+
+
+def name_fields(parsed: ParsedName) -> dict[str, Any]:
+    """The record fields a parsed checkpoint name fills in (kind, epoch, step, date, metric, version)."""
+    return {
+        "kind": parsed.kind,
+        "epoch": parsed.epoch,
+        "step": parsed.step,
+        "date": parsed.date,
+        "metric_name": parsed.metric_name,
+        "metric": parsed.metric,
+        "metric_text": parsed.metric_text,
+        "version": parsed.version,
+    }
 
 
 def display_name(name: str) -> str:

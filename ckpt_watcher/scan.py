@@ -21,7 +21,7 @@ from ckpt_watcher.integrity import (
 )
 from ckpt_watcher.lock import LOCK_FILE_NAME
 from ckpt_watcher.naming import CHECKPOINT_EXTENSION, Kind, Naming
-from ckpt_watcher.records import DELETING_PREFIX, CheckpointRecord, EntryType, FileIdentity
+from ckpt_watcher.records import DELETING_PREFIX, CheckpointRecord, EntryType, FileIdentity, name_fields
 
 UNFINISHED_MARKER_SUFFIX = "-unfinished"
 _TEMPORARY_SUFFIXES = (".tmp", ".partial")
@@ -212,24 +212,17 @@ def _record_for(
     return CheckpointRecord(
         path=path,
         relative_path=relative,
-        kind=parsed.kind,
         entry_type=entry_type,
         bytes=size,
         identity=identity,
         complete=completeness.complete,
         incomplete_reason=completeness.reason,
-        epoch=parsed.epoch,
-        step=parsed.step,
-        date=parsed.date,
-        metric_name=parsed.metric_name,
-        metric=parsed.metric,
-        metric_text=parsed.metric_text,
-        version=parsed.version,
         link_target=link_target,
         note=parsed.note
         or ("not a zip archive" if completeness.not_zip else None)
         or ("corrupt: it does not load" if completeness.corrupt else None),
         settles_at=completeness.settles_at,
+        **name_fields(parsed),
     )
 
 

@@ -8,7 +8,7 @@ import zipfile
 from pathlib import Path
 
 from ckpt_watcher.naming import DEFAULT_NAMING, Kind, Naming
-from ckpt_watcher.records import CheckpointRecord, EntryType, FileIdentity
+from ckpt_watcher.records import CheckpointRecord, EntryType, FileIdentity, name_fields
 
 _inode_counter = iter(range(1, 10**9))
 
@@ -44,21 +44,14 @@ def make_record(
     return CheckpointRecord(
         path=path,
         relative_path=os.path.relpath(path, root),
-        kind=parsed.kind,
         entry_type=entry_type,
         bytes=size if entry_type is EntryType.FILE else 0,
         identity=FileIdentity(1, next(_inode_counter), size, 0),
         complete=complete and (checkpoint_file or (parsed.kind is Kind.LAST)),
         incomplete_reason=None if complete else (incomplete_reason or "still being written"),
-        epoch=parsed.epoch,
-        step=parsed.step,
-        date=parsed.date,
-        metric_name=parsed.metric_name,
-        metric=parsed.metric,
-        metric_text=parsed.metric_text,
-        version=parsed.version,
         link_target=link_target,
         note=parsed.note,
+        **name_fields(parsed),
     )
 
 
