@@ -135,7 +135,7 @@ def _best_sort_key(record: CheckpointRecord, mode: str) -> tuple[bool, float, tu
     metric = record.metric if record.metric is not None else math.nan
     is_nan = math.isnan(metric)
     ordered_metric = 0.0 if is_nan else (metric if mode == "min" else -metric)
-    return (is_nan, ordered_metric + 0.0, _newest_first_key(record))
+    return (is_nan, ordered_metric, _newest_first_key(record))
 
 
 def symlink_targets(records: Iterable[CheckpointRecord]) -> dict[Path, str]:
@@ -248,7 +248,8 @@ def _plan_group(
             ):
                 keep_reasons[id(record)].append(f"matches protect pattern '{pattern}'")
 
-    _keep_pending_link_target(lasts, candidates, keep_reasons)
+    other_paths = {record.path for record in records} - {record.path for record in candidates}
+    _keep_pending_link_target(lasts, candidates, other_paths, keep_reasons)
 
     has_usable_last = any(last.complete for last in lasts)
     if candidates and not has_usable_last and not any(id(record) in keep_reasons for record in candidates):
@@ -275,6 +276,7 @@ def _plan_group(
 def _keep_pending_link_target(
     lasts: list[CheckpointRecord],
     candidates: list[CheckpointRecord],
+    other_paths: set[Path],
     keep_reasons: dict[int, list[str]],
 ) -> None:
     """With ``save_last="link"``, the newest checkpoint of the link's kind is about to become its target.
@@ -282,11 +284,11 @@ def _keep_pending_link_target(
     Lightning saves a checkpoint, runs its loggers (a slow upload, say), and only then moves the link,
     always to a file of the callback that owns it, so of one kind. While the link still points at an
     older checkpoint of that kind, the newest of that kind is kept, so the link never ends up pointing
-    at a file that was just deleted. A link whose target is gone or unknown protects the newest of each
-    kind.
+    at a file that was just deleted. A dangling link protects the newest of each kind; a link to
+    something that is not a candidate (another last file) is not about to move.
     """
     by_path = {record.path: record for record in candidates}
-    for link in lasts:
+    for link in sorted(lasts, key=lambda record: (record.version, record.name)):
         if (
             link.entry_type is not EntryType.SYMLINK
             or link.link_target is None
@@ -294,6 +296,8 @@ def _keep_pending_link_target(
         ):
             continue
         target = by_path.get(link.link_target)
+        if target is None and link.link_target in other_paths:
+            continue  # it points at something that stays (another last, a pinned file): not moving
         kinds = [target.kind] if target is not None else [Kind.STEP, Kind.BEST]
         for kind in kinds:
             same_kind = [record for record in candidates if record.kind is kind]

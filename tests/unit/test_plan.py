@@ -135,6 +135,12 @@ CASES = [
         delete=[step_name(5, 500), step_name(4, 400)],
     ),
     case(
+        "version-2-newer-than-version-1",
+        {"save_top_k_checkpoints": 1},
+        keep=[step_name(5, 500, version=2)],
+        delete=[step_name(5, 500, version=1)],
+    ),
+    case(
         "version-10-newer-than-version-9",
         {"save_top_k_checkpoints": 1},
         keep=[step_name(5, 500, version=10)],
@@ -416,20 +422,16 @@ def test_incomplete_best_is_skipped_and_not_ranked() -> None:
 @pytest.mark.parametrize(
     ("entry_type", "expected_reason"),
     [
-        (EntryType.DIRECTORY, "directory: directory checkpoints are not pruned"),
         (EntryType.SYMLINK, "symlink: never followed, never deleted"),
         (EntryType.OTHER, "not a regular file"),
     ],
 )
 @pytest.mark.parametrize("name", [step_name(9, 900), best_name(9, 900, 0.0)])
-def test_non_files_are_skipped_and_not_counted(
+def test_symlinks_and_other_entries_are_skipped_and_not_counted(
     entry_type: EntryType, expected_reason: str, name: str
 ) -> None:
-    odd = make_record(name, entry_type=entry_type)
-    if entry_type is EntryType.DIRECTORY:
-        odd = dataclasses.replace(odd, incomplete_reason="directory checkpoints are not pruned")
-    # the scan may find a symlink to a complete zip complete; it is skipped all the same
-    odd = dataclasses.replace(odd, complete=True)
+    # the scan finds a symlink to a complete zip complete; it is skipped all the same
+    odd = dataclasses.replace(make_record(name, entry_type=entry_type), complete=True)
     older = make_record(step_name(1, 100))
     older_best = make_record(best_name(1, 100, 0.9))
     result = by_name(plan([odd, older, older_best], Policy(save_top_k_checkpoints=1, save_top_k_best=1)))
@@ -439,11 +441,53 @@ def test_non_files_are_skipped_and_not_counted(
     assert result[older_best.name].action is Action.KEEP
 
 
+@pytest.mark.parametrize("name", [step_name(9, 900), best_name(9, 900, 0.0)])
+def test_incomplete_directory_checkpoint_is_skipped_and_not_counted(name: str) -> None:
+    unsettled = make_record(
+        name, entry_type=EntryType.DIRECTORY, complete=False, incomplete_reason="no 'latest' file yet"
+    )
+    older = make_record(step_name(1, 100))
+    older_best = make_record(best_name(1, 100, 0.9))
+    result = by_name(
+        plan([unsettled, older, older_best], Policy(save_top_k_checkpoints=1, save_top_k_best=1))
+    )
+    assert result[name].action is Action.SKIP
+    assert result[name].reasons == ("directory checkpoint: no 'latest' file yet",)
+    assert result[older.name].action is Action.KEEP
+    assert result[older_best.name].action is Action.KEEP
+
+
+def test_complete_directory_checkpoints_are_ranked_and_deleted_like_files() -> None:
+    """DeepSpeed / sharded FSDP write a checkpoint as a directory; once complete it counts like a file."""
+
+    def directory(name: str, size: int) -> CheckpointRecord:
+        record = make_record(name, entry_type=EntryType.DIRECTORY)
+        return dataclasses.replace(record, complete=True, bytes=size)
+
+    recs = [
+        directory(step_name(1, 100), 10),
+        make_record(step_name(2, 200), size=20),
+        directory(step_name(3, 300), 30),
+        directory(best_name(1, 100, 0.5), 40),
+        directory(best_name(2, 200, 0.1), 50),
+        make_record(LAST),
+    ]
+    result = plan(recs, Policy(save_top_k_checkpoints=1, save_top_k_best=1))
+    decisions = by_name(result)
+    assert decisions[step_name(3, 300)].reasons == ("newest 1 step checkpoints (#1 of 1)",)
+    assert decisions[step_name(2, 200)].action is Action.DELETE
+    assert decisions[step_name(1, 100)].action is Action.DELETE
+    assert decisions[best_name(2, 200, 0.1)].action is Action.KEEP
+    assert decisions[best_name(1, 100, 0.5)].reasons == ("outside top 1 best (rank 2, loss=0.5000)",)
+    assert [decision.record.step for decision in result.deletions] == [100, 100, 200]
+    assert result.summary.bytes_deleted == 10 + 40 + 20
+
+
 def test_skip_reasons_for_unknown_names() -> None:
     plain = make_record("notes.txt")
-    ambiguous_policy_naming = make_record("ambiguous.ckpt")
+    # as the scan records a name that two templates both accept
     ambiguous = dataclasses.replace(
-        ambiguous_policy_naming, note="ambiguous: matches the best and step templates"
+        make_record("ambiguous.ckpt"), note="ambiguous: matches the best and step templates"
     )
     result = by_name(plan([plain, ambiguous], Policy()))
     assert result["notes.txt"].reasons == ("unknown name: matches no checkpoint template",)
@@ -578,7 +622,7 @@ def test_rule_5_reason_text() -> None:
         make_record(
             LAST,
             entry_type=EntryType.SYMLINK,
-            link_target=RUN / "gone.ckpt",
+            link_target=OTHER / "gone.ckpt",  # elsewhere: not a pending save_last="link" target
             complete=False,
             incomplete_reason="dangling symlink",
         ),
@@ -875,10 +919,6 @@ def test_group_deletions_list_steps_oldest_first() -> None:
     assert result.deletions == group.deletions
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: GroupPlan.deletions lists best checkpoints worst-metric first, not oldest first",
-)
 def test_group_deletions_list_bests_oldest_first() -> None:
     # losses do not fall monotonically, so worst-first and oldest-first differ
     bests = [best_name(0, 100, 0.1), best_name(1, 200, 0.3), best_name(2, 300, 0.2)]
@@ -887,10 +927,6 @@ def test_group_deletions_list_bests_oldest_first() -> None:
     assert [decision.record.step for decision in group.deletions] == [100, 200, 300]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: GroupPlan.deletions lists all step checkpoints before all bests, not oldest first",
-)
 def test_group_deletions_interleave_steps_and_bests_oldest_first() -> None:
     names = [step_name(3, 400), best_name(0, 100, 0.1), step_name(0, 50)]
     result = plan(records([*names, LAST]), Policy(save_top_k_checkpoints=0, save_top_k_best=0))
@@ -903,11 +939,6 @@ def test_group_deletions_interleave_steps_and_bests_oldest_first() -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: best checkpoints that tie on metric, step, epoch and version (differing only in date, "
-    "or in the sign of a zero loss) are ranked by input order, so which one is deleted depends on scan order",
-)
 @pytest.mark.parametrize(
     ("first", "second"),
     [
@@ -918,19 +949,33 @@ def test_group_deletions_interleave_steps_and_bests_oldest_first() -> None:
     ids=["date-only", "signed-zero", "nan-date"],
 )
 def test_fully_tied_bests_are_ranked_independently_of_input_order(first: str, second: str) -> None:
+    """Regression: bests equal in metric, step, epoch and version used to be ranked by input order."""
     policy = Policy(save_top_k_checkpoints=0, save_top_k_best=1)
     forward = by_name(plan(records([first, second, LAST]), policy))
     backward = by_name(plan(records([second, first, LAST]), policy))
     assert {name: decision.action for name, decision in forward.items()} == {
         name: decision.action for name, decision in backward.items()
     }
+    assert [forward[first].action, forward[second].action].count(Action.KEEP) == 1
+    if make_record(first).date != make_record(second).date:
+        assert forward[second].action is Action.KEEP  # the later date is the newer checkpoint
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: when two symlinks point at one target, the target's reason names whichever link came "
-    "first in the input (symlink_targets uses setdefault), so it may not mention last.ckpt",
-)
+def test_fully_tied_bests_with_a_protected_one_keep_the_same_count_in_any_order() -> None:
+    """Regression: with a tie ranked by input order, protecting one of the pair changed the counts."""
+    target = make_record(best_name(0, 0, NAN, date="20261128"))
+    twin = make_record(best_name(0, 0, NAN, date="20261129"))
+    link = make_record(step_name(0, 0), entry_type=EntryType.SYMLINK, link_target=target.path)
+    policy = Policy(save_top_k_checkpoints=0, save_top_k_best=1)
+    last = make_record(LAST)
+    forward = plan([last, link, twin, target], policy)
+    backward = plan([target, twin, link, last], policy)
+    assert forward.summary == backward.summary
+    assert {d.record.name: d.action for d in forward.decisions} == {
+        d.record.name: d.action for d in backward.decisions
+    }
+
+
 def test_shared_symlink_target_reasons_do_not_depend_on_input_order() -> None:
     target = make_record(step_name(1, 100))
     last = make_record(LAST, entry_type=EntryType.SYMLINK, link_target=target.path)
@@ -938,8 +983,18 @@ def test_shared_symlink_target_reasons_do_not_depend_on_input_order() -> None:
     policy = Policy(save_top_k_checkpoints=0)
     forward = by_name(plan([last, alias, target], policy))[target.name].reasons
     backward = by_name(plan([alias, last, target], policy))[target.name].reasons
-    assert "target of run/last.ckpt" in backward
-    assert forward == backward
+    assert forward == backward == ("target of run/last.ckpt",)
+
+
+def test_shared_symlink_target_without_last_names_the_first_link_by_path() -> None:
+    target = make_record(step_name(1, 100))
+    links = [
+        make_record(name, entry_type=EntryType.SYMLINK, link_target=target.path)
+        for name in ("zeta.ckpt", "alpha.ckpt")
+    ]
+    for ordering in ([*links, target], [target, *reversed(links)]):
+        reasons = by_name(plan(ordering, Policy(save_top_k_checkpoints=0)))[target.name].reasons
+        assert reasons == ("target of run/alpha.ckpt",)
 
 
 def test_records_are_not_mutated_and_plan_is_repeatable() -> None:
@@ -957,3 +1012,146 @@ def test_record_kinds_used_in_table_are_what_the_names_say() -> None:
     for example in CASES:
         for name in example.keep | example.delete:
             assert make_record(name).kind is not Kind.UNKNOWN, name
+
+
+# --------------------------------------------------------------------------------------------------
+# Later additions to the planner: <name>.keep pins, a pending save_last="link" target, per-run policies.
+# --------------------------------------------------------------------------------------------------
+
+
+def test_keep_marker_pins_its_checkpoint() -> None:
+    old = make_record(step_name(1, 100))
+    old_best = make_record(best_name(1, 100, 0.9))
+    marker = make_record(old.name + ".keep", size=0)
+    best_marker = make_record(old_best.name + ".keep", entry_type=EntryType.DIRECTORY, complete=False)
+    newest = make_record(step_name(2, 200))
+    recs = [old, old_best, marker, best_marker, newest, make_record(LAST)]
+    result = by_name(plan(recs, Policy(save_top_k_checkpoints=1, save_top_k_best=0)))
+    assert result[old.name].action is Action.KEEP
+    assert result[old.name].reasons == (f"pinned by {old.name}.keep",)
+    assert result[old_best.name].reasons == (f"pinned by {old_best.name}.keep",)
+    assert result[marker.name].action is Action.SKIP
+    assert result[newest.name].action is Action.KEEP
+
+
+def test_keep_marker_only_pins_its_own_directory_and_exact_name() -> None:
+    step = step_name(1, 100)
+    recs = [
+        make_record(step, RUN),
+        make_record(step + ".keep", OTHER),  # another group
+        make_record(step_name(2, 200), RUN),
+        make_record(step_name(2, 200).removesuffix(".ckpt") + ".keep", RUN),  # not <name>.keep
+        make_record(LAST, RUN),
+    ]
+    decisions = by_relative_path(plan(recs, Policy(save_top_k_checkpoints=0)))
+    assert decisions["run/" + step].action is Action.DELETE
+    assert decisions["run/" + step_name(2, 200)].action is Action.DELETE
+
+
+def test_keep_marker_counts_as_kept_for_rule_5() -> None:
+    old = make_record(step_name(1, 100))
+    newest = make_record(step_name(2, 200))
+    result = by_name(plan([old, newest, make_record(old.name + ".keep")], Policy(save_top_k_checkpoints=0)))
+    assert result[old.name].action is Action.KEEP
+    assert result[newest.name].action is Action.DELETE
+
+
+PENDING_STEP = "newest step checkpoint: last.ckpt does not point at it yet"
+PENDING_BEST = "newest best checkpoint: last.ckpt does not point at it yet"
+
+
+def test_last_link_to_an_older_step_keeps_the_newest_step_until_it_moves() -> None:
+    """save_last="link": Lightning saves the new checkpoint first and moves last.ckpt afterwards."""
+    old = make_record(step_name(1, 100))
+    middle = make_record(step_name(2, 200))
+    newest = make_record(step_name(3, 300))
+    newest_v1 = make_record(step_name(3, 300, version=1))
+    newest_best = make_record(best_name(3, 300, 0.9))
+    last = make_record(LAST, entry_type=EntryType.SYMLINK, link_target=old.path)
+    policy = Policy(save_top_k_checkpoints=0, save_top_k_best=0)
+    result = by_name(plan([last, old, middle, newest, newest_v1, newest_best], policy))
+    assert result[old.name].reasons == ("target of run/last.ckpt",)
+    assert result[newest.name].reasons == (PENDING_STEP,)
+    assert result[newest_v1.name].reasons == (PENDING_STEP,)  # every step checkpoint at the newest step
+    # the link moves within its own kind (the callback that owns it), so the newest best may go
+    assert result[newest_best.name].action is Action.DELETE
+    assert result[middle.name].action is Action.DELETE
+    # once the link points at the newest, the previous target goes
+    moved = dataclasses.replace(last, link_target=newest_v1.path)
+    after = by_name(plan([moved, old, middle, newest, newest_v1, newest_best], policy))
+    assert after[newest_v1.name].reasons == ("target of run/last.ckpt",)
+    assert after[old.name].action is Action.DELETE
+    assert after[newest.name].action is Action.DELETE
+
+
+def test_last_link_to_an_older_best_keeps_the_newest_best() -> None:
+    old_best = make_record(best_name(1, 100, 0.1))
+    new_best = make_record(best_name(2, 200, 0.9))
+    newest_step = make_record(step_name(3, 300))
+    last = make_record(LAST, entry_type=EntryType.SYMLINK, link_target=old_best.path)
+    result = by_name(
+        plan([last, old_best, new_best, newest_step], Policy(save_top_k_checkpoints=0, save_top_k_best=0))
+    )
+    assert result[new_best.name].reasons == (PENDING_BEST,)
+    assert result[newest_step.name].action is Action.DELETE
+
+
+def test_dangling_last_link_keeps_the_newest_of_each_kind() -> None:
+    gone = RUN / step_name(4, 400)
+    last = make_record(LAST, entry_type=EntryType.SYMLINK, link_target=gone, complete=False)
+    step = make_record(step_name(3, 300))
+    older = make_record(step_name(2, 200))
+    best = make_record(best_name(1, 100, 0.5))
+    result = by_name(plan([last, step, older, best], Policy(save_top_k_checkpoints=0, save_top_k_best=0)))
+    assert result[step.name].reasons == (PENDING_STEP,)
+    assert result[best.name].reasons == (PENDING_BEST,)
+    assert result[older.name].action is Action.DELETE
+
+
+def test_pending_link_reasons_do_not_depend_on_input_order() -> None:
+    step = make_record(step_name(0, 0))
+    links = [
+        make_record(name, entry_type=EntryType.SYMLINK, link_target=RUN / "gone.ckpt", complete=False)
+        for name in (LAST, "last-v1.ckpt")
+    ]
+    policy = Policy(save_top_k_checkpoints=0, save_top_k_best=0)
+    forward = by_name(plan([step, *links], policy))[step.name].reasons
+    backward = by_name(plan([step, *reversed(links)], policy))[step.name].reasons
+    assert forward == backward
+
+
+def test_last_link_into_another_directory_is_not_a_pending_link() -> None:
+    elsewhere = make_record(step_name(1, 100), OTHER)
+    newest = make_record(step_name(3, 300), RUN)
+    older = make_record(step_name(2, 200), RUN)
+    last = make_record(LAST, RUN, entry_type=EntryType.SYMLINK, link_target=elsewhere.path)
+    decisions = by_relative_path(
+        plan([last, elsewhere, newest, older, make_record(LAST, OTHER)], Policy(save_top_k_checkpoints=0))
+    )
+    assert decisions["run/" + newest.name].action is Action.DELETE
+    assert decisions["other/" + elsewhere.name].action is Action.KEEP
+
+
+def test_group_policies_override_the_policy_per_directory() -> None:
+    names = [step_name(epoch, 100 * epoch) for epoch in range(1, 5)]
+    recs = [*records(names, RUN), *records(names, OTHER)]
+    result = plan(
+        recs,
+        Policy(save_top_k_checkpoints=1),
+        group_policies={OTHER: Policy(save_top_k_checkpoints=3)},
+    )
+    decisions = by_relative_path(result)
+    assert [decisions["run/" + name].action for name in names] == [Action.DELETE] * 3 + [Action.KEEP]
+    assert [decisions["other/" + name].action for name in names] == [Action.DELETE] + [Action.KEEP] * 3
+    assert decisions["other/" + names[1]].reasons == ("newest 3 step checkpoints (#3 of 3)",)
+
+
+def test_last_link_to_another_last_file_is_not_a_pending_move() -> None:
+    """last.ckpt -> last-v1.ckpt (a kept file, not a candidate): nothing is about to become its target."""
+    other_last = make_record("last-v1.ckpt")
+    link = make_record(LAST, entry_type=EntryType.SYMLINK, link_target=other_last.path)
+    newest = make_record(step_name(3, 300))
+    result = by_name(plan([link, other_last, newest], Policy(save_top_k_checkpoints=0, save_top_k_best=0)))
+    assert result[newest.name].action is Action.DELETE
+    assert result[LAST].action is Action.KEEP
+    assert result["last-v1.ckpt"].action is Action.KEEP
