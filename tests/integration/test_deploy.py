@@ -43,7 +43,7 @@ import yaml
 
 from ckpt_watcher.cli import build_parser
 from ckpt_watcher.policy import load_policy
-from tests.support.daemon import DaemonProcess, NotifySocket, running_daemon, wait_until
+from tests.support.daemon import DaemonProcess, NotifySocket, only_child, running_daemon, wait_until
 from tests.support.factories import step_name, write_checkpoint
 
 pytestmark = pytest.mark.timeout(180)
@@ -142,22 +142,9 @@ def _as_pid_1(command: Sequence[str]) -> list[str]:
     return [_tool("unshare"), *flags, *command]
 
 
-def _only_child(pid: int) -> int:
-    children: list[int] = []
-
-    def found() -> bool:
-        nonlocal children
-        path = Path(f"/proc/{pid}/task/{pid}/children")
-        children = [int(part) for part in path.read_text().split()] if path.exists() else []
-        return len(children) == 1
-
-    wait_until(found, timeout=10, what=f"the child of {pid}")
-    return children[0]
-
-
 def _stop_pid_1(daemon: DaemonProcess) -> tuple[int, float]:
     """SIGTERM to the namespace's PID 1 (as `docker stop` / kubelet do); its exit code and how long."""
-    child = _only_child(daemon.process.pid)
+    child = only_child(daemon.process.pid)
     started = time.monotonic()
     os.kill(child, signal.SIGTERM)
     code = daemon.process.wait(timeout=10)

@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 import time
 import zipfile
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from tests.support.daemon import run_snippet
 from tests.support.factories import step_name, write_checkpoint
 
 pytestmark = pytest.mark.timeout(240)
@@ -28,10 +28,6 @@ def _backdate(path: Path, when: float = AN_HOUR_AGO) -> None:
         for name in files + directories:
             os.utime(Path(directory, name), (when, when), follow_symlinks=False)
     os.utime(path, (when, when))
-
-
-def _python(code: str, *arguments: str) -> None:
-    subprocess.run([sys.executable, "-c", textwrap.dedent(code), *arguments], check=True, timeout=200)
 
 
 def _prune(*arguments: str) -> subprocess.CompletedProcess[str]:
@@ -65,7 +61,7 @@ def deepspeed_layout(path: Path, *, complete: bool = True) -> Path:
 
 def dcp_save(path: Path, *, lightning_meta: bool) -> None:
     """A real torch.distributed.checkpoint save on CPU; Lightning's sharded FSDP adds meta.pt last."""
-    _python(
+    run_snippet(
         """
         import sys, warnings, torch
         import torch.distributed.checkpoint as dcp
@@ -220,7 +216,7 @@ def _corrupt_pickle(path: Path) -> None:
 def test_verify_load_skips_a_zip_valid_file_whose_pickle_is_corrupt(tmp_path: Path) -> None:
     root = tmp_path / "run"
     root.mkdir()
-    _python(
+    run_snippet(
         """
         import sys, torch
         for step in (500, 1000, 1500):
@@ -251,7 +247,7 @@ def test_verify_load_skips_a_zip_valid_file_whose_pickle_is_corrupt(tmp_path: Pa
 def test_verify_load_accepts_checkpoints_with_objects_the_safe_loader_refuses(tmp_path: Path) -> None:
     root = tmp_path / "run"
     root.mkdir()
-    _python(
+    run_snippet(
         """
         import argparse, sys, torch
         for step in (500, 1000):

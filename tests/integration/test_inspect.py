@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from tests.support.daemon import run_snippet
 from tests.support.factories import step_name, write_truncated
 
 pytestmark = pytest.mark.timeout(300)
@@ -31,10 +32,6 @@ def _inspect(*arguments: str) -> subprocess.CompletedProcess[str]:
 
 def _documents(completed: subprocess.CompletedProcess[str]) -> dict[str, dict[str, Any]]:
     return {Path(document["path"]).name: document for document in json.loads(completed.stdout)}
-
-
-def _python(code: str, *arguments: str) -> None:
-    subprocess.run([sys.executable, "-c", textwrap.dedent(code), *arguments], check=True, timeout=240)
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +100,7 @@ def test_table_has_one_row_per_checkpoint_and_callback_details(lightning_directo
 
 def test_weights_only_file_truncated_file_and_non_checkpoint(tmp_path: Path) -> None:
     weights = tmp_path / step_name(0, 100)
-    _python(
+    run_snippet(
         """
         import sys, torch
         torch.save({"layer.weight": torch.zeros(4, 4, dtype=torch.bfloat16), "layer.bias": torch.zeros(4)},
@@ -131,7 +128,7 @@ def test_weights_only_file_truncated_file_and_non_checkpoint(tmp_path: Path) -> 
 
 def test_name_and_contents_that_disagree_are_a_warning(tmp_path: Path) -> None:
     misnamed = tmp_path / step_name(2, 1500)
-    _python(
+    run_snippet(
         """
         import sys, torch
         torch.save({"epoch": 2, "global_step": 1499, "state_dict": {"w": torch.zeros(2)},
@@ -148,7 +145,7 @@ def test_name_and_contents_that_disagree_are_a_warning(tmp_path: Path) -> None:
 
 def test_objects_the_safe_loader_refuses_are_named_and_unsafe_shows_them(tmp_path: Path) -> None:
     custom = tmp_path / step_name(0, 300)
-    _python(
+    run_snippet(
         """
         import argparse, sys, torch
         torch.save({"epoch": 0, "global_step": 300, "state_dict": {"w": torch.zeros(3)},
@@ -174,7 +171,7 @@ def test_objects_the_safe_loader_refuses_are_named_and_unsafe_shows_them(tmp_pat
 def test_large_checkpoint_is_inspected_in_little_memory(tmp_path: Path) -> None:
     """A 1 GiB checkpoint: peak RSS of the child stays near that of importing torch, far below the file."""
     big = tmp_path / "big.ckpt"
-    _python(
+    run_snippet(
         """
         import sys, torch
         torch.save({"state_dict": {f"w{i}": torch.zeros(64 * 1024 * 1024) for i in range(4)}}, sys.argv[1])

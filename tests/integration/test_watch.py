@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.daemon import DaemonProcess, NotifySocket, running_daemon, wait_until
+from tests.support.daemon import DaemonProcess, NotifySocket, only_child, running_daemon, wait_until
 from tests.support.factories import best_name, step_name, write_checkpoint, zip_bytes
 
 pytestmark = pytest.mark.timeout(120)
@@ -368,7 +368,7 @@ def test_daemon_as_pid_1_stops_on_sigterm(root: Path, tmp_path: Path) -> None:
     daemon = DaemonProcess(["watch", str(root)], tmp_path / "log", command=command)
     try:
         daemon.wait_ready()
-        child = _only_child(daemon.process.pid)
+        child = only_child(daemon.process.pid)
         started = time.monotonic()
         os.kill(child, signal.SIGTERM)  # signal the daemon itself, PID 1 of its namespace
         assert daemon.process.wait(timeout=10) == 0
@@ -376,19 +376,6 @@ def test_daemon_as_pid_1_stops_on_sigterm(root: Path, tmp_path: Path) -> None:
         assert daemon.events("watch_stopped")
     finally:
         daemon.close()
-
-
-def _only_child(pid: int) -> int:
-    children: list[int] = []
-
-    def found() -> bool:
-        nonlocal children
-        path = Path(f"/proc/{pid}/task/{pid}/children")
-        children = [int(part) for part in path.read_text().split()] if path.exists() else []
-        return len(children) == 1
-
-    wait_until(found, timeout=10, what=f"the child of {pid}")
-    return children[0]
 
 
 _HUNG_WORKER = """

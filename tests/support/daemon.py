@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -18,6 +19,25 @@ from typing import Any
 DEFAULT_TIMEOUT = 30.0
 
 LogRecord = dict[str, Any]
+
+
+def only_child(pid: int) -> int:
+    """The one child process of ``pid`` (e.g. the daemon that ``unshare --fork`` started)."""
+    children: list[int] = []
+
+    def found() -> bool:
+        nonlocal children
+        path = Path(f"/proc/{pid}/task/{pid}/children")
+        children = [int(part) for part in path.read_text().split()] if path.exists() else []
+        return len(children) == 1
+
+    wait_until(found, timeout=10, what=f"the child of {pid}")
+    return children[0]
+
+
+def run_snippet(code: str, *arguments: str, timeout: float = 240) -> None:
+    """Run a dedented Python snippet in a child interpreter (e.g. to write checkpoints with torch)."""
+    subprocess.run([sys.executable, "-c", textwrap.dedent(code), *arguments], check=True, timeout=timeout)
 
 
 def wait_until(condition: Callable[[], bool], timeout: float = DEFAULT_TIMEOUT, what: str = "") -> None:
