@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -19,8 +20,19 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import structlog
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.events import (
+    DirCreatedEvent,
+    DirDeletedEvent,
+    DirMovedEvent,
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileDeletedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
 from watchdog.observers import Observer
+from watchdog.observers.api import ObservedWatch
 from watchdog.observers.polling import PollingObserver
 
 from ckpt_watcher.delete import DeletionResult, Outcome, apply_group, remove_leftovers
@@ -144,12 +156,58 @@ class ObserverLike(Protocol):
 ObserverFactory = Callable[[float | None], ObserverLike]
 
 
+# What the router uses from inotify. Leaving out opens, closes without writes, modifications and
+# attribute changes means the kernel does not even queue them: the start-up reconcile opens every
+# checkpoint, and a multi-GB write is thousands of IN_MODIFY, none of which would be acted on.
+_INOTIFY_EVENTS: list[type[FileSystemEvent]] = [
+    FileCreatedEvent,
+    FileDeletedEvent,
+    FileMovedEvent,
+    FileClosedEvent,
+    DirCreatedEvent,
+    DirDeletedEvent,
+    DirMovedEvent,
+]
+
+
+def _lean_inotify_observer() -> ObserverLike:
+    """inotify with full move events and only the events the router needs.
+
+    ``generate_full_events`` reports a file renamed in from outside the tree (Lightning's atomic save:
+    a temp file in $TMPDIR moved into place) as a move with no source, instead of as a creation, so it
+    counts at once rather than after the settle time.
+    """
+    from watchdog.observers.inotify import InotifyObserver  # noqa: PLC0415  (Linux only)
+
+    class LeanInotifyObserver(InotifyObserver):
+        def schedule(
+            self,
+            event_handler: FileSystemEventHandler,
+            path: str | Path,
+            *,
+            recursive: bool = False,
+            event_filter: list[type[FileSystemEvent]] | None = None,
+            follow_symlink: bool = False,
+        ) -> ObservedWatch:
+            return super().schedule(
+                event_handler,
+                path,
+                recursive=recursive,
+                event_filter=event_filter if event_filter is not None else _INOTIFY_EVENTS,
+                follow_symlink=follow_symlink,
+            )
+
+    return LeanInotifyObserver(generate_full_events=True)
+
+
 def default_observer_factory(poll_interval: float | None) -> ObserverLike:
-    """inotify (watchdog's native observer) or, with an interval, the polling observer."""
-    if poll_interval is None:
-        observer: ObserverLike = Observer()
-        return observer
-    return PollingObserver(timeout=poll_interval)
+    """inotify (lean, see above) or, with an interval, the polling observer."""
+    if poll_interval is not None:
+        return PollingObserver(timeout=poll_interval)
+    if sys.platform.startswith("linux"):
+        return _lean_inotify_observer()
+    observer: ObserverLike = Observer()
+    return observer
 
 
 class EventRouter(FileSystemEventHandler):
@@ -196,8 +254,12 @@ class EventRouter(FileSystemEventHandler):
                     self._inbox.add_tree(path)
             return
         if event_type == "moved":
-            self._inbox.add_file(source)
-            self._inbox.add_file(destination, closed=True)
+            # Either side may be empty: moved in from outside the tree, or out of it. A rename is
+            # atomic, so what arrives is as complete as it will ever be (the zip check still applies).
+            if source:
+                self._inbox.add_file(source)
+            if destination:
+                self._inbox.add_file(destination, closed=True)
             return
         self._inbox.add_file(source, closed=event_type == "closed")
 

@@ -203,12 +203,18 @@ def test_slow_writer_is_never_counted_until_complete(root: Path, tmp_path: Path)
         wait_until(lambda: _names(root) == {step_name(0, 200), step_name(0, 300)}, what="200 and 300 kept")
 
 
-def test_atomic_writer_moving_into_place_is_counted(root: Path, tmp_path: Path) -> None:
-    """A temp file in another directory moved into place (as Lightning's fsspec transaction does)."""
+def test_atomic_writer_moving_into_place_is_counted_at_once(root: Path, tmp_path: Path) -> None:
+    """A temp file in another directory renamed into place, as Lightning's atomic save does.
+
+    The rename is atomic, so the file counts at once: with a settle time of 10 minutes, only that
+    can make the deletion happen within the test's deadline.
+    """
     staging = tmp_path / "staging"
     staging.mkdir()
-    _steps(root, range(100, 600, 100))
-    with running_daemon(["watch", str(root), "--settle", "0"], tmp_path / "log") as daemon:
+    an_hour_ago = time.time() - 3600
+    for name in _steps(root, range(100, 600, 100)):
+        os.utime(root / name, (an_hour_ago, an_hour_ago))  # settled long ago
+    with running_daemon(["watch", str(root), "--settle", "600"], tmp_path / "log") as daemon:
         daemon.wait_ready()
         temporary = write_checkpoint(staging / "tmpabc123")
         os.rename(temporary, root / step_name(0, 600))
