@@ -8,6 +8,7 @@ command's output (table or JSON); everything else is a structured log record on 
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import signal
 import sys
@@ -255,6 +256,18 @@ def log_scan_warnings(scan: ScanResult) -> None:
 
 def run_prune(arguments: argparse.Namespace) -> int:
     """``prune``: scan, plan, and delete (or, with --dry-run, only show)."""
+    # A one-shot run builds a few objects per checkpoint, none of them cyclic garbage; the cyclic
+    # collector would only traverse them again and again (a quarter of the time at 100k checkpoints).
+    collector_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return _prune(arguments)
+    finally:
+        if collector_was_enabled:
+            gc.enable()
+
+
+def _prune(arguments: argparse.Namespace) -> int:
     loaded = load_policy_logged(arguments.policy)
     root = resolve_root(arguments.path)
     tree = PolicyTree(root, loaded, strict=True)

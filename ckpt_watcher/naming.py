@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import enum
+import functools
 import re
 import string
 from dataclasses import dataclass
@@ -124,6 +125,7 @@ class CompiledTemplate:
         )
 
 
+@functools.lru_cache(maxsize=1024)
 def _is_calendar_date(text: str) -> bool:
     try:
         datetime.datetime.strptime(text, "%Y%m%d")
