@@ -63,7 +63,7 @@ PRESETS: dict[str, dict[str, object]] = {
     "smoke": {
         "sizes": [100, 300],
         "repeats": 1,
-        "latency_events": 8,
+        "latency_events": 6,
         "settle_events": 0,
         "burst": 40,
         "rest_size": 300,
