@@ -52,6 +52,7 @@ MAXIMUM_PICKLE_OPCODES = 4_000_000
 MAXIMUM_OBJECTS_WALKED = 1_000_000
 _MODEL_CHECKPOINT_PREFIX = "ModelCheckpoint"
 _STORED = 0
+_REFUSED = "refused: "
 _COMPRESSION_NAMES = {8: "deflate", 9: "deflate64", 12: "bzip2", 14: "lzma", 93: "zstandard", 95: "xz"}
 
 logger = structlog.get_logger("ckpt_watcher.contents")
@@ -279,13 +280,16 @@ def _checked_archive(file_descriptor: int, contents: CheckpointContents) -> list
         contents.error = "not a regular file (a FIFO, socket or device is never read)"
         return None
     contents.bytes = status.st_size
+    listing = list_archive(file_descriptor, status.st_size)  # first: it bounds what it reads
+    if isinstance(listing, str) and listing.startswith(_REFUSED):
+        contents.error = listing
+        return None
     verdict = check_zip_file(file_descriptor, status.st_size)
     contents.complete = verdict.complete
     contents.integrity = "complete zip archive" if verdict.complete else (verdict.reason or "incomplete")
     if not verdict.complete:
         contents.error = f"not a complete checkpoint: {contents.integrity}"
         return None
-    listing = list_archive(file_descriptor, status.st_size)
     if isinstance(listing, str):
         contents.error = listing
         return None

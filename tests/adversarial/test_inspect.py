@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import struct
 import textwrap
 from collections.abc import Callable
 from pathlib import Path
@@ -346,6 +347,33 @@ def test_a_pickle_that_builds_millions_of_objects_is_refused_in_bounded_memory(
     reason = _verify_loadable(opcode_bomb, limit)
     assert reason is not None
     assert reason.startswith(refused)
+
+
+@pytest.mark.slow
+def test_a_huge_claimed_central_directory_is_refused_unread(hostile: Path, tmp_path: Path) -> None:
+    """A sparse file whose end record claims a 1 GiB central directory: nothing that large is read."""
+    sparse = tmp_path / step_name(0, 900)
+    directory_size = 1 << 30
+    size = directory_size + (1 << 20)
+    with sparse.open("wb") as file:
+        file.write(b"PK\x03\x04")
+        file.truncate(size)
+        file.seek(size - 22)
+        file.write(
+            struct.pack("<4s4H2LH", b"PK\x05\x06", 0, 0, 1, 1, directory_size, size - 22 - directory_size, 0)
+        )
+    good = hostile / "good.ckpt"
+    limit = peak_address_space(["inspect", str(good), "--json"], tmp_path) + MEMORY_MARGIN
+
+    bounded = run_with_address_space_limit(["inspect", str(sparse), str(good), "--json"], limit)
+
+    assert bounded.returncode == 1, bounded.stderr.decode(errors="replace")
+    documents = {Path(document["path"]).name: document for document in _strict_json(bounded.stdout)}
+    assert documents[sparse.name]["error"] == (
+        f"refused: its central directory holds {directory_size} bytes, "
+        "more than the 67108864 ckpt-watcher reads"
+    )
+    assert documents["good.ckpt"]["error"] is None
 
 
 @pytest.mark.slow
