@@ -146,7 +146,7 @@ def test_log_records_escape_every_string_value(stream_type: type[io.StringIO]) -
         )
         output = stream.getvalue()
     finally:
-        configure_logging("info")
+        structlog.reset_defaults()  # later tests must not write to this stream
 
     assert output.endswith("\n")
     assert output.count("\n") == 1  # one record, one line: a name cannot forge a second one
