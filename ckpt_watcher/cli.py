@@ -23,7 +23,6 @@ from ckpt_watcher import __version__
 from ckpt_watcher.delete import apply_plan
 from ckpt_watcher.lock import LockHeldError
 from ckpt_watcher.logs import LEVELS, configure_logging
-from ckpt_watcher.naming import CHECKPOINT_EXTENSION, Kind, Naming
 from ckpt_watcher.notify import Notifier
 from ckpt_watcher.overrides import PolicyTree
 from ckpt_watcher.plan import plan
@@ -373,44 +372,17 @@ def supervise(watcher: Watcher) -> int:
 
 def run_inspect(arguments: argparse.Namespace) -> int:
     """``inspect``: one row (or JSON object) per checkpoint; exit 1 if any could not be read."""
-    from ckpt_watcher.contents import inspect_checkpoint  # noqa: PLC0415  (keeps torch off other commands)
+    from ckpt_watcher.contents import inspect_paths  # noqa: PLC0415  (keeps torch off other commands)
 
     loaded = load_policy_logged(arguments.policy)
-    naming = loaded.policy.compiled_naming
     if arguments.unsafe:
         logger.warning(
             "unsafe_load_enabled",
             detail="checkpoints the safe loader refuses will run their pickle code; trusted files only",
         )
-    paths = expand_inspect_paths(arguments.paths, naming)
-    results = [inspect_checkpoint(path, unsafe=arguments.unsafe, naming=naming) for path in paths]
-    for result in results:
-        if result.error is not None:
-            logger.error("inspect_failed", path=str(result.path), error=result.error)
+    results = inspect_paths(arguments.paths, unsafe=arguments.unsafe, naming=loaded.policy.compiled_naming)
     if arguments.json:
         print(render_json([contents_document(result) for result in results]))
     else:
         print(render_contents_table(results))
     return EXIT_OK if all(result.ok for result in results) else EXIT_DELETE_FAILED
-
-
-def expand_inspect_paths(paths: Sequence[Path], naming: Naming) -> list[Path]:
-    """Files as given; a plain directory becomes its checkpoint files (sorted by step, then name)."""
-    expanded: list[Path] = []
-    for path in paths:
-        if path.is_dir() and naming.classify(path.name).kind is Kind.UNKNOWN:
-            entries = [
-                entry
-                for entry in path.iterdir()
-                if entry.name.endswith(CHECKPOINT_EXTENSION) and not entry.is_dir()
-            ]
-            expanded.extend(sorted(entries, key=lambda entry: _inspect_order(entry, naming)))
-        else:
-            expanded.append(path)
-    return expanded
-
-
-def _inspect_order(path: Path, naming: Naming) -> tuple[int, int, str]:
-    parsed = naming.classify(path.name)
-    order = {Kind.STEP: 0, Kind.BEST: 1, Kind.LAST: 2}.get(parsed.kind, 3)
-    return (order, parsed.step or 0, path.name)

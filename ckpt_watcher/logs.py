@@ -1,14 +1,51 @@
-"""structlog set-up: JSON lines on stderr when it is not a terminal, the console renderer when it is."""
+"""structlog set-up: JSON lines on stderr when it is not a terminal, the console renderer when it is.
+
+Every string in a record goes through ``display_name`` (one processor, so no call site can forget):
+a path with a newline, a terminal escape or bytes that are not UTF-8 cannot forge a record, steer a
+terminal or make the output invalid UTF-8.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
-from typing import TextIO
+from collections.abc import Mapping, MutableMapping
+from typing import Any, TextIO
 
 import structlog
 
+from ckpt_watcher.records import display_name
+
 LEVELS = ("debug", "info", "warning", "error")
+
+# structlog's format_exc_info puts the traceback here: escaped line by line, so it stays readable.
+_MULTI_LINE_KEYS = frozenset({"exception"})
+
+
+def escape_text_values(
+    logger: Any, method_name: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """A structlog processor: every string value (in lists and dicts too) and every path, escaped.
+
+    Values that ``display_name`` already escaped are left as they are.
+    """
+    for key, value in event_dict.items():
+        if key in _MULTI_LINE_KEYS and isinstance(value, str):
+            event_dict[key] = "\n".join(display_name(line) for line in value.split("\n"))
+        else:
+            event_dict[key] = _escaped(value)
+    return event_dict
+
+
+def _escaped(value: Any) -> Any:
+    if isinstance(value, str | os.PathLike):
+        return display_name(value)
+    if isinstance(value, Mapping):
+        return {_escaped(key): _escaped(item) for key, item in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [_escaped(item) for item in value]
+    return value
 
 
 def configure_logging(level: str = "info", stream: TextIO | None = None) -> None:
@@ -25,6 +62,7 @@ def configure_logging(level: str = "info", stream: TextIO | None = None) -> None
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
+            escape_text_values,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),

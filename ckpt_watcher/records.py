@@ -5,6 +5,8 @@ from __future__ import annotations
 import enum
 import math
 import os
+import re
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -112,9 +114,51 @@ def name_fields(parsed: ParsedName) -> dict[str, Any]:
     }
 
 
-def display_name(name: str) -> str:
-    """A name safe to print: bytes that are not UTF-8 (kept by surrogateescape) shown as U+FFFD."""
-    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+class DisplayText(str):
+    """Text that ``display_name`` already escaped: escaping it again returns it unchanged."""
+
+    __slots__ = ()
+
+
+# Printable ASCII other than the backslash is shown as it is; anything else is looked at closely.
+_PLAIN = re.compile(r"[\x20-\x5b\x5d-\x7e]*")
+_NAMED_ESCAPES = {"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+# Control, format (bidi overrides, zero-width), surrogate, line and paragraph separator characters.
+_INVISIBLE_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
+_SURROGATE_ESCAPED_BYTES = range(0xDC80, 0xDD00)  # os.fsdecode keeps an undecodable byte B as U+DC00+B
+
+
+def display_name(name: str | os.PathLike[str]) -> str:
+    """The one way a name (or any text holding names) is printed: valid UTF-8 on one line, unambiguous.
+
+    Python-style escapes: ``\\\\`` for a backslash, ``\\n``, ``\\r``, ``\\t``; ``\\xNN`` for a
+    byte that is not UTF-8 (NN >= 80) and for the other ASCII controls (NN < 80); ``\\uNNNN`` (or
+    ``\\UNNNNNNNN``) for other control, format, surrogate and line-separator characters. Every other
+    character is shown as it is, so ordinary names (also non-ASCII ones) print unchanged. Two
+    different names never print the same, no name can start a new line or steer a terminal, and text
+    this function returned is returned unchanged (plain text as it is, escaped text as a ``DisplayText``).
+    """
+    if isinstance(name, DisplayText):
+        return name
+    text = os.fspath(name)
+    if _PLAIN.fullmatch(text):
+        return text  # nothing to escape: the same object (escaping it again changes nothing either)
+    return DisplayText("".join(_escape_character(character) for character in text))
+
+
+def _escape_character(character: str) -> str:
+    if character in _NAMED_ESCAPES:
+        return _NAMED_ESCAPES[character]
+    code = ord(character)
+    if 0x20 <= code < 0x7F:
+        return character
+    if code in _SURROGATE_ESCAPED_BYTES:
+        return f"\\x{code - 0xDC00:02x}"
+    if code < 0x80:
+        return f"\\x{code:02x}"
+    if unicodedata.category(character) in _INVISIBLE_CATEGORIES:
+        return f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}"
+    return character
 
 
 def metric_for_json(record: CheckpointRecord) -> float | str | None:

@@ -1,9 +1,15 @@
-"""Render a plan for people (the dry-run table) and for programs (one JSON document)."""
+"""Render a plan for people (the dry-run table) and for programs (one JSON document).
+
+Every cell of a table and every string of a JSON document (keys too) goes through ``display_name``, so
+a name cannot forge a row, steer a terminal or make the output invalid UTF-8; non-finite numbers are
+carried in JSON as the text ``inf``/``-inf``/``nan``.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -29,16 +35,17 @@ def human_bytes(count: int) -> str:
 
 def _row(decision: Decision) -> tuple[str, ...]:
     record = decision.record
-    return (
+    cells = (
         decision.action.value,
         record.kind.value,
         "" if record.epoch is None else str(record.epoch),
         "" if record.step is None else str(record.step),
         record.metric_text or "",
         human_bytes(record.bytes) if record.bytes else "",
-        display_name(record.name),
+        record.name,
         "; ".join(decision.reasons),
     )
+    return tuple(display_name(cell) for cell in cells)
 
 
 def render_table(
@@ -56,7 +63,7 @@ def render_table(
         ]
         header = display_name(str(group.directory))
         if sources and group.directory in sources:
-            header += f"  (policy: {' + '.join(sources[group.directory])})"
+            header += f"  (policy: {display_name(' + '.join(sources[group.directory]))})"
         lines.append(header)
         for row in [_COLUMNS, *rows]:
             cells = [cell.ljust(width) for cell, width in zip(row[:-1], widths, strict=True)]
@@ -148,8 +155,43 @@ def policy_document(loaded: LoadedPolicy) -> dict[str, Any]:
 
 
 def render_json(document: Mapping[str, Any] | list[dict[str, Any]]) -> str:
-    """Stable, indented JSON."""
-    return json.dumps(document, indent=2, allow_nan=False)
+    """Stable, indented, standard JSON: every string escaped, non-finite numbers as text."""
+    return json.dumps(json_ready(document), indent=2, allow_nan=False)
+
+
+def json_ready(value: Any) -> Any:
+    """``value`` with every string (keys too) escaped, every non-finite float as ``inf``/``-inf``/``nan``.
+
+    Containers in which nothing changes are returned as they are (a large plan is not copied).
+    """
+    kind = type(value)
+    if kind in _JSON_AS_IS:
+        return value
+    if isinstance(value, str):
+        return display_name(value)
+    if isinstance(value, float):
+        return value if math.isfinite(value) else repr(value)
+    if isinstance(value, Mapping):
+        if all(_json_key(key) is key and json_ready(item) is item for key, item in value.items()):
+            return value
+        return {_json_key(key): json_ready(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        if all(json_ready(item) is item for item in value):
+            return value
+        return [json_ready(item) for item in value]
+    return value
+
+
+_JSON_AS_IS = frozenset({int, bool, type(None)})
+
+
+def _json_key(key: Any) -> Any:
+    """A key json.dumps accepts as it is (None, bool, int, finite float), else escaped text."""
+    if type(key) is str:
+        return display_name(key)
+    if key is None or isinstance(key, bool | int) or (isinstance(key, float) and math.isfinite(key)):
+        return key
+    return display_name(key if isinstance(key, str) else repr(key))
 
 
 def render_policy(loaded: LoadedPolicy) -> str:
@@ -199,20 +241,19 @@ def render_contents_table(results: list[CheckpointContents]) -> str:
             rows.append((display_name(result.path.name), *blank, human_bytes(result.bytes), "", "error"))
             continue
         resume = {True: "yes", False: "weights only", None: "?"}[result.resumable]
-        rows.append(
-            (
-                display_name(result.path.name),
-                "" if result.epoch is None else str(result.epoch),
-                "" if result.global_step is None else str(result.global_step),
-                resume if result.loaded else "?",
-                str(result.tensor_count),
-                human_bytes(result.tensor_bytes),
-                ",".join(result.dtypes) if result.dtypes else "",
-                human_bytes(result.bytes),
-                result.lightning_version or "",
-                "warning" if result.warnings else "ok",
-            )
+        cells = (
+            result.path.name,
+            "" if result.epoch is None else str(result.epoch),
+            "" if result.global_step is None else str(result.global_step),
+            resume if result.loaded else "?",
+            str(result.tensor_count),
+            human_bytes(result.tensor_bytes),
+            ",".join(result.dtypes) if result.dtypes else "",
+            human_bytes(result.bytes),
+            "" if result.lightning_version is None else format_value(result.lightning_version),
+            "warning" if result.warnings else "ok",
         )
+        rows.append(tuple(display_name(cell) for cell in cells))
     widths = [max(len(row[index]) for row in rows) for index in range(len(_CONTENTS_COLUMNS))]
     lines = [
         "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows
@@ -222,8 +263,24 @@ def render_contents_table(results: list[CheckpointContents]) -> str:
         if details:
             lines.append("")
             lines.append(f"{display_name(str(result.path))}:")
-            lines.extend(f"  {detail}" for detail in details)
+            lines.extend(f"  {display_name(detail)}" for detail in details)
     return "\n".join(lines)
+
+
+def format_value(value: Any, missing: str = "none") -> str:
+    """An ``inspect`` field for the table: ``missing`` for None, numbers as ``%.6g`` (``inf``, ``nan``
+    too), described values as ``tensor(float32, shape [2, 3])`` or ``<type>``."""
+    if value is None:
+        return missing
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, Mapping):
+        tensor = value.get("tensor")
+        if isinstance(tensor, Mapping):
+            shape = ", ".join(str(size) for size in tensor.get("shape", []))
+            return f"tensor({tensor.get('dtype')}, shape [{shape}])"
+        return f"<{value.get('type', 'unknown')}>"
+    return str(value)
 
 
 def _contents_details(result: CheckpointContents) -> list[str]:
@@ -232,10 +289,12 @@ def _contents_details(result: CheckpointContents) -> list[str]:
         details.append(f"error: {result.error}")
         return details
     for state in result.model_checkpoints:
-        score = "none" if state.best_model_score is None else f"{state.best_model_score:.6g}"
         details.append(
-            f"ModelCheckpoint monitor={state.monitor} mode={state.mode} best_model_score={score} "
-            f"best_model_path={state.best_model_path} best_k_models={len(state.best_k_models)}"
+            f"ModelCheckpoint monitor={format_value(state.monitor, 'None')} "
+            f"mode={format_value(state.mode, 'None')} "
+            f"best_model_score={format_value(state.best_model_score)} "
+            f"best_model_path={format_value(state.best_model_path, 'None')} "
+            f"best_k_models={len(state.best_k_models)}"
         )
     if result.unsafe_globals:
         details.append(f"objects the safe loader refuses: {', '.join(result.unsafe_globals)}")

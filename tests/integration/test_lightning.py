@@ -353,8 +353,37 @@ def test_daemon_prunes_beside_a_lightning_run_that_then_resumes(
         assert _listing(run_directory) == expected
         unexpected = [record for record in daemon.records() if record.get("level") not in {"info", "debug"}]
         assert unexpected == [], f"the daemon warned or failed: {unexpected}"
-        assert _listing(root) == {run_directory.name, ".ckpt-watcher.lock"}
+        assert _listing(root) == {run_directory.name}  # the lock is on the directory: no file in it
 
     # Lightning's temporary files were all renamed into place (none left behind by a failed save)
     leftovers = [path.name for path in (tmp_path / "trainer-tmp").iterdir() if path.is_file()]
     assert leftovers == []
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_a_fresh_run_watched_at_its_own_dirpath_finds_it_empty(tmp_path: Path) -> None:
+    """Lightning warns "Checkpoint directory ... exists and is not empty" if its dirpath holds any file.
+
+    The daemon watches the very directory ModelCheckpoint writes into and takes its single-instance
+    lock there before the trainer starts: the lock must leave no file where the trainer looks.
+    """
+    run_directory = tmp_path / "checkpoints"
+    run_directory.mkdir()
+    run_directory = run_directory.resolve()
+    policy = tmp_path / "policy" / "retention.yaml"
+    policy.parent.mkdir()
+    policy.write_text(POLICY)
+    arguments = ["watch", str(run_directory), "--policy", str(policy), "--settle", SETTLE_SECONDS]
+
+    with running_daemon(arguments, tmp_path / "watch.jsonl") as daemon:
+        daemon.wait_ready()
+
+        run = _train(tmp_path, run_directory, "fresh", max_epochs=2, save_last="link", last_on="step")
+
+        not_empty = [warning for warning in run.manifest["warnings"] if "exists and is not empty" in warning]
+        assert not_empty == []
+        assert run.saves, "the run wrote no checkpoint"
+        code, _ = daemon.stop(signal.SIGTERM)
+        assert code == 0
+        assert not any("lock" in name for name in _listing(run_directory))

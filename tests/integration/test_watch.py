@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from ckpt_watcher.lock import PROC_LOCKS, holder_in_proc_locks
 from tests.support.daemon import DaemonProcess, NotifySocket, only_child, running_daemon, wait_until
 from tests.support.factories import best_name, step_name, write_checkpoint, zip_bytes
 
@@ -110,7 +111,9 @@ def test_path_created_late_is_watched_once_it_appears(tmp_path: Path) -> None:
         _steps(root, range(100, 800, 100))
 
         wait_until(lambda: len(_names(root)) == 5, what="pruning to 5 in the late directory")
-        assert (root / ".ckpt-watcher.lock").exists()
+        status = root.stat()  # the late directory itself is locked, by the daemon
+        holder = holder_in_proc_locks(PROC_LOCKS.read_text(), status.st_dev, status.st_ino)
+        assert holder == daemon.process.pid
 
 
 def test_path_deleted_and_recreated_is_rearmed(root: Path, tmp_path: Path) -> None:
