@@ -226,7 +226,9 @@ def test_invalid_per_run_policy_stops_prune(tmp_path: Path) -> None:
     completed = _prune(tmp_path, "checkpoint")
 
     assert completed.returncode == 2
-    assert "At 'save_top_k_checkpoints': expected a whole number, got 'many' (a string)" in completed.stderr
+    # A per-run file was not named on the command line: its values are described, not quoted.
+    assert "At 'save_top_k_checkpoints': expected a whole number, got a string" in completed.stderr
+    assert "many" not in completed.stderr
     assert len(_names(root / "run")) == 10
 
 
@@ -429,3 +431,37 @@ def test_a_resume_key_nested_deeper_than_four_levels_protects_its_checkpoint(tmp
 
     assert completed.returncode == 0, completed.stderr
     assert RESUME in _names(run)
+
+
+# --- what a per-run file may name (item 23) --------------------------------------------------------
+
+
+def test_a_per_run_file_naming_a_config_outside_the_root_stops_prune(tmp_path: Path) -> None:
+    secret = tmp_path / "home" / ".aws" / "credentials"
+    secret.parent.mkdir(parents=True)
+    secret.write_text("[default]\naws_secret_access_key = AKIAEXAMPLESECRET42\n")
+    root = tmp_path / "checkpoint"
+    for step in range(500, 5500, 500):
+        write_checkpoint(root / "run" / step_name(0, step))
+    (root / "run" / ".ckpt-watcher.yaml").write_text(f"protect_from: [{secret}]\n")
+
+    completed = _prune(tmp_path, "checkpoint")
+
+    assert completed.returncode == 2
+    assert "At 'protect_from.0': names a file outside the checkpoint root" in completed.stderr
+    assert "AKIA" not in completed.stderr + completed.stdout
+    assert len(_names(root / "run")) == 10
+
+
+def test_a_per_run_file_may_name_a_config_under_the_root(tmp_path: Path) -> None:
+    root = tmp_path / "checkpoint"
+    run = root / "run"
+    for step in range(500, 5500, 500):
+        write_checkpoint(run / step_name(0, step))
+    (run / "train.yaml").write_text(f"ckpt_path: {step_name(0, 500)}\n")
+    (run / ".ckpt-watcher.yaml").write_text("save_top_k_checkpoints: 2\nprotect_from: [train.yaml]\n")
+
+    completed = _prune(tmp_path, "checkpoint")
+
+    assert completed.returncode == 0, completed.stderr
+    assert _names(run) == {step_name(0, 500), step_name(0, 4500), step_name(0, 5000), "train.yaml"}
