@@ -27,7 +27,7 @@ from ckpt_watcher.notify import Notifier
 from ckpt_watcher.overrides import PolicyTree
 from ckpt_watcher.plan import plan
 from ckpt_watcher.policy import LoadedPolicy, PolicyError, load_policy
-from ckpt_watcher.protection import ProtectionError, ProtectionRegistry, command_line_pins
+from ckpt_watcher.protection import ProtectionError, ProtectionRegistry, command_line_pins, identities_of
 from ckpt_watcher.report import (
     contents_document,
     plan_document,
@@ -292,7 +292,7 @@ def _prune(arguments: argparse.Namespace) -> int:
     except ProtectionError as error:
         raise ManyPolicyErrors([PolicyError("protect_from", [f"At 'protect_from': {error}"])]) from None
     pins = {**command_line_pins(arguments.protect, Path.cwd()), **registry.pins()}
-    the_plan = plan(scan.records, loaded.policy, pins, group_policies)
+    the_plan = plan(scan.records, loaded.policy, pins, group_policies, pinned_identities=identities_of(pins))
     sources = {directory: value.sources for directory, value in effective.items() if value is not None}
     applied = None if arguments.dry_run else apply_plan(the_plan, root)
     if arguments.json:

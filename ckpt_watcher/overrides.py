@@ -4,12 +4,17 @@ The nearest file wins key by key; keys it does not set fall through to its paren
 policy (``--policy`` or the embedded default). ``naming`` merges template by template. Protection only
 ever adds up: ``protect`` globs and ``protect_from`` configs of every level apply together, so an
 override can never silently unprotect a resume source named higher up.
+
+A per-run file is found in the tree, not named by the user, so it is read without quoting its
+contents in errors, and its ``protect_from`` may only name configs under the root or beside the
+``--policy`` file (anything else is refused), so a file planted in a run cannot make the tool read,
+and report on, any file it can read.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +23,7 @@ import structlog
 
 from ckpt_watcher.naming import Naming
 from ckpt_watcher.policy import LoadedPolicy, Policy, PolicyError, load_policy
+from ckpt_watcher.protection import ConfigLabel
 from ckpt_watcher.records import FileIdentity
 
 logger = structlog.get_logger("ckpt_watcher.overrides")
@@ -37,11 +43,28 @@ class EffectivePolicy:
 
 @dataclass
 class _Layer:
-    """One override file as last seen: its identity, the last valid contents, and whether it is bad now."""
+    """One override file as last seen: its identity, the last valid contents, and whether it is bad now.
 
-    identity: FileIdentity | None
+    Only directories that have an override file have a layer; ``good`` is None while a file that was
+    never valid blocks its subtree.
+    """
+
+    identity: FileIdentity
     good: LoadedPolicy | None
     rejected: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class _Resolved:
+    """The answer for one directory: the valid layers from the root down, and the merged policy."""
+
+    layers: tuple[tuple[Path, _Layer], ...]
+    effective: EffectivePolicy | None  # None: an invalid override here or above blocks it
+
+
+# State for this many directories may pile up before the tree drops those that are gone; after a
+# sweep the threshold is twice what survived, so sweeping costs O(1) per directory seen.
+MINIMUM_SWEEP = 4096
 
 
 class PolicyTree:
@@ -50,6 +73,12 @@ class PolicyTree:
     ``strict`` (one-shot prune): every invalid file is collected in ``errors`` and nothing may be
     deleted. Otherwise (the daemon) an invalid edit is logged as ``policy_rejected`` and the file's
     previous valid contents stay in force; a file that was never valid blocks its subtree (``None``).
+
+    Cost is linear in the number of directories: a directory's answer is its parent's plus its own
+    file, computed once and kept until any override file is seen to change. Each question looks at
+    the directory's own file again, so an edit is seen the next time its directory is asked about (a
+    scan asks about every directory, parents first; the daemon does on the file's event and on every
+    full pass). State for directories that are gone is dropped (``retain``, and a sweep as it grows).
     """
 
     def __init__(self, root: Path, base: LoadedPolicy, *, strict: bool) -> None:
@@ -58,32 +87,36 @@ class PolicyTree:
         self.strict = strict
         self.errors: list[PolicyError] = []
         self._layers: dict[Path, _Layer] = {}
+        self._resolved: dict[Path, _Resolved] = {}
         self._memo: dict[tuple[Any, ...], EffectivePolicy] = {}
+        self._sweep_at = MINIMUM_SWEEP
+
+    @property
+    def tracked_directories(self) -> int:
+        """How many directories the tree holds state for."""
+        return len(self._resolved.keys() | self._layers.keys())
 
     def set_base(self, base: LoadedPolicy) -> None:
         """A reloaded root policy."""
         self.base = base
-        self._memo.clear()
+        self._invalidate()
+
+    def retain(self, present: Collection[Path]) -> None:
+        """Forget every directory not in ``present`` (the directories a full pass found)."""
+        gone_layers = [directory for directory in self._layers if directory not in present]
+        for directory in gone_layers:
+            del self._layers[directory]
+        for directory in [directory for directory in self._resolved if directory not in present]:
+            del self._resolved[directory]
+        if gone_layers:
+            self._invalidate()
+        self._sweep_at = max(MINIMUM_SWEEP, 2 * (len(self._resolved) + len(self._layers)))
 
     def for_directory(self, directory: Path) -> EffectivePolicy | None:
         """The effective policy in ``directory``; None while an invalid override blocks it."""
-        chain = self._chain(directory)
-        layers: list[tuple[Path, LoadedPolicy]] = []
-        for ancestor in chain:
-            layer = self._layer(ancestor)
-            if layer is None:
-                continue
-            if layer.good is None:
-                return None
-            layers.append((ancestor, layer.good))
-        # The root policy object is held for as long as it is in force, so its id is a stable key; an
-        # override is keyed by its file identity, which changes with every edit.
-        key = (id(self.base), *((ancestor, self._layers[ancestor].identity) for ancestor, _ in layers))
-        memo = self._memo.get(key)
-        if memo is None:
-            memo = self._merge(layers)
-            self._memo[key] = memo
-        return memo
+        if len(self._resolved) + len(self._layers) >= self._sweep_at:
+            self._sweep()
+        return self._resolve(self._within_root(directory)).effective
 
     def naming_for(self, directory: Path) -> Naming:
         """The naming templates in force in ``directory`` (the root's while it is blocked)."""
@@ -91,27 +124,92 @@ class PolicyTree:
         policy = effective.policy if effective is not None else self.base.policy
         return policy.compiled_naming
 
-    def _chain(self, directory: Path) -> list[Path]:
-        relative = os.path.relpath(directory, self.root)
-        if relative == "." or relative.startswith(".."):
-            return [self.root]
-        parts = Path(relative).parts
-        return [self.root, *(self.root.joinpath(*parts[: index + 1]) for index in range(len(parts)))]
+    def _within_root(self, directory: Path) -> Path:
+        """``directory`` normalised, or the root for the root itself and anything outside it."""
+        text = os.path.abspath(directory)
+        root = str(self.root)
+        if text != root and text.startswith(root.rstrip(os.sep) + os.sep):
+            return directory if text == str(directory) else Path(text)
+        return self.root
+
+    def _resolve(self, directory: Path) -> _Resolved:
+        layer = self._layer(directory)  # its own file, looked at on every question
+        resolved = self._resolved.get(directory)
+        if resolved is not None:
+            return resolved
+        # Up to the nearest directory already answered (the parent, in a scan), each file once.
+        chain = [(directory, layer)]
+        current = directory
+        above: _Resolved | None = None
+        while current != self.root:
+            current = current.parent
+            above = self._resolved.get(current)
+            if above is not None:
+                break
+            chain.append((current, self._layer(current)))
+        for current, current_layer in reversed(chain):
+            above = self._store(current, current_layer, above)
+        assert above is not None
+        return above
+
+    def _store(self, directory: Path, layer: _Layer | None, above: _Resolved | None) -> _Resolved:
+        if above is not None and (above.effective is None or layer is None):
+            resolved = above  # blocked above, or nothing new here: the parent's answer, shared
+        elif layer is not None and layer.good is None:
+            resolved = _Resolved(layers=(), effective=None)
+        else:
+            layers = above.layers if above is not None else ()
+            if layer is not None:
+                layers = (*layers, (directory, layer))
+            resolved = _Resolved(layers=layers, effective=self._merged(layers))
+        self._resolved[directory] = resolved
+        return resolved
+
+    def _merged(self, layers: tuple[tuple[Path, _Layer], ...]) -> EffectivePolicy:
+        # The root policy object is held for as long as it is in force, so its id is a stable key; an
+        # override is keyed by its file identity, which changes with every edit.
+        key = (id(self.base), *((directory, layer.identity) for directory, layer in layers))
+        memo = self._memo.get(key)
+        if memo is None:
+            memo = self._merge([(directory, layer.good) for directory, layer in layers if layer.good])
+            self._memo[key] = memo
+        return memo
+
+    def _invalidate(self) -> None:
+        """A file changed: every answer may have (and the memo must not grow with edits)."""
+        self._resolved.clear()
+        self._memo.clear()
+
+    def _sweep(self) -> None:
+        """Drop the state of directories that no longer exist."""
+        for directory in [directory for directory in self._resolved if not os.path.isdir(directory)]:
+            del self._resolved[directory]
+        gone_layers = [directory for directory in self._layers if not os.path.isdir(directory)]
+        for directory in gone_layers:
+            del self._layers[directory]
+        if gone_layers:
+            self._invalidate()
+        self._sweep_at = max(MINIMUM_SWEEP, 2 * (len(self._resolved) + len(self._layers)))
 
     def _layer(self, directory: Path) -> _Layer | None:
+        """The override file in ``directory`` as it is now, or None if it has none."""
         path = directory / OVERRIDE_FILE_NAME
-        identity = FileIdentity.of_path(path)
+        identity = _override_identity(path)
         cached = self._layers.get(directory)
+        if cached is None and identity is None:
+            return None
         if cached is not None and cached.identity == identity:
-            return cached if (cached.good is not None or cached.rejected) else None
-        self._memo.clear()  # a file changed: recompute (and never let the memo grow with edits)
+            return cached
+        self._invalidate()
         if identity is None:
-            if cached is not None and cached.good is not None:
+            assert cached is not None
+            del self._layers[directory]
+            if cached.good is not None:
                 logger.info("policy_override_removed", source=str(path))
-            self._layers[directory] = _Layer(identity=None, good=None)
             return None
         try:
-            loaded = load_policy(path)
+            loaded = load_policy(path, quote_contents=False)
+            self._check_protect_from(directory, loaded, str(path))
         except PolicyError as error:
             if self.strict:
                 self.errors.append(error)
@@ -144,6 +242,28 @@ class PolicyTree:
         self._layers[directory] = layer
         return layer
 
+    def _allowed_directories(self) -> tuple[Path, ...]:
+        """Where configs named by a per-run file may be: under the root, or beside the --policy file."""
+        allowed = [Path(os.path.realpath(self.root))]
+        if self.base.source is not None:
+            allowed.append(Path(os.path.realpath(self.base.source.parent)))
+        return tuple(allowed)
+
+    def _check_protect_from(self, directory: Path, loaded: LoadedPolicy, source: str) -> None:
+        """Refuse a per-run file that names a config elsewhere: it could make us read any file."""
+        allowed = self._allowed_directories()
+        problems = []
+        for index, entry in enumerate(loaded.policy.protect_from):
+            real = Path(os.path.realpath(_resolve(directory, entry)))
+            if not any(real == place or place in real.parents for place in allowed):
+                problems.append(
+                    f"At 'protect_from.{index}': names a file outside the checkpoint root; a per-run "
+                    "file may only name configs under the root or beside the --policy file (name it "
+                    "in the --policy file's protect_from instead)"
+                )
+        if problems:
+            raise PolicyError(source, problems)
+
     def _merge(self, layers: list[tuple[Path, LoadedPolicy]]) -> EffectivePolicy:
         settings: dict[str, Any] = {
             key: value for key, value in self.base.settings.items() if key not in _ACCUMULATED_KEYS
@@ -164,7 +284,10 @@ class PolicyTree:
                     settings[key] = value
             protect.extend(pattern for pattern in loaded.policy.protect if pattern not in protect)
             for entry in loaded.policy.protect_from:
-                label = os.path.relpath(_resolve(directory, entry), self.root)
+                label = ConfigLabel(
+                    os.path.relpath(_resolve(directory, entry), self.root),
+                    allowed_directories=self._allowed_directories(),
+                )
                 protect_from.setdefault(_resolve(directory, entry), label)
             sources.append(os.path.relpath(directory / OVERRIDE_FILE_NAME, self.root))
         settings["protect"] = protect
@@ -172,6 +295,22 @@ class PolicyTree:
         return EffectivePolicy(
             policy=Policy.model_validate(settings), sources=tuple(sources), protect_from=protect_from
         )
+
+
+def _override_identity(path: Path) -> FileIdentity | None:
+    """The override file's identity through links; a dangling or looping link is there too.
+
+    Such a link was meant to be an override: it is read (and refused, blocking its subtree) rather
+    than taken for no file at all, which would apply the parent's policy instead.
+    """
+    identity = FileIdentity.of_path(path)
+    if identity is not None:
+        return identity
+    try:
+        status = os.lstat(path)
+    except OSError:
+        return None
+    return FileIdentity(status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns)
 
 
 def _resolve(directory: Path, entry: str) -> Path:

@@ -160,12 +160,16 @@ def plan(
     policy: Policy,
     pins: Mapping[Path, str] | None = None,
     group_policies: Mapping[Path, Policy] | None = None,
+    *,
+    pinned_identities: Mapping[tuple[int, int], str] | None = None,
 ) -> Plan:
     """Decide for every record; ``pins`` maps paths that must be kept to the reason why.
 
     Symlink targets found among ``records`` are pinned too. A caller that plans one group alone
     passes the targets of links elsewhere in ``pins``. ``group_policies`` gives a directory its own
-    policy (per-run overrides); other directories use ``policy``.
+    policy (per-run overrides); other directories use ``policy``. ``pinned_identities`` maps the
+    (device, inode) of pinned files to the reason (``protection.identities_of(pins)``): a record that
+    is one of them is kept with that reason, whatever path named it (a hard link, a bind mount).
     """
     group_policies = group_policies or {}
     records = list(records)
@@ -174,6 +178,8 @@ def plan(
         protected[path].append(reason)
     for path, reason in (pins or {}).items():
         protected[path].append(reason)
+    if pinned_identities:
+        _add_identity_pins(records, pinned_identities, protected)
     groups: dict[Path, list[CheckpointRecord]] = defaultdict(list)
     for record in records:
         groups[record.directory].append(record)
@@ -183,6 +189,20 @@ def plan(
             for directory in sorted(groups)
         )
     )
+
+
+def _add_identity_pins(
+    records: list[CheckpointRecord],
+    pinned_identities: Mapping[tuple[int, int], str],
+    protected: dict[Path, list[str]],
+) -> None:
+    """Pin by path every record whose (device, inode) is pinned; a reason already there is not repeated."""
+    for record in records:
+        if record.identity is None:
+            continue
+        reason = pinned_identities.get((record.identity.device, record.identity.inode))
+        if reason is not None and reason not in protected.get(record.path, ()):
+            protected[record.path].append(reason)
 
 
 def _skip_reason(record: CheckpointRecord) -> str | None:

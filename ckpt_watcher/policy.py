@@ -2,13 +2,14 @@
 
 Only the retention keys are read from the top level, so a trainer config with many other keys can
 serve as the policy file. Every problem in a file is reported at once, one ``At 'key': ...`` line
-each, so a user fixes a broken edit in one go.
+each, so a user fixes a broken edit in one go. Files are read with ``config_files`` (bounded, regular
+files only); a file the user did not name on the command line (a per-run ``.ckpt-watcher.yaml``) is
+described by positions and kinds of values, never by its contents.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -26,6 +27,7 @@ from pydantic import (
     field_validator,
 )
 
+from ckpt_watcher.config_files import ConfigFileError, parse_yaml, read_config_text, redact_quoted
 from ckpt_watcher.naming import (
     DEFAULT_BEST_TEMPLATE,
     DEFAULT_LAST_TEMPLATE,
@@ -96,7 +98,8 @@ class Policy(BaseModel):
         if isinstance(value, list | tuple):
             return tuple(value)
         what = "glob patterns" if info.field_name == "protect" else "training config files"
-        raise ValueError(f"expected a list of {what}, got {describe_value(value)}")
+        quote = (info.context or {}).get("quote_contents", True)
+        raise ValueError(f"expected a list of {what}, got {describe_value(value, quote=quote)}")
 
     @cached_property
     def compiled_naming(self) -> Naming:
@@ -142,10 +145,27 @@ class LoadedPolicy:
         return str(self.source) if self.source is not None else "embedded default"
 
 
-def describe_value(value: Any) -> str:
-    """A YAML-flavoured description of a value for error messages: ``true (a boolean)``."""
+# bool before int: True is an int too.
+_SCALAR_KINDS: tuple[tuple[type, str], ...] = (
+    (bool, "a boolean"),
+    (int, "an integer"),
+    (float, "a number with a fraction"),
+    (str, "a string"),
+)
+
+
+def describe_value(value: Any, *, quote: bool = True) -> str:
+    """A YAML-flavoured description of a value for error messages: ``true (a boolean)``.
+
+    Without ``quote`` only the kind is given (``a string``), for files whose contents must not be
+    printed.
+    """
     if value is None:
         return "null"
+    if not quote:
+        for kind, name in _SCALAR_KINDS:
+            if isinstance(value, kind):
+                return name
     if isinstance(value, bool):
         return f"{str(value).lower()} (a boolean)"
     if isinstance(value, int):
@@ -161,24 +181,25 @@ def describe_value(value: Any) -> str:
     return type(value).__name__
 
 
-def _message_for(error: Mapping[str, Any]) -> str:
+def _message_for(error: Mapping[str, Any], quote: bool) -> str:
     kind = error["type"]
     value = error.get("input")
     context = error.get("ctx") or {}
+    described = describe_value(value, quote=quote)
     if kind in {"int_type", "int_from_float", "int_parsing"}:
-        return f"expected a whole number, got {describe_value(value)}"
+        return f"expected a whole number, got {described}"
     if kind == "greater_than_equal":
-        return f"must be at least {context.get('ge')}, got {describe_value(value)}"
+        return f"must be at least {context.get('ge')}, got {described}"
     if kind == "literal_error":
-        return f"must be one of {context.get('expected')}, got {describe_value(value)}"
+        return f"must be one of {context.get('expected')}, got {described}"
     if kind == "string_type":
-        return f"expected a string, got {describe_value(value)}"
+        return f"expected a string, got {described}"
     if kind == "extra_forbidden":
         return "unknown key (the known ones are step, best and last)"
     if kind in {"model_type", "model_attributes_type", "dict_type"}:
-        return f"expected a mapping, got {describe_value(value)}"
-    message = str(error["msg"])
-    return message.removeprefix("Value error, ")
+        return f"expected a mapping, got {described}"
+    message = str(error["msg"]).removeprefix("Value error, ")
+    return message if quote else redact_quoted(message)
 
 
 def _location(location: tuple[Any, ...]) -> str:
@@ -216,15 +237,17 @@ def suggest_key(key: str) -> str | None:
     return None
 
 
-def validate_policy(document: Any, source: str, duplicates: tuple[str, ...] = ()) -> LoadedPolicy:
+def validate_policy(
+    document: Any, source: str, duplicates: tuple[str, ...] = (), *, quote_contents: bool = True
+) -> LoadedPolicy:
     """Validate a parsed YAML document; raise PolicyError listing every problem at once.
 
-    ``duplicates`` are problems found while parsing (a retention key set twice).
+    ``duplicates`` are problems found while parsing (a retention key set twice). Without
+    ``quote_contents`` no value from the document appears in a message.
     """
     if not isinstance(document, dict):
-        raise PolicyError(
-            source, [f"At '<top level>': expected a mapping of keys, got {describe_value(document)}"]
-        )
+        described = describe_value(document, quote=quote_contents)
+        raise PolicyError(source, [f"At '<top level>': expected a mapping of keys, got {described}"])
     problems: list[str] = list(duplicates)
     warnings: list[str] = []
     for key in document:
@@ -242,10 +265,10 @@ def validate_policy(document: Any, source: str, duplicates: tuple[str, ...] = ()
         problems.extend(warnings)  # a misspelt key is the likely reason; say so in the error itself
     retention = {key: document[key] for key in present}
     try:
-        policy = Policy.model_validate(retention)
+        policy = Policy.model_validate(retention, context={"quote_contents": quote_contents})
     except ValidationError as error:
         for item in error.errors():
-            problems.append(f"At '{_location(item['loc'])}': {_message_for(item)}")
+            problems.append(f"At '{_location(item['loc'])}': {_message_for(item, quote_contents)}")
         policy = DEFAULT_POLICY
     if problems:
         raise PolicyError(source, problems)
@@ -255,8 +278,12 @@ def validate_policy(document: Any, source: str, duplicates: tuple[str, ...] = ()
     )
 
 
-def load_policy(path: Path | None) -> LoadedPolicy:
-    """Read and validate the policy at ``path``; None gives the embedded default."""
+def load_policy(path: Path | None, *, quote_contents: bool = True) -> LoadedPolicy:
+    """Read and validate the policy at ``path``; None gives the embedded default.
+
+    ``quote_contents`` is for the file the user named on the command line; a file found in the tree
+    (a per-run override, possibly a link to anything readable) gets positions, not contents.
+    """
     if path is None:
         return LoadedPolicy(
             policy=DEFAULT_POLICY,
@@ -265,43 +292,11 @@ def load_policy(path: Path | None) -> LoadedPolicy:
         )
     source = str(path)
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise PolicyError(source, ["At '<file>': no such file"]) from None
-    except IsADirectoryError:
-        raise PolicyError(source, ["At '<file>': is a directory, not a YAML file"]) from None
-    except UnicodeDecodeError as error:
-        raise PolicyError(source, [f"At '<file>': not UTF-8 text ({error.reason})"]) from None
-    except OSError as error:
-        raise PolicyError(source, [f"At '<file>': cannot read it ({error.strerror})"]) from None
-    document, duplicates = parse_yaml(text, source)
-    return validate_policy(document, source, duplicates)
-
-
-class _PolicyLoader(yaml.SafeLoader):
-    """SafeLoader with YAML 1.2 integers: ``0500`` is 500 (not octal 320) and ``1:30`` is not 90."""
-
-
-_INT_TAG = "tag:yaml.org,2002:int"
-_PolicyLoader.yaml_implicit_resolvers = {
-    first: [(tag, pattern) for tag, pattern in resolvers if tag != _INT_TAG]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-_PolicyLoader.add_implicit_resolver(
-    _INT_TAG, re.compile(r"^(?:[-+]?[0-9]+|0x[0-9a-fA-F]+|0o[0-7]+)$"), list("-+0123456789")
-)
-
-
-def _construct_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
-    text = str(loader.construct_scalar(node))
-    if text.startswith("0x"):
-        return int(text, 16)
-    if text.startswith("0o"):
-        return int(text[2:], 8)
-    return int(text, 10)
-
-
-_PolicyLoader.add_constructor(_INT_TAG, _construct_int)
+        document = parse_yaml(read_config_text(path), quote_contents=quote_contents)
+    except ConfigFileError as error:
+        raise PolicyError(source, [f"At '<file>': {error.message}"]) from None
+    duplicates = _duplicate_retention_keys(document.node)
+    return validate_policy(document.value, source, duplicates, quote_contents=quote_contents)
 
 
 def _duplicate_retention_keys(node: yaml.Node | None) -> tuple[str, ...]:
@@ -325,22 +320,3 @@ def _duplicate_retention_keys(node: yaml.Node | None) -> tuple[str, ...]:
     if node is not None:
         check(node, "", POLICY_KEYS)
     return tuple(problems)
-
-
-def parse_yaml(text: str, source: str) -> tuple[Any, tuple[str, ...]]:
-    """Parse YAML text into (document, duplicate-key problems); a syntax error is a PolicyError."""
-    try:
-        loader = _PolicyLoader(text)
-        try:
-            node = loader.get_single_node()
-            document = loader.construct_document(node) if node is not None else None
-        finally:
-            loader.dispose()
-        return document, _duplicate_retention_keys(node)
-    except yaml.MarkedYAMLError as error:
-        mark = error.problem_mark or error.context_mark
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = error.problem or error.context or "invalid YAML"
-        raise PolicyError(source, [f"At '<file>': YAML syntax error{where}: {problem}"]) from None
-    except yaml.YAMLError as error:
-        raise PolicyError(source, [f"At '<file>': YAML syntax error: {error}"]) from None

@@ -5,26 +5,51 @@ Training configs name their resume source (``ckpt_path``) or fine-tuning source
 is pinned. So are paths given with ``--protect`` (a resume on the trainer's command line). Lightning's
 own ModelCheckpoint refuses to delete the path it resumed from; a watcher outside the trainer must do
 at least as well.
+
+A pin is matched by path and by file identity (device, inode), so a resume source named through
+another path of the same file (a hard link, a bind mount of the root, a second mount of the volume)
+is kept too. Configs are read with ``config_files`` (bounded, regular files only); their errors give
+positions, never contents.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import structlog
-import yaml
 
+from ckpt_watcher.config_files import ConfigFileError, parse_yaml, read_config_text
+from ckpt_watcher.policy import describe_value
 from ckpt_watcher.records import FileIdentity
 
 logger = structlog.get_logger("ckpt_watcher.protection")
 
 RESUME_KEYS = ("ckpt_path", "pretrained_ckpt_path")
 _KEY_ROLES = {"ckpt_path": "resume source", "pretrained_ckpt_path": "fine-tuning source"}
-_MAXIMUM_DEPTH = 4
+
+# A file identity as pins are matched: (st_dev, st_ino).
+FileKey = tuple[int, int]
+
+
+class ConfigLabel(str):
+    """A protect_from config's label that also says where the file may be read from.
+
+    A per-run ``.ckpt-watcher.yaml`` may only name configs under the checkpoint root or beside the
+    ``--policy`` file; the label carries those directories (``allowed_directories``) to the moment
+    the config is opened, so a link swapped in later is refused too. A plain ``str`` label (a config
+    the ``--policy`` file names) may be read from anywhere.
+    """
+
+    allowed_directories: tuple[Path, ...]
+
+    def __new__(cls, label: str, *, allowed_directories: Sequence[Path] = ()) -> ConfigLabel:
+        instance = super().__new__(cls, label)
+        instance.allowed_directories = tuple(allowed_directories)
+        return instance
 
 
 class ProtectionError(Exception):
@@ -67,18 +92,30 @@ class ConfigProtection:
     warnings: tuple[str, ...] = field(default=())
 
 
-def _find_resume_keys(
-    document: Mapping[Any, Any], prefix: str = "", depth: int = 0
-) -> Iterator[tuple[str, Any]]:
-    """``ckpt_path`` and ``pretrained_ckpt_path``: top level, nested (``trainer.ckpt_path``) or dotted."""
-    for key, value in document.items():
-        if not isinstance(key, str):
-            continue
-        dotted = f"{prefix}{key}"
-        if key.rsplit(".", 1)[-1] in RESUME_KEYS:
-            yield dotted, value
-        elif isinstance(value, Mapping) and depth < _MAXIMUM_DEPTH:
-            yield from _find_resume_keys(value, f"{dotted}.", depth + 1)
+def _find_resume_keys(document: Mapping[Any, Any]) -> Iterator[tuple[str, Any]]:
+    """``ckpt_path`` and ``pretrained_ckpt_path`` anywhere in the document, in document order.
+
+    Keys may be nested (``trainer.ckpt_path``), dotted (``"model.ckpt_path": ...``) or inside lists
+    (``callbacks[1].ckpt_path``). The whole document is searched: the loader's bounds (values after
+    alias expansion, depth, no loops) bound this walk too.
+    """
+    pending: list[tuple[str, Any]] = [("", document)]
+    while pending:
+        prefix, value = pending.pop()
+        children: list[tuple[str, Any]] = []
+        if isinstance(value, Mapping):
+            for key, child in value.items():
+                if not isinstance(key, str):
+                    continue
+                dotted = f"{prefix}{key}"
+                if key.rsplit(".", 1)[-1] in RESUME_KEYS:
+                    yield dotted, child
+                else:
+                    children.append((f"{dotted}.", child))
+        elif isinstance(value, list):
+            stem = prefix.removesuffix(".")
+            children = [(f"{stem}[{index}].", child) for index, child in enumerate(value)]
+        pending.extend(reversed(children))
 
 
 def candidate_paths(value: str, config_directory: Path, working_directory: Path) -> tuple[Path, ...]:
@@ -98,18 +135,18 @@ def candidate_paths(value: str, config_directory: Path, working_directory: Path)
     return tuple(found)
 
 
-def read_config_protection(config: Path, label: str, working_directory: Path) -> ConfigProtection:
-    """Read one training config; raise ProtectionError if it cannot be read as a YAML mapping."""
+def read_config_protection(
+    config: Path, label: str, working_directory: Path, *, confined_to: Sequence[Path] = ()
+) -> ConfigProtection:
+    """Read one training config; raise ProtectionError if it cannot be read as a YAML mapping.
+
+    With ``confined_to`` the file (after every symlink) must lie under one of those directories.
+    Messages give positions in the file, never its contents: nobody named it on the command line.
+    """
     try:
-        text = config.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ProtectionError(label, "no such file") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise ProtectionError(label, f"cannot read it ({error})") from None
-    try:
-        document = yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        raise ProtectionError(label, f"YAML syntax error: {error}") from None
+        document = parse_yaml(read_config_text(config, confined_to=confined_to), quote_contents=False).value
+    except ConfigFileError as error:
+        raise ProtectionError(label, error.message) from None
     if document is None:
         document = {}
     if not isinstance(document, dict):
@@ -121,7 +158,8 @@ def read_config_protection(config: Path, label: str, working_directory: Path) ->
         if value is None or value == "":
             continue
         if not isinstance(value, str):
-            warnings.append(f"{label}: '{key}' should be a path, got {value!r}; ignored")
+            got = describe_value(value, quote=False)
+            warnings.append(f"{label}: '{key}' should be a path, got {got}; ignored")
             continue
         set_keys.append(key)
         reference = ResumeReference(
@@ -168,6 +206,22 @@ def pins_from(protections: Iterable[ConfigProtection]) -> dict[Path, str]:
     return pins
 
 
+def identities_of(pins: Mapping[Path, str]) -> dict[FileKey, str]:
+    """(device, inode) of every pinned path that exists, following symlinks, with its reason.
+
+    ``plan(..., pinned_identities=...)`` keeps a record whose identity is here, however its path is
+    spelt: the same file reached through a hard link, a bind mount or another mount of the volume.
+    """
+    identities: dict[FileKey, str] = {}
+    for path, reason in pins.items():
+        try:
+            status = os.stat(path)
+        except (OSError, ValueError):
+            continue
+        identities.setdefault((status.st_dev, status.st_ino), reason)
+    return identities
+
+
 @dataclass
 class _LoadedConfig:
     identity: FileIdentity | None
@@ -202,8 +256,11 @@ class ProtectionRegistry:
             if previous is not None and previous.identity == identity:
                 continue
             old_protection = previous.protection if previous is not None else None
+            confined_to = label.allowed_directories if isinstance(label, ConfigLabel) else ()
             try:
-                protection = read_config_protection(config, label, self.working_directory)
+                protection = read_config_protection(
+                    config, label, self.working_directory, confined_to=confined_to
+                )
             except ProtectionError as error:
                 if strict:
                     raise

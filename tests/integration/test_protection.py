@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -225,7 +226,9 @@ def test_invalid_per_run_policy_stops_prune(tmp_path: Path) -> None:
     completed = _prune(tmp_path, "checkpoint")
 
     assert completed.returncode == 2
-    assert "At 'save_top_k_checkpoints': expected a whole number, got 'many' (a string)" in completed.stderr
+    # A per-run file was not named on the command line: its values are described, not quoted.
+    assert "At 'save_top_k_checkpoints': expected a whole number, got a string" in completed.stderr
+    assert "many" not in completed.stderr
     assert len(_names(root / "run")) == 10
 
 
@@ -327,3 +330,138 @@ class TestWatch:
                 what="the previous per-run policy still applied",
             )
             assert len(_names(stage1)) == 5
+
+
+# --- a resume source named through another path of the same file (issue 10, item 3) ---------------
+
+
+def _alias_layout(tmp_path: Path, resume_path: str) -> tuple[Path, Path]:
+    """A run whose oldest checkpoint is the resume source, named as ``resume_path`` by the config."""
+    root = tmp_path / "checkpoint"
+    run = root / "run"
+    for step in range(500, 5500, 500):
+        write_checkpoint(run / step_name(0, step))
+    config = tmp_path / "configs" / "train.yaml"
+    config.parent.mkdir()
+    config.write_text(f'ckpt_path: "{resume_path}"\n')
+    policy = tmp_path / "configs" / "policy.yaml"
+    policy.write_text("save_top_k_checkpoints: 2\nprotect_from: [train.yaml]\n")
+    return root, policy
+
+
+def test_a_resume_source_named_through_a_hard_link_is_kept(tmp_path: Path) -> None:
+    alias = tmp_path / "resume" / "from.ckpt"
+    root, policy = _alias_layout(tmp_path, str(alias))
+    alias.parent.mkdir()
+    os.link(root / "run" / step_name(0, 500), alias)
+
+    dry = _prune(tmp_path, str(root), "--policy", str(policy), "--dry-run", "--json")
+    completed = _prune(tmp_path, str(root), "--policy", str(policy))
+
+    assert dry.returncode == 0, dry.stderr
+    assert _entries(dry)[step_name(0, 500)]["reasons"] == ["resume source in train.yaml (ckpt_path)"]
+    assert completed.returncode == 0, completed.stderr
+    assert _names(root / "run") == {step_name(0, step) for step in (500, 4500, 5000)}
+
+
+def _can_bind_mount(tmp_path: Path) -> bool:
+    if shutil.which("unshare") is None or shutil.which("mount") is None:
+        return False
+    source, target = tmp_path / "probe-source", tmp_path / "probe-target"
+    source.mkdir()
+    target.mkdir()
+    probe = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "mount", "--bind", str(source), str(target)],
+        capture_output=True,
+        check=False,
+    )
+    source.rmdir()
+    target.rmdir()
+    return probe.returncode == 0
+
+
+def test_a_resume_source_named_through_a_bind_mount_of_the_root_is_kept(tmp_path: Path) -> None:
+    if not _can_bind_mount(tmp_path):
+        pytest.skip("needs unshare and mount with CAP_SYS_ADMIN (a private mount namespace)")
+    mount_point = tmp_path / "mnt" / "volume"
+    mount_point.mkdir(parents=True)
+    root, policy = _alias_layout(tmp_path, f"{mount_point}/run/{step_name(0, 500)}")
+    # The bind mount exists only in a private mount namespace that dies with the command.
+    script = 'mount --bind "$1" "$2" && shift 2 && exec "$@"'
+    command = ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh"]
+    prune = [sys.executable, "-m", "ckpt_watcher", "prune", str(root), "--policy", str(policy)]
+
+    dry = subprocess.run(
+        [*command, str(root), str(mount_point), *prune, "--dry-run", "--json"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    completed = subprocess.run(
+        [*command, str(root), str(mount_point), *prune],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+    assert list(mount_point.iterdir()) == []  # the mount did not outlive its namespace
+    assert dry.returncode == 0, dry.stderr
+    assert "protection_warning" not in dry.stderr  # the file exists through the mount: no warning
+    assert _entries(dry)[step_name(0, 500)]["reasons"] == ["resume source in train.yaml (ckpt_path)"]
+    assert completed.returncode == 0, completed.stderr
+    assert _names(root / "run") == {step_name(0, step) for step in (500, 4500, 5000)}
+
+
+# --- resume keys at any depth (item 21) ------------------------------------------------------------
+
+
+def test_a_resume_key_nested_deeper_than_four_levels_protects_its_checkpoint(tmp_path: Path) -> None:
+    run, _, policy = _layout(
+        tmp_path,
+        f'a:\n  b:\n    c:\n      d:\n        e:\n          ckpt_path: "{RUN}/{RESUME}"\n',
+    )
+    for step in range(2000, 5000, 500):
+        write_checkpoint(run / step_name(4, step))
+
+    completed = _prune(tmp_path, "checkpoint", "--policy", str(policy))
+
+    assert completed.returncode == 0, completed.stderr
+    assert RESUME in _names(run)
+
+
+# --- what a per-run file may name (item 23) --------------------------------------------------------
+
+
+def test_a_per_run_file_naming_a_config_outside_the_root_stops_prune(tmp_path: Path) -> None:
+    secret = tmp_path / "home" / ".aws" / "credentials"
+    secret.parent.mkdir(parents=True)
+    secret.write_text("[default]\naws_secret_access_key = AKIAEXAMPLESECRET42\n")
+    root = tmp_path / "checkpoint"
+    for step in range(500, 5500, 500):
+        write_checkpoint(root / "run" / step_name(0, step))
+    (root / "run" / ".ckpt-watcher.yaml").write_text(f"protect_from: [{secret}]\n")
+
+    completed = _prune(tmp_path, "checkpoint")
+
+    assert completed.returncode == 2
+    assert "At 'protect_from.0': names a file outside the checkpoint root" in completed.stderr
+    assert "AKIA" not in completed.stderr + completed.stdout
+    assert len(_names(root / "run")) == 10
+
+
+def test_a_per_run_file_may_name_a_config_under_the_root(tmp_path: Path) -> None:
+    root = tmp_path / "checkpoint"
+    run = root / "run"
+    for step in range(500, 5500, 500):
+        write_checkpoint(run / step_name(0, step))
+    (run / "train.yaml").write_text(f"ckpt_path: {step_name(0, 500)}\n")
+    (run / ".ckpt-watcher.yaml").write_text("save_top_k_checkpoints: 2\nprotect_from: [train.yaml]\n")
+
+    completed = _prune(tmp_path, "checkpoint")
+
+    assert completed.returncode == 0, completed.stderr
+    assert _names(run) == {step_name(0, 500), step_name(0, 4500), step_name(0, 5000), "train.yaml"}

@@ -23,6 +23,14 @@ from ckpt_watcher.policy import (
     validate_policy,
 )
 from tests.support.factories import step_name, write_checkpoint
+from tests.support.hostile_configs import (
+    alias_bomb,
+    deep_block,
+    deep_flow,
+    make_fifo,
+    merge_bomb,
+    sequence_bomb,
+)
 
 RETENTION_KEYS = (
     "save_top_k_checkpoints",
@@ -761,3 +769,135 @@ def test_cli_prune_with_the_same_policy_fixed_does_delete(
     assert main(["prune", str(tmp_path / "ckpts"), "--policy", str(good)]) == 0
     capsys.readouterr()
     assert [path.exists() for path in files] == [False, False, False, True, True]
+
+
+# --- hostile policy files: bounded, and every failure a policy error (issue 10, items 5, 7, 8) -----
+
+# The whole class: any error a value's constructor raises, not only the ones PyYAML wraps itself.
+UNCONSTRUCTIBLE: list[tuple[str, str, str]] = [
+    ("invalid-date", "save_top_k_best: 3\nstarted: 2024-13-45\n", "line 2, column 10: a timestamp value"),
+    ("day-out-of-range", "save_top_k_best: 3\nstarted: 2024-02-30\n", "line 2, column 10: a timestamp value"),
+    (
+        "timestamp-tag-on-text",
+        'save_top_k_best: 3\nat: !!timestamp "noon"\n',
+        "line 2, column 5: a timestamp",
+    ),
+    ("int-tag-on-text", 'save_top_k_best: !!int "three"\n', "line 1, column 18: a int value"),
+    ("float-tag-on-text", 'save_top_k_best: 3\nlr: !!float "fast"\n', "line 2, column 5: a float value"),
+    ("bool-tag-on-text", "save_top_k_best: 3\nflag: !!bool maybe\n", "line 2, column 7: a bool value"),
+    ("huge-int", f"save_top_k_best: 3\nseed: !!int {'9' * 5000}\n", "line 2, column 7: a int value"),
+    ("bad-base64", 'save_top_k_best: 3\nblob: !!binary "abc"\n', "line 2, column 7"),
+]
+
+
+@pytest.mark.parametrize(
+    ("text", "where"), [(t, w) for _, t, w in UNCONSTRUCTIBLE], ids=[case for case, *_ in UNCONSTRUCTIBLE]
+)
+def test_a_value_yaml_cannot_construct_is_a_policy_error(tmp_path: Path, text: str, where: str) -> None:
+    problems = problems_of(tmp_path, text)
+    assert len(problems) == 1
+    assert problems[0].startswith(f"At '<file>': YAML syntax error at {where}")
+
+
+HOSTILE_YAML: list[tuple[str, str, str]] = [
+    ("billion-laughs", sequence_bomb(levels=9, fanout=9), "more than 50000 values once aliases are expanded"),
+    ("mapping-bomb-in-a-trainer-key", "save_top_k_best: 3\n" + alias_bomb(), "more than 50000 values"),
+    ("merge-key-bomb", "save_top_k_best: 3\n" + merge_bomb(levels=25, fanout=3), "more than 50000 values"),
+    ("recursive-alias", "save_top_k_best: 3\nloop: &a [1, *a]\n", "line 2, column 14: an alias inside"),
+    ("nested-100000-deep", deep_flow(100_000), "line 1, column 81: nested deeper than 64 levels"),
+    ("block-nested-200-deep", "save_top_k_best: 3\n" + deep_block(200), "nested deeper than 64 levels"),
+]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    ("text", "problem"), [(t, p) for _, t, p in HOSTILE_YAML], ids=[case for case, *_ in HOSTILE_YAML]
+)
+def test_hostile_yaml_is_refused_with_a_clear_error(tmp_path: Path, text: str, problem: str) -> None:
+    problems = problems_of(tmp_path, text)
+    assert len(problems) == 1
+    assert problems[0].startswith("At '<file>': YAML refused at line ")
+    assert problem in problems[0]
+
+
+def test_nesting_and_aliases_within_the_bounds_are_fine(tmp_path: Path) -> None:
+    text = "defaults: &d {lr: 0.1, layers: [1, 2, 3]}\nmodel: {<<: *d, deep: " + "[" * 60 + "]" * 60 + "}\n"
+    assert load_text(tmp_path, text + "save_top_k_best: 4\n").policy.save_top_k_best == 4
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kind", ["fifo", "link-to-fifo", "socket"])
+def test_a_policy_that_is_not_a_regular_file_is_refused_without_blocking(tmp_path: Path, kind: str) -> None:
+    path = tmp_path / "policy.yaml"
+    if kind == "fifo":
+        make_fifo(path)
+    elif kind == "link-to-fifo":
+        path.symlink_to(make_fifo(tmp_path / "pipe"))
+    else:
+        import socket
+
+        server = socket.socket(socket.AF_UNIX)
+        server.bind(str(path))
+        server.close()
+    with pytest.raises(PolicyError) as caught:
+        load_policy(path)
+    expected = "a socket" if kind == "socket" else "a FIFO"
+    assert caught.value.problems == [f"At '<file>': not a regular file ({expected}); refused"]
+
+
+def test_a_policy_over_the_size_cap_is_refused(tmp_path: Path) -> None:
+    path = write_policy(tmp_path, "save_top_k_best: 3\n" + "# padding\n" * 110_000)
+    with pytest.raises(PolicyError) as caught:
+        load_policy(path)
+    (problem,) = caught.value.problems
+    assert problem.startswith("At '<file>': ")
+    assert "more than a config file may have (1048576 bytes); refused" in problem
+
+
+def test_a_policy_through_a_configmap_symlink_chain_is_read(tmp_path: Path) -> None:
+    data = tmp_path / "..2026_11_28_10_00_00.000000001"
+    data.mkdir()
+    (data / "policy.yaml").write_text("save_top_k_best: 6\n")
+    (tmp_path / "..data").symlink_to(data.name)
+    (tmp_path / "policy.yaml").symlink_to("..data/policy.yaml")
+    assert load_policy(tmp_path / "policy.yaml").policy.save_top_k_best == 6
+
+
+UNQUOTED: list[tuple[str, str]] = [
+    (
+        "save_top_k_checkpoints: AKIASECRET\n",
+        "At 'save_top_k_checkpoints': expected a whole number, got a string",
+    ),
+    ("best_mode: AKIASECRET\n", "At 'best_mode': must be one of 'min' or 'max', got a string"),
+    ("AKIASECRET\n", "At '<top level>': expected a mapping of keys, got a string"),
+    ("protect: AKIASECRET\n", "At 'protect': expected a list of glob patterns, got a string"),
+    ("naming: {step: 'AKIASECRET{step}{epoch}'}\n", "At 'naming.step': '…' and '…' must be separated"),
+    (
+        "[x]\nAKIASECRET = 1\n",
+        "At '<file>': YAML syntax error at line 2, column 1: "
+        "expected '<document start>', but found '<scalar>'",
+    ),
+    (
+        "save_top_k_best: *AKIASECRET\n",
+        "At '<file>': YAML syntax error at line 1, column 18: found undefined",
+    ),
+    (
+        "save_top_k_best: !!int AKIASECRET\n",
+        "At '<file>': YAML syntax error at line 1, column 18: a int value",
+    ),
+]
+
+
+@pytest.mark.parametrize(("text", "problem"), UNQUOTED, ids=[problem for _, problem in UNQUOTED])
+def test_unquoted_messages_give_positions_not_contents(tmp_path: Path, text: str, problem: str) -> None:
+    with pytest.raises(PolicyError) as caught:
+        load_policy(write_policy(tmp_path, text), quote_contents=False)
+    (reported,) = caught.value.problems
+    assert reported.startswith(problem)
+    assert "AKIASECRET" not in reported
+
+
+def test_the_policy_named_on_the_command_line_is_quoted_as_before(tmp_path: Path) -> None:
+    assert problems_of(tmp_path, "best_mode: avg\n") == [
+        "At 'best_mode': must be one of 'min' or 'max', got 'avg' (a string)"
+    ]

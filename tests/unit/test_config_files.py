@@ -1,0 +1,101 @@
+"""The one reader and YAML loader of every config file: bounds, regular files only, quiet messages."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ckpt_watcher.config_files import (
+    MAXIMUM_CONFIG_BYTES,
+    BoundedLoader,
+    ConfigFileError,
+    YamlLimitError,
+    parse_yaml,
+    read_config_text,
+    redact_quoted,
+)
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def test_a_file_of_exactly_the_limit_is_read_one_byte_more_is_not(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_bytes(b"#" * MAXIMUM_CONFIG_BYTES)
+    assert len(read_config_text(path)) == MAXIMUM_CONFIG_BYTES
+    path.write_bytes(b"#" * (MAXIMUM_CONFIG_BYTES + 1))
+    with pytest.raises(ConfigFileError, match="more than a config file may have"):
+        read_config_text(path)
+
+
+def test_a_file_that_reports_no_size_is_still_bounded(tmp_path: Path) -> None:
+    # /proc files say st_size 0 and still produce text; the read itself stops at the limit.
+    assert "Name:" in read_config_text(Path("/proc/self/status"))
+    with pytest.raises(ConfigFileError, match="more than a config file may have"):
+        read_config_text(Path("/proc/self/status"), limit=10)
+
+
+def test_confinement_follows_every_link_to_the_file_actually_opened(tmp_path: Path) -> None:
+    inside, outside = tmp_path / "inside", tmp_path / "outside"
+    inside.mkdir()
+    outside.mkdir()
+    (outside / "real.yaml").write_text("a: 1\n")
+    (inside / "config.yaml").write_text("a: 2\n")
+    (inside / "link.yaml").symlink_to(outside / "real.yaml")
+    (inside / "sub").symlink_to(outside)
+
+    assert read_config_text(inside / "config.yaml", confined_to=[inside]) == "a: 2\n"
+    for path in (inside / "link.yaml", inside / "sub" / "real.yaml", outside / "real.yaml"):
+        with pytest.raises(ConfigFileError, match="outside the directories it may be read from"):
+            read_config_text(path, confined_to=[inside])
+    assert read_config_text(inside / "link.yaml", confined_to=[inside, outside]) == "a: 1\n"
+
+
+def test_the_value_bound_counts_aliases_as_often_as_they_are_used() -> None:
+    text = "a: &a [1, 2, 3, 4]\nb: [*a, *a, *a]\n"
+    assert parse_yaml(text).value["b"] == [[1, 2, 3, 4]] * 3
+    loader = BoundedLoader(text, maximum_values=20)
+    with pytest.raises(YamlLimitError, match="more than 20 values once aliases are expanded"):
+        loader.get_single_node()
+    loader.dispose()
+
+
+def test_yaml_1_2_integers() -> None:
+    assert parse_yaml("a: 0500\nb: 0x1f\nc: 0o17\nd: 1:30\ne: 1_000\n").value == {
+        "a": 500,
+        "b": 31,
+        "c": 15,
+        "d": "1:30",
+        "e": "1_000",
+    }
+
+
+def test_an_empty_file_is_null_and_a_second_document_an_error() -> None:
+    assert parse_yaml("").value is None
+    with pytest.raises(ConfigFileError, match="line 2, column 1"):
+        parse_yaml("a: 1\n---\nb: 2\n")
+
+
+REDACTED: list[tuple[str, str]] = [
+    ("found undefined alias 'password'", "found undefined alias '…'"),
+    (
+        "expected '<document start>', but found '<scalar>'",
+        "expected '<document start>', but found '<scalar>'",
+    ),
+    ("could not find expected ':'", "could not find expected ':'"),
+    ("found character '\\t' that cannot start any token", "found character '…' that cannot start any token"),
+    (
+        'a int value that cannot be read (invalid literal: "it\'s")',
+        "a int value that cannot be read (invalid literal: '…')",
+    ),
+    (
+        "could not determine a constructor for the tag '!secret'",
+        "could not determine a constructor for the tag '…'",
+    ),
+    ("mapping values are not allowed here", "mapping values are not allowed here"),
+]
+
+
+@pytest.mark.parametrize(("message", "redacted"), REDACTED, ids=[message for message, _ in REDACTED])
+def test_redact_quoted_keeps_pyyamls_own_words_only(message: str, redacted: str) -> None:
+    assert redact_quoted(message) == redacted

@@ -1,0 +1,344 @@
+"""PolicyTree: per-run policies, their cost in deep and changing trees, and what a per-run file may read."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog
+from structlog.testing import capture_logs
+
+from ckpt_watcher.overrides import MINIMUM_SWEEP, OVERRIDE_FILE_NAME, PolicyTree
+from ckpt_watcher.policy import load_policy
+from tests.support.hostile_configs import make_fifo, sequence_bomb
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    directory = tmp_path / "ckpt"
+    directory.mkdir()
+    return directory
+
+
+@pytest.fixture
+def stat_calls(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
+    """Counts every stat/lstat/open the code under test makes (the work a directory costs)."""
+    counts: Counter[str] = Counter()
+
+    def counting(name: str, function: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapper(*arguments: Any, **keywords: Any) -> Any:
+            counts[name] += 1
+            return function(*arguments, **keywords)
+
+        return wrapper
+
+    for name in ("stat", "lstat", "open"):
+        monkeypatch.setattr(os, name, counting(name, getattr(os, name)))
+    return counts
+
+
+def default_tree(root: Path, *, strict: bool = False, policy: Path | None = None) -> PolicyTree:
+    return PolicyTree(root, load_policy(policy), strict=strict)
+
+
+def chain(root: Path, depth: int) -> list[Path]:
+    """``root/d/d/.../d`` ``depth`` levels deep; returns every level, the root first."""
+    levels = [root]
+    for _ in range(depth):
+        levels.append(levels[-1] / "d")
+    levels[-1].mkdir(parents=True)
+    return levels
+
+
+# --- cost: linear in the number of directories (issue 10, item 17) -------------------------------
+
+
+def test_an_empty_deep_tree_costs_a_few_stats_per_directory(root: Path, stat_calls: Counter[str]) -> None:
+    levels = chain(root, 300)
+    tree = default_tree(root)
+    stat_calls.clear()
+
+    for directory in levels:  # parents first, as a scan walks
+        assert tree.for_directory(directory) is not None
+        tree.naming_for(directory)
+
+    assert sum(stat_calls.values()) <= 4 * len(levels)
+
+
+def test_the_deepest_directory_first_is_linear_too(root: Path, stat_calls: Counter[str]) -> None:
+    levels = chain(root, 300)
+    (levels[150] / OVERRIDE_FILE_NAME).write_text("save_top_k_checkpoints: 2\n")
+    tree = default_tree(root)
+    stat_calls.clear()
+
+    deepest = tree.for_directory(levels[-1])
+    for directory in reversed(levels):
+        tree.for_directory(directory)
+
+    assert deepest is not None
+    assert deepest.policy.save_top_k_checkpoints == 2
+    assert sum(stat_calls.values()) <= 6 * len(levels)
+
+
+def test_deep_overrides_still_apply_key_by_key(root: Path) -> None:
+    levels = chain(root, 300)
+    (root / OVERRIDE_FILE_NAME).write_text("save_top_k_best: 7\n")
+    (levels[100] / OVERRIDE_FILE_NAME).write_text("save_top_k_checkpoints: 2\n")
+    (levels[200] / OVERRIDE_FILE_NAME).write_text("best_mode: max\n")
+    tree = default_tree(root)
+
+    policies = [tree.for_directory(directory) for directory in levels]
+
+    assert all(policy is not None for policy in policies)
+    assert [policy.policy.save_top_k_best for policy in policies if policy] == [7] * len(levels)
+    tops = [policy.policy.save_top_k_checkpoints for policy in policies if policy]
+    assert tops == [5] * 100 + [2] * 201
+    modes = [policy.policy.best_mode for policy in policies if policy]
+    assert modes == ["min"] * 200 + ["max"] * 101
+    deepest = policies[-1]
+    assert deepest is not None
+    assert len(deepest.sources) == 4
+
+
+def test_an_edit_is_seen_where_it_is_made_and_below(root: Path) -> None:
+    levels = chain(root, 5)
+    tree = default_tree(root)
+    for directory in levels:
+        tree.for_directory(directory)
+    override = levels[2] / OVERRIDE_FILE_NAME
+
+    override.write_text("save_top_k_checkpoints: 1\n")
+    at_the_file = tree.for_directory(levels[2])
+    below = tree.for_directory(levels[5])
+    above = tree.for_directory(levels[1])
+
+    assert at_the_file is not None
+    assert below is not None
+    assert above is not None
+    assert (at_the_file.policy.save_top_k_checkpoints, below.policy.save_top_k_checkpoints) == (1, 1)
+    assert above.policy.save_top_k_checkpoints == 5
+
+    override.write_text("save_top_k_checkpoints: 3\n")
+    tree.for_directory(levels[2])
+    again = tree.for_directory(levels[4])
+    assert again is not None
+    assert again.policy.save_top_k_checkpoints == 3
+
+    override.unlink()
+    tree.for_directory(levels[2])
+    gone = tree.for_directory(levels[5])
+    assert gone is not None
+    assert gone.policy.save_top_k_checkpoints == 5
+
+
+def test_outside_the_root_and_the_root_itself_get_the_root_policy(root: Path, tmp_path: Path) -> None:
+    (root / OVERRIDE_FILE_NAME).write_text("save_top_k_checkpoints: 9\n")
+    tree = default_tree(root)
+    for directory in (root, tmp_path, Path("/")):
+        effective = tree.for_directory(directory)
+        assert effective is not None
+        assert effective.policy.save_top_k_checkpoints == 9
+
+
+# --- memory: nothing kept for directories that are gone (item 18) --------------------------------
+
+
+@pytest.mark.parametrize("with_override", [False, True], ids=["plain", "with-override"])
+def test_state_for_vanished_directories_is_dropped(root: Path, with_override: bool) -> None:
+    tree = default_tree(root)
+    for index in range(3 * MINIMUM_SWEEP):
+        directory = root / f"run-{index}"
+        directory.mkdir()
+        if with_override:
+            (directory / OVERRIDE_FILE_NAME).write_text("save_top_k_checkpoints: 2\n")
+        tree.for_directory(directory)
+        shutil.rmtree(directory)
+
+    assert tree.tracked_directories <= MINIMUM_SWEEP
+
+
+def test_retain_keeps_only_the_present_directories(root: Path) -> None:
+    tree = default_tree(root)
+    present = []
+    for index in range(50):
+        directory = root / f"run-{index}"
+        directory.mkdir()
+        (directory / OVERRIDE_FILE_NAME).write_text(f"save_top_k_checkpoints: {index + 1}\n")
+        assert tree.for_directory(directory) is not None
+        if index % 2:
+            present.append(directory)
+        else:
+            shutil.rmtree(directory)
+
+    tree.retain({root, *present})
+
+    assert tree.tracked_directories <= len(present) + 1
+    for directory in present:
+        effective = tree.for_directory(directory)
+        assert effective is not None
+        assert effective.policy.save_top_k_checkpoints == int(directory.name.split("-")[1]) + 1
+
+
+def test_a_missing_override_file_leaves_no_layer(root: Path) -> None:
+    tree = default_tree(root)
+    for index in range(100):
+        tree.for_directory(root / f"never-created-{index}")
+    assert tree.tracked_directories <= 101
+
+
+# --- bad files: rejected, the subtree blocked, everything else served (items 5, 8) ----------------
+
+BAD_OVERRIDES: list[tuple[str, Callable[[Path], object]]] = [
+    ("invalid-date", lambda path: path.write_text("save_top_k_checkpoints: 2\nwhen: 2024-13-45\n")),
+    ("bad-int-tag", lambda path: path.write_text('save_top_k_checkpoints: !!int "two"\n')),
+    ("bad-bool-tag", lambda path: path.write_text("save_top_k_checkpoints: 2\nflag: !!bool maybe\n")),
+    ("bad-timestamp-tag", lambda path: path.write_text('save_top_k_best: 1\nat: !!timestamp "noon"\n')),
+    ("fifo", make_fifo),
+    ("link-to-a-fifo", lambda path: path.symlink_to(make_fifo(path.parent / "pipe"))),
+    ("directory", lambda path: path.mkdir()),
+    ("alias-bomb", lambda path: path.write_text(sequence_bomb(levels=9, fanout=9))),
+]
+
+
+@pytest.mark.parametrize("make", [make for _, make in BAD_OVERRIDES], ids=[name for name, _ in BAD_OVERRIDES])
+def test_a_bad_override_blocks_its_subtree_only(root: Path, make: Callable[[Path], object]) -> None:
+    bad, good = root / "bad", root / "good"
+    (bad / "below").mkdir(parents=True)
+    good.mkdir()
+    make(bad / OVERRIDE_FILE_NAME)
+    tree = default_tree(root)
+
+    with capture_logs() as logs:
+        blocked = tree.for_directory(bad)
+        blocked_below = tree.for_directory(bad / "below")
+        served = tree.for_directory(good)
+
+    assert blocked is None
+    assert blocked_below is None
+    assert served is not None
+    rejected = [log for log in logs if log["event"] == "policy_rejected"]
+    assert len(rejected) == 1
+    assert all(problem.startswith("At '") for problem in rejected[0]["problems"])
+
+
+@pytest.mark.parametrize("make", [make for _, make in BAD_OVERRIDES], ids=[name for name, _ in BAD_OVERRIDES])
+def test_a_bad_override_is_an_error_in_strict_mode(root: Path, make: Callable[[Path], object]) -> None:
+    (root / "bad").mkdir()
+    make(root / "bad" / OVERRIDE_FILE_NAME)
+    tree = default_tree(root, strict=True)
+
+    tree.for_directory(root / "bad")
+    tree.for_directory(root / "bad")
+
+    assert len(tree.errors) == 1
+    assert all(problem.startswith("At '") for problem in tree.errors[0].problems)
+
+
+# --- what a per-run file may name in protect_from (item 23) ---------------------------------------
+
+
+def _protect_from_problems(tree: PolicyTree, directory: Path) -> list[str]:
+    tree.for_directory(directory)
+    return [problem for error in tree.errors for problem in error.problems]
+
+
+def test_a_per_run_file_may_not_name_a_config_outside_the_root(root: Path, tmp_path: Path) -> None:
+    outside = tmp_path / "secrets" / "credentials"
+    outside.parent.mkdir()
+    outside.write_text("password: hunter2\n")
+    run = root / "run"
+    run.mkdir()
+    (run / OVERRIDE_FILE_NAME).write_text(f"protect_from: [{outside}]\n")
+    tree = default_tree(root, strict=True)
+
+    problems = _protect_from_problems(tree, run)
+
+    assert len(problems) == 1
+    assert problems[0].startswith("At 'protect_from.0': names a file outside the checkpoint root")
+    assert "hunter2" not in problems[0]
+
+
+def test_a_link_under_the_root_to_a_config_outside_is_refused_too(root: Path, tmp_path: Path) -> None:
+    outside = tmp_path / "elsewhere.yaml"
+    outside.write_text("ckpt_path: x\n")
+    run = root / "run"
+    run.mkdir()
+    (run / "train.yaml").symlink_to(outside)
+    (run / OVERRIDE_FILE_NAME).write_text("protect_from: [train.yaml]\n")
+    tree = default_tree(root, strict=True)
+
+    problems = _protect_from_problems(tree, run)
+
+    assert len(problems) == 1
+    assert problems[0].startswith("At 'protect_from.0': names a file outside the checkpoint root")
+
+
+def test_configs_under_the_root_or_beside_the_policy_may_be_named(root: Path, tmp_path: Path) -> None:
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    policy = configs / "policy.yaml"
+    policy.write_text("save_top_k_checkpoints: 3\n")
+    (configs / "train.yaml").write_text("ckpt_path: x\n")
+    run = root / "run"
+    run.mkdir()
+    (run / "train.yaml").write_text("ckpt_path: y\n")
+    (run / OVERRIDE_FILE_NAME).write_text(f"protect_from: [train.yaml, {configs / 'train.yaml'}]\n")
+    tree = default_tree(root, strict=True, policy=policy)
+
+    effective = tree.for_directory(run)
+
+    assert tree.errors == []
+    assert effective is not None
+    assert set(effective.protect_from) == {run / "train.yaml", configs / "train.yaml"}
+
+
+def test_the_root_policy_may_name_any_config(root: Path, tmp_path: Path) -> None:
+    elsewhere = tmp_path / "far" / "away.yaml"
+    elsewhere.parent.mkdir()
+    elsewhere.write_text("ckpt_path: x\n")
+    policy = tmp_path / "policies" / "policy.yaml"
+    policy.parent.mkdir()
+    policy.write_text(f"protect_from: [{elsewhere}]\n")
+    tree = PolicyTree(root, load_policy(policy), strict=True)
+
+    effective = tree.for_directory(root)
+
+    assert tree.errors == []
+    assert effective is not None
+    assert list(effective.protect_from) == [elsewhere]
+
+
+def test_messages_about_a_per_run_file_quote_positions_not_contents(root: Path, tmp_path: Path) -> None:
+    secret = tmp_path / "credentials"
+    secret.write_text("[default]\naws_secret_access_key = AKIAEXAMPLESECRET42\n")
+    for name, target in (("syntax", secret), ("value", None)):
+        run = root / name
+        run.mkdir()
+        override = run / OVERRIDE_FILE_NAME
+        if target is not None:
+            override.symlink_to(target)
+        else:
+            override.write_text("save_top_k_checkpoints: AKIAEXAMPLESECRET42\n")
+    tree = default_tree(root, strict=True)
+
+    tree.for_directory(root / "syntax")
+    tree.for_directory(root / "value")
+    problems = [problem for error in tree.errors for problem in error.problems]
+
+    assert len(problems) == 2
+    assert all("AKIA" not in problem for problem in problems)
+    assert "line 2" in problems[0]
+    assert problems[1] == "At 'save_top_k_checkpoints': expected a whole number, got a string"
+
+
+@pytest.fixture(autouse=True)
+def _reset_structlog() -> Iterator[None]:
+    yield
+    structlog.reset_defaults()

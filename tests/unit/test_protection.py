@@ -1,0 +1,216 @@
+"""Reading protect_from training configs, and pins matched by file identity as well as by path."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import pytest
+from structlog.testing import capture_logs
+
+from ckpt_watcher.plan import Action, plan
+from ckpt_watcher.policy import Policy
+from ckpt_watcher.protection import (
+    ConfigLabel,
+    ProtectionError,
+    ProtectionRegistry,
+    identities_of,
+    read_config_protection,
+)
+from ckpt_watcher.records import CheckpointRecord, FileIdentity
+from tests.support.factories import make_record, step_name
+from tests.support.hostile_configs import alias_bomb, deep_block, make_fifo, merge_bomb
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def write_config(directory: Path, text: str, name: str = "train.yaml") -> Path:
+    path = directory / name
+    path.write_text(text)
+    return path
+
+
+def keys_found(config: Path) -> list[str]:
+    return [
+        reference.key for reference in read_config_protection(config, "train.yaml", config.parent).references
+    ]
+
+
+# --- the whole document is searched (issue 10, item 21) -------------------------------------------
+
+DEEP_KEYS: list[tuple[str, str, list[str]]] = [
+    ("top", "ckpt_path: a.ckpt\n", ["ckpt_path"]),
+    ("five-deep", "a: {b: {c: {d: {e: {ckpt_path: a.ckpt}}}}}\n", ["a.b.c.d.e.ckpt_path"]),
+    ("thirty-deep", deep_block(30), [".".join(f"k{level}" for level in range(30)) + ".ckpt_path"]),
+    (
+        "in-a-list",
+        "callbacks:\n  - name: x\n  - {pretrained_ckpt_path: b.ckpt}\n",
+        ["callbacks[1].pretrained_ckpt_path"],
+    ),
+    ("dotted-deep", "a:\n  b:\n    c:\n      d:\n        e.ckpt_path: a.ckpt\n", ["a.b.c.d.e.ckpt_path"]),
+    ("list-in-list", "x: [[{ckpt_path: a.ckpt}]]\n", ["x[0][0].ckpt_path"]),
+]
+
+
+@pytest.mark.parametrize(("text", "keys"), [(t, k) for _, t, k in DEEP_KEYS], ids=[i for i, *_ in DEEP_KEYS])
+def test_resume_keys_are_found_at_any_depth(tmp_path: Path, text: str, keys: list[str]) -> None:
+    assert keys_found(write_config(tmp_path, text)) == keys
+
+
+def test_a_deep_reference_has_the_usual_reason(tmp_path: Path) -> None:
+    config = write_config(tmp_path, "a: {b: {c: {d: {e: {ckpt_path: a.ckpt}}}}}\n")
+    (reference,) = read_config_protection(config, "configs/train.yaml", tmp_path).references
+    assert reference.reason == "resume source in configs/train.yaml (a.b.c.d.e.ckpt_path)"
+
+
+# --- hostile configs: refused quickly and clearly (items 5, 7, 8) ---------------------------------
+
+HOSTILE_CONFIGS: list[tuple[str, str, str]] = [
+    ("alias-bomb", alias_bomb(levels=9, fanout=9), "values once aliases are expanded"),
+    ("merge-bomb", merge_bomb(levels=25, fanout=3), "values once aliases are expanded"),
+    ("recursive-alias", "a: &a {ckpt_path: x, again: *a}\n", "an alias inside the value it refers to"),
+    ("deep-nesting", "x: " + "[" * 100_000 + "]" * 100_000 + "\n", "nested deeper than"),
+    ("invalid-date", "ckpt_path: x\nwhen: 2024-13-45\n", "line 2, column 7"),
+    ("bad-bool-tag", "flag: !!bool maybe\n", "line 1, column 7"),
+    ("too-many-values", "".join(f"k{index}: {index}\n" for index in range(60_000)), "values"),
+]
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"), [(t, p) for _, t, p in HOSTILE_CONFIGS], ids=[i for i, *_ in HOSTILE_CONFIGS]
+)
+def test_hostile_yaml_is_a_clear_error(tmp_path: Path, text: str, problem: str) -> None:
+    config = write_config(tmp_path, text)
+    with pytest.raises(ProtectionError) as caught:
+        read_config_protection(config, "train.yaml", tmp_path)
+    assert problem in caught.value.message
+
+
+@pytest.mark.parametrize("kind", ["fifo", "link-to-fifo", "directory", "too-big"])
+def test_a_config_that_is_not_a_small_regular_file_is_refused(tmp_path: Path, kind: str) -> None:
+    config = tmp_path / "train.yaml"
+    if kind == "fifo":
+        make_fifo(config)
+    elif kind == "link-to-fifo":
+        config.symlink_to(make_fifo(tmp_path / "pipe"))
+    elif kind == "directory":
+        config.mkdir()
+    else:
+        with config.open("wb") as sparse:
+            sparse.truncate(2**31)
+    with pytest.raises(ProtectionError) as caught:
+        read_config_protection(config, "train.yaml", tmp_path)
+    expected = {"directory": "is a directory", "too-big": "more than a config file may have"}
+    assert expected.get(kind, "not a regular file (a FIFO)") in caught.value.message
+
+
+def test_a_yaml_error_quotes_a_position_never_a_snippet(tmp_path: Path) -> None:
+    config = write_config(tmp_path, "[default]\naws_secret_access_key = AKIAEXAMPLESECRET42\n")
+    with pytest.raises(ProtectionError) as caught:
+        read_config_protection(config, "train.yaml", tmp_path)
+    assert "line 2" in caught.value.message
+    assert "AKIA" not in str(caught.value)
+
+
+def test_a_wrong_value_is_described_not_printed(tmp_path: Path) -> None:
+    config = write_config(tmp_path, "ckpt_path: {nested: [1, 2, 3], secret: AKIAEXAMPLESECRET42}\n")
+    protection = read_config_protection(config, "train.yaml", tmp_path)
+    assert protection.references == ()
+    assert protection.warnings == ("train.yaml: 'ckpt_path' should be a path, got a mapping; ignored",)
+
+
+def test_a_confined_label_refuses_a_config_that_resolves_outside(tmp_path: Path) -> None:
+    allowed = tmp_path / "ckpt"
+    allowed.mkdir()
+    outside = write_config(tmp_path, "ckpt_path: x\n", "outside.yaml")
+    (allowed / "train.yaml").symlink_to(outside)
+    registry = ProtectionRegistry(tmp_path)
+    label = ConfigLabel("run/train.yaml", allowed_directories=(allowed,))
+
+    with pytest.raises(ProtectionError) as caught:
+        registry.refresh({allowed / "train.yaml": label}, strict=True)
+    assert "outside" in caught.value.message
+
+    with capture_logs() as logs:
+        registry.refresh({allowed / "train.yaml": label})
+    assert [log["event"] for log in logs] == ["protection_rejected"]
+
+
+def test_an_unconfined_label_may_name_any_config(tmp_path: Path) -> None:
+    config = write_config(tmp_path, "ckpt_path: a.ckpt\n")
+    registry = ProtectionRegistry(tmp_path)
+    assert registry.refresh({config: "train.yaml"}, strict=True)
+    assert tmp_path / "a.ckpt" in registry.pins()
+
+
+# --- pins by identity (item 3) --------------------------------------------------------------------
+
+
+def test_identities_of_existing_pins_follow_links(tmp_path: Path) -> None:
+    checkpoint = tmp_path / "run" / step_name(0, 100)
+    checkpoint.parent.mkdir()
+    checkpoint.write_bytes(b"x")
+    hard_link = tmp_path / "alias.ckpt"
+    os.link(checkpoint, hard_link)
+    soft_link = tmp_path / "soft.ckpt"
+    soft_link.symlink_to(checkpoint)
+    status = checkpoint.stat()
+
+    identities = identities_of(
+        {hard_link: "resume source", soft_link: "other", tmp_path / "missing.ckpt": "never"}
+    )
+
+    assert identities == {(status.st_dev, status.st_ino): "resume source"}
+
+
+def _with_identity(record: CheckpointRecord, device: int, inode: int) -> CheckpointRecord:
+    return dataclasses.replace(record, identity=FileIdentity(device, inode, record.bytes, 0))
+
+
+def test_plan_keeps_a_record_pinned_by_identity_with_the_pins_reason() -> None:
+    run = Path("/ckpt/run")
+    records = [make_record(step_name(0, step), run) for step in range(100, 1100, 100)]
+    oldest = _with_identity(records[0], 7, 4242)
+    records[0] = oldest
+    policy = Policy(save_top_k_checkpoints=2)
+
+    without = plan(
+        records, policy, {Path("/mnt/alias/run") / oldest.name: "resume source in t.yaml (ckpt_path)"}
+    )
+    with_identity = plan(
+        records,
+        policy,
+        {Path("/mnt/alias/run") / oldest.name: "resume source in t.yaml (ckpt_path)"},
+        pinned_identities={(7, 4242): "resume source in t.yaml (ckpt_path)"},
+    )
+
+    decision = {decision.record.name: decision for decision in without.decisions}[oldest.name]
+    assert decision.action is Action.DELETE
+    decision = {decision.record.name: decision for decision in with_identity.decisions}[oldest.name]
+    assert decision.action is Action.KEEP
+    assert decision.reasons == ("resume source in t.yaml (ckpt_path)",)
+
+
+def test_a_pin_matched_by_path_and_identity_gives_its_reason_once() -> None:
+    run = Path("/ckpt/run")
+    records = [make_record(step_name(0, step), run) for step in range(100, 1100, 100)]
+    records[0] = _with_identity(records[0], 7, 4242)
+    reason = "protected by --protect run/x"
+
+    result = plan(
+        records,
+        Policy(save_top_k_checkpoints=2),
+        {records[0].path: reason},
+        pinned_identities={(7, 4242): reason},
+    )
+
+    decision = {decision.record.name: decision for decision in result.decisions}[records[0].name]
+    assert decision.reasons == (reason,)
+
+
+def test_plan_without_identities_is_unchanged() -> None:
+    run = Path("/ckpt/run")
+    records = [make_record(step_name(0, step), run) for step in range(100, 1100, 100)]
+    policy = Policy(save_top_k_checkpoints=2)
+    assert plan(records, policy, {}) == plan(records, policy, {}, pinned_identities={})
