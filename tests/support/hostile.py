@@ -216,9 +216,17 @@ def events(stderr: str, event: str) -> list[dict[str, object]]:
     return [record for record in json_records(stderr) if record.get("event") == event]
 
 
-def set_immutable(path: Path, immutable: bool = True) -> bool:
+def set_immutable(path: Path, immutable: bool = True, *, recursive: bool = False) -> bool:
     """``chattr +i`` (or ``-i``): even root cannot unlink an immutable file. False if unsupported."""
+    options = ["-R"] if recursive else []
     completed = subprocess.run(
-        ["chattr", "+i" if immutable else "-i", str(path)], capture_output=True, check=False
+        ["chattr", *options, "+i" if immutable else "-i", str(path)], capture_output=True, check=False
     )
     return completed.returncode == 0
+
+
+def remove_deep(path: Path) -> None:
+    """Remove a tree of any depth (pytest's own clean-up recurses, and fails past ~1000 levels)."""
+    subprocess.run(
+        ["rm", "-rf", "--one-file-system", str(path)], capture_output=True, check=False, timeout=300
+    )

@@ -18,7 +18,7 @@ from ckpt_watcher.policy import Policy
 from ckpt_watcher.records import DELETING_PREFIX
 from ckpt_watcher.scan import ScanOptions, scan_tree
 from tests.support.factories import step_name, write_checkpoint
-from tests.support.hostile import make_deep_directory, set_immutable
+from tests.support.hostile import make_deep_directory, remove_deep, set_immutable
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -50,12 +50,13 @@ def quiet_logs() -> Iterator[None]:
 
 
 @pytest.fixture
-def immutable_paths() -> Iterator[list[Path]]:
-    """Paths made immutable by a test; made mutable again afterwards so tmp_path can be cleaned."""
+def immutable_paths(tmp_path: Path) -> Iterator[list[Path]]:
+    """Paths made immutable by a test; everything in tmp_path is made mutable again afterwards (the
+    files may have moved), so tmp_path can be cleaned."""
     paths: list[Path] = []
     yield paths
-    for path in paths:
-        set_immutable(path, immutable=False)
+    if paths:
+        set_immutable(tmp_path, immutable=False, recursive=True)
 
 
 def make_immutable(path: Path, registry: list[Path]) -> None:
@@ -64,9 +65,12 @@ def make_immutable(path: Path, registry: list[Path]) -> None:
     registry.append(path)
 
 
-def test_a_directory_checkpoint_deeper_than_the_recursion_limit_is_removed(tmp_path: Path) -> None:
+def test_a_directory_checkpoint_deeper_than_the_recursion_limit_is_removed(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
     old = directory_checkpoint(tmp_path / step_name(0, 100))
     make_deep_directory(old / "checkpoint" / "nested", depth=1500)
+    request.addfinalizer(lambda: remove_deep(tmp_path))  # pytest's clean-up recurses
     directory_checkpoint(tmp_path / step_name(0, 200))
     the_plan = plan_of(tmp_path)
     assert [decision.record.name for decision in the_plan.deletions] == [old.name]
@@ -112,8 +116,7 @@ def test_a_removal_that_fails_halfway_is_a_failure_naming_what_remains(
     )
     assert remaining == ["checkpoint/sub/stuck.pt"]
 
-    immutable_paths[:] = [tmp_path / leftover / "checkpoint" / "sub" / "stuck.pt"]
-    set_immutable(immutable_paths[0], immutable=False)
+    set_immutable(tmp_path / leftover / "checkpoint" / "sub" / "stuck.pt", immutable=False)
     results = finish_leftovers(tmp_path, tmp_path)
 
     assert [(result.removed, result.remains) for result in results] == [(True, ())]
