@@ -230,3 +230,30 @@ def remove_deep(path: Path) -> None:
     subprocess.run(
         ["rm", "-rf", "--one-file-system", str(path)], capture_output=True, check=False, timeout=300
     )
+
+
+def limited(command: Sequence[str], address_space: int) -> list[str]:
+    """``command`` (a Python one: ``[python, -m, ...]``) run under RLIMIT_AS = ``address_space`` bytes."""
+    setup = (
+        "import os, resource, sys; "
+        f"resource.setrlimit(resource.RLIMIT_AS, ({address_space}, {address_space})); "
+        "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"
+    )
+    return [command[0], "-c", setup, *command[1:]]
+
+
+def run_limited(
+    command: Sequence[str], address_space: int, timeout: float = COMMAND_TIMEOUT
+) -> subprocess.CompletedProcess[str]:
+    """Run a Python command bounded in memory (RLIMIT_AS) and time."""
+    return subprocess.run(
+        limited(command, address_space), capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+def prune_entries(completed: subprocess.CompletedProcess[str]) -> dict[str, dict[str, object]]:
+    """Entries of a ``prune --json`` document by name."""
+    import json
+
+    document = json.loads(completed.stdout)
+    return {entry["name"]: entry for group in document["groups"] for entry in group["entries"]}
