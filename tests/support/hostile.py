@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import random
 import shlex
 import socket
 import stat
@@ -17,6 +18,7 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from contextlib import suppress
+from dataclasses import dataclass, field
 from pathlib import Path
 
 PYTHON = sys.executable
@@ -104,11 +106,13 @@ def make_fifo(path: Path) -> Path:
 
 def make_socket(path: Path) -> Path:
     """A bound Unix socket file (the socket itself is closed; the file stays)."""
+    directory_fd = os.open(path.parent, _DIRECTORY_FLAGS)
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        server.bind(str(path))
+    try:  # bound through /proc/self/fd: a socket path may be at most 107 bytes long
+        server.bind(f"/proc/self/fd/{directory_fd}/{path.name}")
     finally:
         server.close()
+        os.close(directory_fd)
     return path
 
 
@@ -148,6 +152,13 @@ def mount_namespace_reason() -> str | None:
     return None
 
 
+def namespace_command(mounts: Sequence[str], command: Sequence[str]) -> list[str]:
+    """``command`` run in a private mount namespace after the shell ``mounts`` commands (the same
+    process: ``unshare`` and ``sh`` exec into it, so signals reach it directly)."""
+    script = "set -e\n" + "\n".join(mounts) + '\nexec "$@"\n'
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", *command]
+
+
 def in_mount_namespace(
     mounts: Sequence[str],
     command: Sequence[str],
@@ -159,9 +170,8 @@ def in_mount_namespace(
 
     The mounts vanish with the namespace when the command ends, so a failed test leaves none behind.
     """
-    script = "set -e\n" + "\n".join(mounts) + "\nexec " + shlex.join(command) + "\n"
     return subprocess.run(
-        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+        namespace_command(mounts, command),
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -257,3 +267,195 @@ def prune_entries(completed: subprocess.CompletedProcess[str]) -> dict[str, dict
 
     document = json.loads(completed.stdout)
     return {entry["name"]: entry for group in document["groups"] for entry in group["entries"]}
+
+
+@dataclass
+class HostileTree:
+    """A generated tree: its root, the outside tree nothing may change, and what is known about it."""
+
+    root: Path
+    outside: Path
+    mounts: list[str] = field(default_factory=list)
+    mount_holders: list[Path] = field(default_factory=list)
+    plain_group: Path | None = None
+
+
+def _step(epoch: int, step: int) -> str:
+    return f"epoch={epoch:02d}-step={step:06d}-train.ckpt"
+
+
+def _zip(payload: bytes) -> bytes:
+    import io
+    import zipfile
+
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED) as archive:
+        archive.writestr("archive/data.pkl", payload)
+        archive.writestr("archive/data/0", payload * 8)
+    return buffer.getvalue()
+
+
+def _directory_checkpoint(path: Path, files: int = 2) -> Path:
+    (path / "checkpoint").mkdir(parents=True)
+    for index in range(files):
+        (path / "checkpoint" / f"shard_{index}.pt").write_bytes(_zip(b"shard %d" % index))
+    (path / "latest").write_text("checkpoint")
+    return path
+
+
+def build_hostile_tree(
+    root: Path, outside: Path, *, seed: int, with_mounts: bool, deepest: int = 1200
+) -> HostileTree:
+    """Everything an attacker or an unlucky operator can leave in a checkpoint tree, in a random mix.
+
+    Symlinks in every position (a group, a checkpoint name, last.ckpt to ``/``, to a FIFO, dangling,
+    looping, inside a directory checkpoint), FIFOs, sockets, devices, sparse and pre-sized files,
+    download markers, non-UTF-8 and newline names, deep nesting, a huge directory, and (``with_mounts``,
+    for a private mount namespace) a bind mount inside a directory checkpoint. ``outside`` gets a
+    sentinel tree the links and mounts point into. ``deepest`` is the depth of the deepest directory
+    checkpoint.
+    """
+    chooser = random.Random(seed)  # noqa: S311  (a reproducible test tree, not a secret)
+    make_sentinel(outside)
+    make_fifo(outside / "pipe")
+    (outside / "dataset").mkdir()
+    (outside / "dataset" / "images.bin").write_bytes(b"i" * 2048)
+    tree = HostileTree(root=root, outside=outside)
+    plain = root / "plain"
+    plain.mkdir(parents=True)
+    for step in range(100, 1000, 100):
+        (plain / _step(0, step)).write_bytes(_zip(b"step %d" % step))
+    tree.plain_group = plain
+
+    builders = [
+        _symlinks_everywhere,
+        _special_files,
+        _downloads_in_progress,
+        _awkward_names,
+        _deep_nesting,
+        _huge_directory,
+        _directory_checkpoints_with_traps,
+    ]
+    chooser.shuffle(builders)
+    for index, builder in enumerate(builders):
+        group = root / f"group{index}-{builder.__name__.strip('_')}"
+        group.mkdir()
+        builder(group, outside, chooser, deepest)
+    if with_mounts:
+        holder = _directory_checkpoint(root / "mounted" / _step(0, 100))
+        (holder / "dataset").mkdir()
+        for step in range(200, 900, 100):
+            _directory_checkpoint(root / "mounted" / _step(0, step))
+        tree.mounts.append(
+            f"mount --bind {shlex.quote(str(outside / 'dataset'))} {shlex.quote(str(holder / 'dataset'))}"
+        )
+        tree.mount_holders.append(holder)
+    _backdate_tree(root)
+    return tree
+
+
+def _backdate_tree(top: Path) -> None:
+    """Directory checkpoints count only after 30 quiet seconds: make everything an hour old (``find
+    -execdir`` works at any depth, never follows a link and opens nothing)."""
+    subprocess.run(
+        ["find", str(top), "-execdir", "touch", "-h", "-c", "-d", "1 hour ago", "{}", "+"],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+
+
+def _symlinks_everywhere(group: Path, outside: Path, chooser: random.Random, deepest: int) -> None:
+    del deepest
+    for step in range(100, 800, 100):
+        (group / _step(1, step)).write_bytes(_zip(b"x"))
+    os.symlink(outside, group / "linked-run")  # a group that is a symlink
+    os.symlink(outside / "precious.ckpt", group / _step(0, 100))
+    os.symlink("/", group / "last.ckpt")
+    os.symlink(outside / "pipe", group / "last-v1.ckpt")
+    os.symlink(group / "nowhere", group / "last-v2.ckpt")
+    os.symlink(_step(0, 201), group / _step(0, 200))  # a loop of two
+    os.symlink(_step(0, 200), group / _step(0, 201))
+    os.symlink(outside / "nested", group / _step(0, 300))  # a checkpoint name for an outside directory
+    os.symlink("/dev/zero", group / _step(0, chooser.choice([400, 500])))
+
+
+def _special_files(group: Path, outside: Path, chooser: random.Random, deepest: int) -> None:
+    del deepest
+    del outside
+    (group / _step(2, 900)).write_bytes(_zip(b"newest"))
+    make_fifo(group / _step(2, 100))
+    make_socket(group / _step(2, 200))
+    make_device(group / _step(2, 300))
+    make_fifo(group / f"{_step(2, 400)}.aria2")
+    os.mkfifo(group / ".ckpt-watcher-deleting-i1-fifo")
+    if chooser.random() < 0.5:
+        make_fifo(group / "last.ckpt")
+
+
+def _downloads_in_progress(group: Path, outside: Path, chooser: random.Random, deepest: int) -> None:
+    del deepest
+    del outside
+    for step in (100, 200):
+        (group / _step(3, step)).write_bytes(_zip(b"complete"))
+    data = _zip(os.urandom(64 << 10))
+    make_sparse(group / _step(3, 300), len(data), data[-4096:])
+    (group / _step(3, 400)).write_bytes(data)
+    (group / f"{_step(3, 400)}{chooser.choice(['.aria2', '.part', '.incomplete', '.st'])}").write_bytes(b"")
+    (group / _step(3, 500)).write_bytes(data[: len(data) // 2])
+    (group / f"{_step(3, 600)}.tmp").write_bytes(data)
+
+
+def _awkward_names(group: Path, outside: Path, chooser: random.Random, deepest: int) -> None:
+    del deepest
+    del outside, chooser
+    for step in range(100, 800, 100):
+        (group / _step(4, step)).write_bytes(_zip(b"y"))
+    raw = os.fsencode(group)
+    for name in (b"epoch=04-step=000900-train\xff.ckpt", b"\xfe\xfd.ckpt", b"last\x80.ckpt"):
+        with open(raw + b"/" + name, "wb") as stream:
+            stream.write(_zip(b"non-utf-8"))
+    (group / f"{_step(4, 950)}\nepoch=04-step=000001-train.ckpt").write_bytes(_zip(b"newline"))
+    odd = Path(os.fsdecode(raw + b"/run-\xff"))
+    odd.mkdir()
+    for step in range(100, 800, 100):
+        (odd / _step(4, step)).write_bytes(_zip(b"z"))
+
+
+def _deep_nesting(group: Path, outside: Path, chooser: random.Random, deepest: int) -> None:
+    del outside
+    current = group
+    for level in range(chooser.randint(150, 250)):
+        current = current / f"l{level}"
+    current.mkdir(parents=True)
+    for step in range(100, 800, 100):
+        (current / _step(5, step)).write_bytes(_zip(b"deep"))
+    checkpoint = _directory_checkpoint(group / _step(5, 100))
+    make_deep_directory(checkpoint / "checkpoint" / "nested", depth=deepest)
+    for step in range(200, 800, 100):
+        _directory_checkpoint(group / _step(5, step))
+
+
+def _huge_directory(group: Path, outside: Path, chooser: random.Random, deepest: int) -> None:
+    del deepest
+    del outside
+    for index in range(3000):
+        (group / f"event-{index:05d}.log").touch()
+    steps = list(range(100, 3000, 100))
+    chooser.shuffle(steps)
+    for step in steps:
+        (group / _step(6, step)).write_bytes(_zip(b"h"))
+
+
+def _directory_checkpoints_with_traps(
+    group: Path, outside: Path, chooser: random.Random, deepest: int
+) -> None:
+    del deepest
+    for step in range(100, 800, 100):
+        checkpoint = _directory_checkpoint(group / _step(7, step))
+        os.symlink(outside / "precious.ckpt", checkpoint / "checkpoint" / "link-to-file.pt")
+        os.symlink(outside / "nested", checkpoint / "checkpoint" / "link-to-directory")
+        make_fifo(checkpoint / "checkpoint" / "pipe")
+        os.link(outside / "nested" / "data.bin", checkpoint / "checkpoint" / "hard-link.bin")
+    unfinished = _directory_checkpoint(group / _step(7, 900), files=chooser.randint(1, 3))
+    (unfinished / "latest").unlink()
