@@ -134,12 +134,11 @@ def _unescape_octal(text: bytes) -> bytes:
 class _Boundary:
     """Decides whether an entry lies on another file system or mount than the top of the walk."""
 
-    def __init__(self, top: EntryStatus, top_fd: int) -> None:
+    def __init__(self, top: EntryStatus) -> None:
         self._top = top
         self._mount_points: frozenset[str] | None = None
         if top.mount_id is None and top.mount_root is None:
             self._mount_points = _mount_points()
-        self._top_fd = top_fd
 
     def crosses(self, status: EntryStatus, dir_fd: int, name: str) -> bool:
         """True if ``name`` in ``dir_fd`` (whose status is ``status``) is on another mount."""
@@ -160,7 +159,7 @@ class _Boundary:
 
 def open_regular(
     path: str, *, dir_fd: int | None = None, follow_symlinks: bool = False
-) -> tuple[int, EntryStatus]:
+) -> tuple[int, os.stat_result]:
     """Open a regular file for reading; raise NotRegularFileError for anything else, never blocking.
 
     The caller closes the returned descriptor.
@@ -170,19 +169,19 @@ def open_regular(
             path, _PATH_FLAG | os.O_CLOEXEC | (0 if follow_symlinks else os.O_NOFOLLOW), dir_fd=dir_fd
         )
         try:
-            status = status_at(handle, "")
-            if not stat.S_ISREG(status.mode):
+            status = os.fstat(handle)
+            if not stat.S_ISREG(status.st_mode):
                 raise NotRegularFileError(0, "not a regular file", path)
             try:
                 return os.open(f"/proc/self/fd/{handle}", _READ_FLAGS), status
             except FileNotFoundError:
-                pass  # no /proc: open by name below, and check it is still the same file
+                pass  # no /proc: open by name below, and check it is a regular file again
         finally:
             os.close(handle)
     file_descriptor = os.open(path, _READ_FLAGS | (0 if follow_symlinks else os.O_NOFOLLOW), dir_fd=dir_fd)
     try:
-        opened = status_at(file_descriptor, "")
-        if not stat.S_ISREG(opened.mode):
+        opened = os.fstat(file_descriptor)
+        if not stat.S_ISREG(opened.st_mode):
             raise NotRegularFileError(0, "not a regular file", path)
     except BaseException:
         os.close(file_descriptor)
@@ -204,7 +203,7 @@ class _Cursor:
 
     def __init__(self, top_fd: int, top: EntryStatus) -> None:
         self.fd = top_fd
-        self.boundary = _Boundary(top, top_fd)
+        self.boundary = _Boundary(top)
         self._ancestors: list[tuple[int, int]] = []
         self.parts: list[str] = []
         self._identity = (top.device, top.inode)

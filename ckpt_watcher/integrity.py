@@ -19,7 +19,7 @@ import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from ckpt_watcher.filesystem import NotRegularFileError, describe, open_regular, status_at, summarize_tree
+from ckpt_watcher.filesystem import NotRegularFileError, describe, open_regular, summarize_tree
 from ckpt_watcher.records import FileIdentity
 
 _LOCAL_HEADER_MAGIC = b"PK\x03\x04"
@@ -179,11 +179,22 @@ class _ChunkReader:
         self._end = offset + length
         self._chunk = chunk
         self._buffer = b""
+        self._start = 0  # where the unread part of the buffer begins (no copy per read)
         self.consumed = 0
 
     def take(self, count: int) -> bytes:
         """The next ``count`` bytes (at most ~3 x 64 KiB: a header and its name, extra and comment)."""
-        while len(self._buffer) < count:
+        if len(self._buffer) - self._start < count:
+            self._refill(count)
+        data = self._buffer[self._start : self._start + count]
+        self._start += count
+        self.consumed += count
+        return data
+
+    def _refill(self, count: int) -> None:
+        pieces = [self._buffer[self._start :]]
+        available = len(pieces[0])
+        while available < count:
             if self._position >= self._end:
                 raise _NotWholeError("it is cut short")
             chunk = os.pread(
@@ -192,15 +203,15 @@ class _ChunkReader:
             if not chunk:
                 raise _NotWholeError("it is cut short")
             self._position += len(chunk)
-            self._buffer += chunk
-        data, self._buffer = self._buffer[:count], self._buffer[count:]
-        self.consumed += count
-        return data
+            pieces.append(chunk)
+            available += len(chunk)
+        self._buffer = b"".join(pieces)
+        self._start = 0
 
     @property
     def at_end(self) -> bool:
         """True once every byte of the range was taken."""
-        return not self._buffer and self._position >= self._end
+        return self._start >= len(self._buffer) and self._position >= self._end
 
 
 @dataclass(frozen=True, slots=True)
@@ -384,17 +395,17 @@ def check_file(
         return Completeness(False, "vanished while being checked", transient=True), None
     except OSError as error:
         return Completeness(False, f"cannot be read: {describe(error)}", transient=True), None
-    identity = FileIdentity(status.device, status.inode, status.size, status.mtime_ns)
+    identity = FileIdentity(status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns)
     try:
-        verdict = check_zip_file(file_descriptor, status.size, verify="crc" if verify == "crc" else "zip")
+        verdict = check_zip_file(file_descriptor, status.st_size, verify="crc" if verify == "crc" else "zip")
         if verdict.complete and deep_check is not None:
             verdict = deep_check(_open_file_path(file_descriptor, path, dir_fd))
-        after = status_at(file_descriptor, "")
+        after = os.fstat(file_descriptor)
     except OSError as error:
         return Completeness(False, f"cannot be read: {describe(error)}", transient=True), identity
     finally:
         os.close(file_descriptor)
-    if (after.size, after.mtime_ns) != (status.size, status.mtime_ns):
+    if (after.st_size, after.st_mtime_ns) != (status.st_size, status.st_mtime_ns):
         return Completeness(
             False, "still being written (it changed while being checked)", transient=True
         ), None

@@ -217,8 +217,8 @@ def scan_directory(
     try:
         # The names only (a DirEntry with its cached stat would cost ~600 bytes per file in a huge
         # directory); each entry is then stat'ed relative to the open directory.
-        names = set(os.listdir(directory_fd))
-        group = _Group(directory, directory_fd, names, naming, options, now, cache)
+        names = os.listdir(directory_fd)
+        group = _Group(directory, directory_fd, markers_beside(names), naming, options, now, cache)
         for name in names:
             if name == LOCK_FILE_NAME or name.startswith(DELETING_PREFIX):
                 continue
@@ -243,7 +243,7 @@ class _Group:
 
     directory: Path
     directory_fd: int
-    names: set[str]
+    markers: dict[str, str]
     naming: Naming
     options: ScanOptions
     now: float
@@ -286,7 +286,7 @@ class _Group:
                 dir_fd=self.directory_fd,
             )
             size = verdict.bytes
-            completeness = _with_markers(name, self.names, None) or verdict.completeness
+            completeness = _with_markers(name, self.markers, None) or verdict.completeness
         else:
             completeness = Completeness(False, None)
         mount_note = (
@@ -311,6 +311,8 @@ class _Group:
 
     def judge_links(self, records: list[CheckpointRecord]) -> list[CheckpointRecord]:
         """Settle each checkpoint-named symlink's completeness from its target, never walking it."""
+        if not any(record.entry_type is EntryType.SYMLINK for record in records):
+            return records
         by_path = {record.path: record for record in records if record.entry_type is not EntryType.SYMLINK}
         judged: list[CheckpointRecord] = []
         for record in records:
@@ -351,7 +353,7 @@ class _Group:
     def _file_completeness(self, name: str, path: Path, identity: FileIdentity, kind: Kind) -> Completeness:
         if name.endswith(_TEMPORARY_SUFFIXES):
             return Completeness(False, "temporary file name", transient=True)
-        marked = _with_markers(name, self.names, None)
+        marked = _with_markers(name, self.markers, None)
         if marked is not None:
             return marked
         cache = self.cache
@@ -404,15 +406,35 @@ class _Group:
             self.cache.counted(path, identity)
 
 
-def _with_markers(name: str, names: set[str], completeness: Completeness | None) -> Completeness | None:
+def _with_markers(
+    name: str, markers: dict[str, str], completeness: Completeness | None
+) -> Completeness | None:
     """Incomplete if a marker of a writer still at work is beside ``name``; else ``completeness``."""
-    marker = unfinished_marker_name(name)
-    if marker in names:
+    marker = markers.get(name)
+    if marker is None:
+        return completeness
+    if marker.endswith(UNFINISHED_MARKER_SUFFIX):
         return Completeness(False, f"still being written ({marker} marker present)", transient=True)
-    for suffix in DOWNLOAD_MARKER_SUFFIXES:
-        if name + suffix in names:
-            return Completeness(False, f"still being downloaded ({name}{suffix} beside it)", transient=True)
-    return completeness
+    return Completeness(False, f"still being downloaded ({marker} beside it)", transient=True)
+
+
+_MARKER_SUFFIXES = (UNFINISHED_MARKER_SUFFIX, *DOWNLOAD_MARKER_SUFFIXES)
+
+
+def markers_beside(names: Iterable[str]) -> dict[str, str]:
+    """Each name of a listing that has a writer's marker beside it, and that marker's name (one pass
+    over the listing, so each file then costs one lookup)."""
+    markers: dict[str, str] = {}
+    for marker in names:
+        if not marker.endswith(_MARKER_SUFFIXES):
+            continue
+        for suffix in _MARKER_SUFFIXES:
+            if marker.endswith(suffix):
+                base = marker.removesuffix(suffix)
+                markers.setdefault(base, marker)
+                if suffix == UNFINISHED_MARKER_SUFFIX:  # NeMo drops the .ckpt of the file it marks
+                    markers.setdefault(base + CHECKPOINT_EXTENSION, marker)
+    return markers
 
 
 def unfinished_marker_name(checkpoint_name: str) -> str:
