@@ -287,6 +287,8 @@ def summarize_tree(name: str, *, dir_fd: int | None = None, follow_symlinks: boo
     cursor = _Cursor(top_fd, top)
     summary = TreeSummary(newest_mtime_ns=top.mtime_ns, identity=top)
     try:
+        if dir_fd is not None and _is_mount_of_its_own(top, dir_fd, name):
+            summary.mount_points.append(".")  # the directory itself is another mount
         pending = [_summarize_here(cursor, summary, top_level=True)]
         while pending:
             if pending[-1]:
@@ -303,6 +305,12 @@ def summarize_tree(name: str, *, dir_fd: int | None = None, follow_symlinks: boo
     finally:
         cursor.close()
     return summary
+
+
+def _is_mount_of_its_own(top: EntryStatus, parent_fd: int, name: str) -> bool:
+    """True if ``top`` (``name`` in ``parent_fd``) is not on its parent directory's mount."""
+    parent = status_at(parent_fd, "")
+    return _Boundary(parent).crosses(top, parent_fd, name)
 
 
 def _summarize_here(cursor: _Cursor, summary: TreeSummary, *, top_level: bool) -> list[str]:

@@ -495,7 +495,11 @@ def check_directory(
     total = summary.bytes
     if summary.mount_points:
         where = summary.mount_points[0]
-        reason = f"contains a mount point ({where}): another file system, never deleted"
+        reason = (
+            "is itself a mount point: another file system, never deleted"
+            if where == "."
+            else f"contains a mount point ({where}): another file system, never deleted"
+        )
         return DirectoryVerdict(Completeness(False, reason, transient=True, mount_point=where), None, total)
     layout, missing = _directory_layout(summary.top_entries, name)
     if missing is not None:

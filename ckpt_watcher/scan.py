@@ -289,9 +289,7 @@ class _Group:
             completeness = _with_markers(name, self.markers, None) or verdict.completeness
         else:
             completeness = Completeness(False, None)
-        mount_note = (
-            f"contains a mount point ({completeness.mount_point})" if completeness.mount_point else None
-        )
+        mount_note = _mount_note(completeness.mount_point)
         return CheckpointRecord(
             path=path,
             relative_path=relative_prefix + name,
@@ -404,6 +402,15 @@ class _Group:
     def _count(self, path: Path, identity: FileIdentity, verdict: Completeness) -> None:
         if self.cache is not None and verdict.complete:
             self.cache.counted(path, identity)
+
+
+def _mount_note(mount_point: str | None) -> str | None:
+    """The note of a directory checkpoint that holds (or is) another mount."""
+    if mount_point is None:
+        return None
+    if mount_point == ".":
+        return "is itself a mount point"
+    return f"contains a mount point ({mount_point})"
 
 
 def _with_markers(

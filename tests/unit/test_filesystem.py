@@ -93,3 +93,26 @@ def test_a_bind_mount_of_the_same_file_system_is_found(tmp_path: Path, with_stat
 
     assert completed.returncode == 0, completed.stderr
     assert json.loads(completed.stdout) == {"mounts": ["dataset"], "bytes": 100}
+
+
+@pytest.mark.skipif(mount_namespace_reason() is not None, reason=str(mount_namespace_reason()))
+def test_a_directory_that_is_itself_a_mount_point_is_found(tmp_path: Path) -> None:
+    group = tmp_path / "run"
+    (group / "checkpoint").mkdir(parents=True)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    make_sentinel(outside)
+    snippet = textwrap.dedent(
+        """
+        import json, os, sys
+        from ckpt_watcher import filesystem
+        parent = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECTORY)
+        print(json.dumps(filesystem.summarize_tree("checkpoint", dir_fd=parent).mount_points))
+        """
+    )
+    completed = in_mount_namespace(
+        [bind(outside, group / "checkpoint")], [PYTHON, "-c", snippet, str(group)], cwd=Path.cwd()
+    )
+
+    assert completed.returncode == 0, completed.stderr
+    assert json.loads(completed.stdout) == ["."]
