@@ -189,15 +189,6 @@ def open_regular(
     return file_descriptor, opened
 
 
-def read_small_regular_file(name: str, dir_fd: int, limit: int) -> bytes:
-    """At most ``limit`` bytes of a regular file (never a FIFO, device or symlink)."""
-    file_descriptor, _ = open_regular(name, dir_fd=dir_fd)
-    try:
-        return os.read(file_descriptor, limit)
-    finally:
-        os.close(file_descriptor)
-
-
 class _Cursor:
     """The one open directory of an iterative walk, and the identities of the directories above it."""
 

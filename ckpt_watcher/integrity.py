@@ -44,7 +44,6 @@ _STORED = 0
 _DEFLATED = 8
 _ENCRYPTED_FLAG = 0x1
 _DEFLATE_MAXIMUM_RATIO = 1032  # deflate cannot inflate more than ~1032:1
-VERIFY_LEVELS = ("zip", "crc", "load")
 
 
 @dataclass(frozen=True, slots=True)
