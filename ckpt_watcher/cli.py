@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from ckpt_watcher import __version__
-from ckpt_watcher.delete import apply_plan
+from ckpt_watcher.delete import apply_plan, finish_leftovers
 from ckpt_watcher.lock import LockHeldError
 from ckpt_watcher.logs import LEVELS, configure_logging
 from ckpt_watcher.notify import Notifier
@@ -294,12 +294,17 @@ def _prune(arguments: argparse.Namespace) -> int:
     pins = {**command_line_pins(arguments.protect, Path.cwd()), **registry.pins()}
     the_plan = plan(scan.records, loaded.policy, pins, group_policies, pinned_identities=identities_of(pins))
     sources = {directory: value.sources for directory, value in effective.items() if value is not None}
+    leftovers = (
+        []
+        if arguments.dry_run
+        else [result for directory in scan.directories for result in finish_leftovers(root, directory)]
+    )
     applied = None if arguments.dry_run else apply_plan(the_plan, root)
     if arguments.json:
         print(render_json(plan_document(the_plan, loaded, arguments.dry_run, applied, sources)))
     else:
         print(render_table(the_plan, arguments.dry_run, applied, sources))
-    if applied is not None and applied.failed:
+    if (applied is not None and applied.failed) or any(not result.removed for result in leftovers):
         return EXIT_DELETE_FAILED
     return EXIT_OK
 

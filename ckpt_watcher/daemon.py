@@ -36,7 +36,6 @@ from watchdog.observers.api import ObservedWatch
 from watchdog.observers.polling import PollingObserver
 
 from ckpt_watcher.delete import DeletionResult, Outcome, apply_group, remove_leftovers
-from ckpt_watcher.integrity import Completeness
 from ckpt_watcher.lock import DirectoryLock, LockHeldError
 from ckpt_watcher.naming import Kind, Naming
 from ckpt_watcher.notify import Notifier
@@ -46,7 +45,7 @@ from ckpt_watcher.policy import LoadedPolicy, PolicyError, load_policy
 from ckpt_watcher.protection import ProtectionRegistry, command_line_pins
 from ckpt_watcher.records import CheckpointRecord, FileIdentity, display_name
 from ckpt_watcher.report import human_bytes
-from ckpt_watcher.scan import ScanOptions, ScanProblem, scan_directory, walk_directories
+from ckpt_watcher.scan import CompletenessCache, ScanOptions, ScanProblem, scan_directory, walk_directories
 
 logger = structlog.get_logger("ckpt_watcher.daemon")
 
@@ -284,7 +283,7 @@ _WATCHDOG_LOGGERS = ("watchdog.observers.inotify_c", "watchdog.observers.inotify
 class GroupState:
     """What the worker remembers about one directory between passes (bounded by its entries)."""
 
-    cache: dict[FileIdentity, Completeness] = field(default_factory=dict)
+    cache: CompletenessCache = field(default_factory=CompletenessCache)
     seen: dict[str, bool] = field(default_factory=dict)
     link_targets: dict[Path, str] = field(default_factory=dict)
     protect_from: dict[Path, str] = field(default_factory=dict)
@@ -808,8 +807,7 @@ class Watcher:
             problems,
         )
         _log_problems(problems)
-        present = {record.identity for record in records}
-        state.cache = {identity: value for identity, value in state.cache.items() if identity in present}
+        state.cache.retain(records)
         totals.detected += self._log_detected(state, records)
         state.link_targets = symlink_targets(records)
         group_plans = plan(records, effective.policy, pins).groups

@@ -3,7 +3,10 @@
 Each group directory is opened component by component from the root with ``O_NOFOLLOW``, so no
 symlink is ever traversed and nothing outside the root is reachable. An entry is unlinked relative
 to that directory only if it is still the very regular file that was planned (device, inode, size,
-mtime). A file already gone is fine; a failure is logged and the rest of the plan goes on.
+mtime). A directory checkpoint is removed iteratively and relative to open directories, never
+leaving its own mount (see filesystem.py), and never at all if it holds a mount point. A file already
+gone is fine; a failure (a removal that stopped halfway included) is a FAILED result, logged, and the
+rest of the plan goes on: no exception leaves this module's public functions.
 """
 
 from __future__ import annotations
@@ -11,7 +14,6 @@ from __future__ import annotations
 import enum
 import errno
 import os
-import shutil
 import stat
 import threading
 from dataclasses import dataclass, field
@@ -19,10 +21,10 @@ from pathlib import Path
 
 import structlog
 
+from ckpt_watcher.filesystem import Removal, describe, remove_tree, status_at, summarize_tree
 from ckpt_watcher.plan import Decision, GroupPlan, Plan
 from ckpt_watcher.records import (
     DELETING_PREFIX,
-    CheckpointRecord,
     EntryType,
     FileIdentity,
     display_name,
@@ -76,7 +78,10 @@ class ApplyResult:
 
 
 def apply_plan(plan: Plan, root: Path, stop: threading.Event | None = None) -> ApplyResult:
-    """Delete what ``plan`` says to, group by group; ``stop`` is checked only between groups."""
+    """Delete what ``plan`` says to, group by group; ``stop`` is checked only between groups.
+
+    Never raises: every failure is a FAILED result, logged as ``checkpoint_delete_failed``.
+    """
     result = ApplyResult()
     for group in plan.groups:
         if not group.deletions:
@@ -98,16 +103,26 @@ def apply_group(group: GroupPlan, root: Path) -> list[DeletionResult]:
     except FileNotFoundError:
         return [_gone(decision) for decision in deletions]
     except OSError as error:
-        message = _describe(error)
+        message = describe(error)
         if error.errno in (errno.ELOOP, errno.ENOTDIR):
             message = "a component of the directory is now a symlink or not a directory"
         return [_failed(decision, message) for decision in deletions]
     except ValueError as error:
         return [_failed(decision, str(error)) for decision in deletions]
+    except Exception as error:
+        return [_failed(decision, _unexpected(error)) for decision in deletions]
     try:
-        return [_delete_one(directory_fd, decision) for decision in deletions]
+        return [_delete_guarded(directory_fd, decision) for decision in deletions]
     finally:
         os.close(directory_fd)
+
+
+def _delete_guarded(directory_fd: int, decision: Decision) -> DeletionResult:
+    """``_delete_one``, with any unexpected exception turned into a logged failure."""
+    try:
+        return _delete_one(directory_fd, decision)
+    except Exception as error:
+        return _failed(decision, _unexpected(error))
 
 
 def open_below_root(root: Path, directory: Path) -> int:
@@ -136,25 +151,24 @@ def _delete_one(directory_fd: int, decision: Decision) -> DeletionResult:
     except FileNotFoundError:
         return _gone(decision)
     except OSError as error:
-        return _failed(decision, _describe(error))
+        return _failed(decision, describe(error))
     now_identity = FileIdentity(status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns)
     expected_type = stat.S_ISDIR if record.entry_type is EntryType.DIRECTORY else stat.S_ISREG
     if not expected_type(status.st_mode) or now_identity != record.identity:
-        logger.warning(
-            "checkpoint_changed",
-            path=display_name(str(record.path)),
-            detail="no longer the file that was planned; kept, it is re-planned on the next pass",
-        )
-        return DeletionResult(decision, Outcome.CHANGED)
+        return _changed(decision)
+    if record.entry_type is EntryType.DIRECTORY:
+        return _remove_directory(directory_fd, decision)
     try:
-        if record.entry_type is EntryType.DIRECTORY:
-            _remove_directory(directory_fd, name, record)
-        else:
-            os.unlink(name, dir_fd=directory_fd)
+        os.unlink(name, dir_fd=directory_fd)
     except FileNotFoundError:
         return _gone(decision)
     except OSError as error:
-        return _failed(decision, _describe(error))
+        return _failed(decision, describe(error))
+    return _deleted(decision)
+
+
+def _deleted(decision: Decision) -> DeletionResult:
+    record = decision.record
     logger.info(
         "checkpoint_deleted",
         path=display_name(str(record.path)),
@@ -168,49 +182,174 @@ def _delete_one(directory_fd: int, decision: Decision) -> DeletionResult:
     return DeletionResult(decision, Outcome.DELETED)
 
 
-def _remove_directory(directory_fd: int, name: str, record: CheckpointRecord) -> None:
-    """Rename the directory checkpoint out of the way in one step, then remove the tree.
+def _changed(decision: Decision) -> DeletionResult:
+    logger.warning(
+        "checkpoint_changed",
+        path=display_name(str(decision.record.path)),
+        detail="no longer the file that was planned; kept, it is re-planned on the next pass",
+    )
+    return DeletionResult(decision, Outcome.CHANGED)
 
-    After the rename nothing carries the checkpoint's name, so a removal that fails halfway never
-    leaves half a checkpoint that looks whole. ``shutil.rmtree`` with ``dir_fd`` never follows a
-    symlink inside the tree: a link planted there pointing outside the root is removed, not followed.
+
+def leftover_name(name: str, inode: int) -> str:
+    """The name a directory checkpoint is renamed to while it is removed.
+
+    It carries the directory's own inode number, so a later pass can prove the leftover is the tool's
+    (a directory someone made with this prefix, or a copy of a real leftover, has another inode).
     """
-    doomed = f"{DELETING_PREFIX}{os.getpid()}-{name}"[:255]
-    os.rename(name, doomed, src_dir_fd=directory_fd, dst_dir_fd=directory_fd)
+    return f"{DELETING_PREFIX}i{inode}-{name}"[:255]
+
+
+def _remove_directory(directory_fd: int, decision: Decision) -> DeletionResult:
+    """Remove a directory checkpoint: refuse one that holds a mount point, rename it out of the way in
+    one step, then remove the tree without ever leaving its file system.
+
+    After the rename nothing carries the checkpoint's name, so a removal that fails halfway never leaves
+    half a checkpoint that looks whole; it is reported as a failure naming what remains, and a later
+    pass (``finish_leftovers``) finishes it.
+    """
+    record = decision.record
+    name = record.name
     try:
-        shutil.rmtree(doomed, dir_fd=directory_fd)
+        summary = summarize_tree(name, dir_fd=directory_fd)
+    except FileNotFoundError:
+        return _gone(decision)
     except OSError as error:
-        logger.error(
-            "checkpoint_delete_incomplete",
-            path=display_name(str(record.path.parent / doomed)),
-            error=_describe(error),
-            detail="renamed out of the way; the rest is removed on a later pass",
+        return _failed(decision, f"cannot be walked before removal: {describe(error)}")
+    planned = record.identity
+    walked = summary.identity
+    if planned is None or walked is None or (walked.device, walked.inode) != (planned.device, planned.inode):
+        return _changed(decision)
+    if summary.mount_points:
+        return _failed(
+            decision,
+            f"contains a mount point ({display_name(summary.mount_points[0])}): a checkpoint holding "
+            "another file system is never deleted",
         )
+    doomed = leftover_name(name, walked.inode)
+    try:
+        os.rename(name, doomed, src_dir_fd=directory_fd, dst_dir_fd=directory_fd)
+    except FileNotFoundError:
+        return _gone(decision)
+    except OSError as error:
+        return _failed(decision, describe(error))
+    try:
+        removal = remove_tree(doomed, dir_fd=directory_fd)
+    except OSError as error:
+        removal = Removal(removed=False, remains=[f". ({describe(error)})"])
+    if removal.removed:
+        return _deleted(decision)
+    leftover = display_name(str(record.path.parent / doomed))
+    remains = [display_name(item) for item in removal.remains]
+    return _failed(
+        decision,
+        f"removed only in part; renamed to {leftover}, where {', '.join(remains)} remain(s); "
+        "the rest is removed on a later pass",
+        remains=remains,
+    )
 
 
-def remove_leftovers(root: Path, directory: Path) -> None:
-    """Finish removing directory checkpoints whose earlier removal was interrupted."""
+@dataclass(frozen=True, slots=True)
+class LeftoverResult:
+    """One leftover of an interrupted removal, and whether it is gone now (else what remains)."""
+
+    path: Path
+    removed: bool
+    remains: tuple[str, ...] = ()
+
+
+_REPORTED_FOREIGN: set[tuple[int, int]] = set()
+
+
+def finish_leftovers(
+    root: Path, directory: Path, *, reported: set[tuple[int, int]] | None = None
+) -> list[LeftoverResult]:
+    """Finish removing directory checkpoints whose removal was interrupted (killed, or failed halfway).
+
+    Only leftovers the tool can prove it made are touched (the inode in the name is the directory's
+    own); any other ``.ckpt-watcher-deleting-*`` entry is kept and reported once (``reported`` holds
+    the (device, inode) of those already reported). Never raises: a failure is a result, logged.
+    """
+    results: list[LeftoverResult] = []
     try:
         directory_fd = open_below_root(root, directory)
     except (OSError, ValueError):
-        return
+        return results
     try:
         for name in os.listdir(directory_fd):
-            if not name.startswith(DELETING_PREFIX):
-                continue
-            try:
-                shutil.rmtree(name, dir_fd=directory_fd)
-                logger.info("leftover_removed", path=display_name(str(directory / name)))
-            except OSError as error:
-                logger.warning(
-                    "leftover_not_removed", path=display_name(str(directory / name)), error=_describe(error)
-                )
+            if name.startswith(DELETING_PREFIX):
+                result = _finish_one(directory_fd, directory, name, reported)
+                if result is not None:
+                    results.append(result)
+    except Exception as error:
+        logger.error(
+            "leftover_not_removed",
+            path=display_name(str(directory)),
+            error=_unexpected(error),
+            detail="retried on a later pass",
+        )
     finally:
         os.close(directory_fd)
+    return results
 
 
-def _describe(error: OSError) -> str:
-    return error.strerror or str(error)
+def _finish_one(
+    directory_fd: int, directory: Path, name: str, reported: set[tuple[int, int]] | None
+) -> LeftoverResult | None:
+    path = directory / name
+    try:
+        status = status_at(directory_fd, name)
+    except FileNotFoundError:
+        return None
+    if not stat.S_ISDIR(status.mode) or name != leftover_name(name_after_prefix(name), status.inode):
+        key = (status.device, status.inode)
+        if reported is None or key not in reported:
+            logger.warning(
+                "leftover_not_ours",
+                path=display_name(str(path)),
+                detail="named like an interrupted removal, but not made by this tool; never removed",
+            )
+            if reported is not None:
+                reported.add(key)
+        return None
+    try:
+        summary = summarize_tree(name, dir_fd=directory_fd)
+        if summary.mount_points:
+            removal = Removal(removed=False, remains=[f"{summary.mount_points[0]} (a mount point)"])
+        else:
+            removal = remove_tree(name, dir_fd=directory_fd)
+    except FileNotFoundError:
+        return None
+    except OSError as error:
+        removal = Removal(removed=False, remains=[f". ({describe(error)})"])
+    remains = tuple(display_name(item) for item in removal.remains)
+    if removal.removed:
+        logger.info("leftover_removed", path=display_name(str(path)))
+    else:
+        logger.error(
+            "leftover_not_removed",
+            path=display_name(str(path)),
+            remains=list(remains),
+            detail="retried on a later pass",
+        )
+    return LeftoverResult(path, removal.removed, remains)
+
+
+def name_after_prefix(name: str) -> str:
+    """The checkpoint's own name inside a leftover name (``.ckpt-watcher-deleting-i<inode>-<name>``)."""
+    rest = name.removeprefix(DELETING_PREFIX)
+    inode, separator, original = rest.partition("-")
+    return original if separator and inode.startswith("i") else rest
+
+
+def remove_leftovers(root: Path, directory: Path) -> None:
+    """``finish_leftovers`` for callers that keep no state of their own (reports foreign ones once
+    per process)."""
+    finish_leftovers(root, directory, reported=_REPORTED_FOREIGN)
+
+
+def _unexpected(error: BaseException) -> str:
+    return f"unexpected error: {type(error).__name__}: {error}"
 
 
 def _gone(decision: Decision) -> DeletionResult:
@@ -218,11 +357,13 @@ def _gone(decision: Decision) -> DeletionResult:
     return DeletionResult(decision, Outcome.ALREADY_GONE)
 
 
-def _failed(decision: Decision, message: str) -> DeletionResult:
+def _failed(decision: Decision, message: str, remains: list[str] | None = None) -> DeletionResult:
+    fields = {"remains": remains} if remains is not None else {}
     logger.error(
         "checkpoint_delete_failed",
         path=display_name(str(decision.record.path)),
         error=message,
-        detail="kept; retried on the next pass",
+        detail="not deleted; retried on the next pass",
+        **fields,
     )
     return DeletionResult(decision, Outcome.FAILED, message)

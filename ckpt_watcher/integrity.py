@@ -1,17 +1,29 @@
 """Is a checkpoint file whole? torch.save (since 1.6) writes a zip archive whose central directory comes last.
 
-A file counts as complete only if its end-of-central-directory record ends exactly at the end of the
-file and the central directory it points to parses. A file still being streamed by ``torch.save`` or
-copied by ``cp`` has neither, so it never counts, and so never pushes a complete one out.
+A file counts as complete only if it has no hole before its end, its end-of-central-directory record
+ends exactly at the end of the file and the central directory it points to parses. A file still being
+streamed by ``torch.save`` or copied by ``cp`` has neither, so it never counts, and so never pushes a
+complete one out; a file pre-sized and filled in parallel ranges (a downloader) has holes until it is
+done. ``verify: crc`` also reads every member once and checks its CRC-32.
+
+Every read is bounded: by what the archive can legitimately hold (the central directory lies between
+its stated offset and the end record) and by fixed chunk sizes, whatever the file claims. Only
+regular files are ever opened (see filesystem.open_regular).
 """
 
 from __future__ import annotations
 
 import os
 import struct
+import zlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+from ckpt_watcher.filesystem import NotRegularFileError, describe, open_regular, summarize_tree
+from ckpt_watcher.records import FileIdentity
+
 _LOCAL_HEADER_MAGIC = b"PK\x03\x04"
+_LOCAL_HEADER = struct.Struct("<4s5H3L2H")
 _END_OF_CENTRAL_DIRECTORY_MAGIC = b"PK\x05\x06"
 _END_OF_CENTRAL_DIRECTORY_SIZE = 22
 _MAXIMUM_COMMENT = 0xFFFF
@@ -21,17 +33,27 @@ _ZIP64_LOCATOR_MAGIC = b"PK\x06\x07"
 _ZIP64_LOCATOR = struct.Struct("<4sLQL")
 _ZIP64_END_MAGIC = b"PK\x06\x06"
 _ZIP64_END_RECORD = struct.Struct("<4sQ2H2L4Q")
+_ZIP64_EXTRA_ID = 0x0001
 _CENTRAL_HEADER_MAGIC = b"PK\x01\x02"
+_CENTRAL_HEADER = struct.Struct("<4s6H3L5H2L")
 _CENTRAL_HEADER_SIZE = 46
-_CENTRAL_LENGTHS = struct.Struct("<3H")
-_MAXIMUM_CENTRAL_DIRECTORY = 1 << 30
+_MAXIMUM_CENTRAL_DIRECTORY = 1 << 28  # 256 MiB: ~2 million entries; torch writes one per tensor storage
+_DIRECTORY_CHUNK = 1 << 16
+_DATA_CHUNK = 1 << 20
+_STORED = 0
+_DEFLATED = 8
+_ENCRYPTED_FLAG = 0x1
+_DEFLATE_MAXIMUM_RATIO = 1032  # deflate cannot inflate more than ~1032:1
 
 
 @dataclass(frozen=True, slots=True)
 class Completeness:
     """The verdict on one file: complete, or why not.
 
-    ``not_zip`` marks a name-matching non-archive; ``settles_at`` a file only waiting out the settle time.
+    ``not_zip`` marks a name-matching non-archive; ``settles_at`` a file only waiting out the settle
+    time; ``mount_point`` a directory checkpoint that holds another mount (never deleted). ``transient``
+    marks a verdict that may change while the file does not (an I/O error, a settle time, a marker
+    beside it): such a verdict is never cached.
     """
 
     complete: bool
@@ -39,15 +61,31 @@ class Completeness:
     not_zip: bool = False
     settles_at: float | None = None
     corrupt: bool = False
+    transient: bool = False
+    mount_point: str | None = None
 
 
 COMPLETE = Completeness(complete=True)
 
 
-def check_zip_file(file_descriptor: int, size: int) -> Completeness:
-    """Judge the open file ``file_descriptor`` of ``size`` bytes: its head, tail and central directory."""
+class _NotWholeError(Exception):
+    """Why an archive is not whole (raised while streaming its records)."""
+
+
+def check_zip_file(file_descriptor: int, size: int, *, verify: str = "zip") -> Completeness:
+    """Judge the open file ``file_descriptor`` of ``size`` bytes: holes, head, tail, central directory.
+
+    ``verify="crc"`` also streams every member and checks its CRC-32; holes are then allowed (a hole
+    reads as zeros, so where the data really is zeros the CRCs still match).
+    """
     if size == 0:
         return Completeness(False, "empty: still being written")
+    if verify != "crc":
+        hole = first_hole(file_descriptor, size)
+        if hole is not None:
+            return Completeness(
+                False, f"sparse: a hole at byte {hole} of {size} (still being downloaded or pre-allocated)"
+            )
     head = os.pread(file_descriptor, 4, 0)
     if head != _LOCAL_HEADER_MAGIC:
         return Completeness(
@@ -69,16 +107,38 @@ def check_zip_file(file_descriptor: int, size: int) -> Completeness:
     end_offset = size - tail_length + position
     record = tail[position : position + _END_OF_CENTRAL_DIRECTORY_SIZE]
     locator = tail[position - _ZIP64_LOCATOR.size : position] if position >= _ZIP64_LOCATOR.size else None
-    problem = _check_central_directory(file_descriptor, end_offset, record, locator)
-    if problem is not None:
+    try:
+        directory_offset, directory_size, entries = _locate_central_directory(
+            file_descriptor, end_offset, record, locator
+        )
+        _walk_central_directory(file_descriptor, directory_offset, directory_size, entries)
+    except _NotWholeError as problem:
         return Completeness(False, f"central directory does not parse: {problem}")
+    if verify == "crc":
+        try:
+            _check_member_crcs(file_descriptor, directory_offset, directory_size)
+        except _NotWholeError as problem:
+            return Completeness(False, f"verify crc: {problem}", corrupt=True)
     return COMPLETE
 
 
-def _check_central_directory(
+def first_hole(file_descriptor: int, size: int) -> int | None:
+    """Where the first hole before the end of the file is (lseek SEEK_HOLE), or None if it has none.
+
+    SEEK_HOLE is asked rather than st_blocks compared with the size: compressing file systems report
+    fewer blocks for a file without holes. A file system without SEEK_HOLE reports no hole.
+    """
+    try:
+        hole = os.lseek(file_descriptor, 0, os.SEEK_HOLE)
+    except OSError:
+        return None
+    return hole if hole < size else None
+
+
+def _locate_central_directory(
     file_descriptor: int, end_offset: int, record: bytes, locator: bytes | None
-) -> str | None:
-    """Walk every central-directory header; None if all are there and end where the end record says.
+) -> tuple[int, int, int]:
+    """(offset, size, entries) of the central directory, checked against where it must end.
 
     ``locator`` is the 20 bytes before the end record, if already read.
     """
@@ -90,34 +150,210 @@ def _check_central_directory(
             locator = os.pread(file_descriptor, _ZIP64_LOCATOR.size, locator_offset)
         if locator[:4] == _ZIP64_LOCATOR_MAGIC:
             _, _, zip64_offset, _ = _ZIP64_LOCATOR.unpack(locator)
+            if zip64_offset > locator_offset - _ZIP64_END_RECORD.size:
+                raise _NotWholeError("the zip64 end record is missing")
             zip64_record = os.pread(file_descriptor, _ZIP64_END_RECORD.size, zip64_offset)
             if len(zip64_record) != _ZIP64_END_RECORD.size or zip64_record[:4] != _ZIP64_END_MAGIC:
-                return "the zip64 end record is missing"
+                raise _NotWholeError("the zip64 end record is missing")
             fields = _ZIP64_END_RECORD.unpack(zip64_record)
             entries, directory_size, directory_offset = fields[7], fields[8], fields[9]
             directory_end = zip64_offset
     if entries == 0:
-        return "the archive holds no entries"
+        raise _NotWholeError("the archive holds no entries")
     if directory_offset + directory_size != directory_end:
-        return "it does not end where the end record says"
+        raise _NotWholeError("it does not end where the end record says")
     if directory_size > _MAXIMUM_CENTRAL_DIRECTORY:
-        return f"implausibly large ({directory_size} bytes)"
-    directory = os.pread(file_descriptor, directory_size, directory_offset)
-    if len(directory) != directory_size:
-        return "it is cut short"
+        raise _NotWholeError(f"implausibly large ({directory_size} bytes)")
+    if entries > directory_size // _CENTRAL_HEADER_SIZE:
+        raise _NotWholeError(f"{entries} entries cannot fit in {directory_size} bytes")
+    return directory_offset, directory_size, entries
+
+
+class _ChunkReader:
+    """Sequential reads of one byte range of a file, a bounded chunk at a time."""
+
+    def __init__(self, file_descriptor: int, offset: int, length: int, chunk: int = _DIRECTORY_CHUNK) -> None:
+        self._file_descriptor = file_descriptor
+        self._position = offset
+        self._end = offset + length
+        self._chunk = chunk
+        self._buffer = b""
+        self._start = 0  # where the unread part of the buffer begins (no copy per read)
+        self.consumed = 0
+
+    def take(self, count: int) -> bytes:
+        """The next ``count`` bytes (at most ~3 x 64 KiB: a header and its name, extra and comment)."""
+        if len(self._buffer) - self._start < count:
+            self._refill(count)
+        data = self._buffer[self._start : self._start + count]
+        self._start += count
+        self.consumed += count
+        return data
+
+    def _refill(self, count: int) -> None:
+        pieces = [self._buffer[self._start :]]
+        available = len(pieces[0])
+        while available < count:
+            if self._position >= self._end:
+                raise _NotWholeError("it is cut short")
+            chunk = os.pread(
+                self._file_descriptor, min(self._chunk, self._end - self._position), self._position
+            )
+            if not chunk:
+                raise _NotWholeError("it is cut short")
+            self._position += len(chunk)
+            pieces.append(chunk)
+            available += len(chunk)
+        self._buffer = b"".join(pieces)
+        self._start = 0
+
+    @property
+    def at_end(self) -> bool:
+        """True once every byte of the range was taken."""
+        return self._start >= len(self._buffer) and self._position >= self._end
+
+
+@dataclass(frozen=True, slots=True)
+class _Member:
+    flags: int
+    method: int
+    crc: int
+    compressed: int
+    uncompressed: int
+    local_offset: int
+
+
+def _members(file_descriptor: int, directory_offset: int, directory_size: int) -> Iterator[_Member]:
+    """Every central-directory entry, streamed; raises _NotWholeError at the first malformed one."""
+    reader = _ChunkReader(file_descriptor, directory_offset, directory_size)
+    while not reader.at_end:
+        header = reader.take(_CENTRAL_HEADER_SIZE) if reader.consumed + 4 <= directory_size else b""
+        if header[:4] != _CENTRAL_HEADER_MAGIC:
+            raise _NotWholeError(
+                f"no entry header at offset {directory_offset + reader.consumed - len(header)}"
+            )
+        fields = _CENTRAL_HEADER.unpack(header)
+        flags, method = fields[3], fields[4]
+        crc, compressed, uncompressed = fields[7], fields[8], fields[9]
+        name_length, extra_length, comment_length = fields[10], fields[11], fields[12]
+        local_offset = fields[16]
+        reader.take(name_length)
+        extra = reader.take(extra_length)
+        reader.take(comment_length)
+        if 0xFFFFFFFF in (compressed, uncompressed, local_offset):
+            uncompressed, compressed, local_offset = _zip64_sizes(
+                extra, uncompressed, compressed, local_offset
+            )
+        yield _Member(flags, method, crc, compressed, uncompressed, local_offset)
+
+
+def _zip64_sizes(extra: bytes, uncompressed: int, compressed: int, local_offset: int) -> tuple[int, int, int]:
+    """The 64-bit values a zip64 extra field holds for the 32-bit fields that are 0xFFFFFFFF."""
     position = 0
+    while position + 4 <= len(extra):
+        identifier, length = struct.unpack_from("<2H", extra, position)
+        body = extra[position + 4 : position + 4 + length]
+        if identifier == _ZIP64_EXTRA_ID:
+            values = [uncompressed, compressed, local_offset]
+            cursor = 0
+            for index, value in enumerate(values):
+                if value == 0xFFFFFFFF:
+                    if cursor + 8 > len(body):
+                        raise _NotWholeError("a zip64 extra field is cut short")
+                    (values[index],) = struct.unpack_from("<Q", body, cursor)
+                    cursor += 8
+            return values[0], values[1], values[2]
+        position += 4 + length
+    raise _NotWholeError("an entry's zip64 sizes are missing")
+
+
+def _walk_central_directory(
+    file_descriptor: int, directory_offset: int, directory_size: int, entries: int
+) -> None:
+    """Every central-directory header is there, and they end exactly where the end record says."""
     count = 0
-    while position < directory_size:
-        if directory[position : position + 4] != _CENTRAL_HEADER_MAGIC:
-            return f"no entry header at offset {directory_offset + position}"
-        if position + _CENTRAL_HEADER_SIZE > directory_size:
-            return "an entry header is cut short"
-        name_length, extra_length, comment_length = _CENTRAL_LENGTHS.unpack_from(directory, position + 28)
-        position += _CENTRAL_HEADER_SIZE + name_length + extra_length + comment_length
+    for member in _members(file_descriptor, directory_offset, directory_size):
         count += 1
-    if position != directory_size or count != entries:
-        return f"{count} entries found where the end record says {entries}"
-    return None
+        if count > entries:
+            break
+        if member.local_offset + _LOCAL_HEADER.size > directory_offset:
+            raise _NotWholeError(f"entry {count} starts past the central directory")
+    if count != entries:
+        raise _NotWholeError(f"{count} entries found where the end record says {entries}")
+
+
+def _check_member_crcs(file_descriptor: int, directory_offset: int, directory_size: int) -> None:
+    """Read every member's data once, in bounded chunks, and compare its CRC-32 with the recorded one."""
+    for index, member in enumerate(_members(file_descriptor, directory_offset, directory_size), start=1):
+        header = os.pread(file_descriptor, _LOCAL_HEADER.size, member.local_offset)
+        if len(header) != _LOCAL_HEADER.size or header[:4] != _LOCAL_HEADER_MAGIC:
+            raise _NotWholeError(f"entry {index}: no local header where the central directory says")
+        name_length, extra_length = _LOCAL_HEADER.unpack(header)[9:11]
+        data_start = member.local_offset + _LOCAL_HEADER.size + name_length + extra_length
+        if data_start + member.compressed > directory_offset:
+            raise _NotWholeError(f"entry {index}: its data runs into the central directory")
+        if member.flags & _ENCRYPTED_FLAG:
+            raise _NotWholeError(f"entry {index} is encrypted: its CRC cannot be checked")
+        if member.method == _STORED:
+            if member.compressed != member.uncompressed:
+                raise _NotWholeError(f"entry {index}: a stored entry whose two sizes differ")
+            crc = _stored_crc(file_descriptor, data_start, member.compressed)
+        elif member.method == _DEFLATED:
+            if member.uncompressed > member.compressed * _DEFLATE_MAXIMUM_RATIO + 1024:
+                raise _NotWholeError(f"entry {index}: its declared size is more than deflate can give")
+            crc = _deflated_crc(file_descriptor, data_start, member, index)
+        else:
+            raise _NotWholeError(f"entry {index}: compression method {member.method} cannot be checked")
+        if crc != member.crc:
+            raise _NotWholeError(f"entry {index}: CRC-32 {crc:08x} where the archive says {member.crc:08x}")
+
+
+def _data_chunks(file_descriptor: int, start: int, length: int) -> Iterator[bytes]:
+    position, end = start, start + length
+    while position < end:
+        chunk = os.pread(file_descriptor, min(_DATA_CHUNK, end - position), position)
+        if not chunk:
+            raise _NotWholeError("an entry's data is cut short")
+        position += len(chunk)
+        yield chunk
+
+
+def _stored_crc(file_descriptor: int, start: int, length: int) -> int:
+    crc = 0
+    for chunk in _data_chunks(file_descriptor, start, length):
+        crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def _deflated_crc(file_descriptor: int, start: int, member: _Member, index: int) -> int:
+    """Inflate in bounded steps; an entry that inflates past its declared size is refused at once."""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    crc = 0
+    produced = 0
+    try:
+        for chunk in _data_chunks(file_descriptor, start, member.compressed):
+            pending = chunk
+            while pending:
+                output = inflater.decompress(pending, _DATA_CHUNK)
+                pending = inflater.unconsumed_tail
+                produced += len(output)
+                if produced > member.uncompressed:
+                    raise _NotWholeError(
+                        f"entry {index} inflates past its declared {member.uncompressed} bytes"
+                    )
+                crc = zlib.crc32(output, crc)
+                if inflater.eof:
+                    break
+        output = inflater.flush(_DATA_CHUNK)
+    except zlib.error as error:
+        raise _NotWholeError(f"entry {index} does not inflate: {error}") from None
+    produced += len(output)
+    crc = zlib.crc32(output, crc)
+    if produced != member.uncompressed:
+        raise _NotWholeError(
+            f"entry {index} inflates to {produced} bytes, not its declared {member.uncompressed}"
+        )
+    return crc
 
 
 def _find_end_record(tail: bytes) -> int | None:
@@ -133,28 +369,67 @@ def _find_end_record(tail: bytes) -> int | None:
     return None
 
 
+DeepCheck = Callable[[str], Completeness]
+
+
+def check_file(
+    path: str,
+    *,
+    dir_fd: int | None = None,
+    follow_symlinks: bool = False,
+    verify: str = "zip",
+    deep_check: DeepCheck | None = None,
+) -> tuple[Completeness, FileIdentity | None]:
+    """Open ``path`` (only if it is a regular file, never blocking) and judge it.
+
+    Returns the verdict and the identity of the file that was judged (None if it could not be opened).
+    ``deep_check`` (``verify: load``) gets a path naming the very file already open. A file that changes
+    while it is judged is reported so, and that verdict is transient.
+    """
+    try:
+        file_descriptor, status = open_regular(path, dir_fd=dir_fd, follow_symlinks=follow_symlinks)
+    except NotRegularFileError:
+        return Completeness(False, "not a regular file", transient=True), None
+    except FileNotFoundError:
+        return Completeness(False, "vanished while being checked", transient=True), None
+    except OSError as error:
+        return Completeness(False, f"cannot be read: {describe(error)}", transient=True), None
+    identity = FileIdentity(status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns)
+    try:
+        verdict = check_zip_file(file_descriptor, status.st_size, verify="crc" if verify == "crc" else "zip")
+        if verdict.complete and deep_check is not None:
+            verdict = deep_check(_open_file_path(file_descriptor, path, dir_fd))
+        after = os.fstat(file_descriptor)
+    except OSError as error:
+        return Completeness(False, f"cannot be read: {describe(error)}", transient=True), identity
+    finally:
+        os.close(file_descriptor)
+    if (after.st_size, after.st_mtime_ns) != (status.st_size, status.st_mtime_ns):
+        return Completeness(
+            False, "still being written (it changed while being checked)", transient=True
+        ), None
+    return verdict, identity
+
+
+def _open_file_path(file_descriptor: int, path: str, dir_fd: int | None) -> str:
+    """A path to the very file open as ``file_descriptor`` (through /proc), else its own path."""
+    through_proc = f"/proc/self/fd/{file_descriptor}"
+    if os.path.exists(through_proc):
+        return through_proc
+    if dir_fd is not None and not os.path.isabs(path):
+        return os.path.join(os.readlink(f"/proc/self/fd/{dir_fd}"), path)
+    return path
+
+
 def check_zip_path(
     path: str, *, follow_symlinks: bool = False, dir_fd: int | None = None, size: int | None = None
 ) -> Completeness:
-    """Open ``path`` read-only (not through a symlink unless asked) and judge it.
+    """Open ``path`` read-only (not through a symlink unless asked) and judge it (``verify: zip``).
 
-    ``size`` is what a stat the caller just made says; without it the open file is stat'ed.
+    ``size`` is accepted for compatibility; the size judged is always the open file's own.
     """
-    flags = os.O_RDONLY | os.O_CLOEXEC | (0 if follow_symlinks else os.O_NOFOLLOW)
-    try:
-        file_descriptor = os.open(path, flags, dir_fd=dir_fd)
-    except FileNotFoundError:
-        return Completeness(False, "vanished while being checked")
-    except OSError as error:
-        return Completeness(False, f"cannot be read: {error.strerror}")
-    try:
-        return check_zip_file(
-            file_descriptor, size if size is not None else os.fstat(file_descriptor).st_size
-        )
-    except OSError as error:
-        return Completeness(False, f"cannot be read: {error.strerror}")
-    finally:
-        os.close(file_descriptor)
+    del size
+    return check_file(path, dir_fd=dir_fd, follow_symlinks=follow_symlinks)[0]
 
 
 # A directory checkpoint is whole once the file its writer writes last exists (see docs/ or README):
@@ -200,38 +475,41 @@ def _directory_layout(entries: set[str], name: str) -> tuple[str | None, str | N
     return None, _NO_MARKER
 
 
-def check_directory(path: str, name: str, *, quiet_seconds: float, now: float) -> DirectoryVerdict:
-    """Judge a directory checkpoint: its marker, and no file in it modified for ``quiet_seconds``."""
-    total = 0
-    newest = 0.0
-    pending = [path]
-    top_entries: set[str] = set()
+def check_directory(
+    path: str, name: str, *, quiet_seconds: float, now: float, dir_fd: int | None = None
+) -> DirectoryVerdict:
+    """Judge a directory checkpoint: its marker, and no file in it modified for ``quiet_seconds``.
+
+    ``path`` is relative to ``dir_fd`` when given (then never through a symlink); ``name`` is the
+    checkpoint's name (for its layout). The walk never leaves the checkpoint's own mount: one that holds
+    a mount point is never complete (so never deleted), whatever else it holds.
+    """
     try:
-        while pending:
-            current = pending.pop()
-            with os.scandir(current) as iterator:
-                for entry in iterator:
-                    if current == path:
-                        top_entries.add(entry.name)
-                    status = entry.stat(follow_symlinks=False)
-                    newest = max(newest, status.st_mtime)
-                    if entry.is_dir(follow_symlinks=False):
-                        pending.append(entry.path)
-                    elif entry.is_file(follow_symlinks=False):
-                        total += status.st_size
-            newest = max(newest, os.stat(current, follow_symlinks=False).st_mtime)
+        summary = summarize_tree(path, dir_fd=dir_fd, follow_symlinks=dir_fd is None)
     except FileNotFoundError:
-        return DirectoryVerdict(Completeness(False, "vanished while being checked"), None, total)
+        return DirectoryVerdict(Completeness(False, "vanished while being checked", transient=True), None, 0)
     except OSError as error:
-        return DirectoryVerdict(Completeness(False, f"cannot be read: {error.strerror}"), None, total)
-    layout, missing = _directory_layout(top_entries, name)
+        reason = f"cannot be read: {describe(error)}"
+        return DirectoryVerdict(Completeness(False, reason, transient=True), None, 0)
+    total = summary.bytes
+    if summary.mount_points:
+        where = summary.mount_points[0]
+        reason = (
+            "is itself a mount point: another file system, never deleted"
+            if where == "."
+            else f"contains a mount point ({where}): another file system, never deleted"
+        )
+        return DirectoryVerdict(Completeness(False, reason, transient=True, mount_point=where), None, total)
+    layout, missing = _directory_layout(summary.top_entries, name)
     if missing is not None:
-        return DirectoryVerdict(Completeness(False, missing), layout, total)
+        return DirectoryVerdict(Completeness(False, missing, transient=True), layout, total)
+    newest = summary.newest_mtime_ns / 1e9
     age = now - newest
     if age < quiet_seconds:
         reason = (
             f"still being written (a file in it changed {max(age, 0.0):.1f} s ago, "
             f"quiet time {quiet_seconds:g} s)"
         )
-        return DirectoryVerdict(Completeness(False, reason, settles_at=newest + quiet_seconds), layout, total)
+        verdict = Completeness(False, reason, settles_at=newest + quiet_seconds, transient=True)
+        return DirectoryVerdict(verdict, layout, total)
     return DirectoryVerdict(COMPLETE, layout, total)

@@ -80,7 +80,7 @@ class Policy(BaseModel):
     naming: NamingTemplates = NamingTemplates()
     protect: tuple[ProtectPattern, ...] = ()
     protect_from: tuple[ProtectPattern, ...] = ()
-    verify: Literal["zip", "load"] = "zip"
+    verify: Literal["zip", "crc", "load"] = "zip"
 
     @field_validator("verify")
     @classmethod

@@ -1,30 +1,55 @@
 """Read checkpoint directories from disk into records for the planner; never follows a symlink.
 
 Each directory is a group. The walk never descends into a symlinked directory, nor into a directory
-whose own name is a checkpoint name (such a directory is one record). Reading never changes anything.
+whose own name is a checkpoint name (such a directory is one record). Reading never changes anything,
+never opens anything but a regular file, and never walks what a symlink points at: a link's
+completeness is its target's record when the target is in the same group, else at most one bounded,
+non-blocking open of a regular-file target.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import stat
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import structlog
+
+from ckpt_watcher.filesystem import describe
 from ckpt_watcher.integrity import (
     DIRECTORY_QUIET_SECONDS,
     Completeness,
     check_directory,
-    check_zip_path,
+    check_file,
 )
 from ckpt_watcher.lock import LOCK_FILE_NAME
 from ckpt_watcher.naming import CHECKPOINT_EXTENSION, Kind, Naming
-from ckpt_watcher.records import DELETING_PREFIX, CheckpointRecord, EntryType, FileIdentity, name_fields
+from ckpt_watcher.records import (
+    DELETING_PREFIX,
+    CheckpointRecord,
+    EntryType,
+    FileIdentity,
+    display_name,
+    name_fields,
+)
+
+logger = structlog.get_logger("ckpt_watcher.scan")
 
 UNFINISHED_MARKER_SUFFIX = "-unfinished"
 _TEMPORARY_SUFFIXES = (".tmp", ".partial")
+# Files a download or copy tool keeps beside a file it is still writing under its final name:
+#   aria2 `<name>.aria2` (its control file; the data file is pre-sized under its own name),
+#   Firefox `<name>.part` (the data; a placeholder with the final name exists from the start),
+#   huggingface_hub `<name>.incomplete`, Chrome `<name>.crdownload`, axel `<name>.st` (its state file),
+#   lftp pget `<name>.lftp-pget-status`.
+DOWNLOAD_MARKER_SUFFIXES = (".aria2", ".part", ".incomplete", ".crdownload", ".st", ".lftp-pget-status")
+# A verdict on a file modified this recently is not cached: mtimes are coarse (a clock tick), so a
+# write landing in the same tick as the one judged would leave the identity unchanged.
+_RACY_SECONDS = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,8 +75,8 @@ class ScanOptions:
 
     ``settle_seconds``: a file modified more recently than this is still being written, unless its
     path is in ``closed_paths`` (its writer was seen closing it) or the cache already judged this very
-    file (same device, inode, size, mtime) complete. ``now`` is the wall-clock time to compare mtimes
-    with (the caller's, so tests can fix it). ``verify`` is the policy's ``zip`` or ``load``. A directory
+    file (same device, inode, size, mtime). ``now`` is the wall-clock time to compare mtimes with (the
+    caller's, so tests can fix it). ``verify`` is the policy's ``zip``, ``crc`` or ``load``. A directory
     checkpoint counts once nothing in it changed for ``directory_quiet_seconds`` (or the settle time).
     """
 
@@ -62,7 +87,53 @@ class ScanOptions:
     directory_quiet_seconds: float = DIRECTORY_QUIET_SECONDS
 
 
-CompletenessCache = dict[FileIdentity, Completeness]
+class CompletenessCache:
+    """Verdicts on files by identity (device, inode, size, mtime) and verify level, complete or not,
+    so a file is read once, however often it is scanned; and the identity each path had when it
+    counted as complete, to notice a checkpoint that changes afterwards.
+
+    Verdicts that may change while the file does not (a settle time, a marker beside it, an I/O
+    error) are never stored. ``retain`` drops what a scan no longer sees, so it stays bounded by the
+    group's entries.
+    """
+
+    def __init__(self) -> None:
+        self._verdicts: dict[tuple[FileIdentity, str], Completeness] = {}
+        self._counted: dict[Path, FileIdentity] = {}
+
+    def __len__(self) -> int:
+        return len(self._verdicts)
+
+    def get(self, identity: FileIdentity, verify: str) -> Completeness | None:
+        """The stored verdict on this very file at this verify level, if any."""
+        return self._verdicts.get((identity, verify))
+
+    def store(self, identity: FileIdentity, verify: str, verdict: Completeness) -> None:
+        """Remember a verdict that depends only on the file's bytes."""
+        if not verdict.transient:
+            self._verdicts[(identity, verify)] = verdict
+
+    def counted(self, path: Path, identity: FileIdentity) -> None:
+        """``path`` counts as complete with this identity."""
+        self._counted[path] = identity
+
+    def change_since_counted(self, path: Path, identity: FileIdentity) -> FileIdentity | None:
+        """The identity ``path`` had when it counted, if it differs now (and forget it); else None."""
+        before = self._counted.get(path)
+        if before is None or before == identity:
+            return None
+        del self._counted[path]
+        return before
+
+    def retain(self, records: Iterable[CheckpointRecord]) -> None:
+        """Keep only what concerns these records (the latest scan of the cache's directories)."""
+        records = list(records)
+        identities = {record.identity for record in records}
+        paths = {record.path for record in records}
+        self._verdicts = {key: value for key, value in self._verdicts.items() if key[0] in identities}
+        self._counted = {path: value for path, value in self._counted.items() if path in paths}
+
+
 NamingLookup = Callable[[Path], Naming]
 
 
@@ -136,102 +207,241 @@ def scan_directory(
     prefix = "" if relative_directory == "." else relative_directory + os.sep
     records: list[CheckpointRecord] = []
     try:
-        # The names first (for the -unfinished markers), then one entry at a time: keeping every
-        # DirEntry with its cached stat alive would cost ~600 bytes per file in a huge directory.
-        names = set(os.listdir(directory))
-        with os.scandir(directory) as iterator:
-            for entry in iterator:
-                if entry.name == LOCK_FILE_NAME or entry.name.startswith(DELETING_PREFIX):
-                    continue
-                record = _record_for(prefix, directory, entry, names, naming, options, now, cache)
-                if record is not None:
-                    records.append(record)
+        directory_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NONBLOCK)
     except FileNotFoundError:
         return []
     except OSError as error:
         if problems is not None:
-            problems.append(ScanProblem(directory, f"cannot list directory: {error.strerror}"))
+            problems.append(ScanProblem(directory, f"cannot list directory: {describe(error)}"))
         return []
+    try:
+        # The names only (a DirEntry with its cached stat would cost ~600 bytes per file in a huge
+        # directory); each entry is then stat'ed relative to the open directory.
+        names = os.listdir(directory_fd)
+        group = _Group(directory, directory_fd, markers_beside(names), naming, options, now, cache)
+        for name in names:
+            if name == LOCK_FILE_NAME or name.startswith(DELETING_PREFIX):
+                continue
+            record = group.record_for(prefix, name)
+            if record is not None:
+                records.append(record)
+        records = group.judge_links(records)
+    except FileNotFoundError:
+        return []
+    except OSError as error:
+        if problems is not None:
+            problems.append(ScanProblem(directory, f"cannot list directory: {describe(error)}"))
+        return []
+    finally:
+        os.close(directory_fd)
     return records
 
 
-def _record_for(
-    relative_prefix: str,
-    directory: Path,
-    entry: os.DirEntry[str],
-    names: set[str],
-    naming: Naming,
-    options: ScanOptions,
-    now: float,
-    cache: CompletenessCache | None,
-) -> CheckpointRecord | None:
-    try:
-        status = entry.stat(follow_symlinks=False)
-    except FileNotFoundError:
-        return None
-    mode = status.st_mode
-    parsed = naming.classify(entry.name, directory=stat.S_ISDIR(mode))
-    if stat.S_ISDIR(mode):
-        if parsed.kind is Kind.UNKNOWN:
-            return None  # a plain subdirectory: its own group
-        entry_type = EntryType.DIRECTORY
-    elif stat.S_ISLNK(mode):
-        entry_type = EntryType.SYMLINK
-    elif stat.S_ISREG(mode):
-        entry_type = EntryType.FILE
-    else:
-        entry_type = EntryType.OTHER
-    path = directory / entry.name
-    identity = FileIdentity(status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns)
-    relative = relative_prefix + entry.name
-    link_target: Path | None = None
-    completeness: Completeness
-    size = status.st_size if entry_type is EntryType.FILE else 0
-    if entry_type is EntryType.SYMLINK:
-        link_target = Path(os.path.realpath(path))
-        if parsed.kind is Kind.UNKNOWN:
-            completeness = Completeness(False, "symlink")
-        elif link_target.is_dir():
-            completeness = check_directory(
-                str(link_target), link_target.name, quiet_seconds=0.0, now=now
-            ).completeness
+@dataclass
+class _Group:
+    """One directory being scanned: what every entry's record needs."""
+
+    directory: Path
+    directory_fd: int
+    markers: dict[str, str]
+    naming: Naming
+    options: ScanOptions
+    now: float
+    cache: CompletenessCache | None
+
+    def record_for(self, relative_prefix: str, name: str) -> CheckpointRecord | None:
+        """The record of one entry (a symlink's completeness is settled later by ``judge_links``)."""
+        try:
+            status = os.stat(name, dir_fd=self.directory_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+        mode = status.st_mode
+        parsed = self.naming.classify(name, directory=stat.S_ISDIR(mode))
+        if stat.S_ISDIR(mode):
+            if parsed.kind is Kind.UNKNOWN:
+                return None  # a plain subdirectory: its own group
+            entry_type = EntryType.DIRECTORY
+        elif stat.S_ISLNK(mode):
+            entry_type = EntryType.SYMLINK
+        elif stat.S_ISREG(mode):
+            entry_type = EntryType.FILE
         else:
-            completeness = check_zip_path(str(path), follow_symlinks=True)
-    elif entry_type is EntryType.FILE and parsed.kind is not Kind.UNKNOWN:
-        completeness = _file_completeness(entry.name, path, identity, names, options, now, cache)
-    elif entry_type is EntryType.DIRECTORY:
-        verdict = check_directory(
-            str(path),
-            entry.name,
-            quiet_seconds=max(options.settle_seconds, options.directory_quiet_seconds),
-            now=now,
+            entry_type = EntryType.OTHER
+        path = self.directory / name
+        identity = FileIdentity(status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns)
+        link_target: Path | None = None
+        completeness: Completeness
+        size = status.st_size if entry_type is EntryType.FILE else 0
+        if entry_type is EntryType.SYMLINK:
+            link_target = Path(os.path.realpath(path))  # resolves names only: opens nothing
+            completeness = Completeness(False, "symlink")
+        elif entry_type is EntryType.FILE and parsed.kind is not Kind.UNKNOWN:
+            completeness = self._file_completeness(name, path, identity, parsed.kind)
+        elif entry_type is EntryType.DIRECTORY:
+            verdict = check_directory(
+                name,
+                name,
+                quiet_seconds=max(self.options.settle_seconds, self.options.directory_quiet_seconds),
+                now=self.now,
+                dir_fd=self.directory_fd,
+            )
+            size = verdict.bytes
+            completeness = _with_markers(name, self.markers, None) or verdict.completeness
+        else:
+            completeness = Completeness(False, None)
+        mount_note = _mount_note(completeness.mount_point)
+        return CheckpointRecord(
+            path=path,
+            relative_path=relative_prefix + name,
+            entry_type=entry_type,
+            bytes=size,
+            identity=identity,
+            complete=completeness.complete,
+            incomplete_reason=completeness.reason,
+            link_target=link_target,
+            note=parsed.note
+            or mount_note
+            or ("not a zip archive" if completeness.not_zip else None)
+            or ("corrupt: it does not load" if completeness.corrupt else None),
+            settles_at=completeness.settles_at,
+            **name_fields(parsed),
         )
-        size = verdict.bytes
-        completeness = _with_marker(entry.name, names, verdict.completeness)
-    else:
-        completeness = Completeness(False, None)
-    return CheckpointRecord(
-        path=path,
-        relative_path=relative,
-        entry_type=entry_type,
-        bytes=size,
-        identity=identity,
-        complete=completeness.complete,
-        incomplete_reason=completeness.reason,
-        link_target=link_target,
-        note=parsed.note
-        or ("not a zip archive" if completeness.not_zip else None)
-        or ("corrupt: it does not load" if completeness.corrupt else None),
-        settles_at=completeness.settles_at,
-        **name_fields(parsed),
-    )
+
+    def judge_links(self, records: list[CheckpointRecord]) -> list[CheckpointRecord]:
+        """Settle each checkpoint-named symlink's completeness from its target, never walking it."""
+        if not any(record.entry_type is EntryType.SYMLINK for record in records):
+            return records
+        by_path = {record.path: record for record in records if record.entry_type is not EntryType.SYMLINK}
+        judged: list[CheckpointRecord] = []
+        for record in records:
+            if record.entry_type is not EntryType.SYMLINK or record.kind is Kind.UNKNOWN:
+                judged.append(record)
+                continue
+            target = by_path.get(record.link_target) if record.link_target is not None else None
+            if target is not None:
+                completeness = Completeness(target.complete, target.incomplete_reason)
+            else:
+                completeness = self._linked_file_completeness(record)
+            judged.append(
+                dataclasses.replace(
+                    record, complete=completeness.complete, incomplete_reason=completeness.reason
+                )
+            )
+        return judged
+
+    def _linked_file_completeness(self, link: CheckpointRecord) -> Completeness:
+        """A link whose target is not in this group: never a directory walk, at most one bounded open."""
+        try:
+            status = os.stat(link.name, dir_fd=self.directory_fd)  # follows the link; opens nothing
+        except FileNotFoundError:
+            return Completeness(False, "dangling symlink")
+        except OSError as error:
+            return Completeness(False, f"its target cannot be read: {describe(error)}")
+        if stat.S_ISDIR(status.st_mode):
+            return Completeness(False, "symlink to a directory outside its group: not judged")
+        if not stat.S_ISREG(status.st_mode):
+            return Completeness(False, "symlink to something that is not a regular file")
+        identity = FileIdentity(status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns)
+        if self.cache is not None and (cached := self.cache.get(identity, "zip")) is not None:
+            return cached
+        verdict, judged = check_file(link.name, dir_fd=self.directory_fd, follow_symlinks=True)
+        self._store(judged, identity, "zip", verdict)
+        return verdict
+
+    def _file_completeness(self, name: str, path: Path, identity: FileIdentity, kind: Kind) -> Completeness:
+        if name.endswith(_TEMPORARY_SUFFIXES):
+            return Completeness(False, "temporary file name", transient=True)
+        marked = _with_markers(name, self.markers, None)
+        if marked is not None:
+            return marked
+        cache = self.cache
+        if cache is not None:
+            before = cache.change_since_counted(path, identity)
+            if before is not None and kind is not Kind.LAST:  # last.ckpt is rewritten by design
+                logger.warning(
+                    "checkpoint_changed",
+                    path=display_name(str(path)),
+                    old_bytes=before.size,
+                    new_bytes=identity.size,
+                    detail="it changed after it counted as complete; judged again",
+                )
+            cached = cache.get(identity, self.options.verify)
+            if cached is not None:
+                self._count(path, identity, cached)
+                return cached
+        age = self.now - identity.mtime_ns / 1e9
+        if age < self.options.settle_seconds and path not in self.options.closed_paths:
+            return Completeness(
+                False,
+                f"still being written (modified {max(age, 0.0):.1f} s ago, "
+                f"settle time {self.options.settle_seconds:g} s)",
+                settles_at=identity.mtime_ns / 1e9 + self.options.settle_seconds,
+                transient=True,
+            )
+        verify = self.options.verify
+        verdict, judged = check_file(
+            name,
+            dir_fd=self.directory_fd,
+            verify=verify,
+            deep_check=_verify_load if verify == "load" else None,
+        )
+        self._store(judged, identity, verify, verdict)
+        self._count(path, identity, verdict)
+        return verdict
+
+    def _store(
+        self, judged: FileIdentity | None, identity: FileIdentity, verify: str, verdict: Completeness
+    ) -> None:
+        """Cache a verdict only if it is about the file the scan stat'ed and that file is not racy."""
+        if self.cache is None or judged != identity:
+            return
+        if self.now - identity.mtime_ns / 1e9 < _RACY_SECONDS:
+            return
+        self.cache.store(identity, verify, verdict)
+
+    def _count(self, path: Path, identity: FileIdentity, verdict: Completeness) -> None:
+        if self.cache is not None and verdict.complete:
+            self.cache.counted(path, identity)
 
 
-def _with_marker(name: str, names: set[str], completeness: Completeness) -> Completeness:
-    marker = unfinished_marker_name(name)
-    if marker in names:
-        return Completeness(False, f"still being written ({marker} marker present)")
-    return completeness
+def _mount_note(mount_point: str | None) -> str | None:
+    """The note of a directory checkpoint that holds (or is) another mount."""
+    if mount_point is None:
+        return None
+    if mount_point == ".":
+        return "is itself a mount point"
+    return f"contains a mount point ({mount_point})"
+
+
+def _with_markers(
+    name: str, markers: dict[str, str], completeness: Completeness | None
+) -> Completeness | None:
+    """Incomplete if a marker of a writer still at work is beside ``name``; else ``completeness``."""
+    marker = markers.get(name)
+    if marker is None:
+        return completeness
+    if marker.endswith(UNFINISHED_MARKER_SUFFIX):
+        return Completeness(False, f"still being written ({marker} marker present)", transient=True)
+    return Completeness(False, f"still being downloaded ({marker} beside it)", transient=True)
+
+
+_MARKER_SUFFIXES = (UNFINISHED_MARKER_SUFFIX, *DOWNLOAD_MARKER_SUFFIXES)
+
+
+def markers_beside(names: Iterable[str]) -> dict[str, str]:
+    """Each name of a listing that has a writer's marker beside it, and that marker's name (one pass
+    over the listing, so each file then costs one lookup)."""
+    markers: dict[str, str] = {}
+    for marker in names:
+        if not marker.endswith(_MARKER_SUFFIXES):
+            continue
+        for suffix in _MARKER_SUFFIXES:
+            if marker.endswith(suffix):
+                base = marker.removesuffix(suffix)
+                markers.setdefault(base, marker)
+                if suffix == UNFINISHED_MARKER_SUFFIX:  # NeMo drops the .ckpt of the file it marks
+                    markers.setdefault(base + CHECKPOINT_EXTENSION, marker)
+    return markers
 
 
 def unfinished_marker_name(checkpoint_name: str) -> str:
@@ -239,46 +449,17 @@ def unfinished_marker_name(checkpoint_name: str) -> str:
     return checkpoint_name.removesuffix(CHECKPOINT_EXTENSION) + UNFINISHED_MARKER_SUFFIX
 
 
-def _file_completeness(
-    name: str,
-    path: Path,
-    identity: FileIdentity,
-    names: set[str],
-    options: ScanOptions,
-    now: float,
-    cache: CompletenessCache | None,
-) -> Completeness:
-    if name.endswith(_TEMPORARY_SUFFIXES):
-        return Completeness(False, "temporary file name")
-    marker = unfinished_marker_name(name)
-    if marker in names:
-        return Completeness(False, f"still being written ({marker} marker present)")
-    if cache is not None and (cached := cache.get(identity)) is not None:
-        return cached
-    age = now - identity.mtime_ns / 1e9
-    if age < options.settle_seconds and path not in options.closed_paths:
-        return Completeness(
-            False,
-            f"still being written (modified {max(age, 0.0):.1f} s ago, "
-            f"settle time {options.settle_seconds:g} s)",
-            settles_at=identity.mtime_ns / 1e9 + options.settle_seconds,
-        )
-    completeness = check_zip_path(str(path), size=identity.size)
-    if completeness.complete and options.verify == "load":
-        completeness = _verify_load(path)
-    if cache is not None and completeness.complete:
-        cache[identity] = completeness
-    return completeness
+def _verify_load(path: str) -> Completeness:
+    """``verify: load``: the safe, mmap'd torch.load must succeed (torch is imported only here).
 
-
-def _verify_load(path: Path) -> Completeness:
-    """``verify: load``: the safe, mmap'd torch.load must succeed (torch is imported only here)."""
+    ``path`` names the very file already judged (through /proc/self/fd), so it cannot be swapped.
+    """
     from ckpt_watcher.contents import ContentsError, verify_loadable  # noqa: PLC0415  (lazy: torch)
 
     try:
-        problem = verify_loadable(path)
+        problem = verify_loadable(Path(path))
     except ContentsError as error:
-        return Completeness(False, f"cannot verify: {error}")
+        return Completeness(False, f"cannot verify: {error}", transient=True)
     if problem is not None:
         return Completeness(False, f"corrupt: {problem}", corrupt=True)
     return Completeness(True)

@@ -1,19 +1,23 @@
-"""The zip completeness check on in-memory files: every truncation is caught, every whole archive passes."""
+"""The zip completeness check on in-memory files: every truncation is caught, every whole archive passes;
+holes, wrong bytes (``verify: crc``) and lying sizes are caught with bounded reads."""
 
 from __future__ import annotations
 
 import io
 import os
+import struct
 import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ckpt_watcher.integrity import Completeness, check_zip_file
+from ckpt_watcher.integrity import Completeness, check_zip_file, check_zip_path
 from tests.support.factories import zip_bytes
+from tests.support.hostile_trees import make_fifo, make_socket
 
 
 @contextmanager
@@ -101,3 +105,132 @@ def test_a_damaged_central_directory_is_caught() -> None:
 def test_the_not_zip_flag_marks_only_foreign_files() -> None:
     assert judge(b"\x80\x02legacy").not_zip
     assert not judge(zip_bytes()[:10]).not_zip
+
+
+# -- sparse files, verify: crc, bounded reads -------------------------------------------------------
+
+
+def big_archive(*, compression: int = zipfile.ZIP_STORED, payload: bytes | None = None) -> bytes:
+    """Three 64 KiB members: big enough for a page-sized hole in the middle."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=compression) as writer:
+        writer.writestr("archive/data.pkl", b"pickle" * 100)
+        for index in range(3):
+            writer.writestr(f"archive/data/{index}", payload if payload is not None else os.urandom(1 << 16))
+    return buffer.getvalue()
+
+
+@contextmanager
+def sparse_memory_file(data: bytes, hole: tuple[int, int]) -> Iterator[int]:
+    """``data`` with the page-aligned range ``hole`` never written (a hole, as a downloader leaves it)."""
+    start, end = hole
+    file_descriptor = os.memfd_create("checkpoint")
+    try:
+        os.ftruncate(file_descriptor, len(data))
+        os.pwrite(file_descriptor, data[:start], 0)
+        os.pwrite(file_descriptor, data[end:], end)
+        yield file_descriptor
+    finally:
+        os.close(file_descriptor)
+
+
+def judge_with(data: bytes, verify: str) -> Completeness:
+    with memory_file(data) as file_descriptor:
+        return check_zip_file(file_descriptor, len(data), verify=verify)
+
+
+def test_a_file_with_a_hole_before_its_end_is_not_complete() -> None:
+    """Pre-sized and written in parallel ranges, tail first: the end record is there, the middle is not."""
+    data = big_archive()
+    with sparse_memory_file(data, (8192, 8192 * 8)) as file_descriptor:
+        verdict = check_zip_file(file_descriptor, len(data))
+    assert not verdict.complete
+    assert verdict.reason is not None
+    assert verdict.reason.startswith("sparse"), verdict.reason
+
+
+@pytest.mark.parametrize(
+    ("label", "data"), [*WHOLE, ("deflated", big_archive(compression=zipfile.ZIP_DEFLATED))]
+)
+def test_verify_crc_accepts_every_whole_archive(label: str, data: bytes) -> None:
+    assert judge_with(data, "crc").complete, label
+
+
+def test_verify_crc_finds_a_presized_file_whose_middle_is_still_zeros() -> None:
+    data = bytearray(big_archive())
+    data[8192 : 8192 * 8] = bytes(8192 * 7)  # written as zeros, not a hole: only the CRCs tell
+    assert judge_with(bytes(data), "zip").complete
+    verdict = judge_with(bytes(data), "crc")
+    assert not verdict.complete
+    assert verdict.reason is not None
+    assert "CRC" in verdict.reason, verdict.reason
+
+
+def test_verify_crc_accepts_holes_whose_bytes_are_right() -> None:
+    """A hole reads as zeros: where the data really is zeros, every CRC still matches."""
+    data = big_archive(payload=bytes(1 << 16))
+    with sparse_memory_file(data, (8192, 8192 * 4)) as file_descriptor:
+        assert not check_zip_file(file_descriptor, len(data)).complete
+        assert check_zip_file(file_descriptor, len(data), verify="crc").complete
+
+
+def test_verify_crc_stops_a_member_that_inflates_past_its_declared_size() -> None:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as writer:
+        writer.writestr("archive/data.pkl", bytes(16 << 20))
+    data = bytearray(buffer.getvalue())
+    for header, offset in ((b"PK\x03\x04", 22), (b"PK\x01\x02", 24)):  # uncompressed size: 16 MiB -> 100
+        position = bytes(data).find(header)
+        data[position + offset : position + offset + 4] = (100).to_bytes(4, "little")
+    verdict = judge_with(bytes(data), "crc")
+    assert not verdict.complete
+    assert verdict.reason is not None
+    assert "inflates" in verdict.reason, verdict.reason
+
+
+def claims_a_huge_central_directory(size: int, directory_size: int) -> bytes:
+    """The last bytes of a file whose end record claims ``directory_size`` bytes of central directory."""
+    end_offset = size - 22
+    record = struct.pack(
+        "<4s4H2LH", b"PK\x05\x06", 0, 0, 1, 1, directory_size, end_offset - directory_size, 0
+    )
+    return record
+
+
+def test_a_huge_claimed_central_directory_is_read_in_bounded_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    size = (1 << 30) + (1 << 20)
+    requested: list[int] = []
+    real_pread = os.pread
+
+    def recording_pread(file_descriptor: int, length: int, offset: int) -> bytes:
+        requested.append(length)
+        if length > 16 << 20:
+            return b""  # what the old code asked for: a whole GiB at once (not allocated here)
+        return real_pread(file_descriptor, length, offset)
+
+    monkeypatch.setattr(os, "pread", recording_pread)
+    file_descriptor = os.memfd_create("bomb")
+    try:
+        os.ftruncate(file_descriptor, size)
+        os.pwrite(file_descriptor, b"PK\x03\x04", 0)
+        os.pwrite(file_descriptor, claims_a_huge_central_directory(size, (1 << 30) - 1), size - 22)
+        for verify in ("zip", "crc"):
+            verdict = check_zip_file(file_descriptor, size, verify=verify)
+            assert not verdict.complete, verify
+    finally:
+        os.close(file_descriptor)
+    assert max(requested) <= 1 << 20, max(requested)
+
+
+@pytest.mark.timeout(20)
+def test_nothing_but_a_regular_file_is_ever_opened(tmp_path: Path) -> None:
+    """A FIFO (no writer: opening it for reading would block forever), a symlink to one, a socket."""
+    fifo = make_fifo(tmp_path / "pipe")
+    os.symlink(fifo, tmp_path / "link-to-pipe")
+    make_socket(tmp_path / "socket")
+    os.symlink("/dev/zero", tmp_path / "link-to-zero")
+    for name in ("pipe", "link-to-pipe", "socket", "link-to-zero"):
+        for follow in (False, True):
+            verdict = check_zip_path(str(tmp_path / name), follow_symlinks=follow)
+            assert not verdict.complete, name
+            assert verdict.reason is not None

@@ -1,0 +1,411 @@
+"""Safe file-system primitives for scanning and deleting: nothing here follows a symlink it was not
+asked to, opens anything that is not a regular file, crosses into another mount, or recurses.
+
+* ``open_regular`` opens a file for reading only after ``fstat`` says it is a regular file: it first
+  takes an ``O_PATH`` handle (which opens nothing: a FIFO does not block, a device is not touched),
+  checks it, then re-opens that very inode through ``/proc/self/fd``.
+* ``summarize_tree`` and ``remove_tree`` walk a directory checkpoint iteratively, holding one open
+  directory at a time (any depth, any path length): they go down with ``openat(O_NOFOLLOW)`` and back
+  up by re-opening ``..`` and checking it is the directory they came from. A directory on another file
+  system, or the root of another mount (a bind mount of the same file system has the same ``st_dev``,
+  so the mount identity from ``statx`` is compared too), is never entered.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import stat
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cache
+
+DIRECTORY_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+_READ_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
+_PATH_FLAG: int = getattr(os, "O_PATH", 0)
+REMAINS_SHOWN = 20
+
+# statx(2): the mount a file is on (STATX_MNT_ID, Linux 5.8) and whether it is a mount's root.
+_AT_EMPTY_PATH = 0x1000
+_AT_SYMLINK_NOFOLLOW = 0x100
+_STATX_BASIC_STATS = 0x7FF
+_STATX_MNT_ID = 0x1000
+_STATX_ATTR_MOUNT_ROOT = 0x2000
+_STATX_BUFFER_SIZE = 256
+
+
+class NotRegularFileError(OSError):
+    """The path is a FIFO, socket, device, directory or symlink: it is never opened for reading."""
+
+
+class TreeChangedError(OSError):
+    """A directory moved while it was being walked; the walk stops rather than guess."""
+
+
+@dataclass(frozen=True, slots=True)
+class EntryStatus:
+    """What ``lstat`` says, plus the mount it is on and whether it is a mount's root (None: unknown)."""
+
+    device: int
+    inode: int
+    mode: int
+    size: int
+    mtime_ns: int
+    mount_id: int | None = None
+    mount_root: bool | None = None
+
+
+@cache
+def _statx_function() -> Callable[..., int] | None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        function = libc.statx
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_uint, ctypes.c_void_p]
+    function.restype = ctypes.c_int
+    return function
+
+
+def status_at(dir_fd: int, name: str) -> EntryStatus:
+    """``lstat`` of ``name`` in ``dir_fd`` (``""``: ``dir_fd`` itself), with mount identity if known."""
+    function = _statx_function()
+    if function is None:
+        return _from_stat(os.stat(name, dir_fd=dir_fd, follow_symlinks=False) if name else os.fstat(dir_fd))
+    buffer = ctypes.create_string_buffer(_STATX_BUFFER_SIZE)
+    flags = _AT_SYMLINK_NOFOLLOW | (_AT_EMPTY_PATH if not name else 0)
+    if function(dir_fd, os.fsencode(name), flags, _STATX_BASIC_STATS | _STATX_MNT_ID, buffer) != 0:
+        number = ctypes.get_errno()
+        raise OSError(number, os.strerror(number), name)
+    raw = buffer.raw
+    mask, attributes = struct.unpack_from("<I4xQ", raw, 0)
+    (attributes_mask,) = struct.unpack_from("<Q", raw, 56)
+    (mode,) = struct.unpack_from("<H", raw, 28)
+    inode, size = struct.unpack_from("<QQ", raw, 32)
+    seconds, nanoseconds = struct.unpack_from("<qI", raw, 112)
+    major, minor = struct.unpack_from("<II", raw, 136)
+    (mount_id,) = struct.unpack_from("<Q", raw, 144)
+    return EntryStatus(
+        device=os.makedev(major, minor),
+        inode=inode,
+        mode=mode,
+        size=size,
+        mtime_ns=seconds * 1_000_000_000 + nanoseconds,
+        mount_id=mount_id if mask & _STATX_MNT_ID else None,
+        mount_root=bool(attributes & _STATX_ATTR_MOUNT_ROOT)
+        if attributes_mask & _STATX_ATTR_MOUNT_ROOT
+        else None,
+    )
+
+
+def _from_stat(status: os.stat_result) -> EntryStatus:
+    return EntryStatus(status.st_dev, status.st_ino, status.st_mode, status.st_size, status.st_mtime_ns)
+
+
+def _mount_points() -> frozenset[str]:
+    """Mount points of this process (for kernels without statx's mount identity); empty if unknown."""
+    try:
+        with open("/proc/self/mountinfo", "rb") as stream:
+            lines = stream.read(1 << 24).splitlines()
+    except OSError:
+        return frozenset()
+    points = set()
+    for line in lines:
+        fields = line.split(b" ")
+        if len(fields) > 4:
+            points.add(os.fsdecode(_unescape_octal(fields[4])))
+    return frozenset(points)
+
+
+def _unescape_octal(text: bytes) -> bytes:
+    r"""mountinfo writes space, tab, newline and backslash as ``\040`` etc."""
+    parts = text.split(b"\\")
+    result = bytearray(parts[0])
+    for part in parts[1:]:
+        if len(part) >= 3 and all(48 <= byte <= 55 for byte in part[:3]):
+            result.append(int(part[:3], 8))
+            result.extend(part[3:])
+        else:
+            result.extend(b"\\" + part)
+    return bytes(result)
+
+
+class _Boundary:
+    """Decides whether an entry lies on another file system or mount than the top of the walk."""
+
+    def __init__(self, top: EntryStatus) -> None:
+        self._top = top
+        self._mount_points: frozenset[str] | None = None
+        if top.mount_id is None and top.mount_root is None:
+            self._mount_points = _mount_points()
+
+    def crosses(self, status: EntryStatus, dir_fd: int, name: str) -> bool:
+        """True if ``name`` in ``dir_fd`` (whose status is ``status``) is on another mount."""
+        if status.device != self._top.device:
+            return True
+        if status.mount_root is not None and status.mount_root:
+            return True
+        if status.mount_id is not None and self._top.mount_id is not None:
+            return status.mount_id != self._top.mount_id
+        if self._mount_points:
+            try:
+                directory = os.readlink(f"/proc/self/fd/{dir_fd}")
+            except OSError:
+                return False
+            return os.path.join(directory, name) in self._mount_points
+        return False
+
+
+def open_regular(
+    path: str, *, dir_fd: int | None = None, follow_symlinks: bool = False
+) -> tuple[int, os.stat_result]:
+    """Open a regular file for reading; raise NotRegularFileError for anything else, never blocking.
+
+    The caller closes the returned descriptor.
+    """
+    if _PATH_FLAG:
+        handle = os.open(
+            path, _PATH_FLAG | os.O_CLOEXEC | (0 if follow_symlinks else os.O_NOFOLLOW), dir_fd=dir_fd
+        )
+        try:
+            status = os.fstat(handle)
+            if not stat.S_ISREG(status.st_mode):
+                raise NotRegularFileError(0, "not a regular file", path)
+            try:
+                return os.open(f"/proc/self/fd/{handle}", _READ_FLAGS), status
+            except FileNotFoundError:
+                pass  # no /proc: open by name below, and check it is a regular file again
+        finally:
+            os.close(handle)
+    file_descriptor = os.open(path, _READ_FLAGS | (0 if follow_symlinks else os.O_NOFOLLOW), dir_fd=dir_fd)
+    try:
+        opened = os.fstat(file_descriptor)
+        if not stat.S_ISREG(opened.st_mode):
+            raise NotRegularFileError(0, "not a regular file", path)
+    except BaseException:
+        os.close(file_descriptor)
+        raise
+    return file_descriptor, opened
+
+
+class _Cursor:
+    """The one open directory of an iterative walk, and the identities of the directories above it."""
+
+    def __init__(self, top_fd: int, top: EntryStatus) -> None:
+        self.fd = top_fd
+        self.boundary = _Boundary(top)
+        self._ancestors: list[tuple[int, int]] = []
+        self.parts: list[str] = []
+        self._identity = (top.device, top.inode)
+
+    def relative(self, name: str = "") -> str:
+        """The path of ``name`` (in the current directory) relative to the top of the walk."""
+        return "/".join([*self.parts, name] if name else self.parts)
+
+    def enter(self, name: str) -> str | None:
+        """Go down into ``name``; None if entered, else why not (gone, not a directory, a mount)."""
+        try:
+            child = os.open(name, DIRECTORY_FLAGS, dir_fd=self.fd)
+        except FileNotFoundError:
+            return "vanished"
+        except OSError as error:
+            return describe(error)
+        try:
+            status = status_at(child, "")
+            if self.boundary.crosses(status, self.fd, name):
+                os.close(child)
+                return "a mount point: never entered"
+        except BaseException:
+            os.close(child)
+            raise
+        self._ancestors.append(self._identity)
+        self._identity = (status.device, status.inode)
+        os.close(self.fd)
+        self.fd = child
+        self.parts.append(name)
+        return None
+
+    def leave(self) -> str:
+        """Go back up; return the name of the directory just left. Raises TreeChangedError if ``..``
+        is no longer the directory it came from (something moved it)."""
+        parent = os.open("..", DIRECTORY_FLAGS, dir_fd=self.fd)
+        try:
+            status = status_at(parent, "")
+            expected = self._ancestors[-1]
+            if (status.device, status.inode) != expected:
+                raise TreeChangedError(0, f"{self.relative()} was moved during the walk")
+        except BaseException:
+            os.close(parent)
+            raise
+        os.close(self.fd)
+        self.fd = parent
+        self._identity = self._ancestors.pop()
+        return self.parts.pop()
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+@dataclass
+class TreeSummary:
+    """A directory checkpoint as a walk that never left its mount saw it."""
+
+    bytes: int = 0
+    newest_mtime_ns: int = 0
+    top_entries: set[str] = field(default_factory=set)
+    mount_points: list[str] = field(default_factory=list)
+    identity: EntryStatus | None = None
+
+
+def _open_top(name: str, dir_fd: int | None, follow_symlinks: bool) -> tuple[int, EntryStatus]:
+    flags = DIRECTORY_FLAGS if not follow_symlinks else DIRECTORY_FLAGS & ~os.O_NOFOLLOW
+    top_fd = os.open(name, flags, dir_fd=dir_fd)
+    try:
+        return top_fd, status_at(top_fd, "")
+    except BaseException:
+        os.close(top_fd)
+        raise
+
+
+def summarize_tree(name: str, *, dir_fd: int | None = None, follow_symlinks: bool = False) -> TreeSummary:
+    """Bytes of regular files, newest mtime, top-level names and mount points below ``name``.
+
+    Raises OSError if ``name`` itself cannot be opened as a directory, TreeChangedError if the tree
+    is moved about during the walk.
+    """
+    top_fd, top = _open_top(name, dir_fd, follow_symlinks)
+    cursor = _Cursor(top_fd, top)
+    summary = TreeSummary(newest_mtime_ns=top.mtime_ns, identity=top)
+    try:
+        if dir_fd is not None and _is_mount_of_its_own(top, dir_fd, name):
+            summary.mount_points.append(".")  # the directory itself is another mount
+        pending = [_summarize_here(cursor, summary, top_level=True)]
+        while pending:
+            if pending[-1]:
+                child = pending[-1].pop()
+                refusal = cursor.enter(child)
+                if refusal is None:
+                    pending.append(_summarize_here(cursor, summary, top_level=False))
+                elif refusal.startswith("a mount point"):
+                    summary.mount_points.append(cursor.relative(child))
+            else:
+                pending.pop()
+                if pending:
+                    cursor.leave()
+    finally:
+        cursor.close()
+    return summary
+
+
+def _is_mount_of_its_own(top: EntryStatus, parent_fd: int, name: str) -> bool:
+    """True if ``top`` (``name`` in ``parent_fd``) is not on its parent directory's mount."""
+    parent = status_at(parent_fd, "")
+    return _Boundary(parent).crosses(top, parent_fd, name)
+
+
+def _summarize_here(cursor: _Cursor, summary: TreeSummary, *, top_level: bool) -> list[str]:
+    """Account for the entries of the current directory; return its subdirectories to visit."""
+    subdirectories: list[str] = []
+    for name in os.listdir(cursor.fd):
+        if top_level:
+            summary.top_entries.add(name)
+        try:
+            status = status_at(cursor.fd, name)
+        except FileNotFoundError:
+            continue
+        summary.newest_mtime_ns = max(summary.newest_mtime_ns, status.mtime_ns)
+        if stat.S_ISLNK(status.mode):
+            continue
+        if cursor.boundary.crosses(status, cursor.fd, name):
+            summary.mount_points.append(cursor.relative(name))
+        elif stat.S_ISDIR(status.mode):
+            subdirectories.append(name)
+        elif stat.S_ISREG(status.mode):
+            summary.bytes += status.size
+    subdirectories.sort(reverse=True)
+    return subdirectories
+
+
+@dataclass
+class Removal:
+    """What a removal left: nothing (``removed``), or the paths that remain and why."""
+
+    removed: bool
+    remains: list[str] = field(default_factory=list)
+
+    def note(self, path: str, reason: str) -> None:
+        """Record a path that could not be removed (the first few are kept, for the log)."""
+        if len(self.remains) < REMAINS_SHOWN:
+            self.remains.append(f"{path} ({reason})")
+
+
+def remove_tree(name: str, *, dir_fd: int) -> Removal:
+    """Remove the directory ``name`` in ``dir_fd`` and everything in it, never leaving its mount.
+
+    Entries are unlinked without following symlinks (a planted link is removed, not followed); a
+    mount point is never entered, so it and its parents remain and the removal reports what is left.
+    Raises OSError only if ``name`` itself cannot be opened.
+    """
+    top_fd, top = _open_top(name, dir_fd, follow_symlinks=False)
+    cursor = _Cursor(top_fd, top)
+    removal = Removal(removed=False)
+    try:
+        pending = [_clear_here(cursor, removal)]
+        while pending:
+            if pending[-1]:
+                child = pending[-1].pop()
+                refusal = cursor.enter(child)
+                if refusal is None:
+                    pending.append(_clear_here(cursor, removal))
+                elif refusal != "vanished":
+                    removal.note(cursor.relative(child), refusal)
+            else:
+                pending.pop()
+                if pending:
+                    left = cursor.leave()
+                    try:
+                        os.rmdir(left, dir_fd=cursor.fd)
+                    except FileNotFoundError:
+                        pass
+                    except OSError as error:
+                        removal.note(cursor.relative(left), describe(error))
+    except TreeChangedError as error:
+        removal.note(cursor.relative(), str(error.strerror))
+    finally:
+        cursor.close()
+    try:
+        os.rmdir(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        removal.removed = not removal.remains
+    except OSError as error:
+        if not removal.remains:
+            removal.note(".", describe(error))
+    else:
+        removal.removed = True
+    return removal
+
+
+def _clear_here(cursor: _Cursor, removal: Removal) -> list[str]:
+    """Unlink every non-directory in the current directory; return the subdirectories to clear."""
+    subdirectories: list[str] = []
+    try:
+        names = os.listdir(cursor.fd)
+    except OSError as error:
+        removal.note(cursor.relative() or ".", f"cannot list it: {describe(error)}")
+        return subdirectories
+    for name in names:
+        try:
+            os.unlink(name, dir_fd=cursor.fd)
+        except IsADirectoryError:
+            subdirectories.append(name)
+        except FileNotFoundError:
+            continue
+        except OSError as error:
+            removal.note(cursor.relative(name), describe(error))
+    return subdirectories
+
+
+def describe(error: OSError) -> str:
+    """An OSError as a short message: its strerror, or its text."""
+    return error.strerror or str(error)

@@ -1,0 +1,461 @@
+"""Hostile file trees for the adversarial tests, and the invariants checked after every command.
+
+Builders make what an attacker (or an unlucky operator) can leave in a checkpoint directory: symlinks
+in every position, FIFOs, sockets, device nodes, sparse and pre-sized files, non-UTF-8 and newline
+names, deep nesting, bind mounts. ``tree_digest`` fingerprints a tree without following a symlink or
+opening anything that is not a regular file, so "nothing outside the root changed" is one comparison.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import shlex
+import socket
+import stat
+import subprocess
+import sys
+from collections.abc import Sequence
+from contextlib import suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PYTHON = sys.executable
+COMMAND_TIMEOUT = 120.0
+_DIRECTORY_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def tree_digest(top: Path) -> dict[str, str]:
+    """Every entry below ``top`` (itself included): its type, mode, and content hash or link target.
+
+    Never follows a symlink and never opens a FIFO, socket or device; works at any depth (the walk
+    is relative to open directories, so no path grows past PATH_MAX).
+    """
+    digest: dict[str, str] = {}
+    pending: list[tuple[int | None, str, str]] = [(None, str(top), "")]
+    while pending:
+        parent_fd, name, relative = pending.pop()
+        status = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
+        mode = status.st_mode
+        label = f"{stat.S_IFMT(mode):o} {stat.S_IMODE(mode):o}"
+        if stat.S_ISLNK(mode):
+            digest[relative] = f"{label} -> {os.readlink(name, dir_fd=parent_fd)!r}"
+        elif stat.S_ISREG(mode):
+            digest[relative] = f"{label} {status.st_size} {_file_hash(parent_fd, name)}"
+        elif stat.S_ISDIR(mode):
+            digest[relative] = label
+            directory_fd = os.open(name, _DIRECTORY_FLAGS, dir_fd=parent_fd)
+            for child in sorted(os.listdir(directory_fd)):
+                pending.append((os.dup(directory_fd), child, f"{relative}/{child}"))
+            os.close(directory_fd)
+        else:
+            digest[relative] = f"{label} rdev={status.st_rdev}"
+        if parent_fd is not None:
+            os.close(parent_fd)
+    return digest
+
+
+def _file_hash(parent_fd: int | None, name: str) -> str:
+    file_descriptor = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent_fd)
+    hasher = hashlib.sha256()
+    try:
+        while chunk := os.read(file_descriptor, 1 << 20):
+            hasher.update(chunk)
+    finally:
+        os.close(file_descriptor)
+    return hasher.hexdigest()[:16]
+
+
+def make_sentinel(top: Path) -> dict[str, str]:
+    """A small tree outside the root that nothing may change; returns its digest."""
+    (top / "nested" / "deeper").mkdir(parents=True)
+    (top / "precious.ckpt").write_bytes(b"precious" * 100)
+    (top / "nested" / "data.bin").write_bytes(os.urandom(4096))
+    (top / "nested" / "deeper" / "shard.pt").write_bytes(b"shard" * 50)
+    os.symlink("../precious.ckpt", top / "nested" / "link")
+    return tree_digest(top)
+
+
+def make_deep_directory(top: Path, depth: int, *, leaf_files: int = 1) -> None:
+    """``top/d/d/d/...`` ``depth`` levels deep with a file at every level, built relative to open
+    directories (the full path is far longer than PATH_MAX)."""
+    top.mkdir(parents=True, exist_ok=True)
+    current = os.open(top, _DIRECTORY_FLAGS)
+    try:
+        for level in range(depth):
+            for index in range(leaf_files):
+                file_descriptor = os.open(
+                    f"f{index}", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644, dir_fd=current
+                )
+                os.write(file_descriptor, b"level %d\n" % level)
+                os.close(file_descriptor)
+            os.mkdir("d", dir_fd=current)
+            child = os.open("d", _DIRECTORY_FLAGS, dir_fd=current)
+            os.close(current)
+            current = child
+    finally:
+        os.close(current)
+
+
+def make_fifo(path: Path) -> Path:
+    """A named pipe with no writer: opening it for reading blocks forever."""
+    os.mkfifo(path)
+    return path
+
+
+def make_socket(path: Path) -> Path:
+    """A bound Unix socket file (the socket itself is closed; the file stays)."""
+    directory_fd = os.open(path.parent, _DIRECTORY_FLAGS)
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:  # bound through /proc/self/fd: a socket path may be at most 107 bytes long
+        server.bind(f"/proc/self/fd/{directory_fd}/{path.name}")
+    finally:
+        server.close()
+        os.close(directory_fd)
+    return path
+
+
+def make_device(path: Path) -> Path | None:
+    """A character device node like /dev/zero (endless zeros when read); None if mknod is refused."""
+    try:
+        os.mknod(path, 0o600 | stat.S_IFCHR, os.makedev(1, 5))
+    except OSError:
+        return None
+    return path
+
+
+def make_sparse(path: Path, size: int, tail: bytes = b"") -> Path:
+    """A file of ``size`` bytes that is one hole except ``tail`` written at its very end."""
+    with path.open("wb") as stream:
+        stream.truncate(size)
+        if tail:
+            stream.seek(size - len(tail))
+            stream.write(tail)
+    return path
+
+
+def mount_namespace_reason() -> str | None:
+    """None if this process may make bind mounts in a private mount namespace, else why not."""
+    try:
+        completed = subprocess.run(
+            ["unshare", "--mount", "--propagation", "private", "true"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as error:
+        return f"unshare is not usable: {error}"
+    if completed.returncode != 0:
+        return f"cannot make a mount namespace (needs root or CAP_SYS_ADMIN): {completed.stderr.strip()}"
+    return None
+
+
+def namespace_command(mounts: Sequence[str], command: Sequence[str]) -> list[str]:
+    """``command`` run in a private mount namespace after the shell ``mounts`` commands (the same
+    process: ``unshare`` and ``sh`` exec into it, so signals reach it directly)."""
+    script = "set -e\n" + "\n".join(mounts) + '\nexec "$@"\n'
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", *command]
+
+
+def in_mount_namespace(
+    mounts: Sequence[str],
+    command: Sequence[str],
+    *,
+    timeout: float = COMMAND_TIMEOUT,
+    cwd: Path | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """Run ``command`` in a private mount namespace after the shell ``mounts`` commands.
+
+    The mounts vanish with the namespace when the command ends, so a failed test leaves none behind.
+    """
+    return subprocess.run(
+        namespace_command(mounts, command),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        cwd=cwd,
+    )
+
+
+def bind(source: Path, target: Path, *, read_only: bool = False) -> str:
+    """The shell command that bind-mounts ``source`` on ``target`` (for ``in_mount_namespace``)."""
+    command = f"mount --bind {shlex.quote(str(source))} {shlex.quote(str(target))}"
+    if read_only:
+        command += f"\nmount -o remount,bind,ro {shlex.quote(str(target))}"
+    return command
+
+
+def prune_command(*arguments: str) -> list[str]:
+    """``python -m ckpt_watcher prune ...`` as an argument list."""
+    return [PYTHON, "-m", "ckpt_watcher", "prune", *arguments]
+
+
+def run_prune(*arguments: str, timeout: float = COMMAND_TIMEOUT) -> subprocess.CompletedProcess[str]:
+    """Run ``prune`` as a real process, bounded in time."""
+    return subprocess.run(
+        prune_command(*arguments), capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+def assert_clean_exit(
+    completed: subprocess.CompletedProcess[str], allowed: Sequence[int] = (0, 1, 2)
+) -> None:
+    """Every command exits 0, 1 or 2, with no traceback."""
+    assert completed.returncode in allowed, (completed.returncode, completed.stderr[-3000:])
+    assert "Traceback" not in completed.stderr, completed.stderr[-3000:]
+
+
+def json_records(stderr: str) -> list[dict[str, object]]:
+    """The JSON log records in a command's stderr (other lines are ignored)."""
+    import json
+
+    records = []
+    for line in stderr.splitlines():
+        with suppress(ValueError):
+            value = json.loads(line)
+            if isinstance(value, dict):
+                records.append(value)
+    return records
+
+
+def events(stderr: str, event: str) -> list[dict[str, object]]:
+    """The log records of one event name."""
+    return [record for record in json_records(stderr) if record.get("event") == event]
+
+
+def set_immutable(path: Path, immutable: bool = True, *, recursive: bool = False) -> bool:
+    """``chattr +i`` (or ``-i``): even root cannot unlink an immutable file. False if unsupported."""
+    options = ["-R"] if recursive else []
+    completed = subprocess.run(
+        ["chattr", *options, "+i" if immutable else "-i", str(path)], capture_output=True, check=False
+    )
+    return completed.returncode == 0
+
+
+def remove_deep(path: Path) -> None:
+    """Remove a tree of any depth (pytest's own clean-up recurses, and fails past ~1000 levels)."""
+    subprocess.run(
+        ["rm", "-rf", "--one-file-system", str(path)], capture_output=True, check=False, timeout=300
+    )
+
+
+def limited(command: Sequence[str], address_space: int) -> list[str]:
+    """``command`` (a Python one: ``[python, -m, ...]``) run under RLIMIT_AS = ``address_space`` bytes."""
+    setup = (
+        "import os, resource, sys; "
+        f"resource.setrlimit(resource.RLIMIT_AS, ({address_space}, {address_space})); "
+        "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"
+    )
+    return [command[0], "-c", setup, *command[1:]]
+
+
+def run_limited(
+    command: Sequence[str], address_space: int, timeout: float = COMMAND_TIMEOUT
+) -> subprocess.CompletedProcess[str]:
+    """Run a Python command bounded in memory (RLIMIT_AS) and time."""
+    return subprocess.run(
+        limited(command, address_space), capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+def prune_entries(completed: subprocess.CompletedProcess[str]) -> dict[str, dict[str, object]]:
+    """Entries of a ``prune --json`` document by name."""
+    import json
+
+    document = json.loads(completed.stdout)
+    return {entry["name"]: entry for group in document["groups"] for entry in group["entries"]}
+
+
+@dataclass
+class HostileTree:
+    """A generated tree: its root, the outside tree nothing may change, and what is known about it."""
+
+    root: Path
+    outside: Path
+    mounts: list[str] = field(default_factory=list)
+    mount_holders: list[Path] = field(default_factory=list)
+    plain_group: Path | None = None
+
+
+def _step(epoch: int, step: int) -> str:
+    return f"epoch={epoch:02d}-step={step:06d}-train.ckpt"
+
+
+def _zip(payload: bytes) -> bytes:
+    import io
+    import zipfile
+
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED) as archive:
+        archive.writestr("archive/data.pkl", payload)
+        archive.writestr("archive/data/0", payload * 8)
+    return buffer.getvalue()
+
+
+def _directory_checkpoint(path: Path, files: int = 2) -> Path:
+    (path / "checkpoint").mkdir(parents=True)
+    for index in range(files):
+        (path / "checkpoint" / f"shard_{index}.pt").write_bytes(_zip(b"shard %d" % index))
+    (path / "latest").write_text("checkpoint")
+    return path
+
+
+def build_hostile_tree(
+    root: Path, outside: Path, *, seed: int, with_mounts: bool, deepest: int = 1200
+) -> HostileTree:
+    """Everything an attacker or an unlucky operator can leave in a checkpoint tree, in a random mix.
+
+    Symlinks in every position (a group, a checkpoint name, last.ckpt to ``/``, to a FIFO, dangling,
+    looping, inside a directory checkpoint), FIFOs, sockets, devices, sparse and pre-sized files,
+    download markers, non-UTF-8 and newline names, deep nesting, a huge directory, and (``with_mounts``,
+    for a private mount namespace) a bind mount inside a directory checkpoint. ``outside`` gets a
+    sentinel tree the links and mounts point into. ``deepest`` is the depth of the deepest directory
+    checkpoint.
+    """
+    chooser = random.Random(seed)  # noqa: S311  (a reproducible test tree, not a secret)
+    make_sentinel(outside)
+    make_fifo(outside / "pipe")
+    (outside / "dataset").mkdir()
+    (outside / "dataset" / "images.bin").write_bytes(b"i" * 2048)
+    tree = HostileTree(root=root, outside=outside)
+    plain = root / "plain"
+    plain.mkdir(parents=True)
+    for step in range(100, 1000, 100):
+        (plain / _step(0, step)).write_bytes(_zip(b"step %d" % step))
+    tree.plain_group = plain
+
+    builders = [
+        _symlinks_everywhere,
+        _special_files,
+        _downloads_in_progress,
+        _awkward_names,
+        _deep_nesting,
+        _huge_directory,
+        _directory_checkpoints_with_traps,
+    ]
+    chooser.shuffle(builders)
+    for index, builder in enumerate(builders):
+        group = root / f"group{index}-{builder.__name__.strip('_')}"
+        group.mkdir()
+        builder(group, outside, chooser, deepest)
+    if with_mounts:
+        holder = _directory_checkpoint(root / "mounted" / _step(0, 100))
+        (holder / "dataset").mkdir()
+        for step in range(200, 900, 100):
+            _directory_checkpoint(root / "mounted" / _step(0, step))
+        tree.mounts.append(
+            f"mount --bind {shlex.quote(str(outside / 'dataset'))} {shlex.quote(str(holder / 'dataset'))}"
+        )
+        tree.mount_holders.append(holder)
+    _backdate_tree(root)
+    return tree
+
+
+def _backdate_tree(top: Path) -> None:
+    """Directory checkpoints count only after 30 quiet seconds: make everything an hour old (``find
+    -execdir`` works at any depth, never follows a link and opens nothing)."""
+    subprocess.run(
+        ["find", str(top), "-execdir", "touch", "-h", "-c", "-d", "1 hour ago", "{}", "+"],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+
+
+def _symlinks_everywhere(group: Path, outside: Path, chooser: random.Random, deepest: int) -> None:
+    del deepest
+    for step in range(100, 800, 100):
+        (group / _step(1, step)).write_bytes(_zip(b"x"))
+    os.symlink(outside, group / "linked-run")  # a group that is a symlink
+    os.symlink(outside / "precious.ckpt", group / _step(0, 100))
+    os.symlink("/", group / "last.ckpt")
+    os.symlink(outside / "pipe", group / "last-v1.ckpt")
+    os.symlink(group / "nowhere", group / "last-v2.ckpt")
+    os.symlink(_step(0, 201), group / _step(0, 200))  # a loop of two
+    os.symlink(_step(0, 200), group / _step(0, 201))
+    os.symlink(outside / "nested", group / _step(0, 300))  # a checkpoint name for an outside directory
+    os.symlink("/dev/zero", group / _step(0, chooser.choice([400, 500])))
+
+
+def _special_files(group: Path, outside: Path, chooser: random.Random, deepest: int) -> None:
+    del deepest
+    del outside
+    (group / _step(2, 900)).write_bytes(_zip(b"newest"))
+    make_fifo(group / _step(2, 100))
+    make_socket(group / _step(2, 200))
+    make_device(group / _step(2, 300))
+    make_fifo(group / f"{_step(2, 400)}.aria2")
+    os.mkfifo(group / ".ckpt-watcher-deleting-i1-fifo")
+    if chooser.random() < 0.5:
+        make_fifo(group / "last.ckpt")
+
+
+def _downloads_in_progress(group: Path, outside: Path, chooser: random.Random, deepest: int) -> None:
+    del deepest
+    del outside
+    for step in (100, 200):
+        (group / _step(3, step)).write_bytes(_zip(b"complete"))
+    data = _zip(os.urandom(64 << 10))
+    make_sparse(group / _step(3, 300), len(data), data[-4096:])
+    (group / _step(3, 400)).write_bytes(data)
+    (group / f"{_step(3, 400)}{chooser.choice(['.aria2', '.part', '.incomplete', '.st'])}").write_bytes(b"")
+    (group / _step(3, 500)).write_bytes(data[: len(data) // 2])
+    (group / f"{_step(3, 600)}.tmp").write_bytes(data)
+
+
+def _awkward_names(group: Path, outside: Path, chooser: random.Random, deepest: int) -> None:
+    del deepest
+    del outside, chooser
+    for step in range(100, 800, 100):
+        (group / _step(4, step)).write_bytes(_zip(b"y"))
+    raw = os.fsencode(group)
+    for name in (b"epoch=04-step=000900-train\xff.ckpt", b"\xfe\xfd.ckpt", b"last\x80.ckpt"):
+        with open(raw + b"/" + name, "wb") as stream:
+            stream.write(_zip(b"non-utf-8"))
+    (group / f"{_step(4, 950)}\nepoch=04-step=000001-train.ckpt").write_bytes(_zip(b"newline"))
+    odd = Path(os.fsdecode(raw + b"/run-\xff"))
+    odd.mkdir()
+    for step in range(100, 800, 100):
+        (odd / _step(4, step)).write_bytes(_zip(b"z"))
+
+
+def _deep_nesting(group: Path, outside: Path, chooser: random.Random, deepest: int) -> None:
+    del outside
+    current = group
+    for level in range(chooser.randint(150, 250)):
+        current = current / f"l{level}"
+    current.mkdir(parents=True)
+    for step in range(100, 800, 100):
+        (current / _step(5, step)).write_bytes(_zip(b"deep"))
+    checkpoint = _directory_checkpoint(group / _step(5, 100))
+    make_deep_directory(checkpoint / "checkpoint" / "nested", depth=deepest)
+    for step in range(200, 800, 100):
+        _directory_checkpoint(group / _step(5, step))
+
+
+def _huge_directory(group: Path, outside: Path, chooser: random.Random, deepest: int) -> None:
+    del deepest
+    del outside
+    for index in range(3000):
+        (group / f"event-{index:05d}.log").touch()
+    steps = list(range(100, 3000, 100))
+    chooser.shuffle(steps)
+    for step in steps:
+        (group / _step(6, step)).write_bytes(_zip(b"h"))
+
+
+def _directory_checkpoints_with_traps(
+    group: Path, outside: Path, chooser: random.Random, deepest: int
+) -> None:
+    del deepest
+    for step in range(100, 800, 100):
+        checkpoint = _directory_checkpoint(group / _step(7, step))
+        os.symlink(outside / "precious.ckpt", checkpoint / "checkpoint" / "link-to-file.pt")
+        os.symlink(outside / "nested", checkpoint / "checkpoint" / "link-to-directory")
+        make_fifo(checkpoint / "checkpoint" / "pipe")
+        os.link(outside / "nested" / "data.bin", checkpoint / "checkpoint" / "hard-link.bin")
+    unfinished = _directory_checkpoint(group / _step(7, 900), files=chooser.randint(1, 3))
+    (unfinished / "latest").unlink()

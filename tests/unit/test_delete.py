@@ -1,0 +1,194 @@
+"""delete.py on real directory checkpoints in tmp_path: deep trees, partial failures, leftovers, and
+no exception ever escaping a public function."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from structlog.testing import capture_logs
+
+from ckpt_watcher.delete import Outcome, apply_group, apply_plan, finish_leftovers, remove_leftovers
+from ckpt_watcher.plan import Plan, plan
+from ckpt_watcher.policy import Policy
+from ckpt_watcher.records import DELETING_PREFIX
+from ckpt_watcher.scan import ScanOptions, scan_tree
+from tests.support.factories import step_name, write_checkpoint
+from tests.support.hostile_trees import make_deep_directory, remove_deep, set_immutable
+
+pytestmark = pytest.mark.timeout(120)
+
+KEEP_ONE = Policy(save_top_k_checkpoints=1)
+QUIET = ScanOptions(directory_quiet_seconds=0.0)
+
+
+def directory_checkpoint(path: Path) -> Path:
+    """A finished DeepSpeed-style directory checkpoint (``latest`` written last)."""
+    (path / "checkpoint").mkdir(parents=True)
+    write_checkpoint(path / "checkpoint" / "mp_rank_00_model_states.pt", payload=b"m" * 512)
+    (path / "latest").write_text("checkpoint")
+    return path
+
+
+def plan_of(root: Path) -> Plan:
+    return plan(scan_tree(root, KEEP_ONE.compiled_naming, QUIET).records, KEEP_ONE)
+
+
+def leftovers(directory: Path) -> list[str]:
+    return sorted(name for name in os.listdir(directory) if name.startswith(DELETING_PREFIX))
+
+
+@pytest.fixture(autouse=True)
+def quiet_logs() -> Iterator[None]:
+    """Log records go to a list, never to a stream another test configured and closed."""
+    with capture_logs():
+        yield
+
+
+@pytest.fixture
+def immutable_paths(tmp_path: Path) -> Iterator[list[Path]]:
+    """Paths made immutable by a test; everything in tmp_path is made mutable again afterwards (the
+    files may have moved), so tmp_path can be cleaned."""
+    paths: list[Path] = []
+    yield paths
+    if paths:
+        set_immutable(tmp_path, immutable=False, recursive=True)
+
+
+def make_immutable(path: Path, registry: list[Path]) -> None:
+    if not set_immutable(path):
+        pytest.skip("chattr +i is not supported here (needs root and ext4/xfs/btrfs)")
+    registry.append(path)
+
+
+def test_a_directory_checkpoint_deeper_than_the_recursion_limit_is_removed(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    old = directory_checkpoint(tmp_path / step_name(0, 100))
+    make_deep_directory(old / "checkpoint" / "nested", depth=1500)
+    request.addfinalizer(lambda: remove_deep(tmp_path))  # pytest's clean-up recurses
+    directory_checkpoint(tmp_path / step_name(0, 200))
+    the_plan = plan_of(tmp_path)
+    assert [decision.record.name for decision in the_plan.deletions] == [old.name]
+
+    applied = apply_plan(the_plan, tmp_path)
+
+    assert [result.outcome for result in applied.results] == [Outcome.DELETED]
+    assert sorted(os.listdir(tmp_path)) == [step_name(0, 200)]
+
+
+def test_a_removal_that_fails_halfway_is_a_failure_naming_what_remains(
+    tmp_path: Path, immutable_paths: list[Path]
+) -> None:
+    old = directory_checkpoint(tmp_path / step_name(0, 100))
+    (old / "checkpoint" / "sub").mkdir()
+    stuck = old / "checkpoint" / "sub" / "stuck.pt"
+    stuck.write_bytes(b"s" * 100)
+    (old / "checkpoint" / "sub" / "other.pt").write_bytes(b"o" * 100)
+    directory_checkpoint(tmp_path / step_name(0, 200))
+    the_plan = plan_of(tmp_path)
+    make_immutable(stuck, immutable_paths)
+
+    with capture_logs() as logs:
+        applied = apply_plan(the_plan, tmp_path)
+
+    assert [result.outcome for result in applied.results] == [Outcome.FAILED]
+    assert applied.failed
+    assert not applied.deleted
+    error = applied.results[0].error
+    assert error is not None
+    assert "checkpoint/sub/stuck.pt" in error, error
+    failures = [record for record in logs if record["event"] == "checkpoint_delete_failed"]
+    assert len(failures) == 1
+    assert any("checkpoint/sub/stuck.pt" in remaining for remaining in failures[0]["remains"])
+    assert not [record for record in logs if record["event"] == "checkpoint_deleted"]
+    # Everything else is gone; what is left carries the leftover name, never the checkpoint's own.
+    assert not old.exists()
+    (leftover,) = leftovers(tmp_path)
+    remaining = sorted(
+        os.path.relpath(os.path.join(directory, name), tmp_path / leftover)
+        for directory, _, files in os.walk(tmp_path / leftover)
+        for name in files
+    )
+    assert remaining == ["checkpoint/sub/stuck.pt"]
+
+    set_immutable(tmp_path / leftover / "checkpoint" / "sub" / "stuck.pt", immutable=False)
+    results = finish_leftovers(tmp_path, tmp_path)
+
+    assert [(result.removed, result.remains) for result in results] == [(True, ())]
+    assert leftovers(tmp_path) == []
+
+
+def test_leftovers_the_tool_did_not_make_are_never_removed(tmp_path: Path) -> None:
+    """A directory that merely has the leftover prefix (made by hand, or a copy of a real leftover,
+    whose inode differs) is not provably the tool's: kept, and reported once."""
+    foreign = tmp_path / f"{DELETING_PREFIX}1234-{step_name(0, 100)}"
+    (foreign / "data").mkdir(parents=True)
+    (foreign / "data" / "weights.pt").write_bytes(b"w" * 100)
+    directory_checkpoint(tmp_path / "run" / step_name(0, 100))
+    directory_checkpoint(tmp_path / "run" / step_name(0, 200))
+    the_plan = plan(scan_tree(tmp_path / "run", KEEP_ONE.compiled_naming, QUIET).records, KEEP_ONE)
+    assert apply_plan(the_plan, tmp_path / "run").deleted
+    # A copy of a removal in progress (as `cp -a` of a run directory makes): a new inode.
+    source = tmp_path / "made-by-the-tool"
+    directory_checkpoint(source)
+    copy = tmp_path / f"{DELETING_PREFIX}i{os.stat(source).st_ino}-{step_name(0, 300)}"
+    shutil.copytree(source, copy, symlinks=True)
+
+    reported: set[tuple[int, int]] = set()
+    with capture_logs() as logs:
+        first = finish_leftovers(tmp_path, tmp_path, reported=reported)
+        second = finish_leftovers(tmp_path, tmp_path, reported=reported)
+    remove_leftovers(tmp_path, tmp_path)  # the daemon's spelling
+
+    assert (foreign / "data" / "weights.pt").exists()
+    assert (copy / "latest").exists()
+    assert first == []
+    assert second == []
+    not_ours = [record["path"] for record in logs if record["event"] == "leftover_not_ours"]
+    assert sorted(not_ours) == sorted([str(foreign), str(copy)])  # once each, not once per call
+
+
+def test_remove_leftovers_keeps_a_directory_it_did_not_make(tmp_path: Path) -> None:
+    foreign = tmp_path / f"{DELETING_PREFIX}a-directory-someone-made"
+    (foreign / "inside").mkdir(parents=True)
+    (foreign / "inside" / "keep-me").write_text("not the tool's")
+
+    remove_leftovers(tmp_path, tmp_path)
+
+    assert (foreign / "inside" / "keep-me").read_text() == "not the tool's"
+
+
+def test_no_exception_escapes_the_public_functions(tmp_path: Path) -> None:
+    """Whatever the input, a failure is a result (logged), never an exception."""
+    for step in (100, 200, 300):
+        write_checkpoint(tmp_path / step_name(0, step))
+    the_plan = plan_of(tmp_path)
+    group = the_plan.groups[0]
+    poisoned = tuple(
+        dataclasses.replace(
+            decision,
+            record=dataclasses.replace(decision.record, path=decision.record.path.with_name("bad\x00name")),
+        )
+        for decision in group.decisions
+    )
+    poisoned_group = dataclasses.replace(group, decisions=poisoned)
+    outside_group = dataclasses.replace(group, directory=Path("/definitely/not/below/the/root"))
+    a_file = tmp_path / step_name(0, 300)
+
+    with capture_logs() as logs:
+        poisoned_results = apply_group(poisoned_group, tmp_path)
+        outside_results = apply_group(outside_group, tmp_path)
+        leftover_results = finish_leftovers(a_file, a_file)
+        relative_results = finish_leftovers(Path("relative"), Path("relative/run"))
+
+    assert {result.outcome for result in poisoned_results} == {Outcome.FAILED}
+    assert {result.outcome for result in outside_results} == {Outcome.FAILED}
+    assert leftover_results == []
+    assert relative_results == []
+    assert [record["event"] for record in logs].count("checkpoint_delete_failed") == 4
+    assert sorted(os.listdir(tmp_path)) == [step_name(0, step) for step in (100, 200, 300)]

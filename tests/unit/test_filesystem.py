@@ -1,0 +1,118 @@
+"""filesystem.py: only regular files are opened, and walks stop at mounts even without statx."""
+
+from __future__ import annotations
+
+import json
+import os
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from ckpt_watcher.filesystem import NotRegularFileError, _unescape_octal, open_regular, summarize_tree
+from tests.support.hostile_trees import (
+    PYTHON,
+    bind,
+    in_mount_namespace,
+    make_fifo,
+    make_sentinel,
+    mount_namespace_reason,
+)
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def test_open_regular_refuses_everything_but_a_regular_file(tmp_path: Path) -> None:
+    regular = tmp_path / "file"
+    regular.write_bytes(b"data")
+    fifo = make_fifo(tmp_path / "pipe")
+    os.symlink(regular, tmp_path / "link")
+    os.symlink(fifo, tmp_path / "link-to-pipe")
+
+    file_descriptor, status = open_regular(str(regular))
+    try:
+        assert os.read(file_descriptor, 10) == b"data"
+        assert status.st_size == 4
+    finally:
+        os.close(file_descriptor)
+    for path, follow in [
+        (fifo, False),
+        (tmp_path / "link", False),
+        (tmp_path / "link-to-pipe", True),
+        (tmp_path, False),
+    ]:
+        with pytest.raises(NotRegularFileError):
+            open_regular(str(path), follow_symlinks=follow)
+    followed, _ = open_regular(str(tmp_path / "link"), follow_symlinks=True)
+    os.close(followed)
+
+
+def test_mountinfo_escapes_are_undone() -> None:
+    assert _unescape_octal(rb"/data/with\040space\011tab\134back") == b"/data/with space\ttab\\back"
+
+
+def test_summary_of_a_plain_tree(tmp_path: Path) -> None:
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / "a" / "one").write_bytes(b"1" * 10)
+    (tmp_path / "a" / "b" / "two").write_bytes(b"2" * 20)
+    os.symlink("/", tmp_path / "a" / "root-link")
+
+    summary = summarize_tree(str(tmp_path))
+
+    assert summary.bytes == 30
+    assert summary.mount_points == []
+    assert summary.top_entries == {"a"}
+
+
+@pytest.mark.skipif(mount_namespace_reason() is not None, reason=str(mount_namespace_reason()))
+@pytest.mark.parametrize("with_statx", [True, False], ids=["statx", "mountinfo"])
+def test_a_bind_mount_of_the_same_file_system_is_found(tmp_path: Path, with_statx: bool) -> None:
+    """Same st_dev: statx's mount identity finds it, and without statx (older kernels) mountinfo does."""
+    checkpoint = tmp_path / "checkpoint"
+    (checkpoint / "dataset").mkdir(parents=True)
+    (checkpoint / "weights.pt").write_bytes(b"w" * 100)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    make_sentinel(outside)
+    snippet = textwrap.dedent(
+        """
+        import json, sys
+        from ckpt_watcher import filesystem
+        if sys.argv[2] == "no-statx":
+            filesystem._statx_function.cache_clear()
+            filesystem._statx_function = lambda: None
+        summary = filesystem.summarize_tree(sys.argv[1])
+        print(json.dumps({"mounts": summary.mount_points, "bytes": summary.bytes}))
+        """
+    )
+    completed = in_mount_namespace(
+        [bind(outside, checkpoint / "dataset")],
+        [PYTHON, "-c", snippet, str(checkpoint), "statx" if with_statx else "no-statx"],
+        cwd=Path.cwd(),
+    )
+
+    assert completed.returncode == 0, completed.stderr
+    assert json.loads(completed.stdout) == {"mounts": ["dataset"], "bytes": 100}
+
+
+@pytest.mark.skipif(mount_namespace_reason() is not None, reason=str(mount_namespace_reason()))
+def test_a_directory_that_is_itself_a_mount_point_is_found(tmp_path: Path) -> None:
+    group = tmp_path / "run"
+    (group / "checkpoint").mkdir(parents=True)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    make_sentinel(outside)
+    snippet = textwrap.dedent(
+        """
+        import json, os, sys
+        from ckpt_watcher import filesystem
+        parent = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECTORY)
+        print(json.dumps(filesystem.summarize_tree("checkpoint", dir_fd=parent).mount_points))
+        """
+    )
+    completed = in_mount_namespace(
+        [bind(outside, group / "checkpoint")], [PYTHON, "-c", snippet, str(group)], cwd=Path.cwd()
+    )
+
+    assert completed.returncode == 0, completed.stderr
+    assert json.loads(completed.stdout) == ["."]

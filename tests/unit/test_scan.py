@@ -1,0 +1,244 @@
+"""scan.py on real files in tmp_path: download markers, the verdict cache, changed checkpoints,
+symlinks judged without being followed, FIFOs, and directory checkpoints of any depth."""
+
+from __future__ import annotations
+
+import os
+import stat
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from structlog.testing import capture_logs
+
+from ckpt_watcher.policy import DEFAULT_POLICY
+from ckpt_watcher.records import CheckpointRecord, EntryType
+from ckpt_watcher.scan import CompletenessCache, ScanOptions, scan_directory
+from tests.support.factories import step_name, write_checkpoint, write_truncated
+from tests.support.hostile_trees import make_deep_directory, make_device, make_fifo, make_socket, remove_deep
+
+pytestmark = pytest.mark.timeout(60)
+
+NAMING = DEFAULT_POLICY.compiled_naming
+QUIET = ScanOptions(directory_quiet_seconds=0.0)
+DOWNLOAD_MARKERS = [".aria2", ".part", ".incomplete", ".crdownload", ".st", ".lftp-pget-status"]
+
+
+@pytest.fixture(autouse=True)
+def quiet_logs() -> Iterator[None]:
+    with capture_logs():
+        yield
+
+
+def scan(
+    directory: Path, options: ScanOptions = QUIET, cache: CompletenessCache | None = None
+) -> dict[str, CheckpointRecord]:
+    return {record.name: record for record in scan_directory(directory, directory, NAMING, options, cache)}
+
+
+def backdate(path: Path) -> Path:
+    """An hour old: past the few seconds in which a verdict is too racy to cache."""
+    an_hour_ago = time.time() - 3600
+    os.utime(path, (an_hour_ago, an_hour_ago))
+    return path
+
+
+def directory_checkpoint(path: Path) -> Path:
+    (path / "checkpoint").mkdir(parents=True)
+    write_checkpoint(path / "checkpoint" / "model.pt", payload=b"m" * 300)
+    (path / "latest").write_text("checkpoint")
+    return path
+
+
+@pytest.mark.parametrize("suffix", DOWNLOAD_MARKERS)
+def test_a_download_tool_marker_beside_a_checkpoint_makes_it_incomplete(tmp_path: Path, suffix: str) -> None:
+    name = step_name(0, 100)
+    write_checkpoint(tmp_path / name)
+    directory_checkpoint(tmp_path / step_name(0, 200))
+    (tmp_path / f"{name}{suffix}").write_bytes(b"download state")
+    (tmp_path / f"{step_name(0, 200)}{suffix}").write_bytes(b"download state")
+
+    records = scan(tmp_path)
+
+    for checkpoint in (name, step_name(0, 200)):
+        assert not records[checkpoint].complete, checkpoint
+        assert f"{checkpoint}{suffix}" in str(records[checkpoint].incomplete_reason)
+
+
+class OpenCounter:
+    """Counts os.open calls that name one file (by any path ending in its name)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+        self.count = 0
+        real_open = os.open
+
+        def counting_open(path: Any, *arguments: Any, **keywords: Any) -> int:
+            if str(path).endswith(name):
+                self.count += 1
+            return real_open(path, *arguments, **keywords)
+
+        monkeypatch.setattr(os, "open", counting_open)
+
+
+def test_negative_verdicts_are_cached_by_identity(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    broken = backdate(write_truncated(tmp_path / step_name(0, 100)))
+    cache = CompletenessCache()
+    counter = OpenCounter(monkeypatch, broken.name)
+
+    first = scan(tmp_path, cache=cache)[broken.name]
+    opened_first = counter.count
+    second = scan(tmp_path, cache=cache)[broken.name]
+
+    assert opened_first >= 1
+    assert counter.count == opened_first  # the second pass did not read the file again
+    assert not first.complete
+    assert second.incomplete_reason == first.incomplete_reason
+
+
+def test_verdicts_that_depend_on_time_or_a_marker_are_not_cached(tmp_path: Path) -> None:
+    name = step_name(0, 100)
+    write_checkpoint(tmp_path / name)
+    marker = tmp_path / f"{name}.aria2"
+    marker.write_bytes(b"")
+    cache = CompletenessCache()
+    now = time.time()
+
+    assert not scan(tmp_path, cache=cache)[name].complete
+    marker.unlink()
+    waiting = scan(tmp_path, ScanOptions(settle_seconds=60, now=now), cache)[name]
+    assert not waiting.complete
+    assert waiting.settles_at is not None
+    assert scan(tmp_path, ScanOptions(settle_seconds=60, now=now + 120), cache)[name].complete
+
+
+def test_a_verdict_reached_by_a_weaker_check_does_not_satisfy_a_stronger_one(tmp_path: Path) -> None:
+    """Judged complete by `zip`, then the policy asks for `crc`: the file is read again."""
+    path = write_checkpoint(tmp_path / step_name(0, 100), payload=b"right bytes" * 100)
+    data = bytearray(path.read_bytes())
+    position = data.find(b"right bytes")
+    data[position : position + 5] = b"WRONG"  # same size, CRC no longer matches
+    backdate(path)
+    path.write_bytes(bytes(data))
+    backdate(path)
+    cache = CompletenessCache()
+
+    assert scan(tmp_path, ScanOptions(verify="zip"), cache)[path.name].complete
+    checked = scan(tmp_path, ScanOptions(verify="crc"), cache)[path.name]
+
+    assert not checked.complete
+    assert "CRC" in str(checked.incomplete_reason)
+
+
+def test_a_checkpoint_that_changes_after_it_counted_is_logged_and_judged_again(tmp_path: Path) -> None:
+    path = write_checkpoint(tmp_path / step_name(0, 100), payload=b"first" * 100)
+    old_size = path.stat().st_size
+    cache = CompletenessCache()
+    assert scan(tmp_path, cache=cache)[path.name].complete
+    with path.open("r+b") as stream:  # rewritten in place (same inode), half of it for now
+        stream.truncate(old_size // 2)
+
+    with capture_logs() as logs:
+        again = scan(tmp_path, cache=cache)[path.name]
+
+    assert not again.complete
+    changed = [record for record in logs if record["event"] == "checkpoint_changed"]
+    assert len(changed) == 1
+    assert changed[0]["old_bytes"] == old_size
+    assert changed[0]["new_bytes"] == old_size // 2
+    with capture_logs() as logs:
+        scan(tmp_path, cache=cache)
+    assert not [record for record in logs if record["event"] == "checkpoint_changed"]  # logged once
+
+
+def test_last_link_judged_by_its_targets_record_in_the_same_group(tmp_path: Path) -> None:
+    """A directory checkpoint still inside its quiet time is not complete, and neither is a link to it."""
+    fresh = directory_checkpoint(tmp_path / step_name(0, 200))
+    truncated = write_truncated(tmp_path / step_name(0, 100))
+    os.symlink(fresh.name, tmp_path / "last.ckpt")
+    os.symlink(truncated.name, tmp_path / "last-v1.ckpt")
+
+    records = scan(tmp_path, ScanOptions(directory_quiet_seconds=3600))
+
+    assert not records[fresh.name].complete
+    assert not records["last.ckpt"].complete
+    assert records["last.ckpt"].incomplete_reason == records[fresh.name].incomplete_reason
+    assert records["last-v1.ckpt"].incomplete_reason == records[truncated.name].incomplete_reason
+    assert records["last.ckpt"].link_target == fresh
+
+
+def test_a_link_to_a_directory_outside_its_group_is_never_walked(tmp_path: Path) -> None:
+    """`last.ckpt -> /` used to walk the whole file system on every pass; the target's atime tells."""
+    outside = directory_checkpoint(tmp_path / "outside" / "somewhere")
+    if os.statvfs(outside).f_flag & os.ST_NOATIME:
+        pytest.skip("this file system does not record access times")
+    ancient = 1_000_000_000
+    for directory in (outside, outside / "checkpoint"):
+        os.utime(directory, ns=(ancient, directory.stat().st_mtime_ns))
+    group = tmp_path / "run"
+    group.mkdir()
+    write_checkpoint(group / step_name(0, 100))
+    os.symlink(outside, group / "last.ckpt")
+    os.symlink("/", group / "last-v1.ckpt")
+
+    records = scan(group)
+
+    assert not records["last.ckpt"].complete
+    assert "directory" in str(records["last.ckpt"].incomplete_reason)
+    assert records["last.ckpt"].bytes == 0
+    assert records["last-v1.ckpt"].link_target == Path("/")
+    for directory in (outside, outside / "checkpoint"):
+        assert directory.stat().st_atime_ns == ancient, f"{directory} was listed"
+
+
+def test_a_link_to_a_regular_file_elsewhere_is_judged_by_a_bounded_open(tmp_path: Path) -> None:
+    elsewhere = write_checkpoint(tmp_path / "other-run" / step_name(0, 100))
+    group = tmp_path / "run"
+    group.mkdir()
+    os.symlink(elsewhere, group / "last.ckpt")
+
+    assert scan(group)["last.ckpt"].complete
+
+
+def test_fifos_sockets_and_devices_with_checkpoint_names_never_hang_a_scan(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    group = tmp_path / "run"
+    group.mkdir()
+    make_fifo(group / step_name(0, 100))
+    make_socket(group / step_name(0, 200))
+    device = make_device(group / step_name(0, 300))
+    os.symlink(make_fifo(outside / "pipe"), group / step_name(0, 400))
+    os.symlink(outside / "pipe", group / "last.ckpt")
+    os.symlink("/dev/zero", group / "last-v1.ckpt")
+    write_checkpoint(group / step_name(0, 500))
+
+    records = scan(group)
+
+    assert records[step_name(0, 500)].complete
+    expected = {step_name(0, 100), step_name(0, 200), step_name(0, 400), "last.ckpt", "last-v1.ckpt"}
+    if device is not None:
+        expected.add(device.name)
+    for name in expected:
+        assert not records[name].complete, name
+    assert records[step_name(0, 100)].entry_type is EntryType.OTHER
+    assert "not a regular file" in str(records["last.ckpt"].incomplete_reason)
+    assert stat.S_ISFIFO(os.stat(outside / "pipe").st_mode)
+
+
+def test_a_directory_checkpoint_deeper_than_path_max_is_summed(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    checkpoint = directory_checkpoint(tmp_path / step_name(0, 100))
+    request.addfinalizer(lambda: remove_deep(tmp_path))  # pytest's clean-up recurses
+    make_deep_directory(checkpoint / "checkpoint" / "nested", depth=2200)  # ~4.4 KB of path
+
+    record = scan(tmp_path)[checkpoint.name]
+
+    assert record.complete, record.incomplete_reason
+    level_bytes = sum(len(b"level %d\n" % level) for level in range(2200))
+    assert (
+        record.bytes
+        == (checkpoint / "checkpoint" / "model.pt").stat().st_size + len("checkpoint") + level_bytes
+    )
