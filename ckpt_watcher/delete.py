@@ -19,6 +19,7 @@ from pathlib import Path
 
 import structlog
 
+from ckpt_watcher.logs import describe_os_error
 from ckpt_watcher.plan import Decision, GroupPlan, Plan
 from ckpt_watcher.records import (
     DELETING_PREFIX,
@@ -76,20 +77,26 @@ class ApplyResult:
 
 
 def apply_plan(plan: Plan, root: Path, stop: threading.Event | None = None) -> ApplyResult:
-    """Delete what ``plan`` says to, group by group; ``stop`` is checked only between groups."""
+    """Delete what ``plan`` says to, group by group; ``stop`` is checked between two deletions.
+
+    A group left half pruned by a stop is fine: the next pass plans it again.
+    """
     result = ApplyResult()
     for group in plan.groups:
         if not group.deletions:
             continue
         if stop is not None and stop.is_set():
-            result.interrupted = True
             break
-        result.results.extend(apply_group(group, root))
+        result.results.extend(apply_group(group, root, stop=stop))
+    result.interrupted = len(result.results) < len(plan.deletions)
     return result
 
 
-def apply_group(group: GroupPlan, root: Path) -> list[DeletionResult]:
-    """Delete one group's planned files; never partially refuses the group for one bad file."""
+def apply_group(group: GroupPlan, root: Path, *, stop: threading.Event | None = None) -> list[DeletionResult]:
+    """Delete one group's planned files; never partially refuses the group for one bad file.
+
+    With ``stop``, the deletions end as soon as it is set: one result per deletion attempted.
+    """
     deletions = group.deletions
     if not deletions:
         return []
@@ -105,7 +112,12 @@ def apply_group(group: GroupPlan, root: Path) -> list[DeletionResult]:
     except ValueError as error:
         return [_failed(decision, str(error)) for decision in deletions]
     try:
-        return [_delete_one(directory_fd, decision) for decision in deletions]
+        results: list[DeletionResult] = []
+        for decision in deletions:
+            if stop is not None and stop.is_set():
+                break
+            results.append(_delete_one(directory_fd, decision))
+        return results
     finally:
         os.close(directory_fd)
 
@@ -137,7 +149,7 @@ def _delete_one(directory_fd: int, decision: Decision) -> DeletionResult:
         return _gone(decision)
     except OSError as error:
         return _failed(decision, _describe(error))
-    now_identity = FileIdentity(status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns)
+    now_identity = FileIdentity.of_stat(status)
     expected_type = stat.S_ISDIR if record.entry_type is EntryType.DIRECTORY else stat.S_ISREG
     if not expected_type(status.st_mode) or now_identity != record.identity:
         logger.warning(
@@ -210,7 +222,7 @@ def remove_leftovers(root: Path, directory: Path) -> None:
 
 
 def _describe(error: OSError) -> str:
-    return error.strerror or str(error)
+    return describe_os_error(error)
 
 
 def _gone(decision: Decision) -> DeletionResult:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import stat
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -25,6 +26,10 @@ from ckpt_watcher.records import DELETING_PREFIX, CheckpointRecord, EntryType, F
 
 UNFINISHED_MARKER_SUFFIX = "-unfinished"
 _TEMPORARY_SUFFIXES = (".tmp", ".partial")
+
+
+class ScanStopped(Exception):  # noqa: N818  (an outcome asked for, not an error)
+    """A scan ended early because its ``stop`` event was set; what it read so far must not be planned."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,8 +134,14 @@ def scan_directory(
     options: ScanOptions = ScanOptions(),
     cache: CompletenessCache | None = None,
     problems: list[ScanProblem] | None = None,
+    *,
+    stop: threading.Event | None = None,
 ) -> list[CheckpointRecord]:
-    """One record per entry of ``directory`` other than its plain subdirectories."""
+    """One record per entry of ``directory`` other than its plain subdirectories.
+
+    With ``stop``, a huge directory is left as soon as it is set (``ScanStopped``): a daemon asked to
+    stop does not first read 60,000 checkpoints.
+    """
     now = options.now if options.now is not None else time.time()
     relative_directory = os.path.relpath(directory, root)
     prefix = "" if relative_directory == "." else relative_directory + os.sep
@@ -141,6 +152,8 @@ def scan_directory(
         names = set(os.listdir(directory))
         with os.scandir(directory) as iterator:
             for entry in iterator:
+                if stop is not None and stop.is_set():
+                    raise ScanStopped(str(directory))
                 if entry.name == LOCK_FILE_NAME or entry.name.startswith(DELETING_PREFIX):
                     continue
                 record = _record_for(prefix, directory, entry, names, naming, options, now, cache)
@@ -182,7 +195,7 @@ def _record_for(
     else:
         entry_type = EntryType.OTHER
     path = directory / entry.name
-    identity = FileIdentity(status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns)
+    identity = FileIdentity.of_stat(status)
     relative = relative_prefix + entry.name
     link_target: Path | None = None
     completeness: Completeness
