@@ -13,7 +13,8 @@ import pytest
 import structlog
 from structlog.testing import LogCapture
 
-from ckpt_watcher.daemon import ObserverLike, Watcher, WatchOptions, default_observer_factory
+from ckpt_watcher.daemon import Watcher, WatchOptions
+from ckpt_watcher.events import ObserverLike, default_observer_factory
 from ckpt_watcher.policy import load_policy
 from tests.support.daemon import wait_until
 from tests.support.factories import step_name, write_checkpoint
@@ -63,7 +64,8 @@ def test_dead_observer_is_restarted_and_pruning_goes_on(tmp_path: Path, captured
     watcher = _watcher(tmp_path)
     with RunningWatcher(watcher):
         wait_until(lambda: bool(_events(captured, "watch_started")), what="watch_started")
-        observer = watcher._observer
+        assert watcher.session is not None
+        observer = watcher.session.root.observer
         assert observer is not None
         observer.stop()  # the observer thread dies
         observer.join(timeout=5)
@@ -114,6 +116,9 @@ def test_periodic_rescan_finds_what_no_event_announced(tmp_path: Path, captured:
             self._alive = threading.Event()
 
         def schedule(self, event_handler: Any, path: str, *, recursive: bool = False) -> None:
+            return None
+
+        def unschedule(self, watch: Any) -> None:
             return None
 
         def start(self) -> None:
