@@ -25,7 +25,7 @@ from ckpt_watcher.lock import LockHeldError
 from ckpt_watcher.logs import LEVELS, configure_logging
 from ckpt_watcher.naming import CHECKPOINT_EXTENSION, Kind, Naming
 from ckpt_watcher.notify import Notifier
-from ckpt_watcher.policy import PolicyError
+from ckpt_watcher.policy import POLICY_DESCRIPTIONS, PolicyError
 from ckpt_watcher.policy_file import InvalidPolicyFilesError, load_policy_logged
 from ckpt_watcher.protection import command_line_pins
 from ckpt_watcher.reconcile import prune_once
@@ -210,8 +210,8 @@ def _add_inspect(commands: Commands) -> None:
 def _add_policy(commands: Commands) -> None:
     policy = commands.add_parser(
         "policy",
-        help="validate a policy file and print the effective policy",
-        description="Validate FILE (or the embedded default) and print every value and its origin.",
+        help="validate a policy file and print the effective policy, every key explained",
+        description="Validate FILE (or the embedded default) and print every value, its origin and meaning.",
     )
     policy.add_argument("file", type=Path, nargs="?", metavar="FILE", help="YAML policy file")
     policy.add_argument("--json", action="store_true", help="print JSON instead of commented YAML")
@@ -313,10 +313,15 @@ def run_prune(arguments: argparse.Namespace) -> int:
 
 
 def run_policy(arguments: argparse.Namespace) -> int:
-    """``policy``: validate and print the effective policy."""
+    """``policy``: validate and print the effective policy, each key with its origin and meaning."""
     loaded = load_policy_logged(arguments.file)
     if arguments.json:
-        print(render_json({**policy_document(loaded), "origins": dict(loaded.origins)}))
+        document = {
+            **policy_document(loaded),
+            "origins": dict(loaded.origins),
+            "descriptions": POLICY_DESCRIPTIONS,
+        }
+        print(render_json(document))
     else:
         print(render_policy(loaded))
     return EXIT_OK
