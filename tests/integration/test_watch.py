@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from tests.support.cli import WITHOUT_READ_OVERRIDE
 from tests.support.daemon import DaemonProcess, NotifySocket, only_child, running_daemon, wait_until
 from tests.support.factories import best_name, step_name, write_checkpoint, zip_bytes
 
 pytestmark = pytest.mark.timeout(120)
+
+DAEMON = (sys.executable, "-m", "ckpt_watcher")
 
 
 def _names(directory: Path) -> set[str]:
@@ -428,3 +433,111 @@ def test_second_signal_forces_exit_when_the_worker_hangs(tmp_path: Path) -> None
             process.kill()
             process.wait()
         log.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("moment", ["checkpoint_detected", "checkpoint_deleted"])
+def test_sigterm_during_a_large_startup_reconcile_stops_between_deletions(
+    root: Path, tmp_path: Path, moment: str
+) -> None:
+    """One directory of 20,000 checkpoints: a stop signal is honoured in the middle of its one group."""
+    count = 20_000
+    data = zip_bytes()
+    for step in range(1, count + 1):
+        (root / step_name(0, step)).write_bytes(data)
+    arguments = ["--log-level", "debug", "watch", str(root), "--settle", "0"]
+    with running_daemon(arguments, tmp_path / "log") as daemon:
+        daemon.wait_for(moment, timeout=120)
+        daemon.send(signal.SIGTERM)
+        assert daemon.process.wait(timeout=120) == 0
+        assert daemon.events("watch_stopped")
+        deleted = len(daemon.events("checkpoint_deleted"))
+    planned = count - 5
+    assert deleted < planned // 2, f"{deleted} of {planned} planned deletions were done after SIGTERM"
+    assert len(_names(root)) == count - deleted
+
+
+def _in_user_namespace_with_inotify_watches(limit: int) -> list[str]:
+    """A command prefix: a new user namespace whose own inotify watch limit is ``limit``.
+
+    ``max_inotify_watches`` is counted per user namespace, so the test exhausts its own limit and
+    never the machine's (other tests run concurrently).
+    """
+    if shutil.which("unshare") is None:
+        pytest.skip("unshare is not installed")
+    script = f'echo {limit} > /proc/sys/user/max_inotify_watches && exec "$0" "$@"'
+    probe = subprocess.run(["unshare", "-Ur", "sh", "-c", script, "true"], check=False, capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot set a user namespace's inotify limit here: {probe.stderr.decode().strip()}")
+    return ["unshare", "-Ur", "sh", "-c", script, sys.executable, "-m", "ckpt_watcher"]
+
+
+def test_new_directories_beyond_the_inotify_watch_limit_are_polled(root: Path, tmp_path: Path) -> None:
+    """Watches run out for new run directories: warned about, polled, and watched again once possible."""
+    for run in ("run-a", "run-b"):
+        (root / run).mkdir()
+    command = _in_user_namespace_with_inotify_watches(limit=5)  # the root and two runs take 3
+    arguments = ["watch", str(root), "--settle", "0", "--rescan", "300"]
+    daemon = DaemonProcess(arguments, tmp_path / "log", command=command)
+    try:
+        daemon.wait_ready()
+        late = [root / f"late-{index}" for index in range(4)]
+        for directory in late:
+            directory.mkdir()
+        warning = daemon.wait_for("inotify_unavailable", timeout=30)[0]
+        assert warning["subtree"] in {str(directory) for directory in late}
+        unwatched = Path(warning["subtree"])
+
+        _steps(unwatched, range(100, 800, 100))
+        wait_until(lambda: len(_names(unwatched)) == 5, timeout=30, what="pruning of the polled subtree")
+
+        for directory in late:
+            if directory != unwatched:
+                shutil.rmtree(directory)
+        daemon.wait_for("inotify_restored", lambda record: record["subtree"] == str(unwatched), timeout=30)
+        assert daemon.process.poll() is None
+    finally:
+        daemon.close()
+
+
+def test_an_unreadable_directory_is_reported_once_per_pass(root: Path, tmp_path: Path) -> None:
+    locked = root / "locked"
+    locked.mkdir()
+    _steps(root / "readable", range(100, 800, 100))
+    locked.chmod(0)
+    try:
+        arguments = ["watch", str(root), "--settle", "0"]
+        with running_daemon(arguments, tmp_path / "log", command=[*WITHOUT_READ_OVERRIDE, *DAEMON]) as daemon:
+            daemon.wait_ready()
+            assert [problem["path"] for problem in daemon.events("scan_problem")] == [str(locked)]
+            assert len(_names(root / "readable")) == 5
+    finally:
+        locked.chmod(0o755)
+
+
+def _logged_after(moment: datetime.datetime) -> Callable[[dict[str, Any]], bool]:
+    return lambda record: datetime.datetime.fromisoformat(record["timestamp"]) >= moment
+
+
+def test_a_last_link_being_replaced_keeps_protecting_its_target(root: Path, tmp_path: Path) -> None:
+    """Lightning replaces a ``save_last="link"`` symlink by unlink + symlink; one listing in between
+    must not take the protection of its target away. The absence is trusted only once re-checked."""
+    policy = _write_policy(tmp_path / "policy.yaml", "save_top_k_checkpoints: 1\n")
+    _steps(root, [100, 200, 300])
+    link = root / "last.ckpt"
+    os.symlink(step_name(0, 200), link)
+    arguments = ["--log-level", "debug", "watch", str(root), "--policy", str(policy), "--settle", "0"]
+    with running_daemon(arguments, tmp_path / "log") as daemon:
+        daemon.wait_ready()
+        assert _names(root) == {step_name(0, 200), step_name(0, 300), "last.ckpt"}
+
+        unlinked_at = datetime.datetime.now(datetime.UTC)
+        link.unlink()
+        daemon.wait_for(
+            "pass_completed",
+            lambda record: record["trigger"] == "event" and _logged_after(unlinked_at)(record),
+        )
+        assert (root / step_name(0, 200)).exists(), "one listing without last.ckpt dropped its target"
+
+        daemon.wait_for("checkpoint_deleted", lambda record: record["path"].endswith(step_name(0, 200)))
+        assert _names(root) == {step_name(0, 300)}
