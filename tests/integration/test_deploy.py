@@ -658,7 +658,7 @@ def test_container_args_are_accepted_by_the_cli_parser(arguments: list[str]) -> 
 def test_shared_volume_deployment_polls_one_replica_read_write_many() -> None:
     manifest = MANIFESTS[1]
     parsed = _parse_watch_command(_watcher_container(manifest)["args"])
-    assert parsed.poll is not None
+    assert parsed.poll == 15.0
     assert parsed.settle >= 30
     deployment = _of_kind(manifest, "Deployment")
     assert deployment["spec"]["replicas"] == 1
