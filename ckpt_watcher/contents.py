@@ -83,7 +83,7 @@ def _import_torch() -> Any:
     return torch
 
 
-def inspect_checkpoint(
+def inspect_checkpoint(  # long: the steps of one inspection, each guarded so a bad file never raises
     path: Path, *, unsafe: bool = False, naming: Naming = DEFAULT_NAMING
 ) -> CheckpointContents:
     """Read ``path`` (a file or a symlink to one) and describe it; never raises for a bad file."""

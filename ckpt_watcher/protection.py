@@ -98,7 +98,7 @@ def candidate_paths(value: str, config_directory: Path, working_directory: Path)
     return tuple(found)
 
 
-def read_config_protection(config: Path, label: str, working_directory: Path) -> ConfigProtection:
+def read_config_protection(config: Path, label: str, working_directory: Path) -> ConfigProtection:  # noqa: C901  (each way a config can be unusable, said in one place)
     """Read one training config; raise ProtectionError if it cannot be read as a YAML mapping."""
     try:
         text = config.read_text(encoding="utf-8")

@@ -168,7 +168,7 @@ def scan_directory(
     return records
 
 
-def _record_for(
+def _record_for(  # noqa: C901, PLR0912  (long: one branch per entry type, judged as a stat result is)
     relative_prefix: str,
     directory: Path,
     entry: os.DirEntry[str],

@@ -263,7 +263,7 @@ CASES = [
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize(("save_last", "last_on"), CASES)
-def test_daemon_prunes_beside_a_lightning_run_that_then_resumes(
+def test_daemon_prunes_beside_a_lightning_run_that_then_resumes(  # noqa: PLR0915  (one real run, checked step by step)
     tmp_path: Path, save_last: str, last_on: str
 ) -> None:
     root = tmp_path / "checkpoints"

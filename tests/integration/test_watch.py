@@ -432,6 +432,8 @@ def test_second_signal_forces_exit_when_the_worker_hangs(tmp_path: Path) -> None
         if process.poll() is None:
             process.kill()
             process.wait()
+        if process.stdout is not None:
+            process.stdout.close()
         log.close()
 
 
