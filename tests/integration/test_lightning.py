@@ -345,7 +345,7 @@ def test_daemon_prunes_beside_a_lightning_run_that_then_resumes(  # noqa: PLR091
             assert os.readlink(run_directory / "last.ckpt") == second.manifest["last_link_text"]
 
         # -- stop -------------------------------------------------------------------------------------
-        code, _ = daemon.stop(signal.SIGTERM)
+        code = daemon.stop(signal.SIGTERM)
         assert code == 0
         stopped = daemon.events("watch_stopped")
         assert len(stopped) == 1

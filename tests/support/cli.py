@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-DEFAULT_TIMEOUT = 120.0
+DEFAULT_TIMEOUT = 240.0  # a deadline for a hung command, generous for a loaded machine
 
 # Drops the capabilities that let root read any directory, so a test run as root can stage an
 # unreadable directory with chmod 000 (util-linux's setpriv).
