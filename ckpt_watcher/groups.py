@@ -13,9 +13,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ckpt_watcher.integrity import Completeness
+from ckpt_watcher.links import Link
 from ckpt_watcher.naming import Kind
 from ckpt_watcher.records import DELETING_PREFIX, FileIdentity
 from ckpt_watcher.scan import NamingLookup, ScanProblem, walk_directories
+
+# A last.ckpt symlink missing from one listing is trusted gone only when a listing this much later
+# still misses it (Lightning replaces the link by unlink + symlink).
+LINK_RECHECK_SECONDS = 1.0
 
 
 @dataclass
@@ -140,6 +145,29 @@ class GroupIndex:
             self._linked.add(directory)
         else:
             self._linked.discard(directory)
+
+    def last_link_pins(self, group: Path, links: Iterable[Link], now: float) -> dict[Path, str]:
+        """Remember ``group``'s ``last`` links as listed at ``now``; return pins for the targets of those
+        missing from this listing. A link missing from one listing keeps its target pinned until a
+        listing LINK_RECHECK_SECONDS later still misses it (a re-check is scheduled for then), so
+        one listing between Lightning's unlink and symlink never takes that protection away."""
+        state = self.state(group)
+        current = {link.name: link.target for link in links if link.is_last}
+        remembered: dict[str, LastLink] = {}
+        pins: dict[Path, str] = {}
+        for name, link in state.last_links.items():
+            if name in current:
+                continue
+            missing_since = link.missing_since if link.missing_since is not None else now
+            if now - missing_since < LINK_RECHECK_SECONDS:
+                relative = os.path.relpath(group / name, self.root)
+                pins[link.target] = f"target of {relative} (missing from this listing; re-checked)"
+                remembered[name] = LastLink(link.target, missing_since)
+                self.recheck(group, missing_since + LINK_RECHECK_SECONDS)
+        for name, target in current.items():
+            remembered[name] = LastLink(target)
+        state.last_links = remembered
+        return pins
 
     def link_targets_outside(self, groups: set[Path]) -> dict[Path, str]:
         """Link targets remembered for the groups that are not in ``groups`` (not scanned this pass)."""

@@ -26,22 +26,19 @@ from pathlib import Path
 
 import structlog
 
-from ckpt_watcher.delete import ApplyResult, Outcome, apply_plan, remove_leftovers
-from ckpt_watcher.groups import GroupIndex, GroupState, LastLink
+from ckpt_watcher.delete import ApplyResult, Outcome, apply_group, remove_leftovers
+from ckpt_watcher.groups import GroupIndex, GroupState
+from ckpt_watcher.links import LinkPins, link_reasons, list_links
 from ckpt_watcher.naming import Kind
 from ckpt_watcher.overrides import OVERRIDE_FILE_NAME, EffectivePolicy, PolicyTree
-from ckpt_watcher.plan import Plan, Summary, plan, symlink_targets
+from ckpt_watcher.plan import GroupPlan, Plan, Summary, plan
 from ckpt_watcher.policy import LoadedPolicy, PolicyError
 from ckpt_watcher.policy_file import InvalidPolicyFilesError
 from ckpt_watcher.protection import ProtectionError, ProtectionRegistry
-from ckpt_watcher.records import CheckpointRecord, EntryType, display_name
+from ckpt_watcher.records import CheckpointRecord, display_name
 from ckpt_watcher.scan import ScanOptions, ScanProblem, ScanStopped, scan_directory, walk_directories
 
 logger = structlog.get_logger("ckpt_watcher.reconcile")
-
-# A last.ckpt symlink missing from one listing is trusted gone only when a listing this much later
-# still misses it (Lightning replaces the link by unlink + symlink).
-LINK_RECHECK_SECONDS = 1.0
 
 
 class Trigger(enum.StrEnum):
@@ -60,39 +57,50 @@ class Trigger(enum.StrEnum):
         return self is not Trigger.EVENT
 
 
-@dataclass(frozen=True)
+@dataclass
 class PassResult:
-    """What one pass planned, applied and found; ``applied`` is None for a dry run."""
+    """What one pass planned, applied and found, filled group by group by the core, then read.
+
+    The counts are always there. Every decision (``the_plan``) and every outcome (``applied``) are kept
+    only when the pass was asked to (``prune``'s table and JSON): a daemon's pass over 100,000
+    checkpoints holds one group at a time. ``applied`` is None for a dry run.
+    """
 
     trigger: Trigger
-    the_plan: Plan
-    applied: ApplyResult | None
-    sources: Mapping[Path, tuple[str, ...]] = field(default_factory=dict)
+    summary: Summary = field(default_factory=Summary)
+    deleted: int = 0
+    failed: int = 0
+    bytes_freed: int = 0
     scanned_groups: int = 0
-    blocked: tuple[Path, ...] = ()
     detected: int = 0
+    blocked: list[Path] = field(default_factory=list)
+    sources: dict[Path, tuple[str, ...]] = field(default_factory=dict)
+    group_plans: list[GroupPlan] | None = None
+    applied: ApplyResult | None = None
     interrupted: bool = False
     seconds: float = 0.0
 
     @property
-    def summary(self) -> Summary:
-        """What the plan decided: kept, to delete, skipped."""
-        return self.the_plan.summary
+    def the_plan(self) -> Plan:
+        """Every group's decisions, when they were kept (else no group)."""
+        return Plan(tuple(self.group_plans or ()))
 
-    @property
-    def deleted(self) -> int:
-        """Checkpoints actually removed."""
-        return len(self.applied.deleted) if self.applied is not None else 0
-
-    @property
-    def failed(self) -> int:
-        """Deletions the system refused (retried by the next pass)."""
-        return len(self.applied.failed) if self.applied is not None else 0
-
-    @property
-    def bytes_freed(self) -> int:
-        """Bytes of the checkpoints removed."""
-        return self.applied.bytes_freed if self.applied is not None else 0
+    def add_group(self, group_plan: GroupPlan | None, applied: ApplyResult | None) -> None:
+        """Count one group's plan and what applying it did (keep them too, if asked to)."""
+        self.scanned_groups += 1
+        if group_plan is None:
+            return
+        self.summary = self.summary + group_plan.summary
+        if self.group_plans is not None:
+            self.group_plans.append(group_plan)
+        if applied is None:
+            return
+        self.deleted += len(applied.deleted)
+        self.failed += len(applied.failed)
+        self.bytes_freed += applied.bytes_freed
+        self.interrupted = self.interrupted or applied.interrupted
+        if self.applied is not None:
+            self.applied.results.extend(applied.results)
 
 
 def prune_once(
@@ -113,7 +121,7 @@ def prune_once(
         settle_seconds=settle_seconds,
         one_shot=True,
     )
-    return reconciler.run(Trigger.PRUNE, dry_run=dry_run)
+    return reconciler.run(Trigger.PRUNE, dry_run=dry_run, keep_plan=True)
 
 
 class Reconciler:
@@ -156,35 +164,33 @@ class Reconciler:
         *,
         closed: Collection[Path] = (),
         dry_run: bool = False,
+        keep_plan: bool = False,
     ) -> PassResult:
-        """One pass: every group for a full trigger, else ``groups``; ``closed`` files count at once."""
+        """One pass: every group for a full trigger, else ``groups``; ``closed`` files count at once.
+
+        ``keep_plan`` keeps every decision and outcome in the result (else only the counts).
+        """
         started = time.monotonic()
+        result = PassResult(trigger)
+        if keep_plan:
+            result.group_plans = []
+            result.applied = None if dry_run else ApplyResult()
         self._problems = {}
         try:
             selected = self._all_groups(dry_run) if trigger.covers_everything else set(groups)
-            effective, blocked = self._policies(selected)
+            effective, result.blocked = self._policies(selected)
             if self._refresh_protection(trigger) and not trigger.covers_everything:
-                more, more_blocked = self._policies(set(self.index) - set(effective) - set(blocked))
+                more, more_blocked = self._policies(set(self.index) - set(effective) - set(result.blocked))
                 effective.update(more)  # a new resume source may sit in any group
-                blocked += more_blocked
-            records, pins, detected = self._scan(effective, closed)
+                result.blocked += more_blocked
+            result.sources = {group: value.sources for group, value in effective.items()}
+            self._plan_groups(effective, self._link_pins(effective), closed, dry_run, result)
         except ScanStopped:
-            return PassResult(trigger, Plan(()), None, interrupted=True, seconds=time.monotonic() - started)
+            result.interrupted = True
         finally:
             self._log_problems()
-        the_plan = plan(records, self.tree.base.policy, pins, {g: e.policy for g, e in effective.items()})
-        applied = None if dry_run else self._apply(the_plan)
-        return PassResult(
-            trigger=trigger,
-            the_plan=the_plan,
-            applied=applied,
-            sources={group: value.sources for group, value in effective.items()},
-            scanned_groups=len(effective),
-            blocked=tuple(blocked),
-            detected=detected,
-            interrupted=applied is not None and applied.interrupted,
-            seconds=time.monotonic() - started,
-        )
+        result.seconds = time.monotonic() - started
+        return result
 
     def _all_groups(self, dry_run: bool) -> set[Path]:
         """Every directory below the root; forget the ones that are gone, finish interrupted removals."""
@@ -238,81 +244,75 @@ class Reconciler:
             changed = self.registry.retain(configs) or changed
         return changed
 
-    # -- scanning ---------------------------------------------------------------------------------
+    # -- one group at a time ----------------------------------------------------------------------
 
-    def _scan(
-        self, effective: Mapping[Path, EffectivePolicy], closed: Collection[Path]
-    ) -> tuple[list[CheckpointRecord], dict[Path, str], int]:
-        """Scan each group: its records, the pins for the plan, and how many checkpoints are news."""
-        wall_now = time.time()
+    def _link_pins(self, effective: Mapping[Path, EffectivePolicy]) -> LinkPins:
+        """List the symlinks of every group in the pass before planning any: the targets links point
+        into each group, from this listing or remembered for the groups outside the pass."""
+        pins = LinkPins()
+        now = time.monotonic()
+        for group, value in effective.items():
+            links = list_links(group, self.root, value.policy.compiled_naming)
+            targets = link_reasons(links)
+            self.index.set_link_targets(group, targets)
+            pins.add(targets, owner=group)
+            pins.add(self.index.last_link_pins(group, links, now))
+        pins.add(self.index.link_targets_outside(set(effective)))
+        return pins
+
+    def _plan_groups(
+        self,
+        effective: Mapping[Path, EffectivePolicy],
+        links: LinkPins,
+        closed: Collection[Path],
+        dry_run: bool,
+        result: PassResult,
+    ) -> None:
+        """Scan, plan and apply each group in turn, so a pass holds one group's records at a time."""
+        pins = {**self._command_line_pins, **self.registry.pins()}
         closed_in: dict[Path, set[Path]] = defaultdict(set)
         for path in closed:
             closed_in[path.parent].add(path)
-        records: list[CheckpointRecord] = []
-        pins = {**self._command_line_pins, **self.registry.pins()}
-        pins.update(self.index.link_targets_outside(set(effective)))
-        detected = 0
+        wall_now = time.time()
         for group, value in sorted(effective.items()):
-            state = self.index.state(group)
-            problems: list[ScanProblem] = []
-            options = ScanOptions(
-                settle_seconds=self._settle_seconds,
-                now=wall_now,
-                closed_paths=frozenset(closed_in.get(group, ())),
-                verify=value.policy.verify,
-            )
-            cache = None if self._one_shot else state.cache
-            found = scan_directory(
-                self.root, group, value.policy.compiled_naming, options, cache, problems, stop=self._stop
-            )
-            self._note_problems(problems)
-            pins.update(self._remember(group, state, found, wall_now))
-            detected += _log_news(state, found, detections=not self._one_shot)
-            records.extend(found)
+            if self._stop is not None and self._stop.is_set():
+                result.interrupted = True
+                return
+            records = self._scan_group(group, value, frozenset(closed_in.get(group, ())), wall_now, result)
+            group_plans = plan(records, value.policy, {**pins, **links.for_group(group)}).groups
+            group_plan = group_plans[0] if group_plans else None
+            applied = None if dry_run or group_plan is None else self._apply(group_plan)
+            result.add_group(group_plan, applied)
             if self._progress is not None:
                 self._progress()
-        return records, pins, detected
 
-    def _remember(
-        self, group: Path, state: GroupState, records: list[CheckpointRecord], wall_now: float
-    ) -> dict[Path, str]:
-        """Keep what the next pass needs; return the pins of last links this listing missed."""
+    def _scan_group(
+        self,
+        group: Path,
+        value: EffectivePolicy,
+        closed: frozenset[Path],
+        wall_now: float,
+        result: PassResult,
+    ) -> list[CheckpointRecord]:
+        """One group's records; what the next pass needs is remembered, news logged."""
+        state = self.index.state(group)
+        problems: list[ScanProblem] = []
+        options = ScanOptions(
+            settle_seconds=self._settle_seconds, now=wall_now, closed_paths=closed, verify=value.policy.verify
+        )
+        cache = None if self._one_shot else state.cache
+        records = scan_directory(
+            self.root, group, value.policy.compiled_naming, options, cache, problems, stop=self._stop
+        )
+        self._note_problems(problems)
         if not self._one_shot:
             present = {record.identity for record in records}
             state.cache = {identity: value for identity, value in state.cache.items() if identity in present}
-        self.index.set_link_targets(group, symlink_targets(records))
         waits = [record.settles_at - wall_now for record in records if record.settles_at is not None]
         if waits:  # a file only waiting to settle is looked at again the moment it has
             self.index.recheck(group, time.monotonic() + max(0.05, min(waits) + 0.05))
-        return self._last_link_pins(group, state, records)
-
-    def _last_link_pins(
-        self, group: Path, state: GroupState, records: list[CheckpointRecord]
-    ) -> dict[Path, str]:
-        """A ``last`` link seen before but missing now keeps its target pinned until a listing at least
-        LINK_RECHECK_SECONDS later still misses it: one listing between Lightning's unlink and
-        symlink never takes that protection away."""
-        now = time.monotonic()
-        remembered: dict[str, LastLink] = {}
-        pins: dict[Path, str] = {}
-        current = {
-            record.name: record.link_target
-            for record in records
-            if record.kind is Kind.LAST and record.entry_type is EntryType.SYMLINK and record.link_target
-        }
-        for name, link in state.last_links.items():
-            if name in current:
-                continue
-            missing_since = link.missing_since if link.missing_since is not None else now
-            if now - missing_since < LINK_RECHECK_SECONDS:
-                relative = os.path.relpath(group / name, self.root)
-                pins[link.target] = f"target of {relative} (missing from this listing; re-checked)"
-                remembered[name] = LastLink(link.target, missing_since)
-                self.index.recheck(group, missing_since + LINK_RECHECK_SECONDS)
-        for name, target in current.items():
-            remembered[name] = LastLink(target)
-        state.last_links = remembered
-        return pins
+        result.detected += _log_news(state, records, detections=not self._one_shot)
+        return records
 
     def _note_problems(self, problems: Iterable[ScanProblem]) -> None:
         for problem in problems:
@@ -326,12 +326,12 @@ class Reconciler:
 
     # -- applying ---------------------------------------------------------------------------------
 
-    def _apply(self, the_plan: Plan) -> ApplyResult:
-        applied = apply_plan(the_plan, self.root, self._stop)
+    def _apply(self, group_plan: GroupPlan) -> ApplyResult:
+        applied = ApplyResult(apply_group(group_plan, self.root, stop=self._stop))
+        applied.interrupted = len(applied.results) < len(group_plan.deletions)
         for result in applied.results:
             if result.outcome is Outcome.CHANGED:  # changed since it was planned: plan it again soon
-                directory = result.decision.record.directory
-                self.index.recheck(directory, time.monotonic() + max(self._settle_seconds, 1.0))
+                self.index.recheck(group_plan.directory, time.monotonic() + max(self._settle_seconds, 1.0))
         return applied
 
     # -- what events mean -------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import pytest
 import structlog
 from structlog.testing import LogCapture
 
-from ckpt_watcher import delete, reconcile
+from ckpt_watcher import delete, groups
 from ckpt_watcher.overrides import PolicyTree
 from ckpt_watcher.policy import load_policy
 from ckpt_watcher.policy_file import InvalidPolicyFilesError
@@ -76,8 +76,8 @@ def test_a_link_in_one_group_protects_its_target_in_another_in_every_pass(tmp_pa
     os.symlink(Path("..") / "b" / target.name, tmp_path / "a" / "last.ckpt")
     core = _daemon_core(tmp_path)
 
-    startup = core.run(Trigger.STARTUP)
-    event = core.run(Trigger.EVENT, {tmp_path / "b"})  # only b: a's link is remembered
+    startup = core.run(Trigger.STARTUP, keep_plan=True)
+    event = core.run(Trigger.EVENT, {tmp_path / "b"}, keep_plan=True)  # only b: a's link is remembered
 
     for result in (startup, event):
         decision = next(decision for decision in result.the_plan.decisions if decision.record.path == target)
@@ -124,7 +124,7 @@ def test_a_stop_is_honoured_between_two_deletions_of_one_group(
 def test_a_last_link_missing_from_one_listing_keeps_its_target_until_rechecked(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(reconcile, "LINK_RECHECK_SECONDS", 0.2)
+    monkeypatch.setattr(groups, "LINK_RECHECK_SECONDS", 0.2)
     policy = tmp_path / "policy.yaml"
     policy.write_text("save_top_k_checkpoints: 1\n")
     root = tmp_path / "root"
@@ -136,14 +136,14 @@ def test_a_last_link_missing_from_one_listing_keeps_its_target_until_rechecked(
     assert target.exists()
 
     link.unlink()  # Lightning's unlink + symlink, listed in between
-    first = core.run(Trigger.EVENT, {root})
+    first = core.run(Trigger.EVENT, {root}, keep_plan=True)
     kept = next(decision for decision in first.the_plan.decisions if decision.record.path == target)
     assert kept.action == "keep"
     assert kept.reasons == ("target of last.ckpt (missing from this listing; re-checked)",)
     assert core.index.next_recheck() is not None
 
     time.sleep(0.3)  # the link stays gone past the re-check: its absence is trusted
-    second = core.run(Trigger.EVENT, core.index.take_due_rechecks(time.monotonic()))
+    second = core.run(Trigger.EVENT, core.index.take_due_rechecks(time.monotonic()), keep_plan=True)
     assert [decision.record.path for decision in second.the_plan.deletions] == [target]
     assert not target.exists()
 
@@ -159,7 +159,7 @@ def test_an_invalid_per_run_policy_blocks_its_group_and_no_other(
     first = core.run(Trigger.STARTUP)
     core.run(Trigger.RESCAN)
 
-    assert first.blocked == (tmp_path / "bad",)
+    assert first.blocked == [tmp_path / "bad"]
     assert len(_events(captured, "group_blocked")) == 1  # logged once while it stays blocked
     assert len(_names(tmp_path / "bad")) == 8
     assert len(_names(tmp_path / "good")) == 5
