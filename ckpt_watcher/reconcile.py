@@ -5,12 +5,14 @@ the ones events named otherwise. It
 
 1. finds the policy in force in each (``PolicyTree``: the root policy and per-run overrides),
 2. brings the ``protect_from`` configs up to date (``ProtectionRegistry``) and gathers the pins,
-3. scans each group (``scan``), remembering what it learned for the next pass (``GroupIndex``),
-4. plans them all at once (``plan``, a pure function), so a symlink in one group protects its
-   target in another, whichever command runs,
-5. applies the plan (``delete``), stopping between two deletions when asked to,
+3. lists the symlinks of every group in the pass (``links``), so a link in one group protects its
+   target in another, whichever group is planned first and whichever command runs,
+4. then, one group at a time (a pass never holds the whole tree), scans it (``scan``), remembering
+   what it learned for the next pass (``GroupIndex``), plans it (``plan``, a pure function) and
+   applies the plan (``delete``), stopping between two deletions when asked to,
 
 and returns a ``PassResult``: what the logs, the command's table or JSON and ``STATUS=`` read.
+Each path it could not read is logged once per pass (``scan_problem``).
 """
 
 from __future__ import annotations
@@ -175,7 +177,6 @@ class Reconciler:
         if keep_plan:
             result.group_plans = []
             result.applied = None if dry_run else ApplyResult()
-        self._problems = {}
         try:
             selected = self._all_groups(dry_run) if trigger.covers_everything else set(groups)
             effective, result.blocked = self._policies(selected)
@@ -337,11 +338,11 @@ class Reconciler:
     # -- what events mean -------------------------------------------------------------------------
 
     def groups_touched(self, files: Iterable[str], trees: Iterable[str]) -> set[Path]:
-        """The groups to plan again for these changed files and directories (``GroupIndex.touched``)."""
+        """The groups to plan again for these changed files and directories (``GroupIndex.touched``);
+        what could not be read is logged with the next pass."""
         problems: list[ScanProblem] = []
         groups = self.index.touched(files, trees, problems)
         self._note_problems(problems)
-        self._log_problems()
         return groups
 
 
