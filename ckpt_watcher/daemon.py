@@ -151,8 +151,8 @@ class Watcher:
         batch = self.inbox.take(self._wait_time(session))
         if self.stop.is_set():
             return
-        work = self._work_for(session, batch)
-        if work is not None and self.session is not None:
+        work = self._work_for(session, batch)  # None also when the root was lost
+        if work is not None:
             self._report(session.reconciler.run(work.trigger, work.groups, closed=work.closed))
         self.liveness.tick()
 
