@@ -1,6 +1,7 @@
 """What every benchmark shares: configuration, generated run directories, measured child processes,
 a ``ckpt-watcher watch`` daemon with a NOTIFY_SOCKET of our own, ``/proc`` readers, statistics and
-markdown tables. Standard library only, so the scripts run from a fresh clone with ``.[test]`` installed.
+markdown tables. Standard library only (with the tests' own NotifySocket, which is too), so the scripts run
+from a fresh clone with ``.[test]`` installed.
 """
 
 from __future__ import annotations
@@ -14,11 +15,9 @@ import platform
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import zipfile
 from collections.abc import Iterator, Sequence
@@ -29,6 +28,11 @@ from typing import Any
 
 PYTHON = sys.executable
 REPOSITORY = Path(__file__).resolve().parent.parent
+if str(REPOSITORY) not in sys.path:  # run as `python bench/run.py`: the tests' helpers are importable
+    sys.path.append(str(REPOSITORY))
+
+from tests.support.notify_socket import NotifySocket  # noqa: E402  (needs the path above)
+
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 DAEMON = (PYTHON, "-m", "ckpt_watcher")
 
@@ -391,46 +395,6 @@ def status_value(pid: int, key: str) -> int:
 # -- the daemon ------------------------------------------------------------------------------------
 
 
-class NotifyReceiver:
-    """A datagram socket standing in for systemd's NOTIFY_SOCKET; notes when READY=1 arrives."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.ready_at: float | None = None
-        self.messages: list[str] = []
-        self._ready = threading.Event()
-        self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self._socket.bind(str(path))
-        self._socket.settimeout(0.05)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._receive, name="notify-receiver", daemon=True)
-        self._thread.start()
-
-    def _receive(self) -> None:
-        while not self._stop.is_set():
-            try:
-                data = self._socket.recv(65536)
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            arrived = time.perf_counter()
-            message = data.decode("utf-8", "replace")
-            self.messages.append(message)
-            if "READY=1" in message.splitlines() and self.ready_at is None:
-                self.ready_at = arrived
-                self._ready.set()
-
-    def wait_ready(self, timeout: float) -> bool:
-        return self._ready.wait(timeout)
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-        self._socket.close()
-        self.path.unlink(missing_ok=True)
-
-
 class Daemon:
     """``python -m ckpt_watcher watch ROOT ...`` as a real child process, JSON logs on stderr to a file."""
 
@@ -445,7 +409,7 @@ class Daemon:
         self.log_path = log_path
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self._socket_directory = Path(tempfile.mkdtemp(prefix="ckw-notify-"))
-        self.notify = NotifyReceiver(self._socket_directory / "notify.sock")
+        self.notify = NotifySocket(self._socket_directory / "notify.sock")
         env = {
             key: value for key, value in os.environ.items() if key not in {"WATCHDOG_USEC", "WATCHDOG_PID"}
         }

@@ -1,8 +1,9 @@
 """Command line: ``watch`` (the daemon), ``prune`` (one-shot; ``--dry-run`` is the audit), ``inspect``,
-``policy``.
+``policy``. The parser, ``main``, and one short handler per command.
 
-Exit codes: 0 success, 1 some deletion failed, 2 usage or policy error. Stdout carries only the
-command's output (table or JSON); everything else is a structured log record on stderr.
+Exit codes: 0 success, 1 something failed (a deletion; for ``inspect``, a checkpoint it could not
+read), 2 usage or policy error. Stdout carries only the command's output (table or JSON); everything
+else is a structured log record on stderr.
 """
 
 from __future__ import annotations
@@ -10,24 +11,23 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import signal
+import re
 import sys
-import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, TypeAlias
 
 import structlog
 
 from ckpt_watcher import __version__
-from ckpt_watcher.delete import apply_plan, finish_leftovers
 from ckpt_watcher.lock import LockHeldError
 from ckpt_watcher.logs import LEVELS, configure_logging
 from ckpt_watcher.notify import Notifier
-from ckpt_watcher.overrides import PolicyTree
-from ckpt_watcher.plan import plan
-from ckpt_watcher.policy import LoadedPolicy, PolicyError, load_policy
-from ckpt_watcher.protection import ProtectionError, ProtectionRegistry, command_line_pins, identities_of
+from ckpt_watcher.policy import POLICY_DESCRIPTIONS, PolicyError
+from ckpt_watcher.policy_file import InvalidPolicyFilesError, load_policy_logged
+from ckpt_watcher.protection import command_line_pins
+from ckpt_watcher.reconcile import prune_once
 from ckpt_watcher.report import (
     contents_document,
     plan_document,
@@ -37,17 +37,12 @@ from ckpt_watcher.report import (
     render_policy,
     render_table,
 )
-from ckpt_watcher.scan import ScanOptions, ScanResult, scan_tree
-
-if TYPE_CHECKING:
-    from ckpt_watcher.daemon import Watcher
 
 EXIT_OK = 0
 EXIT_DELETE_FAILED = 1
+EXIT_UNREADABLE = 1  # inspect: a checkpoint could not be read
 EXIT_USAGE = 2
 DEFAULT_POLL_SECONDS = 5.0
-_STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
-_HANDLED_SIGNALS = _STOP_SIGNALS | {signal.SIGHUP}
 
 logger = structlog.get_logger("ckpt_watcher.cli")
 
@@ -56,17 +51,46 @@ class UsageError(Exception):
     """A command line that cannot run; printed as one line, exit code 2."""
 
 
-class ManyPolicyErrors(Exception):  # noqa: N818  (a group of PolicyError)
-    """Several policy files (root and per-run overrides) with problems; all are shown, exit code 2."""
+class CommandLineParser(argparse.ArgumentParser):
+    """argparse, with a hook that rewrites a command's arguments before parsing (old spellings)."""
 
-    def __init__(self, errors: list[PolicyError]) -> None:
-        self.errors = errors
-        super().__init__("; ".join(str(error) for error in errors))
+    def __init__(self, *arguments: Any, rewrite: Any = None, **options: Any) -> None:
+        super().__init__(*arguments, **options)
+        self.rewrite = rewrite
+
+    def parse_known_args(  # type: ignore[override]  # argparse's stub is overloaded
+        self, args: Sequence[str] | None = None, namespace: Any = None
+    ) -> tuple[Any, list[str]]:
+        if self.rewrite is not None and args is not None:
+            args = self.rewrite(list(args))
+        return super().parse_known_args(args, namespace)
+
+
+_NUMBER = re.compile(r"[0-9]+(\.[0-9]*)?|\.[0-9]+")
+
+
+def _poll_spellings(arguments: list[str]) -> list[str]:
+    """``--poll SECONDS`` and ``--poll=SECONDS`` (the old spellings) mean ``--poll-interval SECONDS``.
+
+    A number right after ``--poll`` is taken as its interval, as it always was; anything else after
+    it is the next argument (``watch --poll PATH``), since ``--poll`` itself takes no value.
+    """
+    rewritten: list[str] = []
+    for index, argument in enumerate(arguments):
+        if argument == "--":
+            return rewritten + arguments[index:]
+        if argument.startswith("--poll="):
+            rewritten.append("--poll-interval=" + argument.removeprefix("--poll="))
+        elif argument == "--poll" and index + 1 < len(arguments) and _NUMBER.fullmatch(arguments[index + 1]):
+            rewritten.append("--poll-interval")
+        else:
+            rewritten.append(argument)
+    return rewritten
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser; also used by tests to check deployment command lines."""
-    parser = argparse.ArgumentParser(
+    parser = CommandLineParser(
         prog="ckpt-watcher",
         description="Keep a training run's checkpoint directory within a retention policy.",
     )
@@ -75,7 +99,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-level", choices=LEVELS, default="info", help="least severe log records shown (default: info)"
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_prune(commands)
+    _add_watch(commands)
+    _add_inspect(commands)
+    _add_policy(commands)
+    return parser
 
+
+Commands: TypeAlias = "argparse._SubParsersAction[CommandLineParser]"
+
+
+def _add_prune(commands: Commands) -> None:
     prune = commands.add_parser(
         "prune",
         help="apply the policy once (with --dry-run: show what would go, and why)",
@@ -93,14 +127,18 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="treat files modified less than SECONDS ago as still being written (default: 0)",
     )
+    prune.set_defaults(handler=run_prune)
 
+
+def _add_watch(commands: Commands) -> None:
     watch = commands.add_parser(
         "watch",
+        rewrite=_poll_spellings,
         help="run the retention daemon on PATH until SIGTERM/SIGINT (SIGHUP reloads the policy)",
         description=(
             "Keep PATH within the policy while a trainer writes into it: reconcile at start-up, then "
             "re-plan each directory as checkpoints are closed or moved into place, with a full rescan "
-            "every --rescan seconds. Write the options after PATH when --poll takes no value."
+            "every --rescan seconds."
         ),
     )
     watch.add_argument(
@@ -108,15 +146,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     watch.add_argument("--policy", type=Path, metavar="FILE", help="YAML policy, hot-reloaded on change")
     _add_protect_option(watch)
-    watch.add_argument(
+    polling = watch.add_mutually_exclusive_group()
+    polling.add_argument(
         "--poll",
-        nargs="?",
+        action="store_const",
         const=DEFAULT_POLL_SECONDS,
+        dest="poll",
+        help=f"poll instead of inotify, for NFS/CIFS/Lustre/FUSE mounts (every {DEFAULT_POLL_SECONDS:g} s)",
+    )
+    polling.add_argument(
+        "--poll-interval",
         type=_positive_float,
-        default=None,
+        dest="poll",
         metavar="SECONDS",
-        help="poll instead of inotify, for NFS/CIFS/Lustre/FUSE mounts "
-        f"(default interval {DEFAULT_POLL_SECONDS:g} s)",
+        help="poll every SECONDS (implies --poll; the old spelling --poll SECONDS still works)",
     )
     watch.add_argument(
         "--settle",
@@ -138,7 +181,10 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="touch FILE every few seconds from the worker loop (for a liveness probe)",
     )
+    watch.set_defaults(handler=run_watch)
 
+
+def _add_inspect(commands: Commands) -> None:
     inspect = commands.add_parser(
         "inspect",
         help="show what is inside checkpoints (epoch, step, resumability, callbacks, tensors)",
@@ -157,15 +203,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="load objects the safe loader refuses (runs the checkpoint's pickle code: trusted files only)",
     )
     inspect.add_argument("--policy", type=Path, metavar="FILE", help="policy whose naming templates apply")
+    inspect.set_defaults(handler=run_inspect)
 
+
+def _add_policy(commands: Commands) -> None:
     policy = commands.add_parser(
         "policy",
-        help="validate a policy file and print the effective policy",
-        description="Validate FILE (or the embedded default) and print every value and its origin.",
+        help="validate a policy file and print the effective policy, every key explained",
+        description="Validate FILE (or the embedded default) and print every value, its origin and meaning.",
     )
     policy.add_argument("file", type=Path, nargs="?", metavar="FILE", help="YAML policy file")
     policy.add_argument("--json", action="store_true", help="print JSON instead of commented YAML")
-    return parser
+    policy.set_defaults(handler=run_policy)
 
 
 def _add_protect_option(parser: argparse.ArgumentParser) -> None:
@@ -198,21 +247,15 @@ def _non_negative_float(text: str) -> float:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script; returns the exit code."""
-    arguments = build_parser().parse_args(argv)
+    arguments = build_parser().parse_args(sys.argv[1:] if argv is None else list(argv))
     configure_logging(arguments.log_level)
     try:
-        if arguments.command == "prune":
-            return run_prune(arguments)
-        if arguments.command == "policy":
-            return run_policy(arguments)
-        if arguments.command == "watch":
-            return run_watch(arguments)
-        if arguments.command == "inspect":
-            return run_inspect(arguments)
+        handler = arguments.handler
+        exit_code: int = handler(arguments)
     except PolicyError as error:
         print(f"ckpt-watcher: {error.render()}", file=sys.stderr)
         return EXIT_USAGE
-    except ManyPolicyErrors as many:
+    except InvalidPolicyFilesError as many:
         for one in many.errors:
             print(f"ckpt-watcher: {one.render()}", file=sys.stderr)
         print("ckpt-watcher: nothing was deleted", file=sys.stderr)
@@ -220,15 +263,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as error:
         print(f"ckpt-watcher: {error}", file=sys.stderr)
         return EXIT_USAGE
-    raise AssertionError(f"unhandled command {arguments.command}")
-
-
-def load_policy_logged(path: Path | None) -> LoadedPolicy:
-    """Load the policy and log its warnings (such as a misspelt key)."""
-    loaded = load_policy(path)
-    for warning in loaded.warnings:
-        logger.warning("policy_warning", source=loaded.source_label, message=warning)
-    return loaded
+    return exit_code
 
 
 def resolve_root(path: Path) -> Path:
@@ -240,80 +275,52 @@ def resolve_root(path: Path) -> Path:
     return Path(os.path.realpath(path))
 
 
-def log_scan_warnings(scan: ScanResult) -> None:
-    """Warn about what the scan could not read and about names that look wrong."""
-    for problem in scan.problems:
-        logger.warning("scan_problem", path=str(problem.path), error=problem.message)
-    for record in scan.records:
-        if record.note:
-            logger.warning(
-                "checkpoint_suspicious",
-                path=str(record.path),
-                detail=f"{record.note}; kept",
-            )
-
-
-def run_prune(arguments: argparse.Namespace) -> int:
-    """``prune``: scan, plan, and delete (or, with --dry-run, only show)."""
-    # A one-shot run builds a few objects per checkpoint, none of them cyclic garbage; the cyclic
-    # collector would only traverse them again and again (a quarter of the time at 100k checkpoints).
-    collector_was_enabled = gc.isenabled()
+@contextmanager
+def _no_cyclic_collection() -> Iterator[None]:
+    """A one-shot run builds a few objects per checkpoint, none of them cyclic garbage; the cyclic
+    collector would only traverse them again and again (a quarter of the time at 100k checkpoints)."""
+    was_enabled = gc.isenabled()
     gc.disable()
     try:
-        return _prune(arguments)
+        yield
     finally:
-        if collector_was_enabled:
+        if was_enabled:
             gc.enable()
 
 
-def _prune(arguments: argparse.Namespace) -> int:
+def run_prune(arguments: argparse.Namespace) -> int:
+    """``prune``: one strict reconcile pass (with --dry-run: nothing applied), as a table or JSON."""
     loaded = load_policy_logged(arguments.policy)
     root = resolve_root(arguments.path)
-    tree = PolicyTree(root, loaded, strict=True)
-
-    def options_for(directory: Path) -> ScanOptions:
-        effective = tree.for_directory(directory)
-        verify = (effective.policy if effective is not None else loaded.policy).verify
-        return ScanOptions(settle_seconds=arguments.settle, verify=verify)
-
-    scan = scan_tree(root, tree.naming_for, options_for=options_for)
-    log_scan_warnings(scan)
-    effective = {directory: tree.for_directory(directory) for directory in scan.directories}
-    if tree.errors:
-        raise ManyPolicyErrors(tree.errors)
-    group_policies = {directory: value.policy for directory, value in effective.items() if value is not None}
-    configs: dict[Path, str] = {}
-    for value in effective.values():
-        if value is not None:
-            configs.update(value.protect_from)
-    registry = ProtectionRegistry(Path.cwd())
-    try:
-        registry.refresh(configs, strict=True)
-    except ProtectionError as error:
-        raise ManyPolicyErrors([PolicyError("protect_from", [f"At 'protect_from': {error}"])]) from None
-    pins = {**command_line_pins(arguments.protect, Path.cwd()), **registry.pins()}
-    the_plan = plan(scan.records, loaded.policy, pins, group_policies, pinned_identities=identities_of(pins))
-    sources = {directory: value.sources for directory, value in effective.items() if value is not None}
-    leftovers = (
-        []
-        if arguments.dry_run
-        else [result for directory in scan.directories for result in finish_leftovers(root, directory)]
-    )
-    applied = None if arguments.dry_run else apply_plan(the_plan, root)
-    if arguments.json:
-        print(render_json(plan_document(the_plan, loaded, arguments.dry_run, applied, sources)))
-    else:
-        print(render_table(the_plan, arguments.dry_run, applied, sources))
-    if (applied is not None and applied.failed) or any(not result.removed for result in leftovers):
-        return EXIT_DELETE_FAILED
-    return EXIT_OK
+    with _no_cyclic_collection():
+        result = prune_once(
+            root,
+            loaded,
+            pins=command_line_pins(arguments.protect, Path.cwd()),
+            settle_seconds=arguments.settle,
+            dry_run=arguments.dry_run,
+            working_directory=Path.cwd(),
+        )
+        if arguments.json:
+            document = plan_document(
+                result.the_plan, loaded, arguments.dry_run, result.applied, result.sources
+            )
+            print(render_json(document))
+        else:
+            print(render_table(result.the_plan, arguments.dry_run, result.applied, result.sources))
+    return EXIT_DELETE_FAILED if result.failed or result.leftovers_remaining else EXIT_OK
 
 
 def run_policy(arguments: argparse.Namespace) -> int:
-    """``policy``: validate and print the effective policy."""
+    """``policy``: validate and print the effective policy, each key with its origin and meaning."""
     loaded = load_policy_logged(arguments.file)
     if arguments.json:
-        print(render_json({**policy_document(loaded), "origins": dict(loaded.origins)}))
+        document = {
+            **policy_document(loaded),
+            "origins": dict(loaded.origins),
+            "descriptions": POLICY_DESCRIPTIONS,
+        }
+        print(render_json(document))
     else:
         print(render_policy(loaded))
     return EXIT_OK
@@ -321,7 +328,7 @@ def run_policy(arguments: argparse.Namespace) -> int:
 
 def run_watch(arguments: argparse.Namespace) -> int:
     """``watch``: run the daemon until a stop signal; a bad policy at start-up is exit 2."""
-    from ckpt_watcher.daemon import Watcher, WatchOptions  # noqa: PLC0415  (prune need not load watchdog)
+    from ckpt_watcher.daemon import Watcher, WatchOptions, supervise  # noqa: PLC0415  (prune needs no watchdog)
 
     loaded = load_policy_logged(arguments.policy)
     options = WatchOptions(
@@ -341,40 +348,6 @@ def run_watch(arguments: argparse.Namespace) -> int:
     return supervise(watcher)
 
 
-def supervise(watcher: Watcher) -> int:
-    """Run the worker in its own thread; the main thread takes signals synchronously.
-
-    The handled signals are blocked in every thread and collected with ``sigtimedwait``, so no handler
-    ever runs inside a lock, and SIGTERM works the same when this process is PID 1 in a container.
-    The first SIGTERM/SIGINT stops after the group in hand; a second one exits at once.
-    """
-    previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _HANDLED_SIGNALS)
-    try:
-        worker = threading.Thread(target=watcher.run, name="ckpt-watcher-worker")
-        worker.start()
-        stopping = False
-        while worker.is_alive():
-            received = signal.sigtimedwait(_HANDLED_SIGNALS, 0.2)
-            if received is None:
-                continue
-            name = signal.Signals(received.si_signo).name
-            if received.si_signo == signal.SIGHUP:
-                logger.info("reload_requested", signal=name)
-                watcher.request_reload()
-            elif stopping:
-                logger.warning("forced_exit", signal=name, detail="second stop signal; exiting at once")
-                os._exit(128 + received.si_signo)
-            else:
-                stopping = True
-                logger.info("stop_requested", signal=name)
-                watcher.notifier.stopping()
-                watcher.request_stop()
-        worker.join()
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
-    return watcher.exit_code
-
-
 def run_inspect(arguments: argparse.Namespace) -> int:
     """``inspect``: one row (or JSON object) per checkpoint; exit 1 if any could not be read."""
     from ckpt_watcher.contents import inspect_paths  # noqa: PLC0415  (keeps torch off other commands)
@@ -390,4 +363,4 @@ def run_inspect(arguments: argparse.Namespace) -> int:
         print(render_json([contents_document(result) for result in results]))
     else:
         print(render_contents_table(results))
-    return EXIT_OK if all(result.ok for result in results) else EXIT_DELETE_FAILED
+    return EXIT_OK if all(result.ok for result in results) else EXIT_UNREADABLE

@@ -301,16 +301,18 @@ def _checked_archive(file_descriptor: int, contents: CheckpointContents) -> list
     return listing
 
 
-def verify_loadable(path: Path) -> str | None:
+def verify_loadable(path: Path, *, follow_symlinks: bool = False) -> str | None:
     """For ``verify: load``: None if the safe, mmap'd load succeeds, else why it fails.
 
     A checkpoint whose pickle parses but holds objects the safe loader refuses still counts as
     loadable: its structure is whole. Raises ContentsError only when torch is missing; any other
     surprise is a reason, never an exception (the scan that calls this must go on).
+    ``follow_symlinks`` is for a ``/proc/self/fd/N`` path: the very file the caller holds open.
     """
     torch = _import_torch()
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow_symlinks else os.O_NOFOLLOW)
     try:
-        file_descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+        file_descriptor = os.open(path, flags)
     except OSError as error:
         return f"cannot be read: {_os_error_text(error)}"
     try:

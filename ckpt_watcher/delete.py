@@ -21,7 +21,8 @@ from pathlib import Path
 
 import structlog
 
-from ckpt_watcher.filesystem import Removal, describe, remove_tree, status_at, summarize_tree
+from ckpt_watcher.filesystem import Removal, remove_tree, status_at, summarize_tree
+from ckpt_watcher.logs import describe_os_error
 from ckpt_watcher.plan import Decision, GroupPlan, Plan
 from ckpt_watcher.records import (
     DELETING_PREFIX,
@@ -78,23 +79,27 @@ class ApplyResult:
 
 
 def apply_plan(plan: Plan, root: Path, stop: threading.Event | None = None) -> ApplyResult:
-    """Delete what ``plan`` says to, group by group; ``stop`` is checked only between groups.
+    """Delete what ``plan`` says to, group by group; ``stop`` is checked between two deletions.
 
-    Never raises: every failure is a FAILED result, logged as ``checkpoint_delete_failed``.
+    A group left half pruned by a stop is fine: the next pass plans it again. Never raises: every
+    failure is a FAILED result, logged as ``checkpoint_delete_failed``.
     """
     result = ApplyResult()
     for group in plan.groups:
         if not group.deletions:
             continue
         if stop is not None and stop.is_set():
-            result.interrupted = True
             break
-        result.results.extend(apply_group(group, root))
+        result.results.extend(apply_group(group, root, stop=stop))
+    result.interrupted = len(result.results) < len(plan.deletions)
     return result
 
 
-def apply_group(group: GroupPlan, root: Path) -> list[DeletionResult]:
-    """Delete one group's planned files; never partially refuses the group for one bad file."""
+def apply_group(group: GroupPlan, root: Path, *, stop: threading.Event | None = None) -> list[DeletionResult]:
+    """Delete one group's planned files; never partially refuses the group for one bad file.
+
+    With ``stop``, the deletions end as soon as it is set: one result per deletion attempted.
+    """
     deletions = group.deletions
     if not deletions:
         return []
@@ -103,7 +108,7 @@ def apply_group(group: GroupPlan, root: Path) -> list[DeletionResult]:
     except FileNotFoundError:
         return [_gone(decision) for decision in deletions]
     except OSError as error:
-        message = describe(error)
+        message = describe_os_error(error)
         if error.errno in (errno.ELOOP, errno.ENOTDIR):
             message = "a component of the directory is now a symlink or not a directory"
         return [_failed(decision, message) for decision in deletions]
@@ -112,7 +117,12 @@ def apply_group(group: GroupPlan, root: Path) -> list[DeletionResult]:
     except Exception as error:
         return [_failed(decision, _unexpected(error)) for decision in deletions]
     try:
-        return [_delete_guarded(directory_fd, decision) for decision in deletions]
+        results: list[DeletionResult] = []
+        for decision in deletions:
+            if stop is not None and stop.is_set():
+                break
+            results.append(_delete_guarded(directory_fd, decision))
+        return results
     finally:
         os.close(directory_fd)
 
@@ -151,7 +161,7 @@ def _delete_one(directory_fd: int, decision: Decision) -> DeletionResult:
     except FileNotFoundError:
         return _gone(decision)
     except OSError as error:
-        return _failed(decision, describe(error))
+        return _failed(decision, describe_os_error(error))
     now_identity = FileIdentity(status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns)
     expected_type = stat.S_ISDIR if record.entry_type is EntryType.DIRECTORY else stat.S_ISREG
     if not expected_type(status.st_mode) or now_identity != record.identity:
@@ -163,7 +173,7 @@ def _delete_one(directory_fd: int, decision: Decision) -> DeletionResult:
     except FileNotFoundError:
         return _gone(decision)
     except OSError as error:
-        return _failed(decision, describe(error))
+        return _failed(decision, describe_os_error(error))
     return _deleted(decision)
 
 
@@ -215,7 +225,7 @@ def _remove_directory(directory_fd: int, decision: Decision) -> DeletionResult:
     except FileNotFoundError:
         return _gone(decision)
     except OSError as error:
-        return _failed(decision, f"cannot be walked before removal: {describe(error)}")
+        return _failed(decision, f"cannot be walked before removal: {describe_os_error(error)}")
     planned = record.identity
     walked = summary.identity
     if planned is None or walked is None or (walked.device, walked.inode) != (planned.device, planned.inode):
@@ -232,11 +242,11 @@ def _remove_directory(directory_fd: int, decision: Decision) -> DeletionResult:
     except FileNotFoundError:
         return _gone(decision)
     except OSError as error:
-        return _failed(decision, describe(error))
+        return _failed(decision, describe_os_error(error))
     try:
         removal = remove_tree(doomed, dir_fd=directory_fd)
     except OSError as error:
-        removal = Removal(removed=False, remains=[f". ({describe(error)})"])
+        removal = Removal(removed=False, remains=[f". ({describe_os_error(error)})"])
     if removal.removed:
         return _deleted(decision)
     leftover = display_name(str(record.path.parent / doomed))
@@ -321,7 +331,7 @@ def _finish_one(
     except FileNotFoundError:
         return None
     except OSError as error:
-        removal = Removal(removed=False, remains=[f". ({describe(error)})"])
+        removal = Removal(removed=False, remains=[f". ({describe_os_error(error)})"])
     remains = tuple(display_name(item) for item in removal.remains)
     if removal.removed:
         logger.info("leftover_removed", path=display_name(str(path)))

@@ -21,6 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
 
+from ckpt_watcher.logs import describe_os_error
+
 DIRECTORY_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 _READ_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
 _PATH_FLAG: int = getattr(os, "O_PATH", 0)
@@ -210,7 +212,7 @@ class _Cursor:
         except FileNotFoundError:
             return "vanished"
         except OSError as error:
-            return describe(error)
+            return describe_os_error(error)
         try:
             status = status_at(child, "")
             if self.boundary.crosses(status, self.fd, name):
@@ -340,7 +342,7 @@ class Removal:
             self.remains.append(f"{path} ({reason})")
 
 
-def remove_tree(name: str, *, dir_fd: int) -> Removal:
+def remove_tree(name: str, *, dir_fd: int) -> Removal:  # noqa: C901, PLR0912  (one iterative walk: each kind of entry and each way a removal can fail, handled where it happens)
     """Remove the directory ``name`` in ``dir_fd`` and everything in it, never leaving its mount.
 
     Entries are unlinked without following symlinks (a planted link is removed, not followed); a
@@ -369,7 +371,7 @@ def remove_tree(name: str, *, dir_fd: int) -> Removal:
                     except FileNotFoundError:
                         pass
                     except OSError as error:
-                        removal.note(cursor.relative(left), describe(error))
+                        removal.note(cursor.relative(left), describe_os_error(error))
     except TreeChangedError as error:
         removal.note(cursor.relative(), str(error.strerror))
     finally:
@@ -380,7 +382,7 @@ def remove_tree(name: str, *, dir_fd: int) -> Removal:
         removal.removed = not removal.remains
     except OSError as error:
         if not removal.remains:
-            removal.note(".", describe(error))
+            removal.note(".", describe_os_error(error))
     else:
         removal.removed = True
     return removal
@@ -392,7 +394,7 @@ def _clear_here(cursor: _Cursor, removal: Removal) -> list[str]:
     try:
         names = os.listdir(cursor.fd)
     except OSError as error:
-        removal.note(cursor.relative() or ".", f"cannot list it: {describe(error)}")
+        removal.note(cursor.relative() or ".", f"cannot list it: {describe_os_error(error)}")
         return subdirectories
     for name in names:
         try:
@@ -402,10 +404,5 @@ def _clear_here(cursor: _Cursor, removal: Removal) -> list[str]:
         except FileNotFoundError:
             continue
         except OSError as error:
-            removal.note(cursor.relative(name), describe(error))
+            removal.note(cursor.relative(name), describe_os_error(error))
     return subdirectories
-
-
-def describe(error: OSError) -> str:
-    """An OSError as a short message: its strerror, or its text."""
-    return error.strerror or str(error)

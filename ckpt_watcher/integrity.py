@@ -19,7 +19,8 @@ import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from ckpt_watcher.filesystem import NotRegularFileError, describe, open_regular, summarize_tree
+from ckpt_watcher.filesystem import NotRegularFileError, open_regular, summarize_tree
+from ckpt_watcher.logs import describe_os_error
 from ckpt_watcher.records import FileIdentity
 
 _LOCAL_HEADER_MAGIC = b"PK\x03\x04"
@@ -72,7 +73,7 @@ class _NotWholeError(Exception):
     """Why an archive is not whole (raised while streaming its records)."""
 
 
-def check_zip_file(file_descriptor: int, size: int, *, verify: str = "zip") -> Completeness:
+def check_zip_file(file_descriptor: int, size: int, *, verify: str = "zip") -> Completeness:  # noqa: C901  (the zip format's checks, in the order its records come)
     """Judge the open file ``file_descriptor`` of ``size`` bytes: holes, head, tail, central directory.
 
     ``verify="crc"`` also streams every member and checks its CRC-32; holes are then allowed (a hole
@@ -393,15 +394,15 @@ def check_file(
     except FileNotFoundError:
         return Completeness(False, "vanished while being checked", transient=True), None
     except OSError as error:
-        return Completeness(False, f"cannot be read: {describe(error)}", transient=True), None
-    identity = FileIdentity(status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns)
+        return Completeness(False, f"cannot be read: {describe_os_error(error)}", transient=True), None
+    identity = FileIdentity.of_stat(status)
     try:
         verdict = check_zip_file(file_descriptor, status.st_size, verify="crc" if verify == "crc" else "zip")
         if verdict.complete and deep_check is not None:
             verdict = deep_check(_open_file_path(file_descriptor, path, dir_fd))
         after = os.fstat(file_descriptor)
     except OSError as error:
-        return Completeness(False, f"cannot be read: {describe(error)}", transient=True), identity
+        return Completeness(False, f"cannot be read: {describe_os_error(error)}", transient=True), identity
     finally:
         os.close(file_descriptor)
     if (after.st_size, after.st_mtime_ns) != (status.st_size, status.st_mtime_ns):
@@ -489,7 +490,7 @@ def check_directory(
     except FileNotFoundError:
         return DirectoryVerdict(Completeness(False, "vanished while being checked", transient=True), None, 0)
     except OSError as error:
-        reason = f"cannot be read: {describe(error)}"
+        reason = f"cannot be read: {describe_os_error(error)}"
         return DirectoryVerdict(Completeness(False, reason, transient=True), None, 0)
     total = summary.bytes
     if summary.mount_points:

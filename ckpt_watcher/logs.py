@@ -69,3 +69,8 @@ def configure_logging(level: str = "info", stream: TextIO | None = None) -> None
         logger_factory=structlog.WriteLoggerFactory(file=output),
         cache_logger_on_first_use=False,
     )
+
+
+def describe_os_error(error: OSError) -> str:
+    """What the operating system says went wrong (``Permission denied``), for a log field or a message."""
+    return error.strerror or str(error)

@@ -134,7 +134,7 @@ def _is_calendar_date(text: str) -> bool:
     return True
 
 
-def compile_template(kind: Kind, template: str) -> CompiledTemplate:
+def compile_template(kind: Kind, template: str) -> CompiledTemplate:  # noqa: C901, PLR0912, PLR0915  (long: one pass over the template's fields, each kind checked where it is met)
     """Compile ``template`` for ``kind``; raise TemplateError saying what is wrong with it."""
     if not template:
         raise TemplateError("a template must not be empty")

@@ -3,6 +3,7 @@
 Small enough to own rather than depend on: ``NOTIFY_SOCKET`` names the socket (a leading ``@`` means
 the abstract namespace), ``WATCHDOG_USEC`` (for ``WATCHDOG_PID``, if set) asks for keep-alives.
 Without ``NOTIFY_SOCKET`` every call is a no-op, so the daemon runs the same outside systemd.
+``Liveness`` decides when the keep-alive, the heartbeat file and the status line are due.
 """
 
 from __future__ import annotations
@@ -11,8 +12,11 @@ import os
 import socket
 import time
 from collections.abc import Mapping
+from pathlib import Path
 
 import structlog
+
+from ckpt_watcher.logs import describe_os_error
 
 logger = structlog.get_logger("ckpt_watcher.notify")
 
@@ -41,7 +45,7 @@ class Notifier:
                 sock.connect(self._address)
                 sock.sendall(message)
         except OSError as error:
-            logger.warning("notify_failed", error=error.strerror or str(error), message=lines[0])
+            logger.warning("notify_failed", error=describe_os_error(error), message=lines[0])
             return False
         return True
 
@@ -76,3 +80,67 @@ def _watchdog_interval(environment: Mapping[str, str]) -> float | None:
     if watchdog_pid and watchdog_pid != str(os.getpid()):
         return None
     return int(microseconds) / 1e6 / 2
+
+
+HEARTBEAT_INTERVAL = 5.0
+
+
+class Liveness:
+    """Proof that the worker loop turns: the systemd keep-alive, the heartbeat file and ``STATUS=``.
+
+    All three are sent from the worker loop (``tick``), never from another thread, so a hung worker
+    stops them and its supervisor restarts it.
+    """
+
+    def __init__(self, notifier: Notifier, heartbeat: Path | None) -> None:
+        self.notifier = notifier
+        self.heartbeat = heartbeat
+        self.status_text = "starting"
+        now = time.monotonic()
+        self._next_keepalive = now
+        self._next_heartbeat = now
+
+    def tick(self) -> None:
+        """Send the keep-alive and touch the heartbeat file, each when it is due."""
+        now = time.monotonic()
+        interval = self.notifier.watchdog_interval
+        if interval is not None and now >= self._next_keepalive:
+            self.notifier.keepalive()
+            self._next_keepalive = now + interval
+        if self.heartbeat is not None and now >= self._next_heartbeat:
+            self._next_heartbeat = now + HEARTBEAT_INTERVAL
+            _touch(self.heartbeat)
+
+    def next_deadline(self) -> float:
+        """The monotonic time at which ``tick`` next has something to do (infinity if never)."""
+        deadlines = [float("inf")]
+        if self.notifier.watchdog_interval is not None:
+            deadlines.append(self._next_keepalive)
+        if self.heartbeat is not None:
+            deadlines.append(self._next_heartbeat)
+        return min(deadlines)
+
+    def status(self, text: str, *, ready: bool = False) -> None:
+        """Show ``text`` in ``systemctl status``; ``ready`` also reports start-up (or a reload) done."""
+        self.status_text = text
+        if ready:
+            self.notifier.ready(text)
+            self.tick()
+        else:
+            self.notifier.status(text)
+
+    def reloading(self) -> None:
+        """A reload begins; always followed by ``reloaded``, so ``systemctl reload`` never hangs."""
+        self.notifier.reloading()
+
+    def reloaded(self) -> None:
+        """The reload is over (applied or not)."""
+        self.notifier.ready(self.status_text)
+
+
+def _touch(path: Path) -> None:
+    try:
+        path.touch()
+        os.utime(path)
+    except OSError as error:
+        logger.warning("heartbeat_failed", path=str(path), error=describe_os_error(error))

@@ -23,6 +23,7 @@ import structlog
 
 from ckpt_watcher.naming import Naming
 from ckpt_watcher.policy import LoadedPolicy, Policy, PolicyError, load_policy
+from ckpt_watcher.policy_file import log_loaded, log_rejected, log_warnings
 from ckpt_watcher.protection import ConfigLabel
 from ckpt_watcher.records import FileIdentity
 
@@ -214,11 +215,10 @@ class PolicyTree:
             if self.strict:
                 self.errors.append(error)
             else:
-                logger.error(
-                    "policy_rejected",
-                    source=str(path),
-                    problems=error.problems,
-                    detail="the previous contents of this file stay in force"
+                log_rejected(
+                    str(path),
+                    error,
+                    "the previous contents of this file stay in force"
                     if cached is not None and cached.good is not None
                     else "nothing is deleted in this directory until the file is fixed",
                 )
@@ -226,18 +226,10 @@ class PolicyTree:
             layer = _Layer(identity=identity, good=previous, rejected=True)
             self._layers[directory] = layer
             return layer
-        for warning in loaded.warnings:
-            logger.warning("policy_warning", source=str(path), message=warning)
-        if cached is not None and cached.good is not None and not self.strict:
-            old = cached.good.settings
-            changes = {
-                key: {"old": old.get(key), "new": loaded.settings.get(key)}
-                for key in sorted(set(old) | set(loaded.settings))
-                if old.get(key) != loaded.settings.get(key)
-            }
-            logger.info("policy_reloaded", source=str(path), changes=changes)
-        elif cached is not None and not self.strict:
-            logger.info("policy_reloaded", source=str(path), changes=dict(loaded.settings))
+        if cached is not None and not self.strict:
+            log_loaded(str(path), cached.good.settings if cached.good is not None else {}, loaded)
+        else:
+            log_warnings(loaded)
         layer = _Layer(identity=identity, good=loaded)
         self._layers[directory] = layer
         return layer

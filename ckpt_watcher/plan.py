@@ -225,7 +225,7 @@ def _skip_reason(record: CheckpointRecord) -> str | None:
     return None
 
 
-def _plan_group(
+def _plan_group(  # noqa: C901, PLR0912  (long: the policy's rules in the order README numbers them)
     directory: Path,
     records: list[CheckpointRecord],
     policy: Policy,

@@ -48,6 +48,11 @@ class FileIdentity:
             status = os.stat(path)
         except OSError:
             return None
+        return cls.of_stat(status)
+
+    @classmethod
+    def of_stat(cls, status: os.stat_result) -> FileIdentity:
+        """The identity a ``stat`` (or ``lstat``) result describes."""
         return cls(status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns)
 
 

@@ -17,7 +17,7 @@ from typing import Any
 from ckpt_watcher.contents import CheckpointContents
 from ckpt_watcher.delete import ApplyResult
 from ckpt_watcher.plan import Decision, Plan, Summary
-from ckpt_watcher.policy import LoadedPolicy
+from ckpt_watcher.policy import POLICY_DESCRIPTIONS, LoadedPolicy
 from ckpt_watcher.records import display_name, metric_for_json
 
 _COLUMNS = ("ACTION", "KIND", "EPOCH", "STEP", "METRIC", "SIZE", "NAME", "REASONS")
@@ -195,10 +195,12 @@ def _json_key(key: Any) -> Any:
 
 
 def render_policy(loaded: LoadedPolicy) -> str:
-    """The effective policy as YAML, each value commented with where it came from."""
+    """The effective policy as YAML: each key after a comment saying what it means, each value
+    commented with where it came from."""
     lines = [f"# effective policy from {loaded.source_label}"]
     values = loaded.policy.model_dump(mode="json")
     for key, value in values.items():
+        lines.append(f"# {POLICY_DESCRIPTIONS.get(key, '')}".rstrip())
         origin = loaded.origins.get(key, "default")
         comment = "default" if origin == "default" else f"from {origin}"
         if isinstance(value, dict):

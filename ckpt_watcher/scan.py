@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import stat
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -19,7 +20,6 @@ from pathlib import Path
 
 import structlog
 
-from ckpt_watcher.filesystem import describe
 from ckpt_watcher.integrity import (
     DIRECTORY_QUIET_SECONDS,
     Completeness,
@@ -27,6 +27,7 @@ from ckpt_watcher.integrity import (
     check_file,
 )
 from ckpt_watcher.lock import LOCK_FILE_NAME
+from ckpt_watcher.logs import describe_os_error
 from ckpt_watcher.naming import CHECKPOINT_EXTENSION, Kind, Naming
 from ckpt_watcher.records import (
     DELETING_PREFIX,
@@ -50,6 +51,10 @@ DOWNLOAD_MARKER_SUFFIXES = (".aria2", ".part", ".incomplete", ".crdownload", ".s
 # A verdict on a file modified this recently is not cached: mtimes are coarse (a clock tick), so a
 # write landing in the same tick as the one judged would leave the identity unchanged.
 _RACY_SECONDS = 2.0
+
+
+class ScanStopped(Exception):  # noqa: N818  (an outcome asked for, not an error)
+    """A scan ended early because its ``stop`` event was set; what it read so far must not be planned."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,15 +198,21 @@ def walk_directories(
         pending.extend(sorted(children, reverse=True))
 
 
-def scan_directory(
+def scan_directory(  # noqa: C901  (opens, lists and closes the directory, with each way that can fail)
     root: Path,
     directory: Path,
     naming: Naming,
     options: ScanOptions = ScanOptions(),
     cache: CompletenessCache | None = None,
     problems: list[ScanProblem] | None = None,
+    *,
+    stop: threading.Event | None = None,
 ) -> list[CheckpointRecord]:
-    """One record per entry of ``directory`` other than its plain subdirectories."""
+    """One record per entry of ``directory`` other than its plain subdirectories.
+
+    With ``stop``, a huge directory is left as soon as it is set (``ScanStopped``): a daemon asked to
+    stop does not first read 60,000 checkpoints.
+    """
     now = options.now if options.now is not None else time.time()
     relative_directory = os.path.relpath(directory, root)
     prefix = "" if relative_directory == "." else relative_directory + os.sep
@@ -212,7 +223,7 @@ def scan_directory(
         return []
     except OSError as error:
         if problems is not None:
-            problems.append(ScanProblem(directory, f"cannot list directory: {describe(error)}"))
+            problems.append(ScanProblem(directory, f"cannot list directory: {describe_os_error(error)}"))
         return []
     try:
         # The names only (a DirEntry with its cached stat would cost ~600 bytes per file in a huge
@@ -220,6 +231,8 @@ def scan_directory(
         names = os.listdir(directory_fd)
         group = _Group(directory, directory_fd, markers_beside(names), naming, options, now, cache)
         for name in names:
+            if stop is not None and stop.is_set():
+                raise ScanStopped(str(directory))
             if name == LOCK_FILE_NAME or name.startswith(DELETING_PREFIX):
                 continue
             record = group.record_for(prefix, name)
@@ -230,7 +243,7 @@ def scan_directory(
         return []
     except OSError as error:
         if problems is not None:
-            problems.append(ScanProblem(directory, f"cannot list directory: {describe(error)}"))
+            problems.append(ScanProblem(directory, f"cannot list directory: {describe_os_error(error)}"))
         return []
     finally:
         os.close(directory_fd)
@@ -268,7 +281,7 @@ class _Group:
         else:
             entry_type = EntryType.OTHER
         path = self.directory / name
-        identity = FileIdentity(status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns)
+        identity = FileIdentity.of_stat(status)
         link_target: Path | None = None
         completeness: Completeness
         size = status.st_size if entry_type is EntryType.FILE else 0
@@ -336,12 +349,12 @@ class _Group:
         except FileNotFoundError:
             return Completeness(False, "dangling symlink")
         except OSError as error:
-            return Completeness(False, f"its target cannot be read: {describe(error)}")
+            return Completeness(False, f"its target cannot be read: {describe_os_error(error)}")
         if stat.S_ISDIR(status.st_mode):
             return Completeness(False, "symlink to a directory outside its group: not judged")
         if not stat.S_ISREG(status.st_mode):
             return Completeness(False, "symlink to something that is not a regular file")
-        identity = FileIdentity(status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns)
+        identity = FileIdentity.of_stat(status)
         if self.cache is not None and (cached := self.cache.get(identity, "zip")) is not None:
             return cached
         verdict, judged = check_file(link.name, dir_fd=self.directory_fd, follow_symlinks=True)
@@ -457,7 +470,7 @@ def _verify_load(path: str) -> Completeness:
     from ckpt_watcher.contents import ContentsError, verify_loadable  # noqa: PLC0415  (lazy: torch)
 
     try:
-        problem = verify_loadable(Path(path))
+        problem = verify_loadable(Path(path), follow_symlinks=True)
     except ContentsError as error:
         return Completeness(False, f"cannot verify: {error}", transient=True)
     if problem is not None:

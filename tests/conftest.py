@@ -1,4 +1,6 @@
-"""Shared fixtures: every test must leave no thread behind (a leaked watcher thread is a bug)."""
+"""Shared fixtures: every test must leave no thread behind (a leaked watcher thread is a bug), and
+every test starts with structlog's defaults (``main`` configures it to write to the stderr of the
+test that called it, which pytest closes afterwards)."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
+import structlog
 
 
 @pytest.fixture(autouse=True)
@@ -22,3 +25,10 @@ def no_thread_leak() -> Iterator[None]:
             return
         time.sleep(0.05)
     pytest.fail(f"threads leaked by this test: {[thread.name for thread in leaked]}")
+
+
+@pytest.fixture(autouse=True)
+def default_logging() -> Iterator[None]:
+    """Undo any structlog configuration a test made (by calling ``main``, say)."""
+    yield
+    structlog.reset_defaults()

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.daemon import NotifySocket, running_daemon, wait_until
+from tests.support.daemon import running_daemon, wait_until
 from tests.support.factories import step_name, write_checkpoint
 from tests.support.hostile_configs import (
     TRACEBACK,
@@ -27,6 +27,7 @@ from tests.support.hostile_configs import (
     merge_bomb,
     run_cli,
 )
+from tests.support.notify_socket import NotifySocket
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -246,7 +247,7 @@ def test_the_daemon_blocks_each_bad_subtree_and_serves_the_rest(tmp_path: Path) 
             (root / "invalid-date" / ".ckpt-watcher.yaml").write_text("save_top_k_checkpoints: 1\n")
             wait_until(lambda: len(_names(root / "invalid-date")) == 1, what="the fixed run pruned")
             assert daemon.process.poll() is None
-            assert daemon.stop()[0] == 0
+            assert daemon.stop() == 0
     finally:
         notify.close()
 
@@ -272,7 +273,7 @@ def test_the_daemon_survives_its_policy_and_configs_turning_hostile(tmp_path: Pa
         for step in (6000, 6500):
             write_checkpoint(layout.run / step_name(0, step))
         wait_until(lambda: _names(layout.run) == {step_name(0, step) for step in (500, 6000, 6500)})
-        assert daemon.stop()[0] == 0
+        assert daemon.stop() == 0
 
 
 # --- cost in depth (item 17): bounded here; counted in tests/unit/test_overrides.py --------------

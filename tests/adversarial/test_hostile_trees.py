@@ -129,7 +129,7 @@ def test_a_daemon_pass_on_a_hostile_tree(tmp_path: Path, request: pytest.Fixture
 
     with running_daemon(command[1:], tmp_path / "daemon.log", command=command[:1]) as daemon:
         daemon.wait_ready(timeout=180)
-        code, _ = daemon.stop(signal.SIGTERM, timeout=60)
+        code = daemon.stop(signal.SIGTERM, timeout=60)
         log = daemon.log_path.read_text(errors="replace")
 
     assert code == 0, log[-3000:]

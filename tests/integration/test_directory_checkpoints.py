@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 import zipfile
 from pathlib import Path
@@ -14,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from tests.support.cli import run_cli
 from tests.support.daemon import run_snippet
 from tests.support.factories import step_name, write_checkpoint
 
@@ -31,13 +31,7 @@ def _backdate(path: Path, when: float = AN_HOUR_AGO) -> None:
 
 
 def _prune(*arguments: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "ckpt_watcher", "prune", *arguments],
-        capture_output=True,
-        text=True,
-        timeout=200,
-        check=False,
-    )
+    return run_cli("prune", *arguments)
 
 
 def _entries(completed: subprocess.CompletedProcess[str]) -> dict[str, dict[str, Any]]:

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from tests.support.cli import run_cli
 from tests.support.daemon import run_snippet
 from tests.support.factories import step_name, write_truncated
 
@@ -21,13 +22,7 @@ LIGHTNING_RUN = Path(__file__).parent.parent / "support" / "lightning_run.py"
 
 
 def _inspect(*arguments: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "ckpt_watcher", "inspect", *arguments],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        check=False,
-    )
+    return run_cli("inspect", *arguments)
 
 
 def _documents(completed: subprocess.CompletedProcess[str]) -> dict[str, dict[str, Any]]:

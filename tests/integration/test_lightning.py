@@ -263,7 +263,7 @@ CASES = [
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize(("save_last", "last_on"), CASES)
-def test_daemon_prunes_beside_a_lightning_run_that_then_resumes(
+def test_daemon_prunes_beside_a_lightning_run_that_then_resumes(  # noqa: PLR0915  (one real run, checked step by step)
     tmp_path: Path, save_last: str, last_on: str
 ) -> None:
     root = tmp_path / "checkpoints"
@@ -345,7 +345,7 @@ def test_daemon_prunes_beside_a_lightning_run_that_then_resumes(
             assert os.readlink(run_directory / "last.ckpt") == second.manifest["last_link_text"]
 
         # -- stop -------------------------------------------------------------------------------------
-        code, _ = daemon.stop(signal.SIGTERM)
+        code = daemon.stop(signal.SIGTERM)
         assert code == 0
         stopped = daemon.events("watch_stopped")
         assert len(stopped) == 1
@@ -384,6 +384,6 @@ def test_a_fresh_run_watched_at_its_own_dirpath_finds_it_empty(tmp_path: Path) -
         not_empty = [warning for warning in run.manifest["warnings"] if "exists and is not empty" in warning]
         assert not_empty == []
         assert run.saves, "the run wrote no checkpoint"
-        code, _ = daemon.stop(signal.SIGTERM)
+        code = daemon.stop(signal.SIGTERM)
         assert code == 0
         assert not any("lock" in name for name in _listing(run_directory))

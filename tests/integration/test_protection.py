@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from ckpt_watcher.protection import read_config_protection
+from tests.support.cli import run_cli
 from tests.support.daemon import running_daemon, wait_until
 from tests.support.factories import step_name, write_checkpoint
 
@@ -22,14 +23,7 @@ RUN = Path("checkpoint/Custom_LLaDA/stage1_llm_pretraining")
 
 
 def _prune(cwd: Path, *arguments: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "ckpt_watcher", "prune", *arguments],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    return run_cli("prune", *arguments, cwd=cwd)
 
 
 def _layout(tmp_path: Path, config_text: str, top_k: int = 2) -> tuple[Path, Path, Path]:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,8 +13,9 @@ import pytest
 from ckpt_watcher.cli import main
 from ckpt_watcher.delete import Outcome, apply_plan
 from ckpt_watcher.plan import plan
-from ckpt_watcher.policy import DEFAULT_POLICY
+from ckpt_watcher.policy import DEFAULT_POLICY, POLICY_KEYS
 from ckpt_watcher.scan import scan_tree
+from tests.support.cli import WITHOUT_READ_OVERRIDE, events, run_cli
 from tests.support.factories import best_name, step_name, write_checkpoint, write_truncated
 
 STEPS_PER_EPOCH = 1000
@@ -115,20 +114,10 @@ def run_layout(tmp_path: Path) -> RunLayout:
     return RunLayout(root, run, second_run, outside, expected_kept | never_touched, never_touched)
 
 
-def _run_cli(*arguments: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "ckpt_watcher", *arguments],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-
-
 def test_dry_run_changes_nothing_and_explains_every_file(run_layout: RunLayout) -> None:
     before = {path: path.lstat() for path in _files_below(run_layout.root)}
 
-    completed = _run_cli("prune", str(run_layout.root), "--dry-run")
+    completed = run_cli("prune", str(run_layout.root), "--dry-run")
 
     assert completed.returncode == 0, completed.stderr
     after = {path: path.lstat() for path in _files_below(run_layout.root)}
@@ -143,7 +132,7 @@ def test_dry_run_changes_nothing_and_explains_every_file(run_layout: RunLayout) 
 
 
 def test_dry_run_json_names_every_entry(run_layout: RunLayout) -> None:
-    completed = _run_cli("prune", str(run_layout.root), "--dry-run", "--json")
+    completed = run_cli("prune", str(run_layout.root), "--dry-run", "--json")
 
     assert completed.returncode == 0, completed.stderr
     document = json.loads(completed.stdout)
@@ -163,7 +152,7 @@ def test_dry_run_json_names_every_entry(run_layout: RunLayout) -> None:
 def test_prune_leaves_exactly_the_policy_and_logs_every_deletion(run_layout: RunLayout) -> None:
     before = _files_below(run_layout.root)
 
-    completed = _run_cli("prune", str(run_layout.root))
+    completed = run_cli("prune", str(run_layout.root))
 
     assert completed.returncode == 0, completed.stderr
     after = _files_below(run_layout.root)
@@ -181,9 +170,9 @@ def test_prune_leaves_exactly_the_policy_and_logs_every_deletion(run_layout: Run
 
 
 def test_prune_twice_deletes_nothing_the_second_time(run_layout: RunLayout) -> None:
-    assert _run_cli("prune", str(run_layout.root)).returncode == 0
+    assert run_cli("prune", str(run_layout.root)).returncode == 0
 
-    second = _run_cli("prune", str(run_layout.root), "--json")
+    second = run_cli("prune", str(run_layout.root), "--json")
 
     assert second.returncode == 0
     assert json.loads(second.stdout)["summary"]["deleted"] == 0
@@ -194,7 +183,7 @@ def test_symlinked_root_is_resolved_and_nothing_outside_is_touched(run_layout: R
     link = run_layout.root.parent / "checkpoint-link"
     os.symlink(run_layout.root, link)
 
-    completed = _run_cli("prune", str(link))
+    completed = run_cli("prune", str(link))
 
     assert completed.returncode == 0, completed.stderr
     assert _files_below(run_layout.root) == run_layout.expected_kept
@@ -311,9 +300,64 @@ def test_invalid_policies_exit_2_and_delete_nothing(tmp_path: Path) -> None:
         policy_file = tmp_path / file_name
         policy_file.write_text(text)
 
-        completed = _run_cli("prune", str(root), "--policy", str(policy_file))
+        completed = run_cli("prune", str(root), "--policy", str(policy_file))
 
         assert completed.returncode == 2, file_name
         assert "At '" in completed.stderr, file_name
         assert "Traceback" not in completed.stderr, file_name
         assert len(list(root.iterdir())) == 10, file_name
+
+
+def _unreadable_run(root: Path) -> Path:
+    """A tree with one readable run and one directory nobody may list (chmod 000)."""
+    for step in range(100, 800, 100):
+        write_checkpoint(root / "readable" / step_name(0, step))
+    locked = root / "locked"
+    locked.mkdir()
+    write_checkpoint(locked / step_name(0, 100))
+    locked.chmod(0)
+    return locked
+
+
+def test_an_unreadable_directory_is_reported_once(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    locked = _unreadable_run(root)
+    try:
+        for arguments in (["--dry-run"], []):
+            completed = run_cli("prune", str(root), *arguments, prefix=WITHOUT_READ_OVERRIDE)
+
+            assert completed.returncode == 0, completed.stderr
+            problems = events(completed.stderr, "scan_problem")
+            assert [problem["path"] for problem in problems] == [str(locked)], arguments
+        assert len(list((root / "readable").iterdir())) == 5
+    finally:
+        locked.chmod(0o755)
+
+
+def _keys(document: object, under: str = "") -> set[str]:
+    """Every key of a JSON document, each with the key it sits under (``groups.entries.outcome``)."""
+    keys: set[str] = set()
+    if isinstance(document, dict):
+        for key, value in document.items():
+            keys.add(f"{under}{key}")
+            keys |= _keys(value, f"{under}{key}.")
+    elif isinstance(document, list):
+        for item in document:
+            keys |= _keys(item, under)
+    return keys
+
+
+def test_the_readme_shows_every_key_of_the_json_document(run_layout: RunLayout) -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    start = readme.index("`--json` prints one document")
+    shape = readme[start : readme.index("\n\n", start)]
+    documents = [
+        json.loads(run_cli("prune", str(run_layout.root), *arguments).stdout)
+        for arguments in (["--dry-run", "--json"], ["--json"])
+    ]
+
+    keys = set().union(*(_keys(document) for document in documents))
+    policy_values = {key for key in keys if key.startswith("policy.") and key != "policy.source"}
+    assert {f"policy.{key}" for key in POLICY_KEYS} <= policy_values  # "...every policy key"
+    for key in sorted(keys - policy_values):
+        assert f'"{key.rsplit(".", 1)[-1]}"' in shape, f"README's --json shape lacks {key}"

@@ -2,22 +2,28 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from ckpt_watcher.lock import PROC_LOCKS, holder_in_proc_locks
-from tests.support.daemon import DaemonProcess, NotifySocket, only_child, running_daemon, wait_until
+from tests.support.cli import WITHOUT_READ_OVERRIDE, run_cli
+from tests.support.daemon import DaemonProcess, only_child, running_daemon, wait_until
 from tests.support.factories import best_name, step_name, write_checkpoint, zip_bytes
+from tests.support.notify_socket import NotifySocket
 
 pytestmark = pytest.mark.timeout(120)
+
+DAEMON = (sys.executable, "-m", "ckpt_watcher")
 
 
 def _names(directory: Path) -> set[str]:
@@ -45,25 +51,25 @@ def root(tmp_path: Path) -> Path:
     return directory
 
 
-def test_startup_reconcile_then_sigterm_exits_zero_within_two_seconds(root: Path, tmp_path: Path) -> None:
+def test_startup_reconcile_then_sigterm_exits_zero(root: Path, tmp_path: Path) -> None:
     _steps(root, range(100, 1100, 100))
     with running_daemon(["watch", str(root), "--settle", "0"], tmp_path / "log") as daemon:
         daemon.wait_ready()
         assert _names(root) == {step_name(0, step) for step in range(600, 1100, 100)}
 
-        code, seconds = daemon.stop(signal.SIGTERM)
+        code = daemon.stop(signal.SIGTERM)
 
         assert code == 0
-        assert seconds < 2.0
+        events = [record["event"] for record in daemon.records()]
+        assert events.index("stop_requested") < events.index("watch_stopped") == len(events) - 1
         assert daemon.events("stop_requested")[0]["signal"] == "SIGTERM"
-        assert daemon.events("watch_stopped")
         assert len(daemon.events("checkpoint_deleted")) == 5
 
 
 def test_sigint_stops_too(root: Path, tmp_path: Path) -> None:
     with running_daemon(["watch", str(root)], tmp_path / "log") as daemon:
         daemon.wait_ready()
-        code, _ = daemon.stop(signal.SIGINT)
+        code = daemon.stop(signal.SIGINT)
         assert code == 0
 
 
@@ -71,13 +77,7 @@ def test_second_instance_is_refused_by_the_lock(root: Path, tmp_path: Path) -> N
     with running_daemon(["watch", str(root)], tmp_path / "first") as first:
         first.wait_ready()
 
-        second = subprocess.run(
-            [sys.executable, "-m", "ckpt_watcher", "watch", str(root)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        second = run_cli("watch", str(root))
 
         assert second.returncode == 2
         assert f"another ckpt-watcher is already pruning {root} (pid {first.process.pid})" in second.stderr
@@ -150,7 +150,7 @@ def test_notify_socket_gets_ready_status_watchdog_and_stopping(root: Path, tmp_p
             wait_until(lambda: notify.lines().count("WATCHDOG=1") >= 3, what="repeated WATCHDOG=1")
             assert any(line.startswith("STATUS=") for line in notify.lines())
 
-            assert daemon.stop()[0] == 0
+            assert daemon.stop() == 0
             wait_until(lambda: "STOPPING=1" in notify.lines(), what="STOPPING=1")
     finally:
         notify.close()
@@ -163,7 +163,7 @@ def test_watchdog_for_another_pid_is_not_answered(root: Path, tmp_path: Path) ->
         with running_daemon(["watch", str(root)], tmp_path / "log", environment) as daemon:
             daemon.wait_ready()
             wait_until(lambda: "READY=1" in notify.lines(), what="READY=1")
-            assert daemon.stop()[0] == 0
+            assert daemon.stop() == 0
         assert "WATCHDOG=1" not in notify.lines()
     finally:
         notify.close()
@@ -378,10 +378,9 @@ def test_daemon_as_pid_1_stops_on_sigterm(root: Path, tmp_path: Path) -> None:
     try:
         daemon.wait_ready()
         child = only_child(daemon.process.pid)
-        started = time.monotonic()
         os.kill(child, signal.SIGTERM)  # signal the daemon itself, PID 1 of its namespace
-        assert daemon.process.wait(timeout=10) == 0
-        assert time.monotonic() - started < 2.0
+        assert daemon.process.wait(timeout=30) == 0
+        assert [record["signal"] for record in daemon.events("stop_requested")] == ["SIGTERM"]
         assert daemon.events("watch_stopped")
     finally:
         daemon.close()
@@ -389,7 +388,7 @@ def test_daemon_as_pid_1_stops_on_sigterm(root: Path, tmp_path: Path) -> None:
 
 _HUNG_WORKER = """
 import sys, time
-from ckpt_watcher.cli import supervise
+from ckpt_watcher.daemon import supervise
 from ckpt_watcher.logs import configure_logging
 from ckpt_watcher.notify import Notifier
 
@@ -430,4 +429,114 @@ def test_second_signal_forces_exit_when_the_worker_hangs(tmp_path: Path) -> None
         if process.poll() is None:
             process.kill()
             process.wait()
+        if process.stdout is not None:
+            process.stdout.close()
         log.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("moment", ["checkpoint_detected", "checkpoint_deleted"])
+def test_sigterm_during_a_large_startup_reconcile_stops_between_deletions(
+    root: Path, tmp_path: Path, moment: str
+) -> None:
+    """One directory of 20,000 checkpoints: a stop signal is honoured in the middle of its one group."""
+    count = 20_000
+    data = zip_bytes()
+    for step in range(1, count + 1):
+        (root / step_name(0, step)).write_bytes(data)
+    arguments = ["--log-level", "debug", "watch", str(root), "--settle", "0"]
+    with running_daemon(arguments, tmp_path / "log") as daemon:
+        daemon.wait_for(moment, timeout=120)
+        daemon.send(signal.SIGTERM)
+        assert daemon.process.wait(timeout=120) == 0
+        assert daemon.events("watch_stopped")
+        deleted = len(daemon.events("checkpoint_deleted"))
+    planned = count - 5
+    assert deleted < planned // 2, f"{deleted} of {planned} planned deletions were done after SIGTERM"
+    assert len(_names(root)) == count - deleted
+
+
+def _in_user_namespace_with_inotify_watches(limit: int) -> list[str]:
+    """A command prefix: a new user namespace whose own inotify watch limit is ``limit``.
+
+    ``max_inotify_watches`` is counted per user namespace, so the test exhausts its own limit and
+    never the machine's (other tests run concurrently).
+    """
+    if shutil.which("unshare") is None:
+        pytest.skip("unshare is not installed")
+    script = f'echo {limit} > /proc/sys/user/max_inotify_watches && exec "$0" "$@"'
+    probe = subprocess.run(["unshare", "-Ur", "sh", "-c", script, "true"], check=False, capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot set a user namespace's inotify limit here: {probe.stderr.decode().strip()}")
+    return ["unshare", "-Ur", "sh", "-c", script, sys.executable, "-m", "ckpt_watcher"]
+
+
+def test_new_directories_beyond_the_inotify_watch_limit_are_polled(root: Path, tmp_path: Path) -> None:
+    """Watches run out for new run directories: warned about, polled, and watched again once possible."""
+    for run in ("run-a", "run-b"):
+        (root / run).mkdir()
+    command = _in_user_namespace_with_inotify_watches(limit=5)  # the root and two runs take 3
+    arguments = ["watch", str(root), "--settle", "0", "--rescan", "300"]
+    daemon = DaemonProcess(arguments, tmp_path / "log", command=command)
+    try:
+        daemon.wait_ready()
+        late = [root / f"late-{index}" for index in range(4)]
+        for directory in late:
+            directory.mkdir()
+        warning = daemon.wait_for("inotify_unavailable", timeout=30)[0]
+        assert warning["subtree"] in {str(directory) for directory in late}
+        unwatched = Path(warning["subtree"])
+
+        _steps(unwatched, range(100, 800, 100))
+        wait_until(lambda: len(_names(unwatched)) == 5, timeout=30, what="pruning of the polled subtree")
+
+        for directory in late:
+            if directory != unwatched:
+                shutil.rmtree(directory)
+        daemon.wait_for("inotify_restored", lambda record: record["subtree"] == str(unwatched), timeout=30)
+        assert daemon.process.poll() is None
+    finally:
+        daemon.close()
+
+
+def test_an_unreadable_directory_is_reported_once_per_pass(root: Path, tmp_path: Path) -> None:
+    locked = root / "locked"
+    locked.mkdir()
+    _steps(root / "readable", range(100, 800, 100))
+    locked.chmod(0)
+    try:
+        arguments = ["watch", str(root), "--settle", "0"]
+        with running_daemon(arguments, tmp_path / "log", command=[*WITHOUT_READ_OVERRIDE, *DAEMON]) as daemon:
+            daemon.wait_ready()
+            assert [problem["path"] for problem in daemon.events("scan_problem")] == [str(locked)]
+            assert len(_names(root / "readable")) == 5
+    finally:
+        locked.chmod(0o755)
+
+
+def _logged_after(moment: datetime.datetime) -> Callable[[dict[str, Any]], bool]:
+    return lambda record: datetime.datetime.fromisoformat(record["timestamp"]) >= moment
+
+
+def test_a_last_link_being_replaced_keeps_protecting_its_target(root: Path, tmp_path: Path) -> None:
+    """Lightning replaces a ``save_last="link"`` symlink by unlink + symlink; one listing in between
+    must not take the protection of its target away. The absence is trusted only once re-checked."""
+    policy = _write_policy(tmp_path / "policy.yaml", "save_top_k_checkpoints: 1\n")
+    _steps(root, [100, 200, 300])
+    link = root / "last.ckpt"
+    os.symlink(step_name(0, 200), link)
+    arguments = ["--log-level", "debug", "watch", str(root), "--policy", str(policy), "--settle", "0"]
+    with running_daemon(arguments, tmp_path / "log") as daemon:
+        daemon.wait_ready()
+        assert _names(root) == {step_name(0, 200), step_name(0, 300), "last.ckpt"}
+
+        unlinked_at = datetime.datetime.now(datetime.UTC)
+        link.unlink()
+        daemon.wait_for(
+            "pass_completed",
+            lambda record: record["trigger"] == "event" and _logged_after(unlinked_at)(record),
+        )
+        assert (root / step_name(0, 200)).exists(), "one listing without last.ckpt dropped its target"
+
+        daemon.wait_for("checkpoint_deleted", lambda record: record["path"].endswith(step_name(0, 200)))
+        assert _names(root) == {step_name(0, 300)}

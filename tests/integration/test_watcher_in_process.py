@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import sys
 import threading
 from collections.abc import Iterator, MutableMapping
 from pathlib import Path
@@ -13,7 +14,8 @@ import pytest
 import structlog
 from structlog.testing import LogCapture
 
-from ckpt_watcher.daemon import ObserverLike, Watcher, WatchOptions, default_observer_factory
+from ckpt_watcher.daemon import Watcher, WatchOptions
+from ckpt_watcher.events import ObserverLike, default_observer_factory
 from ckpt_watcher.policy import load_policy
 from tests.support.daemon import wait_until
 from tests.support.factories import step_name, write_checkpoint
@@ -63,7 +65,8 @@ def test_dead_observer_is_restarted_and_pruning_goes_on(tmp_path: Path, captured
     watcher = _watcher(tmp_path)
     with RunningWatcher(watcher):
         wait_until(lambda: bool(_events(captured, "watch_started")), what="watch_started")
-        observer = watcher._observer
+        assert watcher.session is not None
+        observer = watcher.session.root.observer
         assert observer is not None
         observer.stop()  # the observer thread dies
         observer.join(timeout=5)
@@ -116,6 +119,9 @@ def test_periodic_rescan_finds_what_no_event_announced(tmp_path: Path, captured:
         def schedule(self, event_handler: Any, path: str, *, recursive: bool = False) -> None:
             return None
 
+        def unschedule(self, watch: Any) -> None:
+            return None
+
         def start(self) -> None:
             self._alive.set()
 
@@ -139,3 +145,57 @@ def test_periodic_rescan_finds_what_no_event_announced(tmp_path: Path, captured:
             write_checkpoint(tmp_path / step_name(0, step))
         wait_until(lambda: _pruned_to_five(tmp_path), what="pruning by the periodic rescan")
         assert any(entry["trigger"] == "rescan" for entry in _events(captured, "pass_completed"))
+
+
+class CallCounter:
+    """Counts the Python function calls the worker thread makes while ``counting`` is set: work, not time."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.counting = False
+
+    def profile(self, frame: Any, event: str, argument: Any) -> None:
+        if event == "call" and self.counting:
+            self.calls += 1
+
+    def run_profiled(self, watcher: Watcher) -> None:
+        sys.setprofile(self.profile)
+        try:
+            watcher.run()
+        finally:
+            sys.setprofile(None)
+
+
+def _work_for_a_burst_of_new_directories(root: Path, captured: LogCapture, count: int) -> int:
+    """Calls made by the worker while ``count`` new directories appear beside ``count`` known ones."""
+    for index in range(count):
+        (root / f"run-{index:05d}").mkdir(parents=True)
+    watcher = _watcher(root)
+    counter = CallCounter()
+    thread = threading.Thread(target=counter.run_profiled, args=(watcher,), name="test-worker")
+    thread.start()
+    try:
+        wait_until(lambda: bool(_events(captured, "watch_started")), timeout=60, what="watch_started")
+        counter.counting = True
+        for index in range(count):
+            (root / f"new-{index:05d}").mkdir()
+        last = root / f"new-{count - 1:05d}"
+        for step in range(100, 800, 100):
+            write_checkpoint(last / step_name(0, step))
+        wait_until(lambda: _pruned_to_five(last), timeout=120, what="the burst handled (pruning after it)")
+        counter.counting = False
+    finally:
+        watcher.request_stop()
+        thread.join(timeout=30)
+    captured.entries.clear()
+    return counter.calls
+
+
+@pytest.mark.timeout(240)
+def test_a_burst_of_new_directories_costs_linear_work(tmp_path: Path, captured: LogCapture) -> None:
+    """4x the directories (known and new) must cost about 4x the work, not 16x (each new directory
+    compared with every known group)."""
+    small = _work_for_a_burst_of_new_directories(tmp_path / "small", captured, 300)
+    large = _work_for_a_burst_of_new_directories(tmp_path / "large", captured, 1200)
+
+    assert large / small < 7, f"{small} calls for 300 new directories, {large} for 1200"

@@ -87,7 +87,7 @@ NAME_CHOICES = ("step", "step", "sibling", "best", "best", "twin", "last", "unkn
 
 
 @st.composite
-def group_names(draw: st.DrawFn) -> list[str]:
+def group_names(draw: st.DrawFn) -> list[str]:  # noqa: C901  (a strategy drawing each kind of name)
     """Names in one directory.
 
     A "sibling" repeats an earlier step with another version or epoch; a "twin" repeats an earlier
@@ -443,7 +443,7 @@ def test_a_group_without_usable_last_keeps_a_candidate(scenario: Scenario) -> No
 
 @SETTINGS
 @given(scenarios())
-def test_the_next_target_of_a_last_link_is_kept(scenario: Scenario) -> None:
+def test_the_next_target_of_a_last_link_is_kept(scenario: Scenario) -> None:  # noqa: C901  (one property over every link scenario)
     """save_last="link" moves last.ckpt (within its directory) to the newest checkpoint of its kind.
 
     While the link points at an older checkpoint (or dangles), the newest of that kind (of each kind,

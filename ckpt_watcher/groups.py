@@ -1,0 +1,238 @@
+"""What the reconcile core remembers about each directory (group) between passes, indexed by path.
+
+The index is a tree of the directories below the root, so what a change costs is in proportion to the
+subtree it touches: a burst of 4,000 new run directories beside 4,000 known ones is 4,000 small
+steps, never 4,000 x 4,000 comparisons. Everything held per group is bounded by its entries.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ckpt_watcher.links import Link
+from ckpt_watcher.naming import Kind
+from ckpt_watcher.records import DELETING_PREFIX
+from ckpt_watcher.scan import CompletenessCache, NamingLookup, ScanProblem, walk_directories
+
+# A last.ckpt symlink missing from one listing is trusted gone only when a listing this much later
+# still misses it (Lightning replaces the link by unlink + symlink).
+LINK_RECHECK_SECONDS = 1.0
+
+
+@dataclass
+class LastLink:
+    """A ``last`` symlink as last seen: its target, and since when a listing has missed it."""
+
+    target: Path
+    missing_since: float | None = None
+
+
+@dataclass
+class GroupState:
+    """One directory's memory: verdicts by file identity, what was seen, its links and configs."""
+
+    cache: CompletenessCache = field(default_factory=CompletenessCache)
+    seen: dict[str, bool] = field(default_factory=dict)
+    suspicious: set[str] = field(default_factory=set)
+    link_targets: dict[Path, str] = field(default_factory=dict)
+    last_links: dict[str, LastLink] = field(default_factory=dict)
+    protect_from: Mapping[Path, str] = field(default_factory=dict)
+    blocked: bool = False
+
+
+class GroupIndex:
+    """The groups below one root: which group a changed path belongs to, and each group's state,
+    indexed by directory with each directory's children; plus the union of their ``protect_from``
+    configs and the groups holding symlinks (kept up to date, never recomputed)."""
+
+    def __init__(self, root: Path, naming_for: NamingLookup) -> None:
+        self.root = root
+        self._naming_for = naming_for
+        self._states: dict[Path, GroupState] = {}
+        self._children: dict[Path, set[Path]] = {}
+        self._config_users: dict[Path, Mapping[Path, str]] = {}
+        self._configs: dict[Path, str] | None = None
+        self._linked: set[Path] = set()
+        self._rechecks: dict[Path, float] = {}
+
+    def __len__(self) -> int:
+        return len(self._states)
+
+    def __iter__(self) -> Iterator[Path]:
+        return iter(list(self._states))
+
+    def __contains__(self, directory: object) -> bool:
+        return directory in self._states
+
+    def get(self, directory: Path) -> GroupState | None:
+        """The state of a known group, or None."""
+        return self._states.get(directory)
+
+    def state(self, directory: Path) -> GroupState:
+        """The state of ``directory``, created (and linked into the tree) on first use."""
+        state = self._states.get(directory)
+        if state is None:
+            state = self._states[directory] = GroupState()
+            self._link_into_tree(directory)
+        return state
+
+    def _link_into_tree(self, directory: Path) -> None:
+        """Record ``directory`` as a child of its parent, and so on up to the first known node."""
+        while directory != self.root and self.root in directory.parents:
+            siblings = self._children.setdefault(directory.parent, set())
+            if directory in siblings:
+                return
+            siblings.add(directory)
+            directory = directory.parent
+
+    def below(self, top: Path) -> Iterator[Path]:
+        """``top`` and every known group below it, depth first (only the subtree is visited)."""
+        pending = [top]
+        while pending:
+            directory = pending.pop()
+            if directory in self._states:
+                yield directory
+            pending.extend(self._children.get(directory, ()))
+
+    def forget(self, top: Path) -> None:
+        """Drop ``top`` and everything known below it (the directory vanished or was replaced)."""
+        doomed: list[Path] = []
+        pending = [top]
+        while pending:
+            directory = pending.pop()
+            doomed.append(directory)
+            pending.extend(self._children.pop(directory, ()))
+        for directory in doomed:
+            self._states.pop(directory, None)
+            if self._config_users.pop(directory, None) is not None:
+                self._configs = None
+            self._linked.discard(directory)
+            self._rechecks.pop(directory, None)
+        siblings = self._children.get(top.parent)
+        if siblings is not None:
+            siblings.discard(top)
+
+    def set_protect_from(self, directory: Path, configs: Mapping[Path, str]) -> None:
+        """The protect_from configs that apply in ``directory`` now."""
+        state = self.state(directory)
+        if state.protect_from == configs:
+            return
+        state.protect_from = configs
+        if configs:
+            self._config_users[directory] = configs
+        else:
+            self._config_users.pop(directory, None)
+        self._configs = None
+
+    def configs(self) -> dict[Path, str]:
+        """Every protect_from config some known group uses, path -> label (recomputed only on change)."""
+        if self._configs is None:
+            union: dict[Path, str] = {}
+            for mapping in self._config_users.values():
+                for config, label in mapping.items():
+                    union.setdefault(config, label)
+            self._configs = union
+        return dict(self._configs)
+
+    def set_link_targets(self, directory: Path, targets: dict[Path, str]) -> None:
+        """The resolved targets of the symlinks ``directory`` held at its last scan."""
+        self.state(directory).link_targets = targets
+        if targets:
+            self._linked.add(directory)
+        else:
+            self._linked.discard(directory)
+
+    def last_link_pins(self, group: Path, links: Iterable[Link], now: float) -> dict[Path, str]:
+        """Remember ``group``'s ``last`` links as listed at ``now``; return pins for the targets of those
+        missing from this listing. A link missing from one listing keeps its target pinned until a
+        listing LINK_RECHECK_SECONDS later still misses it (a re-check is scheduled for then), so
+        one listing between Lightning's unlink and symlink never takes that protection away."""
+        state = self.state(group)
+        current = {link.name: link.target for link in links if link.is_last}
+        remembered: dict[str, LastLink] = {}
+        pins: dict[Path, str] = {}
+        for name, link in state.last_links.items():
+            if name in current:
+                continue
+            missing_since = link.missing_since if link.missing_since is not None else now
+            if now - missing_since < LINK_RECHECK_SECONDS:
+                relative = os.path.relpath(group / name, self.root)
+                pins[link.target] = f"target of {relative} (missing from this listing; re-checked)"
+                remembered[name] = LastLink(link.target, missing_since)
+                self.recheck(group, missing_since + LINK_RECHECK_SECONDS)
+        for name, target in current.items():
+            remembered[name] = LastLink(target)
+        state.last_links = remembered
+        return pins
+
+    def link_targets_outside(self, groups: set[Path]) -> dict[Path, str]:
+        """Link targets remembered for the groups that are not in ``groups`` (not scanned this pass)."""
+        targets: dict[Path, str] = {}
+        for directory in self._linked:
+            if directory not in groups:
+                for target, reason in self._states[directory].link_targets.items():
+                    targets.setdefault(target, reason)
+        return targets
+
+    def recheck(self, directory: Path, at: float) -> None:
+        """Look at ``directory`` again at monotonic time ``at`` (or earlier, if already due earlier)."""
+        if directory in self._states:
+            current = self._rechecks.get(directory)
+            self._rechecks[directory] = at if current is None else min(current, at)
+
+    def next_recheck(self) -> float | None:
+        """When the earliest re-check is due, or None."""
+        return min(self._rechecks.values(), default=None)
+
+    def take_due_rechecks(self, now: float) -> set[Path]:
+        """The groups whose re-check is due at ``now``; they are no longer pending."""
+        due = {directory for directory, at in self._rechecks.items() if at <= now}
+        for directory in due:
+            del self._rechecks[directory]
+        return due
+
+    def clear_rechecks(self) -> None:
+        """A full pass looks at everything anyway."""
+        self._rechecks.clear()
+
+    # -- what a change touches --------------------------------------------------------------------
+
+    def group_of(self, path: Path) -> Path | None:
+        """The group ``path`` belongs to: its directory, or the one holding the directory checkpoint
+        it is inside (``run/checkpoint-400/x`` belongs to ``run``); None for the root or outside it."""
+        if path == self.root or self.root not in path.parents:
+            return None
+        parent = self.root
+        for part in path.relative_to(self.root).parts[:-1]:
+            if self._naming_for(parent).classify(part, directory=True).kind is not Kind.UNKNOWN:
+                return parent
+            parent = parent / part
+        return path.parent
+
+    def touched(self, files: Iterable[str], trees: Iterable[str], problems: list[ScanProblem]) -> set[Path]:
+        """The groups to plan again for these changed files and directories: new directories are
+        walked, what vanished is forgotten. The work is in proportion to what changed."""
+        groups = {group for path in files if (group := self.group_of(Path(os.path.normpath(path))))}
+        for tree in trees:
+            top = Path(os.path.normpath(tree))
+            parent = self.group_of(top)
+            if parent is None:
+                continue
+            groups.add(parent)
+            for known in list(self.below(top)):
+                if not os.path.isdir(known) or os.path.islink(known):
+                    self.forget(known)
+            if self._is_own_group(top, parent):
+                groups.update(walk_directories(top, self._naming_for, problems))
+        return groups
+
+    def _is_own_group(self, directory: Path, parent: Path) -> bool:
+        """True if ``directory`` is a plain directory (a group), not a checkpoint or inside one."""
+        if directory.parent != parent or directory.name.startswith(DELETING_PREFIX):
+            return False
+        if not os.path.isdir(directory) or os.path.islink(directory):
+            return False
+        return self._naming_for(parent).classify(directory.name, directory=True).kind is Kind.UNKNOWN

@@ -1,0 +1,85 @@
+"""Symlinks and what they protect, across groups: listed before a pass plans any group.
+
+``last.ckpt -> ../other-run/epoch=...ckpt`` protects a checkpoint of another group. The planner sees
+one group at a time (so a pass never holds the whole tree in memory), so the symlinks of every group
+in the pass are listed first, cheaply (a directory listing and a ``realpath`` per link; no file is
+opened), and each group is planned with the targets that links elsewhere point into it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from ckpt_watcher.lock import LOCK_FILE_NAME
+from ckpt_watcher.naming import Kind, Naming
+from ckpt_watcher.records import DELETING_PREFIX
+
+
+@dataclass(frozen=True, slots=True)
+class Link:
+    """One symlink of a group: its name, its path relative to the root, whether it is a ``last``
+    checkpoint, and its resolved target."""
+
+    name: str
+    relative_path: str
+    is_last: bool
+    target: Path
+
+
+def list_links(directory: Path, root: Path, naming: Naming) -> list[Link]:
+    """The symlinks in ``directory`` (the names a scan would make records of), resolved now."""
+    names: list[str] = []
+    try:
+        with os.scandir(directory) as entries:
+            names = [
+                entry.name
+                for entry in entries
+                if entry.is_symlink()
+                and entry.name != LOCK_FILE_NAME
+                and not entry.name.startswith(DELETING_PREFIX)
+            ]
+    except OSError:
+        return []  # gone or unreadable: the scan says so
+    prefix = os.path.relpath(directory, root)
+    return [
+        Link(
+            name=name,
+            relative_path=name if prefix == "." else os.path.join(prefix, name),
+            is_last=naming.classify(name).kind is Kind.LAST,
+            target=Path(os.path.realpath(directory / name)),
+        )
+        for name in names
+    ]
+
+
+def link_reasons(links: Iterable[Link]) -> dict[Path, str]:
+    """Each target with the reason it is kept, ``target of run/last.ckpt``: the rule of
+    ``plan.symlink_targets`` (a ``last`` link names a shared target, else the first link by path)."""
+    reasons: dict[Path, str] = {}
+    for link in sorted(links, key=lambda link: (not link.is_last, link.relative_path)):
+        reasons.setdefault(link.target, f"target of {link.relative_path}")
+    return reasons
+
+
+class LinkPins:
+    """Pins from links, indexed by the directory of their target, so each group gets its own."""
+
+    def __init__(self) -> None:
+        self._by_directory: dict[Path, dict[Path, tuple[Path | None, str]]] = defaultdict(dict)
+
+    def add(self, targets: Mapping[Path, str], *, owner: Path | None = None) -> None:
+        """Targets with their reasons; ``owner`` is the group holding the links (None: pin anywhere)."""
+        for target, reason in targets.items():
+            self._by_directory[target.parent].setdefault(target, (owner, reason))
+
+    def for_group(self, group: Path) -> dict[Path, str]:
+        """The pins for planning ``group``; its own links the planner finds among its records."""
+        return {
+            target: reason
+            for target, (owner, reason) in self._by_directory.get(group, {}).items()
+            if owner != group
+        }

@@ -1,0 +1,110 @@
+"""Policy files as the tool follows them: the one place that logs what happened to a policy file.
+
+``policy_reloaded``, ``policy_unchanged``, ``policy_rejected`` and ``policy_warning`` are logged here
+only, for the main ``--policy`` file and the per-run ``.ckpt-watcher.yaml`` files alike, and
+``changes`` means one thing for both: each retention key whose value *as written in that file*
+changed, ``{"old": ..., "new": ...}``, where ``null`` is "not set in this file" (the parent's value,
+or the default, applies). ``PolicyFile`` follows the main file of a running daemon.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from ckpt_watcher.policy import LoadedPolicy, PolicyError, load_policy
+from ckpt_watcher.records import FileIdentity
+
+logger = structlog.get_logger("ckpt_watcher.policy_file")
+
+
+class InvalidPolicyFilesError(Exception):
+    """Several policy files (root, per-run overrides, protect_from configs) with problems: all are
+    shown, exit code 2, nothing deleted."""
+
+    def __init__(self, errors: list[PolicyError]) -> None:
+        self.errors = errors
+        super().__init__("; ".join(str(error) for error in errors))
+
+
+def setting_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """The keys whose value as written changed: ``{key: {"old": ..., "new": ...}}``, None = not set."""
+    return {
+        key: {"old": old.get(key), "new": new.get(key)}
+        for key in sorted(set(old) | set(new))
+        if old.get(key) != new.get(key)
+    }
+
+
+def log_warnings(loaded: LoadedPolicy) -> None:
+    """One ``policy_warning`` per warning of a file just read (a misspelt key, say)."""
+    for warning in loaded.warnings:
+        logger.warning("policy_warning", source=loaded.source_label, message=warning)
+
+
+def log_rejected(source: str, error: PolicyError, detail: str) -> None:
+    """An edit that cannot be used: every problem, and what stays in force instead."""
+    logger.error("policy_rejected", source=source, problems=error.problems, detail=detail)
+
+
+def log_loaded(source: str, old: Mapping[str, Any], new: LoadedPolicy) -> bool:
+    """A valid file read again: ``policy_reloaded`` with its changes, or ``policy_unchanged``.
+
+    Returns True if anything the file sets changed.
+    """
+    log_warnings(new)
+    changes = setting_changes(old, new.settings)
+    if changes:
+        logger.info("policy_reloaded", source=source, changes=changes)
+    else:
+        logger.info("policy_unchanged", source=source)
+    return bool(changes)
+
+
+def load_policy_logged(path: Path | None) -> LoadedPolicy:
+    """Load a policy once (a command's start) and log its warnings; a PolicyError is the caller's."""
+    loaded = load_policy(path)
+    log_warnings(loaded)
+    return loaded
+
+
+class PolicyFile:
+    """The main policy of a running daemon: re-read when its file changes (edit, rename, ConfigMap
+    symlink swap) or on request (SIGHUP); an unusable edit keeps the last good policy in force."""
+
+    def __init__(self, path: Path | None, loaded: LoadedPolicy) -> None:
+        self.path = path
+        self.loaded = loaded
+        self._signature = FileIdentity.of_path(path)
+        self._missing_logged = False
+
+    def changed_on_disk(self) -> bool:
+        """True if the file is no longer the one last read (or appeared, or vanished)."""
+        return FileIdentity.of_path(self.path) != self._signature
+
+    def reload(self) -> bool:
+        """Re-read the file; True if a different valid policy is now in force."""
+        self._signature = FileIdentity.of_path(self.path)
+        if self.path is None:
+            logger.info("policy_unchanged", source=self.loaded.source_label)
+            return False
+        if not self.path.exists():
+            if not self._missing_logged:
+                logger.warning(
+                    "policy_missing",
+                    source=str(self.path),
+                    detail="the policy file is gone; the last good policy stays in force",
+                )
+                self._missing_logged = True
+            return False
+        self._missing_logged = False
+        try:
+            loaded = load_policy(self.path)
+        except PolicyError as error:
+            log_rejected(str(self.path), error, "the previous policy stays in force")
+            return False
+        previous, self.loaded = self.loaded, loaded
+        return log_loaded(str(self.path), previous.settings, loaded)

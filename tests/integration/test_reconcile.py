@@ -1,0 +1,207 @@
+"""The reconcile core called directly on real trees in tmp_path: one pass, its result, its memory."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterator, MutableMapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog
+from structlog.testing import LogCapture
+
+from ckpt_watcher import delete, groups
+from ckpt_watcher.overrides import PolicyTree
+from ckpt_watcher.policy import load_policy
+from ckpt_watcher.policy_file import InvalidPolicyFilesError
+from ckpt_watcher.protection import ProtectionRegistry
+from ckpt_watcher.reconcile import Reconciler, Trigger, prune_once
+from tests.support.factories import step_name, write_checkpoint
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+def captured() -> Iterator[LogCapture]:
+    capture = LogCapture()
+    structlog.configure(processors=[capture], cache_logger_on_first_use=False)
+    yield capture
+    structlog.reset_defaults()
+
+
+def _events(capture: LogCapture, name: str) -> list[MutableMapping[str, Any]]:
+    return [entry for entry in list(capture.entries) if entry["event"] == name]
+
+
+def _daemon_core(root: Path, policy: Path | None = None, stop: threading.Event | None = None) -> Reconciler:
+    """The core as the daemon holds it: lenient about policy errors, remembering between passes."""
+    tree = PolicyTree(root, load_policy(policy), strict=False)
+    return Reconciler(tree, ProtectionRegistry(root), pins={}, settle_seconds=0, one_shot=False, stop=stop)
+
+
+def _steps(directory: Path, steps: range | list[int]) -> list[Path]:
+    return [write_checkpoint(directory / step_name(0, step)) for step in steps]
+
+
+def _names(directory: Path) -> set[str]:
+    return {path.name for path in directory.iterdir()}
+
+
+def test_a_pass_result_counts_what_was_applied(tmp_path: Path) -> None:
+    _steps(tmp_path / "run", range(100, 1000, 100))
+
+    dry = prune_once(
+        tmp_path, load_policy(None), pins={}, settle_seconds=0, dry_run=True, working_directory=tmp_path
+    )
+    assert (dry.summary.deleted, dry.deleted, dry.applied) == (4, 0, None)
+    assert len(_names(tmp_path / "run")) == 9
+
+    done = prune_once(
+        tmp_path, load_policy(None), pins={}, settle_seconds=0, dry_run=False, working_directory=tmp_path
+    )
+    assert done.trigger is Trigger.PRUNE
+    assert (done.summary.deleted, done.deleted, done.failed) == (4, 4, 0)
+    assert done.bytes_freed == sum(decision.record.bytes for decision in done.the_plan.deletions)
+    assert done.sources == {tmp_path: ("embedded default",), tmp_path / "run": ("embedded default",)}
+    assert len(_names(tmp_path / "run")) == 5
+
+
+def test_a_link_in_one_group_protects_its_target_in_another_in_every_pass(tmp_path: Path) -> None:
+    target, *_ = _steps(tmp_path / "b", range(100, 800, 100))
+    (tmp_path / "a").mkdir()
+    os.symlink(Path("..") / "b" / target.name, tmp_path / "a" / "last.ckpt")
+    core = _daemon_core(tmp_path)
+
+    startup = core.run(Trigger.STARTUP, keep_plan=True)
+    event = core.run(Trigger.EVENT, {tmp_path / "b"}, keep_plan=True)  # only b: a's link is remembered
+
+    for result in (startup, event):
+        decision = next(decision for decision in result.the_plan.decisions if decision.record.path == target)
+        assert decision.action == "keep"
+        assert "target of a/last.ckpt" in decision.reasons
+    assert target.exists()
+    assert _names(tmp_path / "b") == {target.name, *(step_name(0, step) for step in range(300, 800, 100))}
+
+
+def test_a_stop_before_the_scan_ends_plans_and_deletes_nothing(tmp_path: Path) -> None:
+    _steps(tmp_path, range(100, 1000, 100))
+    stop = threading.Event()
+    stop.set()
+
+    result = _daemon_core(tmp_path, stop=stop).run(Trigger.STARTUP)
+
+    assert result.interrupted
+    assert result.the_plan.groups == ()
+    assert len(_names(tmp_path)) == 9
+
+
+def test_a_stop_is_honoured_between_two_deletions_of_one_group(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _steps(tmp_path, range(100, 2100, 100))
+    stop = threading.Event()
+    delete_one = delete._delete_one
+
+    def delete_then_stop(directory_fd: int, decision: Any) -> Any:
+        result = delete_one(directory_fd, decision)
+        stop.set()  # a SIGTERM arrives during the first deletion
+        return result
+
+    monkeypatch.setattr(delete, "_delete_one", delete_then_stop)
+
+    result = _daemon_core(tmp_path, stop=stop).run(Trigger.STARTUP)
+
+    assert result.summary.deleted == 15
+    assert result.deleted == 1
+    assert result.interrupted
+    assert len(_names(tmp_path)) == 19
+
+
+def test_a_last_link_missing_from_one_listing_keeps_its_target_until_rechecked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(groups, "LINK_RECHECK_SECONDS", 0.2)
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("save_top_k_checkpoints: 1\n")
+    root = tmp_path / "root"
+    _, target, _ = _steps(root, [100, 200, 300])
+    link = root / "last.ckpt"
+    os.symlink(target.name, link)
+    core = _daemon_core(root, policy)
+    core.run(Trigger.STARTUP)
+    assert target.exists()
+
+    link.unlink()  # Lightning's unlink + symlink, listed in between
+    first = core.run(Trigger.EVENT, {root}, keep_plan=True)
+    kept = next(decision for decision in first.the_plan.decisions if decision.record.path == target)
+    assert kept.action == "keep"
+    assert kept.reasons == ("target of last.ckpt (missing from this listing; re-checked)",)
+    assert core.index.next_recheck() is not None
+
+    time.sleep(0.3)  # the link stays gone past the re-check: its absence is trusted
+    second = core.run(Trigger.EVENT, core.index.take_due_rechecks(time.monotonic()), keep_plan=True)
+    assert [decision.record.path for decision in second.the_plan.deletions] == [target]
+    assert not target.exists()
+
+
+def test_an_invalid_per_run_policy_blocks_its_group_and_no_other(
+    tmp_path: Path, captured: LogCapture
+) -> None:
+    _steps(tmp_path / "good", range(100, 800, 100))
+    _steps(tmp_path / "bad", range(100, 800, 100))
+    (tmp_path / "bad" / ".ckpt-watcher.yaml").write_text("save_top_k_checkpoints: lots\n")
+    core = _daemon_core(tmp_path)
+
+    first = core.run(Trigger.STARTUP)
+    core.run(Trigger.RESCAN)
+
+    assert first.blocked == [tmp_path / "bad"]
+    assert len(_events(captured, "group_blocked")) == 1  # logged once while it stays blocked
+    assert len(_names(tmp_path / "bad")) == 8
+    assert len(_names(tmp_path / "good")) == 5
+    with pytest.raises(InvalidPolicyFilesError):
+        prune_once(
+            tmp_path, load_policy(None), pins={}, settle_seconds=0, dry_run=True, working_directory=tmp_path
+        )
+
+
+def test_events_name_the_groups_that_hold_what_changed(tmp_path: Path) -> None:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text('naming:\n  step: "checkpoint-{step}"\n')
+    root = tmp_path / "root"
+    (root / "run" / "checkpoint-100").mkdir(parents=True)
+    (root / "run" / "nested" / "deeper").mkdir(parents=True)
+    core = _daemon_core(root, policy)
+    core.run(Trigger.STARTUP)
+    assert set(core.index) == {
+        root,
+        root / "run",
+        root / "run" / "nested",
+        root / "run" / "nested" / "deeper",
+    }
+
+    inside = str(root / "run" / "checkpoint-100" / "trainer_state.json")
+    assert core.groups_touched([inside], []) == {root / "run"}
+    (root / "new" / "sub").mkdir(parents=True)
+    assert core.groups_touched([], [str(root / "new")]) == {root, root / "new", root / "new" / "sub"}
+    (root / "run" / "nested" / "deeper").rmdir()
+    (root / "run" / "nested").rmdir()
+    assert core.groups_touched([], [str(root / "run" / "nested")]) == {root / "run"}
+    assert root / "run" / "nested" / "deeper" not in core.index
+
+
+def test_leftovers_of_an_interrupted_removal_are_finished_only_when_not_a_dry_run(tmp_path: Path) -> None:
+    interrupted = tmp_path / "run" / "epoch=00-step=000100-train.ckpt"  # as delete.py renames it
+    interrupted.mkdir(parents=True)
+    (interrupted / "shard").write_bytes(b"x")
+    leftover = interrupted.with_name(delete.leftover_name(interrupted.name, interrupted.stat().st_ino))
+    interrupted.rename(leftover)
+    loaded = load_policy(None)
+
+    prune_once(tmp_path, loaded, pins={}, settle_seconds=0, dry_run=True, working_directory=tmp_path)
+    assert leftover.exists()
+    prune_once(tmp_path, loaded, pins={}, settle_seconds=0, dry_run=False, working_directory=tmp_path)
+    assert not leftover.exists()

@@ -1,0 +1,111 @@
+"""GroupIndex without a disk: which group a path belongs to, the subtree a change touches, the memory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ckpt_watcher.groups import GroupIndex
+from ckpt_watcher.naming import DEFAULT_NAMING, Naming
+
+ROOT = Path("/ckpt")
+HUGGING_FACE = Naming.from_templates(step="checkpoint-{step}")
+
+
+def _index(naming: Naming = DEFAULT_NAMING) -> GroupIndex:
+    return GroupIndex(ROOT, lambda directory: naming)
+
+
+GROUP_OF = [
+    # (path, naming, group)
+    (ROOT / "run" / "epoch=00-step=000100-train.ckpt", DEFAULT_NAMING, ROOT / "run"),
+    (ROOT / "epoch=00-step=000100-train.ckpt", DEFAULT_NAMING, ROOT),
+    (ROOT / "a" / "b" / "c" / "notes.txt", DEFAULT_NAMING, ROOT / "a" / "b" / "c"),
+    # inside a directory checkpoint: the group holding the checkpoint
+    (ROOT / "run" / "epoch=00-step=000100-train.ckpt" / "latest", DEFAULT_NAMING, ROOT / "run"),
+    (ROOT / "run" / "epoch=00-step=000100-train.ckpt" / "zero" / "shard", DEFAULT_NAMING, ROOT / "run"),
+    (ROOT / "run" / "checkpoint-400" / "trainer_state.json", HUGGING_FACE, ROOT / "run"),
+    (ROOT / "run" / "checkpoint-400", HUGGING_FACE, ROOT / "run"),
+    (ROOT / "run" / "checkpoints" / "x", HUGGING_FACE, ROOT / "run" / "checkpoints"),  # not a step name
+    (ROOT, DEFAULT_NAMING, None),
+    (Path("/elsewhere/run/x.ckpt"), DEFAULT_NAMING, None),
+    (Path("/ckpt-other/x.ckpt"), DEFAULT_NAMING, None),
+]
+
+
+@pytest.mark.parametrize(("path", "naming", "group"), GROUP_OF)
+def test_a_path_belongs_to_the_group_that_holds_it(path: Path, naming: Naming, group: Path | None) -> None:
+    assert _index(naming).group_of(path) == group
+
+
+def test_below_visits_only_the_subtree() -> None:
+    index = _index()
+    for name in ("a", "a/x", "a/x/deep", "b", "b/y"):
+        index.state(ROOT / name)
+
+    assert set(index.below(ROOT / "a")) == {ROOT / "a", ROOT / "a" / "x", ROOT / "a" / "x" / "deep"}
+    assert set(index.below(ROOT / "new")) == set()
+    assert set(index.below(ROOT)) == set(index)
+
+
+def test_a_group_known_before_its_parent_is_still_found_below_it() -> None:
+    index = _index()
+    index.state(ROOT / "a" / "x" / "deep")
+
+    assert list(index.below(ROOT / "a")) == [ROOT / "a" / "x" / "deep"]
+
+
+def test_forgetting_a_directory_forgets_its_subtree_and_its_memory() -> None:
+    index = _index()
+    for name in ("a", "a/x", "b"):
+        index.state(ROOT / name)
+    index.set_protect_from(ROOT / "a" / "x", {Path("/configs/train.yaml"): "train.yaml"})
+    index.set_link_targets(ROOT / "a" / "x", {ROOT / "b" / "target.ckpt": "target of a/x/last.ckpt"})
+    index.recheck(ROOT / "a" / "x", 10.0)
+
+    index.forget(ROOT / "a")
+
+    assert set(index) == {ROOT / "b"}
+    assert index.configs() == {}
+    assert index.link_targets_outside(set()) == {}
+    assert index.next_recheck() is None
+    assert set(index.below(ROOT)) == {ROOT / "b"}
+
+
+def test_configs_are_the_union_of_every_groups_and_follow_changes() -> None:
+    index = _index()
+    train = {Path("/configs/train.yaml"): "train.yaml"}
+    finetune = {Path("/configs/finetune.yaml"): "finetune.yaml"}
+    index.set_protect_from(ROOT / "a", train)
+    index.set_protect_from(ROOT / "b", {**train, **finetune})
+    assert index.configs() == {**train, **finetune}
+
+    index.set_protect_from(ROOT / "b", {})
+    assert index.configs() == train
+
+
+def test_link_targets_of_the_groups_outside_a_pass() -> None:
+    index = _index()
+    index.set_link_targets(ROOT / "a", {ROOT / "b" / "old.ckpt": "target of a/last.ckpt"})
+    index.set_link_targets(ROOT / "b", {ROOT / "b" / "new.ckpt": "target of b/last.ckpt"})
+
+    assert index.link_targets_outside({ROOT / "b"}) == {ROOT / "b" / "old.ckpt": "target of a/last.ckpt"}
+    index.set_link_targets(ROOT / "a", {})
+    assert index.link_targets_outside({ROOT / "b"}) == {}
+
+
+def test_rechecks_keep_the_earliest_time_and_are_taken_once_due() -> None:
+    index = _index()
+    index.state(ROOT / "a")
+    index.state(ROOT / "b")
+    index.recheck(ROOT / "a", 5.0)
+    index.recheck(ROOT / "a", 3.0)
+    index.recheck(ROOT / "a", 4.0)
+    index.recheck(ROOT / "b", 9.0)
+    index.recheck(ROOT / "unknown", 1.0)  # a group not known: nothing to look at again
+
+    assert index.next_recheck() == 3.0
+    assert index.take_due_rechecks(4.0) == {ROOT / "a"}
+    assert index.take_due_rechecks(4.0) == set()
+    assert index.next_recheck() == 9.0
