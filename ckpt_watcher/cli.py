@@ -20,7 +20,7 @@ from typing import Any, TypeAlias
 
 import structlog
 
-from ckpt_watcher import __version__
+from ckpt_watcher import __version__, health
 from ckpt_watcher.lock import LockHeldError
 from ckpt_watcher.logs import LEVELS, configure_logging
 from ckpt_watcher.notify import Notifier
@@ -103,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_watch(commands)
     _add_inspect(commands)
     _add_policy(commands)
+    _add_health(commands)
     return parser
 
 
@@ -215,6 +216,17 @@ def _add_policy(commands: Commands) -> None:
     policy.add_argument("file", type=Path, nargs="?", metavar="FILE", help="YAML policy file")
     policy.add_argument("--json", action="store_true", help="print JSON instead of commented YAML")
     policy.set_defaults(handler=run_policy)
+
+
+def _add_health(commands: Commands) -> None:
+    """``health`` (the console script answers it without importing this module: ``console``)."""
+    health_parser = commands.add_parser(
+        "health",
+        help="exit 0 if the daemon's heartbeat file is fresh, 1 if stale or missing (for probes)",
+        description="Exit 0 if the daemon's heartbeat file is fresh, 1 if it is stale or missing.",
+    )
+    health.add_arguments(health_parser)
+    health_parser.set_defaults(handler=health.run)
 
 
 def _add_protect_option(parser: argparse.ArgumentParser) -> None:
