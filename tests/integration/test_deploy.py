@@ -8,8 +8,8 @@ exact command line is taken from the file as shipped (the unit's ``ExecStart=``,
   ``/checkpoints``, ``/run/ckpt-watcher``, ...) are mapped to directories under the test's ``tmp_path``,
   by prefix, wherever they occur in an argument (``PathMap``);
 * the program: ``/opt/ckpt-watcher/bin/ckpt-watcher`` (the unit) and ``ckpt-watcher`` (the image's
-  ENTRYPOINT) become this environment's console script beside ``sys.executable``; ``python`` (the
-  probes) becomes ``sys.executable``. Every other program (``/usr/bin/test``, ``/bin/kill``) runs as is.
+  ENTRYPOINT, its HEALTHCHECK and the manifests' probes) become this environment's console script
+  beside ``sys.executable``. Every other program (``/usr/bin/test``, ``/bin/kill``) runs as is.
 
 What the supervisor would add is reproduced too: systemd's ``NOTIFY_SOCKET`` (a socket of the test's
 own), ``WATCHDOG_USEC`` from ``WatchdogSec=`` (as ``systemd-analyze timespan`` reads it) and
@@ -23,6 +23,7 @@ one fails the test, it never skips (``.ci/run`` installs them).
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -41,6 +42,7 @@ from typing import Any
 import pytest
 import yaml
 
+from ckpt_watcher import health
 from ckpt_watcher.cli import build_parser
 from ckpt_watcher.policy import load_policy
 from tests.support.daemon import DaemonProcess, only_child, running_daemon, wait_until
@@ -133,6 +135,17 @@ def _parse_watch_command(arguments: Sequence[str]) -> Any:
         return build_parser().parse_args(list(arguments))
     except SystemExit as exit_:
         pytest.fail(f"ckpt-watcher rejects {shlex.join(arguments)} (exit {exit_.code})")
+
+
+def _probe_heartbeat(command: Sequence[str]) -> Path:
+    """The heartbeat file a probe checks: it must be ``ckpt-watcher health`` (no ``python -c``, no
+    shell), with options its parser accepts."""
+    program, command_name, *arguments = command
+    assert (program, command_name) == ("ckpt-watcher", "health"), f"not a health probe: {command}"
+    parser = argparse.ArgumentParser()
+    health.add_arguments(parser)
+    heartbeat: Path = parser.parse_args(arguments).heartbeat
+    return heartbeat
 
 
 def _as_pid_1(command: Sequence[str]) -> list[str]:
@@ -471,7 +484,7 @@ def _container_map(tmp_path: Path) -> PathMap:
     """The image's paths -> temporary ones, as volumes would provide them."""
     return PathMap(
         paths={path: tmp_path / "container" / path.strip("/") for path in CONTAINER_PATHS},
-        programs={"ckpt-watcher": _console_script(), "python": sys.executable},
+        programs={"ckpt-watcher": _console_script()},
     )
 
 
@@ -490,7 +503,10 @@ def test_dockerfile_shape() -> None:
     assert arguments["INSTALL_TORCH"] == "false"
     assert dockerfile.all("USER") == ["${UID}:${GID}"]
     assert dockerfile.exec_form("ENTRYPOINT") == ["ckpt-watcher"]
-    assert dockerfile.exec_form("HEALTHCHECK")[0] == "python"
+    assert (
+        _probe_heartbeat(dockerfile.exec_form("HEALTHCHECK"))
+        == _parse_watch_command(dockerfile.exec_form("CMD")).heartbeat
+    )
     assert dockerfile.all("STOPSIGNAL") == ["SIGTERM"]
     pyproject = tomllib.loads((REPOSITORY / "pyproject.toml").read_text())
     assert "torch" in pyproject["project"]["optional-dependencies"]
@@ -689,7 +705,10 @@ def test_watcher_container_security_probes_resources_and_mounts(manifest: Path) 
     assert security["capabilities"] == {"drop": ["ALL"]}
     assert _pod_spec(manifest)["securityContext"]["runAsNonRoot"] is True
     for probe in ("startupProbe", "livenessProbe"):
-        assert watcher[probe]["exec"]["command"][0] == "python"
+        assert (
+            _probe_heartbeat(watcher[probe]["exec"]["command"])
+            == _parse_watch_command(watcher["args"]).heartbeat
+        )
     assert {"cpu", "memory"} <= watcher["resources"]["requests"].keys()
     assert {"cpu", "memory"} <= watcher["resources"]["limits"].keys()
 
@@ -759,7 +778,7 @@ def test_manifest_container_runs_passes_its_probes_and_hot_reloads_the_configmap
     volumes = _volumes(manifest)
     mapping = PathMap(
         paths={mount["mountPath"]: tmp_path / "pod" / mount["name"] for mount in watcher["volumeMounts"]},
-        programs={"ckpt-watcher": _console_script(), "python": sys.executable},
+        programs={"ckpt-watcher": _console_script()},
     )
     data: dict[str, str] = dict(_of_kind(CONFIGMAP, "ConfigMap")["data"])
     for mount in watcher["volumeMounts"]:
