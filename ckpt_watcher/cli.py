@@ -23,6 +23,13 @@ import structlog
 from ckpt_watcher import __version__, health
 from ckpt_watcher.lock import LockHeldError
 from ckpt_watcher.logs import LEVELS, configure_logging
+from ckpt_watcher.metrics import (
+    DaemonFigures,
+    MetricsAddress,
+    MetricsUnavailableError,
+    parse_metrics_address,
+    start_metrics,
+)
 from ckpt_watcher.notify import Notifier
 from ckpt_watcher.policy import POLICY_DESCRIPTIONS, PolicyError
 from ckpt_watcher.policy_file import InvalidPolicyFilesError, load_policy_logged
@@ -182,6 +189,13 @@ def _add_watch(commands: Commands) -> None:
         metavar="FILE",
         help="touch FILE every few seconds from the worker loop (for a liveness probe)",
     )
+    watch.add_argument(
+        "--metrics",
+        type=_metrics_address,
+        metavar="[HOST:]PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (PORT alone: every interface; "
+        "needs the metrics extra)",
+    )
     watch.set_defaults(handler=run_watch)
 
 
@@ -238,6 +252,13 @@ def _add_protect_option(parser: argparse.ArgumentParser) -> None:
         metavar="PATH",
         help="never delete PATH, e.g. the ckpt_path given on the trainer's command line (repeatable)",
     )
+
+
+def _metrics_address(text: str) -> MetricsAddress:
+    try:
+        return parse_metrics_address(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _positive_float(text: str) -> float:
@@ -352,12 +373,21 @@ def run_watch(arguments: argparse.Namespace) -> int:
         heartbeat=arguments.heartbeat,
         protect=tuple(arguments.protect),
     )
-    watcher = Watcher(options, loaded, notifier=Notifier())
+    figures = DaemonFigures()
     try:
-        watcher.lock_now()
-    except LockHeldError as error:
+        metrics = start_metrics(arguments.metrics, figures) if arguments.metrics is not None else None
+    except MetricsUnavailableError as error:
         raise UsageError(str(error)) from None
-    return supervise(watcher)
+    try:
+        watcher = Watcher(options, loaded, notifier=Notifier(), figures=figures)
+        try:
+            watcher.lock_now()
+        except LockHeldError as error:
+            raise UsageError(str(error)) from None
+        return supervise(watcher)
+    finally:
+        if metrics is not None:
+            metrics.close()
 
 
 def run_inspect(arguments: argparse.Namespace) -> int:

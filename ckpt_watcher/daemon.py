@@ -25,6 +25,7 @@ import structlog
 
 from ckpt_watcher.events import Batch, Inbox, ObserverFactory, default_observer_factory
 from ckpt_watcher.lock import DirectoryLock, LockHeldError, LockUnusableError
+from ckpt_watcher.metrics import DaemonFigures
 from ckpt_watcher.notify import Liveness, Notifier
 from ckpt_watcher.overrides import PolicyTree
 from ckpt_watcher.policy import LoadedPolicy
@@ -86,13 +87,15 @@ class Watcher:
         notifier: Notifier | None = None,
         observer_factory: ObserverFactory = default_observer_factory,
         stop: threading.Event | None = None,
+        figures: DaemonFigures | None = None,
     ) -> None:
         self.options = options
         self.stop = stop if stop is not None else threading.Event()
         self.inbox = Inbox()
         self.notifier = notifier if notifier is not None else Notifier({})
         self.liveness = Liveness(self.notifier, options.heartbeat)
-        self.policy = PolicyFile(options.policy_path, loaded_policy)
+        self.figures = figures if figures is not None else DaemonFigures()
+        self.policy = PolicyFile(options.policy_path, loaded_policy, on_outcome=self.figures.record_reload)
         self.registry = ProtectionRegistry(Path.cwd())
         self.session: Session | None = None
         self.exit_code = 0
@@ -201,6 +204,7 @@ class Watcher:
                 policy_changed = self.policy.reload()
             finally:
                 self.liveness.reloaded()
+                self.figures.set_policy_file_on_disk(self.policy.on_disk)
             if policy_changed and self.session is not None:
                 self.session.reconciler.tree.set_base(self.policy.loaded)
         protection_changed = self.registry.refresh(self.registry.configs())
@@ -220,7 +224,7 @@ class Watcher:
             return None
         self._early_lock = None
         reconciler = Reconciler(
-            PolicyTree(armed.path, self.policy.loaded, strict=False),
+            PolicyTree(armed.path, self.policy.loaded, strict=False, on_outcome=self.figures.record_reload),
             self.registry,
             pins=self._pins,
             settle_seconds=self.options.settle_seconds,
@@ -276,6 +280,9 @@ class Watcher:
         """Log the pass and show it in ``systemctl status``."""
         self.deleted_since_start += result.deleted
         self.bytes_freed_since_start += result.bytes_freed
+        if self.session is not None:
+            self.figures.set_root(self.session.root.path, self.session.root.observer_kind)
+        self.figures.record_pass(result, finished_at=time.time())
         summary = result.summary
         eventful = result.deleted or result.failed or result.detected or result.trigger.covers_everything
         logger.log(
@@ -309,6 +316,7 @@ class Watcher:
         if self.session is not None:
             self.session.root.disarm()
             self.session = None
+            self.figures.set_root(None, "none")
         if self._early_lock is not None:
             self._early_lock.release()
             self._early_lock = None
