@@ -147,7 +147,8 @@ class Reconciler:
     ``one_shot`` (prune): policy and protect_from errors raise, nothing is cached and no detection is
     logged. Otherwise (the daemon) an invalid edit is logged and the last good version stays in force.
     ``stop`` ends a pass between two deletions (or inside a long scan); ``progress`` is called
-    between groups (the liveness keep-alive of a long pass).
+    between groups (the liveness keep-alive of a long pass), and ``on_group`` with how many of the
+    pass's groups are done, of how many (a terminal's progress line).
     """
 
     def __init__(
@@ -160,6 +161,7 @@ class Reconciler:
         one_shot: bool,
         stop: threading.Event | None = None,
         progress: Callable[[], None] | None = None,
+        on_group: Callable[[int, int], None] | None = None,
     ) -> None:
         self.root = tree.root
         self.tree = tree
@@ -170,6 +172,7 @@ class Reconciler:
         self._one_shot = one_shot
         self._stop = stop
         self._progress = progress
+        self._on_group = on_group
         self._problems: dict[Path, str] = {}
         self._foreign_leftovers: set[tuple[int, int]] = set()  # reported once each
 
@@ -296,7 +299,7 @@ class Reconciler:
         for path in closed:
             closed_in[path.parent].add(path)
         wall_now = time.time()
-        for group, value in sorted(effective.items()):
+        for done, (group, value) in enumerate(sorted(effective.items()), start=1):
             if self._stop is not None and self._stop.is_set():
                 result.interrupted = True
                 return
@@ -310,6 +313,8 @@ class Reconciler:
             result.add_group(group_plan, applied)
             if self._progress is not None:
                 self._progress()
+            if self._on_group is not None:
+                self._on_group(done, len(effective))
 
     def _scan_group(
         self,
