@@ -47,6 +47,7 @@ from ckpt_watcher.cli import build_parser
 from ckpt_watcher.policy import load_policy
 from tests.support.daemon import DaemonProcess, only_child, running_daemon, wait_until
 from tests.support.factories import step_name, write_checkpoint
+from tests.support.metrics import metrics_port, scrape
 from tests.support.notify_socket import NotifySocket
 
 pytestmark = pytest.mark.timeout(180)
@@ -415,6 +416,43 @@ def test_unit_exec_start_runs_under_a_notify_socket(tmp_path: Path) -> None:
         notify.close()
 
 
+def _commented_block(path: Path, after: str) -> list[str]:
+    """The indented example lines (``#   ...``) of the comment that follows ``after`` in ``path``."""
+    lines = path.read_text().splitlines()
+    start = next(index for index, line in enumerate(lines) if after in line)
+    block: list[str] = []
+    for line in lines[start + 1 :]:
+        if not line.startswith("#"):
+            break
+        if line.startswith("#   "):
+            block.append(line[len("#   ") :])
+        elif block:
+            break
+    return block
+
+
+def test_env_file_documents_metrics_and_the_unit_the_drop_in_it_needs(tmp_path: Path) -> None:
+    """The env file's --metrics example parses; the unit's network drop-in for it passes verify and
+    lets the service open the TCP socket the sandbox otherwise refuses."""
+    [example] = _commented_block(UNIT_ENV, "Prometheus metrics at")
+    key, _, options = example.partition("=")
+    assert key == "WATCH_OPTIONS"
+    metrics = _parse_watch_command(["watch", "/data", *shlex.split(options)]).metrics
+    assert (metrics.host, metrics.port) == ("127.0.0.1", 9464)
+
+    drop_in = _commented_block(UNIT, "The metrics endpoint")
+    assert drop_in[0] == "[Service]"
+    settings = dict(line.split("=", 1) for line in drop_in[1:])
+    assert settings == {"PrivateNetwork": "no", "RestrictAddressFamilies": "AF_UNIX AF_INET AF_INET6"}
+    service = _unit_directives(UNIT)["Service"]
+    assert _one(service, "PrivateNetwork") == "yes", "without the drop-in the service has no network"
+    assert _one(service, "RestrictAddressFamilies") == "AF_UNIX"
+    with_drop_in = tmp_path / UNIT.name  # systemd reads a drop-in's [Service] as if appended
+    with_drop_in.write_text(UNIT.read_text() + "\n" + "\n".join(drop_in) + "\n")
+    result = _run([str(VERIFY_SCRIPT), str(with_drop_in)])
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_unit_start_fails_when_the_checkpoint_dir_is_missing(tmp_path: Path) -> None:
     """ExecStartPre= refuses a CHECKPOINT_DIR that is not there (or not writable) before the daemon runs."""
     installed = _install_unit(tmp_path)
@@ -510,7 +548,13 @@ def test_dockerfile_shape() -> None:
     assert dockerfile.all("STOPSIGNAL") == ["SIGTERM"]
     pyproject = tomllib.loads((REPOSITORY / "pyproject.toml").read_text())
     assert "torch" in pyproject["project"]["optional-dependencies"]
-    assert any('"/src${extra}"' in run and 'extra="[torch]"' in run for run in dockerfile.all("RUN"))
+    optional = pyproject["project"]["optional-dependencies"]
+    assert {"torch", "metrics"} <= optional.keys()
+    install = [run for run in dockerfile.all("RUN") if '"/src[${extras}]"' in run]
+    assert len(install) == 1, "one pip install of the package, with its extras"
+    assert 'extras="metrics";' in install[0], "the image serves --metrics"
+    assert 'extras="metrics,torch";' in install[0]
+    assert dockerfile.all("EXPOSE") == ["9464"]
 
 
 def test_build_context_allowed_by_dockerignore_builds_the_package(tmp_path: Path) -> None:
@@ -670,6 +714,25 @@ def test_container_args_are_accepted_by_the_cli_parser(arguments: list[str]) -> 
     assert parsed.heartbeat == Path("/run/ckpt-watcher/heartbeat")
 
 
+@pytest.mark.parametrize("manifest", MANIFESTS, ids=lambda path: path.stem)
+def test_manifest_exposes_the_metrics_port_named_metrics_with_scrape_annotations(manifest: Path) -> None:
+    watcher = _watcher_container(manifest)
+    metrics = _parse_watch_command(watcher["args"]).metrics
+    assert metrics is not None, "the watcher serves --metrics"
+    assert metrics.host == "", "on every interface of the pod: Prometheus scrapes the pod's IP"
+    [port] = [port for port in watcher["ports"] if port["name"] == "metrics"]
+    assert port == {"name": "metrics", "containerPort": metrics.port, "protocol": "TCP"}
+    workload = next(
+        document for document in _documents(manifest) if document["kind"] in {"Job", "Deployment"}
+    )
+    annotations = workload["spec"]["template"]["metadata"]["annotations"]
+    assert annotations == {
+        "prometheus.io/scrape": "true",
+        "prometheus.io/port": str(metrics.port),
+        "prometheus.io/path": "/metrics",
+    }
+
+
 def test_shared_volume_deployment_polls_one_replica_read_write_many() -> None:
     manifest = MANIFESTS[1]
     parsed = _parse_watch_command(_watcher_container(manifest)["args"])
@@ -764,6 +827,13 @@ class ConfigMapVolume:
         shutil.rmtree(previous)
 
 
+def _free_metrics_port(command: list[str]) -> list[str]:
+    """The command with ``--metrics PORT`` on a free loopback port instead (the pod's own network
+    namespace is not reproduced: the manifest's port may be taken on this machine)."""
+    position = command.index("--metrics") + 1
+    return [*command[:position], "127.0.0.1:0", *command[position + 1 :]]
+
+
 def _probe_passes(command: Sequence[str]) -> bool:
     return _run(command, timeout=30).returncode == 0
 
@@ -793,7 +863,7 @@ def test_manifest_container_runs_passes_its_probes_and_hot_reloads_the_configmap
             assert "emptyDir" in volume
             directory.mkdir(parents=True)
     dockerfile = Dockerfile.read(DOCKERFILE)
-    command = mapping.command([*dockerfile.exec_form("ENTRYPOINT"), *watcher["args"]])
+    command = _free_metrics_port(mapping.command([*dockerfile.exec_form("ENTRYPOINT"), *watcher["args"]]))
     startup = mapping.command(watcher["startupProbe"]["exec"]["command"])
     liveness = mapping.command(watcher["livenessProbe"]["exec"]["command"])
 
@@ -803,6 +873,10 @@ def test_manifest_container_runs_passes_its_probes_and_hot_reloads_the_configmap
         wait_until(lambda: _probe_passes(startup), timeout=60, what="the startup probe to pass")
         assert _names(checkpoints) == KEPT_AT_START
         assert _probe_passes(liveness)
+        metrics = scrape(metrics_port(daemon))
+        assert metrics.value("ckpt_watcher_deletions_total", kind="step") == len(SEEDED_STEPS) - len(
+            KEPT_AT_START
+        )
 
         edited = data["policy.yaml"].replace("save_top_k_checkpoints: 3", "save_top_k_checkpoints: 2")
         assert edited != data["policy.yaml"]
