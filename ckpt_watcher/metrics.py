@@ -109,10 +109,12 @@ class DaemonFigures:
             self._policy_file_on_disk = on_disk
 
     def set_root(self, root: Path | None, observer: str) -> None:
-        """The root being watched (None while waiting for it) and how (inotify, polling, ...)."""
+        """The root being watched (None while waiting for it) and how: the observer's description
+        (``polling every 15 s``) is cut to its first word, so the label takes a few fixed values."""
+        words = observer.split()
         with self._lock:
             self._root = root
-            self._observer = observer or "none"
+            self._observer = words[0] if words and words[0].isalpha() else "none"
 
     def snapshot(self) -> Snapshot:
         """A consistent copy of every figure."""

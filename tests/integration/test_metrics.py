@@ -282,6 +282,16 @@ def test_sigterm_still_stops_the_daemon_cleanly_with_the_metrics_thread_running(
     assert daemon.events("watch_stopped")
 
 
+def test_a_polling_daemon_says_so_without_its_interval_in_a_label(root: Path, tmp_path: Path) -> None:
+    write_checkpoint(root / step_name(0, 100))
+    arguments = ["watch", str(root), "--poll-interval", "0.5", "--settle", "0", "--metrics", "127.0.0.1:0"]
+    with running_daemon(arguments, tmp_path / "log") as process:
+        process.wait_ready()
+        metrics = scrape(metrics_port(process))
+
+    assert metrics.value("ckpt_watcher_info", version="0.1.0", observer="polling") == 1
+
+
 def test_sighup_reloads_and_is_counted_with_the_metrics_thread_running(daemon: DaemonProcess) -> None:
     port = metrics_port(daemon)
     daemon.send(signal.SIGHUP)

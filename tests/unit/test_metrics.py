@@ -242,6 +242,23 @@ def test_a_scrape_leaves_the_filesystem_out_while_another_scrapes_statvfs_has_no
     assert "ckpt_watcher_filesystem_free_bytes" in _scrape(figures, collector)
 
 
+@pytest.mark.parametrize(
+    ("described", "label"),
+    [
+        ("inotify", "inotify"),
+        ("polling every 15 s", "polling"),
+        ("polling every 5 s (inotify unavailable)", "polling"),
+        ("", "none"),
+        ("none", "none"),
+    ],
+)
+def test_the_observer_label_takes_a_few_fixed_values_never_the_interval(described: str, label: str) -> None:
+    figures = DaemonFigures()
+    figures.set_root(Path("/ckpt"), described)
+
+    assert figures.snapshot().observer == label
+
+
 def test_the_trash_gauge_is_there_only_when_there_is_a_trash() -> None:
     figures = DaemonFigures()
     figures.record_pass(PassResult(Trigger.FULL), finished_at=1.0)
