@@ -20,7 +20,7 @@ from typing import Any, TypeAlias
 
 import structlog
 
-from ckpt_watcher import __version__, health
+from ckpt_watcher import __version__, health, terminal
 from ckpt_watcher.lock import LockHeldError
 from ckpt_watcher.logs import LEVELS, configure_logging
 from ckpt_watcher.metrics import (
@@ -44,6 +44,7 @@ from ckpt_watcher.report import (
     render_policy,
     render_table,
 )
+from ckpt_watcher.terminal import PassProgress
 
 EXIT_OK = 0
 EXIT_DELETE_FAILED = 1
@@ -325,6 +326,7 @@ def run_prune(arguments: argparse.Namespace) -> int:
     """``prune``: one strict reconcile pass (with --dry-run: nothing applied), as a table or JSON."""
     loaded = load_policy_logged(arguments.policy)
     root = resolve_root(arguments.path)
+    progress = PassProgress(terminal.current) if terminal.current is not None else None
     with _no_cyclic_collection():
         result = prune_once(
             root,
@@ -333,7 +335,10 @@ def run_prune(arguments: argparse.Namespace) -> int:
             settle_seconds=arguments.settle,
             dry_run=arguments.dry_run,
             working_directory=Path.cwd(),
+            on_group=progress.update if progress is not None else None,
         )
+        if progress is not None:
+            progress.finish()
         if arguments.json:
             document = plan_document(
                 result.the_plan, loaded, arguments.dry_run, result.applied, result.sources

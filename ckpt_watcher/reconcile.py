@@ -128,15 +128,17 @@ def prune_once(
     settle_seconds: float,
     dry_run: bool,
     working_directory: Path,
+    on_group: Callable[[int, int], None] | None = None,
 ) -> PassResult:
     """``prune``: one strict pass over ``root``; an invalid policy or protect_from file anywhere raises
-    InvalidPolicyFilesError before anything is deleted."""
+    InvalidPolicyFilesError before anything is deleted. ``on_group``: as for ``Reconciler``."""
     reconciler = Reconciler(
         PolicyTree(root, loaded, strict=True),
         ProtectionRegistry(working_directory),
         pins=pins,
         settle_seconds=settle_seconds,
         one_shot=True,
+        on_group=on_group,
     )
     return reconciler.run(Trigger.PRUNE, dry_run=dry_run, keep_plan=True)
 
