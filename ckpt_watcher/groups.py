@@ -30,7 +30,7 @@ class LastLink:
     missing_since: float | None = None
 
 
-@dataclass
+@dataclass(slots=True)
 class Tally:
     """Checkpoints and their bytes by kind (``step``, ``best``, ``last``): what a group keeps, what a
     pass deleted. Only kinds with a checkpoint have an entry."""
@@ -71,7 +71,7 @@ class GroupState:
     last_links: dict[str, LastLink] = field(default_factory=dict)
     protect_from: Mapping[Path, str] = field(default_factory=dict)
     blocked: bool = False
-    kept: Tally = field(default_factory=Tally)
+    kept: Tally | None = None  # None: nothing kept (most directories of a large tree hold no checkpoint)
 
 
 class GroupIndex:
@@ -139,7 +139,7 @@ class GroupIndex:
             pending.extend(self._children.pop(directory, ()))
         for directory in doomed:
             state = self._states.pop(directory, None)
-            if state is not None:
+            if state is not None and state.kept is not None:
                 self._kept.merge(state.kept, sign=-1)
             if self._config_users.pop(directory, None) is not None:
                 self._configs = None
@@ -174,9 +174,10 @@ class GroupIndex:
     def set_kept(self, directory: Path, kept: Tally) -> None:
         """What ``directory``'s latest plan keeps (it replaces what its previous plan kept)."""
         state = self.state(directory)
-        self._kept.merge(state.kept, sign=-1)
+        if state.kept is not None:
+            self._kept.merge(state.kept, sign=-1)
         self._kept.merge(kept)
-        state.kept = kept
+        state.kept = kept if kept.checkpoints else None
 
     def kept(self) -> Tally:
         """What the latest plan of every known group keeps, summed (kept up to date, never recomputed):
