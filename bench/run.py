@@ -24,6 +24,7 @@ import baseline
 import footprint
 import interference
 import latency
+import probes
 import scale
 from benchlib import REPOSITORY, Config, Section, machine_description, markdown_table
 
@@ -33,6 +34,7 @@ SECTIONS: dict[str, Callable[[Config], Section]] = {
     "footprint": footprint.measure,
     "interference": interference.measure,
     "baseline": baseline.measure,
+    "probes": probes.measure,
 }
 
 PRESETS: dict[str, dict[str, object]] = {

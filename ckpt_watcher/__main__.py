@@ -2,6 +2,6 @@
 
 import sys
 
-from ckpt_watcher.cli import main
+from ckpt_watcher.console import main
 
 sys.exit(main())

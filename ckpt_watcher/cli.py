@@ -20,9 +20,16 @@ from typing import Any, TypeAlias
 
 import structlog
 
-from ckpt_watcher import __version__
+from ckpt_watcher import __version__, health, terminal
 from ckpt_watcher.lock import LockHeldError
 from ckpt_watcher.logs import LEVELS, configure_logging
+from ckpt_watcher.metrics import (
+    DaemonFigures,
+    MetricsAddress,
+    MetricsUnavailableError,
+    parse_metrics_address,
+    start_metrics,
+)
 from ckpt_watcher.notify import Notifier
 from ckpt_watcher.policy import POLICY_DESCRIPTIONS, PolicyError
 from ckpt_watcher.policy_file import InvalidPolicyFilesError, load_policy_logged
@@ -37,6 +44,7 @@ from ckpt_watcher.report import (
     render_policy,
     render_table,
 )
+from ckpt_watcher.terminal import PassProgress
 
 EXIT_OK = 0
 EXIT_DELETE_FAILED = 1
@@ -103,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_watch(commands)
     _add_inspect(commands)
     _add_policy(commands)
+    _add_health(commands)
     return parser
 
 
@@ -181,6 +190,13 @@ def _add_watch(commands: Commands) -> None:
         metavar="FILE",
         help="touch FILE every few seconds from the worker loop (for a liveness probe)",
     )
+    watch.add_argument(
+        "--metrics",
+        type=_metrics_address,
+        metavar="[HOST:]PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (PORT alone: every interface; "
+        "needs the metrics extra)",
+    )
     watch.set_defaults(handler=run_watch)
 
 
@@ -217,6 +233,17 @@ def _add_policy(commands: Commands) -> None:
     policy.set_defaults(handler=run_policy)
 
 
+def _add_health(commands: Commands) -> None:
+    """``health`` (the console script answers it without importing this module: ``console``)."""
+    health_parser = commands.add_parser(
+        "health",
+        help="exit 0 if the daemon's heartbeat file is fresh, 1 if stale or missing (for probes)",
+        description="Exit 0 if the daemon's heartbeat file is fresh, 1 if it is stale or missing.",
+    )
+    health.add_arguments(health_parser)
+    health_parser.set_defaults(handler=health.run)
+
+
 def _add_protect_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--protect",
@@ -226,6 +253,13 @@ def _add_protect_option(parser: argparse.ArgumentParser) -> None:
         metavar="PATH",
         help="never delete PATH, e.g. the ckpt_path given on the trainer's command line (repeatable)",
     )
+
+
+def _metrics_address(text: str) -> MetricsAddress:
+    try:
+        return parse_metrics_address(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _positive_float(text: str) -> float:
@@ -292,6 +326,7 @@ def run_prune(arguments: argparse.Namespace) -> int:
     """``prune``: one strict reconcile pass (with --dry-run: nothing applied), as a table or JSON."""
     loaded = load_policy_logged(arguments.policy)
     root = resolve_root(arguments.path)
+    progress = PassProgress(terminal.current) if terminal.current is not None else None
     with _no_cyclic_collection():
         result = prune_once(
             root,
@@ -300,7 +335,10 @@ def run_prune(arguments: argparse.Namespace) -> int:
             settle_seconds=arguments.settle,
             dry_run=arguments.dry_run,
             working_directory=Path.cwd(),
+            on_group=progress.update if progress is not None else None,
         )
+        if progress is not None:
+            progress.finish()
         if arguments.json:
             document = plan_document(
                 result.the_plan, loaded, arguments.dry_run, result.applied, result.sources
@@ -340,12 +378,21 @@ def run_watch(arguments: argparse.Namespace) -> int:
         heartbeat=arguments.heartbeat,
         protect=tuple(arguments.protect),
     )
-    watcher = Watcher(options, loaded, notifier=Notifier())
+    figures = DaemonFigures()
     try:
-        watcher.lock_now()
-    except LockHeldError as error:
+        metrics = start_metrics(arguments.metrics, figures) if arguments.metrics is not None else None
+    except MetricsUnavailableError as error:
         raise UsageError(str(error)) from None
-    return supervise(watcher)
+    try:
+        watcher = Watcher(options, loaded, notifier=Notifier(), figures=figures)
+        try:
+            watcher.lock_now()
+        except LockHeldError as error:
+            raise UsageError(str(error)) from None
+        return supervise(watcher)
+    finally:
+        if metrics is not None:
+            metrics.close()
 
 
 def run_inspect(arguments: argparse.Namespace) -> int:

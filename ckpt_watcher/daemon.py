@@ -23,8 +23,10 @@ from typing import Protocol
 
 import structlog
 
+from ckpt_watcher import terminal
 from ckpt_watcher.events import Batch, Inbox, ObserverFactory, default_observer_factory
 from ckpt_watcher.lock import DirectoryLock, LockHeldError, LockUnusableError
+from ckpt_watcher.metrics import DaemonFigures
 from ckpt_watcher.notify import Liveness, Notifier
 from ckpt_watcher.overrides import PolicyTree
 from ckpt_watcher.policy import LoadedPolicy
@@ -33,6 +35,8 @@ from ckpt_watcher.protection import ProtectionRegistry, command_line_pins
 from ckpt_watcher.reconcile import PassResult, Reconciler, Trigger
 from ckpt_watcher.report import human_bytes
 from ckpt_watcher.root import ArmedRoot, take_lock
+from ckpt_watcher.status import budget_in_force, free_bytes, pass_fields, pass_sentence
+from ckpt_watcher.terminal import PassProgress
 
 logger = structlog.get_logger("ckpt_watcher.daemon")
 
@@ -86,13 +90,16 @@ class Watcher:
         notifier: Notifier | None = None,
         observer_factory: ObserverFactory = default_observer_factory,
         stop: threading.Event | None = None,
+        figures: DaemonFigures | None = None,
     ) -> None:
         self.options = options
         self.stop = stop if stop is not None else threading.Event()
         self.inbox = Inbox()
         self.notifier = notifier if notifier is not None else Notifier({})
         self.liveness = Liveness(self.notifier, options.heartbeat)
-        self.policy = PolicyFile(options.policy_path, loaded_policy)
+        self.figures = figures if figures is not None else DaemonFigures()
+        self.progress = PassProgress(terminal.current) if terminal.current is not None else None
+        self.policy = PolicyFile(options.policy_path, loaded_policy, on_outcome=self.figures.record_reload)
         self.registry = ProtectionRegistry(Path.cwd())
         self.session: Session | None = None
         self.exit_code = 0
@@ -201,6 +208,7 @@ class Watcher:
                 policy_changed = self.policy.reload()
             finally:
                 self.liveness.reloaded()
+                self.figures.set_policy_file_on_disk(self.policy.on_disk)
             if policy_changed and self.session is not None:
                 self.session.reconciler.tree.set_base(self.policy.loaded)
         protection_changed = self.registry.refresh(self.registry.configs())
@@ -220,13 +228,14 @@ class Watcher:
             return None
         self._early_lock = None
         reconciler = Reconciler(
-            PolicyTree(armed.path, self.policy.loaded, strict=False),
+            PolicyTree(armed.path, self.policy.loaded, strict=False, on_outcome=self.figures.record_reload),
             self.registry,
             pins=self._pins,
             settle_seconds=self.options.settle_seconds,
             one_shot=False,
             stop=self.stop,
             progress=self.liveness.tick,
+            on_group=self.progress.update if self.progress is not None else None,
         )
         now = time.monotonic()
         self.session = Session(
@@ -273,31 +282,26 @@ class Watcher:
         return max(0.0, min(MAXIMUM_WAIT, min(deadlines) - time.monotonic()))
 
     def _report(self, result: PassResult) -> None:
-        """Log the pass and show it in ``systemctl status``."""
+        """Log the pass (``pass_completed``) and show it in ``systemctl status``, as one sentence."""
         self.deleted_since_start += result.deleted
         self.bytes_freed_since_start += result.bytes_freed
-        summary = result.summary
+        root = self.session.root if self.session is not None else None
+        if root is not None:
+            self.figures.set_root(root.path, root.observer_kind)
+        self.figures.record_pass(result, finished_at=time.time())
+        if self.progress is not None:
+            self.progress.finish()
+        fields = pass_fields(
+            result,
+            free=free_bytes(root.path if root is not None else None),
+            budget=budget_in_force(self.policy.loaded.policy),
+        )
         eventful = result.deleted or result.failed or result.detected or result.trigger.covers_everything
-        logger.log(
-            logging.INFO if eventful else logging.DEBUG,
-            "pass_completed",
-            trigger=result.trigger.value,
-            groups=result.scanned_groups,
-            kept=summary.kept,
-            deleted=result.deleted,
-            skipped=summary.skipped,
-            failed=result.failed,
-            bytes_freed=result.bytes_freed,
-            interrupted=result.interrupted,
-            duration_ms=round(result.seconds * 1000, 1),
+        logger.log(logging.INFO if eventful else logging.DEBUG, "pass_completed", **fields)
+        self.liveness.status(
+            f"{pass_sentence(fields)}; since start: deleted {self.deleted_since_start}"
+            f" ({human_bytes(self.bytes_freed_since_start)})"
         )
-        status = (
-            f"last pass: kept {summary.kept}, deleted {result.deleted}, skipped {summary.skipped}"
-            f"; since start: deleted {self.deleted_since_start} ({human_bytes(self.bytes_freed_since_start)})"
-        )
-        if result.failed:
-            status += f"; {result.failed} deletion(s) failed, retried next pass"
-        self.liveness.status(status)
 
     def _config_files(self) -> frozenset[str]:
         """The policy file and the protect_from configs known now, as absolute paths."""
@@ -309,6 +313,7 @@ class Watcher:
         if self.session is not None:
             self.session.root.disarm()
             self.session = None
+            self.figures.set_root(None, "none")
         if self._early_lock is not None:
             self._early_lock.release()
             self._early_lock = None

@@ -30,9 +30,39 @@ class LastLink:
     missing_since: float | None = None
 
 
+@dataclass(slots=True)
+class Tally:
+    """Checkpoints and their bytes by kind (``step``, ``best``, ``last``): what a group keeps, what a
+    pass deleted. Only kinds with a checkpoint have an entry."""
+
+    checkpoints: dict[str, int] = field(default_factory=dict)
+    bytes: dict[str, int] = field(default_factory=dict)
+
+    def add(self, kind: str, size: int) -> None:
+        """Count one checkpoint of ``kind`` holding ``size`` bytes."""
+        self.checkpoints[kind] = self.checkpoints.get(kind, 0) + 1
+        self.bytes[kind] = self.bytes.get(kind, 0) + size
+
+    def merge(self, other: Tally, sign: int = 1) -> None:
+        """Add ``other`` to this tally (``sign=-1``: take it away)."""
+        for kind, count in other.checkpoints.items():
+            remaining = self.checkpoints.get(kind, 0) + sign * count
+            remaining_bytes = self.bytes.get(kind, 0) + sign * other.bytes.get(kind, 0)
+            if remaining:
+                self.checkpoints[kind], self.bytes[kind] = remaining, remaining_bytes
+            else:
+                self.checkpoints.pop(kind, None)
+                self.bytes.pop(kind, None)
+
+    def copy(self) -> Tally:
+        """An independent copy."""
+        return Tally(dict(self.checkpoints), dict(self.bytes))
+
+
 @dataclass
 class GroupState:
-    """One directory's memory: verdicts by file identity, what was seen, its links and configs."""
+    """One directory's memory: verdicts by file identity, what was seen, its links and configs, and
+    what its last plan kept (``kept``, summed over every group by the index)."""
 
     cache: CompletenessCache = field(default_factory=CompletenessCache)
     seen: dict[str, bool] = field(default_factory=dict)
@@ -41,6 +71,7 @@ class GroupState:
     last_links: dict[str, LastLink] = field(default_factory=dict)
     protect_from: Mapping[Path, str] = field(default_factory=dict)
     blocked: bool = False
+    kept: Tally | None = None  # None: nothing kept (most directories of a large tree hold no checkpoint)
 
 
 class GroupIndex:
@@ -57,6 +88,7 @@ class GroupIndex:
         self._configs: dict[Path, str] | None = None
         self._linked: set[Path] = set()
         self._rechecks: dict[Path, float] = {}
+        self._kept = Tally()
 
     def __len__(self) -> int:
         return len(self._states)
@@ -106,7 +138,9 @@ class GroupIndex:
             doomed.append(directory)
             pending.extend(self._children.pop(directory, ()))
         for directory in doomed:
-            self._states.pop(directory, None)
+            state = self._states.pop(directory, None)
+            if state is not None and state.kept is not None:
+                self._kept.merge(state.kept, sign=-1)
             if self._config_users.pop(directory, None) is not None:
                 self._configs = None
             self._linked.discard(directory)
@@ -136,6 +170,19 @@ class GroupIndex:
                     union.setdefault(config, label)
             self._configs = union
         return dict(self._configs)
+
+    def set_kept(self, directory: Path, kept: Tally) -> None:
+        """What ``directory``'s latest plan keeps (it replaces what its previous plan kept)."""
+        state = self.state(directory)
+        if state.kept is not None:
+            self._kept.merge(state.kept, sign=-1)
+        self._kept.merge(kept)
+        state.kept = kept if kept.checkpoints else None
+
+    def kept(self) -> Tally:
+        """What the latest plan of every known group keeps, summed (kept up to date, never recomputed):
+        after an event pass, the groups it planned count as planned now, the others as last planned."""
+        return self._kept.copy()
 
     def set_link_targets(self, directory: Path, targets: dict[Path, str]) -> None:
         """The resolved targets of the symlinks ``directory`` held at its last scan."""

@@ -1,4 +1,5 @@
-"""structlog set-up: JSON lines on stderr when it is not a terminal, the console renderer when it is.
+"""structlog set-up: JSON lines on stderr when it is not a terminal, the console renderer when it is
+(with ``pass_completed`` as a sentence, and a line for the progress of a long pass: ``terminal``).
 
 Every string in a record goes through ``display_name`` (one processor, so no call site can forget):
 a path with a newline, a terminal escape or bytes that are not UTF-8 cannot forge a record, steer a
@@ -11,11 +12,13 @@ import logging
 import os
 import sys
 from collections.abc import Mapping, MutableMapping
-from typing import Any, TextIO
+from typing import Any, TextIO, cast
 
 import structlog
 
+from ckpt_watcher import terminal
 from ckpt_watcher.records import display_name
+from ckpt_watcher.terminal import TerminalLine
 
 LEVELS = ("debug", "info", "warning", "error")
 
@@ -50,12 +53,19 @@ def _escaped(value: Any) -> Any:
 
 def configure_logging(level: str = "info", stream: TextIO | None = None) -> None:
     """Configure structlog once, in ``main``; every module logs stable snake_case event names."""
-    output = stream if stream is not None else sys.stderr
-    renderer: structlog.types.Processor
+    output: TextIO = stream if stream is not None else sys.stderr
+    renderers: list[structlog.types.Processor]
     if output.isatty():
-        renderer = structlog.dev.ConsoleRenderer()
+        # status imports report, which imports delete, which imports this module: imported here.
+        from ckpt_watcher.status import readable_records  # noqa: PLC0415
+
+        # On a terminal: records as sentences where they have one, under a line for progress.
+        terminal.current = TerminalLine(output)
+        output = cast(TextIO, terminal.current)  # it has what a WriteLogger uses: write, flush
+        renderers = [readable_records, structlog.dev.ConsoleRenderer()]
     else:
-        renderer = structlog.processors.JSONRenderer(sort_keys=False)
+        terminal.current = None
+        renderers = [structlog.processors.JSONRenderer(sort_keys=False)]
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
@@ -63,7 +73,7 @@ def configure_logging(level: str = "info", stream: TextIO | None = None) -> None
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
             escape_text_values,
-            renderer,
+            *renderers,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
         logger_factory=structlog.WriteLoggerFactory(file=output),

@@ -23,7 +23,7 @@ import structlog
 
 from ckpt_watcher.naming import Naming
 from ckpt_watcher.policy import LoadedPolicy, Policy, PolicyError, load_policy
-from ckpt_watcher.policy_file import log_loaded, log_rejected, log_warnings
+from ckpt_watcher.policy_file import OutcomeListener, log_loaded, log_rejected, log_warnings
 from ckpt_watcher.protection import ConfigLabel
 from ckpt_watcher.records import FileIdentity
 
@@ -82,10 +82,13 @@ class PolicyTree:
     full pass). State for directories that are gone is dropped (``retain``, and a sweep as it grows).
     """
 
-    def __init__(self, root: Path, base: LoadedPolicy, *, strict: bool) -> None:
+    def __init__(
+        self, root: Path, base: LoadedPolicy, *, strict: bool, on_outcome: OutcomeListener | None = None
+    ) -> None:
         self.root = root
         self.base = base
         self.strict = strict
+        self.on_outcome = on_outcome
         self.errors: list[PolicyError] = []
         self._layers: dict[Path, _Layer] = {}
         self._resolved: dict[Path, _Resolved] = {}
@@ -96,6 +99,11 @@ class PolicyTree:
     def tracked_directories(self) -> int:
         """How many directories the tree holds state for."""
         return len(self._resolved.keys() | self._layers.keys())
+
+    @property
+    def refused_overrides(self) -> int:
+        """How many override files (of directories still there) had their latest edit refused."""
+        return sum(layer.rejected for layer in self._layers.values())
 
     def set_base(self, base: LoadedPolicy) -> None:
         """A reloaded root policy."""
@@ -221,13 +229,16 @@ class PolicyTree:
                     "the previous contents of this file stay in force"
                     if cached is not None and cached.good is not None
                     else "nothing is deleted in this directory until the file is fixed",
+                    self.on_outcome,
                 )
             previous = cached.good if cached is not None else None
             layer = _Layer(identity=identity, good=previous, rejected=True)
             self._layers[directory] = layer
             return layer
         if cached is not None and not self.strict:
-            log_loaded(str(path), cached.good.settings if cached.good is not None else {}, loaded)
+            log_loaded(
+                str(path), cached.good.settings if cached.good is not None else {}, loaded, self.on_outcome
+            )
         else:
             log_warnings(loaded)
         layer = _Layer(identity=identity, good=loaded)

@@ -5,11 +5,16 @@ only, for the main ``--policy`` file and the per-run ``.ckpt-watcher.yaml`` file
 ``changes`` means one thing for both: each retention key whose value *as written in that file*
 changed, ``{"old": ..., "new": ...}``, where ``null`` is "not set in this file" (the parent's value,
 or the default, applies). ``PolicyFile`` follows the main file of a running daemon.
+
+Whoever counts reloads (the metrics) passes an ``on_outcome`` listener: it is called right where the
+outcome is logged, once per ``policy_reloaded`` or ``policy_unchanged`` (``APPLIED``) and per
+``policy_rejected`` (``REJECTED``), so the count and the log records cannot disagree.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import enum
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +24,16 @@ from ckpt_watcher.policy import LoadedPolicy, PolicyError, load_policy
 from ckpt_watcher.records import FileIdentity
 
 logger = structlog.get_logger("ckpt_watcher.policy_file")
+
+
+class ReloadResult(enum.StrEnum):
+    """What re-reading a policy file came to."""
+
+    APPLIED = "applied"  # valid: in force now (changed or not)
+    REJECTED = "rejected"  # refused: the previous contents (or nothing) stay in force
+
+
+OutcomeListener = Callable[[ReloadResult], None]
 
 
 class InvalidPolicyFilesError(Exception):
@@ -45,12 +60,18 @@ def log_warnings(loaded: LoadedPolicy) -> None:
         logger.warning("policy_warning", source=loaded.source_label, message=warning)
 
 
-def log_rejected(source: str, error: PolicyError, detail: str) -> None:
+def log_rejected(
+    source: str, error: PolicyError, detail: str, on_outcome: OutcomeListener | None = None
+) -> None:
     """An edit that cannot be used: every problem, and what stays in force instead."""
     logger.error("policy_rejected", source=source, problems=error.problems, detail=detail)
+    if on_outcome is not None:
+        on_outcome(ReloadResult.REJECTED)
 
 
-def log_loaded(source: str, old: Mapping[str, Any], new: LoadedPolicy) -> bool:
+def log_loaded(
+    source: str, old: Mapping[str, Any], new: LoadedPolicy, on_outcome: OutcomeListener | None = None
+) -> bool:
     """A valid file read again: ``policy_reloaded`` with its changes, or ``policy_unchanged``.
 
     Returns True if anything the file sets changed.
@@ -60,8 +81,17 @@ def log_loaded(source: str, old: Mapping[str, Any], new: LoadedPolicy) -> bool:
     if changes:
         logger.info("policy_reloaded", source=source, changes=changes)
     else:
-        logger.info("policy_unchanged", source=source)
-    return bool(changes)
+        _log_unchanged(source, on_outcome)
+        return False
+    if on_outcome is not None:
+        on_outcome(ReloadResult.APPLIED)
+    return True
+
+
+def _log_unchanged(source: str, on_outcome: OutcomeListener | None) -> None:
+    logger.info("policy_unchanged", source=source)
+    if on_outcome is not None:
+        on_outcome(ReloadResult.APPLIED)
 
 
 def load_policy_logged(path: Path | None) -> LoadedPolicy:
@@ -73,11 +103,19 @@ def load_policy_logged(path: Path | None) -> LoadedPolicy:
 
 class PolicyFile:
     """The main policy of a running daemon: re-read when its file changes (edit, rename, ConfigMap
-    symlink swap) or on request (SIGHUP); an unusable edit keeps the last good policy in force."""
+    symlink swap) or on request (SIGHUP); an unusable edit keeps the last good policy in force.
 
-    def __init__(self, path: Path | None, loaded: LoadedPolicy) -> None:
+    ``on_disk`` is False while what is in force is not the file on disk: after a refused edit, or
+    while the file is missing.
+    """
+
+    def __init__(
+        self, path: Path | None, loaded: LoadedPolicy, on_outcome: OutcomeListener | None = None
+    ) -> None:
         self.path = path
         self.loaded = loaded
+        self.on_disk = True
+        self._on_outcome = on_outcome
         self._signature = FileIdentity.of_path(path)
         self._missing_logged = False
 
@@ -89,8 +127,9 @@ class PolicyFile:
         """Re-read the file; True if a different valid policy is now in force."""
         self._signature = FileIdentity.of_path(self.path)
         if self.path is None:
-            logger.info("policy_unchanged", source=self.loaded.source_label)
+            _log_unchanged(self.loaded.source_label, self._on_outcome)
             return False
+        self.on_disk = False
         if not self.path.exists():
             if not self._missing_logged:
                 logger.warning(
@@ -104,7 +143,7 @@ class PolicyFile:
         try:
             loaded = load_policy(self.path)
         except PolicyError as error:
-            log_rejected(str(self.path), error, "the previous policy stays in force")
+            log_rejected(str(self.path), error, "the previous policy stays in force", self._on_outcome)
             return False
-        previous, self.loaded = self.loaded, loaded
-        return log_loaded(str(self.path), previous.settings, loaded)
+        previous, self.loaded, self.on_disk = self.loaded, loaded, True
+        return log_loaded(str(self.path), previous.settings, loaded, self._on_outcome)

@@ -29,11 +29,11 @@ from pathlib import Path
 import structlog
 
 from ckpt_watcher.delete import ApplyResult, Outcome, apply_group, finish_leftovers
-from ckpt_watcher.groups import GroupIndex, GroupState
+from ckpt_watcher.groups import GroupIndex, GroupState, Tally
 from ckpt_watcher.links import LinkPins, link_reasons, list_links
 from ckpt_watcher.naming import Kind
 from ckpt_watcher.overrides import OVERRIDE_FILE_NAME, EffectivePolicy, PolicyTree
-from ckpt_watcher.plan import GroupPlan, Plan, Summary, plan
+from ckpt_watcher.plan import Action, GroupPlan, Plan, Summary, plan
 from ckpt_watcher.policy import LoadedPolicy, PolicyError
 from ckpt_watcher.policy_file import InvalidPolicyFilesError
 from ckpt_watcher.protection import ProtectionError, ProtectionRegistry, identities_of
@@ -66,6 +66,12 @@ class PassResult:
     The counts are always there. Every decision (``the_plan``) and every outcome (``applied``) are kept
     only when the pass was asked to (``prune``'s table and JSON): a daemon's pass over 100,000
     checkpoints holds one group at a time. ``applied`` is None for a dry run.
+
+    For the metrics and the status line: ``deleted_by_kind`` (this pass's deletions by kind),
+    ``kept_overall`` (what every known group's latest plan keeps, also the groups this pass did not
+    cover), ``refused_overrides`` (per-run policy files whose latest edit was refused), and the space
+    figures other parts fill: ``budget_unmet_bytes`` (how far the worst byte budget is from being
+    met, 0 when met) and ``trash_bytes`` (bytes in the root's trash after the pass; None: no trash).
     """
 
     trigger: Trigger
@@ -82,6 +88,11 @@ class PassResult:
     applied: ApplyResult | None = None
     interrupted: bool = False
     seconds: float = 0.0
+    deleted_by_kind: Tally = field(default_factory=Tally)
+    kept_overall: Tally = field(default_factory=Tally)
+    refused_overrides: int = 0
+    budget_unmet_bytes: int = 0
+    trash_bytes: int | None = None
 
     @property
     def the_plan(self) -> Plan:
@@ -98,7 +109,10 @@ class PassResult:
             self.group_plans.append(group_plan)
         if applied is None:
             return
-        self.deleted += len(applied.deleted)
+        deleted = applied.deleted
+        self.deleted += len(deleted)
+        for outcome in deleted:
+            self.deleted_by_kind.add(outcome.decision.record.kind.value, outcome.decision.record.bytes)
         self.failed += len(applied.failed)
         self.bytes_freed += applied.bytes_freed
         self.interrupted = self.interrupted or applied.interrupted
@@ -114,15 +128,17 @@ def prune_once(
     settle_seconds: float,
     dry_run: bool,
     working_directory: Path,
+    on_group: Callable[[int, int], None] | None = None,
 ) -> PassResult:
     """``prune``: one strict pass over ``root``; an invalid policy or protect_from file anywhere raises
-    InvalidPolicyFilesError before anything is deleted."""
+    InvalidPolicyFilesError before anything is deleted. ``on_group``: as for ``Reconciler``."""
     reconciler = Reconciler(
         PolicyTree(root, loaded, strict=True),
         ProtectionRegistry(working_directory),
         pins=pins,
         settle_seconds=settle_seconds,
         one_shot=True,
+        on_group=on_group,
     )
     return reconciler.run(Trigger.PRUNE, dry_run=dry_run, keep_plan=True)
 
@@ -133,7 +149,8 @@ class Reconciler:
     ``one_shot`` (prune): policy and protect_from errors raise, nothing is cached and no detection is
     logged. Otherwise (the daemon) an invalid edit is logged and the last good version stays in force.
     ``stop`` ends a pass between two deletions (or inside a long scan); ``progress`` is called
-    between groups (the liveness keep-alive of a long pass).
+    between groups (the liveness keep-alive of a long pass), and ``on_group`` with how many of the
+    pass's groups are done, of how many (a terminal's progress line).
     """
 
     def __init__(
@@ -146,6 +163,7 @@ class Reconciler:
         one_shot: bool,
         stop: threading.Event | None = None,
         progress: Callable[[], None] | None = None,
+        on_group: Callable[[int, int], None] | None = None,
     ) -> None:
         self.root = tree.root
         self.tree = tree
@@ -156,6 +174,7 @@ class Reconciler:
         self._one_shot = one_shot
         self._stop = stop
         self._progress = progress
+        self._on_group = on_group
         self._problems: dict[Path, str] = {}
         self._foreign_leftovers: set[tuple[int, int]] = set()  # reported once each
 
@@ -192,6 +211,8 @@ class Reconciler:
             result.interrupted = True
         finally:
             self._log_problems()
+        result.kept_overall = self.index.kept()
+        result.refused_overrides = self.tree.refused_overrides
         result.seconds = time.monotonic() - started
         return result
 
@@ -280,7 +301,7 @@ class Reconciler:
         for path in closed:
             closed_in[path.parent].add(path)
         wall_now = time.time()
-        for group, value in sorted(effective.items()):
+        for done, (group, value) in enumerate(sorted(effective.items()), start=1):
             if self._stop is not None and self._stop.is_set():
                 result.interrupted = True
                 return
@@ -289,10 +310,13 @@ class Reconciler:
                 records, value.policy, {**pins, **links.for_group(group)}, pinned_identities=pinned_identities
             ).groups
             group_plan = group_plans[0] if group_plans else None
+            self.index.set_kept(group, _kept(group_plan))
             applied = None if dry_run or group_plan is None else self._apply(group_plan)
             result.add_group(group_plan, applied)
             if self._progress is not None:
                 self._progress()
+            if self._on_group is not None:
+                self._on_group(done, len(effective))
 
     def _scan_group(
         self,
@@ -350,6 +374,15 @@ class Reconciler:
         groups = self.index.touched(files, trees, problems)
         self._note_problems(problems)
         return groups
+
+
+def _kept(group_plan: GroupPlan | None) -> Tally:
+    """The checkpoints (step, best, last) a group's plan keeps, by kind."""
+    kept = Tally()
+    for decision in group_plan.decisions if group_plan is not None else ():
+        if decision.action is Action.KEEP and decision.record.kind is not Kind.UNKNOWN:
+            kept.add(decision.record.kind.value, decision.record.bytes)
+    return kept
 
 
 def _log_blocked(group: Path, state: GroupState) -> None:

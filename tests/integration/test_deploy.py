@@ -8,8 +8,8 @@ exact command line is taken from the file as shipped (the unit's ``ExecStart=``,
   ``/checkpoints``, ``/run/ckpt-watcher``, ...) are mapped to directories under the test's ``tmp_path``,
   by prefix, wherever they occur in an argument (``PathMap``);
 * the program: ``/opt/ckpt-watcher/bin/ckpt-watcher`` (the unit) and ``ckpt-watcher`` (the image's
-  ENTRYPOINT) become this environment's console script beside ``sys.executable``; ``python`` (the
-  probes) becomes ``sys.executable``. Every other program (``/usr/bin/test``, ``/bin/kill``) runs as is.
+  ENTRYPOINT, its HEALTHCHECK and the manifests' probes) become this environment's console script
+  beside ``sys.executable``. Every other program (``/usr/bin/test``, ``/bin/kill``) runs as is.
 
 What the supervisor would add is reproduced too: systemd's ``NOTIFY_SOCKET`` (a socket of the test's
 own), ``WATCHDOG_USEC`` from ``WatchdogSec=`` (as ``systemd-analyze timespan`` reads it) and
@@ -23,6 +23,7 @@ one fails the test, it never skips (``.ci/run`` installs them).
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -41,10 +42,12 @@ from typing import Any
 import pytest
 import yaml
 
+from ckpt_watcher import health
 from ckpt_watcher.cli import build_parser
 from ckpt_watcher.policy import load_policy
 from tests.support.daemon import DaemonProcess, only_child, running_daemon, wait_until
 from tests.support.factories import step_name, write_checkpoint
+from tests.support.metrics import metrics_port, scrape
 from tests.support.notify_socket import NotifySocket
 
 pytestmark = pytest.mark.timeout(180)
@@ -133,6 +136,17 @@ def _parse_watch_command(arguments: Sequence[str]) -> Any:
         return build_parser().parse_args(list(arguments))
     except SystemExit as exit_:
         pytest.fail(f"ckpt-watcher rejects {shlex.join(arguments)} (exit {exit_.code})")
+
+
+def _probe_heartbeat(command: Sequence[str]) -> Path:
+    """The heartbeat file a probe checks: it must be ``ckpt-watcher health`` (no ``python -c``, no
+    shell), with options its parser accepts."""
+    program, command_name, *arguments = command
+    assert (program, command_name) == ("ckpt-watcher", "health"), f"not a health probe: {command}"
+    parser = argparse.ArgumentParser()
+    health.add_arguments(parser)
+    heartbeat: Path = parser.parse_args(arguments).heartbeat
+    return heartbeat
 
 
 def _as_pid_1(command: Sequence[str]) -> list[str]:
@@ -402,6 +416,43 @@ def test_unit_exec_start_runs_under_a_notify_socket(tmp_path: Path) -> None:
         notify.close()
 
 
+def _commented_block(path: Path, after: str) -> list[str]:
+    """The indented example lines (``#   ...``) of the comment that follows ``after`` in ``path``."""
+    lines = path.read_text().splitlines()
+    start = next(index for index, line in enumerate(lines) if after in line)
+    block: list[str] = []
+    for line in lines[start + 1 :]:
+        if not line.startswith("#"):
+            break
+        if line.startswith("#   "):
+            block.append(line[len("#   ") :])
+        elif block:
+            break
+    return block
+
+
+def test_env_file_documents_metrics_and_the_unit_the_drop_in_it_needs(tmp_path: Path) -> None:
+    """The env file's --metrics example parses; the unit's network drop-in for it passes verify and
+    lets the service open the TCP socket the sandbox otherwise refuses."""
+    [example] = _commented_block(UNIT_ENV, "Prometheus metrics at")
+    key, _, options = example.partition("=")
+    assert key == "WATCH_OPTIONS"
+    metrics = _parse_watch_command(["watch", "/data", *shlex.split(options)]).metrics
+    assert (metrics.host, metrics.port) == ("127.0.0.1", 9464)
+
+    drop_in = _commented_block(UNIT, "The metrics endpoint")
+    assert drop_in[0] == "[Service]"
+    settings = dict(line.split("=", 1) for line in drop_in[1:])
+    assert settings == {"PrivateNetwork": "no", "RestrictAddressFamilies": "AF_UNIX AF_INET AF_INET6"}
+    service = _unit_directives(UNIT)["Service"]
+    assert _one(service, "PrivateNetwork") == "yes", "without the drop-in the service has no network"
+    assert _one(service, "RestrictAddressFamilies") == "AF_UNIX"
+    with_drop_in = tmp_path / UNIT.name  # systemd reads a drop-in's [Service] as if appended
+    with_drop_in.write_text(UNIT.read_text() + "\n" + "\n".join(drop_in) + "\n")
+    result = _run([str(VERIFY_SCRIPT), str(with_drop_in)])
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_unit_start_fails_when_the_checkpoint_dir_is_missing(tmp_path: Path) -> None:
     """ExecStartPre= refuses a CHECKPOINT_DIR that is not there (or not writable) before the daemon runs."""
     installed = _install_unit(tmp_path)
@@ -471,7 +522,7 @@ def _container_map(tmp_path: Path) -> PathMap:
     """The image's paths -> temporary ones, as volumes would provide them."""
     return PathMap(
         paths={path: tmp_path / "container" / path.strip("/") for path in CONTAINER_PATHS},
-        programs={"ckpt-watcher": _console_script(), "python": sys.executable},
+        programs={"ckpt-watcher": _console_script()},
     )
 
 
@@ -490,11 +541,20 @@ def test_dockerfile_shape() -> None:
     assert arguments["INSTALL_TORCH"] == "false"
     assert dockerfile.all("USER") == ["${UID}:${GID}"]
     assert dockerfile.exec_form("ENTRYPOINT") == ["ckpt-watcher"]
-    assert dockerfile.exec_form("HEALTHCHECK")[0] == "python"
+    assert (
+        _probe_heartbeat(dockerfile.exec_form("HEALTHCHECK"))
+        == _parse_watch_command(dockerfile.exec_form("CMD")).heartbeat
+    )
     assert dockerfile.all("STOPSIGNAL") == ["SIGTERM"]
     pyproject = tomllib.loads((REPOSITORY / "pyproject.toml").read_text())
     assert "torch" in pyproject["project"]["optional-dependencies"]
-    assert any('"/src${extra}"' in run and 'extra="[torch]"' in run for run in dockerfile.all("RUN"))
+    optional = pyproject["project"]["optional-dependencies"]
+    assert {"torch", "metrics"} <= optional.keys()
+    install = [run for run in dockerfile.all("RUN") if '"/src[${extras}]"' in run]
+    assert len(install) == 1, "one pip install of the package, with its extras"
+    assert 'extras="metrics";' in install[0], "the image serves --metrics"
+    assert 'extras="metrics,torch";' in install[0]
+    assert dockerfile.all("EXPOSE") == ["9464"]
 
 
 def test_build_context_allowed_by_dockerignore_builds_the_package(tmp_path: Path) -> None:
@@ -654,6 +714,25 @@ def test_container_args_are_accepted_by_the_cli_parser(arguments: list[str]) -> 
     assert parsed.heartbeat == Path("/run/ckpt-watcher/heartbeat")
 
 
+@pytest.mark.parametrize("manifest", MANIFESTS, ids=lambda path: path.stem)
+def test_manifest_exposes_the_metrics_port_named_metrics_with_scrape_annotations(manifest: Path) -> None:
+    watcher = _watcher_container(manifest)
+    metrics = _parse_watch_command(watcher["args"]).metrics
+    assert metrics is not None, "the watcher serves --metrics"
+    assert metrics.host == "", "on every interface of the pod: Prometheus scrapes the pod's IP"
+    [port] = [port for port in watcher["ports"] if port["name"] == "metrics"]
+    assert port == {"name": "metrics", "containerPort": metrics.port, "protocol": "TCP"}
+    workload = next(
+        document for document in _documents(manifest) if document["kind"] in {"Job", "Deployment"}
+    )
+    annotations = workload["spec"]["template"]["metadata"]["annotations"]
+    assert annotations == {
+        "prometheus.io/scrape": "true",
+        "prometheus.io/port": str(metrics.port),
+        "prometheus.io/path": "/metrics",
+    }
+
+
 def test_shared_volume_deployment_polls_one_replica_read_write_many() -> None:
     manifest = MANIFESTS[1]
     parsed = _parse_watch_command(_watcher_container(manifest)["args"])
@@ -689,7 +768,10 @@ def test_watcher_container_security_probes_resources_and_mounts(manifest: Path) 
     assert security["capabilities"] == {"drop": ["ALL"]}
     assert _pod_spec(manifest)["securityContext"]["runAsNonRoot"] is True
     for probe in ("startupProbe", "livenessProbe"):
-        assert watcher[probe]["exec"]["command"][0] == "python"
+        assert (
+            _probe_heartbeat(watcher[probe]["exec"]["command"])
+            == _parse_watch_command(watcher["args"]).heartbeat
+        )
     assert {"cpu", "memory"} <= watcher["resources"]["requests"].keys()
     assert {"cpu", "memory"} <= watcher["resources"]["limits"].keys()
 
@@ -745,6 +827,13 @@ class ConfigMapVolume:
         shutil.rmtree(previous)
 
 
+def _free_metrics_port(command: list[str]) -> list[str]:
+    """The command with ``--metrics PORT`` on a free loopback port instead (the pod's own network
+    namespace is not reproduced: the manifest's port may be taken on this machine)."""
+    position = command.index("--metrics") + 1
+    return [*command[:position], "127.0.0.1:0", *command[position + 1 :]]
+
+
 def _probe_passes(command: Sequence[str]) -> bool:
     return _run(command, timeout=30).returncode == 0
 
@@ -759,7 +848,7 @@ def test_manifest_container_runs_passes_its_probes_and_hot_reloads_the_configmap
     volumes = _volumes(manifest)
     mapping = PathMap(
         paths={mount["mountPath"]: tmp_path / "pod" / mount["name"] for mount in watcher["volumeMounts"]},
-        programs={"ckpt-watcher": _console_script(), "python": sys.executable},
+        programs={"ckpt-watcher": _console_script()},
     )
     data: dict[str, str] = dict(_of_kind(CONFIGMAP, "ConfigMap")["data"])
     for mount in watcher["volumeMounts"]:
@@ -774,7 +863,7 @@ def test_manifest_container_runs_passes_its_probes_and_hot_reloads_the_configmap
             assert "emptyDir" in volume
             directory.mkdir(parents=True)
     dockerfile = Dockerfile.read(DOCKERFILE)
-    command = mapping.command([*dockerfile.exec_form("ENTRYPOINT"), *watcher["args"]])
+    command = _free_metrics_port(mapping.command([*dockerfile.exec_form("ENTRYPOINT"), *watcher["args"]]))
     startup = mapping.command(watcher["startupProbe"]["exec"]["command"])
     liveness = mapping.command(watcher["livenessProbe"]["exec"]["command"])
 
@@ -784,6 +873,10 @@ def test_manifest_container_runs_passes_its_probes_and_hot_reloads_the_configmap
         wait_until(lambda: _probe_passes(startup), timeout=60, what="the startup probe to pass")
         assert _names(checkpoints) == KEPT_AT_START
         assert _probe_passes(liveness)
+        metrics = scrape(metrics_port(daemon))
+        assert metrics.value("ckpt_watcher_deletions_total", kind="step") == len(SEEDED_STEPS) - len(
+            KEPT_AT_START
+        )
 
         edited = data["policy.yaml"].replace("save_top_k_checkpoints: 3", "save_top_k_checkpoints: 2")
         assert edited != data["policy.yaml"]

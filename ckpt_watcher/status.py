@@ -1,0 +1,108 @@
+"""The daemon's status line: one ``pass_completed`` record per pass (fields for programs), the same as
+one readable sentence for people (``systemctl status``'s ``STATUS=``, and the log on a terminal).
+
+The sentence is made from the record's own fields (``pass_sentence``), so the JSON line, the console
+line and ``STATUS=`` cannot say different things. Its parts, most useful first: what is kept over all
+directories, what the pass deleted and freed, the free space left on the root's file system, and the
+byte budget in force at the root (``budget_in_force``; "none" until the policy sets one).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, MutableMapping
+from pathlib import Path
+from typing import Any
+
+from ckpt_watcher.policy import Policy
+from ckpt_watcher.reconcile import PassResult
+from ckpt_watcher.report import human_bytes
+
+# The byte-budget keys of a policy (issue 12), shown as written when the policy in force has them.
+BUDGET_KEYS = ("max_size", "keep_free")
+NO_BUDGET = "none"
+
+
+def budget_in_force(policy: Policy) -> str:
+    """The root policy's byte budget, ``max_size 500GiB, keep_free 10%``, or ``none``."""
+    parts = []
+    for key in BUDGET_KEYS:
+        value = getattr(policy, key, None)
+        if value is not None:
+            parts.append(f"{key} {value}")
+    return ", ".join(parts) or NO_BUDGET
+
+
+def free_bytes(root: Path | None) -> int | None:
+    """Bytes available on the file system holding ``root`` (df's Avail); None if it cannot be told."""
+    if root is None:
+        return None
+    try:
+        status = os.statvfs(root)
+    except (OSError, ValueError):
+        return None
+    return status.f_bavail * status.f_frsize
+
+
+def pass_fields(result: PassResult, *, free: int | None, budget: str) -> dict[str, Any]:
+    """The fields of a ``pass_completed`` record: this pass's counts, then what is kept over all
+    directories, the free space and the budget (``trash_bytes`` only where there is a trash)."""
+    summary = result.summary
+    kept_overall = result.kept_overall
+    fields: dict[str, Any] = {
+        "trigger": result.trigger.value,
+        "groups": result.scanned_groups,
+        "kept": summary.kept,
+        "deleted": result.deleted,
+        "skipped": summary.skipped,
+        "failed": result.failed,
+        "bytes_freed": result.bytes_freed,
+        "interrupted": result.interrupted,
+        "duration_ms": round(result.seconds * 1000, 1),
+        "kept_overall": sum(kept_overall.checkpoints.values()),
+        "bytes_kept_overall": sum(kept_overall.bytes.values()),
+        "free_bytes": free,
+        "budget": budget,
+        "budget_unmet_bytes": result.budget_unmet_bytes,
+    }
+    if result.trash_bytes is not None:
+        fields["trash_bytes"] = result.trash_bytes
+    return fields
+
+
+def pass_sentence(fields: Mapping[str, Any]) -> str:
+    """``kept 12 (48.0 GiB); event pass: deleted 2 (8.0 GiB), skipped 1; 1.2 TiB free; budget: none``."""
+    parts = [
+        f"kept {fields['kept_overall']} ({human_bytes(fields['bytes_kept_overall'])})",
+        f"{fields['trigger']} pass: deleted {fields['deleted']} ({human_bytes(fields['bytes_freed'])})"
+        + (f", skipped {fields['skipped']}" if fields["skipped"] else "")
+        + (f", {fields['failed']} failed (retried next pass)" if fields["failed"] else "")
+        + (", interrupted" if fields["interrupted"] else ""),
+    ]
+    if fields.get("free_bytes") is not None:
+        parts.append(f"{human_bytes(fields['free_bytes'])} free")
+    budget = f"budget: {fields['budget']}"
+    if fields["budget"] != NO_BUDGET:
+        unmet = fields["budget_unmet_bytes"]
+        budget += f" (unmet by {human_bytes(unmet)})" if unmet else " (met)"
+    parts.append(budget)
+    if fields.get("trash_bytes") is not None:
+        parts.append(f"{human_bytes(fields['trash_bytes'])} in the trash")
+    return "; ".join(parts)
+
+
+# The records shown as a sentence on a terminal, and how.
+SENTENCES = {"pass_completed": pass_sentence}
+
+
+def readable_records(
+    logger: Any, method_name: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """A structlog processor for the console: a record with a sentence (``SENTENCES``) is shown as
+    ``pass completed: <sentence>`` instead of its fields. JSON logs never use it."""
+    sentence = SENTENCES.get(event_dict.get("event", ""))
+    if sentence is None:
+        return event_dict
+    text = event_dict["event"].replace("_", " ") + ": " + sentence(event_dict)
+    kept = {key: event_dict[key] for key in ("timestamp", "level") if key in event_dict}
+    return {**kept, "event": text}
