@@ -31,8 +31,8 @@ from ckpt_watcher.policy import LoadedPolicy
 from ckpt_watcher.policy_file import PolicyFile
 from ckpt_watcher.protection import ProtectionRegistry, command_line_pins
 from ckpt_watcher.reconcile import PassResult, Reconciler, Trigger
-from ckpt_watcher.report import human_bytes
 from ckpt_watcher.root import ArmedRoot, take_lock
+from ckpt_watcher.sizes import human_bytes
 
 logger = structlog.get_logger("ckpt_watcher.daemon")
 

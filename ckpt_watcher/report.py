@@ -19,18 +19,9 @@ from ckpt_watcher.delete import ApplyResult
 from ckpt_watcher.plan import Decision, Plan, Summary
 from ckpt_watcher.policy import POLICY_DESCRIPTIONS, LoadedPolicy
 from ckpt_watcher.records import display_name, metric_for_json
+from ckpt_watcher.sizes import human_bytes
 
 _COLUMNS = ("ACTION", "KIND", "EPOCH", "STEP", "METRIC", "SIZE", "NAME", "REASONS")
-
-
-def human_bytes(count: int) -> str:
-    """``1.5 GiB``-style sizes."""
-    size = float(count)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    raise AssertionError("unreachable")
 
 
 def _row(decision: Decision) -> tuple[str, ...]:
