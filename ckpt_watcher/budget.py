@@ -201,7 +201,10 @@ def within_max_size(group_plan: GroupPlan, policy: Policy) -> tuple[GroupPlan, S
     over = kept - limit
     chosen: dict[int, Decision] = {}
     if over > 0:
-        reason = f"evicted for space: group over max_size {human_bytes(limit)} ({human_bytes(kept)} kept)"
+        shown_limit, shown_kept = human_bytes(limit), f"{human_bytes(kept)} kept"
+        if shown_limit == human_bytes(kept):  # over by less than the rounding shows: say by how much
+            shown_kept += f", {over} bytes over"
+        reason = f"evicted for space: group over max_size {shown_limit} ({shown_kept})"
         for candidate in candidates(group_plan.decisions, policy.best_mode):
             if over <= 0:
                 break
@@ -279,6 +282,7 @@ class GroupSpace:
     growing: tuple[Growing, ...] = ()
     latest: Written | None = None
     sizes_by_kind: Mapping[Kind, int] = field(default_factory=dict)
+    budgeted: bool = False  # max_size or keep_free is in force here
 
 
 def group_space(
@@ -337,6 +341,7 @@ def group_space(
         growing=tuple(sorted(growing, key=lambda item: item.relative_path)),
         latest=latest,
         sizes_by_kind=sizes,
+        budgeted=policy.max_size is not None or policy.keep_free is not None,
     )
 
 

@@ -33,6 +33,7 @@ from ckpt_watcher.protection import ProtectionRegistry, command_line_pins
 from ckpt_watcher.reconcile import PassResult, Reconciler, Trigger
 from ckpt_watcher.root import ArmedRoot, take_lock
 from ckpt_watcher.sizes import human_bytes
+from ckpt_watcher.space import space_status
 
 logger = structlog.get_logger("ckpt_watcher.daemon")
 
@@ -187,8 +188,8 @@ class Watcher:
         trees = batch.trees | {str(subtree) for subtree in session.root.subtrees_to_poll(now)}
         reconciler = session.reconciler
         groups = reconciler.groups_touched(batch.files, trees) | reconciler.index.take_due_rechecks(now)
-        if not groups:
-            return None
+        if not groups:  # between passes, keep_free is checked against the free space as it is now
+            return Work(Trigger.SPACE) if reconciler.space.pressure(now) else None
         return Work(Trigger.EVENT, frozenset(groups), frozenset(Path(path) for path in batch.closed))
 
     def _reload(self, *, forced: bool) -> bool:
@@ -267,7 +268,12 @@ class Watcher:
 
     def _wait_time(self, session: Session) -> float:
         deadlines = [session.next_rescan, session.next_root_check, self.liveness.next_deadline()]
-        for deadline in (session.reconciler.index.next_recheck(), session.root.next_deadline()):
+        reconciler = session.reconciler
+        for deadline in (
+            reconciler.index.next_recheck(),
+            session.root.next_deadline(),
+            reconciler.space.next_check(),
+        ):
             if deadline is not None:
                 deadlines.append(deadline)
         return max(0.0, min(MAXIMUM_WAIT, min(deadlines) - time.monotonic()))
@@ -290,6 +296,8 @@ class Watcher:
             bytes_freed=result.bytes_freed,
             interrupted=result.interrupted,
             duration_ms=round(result.seconds * 1000, 1),
+            evicted=result.evicted,
+            budget_unmet_bytes=result.budget_unmet_bytes,
         )
         status = (
             f"last pass: kept {summary.kept}, deleted {result.deleted}, skipped {summary.skipped}"
@@ -297,6 +305,9 @@ class Watcher:
         )
         if result.failed:
             status += f"; {result.failed} deletion(s) failed, retried next pass"
+        status += "".join(f"; {space_status(fs_plan)}" for fs_plan in result.space if fs_plan.keep_free)
+        if result.budget_unmet_bytes:
+            status += f"; a byte budget is {human_bytes(result.budget_unmet_bytes)} short"
         self.liveness.status(status)
 
     def _config_files(self) -> frozenset[str]:

@@ -28,17 +28,19 @@ from pathlib import Path
 
 import structlog
 
+from ckpt_watcher.budget import FreeSpacePlan
 from ckpt_watcher.delete import ApplyResult, Outcome, apply_group, finish_leftovers
 from ckpt_watcher.groups import GroupIndex, GroupState
 from ckpt_watcher.links import LinkPins, link_reasons, list_links
 from ckpt_watcher.naming import Kind
 from ckpt_watcher.overrides import OVERRIDE_FILE_NAME, EffectivePolicy, PolicyTree
-from ckpt_watcher.plan import GroupPlan, Plan, Summary, plan
+from ckpt_watcher.plan import Decision, GroupPlan, Plan, Summary, plan
 from ckpt_watcher.policy import LoadedPolicy, PolicyError
 from ckpt_watcher.policy_file import InvalidPolicyFilesError
 from ckpt_watcher.protection import ProtectionError, ProtectionRegistry, identities_of
 from ckpt_watcher.records import CheckpointRecord, display_name
 from ckpt_watcher.scan import ScanOptions, ScanProblem, ScanStopped, scan_directory, walk_directories
+from ckpt_watcher.space import SpaceKeeper, Trash
 
 logger = structlog.get_logger("ckpt_watcher.reconcile")
 
@@ -52,6 +54,7 @@ class Trigger(enum.StrEnum):
     EVENT = "event"  # events, or due re-checks, named some groups
     RESCAN = "rescan"  # the periodic full rescan
     FULL = "full"  # a full rescan asked for: overflow, policy or protection change, observer restart
+    SPACE = "space"  # keep_free is short between passes (a checkpoint being written, say)
 
     @property
     def covers_everything(self) -> bool:
@@ -82,6 +85,9 @@ class PassResult:
     applied: ApplyResult | None = None
     interrupted: bool = False
     seconds: float = 0.0
+    evicted: int = 0
+    space: list[FreeSpacePlan] = field(default_factory=list)
+    budget_unmet_bytes: int = 0
 
     @property
     def the_plan(self) -> Plan:
@@ -96,6 +102,9 @@ class PassResult:
         self.summary = self.summary + group_plan.summary
         if self.group_plans is not None:
             self.group_plans.append(group_plan)
+        self._add_applied(applied)
+
+    def _add_applied(self, applied: ApplyResult | None) -> None:
         if applied is None:
             return
         self.deleted += len(applied.deleted)
@@ -104,6 +113,28 @@ class PassResult:
         self.interrupted = self.interrupted or applied.interrupted
         if self.applied is not None:
             self.applied.results.extend(applied.results)
+
+    def add_evictions(
+        self, directory: Path, decisions: tuple[Decision, ...], applied: ApplyResult | None
+    ) -> None:
+        """Count checkpoints of a group planned in this pass that were then evicted for ``keep_free``
+        (and what applying that did); a kept plan shows them evicted."""
+        evicted_bytes = sum(decision.record.bytes for decision in decisions)
+        self.evicted += len(decisions)
+        self.summary = self.summary + Summary(
+            -len(decisions), len(decisions), 0, evicted_bytes, -evicted_bytes
+        )
+        if self.group_plans is not None:
+            replaced = {decision.record.path: decision for decision in decisions}
+            self.group_plans = [
+                GroupPlan(
+                    group.directory, tuple(replaced.get(item.record.path, item) for item in group.decisions)
+                )
+                if group.directory == directory
+                else group
+                for group in self.group_plans
+            ]
+        self._add_applied(applied)
 
 
 def prune_once(
@@ -146,11 +177,13 @@ class Reconciler:
         one_shot: bool,
         stop: threading.Event | None = None,
         progress: Callable[[], None] | None = None,
+        trash: Trash | None = None,
     ) -> None:
         self.root = tree.root
         self.tree = tree
         self.registry = registry
         self.index = GroupIndex(tree.root, tree.naming_for)
+        self.space = SpaceKeeper(tree.root, self.index, trash)
         self._command_line_pins = dict(pins)
         self._settle_seconds = settle_seconds
         self._one_shot = one_shot
@@ -273,26 +306,50 @@ class Reconciler:
         dry_run: bool,
         result: PassResult,
     ) -> None:
-        """Scan, plan and apply each group in turn, so a pass holds one group's records at a time."""
+        """Scan, plan and apply each group in turn, so a pass holds one group's records at a time; then
+        keep the free space each file system's ``keep_free`` asks for (``space.py``)."""
         pins = {**self._command_line_pins, **self.registry.pins()}
-        pinned_identities = identities_of(pins)
-        closed_in: dict[Path, set[Path]] = defaultdict(set)
-        for path in closed:
-            closed_in[path.parent].add(path)
-        wall_now = time.time()
+        context = _PassContext.build(pins, links, closed, dry_run, result)
+        self.space.begin_pass()
         for group, value in sorted(effective.items()):
             if self._stop is not None and self._stop.is_set():
                 result.interrupted = True
                 return
-            records = self._scan_group(group, value, frozenset(closed_in.get(group, ())), wall_now, result)
-            group_plans = plan(
-                records, value.policy, {**pins, **links.for_group(group)}, pinned_identities=pinned_identities
-            ).groups
-            group_plan = group_plans[0] if group_plans else None
-            applied = None if dry_run or group_plan is None else self._apply(group_plan)
-            result.add_group(group_plan, applied)
-            if self._progress is not None:
-                self._progress()
+            self._plan_group(group, value, context)
+        result.space, evictions = self.space.relieve(
+            lambda group: self._replan(group, context), dry_run=dry_run, stop=self._stopping
+        )
+        for eviction in evictions:
+            applied = None if dry_run else self._apply(GroupPlan(eviction.directory, eviction.decisions))
+            result.add_evictions(eviction.directory, eviction.decisions, applied)
+        result.budget_unmet_bytes = self.space.unmet_bytes()
+        if not self._one_shot:
+            self.space.schedule(time.monotonic())
+
+    def _plan_group(self, group: Path, value: EffectivePolicy, context: _PassContext) -> None:
+        """Scan, plan (count rules, then max_size) and apply one group."""
+        closed = frozenset(context.closed_in.get(group, ()))
+        records = self._scan_group(group, value, closed, context.wall_now, context.result)
+        pins = {**context.pins, **context.links.for_group(group)}
+        group_plans = plan(records, value.policy, pins, pinned_identities=context.pinned_identities).groups
+        first = group_plans[0] if group_plans else None
+        group_plan = self.space.plan_group(
+            group, first, value.policy, dry_run=context.dry_run, now=context.wall_now
+        )
+        applied = None if context.dry_run or group_plan is None else self._apply(group_plan)
+        context.result.add_group(group_plan, applied)
+        if self._progress is not None:
+            self._progress()
+
+    def _replan(self, group: Path, context: _PassContext) -> None:
+        """A group outside the pass that keep_free would take from: scanned and planned afresh first."""
+        value = self.tree.for_directory(group) if os.path.isdir(group) else None
+        if value is not None and not os.path.islink(group):
+            context.result.sources[group] = value.sources
+            self._plan_group(group, value, context)
+
+    def _stopping(self) -> bool:
+        return self._stop is not None and self._stop.is_set()
 
     def _scan_group(
         self,
@@ -350,6 +407,34 @@ class Reconciler:
         groups = self.index.touched(files, trees, problems)
         self._note_problems(problems)
         return groups
+
+
+@dataclass(frozen=True)
+class _PassContext:
+    """What planning any group of a pass needs (also a group the free-space step adds to the pass)."""
+
+    pins: dict[Path, str]
+    pinned_identities: Mapping[tuple[int, int], str]
+    links: LinkPins
+    closed_in: Mapping[Path, set[Path]]
+    wall_now: float
+    dry_run: bool
+    result: PassResult
+
+    @classmethod
+    def build(
+        cls,
+        pins: dict[Path, str],
+        links: LinkPins,
+        closed: Collection[Path],
+        dry_run: bool,
+        result: PassResult,
+    ) -> _PassContext:
+        """The context of a pass now: ``closed`` files are counted at once (their writer closed them)."""
+        closed_in: dict[Path, set[Path]] = defaultdict(set)
+        for path in closed:
+            closed_in[path.parent].add(path)
+        return cls(pins, identities_of(pins), links, closed_in, time.time(), dry_run, result)
 
 
 def _log_blocked(group: Path, state: GroupState) -> None:
