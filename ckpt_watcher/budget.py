@@ -400,12 +400,17 @@ def predict_next_save(groups: Iterable[GroupSpace]) -> NextSave:
 
 @dataclass(frozen=True, slots=True)
 class FileSystemSpace:
-    """A file system as ``statvfs`` saw it (free: what an unprivileged writer may still use)."""
+    """A file system as ``statvfs`` saw it (free: what an unprivileged writer may still use).
+
+    ``block_bytes``: its allocation unit; a save takes whole blocks, so the next save is reserved in
+    them (an eviction is credited with its size only: it frees at least that).
+    """
 
     device: int
     path: Path
     total_bytes: int
     free_bytes: int
+    block_bytes: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -465,7 +470,9 @@ def free_space_plan(
     next_save = predict_next_save(groups)
     if setting is None:
         return FreeSpacePlan(space, None, 0, next_save, 0)
-    short = max(0, required + next_save.bytes - space.free_bytes)
+    blocks = max(1, space.block_bytes)
+    reserved = -(-next_save.bytes // blocks) * blocks
+    short = max(0, required + reserved - space.free_bytes)
     shown = (
         human_bytes(required) if setting.bytes is not None else f"{setting.text} ({human_bytes(required)})"
     )

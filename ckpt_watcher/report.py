@@ -86,11 +86,17 @@ def space_line(fs_plan: FreeSpacePlan, dry_run: bool) -> str:
     line += f"keep_free {keep_free} + {next_save}"
     if not fs_plan.short_bytes:
         return line + ": met"
-    verb = "would take" if dry_run else "takes"
-    taken = [f"{len(fs_plan.evictions)} checkpoint(s), {human_bytes(fs_plan.evicted_bytes)}"]
+    taken = []
     if fs_plan.reclaimed:
-        taken.insert(0, f"{len(fs_plan.reclaimed)} trash entries, {human_bytes(fs_plan.reclaimed_bytes)}")
-    line += f": {human_bytes(fs_plan.short_bytes)} short, {verb} {' and '.join(taken)}"
+        count = len(fs_plan.reclaimed)
+        taken.append(
+            f"{count} trash {'entry' if count == 1 else 'entries'} ({human_bytes(fs_plan.reclaimed_bytes)})"
+        )
+    if fs_plan.evictions:
+        count = len(fs_plan.evictions)
+        taken.append(f"{count} checkpoint{'' if count == 1 else 's'} ({human_bytes(fs_plan.evicted_bytes)})")
+    verb = "would take" if dry_run else "takes"
+    line += f": {human_bytes(fs_plan.short_bytes)} short, {verb} {' and '.join(taken) or 'nothing'}"
     if fs_plan.unmet_bytes:
         line += f"; still {human_bytes(fs_plan.unmet_bytes)} short: the rest may not be evicted"
     return line

@@ -199,7 +199,7 @@ class SpaceKeeper:
         except OSError:
             return None
         free = status.f_bavail * status.f_frsize + self._pending.get(device, 0)
-        return FileSystemSpace(device, path, status.f_blocks * status.f_frsize, free)
+        return FileSystemSpace(device, path, status.f_blocks * status.f_frsize, free, status.f_frsize)
 
     def _by_device(self) -> dict[int, list[GroupSpace]]:
         """The remembered facts of every group still known and not blocked, by device."""

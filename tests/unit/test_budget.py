@@ -472,3 +472,16 @@ def test_an_empty_group_still_carries_its_keep_free() -> None:
     assert space.keep_free is not None
     assert space.keep_free.bytes_of(100) == 5
     assert space.candidates == ()
+
+
+def test_the_next_save_is_reserved_in_whole_blocks() -> None:
+    rules = policy(save_top_k_checkpoints=-1, keep_free="4KiB")
+    run = [record(step_name(0, 1), size=4097, mtime=1), record(step_name(0, 2), size=4097, mtime=2)]
+    space = FileSystemSpace(1, ROOT, 100 * KIB, 12 * KIB, block_bytes=4096)
+    assert free_space_plan(space, [space_of(run, RUN, rules)]).short_bytes == 0  # 4 KiB + 2 blocks: fits
+    tight = dataclasses.replace(space, free_bytes=12 * KIB - 1)
+    assert free_space_plan(tight, [space_of(run, RUN, rules)]).short_bytes == 1
+    assert (
+        free_space_plan(dataclasses.replace(tight, block_bytes=1), [space_of(run, RUN, rules)]).short_bytes
+        == 0
+    )
