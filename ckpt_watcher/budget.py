@@ -296,6 +296,9 @@ def group_space(
 ) -> GroupSpace:
     """One group's space facts from its plan (after ``within_max_size``) at wall-clock time ``now``.
 
+    Only a group under ``keep_free`` gives up checkpoints for it (its candidates are remembered); every
+    group's saves count in the prediction.
+
     Sizes the group no longer shows (its only ``last.ckpt`` is being rewritten, say) are taken from
     ``previous``, the facts of its last pass.
     """
@@ -337,7 +340,7 @@ def group_space(
         directory=directory,
         device=device,
         keep_free=policy.keep_free_setting,
-        candidates=candidates(decisions, policy.best_mode),
+        candidates=candidates(decisions, policy.best_mode) if policy.keep_free is not None else (),
         growing=tuple(sorted(growing, key=lambda item: item.relative_path)),
         latest=latest,
         sizes_by_kind=sizes,
@@ -383,13 +386,14 @@ def predict_next_save(groups: Iterable[GroupSpace]) -> NextSave:
     )
     if growing:
         fallback = latest.bytes if latest is not None else 0
-        remaining = sum(
-            max(0, (item.expected if item.expected is not None else fallback) - item.written)
-            for item in growing
-        )
+        expected = [item.expected if item.expected is not None else fallback for item in growing]
+        remaining = sum(max(0, size - item.written) for size, item in zip(expected, growing, strict=True))
         written = sum(item.written for item in growing)
         being = growing[0].relative_path if len(growing) == 1 else f"{len(growing)} checkpoints"
-        return NextSave(remaining, f"{being} being written ({human_bytes(written)} so far)")
+        return NextSave(
+            remaining,
+            f"{being} being written: {human_bytes(written)} of an expected {human_bytes(sum(expected))}",
+        )
     if latest is None:
         return NextSave(0, "no complete checkpoint yet")
     return NextSave(latest.bytes, f"as large as {latest.relative_path}, the newest complete checkpoint")

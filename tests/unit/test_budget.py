@@ -430,7 +430,7 @@ def test_a_checkpoint_being_written_needs_what_its_previous_one_of_its_kind_had_
     ]
     prediction = predict_next_save([space_of(run, RUN, Policy())])
     assert prediction.bytes == 5 * KIB
-    assert prediction.basis == f"run/{step_name(0, 200)} being written (3.0 KiB so far)"
+    assert prediction.basis == f"run/{step_name(0, 200)} being written: 3.0 KiB of an expected 8.0 KiB"
 
 
 def test_a_growing_checkpoint_larger_than_predicted_needs_nothing_more() -> None:
@@ -485,3 +485,16 @@ def test_the_next_save_is_reserved_in_whole_blocks() -> None:
         free_space_plan(dataclasses.replace(tight, block_bytes=1), [space_of(run, RUN, rules)]).short_bytes
         == 0
     )
+
+
+def test_a_run_without_keep_free_neither_asks_for_space_nor_gives_any_up() -> None:
+    asking = policy(save_top_k_checkpoints=-1, keep_free="4KiB")
+    opted_out = policy(save_top_k_checkpoints=-1, keep_free=None)
+    run = [record(step_name(0, 1), mtime=5), record(step_name(0, 2), mtime=6)]
+    other = [record(step_name(0, 1), OTHER, mtime=1), record(step_name(0, 2), OTHER, mtime=9)]
+    groups = [space_of(run, RUN, asking), space_of(other, OTHER, opted_out)]
+    assert groups[1].candidates == ()
+    result = free_space_plan(FileSystemSpace(1, ROOT, 100 * KIB, KIB), groups)
+    assert [candidate.record.path for candidate in result.evictions] == [RUN / step_name(0, 1)]
+    assert result.next_save.bytes == KIB  # other's newest save still counts: written last
+    assert result.next_save.basis.startswith("as large as other/")
