@@ -320,12 +320,27 @@ def group_space(
     if complete:
         record = max(complete, key=lambda record: (_mtime(record), record.relative_path))
         latest = Written(record.relative_path, record.bytes, _mtime(record))
+    growing = _growing(decisions, sizes, now)
+    return GroupSpace(
+        directory=directory,
+        device=device,
+        keep_free=policy.keep_free_setting,
+        candidates=candidates(decisions, policy.best_mode) if policy.keep_free is not None else (),
+        growing=growing,
+        latest=latest,
+        sizes_by_kind=sizes,
+        budgeted=policy.max_size is not None or policy.keep_free is not None,
+    )
+
+
+def _growing(decisions: Sequence[Decision], sizes: Mapping[Kind, int], now: float) -> tuple[Growing, ...]:
+    """The group's checkpoints being written, each expected as large as its kind's newest complete one."""
     growing: list[Growing] = []
     for decision in decisions:
         record = decision.record
         if _is_growing(record, now) and record.identity is not None:
-            expected = sizes.get(record.kind)
             identity = record.identity
+            expected = sizes.get(record.kind)
             growing.append(
                 Growing(
                     record.path,
@@ -336,16 +351,7 @@ def group_space(
                     identity.mtime_ns,
                 )
             )
-    return GroupSpace(
-        directory=directory,
-        device=device,
-        keep_free=policy.keep_free_setting,
-        candidates=candidates(decisions, policy.best_mode) if policy.keep_free is not None else (),
-        growing=tuple(sorted(growing, key=lambda item: item.relative_path)),
-        latest=latest,
-        sizes_by_kind=sizes,
-        budgeted=policy.max_size is not None or policy.keep_free is not None,
-    )
+    return tuple(sorted(growing, key=lambda item: item.relative_path))
 
 
 def _mtime(record: CheckpointRecord) -> int:

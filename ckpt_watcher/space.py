@@ -74,7 +74,7 @@ class Eviction:
 class SpaceKeeper:
     """Remembers each group's space facts between passes and keeps ``keep_free`` on each file system.
 
-    ``one_shot`` (prune): nothing outlives the pass. ``trash``: reclaimable bytes, taken first.
+    One per ``Reconciler`` (so ``prune``'s lives for one pass). ``trash``: reclaimable bytes, taken first.
     """
 
     root: Path
