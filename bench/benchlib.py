@@ -66,6 +66,7 @@ class Config:
     train_steps: int
     train_warmup: int
     train_repeats: int
+    space_trials: int = 2
     seed: int = 20261128
 
     def log(self, message: str) -> None:

@@ -26,6 +26,7 @@ import interference
 import latency
 import probes
 import scale
+import space
 from benchlib import REPOSITORY, Config, Section, machine_description, markdown_table
 
 SECTIONS: dict[str, Callable[[Config], Section]] = {
@@ -35,6 +36,7 @@ SECTIONS: dict[str, Callable[[Config], Section]] = {
     "interference": interference.measure,
     "baseline": baseline.measure,
     "probes": probes.measure,
+    "space": space.measure,
 }
 
 PRESETS: dict[str, dict[str, object]] = {
@@ -49,6 +51,7 @@ PRESETS: dict[str, dict[str, object]] = {
         "train_steps": 8_000,
         "train_warmup": 50,
         "train_repeats": 5,
+        "space_trials": 30,
     },
     "quick": {
         "sizes": [1_000, 10_000],
@@ -61,6 +64,7 @@ PRESETS: dict[str, dict[str, object]] = {
         "train_steps": 4_000,
         "train_warmup": 50,
         "train_repeats": 3,
+        "space_trials": 10,
     },
     "smoke": {
         "sizes": [100, 300],
@@ -73,6 +77,7 @@ PRESETS: dict[str, dict[str, object]] = {
         "train_steps": 40,
         "train_warmup": 10,
         "train_repeats": 1,
+        "space_trials": 2,
     },
 }
 
@@ -100,6 +105,7 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--rest-seconds", type=float, help="at-rest measurement window")
     parser.add_argument("--train-steps", type=int, help="training steps per interference run")
     parser.add_argument("--train-repeats", type=int, help="pairs of interference runs")
+    parser.add_argument("--space-trials", type=int, help="growing checkpoints per space-pressure mode")
     parser.add_argument(
         "--work-dir",
         type=Path,
@@ -126,6 +132,7 @@ def build_config(arguments: argparse.Namespace) -> Config:
         "rest_seconds": arguments.rest_seconds,
         "train_steps": arguments.train_steps,
         "train_repeats": arguments.train_repeats,
+        "space_trials": arguments.space_trials,
     }
     values.update({key: value for key, value in overrides.items() if value is not None})
     work_dir = arguments.work_dir.resolve()

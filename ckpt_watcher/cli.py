@@ -341,11 +341,19 @@ def run_prune(arguments: argparse.Namespace) -> int:
             progress.finish()
         if arguments.json:
             document = plan_document(
-                result.the_plan, loaded, arguments.dry_run, result.applied, result.sources
+                result.the_plan,
+                loaded,
+                arguments.dry_run,
+                result.applied,
+                result.sources,
+                result.space,
+                result.budget_unmet_bytes,
             )
             print(render_json(document))
         else:
-            print(render_table(result.the_plan, arguments.dry_run, result.applied, result.sources))
+            print(
+                render_table(result.the_plan, arguments.dry_run, result.applied, result.sources, result.space)
+            )
     return EXIT_DELETE_FAILED if result.failed or result.leftovers_remaining else EXIT_OK
 
 

@@ -33,8 +33,9 @@ from ckpt_watcher.policy import LoadedPolicy
 from ckpt_watcher.policy_file import PolicyFile
 from ckpt_watcher.protection import ProtectionRegistry, command_line_pins
 from ckpt_watcher.reconcile import PassResult, Reconciler, Trigger
-from ckpt_watcher.report import human_bytes
 from ckpt_watcher.root import ArmedRoot, take_lock
+from ckpt_watcher.sizes import human_bytes
+from ckpt_watcher.space import space_status
 from ckpt_watcher.status import budget_in_force, free_bytes, pass_fields, pass_sentence
 from ckpt_watcher.terminal import PassProgress
 
@@ -194,8 +195,8 @@ class Watcher:
         trees = batch.trees | {str(subtree) for subtree in session.root.subtrees_to_poll(now)}
         reconciler = session.reconciler
         groups = reconciler.groups_touched(batch.files, trees) | reconciler.index.take_due_rechecks(now)
-        if not groups:
-            return None
+        if not groups:  # between passes, keep_free is checked against the free space as it is now
+            return Work(Trigger.SPACE) if reconciler.space.pressure(now) else None
         return Work(Trigger.EVENT, frozenset(groups), frozenset(Path(path) for path in batch.closed))
 
     def _reload(self, *, forced: bool) -> bool:
@@ -276,7 +277,12 @@ class Watcher:
 
     def _wait_time(self, session: Session) -> float:
         deadlines = [session.next_rescan, session.next_root_check, self.liveness.next_deadline()]
-        for deadline in (session.reconciler.index.next_recheck(), session.root.next_deadline()):
+        reconciler = session.reconciler
+        for deadline in (
+            reconciler.index.next_recheck(),
+            session.root.next_deadline(),
+            reconciler.space.next_check(),
+        ):
             if deadline is not None:
                 deadlines.append(deadline)
         return max(0.0, min(MAXIMUM_WAIT, min(deadlines) - time.monotonic()))
@@ -298,8 +304,9 @@ class Watcher:
         )
         eventful = result.deleted or result.failed or result.detected or result.trigger.covers_everything
         logger.log(logging.INFO if eventful else logging.DEBUG, "pass_completed", **fields)
+        space = "".join(f"; {space_status(fs_plan)}" for fs_plan in result.space if fs_plan.keep_free)
         self.liveness.status(
-            f"{pass_sentence(fields)}; since start: deleted {self.deleted_since_start}"
+            f"{pass_sentence(fields)}{space}; since start: deleted {self.deleted_since_start}"
             f" ({human_bytes(self.bytes_freed_since_start)})"
         )
 

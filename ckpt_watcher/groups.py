@@ -179,6 +179,15 @@ class GroupIndex:
         self._kept.merge(kept)
         state.kept = kept if kept.checkpoints else None
 
+    def take_from_kept(self, directory: Path, evicted: Tally) -> None:
+        """Checkpoints ``directory``'s plan kept that were then evicted for space: no longer kept."""
+        state = self.state(directory)
+        if state.kept is None:
+            return
+        kept = state.kept.copy()
+        kept.merge(evicted, sign=-1)
+        self.set_kept(directory, kept)
+
     def kept(self) -> Tally:
         """What the latest plan of every known group keeps, summed (kept up to date, never recomputed):
         after an event pass, the groups it planned count as planned now, the others as last planned."""

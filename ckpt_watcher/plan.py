@@ -22,6 +22,22 @@ from ckpt_watcher.records import CheckpointRecord, EntryType
 PIN_SUFFIX = ".keep"
 
 
+class Hold(enum.StrEnum):
+    """Which rule keeps a checkpoint, as space pressure reads it (the reasons are the text).
+
+    A checkpoint held by ``PROTECTED`` or ``BEST_FIRST`` is never evicted for space; the others are
+    evicted in the order of their rules (``budget.py``), and one held by several rules only when the
+    last of them gives way.
+    """
+
+    NEWEST_STEPS = "save_top_k_checkpoints"
+    EPOCH_END = "save_every_n_epochs"
+    BEST = "save_top_k_best"
+    BEST_FIRST = "rank-1 best"
+    MILESTONE = "keep_every_n_steps"
+    PROTECTED = "protected"  # last, a link's target, pins, protect, resume sources, the last way to resume
+
+
 class Action(enum.StrEnum):
     """What happens to a record."""
 
@@ -32,11 +48,17 @@ class Action(enum.StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class Decision:
-    """One record, its action and the human-readable reasons for it."""
+    """One record, its action and the human-readable reasons for it.
+
+    ``holds`` are the rules that keep it (a kept decision); ``evicted`` says a kept checkpoint was given
+    up for space (``budget.py``), its reasons then saying why.
+    """
 
     record: CheckpointRecord
     action: Action
     reasons: tuple[str, ...]
+    holds: frozenset[Hold] = frozenset()
+    evicted: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,7 +107,7 @@ class GroupPlan:
     def deletions(self) -> tuple[Decision, ...]:
         """The decisions whose action is delete, oldest (lowest step) first."""
         deletions = [decision for decision in self.decisions if decision.action is Action.DELETE]
-        return tuple(sorted(deletions, key=lambda decision: _oldest_first_key(decision.record)))
+        return tuple(sorted(deletions, key=lambda decision: oldest_first_key(decision.record)))
 
     @property
     def summary(self) -> Summary:
@@ -126,11 +148,11 @@ def _newest_first_key(record: CheckpointRecord) -> tuple[int, int, int, int, str
     return (-step, -epoch, -version, -int(record.date or 0), record.name)
 
 
-def _oldest_first_key(record: CheckpointRecord) -> tuple[tuple[int, int, int], str]:
+def oldest_first_key(record: CheckpointRecord) -> tuple[tuple[int, int, int], str]:
     return (record.step_order, record.name)
 
 
-def _best_sort_key(record: CheckpointRecord, mode: str) -> tuple[bool, float, tuple[int, int, int, int, str]]:
+def best_order_key(record: CheckpointRecord, mode: str) -> tuple[bool, float, tuple[int, int, int, int, str]]:
     """Better first: NaN last, then the metric by mode, then the newer checkpoint."""
     metric = record.metric if record.metric is not None else math.nan
     is_nan = math.isnan(metric)
@@ -225,13 +247,36 @@ def _skip_reason(record: CheckpointRecord) -> str | None:
     return None
 
 
+_PROTECTED = frozenset({Hold.PROTECTED})
+
+
+class _Keeps:
+    """A group's keep reasons and the rules (holds) behind them, by record."""
+
+    def __init__(self) -> None:
+        self.reasons: dict[int, list[str]] = defaultdict(list)
+        self.holds: dict[int, set[Hold]] = defaultdict(set)
+
+    def add(self, record: CheckpointRecord, reason: str, hold: Hold) -> None:
+        self.reasons[id(record)].append(reason)
+        self.holds[id(record)].add(hold)
+
+    def __contains__(self, record: CheckpointRecord) -> bool:
+        return id(record) in self.reasons
+
+    def decision(self, record: CheckpointRecord) -> Decision:
+        return Decision(
+            record, Action.KEEP, tuple(self.reasons[id(record)]), frozenset(self.holds[id(record)])
+        )
+
+
 def _plan_group(  # noqa: C901, PLR0912  (long: the policy's rules in the order README numbers them)
     directory: Path,
     records: list[CheckpointRecord],
     policy: Policy,
     protected: Mapping[Path, list[str]],
 ) -> GroupPlan:
-    keep_reasons: dict[int, list[str]] = defaultdict(list)
+    keeps = _Keeps()
     delete_reasons: dict[int, list[str]] = defaultdict(list)
     lasts: list[CheckpointRecord] = []
     skipped: list[tuple[CheckpointRecord, str]] = []
@@ -250,41 +295,42 @@ def _plan_group(  # noqa: C901, PLR0912  (long: the policy's rules in the order 
             bests.append(record)
 
     steps.sort(key=_newest_first_key)
-    _rank_steps(steps, policy.save_top_k_checkpoints, keep_reasons, delete_reasons)
-    _keep_epoch_ends(steps, policy.save_every_n_epochs, keep_reasons, delete_reasons)
-    bests.sort(key=lambda record: _best_sort_key(record, policy.best_mode))
-    _rank_bests(bests, policy.save_top_k_best, keep_reasons, delete_reasons)
+    _rank_steps(steps, policy.save_top_k_checkpoints, keeps, delete_reasons)
+    _keep_epoch_ends(steps, policy.save_every_n_epochs, keeps, delete_reasons)
+    _keep_milestones(steps, policy.keep_every_n_steps, keeps)
+    bests.sort(key=lambda record: best_order_key(record, policy.best_mode))
+    _rank_bests(bests, policy.save_top_k_best, keeps, delete_reasons)
 
     candidates = steps + bests
     names = {record.name for record in records}
     for record in candidates:
         for reason in protected.get(record.path, ()):
-            keep_reasons[id(record)].append(reason)
+            keeps.add(record, reason, Hold.PROTECTED)
         if record.name + PIN_SUFFIX in names:
-            keep_reasons[id(record)].append(f"pinned by {record.name}{PIN_SUFFIX}")
+            keeps.add(record, f"pinned by {record.name}{PIN_SUFFIX}", Hold.PROTECTED)
         for pattern in policy.protect:
             if fnmatch.fnmatchcase(record.name, pattern) or fnmatch.fnmatchcase(
                 record.relative_path, pattern
             ):
-                keep_reasons[id(record)].append(f"matches protect pattern '{pattern}'")
+                keeps.add(record, f"matches protect pattern '{pattern}'", Hold.PROTECTED)
 
     other_paths = {record.path for record in records} - {record.path for record in candidates}
-    _keep_pending_link_target(lasts, candidates, other_paths, keep_reasons)
+    _keep_pending_link_target(lasts, candidates, other_paths, keeps)
 
     has_usable_last = any(last.complete for last in lasts)
-    if candidates and not has_usable_last and not any(id(record) in keep_reasons for record in candidates):
+    if candidates and not has_usable_last and not any(record in keeps for record in candidates):
         newest = min(
             candidates,
             key=lambda record: (_newest_first_key(record)[:3], record.kind is not Kind.STEP, record.name),
         )
-        keep_reasons[id(newest)].append("newest checkpoint: the last way to resume (no usable last.ckpt)")
+        keeps.add(newest, "newest checkpoint: the last way to resume (no usable last.ckpt)", Hold.PROTECTED)
 
     decisions: list[Decision] = []
     for last in sorted(lasts, key=lambda record: (record.version, record.name)):
-        decisions.append(Decision(last, Action.KEEP, _last_reasons(last, protected)))
+        decisions.append(Decision(last, Action.KEEP, _last_reasons(last, protected), _PROTECTED))
     for record in bests + steps:
-        if id(record) in keep_reasons:
-            decisions.append(Decision(record, Action.KEEP, tuple(keep_reasons[id(record)])))
+        if record in keeps:
+            decisions.append(keeps.decision(record))
         else:
             decisions.append(Decision(record, Action.DELETE, tuple(delete_reasons[id(record)])))
     for record, reason in sorted(skipped, key=lambda pair: pair[0].name):
@@ -297,7 +343,7 @@ def _keep_pending_link_target(
     lasts: list[CheckpointRecord],
     candidates: list[CheckpointRecord],
     other_paths: set[Path],
-    keep_reasons: dict[int, list[str]],
+    keeps: _Keeps,
 ) -> None:
     """With ``save_last="link"``, the newest checkpoint of the link's kind is about to become its target.
 
@@ -328,8 +374,10 @@ def _keep_pending_link_target(
                 continue
             for record in same_kind:
                 if (record.step or 0) == newest_step:
-                    keep_reasons[id(record)].append(
-                        f"newest {kind.value} checkpoint: {link.name} does not point at it yet"
+                    keeps.add(
+                        record,
+                        f"newest {kind.value} checkpoint: {link.name} does not point at it yet",
+                        Hold.PROTECTED,
                     )
 
 
@@ -347,14 +395,14 @@ def _last_reasons(last: CheckpointRecord, protected: Mapping[Path, list[str]]) -
 def _rank_steps(
     steps: list[CheckpointRecord],
     top_k: int,
-    keep_reasons: dict[int, list[str]],
+    keeps: _Keeps,
     delete_reasons: dict[int, list[str]],
 ) -> None:
     for rank, record in enumerate(steps, start=1):
         if top_k == -1:
-            keep_reasons[id(record)].append("all step checkpoints kept (save_top_k_checkpoints: -1)")
+            keeps.add(record, "all step checkpoints kept (save_top_k_checkpoints: -1)", Hold.NEWEST_STEPS)
         elif rank <= top_k:
-            keep_reasons[id(record)].append(f"newest {top_k} step checkpoints (#{rank} of {top_k})")
+            keeps.add(record, f"newest {top_k} step checkpoints (#{rank} of {top_k})", Hold.NEWEST_STEPS)
         else:
             delete_reasons[id(record)].append(f"outside newest {top_k} step checkpoints (#{rank})")
 
@@ -362,7 +410,7 @@ def _rank_steps(
 def _keep_epoch_ends(
     steps: list[CheckpointRecord],
     every_n_epochs: int,
-    keep_reasons: dict[int, list[str]],
+    keeps: _Keeps,
     delete_reasons: dict[int, list[str]],
 ) -> None:
     """Keep the newest step checkpoint of each epoch e with (e + 1) % n == 0 (Lightning's convention)."""
@@ -377,20 +425,31 @@ def _keep_epoch_ends(
             delete_reasons[id(record)].append(f"not the newest of epoch {epoch}")
             continue
         seen_epochs.add(epoch)
-        keep_reasons[id(record)].append(f"newest of epoch {epoch} (save_every_n_epochs: {every_n_epochs})")
+        keeps.add(record, f"newest of epoch {epoch} (save_every_n_epochs: {every_n_epochs})", Hold.EPOCH_END)
 
 
 def _rank_bests(
     bests: list[CheckpointRecord],
     top_k: int,
-    keep_reasons: dict[int, list[str]],
+    keeps: _Keeps,
     delete_reasons: dict[int, list[str]],
 ) -> None:
     for rank, record in enumerate(bests, start=1):
         metric = format_metric(record)
+        hold = Hold.BEST_FIRST if rank == 1 else Hold.BEST
         if top_k == -1:
-            keep_reasons[id(record)].append(f"all best checkpoints kept (rank {rank}, {metric})")
+            keeps.add(record, f"all best checkpoints kept (rank {rank}, {metric})", hold)
         elif rank <= top_k:
-            keep_reasons[id(record)].append(f"top {top_k} best (rank {rank}, {metric})")
+            keeps.add(record, f"top {top_k} best (rank {rank}, {metric})", hold)
         else:
             delete_reasons[id(record)].append(f"outside top {top_k} best (rank {rank}, {metric})")
+
+
+def _keep_milestones(steps: list[CheckpointRecord], every_n_steps: int, keeps: _Keeps) -> None:
+    """Milestones: keep every step checkpoint whose step is a multiple of ``every_n_steps`` (0: off)."""
+    if every_n_steps == 0:
+        return
+    for record in steps:
+        step = record.step or 0
+        if step % every_n_steps == 0:
+            keeps.add(record, f"milestone: step {step} (keep_every_n_steps: {every_n_steps})", Hold.MILESTONE)

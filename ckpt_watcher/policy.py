@@ -37,6 +37,7 @@ from ckpt_watcher.naming import (
     TemplateError,
     compile_template,
 )
+from ckpt_watcher.sizes import UNIT_LIST, FreeSpaceSetting, SizeError, free_space_setting, size_bytes
 
 
 def _non_empty_pattern(pattern: str) -> str:
@@ -65,6 +66,12 @@ class NamingTemplates(BaseModel):
         except TemplateError as error:
             raise ValueError(str(error)) from None
         return template
+
+
+def _size_hint(percentage: bool) -> str:
+    """What a size is, for an error message."""
+    hint = f"a size is a whole number of bytes or a number and a unit ({UNIT_LIST}), e.g. 500GiB or 1.5TB"
+    return hint + (", or a percentage of the file system's size, e.g. 10%" if percentage else "")
 
 
 class Policy(BaseModel):
@@ -117,6 +124,44 @@ class Policy(BaseModel):
         ),
     )
 
+    max_size: int | str | None = Field(
+        default=None,
+        description="per group (one directory): the most bytes its kept checkpoints may take, counting "
+        "every kept checkpoint file and directory, `last.ckpt` included (a symlink counts 0); over it, "
+        "kept checkpoints are evicted for space (see Retention by bytes); a size such as `500GiB`, "
+        "or null for no limit",
+    )
+    keep_free: int | str | None = Field(
+        default=None,
+        description="per file system holding the root (and per device, for a group on another mount): "
+        "free space to keep, **counting the next save**; a size, or `N%` of the file system's size; "
+        "the strictest value among the groups on a file system applies (see Retention by bytes)",
+    )
+    keep_every_n_steps: int = Field(
+        default=0,
+        ge=0,
+        description="milestones: also keep every step checkpoint whose `step % n == 0` (Orbax's "
+        "`keep_period`), for evaluation later; evicted for space last; 0 = off",
+    )
+
+    @field_validator("max_size", "keep_free", mode="before")
+    @classmethod
+    def _is_size(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is None:
+            return None
+        quote = (info.context or {}).get("quote_contents", True)
+        described = describe_value(value, quote=quote)
+        percentage = info.field_name == "keep_free"
+        try:
+            free_space_setting(value) if percentage else size_bytes(value)
+        except SizeError as error:
+            if isinstance(value, int) and not isinstance(value, bool):
+                raise ValueError(f"{error}, got {described}") from None
+            if isinstance(value, str):
+                raise ValueError(f"got {described}: {error}; {_size_hint(percentage)}") from None
+            raise ValueError(f"expected a size, got {described}; {_size_hint(percentage)}") from None
+        return value.strip() if isinstance(value, str) else value
+
     @field_validator("verify")
     @classmethod
     def _load_needs_torch(cls, value: str) -> str:
@@ -135,6 +180,16 @@ class Policy(BaseModel):
         what = "glob patterns" if info.field_name == "protect" else "training config files"
         quote = (info.context or {}).get("quote_contents", True)
         raise ValueError(f"expected a list of {what}, got {describe_value(value, quote=quote)}")
+
+    @cached_property
+    def max_size_bytes(self) -> int | None:
+        """``max_size`` in bytes, or None for no limit."""
+        return None if self.max_size is None else size_bytes(self.max_size)
+
+    @cached_property
+    def keep_free_setting(self) -> FreeSpaceSetting | None:
+        """``keep_free`` read (bytes, or a fraction of the file system), or None."""
+        return None if self.keep_free is None else free_space_setting(self.keep_free)
 
     @cached_property
     def compiled_naming(self) -> Naming:

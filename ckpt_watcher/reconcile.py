@@ -28,17 +28,19 @@ from pathlib import Path
 
 import structlog
 
+from ckpt_watcher.budget import FreeSpacePlan
 from ckpt_watcher.delete import ApplyResult, Outcome, apply_group, finish_leftovers
 from ckpt_watcher.groups import GroupIndex, GroupState, Tally
 from ckpt_watcher.links import LinkPins, link_reasons, list_links
 from ckpt_watcher.naming import Kind
 from ckpt_watcher.overrides import OVERRIDE_FILE_NAME, EffectivePolicy, PolicyTree
-from ckpt_watcher.plan import Action, GroupPlan, Plan, Summary, plan
+from ckpt_watcher.plan import Action, Decision, GroupPlan, Plan, Summary, plan
 from ckpt_watcher.policy import LoadedPolicy, PolicyError
 from ckpt_watcher.policy_file import InvalidPolicyFilesError
 from ckpt_watcher.protection import ProtectionError, ProtectionRegistry, identities_of
 from ckpt_watcher.records import CheckpointRecord, display_name
 from ckpt_watcher.scan import ScanOptions, ScanProblem, ScanStopped, scan_directory, walk_directories
+from ckpt_watcher.space import SpaceKeeper, Trash
 
 logger = structlog.get_logger("ckpt_watcher.reconcile")
 
@@ -52,6 +54,7 @@ class Trigger(enum.StrEnum):
     EVENT = "event"  # events, or due re-checks, named some groups
     RESCAN = "rescan"  # the periodic full rescan
     FULL = "full"  # a full rescan asked for: overflow, policy or protection change, observer restart
+    SPACE = "space"  # keep_free is short between passes (a checkpoint being written, say)
 
     @property
     def covers_everything(self) -> bool:
@@ -91,6 +94,8 @@ class PassResult:
     deleted_by_kind: Tally = field(default_factory=Tally)
     kept_overall: Tally = field(default_factory=Tally)
     refused_overrides: int = 0
+    evicted: int = 0
+    space: list[FreeSpacePlan] = field(default_factory=list)
     budget_unmet_bytes: int = 0
     trash_bytes: int | None = None
 
@@ -107,6 +112,9 @@ class PassResult:
         self.summary = self.summary + group_plan.summary
         if self.group_plans is not None:
             self.group_plans.append(group_plan)
+        self._add_applied(applied)
+
+    def _add_applied(self, applied: ApplyResult | None) -> None:
         if applied is None:
             return
         deleted = applied.deleted
@@ -118,6 +126,28 @@ class PassResult:
         self.interrupted = self.interrupted or applied.interrupted
         if self.applied is not None:
             self.applied.results.extend(applied.results)
+
+    def add_evictions(
+        self, directory: Path, decisions: tuple[Decision, ...], applied: ApplyResult | None
+    ) -> None:
+        """Count checkpoints of a group planned in this pass that were then evicted for ``keep_free``
+        (and what applying that did); a kept plan shows them evicted."""
+        evicted_bytes = sum(decision.record.bytes for decision in decisions)
+        self.evicted += len(decisions)
+        self.summary = self.summary + Summary(
+            -len(decisions), len(decisions), 0, evicted_bytes, -evicted_bytes
+        )
+        if self.group_plans is not None:
+            replaced = {decision.record.path: decision for decision in decisions}
+            self.group_plans = [
+                GroupPlan(
+                    group.directory, tuple(replaced.get(item.record.path, item) for item in group.decisions)
+                )
+                if group.directory == directory
+                else group
+                for group in self.group_plans
+            ]
+        self._add_applied(applied)
 
 
 def prune_once(
@@ -164,18 +194,20 @@ class Reconciler:
         stop: threading.Event | None = None,
         progress: Callable[[], None] | None = None,
         on_group: Callable[[int, int], None] | None = None,
+        trash: Trash | None = None,
     ) -> None:
         self.root = tree.root
         self.tree = tree
         self.registry = registry
         self.index = GroupIndex(tree.root, tree.naming_for)
+        self.space = SpaceKeeper(tree.root, self.index, trash)
         self._command_line_pins = dict(pins)
         self._settle_seconds = settle_seconds
         self._one_shot = one_shot
         self._stop = stop
         self._progress = progress
         self._on_group = on_group
-        self._problems: dict[Path, str] = {}
+        self._problems = ProblemLog()
         self._foreign_leftovers: set[tuple[int, int]] = set()  # reported once each
 
     # -- the pass ---------------------------------------------------------------------------------
@@ -210,7 +242,7 @@ class Reconciler:
         except ScanStopped:
             result.interrupted = True
         finally:
-            self._log_problems()
+            self._problems.flush()
         result.kept_overall = self.index.kept()
         result.refused_overrides = self.tree.refused_overrides
         result.seconds = time.monotonic() - started
@@ -224,7 +256,7 @@ class Reconciler:
             if self._stop is not None and self._stop.is_set():
                 raise ScanStopped(str(directory))
             groups.add(directory)
-        self._note_problems(problems)
+        self._problems.note(problems)
         for known in self.index:
             if known not in groups:
                 self.index.forget(known)
@@ -294,29 +326,54 @@ class Reconciler:
         dry_run: bool,
         result: PassResult,
     ) -> None:
-        """Scan, plan and apply each group in turn, so a pass holds one group's records at a time."""
+        """Scan, plan and apply each group in turn, so a pass holds one group's records at a time; then
+        keep the free space each file system's ``keep_free`` asks for (``space.py``)."""
         pins = {**self._command_line_pins, **self.registry.pins()}
-        pinned_identities = identities_of(pins)
-        closed_in: dict[Path, set[Path]] = defaultdict(set)
-        for path in closed:
-            closed_in[path.parent].add(path)
-        wall_now = time.time()
+        context = _PassContext.build(pins, links, closed, dry_run, result)
+        self.space.begin_pass()
         for done, (group, value) in enumerate(sorted(effective.items()), start=1):
             if self._stop is not None and self._stop.is_set():
                 result.interrupted = True
                 return
-            records = self._scan_group(group, value, frozenset(closed_in.get(group, ())), wall_now, result)
-            group_plans = plan(
-                records, value.policy, {**pins, **links.for_group(group)}, pinned_identities=pinned_identities
-            ).groups
-            group_plan = group_plans[0] if group_plans else None
-            self.index.set_kept(group, _kept(group_plan))
-            applied = None if dry_run or group_plan is None else self._apply(group_plan)
-            result.add_group(group_plan, applied)
-            if self._progress is not None:
-                self._progress()
+            self._plan_group(group, value, context)
             if self._on_group is not None:
                 self._on_group(done, len(effective))
+        result.space, evictions = self.space.relieve(
+            lambda group: self._replan(group, context), dry_run=dry_run, stop=self._stopping
+        )
+        for eviction in evictions:
+            applied = None if dry_run else self._apply(GroupPlan(eviction.directory, eviction.decisions))
+            result.add_evictions(eviction.directory, eviction.decisions, applied)
+            self.index.take_from_kept(eviction.directory, _tally(eviction.decisions))
+        result.budget_unmet_bytes = self.space.unmet_bytes()
+        if not self._one_shot:
+            self.space.schedule(time.monotonic())
+
+    def _plan_group(self, group: Path, value: EffectivePolicy, context: _PassContext) -> None:
+        """Scan, plan (count rules, then max_size) and apply one group."""
+        closed = frozenset(context.closed_in.get(group, ()))
+        records = self._scan_group(group, value, closed, context.wall_now, context.result)
+        pins = {**context.pins, **context.links.for_group(group)}
+        group_plans = plan(records, value.policy, pins, pinned_identities=context.pinned_identities).groups
+        first = group_plans[0] if group_plans else None
+        group_plan = self.space.plan_group(
+            group, first, value.policy, dry_run=context.dry_run, now=context.wall_now
+        )
+        self.index.set_kept(group, _kept(group_plan))
+        applied = None if context.dry_run or group_plan is None else self._apply(group_plan)
+        context.result.add_group(group_plan, applied)
+        if self._progress is not None:
+            self._progress()
+
+    def _replan(self, group: Path, context: _PassContext) -> None:
+        """A group outside the pass that keep_free would take from: scanned and planned afresh first."""
+        value = self.tree.for_directory(group) if os.path.isdir(group) else None
+        if value is not None and not os.path.islink(group):
+            context.result.sources[group] = value.sources
+            self._plan_group(group, value, context)
+
+    def _stopping(self) -> bool:
+        return self._stop is not None and self._stop.is_set()
 
     def _scan_group(
         self,
@@ -336,7 +393,7 @@ class Reconciler:
         records = scan_directory(
             self.root, group, value.policy.compiled_naming, options, cache, problems, stop=self._stop
         )
-        self._note_problems(problems)
+        self._problems.note(problems)
         if not self._one_shot:
             state.cache.retain(records)
         waits = [record.settles_at - wall_now for record in records if record.settles_at is not None]
@@ -344,16 +401,6 @@ class Reconciler:
             self.index.recheck(group, time.monotonic() + max(0.05, min(waits) + 0.05))
         result.detected += _log_news(state, records, detections=not self._one_shot)
         return records
-
-    def _note_problems(self, problems: Iterable[ScanProblem]) -> None:
-        for problem in problems:
-            self._problems.setdefault(problem.path, problem.message)
-
-    def _log_problems(self) -> None:
-        """Each path the pass could not read, once (a directory is listed by the walk and the scan)."""
-        for path, message in self._problems.items():
-            logger.warning("scan_problem", path=display_name(str(path)), error=message)
-        self._problems = {}
 
     # -- applying ---------------------------------------------------------------------------------
 
@@ -372,17 +419,70 @@ class Reconciler:
         what could not be read is logged with the next pass."""
         problems: list[ScanProblem] = []
         groups = self.index.touched(files, trees, problems)
-        self._note_problems(problems)
+        self._problems.note(problems)
         return groups
 
 
 def _kept(group_plan: GroupPlan | None) -> Tally:
     """The checkpoints (step, best, last) a group's plan keeps, by kind."""
-    kept = Tally()
-    for decision in group_plan.decisions if group_plan is not None else ():
-        if decision.action is Action.KEEP and decision.record.kind is not Kind.UNKNOWN:
-            kept.add(decision.record.kind.value, decision.record.bytes)
-    return kept
+    decisions = group_plan.decisions if group_plan is not None else ()
+    return _tally(decision for decision in decisions if decision.action is Action.KEEP)
+
+
+def _tally(decisions: Iterable[Decision]) -> Tally:
+    """``decisions``' checkpoints (not unknown names) by kind, with their bytes."""
+    tally = Tally()
+    for decision in decisions:
+        if decision.record.kind is not Kind.UNKNOWN:
+            tally.add(decision.record.kind.value, decision.record.bytes)
+    return tally
+
+
+@dataclass(frozen=True)
+class _PassContext:
+    """What planning any group of a pass needs (also a group the free-space step adds to the pass)."""
+
+    pins: dict[Path, str]
+    pinned_identities: Mapping[tuple[int, int], str]
+    links: LinkPins
+    closed_in: Mapping[Path, set[Path]]
+    wall_now: float
+    dry_run: bool
+    result: PassResult
+
+    @classmethod
+    def build(
+        cls,
+        pins: dict[Path, str],
+        links: LinkPins,
+        closed: Collection[Path],
+        dry_run: bool,
+        result: PassResult,
+    ) -> _PassContext:
+        """The context of a pass now: ``closed`` files are counted at once (their writer closed them)."""
+        closed_in: dict[Path, set[Path]] = defaultdict(set)
+        for path in closed:
+            closed_in[path.parent].add(path)
+        return cls(pins, identities_of(pins), links, closed_in, time.time(), dry_run, result)
+
+
+class ProblemLog:
+    """What a pass could not read, logged once per path when the pass ends (``scan_problem``): a
+    directory is listed both by the walk and by the scan of its group."""
+
+    def __init__(self) -> None:
+        self._messages: dict[Path, str] = {}
+
+    def note(self, problems: Iterable[ScanProblem]) -> None:
+        """Remember ``problems`` (the first message for a path wins)."""
+        for problem in problems:
+            self._messages.setdefault(problem.path, problem.message)
+
+    def flush(self) -> None:
+        """Log each remembered path once and forget them."""
+        for path, message in self._messages.items():
+            logger.warning("scan_problem", path=display_name(str(path)), error=message)
+        self._messages = {}
 
 
 def _log_blocked(group: Path, state: GroupState) -> None:

@@ -10,27 +10,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ckpt_watcher.budget import FreeSpacePlan
 from ckpt_watcher.contents import CheckpointContents
 from ckpt_watcher.delete import ApplyResult
 from ckpt_watcher.plan import Decision, Plan, Summary
 from ckpt_watcher.policy import POLICY_DESCRIPTIONS, LoadedPolicy
 from ckpt_watcher.records import display_name, metric_for_json
+from ckpt_watcher.sizes import human_bytes
 
 _COLUMNS = ("ACTION", "KIND", "EPOCH", "STEP", "METRIC", "SIZE", "NAME", "REASONS")
-
-
-def human_bytes(count: int) -> str:
-    """``1.5 GiB``-style sizes."""
-    size = float(count)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    raise AssertionError("unreachable")
 
 
 def _row(decision: Decision) -> tuple[str, ...]:
@@ -53,9 +45,13 @@ def render_table(
     dry_run: bool,
     applied: ApplyResult | None = None,
     sources: Mapping[Path, tuple[str, ...]] | None = None,
+    space: Sequence[FreeSpacePlan] = (),
 ) -> str:
-    """The dry-run audit: one table per group (with the policy files that apply), then a summary."""
-    lines: list[str] = []
+    """The dry-run audit: a line per file system where a byte budget is in force, one table per group
+    (with the policy files that apply), then a summary."""
+    lines = [space_line(fs_plan, dry_run) for fs_plan in space]
+    if lines:
+        lines.append("")
     for group in plan.groups:
         rows = [_row(decision) for decision in group.decisions]
         widths = [
@@ -71,6 +67,39 @@ def render_table(
         lines.append("")
     lines.append(summary_line(plan.summary, dry_run, applied))
     return "\n".join(lines)
+
+
+def space_line(fs_plan: FreeSpacePlan, dry_run: bool) -> str:
+    """``free space on /data: 31.2 GiB of 1.8 TiB ...; keep_free 50.0 GiB + next save 12.4 GiB (...)``
+    and what keeping it takes."""
+    space = fs_plan.space
+    line = (
+        f"free space on {display_name(str(space.path))}: {human_bytes(space.free_bytes)} of "
+        f"{human_bytes(space.total_bytes)} (with this plan's other deletions done); "
+    )
+    next_save = f"next save {human_bytes(fs_plan.next_save.bytes)} ({display_name(fs_plan.next_save.basis)})"
+    if fs_plan.keep_free is None:
+        return line + next_save
+    keep_free = human_bytes(fs_plan.keep_free_bytes)
+    if fs_plan.keep_free.fraction is not None:
+        keep_free = f"{fs_plan.keep_free.text} ({keep_free})"
+    line += f"keep_free {keep_free} + {next_save}"
+    if not fs_plan.short_bytes:
+        return line + ": met"
+    taken = []
+    if fs_plan.reclaimed:
+        count = len(fs_plan.reclaimed)
+        taken.append(
+            f"{count} trash {'entry' if count == 1 else 'entries'} ({human_bytes(fs_plan.reclaimed_bytes)})"
+        )
+    if fs_plan.evictions:
+        count = len(fs_plan.evictions)
+        taken.append(f"{count} checkpoint{'' if count == 1 else 's'} ({human_bytes(fs_plan.evicted_bytes)})")
+    verb = "would take" if dry_run else "takes"
+    line += f": {human_bytes(fs_plan.short_bytes)} short, {verb} {' and '.join(taken) or 'nothing'}"
+    if fs_plan.unmet_bytes:
+        line += f"; still {human_bytes(fs_plan.unmet_bytes)} short: the rest may not be evicted"
+    return line
 
 
 def summary_line(summary: Summary, dry_run: bool, applied: ApplyResult | None = None) -> str:
@@ -96,33 +125,17 @@ def plan_document(
     dry_run: bool,
     applied: ApplyResult | None = None,
     sources: Mapping[Path, tuple[str, ...]] | None = None,
+    space: Sequence[FreeSpacePlan] = (),
+    budget_unmet_bytes: int = 0,
 ) -> dict[str, Any]:
-    """The ``--json`` document: the policy, every group's entries with reasons, and the summary."""
+    """The ``--json`` document: the policy, every file system where a byte budget is in force, every
+    group's entries with reasons, and the summary."""
     outcomes: Mapping[int, str] = (
         {id(result.decision): result.outcome.value for result in applied.results} if applied else {}
     )
     groups = []
     for group in plan.groups:
-        entries = []
-        for decision in group.decisions:
-            record = decision.record
-            entry: dict[str, Any] = {
-                "path": display_name(str(record.path)),
-                "name": display_name(record.name),
-                "kind": record.kind.value,
-                "type": record.entry_type.value,
-                "epoch": record.epoch,
-                "step": record.step,
-                "metric_name": record.metric_name,
-                "metric": metric_for_json(record),
-                "version": record.version,
-                "bytes": record.bytes,
-                "action": decision.action.value,
-                "reasons": list(decision.reasons),
-            }
-            if id(decision) in outcomes:
-                entry["outcome"] = outcomes[id(decision)]
-            entries.append(entry)
+        entries = [_entry(decision, outcomes) for decision in group.decisions]
         groups.append(
             {
                 "directory": display_name(str(group.directory)),
@@ -138,13 +151,61 @@ def plan_document(
         "bytes_kept": summary.bytes_kept,
         "bytes_deleted": summary.bytes_deleted if dry_run or applied is None else applied.bytes_freed,
         "dry_run": dry_run,
+        "evicted": sum(decision.evicted for decision in plan.decisions),
+        "budget_unmet_bytes": budget_unmet_bytes,
     }
     if applied is not None:
         document_summary["failed"] = len(applied.failed)
     return {
         "policy": policy_document(loaded),
+        "space": [space_document(fs_plan) for fs_plan in space],
         "groups": groups,
         "summary": document_summary,
+    }
+
+
+def _entry(decision: Decision, outcomes: Mapping[int, str]) -> dict[str, Any]:
+    """One decision in ``--json``."""
+    record = decision.record
+    entry: dict[str, Any] = {
+        "path": display_name(str(record.path)),
+        "name": display_name(record.name),
+        "kind": record.kind.value,
+        "type": record.entry_type.value,
+        "epoch": record.epoch,
+        "step": record.step,
+        "metric_name": record.metric_name,
+        "metric": metric_for_json(record),
+        "version": record.version,
+        "bytes": record.bytes,
+        "action": decision.action.value,
+        "reasons": list(decision.reasons),
+    }
+    if decision.evicted:
+        entry["evicted"] = True
+    if id(decision) in outcomes:
+        entry["outcome"] = outcomes[id(decision)]
+    return entry
+
+
+def space_document(fs_plan: FreeSpacePlan) -> dict[str, Any]:
+    """One file system in ``--json``: its free space, what keep_free asks, the next save, what it takes."""
+    space = fs_plan.space
+    return {
+        "path": display_name(str(space.path)),
+        "device": space.device,
+        "total_bytes": space.total_bytes,
+        "free_bytes": space.free_bytes,
+        "keep_free": fs_plan.keep_free.text if fs_plan.keep_free is not None else None,
+        "keep_free_bytes": fs_plan.keep_free_bytes,
+        "next_save_bytes": fs_plan.next_save.bytes,
+        "next_save_basis": fs_plan.next_save.basis,
+        "short_bytes": fs_plan.short_bytes,
+        "evicted": len(fs_plan.evictions),
+        "evicted_bytes": fs_plan.evicted_bytes,
+        "reclaimed": [item.key for item in fs_plan.reclaimed],
+        "reclaimed_bytes": fs_plan.reclaimed_bytes,
+        "unmet_bytes": fs_plan.unmet_bytes,
     }
 
 

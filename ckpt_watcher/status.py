@@ -16,7 +16,7 @@ from typing import Any
 
 from ckpt_watcher.policy import Policy
 from ckpt_watcher.reconcile import PassResult
-from ckpt_watcher.report import human_bytes
+from ckpt_watcher.sizes import human_bytes
 
 # The byte-budget keys of a policy (issue 12), shown as written when the policy in force has them.
 BUDGET_KEYS = ("max_size", "keep_free")
@@ -63,6 +63,7 @@ def pass_fields(result: PassResult, *, free: int | None, budget: str) -> dict[st
         "bytes_kept_overall": sum(kept_overall.bytes.values()),
         "free_bytes": free,
         "budget": budget,
+        "evicted": result.evicted,
         "budget_unmet_bytes": result.budget_unmet_bytes,
     }
     if result.trash_bytes is not None:

@@ -6,6 +6,7 @@ only that every section runs to the end and writes its tables.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +23,7 @@ SECTION_TITLES = (
     "## 4. Interference with training",
     "## 5. Against the baseline",
     "## 6. Probes and metrics",
+    "## 7. Space pressure",
 )
 
 
@@ -55,5 +57,11 @@ def test_bench_smoke_run_writes_every_section(tmp_path: Path) -> None:
     for row in latency_rows:  # every expected deletion came, and nothing else was deleted
         assert row.endswith("| 0 / 0 |"), row
     assert "prune: wrongly deleted" in text
+    space = text[text.index("## 6. Space pressure") :]
+    space_rows = [line for line in space.splitlines() if line.startswith("| ") and line.endswith(" MiB |")]
+    if os.geteuid() == 0:  # the section mounts a tmpfs; elsewhere it says it was not measured
+        assert len(space_rows) == 2, space
+        for row in space_rows:  # every trial saw its eviction
+            assert row.split(" | ")[-2] == "0", row
     assert "**yes**" not in text  # torch was not imported by prune or watch
     assert not (REPOSITORY / "BENCHMARKS-smoke.md").exists()

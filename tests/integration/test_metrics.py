@@ -24,7 +24,7 @@ pytestmark = pytest.mark.timeout(180)
 # Every label the daemon's metrics may carry: none takes a name or a path.
 ALLOWED_LABELS = {
     "kind": {"step", "best", "last"},
-    "trigger": {"startup", "rearm", "event", "rescan", "full"},
+    "trigger": {"startup", "rearm", "event", "rescan", "full", "space"},
     "result": {"applied", "rejected"},
     "observer": {"inotify", "polling", "none"},
     "version": None,

@@ -121,11 +121,13 @@ class StartRecorder(Callback):
 class TinyRegression(pl.LightningModule):
     """A linear regression; ``val_loss`` is scripted per epoch, the real MSE is ``val_mse``."""
 
-    def __init__(self, val_losses: list[float], step_seconds: float) -> None:
+    def __init__(self, val_losses: list[float], step_seconds: float, ballast_bytes: int = 0) -> None:
         super().__init__()
         self.layer = nn.Linear(FEATURES, 1)
         self.val_losses = val_losses
         self.step_seconds = step_seconds
+        if ballast_bytes:  # saved with the weights: checkpoints as large as a test needs
+            self.register_buffer("ballast", torch.zeros(ballast_bytes // 4, dtype=torch.float32))
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         features, target = batch
@@ -176,6 +178,9 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--date", help="literal date in best names (default: today, YYYYMMDD)")
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--step-seconds", type=float, default=0.0, help="sleep per training step")
+    parser.add_argument(
+        "--ballast-bytes", type=int, default=0, help="a buffer of this size in every checkpoint"
+    )
     return parser.parse_args(argv)
 
 
@@ -218,7 +223,9 @@ def run(arguments: argparse.Namespace, manifest: Manifest) -> None:
     )
     checkpoint_io.trainer = trainer
     model = TinyRegression(
-        [float(value) for value in arguments.val_losses.split(",")], arguments.step_seconds
+        [float(value) for value in arguments.val_losses.split(",")],
+        arguments.step_seconds,
+        arguments.ballast_bytes,
     )
     train_loader, validation_loader = make_loaders(arguments.seed)
     ckpt_path: str | None = None

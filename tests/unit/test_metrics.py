@@ -19,6 +19,7 @@ from ckpt_watcher.exporter import FiguresCollector, MetricsServer
 from ckpt_watcher.groups import GroupIndex, Tally
 from ckpt_watcher.metrics import (
     DURATION_BUCKETS,
+    TRIGGERS,
     DaemonFigures,
     MetricsAddress,
     parse_metrics_address,
@@ -140,7 +141,7 @@ def test_a_pass_adds_its_outcomes_to_the_counters_and_sets_the_gauges() -> None:
     assert snapshot.deletions == {"step": 2, "best": 0, "last": 0}  # the failed best is not a deletion
     assert snapshot.deleted_bytes == 20
     assert snapshot.delete_failures == 2
-    assert snapshot.passes == {"startup": 1, "rearm": 0, "event": 1, "rescan": 0, "full": 0}
+    assert snapshot.passes == {"startup": 1, "rearm": 0, "event": 1, "rescan": 0, "full": 0, "space": 0}
     assert snapshot.last_pass_at == 1001.0
     assert snapshot.duration_sum == pytest.approx(7.1)
     assert sum(snapshot.duration_counts) == 2
@@ -275,7 +276,7 @@ def test_no_pass_yet_means_no_last_pass_timestamp_and_every_counter_at_zero() ->
 
     assert "ckpt_watcher_last_pass_timestamp_seconds" not in samples
     counters = {name: value for name, value in samples.items() if "_total" in name}
-    assert len(counters) == 3 + 1 + 1 + 5 + 2
+    assert len(counters) == 3 + 1 + 1 + len(TRIGGERS) + 2
     assert set(counters.values()) == {0.0}
 
 

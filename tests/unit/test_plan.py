@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from ckpt_watcher.naming import Kind
-from ckpt_watcher.plan import Action, Decision, Plan, Summary, plan
+from ckpt_watcher.plan import Action, Decision, Hold, Plan, Summary, plan
 from ckpt_watcher.policy import Policy
 from ckpt_watcher.records import CheckpointRecord, EntryType
 from tests.support.factories import best_name, make_record, step_name
@@ -360,6 +360,25 @@ CASES = [
         keep=[step_name(1, 100)],
         delete=[step_name(0, 50)],
         skip=["epoch=9-step=900-train.ckpt"],
+    ),
+    # Milestones: keep_every_n_steps keeps every step checkpoint whose step is a multiple of n.
+    case(
+        "milestones-every-1000-steps",
+        {"save_top_k_checkpoints": 1, "keep_every_n_steps": 1000},
+        keep=[step_name(0, 0), step_name(1, 1000), step_name(2, 2000), step_name(2, 2500)],
+        delete=[step_name(0, 500), step_name(1, 1500), step_name(2, 2200)],
+    ),
+    case(
+        "milestones-off-by-default",
+        {"save_top_k_checkpoints": 1},
+        keep=[step_name(2, 2500)],
+        delete=[step_name(1, 1000), step_name(2, 2000)],
+    ),
+    case(
+        "milestones-are-step-checkpoints-only",
+        {"save_top_k_checkpoints": 0, "save_top_k_best": 1, "keep_every_n_steps": 100},
+        keep=[step_name(0, 100), best_name(0, 300, 0.1)],
+        delete=[best_name(0, 200, 0.5), step_name(0, 150)],
     ),
 ]
 
@@ -1155,3 +1174,84 @@ def test_last_link_to_another_last_file_is_not_a_pending_move() -> None:
     assert result[newest.name].action is Action.DELETE
     assert result[LAST].action is Action.KEEP
     assert result["last-v1.ckpt"].action is Action.KEEP
+
+
+HOLDS_CASES: list[tuple[str, Mapping[str, Any], dict[str, frozenset[Hold]]]] = [
+    (
+        "each-rule-its-hold",
+        {
+            "save_top_k_checkpoints": 2,
+            "save_every_n_epochs": 1,
+            "save_top_k_best": 2,
+            "keep_every_n_steps": 300,
+        },
+        {
+            step_name(2, 400): frozenset({Hold.NEWEST_STEPS, Hold.EPOCH_END}),
+            step_name(1, 350): frozenset({Hold.NEWEST_STEPS, Hold.EPOCH_END}),
+            step_name(1, 300): frozenset({Hold.MILESTONE}),
+            step_name(0, 200): frozenset({Hold.EPOCH_END}),
+            step_name(0, 0): frozenset({Hold.MILESTONE}),
+            best_name(1, 300, 0.2): frozenset({Hold.BEST_FIRST}),
+            best_name(0, 200, 0.3): frozenset({Hold.BEST}),
+            best_name(0, 100, 0.4): frozenset(),
+            step_name(0, 100): frozenset(),
+        },
+    ),
+    (
+        "keep-all-rules-hold-too",
+        {"save_top_k_checkpoints": -1, "save_top_k_best": -1},
+        {
+            step_name(0, 100): frozenset({Hold.NEWEST_STEPS}),
+            best_name(0, 100, 0.5): frozenset({Hold.BEST}),
+            best_name(0, 200, 0.1): frozenset({Hold.BEST_FIRST}),
+        },
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("policy", "expected"), [case[1:] for case in HOLDS_CASES], ids=[c[0] for c in HOLDS_CASES]
+)
+def test_each_kept_checkpoint_says_which_rules_hold_it(
+    policy: Mapping[str, Any], expected: dict[str, frozenset[Hold]]
+) -> None:
+    decisions = by_name(plan(records([LAST, *expected]), Policy.model_validate(policy)))
+    assert decisions[LAST].holds == {Hold.PROTECTED}
+    for name, holds in expected.items():
+        assert decisions[name].holds == holds, name
+        assert (decisions[name].action is Action.KEEP) == bool(holds), name
+        assert not decisions[name].evicted
+
+
+def test_every_protection_is_a_protected_hold() -> None:
+    names = [step_name(0, 100), step_name(0, 200), step_name(0, 300), step_name(0, 400), step_name(0, 500)]
+    linked = make_record("last.ckpt", RUN, entry_type=EntryType.SYMLINK, link_target=RUN / names[0])
+    group = [
+        linked,
+        *records(names),
+        make_record(names[1] + ".keep", RUN),
+    ]
+    policy = Policy.model_validate({"save_top_k_checkpoints": 0, "protect": [names[2]]})
+    pins = {RUN / names[3]: "resume source in train.yaml (ckpt_path)"}
+    decisions = by_name(plan(group, policy, pins))
+    for name in names:  # the link's target, a .keep pin, a protect glob, a resume source, the pending target
+        assert decisions[name].action is Action.KEEP
+        assert decisions[name].holds == {Hold.PROTECTED}, name
+    assert "does not point at it yet" in decisions[names[4]].reasons[0]
+
+
+def test_the_newest_as_last_way_to_resume_is_a_protected_hold() -> None:
+    names = [step_name(0, 100), step_name(0, 200)]
+    decisions = by_name(plan(records(names), Policy.model_validate({"save_top_k_checkpoints": 0})))
+    assert decisions[names[1]].holds == {Hold.PROTECTED}
+    assert decisions[names[0]].action is Action.DELETE
+
+
+def test_a_milestone_says_so() -> None:
+    decisions = by_name(
+        plan(records([step_name(1, 2000)]), Policy.model_validate({"keep_every_n_steps": 500}))
+    )
+    assert decisions[step_name(1, 2000)].reasons == (
+        "newest 5 step checkpoints (#1 of 5)",
+        "milestone: step 2000 (keep_every_n_steps: 500)",
+    )

@@ -42,7 +42,17 @@ RETENTION_KEYS = (
     "protect",
     "protect_from",
     "verify",
+    "max_size",
+    "keep_free",
+    "keep_every_n_steps",
 )
+
+
+SIZE_HINT = (
+    "a size is a whole number of bytes or a number and a unit (B, KB, MB, GB, TB, KiB, MiB, GiB, TiB), "
+    "e.g. 500GiB or 1.5TB"
+)
+FREE_HINT = SIZE_HINT + ", or a percentage of the file system's size, e.g. 10%"
 
 
 def write_policy(tmp_path: Path, text: str, name: str = "policy.yaml") -> Path:
@@ -90,6 +100,9 @@ def test_load_policy_none_gives_the_embedded_default() -> None:
         ("protect_from", ()),
         ("verify", "zip"),
         ("naming", NamingTemplates()),
+        ("max_size", None),
+        ("keep_free", None),
+        ("keep_every_n_steps", 0),
     ],
 )
 def test_default_values(key: str, default: object) -> None:
@@ -133,6 +146,18 @@ VALID: list[tuple[str, str, object]] = [
         "naming",
         NamingTemplates(best="epoch={epoch}-val_loss={val_loss:.2f}", last="final"),
     ),
+    ("max_size: 1000\n", "max_size_bytes", 1000),
+    ("max_size: 0\n", "max_size_bytes", 0),
+    ("max_size: 500GiB\n", "max_size_bytes", 500 * 1024**3),
+    ("max_size: '1.5TB'\n", "max_size_bytes", 1_500_000_000_000),
+    ("max_size: 2 MiB\n", "max_size_bytes", 2 * 1024**2),
+    ("max_size: 2 MiB\n", "max_size", "2 MiB"),
+    ("max_size: null\n", "max_size_bytes", None),
+    ("keep_free: 50GB\n", "keep_free", "50GB"),
+    ("keep_free: 10%\n", "keep_free", "10%"),
+    ("keep_free: 0\n", "keep_free", 0),
+    ("keep_every_n_steps: 0\n", "keep_every_n_steps", 0),
+    ("keep_every_n_steps: 1000\n", "keep_every_n_steps", 1000),
 ]
 
 
@@ -158,6 +183,9 @@ def test_origins_say_which_keys_came_from_the_file(tmp_path: Path) -> None:
         "protect": "default",
         "protect_from": "default",
         "verify": "default",
+        "max_size": "default",
+        "keep_free": "default",
+        "keep_every_n_steps": "default",
     }
     assert loaded.policy == Policy(save_top_k_best=2, best_mode="max")
 
@@ -324,6 +352,32 @@ INVALID: list[tuple[str, str]] = [
     ("protect: ['ok', [a]]", "At 'protect.1': expected a string, got a list"),
     ("protect: ['']", "At 'protect.0': must not be empty"),
     ("protect: ['ok', '   ']", "At 'protect.1': must not be empty"),
+    # sizes
+    ("max_size: 500 gb", f"At 'max_size': got '500 gb' (a string): unknown unit; {SIZE_HINT}"),
+    ("max_size: '500'", f"At 'max_size': got '500' (a string): not a number and a unit; {SIZE_HINT}"),
+    ("max_size: 1.5B", f"At 'max_size': got '1.5B' (a string): a number of bytes must be whole; {SIZE_HINT}"),
+    (
+        "max_size: 1.5e9",  # YAML 1.2 reads this as a string, and it is not a number and a unit
+        f"At 'max_size': got '1.5e9' (a string): not a number and a unit; {SIZE_HINT}",
+    ),
+    ("max_size: 2.5", f"At 'max_size': expected a size, got 2.5 (a number with a fraction); {SIZE_HINT}"),
+    ("max_size: true", f"At 'max_size': expected a size, got true (a boolean); {SIZE_HINT}"),
+    ("max_size: [1]", f"At 'max_size': expected a size, got a list; {SIZE_HINT}"),
+    ("max_size: -1", "At 'max_size': must be at least 0, got -1 (an integer)"),
+    ("max_size: 10%", f"At 'max_size': got '10%' (a string): not a number and a unit; {SIZE_HINT}"),
+    ("max_size: 10 PiB", f"At 'max_size': got '10 PiB' (a string): unknown unit; {SIZE_HINT}"),
+    (
+        "keep_free: 100%",
+        f"At 'keep_free': got '100%' (a string): a percentage must be below 100%; {FREE_HINT}",
+    ),
+    ("keep_free: '%5'", f"At 'keep_free': got '%5' (a string): not a percentage; {FREE_HINT}"),
+    ("keep_free: -5%", f"At 'keep_free': got '-5%' (a string): not a percentage; {FREE_HINT}"),
+    ("keep_free: 1.5", f"At 'keep_free': expected a size, got 1.5 (a number with a fraction); {FREE_HINT}"),
+    ("keep_every_n_steps: -1", "At 'keep_every_n_steps': must be at least 0, got -1 (an integer)"),
+    (
+        "keep_every_n_steps: 2.5",
+        "At 'keep_every_n_steps': expected a whole number, got 2.5 (a number with a fraction)",
+    ),
 ]
 
 
@@ -885,6 +939,8 @@ UNQUOTED: list[tuple[str, str]] = [
         "save_top_k_best: !!int AKIASECRET\n",
         "At '<file>': YAML syntax error at line 1, column 18: a int value",
     ),
+    ("max_size: 5 AKIASECRET\n", "At 'max_size': got a string: unknown unit; a size is"),
+    ("keep_free: AKIASECRET%\n", "At 'keep_free': got a string: not a percentage; a size is"),
 ]
 
 

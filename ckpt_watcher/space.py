@@ -1,0 +1,340 @@
+"""Retention by bytes in a pass: the shell around ``budget.py`` (statvfs, what is remembered, the logs).
+
+A pass plans one group at a time (it never holds the whole tree's records), so ``keep_free``, which
+evicts across every group of a file system, works from what each group's last plan left behind: a
+``GroupSpace`` per group, holding only its evictable kept checkpoints (with their identities), the
+checkpoints being written and two sizes. After the pass has planned (and applied) its own groups:
+
+1. the file system's free space is read (``statvfs``; a dry run adds what its plan would delete);
+2. ``budget.free_space_plan`` chooses, from those facts, the trash entries and checkpoints to take;
+3. a chosen checkpoint in a group this pass did not plan is never deleted from memory: that group is
+   scanned and planned again first (joining the pass), and the choice is made again, until every
+   chosen checkpoint comes from a fresh plan. Its deletion then goes through ``delete.py``, which
+   re-checks the file's identity (a file changed since it was planned is kept).
+
+So only the groups that lose a checkpoint are rescanned, never the whole tree. ``budget_unmet`` is
+logged when a budget becomes unmet (or its limit changes), ``budget_met`` when it holds again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import structlog
+
+from ckpt_watcher.budget import (
+    GROWING_SECONDS,
+    FileSystemSpace,
+    FreeSpacePlan,
+    GroupSpace,
+    Growing,
+    Reclaimable,
+    SizeVerdict,
+    free_space_plan,
+    group_space,
+    within_max_size,
+)
+from ckpt_watcher.groups import GroupIndex
+from ckpt_watcher.plan import Action, Decision, GroupPlan
+from ckpt_watcher.policy import Policy
+from ckpt_watcher.records import display_name
+from ckpt_watcher.sizes import human_bytes
+
+logger = structlog.get_logger("ckpt_watcher.space")
+
+# While a checkpoint is being written on a file system with keep_free, its free space is read this
+# often (a 1 GB/s writer fills 1 GB in that time); otherwise this often, for writers outside the tree.
+CHECK_WHILE_WRITING = 1.0
+CHECK_AT_REST = 5.0
+SHOWN_REMAINING = 5
+
+
+class Trash(Protocol):
+    """Bytes that may go before any kept checkpoint (the trash helper's side of the contract)."""
+
+    def reclaimable(self) -> Sequence[Reclaimable]: ...
+    def purge(self, keys: Collection[str]) -> int: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Eviction:
+    """Checkpoints of one group given up for space (delete decisions, to apply like any plan's)."""
+
+    directory: Path
+    decisions: tuple[Decision, ...]
+
+
+@dataclass
+class SpaceKeeper:
+    """Remembers each group's space facts between passes and keeps ``keep_free`` on each file system.
+
+    One per ``Reconciler`` (so ``prune``'s lives for one pass). ``trash``: reclaimable bytes, taken first.
+    """
+
+    root: Path
+    index: GroupIndex
+    trash: Trash | None = None
+    _facts: dict[Path, GroupSpace] = field(default_factory=dict)
+    _pending: dict[int, int] = field(default_factory=dict)
+    _fresh: set[Path] = field(default_factory=set)
+    _unmet: dict[tuple[str, str], tuple[int, int]] = field(default_factory=dict)
+    _next_check: float | None = None
+
+    # -- one group ---------------------------------------------------------------------------------
+
+    def begin_pass(self) -> None:
+        """A new pass: no group is fresh yet, nothing is pending."""
+        self._pending.clear()
+        self._fresh.clear()
+
+    def plan_group(
+        self, group: Path, group_plan: GroupPlan | None, policy: Policy, *, dry_run: bool, now: float
+    ) -> GroupPlan | None:
+        """``max_size`` for a group just planned (evictions are part of its plan), then its facts."""
+        verdict = None
+        if group_plan is not None:
+            group_plan, verdict = within_max_size(group_plan, policy)
+        self._note_size(group, verdict)
+        try:
+            device = os.stat(group).st_dev
+        except OSError:
+            self._facts.pop(group, None)
+            return group_plan
+        decisions = group_plan.decisions if group_plan is not None else ()
+        if dry_run:
+            deleted = sum(decision.record.bytes for decision in decisions if decision.action is Action.DELETE)
+            self._pending[device] = self._pending.get(device, 0) + deleted
+        previous = self._facts.get(group)
+        self._facts[group] = group_space(group, decisions, policy, device=device, now=now, previous=previous)
+        self._fresh.add(group)
+        return group_plan
+
+    def _note_size(self, group: Path, verdict: SizeVerdict | None) -> None:
+        unmet = verdict.unmet_bytes if verdict is not None else 0
+        limit = verdict.limit if verdict is not None else 0
+        detail = ""
+        if verdict is not None and unmet:
+            kept = verdict.kept_bytes - verdict.evicted_bytes
+            detail = (
+                f"its kept checkpoints take {human_bytes(kept)}, {human_bytes(unmet)} over max_size "
+                f"{human_bytes(limit)} once everything that may go is evicted; "
+                f"{_remaining_text(verdict.remaining)} may not be evicted"
+            )
+        self._note(("max_size", str(group)), unmet, limit, detail, directory=display_name(str(group)))
+
+    # -- the free-space step -----------------------------------------------------------------------
+
+    def relieve(
+        self,
+        replan: Callable[[Path], None],
+        *,
+        dry_run: bool,
+        stop: Callable[[], bool] = lambda: False,
+    ) -> tuple[list[FreeSpacePlan], list[Eviction]]:
+        """Keep ``keep_free`` on every file system of the root: the plans (one per file system where a
+        byte budget is in force, for the table, JSON and status) and the evictions to apply.
+        ``replan`` plans a group again, fresh, as part of the pass (updating its facts)."""
+        plans: list[FreeSpacePlan] = []
+        evictions: list[Eviction] = []
+        reclaimable = list(self.trash.reclaimable()) if self.trash is not None else []
+        for device, groups in sorted(self._by_device().items()):
+            if not any(group.budgeted for group in groups):
+                self._unmet.pop(("keep_free", str(device)), None)  # no budget here (any more)
+                continue
+            fs_plan = self._fresh_plan(device, groups, reclaimable, replan, stop)
+            if fs_plan is None:
+                continue
+            plans.append(fs_plan)
+            self._note_free(fs_plan)
+            if fs_plan.reclaimed and not dry_run and self.trash is not None:
+                self.trash.purge([item.key for item in fs_plan.reclaimed])
+            for directory, decisions in fs_plan.evicted_decisions().items():
+                evictions.append(Eviction(directory, decisions))
+                self._drop_candidates(directory, {decision.record.path for decision in decisions})
+        self._forget_gone_scopes()
+        return plans, evictions
+
+    def _fresh_plan(
+        self,
+        device: int,
+        groups: list[GroupSpace],
+        reclaimable: Sequence[Reclaimable],
+        replan: Callable[[Path], None],
+        stop: Callable[[], bool],
+    ) -> FreeSpacePlan | None:
+        """The file system's plan, with every checkpoint it evicts taken from a plan made this pass."""
+        while True:
+            space = self._read(device, groups)
+            if space is None:
+                return None
+            fs_plan = free_space_plan(space, groups, reclaimable)
+            stale = sorted({candidate.record.directory for candidate in fs_plan.evictions} - self._fresh)
+            if not stale or stop():
+                return fs_plan if not stale else dataclasses.replace(fs_plan, evictions=())
+            for group in stale:
+                self._fresh.add(group)  # planned again now, or gone: asked once per pass either way
+                self._facts.pop(group, None)
+                replan(group)
+            groups = self._by_device().get(device, [])
+
+    def _drop_candidates(self, directory: Path, paths: set[Path]) -> None:
+        """Evicted checkpoints are no longer candidates (if a deletion fails, the next plan says so)."""
+        facts = self._facts.get(directory)
+        if facts is not None:
+            kept = tuple(candidate for candidate in facts.candidates if candidate.record.path not in paths)
+            self._facts[directory] = dataclasses.replace(facts, candidates=kept)
+
+    def _read(self, device: int, groups: list[GroupSpace]) -> FileSystemSpace | None:
+        """``statvfs`` of the file system (through the root if it is on it, else its first group)."""
+        paths = sorted(group.directory for group in groups)
+        path = self.root if self.root in paths or not paths else paths[0]
+        try:
+            status = os.statvfs(path)
+        except OSError:
+            return None
+        free = status.f_bavail * status.f_frsize + self._pending.get(device, 0)
+        return FileSystemSpace(device, path, status.f_blocks * status.f_frsize, free, status.f_frsize)
+
+    def _by_device(self) -> dict[int, list[GroupSpace]]:
+        """The remembered facts of every group still known and not blocked, by device."""
+        by_device: dict[int, list[GroupSpace]] = {}
+        for directory in list(self._facts):
+            state = self.index.get(directory)
+            if state is None:
+                del self._facts[directory]
+            elif not state.blocked:
+                facts = self._facts[directory]
+                by_device.setdefault(facts.device, []).append(facts)
+        return by_device
+
+    def _note_free(self, fs_plan: FreeSpacePlan) -> None:
+        space = fs_plan.space
+        detail = ""
+        if fs_plan.unmet_bytes:
+            taken = fs_plan.reclaimed_bytes + fs_plan.evicted_bytes
+            asked = f"keep_free {human_bytes(fs_plan.keep_free_bytes)}"
+            detail = (
+                f"{human_bytes(space.free_bytes)} free, {asked} + next save "
+                f"{human_bytes(fs_plan.next_save.bytes)} ({fs_plan.next_save.basis}): "
+                f"{human_bytes(fs_plan.short_bytes)} short; everything that may go frees "
+                f"{human_bytes(taken)}; the rest is kept for resuming or pinned (last.ckpt and its "
+                "target, the newest checkpoint of each group, the rank-1 bests, pins and resume sources)"
+            )
+        self._note(
+            ("keep_free", str(space.device)),
+            fs_plan.unmet_bytes,
+            fs_plan.keep_free_bytes,
+            detail,
+            path=display_name(str(space.path)),
+        )
+
+    # -- the daemon's checks between passes --------------------------------------------------------
+
+    def schedule(self, now: float) -> None:
+        """After a pass: when to look at the free space again (soon while a checkpoint is being
+        written on a file system with keep_free); never when no keep_free is in force."""
+        with_keep_free = [
+            groups for groups in self._by_device().values() if any(group.keep_free for group in groups)
+        ]
+        if not with_keep_free:
+            self._next_check = None
+            return
+        writing = any(group.growing for groups in with_keep_free for group in groups)
+        self._next_check = now + (CHECK_WHILE_WRITING if writing else CHECK_AT_REST)
+
+    def next_check(self) -> float | None:
+        """When the next free-space check is due (monotonic), or None."""
+        return self._next_check
+
+    def pressure(self, now: float) -> bool:
+        """If a check is due: re-read the growing checkpoints' sizes and the free space; True if
+        ``keep_free`` now asks to take something (a pass should run), never while nothing may go."""
+        if self._next_check is None or now < self._next_check:
+            return False
+        self._refresh_growing(time.time())
+        self.schedule(now)
+        reclaimable = list(self.trash.reclaimable()) if self.trash is not None else []
+        for device, groups in self._by_device().items():
+            space = self._read(device, groups)
+            if space is None:
+                continue
+            fs_plan = free_space_plan(space, groups, reclaimable)
+            if fs_plan.evictions or fs_plan.reclaimed:
+                return True
+        return False
+
+    def _refresh_growing(self, now: float) -> None:
+        """Each checkpoint being written, as large as it is now (gone or replaced: no longer written)."""
+        for directory, facts in list(self._facts.items()):
+            if facts.growing:
+                growing = tuple(
+                    item for item in map(_grown, facts.growing) if item is not None and _recent(item, now)
+                )
+                self._facts[directory] = dataclasses.replace(facts, growing=growing)
+
+    # -- budget_unmet / budget_met -----------------------------------------------------------------
+
+    def unmet_bytes(self) -> int:
+        """How far the worst byte budget is from being met (0: every budget holds)."""
+        return max((unmet for _, unmet in self._unmet.values()), default=0)
+
+    def _note(self, scope: tuple[str, str], unmet: int, limit: int, detail: str, **where: str) -> None:
+        """Log a budget becoming unmet (or its limit changing while unmet), or being met again."""
+        previous = self._unmet.get(scope)
+        if unmet:
+            if previous is None or previous[0] != limit:
+                logger.warning(
+                    "budget_unmet",
+                    budget=scope[0],
+                    **where,
+                    unmet_bytes=unmet,
+                    limit_bytes=limit,
+                    detail=detail,
+                )
+            self._unmet[scope] = (limit, unmet)
+        elif previous is not None:
+            del self._unmet[scope]
+            logger.info("budget_met", budget=scope[0], **where)
+
+    def _forget_gone_scopes(self) -> None:
+        """Budgets of groups no longer known are neither met nor unmet: forgotten silently."""
+        for scope in [scope for scope in self._unmet if scope[0] == "max_size"]:
+            if self.index.get(Path(scope[1])) is None:
+                del self._unmet[scope]
+
+
+def space_status(fs_plan: FreeSpacePlan) -> str:
+    """A file system for ``STATUS=``: ``31.2 GiB free on /data (keep_free 50.0 GiB + next save 12.4 GiB)``,
+    the free space being what is left once this pass's evictions are done."""
+    free = fs_plan.space.free_bytes + fs_plan.reclaimed_bytes + fs_plan.evicted_bytes
+    return (
+        f"{human_bytes(free)} free on {display_name(str(fs_plan.space.path))} (keep_free "
+        f"{human_bytes(fs_plan.keep_free_bytes)} + next save {human_bytes(fs_plan.next_save.bytes)})"
+    )
+
+
+def _remaining_text(remaining: Sequence[str]) -> str:
+    shown = ", ".join(remaining[:SHOWN_REMAINING])
+    more = len(remaining) - SHOWN_REMAINING
+    return shown + (f" and {more} more" if more > 0 else "") if remaining else "nothing else"
+
+
+def _grown(item: Growing) -> Growing | None:
+    """``item`` with its size now; None if it is gone or another file took its name."""
+    try:
+        status = os.stat(item.path, follow_symlinks=False)
+    except OSError:
+        return None
+    if status.st_ino != item.inode:
+        return None
+    return dataclasses.replace(item, written=status.st_size, mtime_ns=status.st_mtime_ns)
+
+
+def _recent(item: Growing, now: float) -> bool:
+    return now - item.mtime_ns / 1e9 < GROWING_SECONDS
