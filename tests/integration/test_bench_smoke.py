@@ -57,7 +57,7 @@ def test_bench_smoke_run_writes_every_section(tmp_path: Path) -> None:
     for row in latency_rows:  # every expected deletion came, and nothing else was deleted
         assert row.endswith("| 0 / 0 |"), row
     assert "prune: wrongly deleted" in text
-    space = text[text.index("## 6. Space pressure") :]
+    space = text[text.index("## 7. Space pressure") :]
     space_rows = [line for line in space.splitlines() if line.startswith("| ") and line.endswith(" MiB |")]
     if os.geteuid() == 0:  # the section mounts a tmpfs; elsewhere it says it was not measured
         assert len(space_rows) == 2, space
