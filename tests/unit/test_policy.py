@@ -42,6 +42,7 @@ RETENTION_KEYS = (
     "protect",
     "protect_from",
     "verify",
+    "trash",
 )
 
 
@@ -158,6 +159,7 @@ def test_origins_say_which_keys_came_from_the_file(tmp_path: Path) -> None:
         "protect": "default",
         "protect_from": "default",
         "verify": "default",
+        "trash": "default",
     }
     assert loaded.policy == Policy(save_top_k_best=2, best_mode="max")
 
