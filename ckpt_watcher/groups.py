@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ckpt_watcher.links import Link
 from ckpt_watcher.naming import Kind
-from ckpt_watcher.records import DELETING_PREFIX
+from ckpt_watcher.records import DELETING_PREFIX, TRASH_DIRECTORY_NAME
 from ckpt_watcher.scan import CompletenessCache, NamingLookup, ScanProblem, walk_directories
 
 # A last.ckpt symlink missing from one listing is trusted gone only when a listing this much later
@@ -202,11 +202,15 @@ class GroupIndex:
 
     def group_of(self, path: Path) -> Path | None:
         """The group ``path`` belongs to: its directory, or the one holding the directory checkpoint
-        it is inside (``run/checkpoint-400/x`` belongs to ``run``); None for the root or outside it."""
+        it is inside (``run/checkpoint-400/x`` belongs to ``run``); None for the root, outside it, or
+        in a trash (``.ckpt-trash`` at any depth)."""
         if path == self.root or self.root not in path.parents:
             return None
+        parts = path.relative_to(self.root).parts
+        if TRASH_DIRECTORY_NAME in parts:
+            return None
         parent = self.root
-        for part in path.relative_to(self.root).parts[:-1]:
+        for part in parts[:-1]:
             if self._naming_for(parent).classify(part, directory=True).kind is not Kind.UNKNOWN:
                 return parent
             parent = parent / part
