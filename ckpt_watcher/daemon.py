@@ -98,6 +98,7 @@ class Watcher:
         self.exit_code = 0
         self.deleted_since_start = 0
         self.bytes_freed_since_start = 0
+        self.trashed_since_start = 0
         self._observer_factory = observer_factory
         self._pins = command_line_pins(options.protect, Path.cwd())
         self._early_lock: DirectoryLock | None = None
@@ -143,6 +144,7 @@ class Watcher:
                 path=str(self.options.root),
                 deleted=self.deleted_since_start,
                 bytes_freed=self.bytes_freed_since_start,
+                trashed=self.trashed_since_start,
             )
         return self.exit_code
 
@@ -187,8 +189,8 @@ class Watcher:
         trees = batch.trees | {str(subtree) for subtree in session.root.subtrees_to_poll(now)}
         reconciler = session.reconciler
         groups = reconciler.groups_touched(batch.files, trees) | reconciler.index.take_due_rechecks(now)
-        if not groups:
-            return None
+        if not groups and not reconciler.trash.is_due(time.time()):
+            return None  # (a pass over no group still purges the trash when a grace is over)
         return Work(Trigger.EVENT, frozenset(groups), frozenset(Path(path) for path in batch.closed))
 
     def _reload(self, *, forced: bool) -> bool:
@@ -267,7 +269,12 @@ class Watcher:
 
     def _wait_time(self, session: Session) -> float:
         deadlines = [session.next_rescan, session.next_root_check, self.liveness.next_deadline()]
-        for deadline in (session.reconciler.index.next_recheck(), session.root.next_deadline()):
+        reconciler = session.reconciler
+        for deadline in (
+            reconciler.index.next_recheck(),
+            session.root.next_deadline(),
+            reconciler.trash.deadline(),
+        ):
             if deadline is not None:
                 deadlines.append(deadline)
         return max(0.0, min(MAXIMUM_WAIT, min(deadlines) - time.monotonic()))
@@ -276,8 +283,10 @@ class Watcher:
         """Log the pass and show it in ``systemctl status``."""
         self.deleted_since_start += result.deleted
         self.bytes_freed_since_start += result.bytes_freed
+        self.trashed_since_start += result.trashed
         summary = result.summary
-        eventful = result.deleted or result.failed or result.detected or result.trigger.covers_everything
+        changed = result.deleted or result.trashed or result.purged or result.failed
+        eventful = changed or result.detected or result.trigger.covers_everything
         logger.log(
             logging.INFO if eventful else logging.DEBUG,
             "pass_completed",
@@ -288,16 +297,14 @@ class Watcher:
             skipped=summary.skipped,
             failed=result.failed,
             bytes_freed=result.bytes_freed,
+            trashed=result.trashed,
+            purged=result.purged,
+            trash_bytes=result.trash_bytes,
             interrupted=result.interrupted,
             duration_ms=round(result.seconds * 1000, 1),
         )
-        status = (
-            f"last pass: kept {summary.kept}, deleted {result.deleted}, skipped {summary.skipped}"
-            f"; since start: deleted {self.deleted_since_start} ({human_bytes(self.bytes_freed_since_start)})"
-        )
-        if result.failed:
-            status += f"; {result.failed} deletion(s) failed, retried next pass"
-        self.liveness.status(status)
+        totals = (self.deleted_since_start, self.bytes_freed_since_start, self.trashed_since_start)
+        self.liveness.status(status_text(result, *totals))
 
     def _config_files(self) -> frozenset[str]:
         """The policy file and the protect_from configs known now, as absolute paths."""
@@ -312,6 +319,19 @@ class Watcher:
         if self._early_lock is not None:
             self._early_lock.release()
             self._early_lock = None
+
+
+def status_text(result: PassResult, deleted: int, bytes_freed: int, trashed: int) -> str:
+    """``STATUS=``: the last pass, and the totals since start (with the trash, when there is one)."""
+    summary, trash = result.summary, result.trash_bytes is not None or trashed
+    status = f"last pass: kept {summary.kept}, deleted {result.deleted}"
+    status += f", trashed {result.trashed}" if trash else ""
+    status += f", skipped {summary.skipped}; since start: deleted {deleted} ({human_bytes(bytes_freed)})"
+    if trash:
+        status += f", trashed {trashed}; in the trash: {human_bytes(result.trash_bytes or 0)}"
+    if result.failed:
+        status += f"; {result.failed} deletion(s) failed, retried next pass"
+    return status
 
 
 class Supervised(Protocol):

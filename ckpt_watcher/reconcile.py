@@ -9,7 +9,9 @@ the ones events named otherwise. It
    target in another, whichever group is planned first and whichever command runs,
 4. then, one group at a time (a pass never holds the whole tree), scans it (``scan``), remembering
    what it learned for the next pass (``GroupIndex``), plans it (``plan``, a pure function) and
-   applies the plan (``delete``), stopping between two deletions when asked to,
+   applies the plan (``delete``), stopping between two deletions when asked to; with a trash
+   (``trash_pass``), deletions are moves into it, what is due is purged and restored checkpoints
+   are pinned,
 
 and returns a ``PassResult``: what the logs, the command's table or JSON and ``STATUS=`` read.
 Each path it could not read is logged once per pass (``scan_problem``).
@@ -39,6 +41,9 @@ from ckpt_watcher.policy_file import InvalidPolicyFilesError
 from ckpt_watcher.protection import ProtectionError, ProtectionRegistry, identities_of
 from ckpt_watcher.records import CheckpointRecord, display_name
 from ckpt_watcher.scan import ScanOptions, ScanProblem, ScanStopped, scan_directory, walk_directories
+from ckpt_watcher.trash import TrashSummary
+from ckpt_watcher.trash_moves import PurgeResult
+from ckpt_watcher.trash_pass import TrashPass
 
 logger = structlog.get_logger("ckpt_watcher.reconcile")
 
@@ -66,6 +71,11 @@ class PassResult:
     The counts are always there. Every decision (``the_plan``) and every outcome (``applied``) are kept
     only when the pass was asked to (``prune``'s table and JSON): a daemon's pass over 100,000
     checkpoints holds one group at a time. ``applied`` is None for a dry run.
+
+    With a trash: ``trashed`` counts deletions moved into it (``deleted``: removed at once),
+    ``purged`` the entries removed from it, ``trash_bytes`` what it holds after the pass (None: the
+    root has no trash), ``trash`` its summary and ``trashing`` the grace of each group whose policy
+    has one (both for ``prune``'s table and JSON).
     """
 
     trigger: Trigger
@@ -82,6 +92,13 @@ class PassResult:
     applied: ApplyResult | None = None
     interrupted: bool = False
     seconds: float = 0.0
+    trashed: int = 0
+    bytes_trashed: int = 0
+    purged: int = 0
+    bytes_purged: int = 0
+    trash_bytes: int | None = None
+    trash: TrashSummary | None = None
+    trashing: dict[Path, int] = field(default_factory=dict)
 
     @property
     def the_plan(self) -> Plan:
@@ -99,11 +116,19 @@ class PassResult:
         if applied is None:
             return
         self.deleted += len(applied.deleted)
+        self.trashed += len(applied.trashed)
+        self.bytes_trashed += applied.bytes_trashed
         self.failed += len(applied.failed)
         self.bytes_freed += applied.bytes_freed
         self.interrupted = self.interrupted or applied.interrupted
         if self.applied is not None:
             self.applied.results.extend(applied.results)
+
+    def add_purge(self, purged: PurgeResult | None) -> None:
+        """Count what a purge of the trash removed."""
+        if purged is not None:
+            self.purged += len(purged.purged)
+            self.bytes_purged += purged.bytes_purged
 
 
 def prune_once(
@@ -158,6 +183,7 @@ class Reconciler:
         self._progress = progress
         self._problems: dict[Path, str] = {}
         self._foreign_leftovers: set[tuple[int, int]] = set()  # reported once each
+        self.trash = TrashPass(tree.root, stop)
 
     # -- the pass ---------------------------------------------------------------------------------
 
@@ -181,6 +207,7 @@ class Reconciler:
             result.applied = None if dry_run else ApplyResult()
         try:
             selected = self._all_groups(dry_run, result) if trigger.covers_everything else set(groups)
+            result.add_purge(self.trash.begin(purge=trigger.covers_everything, dry_run=dry_run))
             effective, result.blocked = self._policies(selected)
             if self._refresh_protection(trigger) and not trigger.covers_everything:
                 more, more_blocked = self._policies(set(self.index) - set(effective) - set(result.blocked))
@@ -192,6 +219,7 @@ class Reconciler:
             result.interrupted = True
         finally:
             self._log_problems()
+            result.trash_bytes, result.trash = self.trash.end()
         result.seconds = time.monotonic() - started
         return result
 
@@ -285,11 +313,15 @@ class Reconciler:
                 result.interrupted = True
                 return
             records = self._scan_group(group, value, frozenset(closed_in.get(group, ())), wall_now, result)
+            identities = {**self.trash.pinned_identities(), **pinned_identities}  # after the scan
             group_plans = plan(
-                records, value.policy, {**pins, **links.for_group(group)}, pinned_identities=pinned_identities
+                records, value.policy, {**pins, **links.for_group(group)}, pinned_identities=identities
             ).groups
             group_plan = group_plans[0] if group_plans else None
-            applied = None if dry_run or group_plan is None else self._apply(group_plan)
+            grace = value.policy.trash.grace_seconds
+            if grace and result.group_plans is not None:
+                result.trashing[group] = grace
+            applied = None if dry_run or group_plan is None else self._apply(group_plan, grace)
             result.add_group(group_plan, applied)
             if self._progress is not None:
                 self._progress()
@@ -333,8 +365,9 @@ class Reconciler:
 
     # -- applying ---------------------------------------------------------------------------------
 
-    def _apply(self, group_plan: GroupPlan) -> ApplyResult:
-        applied = ApplyResult(apply_group(group_plan, self.root, stop=self._stop))
+    def _apply(self, group_plan: GroupPlan, grace_seconds: int) -> ApplyResult:
+        trash = self.trash.target(grace_seconds)
+        applied = ApplyResult(apply_group(group_plan, self.root, stop=self._stop, trash=trash))
         applied.interrupted = len(applied.results) < len(group_plan.deletions)
         for result in applied.results:
             if result.outcome is Outcome.CHANGED:  # changed since it was planned: plan it again soon
