@@ -259,6 +259,7 @@ def _add_trash(commands: Commands) -> None:
 def _add_restore(commands: Commands) -> None:
     restore_parser = commands.add_parser(
         "restore",
+        rewrite=_options_first,
         help="move checkpoints back from the trash (never overwriting); they stay pinned for the grace",
         description=(
             "Move trashed checkpoints back where they were. NAME_OR_GLOB matches an entry's path relative "
@@ -279,6 +280,26 @@ def _add_restore(commands: Commands) -> None:
         "--all", action="store_true", help="every entry (with --since: every such entry)"
     )
     restore_parser.set_defaults(handler=run_restore)
+
+
+def _options_first(arguments: list[str]) -> list[str]:
+    """``restore PATH NAME --since 2h OTHER``: options may come between the names (argparse alone would
+    take the names after an option for unknown arguments), so they are moved before them."""
+    options: list[str] = []
+    positionals: list[str] = []
+    index = 0
+    while index < len(arguments):
+        argument = arguments[index]
+        if argument == "--":
+            positionals.extend(arguments[index:])
+            break
+        if argument == "--since" and index + 1 < len(arguments):
+            options.extend(arguments[index : index + 2])
+            index += 2
+            continue
+        (options if argument.startswith("-") and argument != "-" else positionals).append(argument)
+        index += 1
+    return options + positionals
 
 
 def _duration(text: str) -> int:
