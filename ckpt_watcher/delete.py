@@ -22,13 +22,14 @@ import errno
 import os
 import stat
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 import structlog
 
-from ckpt_watcher.filesystem import Removal, remove_tree, status_at, summarize_tree
+from ckpt_watcher.filesystem import EntryStatus, Removal, remove_tree, status_at, summarize_tree
 from ckpt_watcher.logs import describe_os_error
 from ckpt_watcher.plan import Decision, GroupPlan, Plan
 from ckpt_watcher.records import (
@@ -455,12 +456,13 @@ class TrashRemoval:
     error: str | None = None
 
 
-def remove_trashed(dir_fd: int, name: str, *, expected: tuple[int, int, bool] | None) -> TrashRemoval:
+def remove_trashed(dir_fd: int, name: str, *, expected: Callable[[EntryStatus], bool] | None) -> TrashRemoval:
     """Remove ``name`` in the open trash directory ``dir_fd``: a file is unlinked, a directory removed
     entry by entry, never following a symlink and never leaving its mount (``remove_tree``).
 
-    ``expected`` is (device, inode, is a directory) of the entry that was trashed: anything else there
-    is CHANGED and left alone; None removes whatever is there (an interrupted purge's leftover).
+    ``expected`` says whether what is there (never following a symlink) is the entry that was trashed:
+    anything else is CHANGED and left alone; None removes whatever is there (an interrupted purge's
+    leftover).
     Never raises.
     """
     try:
@@ -470,7 +472,7 @@ def remove_trashed(dir_fd: int, name: str, *, expected: tuple[int, int, bool] | 
     except OSError as error:
         return TrashRemoval(Outcome.FAILED, describe_os_error(error))
     is_directory = stat.S_ISDIR(status.mode)
-    if expected is not None and (status.device, status.inode, is_directory) != expected:
+    if expected is not None and not expected(status):
         return TrashRemoval(Outcome.CHANGED, "not the entry that was trashed")
     try:
         if not is_directory:

@@ -136,9 +136,10 @@ def summary_line(
 ) -> str:
     """``kept 7, deleted 12 (1.2 GiB), skipped 3`` plus what actually happened; ``trashed`` is how many
     planned deletions (and bytes) go to the trash."""
+    planned_deletions = summary.deleted - trashed[0]
     if dry_run or applied is None:
         counts = [
-            ("delete", summary.deleted - trashed[0], summary.bytes_deleted - trashed[1]),
+            ("delete", planned_deletions, summary.bytes_deleted - trashed[1]),
             ("trash", trashed[0], trashed[1]),
         ]
     else:
@@ -148,9 +149,9 @@ def summary_line(
         "delete": "would delete" if dry_run else "deleted",
         "trash": "would trash" if dry_run else "trashed",
     }
-    shown = [(verbs[what], count, size) for what, count, size in counts if count or what == "delete"]
-    if len(shown) == 2 and shown[0][1] == 0:
-        shown = shown[1:]  # everything went to the trash
+    # "deleted" unless all that is planned goes to the trash; "trashed" when any of it does
+    planned = {"delete": planned_deletions > 0 or trashed[0] == 0, "trash": trashed[0] > 0}
+    shown = [(verbs[what], count, size) for what, count, size in counts if count or planned[what]]
     line = f"kept {summary.kept} ({human_bytes(summary.bytes_kept)}), " + ", ".join(
         f"{verb} {count} ({human_bytes(size)})" for verb, count, size in shown
     )

@@ -44,7 +44,13 @@ import structlog
 
 from ckpt_watcher.delete import open_below_root, remove_name
 from ckpt_watcher.durations import LONGEST_SECONDS
-from ckpt_watcher.filesystem import DIRECTORY_FLAGS, NotRegularFileError, open_regular, rename_no_replace
+from ckpt_watcher.filesystem import (
+    DIRECTORY_FLAGS,
+    EntryStatus,
+    NotRegularFileError,
+    open_regular,
+    rename_no_replace,
+)
 from ckpt_watcher.logs import describe_os_error
 from ckpt_watcher.records import TRASH_DIRECTORY_NAME, display_name
 
@@ -115,6 +121,7 @@ class TrashEntry:
     is_directory: bool
     device: int
     inode: int
+    mtime_ns: int | None = None  # of a file (a rename keeps it); None for a directory
 
     @property
     def purge_at(self) -> float:
@@ -141,10 +148,16 @@ class TrashEntry:
         """Where it is, relative to the trash: ``files/<relative path>@<KEY>``."""
         return "/".join([FILES, *self.parent_parts, self.stored_name])
 
-    @property
-    def expected(self) -> tuple[int, int, bool]:
-        """(device, inode, is a directory): what must be found where it is stored."""
-        return (self.device, self.inode, self.is_directory)
+    def matches(self, status: EntryStatus) -> bool:
+        """True if ``status`` (never following a symlink) is the very entry that was trashed: its device
+        and inode, a directory for a directory, else a regular file of its size and mtime (an inode
+        number freed and reused by something planted is not enough)."""
+        if (status.device, status.inode) != (self.device, self.inode):
+            return False
+        if self.is_directory:
+            return stat.S_ISDIR(status.mode)
+        same_time = self.mtime_ns is None or status.mtime_ns == self.mtime_ns
+        return stat.S_ISREG(status.mode) and status.size == self.bytes and same_time
 
     def document(self) -> dict[str, Any]:
         """Its ``info/<KEY>.json``."""
@@ -157,6 +170,7 @@ class TrashEntry:
             "type": "directory" if self.is_directory else "file",
             "device": self.device,
             "inode": self.inode,
+            "mtime_ns": self.mtime_ns,
         }
 
     @classmethod
@@ -191,6 +205,7 @@ class TrashEntry:
             is_directory=kind == "directory",
             device=_whole(document, "device", 1 << 64),
             inode=_whole(document, "inode", 1 << 64),
+            mtime_ns=None if document.get("mtime_ns") is None else _whole(document, "mtime_ns", 1 << 64),
         )
 
 

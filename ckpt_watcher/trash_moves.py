@@ -32,7 +32,7 @@ from ckpt_watcher.delete import (
     remove_name,
     remove_trashed,
 )
-from ckpt_watcher.filesystem import rename_no_replace, status_at
+from ckpt_watcher.filesystem import EntryStatus, rename_no_replace, status_at
 from ckpt_watcher.logs import describe_os_error
 from ckpt_watcher.plan import Decision
 from ckpt_watcher.records import EntryType, display_name
@@ -140,6 +140,7 @@ class TrashTarget:
                     is_directory=record.entry_type is EntryType.DIRECTORY,
                     device=record.identity.device,
                     inode=record.identity.inode,
+                    mtime_ns=None if record.entry_type is EntryType.DIRECTORY else record.identity.mtime_ns,
                 )
                 move = _move_locked(trash, directory_fd, record.name, entry)
         if move.outcome is MoveOutcome.MOVED:
@@ -173,8 +174,8 @@ def _move_locked(trash: TrashDirectory, directory_fd: int, name: str, entry: Tra
                 return Move(MoveOutcome.GONE)
             return Move(MoveOutcome.FAILED, describe_os_error(error))
         landed = status_at(mirror, entry.stored_name)
-        if (landed.device, landed.inode, stat.S_ISDIR(landed.mode)) != entry.expected:
-            return _put_back(trash, mirror, directory_fd, name, entry, landed.mode, landed.inode, landed.size)
+        if not entry.matches(landed):
+            return _put_back(trash, mirror, directory_fd, name, entry, landed)
         return Move(MoveOutcome.MOVED)
     finally:
         os.close(mirror)
@@ -186,9 +187,7 @@ def _put_back(
     directory_fd: int,
     name: str,
     entry: TrashEntry,
-    mode: int,
-    inode: int,
-    size: int,
+    landed: EntryStatus,
 ) -> Move:
     """What was moved is not what was checked (swapped in between): move it back. If that cannot be
     done, it stays in the trash as an entry of its own (restorable), never lost."""
@@ -198,8 +197,13 @@ def _put_back(
         rename_no_replace(entry.stored_name, name, source_dir_fd=mirror, destination_dir_fd=directory_fd)
     except OSError:
         remove_name(info, entry.key + METADATA_SUFFIX)
+        directory = stat.S_ISDIR(landed.mode)
         actual = dataclasses.replace(
-            entry, inode=inode, is_directory=stat.S_ISDIR(mode), bytes=0 if stat.S_ISDIR(mode) else size
+            entry,
+            inode=landed.inode,
+            is_directory=directory,
+            bytes=0 if directory else landed.size,
+            mtime_ns=None if directory else landed.mtime_ns,
         )
         write_metadata(info, entry.key, actual.document())
         return Move(MoveOutcome.CHANGED, "replaced just before the move; what replaced it is in the trash")
@@ -307,7 +311,7 @@ def _purge_one(
                 detail=problem,
             )
         return
-    removal = remove_trashed(purging, entry.key, expected=entry.expected)
+    removal = remove_trashed(purging, entry.key, expected=entry.matches)
     if removal.outcome in (Outcome.DELETED, Outcome.ALREADY_GONE):
         result.purged.append(entry)
         logger.info(
@@ -351,7 +355,7 @@ def _take_out(trash: TrashDirectory, entry: TrashEntry, purging: int) -> str | N
         except FileNotFoundError:
             remove_name(info, metadata)
             return "its data is missing from the trash"
-        if (status.device, status.inode, stat.S_ISDIR(status.mode)) != entry.expected:
+        if not entry.matches(status):
             remove_name(info, metadata)
             return "what is stored under its name is not what was trashed; left where it is, never removed"
         rename_no_replace(entry.stored_name, entry.key, source_dir_fd=mirror, destination_dir_fd=purging)
@@ -494,7 +498,7 @@ def _restore_locked(trash: TrashDirectory, entry: TrashEntry, now: float) -> str
             status = status_at(mirror, entry.stored_name)
         except FileNotFoundError:
             return "its data is missing from the trash"
-        if (status.device, status.inode, stat.S_ISDIR(status.mode)) != entry.expected:
+        if not entry.matches(status):
             return "what is stored under its name in the trash is not what was trashed; not restored"
         target = _open_original_directory(trash.root, entry)
         try:

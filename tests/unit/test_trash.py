@@ -8,6 +8,7 @@ import fcntl
 import hashlib
 import json
 import os
+import stat
 import threading
 from collections.abc import Iterator, MutableMapping
 from pathlib import Path
@@ -21,7 +22,7 @@ from ckpt_watcher import trash as trash_module
 from ckpt_watcher import trash_moves
 from ckpt_watcher.budget import Reclaimable
 from ckpt_watcher.delete import Outcome, apply_plan
-from ckpt_watcher.filesystem import rename_no_replace
+from ckpt_watcher.filesystem import EntryStatus, rename_no_replace
 from ckpt_watcher.plan import Action, Plan, plan
 from ckpt_watcher.policy import Policy
 from ckpt_watcher.scan import ScanOptions, scan_tree
@@ -129,6 +130,7 @@ def test_a_deletion_is_a_rename_into_the_trash_keeping_its_relative_path_and_rea
         "type": "file",
         "device": stored.stat().st_dev,
         "inode": inode,
+        "mtime_ns": stored.stat().st_mtime_ns,  # a rename keeps it: part of what is checked later
     }
     [first, _] = events(logs, "checkpoint_trashed")
     assert first["path"] == str(run / step_name(0, 100))
@@ -539,3 +541,30 @@ def test_purge_with_a_stop_set_ends_before_the_next_entry(tmp_path: Path) -> Non
 
     assert result.interrupted
     assert result.purged == []
+
+
+def _status(mode: int, *, inode: int = 7, size: int = 1000, mtime_ns: int = 5) -> EntryStatus:
+    return EntryStatus(device=1, inode=inode, mode=mode, size=size, mtime_ns=mtime_ns)
+
+
+MATCHES: list[tuple[str, bool, EntryStatus, bool]] = [
+    ("the file", False, _status(stat.S_IFREG | 0o644), True),
+    ("the directory", True, _status(stat.S_IFDIR | 0o755, size=4096, mtime_ns=9), True),
+    ("a symlink on a reused inode", False, _status(stat.S_IFLNK | 0o777), False),
+    ("a file where a directory was", True, _status(stat.S_IFREG | 0o644), False),
+    ("a directory where a file was", False, _status(stat.S_IFDIR | 0o755), False),
+    ("a file of another size", False, _status(stat.S_IFREG | 0o644, size=999), False),
+    ("a file of another mtime", False, _status(stat.S_IFREG | 0o644, mtime_ns=6), False),
+    ("another inode", False, _status(stat.S_IFREG | 0o644, inode=8), False),
+    ("a FIFO", False, _status(stat.S_IFIFO | 0o644), False),
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "directory", "status", "expected"), MATCHES, ids=[case for case, *_ in MATCHES]
+)
+def test_only_the_very_entry_that_was_trashed_matches(
+    case: str, directory: bool, status: EntryStatus, expected: bool
+) -> None:
+    entry = TrashEntry("k", "run/x.ckpt", NOW, DAY, (), 1000, directory, 1, 7, None if directory else 5)
+    assert entry.matches(status) is expected, case
