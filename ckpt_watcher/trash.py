@@ -295,8 +295,9 @@ class TrashDirectory:
 def open_trash(root: Path, *, create: bool) -> TrashDirectory | None:
     """Open ``root``'s trash (made if ``create``), or None if it has none.
 
-    Raises TrashUnusableError if anything but a directory is where the trash or one of its
-    subdirectories should be, or the root cannot be opened.
+    Raises TrashUnusableError if anything but a directory is where the trash should be, or the root
+    cannot be opened. A subdirectory that is missing (or anything but a directory) is None: what needs
+    it fails (``ensure``), the rest works (a broken ``purging/`` does not stop a listing).
     """
     try:
         root_fd = open_below_root(root, root)
@@ -311,9 +312,12 @@ def open_trash(root: Path, *, create: bool) -> TrashDirectory | None:
     subdirectories: dict[str, int | None] = {}
     try:
         for name in SUBDIRECTORIES:
-            subdirectories[name] = open_directory(
-                fd, name, create=create, what=root / TRASH_DIRECTORY_NAME / name
-            )
+            try:
+                subdirectories[name] = open_directory(
+                    fd, name, create=create, what=root / TRASH_DIRECTORY_NAME / name
+                )
+            except TrashUnusableError:
+                subdirectories[name] = None  # ``ensure`` says why, to what needs it
     except BaseException:
         for opened in [*subdirectories.values(), fd]:
             if opened is not None:

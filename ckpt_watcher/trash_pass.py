@@ -25,6 +25,9 @@ from ckpt_watcher.trash_moves import PurgeResult, TrashTarget, purge_due
 
 logger = structlog.get_logger("ckpt_watcher.trash")
 
+# A purge that left due entries behind (they failed) is tried again this much later, not at once.
+PURGE_RETRY_SECONDS = 60.0
+
 
 class TrashPass:
     """One root's trash as the reconcile core uses it, pass after pass."""
@@ -34,6 +37,7 @@ class TrashPass:
         self.index = TrashIndex(root)
         self._stop = stop
         self._may_exist = False  # a trash missing when the pass began may be made by its moves
+        self._not_before = 0.0  # wall clock: no purge before (after one that left due entries)
 
     def begin(self, *, purge: bool, dry_run: bool) -> PurgeResult | None:
         """Open the trash for a pass; purge what is due if ``purge`` or the first grace is over (never
@@ -42,12 +46,15 @@ class TrashPass:
         self._may_exist = self.index.exists
         if dry_run or not self.index.exists or not (purge or self.is_due(time.time())):
             return None
+        now = time.time()
         try:
-            result = purge_due(self.root, stop=self._stop)
+            result = purge_due(self.root, now=now, stop=self._stop)
         except TrashUnusableError as error:
             logger.error("trash_purge_failed", path=display_name(str(self.root)), error=str(error))
-            return None
+            result = None
         self.index.refresh()
+        if result is None or result.failed or result.interrupted:
+            self._not_before = now + PURGE_RETRY_SECONDS  # what is still due is retried later, not at once
         return result
 
     def pinned_identities(self) -> dict[tuple[int, int], str]:
@@ -74,11 +81,11 @@ class TrashPass:
     def is_due(self, now: float) -> bool:
         """True when the first grace is over at wall-clock ``now``."""
         first = self.index.next_purge_at()
-        return first is not None and first <= now
+        return first is not None and max(first, self._not_before) <= now
 
     def deadline(self) -> float | None:
         """When the next purge is due, as a ``time.monotonic()`` deadline (None: nothing to purge)."""
         first = self.index.next_purge_at()
         if first is None:
             return None
-        return time.monotonic() + max(0.0, first - time.time())
+        return time.monotonic() + max(0.0, max(first, self._not_before) - time.time())

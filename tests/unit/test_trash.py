@@ -10,6 +10,7 @@ import json
 import os
 import stat
 import threading
+import time
 from collections.abc import Iterator, MutableMapping
 from pathlib import Path
 from types import SimpleNamespace
@@ -46,6 +47,7 @@ from ckpt_watcher.trash_moves import (
     restore,
     select_entries,
 )
+from ckpt_watcher.trash_pass import PURGE_RETRY_SECONDS, TrashPass
 from tests.support.factories import step_name, write_checkpoint
 
 pytestmark = pytest.mark.timeout(120)
@@ -568,3 +570,28 @@ def test_only_the_very_entry_that_was_trashed_matches(
 ) -> None:
     entry = TrashEntry("k", "run/x.ckpt", NOW, DAY, (), 1000, directory, 1, 7, None if directory else 5)
     assert entry.matches(status) is expected, case
+
+
+def test_a_purge_that_keeps_failing_is_retried_later_not_at_once(tmp_path: Path) -> None:
+    """A daemon whose purge fails (here: a file where ``purging/`` should be) must not retry on every
+    turn of its loop: the next purge of what is still due waits PURGE_RETRY_SECONDS."""
+    steps(tmp_path, range(100, 300, 100))
+    trash_everything_but_the_newest(tmp_path, grace=1, clock=time.time() - 10)  # due since 9 s
+    purging = tmp_path / ".ckpt-trash" / "purging"
+    purging.rmdir()
+    purging.write_bytes(b"in the way")
+    trash = TrashPass(tmp_path)
+    trash.begin(purge=False, dry_run=False)
+    trash.end()
+    assert trash.is_due(time.time())  # the entry's grace is over: a purge is due
+
+    result = trash.begin(purge=True, dry_run=False)
+    trash.end()
+
+    assert result is not None
+    assert len(result.failed) == 1
+    assert not trash.is_due(time.time())
+    assert trash.is_due(time.time() + PURGE_RETRY_SECONDS + 1)
+    deadline = trash.deadline()
+    assert deadline is not None
+    assert deadline >= time.monotonic() + PURGE_RETRY_SECONDS - 5
