@@ -66,6 +66,8 @@ class Config:
     train_steps: int
     train_warmup: int
     train_repeats: int
+    trash_sizes: list[int] = field(default_factory=lambda: [4096, 1 << 20])
+    trash_files: int = 50
     seed: int = 20261128
 
     def log(self, message: str) -> None:

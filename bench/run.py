@@ -25,6 +25,7 @@ import footprint
 import interference
 import latency
 import scale
+import trash
 from benchlib import REPOSITORY, Config, Section, machine_description, markdown_table
 
 SECTIONS: dict[str, Callable[[Config], Section]] = {
@@ -33,6 +34,7 @@ SECTIONS: dict[str, Callable[[Config], Section]] = {
     "footprint": footprint.measure,
     "interference": interference.measure,
     "baseline": baseline.measure,
+    "trash": trash.measure,
 }
 
 PRESETS: dict[str, dict[str, object]] = {
@@ -47,6 +49,8 @@ PRESETS: dict[str, dict[str, object]] = {
         "train_steps": 8_000,
         "train_warmup": 50,
         "train_repeats": 5,
+        "trash_sizes": [4 << 10, 256 << 20, 4 << 30],
+        "trash_files": 2_000,
     },
     "quick": {
         "sizes": [1_000, 10_000],
@@ -59,6 +63,8 @@ PRESETS: dict[str, dict[str, object]] = {
         "train_steps": 4_000,
         "train_warmup": 50,
         "train_repeats": 3,
+        "trash_sizes": [4 << 10, 256 << 20, 1 << 30],
+        "trash_files": 1_000,
     },
     "smoke": {
         "sizes": [100, 300],
@@ -71,6 +77,8 @@ PRESETS: dict[str, dict[str, object]] = {
         "train_steps": 40,
         "train_warmup": 10,
         "train_repeats": 1,
+        "trash_sizes": [4 << 10, 8 << 20],
+        "trash_files": 50,
     },
 }
 

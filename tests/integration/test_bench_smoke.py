@@ -21,6 +21,7 @@ SECTION_TITLES = (
     "## 3. Footprint at rest",
     "## 4. Interference with training",
     "## 5. Against the baseline",
+    "## 6. The trash",
 )
 
 
@@ -55,4 +56,6 @@ def test_bench_smoke_run_writes_every_section(tmp_path: Path) -> None:
         assert row.endswith("| 0 / 0 |"), row
     assert "prune: wrongly deleted" in text
     assert "**yes**" not in text  # torch was not imported by prune or watch
+    trash_rows = [line for line in text.splitlines() if line.startswith(("| file, ", "| directory, "))]
+    assert len(trash_rows) == 3, trash_rows  # two file sizes and a directory checkpoint, each measured
     assert not (REPOSITORY / "BENCHMARKS-smoke.md").exists()
