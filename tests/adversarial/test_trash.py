@@ -272,3 +272,21 @@ def test_a_group_on_another_mount_is_deleted_at_once_and_the_log_says_why(
     expected = "EXDEV" if mount == "bind" else "another file system"
     assert all(expected in str(record["error"]) for record in bypassed)
     assert events(completed.stderr, "checkpoint_trashed") == []
+
+
+def test_restore_never_goes_through_a_symlink_where_the_run_directory_was(
+    root: Path, policy: Path, outside: tuple[Path, dict[str, str]]
+) -> None:
+    top, digest = outside
+    trashed_root(root, policy)
+    shutil.rmtree(root / "run")
+    (root / "run").symlink_to(top)
+
+    restored = run_cli("restore", str(root), "--all")
+
+    assert_clean_exit(restored, allowed=(1,))
+    lines = restored.stdout.splitlines()
+    assert len(lines) == 2
+    assert all(line.startswith("refused   run/") and "it is never followed" in line for line in lines)
+    assert tree_digest(top) == digest  # nothing restored into the directory the link points at
+    assert len(json.loads(run_cli("trash", "list", str(root), "--json").stdout)["entries"]) == 2

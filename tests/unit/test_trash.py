@@ -17,6 +17,8 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
 from ckpt_watcher import trash as trash_module
@@ -37,6 +39,8 @@ from ckpt_watcher.trash import (
     locked,
     make_key,
     open_trash,
+    stored_name,
+    valid_relative_path,
 )
 from ckpt_watcher.trash_moves import (
     TrashTarget,
@@ -595,3 +599,32 @@ def test_a_purge_that_keeps_failing_is_retried_later_not_at_once(tmp_path: Path)
     deadline = trash.deadline()
     assert deadline is not None
     assert deadline >= time.monotonic() + PURGE_RETRY_SECONDS - 5
+
+
+_NAME_CHARACTERS = st.characters(codec="utf-8", exclude_characters="/\0") | st.sampled_from(
+    [os.fsdecode(bytes([byte])) for byte in range(0x80, 0x100)]  # bytes that are not UTF-8
+)
+
+
+@given(name=st.text(_NAME_CHARACTERS, min_size=1, max_size=300), inode=st.integers(0, 2**64 - 1))
+def test_a_stored_name_is_one_valid_file_name_ending_with_its_key(name: str, inode: int) -> None:
+    key = make_key(NOW, inode)
+    stored = stored_name(name, key)
+    encoded = os.fsencode(stored)
+    assert len(encoded) <= 255
+    assert stored.endswith(f"@{key}")
+    assert b"/" not in encoded
+    assert b"\0" not in encoded
+    assert trash_module.KEY_PATTERN.fullmatch(key)
+
+
+@given(
+    st.lists(st.sampled_from(["run", "..", ".", "", ".ckpt-trash", "a b", "x.ckpt"]), min_size=1, max_size=6)
+)
+def test_a_relative_path_is_valid_only_if_it_stays_in_the_root_and_out_of_every_trash(
+    parts: list[str],
+) -> None:
+    text = "/".join(parts)
+    expected = all(part not in {"..", ".", "", ".ckpt-trash"} for part in parts)
+    assert valid_relative_path(text) is expected
+    assert valid_relative_path("/" + text) is False
