@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Collection
 from pathlib import Path
 
 import structlog
 
+from ckpt_watcher.budget import Reclaimable
 from ckpt_watcher.records import display_name
 from ckpt_watcher.trash import TrashIndex, TrashSummary, TrashUnusableError
-from ckpt_watcher.trash_moves import PurgeResult, TrashTarget, purge_due
+from ckpt_watcher.trash_moves import PurgeResult, TrashTarget, purge_due, purge_keys
 
 logger = structlog.get_logger("ckpt_watcher.trash")
 
@@ -40,10 +42,13 @@ class TrashPass:
         self._not_before = 0.0  # wall clock: no purge before (after one that left due entries)
 
     def begin(self, *, purge: bool, dry_run: bool) -> PurgeResult | None:
-        """Open the trash for a pass; purge what is due if ``purge`` or the first grace is over (never
-        in a dry run). Returns what the purge did, None when none ran."""
+        """Open the trash for a pass and look at its entries (other processes may have changed them);
+        purge what is due if ``purge`` or the first grace is over (never in a dry run). Returns what the
+        purge did, None when none ran."""
         self.index.start()
         self._may_exist = self.index.exists
+        if self.index.exists:
+            self.index.refresh()
         if dry_run or not self.index.exists or not (purge or self.is_due(time.time())):
             return None
         now = time.time()
@@ -77,6 +82,24 @@ class TrashPass:
             return self.index.bytes, self.index.summary()
         finally:
             self.index.close()
+
+    def reclaimable(self) -> list[Reclaimable]:
+        """One ``Reclaimable`` per entry as last looked at (no I/O), oldest first: what a byte budget
+        may reclaim before it evicts any kept checkpoint (WAVE2 contract; the budget wires it)."""
+        return [
+            Reclaimable(entry.key, entry.device, entry.bytes, entry.trashed_at)
+            for entry in self.index.entries
+        ]
+
+    def reclaim(self, keys: Collection[str]) -> PurgeResult:
+        """Purge the entries a budget chose (``Reclaimable.key``), then look at the trash again."""
+        try:
+            result = purge_keys(self.root, keys, stop=self._stop)
+        except TrashUnusableError as error:
+            logger.error("trash_purge_failed", path=display_name(str(self.root)), error=str(error))
+            result = PurgeResult()
+        self.index.refresh()
+        return result
 
     def is_due(self, now: float) -> bool:
         """True when the first grace is over at wall-clock ``now``."""

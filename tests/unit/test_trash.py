@@ -585,7 +585,7 @@ def test_a_purge_that_keeps_failing_is_retried_later_not_at_once(tmp_path: Path)
     purging.rmdir()
     purging.write_bytes(b"in the way")
     trash = TrashPass(tmp_path)
-    trash.begin(purge=False, dry_run=False)
+    trash.begin(purge=False, dry_run=True)  # a look, no purge
     trash.end()
     assert trash.is_due(time.time())  # the entry's grace is over: a purge is due
 
@@ -628,3 +628,22 @@ def test_a_relative_path_is_valid_only_if_it_stays_in_the_root_and_out_of_every_
     expected = all(part not in {"..", ".", "", ".ckpt-trash"} for part in parts)
     assert valid_relative_path(text) is expected
     assert valid_relative_path("/" + text) is False
+
+
+def test_the_pass_offers_its_entries_to_a_budget_and_purges_the_chosen_ones(tmp_path: Path) -> None:
+    steps(tmp_path, range(100, 400, 100))
+    trash_everything_but_the_newest(tmp_path, clock=NOW)
+    trash = TrashPass(tmp_path)
+    trash.begin(purge=False, dry_run=True)
+
+    offered = trash.reclaimable()
+    on_disk = reclaimable(tmp_path)
+    result = trash.reclaim([offered[0].key])
+    left = trash.reclaimable()
+    trash.end()
+
+    assert offered == on_disk  # what the pass remembers is what the trash holds
+    assert [item.since for item in offered] == [NOW, NOW]
+    assert [entry.key for entry in result.purged] == [offered[0].key]
+    assert left == [offered[1]]
+    assert reclaimable(tmp_path) == left
