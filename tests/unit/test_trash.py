@@ -4,6 +4,7 @@ tests/adversarial/test_trash.py, real processes in tests/integration/test_trash.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -647,3 +648,25 @@ def test_the_pass_offers_its_entries_to_a_budget_and_purges_the_chosen_ones(tmp_
     assert [entry.key for entry in result.purged] == [offered[0].key]
     assert left == [offered[1]]
     assert reclaimable(tmp_path) == left
+
+
+def test_where_a_directory_cannot_be_locked_a_lock_file_in_the_trash_is(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """NFS emulates flock with POSIX locks, which refuse a directory (EBADF): the lock file is used."""
+    steps(tmp_path, range(100, 300, 100))
+    locked_kinds: list[str] = []
+
+    def flock(fd: int, operation: int) -> None:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(errno.EBADF, "Bad file descriptor")
+        locked_kinds.append("file")
+        fcntl.flock(fd, operation)
+
+    monkeypatch.setattr(
+        trash_module, "fcntl", SimpleNamespace(flock=flock, LOCK_EX=fcntl.LOCK_EX, LOCK_NB=fcntl.LOCK_NB)
+    )
+
+    assert trash_everything_but_the_newest(tmp_path) == [Outcome.TRASHED]
+    assert locked_kinds == ["file"]
+    assert (tmp_path / ".ckpt-trash" / "lock").is_file()
