@@ -67,6 +67,8 @@ class Config:
     train_warmup: int
     train_repeats: int
     space_trials: int = 2
+    trash_sizes: list[int] = field(default_factory=lambda: [4096, 1 << 20])
+    trash_files: int = 50
     seed: int = 20261128
 
     def log(self, message: str) -> None:

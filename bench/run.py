@@ -27,6 +27,7 @@ import latency
 import probes
 import scale
 import space
+import trash
 from benchlib import REPOSITORY, Config, Section, machine_description, markdown_table
 
 SECTIONS: dict[str, Callable[[Config], Section]] = {
@@ -37,6 +38,7 @@ SECTIONS: dict[str, Callable[[Config], Section]] = {
     "baseline": baseline.measure,
     "probes": probes.measure,
     "space": space.measure,
+    "trash": trash.measure,
 }
 
 PRESETS: dict[str, dict[str, object]] = {
@@ -52,6 +54,8 @@ PRESETS: dict[str, dict[str, object]] = {
         "train_warmup": 50,
         "train_repeats": 5,
         "space_trials": 30,
+        "trash_sizes": [4 << 10, 256 << 20, 4 << 30],
+        "trash_files": 2_000,
     },
     "quick": {
         "sizes": [1_000, 10_000],
@@ -65,6 +69,8 @@ PRESETS: dict[str, dict[str, object]] = {
         "train_warmup": 50,
         "train_repeats": 3,
         "space_trials": 10,
+        "trash_sizes": [4 << 10, 256 << 20, 1 << 30],
+        "trash_files": 1_000,
     },
     "smoke": {
         "sizes": [100, 300],
@@ -78,6 +84,8 @@ PRESETS: dict[str, dict[str, object]] = {
         "train_warmup": 10,
         "train_repeats": 1,
         "space_trials": 2,
+        "trash_sizes": [4 << 10, 8 << 20],
+        "trash_files": 50,
     },
 }
 

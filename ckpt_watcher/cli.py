@@ -1,18 +1,21 @@
 """Command line: ``watch`` (the daemon), ``prune`` (one-shot; ``--dry-run`` is the audit), ``inspect``,
-``policy``. The parser, ``main``, and one short handler per command.
+``policy``, and the trash's ``trash list``, ``trash empty`` and ``restore``. The parser, ``main``, and
+one short handler per command.
 
 Exit codes: 0 success, 1 something failed (a deletion; for ``inspect``, a checkpoint it could not
-read), 2 usage or policy error. Stdout carries only the command's output (table or JSON); everything
-else is a structured log record on stderr.
+read; for ``restore``, an entry it could not restore), 2 usage or policy error. Stdout carries only
+the command's output (table or JSON); everything else is a structured log record on stderr.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import gc
 import os
 import re
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,6 +24,7 @@ from typing import Any, TypeAlias
 import structlog
 
 from ckpt_watcher import __version__, health, terminal
+from ckpt_watcher.durations import DurationError, parse_duration
 from ckpt_watcher.lock import LockHeldError
 from ckpt_watcher.logs import LEVELS, configure_logging
 from ckpt_watcher.metrics import (
@@ -35,20 +39,29 @@ from ckpt_watcher.policy import POLICY_DESCRIPTIONS, PolicyError
 from ckpt_watcher.policy_file import InvalidPolicyFilesError, load_policy_logged
 from ckpt_watcher.protection import command_line_pins
 from ckpt_watcher.reconcile import prune_once
+from ckpt_watcher.records import display_name
 from ckpt_watcher.report import (
+    TrashView,
     contents_document,
     plan_document,
     policy_document,
     render_contents_table,
     render_json,
     render_policy,
+    render_restore_results,
     render_table,
+    render_trash_table,
+    trash_list_document,
 )
+from ckpt_watcher.sizes import human_bytes
 from ckpt_watcher.terminal import PassProgress
+from ckpt_watcher.trash import TrashEntry, TrashUnusableError, list_trash
+from ckpt_watcher.trash_moves import purge, restore, select_entries
 
 EXIT_OK = 0
 EXIT_DELETE_FAILED = 1
 EXIT_UNREADABLE = 1  # inspect: a checkpoint could not be read
+EXIT_NOT_RESTORED = 1  # restore: an entry could not be restored (or none matched)
 EXIT_USAGE = 2
 DEFAULT_POLL_SECONDS = 5.0
 
@@ -112,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_inspect(commands)
     _add_policy(commands)
     _add_health(commands)
+    _add_trash(commands)
+    _add_restore(commands)
     return parser
 
 
@@ -244,6 +259,98 @@ def _add_health(commands: Commands) -> None:
     health_parser.set_defaults(handler=health.run)
 
 
+def _add_trash(commands: Commands) -> None:
+    trash = commands.add_parser(
+        "trash",
+        help="list or empty the root's trash (see the policy key trash)",
+        description="What the trash of a checkpoint root holds, or purge it now. Safe while the daemon runs.",
+    )
+    actions = trash.add_subparsers(dest="trash_command", required=True, metavar="ACTION")
+    listing = actions.add_parser(
+        "list", help="what is in the trash: original path, when, size, why, when it will be purged"
+    )
+    listing.add_argument("path", type=Path, metavar="PATH", help="checkpoint root directory")
+    listing.add_argument("--json", action="store_true", help="print one JSON document instead of a table")
+    listing.set_defaults(handler=run_trash_list)
+    empty = actions.add_parser("empty", help="purge the trash now (every entry, or the older ones)")
+    empty.add_argument("path", type=Path, metavar="PATH", help="checkpoint root directory")
+    empty.add_argument(
+        "--older-than",
+        type=_duration,
+        metavar="DURATION",
+        help="purge only entries trashed longer ago than DURATION (30s, 15m, 24h, 7d)",
+    )
+    empty.set_defaults(handler=run_trash_empty)
+
+
+def _add_restore(commands: Commands) -> None:
+    restore_parser = commands.add_parser(
+        "restore",
+        rewrite=_options_first,
+        help="move checkpoints back from the trash (never overwriting); they stay pinned for the grace",
+        description=(
+            "Move trashed checkpoints back where they were. NAME_OR_GLOB matches an entry's path relative "
+            "to PATH, its name, or its key (see trash list). A checkpoint whose name exists again is "
+            "never overwritten: that entry is refused (exit 1). Safe while the daemon runs."
+        ),
+    )
+    restore_parser.add_argument("path", type=Path, metavar="PATH", help="checkpoint root directory")
+    restore_parser.add_argument("names", nargs="*", metavar="NAME_OR_GLOB", help="entries to restore")
+    restore_parser.add_argument(
+        "--since",
+        type=_point_in_time,
+        metavar="TIME",
+        help="only entries trashed at or after TIME: ISO 8601 (2026-11-28T07:00, local time unless it "
+        "says Z or +HH:MM) or a duration ago (2h)",
+    )
+    restore_parser.add_argument(
+        "--all", action="store_true", help="every entry (with --since: every such entry)"
+    )
+    restore_parser.set_defaults(handler=run_restore)
+
+
+def _options_first(arguments: list[str]) -> list[str]:
+    """``restore PATH NAME --since 2h OTHER``: options may come between the names (argparse alone would
+    take the names after an option for unknown arguments), so they are moved before them."""
+    options: list[str] = []
+    positionals: list[str] = []
+    index = 0
+    while index < len(arguments):
+        argument = arguments[index]
+        if argument == "--":
+            positionals.extend(arguments[index:])
+            break
+        if argument == "--since" and index + 1 < len(arguments):
+            options.extend(arguments[index : index + 2])
+            index += 2
+            continue
+        (options if argument.startswith("-") and argument != "-" else positionals).append(argument)
+        index += 1
+    return options + positionals
+
+
+def _duration(text: str) -> int:
+    try:
+        return parse_duration(text)
+    except DurationError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _point_in_time(text: str) -> float:
+    """``--since``: an ISO 8601 time (naive = local time) or a duration ago, as epoch seconds."""
+    try:
+        return time.time() - parse_duration(text)
+    except DurationError:
+        pass
+    try:
+        moment = datetime.datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a time such as 2026-11-28T07:00 or a duration ago such as 2h, got {text!r}"
+        ) from None
+    return moment.timestamp()  # a naive time is taken as local time
+
+
 def _add_protect_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--protect",
@@ -339,6 +446,7 @@ def run_prune(arguments: argparse.Namespace) -> int:
         )
         if progress is not None:
             progress.finish()
+        trash = TrashView(result.trashing, result.trash, frozenset(result.evicted_at_once))
         if arguments.json:
             document = plan_document(
                 result.the_plan,
@@ -346,14 +454,16 @@ def run_prune(arguments: argparse.Namespace) -> int:
                 arguments.dry_run,
                 result.applied,
                 result.sources,
-                result.space,
-                result.budget_unmet_bytes,
+                trash,
+                space=result.space,
+                budget_unmet_bytes=result.budget_unmet_bytes,
             )
             print(render_json(document))
         else:
-            print(
-                render_table(result.the_plan, arguments.dry_run, result.applied, result.sources, result.space)
+            table = render_table(
+                result.the_plan, arguments.dry_run, result.applied, result.sources, trash, space=result.space
             )
+            print(table)
     return EXIT_DELETE_FAILED if result.failed or result.leftovers_remaining else EXIT_OK
 
 
@@ -419,3 +529,72 @@ def run_inspect(arguments: argparse.Namespace) -> int:
     else:
         print(render_contents_table(results))
     return EXIT_OK if all(result.ok for result in results) else EXIT_UNREADABLE
+
+
+def run_trash_list(arguments: argparse.Namespace) -> int:
+    """``trash list``: every entry of the root's trash, oldest first."""
+    root = resolve_root(arguments.path)
+    try:
+        listing = list_trash(root)
+    except TrashUnusableError as error:
+        print(f"ckpt-watcher: {error}", file=sys.stderr)
+        return EXIT_DELETE_FAILED
+    if arguments.json:
+        print(render_json(trash_list_document(root, listing)))
+    elif listing is None:
+        print(f"no trash in {root}")
+    else:
+        print(render_trash_table(listing))
+    return EXIT_OK
+
+
+def run_trash_empty(arguments: argparse.Namespace) -> int:
+    """``trash empty``: purge every entry now (or those trashed longer ago than --older-than)."""
+    root = resolve_root(arguments.path)
+    cutoff = None if arguments.older_than is None else time.time() - arguments.older_than
+    why = "trash empty" if cutoff is None else "trash empty --older-than"
+    try:
+        result = purge(root, lambda entry: cutoff is None or entry.trashed_at <= cutoff, why=why)
+    except TrashUnusableError as error:
+        print(f"ckpt-watcher: {error}", file=sys.stderr)
+        return EXIT_DELETE_FAILED
+    count = len(result.purged)
+    line = f"purged {count} entr{'y' if count == 1 else 'ies'} ({human_bytes(result.bytes_purged)})"
+    if result.failed:
+        line += f"; {len(result.failed)} could not be removed (retried by the next purge)"
+    print(line)
+    return EXIT_DELETE_FAILED if result.failed else EXIT_OK
+
+
+def run_restore(arguments: argparse.Namespace) -> int:
+    """``restore``: move the entries named back where they were, pinned for their grace."""
+    root = resolve_root(arguments.path)
+    if arguments.all and arguments.names:
+        raise UsageError("restore: give names (or globs), or --all, not both")
+    if not (arguments.names or arguments.all or arguments.since is not None):
+        raise UsageError(
+            "restore: name the entries to restore (names or globs), or give --since TIME or --all"
+        )
+    try:
+        listing = list_trash(root)
+    except TrashUnusableError as error:
+        print(f"ckpt-watcher: {error}", file=sys.stderr)
+        return EXIT_NOT_RESTORED
+    patterns = [_relative_pattern(root, name) for name in arguments.names]
+    entries: list[TrashEntry] = listing.entries if listing is not None else []
+    chosen = select_entries(entries, patterns, since=arguments.since, everything=arguments.all)
+    if not chosen:
+        print(f"ckpt-watcher: nothing in the trash of {display_name(str(root))} matches", file=sys.stderr)
+        return EXIT_NOT_RESTORED
+    results = restore(root, chosen)
+    print(render_restore_results(results))
+    return EXIT_OK if all(result.restored for result in results) else EXIT_NOT_RESTORED
+
+
+def _relative_pattern(root: Path, name: str) -> str:
+    """A name given as an absolute path below the root is matched as the path relative to it."""
+    if os.path.isabs(name):
+        relative = os.path.relpath(os.path.abspath(name), root)
+        if not relative.startswith(".."):
+            return relative
+    return name

@@ -34,9 +34,8 @@ from ckpt_watcher.policy_file import PolicyFile
 from ckpt_watcher.protection import ProtectionRegistry, command_line_pins
 from ckpt_watcher.reconcile import PassResult, Reconciler, Trigger
 from ckpt_watcher.root import ArmedRoot, take_lock
-from ckpt_watcher.sizes import human_bytes
 from ckpt_watcher.space import space_status
-from ckpt_watcher.status import budget_in_force, free_bytes, pass_fields, pass_sentence
+from ckpt_watcher.status import SinceStart, budget_in_force, free_bytes, pass_fields, pass_sentence
 from ckpt_watcher.terminal import PassProgress
 
 logger = structlog.get_logger("ckpt_watcher.daemon")
@@ -104,8 +103,7 @@ class Watcher:
         self.registry = ProtectionRegistry(Path.cwd())
         self.session: Session | None = None
         self.exit_code = 0
-        self.deleted_since_start = 0
-        self.bytes_freed_since_start = 0
+        self.since_start = SinceStart()
         self._observer_factory = observer_factory
         self._pins = command_line_pins(options.protect, Path.cwd())
         self._early_lock: DirectoryLock | None = None
@@ -149,8 +147,9 @@ class Watcher:
             logger.info(
                 "watch_stopped",
                 path=str(self.options.root),
-                deleted=self.deleted_since_start,
-                bytes_freed=self.bytes_freed_since_start,
+                deleted=self.since_start.deleted,
+                bytes_freed=self.since_start.bytes_freed,
+                trashed=self.since_start.trashed,
             )
         return self.exit_code
 
@@ -196,7 +195,10 @@ class Watcher:
         reconciler = session.reconciler
         groups = reconciler.groups_touched(batch.files, trees) | reconciler.index.take_due_rechecks(now)
         if not groups:  # between passes, keep_free is checked against the free space as it is now
-            return Work(Trigger.SPACE) if reconciler.space.pressure(now) else None
+            if reconciler.space.pressure(now):
+                return Work(Trigger.SPACE)
+            if not reconciler.trash.is_due(time.time()):
+                return None  # (a pass over no group still purges the trash when a grace is over)
         return Work(Trigger.EVENT, frozenset(groups), frozenset(Path(path) for path in batch.closed))
 
     def _reload(self, *, forced: bool) -> bool:
@@ -282,6 +284,7 @@ class Watcher:
             reconciler.index.next_recheck(),
             session.root.next_deadline(),
             reconciler.space.next_check(),
+            reconciler.trash.deadline(),
         ):
             if deadline is not None:
                 deadlines.append(deadline)
@@ -289,8 +292,7 @@ class Watcher:
 
     def _report(self, result: PassResult) -> None:
         """Log the pass (``pass_completed``) and show it in ``systemctl status``, as one sentence."""
-        self.deleted_since_start += result.deleted
-        self.bytes_freed_since_start += result.bytes_freed
+        self.since_start.add(result)
         root = self.session.root if self.session is not None else None
         if root is not None:
             self.figures.set_root(root.path, root.observer_kind)
@@ -302,13 +304,11 @@ class Watcher:
             free=free_bytes(root.path if root is not None else None),
             budget=budget_in_force(self.policy.loaded.policy),
         )
-        eventful = result.deleted or result.failed or result.detected or result.trigger.covers_everything
+        changed = result.deleted or result.trashed or result.purged or result.failed
+        eventful = changed or result.detected or result.trigger.covers_everything
         logger.log(logging.INFO if eventful else logging.DEBUG, "pass_completed", **fields)
         space = "".join(f"; {space_status(fs_plan)}" for fs_plan in result.space if fs_plan.keep_free)
-        self.liveness.status(
-            f"{pass_sentence(fields)}{space}; since start: deleted {self.deleted_since_start}"
-            f" ({human_bytes(self.bytes_freed_since_start)})"
-        )
+        self.liveness.status(f"{pass_sentence(fields)}{space}; {self.since_start.text()}")
 
     def _config_files(self) -> frozenset[str]:
         """The policy file and the protect_from configs known now, as absolute paths."""

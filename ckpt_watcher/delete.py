@@ -7,6 +7,12 @@ mtime). A directory checkpoint is removed iteratively and relative to open direc
 leaving its own mount (see filesystem.py), and never at all if it holds a mount point. A file already
 gone is fine; a failure (a removal that stopped halfway included) is a FAILED result, logged, and the
 rest of the plan goes on: no exception leaves this module's public functions.
+
+With the trash on, a group is applied with a ``TrashMover`` (trash.py): after the same checks, the
+checkpoint is moved into the trash instead of removed; where it cannot be (another mount), it is
+removed as before and ``trash_bypassed`` says why. What the trash holds is removed here too
+(``remove_trashed``, ``remove_name``, ``remove_empty_directory``), so this stays the one module that
+removes anything.
 """
 
 from __future__ import annotations
@@ -16,12 +22,14 @@ import errno
 import os
 import stat
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import structlog
 
-from ckpt_watcher.filesystem import Removal, remove_tree, status_at, summarize_tree
+from ckpt_watcher.filesystem import EntryStatus, Removal, remove_tree, status_at, summarize_tree
 from ckpt_watcher.logs import describe_os_error
 from ckpt_watcher.plan import Decision, GroupPlan, Plan
 from ckpt_watcher.records import (
@@ -41,6 +49,7 @@ class Outcome(enum.StrEnum):
     """What happened to one planned deletion."""
 
     DELETED = "deleted"
+    TRASHED = "trashed"
     ALREADY_GONE = "already_gone"
     CHANGED = "changed"
     FAILED = "failed"
@@ -77,12 +86,51 @@ class ApplyResult:
         """Bytes of the files removed."""
         return sum(result.decision.record.bytes for result in self.deleted)
 
+    @property
+    def trashed(self) -> list[DeletionResult]:
+        """Files moved into the trash (restorable until they are purged)."""
+        return [result for result in self.results if result.outcome is Outcome.TRASHED]
 
-def apply_plan(plan: Plan, root: Path, stop: threading.Event | None = None) -> ApplyResult:
+    @property
+    def bytes_trashed(self) -> int:
+        """Bytes of the files moved into the trash."""
+        return sum(result.decision.record.bytes for result in self.trashed)
+
+
+class MoveOutcome(enum.Enum):
+    """What a move into the trash did."""
+
+    MOVED = "moved"
+    BYPASSED = "bypassed"  # cannot be moved (another mount): removed at once instead
+    GONE = "gone"
+    CHANGED = "changed"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True, slots=True)
+class Move:
+    """A move into the trash, and why when it did not happen."""
+
+    outcome: MoveOutcome
+    detail: str | None = None
+
+
+class TrashMover(Protocol):
+    """Moves one checkpoint of an open group directory into the trash (trash.py's ``TrashTarget``)."""
+
+    def move_in(self, directory_fd: int, decision: Decision) -> Move:
+        """Move the checkpoint ``decision`` names, already checked to be the planned one; never raises."""
+        ...
+
+
+def apply_plan(
+    plan: Plan, root: Path, stop: threading.Event | None = None, *, trash: TrashMover | None = None
+) -> ApplyResult:
     """Delete what ``plan`` says to, group by group; ``stop`` is checked between two deletions.
 
     A group left half pruned by a stop is fine: the next pass plans it again. Never raises: every
-    failure is a FAILED result, logged as ``checkpoint_delete_failed``.
+    failure is a FAILED result, logged as ``checkpoint_delete_failed``. With ``trash``, deletions are
+    moves into the trash.
     """
     result = ApplyResult()
     for group in plan.groups:
@@ -90,15 +138,18 @@ def apply_plan(plan: Plan, root: Path, stop: threading.Event | None = None) -> A
             continue
         if stop is not None and stop.is_set():
             break
-        result.results.extend(apply_group(group, root, stop=stop))
+        result.results.extend(apply_group(group, root, stop=stop, trash=trash))
     result.interrupted = len(result.results) < len(plan.deletions)
     return result
 
 
-def apply_group(group: GroupPlan, root: Path, *, stop: threading.Event | None = None) -> list[DeletionResult]:
+def apply_group(
+    group: GroupPlan, root: Path, *, stop: threading.Event | None = None, trash: TrashMover | None = None
+) -> list[DeletionResult]:
     """Delete one group's planned files; never partially refuses the group for one bad file.
 
-    With ``stop``, the deletions end as soon as it is set: one result per deletion attempted.
+    With ``stop``, the deletions end as soon as it is set: one result per deletion attempted. With
+    ``trash``, each is moved into the trash instead (removed at once where it cannot be).
     """
     deletions = group.deletions
     if not deletions:
@@ -121,16 +172,16 @@ def apply_group(group: GroupPlan, root: Path, *, stop: threading.Event | None = 
         for decision in deletions:
             if stop is not None and stop.is_set():
                 break
-            results.append(_delete_guarded(directory_fd, decision))
+            results.append(_delete_guarded(directory_fd, decision, trash))
         return results
     finally:
         os.close(directory_fd)
 
 
-def _delete_guarded(directory_fd: int, decision: Decision) -> DeletionResult:
+def _delete_guarded(directory_fd: int, decision: Decision, trash: TrashMover | None) -> DeletionResult:
     """``_delete_one``, with any unexpected exception turned into a logged failure."""
     try:
-        return _delete_one(directory_fd, decision)
+        return _delete_one(directory_fd, decision, trash)
     except Exception as error:
         return _failed(decision, _unexpected(error))
 
@@ -153,7 +204,7 @@ def open_below_root(root: Path, directory: Path) -> int:
     return current
 
 
-def _delete_one(directory_fd: int, decision: Decision) -> DeletionResult:
+def _delete_one(directory_fd: int, decision: Decision, trash: TrashMover | None) -> DeletionResult:
     record = decision.record
     name = record.name
     try:
@@ -167,7 +218,11 @@ def _delete_one(directory_fd: int, decision: Decision) -> DeletionResult:
     if not expected_type(status.st_mode) or now_identity != record.identity:
         return _changed(decision)
     if record.entry_type is EntryType.DIRECTORY:
-        return _remove_directory(directory_fd, decision)
+        return _remove_directory(directory_fd, decision, trash)
+    if trash is not None:
+        moved = _move_to_trash(trash, directory_fd, decision)
+        if moved is not None:
+            return moved
     try:
         os.unlink(name, dir_fd=directory_fd)
     except FileNotFoundError:
@@ -192,6 +247,26 @@ def _deleted(decision: Decision) -> DeletionResult:
     return DeletionResult(decision, Outcome.DELETED)
 
 
+def _move_to_trash(trash: TrashMover, directory_fd: int, decision: Decision) -> DeletionResult | None:
+    """Move a checked checkpoint into the trash; None when it must be removed at once instead."""
+    move = trash.move_in(directory_fd, decision)
+    if move.outcome is MoveOutcome.MOVED:
+        return DeletionResult(decision, Outcome.TRASHED)
+    if move.outcome is MoveOutcome.GONE:
+        return _gone(decision)
+    if move.outcome is MoveOutcome.CHANGED:
+        return _changed(decision)
+    if move.outcome is MoveOutcome.FAILED:
+        return _failed(decision, f"not moved to the trash: {move.detail}")
+    logger.warning(
+        "trash_bypassed",
+        path=display_name(str(decision.record.path)),
+        error=move.detail,
+        detail="it cannot be moved into the trash, so it is deleted at once, as without a trash",
+    )
+    return None
+
+
 def _changed(decision: Decision) -> DeletionResult:
     logger.warning(
         "checkpoint_changed",
@@ -210,23 +285,16 @@ def leftover_name(name: str, inode: int) -> str:
     return f"{DELETING_PREFIX}i{inode}-{name}"[:255]
 
 
-def _remove_directory(directory_fd: int, decision: Decision) -> DeletionResult:
-    """Remove a directory checkpoint: refuse one that holds a mount point, rename it out of the way in
-    one step, then remove the tree without ever leaving its file system.
-
-    After the rename nothing carries the checkpoint's name, so a removal that fails halfway never leaves
-    half a checkpoint that looks whole; it is reported as a failure naming what remains, and a later
-    pass (``finish_leftovers``) finishes it.
-    """
-    record = decision.record
-    name = record.name
+def _refuse_directory(directory_fd: int, decision: Decision) -> DeletionResult | None:
+    """Why a planned directory checkpoint must not be removed now (gone, changed, holding a mount
+    point), or None if it may be."""
     try:
-        summary = summarize_tree(name, dir_fd=directory_fd)
+        summary = summarize_tree(decision.record.name, dir_fd=directory_fd)
     except FileNotFoundError:
         return _gone(decision)
     except OSError as error:
         return _failed(decision, f"cannot be walked before removal: {describe_os_error(error)}")
-    planned = record.identity
+    planned = decision.record.identity
     walked = summary.identity
     if planned is None or walked is None or (walked.device, walked.inode) != (planned.device, planned.inode):
         return _changed(decision)
@@ -236,7 +304,29 @@ def _remove_directory(directory_fd: int, decision: Decision) -> DeletionResult:
             f"contains a mount point ({display_name(summary.mount_points[0])}): a checkpoint holding "
             "another file system is never deleted",
         )
-    doomed = leftover_name(name, walked.inode)
+    return None
+
+
+def _remove_directory(directory_fd: int, decision: Decision, trash: TrashMover | None) -> DeletionResult:
+    """Remove a directory checkpoint: refuse one that holds a mount point, rename it out of the way in
+    one step (into the trash, whole, when there is one), then remove the tree without ever leaving its
+    file system.
+
+    After the rename nothing carries the checkpoint's name, so a removal that fails halfway never leaves
+    half a checkpoint that looks whole; it is reported as a failure naming what remains, and a later
+    pass (``finish_leftovers``) finishes it.
+    """
+    record = decision.record
+    name = record.name
+    refused = _refuse_directory(directory_fd, decision)
+    if refused is not None:
+        return refused
+    if trash is not None:
+        moved = _move_to_trash(trash, directory_fd, decision)
+        if moved is not None:
+            return moved
+    assert record.identity is not None  # checked by _refuse_directory
+    doomed = leftover_name(name, record.identity.inode)
     try:
         os.rename(name, doomed, src_dir_fd=directory_fd, dst_dir_fd=directory_fd)
     except FileNotFoundError:
@@ -356,6 +446,69 @@ def remove_leftovers(root: Path, directory: Path) -> None:
     """``finish_leftovers`` for callers that keep no state of their own (reports foreign ones once
     per process)."""
     finish_leftovers(root, directory, reported=_REPORTED_FOREIGN)
+
+
+@dataclass(frozen=True, slots=True)
+class TrashRemoval:
+    """What removing one thing the trash holds did: DELETED, ALREADY_GONE, CHANGED or FAILED."""
+
+    outcome: Outcome
+    error: str | None = None
+
+
+def remove_trashed(dir_fd: int, name: str, *, expected: Callable[[EntryStatus], bool] | None) -> TrashRemoval:
+    """Remove ``name`` in the open trash directory ``dir_fd``: a file is unlinked, a directory removed
+    entry by entry, never following a symlink and never leaving its mount (``remove_tree``).
+
+    ``expected`` says whether what is there (never following a symlink) is the entry that was trashed:
+    anything else is CHANGED and left alone; None removes whatever is there (an interrupted purge's
+    leftover).
+    Never raises.
+    """
+    try:
+        status = status_at(dir_fd, name)
+    except FileNotFoundError:
+        return TrashRemoval(Outcome.ALREADY_GONE)
+    except OSError as error:
+        return TrashRemoval(Outcome.FAILED, describe_os_error(error))
+    is_directory = stat.S_ISDIR(status.mode)
+    if expected is not None and not expected(status):
+        return TrashRemoval(Outcome.CHANGED, "not the entry that was trashed")
+    try:
+        if not is_directory:
+            os.unlink(name, dir_fd=dir_fd)
+            return TrashRemoval(Outcome.DELETED)
+        removal = remove_tree(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return TrashRemoval(Outcome.ALREADY_GONE)
+    except Exception as error:
+        message = describe_os_error(error) if isinstance(error, OSError) else _unexpected(error)
+        return TrashRemoval(Outcome.FAILED, message)
+    if removal.removed:
+        return TrashRemoval(Outcome.DELETED)
+    remains = ", ".join(display_name(item) for item in removal.remains)
+    return TrashRemoval(Outcome.FAILED, f"removed only in part: {remains} remain(s)")
+
+
+def remove_name(dir_fd: int, name: str) -> str | None:
+    """Unlink the file ``name`` in ``dir_fd`` (a trash entry's metadata); None if it is gone, else why
+    it is not. Never raises."""
+    try:
+        os.unlink(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return None
+    except OSError as error:
+        return describe_os_error(error)
+    return None
+
+
+def remove_empty_directory(dir_fd: int, name: str) -> bool:
+    """Remove the directory ``name`` in ``dir_fd`` if it is empty; True if it was. Never raises."""
+    try:
+        os.rmdir(name, dir_fd=dir_fd)
+    except OSError:
+        return False
+    return True
 
 
 def _unexpected(error: BaseException) -> str:

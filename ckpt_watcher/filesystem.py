@@ -9,11 +9,14 @@ asked to, opens anything that is not a regular file, crosses into another mount,
   up by re-opening ``..`` and checking it is the directory they came from. A directory on another file
   system, or the root of another mount (a bind mount of the same file system has the same ``st_dev``,
   so the mount identity from ``statx`` is compared too), is never entered.
+* ``rename_no_replace`` moves an entry between two open directories and never replaces what is at the
+  destination (``renameat2(RENAME_NOREPLACE)``): the trash's moves in and out.
 """
 
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import stat
 import struct
@@ -56,6 +59,46 @@ class EntryStatus:
     mtime_ns: int
     mount_id: int | None = None
     mount_root: bool | None = None
+
+
+_RENAME_NOREPLACE = 1
+# renameat2 flags a file system does not support (some network ones) give EINVAL; an old kernel ENOSYS.
+_NO_RENAMEAT2 = frozenset({errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP})
+
+
+@cache
+def _renameat2_function() -> Callable[..., int] | None:
+    try:
+        function = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function
+
+
+def rename_no_replace(source: str, destination: str, *, source_dir_fd: int, destination_dir_fd: int) -> None:
+    """Rename ``source`` (in one open directory) to ``destination`` (in another), never replacing an
+    entry already there (FileExistsError) and never following a symlink (names are single components).
+
+    Atomic where ``renameat2(RENAME_NOREPLACE)`` works (Linux >= 3.15 on local file systems); where it
+    does not, the destination is checked first and the rename follows, so only an entry created in
+    between could be replaced.
+    """
+    function = _renameat2_function()
+    if function is not None:
+        encoded = (os.fsencode(source), os.fsencode(destination))
+        if function(source_dir_fd, encoded[0], destination_dir_fd, encoded[1], _RENAME_NOREPLACE) == 0:
+            return
+        number = ctypes.get_errno()
+        if number not in _NO_RENAMEAT2:
+            raise OSError(number, os.strerror(number), source, None, destination)
+    try:
+        os.stat(destination, dir_fd=destination_dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        os.rename(source, destination, src_dir_fd=source_dir_fd, dst_dir_fd=destination_dir_fd)
+        return
+    raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), destination)
 
 
 @cache

@@ -8,13 +8,14 @@ steps, never 4,000 x 4,000 comparisons. Everything held per group is bounded by 
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ckpt_watcher.links import Link
-from ckpt_watcher.naming import Kind
-from ckpt_watcher.records import DELETING_PREFIX
+from ckpt_watcher.links import Link, LinkPins, link_reasons, list_links
+from ckpt_watcher.naming import Kind, Naming
+from ckpt_watcher.records import DELETING_PREFIX, TRASH_DIRECTORY_NAME
 from ckpt_watcher.scan import CompletenessCache, NamingLookup, ScanProblem, walk_directories
 
 # A last.ckpt symlink missing from one listing is trusted gone only when a listing this much later
@@ -224,6 +225,21 @@ class GroupIndex:
         state.last_links = remembered
         return pins
 
+    def link_pins(self, namings: Mapping[Path, Naming]) -> LinkPins:
+        """List the symlinks of every group of a pass (``namings``: each group's naming) before any is
+        planned: the targets links point into each group, from this listing or, for the groups outside
+        the pass, as remembered."""
+        pins = LinkPins()
+        now = time.monotonic()
+        for group, naming in namings.items():
+            links = list_links(group, self.root, naming)
+            targets = link_reasons(links)
+            self.set_link_targets(group, targets)
+            pins.add(targets, owner=group)
+            pins.add(self.last_link_pins(group, links, now))
+        pins.add(self.link_targets_outside(set(namings)))
+        return pins
+
     def link_targets_outside(self, groups: set[Path]) -> dict[Path, str]:
         """Link targets remembered for the groups that are not in ``groups`` (not scanned this pass)."""
         targets: dict[Path, str] = {}
@@ -258,11 +274,15 @@ class GroupIndex:
 
     def group_of(self, path: Path) -> Path | None:
         """The group ``path`` belongs to: its directory, or the one holding the directory checkpoint
-        it is inside (``run/checkpoint-400/x`` belongs to ``run``); None for the root or outside it."""
+        it is inside (``run/checkpoint-400/x`` belongs to ``run``); None for the root, outside it, or
+        in a trash (``.ckpt-trash`` at any depth)."""
         if path == self.root or self.root not in path.parents:
             return None
+        parts = path.relative_to(self.root).parts
+        if TRASH_DIRECTORY_NAME in parts:
+            return None
         parent = self.root
-        for part in path.relative_to(self.root).parts[:-1]:
+        for part in parts[:-1]:
             if self._naming_for(parent).classify(part, directory=True).kind is not Kind.UNKNOWN:
                 return parent
             parent = parent / part

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ckpt_watcher.lock import LOCK_FILE_NAME
 from ckpt_watcher.naming import Kind, Naming
-from ckpt_watcher.records import DELETING_PREFIX
+from ckpt_watcher.records import DELETING_PREFIX, TRASH_DIRECTORY_NAME
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,7 +39,7 @@ def list_links(directory: Path, root: Path, naming: Naming) -> list[Link]:
                 entry.name
                 for entry in entries
                 if entry.is_symlink()
-                and entry.name != LOCK_FILE_NAME
+                and entry.name not in (LOCK_FILE_NAME, TRASH_DIRECTORY_NAME)
                 and not entry.name.startswith(DELETING_PREFIX)
             ]
     except OSError:

@@ -28,6 +28,7 @@ from pydantic import (
 )
 
 from ckpt_watcher.config_files import ConfigFileError, parse_yaml, read_config_text, redact_quoted
+from ckpt_watcher.durations import DurationError, parse_duration
 from ckpt_watcher.naming import (
     DEFAULT_BEST_TEMPLATE,
     DEFAULT_LAST_TEMPLATE,
@@ -72,6 +73,41 @@ def _size_hint(percentage: bool) -> str:
     """What a size is, for an error message."""
     hint = f"a size is a whole number of bytes or a number and a unit ({UNIT_LIST}), e.g. 500GiB or 1.5TB"
     return hint + (", or a percentage of the file system's size, e.g. 10%" if percentage else "")
+
+
+class TrashSettings(BaseModel):
+    """The trash (README, "The trash"): how long a deleted checkpoint stays restorable; 0 = off."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    grace: str = "0"
+
+    @field_validator("grace", mode="before")
+    @classmethod
+    def _is_duration(cls, value: Any, info: ValidationInfo) -> str:
+        quote = (info.context or {}).get("quote_contents", True)
+        if isinstance(value, int) and not isinstance(value, bool) and value == 0:
+            return "0"
+        if not isinstance(value, str):
+            raise ValueError(
+                "expected a duration such as 24h (units s, m, h, d) or 0 for off, "
+                f"got {describe_value(value, quote=quote)}"
+            )
+        try:
+            parse_duration(value)
+        except DurationError as error:
+            raise ValueError(str(error)) from None
+        return value.strip()
+
+    @property
+    def grace_seconds(self) -> int:
+        """The grace in seconds; 0 when the trash is off."""
+        return parse_duration(self.grace)
+
+    @property
+    def enabled(self) -> bool:
+        """True when deletions go to the trash."""
+        return self.grace_seconds > 0
 
 
 class Policy(BaseModel):
@@ -162,6 +198,13 @@ class Policy(BaseModel):
             raise ValueError(f"expected a size, got {described}; {_size_hint(percentage)}") from None
         return value.strip() if isinstance(value, str) else value
 
+    trash: TrashSettings = Field(
+        default=TrashSettings(),
+        description="`{grace: DURATION}` (`30s`, `15m`, `24h`, `7d`): a deleted checkpoint is first moved "
+        "into the root's `.ckpt-trash/` and stays restorable that long (see The trash); `0` or no "
+        "`trash` key = deleted at once",
+    )
+
     @field_validator("verify")
     @classmethod
     def _load_needs_torch(cls, value: str) -> str:
@@ -198,6 +241,11 @@ class Policy(BaseModel):
 
 
 POLICY_KEYS: tuple[str, ...] = tuple(Policy.model_fields)
+# The keys of the retention keys that are mappings, for "unknown key" and "set more than once".
+_SUB_KEYS: dict[str, tuple[str, ...]] = {
+    "naming": tuple(NamingTemplates.model_fields),
+    "trash": tuple(TrashSettings.model_fields),
+}
 POLICY_DESCRIPTIONS: dict[str, str] = {
     key: field.description or "" for key, field in Policy.model_fields.items()
 }
@@ -288,11 +336,21 @@ def _message_for(error: Mapping[str, Any], quote: bool) -> str:
     if kind == "string_type":
         return f"expected a string, got {described}"
     if kind == "extra_forbidden":
-        return "unknown key (the known ones are step, best and last)"
+        known = _SUB_KEYS.get(str(error["loc"][0]), ())
+        if len(known) == 1:
+            return f"unknown key (the only known one is {known[0]})"
+        return f"unknown key (the known ones are {_listed(known)})"
     if kind in {"model_type", "model_attributes_type", "dict_type"}:
         return f"expected a mapping, got {described}"
     message = str(error["msg"]).removeprefix("Value error, ")
     return message if quote else redact_quoted(message)
+
+
+def _listed(keys: tuple[str, ...]) -> str:
+    """``step, best and last``."""
+    if len(keys) <= 1:
+        return keys[0] if keys else "none"
+    return f"{', '.join(keys[:-1])} and {keys[-1]}"
 
 
 def _location(location: tuple[Any, ...]) -> str:
@@ -403,8 +461,8 @@ def _duplicate_retention_keys(node: yaml.Node | None) -> tuple[str, ...]:
         for key_node, value_node in mapping.value:
             if isinstance(key_node, yaml.ScalarNode) and key_node.value in keys:
                 lines.setdefault(key_node.value, []).append(key_node.start_mark.line + 1)
-                if key_node.value == "naming" and not prefix:
-                    check(value_node, "naming.", tuple(NamingTemplates.model_fields))
+                if key_node.value in _SUB_KEYS and not prefix:
+                    check(value_node, f"{key_node.value}.", _SUB_KEYS[key_node.value])
         for key, key_lines in lines.items():
             if len(key_lines) > 1:
                 listed = ", ".join(str(line) for line in key_lines)

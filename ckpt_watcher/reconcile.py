@@ -9,7 +9,9 @@ the ones events named otherwise. It
    target in another, whichever group is planned first and whichever command runs,
 4. then, one group at a time (a pass never holds the whole tree), scans it (``scan``), remembering
    what it learned for the next pass (``GroupIndex``), plans it (``plan``, a pure function) and
-   applies the plan (``delete``), stopping between two deletions when asked to,
+   applies the plan (``delete``), stopping between two deletions when asked to; with a trash
+   (``trash_pass``), deletions are moves into it, what is due is purged and restored checkpoints
+   are pinned,
 
 and returns a ``PassResult``: what the logs, the command's table or JSON and ``STATUS=`` read.
 Each path it could not read is logged once per pass (``scan_problem``).
@@ -31,7 +33,7 @@ import structlog
 from ckpt_watcher.budget import FreeSpacePlan
 from ckpt_watcher.delete import ApplyResult, Outcome, apply_group, finish_leftovers
 from ckpt_watcher.groups import GroupIndex, GroupState, Tally
-from ckpt_watcher.links import LinkPins, link_reasons, list_links
+from ckpt_watcher.links import LinkPins
 from ckpt_watcher.naming import Kind
 from ckpt_watcher.overrides import OVERRIDE_FILE_NAME, EffectivePolicy, PolicyTree
 from ckpt_watcher.plan import Action, Decision, GroupPlan, Plan, Summary, plan
@@ -40,7 +42,10 @@ from ckpt_watcher.policy_file import InvalidPolicyFilesError
 from ckpt_watcher.protection import ProtectionError, ProtectionRegistry, identities_of
 from ckpt_watcher.records import CheckpointRecord, display_name
 from ckpt_watcher.scan import ScanOptions, ScanProblem, ScanStopped, scan_directory, walk_directories
-from ckpt_watcher.space import SpaceKeeper, Trash
+from ckpt_watcher.space import SpaceKeeper
+from ckpt_watcher.trash import TrashSummary
+from ckpt_watcher.trash_moves import PurgeResult
+from ckpt_watcher.trash_pass import TrashPass
 
 logger = structlog.get_logger("ckpt_watcher.reconcile")
 
@@ -75,6 +80,11 @@ class PassResult:
     cover), ``refused_overrides`` (per-run policy files whose latest edit was refused), and the space
     figures other parts fill: ``budget_unmet_bytes`` (how far the worst byte budget is from being
     met, 0 when met) and ``trash_bytes`` (bytes in the root's trash after the pass; None: no trash).
+
+    With a trash: ``trashed`` counts deletions moved into it (``deleted``: removed at once),
+    ``purged`` the entries removed from it, ``trash_bytes`` what it holds after the pass (None: the
+    root has no trash), ``trash`` its summary and ``trashing`` the grace of each group whose policy
+    has one (both for ``prune``'s table and JSON).
     """
 
     trigger: Trigger
@@ -98,6 +108,13 @@ class PassResult:
     space: list[FreeSpacePlan] = field(default_factory=list)
     budget_unmet_bytes: int = 0
     trash_bytes: int | None = None
+    trashed: int = 0
+    bytes_trashed: int = 0
+    purged: int = 0
+    bytes_purged: int = 0
+    trash: TrashSummary | None = None
+    trashing: dict[Path, int] = field(default_factory=dict)
+    evicted_at_once: set[Path] = field(default_factory=set)
 
     @property
     def the_plan(self) -> Plan:
@@ -119,7 +136,9 @@ class PassResult:
             return
         deleted = applied.deleted
         self.deleted += len(deleted)
-        for outcome in deleted:
+        self.trashed += len(applied.trashed)
+        self.bytes_trashed += applied.bytes_trashed
+        for outcome in [*deleted, *applied.trashed]:  # the metrics count a checkpoint trashed as deleted
             self.deleted_by_kind.add(outcome.decision.record.kind.value, outcome.decision.record.bytes)
         self.failed += len(applied.failed)
         self.bytes_freed += applied.bytes_freed
@@ -134,6 +153,7 @@ class PassResult:
         (and what applying that did); a kept plan shows them evicted."""
         evicted_bytes = sum(decision.record.bytes for decision in decisions)
         self.evicted += len(decisions)
+        self.evicted_at_once.update(decision.record.path for decision in decisions)
         self.summary = self.summary + Summary(
             -len(decisions), len(decisions), 0, evicted_bytes, -evicted_bytes
         )
@@ -148,6 +168,12 @@ class PassResult:
                 for group in self.group_plans
             ]
         self._add_applied(applied)
+
+    def add_purge(self, purged: PurgeResult | None) -> None:
+        """Count what a purge of the trash removed."""
+        if purged is not None:
+            self.purged += len(purged.purged)
+            self.bytes_purged += purged.bytes_purged
 
 
 def prune_once(
@@ -194,13 +220,13 @@ class Reconciler:
         stop: threading.Event | None = None,
         progress: Callable[[], None] | None = None,
         on_group: Callable[[int, int], None] | None = None,
-        trash: Trash | None = None,
     ) -> None:
         self.root = tree.root
         self.tree = tree
         self.registry = registry
         self.index = GroupIndex(tree.root, tree.naming_for)
-        self.space = SpaceKeeper(tree.root, self.index, trash)
+        self.trash = TrashPass(tree.root, stop)
+        self.space = SpaceKeeper(tree.root, self.index, self.trash)
         self._command_line_pins = dict(pins)
         self._settle_seconds = settle_seconds
         self._one_shot = one_shot
@@ -232,17 +258,20 @@ class Reconciler:
             result.applied = None if dry_run else ApplyResult()
         try:
             selected = self._all_groups(dry_run, result) if trigger.covers_everything else set(groups)
+            result.add_purge(self.trash.begin(purge=trigger.covers_everything, dry_run=dry_run))
             effective, result.blocked = self._policies(selected)
             if self._refresh_protection(trigger) and not trigger.covers_everything:
                 more, more_blocked = self._policies(set(self.index) - set(effective) - set(result.blocked))
                 effective.update(more)  # a new resume source may sit in any group
                 result.blocked += more_blocked
             result.sources = {group: value.sources for group, value in effective.items()}
-            self._plan_groups(effective, self._link_pins(effective), closed, dry_run, result)
+            namings = {group: value.policy.compiled_naming for group, value in effective.items()}
+            self._plan_groups(effective, self.index.link_pins(namings), closed, dry_run, result)
         except ScanStopped:
             result.interrupted = True
         finally:
             self._problems.flush()
+            result.trash_bytes, result.trash = self.trash.end()
         result.kept_overall = self.index.kept()
         result.refused_overrides = self.tree.refused_overrides
         result.seconds = time.monotonic() - started
@@ -304,20 +333,6 @@ class Reconciler:
 
     # -- one group at a time ----------------------------------------------------------------------
 
-    def _link_pins(self, effective: Mapping[Path, EffectivePolicy]) -> LinkPins:
-        """List the symlinks of every group in the pass before planning any: the targets links point
-        into each group, from this listing or remembered for the groups outside the pass."""
-        pins = LinkPins()
-        now = time.monotonic()
-        for group, value in effective.items():
-            links = list_links(group, self.root, value.policy.compiled_naming)
-            targets = link_reasons(links)
-            self.index.set_link_targets(group, targets)
-            pins.add(targets, owner=group)
-            pins.add(self.index.last_link_pins(group, links, now))
-        pins.add(self.index.link_targets_outside(set(effective)))
-        return pins
-
     def _plan_groups(
         self,
         effective: Mapping[Path, EffectivePolicy],
@@ -341,8 +356,13 @@ class Reconciler:
         result.space, evictions = self.space.relieve(
             lambda group: self._replan(group, context), dry_run=dry_run, stop=self._stopping
         )
+        reclaimed = [item.key for fs_plan in result.space for item in fs_plan.reclaimed]
+        if reclaimed and not dry_run:  # the trash goes first, oldest first, before any kept checkpoint
+            result.add_purge(self.trash.reclaim(reclaimed))
         for eviction in evictions:
-            applied = None if dry_run else self._apply(GroupPlan(eviction.directory, eviction.decisions))
+            # Deleted at once, never trashed: a checkpoint in the trash would still hold its bytes.
+            eviction_plan = GroupPlan(eviction.directory, eviction.decisions)
+            applied = None if dry_run else self._apply(eviction_plan, grace_seconds=0)
             result.add_evictions(eviction.directory, eviction.decisions, applied)
             self.index.take_from_kept(eviction.directory, _tally(eviction.decisions))
         result.budget_unmet_bytes = self.space.unmet_bytes()
@@ -354,13 +374,17 @@ class Reconciler:
         closed = frozenset(context.closed_in.get(group, ()))
         records = self._scan_group(group, value, closed, context.wall_now, context.result)
         pins = {**context.pins, **context.links.for_group(group)}
-        group_plans = plan(records, value.policy, pins, pinned_identities=context.pinned_identities).groups
+        identities = {**self.trash.pinned_identities(), **context.pinned_identities}  # after the scan
+        group_plans = plan(records, value.policy, pins, pinned_identities=identities).groups
         first = group_plans[0] if group_plans else None
         group_plan = self.space.plan_group(
             group, first, value.policy, dry_run=context.dry_run, now=context.wall_now
         )
         self.index.set_kept(group, _kept(group_plan))
-        applied = None if context.dry_run or group_plan is None else self._apply(group_plan)
+        grace = value.policy.trash.grace_seconds
+        if grace and context.result.group_plans is not None:
+            context.result.trashing[group] = grace
+        applied = None if context.dry_run or group_plan is None else self._apply(group_plan, grace)
         context.result.add_group(group_plan, applied)
         if self._progress is not None:
             self._progress()
@@ -404,8 +428,9 @@ class Reconciler:
 
     # -- applying ---------------------------------------------------------------------------------
 
-    def _apply(self, group_plan: GroupPlan) -> ApplyResult:
-        applied = ApplyResult(apply_group(group_plan, self.root, stop=self._stop))
+    def _apply(self, group_plan: GroupPlan, grace_seconds: int) -> ApplyResult:
+        trash = self.trash.target(grace_seconds)
+        applied = ApplyResult(apply_group(group_plan, self.root, stop=self._stop, trash=trash))
         applied.interrupted = len(applied.results) < len(group_plan.deletions)
         for result in applied.results:
             if result.outcome is Outcome.CHANGED:  # changed since it was planned: plan it again soon

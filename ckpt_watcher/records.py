@@ -16,6 +16,9 @@ from ckpt_watcher.naming import Kind, ParsedName
 # A directory checkpoint being deleted is first renamed to this prefix, so it is never seen half
 # deleted under its own name; scans ignore such names, and the delete step finishes them.
 DELETING_PREFIX = ".ckpt-watcher-deleting-"
+# The root's trash (trash.py). A directory of this name, at any depth (the trash of another root
+# below this one), is never walked, scanned, planned or followed.
+TRASH_DIRECTORY_NAME = ".ckpt-trash"
 
 
 class EntryType(enum.StrEnum):

@@ -11,24 +11,61 @@ import dataclasses
 import json
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ckpt_watcher.budget import FreeSpacePlan
 from ckpt_watcher.contents import CheckpointContents
 from ckpt_watcher.delete import ApplyResult
-from ckpt_watcher.plan import Decision, Plan, Summary
+from ckpt_watcher.durations import format_duration
+from ckpt_watcher.plan import Action, Decision, Plan, Summary
 from ckpt_watcher.policy import POLICY_DESCRIPTIONS, LoadedPolicy
-from ckpt_watcher.records import display_name, metric_for_json
+from ckpt_watcher.records import TRASH_DIRECTORY_NAME, display_name, metric_for_json
 from ckpt_watcher.sizes import human_bytes
+from ckpt_watcher.trash import TrashEntry, TrashListing, TrashSummary, iso_time
+from ckpt_watcher.trash_moves import RestoreResult
 
 _COLUMNS = ("ACTION", "KIND", "EPOCH", "STEP", "METRIC", "SIZE", "NAME", "REASONS")
+TRASH_ACTION = "trash"
 
 
-def _row(decision: Decision) -> tuple[str, ...]:
+@dataclass(frozen=True)
+class TrashView:
+    """What a plan's table and JSON show of the trash: the grace of each group whose deletions are
+    moves into the trash (their action is ``trash``), and the trash's summary (None: there is none)."""
+
+    graces: Mapping[Path, int] = field(default_factory=dict)
+    summary: TrashSummary | None = None
+    at_once: frozenset[Path] = frozenset()  # evicted for keep_free: deleted at once, never trashed
+
+    @property
+    def shown(self) -> bool:
+        """True when there is a trash, or some group's policy has one."""
+        return bool(self.graces) or self.summary is not None
+
+    def action(self, directory: Path, decision: Decision) -> str:
+        """``trash`` for a deletion in a group with a trash, else the decision's own action."""
+        if decision.action is Action.DELETE and directory in self.graces:
+            return Action.DELETE.value if decision.record.path in self.at_once else TRASH_ACTION
+        return decision.action.value
+
+    def trashed_in(self, plan: Plan) -> tuple[int, int]:
+        """How many planned deletions (and their bytes) are moves into the trash."""
+        deletions = [
+            decision
+            for group in plan.groups
+            if group.directory in self.graces
+            for decision in group.deletions
+            if decision.record.path not in self.at_once
+        ]
+        return len(deletions), sum(decision.record.bytes for decision in deletions)
+
+
+def _row(decision: Decision, action: str) -> tuple[str, ...]:
     record = decision.record
     cells = (
-        decision.action.value,
+        action,
         record.kind.value,
         "" if record.epoch is None else str(record.epoch),
         "" if record.step is None else str(record.step),
@@ -45,27 +82,33 @@ def render_table(
     dry_run: bool,
     applied: ApplyResult | None = None,
     sources: Mapping[Path, tuple[str, ...]] | None = None,
+    trash: TrashView | None = None,
     space: Sequence[FreeSpacePlan] = (),
 ) -> str:
-    """The dry-run audit: a line per file system where a byte budget is in force, one table per group
-    (with the policy files that apply), then a summary."""
+    """The dry-run audit: a line per file system where a byte budget is in force, the trash (if there
+    is one), one table per group (with the policy files that apply), then a summary."""
+    trash = trash or TrashView()
     lines = [space_line(fs_plan, dry_run) for fs_plan in space]
+    if trash.shown:
+        lines.append(trash_line(trash.summary))
     if lines:
         lines.append("")
     for group in plan.groups:
-        rows = [_row(decision) for decision in group.decisions]
+        rows = [_row(decision, trash.action(group.directory, decision)) for decision in group.decisions]
         widths = [
             max(len(column), *(len(row[index]) for row in rows)) for index, column in enumerate(_COLUMNS[:-1])
         ]
         header = display_name(str(group.directory))
         if sources and group.directory in sources:
             header += f"  (policy: {display_name(' + '.join(sources[group.directory]))})"
+        if group.directory in trash.graces:
+            header += f"  (trash grace: {format_duration(trash.graces[group.directory])})"
         lines.append(header)
         for row in [_COLUMNS, *rows]:
             cells = [cell.ljust(width) for cell, width in zip(row[:-1], widths, strict=True)]
             lines.append(("  " + "  ".join(cells) + "  " + row[-1]).rstrip())
         lines.append("")
-    lines.append(summary_line(plan.summary, dry_run, applied))
+    lines.append(summary_line(plan.summary, dry_run, applied, trash.trashed_in(plan)))
     return "\n".join(lines)
 
 
@@ -102,20 +145,54 @@ def space_line(fs_plan: FreeSpacePlan, dry_run: bool) -> str:
     return line
 
 
-def summary_line(summary: Summary, dry_run: bool, applied: ApplyResult | None = None) -> str:
-    """``kept 7, deleted 12 (1.2 GiB), skipped 3`` plus what actually happened."""
-    verb = "would delete" if dry_run else "deleted"
-    deleted = summary.deleted if dry_run or applied is None else len(applied.deleted)
-    freed = summary.bytes_deleted if dry_run or applied is None else applied.bytes_freed
+def trash_line(summary: TrashSummary | None) -> str:
+    """``trash: 2 entries, 39.4 KiB; oldest: run/x.ckpt, trashed ..., purged after ...``."""
+    if summary is None:
+        return "trash: none yet"
+    if not summary.entries:
+        return "trash: empty"
     line = (
-        f"kept {summary.kept} ({human_bytes(summary.bytes_kept)}), "
-        f"{verb} {deleted} ({human_bytes(freed)}), skipped {summary.skipped}"
+        f"trash: {summary.entries} entr{'y' if summary.entries == 1 else 'ies'}, {human_bytes(summary.bytes)}"
     )
+    oldest = summary.oldest
+    if oldest is not None:
+        line += (
+            f"; oldest: {display_name(oldest.original)}, trashed {iso_time(oldest.trashed_at)}, "
+            f"purged after {iso_time(oldest.purge_at)}"
+        )
+    return line
+
+
+def summary_line(
+    summary: Summary, dry_run: bool, applied: ApplyResult | None = None, trashed: tuple[int, int] = (0, 0)
+) -> str:
+    """``kept 7, deleted 12 (1.2 GiB), skipped 3`` plus what actually happened; ``trashed`` is how many
+    planned deletions (and bytes) go to the trash."""
+    planned_deletions = summary.deleted - trashed[0]
+    if dry_run or applied is None:
+        counts = [
+            ("delete", planned_deletions, summary.bytes_deleted - trashed[1]),
+            ("trash", trashed[0], trashed[1]),
+        ]
+    else:
+        counts = [("delete", len(applied.deleted), applied.bytes_freed)]
+        counts.append(("trash", len(applied.trashed), applied.bytes_trashed))
+    verbs = {
+        "delete": "would delete" if dry_run else "deleted",
+        "trash": "would trash" if dry_run else "trashed",
+    }
+    # "deleted" unless all that is planned goes to the trash; "trashed" when any of it does
+    planned = {"delete": planned_deletions > 0 or trashed[0] == 0, "trash": trashed[0] > 0}
+    shown = [(verbs[what], count, size) for what, count, size in counts if count or planned[what]]
+    line = f"kept {summary.kept} ({human_bytes(summary.bytes_kept)}), " + ", ".join(
+        f"{verb} {count} ({human_bytes(size)})" for verb, count, size in shown
+    )
+    line += f", skipped {summary.skipped}"
     if dry_run:
         return line + " -- dry run: nothing was deleted"
-    if applied is not None and (applied.failed or len(applied.deleted) != summary.deleted):
-        not_deleted = summary.deleted - len(applied.deleted)
-        line += f" -- {not_deleted} planned deletion(s) not done, {len(applied.failed)} failed"
+    done = len(applied.deleted) + len(applied.trashed) if applied is not None else summary.deleted
+    if applied is not None and (applied.failed or done != summary.deleted):
+        line += f" -- {summary.deleted - done} planned deletion(s) not done, {len(applied.failed)} failed"
     return line
 
 
@@ -125,24 +202,64 @@ def plan_document(
     dry_run: bool,
     applied: ApplyResult | None = None,
     sources: Mapping[Path, tuple[str, ...]] | None = None,
+    trash: TrashView | None = None,
     space: Sequence[FreeSpacePlan] = (),
     budget_unmet_bytes: int = 0,
 ) -> dict[str, Any]:
-    """The ``--json`` document: the policy, every file system where a byte budget is in force, every
-    group's entries with reasons, and the summary."""
+    """The ``--json`` document: the policy, the trash, every file system where a byte budget is in
+    force, every group's entries with reasons, and the summary."""
+    trash = trash or TrashView()
     outcomes: Mapping[int, str] = (
         {id(result.decision): result.outcome.value for result in applied.results} if applied else {}
     )
     groups = []
     for group in plan.groups:
-        entries = [_entry(decision, outcomes) for decision in group.decisions]
+        entries = []
+        for decision in group.decisions:
+            record = decision.record
+            entry: dict[str, Any] = {
+                "path": display_name(str(record.path)),
+                "name": display_name(record.name),
+                "kind": record.kind.value,
+                "type": record.entry_type.value,
+                "epoch": record.epoch,
+                "step": record.step,
+                "metric_name": record.metric_name,
+                "metric": metric_for_json(record),
+                "version": record.version,
+                "bytes": record.bytes,
+                "action": trash.action(group.directory, decision),
+                "reasons": list(decision.reasons),
+            }
+            if decision.evicted:
+                entry["evicted"] = True
+            if id(decision) in outcomes:
+                entry["outcome"] = outcomes[id(decision)]
+            entries.append(entry)
         groups.append(
             {
                 "directory": display_name(str(group.directory)),
                 "policy_sources": list((sources or {}).get(group.directory, (loaded.source_label,))),
+                "trash_grace_seconds": trash.graces.get(group.directory),
                 "entries": entries,
             }
         )
+    return {
+        "policy": policy_document(loaded),
+        "trash": trash_document(trash.summary),
+        "space": [space_document(fs_plan) for fs_plan in space],
+        "groups": groups,
+        "summary": {
+            **_summary_document(plan, dry_run, applied, trash),
+            "evicted": sum(decision.evicted for decision in plan.decisions),
+            "budget_unmet_bytes": budget_unmet_bytes,
+        },
+    }
+
+
+def _summary_document(
+    plan: Plan, dry_run: bool, applied: ApplyResult | None, trash: TrashView
+) -> dict[str, Any]:
     summary = plan.summary
     document_summary: dict[str, Any] = {
         "kept": summary.kept,
@@ -151,41 +268,17 @@ def plan_document(
         "bytes_kept": summary.bytes_kept,
         "bytes_deleted": summary.bytes_deleted if dry_run or applied is None else applied.bytes_freed,
         "dry_run": dry_run,
-        "evicted": sum(decision.evicted for decision in plan.decisions),
-        "budget_unmet_bytes": budget_unmet_bytes,
     }
+    trashed = trash.trashed_in(plan)
+    if dry_run or applied is None:
+        document_summary["deleted"] -= trashed[0]
+        document_summary["bytes_deleted"] -= trashed[1]
+        document_summary.update(trashed=trashed[0], bytes_trashed=trashed[1])
+    else:
+        document_summary.update(trashed=len(applied.trashed), bytes_trashed=applied.bytes_trashed)
     if applied is not None:
         document_summary["failed"] = len(applied.failed)
-    return {
-        "policy": policy_document(loaded),
-        "space": [space_document(fs_plan) for fs_plan in space],
-        "groups": groups,
-        "summary": document_summary,
-    }
-
-
-def _entry(decision: Decision, outcomes: Mapping[int, str]) -> dict[str, Any]:
-    """One decision in ``--json``."""
-    record = decision.record
-    entry: dict[str, Any] = {
-        "path": display_name(str(record.path)),
-        "name": display_name(record.name),
-        "kind": record.kind.value,
-        "type": record.entry_type.value,
-        "epoch": record.epoch,
-        "step": record.step,
-        "metric_name": record.metric_name,
-        "metric": metric_for_json(record),
-        "version": record.version,
-        "bytes": record.bytes,
-        "action": decision.action.value,
-        "reasons": list(decision.reasons),
-    }
-    if decision.evicted:
-        entry["evicted"] = True
-    if id(decision) in outcomes:
-        entry["outcome"] = outcomes[id(decision)]
-    return entry
+    return document_summary
 
 
 def space_document(fs_plan: FreeSpacePlan) -> dict[str, Any]:
@@ -207,6 +300,32 @@ def space_document(fs_plan: FreeSpacePlan) -> dict[str, Any]:
         "reclaimed_bytes": fs_plan.reclaimed_bytes,
         "unmet_bytes": fs_plan.unmet_bytes,
     }
+
+
+def trash_document(summary: TrashSummary | None) -> dict[str, Any] | None:
+    """The trash in a plan's JSON: entries, bytes and the oldest entry; None when there is none."""
+    if summary is None:
+        return None
+    oldest = trash_entry_document(summary.oldest) if summary.oldest is not None else None
+    return {"entries": summary.entries, "bytes": summary.bytes, "oldest": oldest}
+
+
+def trash_entry_document(entry: TrashEntry, root: Path | None = None) -> dict[str, Any]:
+    """One trash entry as JSON (``trash list --json``, the plan's oldest entry)."""
+    document: dict[str, Any] = {
+        "key": entry.key,
+        "original": entry.original,
+        "type": "directory" if entry.is_directory else "file",
+        "bytes": entry.bytes,
+        "trashed_at": iso_time(entry.trashed_at),
+        "purge_at": iso_time(entry.purge_at),
+        "grace": format_duration(entry.grace_seconds),
+        "reasons": list(entry.reasons),
+    }
+    if root is not None:
+        document["path"] = str(root / entry.original)
+        document["trash_path"] = str(root / TRASH_DIRECTORY_NAME / entry.trash_path)
+    return document
 
 
 def policy_document(loaded: LoadedPolicy) -> dict[str, Any]:
@@ -363,3 +482,71 @@ def _contents_details(result: CheckpointContents) -> list[str]:
         details.append(f"objects the safe loader refuses: {', '.join(result.unsafe_globals)}")
     details.extend(f"warning: {warning}" for warning in result.warnings)
     return details
+
+
+_TRASH_COLUMNS = ("TRASHED", "PURGED AFTER", "SIZE", "TYPE", "PATH", "WHY")
+
+
+def render_trash_table(listing: TrashListing) -> str:
+    """``trash list``: one row per entry, oldest first, then the total."""
+    if not listing.entries:
+        return "the trash is empty"
+    rows: list[tuple[str, ...]] = [_TRASH_COLUMNS]
+    for entry in listing.entries:
+        cells = (
+            iso_time(entry.trashed_at),
+            iso_time(entry.purge_at),
+            human_bytes(entry.bytes),
+            "directory" if entry.is_directory else "file",
+            entry.original,
+            "; ".join(entry.reasons),
+        )
+        rows.append(tuple(display_name(cell) for cell in cells))
+    widths = [max(len(row[index]) for row in rows) for index in range(len(_TRASH_COLUMNS) - 1)]
+    lines = [
+        (
+            "  ".join(cell.ljust(width) for cell, width in zip(row[:-1], widths, strict=True))
+            + "  "
+            + row[-1]
+        ).rstrip()
+        for row in rows
+    ]
+    count = len(listing.entries)
+    lines.append("")
+    lines.append(f"{count} entr{'y' if count == 1 else 'ies'}, {human_bytes(listing.bytes)}")
+    return "\n".join(lines)
+
+
+def trash_list_document(root: Path, listing: TrashListing | None) -> dict[str, Any]:
+    """``trash list --json``: every entry (its original and trash paths, when, size, why, when it is
+    purged), the total, and the metadata files that could not be read."""
+    entries = listing.entries if listing is not None else []
+    return {
+        "trash": str(root / TRASH_DIRECTORY_NAME),
+        "exists": listing is not None,
+        "entries": [trash_entry_document(entry, root) for entry in entries],
+        "bytes": sum(entry.bytes for entry in entries),
+        "problems": [
+            {"file": name, "error": problem} for name, problem in (listing.problems if listing else [])
+        ],
+    }
+
+
+def render_restore_results(results: list[RestoreResult]) -> str:
+    """``restore``: one line per entry asked for, restored (and until when it is pinned) or refused."""
+    lines = []
+    for result in results:
+        entry = result.entry
+        if result.restored:
+            until = result.pinned_until
+            pinned = (
+                f"pinned until {iso_time(until)}"
+                if until is not None and entry.grace_seconds
+                else "not pinned"
+            )
+            lines.append(
+                f"restored  {display_name(entry.original)}  (trashed {iso_time(entry.trashed_at)}; {pinned})"
+            )
+        else:
+            lines.append(f"refused   {display_name(entry.original)}  ({display_name(result.problem or '?')})")
+    return "\n".join(lines)

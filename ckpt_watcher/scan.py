@@ -31,6 +31,7 @@ from ckpt_watcher.logs import describe_os_error
 from ckpt_watcher.naming import CHECKPOINT_EXTENSION, Kind, Naming
 from ckpt_watcher.records import (
     DELETING_PREFIX,
+    TRASH_DIRECTORY_NAME,
     CheckpointRecord,
     EntryType,
     FileIdentity,
@@ -48,6 +49,8 @@ _TEMPORARY_SUFFIXES = (".tmp", ".partial")
 #   huggingface_hub `<name>.incomplete`, Chrome `<name>.crdownload`, axel `<name>.st` (its state file),
 #   lftp pget `<name>.lftp-pget-status`.
 DOWNLOAD_MARKER_SUFFIXES = (".aria2", ".part", ".incomplete", ".crdownload", ".st", ".lftp-pget-status")
+# Entries of a group that are the tool's own, never records: the lock file and the trash.
+_NOT_CHECKPOINTS = frozenset({LOCK_FILE_NAME, TRASH_DIRECTORY_NAME})
 # A verdict on a file modified this recently is not cached: mtimes are coarse (a clock tick), so a
 # write landing in the same tick as the one judged would leave the identity unchanged.
 _RACY_SECONDS = 2.0
@@ -188,6 +191,7 @@ def walk_directories(
                     for entry in entries
                     if entry.is_dir(follow_symlinks=False)
                     and not entry.name.startswith(DELETING_PREFIX)
+                    and entry.name != TRASH_DIRECTORY_NAME
                     and classify(entry.name, directory=True).kind is Kind.UNKNOWN
                 ]
         except FileNotFoundError:
@@ -233,7 +237,7 @@ def scan_directory(  # noqa: C901  (opens, lists and closes the directory, with 
         for name in names:
             if stop is not None and stop.is_set():
                 raise ScanStopped(str(directory))
-            if name == LOCK_FILE_NAME or name.startswith(DELETING_PREFIX):
+            if name in _NOT_CHECKPOINTS or name.startswith(DELETING_PREFIX):
                 continue
             record = group.record_for(prefix, name)
             if record is not None:

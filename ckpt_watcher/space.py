@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -59,7 +59,6 @@ class Trash(Protocol):
     """Bytes that may go before any kept checkpoint (the trash helper's side of the contract)."""
 
     def reclaimable(self) -> Sequence[Reclaimable]: ...
-    def purge(self, keys: Collection[str]) -> int: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,18 +141,18 @@ class SpaceKeeper:
         ``replan`` plans a group again, fresh, as part of the pass (updating its facts)."""
         plans: list[FreeSpacePlan] = []
         evictions: list[Eviction] = []
-        reclaimable = list(self.trash.reclaimable()) if self.trash is not None else []
+        reclaimable: list[Reclaimable] | None = None  # read once, only where a budget is in force
         for device, groups in sorted(self._by_device().items()):
             if not any(group.budgeted for group in groups):
                 self._unmet.pop(("keep_free", str(device)), None)  # no budget here (any more)
                 continue
+            if reclaimable is None:
+                reclaimable = list(self.trash.reclaimable()) if self.trash is not None else []
             fs_plan = self._fresh_plan(device, groups, reclaimable, replan, stop)
             if fs_plan is None:
                 continue
             plans.append(fs_plan)
             self._note_free(fs_plan)
-            if fs_plan.reclaimed and not dry_run and self.trash is not None:
-                self.trash.purge([item.key for item in fs_plan.reclaimed])
             for directory, decisions in fs_plan.evicted_decisions().items():
                 evictions.append(Eviction(directory, decisions))
                 self._drop_candidates(directory, {decision.record.path for decision in decisions})

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, MutableMapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,26 @@ from ckpt_watcher.sizes import human_bytes
 # The byte-budget keys of a policy (issue 12), shown as written when the policy in force has them.
 BUDGET_KEYS = ("max_size", "keep_free")
 NO_BUDGET = "none"
+
+
+@dataclass
+class SinceStart:
+    """What the daemon did since it started (``STATUS=``, ``watch_stopped``)."""
+
+    deleted: int = 0
+    bytes_freed: int = 0
+    trashed: int = 0
+
+    def add(self, result: PassResult) -> None:
+        """Count one pass."""
+        self.deleted += result.deleted
+        self.bytes_freed += result.bytes_freed
+        self.trashed += result.trashed
+
+    def text(self) -> str:
+        """``since start: deleted 12 (48.0 GiB), trashed 3``."""
+        text = f"since start: deleted {self.deleted} ({human_bytes(self.bytes_freed)})"
+        return text + (f", trashed {self.trashed}" if self.trashed else "")
 
 
 def budget_in_force(policy: Policy) -> str:
@@ -57,6 +78,8 @@ def pass_fields(result: PassResult, *, free: int | None, budget: str) -> dict[st
         "skipped": summary.skipped,
         "failed": result.failed,
         "bytes_freed": result.bytes_freed,
+        "trashed": result.trashed,
+        "purged": result.purged,
         "interrupted": result.interrupted,
         "duration_ms": round(result.seconds * 1000, 1),
         "kept_overall": sum(kept_overall.checkpoints.values()),
@@ -76,6 +99,8 @@ def pass_sentence(fields: Mapping[str, Any]) -> str:
     parts = [
         f"kept {fields['kept_overall']} ({human_bytes(fields['bytes_kept_overall'])})",
         f"{fields['trigger']} pass: deleted {fields['deleted']} ({human_bytes(fields['bytes_freed'])})"
+        + (f", trashed {fields['trashed']}" if fields.get("trashed") else "")
+        + (f", purged {fields['purged']} from the trash" if fields.get("purged") else "")
         + (f", skipped {fields['skipped']}" if fields["skipped"] else "")
         + (f", {fields['failed']} failed (retried next pass)" if fields["failed"] else "")
         + (", interrupted" if fields["interrupted"] else ""),

@@ -24,6 +24,7 @@ SECTION_TITLES = (
     "## 5. Against the baseline",
     "## 6. Probes and metrics",
     "## 7. Space pressure",
+    "## 8. The trash",
 )
 
 
@@ -64,4 +65,6 @@ def test_bench_smoke_run_writes_every_section(tmp_path: Path) -> None:
         for row in space_rows:  # every trial saw its eviction
             assert row.split(" | ")[-2] == "0", row
     assert "**yes**" not in text  # torch was not imported by prune or watch
+    trash_rows = [line for line in text.splitlines() if line.startswith(("| file, ", "| directory, "))]
+    assert len(trash_rows) == 3, trash_rows  # two file sizes and a directory checkpoint, each measured
     assert not (REPOSITORY / "BENCHMARKS-smoke.md").exists()

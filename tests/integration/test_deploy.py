@@ -65,7 +65,8 @@ CONFIGMAP = KUBERNETES / "policy-configmap.yaml"
 MANIFESTS = (KUBERNETES / "sidecar-job.yaml", KUBERNETES / "shared-volume-deployment.yaml")
 MINIMUM_KUBERNETES = "1.29.0"  # native sidecars (initContainers with restartPolicy: Always)
 
-# The recommended policy keeps the newest 3 step checkpoints (deploy/policy.yaml).
+# The recommended policy keeps the newest 3 step checkpoints, and moves the others into its trash
+# (deploy/policy.yaml).
 SEEDED_STEPS = range(100, 900, 100)
 KEPT_AT_START = {step_name(0, step) for step in (600, 700, 800)}
 
@@ -114,7 +115,12 @@ class PathMap:
 
 
 def _names(directory: Path) -> set[str]:
-    return {path.name for path in directory.iterdir() if not path.name.startswith(".ckpt-watcher")}
+    """The checkpoints in ``directory`` (not the watcher's own lock file or trash)."""
+    return {
+        path.name
+        for path in directory.iterdir()
+        if not path.name.startswith((".ckpt-watcher", ".ckpt-trash"))
+    }
 
 
 def _seed_old_checkpoints(directory: Path) -> None:
@@ -388,15 +394,15 @@ def test_unit_exec_start_runs_under_a_notify_socket(tmp_path: Path) -> None:
             wait_until(lambda: "READY=1" in notify.lines(), what="READY=1")
             # READY=1 comes only after the start-up reconcile: the directory is already within policy.
             assert _names(root) == KEPT_AT_START
-            assert len(daemon.events("checkpoint_deleted")) == 5
+            assert len(daemon.events("checkpoint_trashed")) == 5  # the recommended policy has a trash
             wait_until(
                 lambda: "WATCHDOG=1" in notify.lines()[notify.lines().index("READY=1") :],
                 what="WATCHDOG=1 after READY=1",
             )
-            assert any(line.startswith("STATUS=") and "deleted 5" in line for line in notify.lines())
+            assert any(line.startswith("STATUS=") and "trashed 5" in line for line in notify.lines())
 
             write_checkpoint(root / step_name(0, 900))
-            daemon.wait_for("checkpoint_deleted", lambda record: record["path"].endswith(step_name(0, 600)))
+            daemon.wait_for("checkpoint_trashed", lambda record: record["path"].endswith(step_name(0, 600)))
             assert _names(root) == {step_name(0, step) for step in (700, 800, 900)}
 
             [reload] = installed.commands("ExecReload", {"MAINPID": str(daemon.process.pid)})

@@ -105,8 +105,8 @@ def test_a_stop_is_honoured_between_two_deletions_of_one_group(
     stop = threading.Event()
     delete_one = delete._delete_one
 
-    def delete_then_stop(directory_fd: int, decision: Any) -> Any:
-        result = delete_one(directory_fd, decision)
+    def delete_then_stop(directory_fd: int, decision: Any, *rest: Any) -> Any:
+        result = delete_one(directory_fd, decision, *rest)
         stop.set()  # a SIGTERM arrives during the first deletion
         return result
 

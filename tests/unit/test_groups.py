@@ -29,6 +29,11 @@ GROUP_OF = [
     (ROOT / "run" / "checkpoint-400", HUGGING_FACE, ROOT / "run"),
     (ROOT / "run" / "checkpoints" / "x", HUGGING_FACE, ROOT / "run" / "checkpoints"),  # not a step name
     (ROOT, DEFAULT_NAMING, None),
+    # the trash (and a trash at any depth: another root's) is never a group, nor inside one
+    (ROOT / ".ckpt-trash", DEFAULT_NAMING, None),
+    (ROOT / ".ckpt-trash" / "files" / "run" / "epoch=00-step=000100-train.ckpt@x", DEFAULT_NAMING, None),
+    (ROOT / ".ckpt-trash" / "info" / "x.json", DEFAULT_NAMING, None),
+    (ROOT / "run" / ".ckpt-trash" / "files" / "epoch=00-step=000100-train.ckpt", DEFAULT_NAMING, None),
     (Path("/elsewhere/run/x.ckpt"), DEFAULT_NAMING, None),
     (Path("/ckpt-other/x.ckpt"), DEFAULT_NAMING, None),
 ]

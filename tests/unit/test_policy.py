@@ -45,6 +45,7 @@ RETENTION_KEYS = (
     "max_size",
     "keep_free",
     "keep_every_n_steps",
+    "trash",
 )
 
 
@@ -186,6 +187,7 @@ def test_origins_say_which_keys_came_from_the_file(tmp_path: Path) -> None:
         "max_size": "default",
         "keep_free": "default",
         "keep_every_n_steps": "default",
+        "trash": "default",
     }
     assert loaded.policy == Policy(save_top_k_best=2, best_mode="max")
 

@@ -13,9 +13,10 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
+from ckpt_watcher.naming import DEFAULT_NAMING
 from ckpt_watcher.policy import DEFAULT_POLICY
 from ckpt_watcher.records import CheckpointRecord, EntryType
-from ckpt_watcher.scan import CompletenessCache, ScanOptions, scan_directory
+from ckpt_watcher.scan import CompletenessCache, ScanOptions, scan_directory, scan_tree
 from tests.support.factories import step_name, write_checkpoint, write_truncated
 from tests.support.hostile_trees import make_deep_directory, make_device, make_fifo, make_socket, remove_deep
 
@@ -242,3 +243,19 @@ def test_a_directory_checkpoint_deeper_than_path_max_is_summed(
         record.bytes
         == (checkpoint / "checkpoint" / "model.pt").stat().st_size + len("checkpoint") + level_bytes
     )
+
+
+def test_the_trash_is_never_walked_nor_scanned_at_any_depth(tmp_path: Path) -> None:
+    """A root's ``.ckpt-trash`` and one deeper (the trash of another root below this one) hold
+    checkpoint names, but are never groups and never records: nothing in them is planned."""
+    for trash in (tmp_path / ".ckpt-trash", tmp_path / "run" / ".ckpt-trash"):
+        write_checkpoint(trash / "files" / step_name(0, 100))
+        write_checkpoint(trash / step_name(0, 200))
+    write_checkpoint(tmp_path / "run" / step_name(0, 300))
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / ".ckpt-trash").symlink_to(tmp_path / ".ckpt-trash")
+
+    result = scan_tree(tmp_path, DEFAULT_NAMING)
+
+    assert result.directories == [tmp_path, tmp_path / "other", tmp_path / "run"]
+    assert [record.relative_path for record in result.records] == [f"run/{step_name(0, 300)}"]

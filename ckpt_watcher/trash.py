@@ -1,0 +1,678 @@
+"""The root's trash: its layout, how it is opened and locked, and how its entries are read.
+
+With ``trash: {grace: ...}`` a deleted checkpoint is moved (``trash_moves.py``) into::
+
+    ROOT/.ckpt-trash/
+      files/<relative path>@<KEY>   the checkpoint itself, renamed here (a directory checkpoint whole)
+      info/<KEY>.json               what it was: its relative path, when and why it was trashed, its
+                                    grace, bytes, type and identity (device, inode)
+      restored/<KEY>.json           a restored checkpoint's pin: its identity, and until when
+      purging/<KEY>                 an entry being removed (renamed out of reach of restore first)
+
+``KEY`` is when it was trashed and its inode (``20261128T074143.611037Z-i1234``), so the same name can
+be trashed twice, and listing ``info/`` in order lists the trash oldest first. The metadata is
+written before the move, so a crash leaves at worst an entry whose data is missing (dropped by the
+next purge), never a checkpoint nobody knows about.
+
+Nothing in the trash is trusted: every directory is opened from the root one component at a time with
+``O_NOFOLLOW``, metadata files are read only if they are regular files of at most 64 KiB, a relative
+path that leaves the root (``..``, absolute, into a trash) is refused, and an entry is moved or
+removed only if it is still the very file or directory that was trashed (device, inode, type). Every
+move in or out of the trash, and every purge's rename, holds an exclusive ``flock`` on the
+``.ckpt-trash`` directory, so the daemon, ``prune``, ``restore`` and ``trash empty`` can run at once.
+"""
+
+from __future__ import annotations
+
+import datetime
+import errno
+import fcntl
+import json
+import math
+import os
+import re
+import stat
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import structlog
+
+from ckpt_watcher.delete import open_below_root, remove_name
+from ckpt_watcher.durations import LONGEST_SECONDS
+from ckpt_watcher.filesystem import (
+    DIRECTORY_FLAGS,
+    EntryStatus,
+    NotRegularFileError,
+    open_regular,
+    rename_no_replace,
+)
+from ckpt_watcher.logs import describe_os_error
+from ckpt_watcher.records import TRASH_DIRECTORY_NAME, display_name
+
+FILES = "files"
+INFO = "info"
+RESTORED = "restored"
+PURGING = "purging"
+SUBDIRECTORIES = (FILES, INFO, RESTORED, PURGING)
+METADATA_SUFFIX = ".json"
+METADATA_LIMIT = 64 * 1024
+REASONS_LIMIT = 64
+LOCK_FILE_NAME = "lock"  # only where the file system cannot lock a directory (NFS)
+LOCK_TIMEOUT = 60.0
+_LOCK_POLL = 0.01
+NAME_MAX = 255
+KEY_PATTERN = re.compile(r"[0-9]{8}T[0-9]{6}\.[0-9]{6}Z-i[0-9]+")
+logger = structlog.get_logger("ckpt_watcher.trash")
+
+_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class TrashUnusableError(Exception):
+    """The trash cannot be opened or used (a symlink or a file where a directory should be, a lock
+    that cannot be had...); nothing is moved, and the message says why."""
+
+
+def iso_time(epoch_seconds: float) -> str:
+    """``2026-11-28T07:41:43Z``: a time as every trash record and listing shows it (UTC)."""
+    moment = datetime.datetime.fromtimestamp(epoch_seconds, datetime.UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def make_key(trashed_at: float, inode: int) -> str:
+    """The key of an entry trashed at ``trashed_at`` whose inode is ``inode``."""
+    moment = datetime.datetime.fromtimestamp(trashed_at, datetime.UTC)
+    return f"{moment.strftime('%Y%m%dT%H%M%S.%f')}Z-i{inode}"
+
+
+def stored_name(name: str, key: str) -> str:
+    """The name a checkpoint ``name`` has in the trash: ``<name>@<KEY>``, the name shortened if the
+    whole would be longer than a file name may be."""
+    suffix = f"@{key}"
+    encoded = os.fsencode(name)[: NAME_MAX - len(suffix)]
+    return os.fsdecode(encoded) + suffix
+
+
+def valid_relative_path(text: object) -> bool:
+    """True for a path relative to the root that stays in it and outside every trash."""
+    if not isinstance(text, str) or not text or text.startswith("/") or "\0" in text or len(text) > 16384:
+        return False
+    parts = text.split("/")
+    return all(
+        part not in {"", ".", "..", TRASH_DIRECTORY_NAME} and len(os.fsencode(part)) <= NAME_MAX
+        for part in parts
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class TrashEntry:
+    """One trashed checkpoint, as its ``info/<KEY>.json`` describes it."""
+
+    key: str
+    original: str  # its path relative to the root, '/'-separated
+    trashed_at: float
+    grace_seconds: int
+    reasons: tuple[str, ...]
+    bytes: int
+    is_directory: bool
+    device: int
+    inode: int
+    mtime_ns: int | None = None  # of a file (a rename keeps it); None for a directory
+
+    @property
+    def purge_at(self) -> float:
+        """When its grace is over (epoch seconds)."""
+        return self.trashed_at + self.grace_seconds
+
+    @property
+    def parent_parts(self) -> list[str]:
+        """The directories of its relative path."""
+        return self.original.split("/")[:-1]
+
+    @property
+    def name(self) -> str:
+        """Its own name."""
+        return self.original.rsplit("/", 1)[-1]
+
+    @property
+    def stored_name(self) -> str:
+        """Its name in the trash."""
+        return stored_name(self.name, self.key)
+
+    @property
+    def trash_path(self) -> str:
+        """Where it is, relative to the trash: ``files/<relative path>@<KEY>``."""
+        return "/".join([FILES, *self.parent_parts, self.stored_name])
+
+    def matches(self, status: EntryStatus) -> bool:
+        """True if ``status`` (never following a symlink) is the very entry that was trashed: its device
+        and inode, a directory for a directory, else a regular file of its size and mtime (an inode
+        number freed and reused by something planted is not enough)."""
+        if (status.device, status.inode) != (self.device, self.inode):
+            return False
+        if self.is_directory:
+            return stat.S_ISDIR(status.mode)
+        same_time = self.mtime_ns is None or status.mtime_ns == self.mtime_ns
+        return stat.S_ISREG(status.mode) and status.size == self.bytes and same_time
+
+    def document(self) -> dict[str, Any]:
+        """Its ``info/<KEY>.json``."""
+        return {
+            "original": self.original,
+            "trashed_at": self.trashed_at,
+            "grace_seconds": self.grace_seconds,
+            "reasons": list(self.reasons),
+            "bytes": self.bytes,
+            "type": "directory" if self.is_directory else "file",
+            "device": self.device,
+            "inode": self.inode,
+            "mtime_ns": self.mtime_ns,
+        }
+
+    @classmethod
+    def from_document(cls, key: str, document: Any) -> TrashEntry:
+        """The entry ``document`` describes; ValueError saying what is wrong with it."""
+        if not isinstance(document, dict):
+            raise ValueError("not a JSON object")
+        original = document.get("original")
+        if not valid_relative_path(original):
+            raise ValueError("its original path is not a path inside the root")
+        reasons = document.get("reasons", [])
+        if not isinstance(reasons, list) or not all(isinstance(reason, str) for reason in reasons):
+            raise ValueError("'reasons' is not a list of strings")
+        kind = document.get("type")
+        if kind not in ("file", "directory"):
+            raise ValueError("'type' is neither file nor directory")
+        trashed_at = document.get("trashed_at")
+        if (
+            isinstance(trashed_at, bool)
+            or not isinstance(trashed_at, int | float)
+            or not math.isfinite(trashed_at)
+        ):
+            raise ValueError("'trashed_at' is not a time")
+        assert isinstance(original, str)
+        return cls(
+            key=key,
+            original=original,
+            trashed_at=float(trashed_at),
+            grace_seconds=_whole(document, "grace_seconds", LONGEST_SECONDS),
+            reasons=tuple(reasons[:REASONS_LIMIT]),
+            bytes=_whole(document, "bytes", 1 << 62),
+            is_directory=kind == "directory",
+            device=_whole(document, "device", 1 << 64),
+            inode=_whole(document, "inode", 1 << 64),
+            mtime_ns=None if document.get("mtime_ns") is None else _whole(document, "mtime_ns", 1 << 64),
+        )
+
+
+def _whole(document: dict[str, Any], key: str, limit: int) -> int:
+    value = document.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= limit:
+        raise ValueError(f"{key!r} is not a whole number in range")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class RestoredPin:
+    """A restored checkpoint, kept whatever the policy says until ``until`` (epoch seconds)."""
+
+    key: str
+    original: str
+    device: int
+    inode: int
+    until: float
+
+    @property
+    def reason(self) -> str:
+        """The reason the plan shows: ``restored from the trash: pinned until ...``."""
+        return f"restored from the trash: pinned until {iso_time(self.until)}"
+
+    def document(self) -> dict[str, Any]:
+        """Its ``restored/<KEY>.json``."""
+        return {"original": self.original, "device": self.device, "inode": self.inode, "until": self.until}
+
+    @classmethod
+    def from_document(cls, key: str, document: Any) -> RestoredPin:
+        """The pin ``document`` describes; ValueError saying what is wrong with it."""
+        if not isinstance(document, dict) or not valid_relative_path(document.get("original")):
+            raise ValueError("not a pin of a path inside the root")
+        until = document.get("until")
+        if isinstance(until, bool) or not isinstance(until, int | float) or not math.isfinite(until):
+            raise ValueError("'until' is not a time")
+        return cls(
+            key=key,
+            original=str(document["original"]),
+            device=_whole(document, "device", 1 << 64),
+            inode=_whole(document, "inode", 1 << 64),
+            until=float(until),
+        )
+
+
+class TrashDirectory:
+    """The root's trash, open: a descriptor of ``.ckpt-trash`` and of each subdirectory that exists."""
+
+    def __init__(self, root: Path, fd: int, subdirectories: dict[str, int | None]) -> None:
+        self.root = root
+        self.fd = fd
+        self.device = os.fstat(fd).st_dev
+        self._subdirectories = subdirectories
+
+    def sub(self, name: str) -> int | None:
+        """The open subdirectory ``name`` (files, info, restored, purging), None if it does not exist."""
+        return self._subdirectories[name]
+
+    def ensure(self, name: str) -> int:
+        """The open subdirectory ``name``, made if it is missing; TrashUnusableError if it cannot be."""
+        fd = self._subdirectories[name]
+        if fd is None:
+            fd = open_directory(self.fd, name, create=True, what=self.path(name))
+            assert fd is not None
+            self._subdirectories[name] = fd
+        return fd
+
+    def path(self, *parts: str) -> Path:
+        """An absolute path in the trash, for messages and logs."""
+        return self.root.joinpath(TRASH_DIRECTORY_NAME, *parts)
+
+    def close(self) -> None:
+        """Close every descriptor."""
+        for fd in [*self._subdirectories.values(), self.fd]:
+            if fd is not None:
+                os.close(fd)
+        self._subdirectories = dict.fromkeys(self._subdirectories)
+
+    def __enter__(self) -> TrashDirectory:
+        return self
+
+    def __exit__(self, *exception: object) -> None:
+        self.close()
+
+
+def open_trash(root: Path, *, create: bool) -> TrashDirectory | None:
+    """Open ``root``'s trash (made if ``create``), or None if it has none.
+
+    Raises TrashUnusableError if anything but a directory is where the trash should be, or the root
+    cannot be opened. A subdirectory that is missing (or anything but a directory) is None: what needs
+    it fails (``ensure``), the rest works (a broken ``purging/`` does not stop a listing).
+    """
+    try:
+        root_fd = open_below_root(root, root)
+    except (OSError, ValueError) as error:
+        raise TrashUnusableError(f"cannot open the root {display_name(root)}: {_describe(error)}") from None
+    try:
+        fd = open_directory(root_fd, TRASH_DIRECTORY_NAME, create=create, what=root / TRASH_DIRECTORY_NAME)
+    finally:
+        os.close(root_fd)
+    if fd is None:
+        return None
+    subdirectories: dict[str, int | None] = {}
+    try:
+        for name in SUBDIRECTORIES:
+            try:
+                subdirectories[name] = open_directory(
+                    fd, name, create=create, what=root / TRASH_DIRECTORY_NAME / name
+                )
+            except TrashUnusableError:
+                subdirectories[name] = None  # ``ensure`` says why, to what needs it
+    except BaseException:
+        for opened in [*subdirectories.values(), fd]:
+            if opened is not None:
+                os.close(opened)
+        raise
+    return TrashDirectory(root, fd, subdirectories)
+
+
+def open_directory(parent_fd: int, name: str, *, create: bool, what: Path) -> int | None:
+    """Open the directory ``name`` in ``parent_fd`` without following a symlink (made first if
+    ``create``); None if it does not exist and is not to be made. TrashUnusableError for anything else
+    in its place (``what`` names it)."""
+    for _ in range(2):
+        try:
+            return os.open(name, DIRECTORY_FLAGS, dir_fd=parent_fd)
+        except FileNotFoundError:
+            if not create:
+                return None
+        except OSError as error:
+            raise TrashUnusableError(f"{display_name(what)}: {_not_a_directory(error)}") from None
+        try:
+            os.mkdir(name, dir_fd=parent_fd)
+        except FileExistsError:
+            pass
+        except OSError as error:
+            raise TrashUnusableError(
+                f"cannot make {display_name(what)}: {describe_os_error(error)}"
+            ) from None
+    raise TrashUnusableError(f"{display_name(what)}: vanished as soon as it was made")
+
+
+def _not_a_directory(error: OSError) -> str:
+    if error.errno in (errno.ELOOP, errno.ENOTDIR):
+        return "not a directory (a symlink or a file is in its place; it is never followed)"
+    return describe_os_error(error)
+
+
+def _describe(error: Exception) -> str:
+    return describe_os_error(error) if isinstance(error, OSError) else str(error)
+
+
+@contextmanager
+def locked(trash: TrashDirectory, *, stop: threading.Event | None = None) -> Iterator[None]:
+    """Hold the trash's exclusive lock: a ``flock`` on the ``.ckpt-trash`` directory (on a lock file
+    in it where directories cannot be locked). Waits up to LOCK_TIMEOUT; TrashUnusableError after that,
+    or as soon as ``stop`` is set."""
+    # A description of its own (not a dup of trash.fd, which would share the lock's owner with every
+    # other holder of that descriptor, e.g. another thread).
+    fd = os.open(".", DIRECTORY_FLAGS, dir_fd=trash.fd)
+    try:
+        try:
+            _wait_for_lock(fd, stop)
+        except _CannotLockDirectoryError:
+            os.close(fd)
+            fd = _lock_file(trash)
+            _wait_for_lock(fd, stop)
+        yield
+    finally:
+        os.close(fd)  # closing its only descriptor releases the lock
+
+
+class _CannotLockDirectoryError(Exception):
+    pass
+
+
+def _wait_for_lock(fd: int, stop: threading.Event | None) -> None:
+    deadline = time.monotonic() + LOCK_TIMEOUT
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            pass
+        except OSError as error:
+            if error.errno in (errno.EBADF, errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+                raise _CannotLockDirectoryError from None
+            raise TrashUnusableError(f"cannot lock the trash: {describe_os_error(error)}") from None
+        if stop is not None and stop.is_set():
+            raise TrashUnusableError("asked to stop while waiting for the trash's lock")
+        if time.monotonic() >= deadline:
+            raise TrashUnusableError(f"the trash stayed locked by another process for {LOCK_TIMEOUT:g} s")
+        time.sleep(_LOCK_POLL)
+
+
+def _lock_file(trash: TrashDirectory) -> int:
+    try:
+        fd = os.open(
+            LOCK_FILE_NAME, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666, dir_fd=trash.fd
+        )
+    except OSError as error:
+        raise TrashUnusableError(f"cannot open the trash's lock file: {_not_a_directory(error)}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise TrashUnusableError("the trash's lock file is not a regular file")
+    return fd
+
+
+def write_metadata(dir_fd: int, key: str, document: dict[str, Any]) -> None:
+    """Write ``<KEY>.json`` in ``dir_fd`` whole or not at all (a hidden temporary, then a rename that
+    never replaces). Raises OSError."""
+    name = key + METADATA_SUFFIX
+    temporary = f".{name}.{os.getpid()}.tmp"
+    data = json.dumps(document, ensure_ascii=True, allow_nan=False, indent=1).encode()
+    fd = os.open(temporary, _FILE_FLAGS, 0o666, dir_fd=dir_fd)
+    try:
+        try:
+            os.write(fd, data)
+        finally:
+            os.close(fd)
+        rename_no_replace(temporary, name, source_dir_fd=dir_fd, destination_dir_fd=dir_fd)
+    except BaseException:
+        remove_name(dir_fd, temporary)
+        raise
+
+
+def read_metadata(dir_fd: int, name: str) -> Any:
+    """The JSON document in the file ``name`` of ``dir_fd``: never through a symlink, only a regular
+    file, at most METADATA_LIMIT bytes. ValueError (or OSError) saying why not."""
+    try:
+        fd, status = open_regular(name, dir_fd=dir_fd)
+    except NotRegularFileError:
+        raise ValueError("not a regular file") from None
+    try:
+        if status.st_size > METADATA_LIMIT:
+            raise ValueError(f"larger than {METADATA_LIMIT // 1024} KiB")
+        data = os.read(fd, METADATA_LIMIT + 1)
+    finally:
+        os.close(fd)
+    if len(data) > METADATA_LIMIT:
+        raise ValueError(f"larger than {METADATA_LIMIT // 1024} KiB")
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError):
+        raise ValueError("not valid JSON") from None
+
+
+def metadata_names(dir_fd: int | None) -> list[tuple[str, int]]:
+    """The ``<KEY>.json`` names in ``dir_fd`` with their inodes, in key order (oldest first); hidden
+    temporaries are left out."""
+    if dir_fd is None:
+        return []
+    found: list[tuple[str, int]] = []
+    with os.scandir(dir_fd) as entries:
+        for entry in entries:
+            if not entry.name.startswith(".") and entry.name.endswith(METADATA_SUFFIX):
+                found.append((entry.name, entry.inode()))
+    return sorted(found)
+
+
+def key_of(name: str) -> str | None:
+    """The key of a metadata file's name, or None if it is not ``<KEY>.json``."""
+    key = name.removesuffix(METADATA_SUFFIX)
+    return key if name.endswith(METADATA_SUFFIX) and KEY_PATTERN.fullmatch(key) else None
+
+
+@dataclass
+class TrashListing:
+    """What the trash holds: its entries (oldest first) and the metadata files that could not be read."""
+
+    entries: list[TrashEntry]
+    problems: list[tuple[str, str]]  # (file name, why it was skipped)
+
+    @property
+    def bytes(self) -> int:
+        """Bytes of every entry."""
+        return sum(entry.bytes for entry in self.entries)
+
+
+def read_entries(trash: TrashDirectory) -> TrashListing:
+    """Every readable entry of an open trash, oldest first."""
+    listing = TrashListing([], [])
+    info = trash.sub(INFO)
+    for name, _ in metadata_names(info):
+        assert info is not None
+        entry = read_entry(info, name, listing.problems)
+        if entry is not None:
+            listing.entries.append(entry)
+    listing.entries.sort(key=lambda entry: (entry.trashed_at, entry.key))
+    return listing
+
+
+def read_entry(info_fd: int, name: str, problems: list[tuple[str, str]]) -> TrashEntry | None:
+    """The entry ``info/<name>`` describes, or None with the problem noted."""
+    key = key_of(name)
+    if key is None:
+        problems.append((name, "not named like a trash entry (<KEY>.json)"))
+        return None
+    try:
+        return TrashEntry.from_document(key, read_metadata(info_fd, name))
+    except FileNotFoundError:
+        return None  # purged or restored meanwhile
+    except (OSError, ValueError) as error:
+        problems.append((name, _describe(error)))
+        return None
+
+
+def read_pins(trash: TrashDirectory, problems: list[tuple[str, str]]) -> list[RestoredPin]:
+    """Every readable pin of restored checkpoints (expired ones too)."""
+    restored = trash.sub(RESTORED)
+    pins: list[RestoredPin] = []
+    for name, _ in metadata_names(restored):
+        assert restored is not None
+        pin = read_pin(restored, name, problems)
+        if pin is not None:
+            pins.append(pin)
+    return pins
+
+
+def read_pin(restored_fd: int, name: str, problems: list[tuple[str, str]]) -> RestoredPin | None:
+    """The pin ``restored/<name>`` describes, or None with the problem noted."""
+    key = key_of(name)
+    if key is None:
+        problems.append((name, "not named like a pin (<KEY>.json)"))
+        return None
+    try:
+        return RestoredPin.from_document(key, read_metadata(restored_fd, name))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as error:
+        problems.append((name, _describe(error)))
+        return None
+
+
+def list_trash(root: Path) -> TrashListing | None:
+    """What ``root``'s trash holds, or None if it has no trash. TrashUnusableError if it cannot be read."""
+    trash = open_trash(root, create=False)
+    if trash is None:
+        return None
+    with trash:
+        return read_entries(trash)
+
+
+@dataclass(frozen=True, slots=True)
+class TrashSummary:
+    """The trash at a glance, for the dry run's header and JSON: its entries, bytes, oldest entry."""
+
+    entries: int
+    bytes: int
+    oldest: TrashEntry | None
+
+
+class TrashIndex:
+    """What a reconciler knows of its root's trash between looks: the entries (``trash_bytes``, when
+    the next purge is due) and the pins of restored checkpoints. A look lists ``info/`` or
+    ``restored/`` and reads only the metadata files it has not seen (by name and inode).
+
+    ``start`` opens the trash for a pass (it may have appeared or been replaced since the last one),
+    ``close`` ends the pass. Metadata that cannot be read is logged once (``trash_problem``).
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._trash: TrashDirectory | None = None
+        self._entries: dict[tuple[str, int], TrashEntry | None] = {}
+        self._pins: dict[tuple[str, int], RestoredPin | None] = {}
+        self._reported: set[tuple[str, int]] = set()
+        self.exists = False
+
+    def start(self) -> None:
+        """Open the trash as it is now (nothing if the root has none, or it cannot be used)."""
+        self.close()
+        try:
+            self._trash = open_trash(self.root, create=False)
+        except TrashUnusableError as error:
+            self._report(("<trash>", 0), str(self.root / TRASH_DIRECTORY_NAME), str(error))
+            self._trash = None
+        self.exists = self._trash is not None
+
+    def close(self) -> None:
+        """Close the trash's descriptors (what was learned stays)."""
+        if self._trash is not None:
+            self._trash.close()
+            self._trash = None
+
+    def _opened(self) -> TrashDirectory | None:
+        if self._trash is None:
+            self.start()  # made since the pass began (by this pass's first move, say)
+        return self._trash
+
+    def pinned_identities(self, now: float) -> dict[tuple[int, int], str]:
+        """(device, inode) of each checkpoint restored and still pinned at ``now``, with the reason."""
+        trash = self._opened()
+        if trash is None:
+            return {}
+        problems: list[tuple[str, str]] = []
+        self._pins = _look(trash.sub(RESTORED), self._pins, lambda fd, name: read_pin(fd, name, problems))
+        self._report_all(problems, RESTORED)
+        return {
+            (pin.device, pin.inode): pin.reason
+            for pin in self._pins.values()
+            if pin is not None and pin.until > now
+        }
+
+    def refresh(self) -> None:
+        """Look at the entries again (after a pass: its moves, and other processes' since)."""
+        trash = self._opened()
+        if trash is None:
+            self._entries = {}
+            return
+        problems: list[tuple[str, str]] = []
+        self._entries = _look(trash.sub(INFO), self._entries, lambda fd, name: read_entry(fd, name, problems))
+        self._report_all(problems, INFO)
+
+    @property
+    def entries(self) -> list[TrashEntry]:
+        """The entries as last looked at, oldest first."""
+        found = [entry for entry in self._entries.values() if entry is not None]
+        return sorted(found, key=lambda entry: (entry.trashed_at, entry.key))
+
+    @property
+    def bytes(self) -> int | None:
+        """Bytes in the trash as last looked at; None when the root has no trash."""
+        return sum(entry.bytes for entry in self.entries) if self.exists else None
+
+    def next_purge_at(self) -> float | None:
+        """When the first grace ends (epoch seconds), or None with nothing in the trash."""
+        return min((entry.purge_at for entry in self.entries), default=None)
+
+    def summary(self) -> TrashSummary | None:
+        """The trash at a glance, or None when the root has none."""
+        if not self.exists:
+            return None
+        entries = self.entries
+        return TrashSummary(
+            len(entries), sum(entry.bytes for entry in entries), entries[0] if entries else None
+        )
+
+    def _report_all(self, problems: list[tuple[str, str]], directory: str) -> None:
+        for name, problem in problems:
+            self._report((name, 0), str(self.root / TRASH_DIRECTORY_NAME / directory / name), problem)
+
+    def _report(self, key: tuple[str, int], path: str, problem: str) -> None:
+        if key not in self._reported:
+            self._reported.add(key)
+            logger.warning(
+                "trash_problem", path=display_name(path), error=problem, detail="skipped; never followed"
+            )
+
+
+_Metadata = TypeVar("_Metadata")
+
+
+def _look(
+    dir_fd: int | None,
+    known: dict[tuple[str, int], _Metadata | None],
+    read: Callable[[int, str], _Metadata | None],
+) -> dict[tuple[str, int], _Metadata | None]:
+    """The metadata files of ``dir_fd`` now, each read once: what ``known`` holds is reused."""
+    if dir_fd is None:
+        return {}
+    try:
+        names = metadata_names(dir_fd)
+    except OSError:
+        return {}
+    return {
+        (name, inode): known[(name, inode)] if (name, inode) in known else read(dir_fd, name)
+        for name, inode in names
+    }

@@ -1,0 +1,120 @@
+"""The trash's part of a reconcile pass (reconcile.py calls it; the trash itself: trash.py,
+trash_moves.py).
+
+A pass opens the trash as it is, purges what is due (a full pass and a non-dry-run ``prune`` always
+look; the daemon's other passes only when the first grace is over), reads the pins of restored
+checkpoints for each group right after scanning it, moves the group's deletions into the trash when
+its policy has a grace, and at its end looks at the trash again for ``trash_bytes`` and the next purge.
+
+Pins are read after each group's scan, and a restore writes its pin before it renames the checkpoint
+back, so a pass that sees a restored checkpoint always sees its pin: a restore racing a pass never has
+its checkpoint taken again.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Collection
+from pathlib import Path
+
+import structlog
+
+from ckpt_watcher.budget import Reclaimable
+from ckpt_watcher.records import display_name
+from ckpt_watcher.trash import TrashIndex, TrashSummary, TrashUnusableError
+from ckpt_watcher.trash_moves import PurgeResult, TrashTarget, purge_due, purge_keys
+
+logger = structlog.get_logger("ckpt_watcher.trash")
+
+# A purge that left due entries behind (they failed) is tried again this much later, not at once.
+PURGE_RETRY_SECONDS = 60.0
+
+
+class TrashPass:
+    """One root's trash as the reconcile core uses it, pass after pass."""
+
+    def __init__(self, root: Path, stop: threading.Event | None = None) -> None:
+        self.root = root
+        self.index = TrashIndex(root)
+        self._stop = stop
+        self._may_exist = False  # a trash missing when the pass began may be made by its moves
+        self._not_before = 0.0  # wall clock: no purge before (after one that left due entries)
+        self._moved = False  # moves into the trash may have happened since the index was read
+
+    def begin(self, *, purge: bool, dry_run: bool) -> PurgeResult | None:
+        """Open the trash for a pass and look at its entries (other processes may have changed them);
+        purge what is due if ``purge`` or the first grace is over (never in a dry run). Returns what the
+        purge did, None when none ran."""
+        self.index.start()
+        self._may_exist = self.index.exists
+        if self.index.exists:
+            self.index.refresh()
+        if dry_run or not self.index.exists or not (purge or self.is_due(time.time())):
+            return None
+        now = time.time()
+        try:
+            result = purge_due(self.root, now=now, stop=self._stop)
+        except TrashUnusableError as error:
+            logger.error("trash_purge_failed", path=display_name(str(self.root)), error=str(error))
+            result = None
+        self.index.refresh()
+        if result is None or result.failed or result.interrupted:
+            self._not_before = now + PURGE_RETRY_SECONDS  # what is still due is retried later, not at once
+        return result
+
+    def pinned_identities(self) -> dict[tuple[int, int], str]:
+        """The restored checkpoints pinned now (read after the group's scan: see the module's doc)."""
+        if not self._may_exist:
+            return {}  # no trash, so nothing restored: a tree without a trash costs nothing per group
+        return self.index.pinned_identities(time.time())
+
+    def target(self, grace_seconds: int) -> TrashTarget | None:
+        """Where a group whose policy has this grace moves its deletions; None: deleted at once."""
+        if grace_seconds <= 0:
+            return None
+        self._may_exist = self._moved = True
+        return TrashTarget(self.root, grace_seconds, stop=self._stop)
+
+    def end(self) -> tuple[int | None, TrashSummary | None]:
+        """Look at the trash again and close it: its bytes (None without a trash) and its summary."""
+        try:
+            self.index.refresh()
+            return self.index.bytes, self.index.summary()
+        finally:
+            self.index.close()
+
+    def reclaimable(self) -> list[Reclaimable]:
+        """One ``Reclaimable`` per entry as last looked at (no I/O), oldest first: what a byte budget
+        may reclaim before it evicts any kept checkpoint (WAVE2 contract; the budget wires it)."""
+        if self._moved:  # what this pass moved into the trash is reclaimable too, and goes first
+            self._moved = False
+            self.index.start()
+            if self.index.exists:
+                self.index.refresh()
+        return [
+            Reclaimable(entry.key, entry.device, entry.bytes, entry.trashed_at)
+            for entry in self.index.entries
+        ]
+
+    def reclaim(self, keys: Collection[str]) -> PurgeResult:
+        """Purge the entries a budget chose (``Reclaimable.key``), then look at the trash again."""
+        try:
+            result = purge_keys(self.root, keys, stop=self._stop)
+        except TrashUnusableError as error:
+            logger.error("trash_purge_failed", path=display_name(str(self.root)), error=str(error))
+            result = PurgeResult()
+        self.index.refresh()
+        return result
+
+    def is_due(self, now: float) -> bool:
+        """True when the first grace is over at wall-clock ``now``."""
+        first = self.index.next_purge_at()
+        return first is not None and max(first, self._not_before) <= now
+
+    def deadline(self) -> float | None:
+        """When the next purge is due, as a ``time.monotonic()`` deadline (None: nothing to purge)."""
+        first = self.index.next_purge_at()
+        if first is None:
+            return None
+        return time.monotonic() + max(0.0, max(first, self._not_before) - time.time())

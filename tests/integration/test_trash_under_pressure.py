@@ -1,0 +1,171 @@
+"""The trash under space pressure, on a real file system (a tmpfs mounted for each test): the trash is
+emptied first, oldest first, before any kept checkpoint is evicted for ``keep_free``; a checkpoint
+evicted for ``keep_free`` is deleted at once (in the trash it would still hold its bytes), one evicted
+for ``max_size`` goes to the trash (the trash does not count toward a group's ``max_size``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.cli import events, run_cli
+from tests.support.daemon import running_daemon, wait_until
+from tests.support.factories import step_name, zip_bytes
+from tests.support.tmpfs import MIB, free_bytes, mounted_tmpfs
+
+pytestmark = pytest.mark.timeout(180)
+
+CHECKPOINT_BYTES = 3 * MIB
+TRASH = ".ckpt-trash"
+
+
+@pytest.fixture
+def disk(tmp_path: Path) -> Iterator[Path]:
+    """A 32 MiB tmpfs holding the checkpoint root ``ckpt``."""
+    with mounted_tmpfs(tmp_path / "disk", 32 * MIB) as mount:
+        root = mount / "ckpt"
+        root.mkdir()
+        yield root
+
+
+def write_steps(directory: Path, step_numbers: list[int], age: float = 1000) -> list[str]:
+    """Complete step checkpoints of ~3 MiB, the first written ``age`` seconds ago, each next one later."""
+    directory.mkdir(parents=True, exist_ok=True)
+    names = []
+    for index, step in enumerate(step_numbers):
+        path = directory / step_name(0, step)
+        path.write_bytes(zip_bytes(bytes(CHECKPOINT_BYTES)))
+        stamp = time.time() - age + index
+        os.utime(path, (stamp, stamp))
+        names.append(path.name)
+    return names
+
+
+def trashed(root: Path) -> list[str]:
+    """The original paths of the trash's entries, oldest first (from its info/ records)."""
+    info = root / TRASH / "info"
+    records = [json.loads(path.read_text()) for path in info.iterdir()] if info.is_dir() else []
+    return [record["original"] for record in sorted(records, key=lambda record: record["trashed_at"])]
+
+
+def policy(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "policy.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_the_trash_is_emptied_oldest_first_before_any_kept_checkpoint_is_evicted(
+    disk: Path, tmp_path: Path
+) -> None:
+    run = disk / "run"
+    written = write_steps(run, [100, 200, 300, 400, 500, 600])
+    counted = policy(tmp_path, "save_top_k_checkpoints: 2\ntrash:\n  grace: 1h\n")
+    first = run_cli("prune", str(disk), "--policy", str(counted))
+    assert first.returncode == 0, first.stderr
+    assert trashed(disk) == [f"run/{name}" for name in written[:4]]
+    assert {path.name for path in run.iterdir()} == set(written[4:])
+
+    # keep_free + the next save (one more checkpoint) is now a little more than what is free: the
+    # oldest trash entry is enough, and nothing kept is touched.
+    free = free_bytes(disk)
+    keep_free = free - CHECKPOINT_BYTES + MIB
+    pressed = policy(tmp_path, f"save_top_k_checkpoints: 2\ntrash:\n  grace: 1h\nkeep_free: {keep_free}\n")
+    dry = run_cli("prune", str(disk), "--policy", str(pressed), "--dry-run", "--json")
+    assert dry.returncode == 0, dry.stderr
+    (space,) = json.loads(dry.stdout)["space"]
+    assert space["evicted"] == 0
+    assert len(space["reclaimed"]) == 1
+    assert trashed(disk) == [f"run/{name}" for name in written[:4]]  # a dry run purges nothing
+
+    pruned = run_cli("prune", str(disk), "--policy", str(pressed))
+    assert pruned.returncode == 0, pruned.stderr
+    assert trashed(disk) == [f"run/{name}" for name in written[1:4]]  # the oldest entry went
+    assert [Path(record["path"]).name for record in events(pruned.stderr, "checkpoint_purged")] == [
+        written[0]
+    ]
+    assert {path.name for path in run.iterdir()} == set(written[4:])
+    assert not events(pruned.stderr, "checkpoint_deleted")
+    assert free_bytes(disk) >= keep_free + CHECKPOINT_BYTES
+
+
+def test_under_more_pressure_the_whole_trash_goes_then_evictions_are_deleted_at_once(
+    disk: Path, tmp_path: Path
+) -> None:
+    run = disk / "run"
+    written = write_steps(run, [100, 200, 300, 400, 500, 600, 700])
+    counted = policy(tmp_path, "save_top_k_checkpoints: 4\ntrash:\n  grace: 1h\n")
+    assert run_cli("prune", str(disk), "--policy", str(counted)).returncode == 0
+    assert len(trashed(disk)) == 3
+
+    # Enough pressure for the whole trash (3 checkpoints) and one kept checkpoint more.
+    free = free_bytes(disk)
+    keep_free = free + 3 * CHECKPOINT_BYTES + CHECKPOINT_BYTES // 2 - CHECKPOINT_BYTES  # + next save
+    pressed = policy(tmp_path, f"save_top_k_checkpoints: 4\ntrash:\n  grace: 1h\nkeep_free: {keep_free}\n")
+    dry = run_cli("prune", str(disk), "--policy", str(pressed), "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    evicted_rows = [line for line in dry.stdout.splitlines() if "evicted for space: " in line]
+    assert [row.split()[0] for row in evicted_rows] == ["delete"], "an eviction is a deletion, not trash"
+
+    pruned = run_cli("prune", str(disk), "--policy", str(pressed))
+    assert pruned.returncode == 0, pruned.stderr
+    assert trashed(disk) == []
+    purged = [Path(record["path"]).name for record in events(pruned.stderr, "checkpoint_purged")]
+    assert purged == written[:3]
+    deleted = events(pruned.stderr, "checkpoint_deleted")
+    assert [Path(record["path"]).name for record in deleted] == [written[3]]
+    assert deleted[0]["reasons"][0].startswith("evicted for space: ")
+    assert not events(pruned.stderr, "checkpoint_trashed")
+    assert free_bytes(disk) >= keep_free + CHECKPOINT_BYTES
+
+
+def test_a_max_size_eviction_goes_to_the_trash(disk: Path, tmp_path: Path) -> None:
+    run = disk / "run"
+    written = write_steps(run, [100, 200, 300, 400])
+    capped = policy(
+        tmp_path, f"save_top_k_checkpoints: -1\nmax_size: {3 * CHECKPOINT_BYTES + MIB}\ntrash:\n  grace: 1h\n"
+    )
+    pruned = run_cli("prune", str(disk), "--policy", str(capped))
+    assert pruned.returncode == 0, pruned.stderr
+    moved = events(pruned.stderr, "checkpoint_trashed")
+    assert [Path(record["path"]).name for record in moved] == [written[0]]
+    assert moved[0]["reasons"][0].startswith("evicted for space: group over max_size")
+    assert trashed(disk) == [f"run/{written[0]}"]
+    again = run_cli("prune", str(disk), "--policy", str(capped), "--dry-run")
+    assert "evicted for space" not in again.stdout  # the trash does not count toward max_size
+
+
+def test_the_daemon_empties_the_trash_first_and_the_writer_never_runs_out_of_space(
+    disk: Path, tmp_path: Path
+) -> None:
+    run = disk / "run"
+    config = policy(
+        tmp_path, "save_top_k_checkpoints: 2\nsave_top_k_best: 0\ntrash:\n  grace: 1h\nkeep_free: 8MiB\n"
+    )
+    with running_daemon(
+        ["watch", str(disk), "--policy", str(config), "--settle", "0"], tmp_path / "daemon.log"
+    ) as daemon:
+        daemon.wait_ready()
+        for step in range(100, 1100, 100):  # 10 x 3 MiB through a 32 MiB disk that keeps 8 MiB free
+            run.mkdir(exist_ok=True)
+            temporary = disk / f".partial-{step}"
+            temporary.write_bytes(zip_bytes(bytes(CHECKPOINT_BYTES)))  # raises ENOSPC if the disk is full
+            temporary.rename(run / step_name(0, step))
+            wait_until(
+                lambda: free_bytes(disk) >= 8 * MIB + CHECKPOINT_BYTES,
+                what="room for the next save, keep_free included",
+            )
+        assert daemon.stop() == 0
+    purged = daemon.events("checkpoint_purged")
+    evicted = [
+        record
+        for record in daemon.events("checkpoint_deleted")
+        if record["reasons"][0].startswith("evicted for space: ")
+    ]
+    assert purged, "space pressure purged the trash"
+    assert evicted == [], "nothing kept was evicted while the trash held bytes to give"
+    assert {path.name for path in run.iterdir()} == {step_name(0, 900), step_name(0, 1000)}

@@ -1,0 +1,672 @@
+"""The trash on real files in tmp_path: moves in (through delete.py), restores, purges, pins, the
+budget's side of the contract, and the metadata read back. Hostile trash contents are in
+tests/adversarial/test_trash.py, real processes in tests/integration/test_trash.py."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import stat
+import threading
+import time
+from collections.abc import Iterator, MutableMapping
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from structlog.testing import capture_logs
+
+from ckpt_watcher import trash as trash_module
+from ckpt_watcher import trash_moves
+from ckpt_watcher.budget import Reclaimable
+from ckpt_watcher.delete import Outcome, apply_plan
+from ckpt_watcher.filesystem import EntryStatus, rename_no_replace
+from ckpt_watcher.plan import Action, Plan, plan
+from ckpt_watcher.policy import Policy
+from ckpt_watcher.scan import ScanOptions, scan_tree
+from ckpt_watcher.trash import (
+    FILES,
+    INFO,
+    RESTORED,
+    TrashEntry,
+    TrashIndex,
+    list_trash,
+    locked,
+    make_key,
+    open_trash,
+    stored_name,
+    valid_relative_path,
+)
+from ckpt_watcher.trash_moves import (
+    TrashTarget,
+    purge,
+    purge_due,
+    purge_keys,
+    reclaimable,
+    restore,
+    select_entries,
+)
+from ckpt_watcher.trash_pass import PURGE_RETRY_SECONDS, TrashPass
+from tests.support.factories import step_name, write_checkpoint
+
+pytestmark = pytest.mark.timeout(120)
+
+KEEP_ONE = Policy(save_top_k_checkpoints=1)
+QUIET = ScanOptions(directory_quiet_seconds=0.0)
+DAY = 86400
+NOW = 1_800_000_000.0  # 2027-01-15T08:00:00Z
+
+
+@pytest.fixture
+def logs() -> Iterator[list[MutableMapping[str, Any]]]:
+    with capture_logs() as captured:
+        yield captured
+
+
+def events(logs: list[MutableMapping[str, Any]], name: str) -> list[MutableMapping[str, Any]]:
+    return [record for record in logs if record["event"] == name]
+
+
+def plan_of(root: Path, policy: Policy = KEEP_ONE) -> Plan:
+    return plan(scan_tree(root, policy.compiled_naming, QUIET).records, policy)
+
+
+def trash_everything_but_the_newest(root: Path, *, grace: int = DAY, clock: float = NOW) -> list[Outcome]:
+    target = TrashTarget(root, grace, clock=lambda: clock)
+    return [result.outcome for result in apply_plan(plan_of(root), root, trash=target).results]
+
+
+def digest(path: Path) -> dict[str, str]:
+    """Every file below ``path`` (or the file itself) with the SHA-256 of its bytes."""
+    if path.is_file():
+        return {".": hashlib.sha256(path.read_bytes()).hexdigest()}
+    return {
+        str(item.relative_to(path)): hashlib.sha256(item.read_bytes()).hexdigest()
+        for item in sorted(path.rglob("*"))
+        if item.is_file()
+    }
+
+
+def directory_checkpoint(path: Path, files: int = 3) -> Path:
+    """A finished DeepSpeed-style directory checkpoint (``latest`` written last)."""
+    (path / "checkpoint").mkdir(parents=True)
+    for index in range(files):
+        write_checkpoint(path / "checkpoint" / f"shard_{index}.pt", payload=bytes([index]) * 700)
+    (path / "latest").write_text("checkpoint")
+    return path
+
+
+def steps(directory: Path, numbers: range) -> dict[str, dict[str, str]]:
+    """Step checkpoints with distinct contents; their digests by name."""
+    for step in numbers:
+        write_checkpoint(directory / step_name(0, step), payload=f"weights of {step}".encode() * 50)
+    return {step_name(0, step): digest(directory / step_name(0, step)) for step in numbers}
+
+
+# -- moving in --------------------------------------------------------------------------------------
+
+
+def test_a_deletion_is_a_rename_into_the_trash_keeping_its_relative_path_and_reasons(
+    tmp_path: Path, logs: list[MutableMapping[str, Any]]
+) -> None:
+    run = tmp_path / "stage1" / "run"
+    before = steps(run, range(100, 400, 100))
+    inode = (run / step_name(0, 100)).stat().st_ino
+
+    outcomes = trash_everything_but_the_newest(tmp_path)
+
+    assert outcomes == [Outcome.TRASHED, Outcome.TRASHED]
+    assert sorted(os.listdir(run)) == [step_name(0, 300)]
+    key = make_key(NOW, inode)
+    stored = tmp_path / ".ckpt-trash" / FILES / "stage1" / "run" / f"{step_name(0, 100)}@{key}"
+    assert stored.stat().st_ino == inode  # the very file: renamed, never copied
+    assert digest(stored) == before[step_name(0, 100)]
+    info = json.loads((tmp_path / ".ckpt-trash" / INFO / f"{key}.json").read_text())
+    assert info == {
+        "original": f"stage1/run/{step_name(0, 100)}",
+        "trashed_at": NOW,
+        "grace_seconds": DAY,
+        "reasons": ["outside newest 1 step checkpoints (#3)"],
+        "bytes": stored.stat().st_size,
+        "type": "file",
+        "device": stored.stat().st_dev,
+        "inode": inode,
+        "mtime_ns": stored.stat().st_mtime_ns,  # a rename keeps it: part of what is checked later
+    }
+    [first, _] = events(logs, "checkpoint_trashed")
+    assert first["path"] == str(run / step_name(0, 100))
+    assert first["trash_path"] == str(stored)
+    assert first["reasons"] == ["outside newest 1 step checkpoints (#3)"]
+    assert first["bytes"] == stored.stat().st_size
+    assert first["purge_at"] == "2027-01-16T08:00:00Z"
+    assert events(logs, "checkpoint_deleted") == []
+
+
+def test_the_same_name_trashed_twice_is_two_entries(tmp_path: Path) -> None:
+    steps(tmp_path, range(100, 300, 100))
+    trash_everything_but_the_newest(tmp_path, clock=NOW)
+    steps(tmp_path, range(100, 200, 100))  # the same name written again, and deleted again
+    trash_everything_but_the_newest(tmp_path, clock=NOW + 60)
+
+    listing = list_trash(tmp_path)
+
+    assert listing is not None
+    assert [(entry.original, entry.trashed_at) for entry in listing.entries] == [
+        (step_name(0, 100), NOW),
+        (step_name(0, 100), NOW + 60),
+    ]
+
+
+def test_a_directory_checkpoint_moves_whole_and_comes_back_whole(tmp_path: Path) -> None:
+    old = directory_checkpoint(tmp_path / "run" / step_name(0, 100), files=5)
+    directory_checkpoint(tmp_path / "run" / step_name(0, 200))
+    before = digest(old)
+    inode = old.stat().st_ino
+
+    assert trash_everything_but_the_newest(tmp_path) == [Outcome.TRASHED]
+    assert not old.exists()
+    listing = list_trash(tmp_path)
+    assert listing is not None
+    [entry] = listing.entries
+    assert entry.is_directory
+    assert entry.bytes == sum(
+        path.stat().st_size
+        for path in (tmp_path / ".ckpt-trash").rglob("*")
+        if path.is_file() and "files" in path.parts
+    )
+
+    [result] = restore(tmp_path, listing.entries, now=NOW + 10)
+
+    assert result.restored, result.problem
+    assert old.stat().st_ino == inode
+    assert digest(old) == before
+
+
+def test_a_long_name_is_shortened_in_the_trash_and_restored_under_its_own_name(tmp_path: Path) -> None:
+    huge_step = 10**220  # a width is a minimum: a step this long is a valid step name
+    name = f"epoch=00-step={huge_step}-train.ckpt"
+    write_checkpoint(tmp_path / name)
+    write_checkpoint(tmp_path / f"epoch=00-step={huge_step + 1}-train.ckpt")
+
+    assert trash_everything_but_the_newest(tmp_path) == [Outcome.TRASHED]
+    listing = list_trash(tmp_path)
+    assert listing is not None
+    [entry] = listing.entries
+    assert len(entry.stored_name) == 255
+    assert entry.stored_name.endswith(f"@{entry.key}")
+    [result] = restore(tmp_path, listing.entries, now=NOW)
+    assert result.restored, result.problem
+    assert (tmp_path / name).is_file()
+
+
+# -- restoring --------------------------------------------------------------------------------------
+
+
+def test_restore_brings_back_the_same_bytes_and_pins_them_for_the_grace(
+    tmp_path: Path, logs: list[MutableMapping[str, Any]]
+) -> None:
+    before = steps(tmp_path / "run", range(100, 600, 100))
+    trash_everything_but_the_newest(tmp_path)
+    listing = list_trash(tmp_path)
+    assert listing is not None
+
+    results = restore(tmp_path, listing.entries, now=NOW + 100)
+
+    assert [result.restored for result in results] == [True] * 4
+    assert {name: digest(tmp_path / "run" / name) for name in before} == before
+    assert list_trash(tmp_path) is not None
+    assert list_trash(tmp_path).entries == []  # type: ignore[union-attr]
+    assert sorted(os.listdir(tmp_path / ".ckpt-trash" / FILES)) == []  # emptied mirror directories go
+    index = TrashIndex(tmp_path)
+    pinned = index.pinned_identities(NOW + 100 + DAY - 1)
+    index.close()
+    assert len(pinned) == 4
+    assert all(reason.startswith("restored from the trash: pinned until ") for reason in pinned.values())
+    [restored] = [
+        record for record in events(logs, "checkpoint_restored") if record["path"].endswith(step_name(0, 100))
+    ]
+    assert restored["pinned_until"] == "2027-01-16T08:01:40Z"
+
+
+def test_a_restored_checkpoint_is_kept_as_restored_until_its_pin_expires(tmp_path: Path) -> None:
+    steps(tmp_path, range(100, 400, 100))
+    trash_everything_but_the_newest(tmp_path)
+    listing = list_trash(tmp_path)
+    assert listing is not None
+    restore(tmp_path, listing.entries, now=NOW)
+    index = TrashIndex(tmp_path)
+    records = scan_tree(tmp_path, KEEP_ONE.compiled_naming, QUIET).records
+
+    during = plan(records, KEEP_ONE, pinned_identities=index.pinned_identities(NOW + DAY - 1))
+    after = plan(records, KEEP_ONE, pinned_identities=index.pinned_identities(NOW + DAY + 1))
+    index.close()
+
+    kept = {
+        decision.record.name: decision.reasons
+        for decision in during.decisions
+        if decision.action is Action.KEEP
+    }
+    assert set(kept) == {step_name(0, step) for step in (100, 200, 300)}
+    assert kept[step_name(0, 100)][-1] == "restored from the trash: pinned until 2027-01-16T08:00:00Z"
+    assert [decision.record.name for decision in after.deletions] == [step_name(0, 100), step_name(0, 200)]
+
+
+def test_restore_never_overwrites_and_says_so(tmp_path: Path, logs: list[MutableMapping[str, Any]]) -> None:
+    steps(tmp_path, range(100, 300, 100))
+    trash_everything_but_the_newest(tmp_path)
+    (tmp_path / step_name(0, 100)).write_bytes(b"a new file with the old name")
+    listing = list_trash(tmp_path)
+    assert listing is not None
+
+    [result] = restore(tmp_path, listing.entries, now=NOW)
+
+    assert not result.restored
+    assert result.problem == f"{step_name(0, 100)} exists again; it is never overwritten (move it away first)"
+    assert (tmp_path / step_name(0, 100)).read_bytes() == b"a new file with the old name"
+    assert list_trash(tmp_path).entries == listing.entries  # type: ignore[union-attr]  # still restorable
+    assert os.listdir(tmp_path / ".ckpt-trash" / RESTORED) == []  # no pin left for what was not restored
+    [refused] = events(logs, "restore_refused")
+    assert refused["error"] == result.problem
+
+
+def test_a_directory_that_is_gone_is_made_again_on_restore(tmp_path: Path) -> None:
+    run = tmp_path / "a" / "b"
+    steps(run, range(100, 300, 100))
+    trash_everything_but_the_newest(tmp_path)
+    (run / step_name(0, 200)).unlink()
+    run.rmdir()
+    (tmp_path / "a").rmdir()
+    listing = list_trash(tmp_path)
+    assert listing is not None
+
+    [result] = restore(tmp_path, listing.entries, now=NOW)
+
+    assert result.restored, result.problem
+    assert (run / step_name(0, 100)).is_file()
+
+
+SELECTIONS: list[tuple[list[str], float | None, bool, list[str]]] = [
+    ([step_name(0, 100)], None, False, ["run/" + step_name(0, 100)]),
+    (["run/*"], None, False, ["run/" + step_name(0, step) for step in (100, 200, 300)]),
+    (["*step=0002*"], None, False, ["run/" + step_name(0, 200)]),
+    ([], NOW + 150, False, ["run/" + step_name(0, step) for step in (200, 300)]),
+    ([], None, True, ["run/" + step_name(0, step) for step in (100, 200, 300)]),
+    (["run/*"], NOW + 250, False, ["run/" + step_name(0, 300)]),
+    (["nothing-like-it"], None, False, []),
+]
+
+
+@pytest.mark.parametrize(("patterns", "since", "everything", "expected"), SELECTIONS)
+def test_restore_selects_by_name_path_glob_and_time(
+    patterns: list[str], since: float | None, everything: bool, expected: list[str]
+) -> None:
+    entries = [
+        TrashEntry(
+            make_key(NOW + step, step), f"run/{step_name(0, step)}", NOW + step, DAY, (), 1, False, 1, step
+        )
+        for step in (100, 200, 300)
+    ]
+    chosen = select_entries(entries, patterns, since=since, everything=everything)
+    assert [entry.original for entry in chosen] == expected
+
+
+def test_an_entry_is_also_named_by_its_key() -> None:
+    entry = TrashEntry(make_key(NOW, 7), "run/x.ckpt", NOW, DAY, (), 1, False, 1, 7)
+    assert select_entries([entry], [entry.key], since=None, everything=False) == [entry]
+
+
+# -- purging ----------------------------------------------------------------------------------------
+
+
+def test_only_entries_whose_grace_is_over_are_purged(
+    tmp_path: Path, logs: list[MutableMapping[str, Any]]
+) -> None:
+    steps(tmp_path / "run", range(100, 300, 100))
+    trash_everything_but_the_newest(tmp_path, grace=60, clock=NOW)
+    steps(tmp_path / "run", range(300, 400, 100))
+    trash_everything_but_the_newest(tmp_path, grace=60, clock=NOW + 30)
+
+    early = purge_due(tmp_path, now=NOW + 59)
+    due = purge_due(tmp_path, now=NOW + 61)
+
+    assert early.purged == []
+    assert [entry.original for entry in due.purged] == [f"run/{step_name(0, 100)}"]
+    listing = list_trash(tmp_path)
+    assert listing is not None
+    assert [entry.original for entry in listing.entries] == [f"run/{step_name(0, 200)}"]
+    [purged] = events(logs, "checkpoint_purged")
+    assert purged["path"] == str(tmp_path / "run" / step_name(0, 100))
+    assert purged["why"] == "its grace is over"
+    assert os.listdir(tmp_path / ".ckpt-trash" / "purging") == []
+
+
+def test_a_purged_directory_checkpoint_is_removed_whole(tmp_path: Path) -> None:
+    directory_checkpoint(tmp_path / step_name(0, 100), files=20)
+    directory_checkpoint(tmp_path / step_name(0, 200))
+    trash_everything_but_the_newest(tmp_path, grace=1)
+
+    result = purge_due(tmp_path, now=NOW + 2)
+
+    assert [entry.is_directory for entry in result.purged] == [True]
+    assert result.bytes_purged > 20 * 700
+    assert [path for path in (tmp_path / ".ckpt-trash").rglob("*") if not path.is_dir()] == []
+
+
+def test_purge_leaves_restored_pins_until_they_expire(tmp_path: Path) -> None:
+    steps(tmp_path, range(100, 300, 100))
+    trash_everything_but_the_newest(tmp_path, grace=60)
+    listing = list_trash(tmp_path)
+    assert listing is not None
+    restore(tmp_path, listing.entries, now=NOW)
+
+    purge_due(tmp_path, now=NOW + 59)
+    kept = os.listdir(tmp_path / ".ckpt-trash" / RESTORED)
+    purge_due(tmp_path, now=NOW + 61)
+
+    assert len(kept) == 1
+    assert os.listdir(tmp_path / ".ckpt-trash" / RESTORED) == []
+
+
+def test_a_half_done_purge_is_finished_by_the_next(tmp_path: Path) -> None:
+    steps(tmp_path, range(100, 200, 100))
+    trash = open_trash(tmp_path, create=True)
+    assert trash is not None
+    with trash:
+        purging = trash.ensure("purging")
+    leftover = tmp_path / ".ckpt-trash" / "purging" / make_key(NOW, 1)
+    (leftover / "deep").mkdir(parents=True)
+    (leftover / "deep" / "part").write_bytes(b"x")
+    del purging
+
+    purge_due(tmp_path, now=NOW)
+
+    assert os.listdir(tmp_path / ".ckpt-trash" / "purging") == []
+
+
+# -- the budget's side of the contract --------------------------------------------------------------
+
+
+def test_one_reclaimable_per_entry_oldest_first_and_a_purge_of_the_chosen_keys(tmp_path: Path) -> None:
+    steps(tmp_path, range(100, 300, 100))
+    trash_everything_but_the_newest(tmp_path, clock=NOW)
+    steps(tmp_path, range(300, 400, 100))
+    trash_everything_but_the_newest(tmp_path, clock=NOW + 10)
+    device = (tmp_path / ".ckpt-trash").stat().st_dev
+
+    offered = reclaimable(tmp_path)
+
+    assert [type(item) for item in offered] == [Reclaimable, Reclaimable]
+    assert [(item.device, item.since) for item in offered] == [(device, NOW), (device, NOW + 10)]
+    assert [item.bytes for item in offered] == [entry.bytes for entry in list_trash(tmp_path).entries]  # type: ignore[union-attr]
+    result = purge_keys(tmp_path, [offered[0].key])
+    assert [entry.key for entry in result.purged] == [offered[0].key]
+    assert [item.key for item in reclaimable(tmp_path)] == [offered[1].key]
+
+
+def test_a_root_without_a_trash_offers_nothing_and_purges_nothing(tmp_path: Path) -> None:
+    assert reclaimable(tmp_path) == []
+    assert purge_due(tmp_path).purged == []
+    assert not (tmp_path / ".ckpt-trash").exists()  # looking never makes one
+
+
+# -- the index a reconciler keeps -------------------------------------------------------------------
+
+
+def test_the_index_reads_each_metadata_file_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    index = TrashIndex(tmp_path)
+    index.start()
+    assert index.bytes is None  # no trash yet
+    steps(tmp_path, range(100, 400, 100))
+    trash_everything_but_the_newest(tmp_path, grace=60)
+    reads: list[str] = []
+    read_metadata = trash_module.read_metadata
+
+    def counted(dir_fd: int, name: str) -> Any:
+        reads.append(name)
+        return read_metadata(dir_fd, name)
+
+    monkeypatch.setattr(trash_module, "read_metadata", counted)
+
+    index.refresh()
+    index.refresh()
+    index.close()
+
+    assert len(reads) == 2
+    listing = list_trash(tmp_path)
+    assert listing is not None
+    assert index.bytes == listing.bytes
+    assert index.next_purge_at() == NOW + 60
+    summary = index.summary()
+    assert summary is not None
+    assert (summary.entries, summary.oldest) == (2, listing.entries[0])
+
+
+# -- the lock ---------------------------------------------------------------------------------------
+
+
+def test_a_move_waits_for_the_lock_another_holder_has(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    steps(tmp_path, range(100, 300, 100))
+    trash = open_trash(tmp_path, create=True)
+    assert trash is not None
+    busy = threading.Event()
+
+    def flock(fd: int, operation: int) -> None:
+        try:
+            fcntl.flock(fd, operation)
+        except BlockingIOError:
+            busy.set()  # the mover found the lock held
+            raise
+
+    monkeypatch.setattr(
+        trash_module, "fcntl", SimpleNamespace(flock=flock, LOCK_EX=fcntl.LOCK_EX, LOCK_NB=fcntl.LOCK_NB)
+    )
+    outcomes: list[list[Outcome]] = []
+    mover = threading.Thread(target=lambda: outcomes.append(trash_everything_but_the_newest(tmp_path)))
+    monkeypatch.setattr(trash_module, "LOCK_TIMEOUT", 20.0)
+    with trash:
+        with locked(trash):
+            mover.start()
+            assert busy.wait(30)
+            assert (tmp_path / step_name(0, 100)).is_file()  # nothing moved while the lock is held
+            assert outcomes == []
+        mover.join(30)  # released, though this holder's trash stays open
+
+    assert outcomes == [[Outcome.TRASHED]]
+    assert not (tmp_path / step_name(0, 100)).exists()
+
+
+def test_a_lock_held_too_long_fails_the_move_and_keeps_the_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    steps(tmp_path, range(100, 300, 100))
+    monkeypatch.setattr(trash_module, "LOCK_TIMEOUT", 0.2)
+    trash = open_trash(tmp_path, create=True)
+    assert trash is not None
+    with trash, locked(trash):
+        outcomes = trash_everything_but_the_newest(tmp_path)
+
+    assert outcomes == [Outcome.FAILED]
+    assert (tmp_path / step_name(0, 100)).is_file()
+    assert os.listdir(tmp_path / ".ckpt-trash" / INFO) == []
+
+
+# -- what goes wrong during a move ------------------------------------------------------------------
+
+
+def test_a_file_swapped_between_the_check_and_the_move_is_moved_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    steps(tmp_path, range(100, 300, 100))
+    rename = rename_no_replace
+    swapped: list[str] = []
+
+    def swap_then_rename(
+        source: str, destination: str, *, source_dir_fd: int, destination_dir_fd: int
+    ) -> None:
+        if not swapped:  # the trainer replaces the file by rename, just before the move
+            replacement = tmp_path / "replacement"
+            replacement.write_bytes(b"a newer file")
+            os.replace(replacement, tmp_path / source)
+            swapped.append(source)
+        rename(source, destination, source_dir_fd=source_dir_fd, destination_dir_fd=destination_dir_fd)
+
+    monkeypatch.setattr(trash_moves, "rename_no_replace", swap_then_rename)
+
+    assert trash_everything_but_the_newest(tmp_path) == [Outcome.CHANGED]
+    assert (tmp_path / step_name(0, 100)).read_bytes() == b"a newer file"
+    assert list_trash(tmp_path).entries == []  # type: ignore[union-attr]
+
+
+def test_a_failed_rename_leaves_no_metadata_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    steps(tmp_path, range(100, 300, 100))
+
+    def refuse(source: str, destination: str, *, source_dir_fd: int, destination_dir_fd: int) -> None:
+        raise PermissionError(13, "Permission denied", source)
+
+    monkeypatch.setattr(trash_moves, "rename_no_replace", refuse)
+
+    assert trash_everything_but_the_newest(tmp_path) == [Outcome.FAILED]
+    assert (tmp_path / step_name(0, 100)).is_file()
+    assert os.listdir(tmp_path / ".ckpt-trash" / INFO) == []
+
+
+def test_purge_with_a_stop_set_ends_before_the_next_entry(tmp_path: Path) -> None:
+    steps(tmp_path, range(100, 400, 100))
+    trash_everything_but_the_newest(tmp_path, grace=1)
+    stop = threading.Event()
+    stop.set()
+
+    result = purge(tmp_path, lambda entry: True, why="test", stop=stop)
+
+    assert result.interrupted
+    assert result.purged == []
+
+
+def _status(mode: int, *, inode: int = 7, size: int = 1000, mtime_ns: int = 5) -> EntryStatus:
+    return EntryStatus(device=1, inode=inode, mode=mode, size=size, mtime_ns=mtime_ns)
+
+
+MATCHES: list[tuple[str, bool, EntryStatus, bool]] = [
+    ("the file", False, _status(stat.S_IFREG | 0o644), True),
+    ("the directory", True, _status(stat.S_IFDIR | 0o755, size=4096, mtime_ns=9), True),
+    ("a symlink on a reused inode", False, _status(stat.S_IFLNK | 0o777), False),
+    ("a file where a directory was", True, _status(stat.S_IFREG | 0o644), False),
+    ("a directory where a file was", False, _status(stat.S_IFDIR | 0o755), False),
+    ("a file of another size", False, _status(stat.S_IFREG | 0o644, size=999), False),
+    ("a file of another mtime", False, _status(stat.S_IFREG | 0o644, mtime_ns=6), False),
+    ("another inode", False, _status(stat.S_IFREG | 0o644, inode=8), False),
+    ("a FIFO", False, _status(stat.S_IFIFO | 0o644), False),
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "directory", "status", "expected"), MATCHES, ids=[case for case, *_ in MATCHES]
+)
+def test_only_the_very_entry_that_was_trashed_matches(
+    case: str, directory: bool, status: EntryStatus, expected: bool
+) -> None:
+    entry = TrashEntry("k", "run/x.ckpt", NOW, DAY, (), 1000, directory, 1, 7, None if directory else 5)
+    assert entry.matches(status) is expected, case
+
+
+def test_a_purge_that_keeps_failing_is_retried_later_not_at_once(tmp_path: Path) -> None:
+    """A daemon whose purge fails (here: a file where ``purging/`` should be) must not retry on every
+    turn of its loop: the next purge of what is still due waits PURGE_RETRY_SECONDS."""
+    steps(tmp_path, range(100, 300, 100))
+    trash_everything_but_the_newest(tmp_path, grace=1, clock=time.time() - 10)  # due since 9 s
+    purging = tmp_path / ".ckpt-trash" / "purging"
+    purging.rmdir()
+    purging.write_bytes(b"in the way")
+    trash = TrashPass(tmp_path)
+    trash.begin(purge=False, dry_run=True)  # a look, no purge
+    trash.end()
+    assert trash.is_due(time.time())  # the entry's grace is over: a purge is due
+
+    result = trash.begin(purge=True, dry_run=False)
+    trash.end()
+
+    assert result is not None
+    assert len(result.failed) == 1
+    assert not trash.is_due(time.time())
+    assert trash.is_due(time.time() + PURGE_RETRY_SECONDS + 1)
+    deadline = trash.deadline()
+    assert deadline is not None
+    assert deadline >= time.monotonic() + PURGE_RETRY_SECONDS - 5
+
+
+_NAME_CHARACTERS = st.characters(codec="utf-8", exclude_characters="/\0") | st.sampled_from(
+    [os.fsdecode(bytes([byte])) for byte in range(0x80, 0x100)]  # bytes that are not UTF-8
+)
+
+
+@given(name=st.text(_NAME_CHARACTERS, min_size=1, max_size=300), inode=st.integers(0, 2**64 - 1))
+def test_a_stored_name_is_one_valid_file_name_ending_with_its_key(name: str, inode: int) -> None:
+    key = make_key(NOW, inode)
+    stored = stored_name(name, key)
+    encoded = os.fsencode(stored)
+    assert len(encoded) <= 255
+    assert stored.endswith(f"@{key}")
+    assert b"/" not in encoded
+    assert b"\0" not in encoded
+    assert trash_module.KEY_PATTERN.fullmatch(key)
+
+
+@given(
+    st.lists(st.sampled_from(["run", "..", ".", "", ".ckpt-trash", "a b", "x.ckpt"]), min_size=1, max_size=6)
+)
+def test_a_relative_path_is_valid_only_if_it_stays_in_the_root_and_out_of_every_trash(
+    parts: list[str],
+) -> None:
+    text = "/".join(parts)
+    expected = all(part not in {"..", ".", "", ".ckpt-trash"} for part in parts)
+    assert valid_relative_path(text) is expected
+    assert valid_relative_path("/" + text) is False
+
+
+def test_the_pass_offers_its_entries_to_a_budget_and_purges_the_chosen_ones(tmp_path: Path) -> None:
+    steps(tmp_path, range(100, 400, 100))
+    trash_everything_but_the_newest(tmp_path, clock=NOW)
+    trash = TrashPass(tmp_path)
+    trash.begin(purge=False, dry_run=True)
+
+    offered = trash.reclaimable()
+    on_disk = reclaimable(tmp_path)
+    result = trash.reclaim([offered[0].key])
+    left = trash.reclaimable()
+    trash.end()
+
+    assert offered == on_disk  # what the pass remembers is what the trash holds
+    assert [item.since for item in offered] == [NOW, NOW]
+    assert [entry.key for entry in result.purged] == [offered[0].key]
+    assert left == [offered[1]]
+    assert reclaimable(tmp_path) == left
+
+
+def test_where_a_directory_cannot_be_locked_a_lock_file_in_the_trash_is(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """NFS emulates flock with POSIX locks, which refuse a directory (EBADF): the lock file is used."""
+    steps(tmp_path, range(100, 300, 100))
+    locked_kinds: list[str] = []
+
+    def flock(fd: int, operation: int) -> None:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(errno.EBADF, "Bad file descriptor")
+        locked_kinds.append("file")
+        fcntl.flock(fd, operation)
+
+    monkeypatch.setattr(
+        trash_module, "fcntl", SimpleNamespace(flock=flock, LOCK_EX=fcntl.LOCK_EX, LOCK_NB=fcntl.LOCK_NB)
+    )
+
+    assert trash_everything_but_the_newest(tmp_path) == [Outcome.TRASHED]
+    assert locked_kinds == ["file"]
+    assert (tmp_path / ".ckpt-trash" / "lock").is_file()
