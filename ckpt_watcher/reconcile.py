@@ -344,10 +344,10 @@ class Reconciler:
     # -- what events mean -------------------------------------------------------------------------
 
     def groups_touched(self, files: Iterable[str], trees: Iterable[str]) -> set[Path]:
-        """The groups to plan again for these changed files and directories (``GroupIndex.touched``);
-        what could not be read is logged with the next pass."""
+        """The groups to plan again for these changed files and directories (``GroupIndex.touched``,
+        which a stop ends between two events); what could not be read is logged with the next pass."""
         problems: list[ScanProblem] = []
-        groups = self.index.touched(files, trees, problems)
+        groups = self.index.touched(files, trees, problems, stop=self._stop)
         self._note_problems(problems)
         return groups
 
