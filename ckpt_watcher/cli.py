@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
 import re
 import sys
 from collections.abc import Iterator, Sequence
@@ -21,6 +20,7 @@ from typing import Any, TypeAlias
 import structlog
 
 from ckpt_watcher import __version__
+from ckpt_watcher.filesystem import real_path
 from ckpt_watcher.lock import LockHeldError
 from ckpt_watcher.logs import LEVELS, configure_logging
 from ckpt_watcher.notify import Notifier
@@ -272,7 +272,7 @@ def resolve_root(path: Path) -> Path:
         raise UsageError(f"{path}: no such directory")
     if not path.is_dir():
         raise UsageError(f"{path}: not a directory")
-    return Path(os.path.realpath(path))
+    return real_path(path)
 
 
 @contextmanager

@@ -14,6 +14,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from ckpt_watcher.filesystem import real_path
 from ckpt_watcher.lock import LOCK_FILE_NAME
 from ckpt_watcher.naming import Kind, Naming
 from ckpt_watcher.records import DELETING_PREFIX
@@ -50,7 +51,7 @@ def list_links(directory: Path, root: Path, naming: Naming) -> list[Link]:
             name=name,
             relative_path=name if prefix == "." else os.path.join(prefix, name),
             is_last=naming.classify(name).kind is Kind.LAST,
-            target=Path(os.path.realpath(directory / name)),
+            target=real_path(directory / name),
         )
         for name in names
     ]

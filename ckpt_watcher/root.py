@@ -25,6 +25,7 @@ from ckpt_watcher.events import (
     inotify_has_room,
     stop_observer,
 )
+from ckpt_watcher.filesystem import real_path
 from ckpt_watcher.lock import DirectoryLock
 from ckpt_watcher.logs import describe_os_error
 
@@ -63,7 +64,7 @@ class ArmedRoot:
         poll_interval: float | None,
     ) -> None:
         self.given = given
-        self.path = Path(os.path.realpath(given))
+        self.path = real_path(given)
         self.identity = _identity(given)
         self.observer_kind = ""
         self._inbox = inbox
@@ -94,7 +95,7 @@ class ArmedRoot:
         """Lock and watch ``given`` if it is a directory now; None if it is not (yet)."""
         if not os.path.isdir(given) or _identity(given) is None:
             return None
-        path = Path(os.path.realpath(given))
+        path = real_path(given)
         if lock is None or lock.directory != path or not lock.held:
             lock = take_lock(path)
         armed = cls(given, inbox, lock, observer_factory, poll_interval)

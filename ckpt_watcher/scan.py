@@ -20,6 +20,7 @@ from pathlib import Path
 
 import structlog
 
+from ckpt_watcher.filesystem import real_path
 from ckpt_watcher.integrity import (
     DIRECTORY_QUIET_SECONDS,
     Completeness,
@@ -286,7 +287,7 @@ class _Group:
         completeness: Completeness
         size = status.st_size if entry_type is EntryType.FILE else 0
         if entry_type is EntryType.SYMLINK:
-            link_target = Path(os.path.realpath(path))  # resolves names only: opens nothing
+            link_target = real_path(path)  # resolves names only: opens nothing
             completeness = Completeness(False, "symlink")
         elif entry_type is EntryType.FILE and parsed.kind is not Kind.UNKNOWN:
             completeness = self._file_completeness(name, path, identity, parsed.kind)
