@@ -12,6 +12,7 @@ import pytest
 
 from ckpt_watcher.filesystem import (
     NotRegularFileError,
+    PathResolver,
     _unescape_octal,
     open_regular,
     real_path,
@@ -140,25 +141,39 @@ def links(tmp_path: Path) -> Path:
     return tmp_path
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        "real/file",
-        "relative",
-        "relative/file",
-        "absolute",
-        "dangling",
-        "dangling/below",
-        "loop-a",
-        "chain-2/file",
-        "relative/../absolute",
-        "missing/../relative/./inner/",
-        ".",
-    ],
-)
+REAL_PATH_CASES = [
+    "real/file",
+    "relative",
+    "relative/file",
+    "absolute",
+    "dangling",
+    "dangling/below",
+    "loop-a",
+    "loop-a/below",
+    "chain-2/file",
+    "relative/../absolute",
+    "missing/../relative/./inner/",
+    ".",
+]
+
+
+@pytest.mark.parametrize("name", REAL_PATH_CASES)
 def test_real_path_resolves_as_os_path_realpath(links: Path, name: str) -> None:
     assert real_path(links / name) == Path(os.path.realpath(links / name))
     assert real_path(str(links / name)) == Path(os.path.realpath(links / name))
+
+
+def test_one_resolver_for_many_paths_resolves_each_as_os_path_realpath(links: Path) -> None:
+    """Except that a link inside a loop may resolve to the other link of the loop (neither exists)."""
+    resolver = PathResolver()
+    names = [*REAL_PATH_CASES, *reversed(REAL_PATH_CASES), "loop-b", "chain-1", "chain-2"]
+    for name in names:
+        resolved = resolver.resolve(links / name)
+        if name.startswith("loop-"):
+            below = name.removeprefix("loop-a").removeprefix("loop-b")
+            assert resolved in {links / f"loop-a{below}", links / f"loop-b{below}"}, name
+        else:
+            assert resolved == Path(os.path.realpath(links / name)), name
 
 
 def test_real_path_of_a_relative_name_starts_at_the_working_directory(
@@ -188,3 +203,26 @@ def test_nothing_in_the_package_resolves_paths_with_os_path_realpath() -> None:
         if isinstance(node, ast.Attribute) and node.attr == "realpath"
     ]
     assert users == []
+
+
+def test_one_resolver_resolves_each_link_of_a_chain_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every link of a chain listed and resolved (a directory's links are): N link reads, not N²."""
+    (tmp_path / "target.ckpt").write_text("x")
+    for index in range(300):
+        os.symlink(f"link-{index + 1}" if index < 299 else "target.ckpt", tmp_path / f"link-{index}")
+    reads: list[str] = []
+    real_readlink = os.readlink
+
+    def counting_readlink(path: str) -> str:
+        reads.append(path)
+        return real_readlink(path)
+
+    monkeypatch.setattr(os, "readlink", counting_readlink)
+    resolver = PathResolver()
+
+    targets = {resolver.resolve(tmp_path / f"link-{index}") for index in range(300)}
+
+    assert targets == {tmp_path / "target.ckpt"}
+    assert len(reads) == 300
