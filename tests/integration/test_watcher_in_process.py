@@ -199,3 +199,75 @@ def test_a_burst_of_new_directories_costs_linear_work(tmp_path: Path, captured: 
     large = _work_for_a_burst_of_new_directories(tmp_path / "large", captured, 1200)
 
     assert large / small < 7, f"{small} calls for 300 new directories, {large} for 1200"
+
+
+def test_without_any_observer_the_daemon_arms_and_serves_by_rescans(
+    tmp_path: Path, captured: LogCapture
+) -> None:
+    """Neither inotify nor polling can be set up (here: a RecursionError from a walk, as watchdog's
+    raised on a deep tree): the daemon arms anyway, rescans everything every 5 s, and watches again as
+    soon as an observer can be set up."""
+    observers_work = threading.Event()
+
+    def factory(poll_interval: float | None) -> ObserverLike:
+        if not observers_work.is_set():
+            raise RecursionError("maximum recursion depth exceeded")
+        return default_observer_factory(poll_interval)
+
+    watcher = Watcher(
+        WatchOptions(root=tmp_path, settle_seconds=0), load_policy(None), observer_factory=factory
+    )
+    with RunningWatcher(watcher):
+        wait_until(lambda: bool(_events(captured, "watch_started")), what="watch_started")
+        warning = _events(captured, "watch_incomplete")[0]
+        assert (warning["observer"], warning["subtree"]) == ("none", str(tmp_path))
+        assert "RecursionError" in warning["error"]
+        assert _events(captured, "watch_started")[0]["observer"] == "none: rescanning every 5 s"
+        for step in range(100, 800, 100):
+            write_checkpoint(tmp_path / step_name(0, step))
+        wait_until(lambda: _pruned_to_five(tmp_path), what="pruning by a rescan")
+
+        observers_work.set()
+        wait_until(lambda: bool(_events(captured, "watch_restored")), timeout=45, what="watch_restored")
+        assert _events(captured, "watch_restored")[0]["observer"] == "inotify"
+        assert len(_events(captured, "watch_incomplete")) == 1  # said once, not at every try
+        assert not _events(captured, "worker_error")
+
+
+@pytest.mark.parametrize("poll_interval", [None, 0.1], ids=["inotify", "polling"])
+def test_a_failure_inside_an_observer_thread_is_logged_and_rescans_and_watching_goes_on(
+    tmp_path: Path, captured: LogCapture, monkeypatch: pytest.MonkeyPatch, poll_interval: float | None
+) -> None:
+    """An exception in the thread that reads inotify events (or polls) ended that thread: no event
+    ever again, silently. It is logged, a full rescan is asked for, and the thread goes on."""
+    from watchdog.observers.polling import PollingEmitter
+
+    from ckpt_watcher.inotify_observer import DeepSafeWatchGroup
+
+    failures = [RuntimeError("a walk failed")]
+
+    def fail_once(original: Any) -> Any:
+        def failing(self: Any, *arguments: Any) -> Any:
+            if failures:
+                raise failures.pop()
+            return original(self, *arguments)
+
+        return failing
+
+    if poll_interval is None:  # watchdog's handling of one inotify event raises
+        monkeypatch.setattr(DeepSafeWatchGroup, "on_event", fail_once(DeepSafeWatchGroup.on_event))
+    else:  # watchdog's poll raises
+        monkeypatch.setattr(PollingEmitter, "queue_events", fail_once(PollingEmitter.queue_events))
+    watcher = _watcher(tmp_path, poll_interval=poll_interval)
+    with RunningWatcher(watcher):
+        wait_until(lambda: bool(_events(captured, "watch_started")), what="watch_started")
+        (tmp_path / "first-event.txt").write_text("its event is the one that fails")
+        wait_until(lambda: bool(_events(captured, "event_handler_failed")), what="event_handler_failed")
+        wait_until(
+            lambda: any(entry["trigger"] == "full" for entry in _events(captured, "pass_completed")),
+            what="a full rescan after the failure",
+        )
+        for step in range(100, 800, 100):
+            write_checkpoint(tmp_path / step_name(0, step))
+        wait_until(lambda: _pruned_to_five(tmp_path), what="pruning by events after the failure")
+        assert not _events(captured, "worker_error")

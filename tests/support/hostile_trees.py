@@ -295,7 +295,7 @@ def _zip(payload: bytes) -> bytes:
     return buffer.getvalue()
 
 
-def _directory_checkpoint(path: Path, files: int = 2) -> Path:
+def directory_checkpoint(path: Path, files: int = 2) -> Path:
     (path / "checkpoint").mkdir(parents=True)
     for index in range(files):
         (path / "checkpoint" / f"shard_{index}.pt").write_bytes(_zip(b"shard %d" % index))
@@ -309,11 +309,11 @@ def build_hostile_tree(
     """Everything an attacker or an unlucky operator can leave in a checkpoint tree, in a random mix.
 
     Symlinks in every position (a group, a checkpoint name, last.ckpt to ``/``, to a FIFO, dangling,
-    looping, inside a directory checkpoint), FIFOs, sockets, devices, sparse and pre-sized files,
-    download markers, non-UTF-8 and newline names, deep nesting, a huge directory, and (``with_mounts``,
-    for a private mount namespace) a bind mount inside a directory checkpoint. ``outside`` gets a
-    sentinel tree the links and mounts point into. ``deepest`` is the depth of the deepest directory
-    checkpoint.
+    looping, at the head of a chain longer than the recursion limit, inside a directory checkpoint),
+    FIFOs, sockets, devices, sparse and pre-sized files, download markers, non-UTF-8 and newline names,
+    deep nesting, a huge directory, and (``with_mounts``, for a private mount namespace) a bind mount
+    inside a directory checkpoint. ``outside`` gets a sentinel tree the links and mounts point into.
+    ``deepest`` is the depth of the deepest directory checkpoint.
     """
     chooser = random.Random(seed)  # noqa: S311  (a reproducible test tree, not a secret)
     make_sentinel(outside)
@@ -342,19 +342,19 @@ def build_hostile_tree(
         group.mkdir()
         builder(group, outside, chooser, deepest)
     if with_mounts:
-        holder = _directory_checkpoint(root / "mounted" / _step(0, 100))
+        holder = directory_checkpoint(root / "mounted" / _step(0, 100))
         (holder / "dataset").mkdir()
         for step in range(200, 900, 100):
-            _directory_checkpoint(root / "mounted" / _step(0, step))
+            directory_checkpoint(root / "mounted" / _step(0, step))
         tree.mounts.append(
             f"mount --bind {shlex.quote(str(outside / 'dataset'))} {shlex.quote(str(holder / 'dataset'))}"
         )
         tree.mount_holders.append(holder)
-    _backdate_tree(root)
+    backdate_tree(root)
     return tree
 
 
-def _backdate_tree(top: Path) -> None:
+def backdate_tree(top: Path) -> None:
     """Directory checkpoints count only after 30 quiet seconds: make everything an hour old (``find
     -execdir`` works at any depth, never follows a link and opens nothing)."""
     subprocess.run(
@@ -378,6 +378,10 @@ def _symlinks_everywhere(group: Path, outside: Path, chooser: random.Random, dee
     os.symlink(_step(0, 200), group / _step(0, 201))
     os.symlink(outside / "nested", group / _step(0, 300))  # a checkpoint name for an outside directory
     os.symlink("/dev/zero", group / _step(0, chooser.choice([400, 500])))
+    chain = chooser.randint(1100, 1500)  # a chain of links longer than the recursion limit
+    for index in range(chain):
+        os.symlink(f"chain-{index + 1}" if index < chain - 1 else _step(1, 100), group / f"chain-{index}")
+    os.symlink("chain-0", group / "last-v3.ckpt")
 
 
 def _special_files(group: Path, outside: Path, chooser: random.Random, deepest: int) -> None:
@@ -430,10 +434,10 @@ def _deep_nesting(group: Path, outside: Path, chooser: random.Random, deepest: i
     current.mkdir(parents=True)
     for step in range(100, 800, 100):
         (current / _step(5, step)).write_bytes(_zip(b"deep"))
-    checkpoint = _directory_checkpoint(group / _step(5, 100))
+    checkpoint = directory_checkpoint(group / _step(5, 100))
     make_deep_directory(checkpoint / "checkpoint" / "nested", depth=deepest)
     for step in range(200, 800, 100):
-        _directory_checkpoint(group / _step(5, step))
+        directory_checkpoint(group / _step(5, step))
 
 
 def _huge_directory(group: Path, outside: Path, chooser: random.Random, deepest: int) -> None:
@@ -452,10 +456,10 @@ def _directory_checkpoints_with_traps(
 ) -> None:
     del deepest
     for step in range(100, 800, 100):
-        checkpoint = _directory_checkpoint(group / _step(7, step))
+        checkpoint = directory_checkpoint(group / _step(7, step))
         os.symlink(outside / "precious.ckpt", checkpoint / "checkpoint" / "link-to-file.pt")
         os.symlink(outside / "nested", checkpoint / "checkpoint" / "link-to-directory")
         make_fifo(checkpoint / "checkpoint" / "pipe")
         os.link(outside / "nested" / "data.bin", checkpoint / "checkpoint" / "hard-link.bin")
-    unfinished = _directory_checkpoint(group / _step(7, 900), files=chooser.randint(1, 3))
+    unfinished = directory_checkpoint(group / _step(7, 900), files=chooser.randint(1, 3))
     (unfinished / "latest").unlink()
