@@ -12,7 +12,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-import structlog
 from structlog.testing import LogCapture
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 
@@ -34,15 +33,6 @@ from tests.support.hostile_trees import (
 pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
 
 DEEPER_THAN_THE_RECURSION_LIMIT = 1200
-
-
-@pytest.fixture
-def captured() -> Iterator[LogCapture]:
-    """Every structlog event of the test, from any thread."""
-    capture = LogCapture()
-    structlog.configure(processors=[capture], cache_logger_on_first_use=False)
-    yield capture
-    structlog.reset_defaults()
 
 
 @pytest.fixture
