@@ -14,21 +14,16 @@ import pytest
 from ckpt_watcher.plan import plan
 from ckpt_watcher.policy import DEFAULT_POLICY
 from ckpt_watcher.scan import scan_tree
+from tests.support.cli import assert_clean_exit, cli_command, prune_entries, run_cli
 from tests.support.daemon import running_daemon, wait_until
 from tests.support.factories import step_name, write_checkpoint
 from tests.support.hostile_trees import (
-    PYTHON,
     HostileTree,
-    assert_clean_exit,
     build_hostile_tree,
-    limited,
     make_deep_directory,
+    mount_namespace,
     mount_namespace_reason,
-    namespace_command,
-    prune_command,
-    prune_entries,
     remove_deep,
-    run_prune,
     tree_digest,
 )
 
@@ -75,17 +70,13 @@ def check_invariants(
     return gone
 
 
-def run(tree: HostileTree, command: list[str], memory: int) -> None:
-    import subprocess
+def in_namespace(tree: HostileTree) -> list[str]:
+    """The prefix that makes the tree's mounts for the command it runs (none without mounts)."""
+    return mount_namespace(tree.mounts) if tree.mounts else []
 
-    completed = subprocess.run(
-        namespace_command(tree.mounts, limited(command, memory)) if tree.mounts else limited(command, memory),
-        capture_output=True,
-        text=True,
-        timeout=240,
-        check=False,
-    )
-    assert_clean_exit(completed)
+
+def run(tree: HostileTree, *arguments: str, memory: int) -> None:
+    assert_clean_exit(run_cli(*arguments, memory=memory, prefix=in_namespace(tree)))
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -98,21 +89,14 @@ def test_prune_and_dry_run_on_a_hostile_tree(
     allowed = allowed_deletions(tree)
     assert tree_digest(tree.root) == before  # planning read nothing it changed (atime aside)
 
-    run(tree, prune_command(str(tree.root), "--dry-run"), PRUNE_MEMORY)
+    run(tree, "prune", str(tree.root), "--dry-run", memory=PRUNE_MEMORY)
     assert check_invariants(tree, before, outside_before, set()) == set()
-    run(tree, prune_command(str(tree.root), "--json"), PRUNE_MEMORY)
+    run(tree, "prune", str(tree.root), "--json", memory=PRUNE_MEMORY)
     gone = check_invariants(tree, before, outside_before, allowed)
 
     assert tree.plain_group is not None
     assert not (tree.plain_group / "epoch=00-step=000100-train.ckpt").exists()  # it did prune
     assert gone
-
-
-def daemon_command(tree: HostileTree) -> list[str]:
-    command = limited(
-        [PYTHON, "-m", "ckpt_watcher", "watch", str(tree.root), "--rescan", "3600"], DAEMON_MEMORY
-    )
-    return namespace_command(tree.mounts, command) if tree.mounts else command
 
 
 @pytest.mark.parametrize("seed", SEEDS[:1])
@@ -124,13 +108,12 @@ def test_a_daemon_pass_on_a_hostile_tree(tmp_path: Path, request: pytest.Fixture
     outside_before = tree_digest(tree.outside)
     before = tree_digest(tree.root)
     allowed = allowed_deletions(tree) | {"/.ckpt-watcher.lock"}
-    command = limited(
-        [PYTHON, "-m", "ckpt_watcher", "watch", str(tree.root), "--rescan", "3600"], DAEMON_MEMORY
-    )
-    if tree.mounts:
-        command = namespace_command(tree.mounts, command)
+    command = [
+        *in_namespace(tree),
+        *cli_command("watch", str(tree.root), "--rescan", "3600", memory=DAEMON_MEMORY),
+    ]
 
-    with running_daemon(command[1:], tmp_path / "daemon.log", command=command[:1]) as daemon:
+    with running_daemon([], tmp_path / "daemon.log", command=command) as daemon:
         daemon.wait_ready(timeout=180)
         code = daemon.stop(signal.SIGTERM, timeout=60)
         log = daemon.log_path.read_text(errors="replace")
@@ -191,7 +174,7 @@ def test_a_last_link_at_the_head_of_a_chain_longer_than_the_recursion_limit(
         os.symlink(f"link-{index + 1}" if index < 1499 else step_name(0, 100), run / f"link-{index}")
     os.symlink("link-0", run / "last.ckpt")
 
-    dry_run = run_prune(str(run.parent), "--dry-run", "--json", "--settle", "0")
+    dry_run = run_cli("prune", str(run.parent), "--dry-run", "--json", "--settle", "0")
     assert_clean_exit(dry_run, allowed=(0,))
     entries = prune_entries(dry_run)
     assert entries[step_name(0, 100)]["action"] == "keep"

@@ -23,12 +23,8 @@ from ckpt_watcher.protection import ProtectionRegistry
 from ckpt_watcher.reconcile import Reconciler, Trigger
 from ckpt_watcher.root import ArmedRoot
 from tests.support.daemon import wait_until
-from tests.support.hostile_trees import (
-    backdate_tree,
-    directory_checkpoint,
-    make_deep_directory,
-    remove_deep,
-)
+from tests.support.factories import backdate_tree, directory_checkpoint
+from tests.support.hostile_trees import make_deep_directory, remove_deep
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
 

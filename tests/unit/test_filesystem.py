@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import json
 import os
+import sys
 import textwrap
 from pathlib import Path
 
@@ -18,12 +19,12 @@ from ckpt_watcher.filesystem import (
     real_path,
     summarize_tree,
 )
+from tests.support.cli import run_command
 from tests.support.hostile_trees import (
-    PYTHON,
     bind,
-    in_mount_namespace,
     make_fifo,
     make_sentinel,
+    mount_namespace,
     mount_namespace_reason,
 )
 
@@ -93,9 +94,11 @@ def test_a_bind_mount_of_the_same_file_system_is_found(tmp_path: Path, with_stat
         print(json.dumps({"mounts": summary.mount_points, "bytes": summary.bytes}))
         """
     )
-    completed = in_mount_namespace(
-        [bind(outside, checkpoint / "dataset")],
-        [PYTHON, "-c", snippet, str(checkpoint), "statx" if with_statx else "no-statx"],
+    completed = run_command(
+        [
+            *mount_namespace([bind(outside, checkpoint / "dataset")]),
+            *[sys.executable, "-c", snippet, str(checkpoint), "statx" if with_statx else "no-statx"],
+        ],
         cwd=Path.cwd(),
     )
 
@@ -118,8 +121,9 @@ def test_a_directory_that_is_itself_a_mount_point_is_found(tmp_path: Path) -> No
         print(json.dumps(filesystem.summarize_tree("checkpoint", dir_fd=parent).mount_points))
         """
     )
-    completed = in_mount_namespace(
-        [bind(outside, group / "checkpoint")], [PYTHON, "-c", snippet, str(group)], cwd=Path.cwd()
+    completed = run_command(
+        [*mount_namespace([bind(outside, group / "checkpoint")]), sys.executable, "-c", snippet, str(group)],
+        cwd=Path.cwd(),
     )
 
     assert completed.returncode == 0, completed.stderr
