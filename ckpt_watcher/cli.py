@@ -25,6 +25,7 @@ import structlog
 
 from ckpt_watcher import __version__, health, terminal
 from ckpt_watcher.durations import DurationError, parse_duration
+from ckpt_watcher.filesystem import real_path
 from ckpt_watcher.lock import LockHeldError
 from ckpt_watcher.logs import LEVELS, configure_logging
 from ckpt_watcher.metrics import (
@@ -413,7 +414,7 @@ def resolve_root(path: Path) -> Path:
         raise UsageError(f"{path}: no such directory")
     if not path.is_dir():
         raise UsageError(f"{path}: not a directory")
-    return Path(os.path.realpath(path))
+    return real_path(path)
 
 
 @contextmanager

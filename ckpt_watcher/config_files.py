@@ -26,6 +26,8 @@ from yaml.composer import ComposerError
 from yaml.constructor import ConstructorError
 from yaml.reader import ReaderError
 
+from ckpt_watcher.filesystem import real_path
+
 # A training config is a few KiB; a megabyte is already far more than any real one.
 MAXIMUM_CONFIG_BYTES = 1024 * 1024
 # Values after expanding every alias as often as it is used. Each one costs PyYAML about 0.7 KiB
@@ -122,13 +124,13 @@ def _opened_path(descriptor: int, path: Path) -> Path:
     try:
         return Path(os.readlink(f"/proc/self/fd/{descriptor}"))
     except OSError:
-        return Path(os.path.realpath(path))
+        return real_path(path)
 
 
-def _require_inside(real_path: Path, directories: Sequence[Path]) -> None:
+def _require_inside(resolved: Path, directories: Sequence[Path]) -> None:
     for directory in directories:
-        real_directory = Path(os.path.realpath(directory))
-        if real_path == real_directory or real_directory in real_path.parents:
+        real_directory = real_path(directory)
+        if resolved == real_directory or real_directory in resolved.parents:
             return
     raise ConfigFileError(
         "the file is outside the directories it may be read from "

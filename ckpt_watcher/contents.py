@@ -35,6 +35,7 @@ from typing import Any
 
 import structlog
 
+from ckpt_watcher.filesystem import real_path
 from ckpt_watcher.integrity import check_directory, check_zip_file
 from ckpt_watcher.naming import CHECKPOINT_EXTENSION, DEFAULT_NAMING, Kind, Naming
 
@@ -220,9 +221,7 @@ def inspect_checkpoint(
 
 
 def _describe_directory(path: Path, contents: CheckpointContents) -> None:
-    directory = check_directory(
-        str(path), Path(os.path.realpath(path)).name, quiet_seconds=0.0, now=time.time()
-    )
+    directory = check_directory(str(path), real_path(path).name, quiet_seconds=0.0, now=time.time())
     contents.bytes = directory.bytes
     contents.layout = directory.layout
     contents.complete = directory.completeness.complete
@@ -780,7 +779,7 @@ def _is_non_empty_container(value: Any) -> bool:
 
 def _check_name(path: Path, contents: CheckpointContents, naming: Naming) -> None:
     """A name that says one step while the contents say another is worth a warning."""
-    resolved = Path(os.path.realpath(path))
+    resolved = real_path(path)
     parsed = naming.classify(resolved.name)
     if parsed.kind is Kind.UNKNOWN or parsed.step is None or contents.global_step is None:
         return

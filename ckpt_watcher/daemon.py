@@ -25,6 +25,7 @@ import structlog
 
 from ckpt_watcher import terminal
 from ckpt_watcher.events import Batch, Inbox, ObserverFactory, default_observer_factory
+from ckpt_watcher.filesystem import real_path
 from ckpt_watcher.lock import DirectoryLock, LockHeldError, LockUnusableError
 from ckpt_watcher.metrics import DaemonFigures
 from ckpt_watcher.notify import Liveness, Notifier
@@ -123,7 +124,7 @@ class Watcher:
     def lock_now(self) -> None:
         """Take the directory lock up front if the root exists; raise LockHeldError if it is held."""
         if self.options.root.is_dir():
-            self._early_lock = take_lock(Path(os.path.realpath(self.options.root)))
+            self._early_lock = take_lock(real_path(self.options.root))
 
     def run(self) -> int:
         """The worker thread's body; returns the process exit code."""

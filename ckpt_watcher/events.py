@@ -1,13 +1,13 @@
 """Watchdog in, paths out: the event handler, the inbox the worker takes batches from, the observers.
 
 Handlers run on watchdog's threads and only put paths into the ``Inbox``; the one worker takes them
-in batches. Nothing here knows about groups, policies or plans.
+in batches. Nothing here knows about groups, policies or plans. The observers themselves (watchdog's,
+made safe for trees of any depth) are in ``observers`` and ``inotify_observer``.
 """
 
 from __future__ import annotations
 
 import ctypes
-import errno
 import logging
 import os
 import sys
@@ -19,20 +19,9 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import structlog
-from watchdog.events import (
-    DirCreatedEvent,
-    DirDeletedEvent,
-    DirMovedEvent,
-    FileClosedEvent,
-    FileCreatedEvent,
-    FileDeletedEvent,
-    FileMovedEvent,
-    FileSystemEvent,
-    FileSystemEventHandler,
-)
-from watchdog.observers import Observer
-from watchdog.observers.polling import PollingObserver
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
 
+from ckpt_watcher.observers import make_observer
 from ckpt_watcher.overrides import OVERRIDE_FILE_NAME
 
 logger = structlog.get_logger("ckpt_watcher.events")
@@ -219,16 +208,20 @@ class ReportsUnwatched(Protocol):
     def report_unwatched_to(self, callback: Callable[[str], None] | None) -> None: ...
 
 
+@runtime_checkable
+class ReportsLostEvents(Protocol):
+    """An observer that says when a failure inside it may have lost events (a full rescan is due)."""
+
+    def report_lost_events_to(self, callback: Callable[[], None] | None) -> None: ...
+
+
 ObserverFactory = Callable[[float | None], ObserverLike]
 
 
 def default_observer_factory(poll_interval: float | None) -> ObserverLike:
-    """inotify (lean: see ``_lean_inotify_observer``) or, with an interval, the polling observer."""
-    if poll_interval is not None:
-        return PollingObserver(timeout=poll_interval)
-    if sys.platform.startswith("linux"):
-        return _lean_inotify_observer()
-    observer: ObserverLike = Observer()
+    """inotify, or with an interval the polling observer; both safe on a tree of any depth (see
+    ``observers`` and ``inotify_observer``)."""
+    observer: ObserverLike = make_observer(poll_interval)
     return observer
 
 
@@ -240,62 +233,6 @@ def stop_observer(observer: ObserverLike) -> None:
             observer.join(timeout=1.0)
     except Exception:
         logger.exception("observer_stop_failed")
-
-
-# What the router uses from inotify. Leaving out opens, closes without writes, modifications and
-# attribute changes means the kernel does not even queue them: the start-up reconcile opens every
-# checkpoint, and a multi-GB write is thousands of IN_MODIFY, none of which would be acted on.
-_INOTIFY_EVENTS: list[type[FileSystemEvent]] = [
-    FileCreatedEvent,
-    FileDeletedEvent,
-    FileMovedEvent,
-    FileClosedEvent,
-    DirCreatedEvent,
-    DirDeletedEvent,
-    DirMovedEvent,
-]
-
-
-def _lean_inotify_observer() -> ObserverLike:
-    """inotify with full move events, only the events the router needs, and failed watches reported.
-
-    ``generate_full_events`` reports a file renamed in from outside the tree (Lightning's atomic save:
-    a temp file in $TMPDIR moved into place) as a move with no source, instead of as a creation, so it
-    counts at once rather than after the settle time. watchdog silently skips a subdirectory it cannot
-    watch (``fs.inotify.max_user_watches`` reached); its inotify instance is replaced by one that
-    reports each such directory, so the daemon can poll it instead.
-    """
-    from watchdog.observers.api import DEFAULT_OBSERVER_TIMEOUT, BaseObserver  # noqa: PLC0415  (Linux)
-    from watchdog.observers.inotify import InotifyFullEmitter, InotifyObserver  # noqa: PLC0415
-    from watchdog.observers.inotify_c import InotifyFD  # noqa: PLC0415
-
-    class ReportingInotifyFD(InotifyFD):
-        unwatched: Callable[[str], None] | None = None
-
-        def add_callback(self, path: bytes, *arguments: Any) -> Any:
-            try:
-                return super().add_callback(path, *arguments)
-            except OSError as error:
-                if error.errno == errno.ENOSPC and self.unwatched is not None:
-                    self.unwatched(os.fsdecode(path))
-                raise
-
-    class LeanInotifyObserver(InotifyObserver):
-        def __init__(self) -> None:  # InotifyObserver.__init__, with the reporting instance
-            self._inotify_fd = self._reporting = ReportingInotifyFD()
-            self._inotify_fd.start()
-            BaseObserver.__init__(
-                self, InotifyFullEmitter, timeout=DEFAULT_OBSERVER_TIMEOUT, inotify_fd=self._inotify_fd
-            )
-
-        def report_unwatched_to(self, callback: Callable[[str], None] | None) -> None:
-            self._reporting.unwatched = callback
-
-        def schedule(self, event_handler: Any, path: Any, *, recursive: bool = False, **options: Any) -> Any:
-            options.setdefault("event_filter", _INOTIFY_EVENTS)
-            return super().schedule(event_handler, path, recursive=recursive, **options)
-
-    return LeanInotifyObserver()
 
 
 _IN_CREATE = 0x100

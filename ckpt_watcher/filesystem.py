@@ -23,6 +23,7 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
+from pathlib import Path
 
 from ckpt_watcher.logs import describe_os_error
 
@@ -449,3 +450,76 @@ def _clear_here(cursor: _Cursor, removal: Removal) -> list[str]:
         except OSError as error:
             removal.note(cursor.relative(name), describe_os_error(error))
     return subdirectories
+
+
+def real_path(path: str | os.PathLike[str]) -> Path:
+    """``os.path.realpath(path)`` (non-strict) without recursion: a chain of symlinks of any length.
+
+    Python 3.11's realpath recurses once per link it follows, so a chain of ~1,000 links anywhere in a
+    checkpoint tree (``last.ckpt -> link-0 -> ... -> link-999 -> ...``) raised RecursionError in every
+    command. To resolve many paths (every link of a directory), use one ``PathResolver``.
+    """
+    return PathResolver().resolve(path)
+
+
+class PathResolver:
+    """Resolves paths as ``os.path.realpath`` does, remembering every link it resolved, so the links
+    of one listing cost one resolution each: a chain of N links, each listed, is N steps, not N².
+
+    Python 3.13's iterative algorithm: a stack of the parts still to resolve; a link met again before
+    it resolved is a loop, left as it is (a link inside a loop may then resolve to another link of the
+    loop rather than to itself: neither exists). It reads link targets only (``lstat``, ``readlink``),
+    opens nothing; what it remembers is as current as the listing it serves.
+    """
+
+    def __init__(self) -> None:
+        self._resolved: dict[str, str | None] = {}  # link -> what it resolves to (None: in progress)
+
+    def resolve(self, path: str | os.PathLike[str]) -> Path:
+        """The path with every symlink in it resolved (what does not exist is taken as written)."""
+        text = os.fspath(path)
+        remaining: list[str | None] = list(reversed(text.split("/")))
+        parts_left = len(remaining)
+        resolved = "/" if text.startswith("/") else os.getcwd()
+        while parts_left:
+            name = remaining.pop()
+            if name is None:  # a link's target is resolved: remember it
+                link = remaining.pop()
+                assert link is not None
+                self._resolved[link] = resolved
+                continue
+            parts_left -= 1
+            if not name or name == ".":
+                continue
+            if name == "..":
+                resolved = resolved[: resolved.rindex("/")] or "/"
+                continue
+            candidate = resolved + name if resolved == "/" else f"{resolved}/{name}"
+            if candidate in self._resolved:  # resolved before (its value), or a loop (left as it is)
+                resolved = self._resolved[candidate] or candidate
+                continue
+            target = _link_target(candidate)
+            if target is None:  # not a link (or not there): taken as it is
+                resolved = candidate
+                continue
+            if target.startswith("/"):
+                resolved = "/"
+            self._resolved[candidate] = None
+            remaining.extend([candidate, None])
+            target_parts = list(reversed(target.split("/")))
+            remaining.extend(target_parts)
+            parts_left += len(target_parts)
+        for link in remaining:  # only the links resolved last are left: each resolves to the end
+            if link is not None:
+                self._resolved[link] = resolved
+        return Path(resolved)
+
+
+def _link_target(path: str) -> str | None:
+    """The target of the symlink at ``path``, or None if it is anything else or cannot be read."""
+    try:
+        if not stat.S_ISLNK(os.lstat(path).st_mode):
+            return None
+        return os.readlink(path)
+    except OSError:
+        return None

@@ -8,6 +8,7 @@ steps, never 4,000 x 4,000 comparisons. Everything held per group is bounded by 
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -180,15 +181,6 @@ class GroupIndex:
         self._kept.merge(kept)
         state.kept = kept if kept.checkpoints else None
 
-    def take_from_kept(self, directory: Path, evicted: Tally) -> None:
-        """Checkpoints ``directory``'s plan kept that were then evicted for space: no longer kept."""
-        state = self.state(directory)
-        if state.kept is None:
-            return
-        kept = state.kept.copy()
-        kept.merge(evicted, sign=-1)
-        self.set_kept(directory, kept)
-
     def kept(self) -> Tally:
         """What the latest plan of every known group keeps, summed (kept up to date, never recomputed):
         after an event pass, the groups it planned count as planned now, the others as last planned."""
@@ -274,36 +266,51 @@ class GroupIndex:
 
     def group_of(self, path: Path) -> Path | None:
         """The group ``path`` belongs to: its directory, or the one holding the directory checkpoint
-        it is inside (``run/checkpoint-400/x`` belongs to ``run``); None for the root, outside it, or
-        in a trash (``.ckpt-trash`` at any depth)."""
-        if path == self.root or self.root not in path.parents:
-            return None
-        parts = path.relative_to(self.root).parts
-        if TRASH_DIRECTORY_NAME in parts:
-            return None
-        parent = self.root
-        for part in parts[:-1]:
-            if self._naming_for(parent).classify(part, directory=True).kind is not Kind.UNKNOWN:
-                return parent
-            parent = parent / part
-        return path.parent
+        (or the leftover of a removal) it is inside (``run/checkpoint-400/x`` belongs to ``run``);
+        None for the root, outside it, or in a trash (``.ckpt-trash`` at any depth)."""
+        group = GroupFinder(self.root, self._naming_for).group_of(os.fspath(path))
+        return Path(group) if group is not None else None
 
-    def touched(self, files: Iterable[str], trees: Iterable[str], problems: list[ScanProblem]) -> set[Path]:
+    def touched(
+        self,
+        files: Iterable[str],
+        trees: Iterable[str],
+        problems: list[ScanProblem],
+        *,
+        stop: threading.Event | None = None,
+    ) -> set[Path]:
         """The groups to plan again for these changed files and directories: new directories are
-        walked, what vanished is forgotten. The work is in proportion to what changed."""
-        groups = {group for path in files if (group := self.group_of(Path(os.path.normpath(path))))}
+        walked, what vanished is forgotten. The work is in proportion to what changed: each directory
+        an event names is classified once, however deep it is and however many events name it.
+        ``stop`` ends it between two events (with what it found so far)."""
+        finder = GroupFinder(self.root, self._naming_for)
+        found: set[str] = set()
+        for path in files:
+            if stop is not None and stop.is_set():
+                break
+            if (group := finder.group_of(os.path.normpath(path))) is not None:
+                found.add(group)
         for tree in trees:
-            top = Path(os.path.normpath(tree))
-            parent = self.group_of(top)
-            if parent is None:
-                continue
-            groups.add(parent)
-            for known in list(self.below(top)):
-                if not os.path.isdir(known) or os.path.islink(known):
-                    self.forget(known)
-            if self._is_own_group(top, parent):
-                groups.update(walk_directories(top, self._naming_for, problems))
-        return groups
+            if stop is not None and stop.is_set():
+                break
+            found.update(self._touched_tree(finder, os.path.normpath(tree), problems))
+        return {Path(group) for group in found}
+
+    def _touched_tree(self, finder: GroupFinder, top: str, problems: list[ScanProblem]) -> set[str]:
+        """The groups a directory that appeared, moved or vanished touches: its parent group, and, if
+        it is a group itself, every group below it now; the groups known below it that are gone are
+        forgotten."""
+        parent = finder.group_of(top)
+        if parent is None:
+            return set()
+        if parent != os.path.dirname(top):
+            return {parent}  # inside a directory checkpoint or a leftover: no group is there or below
+        for known in list(self.below(Path(top))):
+            if not os.path.isdir(known) or os.path.islink(known):
+                self.forget(known)
+        if not self._is_own_group(Path(top), Path(parent)):
+            return {parent}
+        return {parent, *map(os.fspath, walk_directories(Path(top), self._naming_for, problems))}
 
     def _is_own_group(self, directory: Path, parent: Path) -> bool:
         """True if ``directory`` is a plain directory (a group), not a checkpoint or inside one."""
@@ -312,3 +319,54 @@ class GroupIndex:
         if not os.path.isdir(directory) or os.path.islink(directory):
             return False
         return self._naming_for(parent).classify(directory.name, directory=True).kind is Kind.UNKNOWN
+
+
+class GroupFinder:
+    """Which group a path belongs to, remembering the answer for each directory it met (for one batch
+    of events: a per-run policy may change the naming later), so a burst of events deep in one tree
+    classifies each directory once instead of every ancestor of every path.
+
+    The group of a path is the group of its directory: the root is one; a directory inside a directory
+    checkpoint or a removal's leftover is in the same group as its parent; one whose own name is a
+    checkpoint (or leftover) name belongs to its parent; a trash and all in it is in no group; any
+    other directory is a group.
+    """
+
+    def __init__(self, root: Path, naming_for: NamingLookup) -> None:
+        self._root = os.fspath(root)
+        self._naming_for = naming_for
+        self._group: dict[str, str | None] = {self._root: self._root}
+
+    def group_of(self, path: str) -> str | None:
+        """The group of ``path`` (absolute, normalized); None for the root itself or outside it."""
+        if path == self._root or os.path.basename(path) == TRASH_DIRECTORY_NAME:
+            return None
+        return self._of_directory(os.path.dirname(path))
+
+    def _of_directory(self, directory: str) -> str | None:
+        unknown = []
+        ancestor = directory
+        while ancestor not in self._group:
+            parent = os.path.dirname(ancestor)
+            if parent == ancestor:  # the file system's root, and the watched root was not on the way
+                self._group[ancestor] = None
+                break
+            unknown.append(ancestor)
+            ancestor = parent
+        for current in reversed(unknown):  # from the top down: each one's parent is known
+            parent = os.path.dirname(current)
+            above = self._group[parent]
+            if above is None or above != parent:  # outside the root, or inside a checkpoint
+                self._group[current] = above
+            elif os.path.basename(current) == TRASH_DIRECTORY_NAME:  # a trash is never a group
+                self._group[current] = None
+            elif self._is_checkpoint_or_leftover(parent, os.path.basename(current)):
+                self._group[current] = parent
+            else:
+                self._group[current] = current
+        return self._group[directory]
+
+    def _is_checkpoint_or_leftover(self, parent: str, name: str) -> bool:
+        if name.startswith(DELETING_PREFIX):
+            return True
+        return self._naming_for(Path(parent)).classify(name, directory=True).kind is not Kind.UNKNOWN

@@ -14,6 +14,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from ckpt_watcher.filesystem import PathResolver
 from ckpt_watcher.lock import LOCK_FILE_NAME
 from ckpt_watcher.naming import Kind, Naming
 from ckpt_watcher.records import DELETING_PREFIX, TRASH_DIRECTORY_NAME
@@ -45,12 +46,13 @@ def list_links(directory: Path, root: Path, naming: Naming) -> list[Link]:
     except OSError:
         return []  # gone or unreadable: the scan says so
     prefix = os.path.relpath(directory, root)
+    resolver = PathResolver()  # a chain of links, each listed, is resolved once
     return [
         Link(
             name=name,
             relative_path=name if prefix == "." else os.path.join(prefix, name),
             is_last=naming.classify(name).kind is Kind.LAST,
-            target=Path(os.path.realpath(directory / name)),
+            target=resolver.resolve(directory / name),
         )
         for name in names
     ]

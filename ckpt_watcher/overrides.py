@@ -21,6 +21,7 @@ from typing import Any
 
 import structlog
 
+from ckpt_watcher.filesystem import real_path
 from ckpt_watcher.naming import Naming
 from ckpt_watcher.policy import LoadedPolicy, Policy, PolicyError, load_policy
 from ckpt_watcher.policy_file import OutcomeListener, log_loaded, log_rejected, log_warnings
@@ -247,9 +248,9 @@ class PolicyTree:
 
     def _allowed_directories(self) -> tuple[Path, ...]:
         """Where configs named by a per-run file may be: under the root, or beside the --policy file."""
-        allowed = [Path(os.path.realpath(self.root))]
+        allowed = [real_path(self.root)]
         if self.base.source is not None:
-            allowed.append(Path(os.path.realpath(self.base.source.parent)))
+            allowed.append(real_path(self.base.source.parent))
         return tuple(allowed)
 
     def _check_protect_from(self, directory: Path, loaded: LoadedPolicy, source: str) -> None:
@@ -257,7 +258,7 @@ class PolicyTree:
         allowed = self._allowed_directories()
         problems = []
         for index, entry in enumerate(loaded.policy.protect_from):
-            real = Path(os.path.realpath(_resolve(directory, entry)))
+            real = real_path(_resolve(directory, entry))
             if not any(real == place or place in real.parents for place in allowed):
                 problems.append(
                     f"At 'protect_from.{index}': names a file outside the checkpoint root; a per-run "

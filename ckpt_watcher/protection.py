@@ -23,6 +23,7 @@ from typing import Any
 import structlog
 
 from ckpt_watcher.config_files import ConfigFileError, parse_yaml, read_config_text
+from ckpt_watcher.filesystem import real_path
 from ckpt_watcher.policy import describe_value
 from ckpt_watcher.records import FileIdentity
 
@@ -129,7 +130,7 @@ def candidate_paths(value: str, config_directory: Path, working_directory: Path)
     found: list[Path] = []
     for base in bases:
         absolute = Path(os.path.abspath(base / expanded))
-        for candidate in (absolute, Path(os.path.realpath(absolute))):
+        for candidate in (absolute, real_path(absolute)):
             if candidate not in found:
                 found.append(candidate)
     return tuple(found)

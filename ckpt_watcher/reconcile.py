@@ -364,7 +364,7 @@ class Reconciler:
             eviction_plan = GroupPlan(eviction.directory, eviction.decisions)
             applied = None if dry_run else self._apply(eviction_plan, grace_seconds=0)
             result.add_evictions(eviction.directory, eviction.decisions, applied)
-            self.index.take_from_kept(eviction.directory, _tally(eviction.decisions))
+            _no_longer_kept(self.index, eviction.directory, eviction.decisions)
         result.budget_unmet_bytes = self.space.unmet_bytes()
         if not self._one_shot:
             self.space.schedule(time.monotonic())
@@ -440,10 +440,10 @@ class Reconciler:
     # -- what events mean -------------------------------------------------------------------------
 
     def groups_touched(self, files: Iterable[str], trees: Iterable[str]) -> set[Path]:
-        """The groups to plan again for these changed files and directories (``GroupIndex.touched``);
-        what could not be read is logged with the next pass."""
+        """The groups to plan again for these changed files and directories (``GroupIndex.touched``,
+        which a stop ends between two events); what could not be read is logged with the next pass."""
         problems: list[ScanProblem] = []
-        groups = self.index.touched(files, trees, problems)
+        groups = self.index.touched(files, trees, problems, stop=self._stop)
         self._problems.note(problems)
         return groups
 
@@ -452,6 +452,15 @@ def _kept(group_plan: GroupPlan | None) -> Tally:
     """The checkpoints (step, best, last) a group's plan keeps, by kind."""
     decisions = group_plan.decisions if group_plan is not None else ()
     return _tally(decision for decision in decisions if decision.action is Action.KEEP)
+
+
+def _no_longer_kept(index: GroupIndex, directory: Path, evicted: Iterable[Decision]) -> None:
+    """Checkpoints ``directory``'s plan kept, then evicted for space, leave its kept tally (metrics)."""
+    state = index.get(directory)
+    if state is not None and state.kept is not None:
+        kept = state.kept.copy()
+        kept.merge(_tally(evicted), sign=-1)
+        index.set_kept(directory, kept)
 
 
 def _tally(decisions: Iterable[Decision]) -> Tally:

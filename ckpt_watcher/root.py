@@ -9,6 +9,7 @@ vanishes or is replaced is disarmed, and armed again once it is back.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -21,10 +22,12 @@ from ckpt_watcher.events import (
     ObserverFactory,
     ObserverLike,
     OverflowListener,
+    ReportsLostEvents,
     ReportsUnwatched,
     inotify_has_room,
     stop_observer,
 )
+from ckpt_watcher.filesystem import real_path
 from ckpt_watcher.lock import DirectoryLock
 from ckpt_watcher.logs import describe_os_error
 
@@ -41,6 +44,13 @@ def take_lock(root: Path) -> DirectoryLock:
     lock = DirectoryLock(root)
     lock.acquire()
     return lock
+
+
+def _describe(error: BaseException) -> str:
+    """An OSError as its system message, anything else as its type and message."""
+    if isinstance(error, OSError):
+        return describe_os_error(error)
+    return f"{type(error).__name__}: {error}"[:300]
 
 
 def _identity(path: Path) -> tuple[int, int] | None:
@@ -63,7 +73,7 @@ class ArmedRoot:
         poll_interval: float | None,
     ) -> None:
         self.given = given
-        self.path = Path(os.path.realpath(given))
+        self.path = real_path(given)
         self.identity = _identity(given)
         self.observer_kind = ""
         self._inbox = inbox
@@ -79,6 +89,10 @@ class ArmedRoot:
         self._next_poll = 0.0
         self._rewatch_interval = FALLBACK_POLL_INTERVAL
         self._next_rewatch = 0.0
+        self._rescans_every: float | None = None  # no observer at all: rescan everything this often
+        self._next_full_rescan = 0.0
+        self._observer_retry_interval = FALLBACK_POLL_INTERVAL
+        self._next_observer_try = 0.0
 
     @classmethod
     def arm(
@@ -94,7 +108,7 @@ class ArmedRoot:
         """Lock and watch ``given`` if it is a directory now; None if it is not (yet)."""
         if not os.path.isdir(given) or _identity(given) is None:
             return None
-        path = Path(os.path.realpath(given))
+        path = real_path(given)
         if lock is None or lock.directory != path or not lock.held:
             lock = take_lock(path)
         armed = cls(given, inbox, lock, observer_factory, poll_interval)
@@ -117,24 +131,58 @@ class ArmedRoot:
 
     def start_observer(self, config_files: frozenset[str]) -> None:
         """Watch the root (and the directories of the config files outside it): inotify, or polling
-        with a warning when inotify cannot be set up."""
+        with a warning when inotify cannot be set up. If no observer can be set up at all, the root
+        is served by rescans instead (see ``_rescan_instead``): arming never fails for want of one."""
         self._config_files = config_files
-        polling = self._poll_interval is not None
+        self._overflow.attach()  # (again, after a restart: attaching twice adds one handler)
+        if self._poll_interval is None:
+            try:
+                self._watching(self._schedule(self._factory(None), polling=False), "inotify")
+                return
+            except Exception as error:  # any failure of the set-up: a watch limit, a walk
+                if self._rescans_every is None:  # (not again at each retry without any observer)
+                    logger.warning(
+                        "inotify_unavailable",
+                        subtree=str(self.path),
+                        error=_describe(error),
+                        detail=f"falling back to polling every {FALLBACK_POLL_INTERVAL:g} s "
+                        f"({_LIMIT_ADVICE})",
+                    )
+            interval, kind = FALLBACK_POLL_INTERVAL, "polling every {:g} s (inotify unavailable)"
+        else:
+            interval, kind = self._poll_interval, "polling every {:g} s"
         try:
-            self._observer = self._schedule(self._factory(self._poll_interval), polling=polling)
-            self.observer_kind = f"polling every {self._poll_interval:g} s" if polling else "inotify"
-        except OSError as error:
-            if polling:
-                raise
+            self._watching(self._schedule(self._factory(interval), polling=True), kind.format(interval))
+        except Exception as error:  # served by rescans instead
+            self._rescan_instead(interval, error)
+
+    def _watching(self, observer: ObserverLike, kind: str) -> None:
+        self._observer = observer
+        self.observer_kind = kind
+        if self._rescans_every is not None:
+            logger.info("watch_restored", subtree=str(self.path), observer=kind)
+        self._rescans_every = None
+        self._observer_retry_interval = FALLBACK_POLL_INTERVAL
+
+    def _rescan_instead(self, interval: float, error: Exception) -> None:
+        """No observer: the root is rescanned whole every ``interval`` seconds (``ensure_observer_alive``
+        says when), and an observer is tried again after 5 s, 10 s, ... up to every 5 minutes."""
+        if self._rescans_every is None:
             logger.warning(
-                "inotify_unavailable",
+                "watch_incomplete",
                 subtree=str(self.path),
-                error=describe_os_error(error),
-                detail=f"falling back to polling every {FALLBACK_POLL_INTERVAL:g} s ({_LIMIT_ADVICE})",
+                observer="none",
+                error=_describe(error),
+                detail=f"no observer could be set up; rescanning everything every {interval:g} s "
+                "until one can be",
             )
-            self._observer = self._schedule(self._factory(FALLBACK_POLL_INTERVAL), polling=True)
-            self.observer_kind = f"polling every {FALLBACK_POLL_INTERVAL:g} s (inotify unavailable)"
-        self._overflow.attach()
+        self._observer = None
+        self.observer_kind = f"none: rescanning every {interval:g} s"
+        self._rescans_every = interval
+        now = time.monotonic()
+        self._next_full_rescan = now + interval
+        self._next_observer_try = now + self._observer_retry_interval
+        self._observer_retry_interval = min(2 * self._observer_retry_interval, MAXIMUM_REWATCH_INTERVAL)
 
     def _schedule(self, observer: ObserverLike, *, polling: bool) -> ObserverLike:
         router = EventRouter(self._inbox, polling=polling, config_files=self._config_files)
@@ -142,6 +190,8 @@ class ArmedRoot:
             self._root_watch = observer.schedule(router, str(self.path), recursive=True)
             if isinstance(observer, ReportsUnwatched):
                 observer.report_unwatched_to(self._inbox.add_unwatched)
+            if isinstance(observer, ReportsLostEvents):
+                observer.report_lost_events_to(self._inbox.request_full_rescan)
             for directory in sorted({os.path.dirname(path) for path in self._config_files}):
                 if not self._is_below(Path(directory)) and os.path.isdir(directory):
                     self._schedule_config_directory(observer, router, directory)
@@ -168,11 +218,22 @@ class ArmedRoot:
         return path == self.path or self.path in path.parents
 
     def ensure_observer_alive(self, stopping: bool) -> bool:
-        """Restart a dead observer thread; True if it had to be (events may have been lost)."""
-        if self._observer is None or self._observer.is_alive() or stopping:
+        """Restart a dead observer thread; True if it had to be (events may have been lost). Without
+        any observer, True whenever a rescan of everything is due (and now and then, try again)."""
+        if stopping:
+            return False
+        if self._rescans_every is not None:
+            now = time.monotonic()
+            if now >= self._next_observer_try:
+                self.start_observer(self._config_files)
+                return True  # watched again (a rescan covers the gap), or not: a rescan is due anyway
+            if now < self._next_full_rescan:
+                return False
+            self._next_full_rescan = now + self._rescans_every
+            return True
+        if self._observer is None or self._observer.is_alive():
             return False
         logger.warning("observer_restarted", observer=self.observer_kind, detail="the observer thread died")
-        self._overflow.detach()
         stop_observer(self._observer)
         self._observer = None
         self.start_observer(self._config_files)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import structlog
 
+from ckpt_watcher.filesystem import PathResolver
 from ckpt_watcher.integrity import (
     DIRECTORY_QUIET_SECONDS,
     Completeness,
@@ -265,6 +266,7 @@ class _Group:
     options: ScanOptions
     now: float
     cache: CompletenessCache | None
+    resolver: PathResolver = field(default_factory=PathResolver)  # each link of the listing once
 
     def record_for(self, relative_prefix: str, name: str) -> CheckpointRecord | None:
         """The record of one entry (a symlink's completeness is settled later by ``judge_links``)."""
@@ -290,7 +292,7 @@ class _Group:
         completeness: Completeness
         size = status.st_size if entry_type is EntryType.FILE else 0
         if entry_type is EntryType.SYMLINK:
-            link_target = Path(os.path.realpath(path))  # resolves names only: opens nothing
+            link_target = self.resolver.resolve(path)  # resolves names only: opens nothing
             completeness = Completeness(False, "symlink")
         elif entry_type is EntryType.FILE and parsed.kind is not Kind.UNKNOWN:
             completeness = self._file_completeness(name, path, identity, parsed.kind)

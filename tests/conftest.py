@@ -10,6 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 import structlog
+from structlog.testing import LogCapture
 
 
 @pytest.fixture(autouse=True)
@@ -31,4 +32,13 @@ def no_thread_leak() -> Iterator[None]:
 def default_logging() -> Iterator[None]:
     """Undo any structlog configuration a test made (by calling ``main``, say)."""
     yield
+    structlog.reset_defaults()
+
+
+@pytest.fixture
+def captured() -> Iterator[LogCapture]:
+    """Every structlog event of the test, from any thread (read with ``tests.support.logs.logged``)."""
+    capture = LogCapture()
+    structlog.configure(processors=[capture], cache_logger_on_first_use=False)
+    yield capture
     structlog.reset_defaults()

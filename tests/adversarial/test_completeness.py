@@ -11,15 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.cli import assert_clean_exit, prune_entries, run_cli
 from tests.support.factories import step_name, write_checkpoint
-from tests.support.hostile_trees import (
-    assert_clean_exit,
-    make_device,
-    make_fifo,
-    make_socket,
-    prune_entries,
-    run_prune,
-)
+from tests.support.hostile_trees import make_device, make_fifo, make_socket
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -77,7 +71,7 @@ def test_a_presized_download_filled_tail_first_pushes_nothing_out(tmp_path: Path
     two_complete(root)
     downloading = tail_first(root / step_name(0, 300), torch_like_archive(), preallocate=preallocate)
 
-    completed = run_prune(str(root), "--policy", policy(tmp_path), "--json")
+    completed = run_cli("prune", str(root), "--policy", policy(tmp_path), "--json")
 
     assert_clean_exit(completed, allowed=(0,))
     entries = prune_entries(completed)
@@ -92,8 +86,8 @@ def test_verify_crc_catches_a_download_whose_missing_middle_is_written_as_zeros(
     two_complete(root)
     downloading = tail_first(root / step_name(0, 300), torch_like_archive(), zeros=True)
 
-    by_zip = prune_entries(run_prune(str(root), "--policy", policy(tmp_path), "--json", "--dry-run"))
-    completed = run_prune(str(root), "--policy", policy(tmp_path, "crc"), "--json")
+    by_zip = prune_entries(run_cli("prune", str(root), "--policy", policy(tmp_path), "--json", "--dry-run"))
+    completed = run_cli("prune", str(root), "--policy", policy(tmp_path, "crc"), "--json")
 
     assert by_zip[downloading.name]["action"] == "keep"  # what `zip` cannot know (README)
     assert_clean_exit(completed, allowed=(0,))
@@ -112,7 +106,7 @@ def test_a_download_tools_marker_keeps_a_file_from_counting(tmp_path: Path, suff
     downloading = write_checkpoint(root / step_name(0, 300))  # looks whole: its marker says otherwise
     (root / f"{downloading.name}{suffix}").write_bytes(b"\x00\x01download state")
 
-    completed = run_prune(str(root), "--policy", policy(tmp_path), "--json")
+    completed = run_cli("prune", str(root), "--policy", policy(tmp_path), "--json")
 
     assert_clean_exit(completed, allowed=(0,))
     assert prune_entries(completed)[downloading.name]["action"] == "skip"
@@ -133,7 +127,7 @@ def test_pipes_sockets_devices_and_links_to_them_never_hang_prune(tmp_path: Path
     os.symlink("/dev/zero", root / "last-v1.ckpt")
     os.symlink("/", root / "last-v2.ckpt")
 
-    completed = run_prune(str(root), "--policy", policy(tmp_path, verify), "--json", timeout=60)
+    completed = run_cli("prune", str(root), "--policy", policy(tmp_path, verify), "--json", timeout=60)
 
     assert_clean_exit(completed, allowed=(0,))
     entries = prune_entries(completed)

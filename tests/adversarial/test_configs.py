@@ -17,20 +17,22 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.cli import TRACEBACK, run_cli
 from tests.support.daemon import running_daemon, wait_until
 from tests.support.factories import step_name, write_checkpoint
 from tests.support.hostile_configs import (
-    TRACEBACK,
     alias_bomb,
     deep_flow,
-    make_fifo,
     merge_bomb,
-    run_cli,
 )
+from tests.support.hostile_trees import make_fifo
 from tests.support.notify_socket import NotifySocket
 
 pytestmark = pytest.mark.timeout(180)
 
+# Enough for the CLI (about 40 MiB resident, 200 MiB of address space), far too little for a bomb.
+MEMORY_LIMIT = 512 * 1024 * 1024
+TIME_LIMIT = 60.0
 SECRET = "AKIAEXAMPLESECRET42"
 STEPS = range(500, 5500, 500)
 
@@ -75,7 +77,16 @@ class Layout:
             raise AssertionError(location)
 
     def prune(self, *extra: str) -> subprocess.CompletedProcess[str]:
-        return run_cli("prune", str(self.root), "--policy", str(self.policy), *extra, cwd=self.base)
+        return run_cli(
+            "prune",
+            str(self.root),
+            "--policy",
+            str(self.policy),
+            *extra,
+            cwd=self.base,
+            memory=MEMORY_LIMIT,
+            timeout=TIME_LIMIT,
+        )
 
 
 LOCATIONS = ["override", "policy", "protect_from", "per-run protect_from"]
@@ -165,7 +176,7 @@ def test_the_policy_command_refuses_a_fifo_and_dev_zero(tmp_path: Path) -> None:
     zero = tmp_path / "zero.yaml"
     zero.symlink_to("/dev/zero")
     for path, kind in ((fifo, "a FIFO"), (zero, "a device")):
-        completed = run_cli("policy", str(path))
+        completed = run_cli("policy", str(path), memory=MEMORY_LIMIT, timeout=TIME_LIMIT)
         assert completed.returncode == 2
         assert f"At '<file>': not a regular file ({kind}); refused" in completed.stderr
 
@@ -285,7 +296,9 @@ def test_prune_dry_run_of_an_empty_tree_800_deep_finishes(tmp_path: Path) -> Non
     deepest.mkdir(parents=True)
     write_checkpoint(deepest / step_name(0, 500))
 
-    completed = run_cli("prune", str(root), "--dry-run", "--json", cwd=tmp_path, timeout=120)
+    completed = run_cli(
+        "prune", str(root), "--dry-run", "--json", cwd=tmp_path, memory=MEMORY_LIMIT, timeout=120
+    )
 
     assert completed.returncode == 0, completed.stderr
     assert step_name(0, 500) in completed.stdout

@@ -9,9 +9,9 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import textwrap
-import time
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
@@ -23,48 +23,42 @@ from ckpt_watcher.plan import plan
 from ckpt_watcher.policy import DEFAULT_POLICY
 from ckpt_watcher.records import DELETING_PREFIX
 from ckpt_watcher.scan import scan_tree
-from tests.support.daemon import wait_until
-from tests.support.factories import step_name, write_checkpoint
-from tests.support.hostile_trees import (
-    PYTHON,
+from tests.support.cli import (
     assert_clean_exit,
-    bind,
+    cli_command,
     events,
-    in_mount_namespace,
-    make_sentinel,
-    mount_namespace_reason,
-    prune_command,
     prune_entries,
-    run_prune,
+    run_cli,
+    run_command,
+)
+from tests.support.daemon import wait_until
+from tests.support.factories import (
+    backdate_tree,
+    directory_checkpoint,
+    leftovers,
+    step_name,
+    write_checkpoint,
+)
+from tests.support.hostile_trees import (
+    bind,
+    make_sentinel,
+    mount_namespace,
+    mount_namespace_reason,
     set_immutable,
     tree_digest,
 )
 
 pytestmark = pytest.mark.timeout(240)
 
-AN_HOUR_AGO = time.time() - 3600
 MOUNTS_UNAVAILABLE = mount_namespace_reason()
 needs_mounts = pytest.mark.skipif(MOUNTS_UNAVAILABLE is not None, reason=str(MOUNTS_UNAVAILABLE))
 
 
-def backdate(top: Path) -> None:
-    """Make a tree look finished long ago (a directory checkpoint's quiet time is over)."""
-    for directory, directories, files in os.walk(top, topdown=False):
-        for name in files + directories:
-            os.utime(Path(directory, name), (AN_HOUR_AGO, AN_HOUR_AGO), follow_symlinks=False)
-    os.utime(top, (AN_HOUR_AGO, AN_HOUR_AGO))
-
-
 def deepspeed(path: Path, files: int = 2) -> Path:
-    (path / "checkpoint").mkdir(parents=True)
-    for index in range(files):
-        write_checkpoint(path / "checkpoint" / f"zero_pp_rank_{index}_mp_rank_00_optim_states.pt")
-    (path / "latest").write_text("checkpoint")
-    return path
-
-
-def leftovers(directory: Path) -> list[str]:
-    return sorted(name for name in os.listdir(directory) if name.startswith(DELETING_PREFIX))
+    """A DeepSpeed directory checkpoint with ``files`` ZeRO optimizer shards."""
+    return directory_checkpoint(
+        path, {f"zero_pp_rank_{index}_mp_rank_00_optim_states.pt": b"weights" for index in range(files)}
+    )
 
 
 @pytest.fixture
@@ -80,8 +74,8 @@ def run_with_a_mount(tmp_path: Path) -> tuple[Path, Path, Path, dict[str, str]]:
     sentinel = tmp_path / "outside"
     sentinel.mkdir()
     digest = make_sentinel(sentinel)
-    backdate(root)
-    backdate(sentinel)
+    backdate_tree(root)
+    backdate_tree(sentinel)
     return root, oldest, sentinel, digest
 
 
@@ -92,8 +86,8 @@ def test_a_directory_checkpoint_holding_a_mount_point_is_never_deleted(
     root, oldest, sentinel, digest = run_with_a_mount
     mount = bind(sentinel, oldest / "dataset")
 
-    dry_run = in_mount_namespace([mount], prune_command(str(root), "--dry-run", "--json"))
-    completed = in_mount_namespace([mount], prune_command(str(root)))
+    dry_run = run_cli("prune", str(root), "--dry-run", "--json", prefix=mount_namespace([mount]))
+    completed = run_cli("prune", str(root), prefix=mount_namespace([mount]))
 
     assert_clean_exit(dry_run, allowed=(0,))
     entry = prune_entries(dry_run)[oldest.name]
@@ -131,8 +125,16 @@ def test_delete_refuses_a_mount_that_appears_after_planning(
         print(json.dumps({r.decision.record.name: [r.outcome.value, r.error] for r in applied.results}))
         """
     )
-    completed = in_mount_namespace(
-        [], [PYTHON, "-c", snippet, str(root), str(sentinel), str(oldest / "dataset")]
+    completed = run_command(
+        [
+            *mount_namespace([]),
+            sys.executable,
+            "-c",
+            snippet,
+            str(root),
+            str(sentinel),
+            str(oldest / "dataset"),
+        ]
     )
 
     assert completed.returncode == 0, completed.stderr
@@ -151,11 +153,11 @@ def test_a_removal_that_fails_halfway_makes_prune_exit_1_and_a_later_prune_finis
     for step in range(100, 800, 100):
         deepspeed(root / step_name(0, step))
     stuck = root / step_name(0, 100) / "checkpoint" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
-    backdate(root)
+    backdate_tree(root)
     if not set_immutable(stuck):
         pytest.skip("chattr +i is not supported here")
     try:
-        first = run_prune(str(root), "--json")
+        first = run_cli("prune", str(root), "--json")
     finally:
         set_immutable(root, immutable=False, recursive=True)
 
@@ -170,7 +172,7 @@ def test_a_removal_that_fails_halfway_makes_prune_exit_1_and_a_later_prune_finis
     )
     assert len(leftovers(root)) == 1
 
-    second = run_prune(str(root))
+    second = run_cli("prune", str(root))
 
     assert_clean_exit(second, allowed=(0,))
     assert leftovers(root) == []
@@ -188,11 +190,11 @@ def test_kill_9_in_the_middle_of_a_removal_then_prune_finishes_it(tmp_path: Path
         (big / "checkpoint" / f"shard_{index:05d}.pt").touch()
     for step in range(200, 800, 100):
         deepspeed(root / step_name(0, step))
-    backdate(root)
+    backdate_tree(root)
     caught = False
     for _ in range(3):
         process = subprocess.Popen(
-            prune_command(str(root)), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+            cli_command("prune", str(root)), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
         )
         try:
             wait_until(partial(_caught_or_done, root, process), timeout=60)
@@ -210,7 +212,7 @@ def test_kill_9_in_the_middle_of_a_removal_then_prune_finishes_it(tmp_path: Path
     (leftover,) = leftovers(root)
     assert not big.exists()  # renamed first: never seen half deleted under its own name
 
-    completed = run_prune(str(root))
+    completed = run_cli("prune", str(root))
 
     assert_clean_exit(completed, allowed=(0,))
     assert leftovers(root) == []
@@ -227,7 +229,7 @@ def test_a_directory_named_like_a_leftover_that_the_tool_did_not_make_is_kept(tm
     (foreign / "precious").mkdir(parents=True)
     (foreign / "precious" / "data.bin").write_bytes(b"x" * 1000)
 
-    completed = run_prune(str(root))
+    completed = run_cli("prune", str(root))
 
     assert_clean_exit(completed, allowed=(0,))
     assert (foreign / "precious" / "data.bin").read_bytes() == b"x" * 1000
@@ -280,10 +282,10 @@ def test_a_read_only_file_system_is_a_failure_not_a_crash(tmp_path: Path) -> Non
     deepspeed(root / "nested" / step_name(0, 100))
     for step in range(200, 800, 100):
         deepspeed(root / "nested" / step_name(0, step))
-    backdate(root)
+    backdate_tree(root)
     before = tree_digest(root)
 
-    completed = in_mount_namespace([bind(root, root, read_only=True)], prune_command(str(root)))
+    completed = run_cli("prune", str(root), prefix=mount_namespace([bind(root, root, read_only=True)]))
 
     assert_clean_exit(completed, allowed=(1,))
     failures = events(completed.stderr, "checkpoint_delete_failed")
@@ -311,18 +313,17 @@ def test_permission_denied_is_a_failure_not_a_crash(world_readable_directory: Pa
         write_checkpoint(root / step_name(0, step))
     for step in range(100, 800, 100):
         deepspeed(root / "deepspeed" / step_name(0, step))
-    backdate(root)
+    backdate_tree(root)
     for directory, directories, _ in os.walk(root):
         for name in [*directories, ""]:
             Path(directory, name).chmod(0o755)
     before = tree_digest(root)
 
-    completed = subprocess.run(
-        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *prune_command(str(root))],
-        capture_output=True,
-        text=True,
+    completed = run_cli(
+        "prune",
+        str(root),
+        prefix=["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"],
         timeout=120,
-        check=False,
     )
 
     assert_clean_exit(completed, allowed=(1,))
@@ -366,9 +367,9 @@ def test_a_full_file_system_is_pruned(tmp_path: Path) -> None:
             """
         )
     )
-    script = [f"mount -t tmpfs -o size=2m tmpfs {root}", f"{PYTHON} {filler} {root}"]
+    script = [f"mount -t tmpfs -o size=2m tmpfs {root}", f"{sys.executable} {filler} {root}"]
 
-    completed = in_mount_namespace(script, prune_command(str(root), "--json"))
+    completed = run_cli("prune", str(root), "--json", prefix=mount_namespace(script))
 
     assert_clean_exit(completed, allowed=(0,))
     actions = {name: entry["action"] for name, entry in prune_entries(completed).items()}

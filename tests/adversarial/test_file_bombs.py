@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.cli import assert_clean_exit, prune_entries, run_cli
 from tests.support.factories import step_name, write_checkpoint
-from tests.support.hostile_trees import assert_clean_exit, prune_command, prune_entries, run_limited
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -49,8 +49,8 @@ def test_a_sparse_file_claiming_a_huge_central_directory_is_judged_in_bounded_me
         write_checkpoint(root / step_name(0, step))
     bomb = sparse_central_directory_bomb(root / step_name(0, 300))
 
-    completed = run_limited(
-        prune_command(str(root), "--policy", str(policy(tmp_path, verify)), "--json"), MEMORY
+    completed = run_cli(
+        "prune", str(root), "--policy", str(policy(tmp_path, verify)), "--json", memory=MEMORY
     )
 
     assert_clean_exit(completed, allowed=(0,))
@@ -109,8 +109,8 @@ def test_verify_crc_inflates_a_deflate_bomb_in_bounded_memory(tmp_path: Path) ->
     honest = deflate_bomb(root / step_name(0, 200), inflated=512 << 20)
     lying = deflate_bomb(root / step_name(0, 300), inflated=512 << 20, declared=1000)
 
-    completed = run_limited(
-        prune_command(str(root), "--policy", str(policy(tmp_path, "crc")), "--json", "--dry-run"), MEMORY
+    completed = run_cli(
+        "prune", str(root), "--policy", str(policy(tmp_path, "crc")), "--json", "--dry-run", memory=MEMORY
     )
 
     assert_clean_exit(completed, allowed=(0,))

@@ -14,17 +14,15 @@ import pytest
 from ckpt_watcher.plan import plan
 from ckpt_watcher.policy import DEFAULT_POLICY
 from ckpt_watcher.scan import scan_tree
+from tests.support.cli import assert_clean_exit, cli_command, prune_entries, run_cli
 from tests.support.daemon import running_daemon, wait_until
+from tests.support.factories import step_name, write_checkpoint
 from tests.support.hostile_trees import (
-    PYTHON,
     HostileTree,
-    assert_clean_exit,
     build_hostile_tree,
-    limited,
     make_deep_directory,
+    mount_namespace,
     mount_namespace_reason,
-    namespace_command,
-    prune_command,
     remove_deep,
     tree_digest,
 )
@@ -72,17 +70,13 @@ def check_invariants(
     return gone
 
 
-def run(tree: HostileTree, command: list[str], memory: int) -> None:
-    import subprocess
+def in_namespace(tree: HostileTree) -> list[str]:
+    """The prefix that makes the tree's mounts for the command it runs (none without mounts)."""
+    return mount_namespace(tree.mounts) if tree.mounts else []
 
-    completed = subprocess.run(
-        namespace_command(tree.mounts, limited(command, memory)) if tree.mounts else limited(command, memory),
-        capture_output=True,
-        text=True,
-        timeout=240,
-        check=False,
-    )
-    assert_clean_exit(completed)
+
+def run(tree: HostileTree, *arguments: str, memory: int) -> None:
+    assert_clean_exit(run_cli(*arguments, memory=memory, prefix=in_namespace(tree)))
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -95,9 +89,9 @@ def test_prune_and_dry_run_on_a_hostile_tree(
     allowed = allowed_deletions(tree)
     assert tree_digest(tree.root) == before  # planning read nothing it changed (atime aside)
 
-    run(tree, prune_command(str(tree.root), "--dry-run"), PRUNE_MEMORY)
+    run(tree, "prune", str(tree.root), "--dry-run", memory=PRUNE_MEMORY)
     assert check_invariants(tree, before, outside_before, set()) == set()
-    run(tree, prune_command(str(tree.root), "--json"), PRUNE_MEMORY)
+    run(tree, "prune", str(tree.root), "--json", memory=PRUNE_MEMORY)
     gone = check_invariants(tree, before, outside_before, allowed)
 
     assert tree.plain_group is not None
@@ -105,57 +99,93 @@ def test_prune_and_dry_run_on_a_hostile_tree(
     assert gone
 
 
-def daemon_command(tree: HostileTree) -> list[str]:
-    command = limited(
-        [PYTHON, "-m", "ckpt_watcher", "watch", str(tree.root), "--rescan", "3600"], DAEMON_MEMORY
-    )
-    return namespace_command(tree.mounts, command) if tree.mounts else command
-
-
 @pytest.mark.parametrize("seed", SEEDS[:1])
 def test_a_daemon_pass_on_a_hostile_tree(tmp_path: Path, request: pytest.FixtureRequest, seed: int) -> None:
-    """(The deepest directory checkpoint is 100 levels here: 1,000 stops the daemon's observer (next
-    test), and at 600 the worker spends minutes on the events of its own deletions, ancestor by
-    ancestor (issue 10, item 17), so SIGTERM waits for it.)"""
-    tree = hostile(tmp_path, request, seed, deepest=100)
+    """The deepest directory checkpoint is 1,200 levels, the one the daemon deletes: past the recursion
+    limit for the observer's walks, and its removal is as many events as entries, each placed in its
+    group at once (see tests/integration/test_deep_trees.py for their count)."""
+    tree = hostile(tmp_path, request, seed)
     outside_before = tree_digest(tree.outside)
     before = tree_digest(tree.root)
     allowed = allowed_deletions(tree) | {"/.ckpt-watcher.lock"}
-    command = limited(
-        [PYTHON, "-m", "ckpt_watcher", "watch", str(tree.root), "--rescan", "3600"], DAEMON_MEMORY
-    )
-    if tree.mounts:
-        command = namespace_command(tree.mounts, command)
+    command = [
+        *in_namespace(tree),
+        *cli_command("watch", str(tree.root), "--rescan", "3600", memory=DAEMON_MEMORY),
+    ]
 
-    with running_daemon(command[1:], tmp_path / "daemon.log", command=command[:1]) as daemon:
+    with running_daemon([], tmp_path / "daemon.log", command=command) as daemon:
         daemon.wait_ready(timeout=180)
         code = daemon.stop(signal.SIGTERM, timeout=60)
         log = daemon.log_path.read_text(errors="replace")
 
     assert code == 0, log[-3000:]
     assert "Traceback" not in log
-    check_invariants(tree, before, outside_before, allowed)
+    gone = check_invariants(tree, before, outside_before, allowed)
     assert os.path.exists(tree.root)
+    deepest = next(tree.root.glob("group*-deep_nesting")) / "epoch=05-step=000100-train.ckpt"
+    assert "/" + str(deepest.relative_to(tree.root)) in gone  # the daemon's own deep removal
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="watchdog's inotify set-up walks the tree with the recursive os.walk: a directory 1000 "
-    "levels deep raises RecursionError, so the daemon never arms (worker_error, no READY). Owned by the "
-    "daemon refactor (the observer), reported to the lead.",
-)
-def test_the_daemon_arms_on_a_tree_deeper_than_the_recursion_limit(tmp_path: Path) -> None:
+DEEPER_THAN_THE_RECURSION_LIMIT = 1200  # levels; one-letter names keep the path within PATH_MAX
+
+
+@pytest.mark.parametrize("observer", [[], ["--poll-interval", "1"]], ids=["inotify", "polling"])
+def test_the_daemon_arms_and_serves_on_a_tree_deeper_than_the_recursion_limit(
+    tmp_path: Path, request: pytest.FixtureRequest, observer: list[str]
+) -> None:
+    """watchdog walks the watched tree with recursive walks (os.walk on Python 3.11, a recursive
+    generator when polling): 1,200 levels raised RecursionError, so the daemon never armed. It arms, and
+    serves a group at the very bottom of such a tree as any other."""
+    request.addfinalizer(lambda: remove_deep(tmp_path))
     root = tmp_path / "root"
-    request_cleanup = tmp_path
-    try:
-        make_deep_directory(root / "run" / "epoch=00-step=000100-train.ckpt" / "nested", depth=1200)
-        with running_daemon(["watch", str(root)], tmp_path / "daemon.log") as daemon:
-            wait_until(
-                lambda: bool(daemon.events("watch_started") or daemon.events("worker_error")), timeout=60
-            )
-            assert not daemon.events("worker_error"), daemon.events("worker_error")[0].get("exception", "")[
-                -300:
-            ]
-            daemon.stop(signal.SIGTERM, timeout=30)
-    finally:
-        remove_deep(request_cleanup)
+    make_deep_directory(root / "run" / "epoch=00-step=000100-train.ckpt" / "nested", depth=1200)
+    make_deep_directory(root / "deep", depth=DEEPER_THAN_THE_RECURSION_LIMIT)
+    bottom = Path(str(root / "deep") + "/d" * DEEPER_THAN_THE_RECURSION_LIMIT)
+    assert bottom.is_dir()
+
+    with running_daemon(["watch", str(root), "--settle", "1", *observer], tmp_path / "daemon.log") as daemon:
+        daemon.wait_ready(timeout=120)
+        for step in range(100, 800, 100):  # written after start-up: only the observer sees them
+            write_checkpoint(bottom / step_name(0, step))
+        wait_until(
+            lambda: len(list(bottom.glob("*.ckpt"))) == 5, timeout=120, what="the deepest group pruned"
+        )
+        code = daemon.stop(signal.SIGTERM, timeout=60)
+        log = daemon.log_path.read_text(errors="replace")
+
+    assert code == 0, log[-3000:]
+    assert not daemon.events("worker_error"), log[-3000:]
+    assert "Traceback" not in log
+    assert sorted(path.name for path in bottom.glob("*.ckpt")) == [
+        step_name(0, step) for step in range(300, 800, 100)
+    ]
+
+
+def test_a_last_link_at_the_head_of_a_chain_longer_than_the_recursion_limit(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """``last.ckpt -> link-0 -> ... -> link-1499 -> step 100``: resolving it recursed once per link
+    (os.path.realpath on Python 3.11), so ``prune`` died with a traceback and the daemon's start-up
+    pass failed forever (no READY). Both resolve it, keep its target and prune the rest."""
+    run = tmp_path / "root" / "run"
+    for step in range(100, 800, 100):
+        write_checkpoint(run / step_name(0, step))
+    for index in range(1500):
+        os.symlink(f"link-{index + 1}" if index < 1499 else step_name(0, 100), run / f"link-{index}")
+    os.symlink("link-0", run / "last.ckpt")
+
+    dry_run = run_cli("prune", str(run.parent), "--dry-run", "--json", "--settle", "0")
+    assert_clean_exit(dry_run, allowed=(0,))
+    entries = prune_entries(dry_run)
+    assert entries[step_name(0, 100)]["action"] == "keep"
+    assert entries[step_name(0, 200)]["action"] == "delete"
+
+    with running_daemon(["watch", str(run.parent), "--settle", "0"], tmp_path / "daemon.log") as daemon:
+        daemon.wait_ready(timeout=120)
+        code = daemon.stop(signal.SIGTERM, timeout=60)
+        log = daemon.log_path.read_text(errors="replace")
+    assert code == 0, log[-3000:]
+    assert "Traceback" not in log
+    assert sorted(path.name for path in run.glob("epoch=*")) == [
+        step_name(0, step) for step in (100, 300, 400, 500, 600, 700)
+    ]

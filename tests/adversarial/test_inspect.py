@@ -11,7 +11,6 @@ import json
 import math
 import os
 import struct
-import textwrap
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,18 +20,9 @@ import pytest
 from ckpt_watcher import contents
 from ckpt_watcher.contents import CheckpointContents
 from ckpt_watcher.naming import DEFAULT_NAMING
-from tests.support.daemon import run_snippet
+from tests.support.cli import STRICT_UTF8, log_records, peak_address_space, run_cli, run_python
 from tests.support.factories import step_name, zip_bytes
-from tests.support.hostile import (
-    deflate_bomb,
-    json_records,
-    peak_address_space,
-    replace_pickle,
-    run_ckpt_watcher,
-    run_with_address_space_limit,
-    strict_utf8_environment,
-    strings_in,
-)
+from tests.support.hostile import deflate_bomb, replace_pickle, strings_in
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -108,14 +98,15 @@ def _strict_json(stdout: bytes) -> Any:
 @pytest.fixture(scope="module")
 def hostile(tmp_path_factory: pytest.TempPathFactory) -> Path:
     directory = tmp_path_factory.mktemp("hostile")
-    run_snippet(_WRITE_HOSTILE, str(directory))
-    run_snippet(
+    run_python(_WRITE_HOSTILE, str(directory), check=True)
+    run_python(
         """
         import sys, torch
         torch.save({"epoch": 1, "global_step": 200, "state_dict": {"w": torch.zeros(3)},
                     "optimizer_states": [{"state": {}}]}, sys.argv[1])
         """,
         str(directory / "good.ckpt"),
+        check=True,
     )
     return directory
 
@@ -130,8 +121,8 @@ def _callback(document: dict[str, Any]) -> dict[str, Any]:
 @pytest.mark.parametrize("name", _CASES)
 def test_every_file_gets_its_row_whatever_a_loadable_pickle_holds(hostile: Path, name: str) -> None:
     arguments = ["inspect", str(hostile / name), str(hostile / "good.ckpt")]
-    as_json = run_ckpt_watcher([*arguments, "--json"], environment=strict_utf8_environment())
-    as_table = run_ckpt_watcher(arguments, environment=strict_utf8_environment())
+    as_json = run_cli(*arguments, "--json", environment=STRICT_UTF8, text=False)
+    as_table = run_cli(*arguments, environment=STRICT_UTF8, text=False)
 
     for completed in (as_json, as_table):
         assert b"Traceback" not in completed.stderr, completed.stderr.decode(errors="replace")
@@ -160,7 +151,7 @@ def test_non_finite_numbers_and_tensors_are_described_values(hostile: Path) -> N
         "tensor-fields.ckpt",
         "shared-references.ckpt",
     ]
-    completed = run_ckpt_watcher(["inspect", *(str(hostile / name) for name in names), "--json"])
+    completed = run_cli("inspect", *(str(hostile / name) for name in names), "--json", text=False)
 
     assert completed.returncode == 0, completed.stderr.decode(errors="replace")
     documents = {Path(document["path"]).name: document for document in _strict_json(completed.stdout)}
@@ -199,8 +190,8 @@ def test_non_finite_numbers_and_tensors_are_described_values(hostile: Path) -> N
 
 
 def test_table_shows_described_values(hostile: Path) -> None:
-    completed = run_ckpt_watcher(
-        ["inspect", str(hostile / "inf-score.ckpt"), str(hostile / "tensor-score.ckpt")]
+    completed = run_cli(
+        "inspect", str(hostile / "inf-score.ckpt"), str(hostile / "tensor-score.ckpt"), text=False
     )
 
     assert completed.returncode == 0, completed.stderr.decode(errors="replace")
@@ -253,7 +244,7 @@ def test_a_corrupt_pickle_is_an_error_not_an_unsafe_hint(
         hostile / "good.ckpt", tmp_path / step_name(0, 100), _CORRUPT_PICKLES[corruption](original)
     )
 
-    completed = run_ckpt_watcher(["inspect", str(corrupt), str(hostile / "good.ckpt"), "--json"])
+    completed = run_cli("inspect", str(corrupt), str(hostile / "good.ckpt"), "--json", text=False)
 
     assert completed.returncode == 1
     documents = {Path(document["path"]).name: document for document in _strict_json(completed.stdout)}
@@ -268,33 +259,13 @@ def test_a_corrupt_pickle_is_an_error_not_an_unsafe_hint(
 
 
 def _verify_loadable(path: Path, limit: int | None = None) -> str | None:
-    code = textwrap.dedent(
-        """
+    code = """
         import json, sys
         from pathlib import Path
         from ckpt_watcher.contents import verify_loadable
         print(json.dumps(verify_loadable(Path(sys.argv[1]))))
         """
-    )
-    import subprocess
-    import sys
-
-    wrapper: list[str] = []
-    if limit is not None:
-        wrapper = [
-            "-c",
-            "import os, resource, sys; limit = int(sys.argv[1]); "
-            "resource.setrlimit(resource.RLIMIT_AS, (limit, limit)); "
-            "os.execv(sys.executable, [sys.executable, *sys.argv[2:]])",
-            str(limit),
-        ]
-    completed = subprocess.run(
-        [sys.executable, *wrapper, "-c", code, str(path)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    )
+    completed = run_python(code, str(path), memory=limit, timeout=120, check=True)
     result: str | None = json.loads(completed.stdout)
     return result
 
@@ -310,8 +281,8 @@ def test_a_deflate_bomb_is_refused_in_bounded_memory(hostile: Path, tmp_path: Pa
     baseline = peak_address_space(["inspect", str(good), "--json"], tmp_path)
     limit = baseline + MEMORY_MARGIN
 
-    control = run_with_address_space_limit(["inspect", str(good), "--json"], limit)
-    bounded = run_with_address_space_limit(["inspect", str(bomb), str(good), "--json"], limit)
+    control = run_cli("inspect", str(good), "--json", memory=limit, text=False)
+    bounded = run_cli("inspect", str(bomb), str(good), "--json", memory=limit, text=False)
 
     assert control.returncode == 0, control.stderr.decode(errors="replace")
     assert bounded.returncode == 1, bounded.stderr.decode(errors="replace")
@@ -319,7 +290,7 @@ def test_a_deflate_bomb_is_refused_in_bounded_memory(hostile: Path, tmp_path: Pa
     documents = {Path(document["path"]).name: document for document in _strict_json(bounded.stdout)}
     assert documents[bomb.name]["error"].startswith(_BOMB_REFUSED)
     assert documents["good.ckpt"]["error"] is None
-    failures = [record for record in json_records(bounded.stderr) if record["event"] == "inspect_failed"]
+    failures = [record for record in log_records(bounded.stderr) if record["event"] == "inspect_failed"]
     assert [Path(record["path"]).name for record in failures] == [bomb.name]
     reason = _verify_loadable(bomb, limit)
     assert reason is not None
@@ -337,7 +308,7 @@ def test_a_pickle_that_builds_millions_of_objects_is_refused_in_bounded_memory(
     good = hostile / "good.ckpt"
     limit = peak_address_space(["inspect", str(good), "--json"], tmp_path) + MEMORY_MARGIN
 
-    bounded = run_with_address_space_limit(["inspect", str(opcode_bomb), str(good), "--json"], limit)
+    bounded = run_cli("inspect", str(opcode_bomb), str(good), "--json", memory=limit, text=False)
 
     assert bounded.returncode == 1, bounded.stderr.decode(errors="replace")
     documents = {Path(document["path"]).name: document for document in _strict_json(bounded.stdout)}
@@ -365,7 +336,7 @@ def test_a_huge_claimed_central_directory_is_refused_unread(hostile: Path, tmp_p
     good = hostile / "good.ckpt"
     limit = peak_address_space(["inspect", str(good), "--json"], tmp_path) + MEMORY_MARGIN
 
-    bounded = run_with_address_space_limit(["inspect", str(sparse), str(good), "--json"], limit)
+    bounded = run_cli("inspect", str(sparse), str(good), "--json", memory=limit, text=False)
 
     assert bounded.returncode == 1, bounded.stderr.decode(errors="replace")
     documents = {Path(document["path"]).name: document for document in _strict_json(bounded.stdout)}
@@ -389,7 +360,7 @@ def test_verify_load_keeps_a_deflate_bomb_in_bounded_memory(hostile: Path, tmp_p
     arguments = ["prune", str(root), "--policy", str(policy), "--json"]
     baseline = peak_address_space(["inspect", str(hostile / "good.ckpt"), "--json"], tmp_path)
 
-    completed = run_with_address_space_limit(arguments, baseline + MEMORY_MARGIN)
+    completed = run_cli(*arguments, memory=baseline + MEMORY_MARGIN, text=False)
 
     assert completed.returncode == 0, completed.stderr.decode(errors="replace")
     assert sorted(os.listdir(root)) == [step_name(0, 200), step_name(0, 300)]
@@ -455,7 +426,7 @@ def test_a_special_file_with_a_checkpoint_name_is_an_error_row_not_a_hang(
     else:
         special.symlink_to("/dev/zero")
 
-    completed = run_ckpt_watcher(["inspect", str(directory), "--json"], timeout=60)
+    completed = run_cli("inspect", str(directory), "--json", timeout=60, text=False)
 
     assert completed.returncode == 1
     documents = {Path(document["path"]).name: document for document in _strict_json(completed.stdout)}
@@ -465,7 +436,7 @@ def test_a_special_file_with_a_checkpoint_name_is_an_error_row_not_a_hang(
 
 def test_json_numbers_stay_standard(hostile: Path) -> None:
     """No NaN or Infinity literal reaches the document (a strict parser would refuse it)."""
-    completed = run_ckpt_watcher(["inspect", str(hostile / "nan-score.ckpt"), "--json"])
+    completed = run_cli("inspect", str(hostile / "nan-score.ckpt"), "--json", text=False)
 
     text = completed.stdout.decode("utf-8")
     assert "NaN" not in text

@@ -17,12 +17,9 @@ from pathlib import Path
 import pytest
 
 from ckpt_watcher.records import display_name
+from tests.support.cli import STRICT_UTF8, cli_command, run_cli, run_command
 from tests.support.daemon import running_daemon
-from tests.support.hostile import (
-    NO_DIRECTORY_LOCKS,
-    emulated_without_directory_locks,
-    strict_utf8_environment,
-)
+from tests.support.hostile import NO_DIRECTORY_LOCKS, emulated_without_directory_locks
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -31,15 +28,9 @@ SECOND_INSTANCE_TIMEOUT = 30.0
 
 def _second_instance(root: Path, *, directory_locks: bool = True) -> subprocess.CompletedProcess[str]:
     """``watch ROOT`` that must refuse to start; one that runs instead fails the test."""
-    interpreter = [sys.executable] if directory_locks else emulated_without_directory_locks()
+    interpreter = None if directory_locks else emulated_without_directory_locks()
     try:
-        return subprocess.run(
-            [*interpreter, "-m", "ckpt_watcher", "watch", str(root)],
-            capture_output=True,
-            text=True,
-            timeout=SECOND_INSTANCE_TIMEOUT,
-            check=False,
-        )
+        return run_cli("watch", str(root), interpreter=interpreter, timeout=SECOND_INSTANCE_TIMEOUT)
     except subprocess.TimeoutExpired as expired:
         stderr = expired.stderr.decode(errors="replace") if isinstance(expired.stderr, bytes) else ""
         pytest.fail(f"the second instance ran instead of refusing to start:\n{stderr[-4000:]}")
@@ -79,7 +70,7 @@ def test_without_directory_locks_the_lock_file_is_beside_the_root(tmp_path: Path
     with running_daemon(
         ["watch", str(root)],
         tmp_path / "first.log",
-        command=[*emulated_without_directory_locks(), "-m", "ckpt_watcher"],
+        command=cli_command(interpreter=emulated_without_directory_locks()),
     ) as first:
         first.wait_ready()
         second = _second_instance(root, directory_locks=False)
@@ -132,13 +123,7 @@ except LockHeldError as error:
     print(lock.path, error.pid == os.getpid(), sorted(os.listdir(root)), sorted(os.listdir(root.parent)))
 """
     command = ["unshare", "-Urm", "sh", "-c", 'mount -t tmpfs tmpfs "$1" && shift && exec "$@"', "sh"]
-    completed = subprocess.run(
-        [*command, str(root), sys.executable, "-c", probe, str(root)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    completed = run_command([*command, str(root), sys.executable, "-c", probe, str(root)], timeout=60)
     if completed.returncode != 0 and "mount" in completed.stderr:
         pytest.skip(f"cannot mount a tmpfs in a user namespace here: {completed.stderr.strip()}")
 
@@ -154,13 +139,7 @@ def test_the_lock_message_escapes_the_root(tmp_path: Path) -> None:
     with running_daemon(["watch", str(root)], tmp_path / "first.log") as first:
         first.wait_ready()
 
-        second = subprocess.run(
-            [sys.executable, "-m", "ckpt_watcher", "watch", str(root)],
-            capture_output=True,
-            timeout=60,
-            check=False,
-            env=strict_utf8_environment(),
-        )
+        second = run_cli("watch", str(root), timeout=60, environment=STRICT_UTF8, text=False)
 
     assert second.returncode == 2
     stderr = second.stderr.decode("utf-8", "strict")

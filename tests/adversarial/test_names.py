@@ -23,14 +23,9 @@ from hypothesis import strategies as st
 
 from ckpt_watcher.logs import configure_logging
 from ckpt_watcher.records import display_name
+from tests.support.cli import NOT_JSON, STRICT_UTF8, log_records, run_cli
 from tests.support.factories import step_name, write_checkpoint, write_truncated
-from tests.support.hostile import (
-    is_clean_text,
-    json_records,
-    run_ckpt_watcher,
-    strict_utf8_environment,
-    strings_in,
-)
+from tests.support.hostile import is_clean_text, strings_in
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -208,8 +203,9 @@ def _check_output_is_clean(completed: subprocess.CompletedProcess[bytes]) -> tup
     stderr = completed.stderr.decode("utf-8", "strict")
     assert "Traceback" not in stderr, stderr
     assert all(is_clean_text(line) for line in stdout.splitlines())
-    records = json_records(completed.stderr)
+    records = log_records(completed.stderr)
     assert len(records) == len([line for line in stderr.splitlines() if line])
+    assert [record["line"] for record in records if record["event"] == NOT_JSON] == []
     for record in records:
         assert all(is_clean_text(text) for text in strings_in(record))
     return stdout, records
@@ -222,7 +218,7 @@ def test_prune_table_with_hostile_names(tmp_path: Path, dry_run: bool) -> None:
     groups = _hostile_tree(root)
 
     arguments = ["prune", str(root), *(["--dry-run"] if dry_run else [])]
-    completed = run_ckpt_watcher(arguments, environment=strict_utf8_environment())
+    completed = run_cli(*arguments, environment=STRICT_UTF8, text=False)
 
     assert completed.returncode == 0, completed.stderr.decode(errors="replace")
     stdout, records = _check_output_is_clean(completed)
@@ -256,7 +252,7 @@ def test_prune_json_with_hostile_names(tmp_path: Path, dry_run: bool) -> None:
     _hostile_tree(root)
 
     arguments = ["prune", str(root), "--json", *(["--dry-run"] if dry_run else [])]
-    completed = run_ckpt_watcher(arguments, environment=strict_utf8_environment())
+    completed = run_cli(*arguments, environment=STRICT_UTF8, text=False)
 
     assert completed.returncode == 0, completed.stderr.decode(errors="replace")
     stdout, _ = _check_output_is_clean(completed)
@@ -277,8 +273,8 @@ def test_inspect_with_hostile_names(tmp_path: Path) -> None:
     write_truncated(directory / os.fsdecode(b"half\xfe\n  forged row.ckpt"))
     write_checkpoint(directory / "bidi\u202egpj.ckpt")
 
-    table = run_ckpt_watcher(["inspect", str(directory)], environment=strict_utf8_environment())
-    as_json = run_ckpt_watcher(["inspect", str(directory), "--json"], environment=strict_utf8_environment())
+    table = run_cli("inspect", str(directory), environment=STRICT_UTF8, text=False)
+    as_json = run_cli("inspect", str(directory), "--json", environment=STRICT_UTF8, text=False)
 
     for completed in (table, as_json):
         assert completed.returncode == 1

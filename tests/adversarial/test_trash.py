@@ -7,19 +7,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
 
-from tests.support.cli import run_cli
+from tests.support.cli import assert_clean_exit, events, run_cli
 from tests.support.factories import step_name, write_checkpoint
 from tests.support.hostile_trees import (
-    PYTHON,
-    assert_clean_exit,
     bind,
-    events,
-    in_mount_namespace,
     make_sentinel,
+    mount_namespace,
     mount_namespace_reason,
     tree_digest,
 )
@@ -258,10 +256,10 @@ def test_a_group_on_another_mount_is_deleted_at_once_and_the_log_says_why(
         "from tests.support.factories import step_name, write_checkpoint;"
         "[write_checkpoint(Path(sys.argv[1]) / step_name(0, step)) for step in (100, 200, 300)]"
     )
-    mounts.append(f"{PYTHON} -c '{writer}' {group} {Path.cwd()}")
+    mounts.append(f"{sys.executable} -c '{writer}' {group} {Path.cwd()}")
 
-    completed = in_mount_namespace(
-        mounts, [PYTHON, "-m", "ckpt_watcher", "prune", str(root), "--policy", str(policy)], cwd=Path.cwd()
+    completed = run_cli(
+        "prune", str(root), "--policy", str(policy), cwd=Path.cwd(), prefix=mount_namespace(mounts)
     )
 
     assert completed.returncode == 0, completed.stderr

@@ -5,48 +5,23 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import time
 import zipfile
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from tests.support.cli import run_cli
-from tests.support.daemon import run_snippet
-from tests.support.factories import step_name, write_checkpoint
+from tests.support.cli import prune_entries, run_cli, run_python
+from tests.support.factories import backdate_tree, directory_checkpoint, step_name, write_checkpoint
 
 pytestmark = pytest.mark.timeout(240)
-
-AN_HOUR_AGO = time.time() - 3600
-
-
-def _backdate(path: Path, when: float = AN_HOUR_AGO) -> None:
-    """Make a directory tree look finished long ago (its quiet time is over)."""
-    for directory, directories, files in os.walk(path, topdown=False):
-        for name in files + directories:
-            os.utime(Path(directory, name), (when, when), follow_symlinks=False)
-    os.utime(path, (when, when))
-
-
-def _prune(*arguments: str) -> subprocess.CompletedProcess[str]:
-    return run_cli("prune", *arguments)
-
-
-def _entries(completed: subprocess.CompletedProcess[str]) -> dict[str, dict[str, Any]]:
-    assert completed.returncode == 0, completed.stderr
-    document = json.loads(completed.stdout)
-    return {entry["name"]: entry for group in document["groups"] for entry in group["entries"]}
 
 
 def deepspeed_layout(path: Path, *, complete: bool = True) -> Path:
     """What Lightning's DeepSpeedStrategy leaves (DeepSpeed's save_checkpoint, tag "checkpoint"):
     per-rank model and ZeRO optimizer files, zero_to_fp32.py, and `latest`, written last by rank 0."""
-    (path / "checkpoint").mkdir(parents=True)
-    write_checkpoint(path / "checkpoint" / "mp_rank_00_model_states.pt", payload=b"m" * 4096)
-    for rank in range(2):
-        write_checkpoint(path / "checkpoint" / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt", b"o" * 4096)
+    shards = {"mp_rank_00_model_states.pt": b"m" * 4096}
+    shards.update({f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt": b"o" * 4096 for rank in range(2)})
+    directory_checkpoint(path, shards, complete=False)
     (path / "zero_to_fp32.py").write_text("# DeepSpeed's conversion script\n")
     if complete:
         (path / "latest").write_text("checkpoint")
@@ -55,7 +30,7 @@ def deepspeed_layout(path: Path, *, complete: bool = True) -> Path:
 
 def dcp_save(path: Path, *, lightning_meta: bool) -> None:
     """A real torch.distributed.checkpoint save on CPU; Lightning's sharded FSDP adds meta.pt last."""
-    run_snippet(
+    run_python(
         """
         import sys, warnings, torch
         import torch.distributed.checkpoint as dcp
@@ -67,20 +42,23 @@ def dcp_save(path: Path, *, lightning_meta: bool) -> None:
         """,
         str(path),
         "meta" if lightning_meta else "no-meta",
+        check=True,
     )
 
 
 def test_deepspeed_directories_complete_ones_pruned_incomplete_ones_kept(tmp_path: Path) -> None:
     root = tmp_path / "run"
     for step in range(500, 3500, 500):
-        _backdate(deepspeed_layout(root / step_name(0, step)))
+        backdate_tree(deepspeed_layout(root / step_name(0, step)))
     unfinished = deepspeed_layout(root / step_name(0, 3500), complete=False)  # `latest` not yet written
-    _backdate(unfinished)
+    backdate_tree(unfinished)
     fresh = deepspeed_layout(root / step_name(0, 4000))  # complete, but written just now
     policy = tmp_path / "policy.yaml"
     policy.write_text("save_top_k_checkpoints: 2\n")
 
-    entries = _entries(_prune(str(root), "--policy", str(policy), "--dry-run", "--json"))
+    entries = prune_entries(
+        run_cli("prune", str(root), "--policy", str(policy), "--dry-run", "--json"), exit_code=0
+    )
 
     assert entries[step_name(0, 3500)]["action"] == "skip"
     assert "no completion marker" in entries[step_name(0, 3500)]["reasons"][0]
@@ -91,7 +69,7 @@ def test_deepspeed_directories_complete_ones_pruned_incomplete_ones_kept(tmp_pat
     kept = {name for name, entry in entries.items() if entry["action"] == "keep"}
     assert kept == {step_name(0, 2500), step_name(0, 3000)}
 
-    assert _prune(str(root), "--policy", str(policy)).returncode == 0
+    assert run_cli("prune", str(root), "--policy", str(policy)).returncode == 0
     assert sorted(path.name for path in root.iterdir()) == sorted(
         [step_name(0, 2500), step_name(0, 3000), step_name(0, 3500), step_name(0, 4000)]
     )
@@ -103,11 +81,13 @@ def test_lightning_sharded_fsdp_needs_meta_pt(tmp_path: Path) -> None:
     for step in (500, 1000, 1500):
         dcp_save(root / step_name(0, step), lightning_meta=True)
     dcp_save(root / step_name(0, 2000), lightning_meta=False)  # .metadata written, meta.pt not yet
-    _backdate(root)
+    backdate_tree(root)
     policy = tmp_path / "policy.yaml"
     policy.write_text("save_top_k_checkpoints: 1\n")
 
-    entries = _entries(_prune(str(root), "--policy", str(policy), "--dry-run", "--json"))
+    entries = prune_entries(
+        run_cli("prune", str(root), "--policy", str(policy), "--dry-run", "--json"), exit_code=0
+    )
 
     assert "meta.pt, written last, is missing" in entries[step_name(0, 2000)]["reasons"][0]
     assert entries[step_name(0, 1500)]["action"] == "keep"
@@ -122,11 +102,11 @@ def test_plain_dcp_directories_with_their_own_template(tmp_path: Path) -> None:
     partial = root / "dcp_step_400"
     dcp_save(partial, lightning_meta=False)
     (partial / ".metadata").rename(partial / ".metadata.tmp")  # torch renames it into place last
-    _backdate(root)
+    backdate_tree(root)
     policy = tmp_path / "policy.yaml"
     policy.write_text("save_top_k_checkpoints: 2\nnaming:\n  step: 'dcp_step_{step}'\n")
 
-    assert _prune(str(root), "--policy", str(policy)).returncode == 0
+    assert run_cli("prune", str(root), "--policy", str(policy)).returncode == 0
 
     assert sorted(path.name for path in root.iterdir()) == ["dcp_step_200", "dcp_step_300", "dcp_step_400"]
 
@@ -146,14 +126,16 @@ def test_hugging_face_checkpoint_directories(tmp_path: Path) -> None:
             (directory / name).write_bytes(b"x" * 100)
         if step != 2000:  # the newest one has not written trainer_state.json (its last file) yet
             (directory / "trainer_state.json").write_text(json.dumps({"global_step": step}))
-    _backdate(root)
+    backdate_tree(root)
     (root / "tmp-checkpoint-2500").mkdir()  # a staging directory is never a checkpoint
     policy = tmp_path / "policy.yaml"
     policy.write_text("save_top_k_checkpoints: 1\nnaming:\n  step: 'checkpoint-{step}'\n")
 
-    entries = _entries(_prune(str(root), "--policy", str(policy), "--dry-run", "--json"))
+    entries = prune_entries(
+        run_cli("prune", str(root), "--policy", str(policy), "--dry-run", "--json"), exit_code=0
+    )
     assert entries["checkpoint-2000"]["action"] == "skip"
-    assert _prune(str(root), "--policy", str(policy)).returncode == 0
+    assert run_cli("prune", str(root), "--policy", str(policy)).returncode == 0
 
     assert sorted(path.name for path in root.iterdir()) == [
         "checkpoint-1500",
@@ -174,9 +156,9 @@ def test_symlink_planted_inside_a_directory_checkpoint_is_not_followed(tmp_path:
         os.symlink(outside / "data", doomed / "checkpoint" / "link-to-directory")
     for step in (1500, 2000, 2500, 3000, 3500):
         deepspeed_layout(root / step_name(0, step))
-    _backdate(root)
+    backdate_tree(root)
 
-    completed = _prune(str(root))
+    completed = run_cli("prune", str(root))
 
     assert completed.returncode == 0, completed.stderr
     assert not (root / step_name(0, 500)).exists()
@@ -190,9 +172,9 @@ def test_last_symlink_to_a_directory_checkpoint_protects_it(tmp_path: Path) -> N
     for step in range(500, 4000, 500):
         deepspeed_layout(root / step_name(0, step))
     os.symlink(step_name(0, 500), root / "last.ckpt")
-    _backdate(root)
+    backdate_tree(root)
 
-    entries = _entries(_prune(str(root), "--dry-run", "--json"))
+    entries = prune_entries(run_cli("prune", str(root), "--dry-run", "--json"), exit_code=0)
 
     assert entries[step_name(0, 500)]["action"] == "keep"
     assert entries[step_name(0, 500)]["reasons"] == ["target of last.ckpt"]
@@ -210,7 +192,7 @@ def _corrupt_pickle(path: Path) -> None:
 def test_verify_load_skips_a_zip_valid_file_whose_pickle_is_corrupt(tmp_path: Path) -> None:
     root = tmp_path / "run"
     root.mkdir()
-    run_snippet(
+    run_python(
         """
         import sys, torch
         for step in (500, 1000, 1500):
@@ -218,6 +200,7 @@ def test_verify_load_skips_a_zip_valid_file_whose_pickle_is_corrupt(tmp_path: Pa
                        f"{sys.argv[1]}/epoch=00-step={step:06d}-train.ckpt")
         """,
         str(root),
+        check=True,
     )
     corrupt = root / step_name(0, 1500)
     _corrupt_pickle(corrupt)
@@ -226,9 +209,11 @@ def test_verify_load_skips_a_zip_valid_file_whose_pickle_is_corrupt(tmp_path: Pa
     load_policy = tmp_path / "load.yaml"
     load_policy.write_text("save_top_k_checkpoints: 1\nverify: load\n")
 
-    by_zip = _entries(_prune(str(root), "--policy", str(zip_policy), "--dry-run", "--json"))
-    by_load_run = _prune(str(root), "--policy", str(load_policy), "--json")
-    by_load = _entries(by_load_run)
+    by_zip = prune_entries(
+        run_cli("prune", str(root), "--policy", str(zip_policy), "--dry-run", "--json"), exit_code=0
+    )
+    by_load_run = run_cli("prune", str(root), "--policy", str(load_policy), "--json")
+    by_load = prune_entries(by_load_run, exit_code=0)
 
     assert by_zip[corrupt.name]["action"] == "keep"  # the archive is whole; only loading finds out
     assert by_load[corrupt.name]["action"] == "skip"
@@ -241,7 +226,7 @@ def test_verify_load_skips_a_zip_valid_file_whose_pickle_is_corrupt(tmp_path: Pa
 def test_verify_load_accepts_checkpoints_with_objects_the_safe_loader_refuses(tmp_path: Path) -> None:
     root = tmp_path / "run"
     root.mkdir()
-    run_snippet(
+    run_python(
         """
         import argparse, sys, torch
         for step in (500, 1000):
@@ -249,11 +234,14 @@ def test_verify_load_accepts_checkpoints_with_objects_the_safe_loader_refuses(tm
                        f"{sys.argv[1]}/epoch=00-step={step:06d}-train.ckpt")
         """,
         str(root),
+        check=True,
     )
     policy = tmp_path / "load.yaml"
     policy.write_text("save_top_k_checkpoints: 1\nverify: load\n")
 
-    entries = _entries(_prune(str(root), "--policy", str(policy), "--dry-run", "--json"))
+    entries = prune_entries(
+        run_cli("prune", str(root), "--policy", str(policy), "--dry-run", "--json"), exit_code=0
+    )
 
     assert entries[step_name(0, 1000)]["action"] == "keep"
     assert entries[step_name(0, 500)]["action"] == "delete"

@@ -6,23 +6,17 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.support.cli import run_cli
-from tests.support.daemon import run_snippet
+from tests.support.cli import cli_command, peak_resident_memory, run_cli, run_python
 from tests.support.factories import step_name, write_truncated
 
 pytestmark = pytest.mark.timeout(300)
 
 LIGHTNING_RUN = Path(__file__).parent.parent / "support" / "lightning_run.py"
-
-
-def _inspect(*arguments: str) -> subprocess.CompletedProcess[str]:
-    return run_cli("inspect", *arguments)
 
 
 def _documents(completed: subprocess.CompletedProcess[str]) -> dict[str, dict[str, Any]]:
@@ -61,7 +55,7 @@ def lightning_directory(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_lightning_checkpoints_are_described(lightning_directory: Path) -> None:
-    completed = _inspect(str(lightning_directory), "--json")
+    completed = run_cli("inspect", str(lightning_directory), "--json")
 
     assert completed.returncode == 0, completed.stderr
     documents = _documents(completed)
@@ -83,7 +77,9 @@ def test_lightning_checkpoints_are_described(lightning_directory: Path) -> None:
 
 
 def test_table_has_one_row_per_checkpoint_and_callback_details(lightning_directory: Path) -> None:
-    completed = _inspect(str(lightning_directory / step_name(1, 16)), str(lightning_directory / "last.ckpt"))
+    completed = run_cli(
+        "inspect", str(lightning_directory / step_name(1, 16)), str(lightning_directory / "last.ckpt")
+    )
 
     assert completed.returncode == 0, completed.stderr
     lines = completed.stdout.splitlines()
@@ -95,19 +91,20 @@ def test_table_has_one_row_per_checkpoint_and_callback_details(lightning_directo
 
 def test_weights_only_file_truncated_file_and_non_checkpoint(tmp_path: Path) -> None:
     weights = tmp_path / step_name(0, 100)
-    run_snippet(
+    run_python(
         """
         import sys, torch
         torch.save({"layer.weight": torch.zeros(4, 4, dtype=torch.bfloat16), "layer.bias": torch.zeros(4)},
                    sys.argv[1])
         """,
         str(weights),
+        check=True,
     )
     truncated = write_truncated(tmp_path / step_name(0, 200))
     foreign = tmp_path / "notes.ckpt"
     foreign.write_text("not a checkpoint")
 
-    completed = _inspect(str(weights), str(truncated), str(foreign), "--json")
+    completed = run_cli("inspect", str(weights), str(truncated), str(foreign), "--json")
 
     assert completed.returncode == 1
     documents = _documents(completed)
@@ -123,16 +120,17 @@ def test_weights_only_file_truncated_file_and_non_checkpoint(tmp_path: Path) -> 
 
 def test_name_and_contents_that_disagree_are_a_warning(tmp_path: Path) -> None:
     misnamed = tmp_path / step_name(2, 1500)
-    run_snippet(
+    run_python(
         """
         import sys, torch
         torch.save({"epoch": 2, "global_step": 1499, "state_dict": {"w": torch.zeros(2)},
                     "optimizer_states": [{"state": {}}], "pytorch-lightning_version": "2.6.6"}, sys.argv[1])
         """,
         str(misnamed),
+        check=True,
     )
 
-    document = _documents(_inspect(str(misnamed), "--json"))[misnamed.name]
+    document = _documents(run_cli("inspect", str(misnamed), "--json"))[misnamed.name]
 
     assert document["warnings"] == ["the name says step 1500 but global_step is 1499"]
     assert document["resumable"] is True
@@ -140,17 +138,18 @@ def test_name_and_contents_that_disagree_are_a_warning(tmp_path: Path) -> None:
 
 def test_objects_the_safe_loader_refuses_are_named_and_unsafe_shows_them(tmp_path: Path) -> None:
     custom = tmp_path / step_name(0, 300)
-    run_snippet(
+    run_python(
         """
         import argparse, sys, torch
         torch.save({"epoch": 0, "global_step": 300, "state_dict": {"w": torch.zeros(3)},
                     "hyper_parameters": argparse.Namespace(lr=0.1)}, sys.argv[1])
         """,
         str(custom),
+        check=True,
     )
 
-    safe = _documents(_inspect(str(custom), "--json"))[custom.name]
-    unsafe_run = _inspect(str(custom), "--json", "--unsafe")
+    safe = _documents(run_cli("inspect", str(custom), "--json"))[custom.name]
+    unsafe_run = run_cli("inspect", str(custom), "--json", "--unsafe")
     unsafe = _documents(unsafe_run)[custom.name]
 
     assert safe["unsafe_globals"] == ["argparse.Namespace"]
@@ -166,56 +165,20 @@ def test_objects_the_safe_loader_refuses_are_named_and_unsafe_shows_them(tmp_pat
 def test_large_checkpoint_is_inspected_in_little_memory(tmp_path: Path) -> None:
     """A 1 GiB checkpoint: peak RSS of the child stays near that of importing torch, far below the file."""
     big = tmp_path / "big.ckpt"
-    run_snippet(
+    run_python(
         """
         import sys, torch
         torch.save({"state_dict": {f"w{i}": torch.zeros(64 * 1024 * 1024) for i in range(4)}}, sys.argv[1])
         """,
         str(big),
+        check=True,
     )
     size = big.stat().st_size
-    measure = """
-        import json, resource, subprocess, sys
-        child = subprocess.run(sys.argv[1:], capture_output=True, text=True)
-        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-        print(json.dumps({"code": child.returncode, "peak": usage.ru_maxrss * 1024, "out": child.stdout}))
-    """
-    baseline_run = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            textwrap.dedent(measure),
-            sys.executable,
-            "-c",
-            "import torch, ckpt_watcher.contents",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=240,
-    )
-    inspect_run = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            textwrap.dedent(measure),
-            sys.executable,
-            "-m",
-            "ckpt_watcher",
-            "inspect",
-            str(big),
-            "--json",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=240,
-    )
-    baseline = json.loads(baseline_run.stdout)
-    measured = json.loads(inspect_run.stdout)
+    _, baseline_peak, _ = peak_resident_memory([sys.executable, "-c", "import torch, ckpt_watcher.contents"])
+    code, peak, out = peak_resident_memory(cli_command("inspect", str(big), "--json"))
 
-    assert measured["code"] == 0
-    assert json.loads(measured["out"])[0]["tensor_bytes"] == 4 * 64 * 1024 * 1024 * 4
+    assert code == 0
+    assert json.loads(out)[0]["tensor_bytes"] == 4 * 64 * 1024 * 1024 * 4
     assert size > 1 << 30
-    assert measured["peak"] < 300 * 1024 * 1024
-    assert measured["peak"] - baseline["peak"] < size / 10
+    assert peak < 300 * 1024 * 1024
+    assert peak - baseline_peak < size / 10

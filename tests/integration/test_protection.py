@@ -4,26 +4,20 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from ckpt_watcher.protection import read_config_protection
-from tests.support.cli import run_cli
+from tests.support.cli import prune_entries, run_cli
 from tests.support.daemon import running_daemon, wait_until
 from tests.support.factories import step_name, write_checkpoint
+from tests.support.hostile_trees import bind, mount_namespace, mount_namespace_reason
 
 pytestmark = pytest.mark.timeout(120)
 
 RESUME = step_name(3, 1500)
 RUN = Path("checkpoint/Custom_LLaDA/stage1_llm_pretraining")
-
-
-def _prune(cwd: Path, *arguments: str) -> subprocess.CompletedProcess[str]:
-    return run_cli("prune", *arguments, cwd=cwd)
 
 
 def _layout(tmp_path: Path, config_text: str, top_k: int = 2) -> tuple[Path, Path, Path]:
@@ -46,11 +40,6 @@ def _names(directory: Path) -> set[str]:
     return {path.name for path in directory.iterdir() if not path.name.startswith(".ckpt-watcher")}
 
 
-def _entries(completed: subprocess.CompletedProcess[str]) -> dict[str, dict[str, object]]:
-    document = json.loads(completed.stdout)
-    return {entry["name"]: entry for group in document["groups"] for entry in group["entries"]}
-
-
 @pytest.mark.parametrize("relative_to", ["working directory", "config directory", "absolute"])
 def test_resume_source_survives_twenty_newer_checkpoints_in_prune(tmp_path: Path, relative_to: str) -> None:
     value = {
@@ -62,18 +51,18 @@ def test_resume_source_survives_twenty_newer_checkpoints_in_prune(tmp_path: Path
     for step in range(2000, 12000, 500):
         write_checkpoint(run / step_name(4, step))
 
-    dry = _prune(tmp_path, "checkpoint", "--policy", str(policy), "--dry-run", "--json")
+    dry = run_cli("prune", "checkpoint", "--policy", str(policy), "--dry-run", "--json", cwd=tmp_path)
 
     assert dry.returncode == 0, dry.stderr
-    entry = _entries(dry)[RESUME]
+    entry = prune_entries(dry)[RESUME]
     assert entry["action"] == "keep"
     assert entry["reasons"] == ["resume source in ../train_llada.yaml (ckpt_path)"]
 
-    assert _prune(tmp_path, "checkpoint", "--policy", str(policy)).returncode == 0
+    assert run_cli("prune", "checkpoint", "--policy", str(policy), cwd=tmp_path).returncode == 0
     assert _names(run) == {RESUME, step_name(4, 11000), step_name(4, 11500)}
 
     config.write_text("ckpt_path: null\n")  # the run no longer resumes from it: it may go
-    assert _prune(tmp_path, "checkpoint", "--policy", str(policy)).returncode == 0
+    assert run_cli("prune", "checkpoint", "--policy", str(policy), cwd=tmp_path).returncode == 0
     assert _names(run) == {step_name(4, 11000), step_name(4, 11500)}
 
 
@@ -82,7 +71,7 @@ def test_dry_run_table_shows_the_protecting_reason(tmp_path: Path) -> None:
     for step in range(2000, 4000, 500):
         write_checkpoint(run / step_name(4, step))
 
-    dry = _prune(tmp_path, "checkpoint", "--policy", str(policy), "--dry-run")
+    dry = run_cli("prune", "checkpoint", "--policy", str(policy), "--dry-run", cwd=tmp_path)
 
     line = next(line for line in dry.stdout.splitlines() if RESUME in line)
     assert line.split()[0] == "keep"
@@ -99,7 +88,9 @@ def test_nested_and_dotted_keys_are_read(tmp_path: Path) -> None:
     for step in range(2000, 5000, 500):
         write_checkpoint(run / step_name(4, step))
 
-    entries = _entries(_prune(tmp_path, "checkpoint", "--policy", str(policy), "--dry-run", "--json"))
+    entries = prune_entries(
+        run_cli("prune", "checkpoint", "--policy", str(policy), "--dry-run", "--json", cwd=tmp_path)
+    )
 
     assert entries[RESUME]["reasons"] == ["resume source in ../train_llada.yaml (trainer.ckpt_path)"]
     assert entries[other]["reasons"] == [
@@ -116,7 +107,7 @@ def test_both_keys_set_warns_quoting_the_rule_and_protects_both(tmp_path: Path) 
     for step in range(2000, 5000, 500):
         write_checkpoint(run / step_name(4, step))
 
-    completed = _prune(tmp_path, "checkpoint", "--policy", str(policy))
+    completed = run_cli("prune", "checkpoint", "--policy", str(policy), cwd=tmp_path)
 
     assert completed.returncode == 0
     assert {RESUME, other} <= _names(run)
@@ -127,7 +118,7 @@ def test_both_keys_set_warns_quoting_the_rule_and_protects_both(tmp_path: Path) 
 def test_missing_resume_file_is_a_warning_not_an_error(tmp_path: Path) -> None:
     _, _, policy = _layout(tmp_path, f'ckpt_path: "{RUN}/epoch=09-step=009999-train.ckpt"\n')
 
-    completed = _prune(tmp_path, "checkpoint", "--policy", str(policy), "--dry-run")
+    completed = run_cli("prune", "checkpoint", "--policy", str(policy), "--dry-run", cwd=tmp_path)
 
     assert completed.returncode == 0
     warnings = [json.loads(line) for line in completed.stderr.splitlines() if "protection_warning" in line]
@@ -141,14 +132,14 @@ def test_unreadable_protect_from_config_stops_prune(tmp_path: Path) -> None:
         write_checkpoint(run / step_name(4, step))
     before = _names(run)
 
-    completed = _prune(tmp_path, "checkpoint", "--policy", str(policy))
+    completed = run_cli("prune", "checkpoint", "--policy", str(policy), cwd=tmp_path)
 
     assert completed.returncode == 2
     assert "At 'protect_from'" in completed.stderr
     assert "nothing was deleted" in completed.stderr
     assert _names(run) == before
     config.unlink()
-    assert _prune(tmp_path, "checkpoint", "--policy", str(policy)).returncode == 2
+    assert run_cli("prune", "checkpoint", "--policy", str(policy), cwd=tmp_path).returncode == 2
 
 
 def test_keep_pin_and_command_line_protect(tmp_path: Path) -> None:
@@ -157,15 +148,17 @@ def test_keep_pin_and_command_line_protect(tmp_path: Path) -> None:
         write_checkpoint(run / step_name(0, step))
     (run / (step_name(0, 500) + ".keep")).touch()
 
-    dry = _prune(tmp_path, "run", "--protect", f"run/{step_name(0, 1000)}", "--dry-run", "--json")
+    dry = run_cli(
+        "prune", "run", "--protect", f"run/{step_name(0, 1000)}", "--dry-run", "--json", cwd=tmp_path
+    )
 
-    entries = _entries(dry)
+    entries = prune_entries(dry)
     assert entries[step_name(0, 500)]["reasons"] == [f"pinned by {step_name(0, 500)}.keep"]
     assert entries[step_name(0, 1000)]["reasons"] == [f"protected by --protect run/{step_name(0, 1000)}"]
     assert entries[step_name(0, 1500)]["action"] == "delete"
 
     (run / (step_name(0, 500) + ".keep")).unlink()
-    assert _prune(tmp_path, "run").returncode == 0
+    assert run_cli("prune", "run", cwd=tmp_path).returncode == 0
     assert step_name(0, 500) not in _names(run)
 
 
@@ -175,7 +168,7 @@ def test_protect_through_a_symlinked_path_protects_the_real_file(tmp_path: Path)
         write_checkpoint(run / step_name(0, step))
     os.symlink(tmp_path / "data", tmp_path / "mnt")
 
-    completed = _prune(tmp_path, "data", "--protect", f"mnt/run/{step_name(0, 500)}")
+    completed = run_cli("prune", "data", "--protect", f"mnt/run/{step_name(0, 500)}", cwd=tmp_path)
 
     assert completed.returncode == 0
     assert step_name(0, 500) in _names(run)
@@ -193,7 +186,7 @@ def test_two_runs_under_one_root_have_their_own_policies(tmp_path: Path) -> None
     )
     (stage2 / ".ckpt-watcher.yaml").write_text("save_top_k_checkpoints: 1\n")
 
-    dry = _prune(tmp_path, "checkpoint", "--dry-run", "--json")
+    dry = run_cli("prune", "checkpoint", "--dry-run", "--json", cwd=tmp_path)
 
     document = json.loads(dry.stdout)
     sources = {Path(group["directory"]).name: group["policy_sources"] for group in document["groups"]}
@@ -203,10 +196,10 @@ def test_two_runs_under_one_root_have_their_own_policies(tmp_path: Path) -> None
         "Custom_LLaDA/.ckpt-watcher.yaml",
         "Custom_LLaDA/stage2_finetune/.ckpt-watcher.yaml",
     ]
-    table = _prune(tmp_path, "checkpoint", "--dry-run").stdout
+    table = run_cli("prune", "checkpoint", "--dry-run", cwd=tmp_path).stdout
     assert "stage2_finetune  (policy: embedded default + Custom_LLaDA/.ckpt-watcher.yaml + " in table
 
-    assert _prune(tmp_path, "checkpoint").returncode == 0
+    assert run_cli("prune", "checkpoint", cwd=tmp_path).returncode == 0
     assert len([name for name in _names(stage1) if name.endswith(".ckpt")]) == 4
     assert [name for name in _names(stage2) if name.endswith(".ckpt")] == [step_name(0, 5000)]
 
@@ -217,7 +210,7 @@ def test_invalid_per_run_policy_stops_prune(tmp_path: Path) -> None:
         write_checkpoint(root / "run" / step_name(0, step))
     (root / "run" / ".ckpt-watcher.yaml").write_text("save_top_k_checkpoints: many\n")
 
-    completed = _prune(tmp_path, "checkpoint")
+    completed = run_cli("prune", "checkpoint", cwd=tmp_path)
 
     assert completed.returncode == 2
     # A per-run file was not named on the command line: its values are described, not quoted.
@@ -234,7 +227,7 @@ def test_override_keys_fall_through_and_protection_adds_up(tmp_path: Path) -> No
     (root / ".ckpt-watcher.yaml").write_text("save_top_k_checkpoints: 3\nprotect: ['*step=000500*']\n")
     (run / ".ckpt-watcher.yaml").write_text("best_mode: max\nprotect: ['*step=001000*']\n")
 
-    entries = _entries(_prune(tmp_path, "checkpoint", "--dry-run", "--json"))
+    entries = prune_entries(run_cli("prune", "checkpoint", "--dry-run", "--json", cwd=tmp_path))
 
     kept = {name for name, entry in entries.items() if entry["action"] == "keep"}
     assert kept == {step_name(0, step) for step in (500, 1000, 4000, 4500, 5000)}
@@ -349,63 +342,32 @@ def test_a_resume_source_named_through_a_hard_link_is_kept(tmp_path: Path) -> No
     alias.parent.mkdir()
     os.link(root / "run" / step_name(0, 500), alias)
 
-    dry = _prune(tmp_path, str(root), "--policy", str(policy), "--dry-run", "--json")
-    completed = _prune(tmp_path, str(root), "--policy", str(policy))
+    dry = run_cli("prune", str(root), "--policy", str(policy), "--dry-run", "--json", cwd=tmp_path)
+    completed = run_cli("prune", str(root), "--policy", str(policy), cwd=tmp_path)
 
     assert dry.returncode == 0, dry.stderr
-    assert _entries(dry)[step_name(0, 500)]["reasons"] == ["resume source in train.yaml (ckpt_path)"]
+    assert prune_entries(dry)[step_name(0, 500)]["reasons"] == ["resume source in train.yaml (ckpt_path)"]
     assert completed.returncode == 0, completed.stderr
     assert _names(root / "run") == {step_name(0, step) for step in (500, 4500, 5000)}
 
 
-def _can_bind_mount(tmp_path: Path) -> bool:
-    if shutil.which("unshare") is None or shutil.which("mount") is None:
-        return False
-    source, target = tmp_path / "probe-source", tmp_path / "probe-target"
-    source.mkdir()
-    target.mkdir()
-    probe = subprocess.run(
-        ["unshare", "--mount", "--propagation", "private", "mount", "--bind", str(source), str(target)],
-        capture_output=True,
-        check=False,
-    )
-    source.rmdir()
-    target.rmdir()
-    return probe.returncode == 0
-
-
 def test_a_resume_source_named_through_a_bind_mount_of_the_root_is_kept(tmp_path: Path) -> None:
-    if not _can_bind_mount(tmp_path):
-        pytest.skip("needs unshare and mount with CAP_SYS_ADMIN (a private mount namespace)")
+    if (reason := mount_namespace_reason()) is not None:
+        pytest.skip(reason)
     mount_point = tmp_path / "mnt" / "volume"
     mount_point.mkdir(parents=True)
     root, policy = _alias_layout(tmp_path, f"{mount_point}/run/{step_name(0, 500)}")
     # The bind mount exists only in a private mount namespace that dies with the command.
-    script = 'mount --bind "$1" "$2" && shift 2 && exec "$@"'
-    command = ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh"]
-    prune = [sys.executable, "-m", "ckpt_watcher", "prune", str(root), "--policy", str(policy)]
+    in_namespace = mount_namespace([bind(root, mount_point)])
+    prune = ("prune", str(root), "--policy", str(policy))
 
-    dry = subprocess.run(
-        [*command, str(root), str(mount_point), *prune, "--dry-run", "--json"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    completed = subprocess.run(
-        [*command, str(root), str(mount_point), *prune],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    dry = run_cli(*prune, "--dry-run", "--json", prefix=in_namespace, cwd=tmp_path, timeout=120)
+    completed = run_cli(*prune, prefix=in_namespace, cwd=tmp_path, timeout=120)
 
     assert list(mount_point.iterdir()) == []  # the mount did not outlive its namespace
     assert dry.returncode == 0, dry.stderr
     assert "protection_warning" not in dry.stderr  # the file exists through the mount: no warning
-    assert _entries(dry)[step_name(0, 500)]["reasons"] == ["resume source in train.yaml (ckpt_path)"]
+    assert prune_entries(dry)[step_name(0, 500)]["reasons"] == ["resume source in train.yaml (ckpt_path)"]
     assert completed.returncode == 0, completed.stderr
     assert _names(root / "run") == {step_name(0, step) for step in (500, 4500, 5000)}
 
@@ -421,7 +383,7 @@ def test_a_resume_key_nested_deeper_than_four_levels_protects_its_checkpoint(tmp
     for step in range(2000, 5000, 500):
         write_checkpoint(run / step_name(4, step))
 
-    completed = _prune(tmp_path, "checkpoint", "--policy", str(policy))
+    completed = run_cli("prune", "checkpoint", "--policy", str(policy), cwd=tmp_path)
 
     assert completed.returncode == 0, completed.stderr
     assert RESUME in _names(run)
@@ -439,7 +401,7 @@ def test_a_per_run_file_naming_a_config_outside_the_root_stops_prune(tmp_path: P
         write_checkpoint(root / "run" / step_name(0, step))
     (root / "run" / ".ckpt-watcher.yaml").write_text(f"protect_from: [{secret}]\n")
 
-    completed = _prune(tmp_path, "checkpoint")
+    completed = run_cli("prune", "checkpoint", cwd=tmp_path)
 
     assert completed.returncode == 2
     assert "At 'protect_from.0': names a file outside the checkpoint root" in completed.stderr
@@ -455,7 +417,7 @@ def test_a_per_run_file_may_name_a_config_under_the_root(tmp_path: Path) -> None
     (run / "train.yaml").write_text(f"ckpt_path: {step_name(0, 500)}\n")
     (run / ".ckpt-watcher.yaml").write_text("save_top_k_checkpoints: 2\nprotect_from: [train.yaml]\n")
 
-    completed = _prune(tmp_path, "checkpoint")
+    completed = run_cli("prune", "checkpoint", cwd=tmp_path)
 
     assert completed.returncode == 0, completed.stderr
     assert _names(run) == {step_name(0, 500), step_name(0, 4500), step_name(0, 5000), "train.yaml"}

@@ -5,12 +5,10 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Iterator, MutableMapping
 from pathlib import Path
 from typing import Any
 
 import pytest
-import structlog
 from structlog.testing import LogCapture
 
 from ckpt_watcher import delete, groups
@@ -20,20 +18,9 @@ from ckpt_watcher.policy_file import InvalidPolicyFilesError
 from ckpt_watcher.protection import ProtectionRegistry
 from ckpt_watcher.reconcile import Reconciler, Trigger, prune_once
 from tests.support.factories import step_name, write_checkpoint
+from tests.support.logs import logged
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture
-def captured() -> Iterator[LogCapture]:
-    capture = LogCapture()
-    structlog.configure(processors=[capture], cache_logger_on_first_use=False)
-    yield capture
-    structlog.reset_defaults()
-
-
-def _events(capture: LogCapture, name: str) -> list[MutableMapping[str, Any]]:
-    return [entry for entry in list(capture.entries) if entry["event"] == name]
 
 
 def _daemon_core(root: Path, policy: Path | None = None, stop: threading.Event | None = None) -> Reconciler:
@@ -159,7 +146,7 @@ def test_an_invalid_per_run_policy_blocks_its_group_and_no_other(
     core.run(Trigger.RESCAN)
 
     assert first.blocked == [tmp_path / "bad"]
-    assert len(_events(captured, "group_blocked")) == 1  # logged once while it stays blocked
+    assert len(logged(captured, "group_blocked")) == 1  # logged once while it stays blocked
     assert len(_names(tmp_path / "bad")) == 8
     assert len(_names(tmp_path / "good")) == 5
     with pytest.raises(InvalidPolicyFilesError):

@@ -16,14 +16,12 @@ from typing import Any
 import pytest
 
 from ckpt_watcher.lock import PROC_LOCKS, holder_in_proc_locks
-from tests.support.cli import WITHOUT_READ_OVERRIDE, run_cli
+from tests.support.cli import WITHOUT_READ_OVERRIDE, cli_command, run_cli
 from tests.support.daemon import DaemonProcess, only_child, running_daemon, wait_until
 from tests.support.factories import best_name, step_name, write_checkpoint, zip_bytes
 from tests.support.notify_socket import NotifySocket
 
 pytestmark = pytest.mark.timeout(120)
-
-DAEMON = (sys.executable, "-m", "ckpt_watcher")
 
 
 def _names(directory: Path) -> set[str]:
@@ -373,7 +371,7 @@ def test_daemon_as_pid_1_stops_on_sigterm(root: Path, tmp_path: Path) -> None:
     probe = subprocess.run(["unshare", "--pid", "--fork", "true"], check=False, capture_output=True)
     if probe.returncode != 0:
         pytest.skip(f"cannot create a PID namespace here: {probe.stderr.decode().strip()}")
-    command = ["unshare", "--pid", "--fork", "--kill-child", sys.executable, "-m", "ckpt_watcher"]
+    command = ["unshare", "--pid", "--fork", "--kill-child", *cli_command()]
     daemon = DaemonProcess(["watch", str(root)], tmp_path / "log", command=command)
     try:
         daemon.wait_ready()
@@ -468,7 +466,7 @@ def _in_user_namespace_with_inotify_watches(limit: int) -> list[str]:
     probe = subprocess.run(["unshare", "-Ur", "sh", "-c", script, "true"], check=False, capture_output=True)
     if probe.returncode != 0:
         pytest.skip(f"cannot set a user namespace's inotify limit here: {probe.stderr.decode().strip()}")
-    return ["unshare", "-Ur", "sh", "-c", script, sys.executable, "-m", "ckpt_watcher"]
+    return ["unshare", "-Ur", "sh", "-c", script, *cli_command()]
 
 
 def test_new_directories_beyond_the_inotify_watch_limit_are_polled(root: Path, tmp_path: Path) -> None:
@@ -505,8 +503,8 @@ def test_an_unreadable_directory_is_reported_once_per_pass(root: Path, tmp_path:
     _steps(root / "readable", range(100, 800, 100))
     locked.chmod(0)
     try:
-        arguments = ["watch", str(root), "--settle", "0"]
-        with running_daemon(arguments, tmp_path / "log", command=[*WITHOUT_READ_OVERRIDE, *DAEMON]) as daemon:
+        command = [*WITHOUT_READ_OVERRIDE, *cli_command("watch", str(root), "--settle", "0")]
+        with running_daemon([], tmp_path / "log", command=command) as daemon:
             daemon.wait_ready()
             assert [problem["path"] for problem in daemon.events("scan_problem")] == [str(locked)]
             assert len(_names(root / "readable")) == 5

@@ -11,12 +11,11 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterator, MutableMapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-import structlog
 from structlog.testing import LogCapture
 from watchdog.events import FileClosedEvent
 
@@ -25,24 +24,12 @@ from ckpt_watcher.daemon import Watcher, WatchOptions
 from ckpt_watcher.policy import load_policy
 from tests.support.daemon import wait_until
 from tests.support.factories import step_name, write_checkpoint
+from tests.support.logs import logged
 from tests.support.scripted_observer import ScriptedObserver, ScriptedObservers
 
 pytestmark = pytest.mark.timeout(60)
 
 AN_HOUR_AGO = time.time() - 3600
-
-
-@pytest.fixture
-def captured() -> Iterator[LogCapture]:
-    """Every structlog event of the test, from any thread."""
-    capture = LogCapture()
-    structlog.configure(processors=[capture], cache_logger_on_first_use=False)
-    yield capture
-    structlog.reset_defaults()
-
-
-def _events(capture: LogCapture, name: str) -> list[MutableMapping[str, Any]]:
-    return [entry for entry in list(capture.entries) if entry["event"] == name]
 
 
 class RunningLoop:
@@ -83,7 +70,7 @@ class RunningLoop:
 
 
 def _started(captured: LogCapture, event: str = "watch_started") -> None:
-    wait_until(lambda: bool(_events(captured, event)), what=event)
+    wait_until(lambda: bool(logged(captured, event)), what=event)
 
 
 def _steps(directory: Path, steps: range | list[int]) -> list[Path]:
@@ -135,7 +122,7 @@ def test_a_closed_checkpoint_replans_its_own_group_and_no_other(tmp_path: Path, 
         loop.observer.deliver(FileClosedEvent(str(newest_a)))
 
         wait_until(lambda: _count(root / "a") == 5, timeout=10, what="a pruned to 5")
-        passes = [entry for entry in _events(captured, "pass_completed") if entry["trigger"] == "event"]
+        passes = [entry for entry in logged(captured, "pass_completed") if entry["trigger"] == "event"]
         assert passes[-1]["groups"] == 1
         assert _count(root / "b") == 6, "b had no event and no rescan is due: it must not be planned"
 
@@ -150,7 +137,7 @@ def test_an_inotify_overflow_plans_everything_again(tmp_path: Path, captured: Lo
         logging.getLogger("watchdog.observers.inotify_c").warning("Inotify queue overflowed")
 
         wait_until(lambda: _count(root / "a") == 5, timeout=10, what="a full pass after the overflow")
-        assert [entry["trigger"] for entry in _events(captured, "pass_completed")][-1] == "full"
+        assert [entry["trigger"] for entry in logged(captured, "pass_completed")][-1] == "full"
 
 
 class UnwatchingObserver(ScriptedObserver):
@@ -182,17 +169,17 @@ def test_a_directory_inotify_cannot_watch_is_polled_until_it_can_be(
         _started(captured)
         assert made[-1].unwatched is not None
         made[-1].unwatched(str(late))  # the watch limit was hit for this directory
-        wait_until(lambda: bool(_events(captured, "inotify_unavailable")), what="inotify_unavailable")
-        assert _events(captured, "inotify_unavailable")[0]["subtree"] == str(late)
+        wait_until(lambda: bool(logged(captured, "inotify_unavailable")), what="inotify_unavailable")
+        assert logged(captured, "inotify_unavailable")[0]["subtree"] == str(late)
 
         _steps(late, range(100, 800, 100))  # no event: only polling can see these
         wait_until(lambda: _count(late) == 5, timeout=20, what="the unwatched subtree pruned by polling")
-        assert not _events(captured, "inotify_restored")
+        assert not logged(captured, "inotify_restored")
         roots_watched = [path for _, path, recursive in made[-1].scheduled if recursive]
 
         room.set()
-        wait_until(lambda: bool(_events(captured, "inotify_restored")), timeout=20, what="inotify_restored")
-        assert _events(captured, "inotify_restored")[0]["subtree"] == str(late)
+        wait_until(lambda: bool(logged(captured, "inotify_restored")), timeout=20, what="inotify_restored")
+        assert logged(captured, "inotify_restored")[0]["subtree"] == str(late)
         assert [path for _, path, recursive in made[-1].scheduled if recursive] == roots_watched
 
 
@@ -205,7 +192,7 @@ def test_a_root_deleted_and_made_again_is_watched_by_a_new_observer(
         _started(captured)
         first = loop.observer
         shutil.rmtree(root)
-        wait_until(lambda: bool(_events(captured, "watch_path_lost")), what="watch_path_lost")
+        wait_until(lambda: bool(logged(captured, "watch_path_lost")), what="watch_path_lost")
         assert not first.is_alive()
 
         root.mkdir()
@@ -229,5 +216,5 @@ def test_a_policy_edit_applies_to_every_group_without_any_event(tmp_path: Path, 
         policy.write_text("save_top_k_checkpoints: 2\n")  # the scripted observer says nothing
 
         wait_until(lambda: _count(root / "a") == _count(root / "b") == 2, what="both groups at 2")
-        reloaded = _events(captured, "policy_reloaded")[0]
+        reloaded = logged(captured, "policy_reloaded")[0]
         assert reloaded["changes"] == {"save_top_k_checkpoints": {"old": 5, "new": 2}}

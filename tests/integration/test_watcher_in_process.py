@@ -6,12 +6,10 @@ import errno
 import logging
 import sys
 import threading
-from collections.abc import Iterator, MutableMapping
 from pathlib import Path
 from typing import Any
 
 import pytest
-import structlog
 from structlog.testing import LogCapture
 
 from ckpt_watcher.daemon import Watcher, WatchOptions
@@ -19,21 +17,10 @@ from ckpt_watcher.events import ObserverLike, default_observer_factory
 from ckpt_watcher.policy import load_policy
 from tests.support.daemon import wait_until
 from tests.support.factories import step_name, write_checkpoint
+from tests.support.logs import logged
+from tests.support.scripted_observer import ScriptedObserver
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture
-def captured() -> Iterator[LogCapture]:
-    """Every structlog event of the test, from any thread."""
-    capture = LogCapture()
-    structlog.configure(processors=[capture], cache_logger_on_first_use=False)
-    yield capture
-    structlog.reset_defaults()
-
-
-def _events(capture: LogCapture, name: str) -> list[MutableMapping[str, Any]]:
-    return [entry for entry in list(capture.entries) if entry["event"] == name]
 
 
 class RunningWatcher:
@@ -64,14 +51,14 @@ def _pruned_to_five(root: Path) -> bool:
 def test_dead_observer_is_restarted_and_pruning_goes_on(tmp_path: Path, captured: LogCapture) -> None:
     watcher = _watcher(tmp_path)
     with RunningWatcher(watcher):
-        wait_until(lambda: bool(_events(captured, "watch_started")), what="watch_started")
+        wait_until(lambda: bool(logged(captured, "watch_started")), what="watch_started")
         assert watcher.session is not None
         observer = watcher.session.root.observer
         assert observer is not None
         observer.stop()  # the observer thread dies
         observer.join(timeout=5)
 
-        wait_until(lambda: bool(_events(captured, "observer_restarted")), what="observer_restarted")
+        wait_until(lambda: bool(logged(captured, "observer_restarted")), what="observer_restarted")
         for step in range(100, 800, 100):
             write_checkpoint(tmp_path / step_name(0, step))
         wait_until(lambda: _pruned_to_five(tmp_path), what="pruning with the restarted observer")
@@ -87,9 +74,9 @@ def test_inotify_limit_falls_back_to_polling(tmp_path: Path, captured: LogCaptur
         WatchOptions(root=tmp_path, settle_seconds=0), load_policy(None), observer_factory=factory
     )
     with RunningWatcher(watcher):
-        wait_until(lambda: bool(_events(captured, "watch_started")), what="watch_started")
-        assert _events(captured, "inotify_unavailable")[0]["error"] == "inotify watch limit reached"
-        assert "inotify unavailable" in _events(captured, "watch_started")[0]["observer"]
+        wait_until(lambda: bool(logged(captured, "watch_started")), what="watch_started")
+        assert logged(captured, "inotify_unavailable")[0]["error"] == "inotify watch limit reached"
+        assert "inotify unavailable" in logged(captured, "watch_started")[0]["observer"]
         for step in range(100, 800, 100):
             write_checkpoint(tmp_path / step_name(0, step))
         wait_until(lambda: _pruned_to_five(tmp_path), what="pruning by the fallback poller")
@@ -98,53 +85,30 @@ def test_inotify_limit_falls_back_to_polling(tmp_path: Path, captured: LogCaptur
 def test_inotify_overflow_triggers_a_full_rescan(tmp_path: Path, captured: LogCapture) -> None:
     watcher = _watcher(tmp_path)
     with RunningWatcher(watcher):
-        wait_until(lambda: bool(_events(captured, "watch_started")), what="watch_started")
+        wait_until(lambda: bool(logged(captured, "watch_started")), what="watch_started")
         logging.getLogger("watchdog.observers.inotify_c").warning(
             "Inotify queue overflowed; filesystem events were lost"
         )
         wait_until(
-            lambda: any(entry["trigger"] == "full" for entry in _events(captured, "pass_completed")),
+            lambda: any(entry["trigger"] == "full" for entry in logged(captured, "pass_completed")),
             what="a full rescan after the overflow",
         )
-        assert _events(captured, "event_queue_overflow")
+        assert logged(captured, "event_queue_overflow")
 
 
 def test_periodic_rescan_finds_what_no_event_announced(tmp_path: Path, captured: LogCapture) -> None:
     """Events are hints: with no observer events at all, the rescan still prunes."""
-
-    class DeafObserver:
-        def __init__(self) -> None:
-            self._alive = threading.Event()
-
-        def schedule(self, event_handler: Any, path: str, *, recursive: bool = False) -> None:
-            return None
-
-        def unschedule(self, watch: Any) -> None:
-            return None
-
-        def start(self) -> None:
-            self._alive.set()
-
-        def stop(self) -> None:
-            self._alive.clear()
-
-        def join(self, timeout: float | None = None) -> None:
-            return None
-
-        def is_alive(self) -> bool:
-            return self._alive.is_set()
-
     watcher = Watcher(
         WatchOptions(root=tmp_path, settle_seconds=0, rescan_seconds=0.3),
         load_policy(None),
-        observer_factory=lambda interval: DeafObserver(),
+        observer_factory=ScriptedObserver,  # delivers nothing unless a test tells it to
     )
     with RunningWatcher(watcher):
-        wait_until(lambda: bool(_events(captured, "watch_started")), what="watch_started")
+        wait_until(lambda: bool(logged(captured, "watch_started")), what="watch_started")
         for step in range(100, 800, 100):
             write_checkpoint(tmp_path / step_name(0, step))
         wait_until(lambda: _pruned_to_five(tmp_path), what="pruning by the periodic rescan")
-        assert any(entry["trigger"] == "rescan" for entry in _events(captured, "pass_completed"))
+        assert any(entry["trigger"] == "rescan" for entry in logged(captured, "pass_completed"))
 
 
 class CallCounter:
@@ -175,7 +139,7 @@ def _work_for_a_burst_of_new_directories(root: Path, captured: LogCapture, count
     thread = threading.Thread(target=counter.run_profiled, args=(watcher,), name="test-worker")
     thread.start()
     try:
-        wait_until(lambda: bool(_events(captured, "watch_started")), timeout=60, what="watch_started")
+        wait_until(lambda: bool(logged(captured, "watch_started")), timeout=60, what="watch_started")
         counter.counting = True
         for index in range(count):
             (root / f"new-{index:05d}").mkdir()
@@ -199,3 +163,75 @@ def test_a_burst_of_new_directories_costs_linear_work(tmp_path: Path, captured: 
     large = _work_for_a_burst_of_new_directories(tmp_path / "large", captured, 1200)
 
     assert large / small < 7, f"{small} calls for 300 new directories, {large} for 1200"
+
+
+def test_without_any_observer_the_daemon_arms_and_serves_by_rescans(
+    tmp_path: Path, captured: LogCapture
+) -> None:
+    """Neither inotify nor polling can be set up (here: a RecursionError from a walk, as watchdog's
+    raised on a deep tree): the daemon arms anyway, rescans everything every 5 s, and watches again as
+    soon as an observer can be set up."""
+    observers_work = threading.Event()
+
+    def factory(poll_interval: float | None) -> ObserverLike:
+        if not observers_work.is_set():
+            raise RecursionError("maximum recursion depth exceeded")
+        return default_observer_factory(poll_interval)
+
+    watcher = Watcher(
+        WatchOptions(root=tmp_path, settle_seconds=0), load_policy(None), observer_factory=factory
+    )
+    with RunningWatcher(watcher):
+        wait_until(lambda: bool(logged(captured, "watch_started")), what="watch_started")
+        warning = logged(captured, "watch_incomplete")[0]
+        assert (warning["observer"], warning["subtree"]) == ("none", str(tmp_path))
+        assert "RecursionError" in warning["error"]
+        assert logged(captured, "watch_started")[0]["observer"] == "none: rescanning every 5 s"
+        for step in range(100, 800, 100):
+            write_checkpoint(tmp_path / step_name(0, step))
+        wait_until(lambda: _pruned_to_five(tmp_path), what="pruning by a rescan")
+
+        observers_work.set()
+        wait_until(lambda: bool(logged(captured, "watch_restored")), timeout=45, what="watch_restored")
+        assert logged(captured, "watch_restored")[0]["observer"] == "inotify"
+        assert len(logged(captured, "watch_incomplete")) == 1  # said once, not at every try
+        assert not logged(captured, "worker_error")
+
+
+@pytest.mark.parametrize("poll_interval", [None, 0.1], ids=["inotify", "polling"])
+def test_a_failure_inside_an_observer_thread_is_logged_and_rescans_and_watching_goes_on(
+    tmp_path: Path, captured: LogCapture, monkeypatch: pytest.MonkeyPatch, poll_interval: float | None
+) -> None:
+    """An exception in the thread that reads inotify events (or polls) ended that thread: no event
+    ever again, silently. It is logged, a full rescan is asked for, and the thread goes on."""
+    from watchdog.observers.polling import PollingEmitter
+
+    from ckpt_watcher.inotify_observer import DeepSafeWatchGroup
+
+    failures = [RuntimeError("a walk failed")]
+
+    def fail_once(original: Any) -> Any:
+        def failing(self: Any, *arguments: Any) -> Any:
+            if failures:
+                raise failures.pop()
+            return original(self, *arguments)
+
+        return failing
+
+    if poll_interval is None:  # watchdog's handling of one inotify event raises
+        monkeypatch.setattr(DeepSafeWatchGroup, "on_event", fail_once(DeepSafeWatchGroup.on_event))
+    else:  # watchdog's poll raises
+        monkeypatch.setattr(PollingEmitter, "queue_events", fail_once(PollingEmitter.queue_events))
+    watcher = _watcher(tmp_path, poll_interval=poll_interval)
+    with RunningWatcher(watcher):
+        wait_until(lambda: bool(logged(captured, "watch_started")), what="watch_started")
+        (tmp_path / "first-event.txt").write_text("its event is the one that fails")
+        wait_until(lambda: bool(logged(captured, "event_handler_failed")), what="event_handler_failed")
+        wait_until(
+            lambda: any(entry["trigger"] == "full" for entry in logged(captured, "pass_completed")),
+            what="a full rescan after the failure",
+        )
+        for step in range(100, 800, 100):
+            write_checkpoint(tmp_path / step_name(0, step))
+        wait_until(lambda: _pruned_to_five(tmp_path), what="pruning by events after the failure")
+        assert not logged(captured, "worker_error")

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
-import sys
-import textwrap
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from tests.support.cli import cli_command, log_records
 
 DEFAULT_TIMEOUT = 30.0
 
@@ -31,11 +30,6 @@ def only_child(pid: int) -> int:
 
     wait_until(found, timeout=10, what=f"the child of {pid}")
     return children[0]
-
-
-def run_snippet(code: str, *arguments: str, timeout: float = 240) -> None:
-    """Run a dedented Python snippet in a child interpreter (e.g. to write checkpoints with torch)."""
-    subprocess.run([sys.executable, "-c", textwrap.dedent(code), *arguments], check=True, timeout=timeout)
 
 
 def wait_until(condition: Callable[[], bool], timeout: float = DEFAULT_TIMEOUT, what: str = "") -> None:
@@ -72,7 +66,7 @@ class DaemonProcess:
         self._log_file = log_path.open("wb")
         self._stdout_file = self.stdout_path.open("wb")
         self.process = subprocess.Popen(
-            [*(command or [sys.executable, "-m", "ckpt_watcher"]), *arguments],
+            [*(command or cli_command()), *arguments],
             stdout=self._stdout_file,
             stderr=self._log_file,
             stdin=subprocess.DEVNULL,
@@ -83,15 +77,7 @@ class DaemonProcess:
     def records(self) -> list[LogRecord]:
         """Every complete JSON line logged so far (a line being written is left for later)."""
         text = self.log_path.read_text(errors="replace")
-        records = []
-        for line in text.splitlines(keepends=True):
-            if not line.endswith("\n") or not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                records.append({"event": "<not json>", "line": line})
-        return records
+        return log_records(text[: text.rfind("\n") + 1])
 
     def events(self, event: str) -> list[LogRecord]:
         """The records with this event name."""

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import io
 import os
+import subprocess
+import time
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
 
 from ckpt_watcher.naming import DEFAULT_NAMING, Kind, Naming
-from ckpt_watcher.records import CheckpointRecord, EntryType, FileIdentity, name_fields
+from ckpt_watcher.records import DELETING_PREFIX, CheckpointRecord, EntryType, FileIdentity, name_fields
 
 _inode_counter = iter(range(1, 10**9))
 
@@ -78,3 +81,35 @@ def write_truncated(path: Path, payload: bytes = b"weights" * 100) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data[: len(data) // 2])
     return path
+
+
+def directory_checkpoint(
+    path: Path, shards: Mapping[str, bytes] | None = None, *, complete: bool = True
+) -> Path:
+    """A DeepSpeed-style directory checkpoint: ``checkpoint/`` with a zip file per shard (name ->
+    payload; one ``mp_rank_00_model_states.pt`` by default), then ``latest``, written last (not at all
+    unless ``complete``)."""
+    (path / "checkpoint").mkdir(parents=True)
+    for name, payload in (shards or {"mp_rank_00_model_states.pt": b"weights"}).items():
+        write_checkpoint(path / "checkpoint" / name, payload)
+    if complete:
+        (path / "latest").write_text("checkpoint")
+    return path
+
+
+def backdate_tree(top: Path, seconds: float = 3600) -> Path:
+    """Make everything in ``top`` (itself included) ``seconds`` old, so directory checkpoints are past
+    their quiet time. ``find -execdir`` works at any depth, never follows a link and opens nothing."""
+    when = f"@{time.time() - seconds:.0f}"
+    subprocess.run(
+        ["find", str(top), "-execdir", "touch", "-h", "-c", "-d", when, "{}", "+"],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    return top
+
+
+def leftovers(directory: Path) -> list[str]:
+    """The names of the removals' leftovers (``.ckpt-watcher-deleting-*``) in ``directory``."""
+    return sorted(name for name in os.listdir(directory) if name.startswith(DELETING_PREFIX))

@@ -1,98 +1,14 @@
-"""Hostile inputs and bounded runs for the adversarial tests: doctored archives, odd names, memory limits.
-
-Every run here is a real ``python -m ckpt_watcher`` process with a timeout; a memory case runs it
-under ``resource.setrlimit(RLIMIT_AS, ...)`` set by a small wrapper just before ``exec``.
-"""
+"""Hostile inputs for the adversarial tests: doctored archives, odd names, a file system without
+directory locks. (They run the CLI with ``tests.support.cli.run_cli``.)"""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 import sys
 import textwrap
 import zipfile
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
-
-COMMAND_TIMEOUT = 120.0
-
-# Sets RLIMIT_AS, then becomes the command (argv[2:]), so the limit covers the whole run.
-_LIMIT_WRAPPER = textwrap.dedent(
-    """
-    import os, resource, sys
-    limit = int(sys.argv[1])
-    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-    os.execv(sys.executable, [sys.executable, *sys.argv[2:]])
-    """
-)
-
-# Runs a command line of ckpt-watcher in-process, then appends its peak address space (bytes) to argv[1].
-_PEAK_PROBE = textwrap.dedent(
-    """
-    import sys
-    from ckpt_watcher.cli import main
-    code = main(sys.argv[2:])
-    with open("/proc/self/status") as status:
-        peak = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmPeak:"))
-    with open(sys.argv[1], "w") as out:
-        out.write(str(peak))
-    sys.exit(code)
-    """
-)
-
-
-def strict_utf8_environment(extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The environment of a process whose stdout and stderr refuse anything that is not UTF-8."""
-    environment = {**os.environ, "PYTHONIOENCODING": "utf-8:strict", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
-    environment.update(extra or {})
-    return environment
-
-
-def run_ckpt_watcher(
-    arguments: Sequence[str],
-    *,
-    environment: Mapping[str, str] | None = None,
-    timeout: float = COMMAND_TIMEOUT,
-    interpreter: Sequence[str] = (sys.executable,),
-) -> subprocess.CompletedProcess[bytes]:
-    """``python -m ckpt_watcher ARGUMENTS`` as a real process; output kept as bytes to check encodings.
-
-    ``interpreter`` is what runs ``-m ckpt_watcher ...`` (e.g. a wrapper that sets a limit first).
-    """
-    return subprocess.run(
-        [*interpreter, "-m", "ckpt_watcher", *arguments],
-        capture_output=True,
-        timeout=timeout,
-        check=False,
-        env=dict(environment) if environment is not None else None,
-    )
-
-
-def peak_address_space(arguments: Sequence[str], scratch: Path) -> int:
-    """Peak virtual memory (VmPeak) of a process that ran ``ckpt-watcher ARGUMENTS`` in-process."""
-    out = scratch / "peak.txt"
-    subprocess.run(
-        [sys.executable, "-c", _PEAK_PROBE, str(out), *arguments],
-        capture_output=True,
-        timeout=COMMAND_TIMEOUT,
-        check=False,
-    )
-    return int(out.read_text())
-
-
-def run_with_address_space_limit(
-    arguments: Sequence[str], limit: int, *, timeout: float = COMMAND_TIMEOUT
-) -> subprocess.CompletedProcess[bytes]:
-    """``python -m ckpt_watcher ARGUMENTS`` with at most ``limit`` bytes of address space."""
-    interpreter = [sys.executable, "-c", _LIMIT_WRAPPER, str(limit)]
-    return run_ckpt_watcher(arguments, interpreter=interpreter, timeout=timeout)
-
-
-def json_records(stderr: bytes) -> list[dict[str, Any]]:
-    """The JSON log lines of a run (stderr is not a terminal, so every record is one JSON line)."""
-    return [json.loads(line) for line in stderr.decode("utf-8").splitlines() if line.startswith("{")]
 
 
 def strings_in(value: Any) -> Iterator[str]:

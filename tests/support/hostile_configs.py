@@ -1,19 +1,6 @@
-"""Hostile inputs for config files, and a way to run the CLI bounded in time and memory."""
+"""Hostile inputs for config files: YAML bombs and documents nested too deep."""
 
 from __future__ import annotations
-
-import os
-import resource
-import subprocess
-import sys
-from pathlib import Path
-
-# Enough for the CLI (about 40 MiB resident, 200 MiB of address space), far too little for a bomb.
-DEFAULT_MEMORY_LIMIT = 512 * 1024 * 1024
-DEFAULT_TIME_LIMIT = 60.0
-
-# What a command that failed the user, rather than telling them why, prints.
-TRACEBACK = "Traceback (most recent call last)"
 
 
 def alias_bomb(levels: int = 9, fanout: int = 9, key: str = "trainer") -> str:
@@ -61,33 +48,3 @@ def deep_block(levels: int, leaf: str = "ckpt_path: x") -> str:
     lines = [" " * level + f"k{level}:" for level in range(levels)]
     lines.append(" " * levels + leaf)
     return "\n".join(lines) + "\n"
-
-
-def make_fifo(path: Path) -> Path:
-    """A named pipe at ``path`` that nobody writes to: reading it blocks forever."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    os.mkfifo(path)
-    return path
-
-
-def limit_memory(limit: int = DEFAULT_MEMORY_LIMIT) -> None:
-    """Cap the address space of the calling process (for ``preexec_fn``)."""
-    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-
-
-def run_cli(
-    *arguments: str,
-    cwd: Path | None = None,
-    timeout: float = DEFAULT_TIME_LIMIT,
-    memory: int = DEFAULT_MEMORY_LIMIT,
-) -> subprocess.CompletedProcess[str]:
-    """``python -m ckpt_watcher ARGUMENTS`` under an address-space limit; TimeoutExpired on a hang."""
-    return subprocess.run(
-        [sys.executable, "-m", "ckpt_watcher", *arguments],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-        preexec_fn=lambda: limit_memory(memory),
-    )

@@ -15,14 +15,13 @@ import shlex
 import socket
 import stat
 import subprocess
-import sys
 from collections.abc import Sequence
-from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
-PYTHON = sys.executable
-COMMAND_TIMEOUT = 120.0
+from tests.support.cli import run_command
+from tests.support.factories import backdate_tree, directory_checkpoint, step_name, zip_bytes
+
 _DIRECTORY_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -100,6 +99,7 @@ def make_deep_directory(top: Path, depth: int, *, leaf_files: int = 1) -> None:
 
 def make_fifo(path: Path) -> Path:
     """A named pipe with no writer: opening it for reading blocks forever."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     os.mkfifo(path)
     return path
 
@@ -138,13 +138,7 @@ def make_sparse(path: Path, size: int, tail: bytes = b"") -> Path:
 def mount_namespace_reason() -> str | None:
     """None if this process may make bind mounts in a private mount namespace, else why not."""
     try:
-        completed = subprocess.run(
-            ["unshare", "--mount", "--propagation", "private", "true"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
-        )
+        completed = run_command(["unshare", "--mount", "--propagation", "private", "true"], timeout=30)
     except (OSError, subprocess.TimeoutExpired) as error:
         return f"unshare is not usable: {error}"
     if completed.returncode != 0:
@@ -152,121 +146,31 @@ def mount_namespace_reason() -> str | None:
     return None
 
 
-def namespace_command(mounts: Sequence[str], command: Sequence[str]) -> list[str]:
-    """``command`` run in a private mount namespace after the shell ``mounts`` commands (the same
-    process: ``unshare`` and ``sh`` exec into it, so signals reach it directly)."""
+def mount_namespace(mounts: Sequence[str]) -> list[str]:
+    """A prefix that runs a command in a private mount namespace after the shell ``mounts`` commands
+    (the same process: ``unshare`` and ``sh`` exec into it, so signals reach it directly). The mounts
+    vanish with the namespace when the command ends, so a failed test leaves none behind."""
     script = "set -e\n" + "\n".join(mounts) + '\nexec "$@"\n'
-    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", *command]
-
-
-def in_mount_namespace(
-    mounts: Sequence[str],
-    command: Sequence[str],
-    *,
-    timeout: float = COMMAND_TIMEOUT,
-    cwd: Path | None = None,
-) -> subprocess.CompletedProcess[str]:
-    """Run ``command`` in a private mount namespace after the shell ``mounts`` commands.
-
-    The mounts vanish with the namespace when the command ends, so a failed test leaves none behind.
-    """
-    return subprocess.run(
-        namespace_command(mounts, command),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-        cwd=cwd,
-    )
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh"]
 
 
 def bind(source: Path, target: Path, *, read_only: bool = False) -> str:
-    """The shell command that bind-mounts ``source`` on ``target`` (for ``in_mount_namespace``)."""
+    """The shell command that bind-mounts ``source`` on ``target`` (for ``mount_namespace``)."""
     command = f"mount --bind {shlex.quote(str(source))} {shlex.quote(str(target))}"
     if read_only:
         command += f"\nmount -o remount,bind,ro {shlex.quote(str(target))}"
     return command
 
 
-def prune_command(*arguments: str) -> list[str]:
-    """``python -m ckpt_watcher prune ...`` as an argument list."""
-    return [PYTHON, "-m", "ckpt_watcher", "prune", *arguments]
-
-
-def run_prune(*arguments: str, timeout: float = COMMAND_TIMEOUT) -> subprocess.CompletedProcess[str]:
-    """Run ``prune`` as a real process, bounded in time."""
-    return subprocess.run(
-        prune_command(*arguments), capture_output=True, text=True, timeout=timeout, check=False
-    )
-
-
-def assert_clean_exit(
-    completed: subprocess.CompletedProcess[str], allowed: Sequence[int] = (0, 1, 2)
-) -> None:
-    """Every command exits 0, 1 or 2, with no traceback."""
-    assert completed.returncode in allowed, (completed.returncode, completed.stderr[-3000:])
-    assert "Traceback" not in completed.stderr, completed.stderr[-3000:]
-
-
-def json_records(stderr: str) -> list[dict[str, object]]:
-    """The JSON log records in a command's stderr (other lines are ignored)."""
-    import json
-
-    records = []
-    for line in stderr.splitlines():
-        with suppress(ValueError):
-            value = json.loads(line)
-            if isinstance(value, dict):
-                records.append(value)
-    return records
-
-
-def events(stderr: str, event: str) -> list[dict[str, object]]:
-    """The log records of one event name."""
-    return [record for record in json_records(stderr) if record.get("event") == event]
-
-
 def set_immutable(path: Path, immutable: bool = True, *, recursive: bool = False) -> bool:
     """``chattr +i`` (or ``-i``): even root cannot unlink an immutable file. False if unsupported."""
     options = ["-R"] if recursive else []
-    completed = subprocess.run(
-        ["chattr", *options, "+i" if immutable else "-i", str(path)], capture_output=True, check=False
-    )
-    return completed.returncode == 0
+    return run_command(["chattr", *options, "+i" if immutable else "-i", str(path)]).returncode == 0
 
 
 def remove_deep(path: Path) -> None:
     """Remove a tree of any depth (pytest's own clean-up recurses, and fails past ~1000 levels)."""
-    subprocess.run(
-        ["rm", "-rf", "--one-file-system", str(path)], capture_output=True, check=False, timeout=300
-    )
-
-
-def limited(command: Sequence[str], address_space: int) -> list[str]:
-    """``command`` (a Python one: ``[python, -m, ...]``) run under RLIMIT_AS = ``address_space`` bytes."""
-    setup = (
-        "import os, resource, sys; "
-        f"resource.setrlimit(resource.RLIMIT_AS, ({address_space}, {address_space})); "
-        "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"
-    )
-    return [command[0], "-c", setup, *command[1:]]
-
-
-def run_limited(
-    command: Sequence[str], address_space: int, timeout: float = COMMAND_TIMEOUT
-) -> subprocess.CompletedProcess[str]:
-    """Run a Python command bounded in memory (RLIMIT_AS) and time."""
-    return subprocess.run(
-        limited(command, address_space), capture_output=True, text=True, timeout=timeout, check=False
-    )
-
-
-def prune_entries(completed: subprocess.CompletedProcess[str]) -> dict[str, dict[str, object]]:
-    """Entries of a ``prune --json`` document by name."""
-    import json
-
-    document = json.loads(completed.stdout)
-    return {entry["name"]: entry for group in document["groups"] for entry in group["entries"]}
+    run_command(["rm", "-rf", "--one-file-system", str(path)], timeout=300)
 
 
 @dataclass
@@ -280,40 +184,17 @@ class HostileTree:
     plain_group: Path | None = None
 
 
-def _step(epoch: int, step: int) -> str:
-    return f"epoch={epoch:02d}-step={step:06d}-train.ckpt"
-
-
-def _zip(payload: bytes) -> bytes:
-    import io
-    import zipfile
-
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED) as archive:
-        archive.writestr("archive/data.pkl", payload)
-        archive.writestr("archive/data/0", payload * 8)
-    return buffer.getvalue()
-
-
-def _directory_checkpoint(path: Path, files: int = 2) -> Path:
-    (path / "checkpoint").mkdir(parents=True)
-    for index in range(files):
-        (path / "checkpoint" / f"shard_{index}.pt").write_bytes(_zip(b"shard %d" % index))
-    (path / "latest").write_text("checkpoint")
-    return path
-
-
 def build_hostile_tree(
     root: Path, outside: Path, *, seed: int, with_mounts: bool, deepest: int = 1200
 ) -> HostileTree:
     """Everything an attacker or an unlucky operator can leave in a checkpoint tree, in a random mix.
 
     Symlinks in every position (a group, a checkpoint name, last.ckpt to ``/``, to a FIFO, dangling,
-    looping, inside a directory checkpoint), FIFOs, sockets, devices, sparse and pre-sized files,
-    download markers, non-UTF-8 and newline names, deep nesting, a huge directory, and (``with_mounts``,
-    for a private mount namespace) a bind mount inside a directory checkpoint. ``outside`` gets a
-    sentinel tree the links and mounts point into. ``deepest`` is the depth of the deepest directory
-    checkpoint.
+    looping, at the head of a chain longer than the recursion limit, inside a directory checkpoint),
+    FIFOs, sockets, devices, sparse and pre-sized files, download markers, non-UTF-8 and newline names,
+    deep nesting, a huge directory, and (``with_mounts``, for a private mount namespace) a bind mount
+    inside a directory checkpoint. ``outside`` gets a sentinel tree the links and mounts point into.
+    ``deepest`` is the depth of the deepest directory checkpoint.
     """
     chooser = random.Random(seed)  # noqa: S311  (a reproducible test tree, not a secret)
     make_sentinel(outside)
@@ -324,7 +205,7 @@ def build_hostile_tree(
     plain = root / "plain"
     plain.mkdir(parents=True)
     for step in range(100, 1000, 100):
-        (plain / _step(0, step)).write_bytes(_zip(b"step %d" % step))
+        (plain / step_name(0, step)).write_bytes(zip_bytes(b"step %d" % step))
     tree.plain_group = plain
 
     builders = [
@@ -342,52 +223,45 @@ def build_hostile_tree(
         group.mkdir()
         builder(group, outside, chooser, deepest)
     if with_mounts:
-        holder = _directory_checkpoint(root / "mounted" / _step(0, 100))
+        holder = _directory_checkpoint(root / "mounted" / step_name(0, 100))
         (holder / "dataset").mkdir()
         for step in range(200, 900, 100):
-            _directory_checkpoint(root / "mounted" / _step(0, step))
+            _directory_checkpoint(root / "mounted" / step_name(0, step))
         tree.mounts.append(
             f"mount --bind {shlex.quote(str(outside / 'dataset'))} {shlex.quote(str(holder / 'dataset'))}"
         )
         tree.mount_holders.append(holder)
-    _backdate_tree(root)
+    backdate_tree(root)
     return tree
-
-
-def _backdate_tree(top: Path) -> None:
-    """Directory checkpoints count only after 30 quiet seconds: make everything an hour old (``find
-    -execdir`` works at any depth, never follows a link and opens nothing)."""
-    subprocess.run(
-        ["find", str(top), "-execdir", "touch", "-h", "-c", "-d", "1 hour ago", "{}", "+"],
-        check=True,
-        capture_output=True,
-        timeout=300,
-    )
 
 
 def _symlinks_everywhere(group: Path, outside: Path, chooser: random.Random, deepest: int) -> None:
     del deepest
     for step in range(100, 800, 100):
-        (group / _step(1, step)).write_bytes(_zip(b"x"))
+        (group / step_name(1, step)).write_bytes(zip_bytes(b"x"))
     os.symlink(outside, group / "linked-run")  # a group that is a symlink
-    os.symlink(outside / "precious.ckpt", group / _step(0, 100))
+    os.symlink(outside / "precious.ckpt", group / step_name(0, 100))
     os.symlink("/", group / "last.ckpt")
     os.symlink(outside / "pipe", group / "last-v1.ckpt")
     os.symlink(group / "nowhere", group / "last-v2.ckpt")
-    os.symlink(_step(0, 201), group / _step(0, 200))  # a loop of two
-    os.symlink(_step(0, 200), group / _step(0, 201))
-    os.symlink(outside / "nested", group / _step(0, 300))  # a checkpoint name for an outside directory
-    os.symlink("/dev/zero", group / _step(0, chooser.choice([400, 500])))
+    os.symlink(step_name(0, 201), group / step_name(0, 200))  # a loop of two
+    os.symlink(step_name(0, 200), group / step_name(0, 201))
+    os.symlink(outside / "nested", group / step_name(0, 300))  # a checkpoint name for an outside directory
+    os.symlink("/dev/zero", group / step_name(0, chooser.choice([400, 500])))
+    chain = chooser.randint(1100, 1500)  # a chain of links longer than the recursion limit
+    for index in range(chain):
+        os.symlink(f"chain-{index + 1}" if index < chain - 1 else step_name(1, 100), group / f"chain-{index}")
+    os.symlink("chain-0", group / "last-v3.ckpt")
 
 
 def _special_files(group: Path, outside: Path, chooser: random.Random, deepest: int) -> None:
     del deepest
     del outside
-    (group / _step(2, 900)).write_bytes(_zip(b"newest"))
-    make_fifo(group / _step(2, 100))
-    make_socket(group / _step(2, 200))
-    make_device(group / _step(2, 300))
-    make_fifo(group / f"{_step(2, 400)}.aria2")
+    (group / step_name(2, 900)).write_bytes(zip_bytes(b"newest"))
+    make_fifo(group / step_name(2, 100))
+    make_socket(group / step_name(2, 200))
+    make_device(group / step_name(2, 300))
+    make_fifo(group / f"{step_name(2, 400)}.aria2")
     os.mkfifo(group / ".ckpt-watcher-deleting-i1-fifo")
     if chooser.random() < 0.5:
         make_fifo(group / "last.ckpt")
@@ -397,29 +271,31 @@ def _downloads_in_progress(group: Path, outside: Path, chooser: random.Random, d
     del deepest
     del outside
     for step in (100, 200):
-        (group / _step(3, step)).write_bytes(_zip(b"complete"))
-    data = _zip(os.urandom(64 << 10))
-    make_sparse(group / _step(3, 300), len(data), data[-4096:])
-    (group / _step(3, 400)).write_bytes(data)
-    (group / f"{_step(3, 400)}{chooser.choice(['.aria2', '.part', '.incomplete', '.st'])}").write_bytes(b"")
-    (group / _step(3, 500)).write_bytes(data[: len(data) // 2])
-    (group / f"{_step(3, 600)}.tmp").write_bytes(data)
+        (group / step_name(3, step)).write_bytes(zip_bytes(b"complete"))
+    data = zip_bytes(os.urandom(64 << 10))
+    make_sparse(group / step_name(3, 300), len(data), data[-4096:])
+    (group / step_name(3, 400)).write_bytes(data)
+    (group / f"{step_name(3, 400)}{chooser.choice(['.aria2', '.part', '.incomplete', '.st'])}").write_bytes(
+        b""
+    )
+    (group / step_name(3, 500)).write_bytes(data[: len(data) // 2])
+    (group / f"{step_name(3, 600)}.tmp").write_bytes(data)
 
 
 def _awkward_names(group: Path, outside: Path, chooser: random.Random, deepest: int) -> None:
     del deepest
     del outside, chooser
     for step in range(100, 800, 100):
-        (group / _step(4, step)).write_bytes(_zip(b"y"))
+        (group / step_name(4, step)).write_bytes(zip_bytes(b"y"))
     raw = os.fsencode(group)
     for name in (b"epoch=04-step=000900-train\xff.ckpt", b"\xfe\xfd.ckpt", b"last\x80.ckpt"):
         with open(raw + b"/" + name, "wb") as stream:
-            stream.write(_zip(b"non-utf-8"))
-    (group / f"{_step(4, 950)}\nepoch=04-step=000001-train.ckpt").write_bytes(_zip(b"newline"))
+            stream.write(zip_bytes(b"non-utf-8"))
+    (group / f"{step_name(4, 950)}\nepoch=04-step=000001-train.ckpt").write_bytes(zip_bytes(b"newline"))
     odd = Path(os.fsdecode(raw + b"/run-\xff"))
     odd.mkdir()
     for step in range(100, 800, 100):
-        (odd / _step(4, step)).write_bytes(_zip(b"z"))
+        (odd / step_name(4, step)).write_bytes(zip_bytes(b"z"))
 
 
 def _deep_nesting(group: Path, outside: Path, chooser: random.Random, deepest: int) -> None:
@@ -429,11 +305,11 @@ def _deep_nesting(group: Path, outside: Path, chooser: random.Random, deepest: i
         current = current / f"l{level}"
     current.mkdir(parents=True)
     for step in range(100, 800, 100):
-        (current / _step(5, step)).write_bytes(_zip(b"deep"))
-    checkpoint = _directory_checkpoint(group / _step(5, 100))
+        (current / step_name(5, step)).write_bytes(zip_bytes(b"deep"))
+    checkpoint = _directory_checkpoint(group / step_name(5, 100))
     make_deep_directory(checkpoint / "checkpoint" / "nested", depth=deepest)
     for step in range(200, 800, 100):
-        _directory_checkpoint(group / _step(5, step))
+        _directory_checkpoint(group / step_name(5, step))
 
 
 def _huge_directory(group: Path, outside: Path, chooser: random.Random, deepest: int) -> None:
@@ -444,7 +320,7 @@ def _huge_directory(group: Path, outside: Path, chooser: random.Random, deepest:
     steps = list(range(100, 3000, 100))
     chooser.shuffle(steps)
     for step in steps:
-        (group / _step(6, step)).write_bytes(_zip(b"h"))
+        (group / step_name(6, step)).write_bytes(zip_bytes(b"h"))
 
 
 def _directory_checkpoints_with_traps(
@@ -452,10 +328,14 @@ def _directory_checkpoints_with_traps(
 ) -> None:
     del deepest
     for step in range(100, 800, 100):
-        checkpoint = _directory_checkpoint(group / _step(7, step))
+        checkpoint = _directory_checkpoint(group / step_name(7, step))
         os.symlink(outside / "precious.ckpt", checkpoint / "checkpoint" / "link-to-file.pt")
         os.symlink(outside / "nested", checkpoint / "checkpoint" / "link-to-directory")
         make_fifo(checkpoint / "checkpoint" / "pipe")
         os.link(outside / "nested" / "data.bin", checkpoint / "checkpoint" / "hard-link.bin")
-    unfinished = _directory_checkpoint(group / _step(7, 900), files=chooser.randint(1, 3))
+    unfinished = _directory_checkpoint(group / step_name(7, 900), files=chooser.randint(1, 3))
     (unfinished / "latest").unlink()
+
+
+def _directory_checkpoint(path: Path, files: int = 2) -> Path:
+    return directory_checkpoint(path, {f"shard_{index}.pt": b"shard %d" % index for index in range(files)})

@@ -17,7 +17,7 @@ from ckpt_watcher.plan import Plan, plan
 from ckpt_watcher.policy import Policy
 from ckpt_watcher.records import DELETING_PREFIX
 from ckpt_watcher.scan import ScanOptions, scan_tree
-from tests.support.factories import step_name, write_checkpoint
+from tests.support.factories import directory_checkpoint, leftovers, step_name, write_checkpoint
 from tests.support.hostile_trees import make_deep_directory, remove_deep, set_immutable
 
 pytestmark = pytest.mark.timeout(120)
@@ -26,20 +26,13 @@ KEEP_ONE = Policy(save_top_k_checkpoints=1)
 QUIET = ScanOptions(directory_quiet_seconds=0.0)
 
 
-def directory_checkpoint(path: Path) -> Path:
+def deepspeed(path: Path) -> Path:
     """A finished DeepSpeed-style directory checkpoint (``latest`` written last)."""
-    (path / "checkpoint").mkdir(parents=True)
-    write_checkpoint(path / "checkpoint" / "mp_rank_00_model_states.pt", payload=b"m" * 512)
-    (path / "latest").write_text("checkpoint")
-    return path
+    return directory_checkpoint(path, {"mp_rank_00_model_states.pt": b"m" * 512})
 
 
 def plan_of(root: Path) -> Plan:
     return plan(scan_tree(root, KEEP_ONE.compiled_naming, QUIET).records, KEEP_ONE)
-
-
-def leftovers(directory: Path) -> list[str]:
-    return sorted(name for name in os.listdir(directory) if name.startswith(DELETING_PREFIX))
 
 
 @pytest.fixture(autouse=True)
@@ -68,10 +61,10 @@ def make_immutable(path: Path, registry: list[Path]) -> None:
 def test_a_directory_checkpoint_deeper_than_the_recursion_limit_is_removed(
     tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
-    old = directory_checkpoint(tmp_path / step_name(0, 100))
+    old = deepspeed(tmp_path / step_name(0, 100))
     make_deep_directory(old / "checkpoint" / "nested", depth=1500)
     request.addfinalizer(lambda: remove_deep(tmp_path))  # pytest's clean-up recurses
-    directory_checkpoint(tmp_path / step_name(0, 200))
+    deepspeed(tmp_path / step_name(0, 200))
     the_plan = plan_of(tmp_path)
     assert [decision.record.name for decision in the_plan.deletions] == [old.name]
 
@@ -84,12 +77,12 @@ def test_a_directory_checkpoint_deeper_than_the_recursion_limit_is_removed(
 def test_a_removal_that_fails_halfway_is_a_failure_naming_what_remains(
     tmp_path: Path, immutable_paths: list[Path]
 ) -> None:
-    old = directory_checkpoint(tmp_path / step_name(0, 100))
+    old = deepspeed(tmp_path / step_name(0, 100))
     (old / "checkpoint" / "sub").mkdir()
     stuck = old / "checkpoint" / "sub" / "stuck.pt"
     stuck.write_bytes(b"s" * 100)
     (old / "checkpoint" / "sub" / "other.pt").write_bytes(b"o" * 100)
-    directory_checkpoint(tmp_path / step_name(0, 200))
+    deepspeed(tmp_path / step_name(0, 200))
     the_plan = plan_of(tmp_path)
     make_immutable(stuck, immutable_paths)
 
@@ -129,13 +122,13 @@ def test_leftovers_the_tool_did_not_make_are_never_removed(tmp_path: Path) -> No
     foreign = tmp_path / f"{DELETING_PREFIX}1234-{step_name(0, 100)}"
     (foreign / "data").mkdir(parents=True)
     (foreign / "data" / "weights.pt").write_bytes(b"w" * 100)
-    directory_checkpoint(tmp_path / "run" / step_name(0, 100))
-    directory_checkpoint(tmp_path / "run" / step_name(0, 200))
+    deepspeed(tmp_path / "run" / step_name(0, 100))
+    deepspeed(tmp_path / "run" / step_name(0, 200))
     the_plan = plan(scan_tree(tmp_path / "run", KEEP_ONE.compiled_naming, QUIET).records, KEEP_ONE)
     assert apply_plan(the_plan, tmp_path / "run").deleted
     # A copy of a removal in progress (as `cp -a` of a run directory makes): a new inode.
     source = tmp_path / "made-by-the-tool"
-    directory_checkpoint(source)
+    deepspeed(source)
     copy = tmp_path / f"{DELETING_PREFIX}i{os.stat(source).st_ino}-{step_name(0, 300)}"
     shutil.copytree(source, copy, symlinks=True)
 

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator
 
 import pytest
-import structlog
 from structlog.testing import LogCapture
 from watchdog.events import (
     DirCreatedEvent,
@@ -77,14 +75,6 @@ def test_each_event_becomes_the_work_it_means(
     assert batch.trees == trees
     assert batch.reload is reload
     assert not batch.full_rescan
-
-
-@pytest.fixture
-def captured() -> Iterator[LogCapture]:
-    capture = LogCapture()
-    structlog.configure(processors=[capture], cache_logger_on_first_use=False)
-    yield capture
-    structlog.reset_defaults()
 
 
 def test_a_handler_failure_is_logged_and_never_reaches_the_observer(captured: LogCapture) -> None:

@@ -2,20 +2,29 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import os
+import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 
-from ckpt_watcher.filesystem import NotRegularFileError, _unescape_octal, open_regular, summarize_tree
+from ckpt_watcher.filesystem import (
+    NotRegularFileError,
+    PathResolver,
+    _unescape_octal,
+    open_regular,
+    real_path,
+    summarize_tree,
+)
+from tests.support.cli import run_command
 from tests.support.hostile_trees import (
-    PYTHON,
     bind,
-    in_mount_namespace,
     make_fifo,
     make_sentinel,
+    mount_namespace,
     mount_namespace_reason,
 )
 
@@ -85,9 +94,11 @@ def test_a_bind_mount_of_the_same_file_system_is_found(tmp_path: Path, with_stat
         print(json.dumps({"mounts": summary.mount_points, "bytes": summary.bytes}))
         """
     )
-    completed = in_mount_namespace(
-        [bind(outside, checkpoint / "dataset")],
-        [PYTHON, "-c", snippet, str(checkpoint), "statx" if with_statx else "no-statx"],
+    completed = run_command(
+        [
+            *mount_namespace([bind(outside, checkpoint / "dataset")]),
+            *[sys.executable, "-c", snippet, str(checkpoint), "statx" if with_statx else "no-statx"],
+        ],
         cwd=Path.cwd(),
     )
 
@@ -110,9 +121,112 @@ def test_a_directory_that_is_itself_a_mount_point_is_found(tmp_path: Path) -> No
         print(json.dumps(filesystem.summarize_tree("checkpoint", dir_fd=parent).mount_points))
         """
     )
-    completed = in_mount_namespace(
-        [bind(outside, group / "checkpoint")], [PYTHON, "-c", snippet, str(group)], cwd=Path.cwd()
+    completed = run_command(
+        [*mount_namespace([bind(outside, group / "checkpoint")]), sys.executable, "-c", snippet, str(group)],
+        cwd=Path.cwd(),
     )
 
     assert completed.returncode == 0, completed.stderr
     assert json.loads(completed.stdout) == ["."]
+
+
+@pytest.fixture
+def links(tmp_path: Path) -> Path:
+    """Relative, absolute, dangling, looping and chained symlinks, and ``..`` through a link."""
+    (tmp_path / "real" / "inner").mkdir(parents=True)
+    (tmp_path / "real" / "file").write_text("x")
+    os.symlink("real", tmp_path / "relative")
+    os.symlink(tmp_path / "real" / "file", tmp_path / "absolute")
+    os.symlink("nowhere", tmp_path / "dangling")
+    os.symlink("loop-b", tmp_path / "loop-a")
+    os.symlink("loop-a", tmp_path / "loop-b")
+    os.symlink("relative/inner", tmp_path / "chain-1")
+    os.symlink("chain-1/..", tmp_path / "chain-2")
+    return tmp_path
+
+
+REAL_PATH_CASES = [
+    "real/file",
+    "relative",
+    "relative/file",
+    "absolute",
+    "dangling",
+    "dangling/below",
+    "loop-a",
+    "loop-a/below",
+    "chain-2/file",
+    "relative/../absolute",
+    "missing/../relative/./inner/",
+    ".",
+]
+
+
+@pytest.mark.parametrize("name", REAL_PATH_CASES)
+def test_real_path_resolves_as_os_path_realpath(links: Path, name: str) -> None:
+    assert real_path(links / name) == Path(os.path.realpath(links / name))
+    assert real_path(str(links / name)) == Path(os.path.realpath(links / name))
+
+
+def test_one_resolver_for_many_paths_resolves_each_as_os_path_realpath(links: Path) -> None:
+    """Except that a link inside a loop may resolve to the other link of the loop (neither exists)."""
+    resolver = PathResolver()
+    names = [*REAL_PATH_CASES, *reversed(REAL_PATH_CASES), "loop-b", "chain-1", "chain-2"]
+    for name in names:
+        resolved = resolver.resolve(links / name)
+        if name.startswith("loop-"):
+            below = name.removeprefix("loop-a").removeprefix("loop-b")
+            assert resolved in {links / f"loop-a{below}", links / f"loop-b{below}"}, name
+        else:
+            assert resolved == Path(os.path.realpath(links / name)), name
+
+
+def test_real_path_of_a_relative_name_starts_at_the_working_directory(
+    links: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(links)
+    assert real_path("relative/file") == links / "real" / "file"
+
+
+def test_real_path_follows_a_chain_of_links_far_longer_than_the_recursion_limit(tmp_path: Path) -> None:
+    """os.path.realpath (Python 3.11) recurses once per link: a chain of 1,500 raised RecursionError
+    in every command that resolves a link in the tree (a ``last.ckpt`` at its head, say)."""
+    (tmp_path / "target.ckpt").write_text("x")
+    for index in range(1500):
+        os.symlink(f"link-{index + 1}" if index < 1499 else "target.ckpt", tmp_path / f"link-{index}")
+
+    assert real_path(tmp_path / "link-0") == tmp_path / "target.ckpt"
+
+
+def test_nothing_in_the_package_resolves_paths_with_os_path_realpath() -> None:
+    """Every resolution goes through ``real_path`` (a recursive one is one symlink chain from a crash)."""
+    package = Path(__file__).parents[2] / "ckpt_watcher"
+    users = [
+        f"{source.name}:{node.lineno}"
+        for source in sorted(package.glob("*.py"))
+        for node in ast.walk(ast.parse(source.read_text()))
+        if isinstance(node, ast.Attribute) and node.attr == "realpath"
+    ]
+    assert users == []
+
+
+def test_one_resolver_resolves_each_link_of_a_chain_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every link of a chain listed and resolved (a directory's links are): N link reads, not N²."""
+    (tmp_path / "target.ckpt").write_text("x")
+    for index in range(300):
+        os.symlink(f"link-{index + 1}" if index < 299 else "target.ckpt", tmp_path / f"link-{index}")
+    reads: list[str] = []
+    real_readlink = os.readlink
+
+    def counting_readlink(path: str) -> str:
+        reads.append(path)
+        return real_readlink(path)
+
+    monkeypatch.setattr(os, "readlink", counting_readlink)
+    resolver = PathResolver()
+
+    targets = {resolver.resolve(tmp_path / f"link-{index}") for index in range(300)}
+
+    assert targets == {tmp_path / "target.ckpt"}
+    assert len(reads) == 300

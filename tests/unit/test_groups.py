@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
 
 from ckpt_watcher.groups import GroupIndex
 from ckpt_watcher.naming import DEFAULT_NAMING, Naming
+from ckpt_watcher.records import DELETING_PREFIX
 
 ROOT = Path("/ckpt")
 HUGGING_FACE = Naming.from_templates(step="checkpoint-{step}")
@@ -28,6 +30,13 @@ GROUP_OF = [
     (ROOT / "run" / "checkpoint-400" / "trainer_state.json", HUGGING_FACE, ROOT / "run"),
     (ROOT / "run" / "checkpoint-400", HUGGING_FACE, ROOT / "run"),
     (ROOT / "run" / "checkpoints" / "x", HUGGING_FACE, ROOT / "run" / "checkpoints"),  # not a step name
+    # inside the leftover of a removal (renamed before it is emptied): the group it was deleted from
+    (
+        ROOT / "run" / f"{DELETING_PREFIX}i7-epoch=00-step=000100-train.ckpt" / "a" / "b",
+        DEFAULT_NAMING,
+        ROOT / "run",
+    ),
+    (ROOT / "run" / f"{DELETING_PREFIX}i7-checkpoint-400" / "zero" / "x", HUGGING_FACE, ROOT / "run"),
     (ROOT, DEFAULT_NAMING, None),
     # the trash (and a trash at any depth: another root's) is never a group, nor inside one
     (ROOT / ".ckpt-trash", DEFAULT_NAMING, None),
@@ -114,3 +123,70 @@ def test_rechecks_keep_the_earliest_time_and_are_taken_once_due() -> None:
     assert index.take_due_rechecks(4.0) == {ROOT / "a"}
     assert index.take_due_rechecks(4.0) == set()
     assert index.next_recheck() == 9.0
+
+
+DEEP = 1200
+
+
+class CountingNaming:
+    """A naming lookup that counts its calls, and can set ``stop`` at the given call."""
+
+    def __init__(self, stop: threading.Event | None = None, stop_at: int = 0) -> None:
+        self.calls = 0
+        self._stop = stop
+        self._stop_at = stop_at
+
+    def __call__(self, directory: Path) -> Naming:
+        self.calls += 1
+        if self._stop is not None and self.calls >= self._stop_at:
+            self._stop.set()
+        return DEFAULT_NAMING
+
+
+def _events_of_removing(*tops: Path, depth: int = DEEP) -> list[str]:
+    """The file paths inotify reports while a directory ``depth`` levels deep is emptied."""
+    files = []
+    for top in tops:
+        directory = str(top / "nested")
+        for _ in range(depth):
+            files.append(f"{directory}/f0")
+            directory += "/d"
+    return files
+
+
+def test_the_events_of_removing_a_deep_checkpoint_cost_a_lookup_per_group_not_per_ancestor() -> None:
+    """The daemon's own removal of a directory checkpoint 1,200 levels deep: each event's path is as
+    deep as its file, and finding its group looked up the naming of every ancestor (720,000 lookups
+    per 1,200 events, minutes of the worker's time before it honoured SIGTERM)."""
+    naming = CountingNaming()
+    index = GroupIndex(ROOT, naming)
+    run = ROOT / "run"
+    files = _events_of_removing(
+        run / "epoch=00-step=000100-train.ckpt", run / f"{DELETING_PREFIX}i7-epoch=00-step=000100-train.ckpt"
+    )
+
+    assert index.touched(files, [], []) == {run}
+    assert naming.calls <= 3  # the root's and run's naming, once each: nothing per event or per level
+
+
+def test_a_burst_of_events_in_a_deep_plain_tree_costs_a_lookup_per_directory() -> None:
+    naming = CountingNaming()
+    index = GroupIndex(ROOT, naming)
+    directories = [str(ROOT / "deep") + "/d" * level for level in range(DEEP)]
+    files = [f"{directory}/epoch=00-step=000100-train.ckpt" for directory in directories]
+
+    assert index.touched(files, [], []) == {Path(directory) for directory in directories}
+    assert naming.calls <= len(directories) + 1
+
+
+def test_a_stop_is_honoured_between_two_events() -> None:
+    stop = threading.Event()
+    naming = CountingNaming(stop, stop_at=10)
+    index = GroupIndex(ROOT, naming)
+    files = [str(ROOT / f"run-{index}" / "epoch=00-step=000100-train.ckpt") for index in range(1000)]
+
+    touched = index.touched(files, [], [], stop=stop)
+
+    assert stop.is_set()
+    assert naming.calls == 10  # the event in hand is finished, no other is begun
+    assert len(touched) <= 10

@@ -15,7 +15,8 @@ from structlog.testing import capture_logs
 
 from ckpt_watcher.overrides import MINIMUM_SWEEP, OVERRIDE_FILE_NAME, PolicyTree
 from ckpt_watcher.policy import load_policy
-from tests.support.hostile_configs import make_fifo, sequence_bomb
+from tests.support.hostile_configs import sequence_bomb
+from tests.support.hostile_trees import make_fifo
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -27,10 +27,10 @@ from tests.support.hostile_configs import (
     alias_bomb,
     deep_block,
     deep_flow,
-    make_fifo,
     merge_bomb,
     sequence_bomb,
 )
+from tests.support.hostile_trees import make_fifo
 
 RETENTION_KEYS = (
     "save_top_k_checkpoints",

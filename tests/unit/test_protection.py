@@ -20,7 +20,8 @@ from ckpt_watcher.protection import (
 )
 from ckpt_watcher.records import CheckpointRecord, FileIdentity
 from tests.support.factories import make_record, step_name
-from tests.support.hostile_configs import alias_bomb, deep_block, make_fifo, merge_bomb
+from tests.support.hostile_configs import alias_bomb, deep_block, merge_bomb
+from tests.support.hostile_trees import make_fifo
 
 pytestmark = pytest.mark.timeout(60)
 

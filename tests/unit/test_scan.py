@@ -17,7 +17,7 @@ from ckpt_watcher.naming import DEFAULT_NAMING
 from ckpt_watcher.policy import DEFAULT_POLICY
 from ckpt_watcher.records import CheckpointRecord, EntryType
 from ckpt_watcher.scan import CompletenessCache, ScanOptions, scan_directory, scan_tree
-from tests.support.factories import step_name, write_checkpoint, write_truncated
+from tests.support.factories import directory_checkpoint, step_name, write_checkpoint, write_truncated
 from tests.support.hostile_trees import make_deep_directory, make_device, make_fifo, make_socket, remove_deep
 
 pytestmark = pytest.mark.timeout(60)
@@ -46,18 +46,15 @@ def backdate(path: Path) -> Path:
     return path
 
 
-def directory_checkpoint(path: Path) -> Path:
-    (path / "checkpoint").mkdir(parents=True)
-    write_checkpoint(path / "checkpoint" / "model.pt", payload=b"m" * 300)
-    (path / "latest").write_text("checkpoint")
-    return path
+def one_shard_checkpoint(path: Path) -> Path:
+    return directory_checkpoint(path, {"model.pt": b"m" * 300})
 
 
 @pytest.mark.parametrize("suffix", DOWNLOAD_MARKERS)
 def test_a_download_tool_marker_beside_a_checkpoint_makes_it_incomplete(tmp_path: Path, suffix: str) -> None:
     name = step_name(0, 100)
     write_checkpoint(tmp_path / name)
-    directory_checkpoint(tmp_path / step_name(0, 200))
+    one_shard_checkpoint(tmp_path / step_name(0, 200))
     (tmp_path / f"{name}{suffix}").write_bytes(b"download state")
     (tmp_path / f"{step_name(0, 200)}{suffix}").write_bytes(b"download state")
 
@@ -155,7 +152,7 @@ def test_a_checkpoint_that_changes_after_it_counted_is_logged_and_judged_again(t
 
 def test_last_link_judged_by_its_targets_record_in_the_same_group(tmp_path: Path) -> None:
     """A directory checkpoint still inside its quiet time is not complete, and neither is a link to it."""
-    fresh = directory_checkpoint(tmp_path / step_name(0, 200))
+    fresh = one_shard_checkpoint(tmp_path / step_name(0, 200))
     truncated = write_truncated(tmp_path / step_name(0, 100))
     os.symlink(fresh.name, tmp_path / "last.ckpt")
     os.symlink(truncated.name, tmp_path / "last-v1.ckpt")
@@ -171,7 +168,7 @@ def test_last_link_judged_by_its_targets_record_in_the_same_group(tmp_path: Path
 
 def test_a_link_to_a_directory_outside_its_group_is_never_walked(tmp_path: Path) -> None:
     """`last.ckpt -> /` used to walk the whole file system on every pass; the target's atime tells."""
-    outside = directory_checkpoint(tmp_path / "outside" / "somewhere")
+    outside = one_shard_checkpoint(tmp_path / "outside" / "somewhere")
     if os.statvfs(outside).f_flag & os.ST_NOATIME:
         pytest.skip("this file system does not record access times")
     ancient = 1_000_000_000
@@ -231,7 +228,7 @@ def test_fifos_sockets_and_devices_with_checkpoint_names_never_hang_a_scan(tmp_p
 def test_a_directory_checkpoint_deeper_than_path_max_is_summed(
     tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
-    checkpoint = directory_checkpoint(tmp_path / step_name(0, 100))
+    checkpoint = one_shard_checkpoint(tmp_path / step_name(0, 100))
     request.addfinalizer(lambda: remove_deep(tmp_path))  # pytest's clean-up recurses
     make_deep_directory(checkpoint / "checkpoint" / "nested", depth=2200)  # ~4.4 KB of path
 

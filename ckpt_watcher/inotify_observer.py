@@ -1,0 +1,163 @@
+"""The inotify observer the daemon uses (Linux): lean, deep-safe, and telling which directories it missed.
+
+* Lean: only the events the router acts on are asked of the kernel (no opens, reads, modifications or
+  attribute changes: the start-up reconcile opens every checkpoint, and a multi-GB write is thousands of
+  IN_MODIFY), and full move events: a file renamed in from outside the tree (Lightning's atomic save)
+  is a move with no source, so it counts at once rather than after the settle time.
+* Deep-safe: watchdog's walks of the tree (adding the watches of a tree, the contents of a directory
+  that appeared) are ``walk_tree``, which never recurses. For a directory moved within or into the tree,
+  watchdog would walk it to make up an event for every entry inside; the router rescans a moved tree
+  itself, so only the move is reported.
+* Telling: a subdirectory watchdog could not watch is otherwise skipped silently. One left out by the
+  watch limit (``fs.inotify.max_user_watches``) is reported to the daemon, which polls it; one that
+  cannot be watched at all (a path longer than PATH_MAX) is named in a ``watch_incomplete`` warning and
+  left to the rescan. An exception while handling an event is logged and asks for a full rescan
+  instead of ending the thread that reads every event.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Callable
+from typing import Any
+
+from watchdog.events import (
+    DirCreatedEvent,
+    DirDeletedEvent,
+    DirModifiedEvent,
+    DirMovedEvent,
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileDeletedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+)
+from watchdog.observers.api import DEFAULT_OBSERVER_TIMEOUT, BaseObserver
+from watchdog.observers.inotify import InotifyFullEmitter, InotifyObserver, InotifyWatchGroup
+from watchdog.observers.inotify_c import InotifyConstants, InotifyEvent, InotifyFD, Mask
+from watchdog.observers.inotify_move_event_grouper import GroupedInotifyEvent, PathedInotifyEvent
+
+from ckpt_watcher.observers import LostEventsCallback, UnwatchedOnce, report_thread_failure, walk_tree
+
+# What the router uses from inotify (see the module docstring).
+INOTIFY_EVENTS: list[type[FileSystemEvent]] = [
+    FileCreatedEvent,
+    FileDeletedEvent,
+    FileMovedEvent,
+    FileClosedEvent,
+    DirCreatedEvent,
+    DirDeletedEvent,
+    DirMovedEvent,
+]
+_CREATED_DIRECTORY = Mask(InotifyConstants.IN_CREATE | InotifyConstants.IN_ISDIR)
+
+
+class ReportingInotifyFD(InotifyFD):
+    """An inotify instance that reports the watches it could not add and survives its callbacks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unwatched: Callable[[str], None] | None = None
+        self.lost_events: LostEventsCallback | None = None
+        self._unwatchable = UnwatchedOnce("inotify")
+
+    def add_callback(self, path: bytes, *arguments: Any) -> Any:
+        try:
+            return super().add_callback(path, *arguments)
+        except OSError as error:
+            if error.errno == errno.ENOSPC:
+                if self.unwatched is not None:
+                    self.unwatched(os.fsdecode(path))  # polled by the daemon until a watch fits
+            else:
+                self._unwatchable.report(path, error)
+            raise
+
+    def handle_event(self, event: InotifyEvent) -> None:
+        try:
+            super().handle_event(event)
+        except Exception:
+            report_thread_failure("inotify", self.lost_events)
+
+
+class DeepSafeWatchGroup(InotifyWatchGroup):
+    """watchdog's watch group with its two walks of the tree made iterative (same results)."""
+
+    def _add_all_callbacks(self, path: bytes) -> None:
+        is_directory = os.path.isdir(path)
+        self._add_callback(path)
+        if not (is_directory and self.is_recursive):
+            return
+        for directory, names, _ in walk_tree(path, follow_symlinks=self.follow_symlink):
+            for name in names:
+                subdirectory = os.path.join(directory, name)
+                if self.follow_symlink or not os.path.islink(subdirectory):
+                    self._add_callback(subdirectory)
+
+    def _recursive_simulate(self, src_path: bytes) -> list[InotifyEvent]:
+        """Creation events for what a new directory already held when its watch was added."""
+        events: list[InotifyEvent] = []
+        for directory, names, files in walk_tree(src_path, follow_symlinks=self.follow_symlink):
+            watch = self._active_callbacks_by_path.get(directory)
+            if watch is None:
+                continue  # not watched: its own creation event reports its contents
+            events.extend(InotifyEvent(watch, _CREATED_DIRECTORY, 0, name) for name in names)
+            events.extend(InotifyEvent(watch, InotifyConstants.IN_CREATE, 0, name) for name in files)
+        return events
+
+
+class DeepSafeInotifyEmitter(InotifyFullEmitter):
+    """The full-move-events emitter on ``DeepSafeWatchGroup``; a moved directory is one event."""
+
+    def on_thread_start(self) -> None:
+        self._inotify = DeepSafeWatchGroup(
+            self._inotify_fd,
+            os.fsencode(self.watch.path),
+            is_recursive=self.watch.is_recursive,
+            event_mask=self.get_event_mask_from_filter(),
+            follow_symlink=self.watch.follow_symlink,
+        )
+
+    def build_and_queue_event(self, event: GroupedInotifyEvent, *, full_events: bool = True) -> None:
+        moved = _moved_directory(event)
+        if moved is None or not self.watch.is_recursive:
+            super().build_and_queue_event(event, full_events=full_events)
+            return
+        source, destination = (self._decode_path(path) if path else "" for path in moved)
+        self.queue_event(DirMovedEvent(source, destination))
+        for path in (source, destination):
+            if path:
+                self.queue_event(DirModifiedEvent(os.path.dirname(path)))
+
+
+def _moved_directory(event: GroupedInotifyEvent) -> tuple[bytes, bytes] | None:
+    """(source, destination) of a directory moved within the tree or in from outside it, else None."""
+    if isinstance(event, PathedInotifyEvent):
+        if event.ev.is_moved_to and event.ev.is_directory:
+            return b"", event.path
+        return None
+    move_from, move_to = event
+    return (move_from.path, move_to.path) if move_from.ev.is_directory else None
+
+
+class DeepSafeInotifyObserver(InotifyObserver):
+    """InotifyObserver on ``ReportingInotifyFD`` and ``DeepSafeInotifyEmitter``, lean by default."""
+
+    def __init__(self) -> None:  # InotifyObserver.__init__, with the reporting instance and emitter
+        self._inotify_fd = self._reporting = ReportingInotifyFD()
+        self._inotify_fd.start()
+        BaseObserver.__init__(
+            self, DeepSafeInotifyEmitter, timeout=DEFAULT_OBSERVER_TIMEOUT, inotify_fd=self._inotify_fd
+        )
+
+    def report_unwatched_to(self, callback: Callable[[str], None] | None) -> None:
+        """``callback`` gets each directory the watch limit left out (from watchdog's threads)."""
+        self._reporting.unwatched = callback
+
+    def report_lost_events_to(self, callback: LostEventsCallback | None) -> None:
+        """``callback`` is called when handling an event failed (events may be lost)."""
+        self._reporting.lost_events = callback
+
+    def schedule(self, event_handler: Any, path: Any, *, recursive: bool = False, **options: Any) -> Any:
+        options.setdefault("event_filter", INOTIFY_EVENTS)
+        return super().schedule(event_handler, path, recursive=recursive, **options)
