@@ -86,7 +86,7 @@ def test_a_key_a_path_cannot_name_faithfully_gets_no_path(key: str) -> None:
     assert StorageURL("s3", "bucket", "").path_of(key) is None
 
 
-_CHARACTERS = st.characters(blacklist_characters="/\x00", blacklist_categories=("Cs",))
+_CHARACTERS = st.characters(exclude_characters="/\x00", exclude_categories=["Cs"])
 _COMPONENT = st.text(alphabet=_CHARACTERS, min_size=1, max_size=12).filter(
     lambda part: part not in {".", ".."}
 )
