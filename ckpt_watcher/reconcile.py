@@ -18,7 +18,6 @@ Each path it could not read is logged once per pass (``scan_problem``).
 from __future__ import annotations
 
 import enum
-import os
 import threading
 import time
 from collections import defaultdict
@@ -28,17 +27,19 @@ from pathlib import Path
 
 import structlog
 
-from ckpt_watcher.delete import ApplyResult, Outcome, apply_group, finish_leftovers
+from ckpt_watcher.config_access import LOCAL_FILES, ConfigAccess
+from ckpt_watcher.delete import ApplyResult, Outcome
 from ckpt_watcher.groups import GroupIndex, GroupState
-from ckpt_watcher.links import LinkPins, link_reasons, list_links
+from ckpt_watcher.links import LinkPins, link_reasons
 from ckpt_watcher.naming import Kind
 from ckpt_watcher.overrides import OVERRIDE_FILE_NAME, EffectivePolicy, PolicyTree
 from ckpt_watcher.plan import GroupPlan, Plan, Summary, plan
 from ckpt_watcher.policy import LoadedPolicy, PolicyError
 from ckpt_watcher.policy_file import InvalidPolicyFilesError
-from ckpt_watcher.protection import ProtectionError, ProtectionRegistry, identities_of
+from ckpt_watcher.protection import ProtectionError, ProtectionRegistry
 from ckpt_watcher.records import CheckpointRecord, display_name
-from ckpt_watcher.scan import ScanOptions, ScanProblem, ScanStopped, scan_directory, walk_directories
+from ckpt_watcher.scan import ScanOptions, ScanProblem, ScanStopped
+from ckpt_watcher.storage import LocalStorage, Storage, StorageUnavailableError
 
 logger = structlog.get_logger("ckpt_watcher.reconcile")
 
@@ -65,7 +66,8 @@ class PassResult:
 
     The counts are always there. Every decision (``the_plan``) and every outcome (``applied``) are kept
     only when the pass was asked to (``prune``'s table and JSON): a daemon's pass over 100,000
-    checkpoints holds one group at a time. ``applied`` is None for a dry run.
+    checkpoints holds one group at a time. ``applied`` is None for a dry run. ``storage_error`` says
+    why a store could not be read whole (the pass then planned and deleted nothing).
     """
 
     trigger: Trigger
@@ -82,6 +84,7 @@ class PassResult:
     applied: ApplyResult | None = None
     interrupted: bool = False
     seconds: float = 0.0
+    storage_error: str | None = None
 
     @property
     def the_plan(self) -> Plan:
@@ -114,15 +117,19 @@ def prune_once(
     settle_seconds: float,
     dry_run: bool,
     working_directory: Path,
+    storage: Storage | None = None,
+    files: ConfigAccess = LOCAL_FILES,
 ) -> PassResult:
     """``prune``: one strict pass over ``root``; an invalid policy or protect_from file anywhere raises
-    InvalidPolicyFilesError before anything is deleted."""
+    InvalidPolicyFilesError before anything is deleted. ``storage`` and ``files`` are where the tree
+    and its config files are (a bucket; by default the disk)."""
     reconciler = Reconciler(
-        PolicyTree(root, loaded, strict=True),
-        ProtectionRegistry(working_directory),
+        PolicyTree(root, loaded, strict=True, files=files),
+        ProtectionRegistry(working_directory, files=files),
         pins=pins,
         settle_seconds=settle_seconds,
         one_shot=True,
+        storage=storage,
     )
     return reconciler.run(Trigger.PRUNE, dry_run=dry_run, keep_plan=True)
 
@@ -133,7 +140,8 @@ class Reconciler:
     ``one_shot`` (prune): policy and protect_from errors raise, nothing is cached and no detection is
     logged. Otherwise (the daemon) an invalid edit is logged and the last good version stays in force.
     ``stop`` ends a pass between two deletions (or inside a long scan); ``progress`` is called
-    between groups (the liveness keep-alive of a long pass).
+    between groups (the liveness keep-alive of a long pass). ``storage`` does the pass's I/O (a
+    directory tree on disk unless given; storage.py).
     """
 
     def __init__(
@@ -146,8 +154,10 @@ class Reconciler:
         one_shot: bool,
         stop: threading.Event | None = None,
         progress: Callable[[], None] | None = None,
+        storage: Storage | None = None,
     ) -> None:
         self.root = tree.root
+        self.storage: Storage = storage if storage is not None else LocalStorage()
         self.tree = tree
         self.registry = registry
         self.index = GroupIndex(tree.root, tree.naming_for)
@@ -180,6 +190,7 @@ class Reconciler:
             result.group_plans = []
             result.applied = None if dry_run else ApplyResult()
         try:
+            self.storage.begin_pass()
             selected = self._all_groups(dry_run, result) if trigger.covers_everything else set(groups)
             effective, result.blocked = self._policies(selected)
             if self._refresh_protection(trigger) and not trigger.covers_everything:
@@ -190,6 +201,8 @@ class Reconciler:
             self._plan_groups(effective, self._link_pins(effective), closed, dry_run, result)
         except ScanStopped:
             result.interrupted = True
+        except StorageUnavailableError as error:  # nothing was deleted: the listing came first
+            result.storage_error = str(error)
         finally:
             self._log_problems()
         result.seconds = time.monotonic() - started
@@ -199,7 +212,7 @@ class Reconciler:
         """Every directory below the root; forget the ones that are gone, finish interrupted removals."""
         problems: list[ScanProblem] = []
         groups: set[Path] = set()
-        for directory in walk_directories(self.root, self.tree.naming_for, problems):
+        for directory in self.storage.walk_directories(self.root, self.tree.naming_for, problems):
             if self._stop is not None and self._stop.is_set():
                 raise ScanStopped(str(directory))
             groups.add(directory)
@@ -211,7 +224,7 @@ class Reconciler:
         self.tree.retain(groups)
         if not dry_run:
             for group in sorted(groups):
-                leftovers = finish_leftovers(self.root, group, reported=self._foreign_leftovers)
+                leftovers = self.storage.finish_leftovers(self.root, group, reported=self._foreign_leftovers)
                 result.leftovers_remaining += sum(not leftover.removed for leftover in leftovers)
         return groups
 
@@ -221,7 +234,7 @@ class Reconciler:
         effective: dict[Path, EffectivePolicy] = {}
         blocked: list[Path] = []
         for group in sorted(groups):
-            if not os.path.isdir(group) or os.path.islink(group):
+            if not self.storage.is_group(group):
                 self.index.forget(group)
                 continue
             value = self.tree.for_directory(group)
@@ -257,7 +270,7 @@ class Reconciler:
         pins = LinkPins()
         now = time.monotonic()
         for group, value in effective.items():
-            links = list_links(group, self.root, value.policy.compiled_naming)
+            links = self.storage.list_links(group, self.root, value.policy.compiled_naming)
             targets = link_reasons(links)
             self.index.set_link_targets(group, targets)
             pins.add(targets, owner=group)
@@ -275,7 +288,7 @@ class Reconciler:
     ) -> None:
         """Scan, plan and apply each group in turn, so a pass holds one group's records at a time."""
         pins = {**self._command_line_pins, **self.registry.pins()}
-        pinned_identities = identities_of(pins)
+        pinned_identities = self.storage.identities_of(pins)
         closed_in: dict[Path, set[Path]] = defaultdict(set)
         for path in closed:
             closed_in[path.parent].add(path)
@@ -309,7 +322,7 @@ class Reconciler:
             settle_seconds=self._settle_seconds, now=wall_now, closed_paths=closed, verify=value.policy.verify
         )
         cache = None if self._one_shot else state.cache
-        records = scan_directory(
+        records = self.storage.scan_directory(
             self.root, group, value.policy.compiled_naming, options, cache, problems, stop=self._stop
         )
         self._note_problems(problems)
@@ -334,7 +347,7 @@ class Reconciler:
     # -- applying ---------------------------------------------------------------------------------
 
     def _apply(self, group_plan: GroupPlan) -> ApplyResult:
-        applied = ApplyResult(apply_group(group_plan, self.root, stop=self._stop))
+        applied = ApplyResult(self.storage.apply_group(group_plan, self.root, stop=self._stop))
         applied.interrupted = len(applied.results) < len(group_plan.deletions)
         for result in applied.results:
             if result.outcome is Outcome.CHANGED:  # changed since it was planned: plan it again soon
