@@ -17,13 +17,15 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import structlog
 
-from ckpt_watcher.events import Batch, Inbox, ObserverFactory, default_observer_factory
+from ckpt_watcher.events import Batch, Inbox, ObserverFactory, ObserverLike, default_observer_factory
+from ckpt_watcher.locations import StorageURL
 from ckpt_watcher.lock import DirectoryLock, LockHeldError, LockUnusableError
 from ckpt_watcher.notify import Liveness, Notifier
 from ckpt_watcher.overrides import PolicyTree
@@ -53,14 +55,31 @@ class WatchOptions:
     settle_seconds: float = 5.0
     rescan_seconds: float = 300.0
     heartbeat: Path | None = None
-    protect: tuple[Path, ...] = ()
+    protect: tuple[Path | StorageURL, ...] = ()
+
+
+class WatchedRoot(Protocol):
+    """What the loop needs of an armed root: ``root.ArmedRoot`` (a directory), or a bucket prefix
+    (bucket_watch.ArmedBucket)."""
+
+    path: Path
+    observer_kind: str
+
+    @property
+    def observer(self) -> ObserverLike | None: ...
+    def still_there(self) -> bool: ...
+    def ensure_observer_alive(self, stopping: bool) -> bool: ...
+    def note_unwatched(self, directories: Iterable[str]) -> None: ...
+    def subtrees_to_poll(self, now: float) -> set[Path]: ...
+    def next_deadline(self) -> float | None: ...
+    def disarm(self) -> None: ...
 
 
 @dataclass
 class Session:
     """One armed root, the reconcile core that remembers it, and their deadlines."""
 
-    root: ArmedRoot
+    root: WatchedRoot
     reconciler: Reconciler
     next_rescan: float
     next_root_check: float
@@ -208,26 +227,10 @@ class Watcher:
 
     def _arm(self) -> Session | None:
         """Lock and watch the root if it is there, reconcile it whole, and report ready."""
-        armed = ArmedRoot.arm(
-            self.options.root,
-            self.inbox,
-            lock=self._early_lock,
-            observer_factory=self._observer_factory,
-            poll_interval=self.options.poll_interval,
-            config_files=self._config_files(),
-        )
+        armed = self._arm_root()
         if armed is None:
             return None
-        self._early_lock = None
-        reconciler = Reconciler(
-            PolicyTree(armed.path, self.policy.loaded, strict=False),
-            self.registry,
-            pins=self._pins,
-            settle_seconds=self.options.settle_seconds,
-            one_shot=False,
-            stop=self.stop,
-            progress=self.liveness.tick,
-        )
+        reconciler = self._new_reconciler(armed)
         now = time.monotonic()
         self.session = Session(
             armed, reconciler, now + self.options.rescan_seconds, now + ROOT_CHECK_INTERVAL
@@ -247,6 +250,32 @@ class Watcher:
             logger.info("watch_started", **details)
         self._ready(self.liveness.status_text)
         return self.session
+
+    def _arm_root(self) -> WatchedRoot | None:
+        """Lock and watch the directory if it is there (a bucket watcher arms its prefix instead)."""
+        armed = ArmedRoot.arm(
+            self.options.root,
+            self.inbox,
+            lock=self._early_lock,
+            observer_factory=self._observer_factory,
+            poll_interval=self.options.poll_interval,
+            config_files=self._config_files(),
+        )
+        if armed is not None:
+            self._early_lock = None
+        return armed
+
+    def _new_reconciler(self, armed: WatchedRoot) -> Reconciler:
+        """The reconcile core of a newly armed root."""
+        return Reconciler(
+            PolicyTree(armed.path, self.policy.loaded, strict=False),
+            self.registry,
+            pins=self._pins,
+            settle_seconds=self.options.settle_seconds,
+            one_shot=False,
+            stop=self.stop,
+            progress=self.liveness.tick,
+        )
 
     def _wait_for_root(self) -> None:
         if not self._announced_missing:

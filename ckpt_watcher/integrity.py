@@ -476,6 +476,8 @@ _DEEPSPEED_MARKER = "latest"
 _DCP_MARKER = ".metadata"
 _LIGHTNING_FSDP_MARKER = "meta.pt"
 _HUGGING_FACE_MARKER = "trainer_state.json"
+# What a writer writes last into a directory checkpoint: removing one first un-completes it at once.
+DIRECTORY_MARKERS = frozenset({_DEEPSPEED_MARKER, _DCP_MARKER, _LIGHTNING_FSDP_MARKER, _HUGGING_FACE_MARKER})
 _NO_MARKER = (
     "no completion marker yet (DeepSpeed 'latest', Lightning FSDP 'meta.pt', "
     "torch.distributed.checkpoint '.metadata', Hugging Face 'trainer_state.json')"
@@ -532,10 +534,21 @@ def check_directory(
             else f"contains a mount point ({where}): another file system, never deleted"
         )
         return DirectoryVerdict(Completeness(False, reason, transient=True, mount_point=where), None, total)
-    layout, missing = _directory_layout(summary.top_entries, name)
+    return judge_directory(
+        summary.top_entries, name, summary.newest_mtime_ns, total, quiet_seconds=quiet_seconds, now=now
+    )
+
+
+def judge_directory(
+    top_entries: set[str], name: str, newest_mtime_ns: int, total: int, *, quiet_seconds: float, now: float
+) -> DirectoryVerdict:
+    """The rules for a directory checkpoint's contents, on disk and in a bucket alike: its writer's
+    marker among ``top_entries`` (the names directly in it), and nothing in it modified for
+    ``quiet_seconds`` (``newest_mtime_ns`` is its newest file's time); ``total`` is its size."""
+    layout, missing = _directory_layout(top_entries, name)
     if missing is not None:
         return DirectoryVerdict(Completeness(False, missing, transient=True), layout, total)
-    newest = summary.newest_mtime_ns / 1e9
+    newest = newest_mtime_ns / 1e9
     age = now - newest
     if age < quiet_seconds:
         reason = (

@@ -123,7 +123,7 @@ def parse_location(text: str) -> Path | StorageURL:
         known = ", ".join(f"{name}://" for name in ("s3", "gs", "az"))
         raise LocationError(f"{text}: unsupported URL scheme {scheme!r} (supported: {known}, file://)")
     bucket, _, prefix = rest.partition("/")
-    prefix = prefix.strip("/")
+    prefix = prefix.rstrip("/")
     if not bucket:
         raise LocationError(f"{text}: no bucket in the URL")
     if key_parts(prefix) is None or "/" in bucket:

@@ -199,7 +199,7 @@ def read_config_protection(
     )
 
 
-def command_line_pins(paths: Iterable[Path], working_directory: Path) -> dict[Path, str]:
+def command_line_pins(paths: Iterable[Path | StorageURL], working_directory: Path) -> dict[Path, str]:
     """``--protect PATH`` pins: the path as given and with symlinks resolved."""
     pins: dict[Path, str] = {}
     for path in paths:

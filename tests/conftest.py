@@ -11,6 +11,8 @@ from collections.abc import Iterator
 import pytest
 import structlog
 
+from tests.support.s3_server import Bucket, S3Server, environment
+
 
 @pytest.fixture(autouse=True)
 def no_thread_leak() -> Iterator[None]:
@@ -32,3 +34,28 @@ def default_logging() -> Iterator[None]:
     """Undo any structlog configuration a test made (by calling ``main``, say)."""
     yield
     structlog.reset_defaults()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """One real S3 server (moto) for the session; each test makes a bucket of its own (``s3``).
+
+    fsspec's I/O thread is started here too, before any test's thread count: it lives for the
+    process, as in any program that uses s3fs.
+    """
+    import fsspec.asyn
+
+    fsspec.asyn.get_loop()
+    server = S3Server(tmp_path_factory.mktemp("s3-server") / "requests.log")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> Bucket:
+    """A new bucket on the session's S3 server, with the standard AWS environment pointing at it (in
+    this process, and inherited by every command the test runs)."""
+    for name, value in environment(s3_server.endpoint).items():
+        monkeypatch.setenv(name, value)
+    return Bucket(s3_server.endpoint).create()

@@ -46,6 +46,7 @@ def test_parse_location(text: str, expected: Path | StorageURL) -> None:
         ("s3://", "no bucket"),
         ("s3:///prefix", "no bucket"),
         ("s3://bucket/a//b", "empty, '.' or '..' component"),
+        ("s3://bucket//a", "empty, '.' or '..' component"),
         ("s3://bucket/a/../b", "empty, '.' or '..' component"),
         ("s3://bucket/./b", "empty, '.' or '..' component"),
     ],
