@@ -40,14 +40,20 @@ def default_logging() -> Iterator[None]:
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     """One real S3 server (moto) for the session; each test makes a bucket of its own (``s3``).
 
-    fsspec's I/O thread is started here too, before any test's thread count: it lives for the
-    process, as in any program that uses s3fs.
+    The threads of s3fs in this process are started here, before any test counts threads: fsspec's
+    I/O thread and its event loop's one resolver thread (``asyncio_0``; the loop is given a default
+    executor of one thread, so no test starts another), as in any program that uses s3fs.
     """
+    import concurrent.futures
+
     import fsspec.asyn
 
-    fsspec.asyn.get_loop()
+    loop = fsspec.asyn.get_loop()
+    executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="asyncio")
+    loop.call_soon_threadsafe(loop.set_default_executor, executor)
     server = S3Server(tmp_path_factory.mktemp("s3-server") / "requests.log")
     server.start()
+    Bucket(server.endpoint, name="warm-up").create()
     yield server
     server.stop()
 

@@ -190,3 +190,44 @@ def wait_for_port_closed(port: int, timeout: float = 20.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"port {port} still open")
         time.sleep(0.05)
+
+
+PROXY_SCRIPT = Path(__file__).with_name("fault_proxy.py")
+
+
+class FaultProxy:
+    """tests/support/fault_proxy.py in front of a server: the endpoint a watcher under test uses, so
+    the test can take "the server" away and bring it back (``stop``, ``start``) while the server keeps
+    its objects, or fail listings halfway (``fail_continuation``)."""
+
+    def __init__(self, upstream_port: int, control: Path) -> None:
+        self.port = free_port()
+        self.upstream_port = upstream_port
+        self.control = control
+        self.control.write_text("")
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def endpoint(self) -> str:
+        """``http://127.0.0.1:PORT`` of the proxy."""
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        """Listen (again, on the same port)."""
+        self.process = subprocess.Popen(
+            [sys.executable, str(PROXY_SCRIPT), str(self.port), str(self.upstream_port), str(self.control)],
+            stdin=subprocess.DEVNULL,
+        )
+        wait_until(lambda: port_open(self.port), timeout=30, what=f"the proxy on port {self.port}")
+
+    def stop(self) -> None:
+        """Stop listening: connections are refused, as when a server is down."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+        self.process = None
+        wait_for_port_closed(self.port)
+
+    def fail_continuation(self, failing: bool) -> None:
+        """Fail (or stop failing) every listing page after the first."""
+        self.control.write_text("fail-continuation" if failing else "")
