@@ -66,6 +66,7 @@ class Config:
     train_steps: int
     train_warmup: int
     train_repeats: int
+    bucket_objects: int = 10_000
     seed: int = 20261128
 
     def log(self, message: str) -> None:

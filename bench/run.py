@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import baseline
+import bucket
 import footprint
 import interference
 import latency
@@ -33,6 +34,7 @@ SECTIONS: dict[str, Callable[[Config], Section]] = {
     "footprint": footprint.measure,
     "interference": interference.measure,
     "baseline": baseline.measure,
+    "bucket": bucket.measure,
 }
 
 PRESETS: dict[str, dict[str, object]] = {
@@ -59,6 +61,7 @@ PRESETS: dict[str, dict[str, object]] = {
         "train_steps": 4_000,
         "train_warmup": 50,
         "train_repeats": 3,
+        "bucket_objects": 2_000,
     },
     "smoke": {
         "sizes": [100, 300],
@@ -71,6 +74,7 @@ PRESETS: dict[str, dict[str, object]] = {
         "train_steps": 40,
         "train_warmup": 10,
         "train_repeats": 1,
+        "bucket_objects": 300,
     },
 }
 
@@ -98,6 +102,7 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--rest-seconds", type=float, help="at-rest measurement window")
     parser.add_argument("--train-steps", type=int, help="training steps per interference run")
     parser.add_argument("--train-repeats", type=int, help="pairs of interference runs")
+    parser.add_argument("--bucket-objects", type=int, help="objects in the bucket benchmark's prefix")
     parser.add_argument(
         "--work-dir",
         type=Path,
@@ -124,6 +129,7 @@ def build_config(arguments: argparse.Namespace) -> Config:
         "rest_seconds": arguments.rest_seconds,
         "train_steps": arguments.train_steps,
         "train_repeats": arguments.train_repeats,
+        "bucket_objects": arguments.bucket_objects,
     }
     values.update({key: value for key, value in overrides.items() if value is not None})
     work_dir = arguments.work_dir.resolve()

@@ -21,6 +21,7 @@ SECTION_TITLES = (
     "## 3. Footprint at rest",
     "## 4. Interference with training",
     "## 5. Against the baseline",
+    "## 6. A bucket prefix",
 )
 
 
