@@ -34,6 +34,7 @@ from ckpt_watcher.locations import StorageURL
 
 DELETE_BATCH = 1000  # S3 DeleteObjects takes at most 1000 keys
 LIST_PAGE = 1000
+CONCURRENT_READS = 16  # ranged reads in flight at once (read_ranges)
 _DOWNLOAD_CHUNK = 1 << 20
 _CONNECT_TIMEOUT = 10
 _READ_TIMEOUT = 60
@@ -77,6 +78,16 @@ class ObjectInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class RangeRead:
+    """``length`` bytes at ``offset`` of the object ``key`` whose tag is ``tag``."""
+
+    key: str
+    offset: int
+    length: int
+    tag: str
+
+
+@dataclass(frozen=True, slots=True)
 class Fetched:
     """A whole (small) object, its description, and the store's clock when it answered (the HTTP
     ``Date``, epoch seconds; None if it did not say)."""
@@ -106,6 +117,16 @@ class ObjectStore:
         """``length`` bytes at ``offset`` of the object whose tag is ``tag`` (PreconditionFailedError
         if it changed)."""
         raise NotImplementedError
+
+    def read_ranges(self, reads: list[RangeRead]) -> list[bytes | StoreError]:
+        """Several ranged reads (at once where the store allows); each one's bytes or its error."""
+        results: list[bytes | StoreError] = []
+        for read in reads:
+            try:
+                results.append(self.read_range(read.key, read.offset, read.length, tag=read.tag))
+            except StoreError as error:
+                results.append(error)
+        return results
 
     def fetch(self, key: str, *, limit: int) -> Fetched:
         """A whole object of at most ``limit`` bytes (StoreError if larger)."""
@@ -263,15 +284,41 @@ class S3Store(ObjectStore):
             return b""
 
         async def request(client: Any) -> bytes:
-            self._count("GetObject")
-            response = await client.get_object(
-                Bucket=self.url.bucket, Key=key, Range=f"bytes={offset}-{offset + length - 1}", IfMatch=tag
-            )
-            async with response["Body"] as body:
-                data: bytes = await body.read()
-            return data[:length]
+            return await self._get_range(client, RangeRead(key, offset, length, tag))
 
         return self._run("GetObject", key, request)
+
+    async def _get_range(self, client: Any, read: RangeRead) -> bytes:
+        self._count("GetObject")
+        response = await client.get_object(
+            Bucket=self.url.bucket,
+            Key=read.key,
+            Range=f"bytes={read.offset}-{read.offset + read.length - 1}",
+            IfMatch=read.tag,
+        )
+        async with response["Body"] as body:
+            data: bytes = await body.read()
+        return data[: read.length]
+
+    def read_ranges(self, reads: list[RangeRead]) -> list[bytes | StoreError]:
+        """The reads as GetObject requests, ``CONCURRENT_READS`` in flight at once."""
+        if not reads:
+            return []
+        where = f"{self.url.scheme}://{self.url.bucket}/"
+
+        async def request(client: Any) -> list[bytes | StoreError]:
+            slots = asyncio.Semaphore(CONCURRENT_READS)
+
+            async def one(read: RangeRead) -> bytes | StoreError:
+                async with slots:
+                    try:
+                        return await self._get_range(client, read)
+                    except Exception as error:
+                        return _store_error("GetObject", where + read.key, error)
+
+            return list(await asyncio.gather(*(one(read) for read in reads)))
+
+        return self._run("GetObject", reads[0].key, request)
 
     def fetch(self, key: str, *, limit: int) -> Fetched:
         """GetObject of at most ``limit`` bytes (a larger object is refused without reading it)."""
