@@ -464,12 +464,12 @@ class FsspecStore(ObjectStore):
     a conditional delete closes on S3 stays open here).
     """
 
-    def __init__(self, url: StorageURL) -> None:
+    def __init__(self, url: StorageURL, filesystem: Any = None) -> None:
         import fsspec  # noqa: PLC0415  (lazy: only a bucket root needs it)
 
         self.url = url
         self.requests = Counter()
-        self._filesystem = fsspec.filesystem(url.scheme, skip_instance_cache=True)
+        self._filesystem = filesystem or fsspec.filesystem(url.scheme, skip_instance_cache=True)
 
     def _path(self, key: str) -> str:
         return f"{self.url.bucket}/{key}"
@@ -484,11 +484,18 @@ class FsspecStore(ObjectStore):
             raise _store_error(operation, f"{self.url.scheme}://{self._path(key)}", error) from None
 
     def _info(self, key: str, info: dict[str, Any]) -> ObjectInfo:
-        tag = info.get("generation") or info.get("ETag") or info.get("etag") or info.get("md5Hash") or ""
-        modified = (
-            info.get("LastModified") or info.get("last_modified") or info.get("updated") or info.get("mtime")
+        modified = _epoch_ns(
+            info.get("LastModified")
+            or info.get("last_modified")
+            or info.get("updated")
+            or info.get("mtime")
+            or info.get("created")
         )
-        return ObjectInfo(key, int(info.get("size") or 0), str(tag), _epoch_ns(modified))
+        size = int(info.get("size") or 0)
+        tag = info.get("generation") or info.get("ETag") or info.get("etag") or info.get("md5Hash")
+        # A store that gives no version tag: the object's own key, size and time stand for it (so a
+        # verdict is never shared between two objects).
+        return ObjectInfo(key, size, str(tag) if tag else f"{key}\0{size}\0{modified}", modified)
 
     def list_prefix(self, prefix: str) -> list[ObjectInfo]:
         """fsspec's ``find`` (which raises on a failed page, never returning part of a listing)."""
@@ -496,7 +503,7 @@ class FsspecStore(ObjectStore):
         found = self._call("list", prefix, lambda: self._filesystem.find(root, detail=True, withdirs=False))
         bucket_prefix = f"{self.url.bucket}/"
         return [
-            self._info(name.removeprefix(bucket_prefix), info)
+            self._info(name.removeprefix("/").removeprefix(bucket_prefix), info)  # some say "/bucket/..."
             for name, info in found.items()
             if info.get("type") != "directory" and not name.endswith("/")
         ]
