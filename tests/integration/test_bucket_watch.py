@@ -29,6 +29,7 @@ pytestmark = pytest.mark.timeout(240)
 
 ZIP = zip_bytes(b"weights" * 20)
 LEASE = ".ckpt-watcher.lease"
+LEASE_SECONDS = "20"
 
 
 @contextmanager
@@ -138,20 +139,21 @@ def test_a_watcher_killed_with_sigkill_is_taken_over_once_its_lease_expired(
 ) -> None:
     url = f"{s3.url}/run"
     _seed(s3, "run", range(100, 600, 100))
-    with _watch(url, tmp_path / "killed.log", "--lease-seconds", "8") as killed:
+    # A time to live long enough that the second watcher below surely starts before it runs out.
+    with _watch(url, tmp_path / "killed.log", "--lease-seconds", LEASE_SECONDS) as killed:
         killed.wait_ready()
         killed.stop(signal.SIGKILL)
     assert LEASE in _names(s3, "run")  # never released
 
-    early = run_cli("watch", url, "--poll-interval", "0.5", "--lease-seconds", "8", timeout=60)
+    early = run_cli("watch", url, "--poll-interval", "0.5", "--lease-seconds", LEASE_SECONDS, timeout=60)
     assert early.returncode == 2
     assert f"pid {killed.process.pid}" in early.stderr
 
     _seed(s3, "run", range(600, 900, 100))
     lease = s3.filesystem.info(f"{s3.name}/run/{LEASE}")
-    expiry = lease["LastModified"].timestamp() + 8
+    expiry = lease["LastModified"].timestamp() + float(LEASE_SECONDS)
     wait_until(lambda: time.time() > expiry + 1, timeout=30, what="the killed watcher's lease to expire")
-    with _watch(url, tmp_path / "successor.log", "--lease-seconds", "8") as successor:
+    with _watch(url, tmp_path / "successor.log", "--lease-seconds", LEASE_SECONDS) as successor:
         taken = successor.wait_for("lease_taken_over")[0]
         assert taken["previous_holder"] == f"host {socket.gethostname()}, pid {killed.process.pid}"
         newest = _checkpoints(range(400, 900, 100))
