@@ -69,6 +69,7 @@ class Config:
     space_trials: int = 2
     trash_sizes: list[int] = field(default_factory=lambda: [4096, 1 << 20])
     trash_files: int = 50
+    bucket_objects: int = 10_000
     seed: int = 20261128
 
     def log(self, message: str) -> None:

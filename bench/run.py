@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import baseline
+import bucket
 import footprint
 import interference
 import latency
@@ -39,6 +40,7 @@ SECTIONS: dict[str, Callable[[Config], Section]] = {
     "probes": probes.measure,
     "space": space.measure,
     "trash": trash.measure,
+    "bucket": bucket.measure,
 }
 
 PRESETS: dict[str, dict[str, object]] = {
@@ -71,6 +73,7 @@ PRESETS: dict[str, dict[str, object]] = {
         "space_trials": 10,
         "trash_sizes": [4 << 10, 256 << 20, 1 << 30],
         "trash_files": 1_000,
+        "bucket_objects": 2_000,
     },
     "smoke": {
         "sizes": [100, 300],
@@ -86,6 +89,7 @@ PRESETS: dict[str, dict[str, object]] = {
         "space_trials": 2,
         "trash_sizes": [4 << 10, 8 << 20],
         "trash_files": 50,
+        "bucket_objects": 300,
     },
 }
 
@@ -114,6 +118,7 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--train-steps", type=int, help="training steps per interference run")
     parser.add_argument("--train-repeats", type=int, help="pairs of interference runs")
     parser.add_argument("--space-trials", type=int, help="growing checkpoints per space-pressure mode")
+    parser.add_argument("--bucket-objects", type=int, help="objects in the bucket benchmark's prefix")
     parser.add_argument(
         "--work-dir",
         type=Path,
@@ -141,6 +146,7 @@ def build_config(arguments: argparse.Namespace) -> Config:
         "train_steps": arguments.train_steps,
         "train_repeats": arguments.train_repeats,
         "space_trials": arguments.space_trials,
+        "bucket_objects": arguments.bucket_objects,
     }
     values.update({key: value for key, value in overrides.items() if value is not None})
     work_dir = arguments.work_dir.resolve()

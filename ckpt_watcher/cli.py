@@ -26,6 +26,7 @@ import structlog
 from ckpt_watcher import __version__, health, terminal
 from ckpt_watcher.durations import DurationError, parse_duration
 from ckpt_watcher.filesystem import real_path
+from ckpt_watcher.locations import LocationError, StorageURL, parse_location
 from ckpt_watcher.lock import LockHeldError
 from ckpt_watcher.logs import LEVELS, configure_logging
 from ckpt_watcher.metrics import (
@@ -140,7 +141,9 @@ def _add_prune(commands: Commands) -> None:
         help="apply the policy once (with --dry-run: show what would go, and why)",
         description="Scan PATH recursively, plan per the policy, and delete what it does not keep.",
     )
-    prune.add_argument("path", type=Path, metavar="PATH", help="checkpoint root directory")
+    prune.add_argument(
+        "path", type=_location, metavar="PATH", help="checkpoint root directory, or a bucket URL (s3://...)"
+    )
     prune.add_argument("--policy", type=Path, metavar="FILE", help="YAML policy (default: embedded)")
     prune.add_argument("--dry-run", action="store_true", help="change nothing; print the plan")
     _add_protect_option(prune)
@@ -155,7 +158,7 @@ def _add_prune(commands: Commands) -> None:
     prune.set_defaults(handler=run_prune)
 
 
-def _add_watch(commands: Commands) -> None:
+def _add_watch(commands: Commands) -> None:  # long: one add_argument per option of watch, in --help order
     watch = commands.add_parser(
         "watch",
         rewrite=_poll_spellings,
@@ -167,7 +170,10 @@ def _add_watch(commands: Commands) -> None:
         ),
     )
     watch.add_argument(
-        "path", type=Path, metavar="PATH", help="checkpoint root directory (may not exist yet)"
+        "path",
+        type=_location,
+        metavar="PATH",
+        help="checkpoint root directory (may not exist yet), or a bucket URL (s3://...; polled)",
     )
     watch.add_argument("--policy", type=Path, metavar="FILE", help="YAML policy, hot-reloaded on change")
     _add_protect_option(watch)
@@ -200,6 +206,7 @@ def _add_watch(commands: Commands) -> None:
         metavar="SECONDS",
         help="full rescan interval; events are hints, the rescan is the truth (default: 300)",
     )
+    _add_lease_option(watch)
     watch.add_argument(
         "--heartbeat",
         type=Path,
@@ -216,6 +223,17 @@ def _add_watch(commands: Commands) -> None:
     watch.set_defaults(handler=run_watch)
 
 
+def _add_lease_option(watch: argparse.ArgumentParser) -> None:
+    watch.add_argument(
+        "--lease-seconds",
+        type=_positive_float,
+        default=60.0,
+        metavar="SECONDS",
+        help="bucket roots: time to live of the single-instance lease, renewed every third of it; a "
+        "watcher killed without releasing it is taken over this long after its last renewal (default: 60)",
+    )
+
+
 def _add_inspect(commands: Commands) -> None:
     inspect = commands.add_parser(
         "inspect",
@@ -226,7 +244,7 @@ def _add_inspect(commands: Commands) -> None:
         ),
     )
     inspect.add_argument(
-        "paths", type=Path, nargs="+", metavar="PATH", help="checkpoint files or directories"
+        "paths", type=_location, nargs="+", metavar="PATH", help="checkpoint files or directories (or URLs)"
     )
     inspect.add_argument("--json", action="store_true", help="one JSON object per checkpoint, in a list")
     inspect.add_argument(
@@ -355,7 +373,7 @@ def _point_in_time(text: str) -> float:
 def _add_protect_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--protect",
-        type=Path,
+        type=_location,
         action="append",
         default=[],
         metavar="PATH",
@@ -367,6 +385,14 @@ def _metrics_address(text: str) -> MetricsAddress:
     try:
         return parse_metrics_address(text)
     except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _location(text: str) -> Path | StorageURL:
+    """A path, or a bucket URL (``s3://bucket/prefix``; ``file://PATH`` is PATH)."""
+    try:
+        return parse_location(text)
+    except LocationError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
@@ -433,20 +459,27 @@ def _no_cyclic_collection() -> Iterator[None]:
 def run_prune(arguments: argparse.Namespace) -> int:
     """``prune``: one strict reconcile pass (with --dry-run: nothing applied), as a table or JSON."""
     loaded = load_policy_logged(arguments.policy)
-    root = resolve_root(arguments.path)
     progress = PassProgress(terminal.current) if terminal.current is not None else None
     with _no_cyclic_collection():
-        result = prune_once(
-            root,
-            loaded,
-            pins=command_line_pins(arguments.protect, Path.cwd()),
-            settle_seconds=arguments.settle,
-            dry_run=arguments.dry_run,
-            working_directory=Path.cwd(),
-            on_group=progress.update if progress is not None else None,
-        )
+        if isinstance(arguments.path, StorageURL):
+            from ckpt_watcher.bucket_commands import prune_bucket  # noqa: PLC0415  (fsspec: URLs only)
+
+            result = prune_bucket(arguments, loaded)
+        else:
+            result = prune_once(
+                resolve_root(arguments.path),
+                loaded,
+                pins=command_line_pins(arguments.protect, Path.cwd()),
+                settle_seconds=arguments.settle,
+                dry_run=arguments.dry_run,
+                working_directory=Path.cwd(),
+                on_group=progress.update if progress is not None else None,
+            )
         if progress is not None:
             progress.finish()
+        if result.storage_error is not None:
+            print(f"ckpt-watcher: {result.storage_error}; nothing was deleted", file=sys.stderr)
+            return EXIT_DELETE_FAILED
         trash = TrashView(result.trashing, result.trash, frozenset(result.evicted_at_once))
         if arguments.json:
             document = plan_document(
@@ -488,6 +521,10 @@ def run_watch(arguments: argparse.Namespace) -> int:
     from ckpt_watcher.daemon import Watcher, WatchOptions, supervise  # noqa: PLC0415  (prune needs no watchdog)
 
     loaded = load_policy_logged(arguments.policy)
+    if isinstance(arguments.path, StorageURL):
+        from ckpt_watcher.bucket_commands import watch_bucket  # noqa: PLC0415  (fsspec: URLs only)
+
+        return watch_bucket(arguments, loaded)
     options = WatchOptions(
         root=arguments.path,
         policy_path=arguments.policy,
@@ -524,7 +561,16 @@ def run_inspect(arguments: argparse.Namespace) -> int:
             "unsafe_load_enabled",
             detail="checkpoints the safe loader refuses will run their pickle code; trusted files only",
         )
-    results = inspect_paths(arguments.paths, unsafe=arguments.unsafe, naming=loaded.policy.compiled_naming)
+    if any(isinstance(path, StorageURL) for path in arguments.paths):
+        from ckpt_watcher.bucket_commands import inspect_locations  # noqa: PLC0415  (fsspec: URLs only)
+
+        results = inspect_locations(
+            arguments.paths, unsafe=arguments.unsafe, naming=loaded.policy.compiled_naming
+        )
+    else:
+        results = inspect_paths(
+            arguments.paths, unsafe=arguments.unsafe, naming=loaded.policy.compiled_naming
+        )
     if arguments.json:
         print(render_json([contents_document(result) for result in results]))
     else:

@@ -17,6 +17,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -24,8 +25,9 @@ from typing import Protocol
 import structlog
 
 from ckpt_watcher import terminal
-from ckpt_watcher.events import Batch, Inbox, ObserverFactory, default_observer_factory
+from ckpt_watcher.events import Batch, Inbox, ObserverFactory, ObserverLike, default_observer_factory
 from ckpt_watcher.filesystem import real_path
+from ckpt_watcher.locations import StorageURL
 from ckpt_watcher.lock import DirectoryLock, LockHeldError, LockUnusableError
 from ckpt_watcher.metrics import DaemonFigures
 from ckpt_watcher.notify import Liveness, Notifier
@@ -58,14 +60,31 @@ class WatchOptions:
     settle_seconds: float = 5.0
     rescan_seconds: float = 300.0
     heartbeat: Path | None = None
-    protect: tuple[Path, ...] = ()
+    protect: tuple[Path | StorageURL, ...] = ()
+
+
+class WatchedRoot(Protocol):
+    """What the loop needs of an armed root: ``root.ArmedRoot`` (a directory), or a bucket prefix
+    (bucket_watch.ArmedBucket)."""
+
+    path: Path
+    observer_kind: str
+
+    @property
+    def observer(self) -> ObserverLike | None: ...
+    def still_there(self) -> bool: ...
+    def ensure_observer_alive(self, stopping: bool) -> bool: ...
+    def note_unwatched(self, directories: Iterable[str]) -> None: ...
+    def subtrees_to_poll(self, now: float) -> set[Path]: ...
+    def next_deadline(self) -> float | None: ...
+    def disarm(self) -> None: ...
 
 
 @dataclass
 class Session:
     """One armed root, the reconcile core that remembers it, and their deadlines."""
 
-    root: ArmedRoot
+    root: WatchedRoot
     reconciler: Reconciler
     next_rescan: float
     next_root_check: float
@@ -220,27 +239,11 @@ class Watcher:
 
     def _arm(self) -> Session | None:
         """Lock and watch the root if it is there, reconcile it whole, and report ready."""
-        armed = ArmedRoot.arm(
-            self.options.root,
-            self.inbox,
-            lock=self._early_lock,
-            observer_factory=self._observer_factory,
-            poll_interval=self.options.poll_interval,
-            config_files=self._config_files(),
-        )
+        armed = self._arm_root()
         if armed is None:
             return None
         self._early_lock = None
-        reconciler = Reconciler(
-            PolicyTree(armed.path, self.policy.loaded, strict=False, on_outcome=self.figures.record_reload),
-            self.registry,
-            pins=self._pins,
-            settle_seconds=self.options.settle_seconds,
-            one_shot=False,
-            stop=self.stop,
-            progress=self.liveness.tick,
-            on_group=self.progress.update if self.progress is not None else None,
-        )
+        reconciler = self._new_reconciler(armed)
         now = time.monotonic()
         self.session = Session(
             armed, reconciler, now + self.options.rescan_seconds, now + ROOT_CHECK_INTERVAL
@@ -260,6 +263,33 @@ class Watcher:
             logger.info("watch_started", **details)
         self._ready(self.liveness.status_text)
         return self.session
+
+    def _arm_root(self) -> WatchedRoot | None:
+        """Lock and watch the directory if it is there (a bucket watcher arms its prefix instead)."""
+        armed = ArmedRoot.arm(
+            self.options.root,
+            self.inbox,
+            lock=self._early_lock,
+            observer_factory=self._observer_factory,
+            poll_interval=self.options.poll_interval,
+            config_files=_config_files(self.options.policy_path, self.registry),
+        )
+        if armed is not None:
+            self._early_lock = None
+        return armed
+
+    def _new_reconciler(self, armed: WatchedRoot) -> Reconciler:
+        """The reconcile core of a newly armed root."""
+        return Reconciler(
+            PolicyTree(armed.path, self.policy.loaded, strict=False, on_outcome=self.figures.record_reload),
+            self.registry,
+            pins=self._pins,
+            settle_seconds=self.options.settle_seconds,
+            one_shot=False,
+            stop=self.stop,
+            progress=self.liveness.tick,
+            on_group=self.progress.update if self.progress is not None else None,
+        )
 
     def _wait_for_root(self) -> None:
         if not self._announced_missing:
@@ -311,12 +341,6 @@ class Watcher:
         space = "".join(f"; {space_status(fs_plan)}" for fs_plan in result.space if fs_plan.keep_free)
         self.liveness.status(f"{pass_sentence(fields)}{space}; {self.since_start.text()}")
 
-    def _config_files(self) -> frozenset[str]:
-        """The policy file and the protect_from configs known now, as absolute paths."""
-        files = [self.options.policy_path] if self.options.policy_path is not None else []
-        files.extend(self.registry.configs())
-        return frozenset(os.path.abspath(path) for path in files)
-
     def _disarm(self) -> None:
         if self.session is not None:
             self.session.root.disarm()
@@ -325,6 +349,13 @@ class Watcher:
         if self._early_lock is not None:
             self._early_lock.release()
             self._early_lock = None
+
+
+def _config_files(policy_path: Path | None, registry: ProtectionRegistry) -> frozenset[str]:
+    """The policy file and the protect_from configs known now, as absolute paths (watched for edits)."""
+    files = [policy_path] if policy_path is not None else []
+    files.extend(registry.configs())
+    return frozenset(os.path.abspath(path) for path in files)
 
 
 class Supervised(Protocol):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -217,14 +217,16 @@ class GroupIndex:
         state.last_links = remembered
         return pins
 
-    def link_pins(self, namings: Mapping[Path, Naming]) -> LinkPins:
-        """List the symlinks of every group of a pass (``namings``: each group's naming) before any is
-        planned: the targets links point into each group, from this listing or, for the groups outside
-        the pass, as remembered."""
+    def link_pins(
+        self, namings: Mapping[Path, Naming], lister: Callable[[Path, Path, Naming], list[Link]] = list_links
+    ) -> LinkPins:
+        """List the symlinks of every group of a pass (``namings``: each group's naming; ``lister``:
+        the storage's ``list_links``) before any is planned: the targets links point into each group,
+        from this listing or, for the groups outside the pass, as remembered."""
         pins = LinkPins()
         now = time.monotonic()
         for group, naming in namings.items():
-            links = list_links(group, self.root, naming)
+            links = lister(group, self.root, naming)
             targets = link_reasons(links)
             self.set_link_targets(group, targets)
             pins.add(targets, owner=group)

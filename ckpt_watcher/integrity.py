@@ -9,6 +9,10 @@ done. ``verify: crc`` also reads every member once and checks its CRC-32.
 Every read is bounded: by what the archive can legitimately hold (the central directory lies between
 its stated offset and the end record) and by fixed chunk sizes, whatever the file claims. Only
 regular files are ever opened (see filesystem.open_regular).
+
+The archive rules read through a ``ByteSource`` (``read(offset, length)``), so a file on disk (read
+with ``pread``) and an object in a bucket (read with ranged GETs of its tail, bucket.py) are judged by
+the same code. Holes are a property of files on disk only: ``check_zip_file`` asks for them first.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import struct
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 from ckpt_watcher.filesystem import NotRegularFileError, open_regular, summarize_tree
 from ckpt_watcher.logs import describe_os_error
@@ -73,7 +78,27 @@ class _NotWholeError(Exception):
     """Why an archive is not whole (raised while streaming its records)."""
 
 
-def check_zip_file(file_descriptor: int, size: int, *, verify: str = "zip") -> Completeness:  # noqa: C901  (the zip format's checks, in the order its records come)
+class ByteSource(Protocol):
+    """Where an archive's bytes are read from: ``read(offset, length)`` returns at most ``length``
+    bytes (fewer only at the end)."""
+
+    def read(self, offset: int, length: int) -> bytes: ...
+
+
+class DescriptorSource:
+    """An open file, read with ``pread`` (no file position is shared or moved)."""
+
+    __slots__ = ("file_descriptor",)
+
+    def __init__(self, file_descriptor: int) -> None:
+        self.file_descriptor = file_descriptor
+
+    def read(self, offset: int, length: int) -> bytes:
+        """``length`` bytes at ``offset`` (fewer at the end of the file)."""
+        return os.pread(self.file_descriptor, length, offset)
+
+
+def check_zip_file(file_descriptor: int, size: int, *, verify: str = "zip") -> Completeness:
     """Judge the open file ``file_descriptor`` of ``size`` bytes: holes, head, tail, central directory.
 
     ``verify="crc"`` also streams every member and checks its CRC-32; holes are then allowed (a hole
@@ -87,7 +112,15 @@ def check_zip_file(file_descriptor: int, size: int, *, verify: str = "zip") -> C
             return Completeness(
                 False, f"sparse: a hole at byte {hole} of {size} (still being downloaded or pre-allocated)"
             )
-    head = os.pread(file_descriptor, 4, 0)
+    return check_zip_archive(DescriptorSource(file_descriptor), size, verify=verify)
+
+
+def check_zip_archive(source: ByteSource, size: int, *, verify: str = "zip") -> Completeness:
+    """Judge the archive of ``size`` bytes that ``source`` reads: head, tail, central directory (and
+    with ``verify="crc"`` every member's CRC-32). The rules for a file on disk and an object alike."""
+    if size == 0:
+        return Completeness(False, "empty: still being written")
+    head = source.read(0, 4)
     if head != _LOCAL_HEADER_MAGIC:
         return Completeness(
             False, "not a zip archive (a legacy torch.save file or not a checkpoint)", not_zip=True
@@ -97,11 +130,11 @@ def check_zip_file(file_descriptor: int, size: int, *, verify: str = "zip") -> C
     # torch.save writes no archive comment, so the record is almost always the last 22 bytes; read
     # the 20 before it too, where a zip64 locator would be.
     tail_length = min(size, _END_OF_CENTRAL_DIRECTORY_SIZE + _ZIP64_LOCATOR.size)
-    tail = os.pread(file_descriptor, tail_length, size - tail_length)
+    tail = source.read(size - tail_length, tail_length)
     position = _find_end_record(tail)
     if position is None:
         tail_length = min(size, _END_OF_CENTRAL_DIRECTORY_SIZE + _MAXIMUM_COMMENT)
-        tail = os.pread(file_descriptor, tail_length, size - tail_length)
+        tail = source.read(size - tail_length, tail_length)
         position = _find_end_record(tail)
         if position is None:
             return Completeness(False, _NO_END_RECORD)
@@ -110,14 +143,14 @@ def check_zip_file(file_descriptor: int, size: int, *, verify: str = "zip") -> C
     locator = tail[position - _ZIP64_LOCATOR.size : position] if position >= _ZIP64_LOCATOR.size else None
     try:
         directory_offset, directory_size, entries = _locate_central_directory(
-            file_descriptor, end_offset, record, locator
+            source, end_offset, record, locator
         )
-        _walk_central_directory(file_descriptor, directory_offset, directory_size, entries)
+        _walk_central_directory(source, directory_offset, directory_size, entries)
     except _NotWholeError as problem:
         return Completeness(False, f"central directory does not parse: {problem}")
     if verify == "crc":
         try:
-            _check_member_crcs(file_descriptor, directory_offset, directory_size)
+            _check_member_crcs(source, directory_offset, directory_size)
         except _NotWholeError as problem:
             return Completeness(False, f"verify crc: {problem}", corrupt=True)
     return COMPLETE
@@ -137,7 +170,7 @@ def first_hole(file_descriptor: int, size: int) -> int | None:
 
 
 def _locate_central_directory(
-    file_descriptor: int, end_offset: int, record: bytes, locator: bytes | None
+    source: ByteSource, end_offset: int, record: bytes, locator: bytes | None
 ) -> tuple[int, int, int]:
     """(offset, size, entries) of the central directory, checked against where it must end.
 
@@ -148,12 +181,12 @@ def _locate_central_directory(
     locator_offset = end_offset - _ZIP64_LOCATOR.size
     if locator_offset >= 0:
         if locator is None:
-            locator = os.pread(file_descriptor, _ZIP64_LOCATOR.size, locator_offset)
+            locator = source.read(locator_offset, _ZIP64_LOCATOR.size)
         if locator[:4] == _ZIP64_LOCATOR_MAGIC:
             _, _, zip64_offset, _ = _ZIP64_LOCATOR.unpack(locator)
             if zip64_offset > locator_offset - _ZIP64_END_RECORD.size:
                 raise _NotWholeError("the zip64 end record is missing")
-            zip64_record = os.pread(file_descriptor, _ZIP64_END_RECORD.size, zip64_offset)
+            zip64_record = source.read(zip64_offset, _ZIP64_END_RECORD.size)
             if len(zip64_record) != _ZIP64_END_RECORD.size or zip64_record[:4] != _ZIP64_END_MAGIC:
                 raise _NotWholeError("the zip64 end record is missing")
             fields = _ZIP64_END_RECORD.unpack(zip64_record)
@@ -173,8 +206,8 @@ def _locate_central_directory(
 class _ChunkReader:
     """Sequential reads of one byte range of a file, a bounded chunk at a time."""
 
-    def __init__(self, file_descriptor: int, offset: int, length: int, chunk: int = _DIRECTORY_CHUNK) -> None:
-        self._file_descriptor = file_descriptor
+    def __init__(self, source: ByteSource, offset: int, length: int, chunk: int = _DIRECTORY_CHUNK) -> None:
+        self._source = source
         self._position = offset
         self._end = offset + length
         self._chunk = chunk
@@ -197,9 +230,7 @@ class _ChunkReader:
         while available < count:
             if self._position >= self._end:
                 raise _NotWholeError("it is cut short")
-            chunk = os.pread(
-                self._file_descriptor, min(self._chunk, self._end - self._position), self._position
-            )
+            chunk = self._source.read(self._position, min(self._chunk, self._end - self._position))
             if not chunk:
                 raise _NotWholeError("it is cut short")
             self._position += len(chunk)
@@ -224,9 +255,9 @@ class _Member:
     local_offset: int
 
 
-def _members(file_descriptor: int, directory_offset: int, directory_size: int) -> Iterator[_Member]:
+def _members(source: ByteSource, directory_offset: int, directory_size: int) -> Iterator[_Member]:
     """Every central-directory entry, streamed; raises _NotWholeError at the first malformed one."""
-    reader = _ChunkReader(file_descriptor, directory_offset, directory_size)
+    reader = _ChunkReader(source, directory_offset, directory_size)
     while not reader.at_end:
         header = reader.take(_CENTRAL_HEADER_SIZE) if reader.consumed + 4 <= directory_size else b""
         if header[:4] != _CENTRAL_HEADER_MAGIC:
@@ -269,11 +300,11 @@ def _zip64_sizes(extra: bytes, uncompressed: int, compressed: int, local_offset:
 
 
 def _walk_central_directory(
-    file_descriptor: int, directory_offset: int, directory_size: int, entries: int
+    source: ByteSource, directory_offset: int, directory_size: int, entries: int
 ) -> None:
     """Every central-directory header is there, and they end exactly where the end record says."""
     count = 0
-    for member in _members(file_descriptor, directory_offset, directory_size):
+    for member in _members(source, directory_offset, directory_size):
         count += 1
         if count > entries:
             break
@@ -283,10 +314,10 @@ def _walk_central_directory(
         raise _NotWholeError(f"{count} entries found where the end record says {entries}")
 
 
-def _check_member_crcs(file_descriptor: int, directory_offset: int, directory_size: int) -> None:
+def _check_member_crcs(source: ByteSource, directory_offset: int, directory_size: int) -> None:
     """Read every member's data once, in bounded chunks, and compare its CRC-32 with the recorded one."""
-    for index, member in enumerate(_members(file_descriptor, directory_offset, directory_size), start=1):
-        header = os.pread(file_descriptor, _LOCAL_HEADER.size, member.local_offset)
+    for index, member in enumerate(_members(source, directory_offset, directory_size), start=1):
+        header = source.read(member.local_offset, _LOCAL_HEADER.size)
         if len(header) != _LOCAL_HEADER.size or header[:4] != _LOCAL_HEADER_MAGIC:
             raise _NotWholeError(f"entry {index}: no local header where the central directory says")
         name_length, extra_length = _LOCAL_HEADER.unpack(header)[9:11]
@@ -298,41 +329,41 @@ def _check_member_crcs(file_descriptor: int, directory_offset: int, directory_si
         if member.method == _STORED:
             if member.compressed != member.uncompressed:
                 raise _NotWholeError(f"entry {index}: a stored entry whose two sizes differ")
-            crc = _stored_crc(file_descriptor, data_start, member.compressed)
+            crc = _stored_crc(source, data_start, member.compressed)
         elif member.method == _DEFLATED:
             if member.uncompressed > member.compressed * _DEFLATE_MAXIMUM_RATIO + 1024:
                 raise _NotWholeError(f"entry {index}: its declared size is more than deflate can give")
-            crc = _deflated_crc(file_descriptor, data_start, member, index)
+            crc = _deflated_crc(source, data_start, member, index)
         else:
             raise _NotWholeError(f"entry {index}: compression method {member.method} cannot be checked")
         if crc != member.crc:
             raise _NotWholeError(f"entry {index}: CRC-32 {crc:08x} where the archive says {member.crc:08x}")
 
 
-def _data_chunks(file_descriptor: int, start: int, length: int) -> Iterator[bytes]:
+def _data_chunks(source: ByteSource, start: int, length: int) -> Iterator[bytes]:
     position, end = start, start + length
     while position < end:
-        chunk = os.pread(file_descriptor, min(_DATA_CHUNK, end - position), position)
+        chunk = source.read(position, min(_DATA_CHUNK, end - position))
         if not chunk:
             raise _NotWholeError("an entry's data is cut short")
         position += len(chunk)
         yield chunk
 
 
-def _stored_crc(file_descriptor: int, start: int, length: int) -> int:
+def _stored_crc(source: ByteSource, start: int, length: int) -> int:
     crc = 0
-    for chunk in _data_chunks(file_descriptor, start, length):
+    for chunk in _data_chunks(source, start, length):
         crc = zlib.crc32(chunk, crc)
     return crc
 
 
-def _deflated_crc(file_descriptor: int, start: int, member: _Member, index: int) -> int:
+def _deflated_crc(source: ByteSource, start: int, member: _Member, index: int) -> int:
     """Inflate in bounded steps; an entry that inflates past its declared size is refused at once."""
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
     crc = 0
     produced = 0
     try:
-        for chunk in _data_chunks(file_descriptor, start, member.compressed):
+        for chunk in _data_chunks(source, start, member.compressed):
             pending = chunk
             while pending:
                 output = inflater.decompress(pending, _DATA_CHUNK)
@@ -445,6 +476,8 @@ _DEEPSPEED_MARKER = "latest"
 _DCP_MARKER = ".metadata"
 _LIGHTNING_FSDP_MARKER = "meta.pt"
 _HUGGING_FACE_MARKER = "trainer_state.json"
+# What a writer writes last into a directory checkpoint: removing one first un-completes it at once.
+DIRECTORY_MARKERS = frozenset({_DEEPSPEED_MARKER, _DCP_MARKER, _LIGHTNING_FSDP_MARKER, _HUGGING_FACE_MARKER})
 _NO_MARKER = (
     "no completion marker yet (DeepSpeed 'latest', Lightning FSDP 'meta.pt', "
     "torch.distributed.checkpoint '.metadata', Hugging Face 'trainer_state.json')"
@@ -501,10 +534,21 @@ def check_directory(
             else f"contains a mount point ({where}): another file system, never deleted"
         )
         return DirectoryVerdict(Completeness(False, reason, transient=True, mount_point=where), None, total)
-    layout, missing = _directory_layout(summary.top_entries, name)
+    return judge_directory(
+        summary.top_entries, name, summary.newest_mtime_ns, total, quiet_seconds=quiet_seconds, now=now
+    )
+
+
+def judge_directory(
+    top_entries: set[str], name: str, newest_mtime_ns: int, total: int, *, quiet_seconds: float, now: float
+) -> DirectoryVerdict:
+    """The rules for a directory checkpoint's contents, on disk and in a bucket alike: its writer's
+    marker among ``top_entries`` (the names directly in it), and nothing in it modified for
+    ``quiet_seconds`` (``newest_mtime_ns`` is its newest file's time); ``total`` is its size."""
+    layout, missing = _directory_layout(top_entries, name)
     if missing is not None:
         return DirectoryVerdict(Completeness(False, missing, transient=True), layout, total)
-    newest = summary.newest_mtime_ns / 1e9
+    newest = newest_mtime_ns / 1e9
     age = now - newest
     if age < quiet_seconds:
         reason = (

@@ -3,7 +3,8 @@
 
 Every string in a record goes through ``display_name`` (one processor, so no call site can forget):
 a path with a newline, a terminal escape or bytes that are not UTF-8 cannot forge a record, steer a
-terminal or make the output invalid UTF-8.
+terminal or make the output invalid UTF-8. The same processor removes any credential of the
+environment from every string (``credentials.redact``): no client library's error text can leak one.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from typing import Any, TextIO, cast
 import structlog
 
 from ckpt_watcher import terminal
-from ckpt_watcher.records import display_name
+from ckpt_watcher.credentials import redact
+from ckpt_watcher.records import DisplayText, display_name
 from ckpt_watcher.terminal import TerminalLine
 
 LEVELS = ("debug", "info", "warning", "error")
@@ -35,15 +37,18 @@ def escape_text_values(
     """
     for key, value in event_dict.items():
         if key in _MULTI_LINE_KEYS and isinstance(value, str):
-            event_dict[key] = "\n".join(display_name(line) for line in value.split("\n"))
+            event_dict[key] = "\n".join(display_name(line) for line in redact(value).split("\n"))
         else:
             event_dict[key] = _escaped(value)
     return event_dict
 
 
 def _escaped(value: Any) -> Any:
+    if isinstance(value, DisplayText):
+        cleaned = redact(value)
+        return value if cleaned is value else DisplayText(cleaned)
     if isinstance(value, str | os.PathLike):
-        return display_name(value)
+        return display_name(redact(os.fspath(value)))
     if isinstance(value, Mapping):
         return {_escaped(key): _escaped(item) for key, item in value.items()}
     if isinstance(value, list | tuple | set | frozenset):

@@ -21,7 +21,9 @@ from typing import Any
 
 import structlog
 
+from ckpt_watcher.config_access import LOCAL_FILES, ConfigAccess
 from ckpt_watcher.filesystem import real_path
+from ckpt_watcher.locations import LocationError, StorageURL, is_url, parse_location
 from ckpt_watcher.naming import Naming
 from ckpt_watcher.policy import LoadedPolicy, Policy, PolicyError, load_policy
 from ckpt_watcher.policy_file import OutcomeListener, log_loaded, log_rejected, log_warnings
@@ -84,12 +86,19 @@ class PolicyTree:
     """
 
     def __init__(
-        self, root: Path, base: LoadedPolicy, *, strict: bool, on_outcome: OutcomeListener | None = None
+        self,
+        root: Path,
+        base: LoadedPolicy,
+        *,
+        strict: bool,
+        on_outcome: OutcomeListener | None = None,
+        files: ConfigAccess = LOCAL_FILES,
     ) -> None:
         self.root = root
         self.base = base
         self.strict = strict
         self.on_outcome = on_outcome
+        self.files = files  # where per-run files are read: the disk, or a bucket (config_access.py)
         self.errors: list[PolicyError] = []
         self._layers: dict[Path, _Layer] = {}
         self._resolved: dict[Path, _Resolved] = {}
@@ -192,9 +201,10 @@ class PolicyTree:
 
     def _sweep(self) -> None:
         """Drop the state of directories that no longer exist."""
-        for directory in [directory for directory in self._resolved if not os.path.isdir(directory)]:
+        is_directory = self.files.is_directory
+        for directory in [directory for directory in self._resolved if not is_directory(directory)]:
             del self._resolved[directory]
-        gone_layers = [directory for directory in self._layers if not os.path.isdir(directory)]
+        gone_layers = [directory for directory in self._layers if not is_directory(directory)]
         for directory in gone_layers:
             del self._layers[directory]
         if gone_layers:
@@ -204,7 +214,7 @@ class PolicyTree:
     def _layer(self, directory: Path) -> _Layer | None:
         """The override file in ``directory`` as it is now, or None if it has none."""
         path = directory / OVERRIDE_FILE_NAME
-        identity = _override_identity(path)
+        identity = self.files.entry_identity(path)
         cached = self._layers.get(directory)
         if cached is None and identity is None:
             return None
@@ -218,7 +228,7 @@ class PolicyTree:
                 logger.info("policy_override_removed", source=str(path))
             return None
         try:
-            loaded = load_policy(path, quote_contents=False)
+            loaded = load_policy(path, quote_contents=False, read=self.files.read_text)
             self._check_protect_from(directory, loaded, str(path))
         except PolicyError as error:
             if self.strict:
@@ -248,7 +258,7 @@ class PolicyTree:
 
     def _allowed_directories(self) -> tuple[Path, ...]:
         """Where configs named by a per-run file may be: under the root, or beside the --policy file."""
-        allowed = [real_path(self.root)]
+        allowed = [self.files.real_path(self.root)]
         if self.base.source is not None:
             allowed.append(real_path(self.base.source.parent))
         return tuple(allowed)
@@ -258,7 +268,7 @@ class PolicyTree:
         allowed = self._allowed_directories()
         problems = []
         for index, entry in enumerate(loaded.policy.protect_from):
-            real = real_path(_resolve(directory, entry))
+            real = self.files.real_path(_resolve(directory, entry))
             if not any(real == place or place in real.parents for place in allowed):
                 problems.append(
                     f"At 'protect_from.{index}': names a file outside the checkpoint root; a per-run "
@@ -301,21 +311,12 @@ class PolicyTree:
         )
 
 
-def _override_identity(path: Path) -> FileIdentity | None:
-    """The override file's identity through links; a dangling or looping link is there too.
-
-    Such a link was meant to be an override: it is read (and refused, blocking its subtree) rather
-    than taken for no file at all, which would apply the parent's policy instead.
-    """
-    identity = FileIdentity.of_path(path)
-    if identity is not None:
-        return identity
-    try:
-        status = os.lstat(path)
-    except OSError:
-        return None
-    return FileIdentity(status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns)
-
-
 def _resolve(directory: Path, entry: str) -> Path:
+    """A protect_from entry as a path: relative to ``directory``; a URL as its object's core path."""
+    if is_url(entry):
+        try:
+            location = parse_location(entry)
+        except LocationError:  # read as a file name, which is missing: an error that names the entry
+            return Path(os.path.abspath(directory / entry))
+        return location.core_path if isinstance(location, StorageURL) else Path(os.path.abspath(location))
     return Path(os.path.abspath(directory / os.path.expanduser(entry)))

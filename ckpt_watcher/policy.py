@@ -10,7 +10,7 @@ described by positions and kinds of values, never by its contents.
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -29,6 +29,7 @@ from pydantic import (
 
 from ckpt_watcher.config_files import ConfigFileError, parse_yaml, read_config_text, redact_quoted
 from ckpt_watcher.durations import DurationError, parse_duration
+from ckpt_watcher.locations import shown_as_url
 from ckpt_watcher.naming import (
     DEFAULT_BEST_TEMPLATE,
     DEFAULT_LAST_TEMPLATE,
@@ -262,7 +263,7 @@ class PolicyError(Exception):
 
     def render(self) -> str:
         """The message a user sees: the file, then one line per problem."""
-        lines = [f"invalid policy {self.source}:"]
+        lines = [f"invalid policy {shown_as_url(self.source)}:"]  # an object by its URL
         lines.extend(f"  {problem}" for problem in self.problems)
         return "\n".join(lines)
 
@@ -283,7 +284,7 @@ class LoadedPolicy:
     @property
     def source_label(self) -> str:
         """The file the policy came from, or 'embedded default'."""
-        return str(self.source) if self.source is not None else "embedded default"
+        return shown_as_url(str(self.source)) if self.source is not None else "embedded default"
 
 
 # bool before int: True is an int too.
@@ -429,11 +430,14 @@ def validate_policy(
     )
 
 
-def load_policy(path: Path | None, *, quote_contents: bool = True) -> LoadedPolicy:
+def load_policy(
+    path: Path | None, *, quote_contents: bool = True, read: Callable[[Path], str] = read_config_text
+) -> LoadedPolicy:
     """Read and validate the policy at ``path``; None gives the embedded default.
 
     ``quote_contents`` is for the file the user named on the command line; a file found in the tree
-    (a per-run override, possibly a link to anything readable) gets positions, not contents.
+    (a per-run override, possibly a link to anything readable) gets positions, not contents. ``read``
+    gets the file's text (an object's, for a per-run policy in a bucket).
     """
     if path is None:
         return LoadedPolicy(
@@ -443,7 +447,7 @@ def load_policy(path: Path | None, *, quote_contents: bool = True) -> LoadedPoli
         )
     source = str(path)
     try:
-        document = parse_yaml(read_config_text(path), quote_contents=quote_contents)
+        document = parse_yaml(read(path), quote_contents=quote_contents)
     except ConfigFileError as error:
         raise PolicyError(source, [f"At '<file>': {error.message}"]) from None
     duplicates = _duplicate_retention_keys(document.node)

@@ -22,8 +22,10 @@ from typing import Any
 
 import structlog
 
-from ckpt_watcher.config_files import ConfigFileError, parse_yaml, read_config_text
+from ckpt_watcher.config_access import LOCAL_FILES, ConfigAccess
+from ckpt_watcher.config_files import ConfigFileError, parse_yaml
 from ckpt_watcher.filesystem import real_path
+from ckpt_watcher.locations import LocationError, StorageURL, is_url, parse_location
 from ckpt_watcher.policy import describe_value
 from ckpt_watcher.records import FileIdentity
 
@@ -123,8 +125,17 @@ def candidate_paths(value: str, config_directory: Path, working_directory: Path)
     """Where a configured path may point: relative to the config and to the working directory, both.
 
     Each candidate is given as written (absolute) and with symlinks resolved, so ``last.ckpt`` protects
-    both the link and its target.
+    both the link and its target. A URL (``s3://bucket/run/last.ckpt``) is its object's core path (see
+    locations.py): a bucket has no symlinks, and the value is not relative to anything.
     """
+    if is_url(value):
+        try:
+            location = parse_location(value)
+        except LocationError:
+            return ()  # names nothing that could be in a root: a warning says it does not exist
+        if isinstance(location, StorageURL):
+            return (location.core_path,)
+        value = str(location)
     expanded = Path(os.path.expanduser(value))
     bases = [Path("/")] if expanded.is_absolute() else [config_directory, working_directory]
     found: list[Path] = []
@@ -137,15 +148,21 @@ def candidate_paths(value: str, config_directory: Path, working_directory: Path)
 
 
 def read_config_protection(
-    config: Path, label: str, working_directory: Path, *, confined_to: Sequence[Path] = ()
+    config: Path,
+    label: str,
+    working_directory: Path,
+    *,
+    confined_to: Sequence[Path] = (),
+    files: ConfigAccess = LOCAL_FILES,
 ) -> ConfigProtection:
     """Read one training config; raise ProtectionError if it cannot be read as a YAML mapping.
 
     With ``confined_to`` the file (after every symlink) must lie under one of those directories.
     Messages give positions in the file, never its contents: nobody named it on the command line.
+    ``files`` reads it (a config named by a URL is an object in a bucket).
     """
     try:
-        document = parse_yaml(read_config_text(config, confined_to=confined_to), quote_contents=False).value
+        document = parse_yaml(files.read_text(config, confined_to=confined_to), quote_contents=False).value
     except ConfigFileError as error:
         raise ProtectionError(label, error.message) from None
     if document is None:
@@ -170,7 +187,7 @@ def read_config_protection(
             candidates=candidate_paths(value, config.parent, working_directory),
         )
         references.append(reference)
-        if not reference.exists:
+        if not any(files.exists(candidate) for candidate in reference.candidates):
             warnings.append(f"{label}: '{key}' names {value!r}, which does not exist (yet)")
     kinds = {key.rsplit(".", 1)[-1] for key in set_keys}
     if kinds == set(RESUME_KEYS):
@@ -183,7 +200,7 @@ def read_config_protection(
     )
 
 
-def command_line_pins(paths: Iterable[Path], working_directory: Path) -> dict[Path, str]:
+def command_line_pins(paths: Iterable[Path | StorageURL], working_directory: Path) -> dict[Path, str]:
     """``--protect PATH`` pins: the path as given and with symlinks resolved."""
     pins: dict[Path, str] = {}
     for path in paths:
@@ -233,8 +250,9 @@ class _LoadedConfig:
 class ProtectionRegistry:
     """Keeps the protect_from configs loaded; an unreadable edit keeps that config's previous set."""
 
-    def __init__(self, working_directory: Path) -> None:
+    def __init__(self, working_directory: Path, *, files: ConfigAccess = LOCAL_FILES) -> None:
         self.working_directory = working_directory
+        self.files = files  # where configs are read: the disk, and a bucket for URLs (config_access.py)
         self._loaded: dict[Path, _LoadedConfig] = {}
 
     def retain(self, configs: Mapping[Path, str]) -> bool:
@@ -252,7 +270,7 @@ class ProtectionRegistry:
         """
         changed = False
         for config, label in configs.items():
-            identity = FileIdentity.of_path(config)
+            identity = self.files.identity(config)
             previous = self._loaded.get(config)
             if previous is not None and previous.identity == identity:
                 continue
@@ -260,7 +278,7 @@ class ProtectionRegistry:
             confined_to = label.allowed_directories if isinstance(label, ConfigLabel) else ()
             try:
                 protection = read_config_protection(
-                    config, label, self.working_directory, confined_to=confined_to
+                    config, label, self.working_directory, confined_to=confined_to, files=self.files
                 )
             except ProtectionError as error:
                 if strict:

@@ -20,7 +20,6 @@ Each path it could not read is logged once per pass (``scan_problem``).
 from __future__ import annotations
 
 import enum
-import os
 import threading
 import time
 from collections import defaultdict
@@ -31,7 +30,8 @@ from pathlib import Path
 import structlog
 
 from ckpt_watcher.budget import FreeSpacePlan
-from ckpt_watcher.delete import ApplyResult, Outcome, apply_group, finish_leftovers
+from ckpt_watcher.config_access import LOCAL_FILES, ConfigAccess
+from ckpt_watcher.delete import ApplyResult, Outcome
 from ckpt_watcher.groups import GroupIndex, GroupState, Tally
 from ckpt_watcher.links import LinkPins
 from ckpt_watcher.naming import Kind
@@ -39,10 +39,11 @@ from ckpt_watcher.overrides import OVERRIDE_FILE_NAME, EffectivePolicy, PolicyTr
 from ckpt_watcher.plan import Action, Decision, GroupPlan, Plan, Summary, plan
 from ckpt_watcher.policy import LoadedPolicy, PolicyError
 from ckpt_watcher.policy_file import InvalidPolicyFilesError
-from ckpt_watcher.protection import ProtectionError, ProtectionRegistry, identities_of
+from ckpt_watcher.protection import ProtectionError, ProtectionRegistry
 from ckpt_watcher.records import CheckpointRecord, display_name
-from ckpt_watcher.scan import ScanOptions, ScanProblem, ScanStopped, scan_directory, walk_directories
+from ckpt_watcher.scan import ScanOptions, ScanProblem, ScanStopped
 from ckpt_watcher.space import SpaceKeeper
+from ckpt_watcher.storage import LocalStorage, Storage, StorageUnavailableError
 from ckpt_watcher.trash import TrashSummary
 from ckpt_watcher.trash_moves import PurgeResult
 from ckpt_watcher.trash_pass import TrashPass
@@ -73,7 +74,8 @@ class PassResult:
 
     The counts are always there. Every decision (``the_plan``) and every outcome (``applied``) are kept
     only when the pass was asked to (``prune``'s table and JSON): a daemon's pass over 100,000
-    checkpoints holds one group at a time. ``applied`` is None for a dry run.
+    checkpoints holds one group at a time. ``applied`` is None for a dry run. ``storage_error`` says
+    why a store could not be read whole (the pass then planned and deleted nothing).
 
     For the metrics and the status line: ``deleted_by_kind`` (this pass's deletions by kind),
     ``kept_overall`` (what every known group's latest plan keeps, also the groups this pass did not
@@ -115,6 +117,7 @@ class PassResult:
     trash: TrashSummary | None = None
     trashing: dict[Path, int] = field(default_factory=dict)
     evicted_at_once: set[Path] = field(default_factory=set)
+    storage_error: str | None = None
 
     @property
     def the_plan(self) -> Plan:
@@ -185,16 +188,21 @@ def prune_once(
     dry_run: bool,
     working_directory: Path,
     on_group: Callable[[int, int], None] | None = None,
+    storage: Storage | None = None,
+    files: ConfigAccess = LOCAL_FILES,
 ) -> PassResult:
     """``prune``: one strict pass over ``root``; an invalid policy or protect_from file anywhere raises
-    InvalidPolicyFilesError before anything is deleted. ``on_group``: as for ``Reconciler``."""
+    InvalidPolicyFilesError before anything is deleted. ``on_group``: as for ``Reconciler``.
+    ``storage`` and ``files`` are where the tree and its config files are (a bucket; by default the
+    disk)."""
     reconciler = Reconciler(
-        PolicyTree(root, loaded, strict=True),
-        ProtectionRegistry(working_directory),
+        PolicyTree(root, loaded, strict=True, files=files),
+        ProtectionRegistry(working_directory, files=files),
         pins=pins,
         settle_seconds=settle_seconds,
         one_shot=True,
         on_group=on_group,
+        storage=storage,
     )
     return reconciler.run(Trigger.PRUNE, dry_run=dry_run, keep_plan=True)
 
@@ -206,7 +214,8 @@ class Reconciler:
     logged. Otherwise (the daemon) an invalid edit is logged and the last good version stays in force.
     ``stop`` ends a pass between two deletions (or inside a long scan); ``progress`` is called
     between groups (the liveness keep-alive of a long pass), and ``on_group`` with how many of the
-    pass's groups are done, of how many (a terminal's progress line).
+    pass's groups are done, of how many (a terminal's progress line). ``storage`` does the pass's I/O
+    (a directory tree on disk unless given; storage.py).
     """
 
     def __init__(
@@ -220,8 +229,10 @@ class Reconciler:
         stop: threading.Event | None = None,
         progress: Callable[[], None] | None = None,
         on_group: Callable[[int, int], None] | None = None,
+        storage: Storage | None = None,
     ) -> None:
         self.root = tree.root
+        self.storage: Storage = storage if storage is not None else LocalStorage()
         self.tree = tree
         self.registry = registry
         self.index = GroupIndex(tree.root, tree.naming_for)
@@ -257,18 +268,26 @@ class Reconciler:
             result.group_plans = []
             result.applied = None if dry_run else ApplyResult()
         try:
+            self.storage.begin_pass()
             selected = self._all_groups(dry_run, result) if trigger.covers_everything else set(groups)
             result.add_purge(self.trash.begin(purge=trigger.covers_everything, dry_run=dry_run))
             effective, result.blocked = self._policies(selected)
-            if self._refresh_protection(trigger) and not trigger.covers_everything:
+            configs = self.index.configs()
+            if (
+                _refresh(self.registry, configs, trigger, strict=self._one_shot)
+                and not trigger.covers_everything
+            ):
                 more, more_blocked = self._policies(set(self.index) - set(effective) - set(result.blocked))
                 effective.update(more)  # a new resume source may sit in any group
                 result.blocked += more_blocked
             result.sources = {group: value.sources for group, value in effective.items()}
             namings = {group: value.policy.compiled_naming for group, value in effective.items()}
-            self._plan_groups(effective, self.index.link_pins(namings), closed, dry_run, result)
+            links = self.index.link_pins(namings, self.storage.list_links)
+            self._plan_groups(effective, links, closed, dry_run, result)
         except ScanStopped:
             result.interrupted = True
+        except StorageUnavailableError as error:  # nothing was deleted: the listing came first
+            result.storage_error = str(error)
         finally:
             self._problems.flush()
             result.trash_bytes, result.trash = self.trash.end()
@@ -281,7 +300,7 @@ class Reconciler:
         """Every directory below the root; forget the ones that are gone, finish interrupted removals."""
         problems: list[ScanProblem] = []
         groups: set[Path] = set()
-        for directory in walk_directories(self.root, self.tree.naming_for, problems):
+        for directory in self.storage.walk_directories(self.root, self.tree.naming_for, problems):
             if self._stop is not None and self._stop.is_set():
                 raise ScanStopped(str(directory))
             groups.add(directory)
@@ -293,7 +312,7 @@ class Reconciler:
         self.tree.retain(groups)
         if not dry_run:
             for group in sorted(groups):
-                leftovers = finish_leftovers(self.root, group, reported=self._foreign_leftovers)
+                leftovers = self.storage.finish_leftovers(self.root, group, reported=self._foreign_leftovers)
                 result.leftovers_remaining += sum(not leftover.removed for leftover in leftovers)
         return groups
 
@@ -303,7 +322,7 @@ class Reconciler:
         effective: dict[Path, EffectivePolicy] = {}
         blocked: list[Path] = []
         for group in sorted(groups):
-            if not os.path.isdir(group) or os.path.islink(group):
+            if not self.storage.is_group(group):
                 self.index.forget(group)
                 continue
             value = self.tree.for_directory(group)
@@ -319,18 +338,6 @@ class Reconciler:
             raise InvalidPolicyFilesError(self.tree.errors)
         return effective, blocked
 
-    def _refresh_protection(self, trigger: Trigger) -> bool:
-        """Re-read the protect_from configs that changed; True if what they protect changed."""
-        configs = self.index.configs()
-        try:
-            changed = self.registry.refresh(configs, strict=self._one_shot)
-        except ProtectionError as error:
-            problem = PolicyError("protect_from", [f"At 'protect_from': {error}"])
-            raise InvalidPolicyFilesError([problem]) from None
-        if trigger.covers_everything:
-            changed = self.registry.retain(configs) or changed
-        return changed
-
     # -- one group at a time ----------------------------------------------------------------------
 
     def _plan_groups(
@@ -344,7 +351,7 @@ class Reconciler:
         """Scan, plan and apply each group in turn, so a pass holds one group's records at a time; then
         keep the free space each file system's ``keep_free`` asks for (``space.py``)."""
         pins = {**self._command_line_pins, **self.registry.pins()}
-        context = _PassContext.build(pins, links, closed, dry_run, result)
+        context = _PassContext.build(pins, self.storage.identities_of(pins), links, closed, dry_run, result)
         self.space.begin_pass()
         for done, (group, value) in enumerate(sorted(effective.items()), start=1):
             if self._stop is not None and self._stop.is_set():
@@ -391,8 +398,8 @@ class Reconciler:
 
     def _replan(self, group: Path, context: _PassContext) -> None:
         """A group outside the pass that keep_free would take from: scanned and planned afresh first."""
-        value = self.tree.for_directory(group) if os.path.isdir(group) else None
-        if value is not None and not os.path.islink(group):
+        value = self.tree.for_directory(group) if self.storage.is_group(group) else None
+        if value is not None:
             context.result.sources[group] = value.sources
             self._plan_group(group, value, context)
 
@@ -414,7 +421,7 @@ class Reconciler:
             settle_seconds=self._settle_seconds, now=wall_now, closed_paths=closed, verify=value.policy.verify
         )
         cache = None if self._one_shot else state.cache
-        records = scan_directory(
+        records = self.storage.scan_directory(
             self.root, group, value.policy.compiled_naming, options, cache, problems, stop=self._stop
         )
         self._problems.note(problems)
@@ -430,7 +437,7 @@ class Reconciler:
 
     def _apply(self, group_plan: GroupPlan, grace_seconds: int) -> ApplyResult:
         trash = self.trash.target(grace_seconds)
-        applied = ApplyResult(apply_group(group_plan, self.root, stop=self._stop, trash=trash))
+        applied = ApplyResult(self.storage.apply_group(group_plan, self.root, stop=self._stop, trash=trash))
         applied.interrupted = len(applied.results) < len(group_plan.deletions)
         for result in applied.results:
             if result.outcome is Outcome.CHANGED:  # changed since it was planned: plan it again soon
@@ -488,6 +495,7 @@ class _PassContext:
     def build(
         cls,
         pins: dict[Path, str],
+        identities: Mapping[tuple[int, int], str],
         links: LinkPins,
         closed: Collection[Path],
         dry_run: bool,
@@ -497,7 +505,23 @@ class _PassContext:
         closed_in: dict[Path, set[Path]] = defaultdict(set)
         for path in closed:
             closed_in[path.parent].add(path)
-        return cls(pins, identities_of(pins), links, closed_in, time.time(), dry_run, result)
+        return cls(pins, identities, links, closed_in, time.time(), dry_run, result)
+
+
+def _refresh(
+    registry: ProtectionRegistry, configs: dict[Path, str], trigger: Trigger, *, strict: bool
+) -> bool:
+    """Re-read the protect_from configs that changed (a full pass also forgets the ones no policy
+    names any more); True if what they protect changed. ``strict`` (prune): an unreadable config is
+    an InvalidPolicyFilesError."""
+    try:
+        changed = registry.refresh(configs, strict=strict)
+    except ProtectionError as error:
+        problem = PolicyError("protect_from", [f"At 'protect_from': {error}"])
+        raise InvalidPolicyFilesError([problem]) from None
+    if trigger.covers_everything:
+        changed = registry.retain(configs) or changed
+    return changed
 
 
 class ProblemLog:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ckpt_watcher.locations import shown_as_url
 from ckpt_watcher.naming import Kind, ParsedName
 
 # A directory checkpoint being deleted is first renamed to this prefix, so it is never seen half
@@ -145,10 +146,11 @@ def display_name(name: str | os.PathLike[str]) -> str:
     character is shown as it is, so ordinary names (also non-ASCII ones) print unchanged. Two
     different names never print the same, no name can start a new line or steer a terminal, and text
     this function returned is returned unchanged (plain text as it is, escaped text as a ``DisplayText``).
+    The core path of an object (``/s3:/bucket/key``, see locations.py) is shown as its URL.
     """
     if isinstance(name, DisplayText):
         return name
-    text = os.fspath(name)
+    text = shown_as_url(os.fspath(name))
     if _PLAIN.fullmatch(text):
         return text  # nothing to escape: the same object (escaping it again changes nothing either)
     return DisplayText("".join(_escape_character(character) for character in text))

@@ -43,7 +43,7 @@ from ckpt_watcher.records import (
 logger = structlog.get_logger("ckpt_watcher.scan")
 
 UNFINISHED_MARKER_SUFFIX = "-unfinished"
-_TEMPORARY_SUFFIXES = (".tmp", ".partial")
+TEMPORARY_SUFFIXES = (".tmp", ".partial")
 # Files a download or copy tool keeps beside a file it is still writing under its final name:
 #   aria2 `<name>.aria2` (its control file; the data file is pre-sized under its own name),
 #   Firefox `<name>.part` (the data; a placeholder with the final name exists from the start),
@@ -368,7 +368,7 @@ class _Group:
         return verdict
 
     def _file_completeness(self, name: str, path: Path, identity: FileIdentity, kind: Kind) -> Completeness:
-        if name.endswith(_TEMPORARY_SUFFIXES):
+        if name.endswith(TEMPORARY_SUFFIXES):
             return Completeness(False, "temporary file name", transient=True)
         marked = _with_markers(name, self.markers, None)
         if marked is not None:
@@ -442,6 +442,12 @@ def _with_markers(
     if marker.endswith(UNFINISHED_MARKER_SUFFIX):
         return Completeness(False, f"still being written ({marker} marker present)", transient=True)
     return Completeness(False, f"still being downloaded ({marker} beside it)", transient=True)
+
+
+def marker_verdict(name: str, markers: dict[str, str]) -> Completeness | None:
+    """Incomplete if a marker of a writer still at work is beside ``name`` (``markers_beside``); else
+    None. For scans of other stores (a bucket) that apply the same rules."""
+    return _with_markers(name, markers, None)
 
 
 _MARKER_SUFFIXES = (UNFINISHED_MARKER_SUFFIX, *DOWNLOAD_MARKER_SUFFIXES)

@@ -12,6 +12,8 @@ import pytest
 import structlog
 from structlog.testing import LogCapture
 
+from tests.support.s3_server import Bucket, S3Server, environment
+
 
 @pytest.fixture(autouse=True)
 def no_thread_leak() -> Iterator[None]:
@@ -42,3 +44,34 @@ def captured() -> Iterator[LogCapture]:
     structlog.configure(processors=[capture], cache_logger_on_first_use=False)
     yield capture
     structlog.reset_defaults()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """One real S3 server (moto) for the session; each test makes a bucket of its own (``s3``).
+
+    The threads of s3fs in this process are started here, before any test counts threads: fsspec's
+    I/O thread and its event loop's one resolver thread (``asyncio_0``; the loop is given a default
+    executor of one thread, so no test starts another), as in any program that uses s3fs.
+    """
+    import concurrent.futures
+
+    import fsspec.asyn
+
+    loop = fsspec.asyn.get_loop()
+    executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="asyncio")
+    loop.call_soon_threadsafe(loop.set_default_executor, executor)
+    server = S3Server(tmp_path_factory.mktemp("s3-server") / "requests.log")
+    server.start()
+    Bucket(server.endpoint, name="warm-up").create()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> Bucket:
+    """A new bucket on the session's S3 server, with the standard AWS environment pointing at it (in
+    this process, and inherited by every command the test runs)."""
+    for name, value in environment(s3_server.endpoint).items():
+        monkeypatch.setenv(name, value)
+    return Bucket(s3_server.endpoint).create()

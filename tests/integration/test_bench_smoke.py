@@ -25,6 +25,7 @@ SECTION_TITLES = (
     "## 6. Probes and metrics",
     "## 7. Space pressure",
     "## 8. The trash",
+    "## 9. A bucket prefix",
 )
 
 

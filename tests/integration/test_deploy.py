@@ -44,11 +44,13 @@ import yaml
 
 from ckpt_watcher import health
 from ckpt_watcher.cli import build_parser
+from ckpt_watcher.locations import StorageURL
 from ckpt_watcher.policy import load_policy
 from tests.support.daemon import DaemonProcess, only_child, running_daemon, wait_until
-from tests.support.factories import step_name, write_checkpoint
+from tests.support.factories import step_name, write_checkpoint, zip_bytes
 from tests.support.metrics import metrics_port, scrape
 from tests.support.notify_socket import NotifySocket
+from tests.support.s3_server import Bucket, S3Server
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -63,6 +65,7 @@ POLICY = DEPLOY / "policy.yaml"
 KUBERNETES = DEPLOY / "kubernetes"
 CONFIGMAP = KUBERNETES / "policy-configmap.yaml"
 MANIFESTS = (KUBERNETES / "sidecar-job.yaml", KUBERNETES / "shared-volume-deployment.yaml")
+BUCKET_MANIFEST = KUBERNETES / "bucket-deployment.yaml"  # watches a bucket prefix: no volume of checkpoints
 MINIMUM_KUBERNETES = "1.29.0"  # native sidecars (initContainers with restartPolicy: Always)
 
 # The recommended policy keeps the newest 3 step checkpoints, and moves the others into its trash
@@ -690,7 +693,7 @@ def _quantities(document: Any) -> Iterator[str]:
 def test_manifests_validate_against_the_kubernetes_schemas(version: str) -> None:
     """Offline, strict (unknown fields are errors), for every manifest and every document in it."""
     files = [str(path) for path in sorted(KUBERNETES.glob("*.yaml"))]
-    assert len(files) == 3
+    assert len(files) == 4
     version_flag = [] if version == "latest" else ["--kubernetes-version", version]
     result = _run([_tool("kubernetes-validate"), "--strict", *version_flag, *files])
     assert result.returncode == 0, result.stdout + result.stderr
@@ -899,3 +902,83 @@ def test_manifest_container_runs_passes_its_probes_and_hot_reloads_the_configmap
         assert daemon.events("watch_stopped")
     finally:
         daemon.close()
+
+
+# -- the bucket-watching Deployment ------------------------------------------------------------------
+
+
+def test_bucket_deployment_watches_its_prefix_with_one_replica_and_no_volume_of_checkpoints() -> None:
+    watcher = _watcher_container(BUCKET_MANIFEST)
+    parsed = _parse_watch_command(watcher["args"])
+    assert parsed.path == StorageURL("s3", "training-checkpoints", "llada8b")
+    assert parsed.poll == 30.0
+    deployment = _of_kind(BUCKET_MANIFEST, "Deployment")
+    assert deployment["spec"]["replicas"] == 1
+    assert deployment["spec"]["strategy"]["type"] == "Recreate"
+    assert not any("persistentVolumeClaim" in volume for volume in _volumes(BUCKET_MANIFEST).values())
+    assert [source["secretRef"]["name"] for source in watcher["envFrom"]] == ["ckpt-watcher-s3"]
+    credentials = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"}
+    assert not credentials & {item["name"] for item in watcher["env"]}  # only from the Secret
+    security = watcher["securityContext"]
+    assert security["readOnlyRootFilesystem"] is True
+    assert security["capabilities"] == {"drop": ["ALL"]}
+    assert _pod_spec(BUCKET_MANIFEST)["securityContext"]["runAsNonRoot"] is True
+    mounts = {mount["mountPath"]: mount for mount in watcher["volumeMounts"]}
+    policy_mount = mounts[str(parsed.policy.parent)]
+    assert "subPath" not in policy_mount
+    assert _volumes(BUCKET_MANIFEST)[policy_mount["name"]]["configMap"]["name"] == "ckpt-watcher-policy"
+    assert "emptyDir" in _volumes(BUCKET_MANIFEST)[mounts[str(parsed.heartbeat.parent)]["name"]]
+    for probe in ("startupProbe", "livenessProbe"):
+        assert watcher[probe]["exec"]["command"][0] == "python"
+    assert "EXTRAS" in Dockerfile.read(DOCKERFILE).args()
+
+
+def test_bucket_deployment_runs_against_a_real_s3_server(
+    s3: Bucket, s3_server: S3Server, tmp_path: Path
+) -> None:
+    """The container as kubelet runs it (ENTRYPOINT + args as PID 1, the manifest's env, the Secret's
+    variables from the test server's environment), against a bucket of the manifest's name on the test
+    S3 server: probes, pruning to the policy, a ConfigMap edit, the stop (which releases the lease)."""
+    watcher = _watcher_container(BUCKET_MANIFEST)
+    url = _parse_watch_command(watcher["args"]).path
+    bucket = Bucket(s3_server.endpoint, name=url.bucket).create()
+    bucket.put_many({f"{url.prefix}/{step_name(0, step)}": _checkpoint_bytes(step) for step in SEEDED_STEPS})
+    mapping = PathMap(
+        paths={mount["mountPath"]: tmp_path / "pod" / mount["name"] for mount in watcher["volumeMounts"]},
+        programs={"ckpt-watcher": _console_script(), "python": sys.executable},
+    )
+    data: dict[str, str] = dict(_of_kind(CONFIGMAP, "ConfigMap")["data"])
+    for mount in watcher["volumeMounts"]:
+        directory = mapping.paths[mount["mountPath"]]
+        if "configMap" in _volumes(BUCKET_MANIFEST)[mount["name"]]:
+            configmap_volume = ConfigMapVolume(directory, data)
+        else:
+            directory.mkdir(parents=True)
+    dockerfile = Dockerfile.read(DOCKERFILE)
+    command = mapping.command([*dockerfile.exec_form("ENTRYPOINT"), *watcher["args"]])
+    startup = mapping.command(watcher["startupProbe"]["exec"]["command"])
+    environment = {**dockerfile.env(), **{item["name"]: item["value"] for item in watcher["env"]}}
+
+    def names() -> set[str]:
+        return {key.removeprefix(f"{url.prefix}/") for key in bucket.raw_keys()}
+
+    daemon = DaemonProcess([], tmp_path / "log", environment, _as_pid_1(command))
+    try:
+        wait_until(lambda: _probe_passes(startup), timeout=60, what="the startup probe to pass")
+        assert names() == KEPT_AT_START | {".ckpt-watcher.lease"}
+        edited = data["policy.yaml"].replace("save_top_k_checkpoints: 3", "save_top_k_checkpoints: 2")
+        configmap_volume.update({**data, "policy.yaml": edited})
+        daemon.wait_for("policy_reloaded")
+        wait_until(
+            lambda: names() == {step_name(0, 700), step_name(0, 800), ".ckpt-watcher.lease"},
+            what="pruning to the edited policy",
+        )
+        assert _stop_pid_1(daemon, timeout=_pod_spec(BUCKET_MANIFEST)["terminationGracePeriodSeconds"]) == 0
+        assert names() == {step_name(0, 700), step_name(0, 800)}
+    finally:
+        daemon.close()
+
+
+def _checkpoint_bytes(step: int) -> bytes:
+    """A small complete checkpoint of its own (as ``_seed_old_checkpoints`` writes to disk)."""
+    return zip_bytes(f"weights of step {step}".encode())

@@ -1,0 +1,303 @@
+"""The only module that removes objects from a bucket (delete.py is the only one that removes files).
+
+Each planned deletion is confirmed immediately before it happens: the object must still have the
+ETag and size that were planned (a HEAD), and it is deleted with the store's conditional delete
+(``If-Match``), so an object replaced in between is kept (``checkpoint_changed``) and planned again.
+
+A directory checkpoint (a prefix) is listed again and must be exactly what was planned. Then a
+deletion manifest (``.ckpt-watcher-deleting``: every key with its ETag) is written into it with
+``If-None-Match: *``, its writer's **marker object is deleted first** (so from then on it never looks
+complete), then everything else in batches (DeleteObjects, 1000 keys a request), and the manifest
+last. A deletion cut short (a failed batch, a crash) is a failure, never a deletion: the prefix keeps
+its manifest, so no pass counts or plans it, and the next pass that finds it (``finish_bucket_leftovers``)
+deletes what the manifest names, and only what still has the ETag it names: an object written there
+since, or a manifest the tool did not write, is never removed (``leftover_not_ours``).
+
+A failure is a FAILED result, logged, and retried on the next pass; the rest of the plan goes on.
+Nothing here raises.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import structlog
+
+from ckpt_watcher.bucket_listing import DELETING_MARKER, Listing, object_identity, summarize_prefix
+from ckpt_watcher.delete import (
+    DeletionResult,
+    LeftoverResult,
+    _changed,
+    _deleted,
+    _failed,
+    _gone,
+    _unexpected,
+)
+from ckpt_watcher.integrity import DIRECTORY_MARKERS
+from ckpt_watcher.locations import StorageURL
+from ckpt_watcher.object_store import (
+    ObjectInfo,
+    ObjectMissingError,
+    ObjectStore,
+    PreconditionFailedError,
+    StoreError,
+)
+from ckpt_watcher.plan import Decision, GroupPlan
+from ckpt_watcher.records import EntryType, display_name
+
+logger = structlog.get_logger("ckpt_watcher.bucket_delete")
+
+_MANIFEST_LIMIT = 64 << 20  # ~100 bytes a key: 600,000 objects in one directory checkpoint
+_REMAINS_SHOWN = 10
+
+MayDelete = Callable[[], "str | None"]
+
+
+def apply_bucket_group(
+    group: GroupPlan,
+    url: StorageURL,
+    store: ObjectStore,
+    listing: Listing,
+    *,
+    stop: threading.Event | None = None,
+    may_delete: MayDelete | None = None,
+) -> list[DeletionResult]:
+    """Delete one group's planned objects, oldest first; ``stop`` ends it between two deletions.
+
+    ``listing`` (bucket.Listing) is the pass's listing the plan was made from; ``may_delete`` says why
+    nothing may be deleted now (the daemon's lease is not held), or None.
+    """
+    results: list[DeletionResult] = []
+    for decision in group.deletions:
+        if stop is not None and stop.is_set():
+            break
+        try:
+            refusal = may_delete() if may_delete is not None else None
+            if refusal is not None:
+                results.append(_failed(decision, refusal))
+            elif decision.record.entry_type is EntryType.DIRECTORY:
+                results.append(_delete_directory(decision, url, store, listing))
+            else:
+                results.append(_delete_object(decision, url, store, listing))
+        except Exception as error:
+            results.append(_failed(decision, _unexpected(error)))
+    return results
+
+
+def _delete_object(
+    decision: Decision, url: StorageURL, store: ObjectStore, listing: Listing
+) -> DeletionResult:
+    record = decision.record
+    key = url.key_of(record.path)
+    planned = listing.object_at(record.path)
+    if key is None or planned is None or planned.key != key:
+        return _failed(decision, "not an object of the listing the plan was made from; refusing")
+    if object_identity(planned) != record.identity:
+        return _changed(decision)
+    try:
+        current = store.head(key)
+    except ObjectMissingError:
+        return _gone(decision)
+    except StoreError as error:
+        return _failed(decision, str(error))
+    if (current.tag, current.size) != (planned.tag, planned.size):
+        return _changed(decision)
+    try:
+        store.delete(key, tag=planned.tag)
+    except PreconditionFailedError:
+        return _changed(decision)
+    except ObjectMissingError:
+        return _gone(decision)
+    except StoreError as error:
+        return _failed(decision, str(error))
+    return _deleted(decision)
+
+
+def _delete_directory(
+    decision: Decision, url: StorageURL, store: ObjectStore, listing: Listing
+) -> DeletionResult:
+    """Listed again and compared, the manifest written, the marker deleted first, then the rest."""
+    record = decision.record
+    key = url.key_of(record.path)
+    if key is None:
+        return _failed(decision, "outside the root; refusing")
+    prepared = _prepare_directory(decision, key, store)
+    if isinstance(prepared, DeletionResult):
+        return prepared
+    objects, manifest_key, manifest_tag = prepared
+    markers = [info for info in objects if info.key[len(key) + 1 :] in DIRECTORY_MARKERS]
+    rest = [info for info in objects if info not in markers]
+    remains = _remove_marker_first(store, markers, rest)
+    if remains is None:  # a marker was rewritten: a writer is at work there; leave it whole
+        _remove_quietly(store, manifest_key, manifest_tag)
+        return _changed(decision)
+    if remains:
+        shown = [display_name(f"{url.scheme}://{url.bucket}/{item}") for item in remains[:_REMAINS_SHOWN]]
+        return _failed(
+            decision,
+            f"removed only in part: {len(remains)} object(s) remain; the rest is removed on a later pass",
+            remains=shown,
+        )
+    try:
+        store.delete(manifest_key, tag=manifest_tag)
+    except ObjectMissingError:
+        pass
+    except StoreError as error:
+        return _failed(
+            decision, f"removed, but its deletion manifest remains: {error}", remains=[manifest_key]
+        )
+    listing.forget_below(record.path)
+    return _deleted(decision)
+
+
+def _prepare_directory(
+    decision: Decision, key: str, store: ObjectStore
+) -> DeletionResult | tuple[list[ObjectInfo], str, str]:
+    """The directory checkpoint's objects listed again (it must be exactly what was planned) and its
+    deletion manifest written: (objects, manifest key, manifest ETag), or the outcome if not."""
+    try:
+        objects = store.list_prefix(key)
+    except StoreError as error:
+        return _failed(decision, f"cannot be listed before removal: {error}")
+    if not objects:
+        return _gone(decision)
+    summary = summarize_prefix([(info.key[len(key) + 1 :], info) for info in objects])
+    if summary.identity != decision.record.identity or summary.being_deleted:
+        return _changed(decision)
+    manifest_key = f"{key}/{DELETING_MARKER}"
+    manifest = json.dumps({"keys": {info.key: info.tag for info in objects}}).encode()
+    try:
+        manifest_tag = store.put_new(manifest_key, manifest)
+    except PreconditionFailedError:
+        return _failed(decision, "another deletion of it is under way")
+    except StoreError as error:
+        return _failed(decision, f"its deletion manifest cannot be written: {error}")
+    return objects, manifest_key, manifest_tag
+
+
+def _remove_marker_first(
+    store: ObjectStore, markers: list[ObjectInfo], rest: list[ObjectInfo]
+) -> list[str] | None:
+    """Delete the markers (conditionally), then the rest in batches: the keys that remain, or None if
+    a marker was replaced (nothing else was deleted then)."""
+    remains: list[str] = []
+    for info in markers:
+        try:
+            store.delete(info.key, tag=info.tag)
+        except ObjectMissingError:
+            continue
+        except PreconditionFailedError:
+            return None
+        except StoreError:
+            remains.append(info.key)
+    if remains:  # the marker is still there: deleting the rest would leave a complete-looking husk
+        return remains + [info.key for info in rest]
+    failures = store.delete_many(info.key for info in rest)
+    return sorted(failures)
+
+
+def _remove_quietly(store: ObjectStore, key: str, tag: str) -> None:
+    try:
+        store.delete(key, tag=tag)
+    except StoreError:
+        logger.warning(
+            "leftover_not_removed",
+            path=key,
+            detail="a deletion manifest of a directory checkpoint left in place; removed on a later pass",
+        )
+
+
+def finish_bucket_leftovers(
+    directory: Path,
+    url: StorageURL,
+    store: ObjectStore,
+    listing: Listing,
+    reported: set[tuple[int, int]] | None,
+) -> list[LeftoverResult]:
+    """Finish the deletions of directory checkpoints in ``directory`` that were cut short: each prefix
+    holding a deletion manifest. Never raises."""
+    results: list[LeftoverResult] = []
+    for name in sorted(listing.subdirectories.get(directory, ())):
+        path = directory / name
+        manifest = listing.files.get(path, {}).get(DELETING_MARKER)
+        if manifest is None:
+            continue
+        try:
+            result = _finish_one(path, manifest, url, store, listing, reported)
+        except Exception as error:
+            logger.error(
+                "leftover_not_removed",
+                path=str(path),
+                error=_unexpected(error),
+                detail="retried on a later pass",
+            )
+            continue
+        if result is not None:
+            results.append(result)
+    return results
+
+
+def _finish_one(
+    path: Path,
+    manifest: ObjectInfo,
+    url: StorageURL,
+    store: ObjectStore,
+    listing: Listing,
+    reported: set[tuple[int, int]] | None,
+) -> LeftoverResult | None:
+    key = url.key_of(path)
+    named = _read_manifest(store, manifest, key) if key is not None else None
+    if named is None:
+        identity = object_identity(manifest)
+        if reported is None or (identity.device, identity.inode) not in reported:
+            logger.warning(
+                "leftover_not_ours",
+                path=str(path),
+                detail="holds a deletion manifest this tool did not write (or cannot read); never removed",
+            )
+            if reported is not None:
+                reported.add((identity.device, identity.inode))
+        return None
+    present = [info for _, info in listing.below(path) if info.key != manifest.key]
+    doomed = [info for info in present if named.get(info.key) == info.tag]
+    foreign = [info.key for info in present if named.get(info.key) != info.tag]
+    markers = [info for info in doomed if info.key.rpartition("/")[2] in DIRECTORY_MARKERS]
+    rest = [info for info in doomed if info not in markers]
+    remains = _remove_marker_first(store, markers, rest) or []
+    remains += foreign
+    if not remains:
+        try:
+            store.delete(manifest.key, tag=manifest.tag)
+        except ObjectMissingError:
+            pass
+        except StoreError as error:
+            remains.append(f"{manifest.key} ({error})")
+    shown = tuple(display_name(item) for item in remains[:_REMAINS_SHOWN])
+    if remains:
+        logger.error(
+            "leftover_not_removed", path=str(path), remains=list(shown), detail="retried on a later pass"
+        )
+        return LeftoverResult(path, False, shown)
+    listing.forget_below(path)
+    logger.info("leftover_removed", path=str(path))
+    return LeftoverResult(path, True)
+
+
+def _read_manifest(store: ObjectStore, manifest: ObjectInfo, key: str) -> dict[str, str] | None:
+    """The keys and ETags a deletion manifest names, if it is one this tool wrote for this prefix."""
+    try:
+        fetched = store.fetch(manifest.key, limit=_MANIFEST_LIMIT)
+        document = json.loads(fetched.data)
+    except (StoreError, ValueError):
+        return None
+    keys = document.get("keys") if isinstance(document, dict) else None
+    if not isinstance(keys, dict) or fetched.info.tag != manifest.tag:
+        return None
+    if not all(isinstance(name, str) and isinstance(tag, str) for name, tag in keys.items()):
+        return None
+    if not all(name.startswith(f"{key}/") for name in keys):
+        return None
+    return keys

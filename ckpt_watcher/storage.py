@@ -1,0 +1,152 @@
+"""The storage seam of the reconcile core: where groups are found, scanned and pruned.
+
+A pass (reconcile.py) plans; a ``Storage`` does its I/O: walking the groups below the root, scanning
+one, listing its symlinks, applying one group's deletions and finishing interrupted removals.
+``LocalStorage`` is a directory tree on disk, exactly as before (the functions of scan.py, links.py
+and delete.py); ``BucketStorage`` (bucket.py) is a prefix in an object store.
+
+A store that cannot be listed whole raises ``StorageUnavailableError``: the pass then plans nothing
+and deletes nothing (a partial listing could hide a ``.keep`` pin or the newest checkpoints).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Protocol
+
+from ckpt_watcher.delete import DeletionResult, LeftoverResult, TrashMover, apply_group, finish_leftovers
+from ckpt_watcher.links import Link, list_links
+from ckpt_watcher.naming import Naming
+from ckpt_watcher.plan import GroupPlan
+from ckpt_watcher.protection import FileKey, identities_of
+from ckpt_watcher.records import CheckpointRecord
+from ckpt_watcher.scan import (
+    CompletenessCache,
+    NamingLookup,
+    ScanOptions,
+    ScanProblem,
+    scan_directory,
+    walk_directories,
+)
+
+
+class StorageUnavailableError(Exception):
+    """The store could not be read whole (a listing failed, maybe halfway): nothing is planned."""
+
+
+class Storage(Protocol):
+    """The I/O of one pass over one root; every method but ``begin_pass`` mirrors a function of the
+    local implementation."""
+
+    def begin_pass(self) -> None:
+        """A pass starts: what was read for the previous one is out of date."""
+        ...
+
+    def walk_directories(
+        self, root: Path, naming: NamingLookup, problems: list[ScanProblem]
+    ) -> Iterable[Path]:
+        """Every group below ``root`` (scan.walk_directories)."""
+        ...
+
+    def is_group(self, directory: Path) -> bool:
+        """True while ``directory`` is still a group (a real directory, not a symlink)."""
+        ...
+
+    def scan_directory(
+        self,
+        root: Path,
+        directory: Path,
+        naming: Naming,
+        options: ScanOptions,
+        cache: CompletenessCache | None,
+        problems: list[ScanProblem],
+        *,
+        stop: threading.Event | None = None,
+    ) -> list[CheckpointRecord]:
+        """One group's records (scan.scan_directory)."""
+        ...
+
+    def list_links(self, directory: Path, root: Path, naming: Naming) -> list[Link]:
+        """The group's symlinks (links.list_links); a bucket has none."""
+        ...
+
+    def apply_group(
+        self,
+        group: GroupPlan,
+        root: Path,
+        *,
+        stop: threading.Event | None = None,
+        trash: TrashMover | None = None,
+    ) -> list[DeletionResult]:
+        """Delete what the group's plan says to (delete.apply_group), or move it into ``trash``;
+        never raises."""
+        ...
+
+    def finish_leftovers(
+        self, root: Path, directory: Path, *, reported: set[tuple[int, int]] | None = None
+    ) -> list[LeftoverResult]:
+        """Finish removals a previous run left halfway (delete.finish_leftovers); never raises."""
+        ...
+
+    def identities_of(self, pins: Mapping[Path, str]) -> dict[FileKey, str]:
+        """The identities of pinned files, for pins by identity (protection.identities_of)."""
+        ...
+
+
+class LocalStorage:
+    """A checkpoint tree on disk: today's functions, unchanged."""
+
+    def begin_pass(self) -> None:
+        """Nothing is held between passes here (each call reads the disk)."""
+
+    def walk_directories(
+        self, root: Path, naming: NamingLookup, problems: list[ScanProblem]
+    ) -> Iterable[Path]:
+        """scan.walk_directories."""
+        return walk_directories(root, naming, problems)
+
+    def is_group(self, directory: Path) -> bool:
+        """A directory, and not a symlink to one."""
+        return os.path.isdir(directory) and not os.path.islink(directory)
+
+    def scan_directory(
+        self,
+        root: Path,
+        directory: Path,
+        naming: Naming,
+        options: ScanOptions,
+        cache: CompletenessCache | None,
+        problems: list[ScanProblem],
+        *,
+        stop: threading.Event | None = None,
+    ) -> list[CheckpointRecord]:
+        """scan.scan_directory."""
+        return scan_directory(root, directory, naming, options, cache, problems, stop=stop)
+
+    def list_links(self, directory: Path, root: Path, naming: Naming) -> list[Link]:
+        """links.list_links."""
+        return list_links(directory, root, naming)
+
+    def apply_group(
+        self,
+        group: GroupPlan,
+        root: Path,
+        *,
+        stop: threading.Event | None = None,
+        trash: TrashMover | None = None,
+    ) -> list[DeletionResult]:
+        """delete.apply_group."""
+        return apply_group(group, root, stop=stop, trash=trash)
+
+    def finish_leftovers(
+        self, root: Path, directory: Path, *, reported: set[tuple[int, int]] | None = None
+    ) -> list[LeftoverResult]:
+        """delete.finish_leftovers."""
+        return finish_leftovers(root, directory, reported=reported)
+
+    def identities_of(self, pins: Mapping[Path, str]) -> dict[FileKey, str]:
+        """protection.identities_of."""
+        return identities_of(pins)

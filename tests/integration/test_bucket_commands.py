@@ -1,0 +1,320 @@
+"""The commands on a bucket, end to end against a real S3 server: credentials never shown, a missing
+backend named, the core install untouched, ``inspect URL``, protection by URL (PL #21813), and what
+deleting from a bucket refuses (a replaced object, a planted deletion manifest) or finishes later."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from ckpt_watcher.bucket import BucketStorage
+from ckpt_watcher.bucket_listing import DELETING_MARKER
+from ckpt_watcher.delete import Outcome
+from ckpt_watcher.locations import StorageURL, parse_location
+from ckpt_watcher.object_store import ObjectInfo, ObjectStore, S3Store
+from ckpt_watcher.plan import plan
+from ckpt_watcher.policy import Policy
+from ckpt_watcher.scan import ScanOptions
+from tests.support.cli import events, run_cli
+from tests.support.daemon import running_daemon
+from tests.support.factories import step_name, zip_bytes
+from tests.support.s3_server import ACCESS_KEY_ID, SECRET_ACCESS_KEY, Bucket, free_port
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def _checkpoint(step: int) -> bytes:
+    return zip_bytes(f"weights of step {step}".encode() * 20)
+
+
+def _url(text: str) -> StorageURL:
+    location = parse_location(text)
+    assert isinstance(location, StorageURL)
+    return location
+
+
+# -- credentials, backends, the core install ----------------------------------------------------------
+
+
+def test_no_credential_is_ever_shown(s3: Bucket, tmp_path: Path) -> None:
+    """Every failure a user can meet (no such bucket, the server down), at debug level: neither the
+    access key id nor the secret appears in any output or log record."""
+    down = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}"}
+    outputs = [
+        run_cli("--log-level", "debug", "prune", "s3://no-such-bucket-here/run"),
+        run_cli("--log-level", "debug", "prune", f"{s3.url}/run", "--dry-run", environment=down),
+        run_cli("--log-level", "debug", "inspect", f"{s3.url}/run/missing.ckpt", environment=down),
+    ]
+    with running_daemon(
+        ["--log-level", "debug", "watch", f"{s3.url}/run", "--poll-interval", "0.3"],
+        tmp_path / "watch.log",
+        down,
+    ) as daemon:
+        daemon.wait_for("storage_unavailable", count=2)
+        assert daemon.stop() == 0
+    texts = [result.stdout + result.stderr for result in outputs]
+    texts.append(daemon.log_path.read_text() + daemon.stdout_path.read_text())
+    assert [result.returncode for result in outputs] == [1, 1, 1]
+    assert "NoSuchBucket" in texts[0]
+    for text in texts:
+        assert ACCESS_KEY_ID not in text
+        assert SECRET_ACCESS_KEY not in text
+
+
+@pytest.mark.parametrize(
+    ("url", "extra", "module"), [("s3://bucket/run", "s3", "s3fs"), ("gs://bucket/run", "gcs", "gcsfs")]
+)
+def test_a_url_whose_backend_is_missing_names_the_extra_to_install(url: str, extra: str, module: str) -> None:
+    code = textwrap.dedent(
+        f"""
+        import sys
+        sys.modules[{module!r}] = None  # as if it were not installed
+        from ckpt_watcher.cli import main
+        sys.exit(main(["prune", {url!r}, "--dry-run"]))
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 2
+    assert f"pip install 'ckpt-watcher[{extra}]'" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_the_core_commands_never_import_fsspec(tmp_path: Path) -> None:
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / step_name(0, 100)).write_bytes(_checkpoint(100))
+    code = textwrap.dedent(
+        f"""
+        import sys
+        from ckpt_watcher.cli import main
+        main(["prune", {str(tmp_path)!r}, "--dry-run", "--json"])
+        main(["policy"])
+        print([name for name in ("fsspec", "s3fs", "botocore", "aiobotocore") if name in sys.modules])
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_a_policy_a_bucket_cannot_follow_is_refused(s3: Bucket, tmp_path: Path) -> None:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("verify: load\n")
+    result = run_cli("prune", f"{s3.url}/run", "--policy", str(policy), "--dry-run")
+    assert result.returncode == 2
+    assert "At 'verify': 'load' reads each checkpoint with torch from local disk" in result.stderr
+
+
+# -- inspect ----------------------------------------------------------------------------------------
+
+
+def test_inspect_reads_objects_as_it_reads_files(s3: Bucket) -> None:
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save({"epoch": 1, "global_step": 16, "state_dict": {"layer.weight": torch.zeros(3, 2)}}, buffer)
+    complete = buffer.getvalue()
+    s3.put_many(
+        {
+            f"run/{step_name(1, 16)}": complete,
+            f"run/{step_name(1, 12)}": complete[: len(complete) // 2],
+            "run/hparams.yaml": b"lr: 0.1\n",
+        }
+    )
+    result = run_cli("inspect", f"{s3.url}/run", "--json")
+
+    assert result.returncode == 1  # the half-written one cannot be read
+    rows = {row["path"]: row for row in json.loads(result.stdout)}
+    assert list(rows) == [f"{s3.url}/run/{step_name(1, 12)}", f"{s3.url}/run/{step_name(1, 16)}"]
+    whole = rows[f"{s3.url}/run/{step_name(1, 16)}"]
+    assert whole["error"] is None
+    assert (whole["epoch"], whole["global_step"], whole["tensor_count"]) == (1, 16, 1)
+    assert whole["bytes"] == len(complete)
+    half = rows[f"{s3.url}/run/{step_name(1, 12)}"]
+    assert half["error"] == (
+        "not a complete checkpoint: no end-of-central-directory record: still being written or truncated"
+    )
+    failed = events(result.stderr, "inspect_failed")
+    assert [record["path"] for record in failed] == [f"{s3.url}/run/{step_name(1, 12)}"]
+
+
+# -- protection by URL ------------------------------------------------------------------------------
+
+
+def test_protection_by_url_keeps_the_resume_source(s3: Bucket, tmp_path: Path) -> None:
+    """PL #21813: on S3 the checkpoint a run resumed from is deleted by Lightning's own cleanup. Here it
+    is named four ways, each of which must keep it: ``--protect URL``, a local training config whose
+    ``ckpt_path`` is a URL, a ``protect_from`` entry that is itself a URL (a config object), and a
+    per-run ``.ckpt-watcher.yaml`` object naming a config object beside it."""
+    s3.put_many({f"run/{step_name(0, step)}": _checkpoint(step) for step in range(100, 1100, 100)})
+    url = f"{s3.url}/run"
+    local_config = tmp_path / "train.yaml"
+    local_config.write_text(f"trainer:\n  ckpt_path: {url}/{step_name(0, 100)}\n")
+    s3.put("configs/finetune.yaml", f"pretrained_ckpt_path: {url}/{step_name(0, 200)}\n".encode())
+    s3.put("run/.ckpt-watcher.yaml", b"protect_from: [resume.yaml]\n")
+    s3.put("run/resume.yaml", f"ckpt_path: {url}/{step_name(0, 300)}\n".encode())
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(
+        f"save_top_k_checkpoints: 2\nprotect_from:\n  - train.yaml\n  - {s3.url}/configs/finetune.yaml\n"
+    )
+
+    result = run_cli(
+        "prune",
+        url,
+        "--policy",
+        str(policy),
+        "--protect",
+        f"{url}/{step_name(0, 400)}",
+        "--json",
+        cwd=tmp_path,
+    )
+
+    assert result.returncode == 0, result.stderr
+    entries = {
+        entry["name"]: entry for group in json.loads(result.stdout)["groups"] for entry in group["entries"]
+    }
+    assert entries[step_name(0, 100)]["reasons"] == ["resume source in train.yaml (trainer.ckpt_path)"]
+    assert entries[step_name(0, 200)]["reasons"] == [
+        f"fine-tuning source in {s3.url}/configs/finetune.yaml (pretrained_ckpt_path)"
+    ]
+    assert entries[step_name(0, 300)]["reasons"] == ["resume source in resume.yaml (ckpt_path)"]
+    assert entries[step_name(0, 400)]["reasons"] == [f"protected by --protect {url}/{step_name(0, 400)}"]
+    kept = {name for name, entry in entries.items() if entry["action"] == "keep"}
+    assert kept == {step_name(0, step) for step in (100, 200, 300, 400, 900, 1000)}
+    assert {key.removeprefix("run/") for key in s3.keys("run")} >= kept
+    assert not events(result.stderr, "protection_warning")
+
+
+# -- what deleting from a bucket refuses, and finishes later ---------------------------------------------
+
+
+class Interfering(ObjectStore):
+    """A real S3 store with a writer that strikes at one moment: just before a HEAD of ``key``
+    (``before="head"``), or just before its deletion (``before="delete"``), it rewrites the object."""
+
+    def __init__(self, inner: S3Store, bucket: Bucket, key: str, before: str) -> None:
+        self.inner = inner
+        self.url = inner.url
+        self.requests = inner.requests
+        self.bucket = bucket
+        self.key = key
+        self.before = before
+
+    def _strike(self, moment: str, key: str) -> None:
+        if moment == self.before and key == self.key:
+            self.bucket.put(key, _checkpoint(999_999))  # a new checkpoint under the same name
+
+    def list_prefix(self, prefix: str) -> list[ObjectInfo]:
+        return self.inner.list_prefix(prefix)
+
+    def head(self, key: str) -> ObjectInfo:
+        self._strike("head", key)
+        return self.inner.head(key)
+
+    def read_range(self, key: str, offset: int, length: int, *, tag: str) -> bytes:
+        return self.inner.read_range(key, offset, length, tag=tag)
+
+    def delete(self, key: str, *, tag: str) -> None:
+        self._strike("delete", key)
+        self.inner.delete(key, tag=tag)
+
+
+@pytest.mark.parametrize("before", ["head", "delete"])
+def test_an_object_replaced_after_it_was_planned_is_kept(s3: Bucket, before: str) -> None:
+    """Replaced before the HEAD that re-checks it, or between that HEAD and the DeleteObject (which
+    then fails its If-Match): either way ``checkpoint_changed`` and the new object stays."""
+    s3.put_many({f"run/{step_name(0, step)}": _checkpoint(step) for step in range(100, 800, 100)})
+    url = _url(f"{s3.url}/run")
+    doomed = f"run/{step_name(0, 100)}"
+    storage = BucketStorage(url, Interfering(S3Store(url), s3, doomed, before))
+    records = storage.scan_directory(
+        url.core_path, url.core_path, Policy().compiled_naming, ScanOptions(), None, []
+    )
+    [group] = plan(records, Policy()).groups
+
+    results = storage.apply_group(group, url.core_path)
+
+    outcomes = {result.decision.record.name: result.outcome for result in results}
+    assert outcomes == {step_name(0, 100): Outcome.CHANGED, step_name(0, 200): Outcome.DELETED}
+    assert s3.get(doomed) == _checkpoint(999_999)
+    assert f"run/{step_name(0, 200)}" not in s3.keys("run")
+
+
+class FailingBatches(S3Store):
+    """A real S3 store whose DeleteObjects fails every key but the first of each batch (once)."""
+
+    failed = False
+
+    def delete_many(self, keys: object) -> dict[str, str]:
+        pending = list(keys)  # type: ignore[call-overload]
+        if self.failed:
+            return super().delete_many(pending)
+        self.failed = True
+        super().delete_many(pending[:1])
+        return dict.fromkeys(pending[1:], "InternalError: injected")
+
+
+def _directory_checkpoint(bucket: Bucket, name: str, shards: int) -> None:
+    bucket.put_many({f"run/{name}/zero/rank{index}.pt": _checkpoint(index) for index in range(shards)})
+    bucket.put(f"run/{name}/latest", b"global_step")
+
+
+def test_a_directory_checkpoint_deleted_only_in_part_is_finished_by_the_next_pass(s3: Bucket) -> None:
+    for step in (100, 200):
+        _directory_checkpoint(s3, step_name(0, step), shards=4)
+    url = _url(f"{s3.url}/run")
+    naming = Policy().compiled_naming
+    options = ScanOptions(directory_quiet_seconds=0.0)
+    storage = BucketStorage(url, FailingBatches(url))
+    records = storage.scan_directory(url.core_path, url.core_path, naming, options, None, [])
+    [group] = plan(records, Policy(save_top_k_checkpoints=1)).groups
+
+    [result] = storage.apply_group(group, url.core_path)
+
+    assert result.outcome is Outcome.FAILED
+    assert result.error is not None
+    assert result.error.startswith("removed only in part: 3 object(s) remain")
+    doomed = f"run/{step_name(0, 100)}"
+    left = s3.keys(doomed)
+    assert f"{doomed}/latest" not in left  # the marker went first
+    assert f"{doomed}/{DELETING_MARKER}" in left
+    assert len(left) == 4  # three shards and the manifest
+
+    storage.begin_pass()  # the next pass: it sees a deletion under way, never a checkpoint to count
+    records = storage.scan_directory(url.core_path, url.core_path, naming, options, None, [])
+    half = next(record for record in records if record.name == step_name(0, 100))
+    assert not half.complete
+    assert half.incomplete_reason == "being deleted (a deletion was cut short; the next pass finishes it)"
+    [finished] = storage.finish_leftovers(url.core_path, url.core_path)
+
+    assert finished.removed
+    assert s3.keys(doomed) == set()
+    assert s3.keys(f"run/{step_name(0, 200)}") == {
+        f"run/{step_name(0, 200)}/{name}"
+        for name in ("latest", "zero/rank0.pt", "zero/rank1.pt", "zero/rank2.pt", "zero/rank3.pt")
+    }
+
+
+def test_a_deletion_manifest_the_tool_did_not_write_removes_nothing(s3: Bucket) -> None:
+    """A manifest naming keys outside its own prefix (planted, or copied) is refused: nothing goes."""
+    _directory_checkpoint(s3, step_name(0, 100), shards=2)
+    s3.put("run/other.ckpt", _checkpoint(1))
+    doomed = f"run/{step_name(0, 100)}"
+    planted = {"keys": {f"{doomed}/latest": "x", "run/other.ckpt": "y"}}
+    s3.put(f"{doomed}/{DELETING_MARKER}", json.dumps(planted).encode())
+    url = _url(f"{s3.url}/run")
+    storage = BucketStorage(url, S3Store(url))
+    before = s3.keys("run")
+
+    assert storage.finish_leftovers(url.core_path, url.core_path, reported=set()) == []
+
+    assert s3.keys("run") == before

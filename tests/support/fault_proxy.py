@@ -1,0 +1,95 @@
+"""A TCP proxy in front of the S3 server that can fail requests on demand (run as its own process).
+
+    python tests/support/fault_proxy.py LISTEN_PORT UPSTREAM_PORT CONTROL_FILE
+
+Each connection is forwarded to 127.0.0.1:UPSTREAM_PORT as it is. Before forwarding, the request
+line is read and the CONTROL_FILE consulted (it may change at any time):
+
+* empty or missing: forward;
+* ``fail-continuation``: a listing request for a page after the first (``continuation-token=`` in
+  the query) gets ``500 InternalError``: a listing fails mid-pagination, after its first page of
+  1000 keys was served.
+
+The S3 server closes each connection after its response, so every request comes on a connection of
+its own and is seen here. Stopping this process (and starting it again on the same port) is the
+server going away and coming back, as the client sees it, while the server keeps its objects.
+Bounded: it serves 127.0.0.1 only, one thread per connection, and each connection times out.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import sys
+import threading
+from pathlib import Path
+
+_TIMEOUT = 30.0
+_ERROR_BODY = (
+    b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>InternalError</Code>'
+    b"<Message>injected by the test's fault proxy</Message></Error>"
+)
+
+
+def _fault(control: Path, request_line: bytes) -> bool:
+    try:
+        mode = control.read_text().strip()
+    except OSError:
+        mode = ""
+    return mode == "fail-continuation" and b"continuation-token=" in request_line
+
+
+def _pipe(source: socket.socket, destination: socket.socket) -> None:
+    try:
+        while chunk := source.recv(65536):
+            destination.sendall(chunk)
+    except OSError:
+        pass
+    finally:
+        for end in (source, destination):
+            with contextlib.suppress(OSError):
+                end.shutdown(socket.SHUT_RDWR)
+
+
+def _serve(client: socket.socket, upstream_port: int, control: Path) -> None:
+    client.settimeout(_TIMEOUT)
+    try:
+        head = b""
+        while b"\r\n" not in head:
+            chunk = client.recv(65536)
+            if not chunk:
+                return
+            head += chunk
+        if _fault(control, head.split(b"\r\n", 1)[0]):
+            client.sendall(
+                b"HTTP/1.1 500 Internal Server Error\r\nContent-Type: application/xml\r\n"
+                + f"Content-Length: {len(_ERROR_BODY)}\r\nConnection: close\r\n\r\n".encode()
+                + _ERROR_BODY
+            )
+            return
+        upstream = socket.create_connection(("127.0.0.1", upstream_port), timeout=_TIMEOUT)
+        upstream.sendall(head)
+        back = threading.Thread(target=_pipe, args=(upstream, client), daemon=True)
+        back.start()
+        _pipe(client, upstream)
+        back.join(_TIMEOUT)
+        upstream.close()
+    except OSError:
+        pass
+    finally:
+        client.close()
+
+
+def main(argv: list[str]) -> int:
+    listen_port, upstream_port, control = int(argv[0]), int(argv[1]), Path(argv[2])
+    server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    server.bind(("127.0.0.1", listen_port))
+    server.listen(64)
+    while True:
+        client, _ = server.accept()
+        threading.Thread(target=_serve, args=(client, upstream_port, control), daemon=True).start()
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

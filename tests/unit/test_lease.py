@@ -1,0 +1,156 @@
+"""The lease's rules, against an in-memory store with conditional writes and a clock the test moves:
+who may take it, when it is renewed, when its holder stops deleting, when another may take it over."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import pytest
+
+from ckpt_watcher.lease import Lease, LeaseHeldError, LeaseLostError
+from ckpt_watcher.locations import StorageURL
+from ckpt_watcher.object_store import (
+    Fetched,
+    ObjectInfo,
+    ObjectMissingError,
+    ObjectStore,
+    PreconditionFailedError,
+    StoreError,
+)
+
+URL = StorageURL("s3", "bucket", "run")
+TTL = 30.0
+
+
+class Clock:
+    """Seconds since the start of the test: the store's clock and every watcher's (no skew)."""
+
+    def __init__(self) -> None:
+        self.now = 1_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class MemoryStore(ObjectStore):
+    """Objects with ETags; If-None-Match and If-Match as S3 has them; ``down`` fails every request."""
+
+    def __init__(self, clock: Clock) -> None:
+        self.url = URL
+        self.clock = clock
+        self.objects: dict[str, tuple[bytes, str, float]] = {}
+        self.tags = (f'"{number}"' for number in itertools.count(1))
+        self.down = False
+
+    def _check(self) -> None:
+        if self.down:
+            raise StoreError("PutObject s3://bucket/run/.ckpt-watcher.lease: connection refused")
+
+    def put_new(self, key: str, data: bytes) -> str:
+        self._check()
+        if key in self.objects:
+            raise PreconditionFailedError("exists")
+        tag = next(self.tags)
+        self.objects[key] = (data, tag, self.clock.now)
+        return tag
+
+    def put_replacing(self, key: str, data: bytes, *, tag: str) -> str:
+        self._check()
+        if key not in self.objects or self.objects[key][1] != tag:
+            raise PreconditionFailedError("changed")
+        new = next(self.tags)
+        self.objects[key] = (data, new, self.clock.now)
+        return new
+
+    def fetch(self, key: str, *, limit: int) -> Fetched:
+        self._check()
+        if key not in self.objects:
+            raise ObjectMissingError("missing")
+        data, tag, modified = self.objects[key]
+        return Fetched(data, ObjectInfo(key, len(data), tag, int(modified * 1e9)), self.clock.now)
+
+    def delete(self, key: str, *, tag: str) -> None:
+        self._check()
+        if self.objects.get(key, (b"", None, 0.0))[1] != tag:
+            raise PreconditionFailedError("changed")
+        del self.objects[key]
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def store(clock: Clock) -> MemoryStore:
+    return MemoryStore(clock)
+
+
+def _lease(store: MemoryStore, clock: Clock) -> Lease:
+    return Lease(store, URL, ttl_seconds=TTL, clock=clock)
+
+
+def test_the_first_takes_it_a_second_is_refused_naming_the_holder(store: MemoryStore, clock: Clock) -> None:
+    first, second = _lease(store, clock), _lease(store, clock)
+    first.acquire()
+    clock.now += 5
+    with pytest.raises(LeaseHeldError, match=r"held by host .*, pid \d+; it expires in 25 s unless renewed"):
+        second.acquire()
+    assert json.loads(store.objects["run/.ckpt-watcher.lease"][0])["token"] == first.holder.token
+
+
+def test_it_is_renewed_every_third_of_its_time_and_then_never_expires(
+    store: MemoryStore, clock: Clock
+) -> None:
+    holder, contender = _lease(store, clock), _lease(store, clock)
+    holder.acquire()
+    tags = [store.objects["run/.ckpt-watcher.lease"][1]]
+    for _ in range(12):
+        clock.now += TTL / 3
+        holder.renew_if_due()
+        tags.append(store.objects["run/.ckpt-watcher.lease"][1])
+        assert holder.refusal() is None
+        with pytest.raises(LeaseHeldError):
+            contender.acquire()
+    assert len(set(tags)) == len(tags)  # each renewal a new version
+
+
+@pytest.mark.parametrize(
+    ("seconds", "may_delete"),
+    [(0.0, True), (TTL - 3.1, True), (TTL - 3.0, False), (TTL + 60, False)],  # the margin: TTL/10 = 3 s
+)
+def test_its_holder_stops_deleting_before_another_could_take_it_over(
+    store: MemoryStore, clock: Clock, seconds: float, may_delete: bool
+) -> None:
+    holder = _lease(store, clock)
+    holder.acquire()
+    store.down = True  # no renewal gets through
+    clock.now += seconds
+    holder.renew_if_due()  # fails quietly (logged), retried later
+    assert (holder.refusal() is None) is may_delete
+
+
+def test_an_expired_lease_is_taken_over_and_its_old_holder_stops(store: MemoryStore, clock: Clock) -> None:
+    old, new = _lease(store, clock), _lease(store, clock)
+    old.acquire()
+    clock.now += TTL - 1
+    with pytest.raises(LeaseHeldError):
+        new.acquire()
+    clock.now += 1
+    new.acquire()  # expired by the store's clock: taken over
+    assert new.refusal() is None
+    with pytest.raises(LeaseLostError):
+        old.renew_if_due()
+    assert old.refusal() is not None
+    old.release()  # not its lease any more: left alone
+    assert json.loads(store.objects["run/.ckpt-watcher.lease"][0])["token"] == new.holder.token
+
+
+def test_release_deletes_it_and_the_next_watcher_takes_it_at_once(store: MemoryStore, clock: Clock) -> None:
+    first, second = _lease(store, clock), _lease(store, clock)
+    first.acquire()
+    first.release()
+    assert store.objects == {}
+    second.acquire()
+    assert second.held
