@@ -170,6 +170,7 @@ class Watcher:
                 deleted=self.since_start.deleted,
                 bytes_freed=self.since_start.bytes_freed,
                 trashed=self.since_start.trashed,
+                purged=self.since_start.purged,
             )
         return self.exit_code
 

@@ -88,7 +88,7 @@ class DaemonFigures:
             self._kept = result.kept_overall.copy()
             for kind, count in result.deleted_by_kind.checkpoints.items():
                 self._deletions[kind] = self._deletions.get(kind, 0) + count
-            self._deleted_bytes += result.bytes_freed
+            self._deleted_bytes += result.bytes_freed + result.bytes_purged  # freed: deleted or purged
             self._delete_failures += result.failed
             self._passes[result.trigger.value] = self._passes.get(result.trigger.value, 0) + 1
             self._duration_counts[min(bucket, len(DURATION_BUCKETS) - 1)] += 1

@@ -31,17 +31,22 @@ class SinceStart:
     deleted: int = 0
     bytes_freed: int = 0
     trashed: int = 0
+    purged: int = 0
 
     def add(self, result: PassResult) -> None:
-        """Count one pass."""
+        """Count one pass. Bytes are freed by a deletion and by a purge of the trash, not by a move
+        into the trash (the trash is on the same file system)."""
         self.deleted += result.deleted
-        self.bytes_freed += result.bytes_freed
+        self.bytes_freed += result.bytes_freed + result.bytes_purged
         self.trashed += result.trashed
+        self.purged += result.purged
 
     def text(self) -> str:
-        """``since start: deleted 12 (48.0 GiB), trashed 3``."""
+        """``since start: deleted 12 (48.0 GiB)``; with a trash ``since start: deleted 0 (8.0 GiB),
+        trashed 3, purged 2`` (the bytes are what deletions and purges freed)."""
         text = f"since start: deleted {self.deleted} ({human_bytes(self.bytes_freed)})"
-        return text + (f", trashed {self.trashed}" if self.trashed else "")
+        text += f", trashed {self.trashed}" if self.trashed else ""
+        return text + (f", purged {self.purged}" if self.purged else "")
 
 
 def budget_in_force(policy: Policy) -> str:

@@ -87,10 +87,12 @@ def _expect_counts_match_the_log(metrics: Scrape, records: list[dict[str, Any]])
         return [record for record in records if record["event"] == name]
 
     deleted = events("checkpoint_deleted")
+    gone = deleted + events("checkpoint_trashed")  # a checkpoint moved into the trash counts as deleted
     for kind in ("step", "best", "last"):
-        expected = len([record for record in deleted if record["kind"] == kind])
+        expected = len([record for record in gone if record["kind"] == kind])
         assert metrics.value("ckpt_watcher_deletions_total", kind=kind) == expected, kind
-    assert metrics.value("ckpt_watcher_deleted_bytes_total") == sum(record["bytes"] for record in deleted)
+    freed = deleted + events("checkpoint_purged")  # bytes are freed by a deletion or a purge, not a move
+    assert metrics.value("ckpt_watcher_deleted_bytes_total") == sum(record["bytes"] for record in freed)
     assert metrics.value("ckpt_watcher_delete_failures_total") == len(events("checkpoint_delete_failed"))
     for trigger in ALLOWED_LABELS["trigger"] or ():
         expected = len([record for record in events("pass_completed") if record["trigger"] == trigger])
@@ -136,6 +138,58 @@ def test_counters_move_by_exactly_what_the_log_records_say(daemon: DaemonProcess
     )
     assert later.value("ckpt_watcher_last_pass_timestamp_seconds") >= last_pass
     assert later.value("ckpt_watcher_passes_total", trigger="event") >= 1
+
+
+def test_with_the_trash_a_move_counts_as_a_deletion_and_a_purge_frees_the_bytes(
+    root: Path, policy: Path, tmp_path: Path
+) -> None:
+    """The trash on (as deploy/policy.yaml recommends): deletions_total counts the moves into the trash,
+    trash_bytes holds their bytes until the grace is over, and deleted_bytes_total the purged bytes."""
+    for step in range(100, 700, 100):
+        write_checkpoint(root / step_name(0, step))
+    policy.write_text("save_top_k_checkpoints: 3\ntrash:\n  grace: 3s\n")
+    arguments = [
+        "--log-level", "debug", "watch", str(root), "--policy", str(policy), "--settle", "0",
+        "--metrics", "127.0.0.1:0",
+    ]  # fmt: skip
+    with running_daemon(arguments, tmp_path / "log") as daemon:
+        daemon.wait_ready()
+        port = metrics_port(daemon)
+        trashed = daemon.events("checkpoint_trashed")
+        assert len(trashed) == 3
+        metrics, records = _agreeing_scrape(daemon, port)
+        _expect_counts_match_the_log(metrics, records)
+        assert metrics.value("ckpt_watcher_deletions_total", kind="step") == 3
+        if not [record for record in records if record["event"] == "checkpoint_purged"]:
+            assert metrics.value("ckpt_watcher_trash_bytes") == sum(record["bytes"] for record in trashed)
+            assert metrics.value("ckpt_watcher_deleted_bytes_total") == 0
+
+        daemon.wait_for("checkpoint_purged", count=3)
+        wait_until(lambda: scrape(port).value("ckpt_watcher_trash_bytes") == 0, what="the trash emptied")
+        later, later_records = _agreeing_scrape(daemon, port)
+        _expect_counts_match_the_log(later, later_records)
+        assert later.value("ckpt_watcher_deletions_total", kind="step") == 3, "a purge is no new deletion"
+        assert later.value("ckpt_watcher_deleted_bytes_total") == sum(record["bytes"] for record in trashed)
+        assert not [record for record in later_records if record["event"] == "checkpoint_deleted"]
+
+
+def test_an_unmet_budget_shows_by_how_much(root: Path, policy: Path, tmp_path: Path) -> None:
+    """budget_unmet_bytes is the figure of the budget_unmet record: here the newest checkpoint alone
+    is over max_size, and the newest is never evicted."""
+    for step in range(100, 400, 100):
+        write_checkpoint(root / step_name(0, step))
+    policy.write_text("save_top_k_checkpoints: 3\nmax_size: 10\n")
+    arguments = [
+        "--log-level", "debug", "watch", str(root), "--policy", str(policy), "--settle", "0",
+        "--metrics", "127.0.0.1:0",
+    ]  # fmt: skip
+    with running_daemon(arguments, tmp_path / "log") as daemon:
+        daemon.wait_ready()
+        [unmet] = daemon.events("budget_unmet")
+        assert unmet["unmet_bytes"] > 0
+        metrics, records = _agreeing_scrape(daemon, metrics_port(daemon))
+        _expect_counts_match_the_log(metrics, records)
+        assert metrics.value("ckpt_watcher_budget_unmet_bytes") == unmet["unmet_bytes"]
 
 
 def test_kept_figures_add_up_over_directories_that_event_passes_did_not_cover(
