@@ -32,7 +32,7 @@ from ckpt_watcher.lock import DirectoryLock, LockHeldError, LockUnusableError
 from ckpt_watcher.metrics import DaemonFigures
 from ckpt_watcher.notify import Liveness, Notifier
 from ckpt_watcher.overrides import PolicyTree
-from ckpt_watcher.policy import LoadedPolicy
+from ckpt_watcher.policy import LoadedPolicy, Policy
 from ckpt_watcher.policy_file import PolicyFile
 from ckpt_watcher.protection import ProtectionRegistry, command_line_pins
 from ckpt_watcher.reconcile import PassResult, Reconciler, Trigger
@@ -334,13 +334,23 @@ class Watcher:
         fields = pass_fields(
             result,
             free=free_bytes(root.path if root is not None else None),
-            budget=budget_in_force(self.policy.loaded.policy),
+            budget=budget_in_force(self._root_policy()),
         )
         changed = result.deleted or result.trashed or result.purged or result.failed
         eventful = changed or result.detected or result.trigger.covers_everything
         logger.log(logging.INFO if eventful else logging.DEBUG, "pass_completed", **fields)
         space = "".join(f"; {space_status(fs_plan)}" for fs_plan in result.space if fs_plan.keep_free)
         self.liveness.status(f"{pass_sentence(fields)}{space}; {self.since_start.text()}")
+
+    def _root_policy(self) -> Policy:
+        """The policy in force at the root: the ``--policy`` file with the root's own
+        ``.ckpt-watcher.yaml`` over it (the ``--policy`` file alone while the root is not armed or an
+        invalid override blocks it)."""
+        if self.session is not None:
+            effective = self.session.reconciler.tree.for_directory(self.session.reconciler.root)
+            if effective is not None:
+                return effective.policy
+        return self.policy.loaded.policy
 
     def _disarm(self) -> None:
         if self.session is not None:

@@ -55,6 +55,28 @@ def test_pass_completed_says_kept_deleted_freed_free_space_and_budget(tmp_path: 
     assert all(line.startswith("{") and line.endswith("}") for line in raw.splitlines())
 
 
+@pytest.mark.parametrize("where", ["policy", "root override"])
+def test_the_budget_is_the_one_in_force_at_the_root(tmp_path: Path, where: str) -> None:
+    """The budget shown is the root's effective one: the --policy file, or the root's own
+    .ckpt-watcher.yaml over it (which evicts as well)."""
+    root = tmp_path / "checkpoints"
+    _seed(root)
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("save_top_k_checkpoints: 5\n")
+    budget = "max_size: 500\n"
+    if where == "policy":
+        policy.write_text(policy.read_text() + budget)
+    else:
+        (root / ".ckpt-watcher.yaml").write_text(budget)
+    arguments = ["watch", str(root), "--settle", "0", "--policy", str(policy)]
+    with running_daemon(arguments, tmp_path / "log") as daemon:
+        daemon.wait_ready()
+        [startup] = daemon.events("pass_completed")
+    assert startup["budget"] == "max_size 500"
+    assert pass_sentence(startup).endswith("; budget: max_size 500 (met)")
+    assert startup["deleted"] == 2 * (8 - 3), "per run: 5 kept by count, of which 3 of 137 bytes fit in 500"
+
+
 def test_on_a_terminal_the_pass_is_a_readable_sentence(tmp_path: Path) -> None:
     root = tmp_path / "checkpoints"
     _seed(root)
