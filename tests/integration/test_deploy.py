@@ -740,7 +740,7 @@ def test_container_args_are_accepted_by_the_cli_parser(arguments: list[str]) -> 
     assert parsed.heartbeat == Path("/run/ckpt-watcher/heartbeat")
 
 
-@pytest.mark.parametrize("manifest", MANIFESTS, ids=lambda path: path.stem)
+@pytest.mark.parametrize("manifest", [*MANIFESTS, BUCKET_MANIFEST], ids=lambda path: path.stem)
 def test_manifest_exposes_the_metrics_port_named_metrics_with_scrape_annotations(manifest: Path) -> None:
     watcher = _watcher_container(manifest)
     metrics = _parse_watch_command(watcher["args"]).metrics
@@ -946,7 +946,7 @@ def test_bucket_deployment_watches_its_prefix_with_one_replica_and_no_volume_of_
     assert _volumes(BUCKET_MANIFEST)[policy_mount["name"]]["configMap"]["name"] == "ckpt-watcher-policy"
     assert "emptyDir" in _volumes(BUCKET_MANIFEST)[mounts[str(parsed.heartbeat.parent)]["name"]]
     for probe in ("startupProbe", "livenessProbe"):
-        assert watcher[probe]["exec"]["command"][0] == "python"
+        assert _probe_heartbeat(watcher[probe]["exec"]["command"]) == parsed.heartbeat
     assert "EXTRAS" in Dockerfile.read(DOCKERFILE).args()
 
 
@@ -972,7 +972,7 @@ def test_bucket_deployment_runs_against_a_real_s3_server(
         else:
             directory.mkdir(parents=True)
     dockerfile = Dockerfile.read(DOCKERFILE)
-    command = mapping.command([*dockerfile.exec_form("ENTRYPOINT"), *watcher["args"]])
+    command = _free_metrics_port(mapping.command([*dockerfile.exec_form("ENTRYPOINT"), *watcher["args"]]))
     startup = mapping.command(watcher["startupProbe"]["exec"]["command"])
     environment = {**dockerfile.env(), **{item["name"]: item["value"] for item in watcher["env"]}}
 
@@ -983,6 +983,9 @@ def test_bucket_deployment_runs_against_a_real_s3_server(
     try:
         wait_until(lambda: _probe_passes(startup), timeout=60, what="the startup probe to pass")
         assert names() == KEPT_AT_START | {".ckpt-watcher.lease"}
+        metrics = scrape(metrics_port(daemon))
+        assert metrics.value("ckpt_watcher_checkpoints", kind="step") == len(KEPT_AT_START)
+        assert metrics.value("ckpt_watcher_info", version="0.1.0", observer="polling") == 1
         edited = data["policy.yaml"].replace("save_top_k_checkpoints: 3", "save_top_k_checkpoints: 2")
         configmap_volume.update({**data, "policy.yaml": edited})
         daemon.wait_for("policy_reloaded")
