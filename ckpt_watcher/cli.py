@@ -498,7 +498,8 @@ def run_prune(arguments: argparse.Namespace) -> int:
                 result.the_plan, arguments.dry_run, result.applied, result.sources, trash, space=result.space
             )
             print(table)
-    return EXIT_DELETE_FAILED if result.failed or result.leftovers_remaining else EXIT_OK
+    failures = result.failed or result.leftovers_remaining or result.failed_groups
+    return EXIT_DELETE_FAILED if failures else EXIT_OK
 
 
 def run_policy(arguments: argparse.Namespace) -> int:

@@ -12,6 +12,7 @@ Where the rest lives: ``events`` (watchdog in, paths out), ``root`` (the armed r
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -164,14 +165,7 @@ class Watcher:
                     self.stop.wait(ERROR_BACKOFF)
         finally:
             self._disarm()
-            logger.info(
-                "watch_stopped",
-                path=str(self.options.root),
-                deleted=self.since_start.deleted,
-                bytes_freed=self.since_start.bytes_freed,
-                trashed=self.since_start.trashed,
-                purged=self.since_start.purged,
-            )
+            logger.info("watch_stopped", path=str(self.options.root), **dataclasses.asdict(self.since_start))
         return self.exit_code
 
     def _turn(self) -> None:
@@ -334,23 +328,13 @@ class Watcher:
         fields = pass_fields(
             result,
             free=free_bytes(root.path if root is not None else None),
-            budget=budget_in_force(self._root_policy()),
+            budget=budget_in_force(_root_policy(self.session, self.policy.loaded.policy)),
         )
         changed = result.deleted or result.trashed or result.purged or result.failed
         eventful = changed or result.detected or result.trigger.covers_everything
         logger.log(logging.INFO if eventful else logging.DEBUG, "pass_completed", **fields)
         space = "".join(f"; {space_status(fs_plan)}" for fs_plan in result.space if fs_plan.keep_free)
         self.liveness.status(f"{pass_sentence(fields)}{space}; {self.since_start.text()}")
-
-    def _root_policy(self) -> Policy:
-        """The policy in force at the root: the ``--policy`` file with the root's own
-        ``.ckpt-watcher.yaml`` over it (the ``--policy`` file alone while the root is not armed or an
-        invalid override blocks it)."""
-        if self.session is not None:
-            effective = self.session.reconciler.tree.for_directory(self.session.reconciler.root)
-            if effective is not None:
-                return effective.policy
-        return self.policy.loaded.policy
 
     def _disarm(self) -> None:
         if self.session is not None:
@@ -412,3 +396,13 @@ def supervise(watcher: Supervised) -> int:
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
     return watcher.exit_code
+
+
+def _root_policy(session: Session | None, main_policy: Policy) -> Policy:
+    """The policy in force at the root: the ``--policy`` file with the root's own ``.ckpt-watcher.yaml``
+    over it (``main_policy`` alone while no root is armed or an invalid override blocks it)."""
+    if session is not None:
+        effective = session.reconciler.tree.for_directory(session.reconciler.root)
+        if effective is not None:
+            return effective.policy
+    return main_policy

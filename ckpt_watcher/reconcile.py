@@ -20,6 +20,7 @@ Each path it could not read is logged once per pass (``scan_problem``).
 from __future__ import annotations
 
 import enum
+import functools
 import threading
 import time
 from collections import defaultdict
@@ -118,6 +119,7 @@ class PassResult:
     trashing: dict[Path, int] = field(default_factory=dict)
     evicted_at_once: set[Path] = field(default_factory=set)
     storage_error: str | None = None
+    failed_groups: list[Path] = field(default_factory=list)
 
     @property
     def the_plan(self) -> Plan:
@@ -177,6 +179,19 @@ class PassResult:
         if purged is not None:
             self.purged += len(purged.purged)
             self.bytes_purged += purged.bytes_purged
+
+
+def _alone(group: Path, result: PassResult, plan_group: Callable[[], None]) -> None:
+    """Plan one group where an error nobody foresaw (a bug, an input no test has seen) costs that group
+    this pass and nothing else: logged with its traceback (``group_failed``), counted in the result,
+    the other groups served. A stop and an unavailable store still end the whole pass."""
+    try:
+        plan_group()
+    except (ScanStopped, StorageUnavailableError, InvalidPolicyFilesError):
+        raise
+    except Exception as error:  # one group's failure must not stop the others
+        logger.exception("group_failed", directory=display_name(str(group)), error=repr(error))
+        result.failed_groups.append(group)
 
 
 def prune_once(
@@ -357,7 +372,7 @@ class Reconciler:
             if self._stop is not None and self._stop.is_set():
                 result.interrupted = True
                 return
-            self._plan_group(group, value, context)
+            _alone(group, context.result, functools.partial(self._plan_group, group, value, context))
             if self._on_group is not None:
                 self._on_group(done, len(effective))
         result.space, evictions = self.space.relieve(
@@ -380,6 +395,8 @@ class Reconciler:
         """Scan, plan (count rules, then max_size) and apply one group."""
         closed = frozenset(context.closed_in.get(group, ()))
         records = self._scan_group(group, value, closed, context.wall_now, context.result)
+        if self._stopping():  # a stop during a large group's scan is honoured before it is planned
+            raise ScanStopped(str(group))
         pins = {**context.pins, **context.links.for_group(group)}
         identities = {**self.trash.pinned_identities(), **context.pinned_identities}  # after the scan
         group_plans = plan(records, value.policy, pins, pinned_identities=identities).groups
@@ -401,7 +418,7 @@ class Reconciler:
         value = self.tree.for_directory(group) if self.storage.is_group(group) else None
         if value is not None:
             context.result.sources[group] = value.sources
-            self._plan_group(group, value, context)
+            _alone(group, context.result, functools.partial(self._plan_group, group, value, context))
 
     def _stopping(self) -> bool:
         return self._stop is not None and self._stop.is_set()

@@ -11,12 +11,16 @@ from typing import Any
 import pytest
 from structlog.testing import LogCapture
 
-from ckpt_watcher import delete, groups
+from ckpt_watcher import delete, groups, reconcile
+from ckpt_watcher import plan as planning
+from ckpt_watcher.cli import main
+from ckpt_watcher.logs import configure_logging
 from ckpt_watcher.overrides import PolicyTree
 from ckpt_watcher.policy import load_policy
 from ckpt_watcher.policy_file import InvalidPolicyFilesError
 from ckpt_watcher.protection import ProtectionRegistry
 from ckpt_watcher.reconcile import Reconciler, Trigger, prune_once
+from tests.support.cli import log_records
 from tests.support.factories import step_name, write_checkpoint
 from tests.support.logs import logged
 
@@ -105,6 +109,61 @@ def test_a_stop_is_honoured_between_two_deletions_of_one_group(
     assert result.deleted == 1
     assert result.interrupted
     assert len(_names(tmp_path)) == 19
+
+
+@pytest.mark.parametrize("command", ["watch", "prune"])
+def test_an_error_nobody_foresaw_in_one_group_costs_that_group_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    """A bug (here: the planner raising for group a) is logged with its traceback as group_failed, a
+    is left as it is, and b is still served, by the daemon's core and by prune (which exits 1)."""
+    _steps(tmp_path / "a", range(100, 1000, 100))
+    _steps(tmp_path / "b", range(100, 1000, 100))
+    real_plan = planning.plan
+
+    def plan_failing_in_a(records: Any, *rest: Any, **options: Any) -> Any:
+        if any(record.path.parent.name == "a" for record in records):
+            raise ValueError("a bug in the planner")
+        return real_plan(records, *rest, **options)
+
+    monkeypatch.setattr(reconcile, "plan", plan_failing_in_a)
+
+    if command == "watch":
+        configure_logging("info")  # JSON lines on stderr, as the daemon logs
+        result = _daemon_core(tmp_path).run(Trigger.STARTUP)
+        assert result.failed_groups == [tmp_path / "a"]
+    else:
+        assert main(["prune", str(tmp_path)]) == 1
+
+    assert len(_names(tmp_path / "a")) == 9, "nothing deleted in the group that failed"
+    assert len(_names(tmp_path / "b")) == 5, "the other group served"
+    records = log_records(capsys.readouterr().err)
+    [failure] = [record for record in records if record["event"] == "group_failed"]
+    assert failure["directory"] == str(tmp_path / "a")
+    assert "a bug in the planner" in failure["error"]
+    assert "Traceback" in failure["exception"]
+
+
+def test_a_stop_during_a_groups_scan_plans_and_deletes_nothing_of_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _steps(tmp_path, range(100, 1000, 100))
+    stop = threading.Event()
+    core = _daemon_core(tmp_path, stop=stop)
+    scan_directory = core.storage.scan_directory
+
+    def scan_then_stop(*arguments: Any, **options: Any) -> Any:
+        records = scan_directory(*arguments, **options)
+        stop.set()  # a SIGTERM arrives as the scan of a large group ends
+        return records
+
+    monkeypatch.setattr(core.storage, "scan_directory", scan_then_stop)
+
+    result = core.run(Trigger.STARTUP)
+
+    assert result.interrupted
+    assert result.the_plan.groups == ()
+    assert len(_names(tmp_path)) == 9
 
 
 def test_a_last_link_missing_from_one_listing_keeps_its_target_until_rechecked(
