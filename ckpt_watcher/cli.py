@@ -437,9 +437,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 def resolve_root(path: Path) -> Path:
     """The canonical root directory the user named; nothing outside it is ever touched."""
     if not path.exists():
-        raise UsageError(f"{path}: no such directory")
+        raise UsageError(f"{display_name(str(path))}: no such directory")
     if not path.is_dir():
-        raise UsageError(f"{path}: not a directory")
+        raise UsageError(f"{display_name(str(path))}: not a directory")
     return real_path(path)
 
 
@@ -590,7 +590,7 @@ def run_trash_list(arguments: argparse.Namespace) -> int:
     if arguments.json:
         print(render_json(trash_list_document(root, listing)))
     elif listing is None:
-        print(f"no trash in {root}")
+        print(f"no trash in {display_name(str(root))}")
     else:
         print(render_trash_table(listing))
     return EXIT_OK

@@ -39,6 +39,7 @@ from ckpt_watcher.naming import (
     TemplateError,
     compile_template,
 )
+from ckpt_watcher.records import display_name
 from ckpt_watcher.sizes import UNIT_LIST, FreeSpaceSetting, SizeError, free_space_setting, size_bytes
 
 
@@ -263,7 +264,7 @@ class PolicyError(Exception):
 
     def render(self) -> str:
         """The message a user sees: the file, then one line per problem."""
-        lines = [f"invalid policy {shown_as_url(self.source)}:"]  # an object by its URL
+        lines = [f"invalid policy {display_name(self.source)}:"]  # an object by its URL, a name escaped
         lines.extend(f"  {problem}" for problem in self.problems)
         return "\n".join(lines)
 

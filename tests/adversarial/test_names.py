@@ -294,3 +294,47 @@ def test_inspect_with_hostile_names(tmp_path: Path) -> None:
         f"{display_name(str(directory))}/half\\xfe\\n  forged row.ckpt",
         f"{display_name(str(directory))}/bidi\\u202egpj.ckpt",
     }
+
+
+HOSTILE_ROOT = b"root-\xff\nforged line"
+
+
+@pytest.mark.parametrize(
+    ("arguments", "exit_code"),
+    [
+        (["trash", "list", "{root}"], 0),
+        (["trash", "list", "{root}", "--json"], 0),
+        (["trash", "empty", "{root}"], 0),
+        (["restore", "{root}", "--all"], 1),
+        (["prune", "{root}", "--dry-run"], 0),
+        (["prune", "{root}/missing\xff"], 2),
+        (["trash", "list", "{root}/missing"], 2),
+        (["policy", "{root}/policy.yaml"], 2),
+        (["prune", "{root}", "--policy", "{root}/policy.yaml"], 2),
+    ],
+    ids=lambda value: " ".join(value) if isinstance(value, list) else str(value),
+)
+def test_every_command_on_a_hostile_root_prints_clean_lines(
+    tmp_path: Path, arguments: list[str], exit_code: int
+) -> None:
+    """A root whose name is not UTF-8 and holds a newline: every command's output and every message is
+    strict UTF-8, one line per message, without a traceback."""
+    root = os.fsdecode(os.path.join(os.fsencode(tmp_path), HOSTILE_ROOT))
+    os.mkdir(root)
+    write_checkpoint(Path(root) / step_name(0, 100))
+    (Path(root) / "policy.yaml").write_text("save_top_k_checkpoints: nine\n")
+    command = [argument.replace("{root}", root) for argument in arguments]
+    if "missing\xff" in command[-1]:
+        command[-1] = os.fsdecode(os.fsencode(root) + b"/missing\xff")
+
+    completed = run_cli(*command, environment=STRICT_UTF8, text=False)
+
+    stdout = completed.stdout.decode("utf-8", "strict")
+    stderr = completed.stderr.decode("utf-8", "strict")
+    assert completed.returncode == exit_code, stderr
+    assert "Traceback" not in stderr, stderr
+    assert all(is_clean_text(line) for line in [*stdout.splitlines(), *stderr.splitlines()])
+    for line in stderr.splitlines():
+        assert not line.startswith("forged line"), "a name started a line of its own"
+    for line in stdout.splitlines():
+        assert not line.startswith("forged line"), "a name started a line of its own"
