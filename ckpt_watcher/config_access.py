@@ -64,7 +64,7 @@ class LocalConfigFiles:
             status = os.lstat(path)
         except OSError:
             return None
-        return FileIdentity(status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns)
+        return FileIdentity.of_stat(status)
 
     def read_text(self, path: Path, *, confined_to: Sequence[Path] = ()) -> str:
         """``read_config_text``."""

@@ -27,6 +27,7 @@ from yaml.constructor import ConstructorError
 from yaml.reader import ReaderError
 
 from ckpt_watcher.filesystem import real_path
+from ckpt_watcher.logs import describe_os_error
 
 # A training config is a few KiB; a megabyte is already far more than any real one.
 MAXIMUM_CONFIG_BYTES = 1024 * 1024
@@ -94,7 +95,7 @@ def _open_problem(error: OSError) -> str:
         return "a symlink loop"
     if error.errno == errno.ENXIO:
         return "not a regular file (a socket or device); refused"
-    return f"cannot read it ({error.strerror or error})"
+    return f"cannot read it ({describe_os_error(error)})"
 
 
 def _require_regular(status: os.stat_result, limit: int) -> None:
@@ -146,7 +147,7 @@ def _read_at_most(descriptor: int, limit: int) -> bytes:
         try:
             chunk = os.read(descriptor, min(65536, limit + 1 - total))
         except OSError as error:
-            raise ConfigFileError(f"cannot read it ({error.strerror or error})") from None
+            raise ConfigFileError(f"cannot read it ({describe_os_error(error)})") from None
         if not chunk:
             return b"".join(chunks)
         chunks.append(chunk)

@@ -37,6 +37,7 @@ import structlog
 
 from ckpt_watcher.filesystem import real_path
 from ckpt_watcher.integrity import check_directory, check_zip_file
+from ckpt_watcher.logs import describe_os_error
 from ckpt_watcher.naming import CHECKPOINT_EXTENSION, DEFAULT_NAMING, Kind, Naming
 
 TORCH_MISSING = (
@@ -200,7 +201,7 @@ def inspect_checkpoint(
     try:
         status = path.stat()
     except OSError as error:
-        contents.error = f"cannot read it: {_os_error_text(error)}"
+        contents.error = f"cannot read it: {describe_os_error(error)}"
         return contents
     if stat.S_ISDIR(status.st_mode):
         _describe_directory(path, contents)
@@ -211,7 +212,7 @@ def inspect_checkpoint(
     try:
         file_descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as error:
-        contents.error = f"cannot read it: {_os_error_text(error)}"
+        contents.error = f"cannot read it: {describe_os_error(error)}"
         return contents
     try:
         _inspect_open_file(file_descriptor, path, contents, unsafe, naming)
@@ -313,7 +314,7 @@ def verify_loadable(path: Path, *, follow_symlinks: bool = False) -> str | None:
     try:
         file_descriptor = os.open(path, flags)
     except OSError as error:
-        return f"cannot be read: {_os_error_text(error)}"
+        return f"cannot be read: {describe_os_error(error)}"
     try:
         status = os.fstat(file_descriptor)
         if not stat.S_ISREG(status.st_mode):
@@ -805,7 +806,3 @@ def _exception_text(error: BaseException) -> str:
     text = str(error).strip()
     first_line = text.splitlines()[0] if text else ""
     return f"{type(error).__name__}: {first_line}" if first_line else type(error).__name__
-
-
-def _os_error_text(error: OSError) -> str:
-    return error.strerror or str(error)

@@ -213,7 +213,7 @@ def _delete_one(directory_fd: int, decision: Decision, trash: TrashMover | None)
         return _gone(decision)
     except OSError as error:
         return _failed(decision, describe_os_error(error))
-    now_identity = FileIdentity(status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns)
+    now_identity = FileIdentity.of_stat(status)
     expected_type = stat.S_ISDIR if record.entry_type is EntryType.DIRECTORY else stat.S_ISREG
     if not expected_type(status.st_mode) or now_identity != record.identity:
         return _changed(decision)

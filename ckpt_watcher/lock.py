@@ -21,6 +21,7 @@ import re
 import stat
 from pathlib import Path
 
+from ckpt_watcher.logs import describe_os_error
 from ckpt_watcher.records import display_name
 
 LOCK_FILE_NAME = ".ckpt-watcher.lock"
@@ -83,7 +84,7 @@ class DirectoryLock:
         except LockHeldError:
             raise
         except OSError as error:
-            raise LockUnusableError(self.directory, _describe(error)) from None
+            raise LockUnusableError(self.directory, describe_os_error(error)) from None
 
     def _acquire(self) -> None:
         file_descriptor = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -137,7 +138,7 @@ class DirectoryLock:
             except OSError as error:
                 if may_skip and error.errno in _NOT_WRITABLE and not os.path.lexists(place):
                     return False
-                raise LockUnusableError(self.directory, f"{place}: {_describe(error)}") from None
+                raise LockUnusableError(self.directory, f"{place}: {describe_os_error(error)}") from None
             try:
                 status = os.fstat(file_descriptor)
                 if not stat.S_ISREG(status.st_mode):
@@ -150,7 +151,8 @@ class DirectoryLock:
                     ) from None
                 except OSError as error:
                     raise LockUnusableError(
-                        self.directory, f"{place}: {_describe(error)} (the file system supports no locks)"
+                        self.directory,
+                        f"{place}: {describe_os_error(error)} (the file system supports no locks)",
                     ) from None
                 if not _still_named(place, status):
                     os.close(file_descriptor)  # replaced between open and lock: what we hold excludes nobody
@@ -218,7 +220,3 @@ def _read_pid(file_descriptor: int) -> int | None:
     except OSError:
         return None
     return int(text) if text.isdigit() else None
-
-
-def _describe(error: OSError) -> str:
-    return error.strerror or str(error)

@@ -22,6 +22,7 @@ import structlog
 
 from ckpt_watcher import __version__
 from ckpt_watcher.groups import Tally
+from ckpt_watcher.logs import describe_os_error
 from ckpt_watcher.naming import Kind
 from ckpt_watcher.policy_file import ReloadResult
 from ckpt_watcher.reconcile import PassResult, Trigger
@@ -182,7 +183,7 @@ def start_metrics(address: MetricsAddress, figures: DaemonFigures) -> MetricsSer
         server = MetricsServer.start(address, figures)
     except OSError as error:
         raise MetricsUnavailableError(
-            f"--metrics {address}: cannot listen there: {error.strerror or error}"
+            f"--metrics {address}: cannot listen there: {describe_os_error(error)}"
         ) from None
     logger.info("metrics_serving", host=server.host, port=server.port, path="/metrics")
     return server
