@@ -95,6 +95,29 @@ def test_negative_verdicts_are_cached_by_identity(tmp_path: Path, monkeypatch: p
     assert second.incomplete_reason == first.incomplete_reason
 
 
+@pytest.mark.parametrize("verify", ["zip", "crc"])
+def test_a_complete_verdict_is_read_once_per_file_identity(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, verify: str
+) -> None:
+    """verify: crc reads the whole file once (README: its cost), then not again while the file's
+    identity (device, inode, size, mtime) is unchanged; a change of identity reads it again."""
+    path = backdate(write_checkpoint(tmp_path / step_name(0, 100), payload=b"weights" * 1000))
+    cache = CompletenessCache()
+    counter = OpenCounter(monkeypatch, path.name)
+    options = ScanOptions(directory_quiet_seconds=0.0, verify=verify)
+
+    assert scan(tmp_path, options, cache)[path.name].complete
+    opened_first = counter.count
+    for _ in range(3):
+        assert scan(tmp_path, options, cache)[path.name].complete
+
+    assert opened_first >= 1
+    assert counter.count == opened_first, "a later pass read the unchanged file again"
+    os.utime(path, (time.time() - 1800, time.time() - 1800))  # a new identity: judged again
+    assert scan(tmp_path, options, cache)[path.name].complete
+    assert counter.count > opened_first
+
+
 def test_verdicts_that_depend_on_time_or_a_marker_are_not_cached(tmp_path: Path) -> None:
     name = step_name(0, 100)
     write_checkpoint(tmp_path / name)
