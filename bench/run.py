@@ -28,6 +28,7 @@ import latency
 import probes
 import scale
 import space
+import stop
 import trash
 from benchlib import REPOSITORY, Config, Section, machine_description, markdown_table
 
@@ -41,6 +42,7 @@ SECTIONS: dict[str, Callable[[Config], Section]] = {
     "space": space.measure,
     "trash": trash.measure,
     "bucket": bucket.measure,
+    "stop": stop.measure,
 }
 
 PRESETS: dict[str, dict[str, object]] = {
