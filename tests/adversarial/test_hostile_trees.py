@@ -1,7 +1,12 @@
-"""Generated hostile trees (see tests/support/hostile.py) under ``prune --dry-run``, ``prune`` and a
+"""Generated hostile trees (see tests/support/hostile_trees.py) under ``prune --dry-run``, ``prune`` and a
 daemon pass, each bounded in time and memory. Invariants after every command: nothing outside the root
 changed, nothing but a planned deletion changed inside it, the mount-holding checkpoint is intact, and
-the command exited 0/1/2 without a traceback."""
+the command exited 0/1/2 without a traceback (and, if not 0, with a one-line ``ckpt-watcher: ``
+message).
+
+"Planned" comes from the code under test (scan and plan), so it cannot catch a bug in them; the
+independent oracle is ``HostileTree.must_survive``, what the generator recorded as it built the tree
+that the default policy must keep, checked entry by entry after every command."""
 
 from __future__ import annotations
 
@@ -70,13 +75,28 @@ def check_invariants(
     return gone
 
 
+def check_survivors(tree: HostileTree, before: dict[str, str], outside_before: dict[str, str]) -> None:
+    """Assert the independent oracle: every path the generator recorded as one the default policy must
+    keep is still there, its digest unchanged (whatever scan and plan decided)."""
+    for top, must_survive, digest_before in (
+        (tree.root, tree.must_survive, before),
+        (tree.outside, tree.outside_must_survive, outside_before),
+    ):
+        assert must_survive, f"the generator recorded no survivors in {top}"
+        unknown = sorted(must_survive - digest_before.keys())
+        assert not unknown, f"the oracle names paths the tree never had: {unknown[:10]}"
+        after = tree_digest(top)
+        lost = sorted(path for path in must_survive if after.get(path) != digest_before[path])
+        assert not lost, f"{len(lost)} paths that must survive changed or vanished in {top}: {lost[:10]}"
+
+
 def in_namespace(tree: HostileTree) -> list[str]:
     """The prefix that makes the tree's mounts for the command it runs (none without mounts)."""
     return mount_namespace(tree.mounts) if tree.mounts else []
 
 
 def run(tree: HostileTree, *arguments: str, memory: int) -> None:
-    assert_clean_exit(run_cli(*arguments, memory=memory, prefix=in_namespace(tree)))
+    assert_clean_exit(run_cli(*arguments, memory=memory, prefix=in_namespace(tree)), explained=True)
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -91,8 +111,10 @@ def test_prune_and_dry_run_on_a_hostile_tree(
 
     run(tree, "prune", str(tree.root), "--dry-run", memory=PRUNE_MEMORY)
     assert check_invariants(tree, before, outside_before, set()) == set()
+    check_survivors(tree, before, outside_before)
     run(tree, "prune", str(tree.root), "--json", memory=PRUNE_MEMORY)
     gone = check_invariants(tree, before, outside_before, allowed)
+    check_survivors(tree, before, outside_before)
 
     assert tree.plain_group is not None
     assert not (tree.plain_group / "epoch=00-step=000100-train.ckpt").exists()  # it did prune
@@ -121,6 +143,7 @@ def test_a_daemon_pass_on_a_hostile_tree(tmp_path: Path, request: pytest.Fixture
     assert code == 0, log[-3000:]
     assert "Traceback" not in log
     gone = check_invariants(tree, before, outside_before, allowed)
+    check_survivors(tree, before, outside_before)
     assert os.path.exists(tree.root)
     deepest = next(tree.root.glob("group*-deep_nesting")) / "epoch=05-step=000100-train.ckpt"
     assert "/" + str(deepest.relative_to(tree.root)) in gone  # the daemon's own deep removal

@@ -247,13 +247,24 @@ def events(stderr: str | bytes, name: str) -> list[dict[str, Any]]:
 def assert_clean_exit(
     completed: subprocess.CompletedProcess[str] | subprocess.CompletedProcess[bytes],
     allowed: Sequence[int] = (0, 1, 2),
+    *,
+    explained: bool = False,
 ) -> None:
-    """The command exited 0, 1 or 2 (or as ``allowed``), with no traceback."""
+    """The command exited 0, 1 or 2 (or as ``allowed``), with no traceback.
+
+    ``explained``: a non-zero exit also comes with exactly one line on stderr that is not a JSON log
+    record, and it is a ``ckpt-watcher: `` message (a multi-line policy error is not one line: leave
+    ``explained`` off where one is expected).
+    """
     stderr = (
         completed.stderr if isinstance(completed.stderr, str) else completed.stderr.decode(errors="replace")
     )
     assert completed.returncode in allowed, (completed.returncode, stderr[-3000:])
     assert "Traceback" not in stderr, stderr[-3000:]
+    if explained and completed.returncode != 0:
+        messages = [record["line"] for record in log_records(stderr) if record["event"] == NOT_JSON]
+        assert len(messages) == 1, (completed.returncode, messages[-20:], stderr[-3000:])
+        assert messages[0].startswith("ckpt-watcher: "), (completed.returncode, messages)
 
 
 def prune_entries(

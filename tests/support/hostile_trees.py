@@ -15,10 +15,11 @@ import shlex
 import socket
 import stat
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ckpt_watcher.policy import DEFAULT_POLICY
 from tests.support.cli import run_command
 from tests.support.factories import backdate_tree, directory_checkpoint, step_name, zip_bytes
 
@@ -175,13 +176,69 @@ def remove_deep(path: Path) -> None:
 
 @dataclass
 class HostileTree:
-    """A generated tree: its root, the outside tree nothing may change, and what is known about it."""
+    """A generated tree: its root, the outside tree nothing may change, and what is known about it.
+
+    ``must_survive`` (relative to ``root``) and ``outside_must_survive`` (relative to ``outside``) name,
+    as ``tree_digest`` does, every entry that no command under ``DEFAULT_POLICY`` may change or remove.
+    The builders record them as they make each entry, from what they made and the README's retention
+    rules, never from a scan or a plan: the oracle that checks the code under test is not that code.
+    """
 
     root: Path
     outside: Path
     mounts: list[str] = field(default_factory=list)
     mount_holders: list[Path] = field(default_factory=list)
     plain_group: Path | None = None
+    must_survive: set[str] = field(default_factory=set)
+    outside_must_survive: set[str] = field(default_factory=set)
+
+
+def _newest_kept_count() -> int:
+    """How many of a group's newest complete step checkpoints DEFAULT_POLICY keeps, by rule 1 (and 5:
+    a group keeps at least its newest); 0 means all. Refuses a default policy that could evict a kept
+    checkpoint for space, which would make the recorded survivors wrong."""
+    assert DEFAULT_POLICY.max_size is None, "the oracle assumes no eviction for space"
+    assert DEFAULT_POLICY.keep_free is None, "the oracle assumes no eviction for space"
+    count = DEFAULT_POLICY.save_top_k_checkpoints
+    return 0 if count == -1 else max(count, 1)
+
+
+@dataclass
+class Survivors:
+    """The builders' record of what must survive: entries by themselves, and checkpoints whole (the
+    path and everything below it, listed once the tree is built)."""
+
+    root: Path
+    paths: set[str] = field(default_factory=set)
+    wholes: list[Path] = field(default_factory=list)
+
+    def keep(self, *paths: Path) -> None:
+        """These entries themselves (a directory's mode, a link's target, a file's bytes)."""
+        self.paths.update(_relative(self.root, path) for path in paths)
+
+    def keep_whole(self, *paths: Path) -> None:
+        """These entries and everything below them (a checkpoint file or directory)."""
+        self.wholes.extend(paths)
+
+    def keep_newest(self, complete: Iterable[tuple[int, int, Path]]) -> None:
+        """Of one group's complete step checkpoints, as ``(step, epoch, path)``, the ones the default
+        policy keeps by count: ordered by (step, epoch) as numbers, as the README's rule 1 says."""
+        ordered = sorted(complete, key=lambda checkpoint: checkpoint[:2], reverse=True)
+        count = _newest_kept_count()
+        self.keep_whole(*(path for _, _, path in (ordered[:count] if count else ordered)))
+
+    def finish(self) -> set[str]:
+        """Every recorded path, the whole checkpoints expanded (call once the tree is built)."""
+        for whole in self.wholes:
+            prefix = _relative(self.root, whole)
+            self.paths.update(prefix + below for below in tree_digest(whole))
+        return self.paths
+
+
+def _relative(root: Path, path: Path) -> str:
+    """``path`` named as ``tree_digest(root)`` names it: ``/a/b`` (``""`` for the root itself)."""
+    relative = path.relative_to(root)  # raises for a path outside root: an oracle bug, not a pass
+    return "" if relative == Path() else f"/{relative}"
 
 
 def build_hostile_tree(
@@ -202,10 +259,12 @@ def build_hostile_tree(
     (outside / "dataset").mkdir()
     (outside / "dataset" / "images.bin").write_bytes(b"i" * 2048)
     tree = HostileTree(root=root, outside=outside)
+    survivors = Survivors(root)
     plain = root / "plain"
     plain.mkdir(parents=True)
     for step in range(100, 1000, 100):
         (plain / step_name(0, step)).write_bytes(zip_bytes(b"step %d" % step))
+    survivors.keep_newest((step, 0, plain / step_name(0, step)) for step in range(100, 1000, 100))
     tree.plain_group = plain
 
     builders = [
@@ -221,7 +280,7 @@ def build_hostile_tree(
     for index, builder in enumerate(builders):
         group = root / f"group{index}-{builder.__name__.strip('_')}"
         group.mkdir()
-        builder(group, outside, chooser, deepest)
+        builder(group, outside, chooser, deepest, survivors)
     if with_mounts:
         holder = _directory_checkpoint(root / "mounted" / step_name(0, 100))
         (holder / "dataset").mkdir()
@@ -231,14 +290,21 @@ def build_hostile_tree(
             f"mount --bind {shlex.quote(str(outside / 'dataset'))} {shlex.quote(str(holder / 'dataset'))}"
         )
         tree.mount_holders.append(holder)
+        survivors.keep_whole(holder)  # the oldest, but it holds a mount point
+        survivors.keep_newest((step, 0, holder.parent / step_name(0, step)) for step in range(100, 900, 100))
     backdate_tree(root)
+    tree.must_survive = survivors.finish()
+    tree.outside_must_survive = set(tree_digest(outside))  # everything outside the root
     return tree
 
 
-def _symlinks_everywhere(group: Path, outside: Path, chooser: random.Random, deepest: int) -> None:
+def _symlinks_everywhere(
+    group: Path, outside: Path, chooser: random.Random, deepest: int, survivors: Survivors
+) -> None:
     del deepest
     for step in range(100, 800, 100):
         (group / step_name(1, step)).write_bytes(zip_bytes(b"x"))
+    survivors.keep_newest((step, 1, group / step_name(1, step)) for step in range(100, 800, 100))
     os.symlink(outside, group / "linked-run")  # a group that is a symlink
     os.symlink(outside / "precious.ckpt", group / step_name(0, 100))
     os.symlink("/", group / "last.ckpt")
@@ -252,53 +318,73 @@ def _symlinks_everywhere(group: Path, outside: Path, chooser: random.Random, dee
     for index in range(chain):
         os.symlink(f"chain-{index + 1}" if index < chain - 1 else step_name(1, 100), group / f"chain-{index}")
     os.symlink("chain-0", group / "last-v3.ckpt")
+    survivors.keep_whole(group / step_name(1, 100))  # the oldest, but what last-v3.ckpt links to
+    survivors.keep(*(path for path in group.iterdir() if path.is_symlink()))  # every link itself
 
 
-def _special_files(group: Path, outside: Path, chooser: random.Random, deepest: int) -> None:
+def _special_files(
+    group: Path, outside: Path, chooser: random.Random, deepest: int, survivors: Survivors
+) -> None:
     del deepest
     del outside
     (group / step_name(2, 900)).write_bytes(zip_bytes(b"newest"))
-    make_fifo(group / step_name(2, 100))
-    make_socket(group / step_name(2, 200))
-    make_device(group / step_name(2, 300))
-    make_fifo(group / f"{step_name(2, 400)}.aria2")
-    os.mkfifo(group / ".ckpt-watcher-deleting-i1-fifo")
+    survivors.keep_newest([(900, 2, group / step_name(2, 900))])
+    survivors.keep(make_fifo(group / step_name(2, 100)), make_socket(group / step_name(2, 200)))
+    if (device := make_device(group / step_name(2, 300))) is not None:
+        survivors.keep(device)
+    survivors.keep(make_fifo(group / f"{step_name(2, 400)}.aria2"))
+    os.mkfifo(group / ".ckpt-watcher-deleting-i1-fifo")  # named like a removal's leftover: not one
+    survivors.keep(group / ".ckpt-watcher-deleting-i1-fifo")
     if chooser.random() < 0.5:
-        make_fifo(group / "last.ckpt")
+        survivors.keep(make_fifo(group / "last.ckpt"))
 
 
-def _downloads_in_progress(group: Path, outside: Path, chooser: random.Random, deepest: int) -> None:
+def _downloads_in_progress(
+    group: Path, outside: Path, chooser: random.Random, deepest: int, survivors: Survivors
+) -> None:
     del deepest
     del outside
     for step in (100, 200):
         (group / step_name(3, step)).write_bytes(zip_bytes(b"complete"))
+    survivors.keep_newest((step, 3, group / step_name(3, step)) for step in (100, 200))
     data = zip_bytes(os.urandom(64 << 10))
-    make_sparse(group / step_name(3, 300), len(data), data[-4096:])
-    (group / step_name(3, 400)).write_bytes(data)
-    (group / f"{step_name(3, 400)}{chooser.choice(['.aria2', '.part', '.incomplete', '.st'])}").write_bytes(
-        b""
-    )
-    (group / step_name(3, 500)).write_bytes(data[: len(data) // 2])
-    (group / f"{step_name(3, 600)}.tmp").write_bytes(data)
+    sparse = make_sparse(group / step_name(3, 300), len(data), data[-4096:])
+    (group / step_name(3, 400)).write_bytes(data)  # whole, but a download marker is beside it
+    marker = group / f"{step_name(3, 400)}{chooser.choice(['.aria2', '.part', '.incomplete', '.st'])}"
+    marker.write_bytes(b"")
+    (group / step_name(3, 500)).write_bytes(data[: len(data) // 2])  # half written
+    (group / f"{step_name(3, 600)}.tmp").write_bytes(data)  # an unrecognised name
+    survivors.keep(sparse, group / step_name(3, 400), marker, group / step_name(3, 500))
+    survivors.keep(group / f"{step_name(3, 600)}.tmp")
 
 
-def _awkward_names(group: Path, outside: Path, chooser: random.Random, deepest: int) -> None:
+def _awkward_names(
+    group: Path, outside: Path, chooser: random.Random, deepest: int, survivors: Survivors
+) -> None:
     del deepest
     del outside, chooser
     for step in range(100, 800, 100):
         (group / step_name(4, step)).write_bytes(zip_bytes(b"y"))
+    survivors.keep_newest((step, 4, group / step_name(4, step)) for step in range(100, 800, 100))
     raw = os.fsencode(group)
     for name in (b"epoch=04-step=000900-train\xff.ckpt", b"\xfe\xfd.ckpt", b"last\x80.ckpt"):
         with open(raw + b"/" + name, "wb") as stream:
             stream.write(zip_bytes(b"non-utf-8"))
-    (group / f"{step_name(4, 950)}\nepoch=04-step=000001-train.ckpt").write_bytes(zip_bytes(b"newline"))
+        survivors.keep(Path(os.fsdecode(raw + b"/" + name)))  # no template matches
+    newline = group / f"{step_name(4, 950)}\nepoch=04-step=000001-train.ckpt"
+    newline.write_bytes(zip_bytes(b"newline"))
+    survivors.keep(newline)  # no template matches
     odd = Path(os.fsdecode(raw + b"/run-\xff"))
     odd.mkdir()
     for step in range(100, 800, 100):
         (odd / step_name(4, step)).write_bytes(zip_bytes(b"z"))
+    survivors.keep(odd)
+    survivors.keep_newest((step, 4, odd / step_name(4, step)) for step in range(100, 800, 100))
 
 
-def _deep_nesting(group: Path, outside: Path, chooser: random.Random, deepest: int) -> None:
+def _deep_nesting(
+    group: Path, outside: Path, chooser: random.Random, deepest: int, survivors: Survivors
+) -> None:
     del outside
     current = group
     for level in range(chooser.randint(150, 250)):
@@ -306,26 +392,34 @@ def _deep_nesting(group: Path, outside: Path, chooser: random.Random, deepest: i
     current.mkdir(parents=True)
     for step in range(100, 800, 100):
         (current / step_name(5, step)).write_bytes(zip_bytes(b"deep"))
+    survivors.keep_newest((step, 5, current / step_name(5, step)) for step in range(100, 800, 100))
     checkpoint = _directory_checkpoint(group / step_name(5, 100))
     make_deep_directory(checkpoint / "checkpoint" / "nested", depth=deepest)
     for step in range(200, 800, 100):
         _directory_checkpoint(group / step_name(5, step))
+    survivors.keep_newest((step, 5, group / step_name(5, step)) for step in range(100, 800, 100))
 
 
-def _huge_directory(group: Path, outside: Path, chooser: random.Random, deepest: int) -> None:
+def _huge_directory(
+    group: Path, outside: Path, chooser: random.Random, deepest: int, survivors: Survivors
+) -> None:
     del deepest
     del outside
     for index in range(3000):
         (group / f"event-{index:05d}.log").touch()
+        survivors.keep(group / f"event-{index:05d}.log")  # no template matches
     steps = list(range(100, 3000, 100))
     chooser.shuffle(steps)
     for step in steps:
         (group / step_name(6, step)).write_bytes(zip_bytes(b"h"))
+    survivors.keep_newest((step, 6, group / step_name(6, step)) for step in steps)
 
 
 def _directory_checkpoints_with_traps(
-    group: Path, outside: Path, chooser: random.Random, deepest: int
+    group: Path, outside: Path, chooser: random.Random, deepest: int, survivors: Survivors
 ) -> None:
+    """Links, a FIFO and a hard link inside directory checkpoints: removing an old one removes them
+    (never what they reach); the newest ones keep them."""
     del deepest
     for step in range(100, 800, 100):
         checkpoint = _directory_checkpoint(group / step_name(7, step))
@@ -333,8 +427,10 @@ def _directory_checkpoints_with_traps(
         os.symlink(outside / "nested", checkpoint / "checkpoint" / "link-to-directory")
         make_fifo(checkpoint / "checkpoint" / "pipe")
         os.link(outside / "nested" / "data.bin", checkpoint / "checkpoint" / "hard-link.bin")
+    survivors.keep_newest((step, 7, group / step_name(7, step)) for step in range(100, 800, 100))
     unfinished = _directory_checkpoint(group / step_name(7, 900), files=chooser.randint(1, 3))
     (unfinished / "latest").unlink()
+    survivors.keep_whole(unfinished)  # the newest, but its writer has not written `latest`
 
 
 def _directory_checkpoint(path: Path, files: int = 2) -> Path:
