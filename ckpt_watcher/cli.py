@@ -40,7 +40,7 @@ from ckpt_watcher.notify import Notifier
 from ckpt_watcher.policy import POLICY_DESCRIPTIONS, PolicyError
 from ckpt_watcher.policy_file import InvalidPolicyFilesError, load_policy_logged
 from ckpt_watcher.protection import command_line_pins
-from ckpt_watcher.reconcile import prune_once
+from ckpt_watcher.reconcile import PassResult, prune_once
 from ckpt_watcher.records import display_name
 from ckpt_watcher.report import (
     TrashView,
@@ -498,8 +498,25 @@ def run_prune(arguments: argparse.Namespace) -> int:
                 result.the_plan, arguments.dry_run, result.applied, result.sources, trash, space=result.space
             )
             print(table)
-    failures = result.failed or result.leftovers_remaining or result.failed_groups
+    failures = _prune_failures(result)
+    if failures:
+        print(f"ckpt-watcher: {failures}; the next run tries again", file=sys.stderr)
     return EXIT_DELETE_FAILED if failures else EXIT_OK
+
+
+def _prune_failures(result: PassResult) -> str:
+    """What exit 1 of ``prune`` means, in one line (the records say which files); empty if nothing failed."""
+    parts = []
+    if result.failed:
+        parts.append(f"{result.failed} deletion{'s' if result.failed != 1 else ''} failed")
+    if result.leftovers_remaining:
+        parts.append(f"{result.leftovers_remaining} interrupted removal(s) could not be finished")
+    if result.failed_groups:
+        parts.append(
+            f"{len(result.failed_groups)} director{'ies' if len(result.failed_groups) != 1 else 'y'}"
+            " could not be planned (group_failed)"
+        )
+    return ", ".join(parts)
 
 
 def run_policy(arguments: argparse.Namespace) -> int:

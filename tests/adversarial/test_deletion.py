@@ -161,7 +161,7 @@ def test_a_removal_that_fails_halfway_makes_prune_exit_1_and_a_later_prune_finis
     finally:
         set_immutable(root, immutable=False, recursive=True)
 
-    assert_clean_exit(first, allowed=(1,))
+    assert_clean_exit(first, allowed=(1,), explained=True)
     outcomes = {entry["name"]: entry.get("outcome") for entry in prune_entries(first).values()}
     assert outcomes[step_name(0, 100)] == "failed"
     assert outcomes[step_name(0, 200)] == "deleted"
@@ -287,7 +287,7 @@ def test_a_read_only_file_system_is_a_failure_not_a_crash(tmp_path: Path) -> Non
 
     completed = run_cli("prune", str(root), prefix=mount_namespace([bind(root, root, read_only=True)]))
 
-    assert_clean_exit(completed, allowed=(1,))
+    assert_clean_exit(completed, allowed=(1,), explained=True)
     failures = events(completed.stderr, "checkpoint_delete_failed")
     assert len(failures) == 4
     assert {record["error"] for record in failures} == {"Read-only file system"}
@@ -326,7 +326,7 @@ def test_permission_denied_is_a_failure_not_a_crash(world_readable_directory: Pa
         timeout=120,
     )
 
-    assert_clean_exit(completed, allowed=(1,))
+    assert_clean_exit(completed, allowed=(1,), explained=True)
     failures = events(completed.stderr, "checkpoint_delete_failed")
     assert len(failures) == 4
     assert {str(record["error"]).split(";")[0] for record in failures} >= {"Permission denied"}
