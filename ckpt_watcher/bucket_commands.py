@@ -55,6 +55,13 @@ def refused_on_a_bucket(policy: Policy) -> list[str]:
     return problems
 
 
+def refused_in_a_run(loaded: LoadedPolicy) -> list[str]:
+    """What a per-run ``.ckpt-watcher.yaml`` object may not ask for on a bucket: the same as the root
+    policy. Such a file is an invalid per-run policy: ``prune`` exits 2, the daemon blocks its group
+    (``group_blocked``) until it is fixed; never silently ignored."""
+    return refused_on_a_bucket(loaded.policy)
+
+
 def check_policy(loaded: LoadedPolicy) -> None:
     """Refuse, before anything is read, a policy whose keys have no meaning on a bucket."""
     problems = refused_on_a_bucket(loaded.policy)
@@ -96,6 +103,7 @@ def prune_bucket(arguments: argparse.Namespace, loaded: LoadedPolicy) -> PassRes
         working_directory=Path.cwd(),
         storage=storage,
         files=files,
+        refuse_in_runs=refused_in_a_run,
     )
 
 

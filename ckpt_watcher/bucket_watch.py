@@ -22,7 +22,7 @@ from pathlib import Path
 import structlog
 
 from ckpt_watcher.bucket import BucketConfigFiles, BucketStorage
-from ckpt_watcher.bucket_commands import bucket_pins
+from ckpt_watcher.bucket_commands import bucket_pins, refused_in_a_run
 from ckpt_watcher.cli import UsageError
 from ckpt_watcher.daemon import Watcher, WatchOptions, supervise
 from ckpt_watcher.events import ObserverLike
@@ -133,7 +133,13 @@ class BucketWatcher(Watcher):
     def _new_reconciler(self, armed: object) -> Reconciler:
         """The reconcile core over the bucket's storage; the lease is renewed between groups too."""
         return Reconciler(
-            PolicyTree(self.url.core_path, self.policy.loaded, strict=False, files=self.files),
+            PolicyTree(
+                self.url.core_path,
+                self.policy.loaded,
+                strict=False,
+                files=self.files,
+                refuse=refused_in_a_run,
+            ),
             self.registry,
             pins=self._pins,
             settle_seconds=self.options.settle_seconds,

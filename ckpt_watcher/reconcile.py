@@ -190,13 +190,14 @@ def prune_once(
     on_group: Callable[[int, int], None] | None = None,
     storage: Storage | None = None,
     files: ConfigAccess = LOCAL_FILES,
+    refuse_in_runs: Callable[[LoadedPolicy], list[str]] | None = None,
 ) -> PassResult:
     """``prune``: one strict pass over ``root``; an invalid policy or protect_from file anywhere raises
     InvalidPolicyFilesError before anything is deleted. ``on_group``: as for ``Reconciler``.
     ``storage`` and ``files`` are where the tree and its config files are (a bucket; by default the
-    disk)."""
+    disk); ``refuse_in_runs`` says what a per-run policy file may not ask for there (PolicyTree)."""
     reconciler = Reconciler(
-        PolicyTree(root, loaded, strict=True, files=files),
+        PolicyTree(root, loaded, strict=True, files=files, refuse=refuse_in_runs),
         ProtectionRegistry(working_directory, files=files),
         pins=pins,
         settle_seconds=settle_seconds,
