@@ -22,7 +22,8 @@ from pathlib import Path
 import structlog
 
 from ckpt_watcher.bucket import BucketConfigFiles, BucketStorage
-from ckpt_watcher.bucket_commands import bucket_pins, refused_in_a_run
+from ckpt_watcher.bucket_commands import bucket_pins, refusals_in_runs
+from ckpt_watcher.bucket_trash_pass import BucketTrashPass
 from ckpt_watcher.cli import UsageError
 from ckpt_watcher.daemon import Watcher, WatchOptions, supervise
 from ckpt_watcher.events import ObserverLike
@@ -138,7 +139,7 @@ class BucketWatcher(Watcher):
                 self.policy.loaded,
                 strict=False,
                 files=self.files,
-                refuse=refused_in_a_run,
+                refuse=refusals_in_runs(self.storage.store),
             ),
             self.registry,
             pins=self._pins,
@@ -147,6 +148,7 @@ class BucketWatcher(Watcher):
             stop=self.stop,
             progress=self._between_groups,
             storage=self.storage,
+            trash=BucketTrashPass(self.storage, self.stop),
         )
 
     def _between_groups(self) -> None:
