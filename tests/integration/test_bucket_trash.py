@@ -9,16 +9,20 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import urllib.parse
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from ckpt_watcher.integrity import DIRECTORY_QUIET_SECONDS
+from tests.integration.test_bucket_prune import EXPECTED  # the plan of file_checkpoints()
 from tests.support.cli import events, run_cli
 from tests.support.daemon import running_daemon, wait_until
 from tests.support.factories import step_name, zip_bytes
-from tests.support.s3_server import Bucket
+from tests.support.layouts import file_checkpoints, write_files
+from tests.support.s3_server import Bucket, S3Server
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -292,3 +296,123 @@ def test_the_daemon_trashes_purges_and_keeps_a_restored_checkpoint_for_its_grace
     ]
     assert not daemon.events("checkpoint_deleted")
     assert _checkpoint_keys(s3) == {f"root/run/{step_name(0, 300)}"}
+
+
+@pytest.mark.parametrize("where", ["directory", "bucket"])
+def test_a_trash_on_policy_trashes_and_restores_the_same_on_a_directory_and_a_bucket(
+    s3: Bucket, tmp_path: Path, where: str
+) -> None:
+    """The layout of tests/support/layouts.py (its files) under a directory and a prefix, the trash on:
+    the same plan (``trash`` actions and reasons, relative to the root), the same checkpoints trashed
+    and listed in the trash, and after ``restore --all`` the whole layout back, byte for byte."""
+    layout = file_checkpoints()
+    if where == "directory":
+        root = str(tmp_path / "root")
+        write_files(Path(root), layout)
+    else:
+        root = f"{s3.url}/root"
+        s3.put_many({f"root/{key}": data for key, data in layout.items()})
+    policy = _policy(tmp_path, "trash:\n  grace: 1h\n")
+
+    dry = run_cli("prune", root, "--policy", str(policy), "--dry-run", "--json")
+    assert dry.returncode == 0, dry.stderr
+    document = json.loads(dry.stdout)
+    plan = sorted(
+        (entry["path"].removeprefix(root + "/"), entry["action"], tuple(entry["reasons"]))
+        for group in document["groups"]
+        for entry in group["entries"]
+    )
+    expected = sorted(
+        (path, "trash" if action == "delete" else action, reasons) for path, action, reasons in EXPECTED
+    )
+    assert [item for item in plan if not item[0].startswith("stage3/")] == [
+        item for item in expected if not item[0].startswith("stage3/")
+    ]
+    assert document["trash"] is None  # none yet, on both
+
+    pruned = run_cli("prune", root, "--policy", str(policy))
+    assert pruned.returncode == 0, pruned.stderr
+    trashed = {path for path, action, _ in plan if action == "trash"}
+    assert {
+        record["path"].removeprefix(root + "/") for record in events(pruned.stderr, "checkpoint_trashed")
+    } == trashed
+    listed = run_cli("trash", "list", root, "--json")
+    assert {entry["original"] for entry in json.loads(listed.stdout)["entries"]} == trashed
+
+    restored = run_cli("restore", root, "--all")
+    assert restored.returncode == 0, restored.stderr
+    if where == "directory":
+        present = {
+            str(path.relative_to(root)): path.read_bytes()
+            for path in Path(root).rglob("*")
+            if path.is_file() and ".ckpt-trash" not in path.parts
+        }
+    else:
+        present = {
+            key.removeprefix("root/"): s3.get(key) for key in s3.raw_keys() if not key.startswith(TRASH)
+        }
+    assert present == layout
+
+
+def test_what_a_trashed_object_costs_in_requests(s3: Bucket, s3_server: S3Server, tmp_path: Path) -> None:
+    """Measured on the server's log (for README and BENCHMARKS.md): trashing an object uploaded in one
+    PUT is 6 requests (a deletion alone: 2), its purge 3, its restore 9."""
+    key = f"root/run/{step_name(0, 100)}"
+    _seed(s3, range(100, 300, 100))
+    policy = _policy(tmp_path, "save_top_k_checkpoints: 1\ntrash:\n  grace: 1h\n")
+    url = f"{s3.url}/root"
+
+    def requests_about(run: Callable[[], Any]) -> list[tuple[str, str]]:
+        before = len(s3_server.requests())
+        run()
+        mine = f"/{s3.name}/"
+        return [
+            (
+                method,
+                urllib.parse.unquote(target).removeprefix(mine).split("?")[0]
+                + ("?" + target.split("?")[1].split("=")[0] if "?" in target else ""),
+            )
+            for method, target, _ in s3_server.requests()[before:]
+            if target.startswith(mine) and "list-type=2" not in target and not target.endswith(".lease")
+        ]
+
+    pruned = requests_about(lambda: run_cli("prune", url, "--policy", str(policy)))
+    reads = [("GET", f"root/run/{step_name(0, step)}") for step in (100, 200)]  # the zip tails, as always
+    trash_move = [request for request in pruned if request not in reads]
+    assert len(pruned) == len(trash_move) + 2
+    (entry,) = _trash_list(s3)
+    copy = entry["trash_path"].removeprefix(f"{s3.url}/")
+    info = f"{TRASH}/info/{entry['key']}.json"
+    assert sorted(trash_move) == sorted(
+        [
+            ("POST", f"{copy}?uploads"),  # CreateMultipartUpload
+            ("PUT", f"{copy}?uploadId"),  # UploadPartCopy, x-amz-copy-source-if-match
+            ("PUT", info),  # the entry, If-None-Match: *
+            ("POST", f"{copy}?uploadId"),  # CompleteMultipartUpload, If-None-Match: *
+            ("HEAD", key),  # re-checked, as without a trash
+            ("DELETE", key),  # If-Match
+        ]
+    )
+    purge = requests_about(lambda: run_cli("trash", "empty", url))
+    assert sorted(purge) == sorted([("GET", info), ("DELETE", copy), ("DELETE", info)])
+
+    s3.put(key, _checkpoint(100))
+    assert run_cli("prune", url, "--policy", str(policy)).returncode == 0
+    (entry,) = _trash_list(s3)
+    copy = entry["trash_path"].removeprefix(f"{s3.url}/")
+    info = f"{TRASH}/info/{entry['key']}.json"
+    pin = f"{TRASH}/restored/{entry['key']}.json"
+    restore = requests_about(lambda: run_cli("restore", url, "--all"))
+    assert sorted(restore) == sorted(
+        [
+            ("GET", info),  # the entry, read
+            ("HEAD", key),  # is the name free?
+            ("POST", f"{key}?uploads"),
+            ("PUT", f"{key}?uploadId"),  # UploadPartCopy of the copy in the trash
+            ("HEAD", copy),  # still the copy that was trashed?
+            ("PUT", pin),  # the restored pin, before the checkpoint appears
+            ("POST", f"{key}?uploadId"),  # CompleteMultipartUpload, If-None-Match: *
+            ("DELETE", copy),
+            ("DELETE", info),
+        ]
+    )
