@@ -46,6 +46,10 @@ from ckpt_watcher.trash import (
 
 logger = structlog.get_logger("ckpt_watcher.trash")
 
+# An entry's info object names every object of a directory checkpoint (~100 bytes each): a limit of
+# its own, as a deletion manifest has (bucket_delete), not the 64 KiB of a file's metadata.
+INFO_LIMIT = 64 << 20
+
 
 def trash_base(url: StorageURL) -> str:
     """The key prefix of ``url``'s trash: ``PREFIX/.ckpt-trash``."""
@@ -98,8 +102,8 @@ def entry_document(entry: TrashEntry, copies: Iterable[StoredCopy]) -> bytes:
 
 def parse_entry(key: str, data: bytes, info: ObjectInfo) -> StoredEntry:
     """The entry an ``info`` object describes; ValueError saying what is wrong with it."""
-    if len(data) > METADATA_LIMIT:
-        raise ValueError(f"larger than {METADATA_LIMIT // 1024} KiB")
+    if len(data) > INFO_LIMIT:
+        raise ValueError(f"larger than {INFO_LIMIT >> 20} MiB")
     try:
         document: Any = json.loads(data)
     except (ValueError, RecursionError):
@@ -171,7 +175,7 @@ class BucketTrashIndex:
         """What the trash holds now: ``objects`` are every object under its prefix."""
         self.objects = {info.key: info for info in objects if info.key.startswith(self.base + "/")}
         self.exists = self.exists or bool(self.objects)
-        self._entries = self._read(INFO, self._entries, parse_entry)
+        self._entries = self._read(INFO, self._entries, parse_entry, INFO_LIMIT)
         self._pins = self._read(RESTORED, self._pins, lambda key, data, _: parse_pin(key, data))
 
     def look_pins(self) -> None:
@@ -186,7 +190,9 @@ class BucketTrashIndex:
         """List the trash prefix itself (StoreError if it cannot be listed whole)."""
         self.look(self.store.list_prefix(self.base))
 
-    def _read(self, directory: str, known: dict[str, tuple[str, Any]], parse: Any) -> dict[str, Any]:
+    def _read(
+        self, directory: str, known: dict[str, tuple[str, Any]], parse: Any, limit: int = METADATA_LIMIT
+    ) -> dict[str, Any]:
         found: dict[str, tuple[str, Any]] = {}
         prefix = f"{self.base}/{directory}/"
         for object_key, info in self.objects.items():
@@ -202,7 +208,7 @@ class BucketTrashIndex:
             try:
                 if key is None:
                     raise ValueError(f"not named like a trash entry (<KEY>{METADATA_SUFFIX})")
-                fetched = self.store.fetch(object_key, limit=METADATA_LIMIT)
+                fetched = self.store.fetch(object_key, limit=limit)
                 value = parse(key, fetched.data, fetched.info)
             except (StoreError, ValueError) as error:
                 self._report(object_key, info.tag, str(error))

@@ -31,6 +31,7 @@ import structlog
 from ckpt_watcher.bucket_delete import planned_object, remove_directory, remove_object
 from ckpt_watcher.bucket_listing import Listing, summarize_prefix
 from ckpt_watcher.bucket_trash import (
+    INFO_LIMIT,
     BucketTrashIndex,
     StoredCopy,
     StoredEntry,
@@ -200,8 +201,12 @@ class BucketTrashTarget:
             StoredCopy(source.key[len(key) + 1 :] if entry.is_directory else "", copy.tag, source.size)
             for source, copy in zip(sources, pending, strict=True)
         )
+        document = entry_document(entry, copies)
+        if len(document) > INFO_LIMIT:
+            _abort_all(self.store, pending)
+            raise _NotCopiedError(Outcome.FAILED, "too many objects to record in the trash; kept")
         try:
-            info_tag = self.store.put_new(draft.info_key, entry_document(entry, copies))
+            info_tag = self.store.put_new(draft.info_key, document)
         except StoreError as error:
             _abort_all(self.store, pending)
             raise _NotCopiedError(Outcome.FAILED, f"its trash entry cannot be written: {error}") from None
