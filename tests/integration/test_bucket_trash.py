@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 import time
 import urllib.parse
 from collections.abc import Callable
@@ -16,7 +17,10 @@ from typing import Any
 
 import pytest
 
+from ckpt_watcher import object_store
 from ckpt_watcher.integrity import DIRECTORY_QUIET_SECONDS
+from ckpt_watcher.locations import StorageURL
+from ckpt_watcher.object_store import PreconditionFailedError, S3Store
 from tests.integration.test_bucket_prune import EXPECTED  # the plan of file_checkpoints()
 from tests.support.cli import events, run_cli
 from tests.support.daemon import running_daemon, wait_until
@@ -416,3 +420,28 @@ def test_what_a_trashed_object_costs_in_requests(s3: Bucket, s3_server: S3Server
             ("DELETE", info),
         ]
     )
+
+
+def test_a_copy_in_parts_is_byte_identical_and_never_lands_over_an_object(
+    s3: Bucket, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store's copy primitive, on the server: an object copied in three parts (parts of 5 MiB here;
+    1 GiB in use) is byte-identical and has the ETag computed before it was completed (the restored
+    pin's key); completing a copy where an object exists is refused (If-None-Match: *) and leaves that
+    object as it was."""
+    monkeypatch.setattr(object_store, "COPY_PART", 5 << 20)
+    data = random.Random(3).randbytes(11 << 20)  # noqa: S311  (test data)
+    s3.put("root/big.ckpt", data)
+    store = S3Store(StorageURL("s3", s3.name, "root"))
+    source = store.head("root/big.ckpt")
+
+    pending = store.start_copy(source.key, "root/copy.ckpt", tag=source.tag, size=source.size)
+    assert len(pending.part_tags) == 3
+    assert store.finish_copy(pending) == pending.tag
+    assert _digest(s3.get("root/copy.ckpt")) == _digest(data)
+
+    s3.put("root/taken.ckpt", b"already here")
+    refused = store.start_copy(source.key, "root/taken.ckpt", tag=source.tag, size=source.size)
+    with pytest.raises(PreconditionFailedError):
+        store.finish_copy(refused)
+    assert s3.get("root/taken.ckpt") == b"already here"
