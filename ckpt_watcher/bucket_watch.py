@@ -96,6 +96,7 @@ class BucketWatcher(Watcher):
         notifier: Notifier | None = None,
     ) -> None:
         super().__init__(dataclasses.replace(options, protect=()), loaded_policy, notifier=notifier)
+        self.policy.refuse = refusals_in_runs(store)  # an edit asking keep_free (say) is refused
         self.options = options
         self.url = url
         self.lease = Lease(store, url, ttl_seconds=lease_seconds)

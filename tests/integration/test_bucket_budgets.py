@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import random
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -145,3 +146,31 @@ def test_keep_free_in_a_per_run_object_blocks_its_group_in_the_daemon(s3: Bucket
     assert any("At 'keep_free'" in " ".join(map(str, record.values())) for record in rejected)
     deleted = {record["path"].rsplit("/", 2)[-2] for record in daemon.events("checkpoint_deleted")}
     assert deleted == {"plain"}
+
+
+def test_an_edit_of_the_root_policy_asking_keep_free_is_refused_by_the_daemon(
+    s3: Bucket, tmp_path: Path
+) -> None:
+    """A running ``watch URL`` whose policy file is edited to ask for keep_free (with a stricter count):
+    the edit is refused (``policy_rejected``), the last good policy stays in force, nothing more is
+    deleted."""
+    steps = range(100, 900, 100)
+    s3.put_many({f"root/run/{step_name(0, step)}": _payload(step, KIB) for step in steps})
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("save_top_k_checkpoints: 6\n")
+    arguments = ["watch", f"{s3.url}/root", "--policy", str(policy), "--poll-interval", "0.5"]
+    with running_daemon(arguments, tmp_path / "watch.log") as daemon:
+        daemon.wait_ready()
+        wait_until(lambda: len(_checkpoint_keys(s3)) == 6, what="the run pruned to its newest 6")
+        policy.write_text("save_top_k_checkpoints: 1\nkeep_free: 10GiB\n")
+        daemon.send(signal.SIGHUP)
+        (rejected,) = daemon.wait_for("policy_rejected")
+        passes = len(daemon.events("pass_completed"))
+        daemon.wait_for("pass_completed", count=passes + 2)
+        assert daemon.stop() == 0
+    assert "At 'keep_free'" in json.dumps(rejected)
+    assert len(_checkpoint_keys(s3)) == 6
+
+
+def _checkpoint_keys(s3: Bucket) -> set[str]:
+    return {key for key in s3.raw_keys() if key.endswith(".ckpt")}
