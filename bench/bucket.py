@@ -47,9 +47,15 @@ _SEED_BATCH = 1000
 
 
 def _kind(method: str, target: str) -> str:
-    """ListObjectsV2, GetObject, HeadObject, PutObject (the lease), ..."""
+    """ListObjectsV2, GetObject, HeadObject, PutObject (the lease), the copies of the trash, ..."""
     if method == "GET" and "list-type=2" in target:
         return "ListObjectsV2"
+    if method == "POST" and target.endswith("?uploads"):
+        return "CreateMultipartUpload"
+    if method == "PUT" and "uploadId=" in target:
+        return "UploadPartCopy"
+    if method == "POST" and "uploadId=" in target:
+        return "CompleteMultipartUpload"
     return {"GET": "GetObject", "HEAD": "HeadObject", "PUT": "PutObject", "DELETE": "DeleteObject"}.get(
         method, method
     )
@@ -131,6 +137,47 @@ def _unchanged(
     return durations, _described(startup), _described(counts, UNCHANGED_PASSES)
 
 
+def _trash_costs(server: S3Server, bucket: Bucket, env: dict[str, str], config: Config) -> list[list[str]]:
+    """The requests one checkpoint object costs: deleted without a trash, moved into it, purged from
+    it, restored from it (a prune over three objects that keeps two; its listing and the reads of the
+    objects' tails, which any prune makes, are left out)."""
+    config.log("bucket: what a trashed object costs")
+    rows: list[list[str]] = []
+    policies = {
+        "none": write_policy(config.work_dir / "bucket" / "keep-2.yaml", save_top_k_checkpoints=2),
+        "trash": config.work_dir / "bucket" / "keep-2-trash.yaml",
+    }
+    policies["trash"].write_text("save_top_k_checkpoints: 2\ntrash:\n  grace: 1h\n")
+    names = [f"epoch=00-step={step:06d}-train.ckpt" for step in (100, 200, 300)]
+
+    def run(*arguments: str) -> collections.Counter[str]:
+        _, before = _requests(server, 0)
+        measured = run_measured([*DAEMON, *arguments], environment=env)
+        if measured.returncode != 0:
+            raise RuntimeError(f"{' '.join(arguments)} exited {measured.returncode}")
+        counts, _ = _requests(server, before)
+        counts.pop("ListObjectsV2", None)
+        return counts
+
+    def seed(prefix: str) -> None:
+        bucket.put_many({f"{prefix}/{name}": checkpoint_bytes(name.encode()) for name in names})
+
+    seed("costs-delete")
+    deleted = run("prune", f"s3://{BUCKET}/costs-delete", "--policy", str(policies["none"]))
+    deleted["GetObject"] -= len(names)  # the tails' reads
+    rows.append(["delete (no trash)", _described(+deleted)])
+    url = f"s3://{BUCKET}/costs-trash"
+    seed("costs-trash")
+    trashed = run("prune", url, "--policy", str(policies["trash"]))
+    trashed["GetObject"] -= len(names)
+    rows.append(["move into the trash", _described(+trashed)])
+    rows.append(["purge (`trash empty`)", _described(run("trash", "empty", url))])
+    seed("costs-trash")
+    run("prune", url, "--policy", str(policies["trash"]))
+    rows.append(["restore", _described(run("restore", url, "--all"))])
+    return rows
+
+
 def measure(config: Config) -> Section:
     section = Section("9. A bucket prefix: one pass and its requests")
     count = config.bucket_objects
@@ -144,6 +191,7 @@ def measure(config: Config) -> Section:
         url = f"s3://{BUCKET}/{PREFIX}"
         cold_runs, cold_requests = _cold(config, server, url, env)
         durations, startup_requests, unchanged_requests = _unchanged(config, server, url, env)
+        trash_costs = _trash_costs(server, bucket, env, config)
         bucket.put(f"{PREFIX}/.ckpt-watcher.lease", b"{}")  # as during the daemon's passes
         listing = []
         for _ in range(3):
@@ -200,6 +248,14 @@ def measure(config: Config) -> Section:
         "its first bytes and its tail). Most of an unchanged pass is the server answering the listing "
         "(the last row: the same listing by s3fs alone)."
     )
+    section.body.append(
+        "With the trash on, a deletion is a server-side copy into the prefix's `.ckpt-trash/` and then "
+        "the same conditional delete: the requests one checkpoint object (uploaded in one PUT; one "
+        "HeadObject more for one uploaded in parts) costs, from the server's log, besides the listing "
+        "and the read of its tail that every prune makes. On S3 the copy is also billed as storage "
+        "until it is purged."
+    )
+    section.body.append(markdown_table(["one object", "requests"], trash_costs))
     met = unchanged_requests.split(", ")[0] == f"{pages:g} ListObjectsV2" and all(
         part.endswith(("ListObjectsV2", "PutObject")) for part in unchanged_requests.split(", ")
     )

@@ -18,7 +18,8 @@ writer's marker object is in it and nothing under it changed for the quiet time,
 
 Objects have no symlinks, so ``last.ckpt`` is an object like any other (rule 5 and the pending-save
 protection apply as on disk). An object whose key a path cannot name exactly (``run//x.ckpt``) is
-never touched. The lease object (lease.py) and the trash prefix are not checkpoints and are skipped.
+never touched. The lease object (lease.py) and the trash prefix are not checkpoints and are skipped
+(the trash's objects are kept aside in the listing for bucket_trash_pass.py).
 """
 
 from __future__ import annotations
@@ -34,9 +35,10 @@ import structlog
 
 from ckpt_watcher.bucket_delete import apply_bucket_group, finish_bucket_leftovers
 from ckpt_watcher.bucket_listing import Listing, object_identity, summarize_prefix
+from ckpt_watcher.bucket_trash_moves import BucketTrashTarget
 from ckpt_watcher.config_access import LOCAL_FILES
 from ckpt_watcher.config_files import MAXIMUM_CONFIG_BYTES, ConfigFileError
-from ckpt_watcher.delete import DeletionResult, LeftoverResult, TrashMover
+from ckpt_watcher.delete import DeletionResult, LeftoverResult, TrashMover, _failed
 from ckpt_watcher.integrity import Completeness, check_zip_archive, judge_directory
 from ckpt_watcher.links import Link
 from ckpt_watcher.locations import StorageURL, is_core_path_of_url, storage_url_of
@@ -220,6 +222,10 @@ class BucketStorage:
         """A bucket has no symlinks."""
         return []
 
+    def refusal(self) -> str | None:
+        """Why nothing may be deleted now (the daemon's lease is not held), or None."""
+        return self._may_delete() if self._may_delete is not None else None
+
     def apply_group(
         self,
         group: GroupPlan,
@@ -228,26 +234,26 @@ class BucketStorage:
         stop: threading.Event | None = None,
         trash: TrashMover | None = None,
     ) -> list[DeletionResult]:
-        """bucket_delete.apply_bucket_group, against this pass's listing. A bucket has no trash (the
-        root policy may not ask for one, see bucket_commands); a per-run object that asks for one
-        gets its deletions done at once, each said by ``trash_bypassed``."""
-        if trash is not None:
-            for decision in group.deletions:
-                logger.warning(
-                    "trash_bypassed",
-                    path=display_name(str(decision.record.path)),
-                    error="a bucket root has no trash",
-                    detail="it is deleted at once, as without a trash",
-                )
+        """bucket_delete.apply_bucket_group, against this pass's listing; ``trash`` (the bucket's
+        trash, bucket_trash_moves.BucketTrashTarget) copies each deletion into the trash first."""
+        if trash is not None and not isinstance(trash, BucketTrashTarget):  # never handed one: refused
+            refused = "not a bucket's trash; nothing deleted"
+            return [_failed(decision, refused) for decision in group.deletions]
         return apply_bucket_group(
-            group, self.url, self.store, self.current_listing(), stop=stop, may_delete=self._may_delete
+            group,
+            self.url,
+            self.store,
+            self.current_listing(),
+            stop=stop,
+            may_delete=self._may_delete,
+            trash=trash,
         )
 
     def finish_leftovers(
         self, root: Path, directory: Path, *, reported: set[tuple[int, int]] | None = None
     ) -> list[LeftoverResult]:
         """bucket_delete.finish_bucket_leftovers (directory checkpoints whose deletion was cut short)."""
-        refusal = self._may_delete() if self._may_delete is not None else None
+        refusal = self.refusal()
         if refusal is not None:
             return []
         return finish_bucket_leftovers(directory, self.url, self.store, self.current_listing(), reported)

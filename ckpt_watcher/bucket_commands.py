@@ -7,20 +7,26 @@ backend is a usage error naming the extra to install (exit 2).
 from __future__ import annotations
 
 import argparse
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import structlog
 
 from ckpt_watcher.bucket import BucketConfigFiles, BucketStorage
+from ckpt_watcher.bucket_trash import BucketTrashIndex
+from ckpt_watcher.bucket_trash_moves import purge_stored, restore_stored
+from ckpt_watcher.bucket_trash_pass import BucketTrashPass
 from ckpt_watcher.cli import UsageError
 from ckpt_watcher.contents import CheckpointContents
-from ckpt_watcher.locations import StorageURL
+from ckpt_watcher.locations import StorageURL, shown_as_url
 from ckpt_watcher.naming import Naming
-from ckpt_watcher.object_store import BackendMissingError, ObjectStore, open_store
+from ckpt_watcher.object_store import BackendMissingError, ObjectStore, StoreError, open_store
 from ckpt_watcher.policy import LoadedPolicy, Policy
 from ckpt_watcher.protection import command_line_pins
 from ckpt_watcher.reconcile import PassResult, prune_once
+from ckpt_watcher.report import render_json, render_trash_table, trash_list_document
+from ckpt_watcher.trash import TrashListing
+from ckpt_watcher.trash_moves import PurgeResult, RestoreResult, select_entries
 
 logger = structlog.get_logger("ckpt_watcher.bucket_commands")
 
@@ -33,8 +39,9 @@ def store_for(url: StorageURL) -> ObjectStore:
         raise UsageError(str(error)) from None
 
 
-def refused_on_a_bucket(policy: Policy) -> list[str]:
-    """What a policy asks that a bucket cannot give, as ``At 'key': ...`` problems (none: it runs)."""
+def refused_on_a_bucket(policy: Policy, *, copies: bool = False) -> list[str]:
+    """What a policy asks that a bucket cannot give, as ``At 'key': ...`` problems (none: it runs).
+    ``copies``: the store makes conditional server-side copies (S3), which a trash needs."""
     problems = []
     if policy.verify == "load":
         problems.append(
@@ -46,18 +53,30 @@ def refused_on_a_bucket(policy: Policy) -> list[str]:
             "At 'keep_free': a bucket has no free space to keep (it has no disk that fills); use "
             "max_size to bound what a run keeps"
         )
-    if policy.trash.enabled:
+    if policy.trash.enabled and not copies:
         problems.append(
-            "At 'trash': a bucket root has no trash (a server-side copy of every deleted checkpoint "
-            "is not a rename); remove the key, or keep deleted checkpoints with the bucket's own "
-            "versioning"
+            "At 'trash': the trash on a bucket needs conditional server-side copies (S3 and "
+            "S3-compatible stores), which this store does not offer here; remove the key, or keep "
+            "deleted checkpoints with the bucket's own versioning"
         )
     return problems
 
 
-def check_policy(loaded: LoadedPolicy) -> None:
+def refusals_in_runs(store: ObjectStore) -> Callable[[LoadedPolicy], list[str]]:
+    """What a per-run ``.ckpt-watcher.yaml`` object may not ask for on ``store``'s bucket: the same as
+    the root policy. Such a file is an invalid per-run policy: ``prune`` exits 2, the daemon blocks its
+    group (``group_blocked``) until it is fixed; never silently ignored."""
+    copies = store.conditional_writes
+
+    def refused(loaded: LoadedPolicy) -> list[str]:
+        return refused_on_a_bucket(loaded.policy, copies=copies)
+
+    return refused
+
+
+def check_policy(loaded: LoadedPolicy, store: ObjectStore) -> None:
     """Refuse, before anything is read, a policy whose keys have no meaning on a bucket."""
-    problems = refused_on_a_bucket(loaded.policy)
+    problems = refused_on_a_bucket(loaded.policy, copies=store.conditional_writes)
     if problems:
         raise UsageError(f"invalid policy {loaded.source_label} for a bucket:\n  " + "\n  ".join(problems))
 
@@ -84,8 +103,9 @@ def bucket_pins(protect: Iterable[Path | StorageURL], files: BucketConfigFiles) 
 def prune_bucket(arguments: argparse.Namespace, loaded: LoadedPolicy) -> PassResult:
     """``prune URL``: one strict pass over the prefix (``prune_once`` with the bucket's storage)."""
     url: StorageURL = arguments.path
-    check_policy(loaded)
-    storage = BucketStorage(url, store_for(url))
+    store = store_for(url)
+    check_policy(loaded, store)
+    storage = BucketStorage(url, store)
     files = BucketConfigFiles(storage)
     return prune_once(
         url.core_path,
@@ -96,6 +116,8 @@ def prune_bucket(arguments: argparse.Namespace, loaded: LoadedPolicy) -> PassRes
         working_directory=Path.cwd(),
         storage=storage,
         files=files,
+        refuse_in_runs=refusals_in_runs(store),
+        trash=lambda: BucketTrashPass(storage),
     )
 
 
@@ -103,8 +125,9 @@ def watch_bucket(arguments: argparse.Namespace, loaded: LoadedPolicy) -> int:
     """``watch URL``: see bucket_watch.py."""
     from ckpt_watcher.bucket_watch import run_bucket_watch  # noqa: PLC0415  (watchdog: watch only)
 
-    check_policy(loaded)
-    return run_bucket_watch(arguments, loaded, store_for(arguments.path))
+    store = store_for(arguments.path)
+    check_policy(loaded, store)
+    return run_bucket_watch(arguments, loaded, store)
 
 
 def inspect_locations(
@@ -118,3 +141,56 @@ def inspect_locations(
         if isinstance(location, StorageURL) and (location.scheme, location.bucket) not in stores:
             stores[(location.scheme, location.bucket)] = store_for(location)
     return inspect_objects(locations, stores, unsafe=unsafe, naming=naming)
+
+
+# -- the trash of a bucket root (bucket_trash.py) ---------------------------------------------------------
+
+
+def _trash_index(url: StorageURL) -> BucketTrashIndex | str:
+    """The trash of ``url``'s prefix, listed now; or why it cannot be (a message)."""
+    index = BucketTrashIndex(url, store_for(url))
+    try:
+        index.look_again()
+    except StoreError as error:
+        return f"the trash of {url.text} cannot be listed: {error}"
+    return index
+
+
+def bucket_trash_list(url: StorageURL, *, as_json: bool) -> tuple[int, str]:
+    """``trash list URL``: (exit code, what to print)."""
+    index = _trash_index(url)
+    if isinstance(index, str):
+        return 1, index
+    listing = TrashListing(index.entries, []) if index.exists else None
+    if as_json:
+        document = trash_list_document(url.core_path, listing)
+        document["trash"] = shown_as_url(document["trash"])
+        for entry in document["entries"]:
+            entry["path"] = shown_as_url(entry["path"])
+            entry["trash_path"] = shown_as_url(entry["trash_path"])
+        return 0, render_json(document)
+    if listing is None:
+        return 0, f"no trash in {url.text}"
+    return 0, render_trash_table(listing)
+
+
+def bucket_trash_empty(url: StorageURL, cutoff: float | None, why: str) -> tuple[PurgeResult | None, str]:
+    """``trash empty URL``: what the purge did (None if the trash could not be listed, with why)."""
+    index = _trash_index(url)
+    if isinstance(index, str):
+        return None, index
+    return purge_stored(index, lambda entry: cutoff is None or entry.trashed_at <= cutoff, why=why), ""
+
+
+def bucket_restore(
+    url: StorageURL, patterns: Sequence[str], *, since: float | None, everything: bool
+) -> tuple[list[RestoreResult] | None, str]:
+    """``restore URL ...``: each entry's result (None when nothing matched or the trash could not be
+    listed, with why)."""
+    index = _trash_index(url)
+    if isinstance(index, str):
+        return None, index
+    chosen = select_entries(index.entries, patterns, since=since, everything=everything)
+    if not chosen:
+        return None, f"nothing in the trash of {url.text} matches"
+    return restore_stored(index, chosen), ""

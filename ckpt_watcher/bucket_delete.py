@@ -54,6 +54,10 @@ _MANIFEST_LIMIT = 64 << 20  # ~100 bytes a key: 600,000 objects in one directory
 _REMAINS_SHOWN = 10
 
 MayDelete = Callable[[], "str | None"]
+# Instead of a deletion: a move into the bucket's trash (bucket_trash.py), which removes the object
+# with this module's ``remove_object`` / ``remove_directory`` once it is copied.
+TrashMove = Callable[[Decision, Listing], DeletionResult]
+Removed = Callable[[Decision], DeletionResult]
 
 
 def apply_bucket_group(
@@ -64,11 +68,13 @@ def apply_bucket_group(
     *,
     stop: threading.Event | None = None,
     may_delete: MayDelete | None = None,
+    trash: TrashMove | None = None,
 ) -> list[DeletionResult]:
     """Delete one group's planned objects, oldest first; ``stop`` ends it between two deletions.
 
     ``listing`` (bucket.Listing) is the pass's listing the plan was made from; ``may_delete`` says why
-    nothing may be deleted now (the daemon's lease is not held), or None.
+    nothing may be deleted now (the daemon's lease is not held), or None; ``trash`` moves each into
+    the trash instead (the group's policy has one).
     """
     results: list[DeletionResult] = []
     for decision in group.deletions:
@@ -78,6 +84,8 @@ def apply_bucket_group(
             refusal = may_delete() if may_delete is not None else None
             if refusal is not None:
                 results.append(_failed(decision, refusal))
+            elif trash is not None:
+                results.append(trash(decision, listing))
             elif decision.record.entry_type is EntryType.DIRECTORY:
                 results.append(_delete_directory(decision, url, store, listing))
             else:
@@ -87,9 +95,8 @@ def apply_bucket_group(
     return results
 
 
-def _delete_object(
-    decision: Decision, url: StorageURL, store: ObjectStore, listing: Listing
-) -> DeletionResult:
+def planned_object(decision: Decision, url: StorageURL, listing: Listing) -> ObjectInfo | DeletionResult:
+    """The object of the pass's listing a decision names, if it is still what was planned."""
     record = decision.record
     key = url.key_of(record.path)
     planned = listing.object_at(record.path)
@@ -97,6 +104,20 @@ def _delete_object(
         return _failed(decision, "not an object of the listing the plan was made from; refusing")
     if object_identity(planned) != record.identity:
         return _changed(decision)
+    return planned
+
+
+def _delete_object(
+    decision: Decision,
+    url: StorageURL,
+    store: ObjectStore,
+    listing: Listing,
+    on_removed: Removed = _deleted,
+) -> DeletionResult:
+    planned = planned_object(decision, url, listing)
+    if isinstance(planned, DeletionResult):
+        return planned
+    key = planned.key
     try:
         current = store.head(key)
     except ObjectMissingError:
@@ -113,11 +134,18 @@ def _delete_object(
         return _gone(decision)
     except StoreError as error:
         return _failed(decision, str(error))
-    return _deleted(decision)
+    return on_removed(decision)
+
+
+remove_object = _delete_object  # the trash's way to remove an object it copied (see TrashMove)
 
 
 def _delete_directory(
-    decision: Decision, url: StorageURL, store: ObjectStore, listing: Listing
+    decision: Decision,
+    url: StorageURL,
+    store: ObjectStore,
+    listing: Listing,
+    on_removed: Removed = _deleted,
 ) -> DeletionResult:
     """Listed again and compared, the manifest written, the marker deleted first, then the rest."""
     record = decision.record
@@ -150,7 +178,10 @@ def _delete_directory(
             decision, f"removed, but its deletion manifest remains: {error}", remains=[manifest_key]
         )
     listing.forget_below(record.path)
-    return _deleted(decision)
+    return on_removed(decision)
+
+
+remove_directory = _delete_directory  # as remove_object, for a directory checkpoint
 
 
 def _prepare_directory(

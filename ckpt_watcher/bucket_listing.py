@@ -36,6 +36,7 @@ class Listing:
     files: dict[Path, dict[str, ObjectInfo]] = field(default_factory=dict)
     subdirectories: dict[Path, set[str]] = field(default_factory=dict)
     unnamable: list[str] = field(default_factory=list)
+    trash: list[ObjectInfo] = field(default_factory=list)  # the objects under the trash prefix
 
     @classmethod
     def of(cls, url: StorageURL, objects: Iterable[ObjectInfo]) -> Listing:
@@ -49,7 +50,10 @@ class Listing:
                 listing.unnamable.append(info.key)
                 continue
             parts = path.relative_to(listing.root).parts
-            if parts[0] == TRASH_PREFIX or (len(parts) == 1 and parts[0] == LEASE_NAME):
+            if parts[0] == TRASH_PREFIX:
+                listing.trash.append(info)  # not part of the tree; what the trash holds (bucket_trash.py)
+                continue
+            if len(parts) == 1 and parts[0] == LEASE_NAME:
                 continue
             listing.files.setdefault(path.parent, {})[path.name] = info
             directory = listing.root

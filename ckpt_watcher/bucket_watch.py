@@ -22,7 +22,8 @@ from pathlib import Path
 import structlog
 
 from ckpt_watcher.bucket import BucketConfigFiles, BucketStorage
-from ckpt_watcher.bucket_commands import bucket_pins
+from ckpt_watcher.bucket_commands import bucket_pins, refusals_in_runs
+from ckpt_watcher.bucket_trash_pass import BucketTrashPass
 from ckpt_watcher.cli import UsageError
 from ckpt_watcher.daemon import Watcher, WatchOptions, supervise
 from ckpt_watcher.events import ObserverLike
@@ -95,6 +96,7 @@ class BucketWatcher(Watcher):
         notifier: Notifier | None = None,
     ) -> None:
         super().__init__(dataclasses.replace(options, protect=()), loaded_policy, notifier=notifier)
+        self.policy.refuse = refusals_in_runs(store)  # an edit asking keep_free (say) is refused
         self.options = options
         self.url = url
         self.lease = Lease(store, url, ttl_seconds=lease_seconds)
@@ -133,7 +135,13 @@ class BucketWatcher(Watcher):
     def _new_reconciler(self, armed: object) -> Reconciler:
         """The reconcile core over the bucket's storage; the lease is renewed between groups too."""
         return Reconciler(
-            PolicyTree(self.url.core_path, self.policy.loaded, strict=False, files=self.files),
+            PolicyTree(
+                self.url.core_path,
+                self.policy.loaded,
+                strict=False,
+                files=self.files,
+                refuse=refusals_in_runs(self.storage.store),
+            ),
             self.registry,
             pins=self._pins,
             settle_seconds=self.options.settle_seconds,
@@ -141,6 +149,7 @@ class BucketWatcher(Watcher):
             stop=self.stop,
             progress=self._between_groups,
             storage=self.storage,
+            trash=BucketTrashPass(self.storage, self.stop),
         )
 
     def _between_groups(self) -> None:

@@ -58,7 +58,7 @@ from ckpt_watcher.report import (
 from ckpt_watcher.sizes import human_bytes
 from ckpt_watcher.terminal import PassProgress
 from ckpt_watcher.trash import TrashEntry, TrashUnusableError, list_trash
-from ckpt_watcher.trash_moves import purge, restore, select_entries
+from ckpt_watcher.trash_moves import PurgeResult, purge, restore, select_entries
 
 EXIT_OK = 0
 EXIT_DELETE_FAILED = 1
@@ -288,11 +288,15 @@ def _add_trash(commands: Commands) -> None:
     listing = actions.add_parser(
         "list", help="what is in the trash: original path, when, size, why, when it will be purged"
     )
-    listing.add_argument("path", type=Path, metavar="PATH", help="checkpoint root directory")
+    listing.add_argument(
+        "path", type=_location, metavar="PATH", help="checkpoint root directory, or a bucket URL (s3://...)"
+    )
     listing.add_argument("--json", action="store_true", help="print one JSON document instead of a table")
     listing.set_defaults(handler=run_trash_list)
     empty = actions.add_parser("empty", help="purge the trash now (every entry, or the older ones)")
-    empty.add_argument("path", type=Path, metavar="PATH", help="checkpoint root directory")
+    empty.add_argument(
+        "path", type=_location, metavar="PATH", help="checkpoint root directory, or a bucket URL (s3://...)"
+    )
     empty.add_argument(
         "--older-than",
         type=_duration,
@@ -313,7 +317,9 @@ def _add_restore(commands: Commands) -> None:
             "never overwritten: that entry is refused (exit 1). Safe while the daemon runs."
         ),
     )
-    restore_parser.add_argument("path", type=Path, metavar="PATH", help="checkpoint root directory")
+    restore_parser.add_argument(
+        "path", type=_location, metavar="PATH", help="checkpoint root directory, or a bucket URL (s3://...)"
+    )
     restore_parser.add_argument("names", nargs="*", metavar="NAME_OR_GLOB", help="entries to restore")
     restore_parser.add_argument(
         "--since",
@@ -598,6 +604,12 @@ def run_inspect(arguments: argparse.Namespace) -> int:
 
 def run_trash_list(arguments: argparse.Namespace) -> int:
     """``trash list``: every entry of the root's trash, oldest first."""
+    if isinstance(arguments.path, StorageURL):
+        from ckpt_watcher.bucket_commands import bucket_trash_list  # noqa: PLC0415  (fsspec: URLs only)
+
+        code, text = bucket_trash_list(arguments.path, as_json=arguments.json)
+        print(text, file=sys.stdout if code == EXIT_OK else sys.stderr)
+        return code
     root = resolve_root(arguments.path)
     try:
         listing = list_trash(root)
@@ -613,13 +625,27 @@ def run_trash_list(arguments: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _purge(location: Path | StorageURL, root: Path, cutoff: float | None, why: str) -> PurgeResult:
+    """Purge a directory's trash, or a bucket's (TrashUnusableError if it cannot be listed)."""
+    if isinstance(location, StorageURL):
+        from ckpt_watcher.bucket_commands import bucket_trash_empty  # noqa: PLC0415  (fsspec: URLs only)
+
+        result, problem = bucket_trash_empty(location, cutoff, why)
+        if result is None:
+            raise TrashUnusableError(problem)
+        return result
+    return purge(root, lambda entry: cutoff is None or entry.trashed_at <= cutoff, why=why)
+
+
 def run_trash_empty(arguments: argparse.Namespace) -> int:
     """``trash empty``: purge every entry now (or those trashed longer ago than --older-than)."""
-    root = resolve_root(arguments.path)
+    root = (
+        arguments.path.core_path if isinstance(arguments.path, StorageURL) else resolve_root(arguments.path)
+    )
     cutoff = None if arguments.older_than is None else time.time() - arguments.older_than
     why = "trash empty" if cutoff is None else "trash empty --older-than"
     try:
-        result = purge(root, lambda entry: cutoff is None or entry.trashed_at <= cutoff, why=why)
+        result = _purge(arguments.path, root, cutoff, why)
     except TrashUnusableError as error:
         print(f"ckpt-watcher: {error}", file=sys.stderr)
         return EXIT_DELETE_FAILED
@@ -633,13 +659,15 @@ def run_trash_empty(arguments: argparse.Namespace) -> int:
 
 def run_restore(arguments: argparse.Namespace) -> int:
     """``restore``: move the entries named back where they were, pinned for their grace."""
-    root = resolve_root(arguments.path)
     if arguments.all and arguments.names:
         raise UsageError("restore: give names (or globs), or --all, not both")
     if not (arguments.names or arguments.all or arguments.since is not None):
         raise UsageError(
             "restore: name the entries to restore (names or globs), or give --since TIME or --all"
         )
+    if isinstance(arguments.path, StorageURL):
+        return _restore_bucket(arguments)
+    root = resolve_root(arguments.path)
     try:
         listing = list_trash(root)
     except TrashUnusableError as error:
@@ -652,6 +680,20 @@ def run_restore(arguments: argparse.Namespace) -> int:
         print(f"ckpt-watcher: nothing in the trash of {display_name(str(root))} matches", file=sys.stderr)
         return EXIT_NOT_RESTORED
     results = restore(root, chosen)
+    print(render_restore_results(results))
+    return EXIT_OK if all(result.restored for result in results) else EXIT_NOT_RESTORED
+
+
+def _restore_bucket(arguments: argparse.Namespace) -> int:
+    """``restore URL ...``: the entries named copied back (bucket_trash_moves.restore_stored)."""
+    from ckpt_watcher.bucket_commands import bucket_restore  # noqa: PLC0415  (fsspec: URLs only)
+
+    url: StorageURL = arguments.path
+    patterns = [name.removeprefix(f"{url.text}/") for name in arguments.names]
+    results, problem = bucket_restore(url, patterns, since=arguments.since, everything=arguments.all)
+    if results is None:
+        print(f"ckpt-watcher: {problem}", file=sys.stderr)
+        return EXIT_NOT_RESTORED
     print(render_restore_results(results))
     return EXIT_OK if all(result.restored for result in results) else EXIT_NOT_RESTORED
 

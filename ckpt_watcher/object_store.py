@@ -21,8 +21,10 @@ Each store counts its requests by operation (``requests``), for the benchmarks a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import email.utils
+import hashlib
 import importlib
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
@@ -32,6 +34,7 @@ from typing import IO, Any, TypeVar
 from ckpt_watcher.credentials import redact
 from ckpt_watcher.locations import StorageURL
 
+COPY_PART = 1 << 30  # a server-side copy's part (S3: 5 MiB to 5 GiB, at most 10,000 parts)
 DELETE_BATCH = 1000  # S3 DeleteObjects takes at most 1000 keys
 LIST_PAGE = 1000
 CONCURRENT_READS = 16  # ranged reads in flight at once (read_ranges)
@@ -97,6 +100,30 @@ class Fetched:
     server_time: float | None
 
 
+@dataclass(frozen=True, slots=True)
+class PendingCopy:
+    """A server-side copy of ``source`` into ``destination`` whose parts are copied but which does not
+    exist yet: ``finish_copy`` creates it (never over an existing object), ``abort_copy`` drops it.
+    ``part_tags`` are the parts' ETags (each the MD5 of its bytes); ``tag`` the ETag it will have."""
+
+    source: str
+    destination: str
+    upload_id: str
+    part_tags: tuple[str, ...]
+    size: int
+
+    @property
+    def tag(self) -> str:
+        """The multipart ETag S3 gives the finished copy: MD5 of the parts' MD5s, then ``-N``."""
+        digests = b"".join(bytes.fromhex(part.strip('"')) for part in self.part_tags)
+        return f'"{hashlib.md5(digests, usedforsecurity=False).hexdigest()}-{len(self.part_tags)}"'
+
+    def copies_whole(self, source_tag: str) -> bool:
+        """True when the copy provably holds the bytes of the object whose ETag is ``source_tag``: one
+        part whose MD5 is that ETag (an object uploaded in one PUT has its MD5 as its ETag)."""
+        return len(self.part_tags) == 1 and self.part_tags[0].strip('"') == source_tag.strip('"')
+
+
 class ObjectStore:
     """What the bucket backend needs of an object store; ``S3Store`` and ``FsspecStore`` implement it."""
 
@@ -156,6 +183,26 @@ class ObjectStore:
             f"{self.url.scheme}:// stores: conditional writes are not supported"
         )
 
+    def start_copy(self, source: str, destination: str, *, tag: str, size: int) -> PendingCopy:
+        """Copy the object ``source`` (its tag ``tag``, ``size`` bytes) server-side, not yet visible at
+        ``destination`` (see PendingCopy)."""
+        raise ConditionalUnsupportedError(
+            f"{self.url.scheme}:// stores: conditional server-side copies are not supported"
+        )
+
+    def finish_copy(self, pending: PendingCopy) -> str:
+        """Make the copy visible at its destination only if nothing is there (PreconditionFailedError
+        otherwise: nothing is overwritten); its tag."""
+        raise ConditionalUnsupportedError(
+            f"{self.url.scheme}:// stores: conditional server-side copies are not supported"
+        )
+
+    def abort_copy(self, pending: PendingCopy) -> None:
+        """Drop a copy that will not be finished (its parts are freed)."""
+        raise ConditionalUnsupportedError(
+            f"{self.url.scheme}:// stores: conditional server-side copies are not supported"
+        )
+
 
 def open_store(url: StorageURL) -> ObjectStore:
     """The store of ``url``'s bucket; BackendMissingError if fsspec or its backend is not installed."""
@@ -198,7 +245,91 @@ def _http_date(headers: Any) -> float | None:
         return None
 
 
-class S3Store(ObjectStore):
+class _S3Copies(ObjectStore):
+    """S3Store's server-side copies (the trash on a bucket): multipart uploads whose parts are copies."""
+
+    def _run(self, operation: str, key: str, request: Callable[[Any], Awaitable[T]]) -> T:
+        raise NotImplementedError
+
+    def _count(self, operation: str) -> None:
+        raise NotImplementedError
+
+    def start_copy(self, source: str, destination: str, *, tag: str, size: int) -> PendingCopy:
+        """CreateMultipartUpload, then UploadPartCopy of ``source`` with ``x-amz-copy-source-if-match``
+        (COPY_PART bytes a part): a copy of any size, server-side, of that very version where the store
+        honours the condition (callers check the part tags or the source again where it may not)."""
+        bucket = self.url.bucket
+
+        async def create(client: Any) -> str:
+            self._count("CreateMultipartUpload")
+            response = await client.create_multipart_upload(Bucket=bucket, Key=destination)
+            return str(response["UploadId"])
+
+        upload_id = self._run("CreateMultipartUpload", destination, create)
+        ranges = [(start, min(size, start + COPY_PART) - 1) for start in range(0, max(size, 1), COPY_PART)]
+
+        async def copy_parts(client: Any) -> tuple[str, ...]:
+            tags = []
+            for number, (first, last) in enumerate(ranges, start=1):
+                self._count("UploadPartCopy")
+                response = await client.upload_part_copy(
+                    Bucket=bucket,
+                    Key=destination,
+                    UploadId=upload_id,
+                    PartNumber=number,
+                    CopySource={"Bucket": bucket, "Key": source},
+                    CopySourceIfMatch=tag,
+                    **({"CopySourceRange": f"bytes={first}-{last}"} if size > 0 else {}),
+                )
+                tags.append(str(response["CopyPartResult"]["ETag"]))
+            return tuple(tags)
+
+        pending = PendingCopy(source, destination, upload_id, (), size)
+        try:
+            part_tags = self._run("UploadPartCopy", source, copy_parts)
+        except StoreError:
+            self._abort_quietly(pending)
+            raise
+        return PendingCopy(source, destination, upload_id, part_tags, size)
+
+    def finish_copy(self, pending: PendingCopy) -> str:
+        """CompleteMultipartUpload with If-None-Match: * (S3, and moto, refuse it over an object)."""
+
+        async def request(client: Any) -> str:
+            self._count("CompleteMultipartUpload")
+            parts = [{"ETag": tag, "PartNumber": number} for number, tag in enumerate(pending.part_tags, 1)]
+            response = await client.complete_multipart_upload(
+                Bucket=self.url.bucket,
+                Key=pending.destination,
+                UploadId=pending.upload_id,
+                MultipartUpload={"Parts": parts},
+                IfNoneMatch="*",
+            )
+            return str(response["ETag"])
+
+        try:
+            return self._run("CompleteMultipartUpload", pending.destination, request)
+        except StoreError:
+            self._abort_quietly(pending)
+            raise
+
+    def abort_copy(self, pending: PendingCopy) -> None:
+        """AbortMultipartUpload."""
+
+        async def request(client: Any) -> None:
+            self._count("AbortMultipartUpload")
+            await client.abort_multipart_upload(
+                Bucket=self.url.bucket, Key=pending.destination, UploadId=pending.upload_id
+            )
+
+        self._run("AbortMultipartUpload", pending.destination, request)
+
+    def _abort_quietly(self, pending: PendingCopy) -> None:
+        with contextlib.suppress(StoreError):
+            self.abort_copy(pending)
+
+
+class S3Store(_S3Copies):
     """An S3 (or S3-compatible: MinIO, R2, Ceph) bucket, through s3fs's aiobotocore client."""
 
     conditional_writes = True

@@ -14,7 +14,7 @@ and report on, any file it can read.
 from __future__ import annotations
 
 import os
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -93,12 +93,16 @@ class PolicyTree:
         strict: bool,
         on_outcome: OutcomeListener | None = None,
         files: ConfigAccess = LOCAL_FILES,
+        refuse: Callable[[LoadedPolicy], list[str]] | None = None,
     ) -> None:
         self.root = root
         self.base = base
         self.strict = strict
         self.on_outcome = on_outcome
         self.files = files  # where per-run files are read: the disk, or a bucket (config_access.py)
+        # What a per-run file may not ask for where this root is (a bucket: keep_free), as ``At 'key':
+        # ...`` problems: such a file is invalid, exactly as one that does not parse.
+        self.refuse = refuse
         self.errors: list[PolicyError] = []
         self._layers: dict[Path, _Layer] = {}
         self._resolved: dict[Path, _Resolved] = {}
@@ -230,6 +234,9 @@ class PolicyTree:
         try:
             loaded = load_policy(path, quote_contents=False, read=self.files.read_text)
             self._check_protect_from(directory, loaded, str(path))
+            refused = self.refuse(loaded) if self.refuse is not None else []
+            if refused:
+                raise PolicyError(str(path), refused)
         except PolicyError as error:
             if self.strict:
                 self.errors.append(error)

@@ -110,10 +110,17 @@ class PolicyFile:
     """
 
     def __init__(
-        self, path: Path | None, loaded: LoadedPolicy, on_outcome: OutcomeListener | None = None
+        self,
+        path: Path | None,
+        loaded: LoadedPolicy,
+        on_outcome: OutcomeListener | None = None,
+        refuse: Callable[[LoadedPolicy], list[str]] | None = None,
     ) -> None:
         self.path = path
         self.loaded = loaded
+        # What an edit may not ask for where the root is (a bucket: keep_free), as ``At 'key': ...``
+        # problems: such an edit is refused like one that does not parse.
+        self.refuse = refuse
         self.on_disk = True
         self._on_outcome = on_outcome
         self._signature = FileIdentity.of_path(path)
@@ -142,6 +149,9 @@ class PolicyFile:
         self._missing_logged = False
         try:
             loaded = load_policy(self.path)
+            refused = self.refuse(loaded) if self.refuse is not None else []
+            if refused:
+                raise PolicyError(str(self.path), refused)
         except PolicyError as error:
             log_rejected(str(self.path), error, "the previous policy stays in force", self._on_outcome)
             return False

@@ -47,7 +47,7 @@ from ckpt_watcher.space import SpaceKeeper
 from ckpt_watcher.storage import LocalStorage, Storage, StorageUnavailableError
 from ckpt_watcher.trash import TrashSummary
 from ckpt_watcher.trash_moves import PurgeResult
-from ckpt_watcher.trash_pass import TrashPass
+from ckpt_watcher.trash_pass import TrashKeeper, TrashPass
 
 logger = structlog.get_logger("ckpt_watcher.reconcile")
 
@@ -205,19 +205,23 @@ def prune_once(
     on_group: Callable[[int, int], None] | None = None,
     storage: Storage | None = None,
     files: ConfigAccess = LOCAL_FILES,
+    refuse_in_runs: Callable[[LoadedPolicy], list[str]] | None = None,
+    trash: Callable[[], TrashKeeper] | None = None,
 ) -> PassResult:
     """``prune``: one strict pass over ``root``; an invalid policy or protect_from file anywhere raises
     InvalidPolicyFilesError before anything is deleted. ``on_group``: as for ``Reconciler``.
     ``storage`` and ``files`` are where the tree and its config files are (a bucket; by default the
-    disk)."""
+    disk); ``refuse_in_runs`` says what a per-run policy file may not ask for there (PolicyTree), and
+    ``trash`` makes the root's trash (a bucket's: bucket_trash_pass)."""
     reconciler = Reconciler(
-        PolicyTree(root, loaded, strict=True, files=files),
+        PolicyTree(root, loaded, strict=True, files=files, refuse=refuse_in_runs),
         ProtectionRegistry(working_directory, files=files),
         pins=pins,
         settle_seconds=settle_seconds,
         one_shot=True,
         on_group=on_group,
         storage=storage,
+        trash=trash() if trash is not None else None,
     )
     return reconciler.run(Trigger.PRUNE, dry_run=dry_run, keep_plan=True)
 
@@ -230,7 +234,8 @@ class Reconciler:
     ``stop`` ends a pass between two deletions (or inside a long scan); ``progress`` is called
     between groups (the liveness keep-alive of a long pass), and ``on_group`` with how many of the
     pass's groups are done, of how many (a terminal's progress line). ``storage`` does the pass's I/O
-    (a directory tree on disk unless given; storage.py).
+    (a directory tree on disk unless given; storage.py), ``trash`` is the root's trash (its
+    directory's unless given: a bucket's is bucket_trash_pass.BucketTrashPass).
     """
 
     def __init__(
@@ -245,13 +250,14 @@ class Reconciler:
         progress: Callable[[], None] | None = None,
         on_group: Callable[[int, int], None] | None = None,
         storage: Storage | None = None,
+        trash: TrashKeeper | None = None,
     ) -> None:
         self.root = tree.root
         self.storage: Storage = storage if storage is not None else LocalStorage()
         self.tree = tree
         self.registry = registry
         self.index = GroupIndex(tree.root, tree.naming_for)
-        self.trash = TrashPass(tree.root, stop)
+        self.trash: TrashKeeper = trash if trash is not None else TrashPass(tree.root, stop)
         self.space = SpaceKeeper(tree.root, self.index, self.trash)
         self._command_line_pins = dict(pins)
         self._settle_seconds = settle_seconds

@@ -17,10 +17,12 @@ import threading
 import time
 from collections.abc import Collection
 from pathlib import Path
+from typing import Protocol
 
 import structlog
 
 from ckpt_watcher.budget import Reclaimable
+from ckpt_watcher.delete import TrashMover
 from ckpt_watcher.records import display_name
 from ckpt_watcher.trash import TrashIndex, TrashSummary, TrashUnusableError
 from ckpt_watcher.trash_moves import PurgeResult, TrashTarget, purge_due, purge_keys
@@ -29,6 +31,20 @@ logger = structlog.get_logger("ckpt_watcher.trash")
 
 # A purge that left due entries behind (they failed) is tried again this much later, not at once.
 PURGE_RETRY_SECONDS = 60.0
+
+
+class TrashKeeper(Protocol):
+    """What the reconcile core asks of a root's trash: ``TrashPass`` (a directory) or
+    bucket_trash_pass.BucketTrashPass (a bucket prefix)."""
+
+    def begin(self, *, purge: bool, dry_run: bool) -> PurgeResult | None: ...
+    def pinned_identities(self) -> dict[tuple[int, int], str]: ...
+    def target(self, grace_seconds: int) -> TrashMover | None: ...
+    def end(self) -> tuple[int | None, TrashSummary | None]: ...
+    def reclaimable(self) -> list[Reclaimable]: ...
+    def reclaim(self, keys: Collection[str]) -> PurgeResult: ...
+    def is_due(self, now: float) -> bool: ...
+    def deadline(self) -> float | None: ...
 
 
 class TrashPass:

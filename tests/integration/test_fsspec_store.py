@@ -9,12 +9,14 @@ import fsspec
 import pytest
 
 from ckpt_watcher.bucket import BucketConfigFiles, BucketStorage
+from ckpt_watcher.bucket_commands import check_policy, refusals_in_runs
 from ckpt_watcher.bucket_watch import BucketWatcher
 from ckpt_watcher.cli import UsageError
 from ckpt_watcher.daemon import WatchOptions
 from ckpt_watcher.locations import StorageURL
 from ckpt_watcher.object_store import ConditionalUnsupportedError, FsspecStore, PreconditionFailedError
 from ckpt_watcher.policy import load_policy
+from ckpt_watcher.policy_file import InvalidPolicyFilesError
 from ckpt_watcher.reconcile import prune_once
 from tests.support.factories import step_name, zip_bytes
 
@@ -75,3 +77,31 @@ def test_watch_refuses_a_store_without_conditional_writes(store: FsspecStore) ->
     )
     with pytest.raises(UsageError, match="the single-instance lease needs conditional writes"):
         watcher.lock_now()
+
+
+def test_a_store_without_conditional_copies_refuses_a_trash_at_the_root_and_in_a_run(
+    store: FsspecStore, tmp_path: Path
+) -> None:
+    """The trash needs conditional server-side copies (S3): a gs:// root policy asking for one is
+    refused (exit 2) and so is a per-run object (an invalid per-run policy: nothing is deleted),
+    never silently turned into deletions."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("trash:\n  grace: 1h\n")
+    with pytest.raises(UsageError, match="At 'trash': the trash on a bucket needs conditional"):
+        check_policy(load_policy(policy), store)
+    memory = fsspec.filesystem("memory", skip_instance_cache=True)  # the store's, shared in memory
+    memory.pipe_file("bucket/run/.ckpt-watcher.yaml", b"trash:\n  grace: 1h\n")
+    storage = BucketStorage(URL, store)
+    with pytest.raises(InvalidPolicyFilesError, match="At 'trash'"):
+        prune_once(
+            URL.core_path,
+            load_policy(None),
+            pins={},
+            settle_seconds=0,
+            dry_run=False,
+            working_directory=tmp_path,
+            storage=storage,
+            files=BucketConfigFiles(storage),
+            refuse_in_runs=refusals_in_runs(store),
+        )
+    assert len(store.list_prefix("run")) == 9  # 7 checkpoints, the half one, the per-run policy

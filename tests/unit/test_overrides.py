@@ -14,7 +14,7 @@ import structlog
 from structlog.testing import capture_logs
 
 from ckpt_watcher.overrides import MINIMUM_SWEEP, OVERRIDE_FILE_NAME, PolicyTree
-from ckpt_watcher.policy import load_policy
+from ckpt_watcher.policy import LoadedPolicy, load_policy
 from tests.support.hostile_configs import sequence_bomb
 from tests.support.hostile_trees import make_fifo
 
@@ -343,3 +343,31 @@ def test_messages_about_a_per_run_file_quote_positions_not_contents(root: Path, 
 def _reset_structlog() -> Iterator[None]:
     yield
     structlog.reset_defaults()
+
+
+def _no_keep_free(loaded: LoadedPolicy) -> list[str]:
+    return ["At 'keep_free': not here"] if loaded.policy.keep_free is not None else []
+
+
+def test_what_the_root_refuses_makes_a_per_run_file_invalid(root: Path) -> None:
+    """``refuse`` (a bucket: keep_free) makes a per-run file asking for it invalid: its subtree is
+    blocked in the daemon, and strict mode collects the error; a file that asks nothing refused, and
+    the rest of the tree, are unaffected."""
+    (root / "asks" / "below").mkdir(parents=True)
+    (root / "asks" / OVERRIDE_FILE_NAME).write_text("keep_free: 10%\n")
+    (root / "plain").mkdir()
+    (root / "plain" / OVERRIDE_FILE_NAME).write_text("save_top_k_checkpoints: 2\n")
+
+    daemon = PolicyTree(root, load_policy(None), strict=False, refuse=_no_keep_free)
+    with capture_logs() as logs:
+        assert daemon.for_directory(root / "asks") is None
+        assert daemon.for_directory(root / "asks" / "below") is None
+    plain = daemon.for_directory(root / "plain")
+    assert plain is not None
+    assert plain.policy.save_top_k_checkpoints == 2
+    assert [log["event"] for log in logs] == ["policy_rejected"]
+
+    strict = PolicyTree(root, load_policy(None), strict=True, refuse=_no_keep_free)
+    strict.for_directory(root / "asks")
+    strict.for_directory(root / "plain")
+    assert [error.problems for error in strict.errors] == [["At 'keep_free': not here"]]

@@ -1,0 +1,81 @@
+"""The bucket trash's pure parts: what an entry's info object may say (hostile documents refused),
+and the ETag a server-side copy will have (S3's multipart rule), which the pin of a restore is keyed by."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from typing import Any
+
+import pytest
+
+from ckpt_watcher.bucket_trash import StoredCopy, entry_document, parse_entry, pinned_inode
+from ckpt_watcher.object_store import ObjectInfo, PendingCopy
+from ckpt_watcher.trash import TrashEntry
+
+KEY = "20261129T161651.000001Z-i42"
+INFO = ObjectInfo(f"root/.ckpt-trash/info/{KEY}.json", 100, '"info-tag"', 0)
+
+
+def _entry(*, directory: bool = False, original: str = "run/x.ckpt") -> TrashEntry:
+    return TrashEntry(KEY, original, 1.0e9, 3600, ("outside newest 1",), 10, directory, 0, 7, None)
+
+
+def _document(**changes: Any) -> bytes:
+    document = json.loads(entry_document(_entry(), [StoredCopy("", '"abc-1"', 10)]))
+    document.update(changes)
+    return json.dumps(document).encode()
+
+
+def test_an_entry_reads_back_as_it_was_written() -> None:
+    copies = [StoredCopy(f"zero/rank{index}.pt", f'"tag{index}-1"', 100) for index in range(3000)]
+    data = entry_document(_entry(directory=True), copies)
+    assert len(data) > 64 * 1024  # a large directory checkpoint: more than a file's metadata limit
+    stored = parse_entry(KEY, data, INFO)
+    assert stored.copies == tuple(copies)
+    assert stored.entry == _entry(directory=True)
+    assert (stored.info_key, stored.info_tag) == (INFO.key, INFO.tag)
+    assert stored.data_key("root/.ckpt-trash", "zero/rank0.pt") == (
+        f"root/.ckpt-trash/files/run/x.ckpt@{KEY}/zero/rank0.pt"
+    )
+
+
+@pytest.mark.parametrize(
+    ("changes", "problem"),
+    [
+        ({"original": "../outside.ckpt"}, "not a path inside the root"),
+        ({"original": ".ckpt-trash/files/x.ckpt"}, "not a path inside the root"),
+        ({"original": "/absolute.ckpt"}, "not a path inside the root"),
+        ({"objects": []}, "'objects' is not a list"),
+        ({"objects": [["", '"a"', -1]]}, "not [key, ETag, size]"),
+        ({"objects": [["", '"a"', True]]}, "not [key, ETag, size]"),
+        ({"objects": [["", '"a"', 1], ["other", '"b"', 1]]}, "more than its one copy"),
+        ({"objects": [["../../elsewhere", '"a"', 1]], "type": "directory"}, "outside it"),
+        ({"objects": [["a//b", '"a"', 1]], "type": "directory"}, "outside it"),
+        ({"objects": [["a", '"a"', 1], ["a", '"b"', 1]], "type": "directory"}, "one copy twice"),
+    ],
+)
+def test_a_hostile_entry_is_refused(changes: dict[str, Any], problem: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(problem)):
+        parse_entry(KEY, _document(**changes), INFO)
+
+
+def test_not_json_is_refused() -> None:
+    with pytest.raises(ValueError, match="not valid JSON"):
+        parse_entry(KEY, b"{" * 100_000, INFO)
+
+
+def test_a_copy_knows_the_etag_it_will_have_and_whether_it_proves_its_source() -> None:
+    first, second = hashlib.md5(b"a").hexdigest(), hashlib.md5(b"b").hexdigest()  # noqa: S324  (S3's rule)
+    pending = PendingCopy("src", "dst", "upload", (f'"{first}"', f'"{second}"'), 2)
+    both = hashlib.md5(bytes.fromhex(first) + bytes.fromhex(second)).hexdigest()  # noqa: S324
+    assert pending.tag == f'"{both}-2"'
+    assert not pending.copies_whole(f'"{first}"')  # two parts: not one object's MD5
+    single = PendingCopy("src", "dst", "upload", (f'"{first}"',), 1)
+    assert single.copies_whole(f'"{first}"')
+    assert single.copies_whole(first)
+    assert not single.copies_whole(f'"{second}"')
+    assert not single.copies_whole(f'"{first}-1"')
+    assert pinned_inode(single.tag) == pinned_inode(single.tag)
+    assert pinned_inode(single.tag) != pinned_inode(pending.tag)
