@@ -112,7 +112,8 @@ def test_a_symlink_planted_for_a_trash_directory_is_never_followed(
     assert_clean_exit(listed, allowed=(0,))  # listing reads info/ only
     assert_clean_exit(restored, allowed=(1,))
     assert all(line.endswith(refusal + ")") for line in restored.stdout.splitlines())
-    assert_clean_exit(pruned, allowed=(1,), explained=True)  # the move into the trash fails: the checkpoint is kept
+    # the move into the trash fails: the checkpoint is kept
+    assert_clean_exit(pruned, allowed=(1,), explained=True)
     [failed] = events(pruned.stderr, "checkpoint_delete_failed")
     assert str(failed["error"]).endswith(refusal)
     assert (root / "run" / step_name(0, 300)).is_file()
