@@ -19,6 +19,7 @@ from ckpt_watcher.bucket_trash_pass import BucketTrashPass
 from ckpt_watcher.cli import UsageError
 from ckpt_watcher.contents import CheckpointContents
 from ckpt_watcher.locations import StorageURL, shown_as_url
+from ckpt_watcher.metrics import DaemonFigures
 from ckpt_watcher.naming import Naming
 from ckpt_watcher.object_store import BackendMissingError, ObjectStore, StoreError, open_store
 from ckpt_watcher.policy import LoadedPolicy, Policy
@@ -121,13 +122,13 @@ def prune_bucket(arguments: argparse.Namespace, loaded: LoadedPolicy) -> PassRes
     )
 
 
-def watch_bucket(arguments: argparse.Namespace, loaded: LoadedPolicy) -> int:
-    """``watch URL``: see bucket_watch.py."""
+def watch_bucket(arguments: argparse.Namespace, loaded: LoadedPolicy, figures: DaemonFigures) -> int:
+    """``watch URL``: see bucket_watch.py (``figures``: what ``--metrics`` serves)."""
     from ckpt_watcher.bucket_watch import run_bucket_watch  # noqa: PLC0415  (watchdog: watch only)
 
     store = store_for(arguments.path)
     check_policy(loaded, store)
-    return run_bucket_watch(arguments, loaded, store)
+    return run_bucket_watch(arguments, loaded, store, figures)
 
 
 def inspect_locations(

@@ -30,6 +30,7 @@ from ckpt_watcher.events import ObserverLike
 from ckpt_watcher.lease import Lease
 from ckpt_watcher.locations import StorageURL
 from ckpt_watcher.lock import LockHeldError
+from ckpt_watcher.metrics import DaemonFigures
 from ckpt_watcher.notify import Notifier
 from ckpt_watcher.object_store import ConditionalUnsupportedError, ObjectStore, StoreError
 from ckpt_watcher.overrides import PolicyTree
@@ -94,8 +95,11 @@ class BucketWatcher(Watcher):
         store: ObjectStore,
         lease_seconds: float,
         notifier: Notifier | None = None,
+        figures: DaemonFigures | None = None,
     ) -> None:
-        super().__init__(dataclasses.replace(options, protect=()), loaded_policy, notifier=notifier)
+        super().__init__(
+            dataclasses.replace(options, protect=()), loaded_policy, notifier=notifier, figures=figures
+        )
         self.policy.refuse = refusals_in_runs(store)  # an edit asking keep_free (say) is refused
         self.options = options
         self.url = url
@@ -188,8 +192,11 @@ class BucketWatcher(Watcher):
         self.lease.release()
 
 
-def run_bucket_watch(arguments: argparse.Namespace, loaded: LoadedPolicy, store: ObjectStore) -> int:
-    """``watch URL`` until a stop signal; a held lease is exit 2, as a held lock is."""
+def run_bucket_watch(
+    arguments: argparse.Namespace, loaded: LoadedPolicy, store: ObjectStore, figures: DaemonFigures
+) -> int:
+    """``watch URL`` until a stop signal; a held lease is exit 2, as a held lock is. ``figures``: what
+    ``--metrics`` serves (the file-system gauges are absent: a prefix has no file system)."""
     url: StorageURL = arguments.path
     poll = arguments.poll if arguments.poll is not None else DEFAULT_BUCKET_POLL_SECONDS
     options = WatchOptions(
@@ -202,7 +209,13 @@ def run_bucket_watch(arguments: argparse.Namespace, loaded: LoadedPolicy, store:
         protect=tuple(arguments.protect),
     )
     watcher = BucketWatcher(
-        options, loaded, url=url, store=store, lease_seconds=arguments.lease_seconds, notifier=Notifier()
+        options,
+        loaded,
+        url=url,
+        store=store,
+        lease_seconds=arguments.lease_seconds,
+        notifier=Notifier(),
+        figures=figures,
     )
     try:
         watcher.lock_now()

@@ -545,25 +545,25 @@ def run_watch(arguments: argparse.Namespace) -> int:
     from ckpt_watcher.daemon import Watcher, WatchOptions, supervise  # noqa: PLC0415  (prune needs no watchdog)
 
     loaded = load_policy_logged(arguments.policy)
-    if isinstance(arguments.path, StorageURL):
-        from ckpt_watcher.bucket_commands import watch_bucket  # noqa: PLC0415  (fsspec: URLs only)
-
-        return watch_bucket(arguments, loaded)
-    options = WatchOptions(
-        root=arguments.path,
-        policy_path=arguments.policy,
-        poll_interval=arguments.poll,
-        settle_seconds=arguments.settle,
-        rescan_seconds=arguments.rescan,
-        heartbeat=arguments.heartbeat,
-        protect=tuple(arguments.protect),
-    )
     figures = DaemonFigures()
     try:
         metrics = start_metrics(arguments.metrics, figures) if arguments.metrics is not None else None
     except MetricsUnavailableError as error:
         raise UsageError(str(error)) from None
     try:
+        if isinstance(arguments.path, StorageURL):
+            from ckpt_watcher.bucket_commands import watch_bucket  # noqa: PLC0415  (fsspec: URLs only)
+
+            return watch_bucket(arguments, loaded, figures)
+        options = WatchOptions(
+            root=arguments.path,
+            policy_path=arguments.policy,
+            poll_interval=arguments.poll,
+            settle_seconds=arguments.settle,
+            rescan_seconds=arguments.rescan,
+            heartbeat=arguments.heartbeat,
+            protect=tuple(arguments.protect),
+        )
         watcher = Watcher(options, loaded, notifier=Notifier(), figures=figures)
         try:
             watcher.lock_now()

@@ -22,6 +22,7 @@ import structlog
 
 from ckpt_watcher import __version__
 from ckpt_watcher.groups import Tally
+from ckpt_watcher.locations import is_core_path_of_url
 from ckpt_watcher.logs import describe_os_error
 from ckpt_watcher.naming import Kind
 from ckpt_watcher.policy_file import ReloadResult
@@ -111,10 +112,11 @@ class DaemonFigures:
 
     def set_root(self, root: Path | None, observer: str) -> None:
         """The root being watched (None while waiting for it) and how: the observer's description
-        (``polling every 15 s``) is cut to its first word, so the label takes a few fixed values."""
+        (``polling every 15 s``; ``listing every 30 s`` for a bucket) is cut to its first word, so the
+        label takes a few fixed values."""
         words = observer.split()
         with self._lock:
-            self._root = root
+            self._root = None if root is None or is_core_path_of_url(root) else root  # a prefix: no statvfs
             self._observer = words[0] if words and words[0].isalpha() else "none"
 
     def snapshot(self) -> Snapshot:

@@ -986,7 +986,11 @@ def test_bucket_deployment_runs_against_a_real_s3_server(
         assert names() == KEPT_AT_START | {".ckpt-watcher.lease"}
         metrics = scrape(metrics_port(daemon))
         assert metrics.value("ckpt_watcher_checkpoints", kind="step") == len(KEPT_AT_START)
-        assert metrics.value("ckpt_watcher_info", version="0.1.0", observer="polling") == 1
+        assert metrics.value("ckpt_watcher_info", version="0.1.0", observer="listing") == 1
+        assert metrics.value("ckpt_watcher_deletions_total", kind="step") == len(SEEDED_STEPS) - len(
+            KEPT_AT_START
+        )
+        assert "ckpt_watcher_filesystem_free_bytes" not in metrics.names(), "a prefix has no file system"
         edited = data["policy.yaml"].replace("save_top_k_checkpoints: 3", "save_top_k_checkpoints: 2")
         configmap_volume.update({**data, "policy.yaml": edited})
         daemon.wait_for("policy_reloaded")

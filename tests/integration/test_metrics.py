@@ -26,7 +26,7 @@ ALLOWED_LABELS = {
     "kind": {"step", "best", "last"},
     "trigger": {"startup", "rearm", "event", "rescan", "full", "space"},
     "result": {"applied", "rejected"},
-    "observer": {"inotify", "polling", "none"},
+    "observer": {"inotify", "polling", "listing", "none"},
     "version": None,
     "le": None,
 }
