@@ -45,15 +45,15 @@ from ckpt_watcher.records import display_name
 from ckpt_watcher.report import (
     TrashView,
     contents_document,
-    plan_document,
     policy_document,
     render_contents_table,
     render_json,
     render_policy,
     render_restore_results,
-    render_table,
     render_trash_table,
     trash_list_document,
+    write_plan_json,
+    write_table,
 )
 from ckpt_watcher.sizes import human_bytes
 from ckpt_watcher.terminal import PassProgress
@@ -482,7 +482,8 @@ def run_prune(arguments: argparse.Namespace) -> int:
             return EXIT_DELETE_FAILED
         trash = TrashView(result.trashing, result.trash, frozenset(result.evicted_at_once))
         if arguments.json:
-            document = plan_document(
+            write_plan_json(
+                sys.stdout,
                 result.the_plan,
                 loaded,
                 arguments.dry_run,
@@ -492,12 +493,16 @@ def run_prune(arguments: argparse.Namespace) -> int:
                 space=result.space,
                 budget_unmet_bytes=result.budget_unmet_bytes,
             )
-            print(render_json(document))
         else:
-            table = render_table(
-                result.the_plan, arguments.dry_run, result.applied, result.sources, trash, space=result.space
+            write_table(
+                sys.stdout,
+                result.the_plan,
+                arguments.dry_run,
+                result.applied,
+                result.sources,
+                trash,
+                space=result.space,
             )
-            print(table)
     return EXIT_DELETE_FAILED if result.failed or result.leftovers_remaining else EXIT_OK
 
 
