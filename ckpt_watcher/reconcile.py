@@ -556,7 +556,7 @@ def _log_blocked(group: Path, state: GroupState) -> None:
 
 def _log_news(state: GroupState, records: list[CheckpointRecord], *, detections: bool) -> int:
     """Warn once about each suspicious name; with ``detections`` (the daemon) also log each checkpoint
-    that is new or whose completeness changed (``checkpoint_detected``). Returns how many."""
+    that is new or whose completeness changed (``checkpoint_detected``, at debug). Returns how many."""
     seen: dict[str, bool] = {}
     detected = 0
     for record in records:
@@ -572,7 +572,7 @@ def _log_news(state: GroupState, records: list[CheckpointRecord], *, detections:
         seen[record.name] = record.complete
         if state.seen.get(record.name) != record.complete:
             detected += 1
-            logger.info(
+            logger.debug(  # at debug: a pass's one summary line (pass_completed) counts them
                 "checkpoint_detected",
                 path=display_name(str(record.path)),
                 kind=record.kind.value,
