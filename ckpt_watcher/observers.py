@@ -251,6 +251,8 @@ class DeepSafePollingEmitter(PollingEmitter):
             self._tree.poll(None)
         except OSError:
             self._failing = True  # the first poll that can read it reports what it finds
+        except Exception:
+            report_thread_failure("poll", self.lost_events)
 
     def queue_events(self, timeout: float) -> None:
         try:
