@@ -226,9 +226,14 @@ def measure(config: Config) -> Section:
     given = trees(config.work_dir / "hundred-k", size)
     cycles = 0 if config.preset == "smoke" else 2
     runs = []
-    for repeat in range(config.repeats):
-        config.log(f"hundred_k: run {repeat + 1}/{config.repeats} ({size})")
-        runs.append(one_run(PYTHON, given, config.work_dir, cycles))
+    working_directory = Path.cwd()
+    os.chdir(config.work_dir)  # `python -m` in the children imports from their working directory
+    try:
+        for repeat in range(config.repeats):
+            config.log(f"hundred_k: run {repeat + 1}/{config.repeats} ({size})")
+            runs.append(one_run(PYTHON, given, config.work_dir, cycles))
+    finally:
+        os.chdir(working_directory)
     figures = medians(runs)
     verdicts = met(figures)
     rows = []
@@ -255,6 +260,9 @@ def main() -> int:
     parser.add_argument("--size", choices=sorted(SIZES), default="large")
     arguments = parser.parse_args()
     arguments.work_dir.mkdir(parents=True, exist_ok=True)
+    # Children inherit the working directory, and `python -m` imports from it first: from a checkout,
+    # --python would run that checkout's ckpt_watcher, not its own.
+    os.chdir(arguments.work_dir)
     given = trees(arguments.work_dir, arguments.size)
     runs = []
     for _ in range(arguments.repeats):
@@ -268,5 +276,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("PYTHONDONTWRITEBYTECODE", "0")
     sys.exit(main())
