@@ -131,6 +131,18 @@ def main() -> int:
     arguments = parser.parse_args()
     arguments.work_dir.mkdir(parents=True, exist_ok=True)
     failed = 0
+    try:
+        failed = _compare_all(arguments)
+    finally:
+        mount = arguments.work_dir / "keep-free-tmpfs"
+        if os.path.ismount(mount):
+            subprocess.run(["umount", str(mount)], check=False)
+    return 1 if failed else 0
+
+
+def _compare_all(arguments: argparse.Namespace) -> int:
+    """Compare every case; how many differ."""
+    failed = 0
     for label, tree, policy in cases(arguments.work_dir, arguments.size):
         before = plan_of(arguments.before, tree, policy)
         after = plan_of(arguments.after, tree, policy)
@@ -149,7 +161,7 @@ def main() -> int:
         for line in found:
             print(f"  {line}")
         failed += bool(found)
-    return 1 if failed else 0
+    return failed
 
 
 if __name__ == "__main__":
