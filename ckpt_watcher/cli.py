@@ -16,7 +16,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeAlias
@@ -37,12 +37,14 @@ from ckpt_watcher.metrics import (
     start_metrics,
 )
 from ckpt_watcher.notify import Notifier
+from ckpt_watcher.plan import GroupPlan
 from ckpt_watcher.policy import POLICY_DESCRIPTIONS, PolicyError
 from ckpt_watcher.policy_file import InvalidPolicyFilesError, load_policy_logged
 from ckpt_watcher.protection import command_line_pins
-from ckpt_watcher.reconcile import prune_once
+from ckpt_watcher.reconcile import PassResult, prune_once
 from ckpt_watcher.records import display_name
 from ckpt_watcher.report import (
+    PlanJSONStream,
     TrashView,
     contents_document,
     policy_document,
@@ -466,6 +468,7 @@ def run_prune(arguments: argparse.Namespace) -> int:
 
             result = prune_bucket(arguments, loaded)
         else:
+            stream = PlanJSONStream(sys.stdout, loaded) if arguments.json and arguments.dry_run else None
             result = prune_once(
                 resolve_root(arguments.path),
                 loaded,
@@ -474,7 +477,11 @@ def run_prune(arguments: argparse.Namespace) -> int:
                 dry_run=arguments.dry_run,
                 working_directory=Path.cwd(),
                 on_group=progress.update if progress is not None else None,
+                group_sink=_stream_group(stream) if stream is not None else None,
             )
+            if result.streamed and stream is not None:  # the groups are written: the rest of the document
+                stream.finish(result.summary, result.trash, result.space, result.budget_unmet_bytes)
+                return EXIT_DELETE_FAILED if result.failed or result.leftovers_remaining else EXIT_OK
         if progress is not None:
             progress.finish()
         if result.storage_error is not None:
@@ -504,6 +511,15 @@ def run_prune(arguments: argparse.Namespace) -> int:
                 space=result.space,
             )
     return EXIT_DELETE_FAILED if result.failed or result.leftovers_remaining else EXIT_OK
+
+
+def _stream_group(stream: PlanJSONStream) -> Callable[[GroupPlan, PassResult], None]:
+    """A pass's group sink that writes each group's plan to ``stream`` as it is made."""
+
+    def write(group: GroupPlan, result: PassResult) -> None:
+        stream.group(group, result.sources.get(group.directory), result.trashing.get(group.directory))
+
+    return write
 
 
 def run_policy(arguments: argparse.Namespace) -> int:

@@ -118,6 +118,10 @@ class PassResult:
     trashing: dict[Path, int] = field(default_factory=dict)
     evicted_at_once: set[Path] = field(default_factory=set)
     storage_error: str | None = None
+    # A dry run's kept plan may go, group by group, to a sink instead of ``group_plans`` (prune --json
+    # writes it as it comes), when no group's plan can change afterwards (no keep_free in the pass).
+    group_sink: Callable[[GroupPlan, PassResult], None] | None = None
+    streamed: bool = False
 
     @property
     def the_plan(self) -> Plan:
@@ -130,7 +134,9 @@ class PassResult:
         if group_plan is None:
             return
         self.summary = self.summary + group_plan.summary
-        if self.group_plans is not None:
+        if self.streamed and self.group_sink is not None:
+            self.group_sink(group_plan, self)
+        elif self.group_plans is not None:
             self.group_plans.append(group_plan)
         self._add_applied(applied)
 
@@ -190,11 +196,12 @@ def prune_once(
     on_group: Callable[[int, int], None] | None = None,
     storage: Storage | None = None,
     files: ConfigAccess = LOCAL_FILES,
+    group_sink: Callable[[GroupPlan, PassResult], None] | None = None,
 ) -> PassResult:
     """``prune``: one strict pass over ``root``; an invalid policy or protect_from file anywhere raises
     InvalidPolicyFilesError before anything is deleted. ``on_group``: as for ``Reconciler``.
     ``storage`` and ``files`` are where the tree and its config files are (a bucket; by default the
-    disk)."""
+    disk). ``group_sink``: as for ``Reconciler.run``."""
     reconciler = Reconciler(
         PolicyTree(root, loaded, strict=True, files=files),
         ProtectionRegistry(working_directory, files=files),
@@ -204,7 +211,7 @@ def prune_once(
         on_group=on_group,
         storage=storage,
     )
-    return reconciler.run(Trigger.PRUNE, dry_run=dry_run, keep_plan=True)
+    return reconciler.run(Trigger.PRUNE, dry_run=dry_run, keep_plan=True, group_sink=group_sink)
 
 
 class Reconciler:
@@ -257,13 +264,14 @@ class Reconciler:
         closed: Collection[Path] = (),
         dry_run: bool = False,
         keep_plan: bool = False,
+        group_sink: Callable[[GroupPlan, PassResult], None] | None = None,
     ) -> PassResult:
         """One pass: every group for a full trigger, else ``groups``; ``closed`` files count at once.
 
-        ``keep_plan`` keeps every decision and outcome in the result (else only the counts).
-        """
+        ``keep_plan`` keeps every decision and outcome in the result (else only the counts);
+        ``group_sink``: see ``PassResult``."""
         started = time.monotonic()
-        result = PassResult(trigger)
+        result = PassResult(trigger, group_sink=group_sink)
         if keep_plan:
             result.group_plans = []
             result.applied = None if dry_run else ApplyResult()
@@ -351,6 +359,7 @@ class Reconciler:
         """Scan, plan and apply each group in turn, so a pass holds one group's records at a time; then
         keep the free space each file system's ``keep_free`` asks for (``space.py``)."""
         pins = {**self._command_line_pins, **self.registry.pins()}
+        result.streamed = dry_run and result.group_sink is not None and not _keeps_free(effective)
         context = _PassContext.build(pins, self.storage.identities_of(pins), links, closed, dry_run, result)
         self.space.begin_pass()
         for done, (group, value) in enumerate(sorted(effective.items()), start=1):
@@ -453,6 +462,11 @@ class Reconciler:
         groups = self.index.touched(files, trees, problems, stop=self._stop)
         self._problems.note(problems)
         return groups
+
+
+def _keeps_free(effective: Mapping[Path, EffectivePolicy]) -> bool:
+    """True when some group's policy has keep_free (its evictions may change any group's plan)."""
+    return any(value.policy.keep_free is not None for value in effective.values())
 
 
 def _kept(group_plan: GroupPlan | None) -> Tally:

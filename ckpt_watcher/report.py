@@ -11,6 +11,7 @@ import dataclasses
 import io
 import json
 import math
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,7 @@ from ckpt_watcher.budget import FreeSpacePlan
 from ckpt_watcher.contents import CheckpointContents
 from ckpt_watcher.delete import ApplyResult
 from ckpt_watcher.durations import format_duration
-from ckpt_watcher.plan import Action, Decision, Plan, Summary
+from ckpt_watcher.plan import Action, Decision, GroupPlan, Plan, Summary
 from ckpt_watcher.policy import POLICY_DESCRIPTIONS, LoadedPolicy
 from ckpt_watcher.records import TRASH_DIRECTORY_NAME, display_name, is_plain_text, metric_for_json
 from ckpt_watcher.sizes import human_bytes
@@ -286,18 +287,82 @@ def write_plan_json(
     }
     out.write(_compact(head)[:-1] + ',"groups":[')
     for number, group in enumerate(plan.groups):
-        document = _group_document(group.directory, loaded, sources, trash)
-        out.write(("," if number else "") + _compact(document)[:-1] + ',"entries":[')
-        decisions = group.decisions
-        for start in range(0, len(decisions), _ENTRIES_PER_WRITE):
-            batch = [
-                _entry_ready(_entry_document(group.directory, decision, trash, outcomes))
-                for decision in decisions[start : start + _ENTRIES_PER_WRITE]
-            ]
-            out.write(("," if start else "") + _ENCODE(batch)[1:-1])  # escaped already
-        out.write("]}")
+        _write_group(
+            out, number, group, _group_document(group.directory, loaded, sources, trash), trash, outcomes
+        )
     summary = _plan_summary_document(plan, dry_run, applied, trash, budget_unmet_bytes)
     out.write('],"summary":' + _compact(summary) + "}\n")
+
+
+def _write_group(
+    out: TextIO,
+    number: int,
+    group: GroupPlan,
+    document: dict[str, Any],
+    trash: TrashView,
+    outcomes: Mapping[int, str],
+) -> None:
+    """One group of the ``--json`` document (its ``entries`` a batch at a time); ``number`` from 0."""
+    out.write(("," if number else "") + _compact(document)[:-1] + ',"entries":[')
+    decisions = group.decisions
+    for start in range(0, len(decisions), _ENTRIES_PER_WRITE):
+        batch = [
+            _entry_ready(_entry_document(group.directory, decision, trash, outcomes))
+            for decision in decisions[start : start + _ENTRIES_PER_WRITE]
+        ]
+        out.write(("," if start else "") + _ENCODE(batch)[1:-1])  # escaped already
+    out.write("]}")
+
+
+class PlanJSONStream:
+    """``write_plan_json``'s document (the same parsed JSON) for a dry run, written while the pass
+    runs: each group as soon as it is planned (``group``), then the policy, the trash, the space and
+    the summary (``finish``). The pass then holds one group's plan at a time, also for ``prune --json``.
+    Only for a pass in which no group's plan can change after it is made (no ``keep_free``)."""
+
+    def __init__(self, out: TextIO, loaded: LoadedPolicy) -> None:
+        self._out = out
+        self._loaded = loaded
+        self._groups = 0
+        self._evicted = 0
+        self._trashed = (0, 0)
+
+    def group(self, group: GroupPlan, sources: tuple[str, ...] | None, grace_seconds: int | None) -> None:
+        """Write one group's plan (``sources``: the policy files in force there; ``grace_seconds``:
+        its trash's, None when deletions are not moves into a trash)."""
+        trash = TrashView({group.directory: grace_seconds} if grace_seconds else {})
+        document = _group_document(
+            group.directory, self._loaded, {group.directory: sources} if sources is not None else None, trash
+        )
+        if not self._groups:
+            self._out.write('{"groups":[')
+        _write_group(self._out, self._groups, group, document, trash, {})
+        self._groups += 1
+        self._evicted += sum(decision.evicted for decision in group.decisions)
+        trashed = trash.trashed_in(Plan((group,)))
+        self._trashed = (self._trashed[0] + trashed[0], self._trashed[1] + trashed[1])
+
+    def finish(
+        self,
+        summary: Summary,
+        trash: TrashSummary | None,
+        space: Sequence[FreeSpacePlan],
+        budget_unmet_bytes: int,
+    ) -> None:
+        """Write the rest of the document once every group is written."""
+        if not self._groups:
+            self._out.write('{"groups":[')
+        document = {
+            "policy": policy_document(self._loaded),
+            "trash": trash_document(trash),
+            "space": [space_document(fs_plan) for fs_plan in space],
+            "summary": {
+                **_counts_document(summary, True, None, self._trashed),
+                "evicted": self._evicted,
+                "budget_unmet_bytes": budget_unmet_bytes,
+            },
+        }
+        self._out.write("]," + _compact(document)[1:] + "\n")
 
 
 _ENTRIES_PER_WRITE = 1024
@@ -328,7 +393,9 @@ def _entry_document(
     """One entry of a group in the ``--json`` document."""
     record = decision.record
     entry: dict[str, Any] = {
-        "path": display_name(str(record.path)),
+        # record.path is directory / name (a plan groups by directory); joined here, so the record's
+        # Path does not keep its text for the rest of the pass
+        "path": display_name(os.path.join(str(directory), record.name)),
         "name": display_name(record.name),
         "kind": record.kind.value,
         "type": record.entry_type.value,
@@ -372,7 +439,12 @@ def _plan_summary_document(
 def _summary_document(
     plan: Plan, dry_run: bool, applied: ApplyResult | None, trash: TrashView
 ) -> dict[str, Any]:
-    summary = plan.summary
+    return _counts_document(plan.summary, dry_run, applied, trash.trashed_in(plan))
+
+
+def _counts_document(
+    summary: Summary, dry_run: bool, applied: ApplyResult | None, trashed: tuple[int, int]
+) -> dict[str, Any]:
     document_summary: dict[str, Any] = {
         "kept": summary.kept,
         "deleted": summary.deleted if dry_run or applied is None else len(applied.deleted),
@@ -381,7 +453,6 @@ def _summary_document(
         "bytes_deleted": summary.bytes_deleted if dry_run or applied is None else applied.bytes_freed,
         "dry_run": dry_run,
     }
-    trashed = trash.trashed_in(plan)
     if dry_run or applied is None:
         document_summary["deleted"] -= trashed[0]
         document_summary["bytes_deleted"] -= trashed[1]

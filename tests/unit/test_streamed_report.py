@@ -18,6 +18,7 @@ from ckpt_watcher.plan import plan
 from ckpt_watcher.policy import DEFAULT_POLICY, Policy, load_policy
 from ckpt_watcher.records import CheckpointRecord, EntryType
 from ckpt_watcher.report import (
+    PlanJSONStream,
     TrashView,
     plan_document,
     render_json,
@@ -92,3 +93,35 @@ def test_the_streamed_table_is_the_rendered_table(case: str) -> None:
     table = render_table(the_plan, True, None, {directories[0]: ("x\n",)}, trash)
     assert out.getvalue() == table + "\n"
     assert all(is_clean_text(line) for line in table.splitlines())
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_the_plan_streamed_group_by_group_during_a_pass_is_the_plan_document(case: str) -> None:
+    """``prune --dry-run --json`` writes each group as the pass plans it (no keep_free: nothing is
+    evicted from a group afterwards, so no group is evicted at once), then the rest."""
+    directories, count, policy, view = CASES[case]
+    trash = TrashView(view.graces, view.summary)
+    the_plan = plan([record for directory in directories for record in _records(directory, count)], policy)
+    loaded = load_policy(None)
+    sources = {directories[0]: ("x\n",)}
+    out = io.StringIO()
+    stream = PlanJSONStream(out, loaded)
+
+    for group in the_plan.groups:
+        stream.group(group, sources.get(group.directory), trash.graces.get(group.directory))
+    stream.finish(the_plan.summary, trash.summary, (), 0)
+
+    whole = render_json(plan_document(the_plan, loaded, True, None, sources, trash))
+    streamed = json.loads(out.getvalue(), parse_constant=_refuse_constant)
+    assert streamed == json.loads(whole, parse_constant=_refuse_constant)
+    assert out.getvalue().count("\n") == 1
+
+
+def test_an_empty_plan_streams_a_whole_document() -> None:
+    out = io.StringIO()
+    stream = PlanJSONStream(out, load_policy(None))
+    stream.finish(plan([], DEFAULT_POLICY).summary, None, (), 0)
+    document = json.loads(out.getvalue())
+    assert document == json.loads(
+        render_json(plan_document(plan([], DEFAULT_POLICY), load_policy(None), True))
+    )
