@@ -38,11 +38,16 @@ from benchlib import (
     Section,
     Target,
     cpu_ticks,
+    linked_copy,
     markdown_table,
     median,
+    parse_timestamp,
+    percentile,
     run_measured,
     running_daemon,
     status_value,
+    step_name,
+    write_checkpoint,
     write_run,
 )
 
@@ -167,6 +172,50 @@ def one_run(python: str, given: Trees, work: Path, poll_cycles: int) -> dict[str
     return figures
 
 
+def event_latencies(python: str, tree: Path, work: Path, events: int) -> list[float]:
+    """Event -> deletion: in a hard-linked copy of ``tree``, under a policy that keeps exactly the step
+    checkpoints each group has, each new step checkpoint written into one group deletes its oldest one;
+    seconds from the writer's close to the daemon's ``checkpoint_deleted`` timestamp, per event."""
+    copy = linked_copy(tree, work / f"latency-{tree.name}")
+    group = min((path for path in copy.iterdir() if path.is_dir()), default=copy)
+    steps = sorted(path.name for path in group.iterdir() if path.name.endswith("-train.ckpt"))
+    policy = work / f"latency-{tree.name}.yaml"
+    policy.write_text(f"save_top_k_checkpoints: {len(steps)}\nsave_top_k_best: -1\n")
+    step = int(steps[-1].split("step=")[1][:6])
+    latencies = []
+    command = (python, "-m", "ckpt_watcher")
+    with running_daemon(
+        copy, ["--policy", str(policy)], work / f"latency-{tree.name}.log", command=command
+    ) as daemon:
+        daemon.wait_ready(timeout=600)
+        time.sleep(2.0)
+        for event in range(events):
+            step += 10
+            written_at = write_checkpoint(group / step_name(0, step))
+            deleted = daemon.wait_for_deletions(event + 1, timeout=60)
+            if len(deleted) <= event:
+                raise RuntimeError(f"no deletion for event {event} in {copy}")
+            latencies.append(parse_timestamp(deleted[event]["timestamp"]) - written_at)
+            time.sleep(0.2)
+    return latencies
+
+
+def latency_figures(python: str, small: Path, many: Path, work: Path, events: int) -> dict[str, float]:
+    """p50, p99 and max on the small tree and the G x M tree, and the ratio of the p99s."""
+    figures: dict[str, float] = {}
+    for label, tree in (("small", small), ("many", many)):
+        values = event_latencies(python, tree, work, events)
+        figures.update(
+            {
+                f"latency_{label}_p50": percentile(values, 0.5),
+                f"latency_{label}_p99": percentile(values, 0.99),
+            }
+        )
+        figures[f"latency_{label}_max"] = max(values)
+    figures["latency_ratio"] = figures["latency_many_p99"] / figures["latency_small_p99"]
+    return figures
+
+
 def medians(runs: Sequence[dict[str, float]]) -> dict[str, float]:
     return {key: median([run[key] for run in runs if key in run]) for key in runs[0]}
 
@@ -258,12 +307,27 @@ def main() -> int:
     parser.add_argument("--poll-cycles", type=int, default=2)
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/ckpt-watcher-bench/hundred-k"))
     parser.add_argument("--size", choices=sorted(SIZES), default="large")
+    parser.add_argument(
+        "--latency-events", type=int, default=0, help="only the event -> deletion row, with this many events"
+    )
     arguments = parser.parse_args()
     arguments.work_dir.mkdir(parents=True, exist_ok=True)
     # Children inherit the working directory, and `python -m` imports from it first: from a checkout,
     # --python would run that checkout's ckpt_watcher, not its own.
     os.chdir(arguments.work_dir)
     given = trees(arguments.work_dir, arguments.size)
+    if arguments.latency_events:
+        small = arguments.work_dir / "small-100"
+        if not small.exists():
+            write_run(small, 99)
+            an_hour_ago = time.time() - 3600  # settled long ago, as the generated trees are
+            for path in small.iterdir():
+                os.utime(path, (an_hour_ago, an_hour_ago))
+        figures = latency_figures(
+            arguments.python, small, given.many, arguments.work_dir, arguments.latency_events
+        )
+        print(json.dumps(figures))
+        return 0
     runs = []
     for _ in range(arguments.repeats):
         runs.append(one_run(arguments.python, given, arguments.work_dir, arguments.poll_cycles))
