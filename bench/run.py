@@ -23,6 +23,7 @@ from pathlib import Path
 import baseline
 import bucket
 import footprint
+import hundred_k
 import interference
 import latency
 import probes
@@ -42,6 +43,7 @@ SECTIONS: dict[str, Callable[[Config], Section]] = {
     "space": space.measure,
     "trash": trash.measure,
     "bucket": bucket.measure,
+    "hundred_k": hundred_k.measure,
     "stop": stop.measure,
 }
 

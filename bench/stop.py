@@ -1,4 +1,4 @@
-"""10. Stopping: how long ``watch`` takes to exit after SIGTERM in the middle of a large start-up reconcile.
+"""11. Stopping: how long ``watch`` takes to exit after SIGTERM in the middle of a large start-up reconcile.
 
 README promises that SIGTERM stops the daemon at the next deletion, even during the start-up reconcile
 of a huge directory or the scan of one, and that it exits within 2 s. Here the daemon starts on a copy
@@ -70,7 +70,7 @@ def measure(config: Config) -> Section:
         "importing its modules), so the signal's default action ended it, before anything was deleted.",
     ]
     return Section(
-        title="10. Stopping during a large start-up reconcile",
+        title="11. Stopping during a large start-up reconcile",
         body=body,
         targets=[
             Target(

@@ -16,7 +16,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeAlias
@@ -37,23 +37,25 @@ from ckpt_watcher.metrics import (
     start_metrics,
 )
 from ckpt_watcher.notify import Notifier
+from ckpt_watcher.plan import GroupPlan
 from ckpt_watcher.policy import POLICY_DESCRIPTIONS, PolicyError
 from ckpt_watcher.policy_file import InvalidPolicyFilesError, load_policy_logged
 from ckpt_watcher.protection import command_line_pins
 from ckpt_watcher.reconcile import PassResult, prune_once
 from ckpt_watcher.records import display_name
 from ckpt_watcher.report import (
+    PlanJSONStream,
     TrashView,
     contents_document,
-    plan_document,
     policy_document,
     render_contents_table,
     render_json,
     render_policy,
     render_restore_results,
-    render_table,
     render_trash_table,
     trash_list_document,
+    write_plan_json,
+    write_table,
 )
 from ckpt_watcher.sizes import human_bytes
 from ckpt_watcher.terminal import PassProgress
@@ -472,6 +474,7 @@ def run_prune(arguments: argparse.Namespace) -> int:
 
             result = prune_bucket(arguments, loaded)
         else:
+            stream = PlanJSONStream(sys.stdout, loaded) if arguments.json and arguments.dry_run else None
             result = prune_once(
                 resolve_root(arguments.path),
                 loaded,
@@ -480,7 +483,11 @@ def run_prune(arguments: argparse.Namespace) -> int:
                 dry_run=arguments.dry_run,
                 working_directory=Path.cwd(),
                 on_group=progress.update if progress is not None else None,
+                group_sink=_stream_group(stream) if stream is not None else None,
             )
+            if result.streamed and stream is not None:  # the groups are written: the rest of the document
+                stream.finish(result.summary, result.trash, result.space, result.budget_unmet_bytes)
+                return _prune_exit(result)
         if progress is not None:
             progress.finish()
         if result.storage_error is not None:
@@ -488,7 +495,8 @@ def run_prune(arguments: argparse.Namespace) -> int:
             return EXIT_DELETE_FAILED
         trash = TrashView(result.trashing, result.trash, frozenset(result.evicted_at_once))
         if arguments.json:
-            document = plan_document(
+            write_plan_json(
+                sys.stdout,
                 result.the_plan,
                 loaded,
                 arguments.dry_run,
@@ -498,12 +506,21 @@ def run_prune(arguments: argparse.Namespace) -> int:
                 space=result.space,
                 budget_unmet_bytes=result.budget_unmet_bytes,
             )
-            print(render_json(document))
         else:
-            table = render_table(
-                result.the_plan, arguments.dry_run, result.applied, result.sources, trash, space=result.space
+            write_table(
+                sys.stdout,
+                result.the_plan,
+                arguments.dry_run,
+                result.applied,
+                result.sources,
+                trash,
+                space=result.space,
             )
-            print(table)
+    return _prune_exit(result)
+
+
+def _prune_exit(result: PassResult) -> int:
+    """``prune``'s exit code; exit 1 comes with one line saying what failed (the records say which)."""
     failures = _prune_failures(result)
     if failures:
         print(f"ckpt-watcher: {failures}; the next run tries again", file=sys.stderr)
@@ -511,7 +528,7 @@ def run_prune(arguments: argparse.Namespace) -> int:
 
 
 def _prune_failures(result: PassResult) -> str:
-    """What exit 1 of ``prune`` means, in one line (the records say which files); empty if nothing failed."""
+    """What failed in a ``prune``, in words; empty if nothing did."""
     parts = []
     if result.failed:
         parts.append(f"{result.failed} deletion{'s' if result.failed != 1 else ''} failed")
@@ -523,6 +540,15 @@ def _prune_failures(result: PassResult) -> str:
             " could not be planned (group_failed)"
         )
     return ", ".join(parts)
+
+
+def _stream_group(stream: PlanJSONStream) -> Callable[[GroupPlan, PassResult], None]:
+    """A pass's group sink that writes each group's plan to ``stream`` as it is made."""
+
+    def write(group: GroupPlan, result: PassResult) -> None:
+        stream.group(group, result.sources.get(group.directory), result.trashing.get(group.directory))
+
+    return write
 
 
 def run_policy(arguments: argparse.Namespace) -> int:

@@ -112,7 +112,34 @@ def check_zip_file(file_descriptor: int, size: int, *, verify: str = "zip") -> C
             return Completeness(
                 False, f"sparse: a hole at byte {hole} of {size} (still being downloaded or pre-allocated)"
             )
-    return check_zip_archive(DescriptorSource(file_descriptor), size, verify=verify)
+    return check_zip_archive(TailWindowSource(DescriptorSource(file_descriptor), size), size, verify=verify)
+
+
+_TAIL_WINDOW = 1 << 16
+
+
+class TailWindowSource:
+    """A source whose last ``window`` bytes are read once, at the first read that falls there: the
+    end record, the zip64 locator and (for most checkpoints) the central directory are one ``pread``,
+    and a small file's head too, instead of one each."""
+
+    __slots__ = ("_data", "_size", "_source", "_start")
+
+    def __init__(self, source: ByteSource, size: int, window: int = _TAIL_WINDOW) -> None:
+        self._source = source
+        self._size = size
+        self._start = max(0, size - window)
+        self._data: bytes | None = None
+
+    def read(self, offset: int, length: int) -> bytes:
+        """``length`` bytes at ``offset`` (fewer at the end), as the underlying source reads them."""
+        if offset < self._start:
+            return self._source.read(offset, length)
+        if self._data is None:
+            self._data = self._source.read(self._start, self._size - self._start)
+        if offset + length > self._start + len(self._data):
+            return self._source.read(offset, length)  # past what was there then: read it as it is now
+        return self._data[offset - self._start : offset - self._start + length]
 
 
 def check_zip_archive(source: ByteSource, size: int, *, verify: str = "zip") -> Completeness:

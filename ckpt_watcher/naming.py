@@ -8,12 +8,14 @@ have produced (``step=15`` for ``{step:06d}``, ``Epoch=``, a trailing space) are
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import enum
 import functools
 import re
 import string
 from dataclasses import dataclass
+from typing import Any
 
 CHECKPOINT_EXTENSION = ".ckpt"
 INTEGER_FIELDS = frozenset({"epoch", "step"})
@@ -228,6 +230,11 @@ def _check_format_spec(field_name: str, spec: str) -> None:
         raise TemplateError(f"'{{{field_name}:{spec}}}': a metric is a float, use a float format")
 
 
+def _derived_field() -> Any:
+    """A field made in ``__post_init__``, neither compared nor shown."""
+    return dataclasses.field(init=False, repr=False, compare=False)
+
+
 @dataclass(frozen=True, slots=True)
 class Naming:
     """The compiled step, best and last templates of one policy."""
@@ -235,6 +242,23 @@ class Naming:
     step: CompiledTemplate
     best: CompiledTemplate
     last: CompiledTemplate
+    # The templates a name may match, by the name's first character: each template's literal prefix
+    # dispatches it before any regular expression runs (a template that starts with a field is tried
+    # for every name). Made once, in __post_init__; the order is always last, best, step.
+    _by_first: dict[str, tuple[CompiledTemplate, ...]] = dataclasses.field(
+        init=False, repr=False, compare=False
+    )
+    _unprefixed: tuple[CompiledTemplate, ...] = dataclasses.field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        templates = (self.last, self.best, self.step)
+        unprefixed = tuple(template for template in templates if not template.literal_prefix)
+        by_first = {
+            first: tuple(template for template in templates if template.literal_prefix[:1] in ("", first))
+            for first in {template.literal_prefix[0] for template in templates if template.literal_prefix}
+        }
+        object.__setattr__(self, "_by_first", by_first)
+        object.__setattr__(self, "_unprefixed", unprefixed)
 
     @classmethod
     def from_templates(
@@ -259,7 +283,7 @@ class Naming:
             return UNKNOWN_NAME
         matches = [
             parsed
-            for template in (self.last, self.best, self.step)
+            for template in self._by_first.get(name[:1], self._unprefixed)
             if (parsed := template.parse(name, directory=directory)) is not None
         ]
         if len(matches) == 1:

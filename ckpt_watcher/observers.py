@@ -25,9 +25,19 @@ from collections.abc import Callable, Iterator
 from typing import Any, AnyStr
 
 import structlog
+from watchdog.events import (
+    DirCreatedEvent,
+    DirDeletedEvent,
+    DirModifiedEvent,
+    DirMovedEvent,
+    FileCreatedEvent,
+    FileDeletedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+)
 from watchdog.observers.api import DEFAULT_OBSERVER_TIMEOUT, BaseObserver, EventQueue, ObservedWatch
 from watchdog.observers.polling import PollingEmitter
-from watchdog.utils.dirsnapshot import DirectorySnapshot
 
 from ckpt_watcher.logs import describe_os_error
 
@@ -117,55 +127,163 @@ def report_thread_failure(where: str, lost_events: LostEventsCallback | None) ->
         lost_events()
 
 
-class _IterativeSnapshot(DirectorySnapshot):
-    """watchdog's snapshot with its recursive walk replaced by an iterative one that skips (and
-    reports) a subdirectory it cannot list; only the watched directory itself failing fails it."""
+_MASK = (1 << 64) - 1
 
-    def __init__(self, path: str, *, unwatched: UnwatchedOnce) -> None:
+
+class LeanTree:
+    """What a poll remembers of the tree: per directory, each entry's name and one integer (its inode
+    in the high 64 bits, a hash of its size, mtime, mode and owner in the low ones, less the lowest:
+    a directory or not). About 120 bytes an entry, where watchdog's ``DirectorySnapshot`` keeps a full
+    path, a ``stat_result`` and an inode index per entry, twice while two snapshots are compared.
+    """
+
+    def __init__(self, root: str, unwatched: UnwatchedOnce) -> None:
+        self.root = root
         self._unwatched = unwatched
-        super().__init__(path, recursive=True, stat=os.lstat, listdir=os.scandir)
+        self.directories: dict[str, dict[str, int]] = {}
 
-    def walk(self, root: str) -> Iterator[tuple[str, os.stat_result]]:
-        pending = [root]
+    def poll(self, emit: Callable[[FileSystemEvent], None] | None) -> None:
+        """Walk the tree (iteratively; never through a symlink) and replace what is remembered; with
+        ``emit``, say what changed since the last walk, as the events watchdog's diff would give."""
+        previous = self.directories
+        current: dict[str, dict[str, int]] = {}
+        changes = _Changes()
+        pending = [self.root]
         while pending:
             directory = pending.pop()
-            try:
-                with os.scandir(directory) as entries:
-                    paths = [os.path.join(directory, entry.name) for entry in entries]
-            except OSError as error:
-                if directory == root and error.errno not in {errno.ENOENT, errno.ENOTDIR, errno.EINVAL}:
-                    raise  # as watchdog does: the poll is retried, or the root is reported deleted
-                if directory != root:
-                    self._unwatched.report(directory, error)
+            entries = self._list(directory)
+            if entries is None:
                 continue
-            subdirectories = []
-            for path in paths:
-                try:
-                    status = os.lstat(path)
-                except OSError as error:  # vanished since the listing (quietly), or too long a path
-                    self._unwatched.report(path, error)
-                    continue
-                yield path, status
-                if stat.S_ISDIR(status.st_mode):
-                    subdirectories.append(path)
-            pending.extend(reversed(subdirectories))
+            current[directory] = entries
+            before = previous.pop(directory, None)
+            if emit is not None and entries != (before or {}):
+                changes.compare(directory, before or {}, entries)
+            pending.extend(os.path.join(directory, name) for name, value in entries.items() if value & 1)
+        if emit is not None:
+            for directory, entries in previous.items():  # vanished with their parent
+                changes.compare(directory, entries, {})
+            changes.emit(emit)
+        self.directories = current
+
+    def _list(self, directory: str) -> dict[str, int] | None:
+        try:
+            with os.scandir(directory) as listing:
+                return self._entries(listing)
+        except OSError as error:
+            if directory == self.root and error.errno not in {errno.ENOENT, errno.ENOTDIR, errno.EINVAL}:
+                raise  # as watchdog does: the poll is retried, or the root is reported deleted
+            if directory == self.root:
+                raise FileNotFoundError(error.errno, error.strerror, directory) from None
+            self._unwatched.report(directory, error)
+            return None
+
+    def _entries(self, listing: Iterator[os.DirEntry[str]]) -> dict[str, int]:
+        """Each entry's name and integer, one entry at a time (a listing's DirEntry objects are large)."""
+        entries: dict[str, int] = {}
+        for entry in listing:
+            try:
+                status = entry.stat(follow_symlinks=False)
+            except OSError as error:  # vanished since the listing (quietly), or too long a path
+                self._unwatched.report(entry.path, error)
+                continue
+            mode = status.st_mode
+            signature = hash((status.st_size, status.st_mtime_ns, mode, status.st_uid, status.st_gid))
+            entries[entry.name] = (status.st_ino << 64) | ((signature << 1) & _MASK) | stat.S_ISDIR(mode)
+        return entries
+
+
+class _Changes:
+    """The differences found by one poll, turned into watchdog events (moves matched by identity)."""
+
+    def __init__(self) -> None:
+        self.created: dict[int, list[tuple[str, bool]]] = {}
+        self.deleted: dict[int, list[tuple[str, bool]]] = {}
+        self.modified: list[tuple[str, bool]] = []
+
+    def compare(self, directory: str, before: dict[str, int], after: dict[str, int]) -> None:
+        """Note what differs between a directory's entries then (``before``) and now (``after``)."""
+        for name, value in after.items():
+            old = before.get(name)
+            if old == value:
+                continue
+            path = os.path.join(directory, name)
+            if old is None or old >> 64 != value >> 64 or (old ^ value) & 1:
+                if old is not None:
+                    self.deleted.setdefault(old >> 64, []).append((path, bool(old & 1)))
+                self.created.setdefault(value >> 64, []).append((path, bool(value & 1)))
+            else:
+                self.modified.append((path, bool(value & 1)))
+        for name, value in before.items():
+            if name not in after:
+                path = os.path.join(directory, name)
+                self.deleted.setdefault(value >> 64, []).append((path, bool(value & 1)))
+
+    def emit(self, emit: Callable[[FileSystemEvent], None]) -> None:
+        """Deletions, modifications, creations, then moves (a deletion and a creation of one identity)."""
+        moved: list[tuple[str, str, bool]] = []
+        for identity, gone in list(self.deleted.items()):
+            arrived = self.created.get(identity)
+            while gone and arrived:
+                (source, is_directory), (destination, _) = gone.pop(), arrived.pop()
+                moved.append((source, destination, is_directory))
+        for path, is_directory in [item for items in self.deleted.values() for item in items]:
+            emit(DirDeletedEvent(path) if is_directory else FileDeletedEvent(path))
+        for path, is_directory in self.modified:
+            emit(DirModifiedEvent(path) if is_directory else FileModifiedEvent(path))
+        for path, is_directory in [item for items in self.created.values() for item in items]:
+            emit(DirCreatedEvent(path) if is_directory else FileCreatedEvent(path))
+        for source, destination, is_directory in moved:
+            emit(DirMovedEvent(source, destination) if is_directory else FileMovedEvent(source, destination))
 
 
 class DeepSafePollingEmitter(PollingEmitter):
-    """watchdog's polling emitter on ``_IterativeSnapshot``; an exception in a poll is logged and
-    turned into a full rescan, and the next poll goes on."""
+    """A polling emitter on ``LeanTree`` (what a poll remembers, lean; iterative walks; never through a
+    symlink); an exception in a poll is logged and turned into a full rescan, and the next poll goes on."""
 
     def __init__(self, event_queue: EventQueue, watch: ObservedWatch, **options: Any) -> None:
         super().__init__(event_queue, watch, **options)
         self.lost_events: LostEventsCallback | None = None
-        unwatched = UnwatchedOnce("polling")
-        self._take_snapshot = lambda: _IterativeSnapshot(os.fsdecode(self.watch.path), unwatched=unwatched)
+        self._tree = LeanTree(os.fsdecode(self.watch.path), UnwatchedOnce("polling"))
+        self._failing = False
+
+    def on_thread_start(self) -> None:
+        try:
+            self._tree.poll(None)
+        except OSError:
+            self._failing = True  # the first poll that can read it reports what it finds
+        except Exception:
+            report_thread_failure("poll", self.lost_events)
 
     def queue_events(self, timeout: float) -> None:
         try:
-            super().queue_events(timeout)
+            self._queue_events(timeout)
         except Exception:
             report_thread_failure("poll", self.lost_events)
+
+    def _queue_events(self, timeout: float) -> None:
+        if self.stopped_event.wait(timeout):
+            return
+        with self._lock:
+            if not self.should_keep_running():
+                return
+            try:
+                self._tree.poll(self.queue_event)
+            except (FileNotFoundError, NotADirectoryError):
+                self.queue_event(DirDeletedEvent(self.watch.path))
+                self.stop()
+                return
+            except OSError as error:  # temporary (EIO, ESTALE, ...): what is remembered stays
+                if not self._failing:
+                    self._failing = True
+                    logger.warning(
+                        "watch_incomplete",
+                        subtree=self._tree.root,
+                        observer="polling",
+                        error=describe_os_error(error),
+                        detail="cannot poll now; retried at the next poll",
+                    )
+                return
+            self._failing = False
 
 
 class DeepSafePollingObserver(BaseObserver):

@@ -120,6 +120,10 @@ class PassResult:
     evicted_at_once: set[Path] = field(default_factory=set)
     storage_error: str | None = None
     failed_groups: list[Path] = field(default_factory=list)
+    # A dry run's kept plan may go, group by group, to a sink instead of ``group_plans`` (prune --json
+    # writes it as it comes), when no group's plan can change afterwards (no keep_free in the pass).
+    group_sink: Callable[[GroupPlan, PassResult], None] | None = None
+    streamed: bool = False
 
     @property
     def the_plan(self) -> Plan:
@@ -132,7 +136,9 @@ class PassResult:
         if group_plan is None:
             return
         self.summary = self.summary + group_plan.summary
-        if self.group_plans is not None:
+        if self.streamed and self.group_sink is not None:
+            self.group_sink(group_plan, self)
+        elif self.group_plans is not None:
             self.group_plans.append(group_plan)
         self._add_applied(applied)
 
@@ -207,12 +213,14 @@ def prune_once(
     files: ConfigAccess = LOCAL_FILES,
     refuse_in_runs: Callable[[LoadedPolicy], list[str]] | None = None,
     trash: Callable[[], TrashKeeper] | None = None,
+    group_sink: Callable[[GroupPlan, PassResult], None] | None = None,
 ) -> PassResult:
     """``prune``: one strict pass over ``root``; an invalid policy or protect_from file anywhere raises
     InvalidPolicyFilesError before anything is deleted. ``on_group``: as for ``Reconciler``.
     ``storage`` and ``files`` are where the tree and its config files are (a bucket; by default the
-    disk); ``refuse_in_runs`` says what a per-run policy file may not ask for there (PolicyTree), and
-    ``trash`` makes the root's trash (a bucket's: bucket_trash_pass)."""
+    disk); ``refuse_in_runs`` says what a per-run policy file may not ask for there (PolicyTree),
+    ``trash`` makes the root's trash (a bucket's: bucket_trash_pass), and ``group_sink`` is as for
+    ``Reconciler.run``."""
     reconciler = Reconciler(
         PolicyTree(root, loaded, strict=True, files=files, refuse=refuse_in_runs),
         ProtectionRegistry(working_directory, files=files),
@@ -223,7 +231,7 @@ def prune_once(
         storage=storage,
         trash=trash() if trash is not None else None,
     )
-    return reconciler.run(Trigger.PRUNE, dry_run=dry_run, keep_plan=True)
+    return reconciler.run(Trigger.PRUNE, dry_run=dry_run, keep_plan=True, group_sink=group_sink)
 
 
 class Reconciler:
@@ -278,13 +286,14 @@ class Reconciler:
         closed: Collection[Path] = (),
         dry_run: bool = False,
         keep_plan: bool = False,
+        group_sink: Callable[[GroupPlan, PassResult], None] | None = None,
     ) -> PassResult:
         """One pass: every group for a full trigger, else ``groups``; ``closed`` files count at once.
 
-        ``keep_plan`` keeps every decision and outcome in the result (else only the counts).
-        """
+        ``keep_plan`` keeps every decision and outcome in the result (else only the counts);
+        ``group_sink``: see ``PassResult``."""
         started = time.monotonic()
-        result = PassResult(trigger)
+        result = PassResult(trigger, group_sink=group_sink)
         if keep_plan:
             result.group_plans = []
             result.applied = None if dry_run else ApplyResult()
@@ -372,6 +381,7 @@ class Reconciler:
         """Scan, plan and apply each group in turn, so a pass holds one group's records at a time; then
         keep the free space each file system's ``keep_free`` asks for (``space.py``)."""
         pins = {**self._command_line_pins, **self.registry.pins()}
+        result.streamed = dry_run and result.group_sink is not None and not _keeps_free(effective)
         context = _PassContext.build(pins, self.storage.identities_of(pins), links, closed, dry_run, result)
         self.space.begin_pass()
         for done, (group, value) in enumerate(sorted(effective.items()), start=1):
@@ -478,6 +488,11 @@ class Reconciler:
         return groups
 
 
+def _keeps_free(effective: Mapping[Path, EffectivePolicy]) -> bool:
+    """True when some group's policy has keep_free (its evictions may change any group's plan)."""
+    return any(value.policy.keep_free is not None for value in effective.values())
+
+
 def _kept(group_plan: GroupPlan | None) -> Tally:
     """The checkpoints (step, best, last) a group's plan keeps, by kind."""
     decisions = group_plan.decisions if group_plan is not None else ()
@@ -579,7 +594,7 @@ def _log_blocked(group: Path, state: GroupState) -> None:
 
 def _log_news(state: GroupState, records: list[CheckpointRecord], *, detections: bool) -> int:
     """Warn once about each suspicious name; with ``detections`` (the daemon) also log each checkpoint
-    that is new or whose completeness changed (``checkpoint_detected``). Returns how many."""
+    that is new or whose completeness changed (``checkpoint_detected``, at debug). Returns how many."""
     seen: dict[str, bool] = {}
     detected = 0
     for record in records:
@@ -595,7 +610,7 @@ def _log_news(state: GroupState, records: list[CheckpointRecord], *, detections:
         seen[record.name] = record.complete
         if state.seen.get(record.name) != record.complete:
             detected += 1
-            logger.info(
+            logger.debug(  # at debug: a pass's one summary line (pass_completed) counts them
                 "checkpoint_detected",
                 path=display_name(str(record.path)),
                 kind=record.kind.value,

@@ -156,6 +156,12 @@ def display_name(name: str | os.PathLike[str]) -> str:
     return DisplayText("".join(_escape_character(character) for character in text))
 
 
+def is_plain_text(text: str) -> bool:
+    """True when ``text`` is printable ASCII without a backslash: ``display_name`` shows such text as
+    it is, unless it is a core path (which starts with ``/``)."""
+    return _PLAIN.fullmatch(text) is not None
+
+
 def _escape_character(character: str) -> str:
     if character in _NAMED_ESCAPES:
         return _NAMED_ESCAPES[character]

@@ -8,20 +8,22 @@ carried in JSON as the text ``inf``/``-inf``/``nan``.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import math
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from ckpt_watcher.budget import FreeSpacePlan
 from ckpt_watcher.contents import CheckpointContents
 from ckpt_watcher.delete import ApplyResult
 from ckpt_watcher.durations import format_duration
-from ckpt_watcher.plan import Action, Decision, Plan, Summary
+from ckpt_watcher.plan import Action, Decision, GroupPlan, Plan, Summary
 from ckpt_watcher.policy import POLICY_DESCRIPTIONS, LoadedPolicy
-from ckpt_watcher.records import TRASH_DIRECTORY_NAME, display_name, metric_for_json
+from ckpt_watcher.records import TRASH_DIRECTORY_NAME, display_name, is_plain_text, metric_for_json
 from ckpt_watcher.sizes import human_bytes
 from ckpt_watcher.trash import TrashEntry, TrashListing, TrashSummary, iso_time
 from ckpt_watcher.trash_moves import RestoreResult
@@ -62,7 +64,58 @@ class TrashView:
         return len(deletions), sum(decision.record.bytes for decision in deletions)
 
 
-def _row(decision: Decision, action: str) -> tuple[str, ...]:
+def render_table(
+    plan: Plan,
+    dry_run: bool,
+    applied: ApplyResult | None = None,
+    sources: Mapping[Path, tuple[str, ...]] | None = None,
+    trash: TrashView | None = None,
+    space: Sequence[FreeSpacePlan] = (),
+) -> str:
+    """The dry-run audit: a line per file system where a byte budget is in force, the trash (if there
+    is one), one table per group (with the policy files that apply), then a summary."""
+    buffer = io.StringIO()
+    write_table(buffer, plan, dry_run, applied, sources, trash, space)
+    return buffer.getvalue().removesuffix("\n")
+
+
+def write_table(
+    out: TextIO,
+    plan: Plan,
+    dry_run: bool,
+    applied: ApplyResult | None = None,
+    sources: Mapping[Path, tuple[str, ...]] | None = None,
+    trash: TrashView | None = None,
+    space: Sequence[FreeSpacePlan] = (),
+) -> None:
+    """``render_table``'s text, written as it is made: each group's rows twice over (their widths,
+    then the lines), a batch of lines at a time, so no group's rows are held at once."""
+    trash = trash or TrashView()
+    lines = [space_line(fs_plan, dry_run) for fs_plan in space]
+    if trash.shown:
+        lines.append(trash_line(trash.summary))
+    if lines:
+        out.write("\n".join(lines) + "\n\n")
+    for group in plan.groups:
+        directory = group.directory
+        widths = [len(column) for column in _COLUMNS[:-1]]
+        for decision in group.decisions:
+            row = _plain_row(decision, trash.action(directory, decision))
+            widths = [max(width, len(cell)) for width, cell in zip(widths, row, strict=False)]
+        out.write(_group_header(directory, sources, trash) + "\n" + _line(_COLUMNS, widths) + "\n")
+        batch: list[str] = []
+        for decision in group.decisions:
+            batch.append(_line(_plain_row(decision, trash.action(directory, decision)), widths))
+            if len(batch) == _ENTRIES_PER_WRITE:
+                out.write("\n".join(batch) + "\n")
+                batch = []
+        out.write("".join(line + "\n" for line in batch) + "\n")
+    out.write(summary_line(plan.summary, dry_run, applied, trash.trashed_in(plan)) + "\n")
+
+
+def _plain_row(decision: Decision, action: str) -> tuple[str, ...]:
+    """One row's cells, each through ``display_name``; one look at all of them when none needs
+    escaping (the usual case)."""
     record = decision.record
     cells = (
         action,
@@ -74,42 +127,24 @@ def _row(decision: Decision, action: str) -> tuple[str, ...]:
         record.name,
         "; ".join(decision.reasons),
     )
+    text = "".join(cells)
+    if "/" not in text and is_plain_text(text):
+        return cells
     return tuple(display_name(cell) for cell in cells)
 
 
-def render_table(
-    plan: Plan,
-    dry_run: bool,
-    applied: ApplyResult | None = None,
-    sources: Mapping[Path, tuple[str, ...]] | None = None,
-    trash: TrashView | None = None,
-    space: Sequence[FreeSpacePlan] = (),
-) -> str:
-    """The dry-run audit: a line per file system where a byte budget is in force, the trash (if there
-    is one), one table per group (with the policy files that apply), then a summary."""
-    trash = trash or TrashView()
-    lines = [space_line(fs_plan, dry_run) for fs_plan in space]
-    if trash.shown:
-        lines.append(trash_line(trash.summary))
-    if lines:
-        lines.append("")
-    for group in plan.groups:
-        rows = [_row(decision, trash.action(group.directory, decision)) for decision in group.decisions]
-        widths = [
-            max(len(column), *(len(row[index]) for row in rows)) for index, column in enumerate(_COLUMNS[:-1])
-        ]
-        header = display_name(str(group.directory))
-        if sources and group.directory in sources:
-            header += f"  (policy: {display_name(' + '.join(sources[group.directory]))})"
-        if group.directory in trash.graces:
-            header += f"  (trash grace: {format_duration(trash.graces[group.directory])})"
-        lines.append(header)
-        for row in [_COLUMNS, *rows]:
-            cells = [cell.ljust(width) for cell, width in zip(row[:-1], widths, strict=True)]
-            lines.append(("  " + "  ".join(cells) + "  " + row[-1]).rstrip())
-        lines.append("")
-    lines.append(summary_line(plan.summary, dry_run, applied, trash.trashed_in(plan)))
-    return "\n".join(lines)
+def _group_header(directory: Path, sources: Mapping[Path, tuple[str, ...]] | None, trash: TrashView) -> str:
+    header = display_name(str(directory))
+    if sources and directory in sources:
+        header += f"  (policy: {display_name(' + '.join(sources[directory]))})"
+    if directory in trash.graces:
+        header += f"  (trash grace: {format_duration(trash.graces[directory])})"
+    return header
+
+
+def _line(row: Sequence[str], widths: Sequence[int]) -> str:
+    cells = [cell.ljust(width) for cell, width in zip(row[:-1], widths, strict=True)]
+    return ("  " + "  ".join(cells) + "  " + row[-1]).rstrip()
 
 
 def space_line(fs_plan: FreeSpacePlan, dry_run: bool) -> str:
@@ -214,53 +249,202 @@ def plan_document(
     )
     groups = []
     for group in plan.groups:
-        entries = []
-        for decision in group.decisions:
-            record = decision.record
-            entry: dict[str, Any] = {
-                "path": display_name(str(record.path)),
-                "name": display_name(record.name),
-                "kind": record.kind.value,
-                "type": record.entry_type.value,
-                "epoch": record.epoch,
-                "step": record.step,
-                "metric_name": record.metric_name,
-                "metric": metric_for_json(record),
-                "version": record.version,
-                "bytes": record.bytes,
-                "action": trash.action(group.directory, decision),
-                "reasons": list(decision.reasons),
-            }
-            if decision.evicted:
-                entry["evicted"] = True
-            if id(decision) in outcomes:
-                entry["outcome"] = outcomes[id(decision)]
-            entries.append(entry)
-        groups.append(
-            {
-                "directory": display_name(str(group.directory)),
-                "policy_sources": list((sources or {}).get(group.directory, (loaded.source_label,))),
-                "trash_grace_seconds": trash.graces.get(group.directory),
-                "entries": entries,
-            }
-        )
+        entries = [
+            _entry_document(group.directory, decision, trash, outcomes) for decision in group.decisions
+        ]
+        groups.append({**_group_document(group.directory, loaded, sources, trash), "entries": entries})
     return {
         "policy": policy_document(loaded),
         "trash": trash_document(trash.summary),
         "space": [space_document(fs_plan) for fs_plan in space],
         "groups": groups,
-        "summary": {
-            **_summary_document(plan, dry_run, applied, trash),
-            "evicted": sum(decision.evicted for decision in plan.decisions),
-            "budget_unmet_bytes": budget_unmet_bytes,
-        },
+        "summary": _plan_summary_document(plan, dry_run, applied, trash, budget_unmet_bytes),
+    }
+
+
+def write_plan_json(
+    out: TextIO,
+    plan: Plan,
+    loaded: LoadedPolicy,
+    dry_run: bool,
+    applied: ApplyResult | None = None,
+    sources: Mapping[Path, tuple[str, ...]] | None = None,
+    trash: TrashView | None = None,
+    space: Sequence[FreeSpacePlan] = (),
+    budget_unmet_bytes: int = 0,
+) -> None:
+    """``plan_document``'s document (the same parsed JSON), written compact as it is made: a batch of
+    entries at a time, so a plan of 100,000 checkpoints is never held a second time as a document or
+    as one string. Strings are escaped as ``render_json`` escapes them."""
+    trash = trash or TrashView()
+    outcomes: Mapping[int, str] = (
+        {id(result.decision): result.outcome.value for result in applied.results} if applied else {}
+    )
+    head = {
+        "policy": policy_document(loaded),
+        "trash": trash_document(trash.summary),
+        "space": [space_document(fs_plan) for fs_plan in space],
+    }
+    out.write(_compact(head)[:-1] + ',"groups":[')
+    for number, group in enumerate(plan.groups):
+        _write_group(
+            out, number, group, _group_document(group.directory, loaded, sources, trash), trash, outcomes
+        )
+    summary = _plan_summary_document(plan, dry_run, applied, trash, budget_unmet_bytes)
+    out.write('],"summary":' + _compact(summary) + "}\n")
+
+
+def _write_group(
+    out: TextIO,
+    number: int,
+    group: GroupPlan,
+    document: dict[str, Any],
+    trash: TrashView,
+    outcomes: Mapping[int, str],
+) -> None:
+    """One group of the ``--json`` document (its ``entries`` a batch at a time); ``number`` from 0."""
+    out.write(("," if number else "") + _compact(document)[:-1] + ',"entries":[')
+    decisions = group.decisions
+    for start in range(0, len(decisions), _ENTRIES_PER_WRITE):
+        batch = [
+            _entry_ready(_entry_document(group.directory, decision, trash, outcomes))
+            for decision in decisions[start : start + _ENTRIES_PER_WRITE]
+        ]
+        out.write(("," if start else "") + _ENCODE(batch)[1:-1])  # escaped already
+    out.write("]}")
+
+
+class PlanJSONStream:
+    """``write_plan_json``'s document (the same parsed JSON) for a dry run, written while the pass
+    runs: each group as soon as it is planned (``group``), then the policy, the trash, the space and
+    the summary (``finish``). The pass then holds one group's plan at a time, also for ``prune --json``.
+    Only for a pass in which no group's plan can change after it is made (no ``keep_free``)."""
+
+    def __init__(self, out: TextIO, loaded: LoadedPolicy) -> None:
+        self._out = out
+        self._loaded = loaded
+        self._groups = 0
+        self._evicted = 0
+        self._trashed = (0, 0)
+
+    def group(self, group: GroupPlan, sources: tuple[str, ...] | None, grace_seconds: int | None) -> None:
+        """Write one group's plan (``sources``: the policy files in force there; ``grace_seconds``:
+        its trash's, None when deletions are not moves into a trash)."""
+        trash = TrashView({group.directory: grace_seconds} if grace_seconds else {})
+        document = _group_document(
+            group.directory, self._loaded, {group.directory: sources} if sources is not None else None, trash
+        )
+        if not self._groups:
+            self._out.write('{"groups":[')
+        _write_group(self._out, self._groups, group, document, trash, {})
+        self._groups += 1
+        self._evicted += sum(decision.evicted for decision in group.decisions)
+        trashed = trash.trashed_in(Plan((group,)))
+        self._trashed = (self._trashed[0] + trashed[0], self._trashed[1] + trashed[1])
+
+    def finish(
+        self,
+        summary: Summary,
+        trash: TrashSummary | None,
+        space: Sequence[FreeSpacePlan],
+        budget_unmet_bytes: int,
+    ) -> None:
+        """Write the rest of the document once every group is written."""
+        if not self._groups:
+            self._out.write('{"groups":[')
+        document = {
+            "policy": policy_document(self._loaded),
+            "trash": trash_document(trash),
+            "space": [space_document(fs_plan) for fs_plan in space],
+            "summary": {
+                **_counts_document(summary, True, None, self._trashed),
+                "evicted": self._evicted,
+                "budget_unmet_bytes": budget_unmet_bytes,
+            },
+        }
+        self._out.write("]," + _compact(document)[1:] + "\n")
+
+
+_ENTRIES_PER_WRITE = 1024
+
+
+_ENCODE = json.JSONEncoder(allow_nan=False, separators=(",", ":")).encode  # compact: the C encoder
+
+
+def _compact(value: Any) -> str:
+    """``value`` as compact JSON, every string escaped as ``render_json`` does."""
+    return _ENCODE(json_ready(value))
+
+
+def _entry_ready(entry: dict[str, Any]) -> dict[str, Any]:
+    """An entry whose strings ``display_name`` would leave as they are marked so (``json_ready`` then
+    returns it at once); else escaped. Path and name are escaped already; kind, type, action and a
+    metric's text are words of ours; only the metric's name and the reasons are looked at."""
+    metric_name = entry["metric_name"]
+    text = "".join(entry["reasons"]) if metric_name is None else "".join([metric_name, *entry["reasons"]])
+    if "/" not in text and is_plain_text(text):
+        return entry
+    return dict(json_ready(entry))
+
+
+def _entry_document(
+    directory: Path, decision: Decision, trash: TrashView, outcomes: Mapping[int, str]
+) -> dict[str, Any]:
+    """One entry of a group in the ``--json`` document."""
+    record = decision.record
+    entry: dict[str, Any] = {
+        # record.path is directory / name (a plan groups by directory); joined here, so the record's
+        # Path does not keep its text for the rest of the pass
+        "path": display_name(os.path.join(str(directory), record.name)),
+        "name": display_name(record.name),
+        "kind": record.kind.value,
+        "type": record.entry_type.value,
+        "epoch": record.epoch,
+        "step": record.step,
+        "metric_name": record.metric_name,
+        "metric": metric_for_json(record),
+        "version": record.version,
+        "bytes": record.bytes,
+        "action": trash.action(directory, decision),
+        "reasons": list(decision.reasons),
+    }
+    if decision.evicted:
+        entry["evicted"] = True
+    if id(decision) in outcomes:
+        entry["outcome"] = outcomes[id(decision)]
+    return entry
+
+
+def _group_document(
+    directory: Path, loaded: LoadedPolicy, sources: Mapping[Path, tuple[str, ...]] | None, trash: TrashView
+) -> dict[str, Any]:
+    """A group in the ``--json`` document, without its entries."""
+    return {
+        "directory": display_name(str(directory)),
+        "policy_sources": list((sources or {}).get(directory, (loaded.source_label,))),
+        "trash_grace_seconds": trash.graces.get(directory),
+    }
+
+
+def _plan_summary_document(
+    plan: Plan, dry_run: bool, applied: ApplyResult | None, trash: TrashView, budget_unmet_bytes: int
+) -> dict[str, Any]:
+    return {
+        **_summary_document(plan, dry_run, applied, trash),
+        "evicted": sum(decision.evicted for decision in plan.decisions),
+        "budget_unmet_bytes": budget_unmet_bytes,
     }
 
 
 def _summary_document(
     plan: Plan, dry_run: bool, applied: ApplyResult | None, trash: TrashView
 ) -> dict[str, Any]:
-    summary = plan.summary
+    return _counts_document(plan.summary, dry_run, applied, trash.trashed_in(plan))
+
+
+def _counts_document(
+    summary: Summary, dry_run: bool, applied: ApplyResult | None, trashed: tuple[int, int]
+) -> dict[str, Any]:
     document_summary: dict[str, Any] = {
         "kept": summary.kept,
         "deleted": summary.deleted if dry_run or applied is None else len(applied.deleted),
@@ -269,7 +453,6 @@ def _summary_document(
         "bytes_deleted": summary.bytes_deleted if dry_run or applied is None else applied.bytes_freed,
         "dry_run": dry_run,
     }
-    trashed = trash.trashed_in(plan)
     if dry_run or applied is None:
         document_summary["deleted"] -= trashed[0]
         document_summary["bytes_deleted"] -= trashed[1]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import stat
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -107,40 +108,67 @@ class CompletenessCache:
     """
 
     def __init__(self) -> None:
-        self._verdicts: dict[tuple[FileIdentity, str], Completeness] = {}
-        self._counted: dict[Path, FileIdentity] = {}
+        # By verify level, then identity packed into bytes; paths as text. A daemon holds one entry per
+        # file of the tree: no tuple, no Path, and nothing allocated in the middle of a scan's records
+        # (``retain`` packs its keys after the scan), so a big scan's memory goes back when it ends.
+        self._verdicts: dict[str, dict[bytes, Completeness]] = {}
+        self._counted: dict[str, bytes] = {}
 
     def __len__(self) -> int:
-        return len(self._verdicts)
+        return sum(len(verdicts) for verdicts in self._verdicts.values())
 
     def get(self, identity: FileIdentity, verify: str) -> Completeness | None:
         """The stored verdict on this very file at this verify level, if any."""
-        return self._verdicts.get((identity, verify))
+        verdicts = self._verdicts.get(verify)
+        return verdicts.get(_packed(identity)) if verdicts is not None else None
 
     def store(self, identity: FileIdentity, verify: str, verdict: Completeness) -> None:
         """Remember a verdict that depends only on the file's bytes."""
         if not verdict.transient:
-            self._verdicts[(identity, verify)] = verdict
+            self._verdicts.setdefault(verify, {})[_packed(identity)] = verdict
 
     def counted(self, path: Path, identity: FileIdentity) -> None:
         """``path`` counts as complete with this identity."""
-        self._counted[path] = identity
+        self._counted[os.fspath(path)] = _packed(identity)
 
     def change_since_counted(self, path: Path, identity: FileIdentity) -> FileIdentity | None:
         """The identity ``path`` had when it counted, if it differs now (and forget it); else None."""
-        before = self._counted.get(path)
-        if before is None or before == identity:
+        key = os.fspath(path)
+        before = self._counted.get(key)
+        if before is None or before == _packed(identity):
             return None
-        del self._counted[path]
-        return before
+        del self._counted[key]
+        return FileIdentity(*_IDENTITY.unpack(before))
 
     def retain(self, records: Iterable[CheckpointRecord]) -> None:
         """Keep only what concerns these records (the latest scan of the cache's directories)."""
         records = list(records)
-        identities = {record.identity for record in records}
-        paths = {record.path for record in records}
-        self._verdicts = {key: value for key, value in self._verdicts.items() if key[0] in identities}
-        self._counted = {path: value for path, value in self._counted.items() if path in paths}
+        # Keys made now, after the scan: the objects kept are not scattered among the records'.
+        identities = {key: key for key in (_packed(record.identity) for record in records)}
+        paths = {key: key for key in (_fresh_text(os.fspath(record.path)) for record in records)}
+        self._verdicts = {
+            verify: {identities[key]: value for key, value in verdicts.items() if key in identities}
+            for verify, verdicts in self._verdicts.items()
+        }
+        self._counted = {
+            paths[path]: identities.get(value, value)
+            for path, value in self._counted.items()
+            if path in paths
+        }
+
+
+_IDENTITY = struct.Struct("<QQqq")  # device, inode, size, mtime_ns
+
+
+def _fresh_text(text: str) -> str:
+    """A new string object equal to ``text``."""
+    return text.encode("utf-8", "surrogatepass").decode("utf-8", "surrogatepass")
+
+
+def _packed(identity: FileIdentity | None) -> bytes:
+    if identity is None:
+        return b""
+    return _IDENTITY.pack(identity.device, identity.inode, identity.size, identity.mtime_ns)
 
 
 NamingLookup = Callable[[Path], Naming]

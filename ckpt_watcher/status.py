@@ -81,6 +81,7 @@ def pass_fields(result: PassResult, *, free: int | None, budget: str) -> dict[st
         "kept": summary.kept,
         "deleted": result.deleted,
         "skipped": summary.skipped,
+        "detected": result.detected,
         "failed": result.failed,
         "bytes_freed": result.bytes_freed,
         "trashed": result.trashed,

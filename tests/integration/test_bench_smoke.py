@@ -26,6 +26,7 @@ SECTION_TITLES = (
     "## 7. Space pressure",
     "## 8. The trash",
     "## 9. A bucket prefix",
+    "## 10. 100,000 checkpoints against the floor",
 )
 
 

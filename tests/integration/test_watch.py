@@ -84,7 +84,8 @@ def test_second_instance_is_refused_by_the_lock(root: Path, tmp_path: Path) -> N
 
 def test_new_checkpoints_are_pruned_as_they_are_closed(root: Path, tmp_path: Path) -> None:
     policy = _write_policy(tmp_path / "policy.yaml", "save_top_k_checkpoints: 2\nsave_top_k_best: 1\n")
-    with running_daemon(["watch", str(root), "--policy", str(policy)], tmp_path / "log") as daemon:
+    arguments = ["--log-level", "debug", "watch", str(root), "--policy", str(policy)]
+    with running_daemon(arguments, tmp_path / "log") as daemon:
         daemon.wait_ready()
         for step in range(100, 600, 100):
             write_checkpoint(root / step_name(0, step))
@@ -98,6 +99,24 @@ def test_new_checkpoints_are_pruned_as_they_are_closed(root: Path, tmp_path: Pat
         assert len(deleted) == 7
         detected = daemon.events("checkpoint_detected")
         assert {record["kind"] for record in detected} == {"step", "best"}
+
+
+def test_a_pass_logs_one_summary_line_and_each_detection_only_at_debug(root: Path, tmp_path: Path) -> None:
+    """At info, a start-up over many checkpoints is one ``pass_completed`` line that counts what it
+    detected (a shared volume of 100,000 checkpoints is not 100,000 lines); each deletion is still
+    one record; at debug, each detection is one record too."""
+    _steps(root, range(100, 1100, 100))
+    arguments = ["watch", str(root), "--settle", "0"]
+    with running_daemon(arguments, tmp_path / "info.log") as daemon:
+        daemon.wait_ready()
+        assert daemon.wait_for("pass_completed")[0]["detected"] == 10
+        assert not daemon.events("checkpoint_detected")
+        wait_until(lambda: len(daemon.events("checkpoint_deleted")) == 5, what="5 deletion records")
+    _steps(root, range(1100, 1300, 100))
+    with running_daemon(["--log-level", "debug", *arguments], tmp_path / "debug.log") as daemon:
+        daemon.wait_ready()
+        assert daemon.wait_for("pass_completed")[0]["detected"] == 7
+        assert len(daemon.events("checkpoint_detected")) == 7
 
 
 def test_path_created_late_is_watched_once_it_appears(tmp_path: Path) -> None:
@@ -182,7 +201,7 @@ def test_slow_writer_is_never_counted_until_complete(root: Path, tmp_path: Path)
     _steps(root, [100, 200])
     big = zip_bytes(os.urandom(1 << 20), entries=24)  # ~24 MiB, written in 64 KiB chunks
     target = root / step_name(0, 300)
-    arguments = ["watch", str(root), "--policy", str(policy), "--settle", "1"]
+    arguments = ["--log-level", "debug", "watch", str(root), "--policy", str(policy), "--settle", "1"]
     with running_daemon(arguments, tmp_path / "log") as daemon:
         daemon.wait_ready()
         with target.open("wb") as stream:
@@ -226,7 +245,8 @@ def test_atomic_writer_moving_into_place_is_counted_at_once(root: Path, tmp_path
 
 def test_temporary_names_in_the_directory_are_never_counted(root: Path, tmp_path: Path) -> None:
     _steps(root, range(100, 600, 100))
-    with running_daemon(["watch", str(root), "--settle", "0"], tmp_path / "log") as daemon:
+    arguments = ["--log-level", "debug", "watch", str(root), "--settle", "0"]
+    with running_daemon(arguments, tmp_path / "log") as daemon:
         daemon.wait_ready()
         write_checkpoint(root / (step_name(0, 600) + ".tmp"))
         write_checkpoint(root / (step_name(0, 700) + ".partial"))

@@ -204,9 +204,8 @@ def test_a_failure_inside_an_observer_thread_is_logged_and_rescans_and_watching_
 ) -> None:
     """An exception in the thread that reads inotify events (or polls) ended that thread: no event
     ever again, silently. It is logged, a full rescan is asked for, and the thread goes on."""
-    from watchdog.observers.polling import PollingEmitter
-
     from ckpt_watcher.inotify_observer import DeepSafeWatchGroup
+    from ckpt_watcher.observers import LeanTree
 
     failures = [RuntimeError("a walk failed")]
 
@@ -220,8 +219,8 @@ def test_a_failure_inside_an_observer_thread_is_logged_and_rescans_and_watching_
 
     if poll_interval is None:  # watchdog's handling of one inotify event raises
         monkeypatch.setattr(DeepSafeWatchGroup, "on_event", fail_once(DeepSafeWatchGroup.on_event))
-    else:  # watchdog's poll raises
-        monkeypatch.setattr(PollingEmitter, "queue_events", fail_once(PollingEmitter.queue_events))
+    else:  # a poll raises
+        monkeypatch.setattr(LeanTree, "poll", fail_once(LeanTree.poll))
     watcher = _watcher(tmp_path, poll_interval=poll_interval)
     with RunningWatcher(watcher):
         wait_until(lambda: bool(logged(captured, "watch_started")), what="watch_started")
