@@ -237,14 +237,12 @@ def prune_once(
 class Reconciler:
     """Runs passes over one root; between passes it remembers each group (verdicts, links, configs).
 
-    ``one_shot`` (prune): policy and protect_from errors raise, nothing is cached and no detection is
-    logged. Otherwise (the daemon) an invalid edit is logged and the last good version stays in force.
-    ``stop`` ends a pass between two deletions (or inside a long scan); ``progress`` is called
-    between groups (the liveness keep-alive of a long pass), and ``on_group`` with how many of the
-    pass's groups are done, of how many (a terminal's progress line). ``storage`` does the pass's I/O
-    (a directory tree on disk unless given; storage.py), ``trash`` is the root's trash (its
-    directory's unless given: a bucket's is bucket_trash_pass.BucketTrashPass).
-    """
+    ``one_shot`` (prune): policy and protect_from errors raise, nothing is cached, no detection logged;
+    otherwise (the daemon) an invalid edit is logged and the last good version stays in force. ``stop``
+    ends a pass between two deletions (or in a long scan); ``progress`` is called between groups (the
+    keep-alive of a long pass), ``on_group`` with how many groups are done, of how many (a progress
+    line). ``storage`` does the I/O (a tree on disk unless given), ``trash`` is the root's trash (a
+    bucket's: bucket_trash_pass.BucketTrashPass)."""
 
     def __init__(
         self,
