@@ -66,9 +66,12 @@ def measure(config: Config) -> Section:
         f"default policy, `--settle 0`. A whole start-up reconcile took {seconds_text(startup)} (spawn to "
         "READY=1); SIGTERM was sent at a fraction of that, and the time to exit measured from the signal.",
         markdown_table(["SIGTERM at", "exit after", "exit code", "deleted before the stop"], rows),
-        "Exit code -15: the signal came before the daemon had set its handlers (while Python was still "
-        "importing its modules), so the signal's default action ended it, before anything was deleted.",
     ]
+    if any(row[2] == str(-signal.SIGTERM) for row in rows):
+        body.append(
+            "Exit code -15: the signal came before the daemon had set its handlers (while Python was still "
+            "importing its modules), so the signal's default action ended it, before anything was deleted."
+        )
     return Section(
         title="11. Stopping during a large start-up reconcile",
         body=body,
