@@ -66,6 +66,7 @@ EXIT_OK = 0
 EXIT_DELETE_FAILED = 1
 EXIT_UNREADABLE = 1  # inspect: a checkpoint could not be read
 EXIT_NOT_RESTORED = 1  # restore: an entry could not be restored (or none matched)
+EXIT_TRASH_FAILED = 1  # trash list|empty: the trash cannot be used, or an entry could not be purged
 EXIT_USAGE = 2
 DEFAULT_POLL_SECONDS = 5.0
 
@@ -641,7 +642,7 @@ def run_trash_list(arguments: argparse.Namespace) -> int:
         listing = list_trash(root)
     except TrashUnusableError as error:
         print(f"ckpt-watcher: {error}", file=sys.stderr)
-        return EXIT_DELETE_FAILED
+        return EXIT_TRASH_FAILED
     if arguments.json:
         print(render_json(trash_list_document(root, listing)))
     elif listing is None:
@@ -674,13 +675,13 @@ def run_trash_empty(arguments: argparse.Namespace) -> int:
         result = _purge(arguments.path, root, cutoff, why)
     except TrashUnusableError as error:
         print(f"ckpt-watcher: {error}", file=sys.stderr)
-        return EXIT_DELETE_FAILED
+        return EXIT_TRASH_FAILED
     count = len(result.purged)
     line = f"purged {count} entr{'y' if count == 1 else 'ies'} ({human_bytes(result.bytes_purged)})"
     if result.failed:
         line += f"; {len(result.failed)} could not be removed (retried by the next purge)"
     print(line)
-    return EXIT_DELETE_FAILED if result.failed else EXIT_OK
+    return EXIT_TRASH_FAILED if result.failed else EXIT_OK
 
 
 def run_restore(arguments: argparse.Namespace) -> int:

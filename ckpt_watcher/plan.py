@@ -63,20 +63,21 @@ class Decision:
 
 @dataclass(frozen=True, slots=True)
 class Summary:
-    """Counts and bytes of a plan or a group."""
+    """Counts and bytes of a plan or a group: what it keeps and what it would delete (``to_delete``:
+    planned; what a pass did delete is ``ApplyResult.deleted``, its count ``PassResult.deleted``)."""
 
     kept: int = 0
-    deleted: int = 0
+    to_delete: int = 0
     skipped: int = 0
-    bytes_deleted: int = 0
+    bytes_to_delete: int = 0
     bytes_kept: int = 0
 
     def __add__(self, other: Summary) -> Summary:
         return Summary(
             self.kept + other.kept,
-            self.deleted + other.deleted,
+            self.to_delete + other.to_delete,
             self.skipped + other.skipped,
-            self.bytes_deleted + other.bytes_deleted,
+            self.bytes_to_delete + other.bytes_to_delete,
             self.bytes_kept + other.bytes_kept,
         )
 

@@ -203,10 +203,10 @@ def summary_line(
 ) -> str:
     """``kept 7, deleted 12 (1.2 GiB), skipped 3`` plus what actually happened; ``trashed`` is how many
     planned deletions (and bytes) go to the trash."""
-    planned_deletions = summary.deleted - trashed[0]
+    planned_deletions = summary.to_delete - trashed[0]
     if dry_run or applied is None:
         counts = [
-            ("delete", planned_deletions, summary.bytes_deleted - trashed[1]),
+            ("delete", planned_deletions, summary.bytes_to_delete - trashed[1]),
             ("trash", trashed[0], trashed[1]),
         ]
     else:
@@ -225,9 +225,9 @@ def summary_line(
     line += f", skipped {summary.skipped}"
     if dry_run:
         return line + " -- dry run: nothing was deleted"
-    done = len(applied.deleted) + len(applied.trashed) if applied is not None else summary.deleted
-    if applied is not None and (applied.failed or done != summary.deleted):
-        line += f" -- {summary.deleted - done} planned deletion(s) not done, {len(applied.failed)} failed"
+    done = len(applied.deleted) + len(applied.trashed) if applied is not None else summary.to_delete
+    if applied is not None and (applied.failed or done != summary.to_delete):
+        line += f" -- {summary.to_delete - done} planned deletion(s) not done, {len(applied.failed)} failed"
     return line
 
 
@@ -447,10 +447,10 @@ def _counts_document(
 ) -> dict[str, Any]:
     document_summary: dict[str, Any] = {
         "kept": summary.kept,
-        "deleted": summary.deleted if dry_run or applied is None else len(applied.deleted),
+        "deleted": summary.to_delete if dry_run or applied is None else len(applied.deleted),
         "skipped": summary.skipped,
         "bytes_kept": summary.bytes_kept,
-        "bytes_deleted": summary.bytes_deleted if dry_run or applied is None else applied.bytes_freed,
+        "bytes_deleted": summary.bytes_to_delete if dry_run or applied is None else applied.bytes_freed,
         "dry_run": dry_run,
     }
     if dry_run or applied is None:

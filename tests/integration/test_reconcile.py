@@ -47,14 +47,14 @@ def test_a_pass_result_counts_what_was_applied(tmp_path: Path) -> None:
     dry = prune_once(
         tmp_path, load_policy(None), pins={}, settle_seconds=0, dry_run=True, working_directory=tmp_path
     )
-    assert (dry.summary.deleted, dry.deleted, dry.applied) == (4, 0, None)
+    assert (dry.summary.to_delete, dry.deleted, dry.applied) == (4, 0, None)
     assert len(_names(tmp_path / "run")) == 9
 
     done = prune_once(
         tmp_path, load_policy(None), pins={}, settle_seconds=0, dry_run=False, working_directory=tmp_path
     )
     assert done.trigger is Trigger.PRUNE
-    assert (done.summary.deleted, done.deleted, done.failed) == (4, 4, 0)
+    assert (done.summary.to_delete, done.deleted, done.failed) == (4, 4, 0)
     assert done.bytes_freed == sum(decision.record.bytes for decision in done.the_plan.deletions)
     assert done.sources == {tmp_path: ("embedded default",), tmp_path / "run": ("embedded default",)}
     assert len(_names(tmp_path / "run")) == 5
@@ -105,7 +105,7 @@ def test_a_stop_is_honoured_between_two_deletions_of_one_group(
 
     result = _daemon_core(tmp_path, stop=stop).run(Trigger.STARTUP)
 
-    assert result.summary.deleted == 15
+    assert result.summary.to_delete == 15
     assert result.deleted == 1
     assert result.interrupted
     assert len(_names(tmp_path)) == 19

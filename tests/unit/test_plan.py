@@ -499,7 +499,7 @@ def test_complete_directory_checkpoints_are_ranked_and_deleted_like_files() -> N
     assert decisions[best_name(2, 200, 0.1)].action is Action.KEEP
     assert decisions[best_name(1, 100, 0.5)].reasons == ("outside top 1 best (rank 2, loss=0.5000)",)
     assert [decision.record.step for decision in result.deletions] == [100, 100, 200]
-    assert result.summary.bytes_deleted == 10 + 40 + 20
+    assert result.summary.bytes_to_delete == 10 + 40 + 20
 
 
 def test_skip_reasons_for_unknown_names() -> None:
@@ -907,12 +907,12 @@ def test_summary_counts_and_bytes() -> None:
     ]
     result = plan([*run, *other], Policy(save_top_k_checkpoints=1, save_top_k_best=1))
     groups = {group.directory: group for group in result.groups}
-    assert groups[RUN].summary == Summary(kept=3, deleted=3, skipped=3, bytes_deleted=311, bytes_kept=320)
-    assert groups[OTHER].summary == Summary(kept=1, deleted=1, skipped=0, bytes_deleted=1, bytes_kept=2)
-    assert result.summary == Summary(kept=4, deleted=4, skipped=3, bytes_deleted=312, bytes_kept=322)
+    assert groups[RUN].summary == Summary(kept=3, to_delete=3, skipped=3, bytes_to_delete=311, bytes_kept=320)
+    assert groups[OTHER].summary == Summary(kept=1, to_delete=1, skipped=0, bytes_to_delete=1, bytes_kept=2)
+    assert result.summary == Summary(kept=4, to_delete=4, skipped=3, bytes_to_delete=312, bytes_kept=322)
     assert result.summary == groups[RUN].summary + groups[OTHER].summary
-    assert len(result.deletions) == result.summary.deleted
-    assert sum(decision.record.bytes for decision in result.deletions) == result.summary.bytes_deleted
+    assert len(result.deletions) == result.summary.to_delete
+    assert sum(decision.record.bytes for decision in result.deletions) == result.summary.bytes_to_delete
 
 
 def test_empty_input_gives_an_empty_plan() -> None:

@@ -282,9 +282,9 @@ def test_every_record_gets_exactly_one_decision(scenario: Scenario) -> None:
     assert Counter(id(decision.record) for decision in result.decisions) == Counter(id(r) for r in records)
     assert len(result.decisions) == len(records)
     summary = result.summary
-    assert summary.kept + summary.deleted + summary.skipped == len(records)
+    assert summary.kept + summary.to_delete + summary.skipped == len(records)
     assert summary == sum((group.summary for group in result.groups), start=Summary())
-    assert summary.bytes_deleted == sum(decision.record.bytes for decision in result.deletions)
+    assert summary.bytes_to_delete == sum(decision.record.bytes for decision in result.deletions)
     assert [group.directory for group in result.groups] == sorted({record.directory for record in records})
     for group in result.groups:
         assert all(decision.record.directory == group.directory for decision in group.decisions)
@@ -561,5 +561,5 @@ def test_group_deletions_are_oldest_first(scenario: Scenario) -> None:
         orders = [decision.record.step_order for decision in group.deletions]
         assert orders == sorted(orders)
         assert all(decision.action is Action.DELETE for decision in group.deletions)
-        assert len(group.deletions) == group.summary.deleted
+        assert len(group.deletions) == group.summary.to_delete
     assert result.deletions == tuple(decision for group in result.groups for decision in group.deletions)
