@@ -24,13 +24,15 @@ from ckpt_watcher.object_store import StoreError
 from ckpt_watcher.storage import StorageUnavailableError
 from ckpt_watcher.trash import TrashSummary
 from ckpt_watcher.trash_moves import PurgeResult
-from ckpt_watcher.trash_pass import PURGE_RETRY_SECONDS
+from ckpt_watcher.trash_pass import PURGE_RETRY_SECONDS, PurgeSchedule
 
 logger = structlog.get_logger("ckpt_watcher.trash")
 
 
-class BucketTrashPass:
+class BucketTrashPass(PurgeSchedule):
     """One bucket root's trash as the reconcile core uses it, pass after pass (as trash_pass.TrashPass)."""
+
+    index: BucketTrashIndex
 
     def __init__(self, storage: BucketStorage, stop: threading.Event | None = None) -> None:
         self.storage = storage
@@ -93,15 +95,3 @@ class BucketTrashPass:
     def reclaim(self, keys: Collection[str]) -> PurgeResult:
         """Nothing to reclaim on a bucket (see ``reclaimable``)."""
         return PurgeResult()
-
-    def is_due(self, now: float) -> bool:
-        """True when the first grace is over at wall-clock ``now``."""
-        first = self.index.next_purge_at()
-        return first is not None and max(first, self._not_before) <= now
-
-    def deadline(self) -> float | None:
-        """When the next purge is due, as a ``time.monotonic()`` deadline (None: nothing to purge)."""
-        first = self.index.next_purge_at()
-        if first is None:
-            return None
-        return time.monotonic() + max(0.0, max(first, self._not_before) - time.time())

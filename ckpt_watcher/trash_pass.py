@@ -47,8 +47,37 @@ class TrashKeeper(Protocol):
     def deadline(self) -> float | None: ...
 
 
-class TrashPass:
+class PurgeTimes(Protocol):
+    """A trash index as far as the purge schedule needs it."""
+
+    def next_purge_at(self) -> float | None: ...
+
+
+class PurgeSchedule:
+    """When a trash's next purge is due: its first entry's purge time, but not before ``_not_before``
+    (a purge that left due entries is retried later, not at once). Shared by the directory's trash and
+    the bucket's."""
+
+    index: PurgeTimes
+    _not_before: float
+
+    def is_due(self, now: float) -> bool:
+        """True when the first grace is over at wall-clock ``now``."""
+        first = self.index.next_purge_at()
+        return first is not None and max(first, self._not_before) <= now
+
+    def deadline(self) -> float | None:
+        """When the next purge is due, as a ``time.monotonic()`` deadline (None: nothing to purge)."""
+        first = self.index.next_purge_at()
+        if first is None:
+            return None
+        return time.monotonic() + max(0.0, max(first, self._not_before) - time.time())
+
+
+class TrashPass(PurgeSchedule):
     """One root's trash as the reconcile core uses it, pass after pass."""
+
+    index: TrashIndex
 
     def __init__(self, root: Path, stop: threading.Event | None = None) -> None:
         self.root = root
@@ -122,15 +151,3 @@ class TrashPass:
             result = PurgeResult()
         self.index.refresh()
         return result
-
-    def is_due(self, now: float) -> bool:
-        """True when the first grace is over at wall-clock ``now``."""
-        first = self.index.next_purge_at()
-        return first is not None and max(first, self._not_before) <= now
-
-    def deadline(self) -> float | None:
-        """When the next purge is due, as a ``time.monotonic()`` deadline (None: nothing to purge)."""
-        first = self.index.next_purge_at()
-        if first is None:
-            return None
-        return time.monotonic() + max(0.0, max(first, self._not_before) - time.time())
