@@ -59,7 +59,6 @@ from ckpt_watcher.records import (
     CheckpointRecord,
     EntryType,
     FileIdentity,
-    display_name,
     name_fields,
 )
 from ckpt_watcher.scan import (
@@ -347,19 +346,8 @@ class _GroupScan:
         verify = self.options.verify
         cache = self.cache
         if cache is not None:
-            before = cache.change_since_counted(path, identity)
-            if before is not None and kind is not Kind.LAST:  # last.ckpt is rewritten by design
-                logger.warning(
-                    "checkpoint_changed",
-                    path=display_name(str(path)),
-                    old_bytes=before.size,
-                    new_bytes=identity.size,
-                    detail="it changed after it counted as complete; judged again",
-                )
-            cached = cache.get(identity, verify)
+            cached = cache.recall(path, identity, kind, verify)
             if cached is not None:
-                if cached.complete:
-                    cache.counted(path, identity)
                 return cached
         verdict = self._read_verdict(path, info, verify)
         if cache is not None:

@@ -140,6 +140,24 @@ class CompletenessCache:
         del self._counted[key]
         return FileIdentity(*_IDENTITY.unpack(before))
 
+    def recall(self, path: Path, identity: FileIdentity, kind: Kind, verify: str) -> Completeness | None:
+        """The cached verdict on the file at ``path`` (None: judge it), counted again if complete; a
+        checkpoint that changed since it counted is logged once (``checkpoint_changed``; never
+        ``last.ckpt``, rewritten by design). One place for the disk's scan and a bucket's listing."""
+        before = self.change_since_counted(path, identity)
+        if before is not None and kind is not Kind.LAST:
+            logger.warning(
+                "checkpoint_changed",
+                path=display_name(str(path)),
+                old_bytes=before.size,
+                new_bytes=identity.size,
+                detail="it changed after it counted as complete; judged again",
+            )
+        cached = self.get(identity, verify)
+        if cached is not None and cached.complete:
+            self.counted(path, identity)
+        return cached
+
     def retain(self, records: Iterable[CheckpointRecord]) -> None:
         """Keep only what concerns these records (the latest scan of the cache's directories)."""
         records = list(records)
@@ -401,20 +419,9 @@ class _Group:
         marked = _with_markers(name, self.markers, None)
         if marked is not None:
             return marked
-        cache = self.cache
-        if cache is not None:
-            before = cache.change_since_counted(path, identity)
-            if before is not None and kind is not Kind.LAST:  # last.ckpt is rewritten by design
-                logger.warning(
-                    "checkpoint_changed",
-                    path=display_name(str(path)),
-                    old_bytes=before.size,
-                    new_bytes=identity.size,
-                    detail="it changed after it counted as complete; judged again",
-                )
-            cached = cache.get(identity, self.options.verify)
+        if self.cache is not None:
+            cached = self.cache.recall(path, identity, kind, self.options.verify)
             if cached is not None:
-                self._count(path, identity, cached)
                 return cached
         age = self.now - identity.mtime_ns / 1e9
         if age < self.options.settle_seconds and path not in self.options.closed_paths:
