@@ -50,17 +50,22 @@ def policy(tmp_path: Path) -> Path:
     return path
 
 
+def _watch_with_metrics(root: Path, policy: Path) -> list[str]:
+    """The daemon's command line of these tests: logging at debug (every pass_completed is logged, so
+    the scrape and the log can be compared), no settle time, metrics on a free loopback port."""
+    return [
+        "--log-level", "debug", "watch", str(root), "--policy", str(policy), "--settle", "0",
+        "--metrics", "127.0.0.1:0",
+    ]  # fmt: skip
+
+
 @pytest.fixture
 def daemon(root: Path, policy: Path, tmp_path: Path) -> Iterator[DaemonProcess]:
     for step in range(100, 700, 100):
         write_checkpoint(root / step_name(0, step))
     for step, loss in ((150, 0.5), (250, 0.25)):
         write_checkpoint(root / best_name(0, step, loss))
-    arguments = [
-        "--log-level", "debug", "watch", str(root), "--policy", str(policy), "--settle", "0",
-        "--metrics", "127.0.0.1:0",
-    ]  # fmt: skip
-    with running_daemon(arguments, tmp_path / "log") as process:
+    with running_daemon(_watch_with_metrics(root, policy), tmp_path / "log") as process:
         process.wait_ready()
         yield process
 
@@ -148,11 +153,7 @@ def test_with_the_trash_a_move_counts_as_a_deletion_and_a_purge_frees_the_bytes(
     for step in range(100, 700, 100):
         write_checkpoint(root / step_name(0, step))
     policy.write_text("save_top_k_checkpoints: 3\ntrash:\n  grace: 3s\n")
-    arguments = [
-        "--log-level", "debug", "watch", str(root), "--policy", str(policy), "--settle", "0",
-        "--metrics", "127.0.0.1:0",
-    ]  # fmt: skip
-    with running_daemon(arguments, tmp_path / "log") as daemon:
+    with running_daemon(_watch_with_metrics(root, policy), tmp_path / "log") as daemon:
         daemon.wait_ready()
         port = metrics_port(daemon)
         trashed = daemon.events("checkpoint_trashed")
@@ -179,11 +180,7 @@ def test_an_unmet_budget_shows_by_how_much(root: Path, policy: Path, tmp_path: P
     for step in range(100, 400, 100):
         write_checkpoint(root / step_name(0, step))
     policy.write_text("save_top_k_checkpoints: 3\nmax_size: 10\n")
-    arguments = [
-        "--log-level", "debug", "watch", str(root), "--policy", str(policy), "--settle", "0",
-        "--metrics", "127.0.0.1:0",
-    ]  # fmt: skip
-    with running_daemon(arguments, tmp_path / "log") as daemon:
+    with running_daemon(_watch_with_metrics(root, policy), tmp_path / "log") as daemon:
         daemon.wait_ready()
         [unmet] = daemon.events("budget_unmet")
         assert unmet["unmet_bytes"] > 0
