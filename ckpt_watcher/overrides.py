@@ -313,9 +313,13 @@ class PolicyTree:
             sources.append(os.path.relpath(directory / OVERRIDE_FILE_NAME, self.root))
         settings["protect"] = protect
         settings["protect_from"] = [str(path) for path in protect_from]
-        return EffectivePolicy(
-            policy=Policy.model_validate(settings), sources=tuple(sources), protect_from=protect_from
-        )
+        if not layers:  # the root policy alone: its values are validated already (no pydantic needed)
+            policy = self.base.policy.model_copy(
+                update={"protect": tuple(protect), "protect_from": tuple(settings["protect_from"])}
+            )
+        else:
+            policy = Policy.model_validate(settings)
+        return EffectivePolicy(policy=policy, sources=tuple(sources), protect_from=protect_from)
 
 
 def _resolve(directory: Path, entry: str) -> Path:

@@ -9,97 +9,144 @@ described by positions and kinds of values, never by its contents.
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated, Any, Literal
-
-import yaml
-from pydantic import (
-    AfterValidator,
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    ValidationInfo,
-    field_validator,
-)
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
 
 from ckpt_watcher.config_files import ConfigFileError, parse_yaml, read_config_text, redact_quoted
-from ckpt_watcher.durations import DurationError, parse_duration
+from ckpt_watcher.durations import parse_duration
 from ckpt_watcher.locations import shown_as_url
-from ckpt_watcher.naming import (
-    DEFAULT_BEST_TEMPLATE,
-    DEFAULT_LAST_TEMPLATE,
-    DEFAULT_STEP_TEMPLATE,
-    Kind,
-    Naming,
-    TemplateError,
-    compile_template,
-)
+from ckpt_watcher.naming import DEFAULT_BEST_TEMPLATE, DEFAULT_LAST_TEMPLATE, DEFAULT_STEP_TEMPLATE, Naming
 from ckpt_watcher.records import display_name
-from ckpt_watcher.sizes import UNIT_LIST, FreeSpaceSetting, SizeError, free_space_setting, size_bytes
+from ckpt_watcher.sizes import UNIT_LIST, FreeSpaceSetting, free_space_setting, size_bytes
+
+if TYPE_CHECKING:
+    import yaml
+    from pydantic import BaseModel
+
+# What each retention key means: the one reference. ``ckpt-watcher policy`` prints it, the validation
+# models (``policy_model``) carry it as each field's description, and README's policy table is kept
+# equal to it by a test.
+POLICY_DESCRIPTIONS: dict[str, str] = {
+    "save_top_k_checkpoints": "newest step checkpoints kept; -1 = all; 0 = none by this rule",
+    "save_top_k_best": "best checkpoints kept (ranked by the metric in the name); -1 = all",
+    "save_every_n_epochs": "also keep the newest step checkpoint of every epoch `e` with `(e + 1) % n == 0` "
+    "(Lightning's `every_n_epochs` convention); 0 = off",
+    "save_on_n_steps": "the trainer's save cadence; accepted and shown, no retention effect",
+    "best_mode": "whether a lower or a higher metric is better",
+    "naming": "template overrides: `step`, `best`, `last`",
+    "protect": "names (or paths relative to the root) that are never deleted, "
+    'e.g. `["*-release.ckpt", "stage1/*"]`',
+    "protect_from": "training configs whose `ckpt_path` / `pretrained_ckpt_path` are never deleted "
+    "(see Resume protection); relative to the policy file's directory",
+    "verify": (
+        "how a checkpoint file is judged complete (see below): `zip`, no holes and its archive is "
+        "whole (cheap: a few small reads); `crc`, also every member's CRC-32 matches, which costs "
+        "**one full sequential read of each file** (as long as `cat file > /dev/null`: a 10 GB "
+        "checkpoint is 10 GB of reads, ~5 s at 2 GB/s, plus ~0.5 s of CPU per GB), once per file, "
+        "in bounded memory (1 MiB at a time); `load`, the safe mmap'd `torch.load` must also "
+        "succeed. A file that fails is reported corrupt and neither counted nor deleted (`load` "
+        "needs torch; each file is verified once)"
+    ),
+    "max_size": "per group (one directory): the most bytes its kept checkpoints may take, counting "
+    "every kept checkpoint file and directory, `last.ckpt` included (a symlink counts 0); over it, "
+    "kept checkpoints are evicted for space (see Retention by bytes); a size such as `500GiB`, "
+    "or null for no limit",
+    "keep_free": "per file system holding the root (and per device, for a group on another mount): "
+    "free space to keep, **counting the next save**; a size, or `N%` of the file system's size; "
+    "the strictest value among the groups on a file system applies (see Retention by bytes)",
+    "keep_every_n_steps": "milestones: also keep every step checkpoint whose `step % n == 0` (Orbax's "
+    "`keep_period`), for evaluation later; evicted for space last; 0 = off",
+    "trash": "`{grace: DURATION}` (`30s`, `15m`, `24h`, `7d`): a deleted checkpoint is first moved "
+    "into the root's `.ckpt-trash/` and stays restorable that long (see The trash); `0` or no "
+    "`trash` key = deleted at once",
+}
 
 
-def _non_empty_pattern(pattern: str) -> str:
-    if not pattern.strip():
-        raise ValueError("must not be empty")
-    return pattern
-
-
-ProtectPattern = Annotated[str, AfterValidator(_non_empty_pattern)]
-
-
-class NamingTemplates(BaseModel):
-    """Template overrides, one per checkpoint kind, written as for ``ModelCheckpoint(filename=...)``."""
-
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
-
-    step: str = DEFAULT_STEP_TEMPLATE
-    best: str = DEFAULT_BEST_TEMPLATE
-    last: str = DEFAULT_LAST_TEMPLATE
-
-    @field_validator("step", "best", "last")
-    @classmethod
-    def _compiles(cls, template: str, info: Any) -> str:
-        try:
-            compile_template(Kind(info.field_name), template)
-        except TemplateError as error:
-            raise ValueError(str(error)) from None
-        return template
-
-
-def _size_hint(percentage: bool) -> str:
+def size_hint(percentage: bool) -> str:
     """What a size is, for an error message."""
     hint = f"a size is a whole number of bytes or a number and a unit ({UNIT_LIST}), e.g. 500GiB or 1.5TB"
     return hint + (", or a percentage of the file system's size, e.g. 10%" if percentage else "")
 
 
-class TrashSettings(BaseModel):
+_Value = TypeVar("_Value", bound="_ValidatedValue")
+
+
+class _ValidatedValue:
+    """A frozen policy value whose constructor validates with its pydantic model (``policy_model``),
+    imported on first use; ``_trusted`` builds one from values already known to be valid."""
+
+    _model_name: ClassVar[str]
+
+    def __init__(self, **values: Any) -> None:
+        self._take(self._validated(values, None))
+
+    @classmethod
+    def model_validate(cls: type[_Value], values: Any, *, context: Mapping[str, Any] | None = None) -> _Value:
+        """Validate ``values`` (a mapping); pydantic's ValidationError lists every problem."""
+        value = object.__new__(cls)
+        value._take(cls._validated(values, context))
+        return value
+
+    @classmethod
+    def _validated(cls, values: Any, context: Mapping[str, Any] | None) -> BaseModel:
+        from ckpt_watcher import policy_model  # noqa: PLC0415  (pydantic: only when something is validated)
+
+        model: type[BaseModel] = getattr(policy_model, cls._model_name)
+        return model.model_validate(values, context=context)
+
+    @classmethod
+    def _trusted(cls: type[_Value], values: Mapping[str, Any]) -> _Value:
+        value = object.__new__(cls)
+        for one in fields(cls):  # type: ignore[arg-type]  # every subclass is a dataclass
+            object.__setattr__(value, one.name, values.get(one.name, one.default))
+        return value
+
+    def _take(self, model: BaseModel) -> None:
+        for one in fields(self):  # type: ignore[arg-type]
+            found = getattr(model, one.name)
+            if isinstance(one.default, _ValidatedValue):  # a nested part: its own plain value
+                found = type(one.default)._trusted(found.model_dump())
+            object.__setattr__(self, one.name, found)
+
+    def model_dump(self, *, mode: Literal["python", "json"] = "python") -> dict[str, Any]:
+        """The values as plain data, nested parts as mappings (``json``: lists instead of tuples)."""
+        dumped: dict[str, Any] = {}
+        for one in fields(self):  # type: ignore[arg-type]
+            value = getattr(self, one.name)
+            if isinstance(value, _ValidatedValue):
+                value = value.model_dump(mode=mode)
+            elif isinstance(value, tuple) and mode == "json":
+                value = list(value)
+            dumped[one.name] = value
+        return dumped
+
+    def model_copy(self: _Value, *, update: Mapping[str, Any] | None = None) -> _Value:
+        """A copy with ``update`` applied, not validated (as pydantic's ``model_copy``)."""
+        current = {one.name: getattr(self, one.name) for one in fields(self)}  # type: ignore[arg-type]
+        return type(self)._trusted({**current, **(update or {})})
+
+
+@dataclass(frozen=True, init=False)
+class NamingTemplates(_ValidatedValue):
+    """Template overrides, one per checkpoint kind, written as for ``ModelCheckpoint(filename=...)``."""
+
+    _model_name = "NamingTemplates"
+
+    step: str = DEFAULT_STEP_TEMPLATE
+    best: str = DEFAULT_BEST_TEMPLATE
+    last: str = DEFAULT_LAST_TEMPLATE
+
+
+@dataclass(frozen=True, init=False)
+class TrashSettings(_ValidatedValue):
     """The trash (README, "The trash"): how long a deleted checkpoint stays restorable; 0 = off."""
 
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    _model_name = "TrashSettings"
 
     grace: str = "0"
-
-    @field_validator("grace", mode="before")
-    @classmethod
-    def _is_duration(cls, value: Any, info: ValidationInfo) -> str:
-        quote = (info.context or {}).get("quote_contents", True)
-        if isinstance(value, int) and not isinstance(value, bool) and value == 0:
-            return "0"
-        if not isinstance(value, str):
-            raise ValueError(
-                "expected a duration such as 24h (units s, m, h, d) or 0 for off, "
-                f"got {describe_value(value, quote=quote)}"
-            )
-        try:
-            parse_duration(value)
-        except DurationError as error:
-            raise ValueError(str(error)) from None
-        return value.strip()
 
     @property
     def grace_seconds(self) -> int:
@@ -112,119 +159,31 @@ class TrashSettings(BaseModel):
         return self.grace_seconds > 0
 
 
-class Policy(BaseModel):
-    """What to keep. Each field's description is the one reference: ``ckpt-watcher policy`` prints it
-    and README's policy table is kept equal to it by a test."""
+_DEFAULT_NAMING = NamingTemplates._trusted({})
+_TRASH_OFF = TrashSettings._trusted({})
 
-    model_config = ConfigDict(extra="ignore", strict=True, frozen=True)
 
-    save_top_k_checkpoints: int = Field(
-        default=5, ge=-1, description="newest step checkpoints kept; -1 = all; 0 = none by this rule"
-    )
-    save_top_k_best: int = Field(
-        default=3, ge=-1, description="best checkpoints kept (ranked by the metric in the name); -1 = all"
-    )
-    save_every_n_epochs: int = Field(
-        default=0,
-        ge=0,
-        description="also keep the newest step checkpoint of every epoch `e` with `(e + 1) % n == 0` "
-        "(Lightning's `every_n_epochs` convention); 0 = off",
-    )
-    save_on_n_steps: int = Field(
-        default=500, ge=0, description="the trainer's save cadence; accepted and shown, no retention effect"
-    )
-    best_mode: Literal["min", "max"] = Field(
-        default="min", description="whether a lower or a higher metric is better"
-    )
-    naming: NamingTemplates = Field(
-        default=NamingTemplates(), description="template overrides: `step`, `best`, `last`"
-    )
-    protect: tuple[ProtectPattern, ...] = Field(
-        default=(),
-        description="names (or paths relative to the root) that are never deleted, "
-        'e.g. `["*-release.ckpt", "stage1/*"]`',
-    )
-    protect_from: tuple[ProtectPattern, ...] = Field(
-        default=(),
-        description="training configs whose `ckpt_path` / `pretrained_ckpt_path` are never deleted "
-        "(see Resume protection); relative to the policy file's directory",
-    )
-    verify: Literal["zip", "crc", "load"] = Field(
-        default="zip",
-        description=(
-            "how a checkpoint file is judged complete (see below): `zip`, no holes and its archive is "
-            "whole (cheap: a few small reads); `crc`, also every member's CRC-32 matches, which costs "
-            "**one full sequential read of each file** (as long as `cat file > /dev/null`: a 10 GB "
-            "checkpoint is 10 GB of reads, ~5 s at 2 GB/s, plus ~0.5 s of CPU per GB), once per file, "
-            "in bounded memory (1 MiB at a time); `load`, the safe mmap'd `torch.load` must also "
-            "succeed. A file that fails is reported corrupt and neither counted nor deleted (`load` "
-            "needs torch; each file is verified once)"
-        ),
-    )
+@dataclass(frozen=True, init=False)
+class Policy(_ValidatedValue):
+    """What to keep; the meaning of each key is ``POLICY_DESCRIPTIONS``'s. ``Policy(**values)`` and
+    ``Policy.model_validate`` validate strictly (``policy_model``); ``DEFAULT_POLICY`` is the embedded
+    default, built without pydantic."""
 
-    max_size: int | str | None = Field(
-        default=None,
-        description="per group (one directory): the most bytes its kept checkpoints may take, counting "
-        "every kept checkpoint file and directory, `last.ckpt` included (a symlink counts 0); over it, "
-        "kept checkpoints are evicted for space (see Retention by bytes); a size such as `500GiB`, "
-        "or null for no limit",
-    )
-    keep_free: int | str | None = Field(
-        default=None,
-        description="per file system holding the root (and per device, for a group on another mount): "
-        "free space to keep, **counting the next save**; a size, or `N%` of the file system's size; "
-        "the strictest value among the groups on a file system applies (see Retention by bytes)",
-    )
-    keep_every_n_steps: int = Field(
-        default=0,
-        ge=0,
-        description="milestones: also keep every step checkpoint whose `step % n == 0` (Orbax's "
-        "`keep_period`), for evaluation later; evicted for space last; 0 = off",
-    )
+    _model_name = "Policy"
 
-    @field_validator("max_size", "keep_free", mode="before")
-    @classmethod
-    def _is_size(cls, value: Any, info: ValidationInfo) -> Any:
-        if value is None:
-            return None
-        quote = (info.context or {}).get("quote_contents", True)
-        described = describe_value(value, quote=quote)
-        percentage = info.field_name == "keep_free"
-        try:
-            free_space_setting(value) if percentage else size_bytes(value)
-        except SizeError as error:
-            if isinstance(value, int) and not isinstance(value, bool):
-                raise ValueError(f"{error}, got {described}") from None
-            if isinstance(value, str):
-                raise ValueError(f"got {described}: {error}; {_size_hint(percentage)}") from None
-            raise ValueError(f"expected a size, got {described}; {_size_hint(percentage)}") from None
-        return value.strip() if isinstance(value, str) else value
-
-    trash: TrashSettings = Field(
-        default=TrashSettings(),
-        description="`{grace: DURATION}` (`30s`, `15m`, `24h`, `7d`): a deleted checkpoint is first moved "
-        "into the root's `.ckpt-trash/` and stays restorable that long (see The trash); `0` or no "
-        "`trash` key = deleted at once",
-    )
-
-    @field_validator("verify")
-    @classmethod
-    def _load_needs_torch(cls, value: str) -> str:
-        if value == "load" and importlib.util.find_spec("torch") is None:
-            raise ValueError(
-                "'load' reads checkpoints with torch, which is not installed: "
-                "pip install 'ckpt-watcher[torch]'"
-            )
-        return value
-
-    @field_validator("protect", "protect_from", mode="before")
-    @classmethod
-    def _is_list(cls, value: Any, info: ValidationInfo) -> Any:
-        if isinstance(value, list | tuple):
-            return tuple(value)
-        what = "glob patterns" if info.field_name == "protect" else "training config files"
-        quote = (info.context or {}).get("quote_contents", True)
-        raise ValueError(f"expected a list of {what}, got {describe_value(value, quote=quote)}")
+    save_top_k_checkpoints: int = 5
+    save_top_k_best: int = 3
+    save_every_n_epochs: int = 0
+    save_on_n_steps: int = 500
+    best_mode: Literal["min", "max"] = "min"
+    naming: NamingTemplates = _DEFAULT_NAMING
+    protect: tuple[str, ...] = ()
+    protect_from: tuple[str, ...] = ()
+    verify: Literal["zip", "crc", "load"] = "zip"
+    max_size: int | str | None = None
+    keep_free: int | str | None = None
+    keep_every_n_steps: int = 0
+    trash: TrashSettings = _TRASH_OFF
 
     @cached_property
     def max_size_bytes(self) -> int | None:
@@ -242,16 +201,13 @@ class Policy(BaseModel):
         return Naming.from_templates(self.naming.step, self.naming.best, self.naming.last)
 
 
-POLICY_KEYS: tuple[str, ...] = tuple(Policy.model_fields)
+POLICY_KEYS: tuple[str, ...] = tuple(one.name for one in fields(Policy))
 # The keys of the retention keys that are mappings, for "unknown key" and "set more than once".
 _SUB_KEYS: dict[str, tuple[str, ...]] = {
-    "naming": tuple(NamingTemplates.model_fields),
-    "trash": tuple(TrashSettings.model_fields),
+    "naming": tuple(one.name for one in fields(NamingTemplates)),
+    "trash": tuple(one.name for one in fields(TrashSettings)),
 }
-POLICY_DESCRIPTIONS: dict[str, str] = {
-    key: field.description or "" for key, field in Policy.model_fields.items()
-}
-DEFAULT_POLICY = Policy()
+DEFAULT_POLICY = Policy._trusted({})  # equal to Policy() (validated): tests/unit/test_policy.py
 
 
 class PolicyError(Exception):
@@ -417,6 +373,8 @@ def validate_policy(
         )
         problems.extend(warnings)  # a misspelt key is the likely reason; say so in the error itself
     retention = {key: document[key] for key in present}
+    from pydantic import ValidationError  # noqa: PLC0415  (pydantic: only when a document is validated)
+
     try:
         policy = Policy.model_validate(retention, context={"quote_contents": quote_contents})
     except ValidationError as error:
@@ -457,6 +415,8 @@ def load_policy(
 
 def _duplicate_retention_keys(node: yaml.Node | None) -> tuple[str, ...]:
     """Retention keys (and naming keys) set twice: YAML keeps the last silently, we refuse."""
+    import yaml  # noqa: PLC0415  (the nodes of a parsed file: config_files has imported yaml)
+
     problems: list[str] = []
 
     def check(mapping: yaml.Node, prefix: str, keys: tuple[str, ...]) -> None:

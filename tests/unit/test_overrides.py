@@ -14,7 +14,7 @@ import structlog
 from structlog.testing import capture_logs
 
 from ckpt_watcher.overrides import MINIMUM_SWEEP, OVERRIDE_FILE_NAME, PolicyTree
-from ckpt_watcher.policy import LoadedPolicy, load_policy
+from ckpt_watcher.policy import LoadedPolicy, Policy, load_policy
 from tests.support.hostile_configs import sequence_bomb
 from tests.support.hostile_trees import make_fifo
 
@@ -371,3 +371,25 @@ def test_what_the_root_refuses_makes_a_per_run_file_invalid(root: Path) -> None:
     strict.for_directory(root / "asks")
     strict.for_directory(root / "plain")
     assert [error.problems for error in strict.errors] == [["At 'keep_free': not here"]]
+
+
+def test_the_root_policy_alone_is_taken_as_validated(root: Path, tmp_path: Path) -> None:
+    """No per-run file: the effective policy is the root's own, copied without validating it again,
+    equal to validating its settings with the protection resolved (what a merge of layers does)."""
+    (tmp_path / "train.yaml").write_text("ckpt_path: x\n")
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(
+        "max_size: ' 1GiB '\nprotect: ['*-release.ckpt']\nprotect_from: [train.yaml]\n"
+        "naming: {step: '{epoch}-{step}'}\ntrash: {grace: 2h}\n"
+    )
+    loaded = load_policy(policy)
+
+    effective = PolicyTree(root, loaded, strict=True).for_directory(root)
+
+    assert effective is not None
+    validated = Policy.model_validate(
+        {**loaded.settings, "protect": ["*-release.ckpt"], "protect_from": [str(tmp_path / "train.yaml")]}
+    )
+    assert effective.policy == validated
+    assert effective.policy.max_size == "1GiB"
+    assert effective.policy.protect_from == (str(tmp_path / "train.yaml"),)

@@ -13,6 +13,7 @@ from ckpt_watcher.cli import main
 from ckpt_watcher.naming import DEFAULT_BEST_TEMPLATE, DEFAULT_LAST_TEMPLATE, Kind
 from ckpt_watcher.policy import (
     DEFAULT_POLICY,
+    POLICY_DESCRIPTIONS,
     POLICY_KEYS,
     LoadedPolicy,
     NamingTemplates,
@@ -959,3 +960,56 @@ def test_the_policy_named_on_the_command_line_is_quoted_as_before(tmp_path: Path
     assert problems_of(tmp_path, "best_mode: avg\n") == [
         "At 'best_mode': must be one of 'min' or 'max', got 'avg' (a string)"
     ]
+
+
+# The embedded default is built without pydantic (start-up of a one-shot prune); these prove it is
+# what validating an empty document gives, and that the plain values mirror the validation models.
+
+EQUIVALENT_DOCUMENTS: list[dict[str, Any]] = [
+    {},
+    {"save_top_k_checkpoints": -1, "best_mode": "max", "protect": ["*-release.ckpt"], "verify": "crc"},
+    {
+        "naming": {"step": "{epoch}-{step}"},
+        "trash": {"grace": " 24h "},
+        "max_size": " 1GiB ",
+        "keep_free": "10%",
+    },
+    {
+        "protect_from": ("train.yaml",),
+        "keep_every_n_steps": 500,
+        "save_every_n_epochs": 2,
+        "trash": {"grace": 0},
+    },
+]
+
+
+def test_the_embedded_default_is_the_validated_empty_policy() -> None:
+    assert DEFAULT_POLICY == Policy() == Policy.model_validate({})
+    assert hash(DEFAULT_POLICY) == hash(Policy())
+    assert DEFAULT_POLICY.naming == NamingTemplates()
+
+
+@pytest.mark.parametrize("document", EQUIVALENT_DOCUMENTS)
+def test_a_policy_holds_and_dumps_what_its_validation_model_does(document: dict[str, Any]) -> None:
+    from ckpt_watcher import policy_model
+
+    model = policy_model.Policy.model_validate(document)
+    policy = Policy.model_validate(document)
+
+    assert policy.model_dump() == model.model_dump()
+    assert policy.model_dump(mode="json") == model.model_dump(mode="json")
+    assert list(policy.model_dump()) == list(model.model_dump())  # the same key order
+    assert Policy(**document) == policy
+    assert (
+        policy.model_copy(update={"verify": "zip"}).model_dump()
+        == model.model_copy(update={"verify": "zip"}).model_dump()
+    )
+
+
+def test_the_plain_values_have_the_validation_models_keys_and_descriptions() -> None:
+    from ckpt_watcher import policy_model
+
+    assert tuple(policy_model.Policy.model_fields) == POLICY_KEYS
+    assert list(NamingTemplates().model_dump()) == list(policy_model.NamingTemplates.model_fields)
+    descriptions = {key: field.description for key, field in policy_model.Policy.model_fields.items()}
+    assert descriptions == POLICY_DESCRIPTIONS
