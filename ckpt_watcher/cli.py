@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import structlog
 
@@ -29,13 +29,6 @@ from ckpt_watcher.filesystem import real_path
 from ckpt_watcher.locations import LocationError, StorageURL, parse_location
 from ckpt_watcher.lock import LockHeldError
 from ckpt_watcher.logs import LEVELS, configure_logging
-from ckpt_watcher.metrics import (
-    DaemonFigures,
-    MetricsAddress,
-    MetricsUnavailableError,
-    parse_metrics_address,
-    start_metrics,
-)
 from ckpt_watcher.notify import Notifier
 from ckpt_watcher.plan import GroupPlan
 from ckpt_watcher.policy import POLICY_DESCRIPTIONS, PolicyError
@@ -61,6 +54,9 @@ from ckpt_watcher.sizes import human_bytes
 from ckpt_watcher.terminal import PassProgress
 from ckpt_watcher.trash import TrashEntry, TrashUnusableError, list_trash
 from ckpt_watcher.trash_moves import PurgeResult, purge, restore, select_entries
+
+if TYPE_CHECKING:
+    from ckpt_watcher.metrics import MetricsAddress
 
 EXIT_OK = 0
 EXIT_DELETE_FAILED = 1
@@ -391,6 +387,8 @@ def _add_protect_option(parser: argparse.ArgumentParser) -> None:
 
 
 def _metrics_address(text: str) -> MetricsAddress:
+    from ckpt_watcher.metrics import parse_metrics_address  # noqa: PLC0415  (watch --metrics only)
+
     try:
         return parse_metrics_address(text)
     except ValueError as error:
@@ -570,6 +568,7 @@ def run_policy(arguments: argparse.Namespace) -> int:
 def run_watch(arguments: argparse.Namespace) -> int:
     """``watch``: run the daemon until a stop signal; a bad policy at start-up is exit 2."""
     from ckpt_watcher.daemon import Watcher, WatchOptions, supervise  # noqa: PLC0415  (prune needs no watchdog)
+    from ckpt_watcher.metrics import DaemonFigures, MetricsUnavailableError, start_metrics  # noqa: PLC0415  (watch only)
 
     loaded = load_policy_logged(arguments.policy)
     figures = DaemonFigures()

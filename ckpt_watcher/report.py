@@ -15,10 +15,9 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from ckpt_watcher.budget import FreeSpacePlan
-from ckpt_watcher.contents import CheckpointContents
 from ckpt_watcher.delete import ApplyResult
 from ckpt_watcher.durations import format_duration
 from ckpt_watcher.plan import Action, Decision, GroupPlan, Plan, Summary
@@ -27,6 +26,9 @@ from ckpt_watcher.records import TRASH_DIRECTORY_NAME, display_name, is_plain_te
 from ckpt_watcher.sizes import human_bytes
 from ckpt_watcher.trash import TrashEntry, TrashListing, TrashSummary, iso_time
 from ckpt_watcher.trash_moves import RestoreResult
+
+if TYPE_CHECKING:
+    from ckpt_watcher.contents import CheckpointContents  # inspect's results (contents: inspect only)
 
 _COLUMNS = ("ACTION", "KIND", "EPOCH", "STEP", "METRIC", "SIZE", "NAME", "REASONS")
 TRASH_ACTION = "trash"

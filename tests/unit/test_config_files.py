@@ -8,13 +8,12 @@ import pytest
 
 from ckpt_watcher.config_files import (
     MAXIMUM_CONFIG_BYTES,
-    BoundedLoader,
     ConfigFileError,
-    YamlLimitError,
     parse_yaml,
     read_config_text,
     redact_quoted,
 )
+from ckpt_watcher.config_yaml import BoundedLoader, YamlLimitError
 
 pytestmark = pytest.mark.timeout(60)
 
