@@ -275,3 +275,14 @@ def prune_entries(
         assert completed.returncode == exit_code, completed.stderr
     document = json.loads(completed.stdout)
     return {entry["name"]: entry for group in document["groups"] for entry in group["entries"]}
+
+
+def imported_modules(stderr: str) -> set[str]:
+    """The modules a process run with ``PYTHONPROFILEIMPORTTIME=1`` (``-X importtime``) imported."""
+    modules: set[str] = set()
+    for line in stderr.splitlines():
+        if line.startswith("import time:") and "|" in line:
+            name = line.rsplit("|", 1)[1].strip()
+            if name != "imported package":
+                modules.add(name)
+    return modules
