@@ -10,7 +10,6 @@ the command's output (table or JSON); everything else is a structured log record
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import os
 import re
@@ -366,6 +365,8 @@ def _point_in_time(text: str) -> float:
         return time.time() - parse_duration(text)
     except DurationError:
         pass
+    import datetime  # noqa: PLC0415  (restore --since only)
+
     try:
         moment = datetime.datetime.fromisoformat(text)
     except ValueError:

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # decimal is imported where a size is read (a policy that sets one), not at start-up
+    from decimal import Decimal
 
 UNITS: dict[str, int] = {
     "B": 1,
@@ -50,6 +53,8 @@ def size_bytes(value: int | str) -> int:
     unit = match["unit"]
     if unit not in UNITS:
         raise SizeError("unknown unit")
+    from decimal import ROUND_FLOOR, Decimal  # noqa: PLC0415  (see the import above)
+
     number = Decimal(match["number"])
     if unit == "B" and number != number.to_integral_value():
         raise SizeError("a number of bytes must be whole")
@@ -75,6 +80,8 @@ class FreeSpaceSetting:
         if self.bytes is not None:
             return self.bytes
         assert self.fraction is not None
+        from decimal import ROUND_CEILING  # noqa: PLC0415  (see the import above)
+
         return int((self.fraction * total_bytes).to_integral_value(rounding=ROUND_CEILING))
 
 
@@ -84,6 +91,8 @@ def free_space_setting(value: int | str) -> FreeSpaceSetting:
         match = _PERCENT.fullmatch(value)
         if match is None:
             raise SizeError("not a percentage")
+        from decimal import Decimal  # noqa: PLC0415  (see the import above)
+
         percent = Decimal(match["number"])
         if percent >= 100:
             raise SizeError("a percentage must be below 100%")
