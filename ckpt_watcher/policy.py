@@ -95,6 +95,13 @@ class _ValidatedValue:
         from ckpt_watcher import policy_model  # noqa: PLC0415  (pydantic: only when something is validated)
 
         model: type[BaseModel] = getattr(policy_model, cls._model_name)
+        if isinstance(values, _ValidatedValue):  # a value (or a part) given whole, as pydantic took one
+            values = values.model_dump()
+        elif isinstance(values, Mapping):
+            values = {
+                key: part.model_dump() if isinstance(part, _ValidatedValue) else part
+                for key, part in values.items()
+            }
         return model.model_validate(values, context=context)
 
     @classmethod

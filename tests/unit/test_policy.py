@@ -19,6 +19,7 @@ from ckpt_watcher.policy import (
     NamingTemplates,
     Policy,
     PolicyError,
+    TrashSettings,
     load_policy,
     suggest_key,
     validate_policy,
@@ -1004,6 +1005,19 @@ def test_a_policy_holds_and_dumps_what_its_validation_model_does(document: dict[
         policy.model_copy(update={"verify": "zip"}).model_dump()
         == model.model_copy(update={"verify": "zip"}).model_dump()
     )
+
+
+def test_parts_and_policies_may_be_given_as_values_too() -> None:
+    trash = TrashSettings(grace="1h")
+    naming = NamingTemplates(step="{epoch}-{step}")
+
+    policy = Policy(save_top_k_checkpoints=1, trash=trash, naming=naming)
+
+    assert policy == Policy.model_validate(
+        {"save_top_k_checkpoints": 1, "trash": {"grace": "1h"}, "naming": {"step": "{epoch}-{step}"}}
+    )
+    assert policy.trash.enabled
+    assert Policy.model_validate(policy) == policy
 
 
 def test_the_plain_values_have_the_validation_models_keys_and_descriptions() -> None:
