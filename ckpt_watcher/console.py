@@ -2,8 +2,9 @@
 everything else handed to ``cli``.
 
 ``health`` is a probe, run every few seconds by kubelet or the container runtime: it must not pay for
-importing the daemon (pydantic, structlog, yaml, watchdog, ...), which ``cli`` does at import. So
-the command word is found here, with nothing but the standard library, before ``cli`` is imported.
+importing the daemon, which ``cli`` does at import (structlog and the reconcile core; pydantic, PyYAML,
+watchdog and the rest only where a command uses them). So the command word is found here, with
+nothing but the standard library, before ``cli`` is imported.
 """
 
 from __future__ import annotations
