@@ -406,7 +406,7 @@ def test_daemon_as_pid_1_stops_on_sigterm(root: Path, tmp_path: Path) -> None:
 
 _HUNG_WORKER = """
 import sys, time
-from ckpt_watcher.daemon import supervise
+from ckpt_watcher.supervisor import supervise
 from ckpt_watcher.logs import configure_logging
 from ckpt_watcher.notify import Notifier
 
