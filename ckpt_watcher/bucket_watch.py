@@ -14,7 +14,6 @@ until the prefix can be listed whole again (``storage_restored``).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -25,7 +24,7 @@ from ckpt_watcher.bucket import BucketConfigFiles, BucketStorage
 from ckpt_watcher.bucket_commands import bucket_pins, refusals_in_runs
 from ckpt_watcher.bucket_trash_pass import BucketTrashPass
 from ckpt_watcher.cli import UsageError
-from ckpt_watcher.daemon import Watcher, WatchOptions, supervise
+from ckpt_watcher.daemon import Watcher
 from ckpt_watcher.events import ObserverLike
 from ckpt_watcher.lease import Lease
 from ckpt_watcher.locations import StorageURL
@@ -34,9 +33,12 @@ from ckpt_watcher.metrics import DaemonFigures
 from ckpt_watcher.notify import Notifier
 from ckpt_watcher.object_store import ConditionalUnsupportedError, ObjectStore, StoreError
 from ckpt_watcher.overrides import PolicyTree
+from ckpt_watcher.place import Crew, WatchedRoot, WatchOptions
 from ckpt_watcher.policy import LoadedPolicy
 from ckpt_watcher.protection import ProtectionRegistry
 from ckpt_watcher.reconcile import PassResult, Reconciler
+from ckpt_watcher.session import Session
+from ckpt_watcher.supervisor import supervise
 
 logger = structlog.get_logger("ckpt_watcher.bucket_watch")
 
@@ -83,31 +85,21 @@ class ArmedBucket:
         self.lease.release()
 
 
-class BucketWatcher(Watcher):
-    """The daemon's worker on a bucket prefix (see the module's docstring)."""
+class BucketPlace:
+    """A bucket prefix as the daemon's place (see the module's docstring): held by its lease, its
+    reconcile core over the bucket's storage."""
 
     def __init__(
-        self,
-        options: WatchOptions,
-        loaded_policy: LoadedPolicy,
-        *,
-        url: StorageURL,
-        store: ObjectStore,
-        lease_seconds: float,
-        notifier: Notifier | None = None,
-        figures: DaemonFigures | None = None,
+        self, options: WatchOptions, *, url: StorageURL, store: ObjectStore, lease_seconds: float
     ) -> None:
-        super().__init__(
-            dataclasses.replace(options, protect=()), loaded_policy, notifier=notifier, figures=figures
-        )
-        self.policy.refuse = refusals_in_runs(store)  # an edit asking keep_free (say) is refused
         self.options = options
         self.url = url
         self.lease = Lease(store, url, ttl_seconds=lease_seconds)
         self.storage = BucketStorage(url, store, may_delete=self.lease.refusal)
         self.files = BucketConfigFiles(self.storage)
         self.registry = ProtectionRegistry(Path.cwd(), files=self.files)
-        self._pins = bucket_pins(options.protect, self.files)
+        self.pins = bucket_pins(options.protect, self.files)
+        self.refuse = refusals_in_runs(store)  # an edit asking keep_free (say) is refused
         self._failures = 0
         self._next_attempt = 0.0
 
@@ -122,9 +114,9 @@ class BucketWatcher(Watcher):
                 f"does not offer ({error})"
             ) from None
         except StoreError as error:
-            self._unavailable(str(error))
+            self._unavailable(str(error), None)
 
-    def _arm_root(self) -> ArmedBucket | None:
+    def arm(self, crew: Crew) -> ArmedBucket | None:
         """The prefix, once its lease is held (taken now if it is not yet)."""
         if not self.lease.held:
             if time.monotonic() < self._next_attempt:
@@ -132,52 +124,54 @@ class BucketWatcher(Watcher):
             try:
                 self.lease.acquire()
             except StoreError as error:
-                self._unavailable(str(error))
+                self._unavailable(str(error), None)
                 return None
         return ArmedBucket(self.url, self.lease, self.options.poll_interval or DEFAULT_BUCKET_POLL_SECONDS)
 
-    def _new_reconciler(self, armed: object) -> Reconciler:
+    def reconciler(self, root: WatchedRoot, crew: Crew) -> Reconciler:
         """The reconcile core over the bucket's storage; the lease is renewed between groups too."""
+
+        def between_groups() -> None:
+            crew.liveness.tick()
+            self.lease.renew_if_due()
+
         return Reconciler(
             PolicyTree(
-                self.url.core_path,
-                self.policy.loaded,
-                strict=False,
-                files=self.files,
-                refuse=refusals_in_runs(self.storage.store),
+                self.url.core_path, crew.policy.loaded, strict=False, files=self.files, refuse=self.refuse
             ),
             self.registry,
-            pins=self._pins,
+            pins=self.pins,
             settle_seconds=self.options.settle_seconds,
             one_shot=False,
-            stop=self.stop,
-            progress=self._between_groups,
+            stop=crew.stop,
+            progress=between_groups,
             storage=self.storage,
-            trash=BucketTrashPass(self.storage, self.stop),
+            trash=BucketTrashPass(self.storage, crew.stop),
         )
 
-    def _between_groups(self) -> None:
-        self.liveness.tick()
-        self.lease.renew_if_due()
-
-    def _report(self, result: PassResult) -> None:
-        """A pass that could not list the prefix is retried soon, with a growing delay."""
+    def accepts(self, result: PassResult, session: Session | None) -> bool:
+        """A pass that could not list the prefix is not reported: it is retried soon, with a growing
+        delay."""
         if result.storage_error is not None:
-            self._unavailable(result.storage_error)
-            return
+            self._unavailable(result.storage_error, session)
+            return False
         if self._failures:
             logger.info("storage_restored", path=self.url.text, failed_attempts=self._failures)
             self._failures = 0
-        super()._report(result)
+        return True
 
-    def _unavailable(self, error: str) -> None:
+    def release(self) -> None:
+        """Release the lease."""
+        self.lease.release()
+
+    def _unavailable(self, error: str, session: Session | None) -> None:
         self._failures += 1
         poll = self.options.poll_interval or DEFAULT_BUCKET_POLL_SECONDS
         delay = min(_FIRST_RETRY_SECONDS * 2 ** (self._failures - 1), max(_LONGEST_RETRY_SECONDS, poll))
         now = time.monotonic()
         self._next_attempt = now + delay
-        if self.session is not None:
-            self.session.next_rescan = now + delay
+        if session is not None:
+            session.next_rescan = now + delay
         logger.warning(
             "storage_unavailable",
             path=self.url.text,
@@ -187,10 +181,6 @@ class BucketWatcher(Watcher):
             detail="nothing is planned or deleted until the prefix can be listed whole",
         )
 
-    def _disarm(self) -> None:
-        super()._disarm()
-        self.lease.release()
-
 
 def run_bucket_watch(
     arguments: argparse.Namespace, loaded: LoadedPolicy, store: ObjectStore, figures: DaemonFigures
@@ -199,24 +189,10 @@ def run_bucket_watch(
     ``--metrics`` serves (the file-system gauges are absent: a prefix has no file system)."""
     url: StorageURL = arguments.path
     poll = arguments.poll if arguments.poll is not None else DEFAULT_BUCKET_POLL_SECONDS
-    options = WatchOptions(
-        root=url.core_path,
-        policy_path=arguments.policy,
-        poll_interval=poll,
-        settle_seconds=arguments.settle,
-        rescan_seconds=poll,  # every poll is a full pass: one listing
-        heartbeat=arguments.heartbeat,
-        protect=tuple(arguments.protect),
-    )
-    watcher = BucketWatcher(
-        options,
-        loaded,
-        url=url,
-        store=store,
-        lease_seconds=arguments.lease_seconds,
-        notifier=Notifier(),
-        figures=figures,
-    )
+    # every poll is a full pass: one listing
+    options = WatchOptions.from_arguments(arguments, root=url.core_path, poll=poll, rescan=poll)
+    place = BucketPlace(options, url=url, store=store, lease_seconds=arguments.lease_seconds)
+    watcher = Watcher(options, loaded, place=place, notifier=Notifier(), figures=figures)
     try:
         watcher.lock_now()
     except LockHeldError as error:

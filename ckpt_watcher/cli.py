@@ -568,8 +568,10 @@ def run_policy(arguments: argparse.Namespace) -> int:
 
 def run_watch(arguments: argparse.Namespace) -> int:
     """``watch``: run the daemon until a stop signal; a bad policy at start-up is exit 2."""
-    from ckpt_watcher.daemon import Watcher, WatchOptions, supervise  # noqa: PLC0415  (prune needs no watchdog)
+    from ckpt_watcher.daemon import Watcher  # noqa: PLC0415  (prune needs no watchdog)
     from ckpt_watcher.metrics import DaemonFigures, MetricsUnavailableError, start_metrics  # noqa: PLC0415  (watch only)
+    from ckpt_watcher.place import WatchOptions  # noqa: PLC0415
+    from ckpt_watcher.supervisor import supervise  # noqa: PLC0415
 
     loaded = load_policy_logged(arguments.policy)
     figures = DaemonFigures()
@@ -582,14 +584,8 @@ def run_watch(arguments: argparse.Namespace) -> int:
             from ckpt_watcher.bucket_commands import watch_bucket  # noqa: PLC0415  (fsspec: URLs only)
 
             return watch_bucket(arguments, loaded, figures)
-        options = WatchOptions(
-            root=arguments.path,
-            policy_path=arguments.policy,
-            poll_interval=arguments.poll,
-            settle_seconds=arguments.settle,
-            rescan_seconds=arguments.rescan,
-            heartbeat=arguments.heartbeat,
-            protect=tuple(arguments.protect),
+        options = WatchOptions.from_arguments(
+            arguments, root=arguments.path, poll=arguments.poll, rescan=arguments.rescan
         )
         watcher = Watcher(options, loaded, notifier=Notifier(), figures=figures)
         try:

@@ -133,6 +133,11 @@ def _passes(snapshot: Snapshot) -> Iterator[Metric]:
             "When the last pass finished (Unix time); alert when it is stale.",
             value=snapshot.last_pass_at,
         )
+    yield GaugeMetricFamily(
+        PREFIX + "start_timestamp_seconds",
+        "When the daemon started (Unix time): what a stalled alert compares with before the first pass.",
+        value=snapshot.started_at,
+    )
 
 
 def _policy(snapshot: Snapshot) -> Iterator[Metric]:

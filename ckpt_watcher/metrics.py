@@ -14,6 +14,7 @@ from __future__ import annotations
 import bisect
 import math
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -53,6 +54,7 @@ class Snapshot:
     duration_counts: tuple[int, ...]  # per bucket of DURATION_BUCKETS, not cumulative
     duration_sum: float
     last_pass_at: float | None
+    started_at: float
     reloads: dict[str, int]
     policy_valid: bool
     budget_unmet_bytes: int
@@ -75,6 +77,7 @@ class DaemonFigures:
     _duration_counts: list[int] = field(default_factory=lambda: [0] * len(DURATION_BUCKETS))
     _duration_sum: float = 0.0
     _last_pass_at: float | None = None
+    _started_at: float = field(default_factory=time.time)  # the stalled alert's reference before a pass
     _reloads: dict[str, int] = field(default_factory=lambda: dict.fromkeys(RELOAD_RESULTS, 0))
     _policy_file_on_disk: bool = True
     _refused_overrides: int = 0
@@ -132,6 +135,7 @@ class DaemonFigures:
                 duration_counts=tuple(self._duration_counts),
                 duration_sum=self._duration_sum,
                 last_pass_at=self._last_pass_at,
+                started_at=self._started_at,
                 reloads=dict(self._reloads),
                 policy_valid=self._policy_file_on_disk and self._refused_overrides == 0,
                 budget_unmet_bytes=self._budget_unmet_bytes,

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import stat
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -40,6 +41,7 @@ from ckpt_watcher.budget import (
     group_space,
     within_max_size,
 )
+from ckpt_watcher.filesystem import summarize_tree
 from ckpt_watcher.groups import GroupIndex
 from ckpt_watcher.plan import Action, Decision, GroupPlan
 from ckpt_watcher.policy import Policy
@@ -273,7 +275,7 @@ class SpaceKeeper:
         for directory, facts in list(self._facts.items()):
             if facts.growing:
                 growing = tuple(
-                    item for item in map(_grown, facts.growing) if item is not None and _recent(item, now)
+                    item for item in map(grown, facts.growing) if item is not None and _recent(item, now)
                 )
                 self._facts[directory] = dataclasses.replace(facts, growing=growing)
 
@@ -324,14 +326,23 @@ def _remaining_text(remaining: Sequence[str]) -> str:
     return shown + (f" and {more} more" if more > 0 else "") if remaining else "nothing else"
 
 
-def _grown(item: Growing) -> Growing | None:
-    """``item`` with its size now; None if it is gone or another file took its name."""
+def grown(item: Growing) -> Growing | None:
+    """``item`` with its size now; None if it is gone or another file took its name.
+
+    A directory checkpoint's size is its files' bytes and its time their newest mtime (its own
+    ``st_size`` and ``st_mtime`` say nothing of a shard still being appended to)."""
     try:
         status = os.stat(item.path, follow_symlinks=False)
     except OSError:
         return None
     if status.st_ino != item.inode:
         return None
+    if stat.S_ISDIR(status.st_mode):
+        try:
+            summary = summarize_tree(str(item.path), follow_symlinks=False)
+        except OSError:  # vanished or moved about while walked: as it was until the next check
+            return item
+        return dataclasses.replace(item, written=summary.bytes, mtime_ns=summary.newest_mtime_ns)
     return dataclasses.replace(item, written=status.st_size, mtime_ns=status.st_mtime_ns)
 
 

@@ -9,15 +9,28 @@ byte budget in force at the root (``budget_in_force``; "none" until the policy s
 
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import Mapping, MutableMapping
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Mapping, MutableMapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import structlog
+
+from ckpt_watcher.metrics import DaemonFigures
+from ckpt_watcher.notify import Liveness
 from ckpt_watcher.policy import Policy
 from ckpt_watcher.reconcile import PassResult
 from ckpt_watcher.sizes import human_bytes
+from ckpt_watcher.space import space_status
+
+if TYPE_CHECKING:
+    from ckpt_watcher.session import Session
+    from ckpt_watcher.terminal import PassProgress
+
+logger = structlog.get_logger("ckpt_watcher.daemon")
 
 # The byte-budget keys of a policy (issue 12), shown as written when the policy in force has them.
 BUDGET_KEYS = ("max_size", "keep_free")
@@ -138,3 +151,47 @@ def readable_records(
     text = event_dict["event"].replace("_", " ") + ": " + sentence(event_dict)
     kept = {key: event_dict[key] for key in ("timestamp", "level") if key in event_dict}
     return {**kept, "event": text}
+
+
+@dataclass
+class PassReporter:
+    """Reports each pass of the daemon: the metrics' figures, one ``pass_completed`` record (at info
+    when the pass changed or found something, else at debug) and the same as ``STATUS=``."""
+
+    liveness: Liveness
+    figures: DaemonFigures
+    progress: PassProgress | None
+    main_policy: Callable[[], Policy]  # the ``--policy`` file's policy, as in force now
+    accepts: Callable[[PassResult, Session | None], bool] = lambda result, session: True
+    since_start: SinceStart = field(default_factory=SinceStart)
+    _ready_sent: bool = False
+
+    def report(self, result: PassResult, session: Session | None) -> None:
+        """Report ``result``, a pass over ``session``'s root, unless the place refuses it (a bucket
+        that could not be listed retries instead)."""
+        if not self.accepts(result, session):
+            return
+        self.since_start.add(result)
+        root = session.root if session is not None else None
+        if root is not None:
+            self.figures.set_root(root.path, root.observer_kind)
+        self.figures.record_pass(result, finished_at=time.time())
+        if self.progress is not None:
+            self.progress.finish()
+        in_force = session.policy_in_force() if session is not None else None
+        fields = pass_fields(
+            result,
+            free=free_bytes(root.path if root is not None else None),
+            budget=budget_in_force(in_force if in_force is not None else self.main_policy()),
+        )
+        changed = result.deleted or result.trashed or result.purged or result.failed
+        eventful = changed or result.detected or result.trigger.covers_everything
+        logger.log(logging.INFO if eventful else logging.DEBUG, "pass_completed", **fields)
+        space = "".join(f"; {space_status(fs_plan)}" for fs_plan in result.space if fs_plan.keep_free)
+        self.liveness.status(f"{pass_sentence(fields)}{space}; {self.since_start.text()}")
+
+    def ready(self, status: str, *, armed: bool) -> None:
+        """READY=1 once, at the first start-up (armed, or waiting); afterwards only the status (and
+        READY=1 again whenever a root is armed)."""
+        self.liveness.status(status, ready=not self._ready_sent or armed)
+        self._ready_sent = True

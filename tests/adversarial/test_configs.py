@@ -263,7 +263,18 @@ def test_the_daemon_blocks_each_bad_subtree_and_serves_the_rest(tmp_path: Path) 
         notify.close()
 
 
-def test_the_daemon_survives_its_policy_and_configs_turning_hostile(tmp_path: Path) -> None:
+HOSTILE_TRAINING_CONFIGS: dict[str, tuple[Callable[[Path], object], str]] = {
+    "dev-zero": (lambda path: path.symlink_to("/dev/zero"), "(a device)"),
+    "alias-bomb": (
+        lambda path: path.write_text("ckpt_path: x\n" + alias_bomb()),
+        "once aliases are expanded",
+    ),
+}
+
+
+@pytest.mark.parametrize("hostile", sorted(HOSTILE_TRAINING_CONFIGS))
+def test_the_daemon_survives_its_policy_and_configs_turning_hostile(tmp_path: Path, hostile: str) -> None:
+    make_hostile, problem = HOSTILE_TRAINING_CONFIGS[hostile]
     layout = Layout(tmp_path)
     train = layout.configs / "train.yaml"
     train.write_text(f"ckpt_path: ../checkpoint/run/{step_name(0, 500)}\n")
@@ -276,9 +287,9 @@ def test_the_daemon_survives_its_policy_and_configs_turning_hostile(tmp_path: Pa
         layout.policy.unlink()
         make_fifo(layout.policy)
         train.unlink()
-        train.symlink_to("/dev/zero")
+        make_hostile(train)
         daemon.wait_for("policy_rejected", lambda record: "(a FIFO)" in " ".join(record["problems"]))
-        daemon.wait_for("protection_rejected", lambda record: "(a device)" in record["error"])
+        daemon.wait_for("protection_rejected", lambda record: problem in record["error"])
 
         # The worker is not stuck: new checkpoints are pruned by the last good policy and protection.
         for step in (6000, 6500):

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import io
 import json
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -21,7 +19,7 @@ from ckpt_watcher.object_store import ObjectInfo, ObjectStore, S3Store
 from ckpt_watcher.plan import plan
 from ckpt_watcher.policy import Policy
 from ckpt_watcher.scan import ScanOptions
-from tests.support.cli import events, run_cli
+from tests.support.cli import events, run_cli, run_python
 from tests.support.daemon import running_daemon
 from tests.support.factories import step_name, zip_bytes
 from tests.support.s3_server import ACCESS_KEY_ID, SECRET_ACCESS_KEY, Bucket, free_port
@@ -79,9 +77,7 @@ def test_a_url_whose_backend_is_missing_names_the_extra_to_install(url: str, ext
         sys.exit(main(["prune", {url!r}, "--dry-run"]))
         """
     )
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
-    )
+    result = run_python(code, timeout=60)
     assert result.returncode == 2
     assert f"pip install 'ckpt-watcher[{extra}]'" in result.stderr
     assert "Traceback" not in result.stderr
@@ -99,9 +95,7 @@ def test_the_core_commands_never_import_fsspec(tmp_path: Path) -> None:
         print([name for name in ("fsspec", "s3fs", "botocore", "aiobotocore") if name in sys.modules])
         """
     )
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
-    )
+    result = run_python(code, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "[]"
 

@@ -15,6 +15,7 @@ import pytest
 from structlog.testing import LogCapture
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 
+from ckpt_watcher import delete
 from ckpt_watcher.events import Batch, Inbox, ObserverLike, default_observer_factory
 from ckpt_watcher.naming import Naming
 from ckpt_watcher.overrides import PolicyTree
@@ -22,8 +23,8 @@ from ckpt_watcher.policy import load_policy
 from ckpt_watcher.protection import ProtectionRegistry
 from ckpt_watcher.reconcile import Reconciler, Trigger
 from ckpt_watcher.root import ArmedRoot
-from tests.support.daemon import wait_until
-from tests.support.factories import backdate_tree, directory_checkpoint
+from tests.support.daemon import running_daemon, wait_until
+from tests.support.factories import backdate_tree, directory_checkpoint, step_name, write_checkpoint
 from tests.support.hostile_trees import make_deep_directory, remove_deep
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
@@ -239,3 +240,27 @@ def test_the_polling_observer_never_follows_a_symlink(deep_cleanup: Path) -> Non
         _stop(observer)
 
     assert not [path for path in recorder.paths() if path.startswith(str(root / "run" / "last.ckpt") + "/")]
+
+
+def test_the_daemons_start_up_pass_finishes_a_deep_leftover_and_keeps_running(deep_cleanup: Path) -> None:
+    """A directory checkpoint whose removal was cut short (renamed to its leftover name, as delete.py
+    does first) with a tree deeper than PATH_MAX and the recursion limit inside: the daemon's full
+    pass removes it (``leftover_removed``) without a worker error, and goes on serving the run."""
+    root = deep_cleanup / "checkpoints"
+    interrupted = root / "run" / step_name(0, 100)
+    make_deep_directory(interrupted, DEEPER_THAN_THE_RECURSION_LIMIT)
+    leftover = interrupted.with_name(delete.leftover_name(interrupted.name, interrupted.stat().st_ino))
+    interrupted.rename(leftover)
+    for step in range(200, 900, 100):
+        write_checkpoint(root / "run" / step_name(0, step))
+    arguments = ["watch", str(root), "--settle", "0"]
+    with running_daemon(arguments, deep_cleanup / "log") as daemon:
+        daemon.wait_ready(timeout=120)
+        daemon.wait_for("leftover_removed", timeout=120)
+        assert not leftover.exists()
+        wait_until(lambda: len(list((root / "run").iterdir())) == 5, what="the run pruned to 5")
+        assert daemon.process.poll() is None
+        assert daemon.stop() == 0
+    assert [record["path"] for record in daemon.events("leftover_removed")] == [str(leftover)]
+    assert daemon.events("worker_error") == []
+    assert daemon.events("group_failed") == []

@@ -10,11 +10,11 @@ import pytest
 
 from ckpt_watcher.bucket import BucketConfigFiles, BucketStorage
 from ckpt_watcher.bucket_commands import check_policy, refusals_in_runs
-from ckpt_watcher.bucket_watch import BucketWatcher
+from ckpt_watcher.bucket_watch import BucketPlace
 from ckpt_watcher.cli import UsageError
-from ckpt_watcher.daemon import WatchOptions
 from ckpt_watcher.locations import StorageURL
 from ckpt_watcher.object_store import ConditionalUnsupportedError, FsspecStore, PreconditionFailedError
+from ckpt_watcher.place import WatchOptions
 from ckpt_watcher.policy import load_policy
 from ckpt_watcher.policy_file import InvalidPolicyFilesError
 from ckpt_watcher.reconcile import prune_once
@@ -68,15 +68,14 @@ def test_a_prune_through_the_generic_store(store: FsspecStore, tmp_path: Path) -
 
 
 def test_watch_refuses_a_store_without_conditional_writes(store: FsspecStore) -> None:
-    watcher = BucketWatcher(
+    place = BucketPlace(
         WatchOptions(root=URL.core_path, poll_interval=30, rescan_seconds=30),
-        load_policy(None),
         url=URL,
         store=store,
         lease_seconds=60,
     )
     with pytest.raises(UsageError, match="the single-instance lease needs conditional writes"):
-        watcher.lock_now()
+        place.lock_now()
 
 
 def test_a_store_without_conditional_copies_refuses_a_trash_at_the_root_and_in_a_run(

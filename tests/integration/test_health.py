@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from ckpt_watcher.cli import main
-from tests.support.cli import imported_modules, run_cli
+from tests.support.cli import imported_modules, run_cli, run_command
 
 CONSOLE_SCRIPT = Path(sys.executable).parent / "ckpt-watcher"
 HEAVY = ("pydantic", "structlog", "yaml", "watchdog", "prometheus_client", "torch", "ckpt_watcher.cli")
@@ -22,14 +22,7 @@ HEAVY = ("pydantic", "structlog", "yaml", "watchdog", "prometheus_client", "torc
 def _run(
     command: Sequence[str], environment: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        list(command),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        env={**os.environ, **(environment or {})},
-    )
+    return run_command(command, timeout=60, environment=environment)
 
 
 def _fresh(tmp_path: Path) -> Path:

@@ -85,7 +85,9 @@ def test_the_example_alert_rules_pass_promtool_check_rules(tmp_path: Path) -> No
     assert "SUCCESS: 2 rules found" in result.stdout
 
 
-def test_the_example_alert_rules_fire_for_a_stalled_daemon_and_an_unmet_budget_only(tmp_path: Path) -> None:
+def test_the_example_alert_rules_fire_for_a_stalled_daemon_a_hung_first_pass_and_an_unmet_budget_only(
+    tmp_path: Path,
+) -> None:
     _rules(tmp_path)
     tests = tmp_path / "tests.yaml"
     tests.write_text(
@@ -100,6 +102,12 @@ def test_the_example_alert_rules_fire_for_a_stalled_daemon_and_an_unmet_budget_o
                     values: '0x30'
                   - series: 'ckpt_watcher_last_pass_timestamp_seconds{instance="fine:9464"}'
                     values: '0+60x30'
+                  - series: 'ckpt_watcher_start_timestamp_seconds{instance="fine:9464"}'
+                    values: '0x30'
+                  - series: 'ckpt_watcher_start_timestamp_seconds{instance="stuck:9464"}'
+                    values: '0x30'
+                  - series: 'ckpt_watcher_start_timestamp_seconds{instance="hung:9464"}'
+                    values: '0x30'
                   - series: 'ckpt_watcher_budget_unmet_bytes{instance="full:9464"}'
                     values: '0 0 1073741824x25'
                   - series: 'ckpt_watcher_budget_unmet_bytes{instance="fine:9464"}'
@@ -114,6 +122,9 @@ def test_the_example_alert_rules_fire_for_a_stalled_daemon_and_an_unmet_budget_o
                       - exp_labels: {severity: warning, instance: "stuck:9464"}
                         exp_annotations:
                           summary: "ckpt-watcher on stuck:9464 has completed no pass for over 15 minutes"
+                      - exp_labels: {severity: warning, instance: "hung:9464"}
+                        exp_annotations:
+                          summary: "ckpt-watcher on hung:9464 has completed no pass for over 15 minutes"
                   - eval_time: 15m
                     alertname: CheckpointBudgetUnmet
                     exp_alerts: []

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from collections.abc import Iterator, MutableMapping
 from pathlib import Path
@@ -16,10 +17,12 @@ import pytest
 import structlog
 from structlog.testing import LogCapture
 
+from ckpt_watcher.budget import Growing
 from ckpt_watcher.overrides import PolicyTree
 from ckpt_watcher.policy import load_policy
 from ckpt_watcher.protection import ProtectionRegistry
 from ckpt_watcher.reconcile import Reconciler, Trigger
+from ckpt_watcher.space import grown
 from tests.support.cli import events, run_cli
 from tests.support.factories import best_name, step_name, zip_bytes
 from tests.support.tmpfs import MIB, free_bytes, mounted_tmpfs
@@ -260,3 +263,28 @@ def test_a_group_outside_the_pass_is_planned_afresh_before_anything_is_taken_fro
     assert names(new) == set(new_steps)
     assert free_bytes(disk) >= wanted
     assert result.budget_unmet_bytes == 0
+
+
+def test_a_directory_checkpoint_being_written_is_measured_by_its_files(tmp_path: Path) -> None:
+    """The free-space check re-reads a checkpoint being written between passes: for a directory
+    checkpoint, the bytes and newest time of its files, not the directory entry's own st_size/mtime
+    (a shard being appended to changes neither), so the next save is not foreseen too large."""
+    checkpoint = tmp_path / step_name(0, 500)
+    (checkpoint / "shards").mkdir(parents=True)
+    shard = checkpoint / "shards" / "rank0.pt"
+    shard.write_bytes(b"x" * 1000)
+    status = checkpoint.stat()
+    item = Growing(checkpoint, checkpoint.name, status.st_ino, 1000, 100_000, status.st_mtime_ns)
+    with shard.open("ab") as appending:
+        appending.write(b"y" * 50_000)
+    later = time.time_ns() + 2_000_000_000
+    os.utime(shard, ns=(later, later))
+    now = grown(item)
+    assert now is not None
+    assert now.written == 51_000
+    assert now.mtime_ns == later
+    other = tmp_path / "other"
+    other.mkdir()  # made while the checkpoint exists: another inode
+    shutil.rmtree(checkpoint)
+    other.rename(checkpoint)  # another directory took its name
+    assert grown(item) is None

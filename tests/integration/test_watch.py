@@ -278,6 +278,23 @@ class TestPolicyReload:
             assert reloaded["changes"] == {"save_top_k_checkpoints": {"old": 5, "new": 2}}
             wait_until(lambda: _names(root) == {step_name(0, 700), step_name(0, 800)})
 
+    def test_milestones_added_by_an_edit_are_kept_from_the_next_pass(
+        self, root: Path, tmp_path: Path
+    ) -> None:
+        policy = _write_policy(tmp_path / "policy.yaml", "save_top_k_checkpoints: -1\n")
+        _steps(root, range(100, 900, 100))
+        with running_daemon(["watch", str(root), "--policy", str(policy)], tmp_path / "log") as daemon:
+            daemon.wait_ready()
+            assert len(_names(root)) == 8
+            policy.write_text("save_top_k_checkpoints: 2\nkeep_every_n_steps: 400\n")
+
+            reloaded = daemon.wait_for("policy_reloaded")[0]
+            assert reloaded["changes"]["keep_every_n_steps"] == {"old": None, "new": 400}  # as written
+            wait_until(lambda: _names(root) == {step_name(0, step) for step in (400, 700, 800)})
+            assert daemon.stop() == 0
+        deleted = {Path(record["path"]).name for record in daemon.events("checkpoint_deleted")}
+        assert deleted == {step_name(0, step) for step in (100, 200, 300, 500, 600)}
+
     def test_in_place_edit_is_applied(self, root: Path, tmp_path: Path) -> None:
         policy = _write_policy(tmp_path / "policy.yaml", "save_top_k_checkpoints: 5\n")
         _steps(root, range(100, 900, 100))
@@ -406,7 +423,7 @@ def test_daemon_as_pid_1_stops_on_sigterm(root: Path, tmp_path: Path) -> None:
 
 _HUNG_WORKER = """
 import sys, time
-from ckpt_watcher.daemon import supervise
+from ckpt_watcher.supervisor import supervise
 from ckpt_watcher.logs import configure_logging
 from ckpt_watcher.notify import Notifier
 

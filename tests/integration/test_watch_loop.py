@@ -20,7 +20,8 @@ from structlog.testing import LogCapture
 from watchdog.events import FileClosedEvent
 
 from ckpt_watcher import root as root_module
-from ckpt_watcher.daemon import Watcher, WatchOptions
+from ckpt_watcher.daemon import Watcher
+from ckpt_watcher.place import WatchOptions
 from ckpt_watcher.policy import load_policy
 from tests.support.daemon import wait_until
 from tests.support.factories import step_name, write_checkpoint

@@ -12,8 +12,9 @@ from typing import Any
 import pytest
 from structlog.testing import LogCapture
 
-from ckpt_watcher.daemon import Watcher, WatchOptions
+from ckpt_watcher.daemon import Watcher
 from ckpt_watcher.events import ObserverLike, default_observer_factory
+from ckpt_watcher.place import WatchOptions
 from ckpt_watcher.policy import load_policy
 from tests.support.daemon import wait_until
 from tests.support.factories import step_name, write_checkpoint

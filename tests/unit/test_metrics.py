@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import signal
+import time
 import urllib.request
 from pathlib import Path
 
@@ -272,9 +273,11 @@ def test_the_trash_gauge_is_there_only_when_there_is_a_trash() -> None:
 
 
 def test_no_pass_yet_means_no_last_pass_timestamp_and_every_counter_at_zero() -> None:
+    before = time.time()
     samples = _scrape(DaemonFigures())
 
     assert "ckpt_watcher_last_pass_timestamp_seconds" not in samples
+    assert before <= samples["ckpt_watcher_start_timestamp_seconds"] <= time.time()  # the alert's reference
     counters = {name: value for name, value in samples.items() if "_total" in name}
     assert len(counters) == 3 + 1 + 1 + len(TRIGGERS) + 2
     assert set(counters.values()) == {0.0}

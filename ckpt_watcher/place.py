@@ -1,0 +1,196 @@
+"""Where ``watch`` works: a directory (``DirectoryPlace``) or a bucket prefix (bucket_watch.py).
+
+The daemon's loop (daemon.py) is the same for both; what differs is asked of its ``Place``: how the
+root is held (a directory lock and an observer, or a lease and listings), how its reconcile core is
+built, which pins and which policy edits apply, and what a pass that could not look at the root means.
+``Crew`` is what a place borrows from the loop to build those.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+from ckpt_watcher.events import Inbox, ObserverFactory, ObserverLike, default_observer_factory
+from ckpt_watcher.filesystem import real_path
+from ckpt_watcher.locations import StorageURL
+from ckpt_watcher.lock import DirectoryLock
+from ckpt_watcher.metrics import DaemonFigures
+from ckpt_watcher.notify import Liveness
+from ckpt_watcher.overrides import PolicyTree
+from ckpt_watcher.policy import LoadedPolicy
+from ckpt_watcher.policy_file import PolicyFile
+from ckpt_watcher.protection import ProtectionRegistry, command_line_pins
+from ckpt_watcher.reconcile import PassResult, Reconciler
+from ckpt_watcher.root import ArmedRoot, take_lock
+
+if TYPE_CHECKING:
+    from ckpt_watcher.session import Session
+    from ckpt_watcher.terminal import PassProgress
+
+
+@dataclass(frozen=True)
+class WatchOptions:
+    """What ``ckpt-watcher watch`` was asked to do."""
+
+    root: Path
+    policy_path: Path | None = None
+    poll_interval: float | None = None
+    settle_seconds: float = 5.0
+    rescan_seconds: float = 300.0
+    heartbeat: Path | None = None
+    protect: tuple[Path | StorageURL, ...] = ()
+
+    @classmethod
+    def from_arguments(
+        cls, arguments: argparse.Namespace, *, root: Path, poll: float | None, rescan: float
+    ) -> WatchOptions:
+        """The options of a parsed ``watch`` command line (a bucket passes its own poll and rescan)."""
+        return cls(
+            root=root,
+            policy_path=arguments.policy,
+            poll_interval=poll,
+            settle_seconds=arguments.settle,
+            rescan_seconds=rescan,
+            heartbeat=arguments.heartbeat,
+            protect=tuple(arguments.protect),
+        )
+
+
+class WatchedRoot(Protocol):
+    """What the loop needs of an armed root: ``root.ArmedRoot`` (a directory), or a bucket prefix
+    (bucket_watch.ArmedBucket)."""
+
+    path: Path
+    observer_kind: str
+
+    @property
+    def observer(self) -> ObserverLike | None: ...
+    def still_there(self) -> bool: ...
+    def ensure_observer_alive(self, stopping: bool) -> bool: ...
+    def note_unwatched(self, directories: Iterable[str]) -> None: ...
+    def subtrees_to_poll(self, now: float) -> set[Path]: ...
+    def next_deadline(self) -> float | None: ...
+    def disarm(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class Crew:
+    """What the loop shares with its place: the options, the stop request, the inbox the observer
+    fills, the policy file, the liveness signals, the metrics' figures, a terminal's progress line."""
+
+    options: WatchOptions
+    stop: threading.Event
+    inbox: Inbox
+    policy: PolicyFile
+    liveness: Liveness
+    figures: DaemonFigures
+    progress: PassProgress | None
+
+
+class Place(Protocol):
+    """What differs between watching a directory and watching a bucket prefix."""
+
+    @property
+    def registry(self) -> ProtectionRegistry:
+        """The protect_from configs (and what they pin) known here."""
+        ...
+
+    @property
+    def pins(self) -> Mapping[Path, str]:
+        """``--protect`` pins."""
+        ...
+
+    @property
+    def refuse(self) -> Callable[[LoadedPolicy], list[str]] | None:
+        """What a policy edit may not ask for here (a bucket: keep_free), as ``At 'key': ...`` problems."""
+        ...
+
+    def lock_now(self) -> None:
+        """Take the root's lock (or lease) up front; raise LockHeldError if another watcher holds it."""
+        ...
+
+    def arm(self, crew: Crew) -> WatchedRoot | None:
+        """Hold and watch the root if it is there now; None to try again later."""
+        ...
+
+    def reconciler(self, root: WatchedRoot, crew: Crew) -> Reconciler:
+        """The reconcile core of a newly armed root."""
+        ...
+
+    def accepts(self, result: PassResult, session: Session | None) -> bool:
+        """False if the pass could not look at the root (it is not reported; the place retries)."""
+        ...
+
+    def release(self) -> None:
+        """Let go of whatever ``lock_now`` or ``arm`` still holds (at exit)."""
+        ...
+
+
+class DirectoryPlace:
+    """A directory on a local or network file system: a lock beside it, an observer on it."""
+
+    refuse = None
+
+    def __init__(
+        self, options: WatchOptions, observer_factory: ObserverFactory = default_observer_factory
+    ) -> None:
+        self.options = options
+        self.registry = ProtectionRegistry(Path.cwd())
+        self.pins = command_line_pins(options.protect, Path.cwd())
+        self._observer_factory = observer_factory
+        self._early_lock: DirectoryLock | None = None
+
+    def lock_now(self) -> None:
+        """Take the directory lock up front if the root exists (so a second daemon exits 2 at once)."""
+        if self.options.root.is_dir():
+            self._early_lock = take_lock(real_path(self.options.root))
+
+    def arm(self, crew: Crew) -> ArmedRoot | None:
+        """Lock and watch the directory if it is there."""
+        armed = ArmedRoot.arm(
+            self.options.root,
+            crew.inbox,
+            lock=self._early_lock,
+            observer_factory=self._observer_factory,
+            poll_interval=self.options.poll_interval,
+            config_files=config_files(self.options.policy_path, self.registry),
+        )
+        if armed is not None:
+            self._early_lock = None  # the armed root holds it now
+        return armed
+
+    def reconciler(self, root: WatchedRoot, crew: Crew) -> Reconciler:
+        """The reconcile core over the directory."""
+        return Reconciler(
+            PolicyTree(root.path, crew.policy.loaded, strict=False, on_outcome=crew.figures.record_reload),
+            self.registry,
+            pins=self.pins,
+            settle_seconds=self.options.settle_seconds,
+            one_shot=False,
+            stop=crew.stop,
+            progress=crew.liveness.tick,
+            on_group=crew.progress.update if crew.progress is not None else None,
+        )
+
+    def accepts(self, result: PassResult, session: Session | None) -> bool:
+        """Every pass over a directory is reported (one that could not scan a group says so itself)."""
+        return True
+
+    def release(self) -> None:
+        """Release the lock taken by ``lock_now`` if the root never armed."""
+        if self._early_lock is not None:
+            self._early_lock.release()
+            self._early_lock = None
+
+
+def config_files(policy_path: Path | None, registry: ProtectionRegistry) -> frozenset[str]:
+    """The policy file and the protect_from configs known now, as absolute paths (watched for edits)."""
+    files = [policy_path] if policy_path is not None else []
+    files.extend(registry.configs())
+    return frozenset(os.path.abspath(path) for path in files)
