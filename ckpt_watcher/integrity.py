@@ -162,7 +162,7 @@ def _whole_in_window(file_descriptor: int, window: bytes, start: int, size: int)
         count += 1
         if count > entries or fields[16] + _LOCAL_HEADER.size > directory_offset:
             return False
-    return position == end and count == entries
+    return bool(position == end and count == entries)
 
 
 _TAIL_WINDOW = 1 << 16
