@@ -203,12 +203,26 @@ def plan(
         protected[path].append(reason)
     if pinned_identities:
         _add_identity_pins(records, pinned_identities, protected)
+    # By directory, then name: a group looks its records up by name (no Path made or hashed per record).
+    protected_in: dict[Path, dict[str, list[str]]] = defaultdict(dict)
+    for path, reasons in protected.items():
+        protected_in[path.parent][path.name] = reasons
     groups: dict[Path, list[CheckpointRecord]] = defaultdict(list)
+    directory: Path | None = None
+    members: list[CheckpointRecord] = []
     for record in records:
-        groups[record.directory].append(record)
+        if record.directory is not directory:  # a scan's records share their directory's Path
+            directory = record.directory
+            members = groups[directory]
+        members.append(record)
     return Plan(
         groups=tuple(
-            _plan_group(directory, groups[directory], group_policies.get(directory, policy), protected)
+            _plan_group(
+                directory,
+                groups[directory],
+                group_policies.get(directory, policy),
+                protected_in.get(directory, {}),
+            )
             for directory in sorted(groups)
         )
     )
@@ -224,8 +238,10 @@ def _add_identity_pins(
         if record.identity is None:
             continue
         reason = pinned_identities.get((record.identity.device, record.identity.inode))
-        if reason is not None and reason not in protected.get(record.path, ()):
-            protected[record.path].append(reason)
+        if reason is not None:
+            path = record.path
+            if reason not in protected.get(path, ()):
+                protected[path].append(reason)
 
 
 def _skip_reason(record: CheckpointRecord) -> str | None:
@@ -275,8 +291,9 @@ def _plan_group(  # noqa: C901, PLR0912  (long: the policy's rules in the order 
     directory: Path,
     records: list[CheckpointRecord],
     policy: Policy,
-    protected: Mapping[Path, list[str]],
+    protected: Mapping[str, list[str]],
 ) -> GroupPlan:
+    """One group's decisions; ``protected``: the reasons that keep an entry of it, by name."""
     keeps = _Keeps()
     delete_reasons: dict[int, list[str]] = defaultdict(list)
     lasts: list[CheckpointRecord] = []
@@ -305,7 +322,7 @@ def _plan_group(  # noqa: C901, PLR0912  (long: the policy's rules in the order 
     candidates = steps + bests
     names = {record.name for record in records}
     for record in candidates:
-        for reason in protected.get(record.path, ()):
+        for reason in protected.get(record.name, ()):
             keeps.add(record, reason, Hold.PROTECTED)
         if record.name + PIN_SUFFIX in names:
             keeps.add(record, f"pinned by {record.name}{PIN_SUFFIX}", Hold.PROTECTED)
@@ -315,8 +332,7 @@ def _plan_group(  # noqa: C901, PLR0912  (long: the policy's rules in the order 
             ):
                 keeps.add(record, f"matches protect pattern '{pattern}'", Hold.PROTECTED)
 
-    other_paths = {record.path for record in records} - {record.path for record in candidates}
-    _keep_pending_link_target(lasts, candidates, other_paths, keeps)
+    _keep_pending_link_target(lasts, records, candidates, keeps)
 
     has_usable_last = any(last.complete for last in lasts)
     if candidates and not has_usable_last and not any(record in keeps for record in candidates):
@@ -335,15 +351,15 @@ def _plan_group(  # noqa: C901, PLR0912  (long: the policy's rules in the order 
         else:
             decisions.append(Decision(record, Action.DELETE, tuple(delete_reasons[id(record)])))
     for record, reason in sorted(skipped, key=lambda pair: pair[0].name):
-        extra = tuple(protected.get(record.path, ()))
+        extra = tuple(protected.get(record.name, ()))
         decisions.append(Decision(record, Action.SKIP, (reason, *extra)))
     return GroupPlan(directory=directory, decisions=tuple(decisions))
 
 
 def _keep_pending_link_target(
     lasts: list[CheckpointRecord],
+    records: list[CheckpointRecord],
     candidates: list[CheckpointRecord],
-    other_paths: set[Path],
     keeps: _Keeps,
 ) -> None:
     """With ``save_last="link"``, the newest checkpoint of the link's kind is about to become its target.
@@ -354,16 +370,22 @@ def _keep_pending_link_target(
     at a file that was just deleted. A dangling link protects the newest of each kind; a link to
     something that is not a candidate (another last file) is not about to move.
     """
-    by_path = {record.path: record for record in candidates}
-    for link in sorted(lasts, key=lambda record: (record.version, record.name)):
-        if (
-            link.entry_type is not EntryType.SYMLINK
-            or link.link_target is None
-            or link.link_target.parent != link.directory  # Lightning links within its own dirpath
-        ):
-            continue
-        target = by_path.get(link.link_target)
-        if target is None and link.link_target in other_paths:
+    links = [
+        link
+        for link in sorted(lasts, key=lambda record: (record.version, record.name))
+        if link.entry_type is EntryType.SYMLINK
+        and link.link_target is not None
+        and link.link_target.parent == link.directory  # Lightning links within its own dirpath
+    ]
+    if not links:
+        return
+    # The group's entries by name (a link's target is in the group's directory, checked above).
+    by_name = {record.name: record for record in candidates}
+    other_names = {record.name for record in records} - by_name.keys()
+    for link in links:
+        assert link.link_target is not None
+        target = by_name.get(link.link_target.name)
+        if target is None and link.link_target.name in other_names:
             continue  # it points at something that stays (another last, a pinned file): not moving
         kinds = [target.kind] if target is not None else [Kind.STEP, Kind.BEST]
         for kind in kinds:
@@ -382,14 +404,14 @@ def _keep_pending_link_target(
                     )
 
 
-def _last_reasons(last: CheckpointRecord, protected: Mapping[Path, list[str]]) -> tuple[str, ...]:
+def _last_reasons(last: CheckpointRecord, protected: Mapping[str, list[str]]) -> tuple[str, ...]:
     reasons = ["last checkpoint: the resume point, always kept"]
     if last.entry_type is EntryType.SYMLINK:
         target = last.link_target.name if last.link_target is not None else "?"
         reasons.append(f"symlink to {target}")
     if not last.complete and last.incomplete_reason:
         reasons.append(f"not usable: {last.incomplete_reason}")
-    reasons.extend(protected.get(last.path, ()))
+    reasons.extend(protected.get(last.name, ()))
     return tuple(reasons)
 
 

@@ -163,7 +163,7 @@ class CompletenessCache:
         records = list(records)
         # Keys made now, after the scan: the objects kept are not scattered among the records'.
         identities = {key: key for key in (_packed(record.identity) for record in records)}
-        paths = {key: key for key in (_fresh_text(os.fspath(record.path)) for record in records)}
+        paths = {key: key for key in (_fresh_text(record.path_text) for record in records)}
         self._verdicts = {
             verify: {identities[key]: value for key, value in verdicts.items() if key in identities}
             for verify, verdicts in self._verdicts.items()
@@ -332,16 +332,15 @@ class _Group:
             entry_type = EntryType.FILE
         else:
             entry_type = EntryType.OTHER
-        path = self.directory / name
         identity = FileIdentity.of_stat(status)
         link_target: Path | None = None
         completeness: Completeness
         size = status.st_size if entry_type is EntryType.FILE else 0
         if entry_type is EntryType.SYMLINK:
-            link_target = self.resolver.resolve(path)  # resolves names only: opens nothing
+            link_target = self.resolver.resolve(self.directory / name)  # resolves names only: opens nothing
             completeness = Completeness(False, "symlink")
         elif entry_type is EntryType.FILE and parsed.kind is not Kind.UNKNOWN:
-            completeness = self._file_completeness(name, path, identity, parsed.kind)
+            completeness = self._file_completeness(name, identity, parsed.kind)
         elif entry_type is EntryType.DIRECTORY:
             verdict = check_directory(
                 name,
@@ -356,7 +355,8 @@ class _Group:
             completeness = Completeness(False, None)
         mount_note = _mount_note(completeness.mount_point)
         return CheckpointRecord(
-            path=path,
+            directory=self.directory,
+            name=name,
             relative_path=relative_prefix + name,
             entry_type=entry_type,
             bytes=size,
@@ -376,13 +376,19 @@ class _Group:
         """Settle each checkpoint-named symlink's completeness from its target, never walking it."""
         if not any(record.entry_type is EntryType.SYMLINK for record in records):
             return records
-        by_path = {record.path: record for record in records if record.entry_type is not EntryType.SYMLINK}
+        # All of them are entries of this directory: a target is one of them if it is here, by name.
+        by_name = {record.name: record for record in records if record.entry_type is not EntryType.SYMLINK}
         judged: list[CheckpointRecord] = []
         for record in records:
             if record.entry_type is not EntryType.SYMLINK or record.kind is Kind.UNKNOWN:
                 judged.append(record)
                 continue
-            target = by_path.get(record.link_target) if record.link_target is not None else None
+            link_target = record.link_target
+            target = (
+                by_name.get(link_target.name)
+                if link_target is not None and link_target.parent == self.directory
+                else None
+            )
             if target is not None:
                 completeness = Completeness(target.complete, target.incomplete_reason)
             else:
@@ -413,18 +419,20 @@ class _Group:
         self._store(judged, identity, "zip", verdict)
         return verdict
 
-    def _file_completeness(self, name: str, path: Path, identity: FileIdentity, kind: Kind) -> Completeness:
+    def _file_completeness(self, name: str, identity: FileIdentity, kind: Kind) -> Completeness:
+        """The verdict on a checkpoint-named regular file (its ``Path`` made only for the cache or a
+        settle time)."""
         if name.endswith(TEMPORARY_SUFFIXES):
             return Completeness(False, "temporary file name", transient=True)
         marked = _with_markers(name, self.markers, None)
         if marked is not None:
             return marked
         if self.cache is not None:
-            cached = self.cache.recall(path, identity, kind, self.options.verify)
+            cached = self.cache.recall(self.directory / name, identity, kind, self.options.verify)
             if cached is not None:
                 return cached
         age = self.now - identity.mtime_ns / 1e9
-        if age < self.options.settle_seconds and path not in self.options.closed_paths:
+        if age < self.options.settle_seconds and self.directory / name not in self.options.closed_paths:
             return Completeness(
                 False,
                 f"still being written (modified {max(age, 0.0):.1f} s ago, "
@@ -440,7 +448,8 @@ class _Group:
             deep_check=_verify_load if verify == "load" else None,
         )
         self._store(judged, identity, verify, verdict)
-        self._count(path, identity, verdict)
+        if self.cache is not None and verdict.complete:
+            self.cache.counted(self.directory / name, identity)
         return verdict
 
     def _store(
@@ -452,10 +461,6 @@ class _Group:
         if self.now - identity.mtime_ns / 1e9 < _RACY_SECONDS:
             return
         self.cache.store(identity, verify, verdict)
-
-    def _count(self, path: Path, identity: FileIdentity, verdict: Completeness) -> None:
-        if self.cache is not None and verdict.complete:
-            self.cache.counted(path, identity)
 
 
 def _mount_note(mount_point: str | None) -> str | None:
