@@ -267,24 +267,44 @@ def _skip_reason(record: CheckpointRecord) -> str | None:
 _PROTECTED = frozenset({Hold.PROTECTED})
 
 
+_HELD_BY = {hold: frozenset({hold}) for hold in Hold}  # shared: most kept records have one rule
+
+
 class _Keeps:
-    """A group's keep reasons and the rules (holds) behind them, by record."""
+    """A group's keep reasons and the rules (holds) behind them, by record: held as the tuple and
+    frozenset its decision takes as they are (no list or set per record, then a copy of each)."""
 
     def __init__(self) -> None:
-        self.reasons: dict[int, list[str]] = defaultdict(list)
-        self.holds: dict[int, set[Hold]] = defaultdict(set)
+        self.reasons: dict[int, tuple[str, ...]] = {}
+        self.holds: dict[int, frozenset[Hold]] = {}
 
     def add(self, record: CheckpointRecord, reason: str, hold: Hold) -> None:
-        self.reasons[id(record)].append(reason)
-        self.holds[id(record)].add(hold)
+        key = id(record)
+        self.reasons[key] = (*self.reasons.get(key, ()), reason)
+        held = self.holds.get(key)
+        self.holds[key] = _HELD_BY[hold] if held is None or held == _HELD_BY[hold] else held | {hold}
 
     def __contains__(self, record: CheckpointRecord) -> bool:
         return id(record) in self.reasons
 
     def decision(self, record: CheckpointRecord) -> Decision:
-        return Decision(
-            record, Action.KEEP, tuple(self.reasons[id(record)]), frozenset(self.holds[id(record)])
-        )
+        key = id(record)
+        return Decision(record, Action.KEEP, self.reasons[key], self.holds[key])
+
+
+class _DeleteReasons:
+    """Why each record of a group that no rule keeps goes, by record (a tuple each, as its decision
+    takes it)."""
+
+    def __init__(self) -> None:
+        self._reasons: dict[int, tuple[str, ...]] = {}
+
+    def add(self, record: CheckpointRecord, reason: str) -> None:
+        key = id(record)
+        self._reasons[key] = (*self._reasons.get(key, ()), reason)
+
+    def of(self, record: CheckpointRecord) -> tuple[str, ...]:
+        return self._reasons.get(id(record), ())
 
 
 def _plan_group(  # noqa: C901, PLR0912  (long: the policy's rules in the order README numbers them)
@@ -295,7 +315,7 @@ def _plan_group(  # noqa: C901, PLR0912  (long: the policy's rules in the order 
 ) -> GroupPlan:
     """One group's decisions; ``protected``: the reasons that keep an entry of it, by name."""
     keeps = _Keeps()
-    delete_reasons: dict[int, list[str]] = defaultdict(list)
+    delete_reasons = _DeleteReasons()
     lasts: list[CheckpointRecord] = []
     skipped: list[tuple[CheckpointRecord, str]] = []
     steps: list[CheckpointRecord] = []
@@ -349,7 +369,7 @@ def _plan_group(  # noqa: C901, PLR0912  (long: the policy's rules in the order 
         if record in keeps:
             decisions.append(keeps.decision(record))
         else:
-            decisions.append(Decision(record, Action.DELETE, tuple(delete_reasons[id(record)])))
+            decisions.append(Decision(record, Action.DELETE, delete_reasons.of(record)))
     for record, reason in sorted(skipped, key=lambda pair: pair[0].name):
         extra = tuple(protected.get(record.name, ()))
         decisions.append(Decision(record, Action.SKIP, (reason, *extra)))
@@ -419,7 +439,7 @@ def _rank_steps(
     steps: list[CheckpointRecord],
     top_k: int,
     keeps: _Keeps,
-    delete_reasons: dict[int, list[str]],
+    delete_reasons: _DeleteReasons,
 ) -> None:
     for rank, record in enumerate(steps, start=1):
         if top_k == -1:
@@ -427,14 +447,14 @@ def _rank_steps(
         elif rank <= top_k:
             keeps.add(record, f"newest {top_k} step checkpoints (#{rank} of {top_k})", Hold.NEWEST_STEPS)
         else:
-            delete_reasons[id(record)].append(f"outside newest {top_k} step checkpoints (#{rank})")
+            delete_reasons.add(record, f"outside newest {top_k} step checkpoints (#{rank})")
 
 
 def _keep_epoch_ends(
     steps: list[CheckpointRecord],
     every_n_epochs: int,
     keeps: _Keeps,
-    delete_reasons: dict[int, list[str]],
+    delete_reasons: _DeleteReasons,
 ) -> None:
     """Keep the newest step checkpoint of each epoch e with (e + 1) % n == 0 (Lightning's convention)."""
     if every_n_epochs == 0:
@@ -445,7 +465,7 @@ def _keep_epoch_ends(
         if epoch is None or (epoch + 1) % every_n_epochs != 0:
             continue
         if epoch in seen_epochs:
-            delete_reasons[id(record)].append(f"not the newest of epoch {epoch}")
+            delete_reasons.add(record, f"not the newest of epoch {epoch}")
             continue
         seen_epochs.add(epoch)
         keeps.add(record, f"newest of epoch {epoch} (save_every_n_epochs: {every_n_epochs})", Hold.EPOCH_END)
@@ -455,7 +475,7 @@ def _rank_bests(
     bests: list[CheckpointRecord],
     top_k: int,
     keeps: _Keeps,
-    delete_reasons: dict[int, list[str]],
+    delete_reasons: _DeleteReasons,
 ) -> None:
     for rank, record in enumerate(bests, start=1):
         metric = format_metric(record)
@@ -465,7 +485,7 @@ def _rank_bests(
         elif rank <= top_k:
             keeps.add(record, f"top {top_k} best (rank {rank}, {metric})", hold)
         else:
-            delete_reasons[id(record)].append(f"outside top {top_k} best (rank {rank}, {metric})")
+            delete_reasons.add(record, f"outside top {top_k} best (rank {rank}, {metric})")
 
 
 def _keep_milestones(steps: list[CheckpointRecord], every_n_steps: int, keeps: _Keeps) -> None:
