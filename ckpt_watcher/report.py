@@ -8,11 +8,12 @@ carried in JSON as the text ``inf``/``-inf``/``nan``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import json
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -98,19 +99,55 @@ def write_table(
         out.write("\n".join(lines) + "\n\n")
     for group in plan.groups:
         directory = group.directory
-        widths = [len(column) for column in _COLUMNS[:-1]]
-        for decision in group.decisions:
-            row = _plain_row(decision, trash.action(directory, decision))
-            widths = [max(width, len(cell)) for width, cell in zip(widths, row, strict=False)]
+        widths = _widths(group, trash)
         out.write(_group_header(directory, sources, trash) + "\n" + _line(_COLUMNS, widths) + "\n")
+        row_format = _row_format(widths)
         batch: list[str] = []
         for decision in group.decisions:
-            batch.append(_line(_plain_row(decision, trash.action(directory, decision)), widths))
+            batch.append(row_format(*_plain_row(decision, trash.action(directory, decision))).rstrip())
             if len(batch) == _ENTRIES_PER_WRITE:
                 out.write("\n".join(batch) + "\n")
                 batch = []
         out.write("".join(line + "\n" for line in batch) + "\n")
     out.write(summary_line(plan.summary, dry_run, applied, trash.trashed_in(plan)) + "\n")
+
+
+_cell_bytes = functools.lru_cache(maxsize=1024)(human_bytes)  # a run's checkpoints are often one size
+
+
+def _widths(group: GroupPlan, trash: TrashView) -> list[int]:
+    """The width of each column but the last (the reasons, never padded) over a group's rows: the
+    cells ``_plain_row`` makes, a batch of rows at a time, without joining any row's reasons."""
+    widths = [len(column) for column in _COLUMNS[:-1]]
+    directory = group.directory
+    decisions = group.decisions
+    for start in range(0, len(decisions), _ENTRIES_PER_WRITE):
+        batch = [
+            _padded_cells(decision, trash.action(directory, decision))
+            for decision in decisions[start : start + _ENTRIES_PER_WRITE]
+        ]
+        for index, column in enumerate(zip(*batch, strict=True)):
+            widths[index] = max(widths[index], *map(len, column))
+    return widths
+
+
+def _padded_cells(decision: Decision, action: str) -> tuple[str, ...]:
+    """A row's cells but its reasons, as ``_plain_row`` shows them (a cell that is printable ASCII
+    without '/' is shown as it is, whatever the reasons hold)."""
+    record = decision.record
+    cells = (
+        action,
+        record.kind.value,
+        "" if record.epoch is None else str(record.epoch),
+        "" if record.step is None else str(record.step),
+        record.metric_text or "",
+        _cell_bytes(record.bytes) if record.bytes else "",
+        record.name,
+    )
+    text = "".join(cells)
+    if "/" not in text and is_plain_text(text):
+        return cells
+    return tuple(display_name(cell) for cell in cells)
 
 
 def _plain_row(decision: Decision, action: str) -> tuple[str, ...]:
@@ -123,7 +160,7 @@ def _plain_row(decision: Decision, action: str) -> tuple[str, ...]:
         "" if record.epoch is None else str(record.epoch),
         "" if record.step is None else str(record.step),
         record.metric_text or "",
-        human_bytes(record.bytes) if record.bytes else "",
+        _cell_bytes(record.bytes) if record.bytes else "",
         record.name,
         "; ".join(decision.reasons),
     )
@@ -140,6 +177,13 @@ def _group_header(directory: Path, sources: Mapping[Path, tuple[str, ...]] | Non
     if directory in trash.graces:
         header += f"  (trash grace: {format_duration(trash.graces[directory])})"
     return header
+
+
+def _row_format(widths: Sequence[int]) -> Callable[..., str]:
+    """``_line`` of a row's cells as one ``str.format`` (its result then ``rstrip``ped): each cell
+    but the last padded to its width, as ``ljust`` pads it."""
+    padded = "  ".join(f"{{{index}:<{width}}}" for index, width in enumerate(widths))
+    return ("  " + padded + "  {" + str(len(widths)) + "}").format
 
 
 def _line(row: Sequence[str], widths: Sequence[int]) -> str:
