@@ -38,7 +38,6 @@ from ckpt_watcher.records import (
     EntryType,
     FileIdentity,
     display_name,
-    name_fields,
 )
 
 logger = structlog.get_logger("ckpt_watcher.scan")
@@ -369,7 +368,14 @@ class _Group:
             or ("not a zip archive" if completeness.not_zip else None)
             or ("corrupt: it does not load" if completeness.corrupt else None),
             settles_at=completeness.settles_at,
-            **name_fields(parsed),
+            kind=parsed.kind,
+            epoch=parsed.epoch,
+            step=parsed.step,
+            date=parsed.date,
+            metric_name=parsed.metric_name,
+            metric=parsed.metric,
+            metric_text=parsed.metric_text,
+            version=parsed.version,
         )
 
     def judge_links(self, records: list[CheckpointRecord]) -> list[CheckpointRecord]:
