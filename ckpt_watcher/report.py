@@ -12,7 +12,6 @@ import functools
 import io
 import json
 import math
-import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,9 +21,10 @@ from ckpt_watcher.budget import FreeSpacePlan
 from ckpt_watcher.contents import CheckpointContents
 from ckpt_watcher.delete import ApplyResult
 from ckpt_watcher.durations import format_duration
+from ckpt_watcher.naming import Kind
 from ckpt_watcher.plan import Action, Decision, GroupPlan, Plan, Summary
 from ckpt_watcher.policy import POLICY_DESCRIPTIONS, LoadedPolicy
-from ckpt_watcher.records import TRASH_DIRECTORY_NAME, display_name, is_plain_text, metric_for_json
+from ckpt_watcher.records import TRASH_DIRECTORY_NAME, EntryType, display_name, is_plain_text
 from ckpt_watcher.sizes import human_bytes
 from ckpt_watcher.trash import TrashEntry, TrashListing, TrashSummary, iso_time
 from ckpt_watcher.trash_moves import RestoreResult
@@ -293,9 +293,8 @@ def plan_document(
     )
     groups = []
     for group in plan.groups:
-        entries = [
-            _entry_document(group.directory, decision, trash, outcomes) for decision in group.decisions
-        ]
+        entry_of = _entry_maker(group.directory, trash, outcomes)
+        entries = [entry_of(decision) for decision in group.decisions]
         groups.append({**_group_document(group.directory, loaded, sources, trash), "entries": entries})
     return {
         "policy": policy_document(loaded),
@@ -349,10 +348,10 @@ def _write_group(
     """One group of the ``--json`` document (its ``entries`` a batch at a time); ``number`` from 0."""
     out.write(("," if number else "") + _compact(document)[:-1] + ',"entries":[')
     decisions = group.decisions
+    entry_of = _entry_maker(group.directory, trash, outcomes)
     for start in range(0, len(decisions), _ENTRIES_PER_WRITE):
         batch = [
-            _entry_ready(_entry_document(group.directory, decision, trash, outcomes))
-            for decision in decisions[start : start + _ENTRIES_PER_WRITE]
+            _entry_ready(entry_of(decision)) for decision in decisions[start : start + _ENTRIES_PER_WRITE]
         ]
         out.write(("," if start else "") + _ENCODE(batch)[1:-1])  # escaped already
     out.write("]}")
@@ -431,32 +430,53 @@ def _entry_ready(entry: dict[str, Any]) -> dict[str, Any]:
     return dict(json_ready(entry))
 
 
-def _entry_document(
-    directory: Path, decision: Decision, trash: TrashView, outcomes: Mapping[int, str]
-) -> dict[str, Any]:
-    """One entry of a group in the ``--json`` document."""
-    record = decision.record
-    entry: dict[str, Any] = {
-        # record.path is directory / name (a plan groups by directory); joined here, so the record's
-        # Path does not keep its text for the rest of the pass
-        "path": display_name(os.path.join(str(directory), record.name)),
-        "name": display_name(record.name),
-        "kind": record.kind.value,
-        "type": record.entry_type.value,
-        "epoch": record.epoch,
-        "step": record.step,
-        "metric_name": record.metric_name,
-        "metric": metric_for_json(record),
-        "version": record.version,
-        "bytes": record.bytes,
-        "action": trash.action(directory, decision),
-        "reasons": list(decision.reasons),
-    }
-    if decision.evicted:
-        entry["evicted"] = True
-    if id(decision) in outcomes:
-        entry["outcome"] = outcomes[id(decision)]
-    return entry
+_KIND_TEXT = {kind: kind.value for kind in Kind}  # an enum's .value is a Python-level property
+_TYPE_TEXT = {entry_type: entry_type.value for entry_type in EntryType}
+_ACTION_TEXT = {action: action.value for action in Action}
+
+
+def _entry_maker(
+    directory: Path, trash: TrashView, outcomes: Mapping[int, str]
+) -> Callable[[Decision], dict[str, Any]]:
+    """The maker of a group's entries in the ``--json`` document: what is the same for every entry of
+    the group (its directory's text, whether its deletions go to the trash) is worked out once."""
+    directory_text = str(directory)
+    # os.path.join(directory_text, name) for a name (never starting with "/"), as one concatenation
+    prefix = directory_text if not directory_text or directory_text.endswith("/") else directory_text + "/"
+    trashing = directory in trash.graces
+    at_once = trash.at_once
+
+    def entry_of(decision: Decision) -> dict[str, Any]:
+        record = decision.record
+        name = record.name
+        action = decision.action
+        metric = record.metric
+        entry: dict[str, Any] = {
+            # record.path is directory / name (a plan groups by directory); joined here as text
+            "path": display_name(prefix + name),
+            "name": display_name(name),
+            "kind": _KIND_TEXT[record.kind],
+            "type": _TYPE_TEXT[record.entry_type],
+            "epoch": record.epoch,
+            "step": record.step,
+            "metric_name": record.metric_name,
+            "metric": metric if metric is None or math.isfinite(metric) else record.metric_text,
+            "version": record.version,
+            "bytes": record.bytes,
+            "action": (
+                TRASH_ACTION
+                if action is Action.DELETE and trashing and record.path not in at_once
+                else _ACTION_TEXT[action]
+            ),
+            "reasons": list(decision.reasons),
+        }
+        if decision.evicted:
+            entry["evicted"] = True
+        if id(decision) in outcomes:
+            entry["outcome"] = outcomes[id(decision)]
+        return entry
+
+    return entry_of
 
 
 def _group_document(
