@@ -126,11 +126,11 @@ class CompletenessCache:
         if not verdict.transient:
             self._verdicts.setdefault(verify, {})[_packed(identity)] = verdict
 
-    def counted(self, path: Path, identity: FileIdentity) -> None:
+    def counted(self, path: Path | str, identity: FileIdentity) -> None:
         """``path`` counts as complete with this identity."""
         self._counted[os.fspath(path)] = _packed(identity)
 
-    def change_since_counted(self, path: Path, identity: FileIdentity) -> FileIdentity | None:
+    def change_since_counted(self, path: Path | str, identity: FileIdentity) -> FileIdentity | None:
         """The identity ``path`` had when it counted, if it differs now (and forget it); else None."""
         key = os.fspath(path)
         before = self._counted.get(key)
@@ -139,7 +139,9 @@ class CompletenessCache:
         del self._counted[key]
         return FileIdentity(*_IDENTITY.unpack(before))
 
-    def recall(self, path: Path, identity: FileIdentity, kind: Kind, verify: str) -> Completeness | None:
+    def recall(
+        self, path: Path | str, identity: FileIdentity, kind: Kind, verify: str
+    ) -> Completeness | None:
         """The cached verdict on the file at ``path`` (None: judge it), counted again if complete; a
         checkpoint that changed since it counted is logged once (``checkpoint_changed``; never
         ``last.ckpt``, rewritten by design). One place for the disk's scan and a bucket's listing."""
@@ -312,6 +314,11 @@ class _Group:
     now: float
     cache: CompletenessCache | None
     resolver: PathResolver = field(default_factory=PathResolver)  # each link of the listing once
+    # The text of an entry's path is this plus its name (as pathlib joins them), for the cache's keys.
+    path_prefix: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.path_prefix = str(self.directory / "x")[:-1]
 
     def record_for(self, relative_prefix: str, name: str) -> CheckpointRecord | None:
         """The record of one entry (a symlink's completeness is settled later by ``judge_links``)."""
@@ -434,7 +441,7 @@ class _Group:
         if marked is not None:
             return marked
         if self.cache is not None:
-            cached = self.cache.recall(self.directory / name, identity, kind, self.options.verify)
+            cached = self.cache.recall(self.path_prefix + name, identity, kind, self.options.verify)
             if cached is not None:
                 return cached
         age = self.now - identity.mtime_ns / 1e9
@@ -455,7 +462,7 @@ class _Group:
         )
         self._store(judged, identity, verify, verdict)
         if self.cache is not None and verdict.complete:
-            self.cache.counted(self.directory / name, identity)
+            self.cache.counted(self.path_prefix + name, identity)
         return verdict
 
     def _store(
