@@ -348,15 +348,7 @@ class _Group:
         elif entry_type is EntryType.FILE and parsed.kind is not Kind.UNKNOWN:
             completeness = self._file_completeness(name, identity, parsed.kind)
         elif entry_type is EntryType.DIRECTORY:
-            verdict = check_directory(
-                name,
-                name,
-                quiet_seconds=max(self.options.settle_seconds, self.options.directory_quiet_seconds),
-                now=self.now,
-                dir_fd=self.directory_fd,
-            )
-            size = verdict.bytes
-            completeness = _with_markers(name, self.markers, None) or verdict.completeness
+            completeness, size = self._directory_completeness(name)
         else:
             completeness = Completeness(False, None)
         mount_note = _mount_note(completeness.mount_point)
@@ -384,6 +376,17 @@ class _Group:
             metric_text=parsed.metric_text,
             version=parsed.version,
         )
+
+    def _directory_completeness(self, name: str) -> tuple[Completeness, int]:
+        """The verdict on a checkpoint-named directory, and the bytes its files hold."""
+        verdict = check_directory(
+            name,
+            name,
+            quiet_seconds=max(self.options.settle_seconds, self.options.directory_quiet_seconds),
+            now=self.now,
+            dir_fd=self.directory_fd,
+        )
+        return _with_markers(name, self.markers, None) or verdict.completeness, verdict.bytes
 
     def judge_links(self, records: list[CheckpointRecord]) -> list[CheckpointRecord]:
         """Settle each checkpoint-named symlink's completeness from its target, never walking it."""
