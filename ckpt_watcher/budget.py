@@ -546,7 +546,7 @@ def eviction_order(groups: Iterable[GroupSpace]) -> Iterable[Candidate]:
             for group in groups
         ]
         heap = [
-            (queue[0].mtime_ns, str(queue[0].record.path), index, 0)
+            (queue[0].mtime_ns, queue[0].record.path_text, index, 0)
             for index, queue in enumerate(queues)
             if queue
         ]
@@ -563,4 +563,4 @@ def _heap_entry(queue: list[Candidate], index: int, position: int) -> tuple[int,
     """A group's next candidate in the merge: oldest first, the path settling ties (never the group's
     place in the input)."""
     candidate = queue[position]
-    return (candidate.mtime_ns, str(candidate.record.path), index, position)
+    return (candidate.mtime_ns, candidate.record.path_text, index, position)
