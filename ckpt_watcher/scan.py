@@ -13,6 +13,7 @@ import dataclasses
 import os
 import stat
 import struct
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -354,7 +355,9 @@ class _Group:
         mount_note = _mount_note(completeness.mount_point)
         return CheckpointRecord(
             directory=self.directory,
-            name=name,
+            # interned, as pathlib interned a path's parts: runs that name their checkpoints alike
+            # share one string per name in what a daemon keeps of every group (the names it saw)
+            name=sys.intern(name),
             relative_path=relative_prefix + name,
             entry_type=entry_type,
             bytes=size,
