@@ -21,8 +21,10 @@ from pathlib import Path
 
 import structlog
 
+from ckpt_watcher.compact import PackedKeys, PackedValues
 from ckpt_watcher.filesystem import PathResolver
 from ckpt_watcher.integrity import (
+    COMPLETE,
     DIRECTORY_QUIET_SECONDS,
     Completeness,
     check_directory,
@@ -108,32 +110,48 @@ class CompletenessCache:
     """
 
     def __init__(self) -> None:
-        # By verify level, then identity packed into bytes; paths as text. A daemon holds one entry per
-        # file of the tree: no tuple, no Path, and nothing allocated in the middle of a scan's records
-        # (``retain`` packs its keys after the scan), so a big scan's memory goes back when it ends.
+        # By verify level, then identity packed into bytes; the identity a path counted with by the
+        # hash of the path (a collision, ~3e-10 among 100,000 paths, could only misreport one
+        # checkpoint_changed: a verdict is always looked up by the exact identity). Between passes
+        # (after ``retain``) all of it is packed (``compact``): a daemon holds a few buffers per
+        # group, not an object per file, so a big pass's memory goes back when it ends.
         self._verdicts: dict[str, dict[bytes, Completeness]] = {}
-        self._counted: dict[str, bytes] = {}
+        self._counted: dict[int, bytes] = {}
+        self._packed: tuple[dict[str, PackedKeys], PackedValues] | None = None
+
+    def _unpack(self) -> None:
+        """Back to dicts for a pass (what ``retain`` packed)."""
+        if self._packed is not None:
+            verdicts, counted = self._packed
+            self._verdicts = {verify: table.unpacked() for verify, table in verdicts.items()}
+            self._counted = counted.unpacked()
+            self._packed = None
 
     def __len__(self) -> int:
+        self._unpack()
         return sum(len(verdicts) for verdicts in self._verdicts.values())
 
     def get(self, identity: FileIdentity, verify: str) -> Completeness | None:
         """The stored verdict on this very file at this verify level, if any."""
+        self._unpack()
         verdicts = self._verdicts.get(verify)
         return verdicts.get(_packed(identity)) if verdicts is not None else None
 
     def store(self, identity: FileIdentity, verify: str, verdict: Completeness) -> None:
         """Remember a verdict that depends only on the file's bytes."""
+        self._unpack()
         if not verdict.transient:
             self._verdicts.setdefault(verify, {})[_packed(identity)] = verdict
 
     def counted(self, path: Path, identity: FileIdentity) -> None:
         """``path`` counts as complete with this identity."""
-        self._counted[os.fspath(path)] = _packed(identity)
+        self._unpack()
+        self._counted[hash(os.fspath(path))] = _packed(identity)
 
     def change_since_counted(self, path: Path, identity: FileIdentity) -> FileIdentity | None:
         """The identity ``path`` had when it counted, if it differs now (and forget it); else None."""
-        key = os.fspath(path)
+        self._unpack()
+        key = hash(os.fspath(path))
         before = self._counted.get(key)
         if before is None or before == _packed(identity):
             return None
@@ -159,28 +177,26 @@ class CompletenessCache:
         return cached
 
     def retain(self, records: Iterable[CheckpointRecord]) -> None:
-        """Keep only what concerns these records (the latest scan of the cache's directories)."""
+        """Keep only what concerns these records (the latest scan of the cache's directories), packed
+        until the next pass."""
+        self._unpack()
         records = list(records)
-        # Keys made now, after the scan: the objects kept are not scattered among the records'.
-        identities = {key: key for key in (_packed(record.identity) for record in records)}
-        paths = {key: key for key in (_fresh_text(os.fspath(record.path)) for record in records)}
-        self._verdicts = {
-            verify: {identities[key]: value for key, value in verdicts.items() if key in identities}
-            for verify, verdicts in self._verdicts.items()
+        identities = {_packed(record.identity) for record in records}
+        paths = {hash(os.fspath(record.path)) for record in records}
+        verdicts = {
+            verify: PackedKeys(
+                {key: value for key, value in table.items() if key in identities},
+                width=_IDENTITY.size,
+                common=COMPLETE,
+            )
+            for verify, table in self._verdicts.items()
         }
-        self._counted = {
-            paths[path]: identities.get(value, value)
-            for path, value in self._counted.items()
-            if path in paths
-        }
+        counted = {path: value for path, value in self._counted.items() if path in paths}
+        self._packed = (verdicts, PackedValues(counted, width=_IDENTITY.size))
+        self._verdicts, self._counted = {}, {}
 
 
 _IDENTITY = struct.Struct("<QQqq")  # device, inode, size, mtime_ns
-
-
-def _fresh_text(text: str) -> str:
-    """A new string object equal to ``text``."""
-    return text.encode("utf-8", "surrogatepass").decode("utf-8", "surrogatepass")
 
 
 def _packed(identity: FileIdentity | None) -> bytes:
