@@ -86,8 +86,9 @@ class ScanOptions:
     """How strictly a file must look finished to count.
 
     ``settle_seconds``: a file modified more recently than this is still being written, unless its
-    path is in ``closed_paths`` (its writer was seen closing it) or the cache already judged this very
-    file (same device, inode, size, mtime). ``now`` is the wall-clock time to compare mtimes with (the
+    path is in ``closed_paths`` (its writer was seen closing it), it already counted as complete in this
+    very version (an earlier pass saw it closed), or the cache already judged this very file (same
+    device, inode, size, mtime). ``now`` is the wall-clock time to compare mtimes with (the
     caller's, so tests can fix it). ``verify`` is the policy's ``zip``, ``crc`` or ``load``. A directory
     checkpoint counts once nothing in it changed for ``directory_quiet_seconds`` (or the settle time).
     """
@@ -147,6 +148,11 @@ class CompletenessCache:
         """``path`` counts as complete with this identity."""
         self._unpack()
         self._counted[hash(os.fspath(path))] = _packed(identity)
+
+    def counted_as(self, path: Path, identity: FileIdentity) -> bool:
+        """True if ``path`` counted as complete with exactly this identity."""
+        self._unpack()
+        return self._counted.get(hash(os.fspath(path))) == _packed(identity)
 
     def change_since_counted(self, path: Path, identity: FileIdentity) -> FileIdentity | None:
         """The identity ``path`` had when it counted, if it differs now (and forget it); else None."""
@@ -440,7 +446,7 @@ class _Group:
             if cached is not None:
                 return cached
         age = self.now - identity.mtime_ns / 1e9
-        if age < self.options.settle_seconds and path not in self.options.closed_paths:
+        if age < self.options.settle_seconds and not self._closed(path, identity):
             return Completeness(
                 False,
                 f"still being written (modified {max(age, 0.0):.1f} s ago, "
@@ -458,6 +464,14 @@ class _Group:
         self._store(judged, identity, verify, verdict)
         self._count(path, identity, verdict)
         return verdict
+
+    def _closed(self, path: Path, identity: FileIdentity) -> bool:
+        """Its writer is done with it: it was closed (or moved into place) since the last pass, or it
+        already counted as complete in this very version (an earlier pass saw it closed): a pass that
+        another event brings before the settle time is over does not take that back."""
+        if path in self.options.closed_paths:
+            return True
+        return self.cache is not None and self.cache.counted_as(path, identity)
 
     def _store(
         self, judged: FileIdentity | None, identity: FileIdentity, verify: str, verdict: Completeness
