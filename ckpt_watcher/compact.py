@@ -12,7 +12,7 @@ when it packs what it keeps.
 from __future__ import annotations
 
 from array import array
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator
 from itertools import repeat
 from typing import Any
 
@@ -43,56 +43,56 @@ def _chunks(packed: bytes, width: int) -> Iterator[bytes]:
 class PackedKeys:
     """An immutable mapping from ``bytes`` keys of one ``width`` to values, most of them one ``common``
     value (a verdict cache: most files are simply complete). Keys with the common value are packed
-    side by side; any other entry stays in a small dict."""
+    side by side as they come (no object kept per key); any other entry stays in a small dict."""
 
     __slots__ = ("_common", "_others", "_packed", "_width")
 
-    def __init__(self, entries: Mapping[bytes, Any], *, width: int, common: Any) -> None:
+    def __init__(self, entries: Iterable[tuple[bytes, Any]], *, width: int, common: Any) -> None:
         self._width = width
         self._common = common
-        packed: list[bytes] = []
+        packed = bytearray()
         self._others: dict[bytes, Any] = {}
-        for key, value in entries.items():
-            if len(key) == width and value == common:
-                packed.append(key)
+        for key, value in entries:
+            if len(key) == width and (value is common or value == common):
+                packed += key
             else:
-                self._others[bytes(key)] = value
-        self._packed = b"".join(packed)
+                self._others[key] = value
+        self._packed = bytes(packed)
 
     def __len__(self) -> int:
         return len(self._packed) // self._width + len(self._others)
 
     def unpacked(self) -> dict[bytes, Any]:
-        """Every entry, as a dict."""
+        """Every entry, as a dict (a key given twice is one entry)."""
         entries = dict(zip(_chunks(self._packed, self._width), repeat(self._common)))
         entries.update(self._others)
         return entries
 
 
 class PackedValues:
-    """An immutable mapping from integers (hashes) to ``bytes`` values of one ``width``: both packed
-    (8 bytes and ``width`` bytes an entry); an entry that does not fit stays in a small dict."""
+    """An immutable mapping from integers (hashes) to ``bytes`` values of one ``width``: both packed as
+    they come (8 bytes and ``width`` bytes an entry); an entry that does not fit stays in a small dict."""
 
     __slots__ = ("_keys", "_others", "_values", "_width")
 
-    def __init__(self, entries: Mapping[int, bytes], *, width: int) -> None:
+    def __init__(self, entries: Iterable[tuple[int, bytes]], *, width: int) -> None:
         self._width = width
         self._keys = array(_HASH)
-        values: list[bytes] = []
+        values = bytearray()
         self._others: dict[int, bytes] = {}
-        for key, value in entries.items():
+        for key, value in entries:
             if key in _HASH_RANGE and len(value) == width:
                 self._keys.append(key)
-                values.append(value)
+                values += value
             else:
-                self._others[key] = bytes(value)
-        self._values = b"".join(values)
+                self._others[key] = value
+        self._values = bytes(values)
 
     def __len__(self) -> int:
         return len(self._keys) + len(self._others)
 
     def unpacked(self) -> dict[int, bytes]:
-        """Every entry, as a dict."""
+        """Every entry, as a dict (a key given twice: its last value)."""
         entries = dict(zip(self._keys, _chunks(self._values, self._width), strict=True))
         entries.update(self._others)
         return entries

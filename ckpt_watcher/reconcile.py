@@ -23,6 +23,7 @@ import enum
 import functools
 import threading
 import time
+from array import array
 from collections import defaultdict
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -606,7 +607,7 @@ def _log_news(state: GroupState, records: list[CheckpointRecord], *, detections:
 
     What was seen is remembered as the hash of each (name, complete): an integer per checkpoint, not
     its name (a collision, ~3e-10 among 100,000 names, could only leave one detection uncounted)."""
-    seen: set[int] = set()
+    seen = array("q")  # packed as it is found: no object per checkpoint is kept for the pass
     seen_before = state.seen.unpacked()
     detected = 0
     for record in records:
@@ -620,7 +621,7 @@ def _log_news(state: GroupState, records: list[CheckpointRecord], *, detections:
         if record.kind is Kind.UNKNOWN or not detections:
             continue
         key = hash((record.name, record.complete))
-        seen.add(key)
+        seen.append(key)
         if key not in seen_before:
             detected += 1
             logger.debug(  # at debug: a pass's one summary line (pass_completed) counts them

@@ -15,9 +15,10 @@ import stat
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import structlog
 
@@ -184,22 +185,36 @@ class CompletenessCache:
 
     def retain(self, records: Iterable[CheckpointRecord]) -> None:
         """Keep only what concerns these records (the latest scan of the cache's directories), packed
-        until the next pass."""
+        until the next pass (as it is found: no second copy of the cache is made on the way)."""
         self._unpack()
         records = list(records)
-        identities = {_packed(record.identity) for record in records}
-        paths = {hash(os.fspath(record.path)) for record in records}
-        verdicts = {
-            verify: PackedKeys(
-                {key: value for key, value in table.items() if key in identities},
+        self._packed = (
+            {
+                verify: PackedKeys(
+                    _found(table, (_packed(record.identity) for record in records)),
+                    width=_IDENTITY.size,
+                    common=COMPLETE,  # most verdicts
+                )
+                for verify, table in self._verdicts.items()
+            },
+            PackedValues(
+                _found(self._counted, (hash(os.fspath(record.path)) for record in records)),
                 width=_IDENTITY.size,
-                common=COMPLETE,
-            )
-            for verify, table in self._verdicts.items()
-        }
-        counted = {path: value for path, value in self._counted.items() if path in paths}
-        self._packed = (verdicts, PackedValues(counted, width=_IDENTITY.size))
+            ),
+        )
         self._verdicts, self._counted = {}, {}
+
+
+Key = TypeVar("Key")
+Value = TypeVar("Value")
+
+
+def _found(table: Mapping[Key, Value], keys: Iterable[Key]) -> Iterator[tuple[Key, Value]]:
+    """The entries of ``table`` for ``keys`` (those it has)."""
+    for key in keys:
+        value = table.get(key)
+        if value is not None:
+            yield key, value
 
 
 _IDENTITY = struct.Struct("<QQqq")  # device, inode, size, mtime_ns

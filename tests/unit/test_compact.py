@@ -46,7 +46,7 @@ def test_packed_keys_keep_the_common_value_packed_and_every_other_entry_as_it_wa
         b"short": COMPLETE,
         b"c" * 32: COMPLETE,
     }
-    packed = PackedKeys(entries, width=32, common=COMPLETE)
+    packed = PackedKeys(entries.items(), width=32, common=COMPLETE)
     assert packed.unpacked() == entries
     assert packed.unpacked()[b"b" * 32] is broken
     assert len(packed) == 4
@@ -54,7 +54,7 @@ def test_packed_keys_keep_the_common_value_packed_and_every_other_entry_as_it_wa
 
 def test_packed_values_keep_every_entry() -> None:
     entries = {1: b"x" * 32, -(2**63): b"y" * 32, 2**64: b"z" * 32, 5: b"odd"}
-    packed = PackedValues(entries, width=32)
+    packed = PackedValues(entries.items(), width=32)
     assert packed.unpacked() == entries
     assert len(packed) == 4
 
