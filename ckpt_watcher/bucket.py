@@ -319,8 +319,8 @@ class _GroupScan:
             completeness = Completeness(False, None)
         else:
             completeness = self._completeness(name, path, info, identity, parsed.kind)
-        return CheckpointRecord(
-            path=path,
+        return CheckpointRecord.at(
+            path,
             relative_path=self._relative(name),
             entry_type=EntryType.FILE,
             bytes=info.size,
@@ -395,8 +395,8 @@ class _GroupScan:
                 now=now,
             )
             completeness = marker_verdict(name, self.markers) or verdict.completeness
-        return CheckpointRecord(
-            path=path,
+        return CheckpointRecord.at(
+            path,
             relative_path=self._relative(name),
             entry_type=EntryType.DIRECTORY,
             bytes=summary.total,

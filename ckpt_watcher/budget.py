@@ -302,23 +302,23 @@ def group_space(
     Sizes the group no longer shows (its only ``last.ckpt`` is being rewritten, say) are taken from
     ``previous``, the facts of its last pass.
     """
+    records = [decision.record for decision in decisions]
     complete = [
-        decision.record
-        for decision in decisions
-        if decision.record.complete
-        and decision.record.kind in _CHECKPOINT_KINDS
-        and decision.record.entry_type in _SIZED_TYPES
-        and decision.record.identity is not None
+        record
+        for record in records
+        if record.complete
+        and record.kind in _CHECKPOINT_KINDS
+        and record.entry_type in _SIZED_TYPES
+        and record.identity is not None
     ]
     sizes = dict(previous.sizes_by_kind) if previous is not None else {}
     for kind in _CHECKPOINT_KINDS:
         of_kind = [record for record in complete if record.kind is kind]
         if of_kind:
-            newest = max(of_kind, key=lambda record: (record.step_order, _mtime(record), record.name))
-            sizes[kind] = newest.bytes
+            sizes[kind] = max(of_kind, key=_newest_of_kind_key).bytes
     latest = previous.latest if previous is not None else None
     if complete:
-        record = max(complete, key=lambda record: (_mtime(record), record.relative_path))
+        record = max(complete, key=_latest_written_key)
         latest = Written(record.relative_path, record.bytes, _mtime(record))
     growing = _growing(decisions, sizes, now)
     return GroupSpace(
@@ -338,7 +338,7 @@ def _growing(decisions: Sequence[Decision], sizes: Mapping[Kind, int], now: floa
     growing: list[Growing] = []
     for decision in decisions:
         record = decision.record
-        if _is_growing(record, now) and record.identity is not None:
+        if not record.complete and _is_growing(record, now) and record.identity is not None:
             identity = record.identity
             expected = sizes.get(record.kind)
             growing.append(
@@ -352,6 +352,24 @@ def _growing(decisions: Sequence[Decision], sizes: Mapping[Kind, int], now: floa
                 )
             )
     return tuple(sorted(growing, key=lambda item: item.relative_path))
+
+
+def _newest_of_kind_key(record: CheckpointRecord) -> tuple[int, int, int, int, str]:
+    """(step_order, mtime, name) flattened: the newest of a kind is the greatest (identity known)."""
+    identity = record.identity
+    return (
+        record.step or 0,
+        record.epoch or 0,
+        record.version,
+        identity.mtime_ns if identity is not None else 0,
+        record.name,
+    )
+
+
+def _latest_written_key(record: CheckpointRecord) -> tuple[int, str]:
+    """The latest written checkpoint is the greatest: (mtime, relative path)."""
+    identity = record.identity
+    return (identity.mtime_ns if identity is not None else 0, record.relative_path)
 
 
 def _mtime(record: CheckpointRecord) -> int:
@@ -528,7 +546,7 @@ def eviction_order(groups: Iterable[GroupSpace]) -> Iterable[Candidate]:
             for group in groups
         ]
         heap = [
-            (queue[0].mtime_ns, str(queue[0].record.path), index, 0)
+            (queue[0].mtime_ns, queue[0].record.path_text, index, 0)
             for index, queue in enumerate(queues)
             if queue
         ]
@@ -545,4 +563,4 @@ def _heap_entry(queue: list[Candidate], index: int, position: int) -> tuple[int,
     """A group's next candidate in the merge: oldest first, the path settling ties (never the group's
     place in the input)."""
     candidate = queue[position]
-    return (candidate.mtime_ns, str(candidate.record.path), index, position)
+    return (candidate.mtime_ns, candidate.record.path_text, index, position)

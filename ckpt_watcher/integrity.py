@@ -112,7 +112,57 @@ def check_zip_file(file_descriptor: int, size: int, *, verify: str = "zip") -> C
             return Completeness(
                 False, f"sparse: a hole at byte {hole} of {size} (still being downloaded or pre-allocated)"
             )
+        start = max(0, size - _TAIL_WINDOW)
+        window = os.pread(file_descriptor, size - start, start)
+        if _whole_in_window(file_descriptor, window, start, size):
+            return COMPLETE
     return check_zip_archive(TailWindowSource(DescriptorSource(file_descriptor), size), size, verify=verify)
+
+
+def _whole_in_window(file_descriptor: int, window: bytes, start: int, size: int) -> bool:
+    """True only if ``check_zip_archive`` (``verify: zip``) would find this archive whole, judged on
+    the bytes of ``window`` (the file's bytes from ``start`` to ``size``, read once): the usual
+    checkpoint, whose end record ends the file without a comment and whose central directory lies
+    in the window without zip64 fields. Anything else (also any flaw) is False, and the caller
+    judges the file the general way, which also says why; this only spares a whole archive the
+    general way's objects (one ``unpack_from`` per entry instead of a reader and a member each)."""
+    if len(window) != size - start or size < _END_OF_CENTRAL_DIRECTORY_SIZE:
+        return False
+    head = window[:4] if start == 0 else os.pread(file_descriptor, 4, 0)
+    end_offset = size - _END_OF_CENTRAL_DIRECTORY_SIZE
+    end = end_offset - start
+    if head != _LOCAL_HEADER_MAGIC or window[end : end + 4] != _END_OF_CENTRAL_DIRECTORY_MAGIC:
+        return False
+    _, _, _, _, entries, directory_size, directory_offset, comment_length = _END_RECORD.unpack_from(
+        window, end
+    )
+    locator = end - _ZIP64_LOCATOR.size
+    if comment_length or (
+        end_offset >= _ZIP64_LOCATOR.size and window[locator : locator + 4] == _ZIP64_LOCATOR_MAGIC
+    ):
+        return False  # the end record is not the last 22 bytes' (a comment), or a zip64 archive
+    if (
+        entries == 0
+        or directory_offset + directory_size != end_offset
+        or directory_size > _MAXIMUM_CENTRAL_DIRECTORY
+        or entries > directory_size // _CENTRAL_HEADER_SIZE
+        or directory_offset < start
+    ):
+        return False
+    position = directory_offset - start
+    count = 0
+    unpack_header = _CENTRAL_HEADER.unpack_from
+    while position < end:
+        if position + _CENTRAL_HEADER_SIZE > end or window[position : position + 4] != _CENTRAL_HEADER_MAGIC:
+            return False
+        fields = unpack_header(window, position)
+        if 0xFFFFFFFF in (fields[8], fields[9], fields[16]):
+            return False  # zip64 sizes in an extra field
+        position += _CENTRAL_HEADER_SIZE + fields[10] + fields[11] + fields[12]
+        count += 1
+        if count > entries or fields[16] + _LOCAL_HEADER.size > directory_offset:
+            return False
+    return bool(position == end and count == entries)
 
 
 _TAIL_WINDOW = 1 << 16

@@ -82,7 +82,7 @@ class CompiledTemplate:
     metric_name: str | None
     literal_prefix: str
 
-    def parse(self, name: str, *, directory: bool = False) -> ParsedName | None:
+    def parse(self, name: str, *, directory: bool = False) -> ParsedName | None:  # noqa: C901  (one branch per kind of field, inline: a scan parses every entry)
         """Return the parsed fields of ``name``, or None if the template could not have produced it.
 
         A directory checkpoint may also lack the extension (Hugging Face's ``checkpoint-500``).
@@ -92,20 +92,25 @@ class CompiledTemplate:
         match = (self.directory_pattern if directory else self.pattern).fullmatch(name)
         if match is None:
             return None
-        integers: dict[str, int] = {}
+        epoch: int | None = None
+        step: int | None = None
         date: str | None = None
         metric: float | None = None
         metric_text: str | None = None
         for field in self.fields:
-            text = match.group(field.name)
+            field_name = field.name
+            text = match.group(field_name)
             if len(text) > _LONGEST_FIELD:
                 return None  # no file name is this long; also keeps int() within its digit limit
-            if field.name in INTEGER_FIELDS:
+            if field_name in INTEGER_FIELDS:
                 value = int(text)
                 if format(value, field.format_spec or "d") != text:
                     return None
-                integers[field.name] = value
-            elif field.name == DATE_FIELD:
+                if field_name == "step":
+                    step = value
+                else:
+                    epoch = value
+            elif field_name == DATE_FIELD:
                 if not _is_calendar_date(text):
                     return None
                 date = text
@@ -115,15 +120,16 @@ class CompiledTemplate:
                     return None
                 metric_text = text
         version_text = match.group("_version")
+        # positional, in the order of ParsedName's fields (a name is parsed per entry of a scan)
         return ParsedName(
-            kind=self.kind,
-            epoch=integers.get("epoch"),
-            step=integers.get("step"),
-            date=date,
-            metric_name=self.metric_name,
-            metric=metric,
-            metric_text=metric_text,
-            version=int(version_text) if version_text else 0,
+            self.kind,
+            epoch,
+            step,
+            date,
+            self.metric_name,
+            metric,
+            metric_text,
+            int(version_text) if version_text else 0,
         )
 
 

@@ -203,12 +203,26 @@ def plan(
         protected[path].append(reason)
     if pinned_identities:
         _add_identity_pins(records, pinned_identities, protected)
+    # By directory, then name: a group looks its records up by name (no Path made or hashed per record).
+    protected_in: dict[Path, dict[str, list[str]]] = defaultdict(dict)
+    for path, reasons in protected.items():
+        protected_in[path.parent][path.name] = reasons
     groups: dict[Path, list[CheckpointRecord]] = defaultdict(list)
+    directory: Path | None = None
+    members: list[CheckpointRecord] = []
     for record in records:
-        groups[record.directory].append(record)
+        if record.directory is not directory:  # a scan's records share their directory's Path
+            directory = record.directory
+            members = groups[directory]
+        members.append(record)
     return Plan(
         groups=tuple(
-            _plan_group(directory, groups[directory], group_policies.get(directory, policy), protected)
+            _plan_group(
+                directory,
+                groups[directory],
+                group_policies.get(directory, policy),
+                protected_in.get(directory, {}),
+            )
             for directory in sorted(groups)
         )
     )
@@ -224,8 +238,10 @@ def _add_identity_pins(
         if record.identity is None:
             continue
         reason = pinned_identities.get((record.identity.device, record.identity.inode))
-        if reason is not None and reason not in protected.get(record.path, ()):
-            protected[record.path].append(reason)
+        if reason is not None:
+            path = record.path
+            if reason not in protected.get(path, ()):
+                protected[path].append(reason)
 
 
 def _skip_reason(record: CheckpointRecord) -> str | None:
@@ -251,34 +267,55 @@ def _skip_reason(record: CheckpointRecord) -> str | None:
 _PROTECTED = frozenset({Hold.PROTECTED})
 
 
+_HELD_BY = {hold: frozenset({hold}) for hold in Hold}  # shared: most kept records have one rule
+
+
 class _Keeps:
-    """A group's keep reasons and the rules (holds) behind them, by record."""
+    """A group's keep reasons and the rules (holds) behind them, by record: held as the tuple and
+    frozenset its decision takes as they are (no list or set per record, then a copy of each)."""
 
     def __init__(self) -> None:
-        self.reasons: dict[int, list[str]] = defaultdict(list)
-        self.holds: dict[int, set[Hold]] = defaultdict(set)
+        self.reasons: dict[int, tuple[str, ...]] = {}
+        self.holds: dict[int, frozenset[Hold]] = {}
 
     def add(self, record: CheckpointRecord, reason: str, hold: Hold) -> None:
-        self.reasons[id(record)].append(reason)
-        self.holds[id(record)].add(hold)
+        key = id(record)
+        self.reasons[key] = (*self.reasons.get(key, ()), reason)
+        held = self.holds.get(key)
+        self.holds[key] = _HELD_BY[hold] if held is None or held == _HELD_BY[hold] else held | {hold}
 
     def __contains__(self, record: CheckpointRecord) -> bool:
         return id(record) in self.reasons
 
     def decision(self, record: CheckpointRecord) -> Decision:
-        return Decision(
-            record, Action.KEEP, tuple(self.reasons[id(record)]), frozenset(self.holds[id(record)])
-        )
+        key = id(record)
+        return Decision(record, Action.KEEP, self.reasons[key], self.holds[key])
+
+
+class _DeleteReasons:
+    """Why each record of a group that no rule keeps goes, by record (a tuple each, as its decision
+    takes it)."""
+
+    def __init__(self) -> None:
+        self._reasons: dict[int, tuple[str, ...]] = {}
+
+    def add(self, record: CheckpointRecord, reason: str) -> None:
+        key = id(record)
+        self._reasons[key] = (*self._reasons.get(key, ()), reason)
+
+    def of(self, record: CheckpointRecord) -> tuple[str, ...]:
+        return self._reasons.get(id(record), ())
 
 
 def _plan_group(  # noqa: C901, PLR0912  (long: the policy's rules in the order README numbers them)
     directory: Path,
     records: list[CheckpointRecord],
     policy: Policy,
-    protected: Mapping[Path, list[str]],
+    protected: Mapping[str, list[str]],
 ) -> GroupPlan:
+    """One group's decisions; ``protected``: the reasons that keep an entry of it, by name."""
     keeps = _Keeps()
-    delete_reasons: dict[int, list[str]] = defaultdict(list)
+    delete_reasons = _DeleteReasons()
     lasts: list[CheckpointRecord] = []
     skipped: list[tuple[CheckpointRecord, str]] = []
     steps: list[CheckpointRecord] = []
@@ -305,7 +342,7 @@ def _plan_group(  # noqa: C901, PLR0912  (long: the policy's rules in the order 
     candidates = steps + bests
     names = {record.name for record in records}
     for record in candidates:
-        for reason in protected.get(record.path, ()):
+        for reason in protected.get(record.name, ()):
             keeps.add(record, reason, Hold.PROTECTED)
         if record.name + PIN_SUFFIX in names:
             keeps.add(record, f"pinned by {record.name}{PIN_SUFFIX}", Hold.PROTECTED)
@@ -315,8 +352,7 @@ def _plan_group(  # noqa: C901, PLR0912  (long: the policy's rules in the order 
             ):
                 keeps.add(record, f"matches protect pattern '{pattern}'", Hold.PROTECTED)
 
-    other_paths = {record.path for record in records} - {record.path for record in candidates}
-    _keep_pending_link_target(lasts, candidates, other_paths, keeps)
+    _keep_pending_link_target(lasts, records, candidates, keeps)
 
     has_usable_last = any(last.complete for last in lasts)
     if candidates and not has_usable_last and not any(record in keeps for record in candidates):
@@ -333,17 +369,17 @@ def _plan_group(  # noqa: C901, PLR0912  (long: the policy's rules in the order 
         if record in keeps:
             decisions.append(keeps.decision(record))
         else:
-            decisions.append(Decision(record, Action.DELETE, tuple(delete_reasons[id(record)])))
+            decisions.append(Decision(record, Action.DELETE, delete_reasons.of(record)))
     for record, reason in sorted(skipped, key=lambda pair: pair[0].name):
-        extra = tuple(protected.get(record.path, ()))
+        extra = tuple(protected.get(record.name, ()))
         decisions.append(Decision(record, Action.SKIP, (reason, *extra)))
     return GroupPlan(directory=directory, decisions=tuple(decisions))
 
 
 def _keep_pending_link_target(
     lasts: list[CheckpointRecord],
+    records: list[CheckpointRecord],
     candidates: list[CheckpointRecord],
-    other_paths: set[Path],
     keeps: _Keeps,
 ) -> None:
     """With ``save_last="link"``, the newest checkpoint of the link's kind is about to become its target.
@@ -354,16 +390,22 @@ def _keep_pending_link_target(
     at a file that was just deleted. A dangling link protects the newest of each kind; a link to
     something that is not a candidate (another last file) is not about to move.
     """
-    by_path = {record.path: record for record in candidates}
-    for link in sorted(lasts, key=lambda record: (record.version, record.name)):
-        if (
-            link.entry_type is not EntryType.SYMLINK
-            or link.link_target is None
-            or link.link_target.parent != link.directory  # Lightning links within its own dirpath
-        ):
-            continue
-        target = by_path.get(link.link_target)
-        if target is None and link.link_target in other_paths:
+    links = [
+        link
+        for link in sorted(lasts, key=lambda record: (record.version, record.name))
+        if link.entry_type is EntryType.SYMLINK
+        and link.link_target is not None
+        and link.link_target.parent == link.directory  # Lightning links within its own dirpath
+    ]
+    if not links:
+        return
+    # The group's entries by name (a link's target is in the group's directory, checked above).
+    by_name = {record.name: record for record in candidates}
+    other_names = {record.name for record in records} - by_name.keys()
+    for link in links:
+        assert link.link_target is not None
+        target = by_name.get(link.link_target.name)
+        if target is None and link.link_target.name in other_names:
             continue  # it points at something that stays (another last, a pinned file): not moving
         kinds = [target.kind] if target is not None else [Kind.STEP, Kind.BEST]
         for kind in kinds:
@@ -382,14 +424,14 @@ def _keep_pending_link_target(
                     )
 
 
-def _last_reasons(last: CheckpointRecord, protected: Mapping[Path, list[str]]) -> tuple[str, ...]:
+def _last_reasons(last: CheckpointRecord, protected: Mapping[str, list[str]]) -> tuple[str, ...]:
     reasons = ["last checkpoint: the resume point, always kept"]
     if last.entry_type is EntryType.SYMLINK:
         target = last.link_target.name if last.link_target is not None else "?"
         reasons.append(f"symlink to {target}")
     if not last.complete and last.incomplete_reason:
         reasons.append(f"not usable: {last.incomplete_reason}")
-    reasons.extend(protected.get(last.path, ()))
+    reasons.extend(protected.get(last.name, ()))
     return tuple(reasons)
 
 
@@ -397,7 +439,7 @@ def _rank_steps(
     steps: list[CheckpointRecord],
     top_k: int,
     keeps: _Keeps,
-    delete_reasons: dict[int, list[str]],
+    delete_reasons: _DeleteReasons,
 ) -> None:
     for rank, record in enumerate(steps, start=1):
         if top_k == -1:
@@ -405,14 +447,14 @@ def _rank_steps(
         elif rank <= top_k:
             keeps.add(record, f"newest {top_k} step checkpoints (#{rank} of {top_k})", Hold.NEWEST_STEPS)
         else:
-            delete_reasons[id(record)].append(f"outside newest {top_k} step checkpoints (#{rank})")
+            delete_reasons.add(record, f"outside newest {top_k} step checkpoints (#{rank})")
 
 
 def _keep_epoch_ends(
     steps: list[CheckpointRecord],
     every_n_epochs: int,
     keeps: _Keeps,
-    delete_reasons: dict[int, list[str]],
+    delete_reasons: _DeleteReasons,
 ) -> None:
     """Keep the newest step checkpoint of each epoch e with (e + 1) % n == 0 (Lightning's convention)."""
     if every_n_epochs == 0:
@@ -423,7 +465,7 @@ def _keep_epoch_ends(
         if epoch is None or (epoch + 1) % every_n_epochs != 0:
             continue
         if epoch in seen_epochs:
-            delete_reasons[id(record)].append(f"not the newest of epoch {epoch}")
+            delete_reasons.add(record, f"not the newest of epoch {epoch}")
             continue
         seen_epochs.add(epoch)
         keeps.add(record, f"newest of epoch {epoch} (save_every_n_epochs: {every_n_epochs})", Hold.EPOCH_END)
@@ -433,7 +475,7 @@ def _rank_bests(
     bests: list[CheckpointRecord],
     top_k: int,
     keeps: _Keeps,
-    delete_reasons: dict[int, list[str]],
+    delete_reasons: _DeleteReasons,
 ) -> None:
     for rank, record in enumerate(bests, start=1):
         metric = format_metric(record)
@@ -443,7 +485,7 @@ def _rank_bests(
         elif rank <= top_k:
             keeps.add(record, f"top {top_k} best (rank {rank}, {metric})", hold)
         else:
-            delete_reasons[id(record)].append(f"outside top {top_k} best (rank {rank}, {metric})")
+            delete_reasons.add(record, f"outside top {top_k} best (rank {rank}, {metric})")
 
 
 def _keep_milestones(steps: list[CheckpointRecord], every_n_steps: int, keeps: _Keeps) -> None:

@@ -615,7 +615,7 @@ def _log_news(state: GroupState, records: list[CheckpointRecord], *, detections:
             state.suspicious.add(record.name)
             logger.warning(
                 "checkpoint_suspicious",
-                path=display_name(str(record.path)),
+                path=display_name(record.path_text),
                 detail=f"{record.note}; kept",
             )
         if record.kind is Kind.UNKNOWN or not detections:
@@ -626,7 +626,7 @@ def _log_news(state: GroupState, records: list[CheckpointRecord], *, detections:
             detected += 1
             logger.debug(  # at debug: a pass's one summary line (pass_completed) counts them
                 "checkpoint_detected",
-                path=display_name(str(record.path)),
+                path=display_name(record.path_text),
                 kind=record.kind.value,
                 complete=record.complete,
                 reason=record.incomplete_reason,

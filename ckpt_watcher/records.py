@@ -64,12 +64,15 @@ class FileIdentity:
 class CheckpointRecord:
     """One entry of a checkpoint directory as the scan saw it.
 
+    ``directory`` (the group, one ``Path`` shared by all its records) and ``name`` say where it is;
+    its ``path`` is made from them when asked for, so 100,000 records hold no ``Path`` each.
     ``complete`` is False for anything that is not (yet) a whole checkpoint, with ``incomplete_reason``
     saying why. ``link_target`` is the resolved target of a symlink, kept so the planner can protect it.
     ``settles_at`` is the wall-clock time at which a file that is only waiting to settle will count.
     """
 
-    path: Path
+    directory: Path
+    name: str
     relative_path: str
     kind: Kind
     entry_type: EntryType
@@ -89,14 +92,22 @@ class CheckpointRecord:
     settles_at: float | None = None
 
     @property
-    def name(self) -> str:
-        """The entry's file name."""
-        return self.path.name
+    def path(self) -> Path:
+        """The entry's path: its directory joined with its name (a new ``Path`` each time)."""
+        return self.directory / self.name
 
     @property
-    def directory(self) -> Path:
-        """The group this record belongs to."""
-        return self.path.parent
+    def path_text(self) -> str:
+        """``str(self.path)``, without making the ``Path``."""
+        directory = str(self.directory)  # a Path keeps its text once made: shared by the group
+        if directory == ".":
+            return self.name
+        return directory + self.name if directory.endswith("/") else directory + "/" + self.name
+
+    @classmethod
+    def at(cls, path: Path, **fields: Any) -> CheckpointRecord:
+        """The record of the entry at ``path`` (its directory and name taken apart)."""
+        return cls(directory=path.parent, name=path.name, **fields)
 
     @property
     def step_order(self) -> tuple[int, int, int]:

@@ -8,11 +8,11 @@ carried in JSON as the text ``inf``/``-inf``/``nan``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import json
 import math
-import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -21,9 +21,10 @@ from ckpt_watcher.budget import FreeSpacePlan
 from ckpt_watcher.contents import CheckpointContents
 from ckpt_watcher.delete import ApplyResult
 from ckpt_watcher.durations import format_duration
+from ckpt_watcher.naming import Kind
 from ckpt_watcher.plan import Action, Decision, GroupPlan, Plan, Summary
 from ckpt_watcher.policy import POLICY_DESCRIPTIONS, LoadedPolicy
-from ckpt_watcher.records import TRASH_DIRECTORY_NAME, display_name, is_plain_text, metric_for_json
+from ckpt_watcher.records import TRASH_DIRECTORY_NAME, EntryType, display_name, is_plain_text
 from ckpt_watcher.sizes import human_bytes
 from ckpt_watcher.trash import TrashEntry, TrashListing, TrashSummary, iso_time
 from ckpt_watcher.trash_moves import RestoreResult
@@ -98,19 +99,55 @@ def write_table(
         out.write("\n".join(lines) + "\n\n")
     for group in plan.groups:
         directory = group.directory
-        widths = [len(column) for column in _COLUMNS[:-1]]
-        for decision in group.decisions:
-            row = _plain_row(decision, trash.action(directory, decision))
-            widths = [max(width, len(cell)) for width, cell in zip(widths, row, strict=False)]
+        widths = _widths(group, trash)
         out.write(_group_header(directory, sources, trash) + "\n" + _line(_COLUMNS, widths) + "\n")
+        row_format = _row_format(widths)
         batch: list[str] = []
         for decision in group.decisions:
-            batch.append(_line(_plain_row(decision, trash.action(directory, decision)), widths))
+            batch.append(row_format(*_plain_row(decision, trash.action(directory, decision))).rstrip())
             if len(batch) == _ENTRIES_PER_WRITE:
                 out.write("\n".join(batch) + "\n")
                 batch = []
         out.write("".join(line + "\n" for line in batch) + "\n")
     out.write(summary_line(plan.summary, dry_run, applied, trash.trashed_in(plan)) + "\n")
+
+
+_cell_bytes = functools.lru_cache(maxsize=1024)(human_bytes)  # a run's checkpoints are often one size
+
+
+def _widths(group: GroupPlan, trash: TrashView) -> list[int]:
+    """The width of each column but the last (the reasons, never padded) over a group's rows: the
+    cells ``_plain_row`` makes, a batch of rows at a time, without joining any row's reasons."""
+    widths = [len(column) for column in _COLUMNS[:-1]]
+    directory = group.directory
+    decisions = group.decisions
+    for start in range(0, len(decisions), _ENTRIES_PER_WRITE):
+        batch = [
+            _padded_cells(decision, trash.action(directory, decision))
+            for decision in decisions[start : start + _ENTRIES_PER_WRITE]
+        ]
+        for index, column in enumerate(zip(*batch, strict=True)):
+            widths[index] = max(widths[index], *map(len, column))
+    return widths
+
+
+def _padded_cells(decision: Decision, action: str) -> tuple[str, ...]:
+    """A row's cells but its reasons, as ``_plain_row`` shows them (a cell that is printable ASCII
+    without '/' is shown as it is, whatever the reasons hold)."""
+    record = decision.record
+    cells = (
+        action,
+        record.kind.value,
+        "" if record.epoch is None else str(record.epoch),
+        "" if record.step is None else str(record.step),
+        record.metric_text or "",
+        _cell_bytes(record.bytes) if record.bytes else "",
+        record.name,
+    )
+    text = "".join(cells)
+    if "/" not in text and is_plain_text(text):
+        return cells
+    return tuple(display_name(cell) for cell in cells)
 
 
 def _plain_row(decision: Decision, action: str) -> tuple[str, ...]:
@@ -123,7 +160,7 @@ def _plain_row(decision: Decision, action: str) -> tuple[str, ...]:
         "" if record.epoch is None else str(record.epoch),
         "" if record.step is None else str(record.step),
         record.metric_text or "",
-        human_bytes(record.bytes) if record.bytes else "",
+        _cell_bytes(record.bytes) if record.bytes else "",
         record.name,
         "; ".join(decision.reasons),
     )
@@ -140,6 +177,13 @@ def _group_header(directory: Path, sources: Mapping[Path, tuple[str, ...]] | Non
     if directory in trash.graces:
         header += f"  (trash grace: {format_duration(trash.graces[directory])})"
     return header
+
+
+def _row_format(widths: Sequence[int]) -> Callable[..., str]:
+    """``_line`` of a row's cells as one ``str.format`` (its result then ``rstrip``ped): each cell
+    but the last padded to its width, as ``ljust`` pads it."""
+    padded = "  ".join(f"{{{index}:<{width}}}" for index, width in enumerate(widths))
+    return ("  " + padded + "  {" + str(len(widths)) + "}").format
 
 
 def _line(row: Sequence[str], widths: Sequence[int]) -> str:
@@ -249,9 +293,8 @@ def plan_document(
     )
     groups = []
     for group in plan.groups:
-        entries = [
-            _entry_document(group.directory, decision, trash, outcomes) for decision in group.decisions
-        ]
+        entry_of = _entry_maker(group.directory, trash, outcomes)
+        entries = [entry_of(decision) for decision in group.decisions]
         groups.append({**_group_document(group.directory, loaded, sources, trash), "entries": entries})
     return {
         "policy": policy_document(loaded),
@@ -305,10 +348,10 @@ def _write_group(
     """One group of the ``--json`` document (its ``entries`` a batch at a time); ``number`` from 0."""
     out.write(("," if number else "") + _compact(document)[:-1] + ',"entries":[')
     decisions = group.decisions
+    entry_of = _entry_maker(group.directory, trash, outcomes)
     for start in range(0, len(decisions), _ENTRIES_PER_WRITE):
         batch = [
-            _entry_ready(_entry_document(group.directory, decision, trash, outcomes))
-            for decision in decisions[start : start + _ENTRIES_PER_WRITE]
+            _entry_ready(entry_of(decision)) for decision in decisions[start : start + _ENTRIES_PER_WRITE]
         ]
         out.write(("," if start else "") + _ENCODE(batch)[1:-1])  # escaped already
     out.write("]}")
@@ -387,32 +430,53 @@ def _entry_ready(entry: dict[str, Any]) -> dict[str, Any]:
     return dict(json_ready(entry))
 
 
-def _entry_document(
-    directory: Path, decision: Decision, trash: TrashView, outcomes: Mapping[int, str]
-) -> dict[str, Any]:
-    """One entry of a group in the ``--json`` document."""
-    record = decision.record
-    entry: dict[str, Any] = {
-        # record.path is directory / name (a plan groups by directory); joined here, so the record's
-        # Path does not keep its text for the rest of the pass
-        "path": display_name(os.path.join(str(directory), record.name)),
-        "name": display_name(record.name),
-        "kind": record.kind.value,
-        "type": record.entry_type.value,
-        "epoch": record.epoch,
-        "step": record.step,
-        "metric_name": record.metric_name,
-        "metric": metric_for_json(record),
-        "version": record.version,
-        "bytes": record.bytes,
-        "action": trash.action(directory, decision),
-        "reasons": list(decision.reasons),
-    }
-    if decision.evicted:
-        entry["evicted"] = True
-    if id(decision) in outcomes:
-        entry["outcome"] = outcomes[id(decision)]
-    return entry
+_KIND_TEXT = {kind: kind.value for kind in Kind}  # an enum's .value is a Python-level property
+_TYPE_TEXT = {entry_type: entry_type.value for entry_type in EntryType}
+_ACTION_TEXT = {action: action.value for action in Action}
+
+
+def _entry_maker(
+    directory: Path, trash: TrashView, outcomes: Mapping[int, str]
+) -> Callable[[Decision], dict[str, Any]]:
+    """The maker of a group's entries in the ``--json`` document: what is the same for every entry of
+    the group (its directory's text, whether its deletions go to the trash) is worked out once."""
+    directory_text = str(directory)
+    # os.path.join(directory_text, name) for a name (never starting with "/"), as one concatenation
+    prefix = directory_text if not directory_text or directory_text.endswith("/") else directory_text + "/"
+    trashing = directory in trash.graces
+    at_once = trash.at_once
+
+    def entry_of(decision: Decision) -> dict[str, Any]:
+        record = decision.record
+        name = record.name
+        action = decision.action
+        metric = record.metric
+        entry: dict[str, Any] = {
+            # record.path is directory / name (a plan groups by directory); joined here as text
+            "path": display_name(prefix + name),
+            "name": display_name(name),
+            "kind": _KIND_TEXT[record.kind],
+            "type": _TYPE_TEXT[record.entry_type],
+            "epoch": record.epoch,
+            "step": record.step,
+            "metric_name": record.metric_name,
+            "metric": metric if metric is None or math.isfinite(metric) else record.metric_text,
+            "version": record.version,
+            "bytes": record.bytes,
+            "action": (
+                TRASH_ACTION
+                if action is Action.DELETE and trashing and record.path not in at_once
+                else _ACTION_TEXT[action]
+            ),
+            "reasons": list(decision.reasons),
+        }
+        if decision.evicted:
+            entry["evicted"] = True
+        if id(decision) in outcomes:
+            entry["outcome"] = outcomes[id(decision)]
+        return entry
+
+    return entry_of
 
 
 def _group_document(

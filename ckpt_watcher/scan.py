@@ -13,6 +13,7 @@ import dataclasses
 import os
 import stat
 import struct
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -41,7 +42,6 @@ from ckpt_watcher.records import (
     EntryType,
     FileIdentity,
     display_name,
-    name_fields,
 )
 
 logger = structlog.get_logger("ckpt_watcher.scan")
@@ -145,17 +145,17 @@ class CompletenessCache:
         if not verdict.transient:
             self._verdicts.setdefault(verify, {})[_packed(identity)] = verdict
 
-    def counted(self, path: Path, identity: FileIdentity) -> None:
+    def counted(self, path: Path | str, identity: FileIdentity) -> None:
         """``path`` counts as complete with this identity."""
         self._unpack()
         self._counted[hash(os.fspath(path))] = _packed(identity)
 
-    def counted_as(self, path: Path, identity: FileIdentity) -> bool:
+    def counted_as(self, path: Path | str, identity: FileIdentity) -> bool:
         """True if ``path`` counted as complete with exactly this identity."""
         self._unpack()
         return self._counted.get(hash(os.fspath(path))) == _packed(identity)
 
-    def change_since_counted(self, path: Path, identity: FileIdentity) -> FileIdentity | None:
+    def change_since_counted(self, path: Path | str, identity: FileIdentity) -> FileIdentity | None:
         """The identity ``path`` had when it counted, if it differs now (and forget it); else None."""
         self._unpack()
         key = hash(os.fspath(path))
@@ -165,7 +165,9 @@ class CompletenessCache:
         del self._counted[key]
         return FileIdentity(*_IDENTITY.unpack(before))
 
-    def recall(self, path: Path, identity: FileIdentity, kind: Kind, verify: str) -> Completeness | None:
+    def recall(
+        self, path: Path | str, identity: FileIdentity, kind: Kind, verify: str
+    ) -> Completeness | None:
         """The cached verdict on the file at ``path`` (None: judge it), counted again if complete; a
         checkpoint that changed since it counted is logged once (``checkpoint_changed``; never
         ``last.ckpt``, rewritten by design). One place for the disk's scan and a bucket's listing."""
@@ -198,7 +200,7 @@ class CompletenessCache:
                 for verify, table in self._verdicts.items()
             },
             PackedValues(
-                _found(self._counted, (hash(os.fspath(record.path)) for record in records)),
+                _found(self._counted, (hash(record.path_text) for record in records)),
                 width=_IDENTITY.size,
             ),
         )
@@ -350,6 +352,11 @@ class _Group:
     now: float
     cache: CompletenessCache | None
     resolver: PathResolver = field(default_factory=PathResolver)  # each link of the listing once
+    # The text of an entry's path is this plus its name (as pathlib joins them), for the cache's keys.
+    path_prefix: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.path_prefix = str(self.directory / "x")[:-1]
 
     def record_for(self, relative_prefix: str, name: str) -> CheckpointRecord | None:
         """The record of one entry (a symlink's completeness is settled later by ``judge_links``)."""
@@ -369,31 +376,25 @@ class _Group:
             entry_type = EntryType.FILE
         else:
             entry_type = EntryType.OTHER
-        path = self.directory / name
         identity = FileIdentity.of_stat(status)
         link_target: Path | None = None
         completeness: Completeness
         size = status.st_size if entry_type is EntryType.FILE else 0
         if entry_type is EntryType.SYMLINK:
-            link_target = self.resolver.resolve(path)  # resolves names only: opens nothing
+            link_target = self.resolver.resolve(self.directory / name)  # resolves names only: opens nothing
             completeness = Completeness(False, "symlink")
         elif entry_type is EntryType.FILE and parsed.kind is not Kind.UNKNOWN:
-            completeness = self._file_completeness(name, path, identity, parsed.kind)
+            completeness = self._file_completeness(name, identity, parsed.kind)
         elif entry_type is EntryType.DIRECTORY:
-            verdict = check_directory(
-                name,
-                name,
-                quiet_seconds=max(self.options.settle_seconds, self.options.directory_quiet_seconds),
-                now=self.now,
-                dir_fd=self.directory_fd,
-            )
-            size = verdict.bytes
-            completeness = _with_markers(name, self.markers, None) or verdict.completeness
+            completeness, size = self._directory_completeness(name)
         else:
             completeness = Completeness(False, None)
         mount_note = _mount_note(completeness.mount_point)
         return CheckpointRecord(
-            path=path,
+            directory=self.directory,
+            # interned, as pathlib interned a path's parts: runs that name their checkpoints alike
+            # share one string per name in what a daemon keeps of every group (the names it saw)
+            name=sys.intern(name),
             relative_path=relative_prefix + name,
             entry_type=entry_type,
             bytes=size,
@@ -406,20 +407,44 @@ class _Group:
             or ("not a zip archive" if completeness.not_zip else None)
             or ("corrupt: it does not load" if completeness.corrupt else None),
             settles_at=completeness.settles_at,
-            **name_fields(parsed),
+            kind=parsed.kind,
+            epoch=parsed.epoch,
+            step=parsed.step,
+            date=parsed.date,
+            metric_name=parsed.metric_name,
+            metric=parsed.metric,
+            metric_text=parsed.metric_text,
+            version=parsed.version,
         )
+
+    def _directory_completeness(self, name: str) -> tuple[Completeness, int]:
+        """The verdict on a checkpoint-named directory, and the bytes its files hold."""
+        verdict = check_directory(
+            name,
+            name,
+            quiet_seconds=max(self.options.settle_seconds, self.options.directory_quiet_seconds),
+            now=self.now,
+            dir_fd=self.directory_fd,
+        )
+        return _with_markers(name, self.markers, None) or verdict.completeness, verdict.bytes
 
     def judge_links(self, records: list[CheckpointRecord]) -> list[CheckpointRecord]:
         """Settle each checkpoint-named symlink's completeness from its target, never walking it."""
         if not any(record.entry_type is EntryType.SYMLINK for record in records):
             return records
-        by_path = {record.path: record for record in records if record.entry_type is not EntryType.SYMLINK}
+        # All of them are entries of this directory: a target is one of them if it is here, by name.
+        by_name = {record.name: record for record in records if record.entry_type is not EntryType.SYMLINK}
         judged: list[CheckpointRecord] = []
         for record in records:
             if record.entry_type is not EntryType.SYMLINK or record.kind is Kind.UNKNOWN:
                 judged.append(record)
                 continue
-            target = by_path.get(record.link_target) if record.link_target is not None else None
+            link_target = record.link_target
+            target = (
+                by_name.get(link_target.name)
+                if link_target is not None and link_target.parent == self.directory
+                else None
+            )
             if target is not None:
                 completeness = Completeness(target.complete, target.incomplete_reason)
             else:
@@ -450,18 +475,20 @@ class _Group:
         self._store(judged, identity, "zip", verdict)
         return verdict
 
-    def _file_completeness(self, name: str, path: Path, identity: FileIdentity, kind: Kind) -> Completeness:
+    def _file_completeness(self, name: str, identity: FileIdentity, kind: Kind) -> Completeness:
+        """The verdict on a checkpoint-named regular file (its ``Path`` made only for the cache or a
+        settle time)."""
         if name.endswith(TEMPORARY_SUFFIXES):
             return Completeness(False, "temporary file name", transient=True)
         marked = _with_markers(name, self.markers, None)
         if marked is not None:
             return marked
         if self.cache is not None:
-            cached = self.cache.recall(path, identity, kind, self.options.verify)
+            cached = self.cache.recall(self.path_prefix + name, identity, kind, self.options.verify)
             if cached is not None:
                 return cached
         age = self.now - identity.mtime_ns / 1e9
-        if age < self.options.settle_seconds and not self._closed(path, identity):
+        if age < self.options.settle_seconds and not self._closed(name, identity):
             return Completeness(
                 False,
                 f"still being written (modified {max(age, 0.0):.1f} s ago, "
@@ -477,16 +504,17 @@ class _Group:
             deep_check=_verify_load if verify == "load" else None,
         )
         self._store(judged, identity, verify, verdict)
-        self._count(path, identity, verdict)
+        if self.cache is not None and verdict.complete:
+            self.cache.counted(self.path_prefix + name, identity)
         return verdict
 
-    def _closed(self, path: Path, identity: FileIdentity) -> bool:
+    def _closed(self, name: str, identity: FileIdentity) -> bool:
         """Its writer is done with it: it was closed (or moved into place) since the last pass, or it
         already counted as complete in this very version (an earlier pass saw it closed): a pass that
         another event brings before the settle time is over does not take that back."""
-        if path in self.options.closed_paths:
+        if self.directory / name in self.options.closed_paths:
             return True
-        return self.cache is not None and self.cache.counted_as(path, identity)
+        return self.cache is not None and self.cache.counted_as(self.path_prefix + name, identity)
 
     def _store(
         self, judged: FileIdentity | None, identity: FileIdentity, verify: str, verdict: Completeness
@@ -497,10 +525,6 @@ class _Group:
         if self.now - identity.mtime_ns / 1e9 < _RACY_SECONDS:
             return
         self.cache.store(identity, verify, verdict)
-
-    def _count(self, path: Path, identity: FileIdentity, verdict: Completeness) -> None:
-        if self.cache is not None and verdict.complete:
-            self.cache.counted(path, identity)
 
 
 def _mount_note(mount_point: str | None) -> str | None:

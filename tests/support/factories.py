@@ -45,7 +45,8 @@ def make_record(
     path = directory / name
     checkpoint_file = entry_type is EntryType.FILE and parsed.kind is not Kind.UNKNOWN
     return CheckpointRecord(
-        path=path,
+        directory=directory,
+        name=name,
         relative_path=os.path.relpath(path, root),
         entry_type=entry_type,
         bytes=size if entry_type is EntryType.FILE else 0,

@@ -165,7 +165,7 @@ def test_no_exception_escapes_the_public_functions(tmp_path: Path) -> None:
     poisoned = tuple(
         dataclasses.replace(
             decision,
-            record=dataclasses.replace(decision.record, path=decision.record.path.with_name("bad\x00name")),
+            record=dataclasses.replace(decision.record, name="bad\x00name"),
         )
         for decision in group.decisions
     )

@@ -15,7 +15,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ckpt_watcher.integrity import Completeness, check_zip_file, check_zip_path
+from ckpt_watcher.integrity import (
+    Completeness,
+    DescriptorSource,
+    TailWindowSource,
+    check_zip_archive,
+    check_zip_file,
+    check_zip_path,
+)
 from tests.support.factories import zip_bytes
 from tests.support.hostile_trees import make_fifo, make_socket
 
@@ -107,6 +114,52 @@ def test_the_not_zip_flag_marks_only_foreign_files() -> None:
     assert not judge(zip_bytes()[:10]).not_zip
 
 
+def general_verdict(data: bytes) -> Completeness:
+    """The verdict of the general archive rules alone (no window fast path), on the same bytes."""
+    with memory_file(data) as file_descriptor:
+        source = TailWindowSource(DescriptorSource(file_descriptor), len(data))
+        return check_zip_archive(source, len(data))
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    entries=st.integers(0, 6),
+    payload=st.binary(max_size=80),
+    comment=st.sampled_from([b"", b"c", b"PK\x05\x06" + b"\x00" * 18]),
+    zip64=st.booleans(),
+    edits=st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), max_size=3),
+    cut=st.integers(0, 3),
+    tail=st.sampled_from([b"", b"\x00", b"PK\x05\x06"]),
+)
+def test_the_window_fast_path_judges_as_the_general_rules(
+    entries: int,
+    payload: bytes,
+    comment: bytes,
+    zip64: bool,
+    edits: list[tuple[int, int]],
+    cut: int,
+    tail: bytes,
+) -> None:
+    """Whole or spoiled (a byte changed anywhere, the end cut or added to), an archive gets the same
+    verdict from ``check_zip_file`` (which judges the usual archive from one window) as from the
+    general rules: the fast path only spares work, it never decides differently."""
+    data = bytearray(archive(entries=entries, payload=payload, comment=comment, zip64=zip64))
+    for offset, value in edits:
+        data[offset % len(data)] = value
+    spoiled = bytes(data[: len(data) - cut]) + tail
+    assert judge(spoiled) == general_verdict(spoiled)
+
+
+def test_the_window_fast_path_judges_each_byte_changed_as_the_general_rules() -> None:
+    """Every single byte of a torch-like archive's central directory and end record, set to 0xFF:
+    the same verdict either way (most of them say why it is not whole)."""
+    data = zip_bytes(b"weights", entries=3)
+    directory = data.find(b"PK\x01\x02")
+    for offset in range(directory, len(data)):
+        spoiled = data[:offset] + b"\xff" + data[offset + 1 :]
+        assert judge(spoiled) == general_verdict(spoiled), offset
+
+
 # -- sparse files, verify: crc, bounded reads -------------------------------------------------------
 
 
@@ -147,6 +200,17 @@ def test_a_file_with_a_hole_before_its_end_is_not_complete() -> None:
     assert not verdict.complete
     assert verdict.reason is not None
     assert verdict.reason.startswith("sparse"), verdict.reason
+
+
+def test_the_window_fast_path_reads_a_big_archives_head_apart() -> None:
+    """An archive longer than the tail window: its head is read on its own, judged as the general
+    rules judge it (whole, and with its first byte changed)."""
+    data = big_archive()
+    assert len(data) > 1 << 16
+    assert judge(data) == general_verdict(data) == Completeness(True)
+    spoiled = b"X" + data[1:]
+    assert judge(spoiled) == general_verdict(spoiled)
+    assert judge(spoiled).not_zip
 
 
 @pytest.mark.parametrize(

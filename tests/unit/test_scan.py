@@ -18,7 +18,13 @@ from ckpt_watcher.naming import DEFAULT_NAMING
 from ckpt_watcher.policy import DEFAULT_POLICY
 from ckpt_watcher.records import CheckpointRecord, EntryType
 from ckpt_watcher.scan import CompletenessCache, ScanOptions, scan_directory, scan_tree
-from tests.support.factories import directory_checkpoint, step_name, write_checkpoint, write_truncated
+from tests.support.factories import (
+    directory_checkpoint,
+    make_record,
+    step_name,
+    write_checkpoint,
+    write_truncated,
+)
 from tests.support.hostile_trees import make_deep_directory, make_device, make_fifo, make_socket, remove_deep
 
 pytestmark = pytest.mark.timeout(60)
@@ -303,3 +309,15 @@ def test_a_checkpoint_counted_at_its_close_stays_counted_until_it_changes(tmp_pa
     assert not again.complete
     assert again.settles_at is not None
     assert not scan(tmp_path, settling, CompletenessCache())[path.name].complete  # nothing remembered
+
+
+@pytest.mark.parametrize(
+    "directory", [Path("/ckpt/run"), Path("/"), Path("."), Path("runs/a"), Path("/s3:/bucket/run")]
+)
+def test_a_records_path_text_is_the_text_of_its_path(directory: Path) -> None:
+    """Records hold their directory and name; the path's text made without a Path (cache keys, logs)
+    is exactly what pathlib makes of them."""
+    record = make_record(step_name(0, 100), directory)
+    assert record.path == directory / record.name
+    assert record.path_text == str(record.path)
+    assert record.directory is directory
