@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ckpt_watcher.compact import PackedHashes
 from ckpt_watcher.links import Link, LinkPins, link_reasons, list_links
 from ckpt_watcher.naming import Kind, Naming
 from ckpt_watcher.records import DELETING_PREFIX, TRASH_DIRECTORY_NAME
@@ -67,7 +68,7 @@ class GroupState:
     what its last plan kept (``kept``, summed over every group by the index)."""
 
     cache: CompletenessCache = field(default_factory=CompletenessCache)
-    seen: dict[str, bool] = field(default_factory=dict)
+    seen: PackedHashes = field(default_factory=PackedHashes)  # hash((name, complete)) of each one seen
     suspicious: set[str] = field(default_factory=set)
     link_targets: dict[Path, str] = field(default_factory=dict)
     last_links: dict[str, LastLink] = field(default_factory=dict)

@@ -135,10 +135,14 @@ class LeanTree:
     in the high 64 bits, a hash of its size, mtime, mode and owner in the low ones, less the lowest:
     a directory or not). About 120 bytes an entry, where watchdog's ``DirectorySnapshot`` keeps a full
     path, a ``stat_result`` and an inode index per entry, twice while two snapshots are compared.
+
+    Not ``recursive`` (a config file's directory), only the root's own entries are listed, as
+    watchdog's non-recursive snapshot does: its subdirectories are entries, never walked.
     """
 
-    def __init__(self, root: str, unwatched: UnwatchedOnce) -> None:
+    def __init__(self, root: str, unwatched: UnwatchedOnce, *, recursive: bool = True) -> None:
         self.root = root
+        self.recursive = recursive
         self._unwatched = unwatched
         self.directories: dict[str, dict[str, int]] = {}
 
@@ -151,45 +155,66 @@ class LeanTree:
         pending = [self.root]
         while pending:
             directory = pending.pop()
-            entries = self._list(directory)
-            if entries is None:
+            listed = self._list(directory)
+            if listed is None:
                 continue
+            entries, subdirectories = listed
             current[directory] = entries
             before = previous.pop(directory, None)
             if emit is not None and entries != (before or {}):
                 changes.compare(directory, before or {}, entries)
-            pending.extend(os.path.join(directory, name) for name, value in entries.items() if value & 1)
+            if self.recursive:
+                pending.extend(os.path.join(directory, name) for name in subdirectories)
         if emit is not None:
             for directory, entries in previous.items():  # vanished with their parent
                 changes.compare(directory, entries, {})
             changes.emit(emit)
         self.directories = current
 
-    def _list(self, directory: str) -> dict[str, int] | None:
+    def _list(self, directory: str) -> tuple[dict[str, int], list[str]] | None:
+        """The directory's entries and the names of its subdirectories (never a symlink: below the root,
+        a directory swapped for a symlink since its parent was listed is not opened)."""
+        flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
         try:
-            with os.scandir(directory) as listing:
-                return self._entries(listing)
+            descriptor = os.open(directory, flags if directory == self.root else flags | os.O_NOFOLLOW)
         except OSError as error:
             if directory == self.root and error.errno not in {errno.ENOENT, errno.ENOTDIR, errno.EINVAL}:
                 raise  # as watchdog does: the poll is retried, or the root is reported deleted
             if directory == self.root:
                 raise FileNotFoundError(error.errno, error.strerror, directory) from None
+            if error.errno != errno.ELOOP:  # a symlink now: not entered, and its parent's entry says so
+                self._unwatched.report(directory, error)
+            return None
+        try:
+            return self._entries(directory, descriptor)
+        except OSError as error:  # the listing itself failed (EIO, ...)
+            if directory == self.root:
+                raise
             self._unwatched.report(directory, error)
             return None
+        finally:
+            os.close(descriptor)
 
-    def _entries(self, listing: Iterator[os.DirEntry[str]]) -> dict[str, int]:
-        """Each entry's name and integer, one entry at a time (a listing's DirEntry objects are large)."""
+    def _entries(self, directory: str, descriptor: int) -> tuple[dict[str, int], list[str]]:
+        """Each entry's name and integer; the subdirectories' names. Names, then one ``lstat`` each
+        relative to the open directory: no ``DirEntry`` per entry, no full path to resolve."""
         entries: dict[str, int] = {}
-        for entry in listing:
+        subdirectories: list[str] = []
+        status_of = os.stat
+        for name in os.listdir(descriptor):
             try:
-                status = entry.stat(follow_symlinks=False)
-            except OSError as error:  # vanished since the listing (quietly), or too long a path
-                self._unwatched.report(entry.path, error)
+                status = status_of(name, dir_fd=descriptor, follow_symlinks=False)
+            except OSError as error:  # vanished since the listing (quietly), or cannot be read
+                self._unwatched.report(os.path.join(directory, name), error)
                 continue
             mode = status.st_mode
-            signature = hash((status.st_size, status.st_mtime_ns, mode, status.st_uid, status.st_gid))
-            entries[entry.name] = (status.st_ino << 64) | ((signature << 1) & _MASK) | stat.S_ISDIR(mode)
-        return entries
+            signature = hash((status.st_size, status.st_mtime_ns, mode, status.st_uid, status.st_gid)) << 1
+            if stat.S_ISDIR(mode):
+                subdirectories.append(name)
+                entries[name] = (status.st_ino << 64) | (signature & _MASK) | 1
+            else:
+                entries[name] = (status.st_ino << 64) | (signature & _MASK)
+        return entries, subdirectories
 
 
 class _Changes:
@@ -243,7 +268,9 @@ class DeepSafePollingEmitter(PollingEmitter):
     def __init__(self, event_queue: EventQueue, watch: ObservedWatch, **options: Any) -> None:
         super().__init__(event_queue, watch, **options)
         self.lost_events: LostEventsCallback | None = None
-        self._tree = LeanTree(os.fsdecode(self.watch.path), UnwatchedOnce("polling"))
+        self._tree = LeanTree(
+            os.fsdecode(self.watch.path), UnwatchedOnce("polling"), recursive=self.watch.is_recursive
+        )
         self._failing = False
 
     def on_thread_start(self) -> None:

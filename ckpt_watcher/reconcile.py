@@ -23,6 +23,7 @@ import enum
 import functools
 import threading
 import time
+from array import array
 from collections import defaultdict
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -31,10 +32,12 @@ from pathlib import Path
 import structlog
 
 from ckpt_watcher.budget import FreeSpacePlan
+from ckpt_watcher.compact import PackedHashes
 from ckpt_watcher.config_access import LOCAL_FILES, ConfigAccess
 from ckpt_watcher.delete import ApplyResult, Outcome
 from ckpt_watcher.groups import GroupIndex, GroupState, Tally
 from ckpt_watcher.links import LinkPins
+from ckpt_watcher.memory import release_after
 from ckpt_watcher.naming import Kind
 from ckpt_watcher.overrides import OVERRIDE_FILE_NAME, EffectivePolicy, PolicyTree
 from ckpt_watcher.plan import Action, Decision, GroupPlan, Plan, Summary, plan
@@ -321,8 +324,7 @@ class Reconciler:
             result.trash_bytes, result.trash = self.trash.end()
         result.kept_overall = self.index.kept()
         result.refused_overrides = self.tree.refused_overrides
-        result.seconds = time.monotonic() - started
-        return result
+        return _finished(result, started, release=not self._one_shot)
 
     def _all_groups(self, dry_run: bool, result: PassResult) -> set[Path]:
         """Every directory below the root; forget the ones that are gone, finish interrupted removals."""
@@ -486,6 +488,15 @@ class Reconciler:
         return groups
 
 
+def _finished(result: PassResult, started: float, *, release: bool) -> PassResult:
+    """The pass's duration; with ``release`` (a daemon lives on), a pass that planned many files first
+    gives back the memory it used (``memory.release_after``)."""
+    if release:
+        release_after(result.summary.kept + result.summary.to_delete + result.summary.skipped)
+    result.seconds = time.monotonic() - started
+    return result
+
+
 def _keeps_free(effective: Mapping[Path, EffectivePolicy]) -> bool:
     """True when some group's policy has keep_free (its evictions may change any group's plan)."""
     return any(value.policy.keep_free is not None for value in effective.values())
@@ -592,8 +603,12 @@ def _log_blocked(group: Path, state: GroupState) -> None:
 
 def _log_news(state: GroupState, records: list[CheckpointRecord], *, detections: bool) -> int:
     """Warn once about each suspicious name; with ``detections`` (the daemon) also log each checkpoint
-    that is new or whose completeness changed (``checkpoint_detected``, at debug). Returns how many."""
-    seen: dict[str, bool] = {}
+    that is new or whose completeness changed (``checkpoint_detected``, at debug). Returns how many.
+
+    What was seen is remembered as the hash of each (name, complete): an integer per checkpoint, not
+    its name (a collision, ~3e-10 among 100,000 names, could only leave one detection uncounted)."""
+    seen = array("q")  # packed as it is found: no object per checkpoint is kept for the pass
+    seen_before = state.seen.unpacked()
     detected = 0
     for record in records:
         if record.note and record.name not in state.suspicious:
@@ -605,8 +620,9 @@ def _log_news(state: GroupState, records: list[CheckpointRecord], *, detections:
             )
         if record.kind is Kind.UNKNOWN or not detections:
             continue
-        seen[record.name] = record.complete
-        if state.seen.get(record.name) != record.complete:
+        key = hash((record.name, record.complete))
+        seen.append(key)
+        if key not in seen_before:
             detected += 1
             logger.debug(  # at debug: a pass's one summary line (pass_completed) counts them
                 "checkpoint_detected",
@@ -615,6 +631,7 @@ def _log_news(state: GroupState, records: list[CheckpointRecord], *, detections:
                 complete=record.complete,
                 reason=record.incomplete_reason,
             )
-    state.seen = seen
-    state.suspicious &= {record.name for record in records}
+    state.seen = PackedHashes(seen)
+    if state.suspicious:
+        state.suspicious &= {record.name for record in records}
     return detected

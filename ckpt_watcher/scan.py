@@ -16,14 +16,17 @@ import struct
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import structlog
 
+from ckpt_watcher.compact import PackedKeys, PackedValues
 from ckpt_watcher.filesystem import PathResolver
 from ckpt_watcher.integrity import (
+    COMPLETE,
     DIRECTORY_QUIET_SECONDS,
     Completeness,
     check_directory,
@@ -84,8 +87,9 @@ class ScanOptions:
     """How strictly a file must look finished to count.
 
     ``settle_seconds``: a file modified more recently than this is still being written, unless its
-    path is in ``closed_paths`` (its writer was seen closing it) or the cache already judged this very
-    file (same device, inode, size, mtime). ``now`` is the wall-clock time to compare mtimes with (the
+    path is in ``closed_paths`` (its writer was seen closing it), it already counted as complete in this
+    very version (an earlier pass saw it closed), or the cache already judged this very file (same
+    device, inode, size, mtime). ``now`` is the wall-clock time to compare mtimes with (the
     caller's, so tests can fix it). ``verify`` is the policy's ``zip``, ``crc`` or ``load``. A directory
     checkpoint counts once nothing in it changed for ``directory_quiet_seconds`` (or the settle time).
     """
@@ -108,32 +112,53 @@ class CompletenessCache:
     """
 
     def __init__(self) -> None:
-        # By verify level, then identity packed into bytes; paths as text. A daemon holds one entry per
-        # file of the tree: no tuple, no Path, and nothing allocated in the middle of a scan's records
-        # (``retain`` packs its keys after the scan), so a big scan's memory goes back when it ends.
+        # By verify level, then identity packed into bytes; the identity a path counted with by the
+        # hash of the path (a collision, ~3e-10 among 100,000 paths, could only misreport one
+        # checkpoint_changed: a verdict is always looked up by the exact identity). Between passes
+        # (after ``retain``) all of it is packed (``compact``): a daemon holds a few buffers per
+        # group, not an object per file, so a big pass's memory goes back when it ends.
         self._verdicts: dict[str, dict[bytes, Completeness]] = {}
-        self._counted: dict[str, bytes] = {}
+        self._counted: dict[int, bytes] = {}
+        self._packed: tuple[dict[str, PackedKeys], PackedValues] | None = None
+
+    def _unpack(self) -> None:
+        """Back to dicts for a pass (what ``retain`` packed)."""
+        if self._packed is not None:
+            verdicts, counted = self._packed
+            self._verdicts = {verify: table.unpacked() for verify, table in verdicts.items()}
+            self._counted = counted.unpacked()
+            self._packed = None
 
     def __len__(self) -> int:
+        self._unpack()
         return sum(len(verdicts) for verdicts in self._verdicts.values())
 
     def get(self, identity: FileIdentity, verify: str) -> Completeness | None:
         """The stored verdict on this very file at this verify level, if any."""
+        self._unpack()
         verdicts = self._verdicts.get(verify)
         return verdicts.get(_packed(identity)) if verdicts is not None else None
 
     def store(self, identity: FileIdentity, verify: str, verdict: Completeness) -> None:
         """Remember a verdict that depends only on the file's bytes."""
+        self._unpack()
         if not verdict.transient:
             self._verdicts.setdefault(verify, {})[_packed(identity)] = verdict
 
     def counted(self, path: Path | str, identity: FileIdentity) -> None:
         """``path`` counts as complete with this identity."""
-        self._counted[os.fspath(path)] = _packed(identity)
+        self._unpack()
+        self._counted[hash(os.fspath(path))] = _packed(identity)
+
+    def counted_as(self, path: Path | str, identity: FileIdentity) -> bool:
+        """True if ``path`` counted as complete with exactly this identity."""
+        self._unpack()
+        return self._counted.get(hash(os.fspath(path))) == _packed(identity)
 
     def change_since_counted(self, path: Path | str, identity: FileIdentity) -> FileIdentity | None:
         """The identity ``path`` had when it counted, if it differs now (and forget it); else None."""
-        key = os.fspath(path)
+        self._unpack()
+        key = hash(os.fspath(path))
         before = self._counted.get(key)
         if before is None or before == _packed(identity):
             return None
@@ -161,28 +186,40 @@ class CompletenessCache:
         return cached
 
     def retain(self, records: Iterable[CheckpointRecord]) -> None:
-        """Keep only what concerns these records (the latest scan of the cache's directories)."""
+        """Keep only what concerns these records (the latest scan of the cache's directories), packed
+        until the next pass (as it is found: no second copy of the cache is made on the way)."""
+        self._unpack()
         records = list(records)
-        # Keys made now, after the scan: the objects kept are not scattered among the records'.
-        identities = {key: key for key in (_packed(record.identity) for record in records)}
-        paths = {key: key for key in (_fresh_text(record.path_text) for record in records)}
-        self._verdicts = {
-            verify: {identities[key]: value for key, value in verdicts.items() if key in identities}
-            for verify, verdicts in self._verdicts.items()
-        }
-        self._counted = {
-            paths[path]: identities.get(value, value)
-            for path, value in self._counted.items()
-            if path in paths
-        }
+        self._packed = (
+            {
+                verify: PackedKeys(
+                    _found(table, (_packed(record.identity) for record in records)),
+                    width=_IDENTITY.size,
+                    common=COMPLETE,  # most verdicts
+                )
+                for verify, table in self._verdicts.items()
+            },
+            PackedValues(
+                _found(self._counted, (hash(record.path_text) for record in records)),
+                width=_IDENTITY.size,
+            ),
+        )
+        self._verdicts, self._counted = {}, {}
+
+
+Key = TypeVar("Key")
+Value = TypeVar("Value")
+
+
+def _found(table: Mapping[Key, Value], keys: Iterable[Key]) -> Iterator[tuple[Key, Value]]:
+    """The entries of ``table`` for ``keys`` (those it has)."""
+    for key in keys:
+        value = table.get(key)
+        if value is not None:
+            yield key, value
 
 
 _IDENTITY = struct.Struct("<QQqq")  # device, inode, size, mtime_ns
-
-
-def _fresh_text(text: str) -> str:
-    """A new string object equal to ``text``."""
-    return text.encode("utf-8", "surrogatepass").decode("utf-8", "surrogatepass")
 
 
 def _packed(identity: FileIdentity | None) -> bytes:
@@ -451,7 +488,7 @@ class _Group:
             if cached is not None:
                 return cached
         age = self.now - identity.mtime_ns / 1e9
-        if age < self.options.settle_seconds and self.directory / name not in self.options.closed_paths:
+        if age < self.options.settle_seconds and not self._closed(name, identity):
             return Completeness(
                 False,
                 f"still being written (modified {max(age, 0.0):.1f} s ago, "
@@ -470,6 +507,14 @@ class _Group:
         if self.cache is not None and verdict.complete:
             self.cache.counted(self.path_prefix + name, identity)
         return verdict
+
+    def _closed(self, name: str, identity: FileIdentity) -> bool:
+        """Its writer is done with it: it was closed (or moved into place) since the last pass, or it
+        already counted as complete in this very version (an earlier pass saw it closed): a pass that
+        another event brings before the settle time is over does not take that back."""
+        if self.directory / name in self.options.closed_paths:
+            return True
+        return self.cache is not None and self.cache.counted_as(self.path_prefix + name, identity)
 
     def _store(
         self, judged: FileIdentity | None, identity: FileIdentity, verify: str, verdict: Completeness

@@ -8,9 +8,9 @@ import os
 from pathlib import Path
 
 import pytest
-from watchdog.events import FileSystemEvent
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
 
-from ckpt_watcher.observers import LeanTree, UnwatchedOnce
+from ckpt_watcher.observers import DeepSafePollingEmitter, DeepSafePollingObserver, LeanTree, UnwatchedOnce
 from tests.support.hostile_trees import make_deep_directory, remove_deep
 
 
@@ -114,3 +114,44 @@ def test_a_vanished_root_raises_file_not_found(tmp_path: Path) -> None:
     root.rmdir()
     with pytest.raises(FileNotFoundError):
         lean.poll(lambda event: None)
+
+
+def test_not_recursive_lists_only_the_top(tmp_path: Path) -> None:
+    """A config file's directory is watched alone: its subdirectories are entries, never walked (a
+    policy file beside a 100,000-checkpoint tree must not cost a second walk of that tree each poll)."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "a.ckpt").write_bytes(b"a")
+    lean = LeanTree(str(tmp_path), UnwatchedOnce("polling"), recursive=False)
+    lean.poll(None)
+    assert set(lean.directories) == {str(tmp_path)}
+    (tmp_path / "run" / "b.ckpt").write_bytes(b"b")
+    (tmp_path / "policy.yaml").write_text("save_top_k_checkpoints: 3\n")
+    assert _events(lean) == {("created", "file", str(tmp_path / "policy.yaml"), "")}
+
+
+def test_a_directory_swapped_for_a_symlink_is_not_entered(tree: LeanTree, tmp_path: Path) -> None:
+    """Listed as a directory, a symlink by the time it is opened: not followed (``O_NOFOLLOW``)."""
+    run = tmp_path / "run"
+    original = LeanTree._entries
+
+    def swap_after_the_root(
+        self: LeanTree, directory: str, descriptor: int
+    ) -> tuple[dict[str, int], list[str]]:
+        listed = original(self, directory, descriptor)
+        if directory == str(tmp_path) and run.is_dir():
+            run.rename(tmp_path / "elsewhere")
+            run.symlink_to("/")
+        return listed
+
+    tree._entries = swap_after_the_root.__get__(tree)  # type: ignore[method-assign]
+    tree.poll(lambda event: None)
+    assert str(run) not in tree.directories
+    assert not any(path.startswith(str(run) + os.sep) for path in tree.directories)
+
+
+def test_the_polling_observer_keeps_a_watch_s_recursion(tmp_path: Path) -> None:
+    observer = DeepSafePollingObserver(timeout=60)
+    observer.schedule(FileSystemEventHandler(), str(tmp_path), recursive=False)
+    (emitter,) = observer.emitters
+    assert isinstance(emitter, DeepSafePollingEmitter)
+    assert emitter._tree.recursive is False

@@ -3,6 +3,7 @@ symlinks judged without being followed, FIFOs, and directory checkpoints of any 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import stat
 import time
@@ -285,6 +286,29 @@ def test_the_trash_is_never_walked_nor_scanned_at_any_depth(tmp_path: Path) -> N
 
     assert result.directories == [tmp_path, tmp_path / "other", tmp_path / "run"]
     assert [record.relative_path for record in result.records] == [f"run/{step_name(0, 300)}"]
+
+
+def test_a_checkpoint_counted_at_its_close_stays_counted_until_it_changes(tmp_path: Path) -> None:
+    """Closed by its writer, it counts at once; a pass that another event brings before the settle
+    time is over (the daemon's own deletion, say) does not take that back, while the file is the same.
+    Written to again (a new identity), it waits out the settle time as any file being written."""
+    path = write_checkpoint(tmp_path / step_name(0, 100))
+    cache = CompletenessCache()
+    now = time.time()
+    settling = ScanOptions(settle_seconds=60, now=now, directory_quiet_seconds=0.0)
+
+    closed = dataclasses.replace(settling, closed_paths=frozenset({path}))
+    assert scan(tmp_path, closed, cache)[path.name].complete
+    assert scan(tmp_path, settling, cache)[path.name].complete
+    cache.retain(scan_directory(tmp_path, tmp_path, NAMING, settling, cache))  # packed between passes
+    assert scan(tmp_path, settling, cache)[path.name].complete
+
+    with path.open("ab") as stream:
+        stream.write(b"more")
+    again = scan(tmp_path, dataclasses.replace(settling, now=time.time()), cache)[path.name]
+    assert not again.complete
+    assert again.settles_at is not None
+    assert not scan(tmp_path, settling, CompletenessCache())[path.name].complete  # nothing remembered
 
 
 @pytest.mark.parametrize(
