@@ -153,23 +153,9 @@ def _padded_cells(decision: Decision, action: str) -> tuple[str, ...]:
 
 
 def _plain_row(decision: Decision, action: str) -> tuple[str, ...]:
-    """One row's cells, each through ``display_name``; one look at all of them when none needs
-    escaping (the usual case)."""
-    record = decision.record
-    cells = (
-        action,
-        record.kind.value,
-        "" if record.epoch is None else str(record.epoch),
-        "" if record.step is None else str(record.step),
-        record.metric_text or "",
-        _cell_bytes(record.bytes) if record.bytes else "",
-        record.name,
-        "; ".join(decision.reasons),
-    )
-    text = "".join(cells)
-    if "/" not in text and is_plain_text(text):
-        return cells
-    return tuple(display_name(cell) for cell in cells)
+    """One row's cells, each through ``display_name`` (``display_name`` shows plain text as it is, so
+    the cells ``_padded_cells`` looks at all at once are the same as one at a time)."""
+    return (*_padded_cells(decision, action), display_name("; ".join(decision.reasons)))
 
 
 def _group_header(directory: Path, sources: Mapping[Path, tuple[str, ...]] | None, trash: TrashView) -> str:
