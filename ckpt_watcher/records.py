@@ -99,10 +99,7 @@ class CheckpointRecord:
     @property
     def path_text(self) -> str:
         """``str(self.path)``, without making the ``Path``."""
-        directory = str(self.directory)  # a Path keeps its text once made: shared by the group
-        if directory == ".":
-            return self.name
-        return directory + self.name if directory.endswith("/") else directory + "/" + self.name
+        return path_prefix(self.directory) + self.name
 
     @classmethod
     def at(cls, path: Path, **fields: Any) -> CheckpointRecord:
@@ -146,6 +143,16 @@ _NAMED_ESCAPES = {"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
 # Control, format (bidi overrides, zero-width), surrogate, line and paragraph separator characters.
 _INVISIBLE_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
 _SURROGATE_ESCAPED_BYTES = range(0xDC80, 0xDD00)  # os.fsdecode keeps an undecodable byte B as U+DC00+B
+
+
+def path_prefix(directory: Path) -> str:
+    """The text before a name in ``str(directory / name)``, as pathlib joins them: ``""`` for ``.``,
+    the directory's text for ``/``, else the directory's text and a ``/``. Every path that is made as
+    text (a record's, a cache key, a ``--json`` entry's) is made with it, so they agree."""
+    text = str(directory)  # a Path keeps its text once made: shared by a group's records
+    if text == ".":
+        return ""
+    return text if text.endswith("/") else text + "/"
 
 
 def display_name(name: str | os.PathLike[str]) -> str:

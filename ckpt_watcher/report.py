@@ -23,7 +23,7 @@ from ckpt_watcher.durations import format_duration
 from ckpt_watcher.naming import Kind
 from ckpt_watcher.plan import Action, Decision, GroupPlan, Plan, Summary
 from ckpt_watcher.policy import POLICY_DESCRIPTIONS, LoadedPolicy
-from ckpt_watcher.records import TRASH_DIRECTORY_NAME, EntryType, display_name, is_plain_text
+from ckpt_watcher.records import TRASH_DIRECTORY_NAME, EntryType, display_name, is_plain_text, path_prefix
 from ckpt_watcher.sizes import human_bytes
 from ckpt_watcher.trash import TrashEntry, TrashListing, TrashSummary, iso_time
 from ckpt_watcher.trash_moves import RestoreResult
@@ -428,9 +428,7 @@ def _entry_maker(
 ) -> Callable[[Decision], dict[str, Any]]:
     """The maker of a group's entries in the ``--json`` document: what is the same for every entry of
     the group (its directory's text, whether its deletions go to the trash) is worked out once."""
-    directory_text = str(directory)
-    # os.path.join(directory_text, name) for a name (never starting with "/"), as one concatenation
-    prefix = directory_text if not directory_text or directory_text.endswith("/") else directory_text + "/"
+    prefix = path_prefix(directory)
     trashing = directory in trash.graces
     at_once = trash.at_once
 

@@ -42,6 +42,7 @@ from ckpt_watcher.records import (
     EntryType,
     FileIdentity,
     display_name,
+    path_prefix,
 )
 
 logger = structlog.get_logger("ckpt_watcher.scan")
@@ -356,7 +357,7 @@ class _Group:
     path_prefix: str = field(init=False)
 
     def __post_init__(self) -> None:
-        self.path_prefix = str(self.directory / "x")[:-1]
+        self.path_prefix = path_prefix(self.directory)
 
     def record_for(self, relative_prefix: str, name: str) -> CheckpointRecord | None:
         """The record of one entry (a symlink's completeness is settled later by ``judge_links``)."""
