@@ -23,7 +23,14 @@ from ckpt_watcher.durations import format_duration
 from ckpt_watcher.naming import Kind
 from ckpt_watcher.plan import Action, Decision, GroupPlan, Plan, Summary
 from ckpt_watcher.policy import POLICY_DESCRIPTIONS, LoadedPolicy
-from ckpt_watcher.records import TRASH_DIRECTORY_NAME, EntryType, display_name, is_plain_text, path_prefix
+from ckpt_watcher.records import (
+    TRASH_DIRECTORY_NAME,
+    EntryType,
+    display_name,
+    is_plain_text,
+    metric_for_json,
+    path_prefix,
+)
 from ckpt_watcher.sizes import human_bytes
 from ckpt_watcher.trash import TrashEntry, TrashListing, TrashSummary, iso_time
 from ckpt_watcher.trash_moves import RestoreResult
@@ -49,11 +56,20 @@ class TrashView:
         """True when there is a trash, or some group's policy has one."""
         return bool(self.graces) or self.summary is not None
 
-    def action(self, directory: Path, decision: Decision) -> str:
-        """``trash`` for a deletion in a group with a trash, else the decision's own action."""
-        if decision.action is Action.DELETE and directory in self.graces:
-            return Action.DELETE.value if decision.record.path in self.at_once else TRASH_ACTION
-        return decision.action.value
+    def actions_in(self, directory: Path) -> Callable[[Decision], str]:
+        """The action shown for each decision of one group: ``trash`` for a deletion in a group with a
+        trash (not one evicted for keep_free: deleted at once), else the decision's own. Whether the
+        group has a trash is worked out once (a table or a JSON document asks it of every row)."""
+        if directory not in self.graces:
+            return _own_action
+        at_once = self.at_once
+
+        def action(decision: Decision) -> str:
+            if decision.action is Action.DELETE:
+                return Action.DELETE.value if at_once and decision.record.path in at_once else TRASH_ACTION
+            return _ACTION_TEXT[decision.action]
+
+        return action
 
     def trashed_in(self, plan: Plan) -> tuple[int, int]:
         """How many planned deletions (and their bytes) are moves into the trash."""
@@ -104,9 +120,10 @@ def write_table(
         widths = _widths(group, trash)
         out.write(_group_header(directory, sources, trash) + "\n" + _line(_COLUMNS, widths) + "\n")
         row_format = _row_format(widths)
+        action_of = trash.actions_in(directory)
         batch: list[str] = []
         for decision in group.decisions:
-            batch.append(row_format(*_plain_row(decision, trash.action(directory, decision))).rstrip())
+            batch.append(row_format(*_plain_row(decision, action_of(decision))).rstrip())
             if len(batch) == _ENTRIES_PER_WRITE:
                 out.write("\n".join(batch) + "\n")
                 batch = []
@@ -121,11 +138,11 @@ def _widths(group: GroupPlan, trash: TrashView) -> list[int]:
     """The width of each column but the last (the reasons, never padded) over a group's rows: the
     cells ``_plain_row`` makes, a batch of rows at a time, without joining any row's reasons."""
     widths = [len(column) for column in _COLUMNS[:-1]]
-    directory = group.directory
+    action_of = trash.actions_in(group.directory)
     decisions = group.decisions
     for start in range(0, len(decisions), _ENTRIES_PER_WRITE):
         batch = [
-            _padded_cells(decision, trash.action(directory, decision))
+            _padded_cells(decision, action_of(decision))
             for decision in decisions[start : start + _ENTRIES_PER_WRITE]
         ]
         for index, column in enumerate(zip(*batch, strict=True)):
@@ -423,20 +440,22 @@ _TYPE_TEXT = {entry_type: entry_type.value for entry_type in EntryType}
 _ACTION_TEXT = {action: action.value for action in Action}
 
 
+def _own_action(decision: Decision) -> str:
+    """A decision's own action, as shown (a group without a trash)."""
+    return _ACTION_TEXT[decision.action]
+
+
 def _entry_maker(
     directory: Path, trash: TrashView, outcomes: Mapping[int, str]
 ) -> Callable[[Decision], dict[str, Any]]:
     """The maker of a group's entries in the ``--json`` document: what is the same for every entry of
     the group (its directory's text, whether its deletions go to the trash) is worked out once."""
     prefix = path_prefix(directory)
-    trashing = directory in trash.graces
-    at_once = trash.at_once
+    action_of = trash.actions_in(directory)
 
     def entry_of(decision: Decision) -> dict[str, Any]:
         record = decision.record
         name = record.name
-        action = decision.action
-        metric = record.metric
         entry: dict[str, Any] = {
             # record.path is directory / name (a plan groups by directory); joined here as text
             "path": display_name(prefix + name),
@@ -446,14 +465,10 @@ def _entry_maker(
             "epoch": record.epoch,
             "step": record.step,
             "metric_name": record.metric_name,
-            "metric": metric if metric is None or math.isfinite(metric) else record.metric_text,
+            "metric": metric_for_json(record),
             "version": record.version,
             "bytes": record.bytes,
-            "action": (
-                TRASH_ACTION
-                if action is Action.DELETE and trashing and record.path not in at_once
-                else _ACTION_TEXT[action]
-            ),
+            "action": action_of(decision),
             "reasons": list(decision.reasons),
         }
         if decision.evicted:
