@@ -156,34 +156,30 @@ class CompletenessCache:
         self._unpack()
         return self._counted.get(hash(os.fspath(path))) == _packed(identity)
 
-    def change_since_counted(self, path: Path | str, identity: FileIdentity) -> FileIdentity | None:
-        """The identity ``path`` had when it counted, if it differs now (and forget it); else None."""
-        self._unpack()
-        key = hash(os.fspath(path))
-        before = self._counted.get(key)
-        if before is None or before == _packed(identity):
-            return None
-        del self._counted[key]
-        return FileIdentity(*_IDENTITY.unpack(before))
-
     def recall(
         self, path: Path | str, identity: FileIdentity, kind: Kind, verify: str
     ) -> Completeness | None:
         """The cached verdict on the file at ``path`` (None: judge it), counted again if complete; a
-        checkpoint that changed since it counted is logged once (``checkpoint_changed``; never
-        ``last.ckpt``, rewritten by design). One place for the disk's scan and a bucket's listing."""
-        before = self.change_since_counted(path, identity)
-        if before is not None and kind is not Kind.LAST:
-            logger.warning(
-                "checkpoint_changed",
-                path=display_name(str(path)),
-                old_bytes=before.size,
-                new_bytes=identity.size,
-                detail="it changed after it counted as complete; judged again",
-            )
-        cached = self.get(identity, verify)
+        checkpoint that changed since it counted is forgotten as counted and logged once
+        (``checkpoint_changed``; never ``last.ckpt``, rewritten by design). One place for the disk's
+        scan and a bucket's listing; the path's key and the identity are packed once."""
+        self._unpack()
+        key, packed = hash(os.fspath(path)), _packed(identity)
+        before = self._counted.get(key)
+        if before is not None and before != packed:
+            del self._counted[key]
+            if kind is not Kind.LAST:
+                logger.warning(
+                    "checkpoint_changed",
+                    path=display_name(str(path)),
+                    old_bytes=FileIdentity(*_IDENTITY.unpack(before)).size,
+                    new_bytes=identity.size,
+                    detail="it changed after it counted as complete; judged again",
+                )
+        verdicts = self._verdicts.get(verify)
+        cached = verdicts.get(packed) if verdicts is not None else None
         if cached is not None and cached.complete:
-            self.counted(path, identity)
+            self._counted[key] = packed
         return cached
 
     def retain(self, records: Iterable[CheckpointRecord]) -> None:
