@@ -15,7 +15,6 @@ import functools
 import re
 import string
 from dataclasses import dataclass
-from typing import Any
 
 CHECKPOINT_EXTENSION = ".ckpt"
 INTEGER_FIELDS = frozenset({"epoch", "step"})
@@ -234,11 +233,6 @@ def _check_format_spec(field_name: str, spec: str) -> None:
         raise TemplateError(f"'{{{field_name}:{spec}}}': an integer field takes a 'd' format")
     if not is_integer and spec and spec[-1] not in "fFeEgG0123456789":
         raise TemplateError(f"'{{{field_name}:{spec}}}': a metric is a float, use a float format")
-
-
-def _derived_field() -> Any:
-    """A field made in ``__post_init__``, neither compared nor shown."""
-    return dataclasses.field(init=False, repr=False, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
