@@ -338,7 +338,7 @@ def _growing(decisions: Sequence[Decision], sizes: Mapping[Kind, int], now: floa
     growing: list[Growing] = []
     for decision in decisions:
         record = decision.record
-        if not record.complete and _is_growing(record, now) and record.identity is not None:
+        if _is_growing(record, now) and record.identity is not None:
             identity = record.identity
             expected = sizes.get(record.kind)
             growing.append(
@@ -355,21 +355,13 @@ def _growing(decisions: Sequence[Decision], sizes: Mapping[Kind, int], now: floa
 
 
 def _newest_of_kind_key(record: CheckpointRecord) -> tuple[int, int, int, int, str]:
-    """(step_order, mtime, name) flattened: the newest of a kind is the greatest (identity known)."""
-    identity = record.identity
-    return (
-        record.step or 0,
-        record.epoch or 0,
-        record.version,
-        identity.mtime_ns if identity is not None else 0,
-        record.name,
-    )
+    """(step_order, mtime, name): the newest of a kind is the greatest."""
+    return (*record.step_order, _mtime(record), record.name)
 
 
 def _latest_written_key(record: CheckpointRecord) -> tuple[int, str]:
     """The latest written checkpoint is the greatest: (mtime, relative path)."""
-    identity = record.identity
-    return (identity.mtime_ns if identity is not None else 0, record.relative_path)
+    return (_mtime(record), record.relative_path)
 
 
 def _mtime(record: CheckpointRecord) -> int:
