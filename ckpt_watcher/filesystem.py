@@ -211,19 +211,61 @@ def open_regular(
     The caller closes the returned descriptor.
     """
     if _PATH_FLAG:
-        handle = os.open(
-            path, _PATH_FLAG | os.O_CLOEXEC | (0 if follow_symlinks else os.O_NOFOLLOW), dir_fd=dir_fd
-        )
+        handle = open_handle(path, dir_fd=dir_fd, follow_symlinks=follow_symlinks)
         try:
             status = os.fstat(handle)
-            if not stat.S_ISREG(status.st_mode):
-                raise NotRegularFileError(0, "not a regular file", path)
-            try:
-                return os.open(f"/proc/self/fd/{handle}", _READ_FLAGS), status
-            except FileNotFoundError:
-                pass  # no /proc: open by name below, and check it is a regular file again
+            return reopen_regular(handle, status, path, dir_fd=dir_fd, follow_symlinks=follow_symlinks)
         finally:
             os.close(handle)
+    return _open_by_name(path, dir_fd=dir_fd, follow_symlinks=follow_symlinks)
+
+
+def open_handle(path: str, *, dir_fd: int | None = None, follow_symlinks: bool = False) -> int:
+    """An ``O_PATH`` handle on ``path``: it opens nothing (a FIFO does not block, a device is not
+    touched), and ``fstat`` on it is the ``lstat`` of the entry (of its target with
+    ``follow_symlinks``). Only where ``O_PATH`` exists (``HAS_HANDLES``)."""
+    return os.open(path, _PATH_FLAG | os.O_CLOEXEC | (0 if follow_symlinks else os.O_NOFOLLOW), dir_fd=dir_fd)
+
+
+HAS_HANDLES = bool(_PATH_FLAG)
+
+
+def open_process_descriptors() -> int | None:
+    """``/proc/self/fd`` opened as a directory (None without /proc): re-opening a handle relative to
+    it resolves one name, not the three of ``/proc/self/fd/N``, for every file of a scan. The caller
+    closes it, and never keeps it across a ``fork`` (it names this process's descriptors)."""
+    try:
+        return os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return None
+
+
+def reopen_regular(
+    handle: int,
+    status: os.stat_result,
+    path: str,
+    *,
+    dir_fd: int | None = None,
+    follow_symlinks: bool = False,
+    process_descriptors: int | None = None,
+) -> tuple[int, os.stat_result]:
+    """Open for reading the very inode the ``O_PATH`` ``handle`` holds (``status`` is its ``fstat``),
+    only if it is a regular file (NotRegularFileError for anything else); the caller closes both.
+    ``process_descriptors`` is ``open_process_descriptors()``'s directory, if the caller holds one."""
+    if not stat.S_ISREG(status.st_mode):
+        raise NotRegularFileError(0, "not a regular file", path)
+    try:
+        if process_descriptors is not None:
+            return os.open(str(handle), _READ_FLAGS, dir_fd=process_descriptors), status
+        return os.open(f"/proc/self/fd/{handle}", _READ_FLAGS), status
+    except FileNotFoundError:
+        pass  # no /proc: open by name below, and check it is a regular file again
+    return _open_by_name(path, dir_fd=dir_fd, follow_symlinks=follow_symlinks)
+
+
+def _open_by_name(path: str, *, dir_fd: int | None, follow_symlinks: bool) -> tuple[int, os.stat_result]:
+    """Open ``path`` for reading, never blocking, and keep it only if ``fstat`` says it is a regular file
+    (where there is no ``O_PATH``, or no /proc to re-open a handle through)."""
     file_descriptor = os.open(path, _READ_FLAGS | (0 if follow_symlinks else os.O_NOFOLLOW), dir_fd=dir_fd)
     try:
         opened = os.fstat(file_descriptor)

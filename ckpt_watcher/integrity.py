@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
-from ckpt_watcher.filesystem import NotRegularFileError, open_regular, summarize_tree
+from ckpt_watcher.filesystem import NotRegularFileError, open_regular, reopen_regular, summarize_tree
 from ckpt_watcher.logs import describe_os_error
 from ckpt_watcher.records import FileIdentity
 
@@ -497,27 +497,74 @@ def check_file(
     """
     try:
         file_descriptor, status = open_regular(path, dir_fd=dir_fd, follow_symlinks=follow_symlinks)
-    except NotRegularFileError:
-        return Completeness(False, "not a regular file", transient=True), None
-    except FileNotFoundError:
-        return Completeness(False, "vanished while being checked", transient=True), None
     except OSError as error:
-        return Completeness(False, f"cannot be read: {describe_os_error(error)}", transient=True), None
+        return _unopened(error), None
     identity = FileIdentity.of_stat(status)
+    verdict = _judge_open(file_descriptor, status, path, dir_fd=dir_fd, verify=verify, deep_check=deep_check)
+    if verdict is _CHANGED:
+        return verdict, None
+    return verdict, identity
+
+
+def check_handle(
+    handle: int,
+    status: os.stat_result,
+    path: str,
+    *,
+    dir_fd: int,
+    process_descriptors: int | None,
+    verify: str = "zip",
+    deep_check: DeepCheck | None = None,
+) -> Completeness:
+    """``check_file`` of the entry an ``O_PATH`` ``handle`` already holds (``status`` is its ``fstat``,
+    the identity the verdict is about): a one-shot scan takes the handle first, so its ``fstat`` is the
+    entry's ``lstat`` too. The caller closes ``handle``; ``process_descriptors`` is as for
+    ``filesystem.reopen_regular``."""
+    try:
+        file_descriptor, opened = reopen_regular(
+            handle, status, path, dir_fd=dir_fd, process_descriptors=process_descriptors
+        )
+    except OSError as error:
+        return _unopened(error)
+    return _judge_open(file_descriptor, opened, path, dir_fd=dir_fd, verify=verify, deep_check=deep_check)
+
+
+def _unopened(error: OSError) -> Completeness:
+    """The verdict on a file that could not be opened for reading."""
+    if isinstance(error, NotRegularFileError):
+        return Completeness(False, "not a regular file", transient=True)
+    if isinstance(error, FileNotFoundError):
+        return Completeness(False, "vanished while being checked", transient=True)
+    return Completeness(False, f"cannot be read: {describe_os_error(error)}", transient=True)
+
+
+# A file that changed while it was judged: the verdict is about no one version of it.
+_CHANGED = Completeness(False, "still being written (it changed while being checked)", transient=True)
+
+
+def _judge_open(
+    file_descriptor: int,
+    status: os.stat_result,
+    path: str,
+    *,
+    dir_fd: int | None,
+    verify: str,
+    deep_check: DeepCheck | None,
+) -> Completeness:
+    """Judge the open regular file ``file_descriptor`` (``status`` is its ``fstat`` before reading), then
+    close it; ``_CHANGED`` if its size or mtime moved while it was read."""
     try:
         verdict = check_zip_file(file_descriptor, status.st_size, verify="crc" if verify == "crc" else "zip")
         if verdict.complete and deep_check is not None:
             verdict = deep_check(_open_file_path(file_descriptor, path, dir_fd))
         after = os.fstat(file_descriptor)
     except OSError as error:
-        return Completeness(False, f"cannot be read: {describe_os_error(error)}", transient=True), identity
+        return Completeness(False, f"cannot be read: {describe_os_error(error)}", transient=True)
     finally:
         os.close(file_descriptor)
-    if (after.st_size, after.st_mtime_ns) != (status.st_size, status.st_mtime_ns):
-        return Completeness(
-            False, "still being written (it changed while being checked)", transient=True
-        ), None
-    return verdict, identity
+    if after.st_size != status.st_size or after.st_mtime_ns != status.st_mtime_ns:
+        return _CHANGED
+    return verdict
 
 
 def _open_file_path(file_descriptor: int, path: str, dir_fd: int | None) -> str:

@@ -24,13 +24,14 @@ from typing import TypeVar
 import structlog
 
 from ckpt_watcher.compact import PackedKeys, PackedValues
-from ckpt_watcher.filesystem import PathResolver
+from ckpt_watcher.filesystem import HAS_HANDLES, PathResolver, open_handle, open_process_descriptors
 from ckpt_watcher.integrity import (
     COMPLETE,
     DIRECTORY_QUIET_SECONDS,
     Completeness,
     check_directory,
     check_file,
+    check_handle,
 )
 from ckpt_watcher.lock import LOCK_FILE_NAME
 from ckpt_watcher.logs import describe_os_error
@@ -317,14 +318,17 @@ def scan_directory(  # noqa: C901  (opens, lists and closes the directory, with 
         # directory); each entry is then stat'ed relative to the open directory.
         names = os.listdir(directory_fd)
         group = _Group(directory, directory_fd, markers_beside(names), naming, options, now, cache)
-        for name in names:
-            if stop is not None and stop.is_set():
-                raise ScanStopped(str(directory))
-            if name in _NOT_CHECKPOINTS or name.startswith(DELETING_PREFIX):
-                continue
-            record = group.record_for(prefix, name)
-            if record is not None:
-                records.append(record)
+        try:
+            for name in names:
+                if stop is not None and stop.is_set():
+                    raise ScanStopped(str(directory))
+                if name in _NOT_CHECKPOINTS or name.startswith(DELETING_PREFIX):
+                    continue
+                record = group.record_for(prefix, name)
+                if record is not None:
+                    records.append(record)
+        finally:
+            group.close()
         records = group.judge_links(records)
     except FileNotFoundError:
         return []
@@ -351,16 +355,50 @@ class _Group:
     resolver: PathResolver = field(default_factory=PathResolver)  # each link of the listing once
     # The text of an entry's path is this plus its name (as pathlib joins them), for the cache's keys.
     path_prefix: str = field(init=False)
+    opens_first: bool = field(init=False, default=False)
+    process_descriptors: int | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self.path_prefix = path_prefix(self.directory)
+        # One-shot (no cache to spare a file its read): each entry's O_PATH handle is taken first, its
+        # fstat is the entry's lstat, and a regular file is re-opened for reading through it.
+        if self.cache is None and HAS_HANDLES:
+            self.process_descriptors = open_process_descriptors()
+            self.opens_first = True
+
+    def close(self) -> None:
+        """Close what the scan of this directory held open."""
+        if self.process_descriptors is not None:
+            os.close(self.process_descriptors)
+            self.process_descriptors = None
 
     def record_for(self, relative_prefix: str, name: str) -> CheckpointRecord | None:
         """The record of one entry (a symlink's completeness is settled later by ``judge_links``)."""
+        handle: int | None = None
         try:
-            status = os.stat(name, dir_fd=self.directory_fd, follow_symlinks=False)
-        except FileNotFoundError:
-            return None
+            if self.opens_first:
+                try:
+                    handle = open_handle(name, dir_fd=self.directory_fd)
+                except FileNotFoundError:
+                    return None
+                except OSError:
+                    handle = None  # out of descriptors, say: the entry is stat'ed by name instead
+            if handle is not None:
+                status = os.fstat(handle)
+            else:
+                try:
+                    status = os.stat(name, dir_fd=self.directory_fd, follow_symlinks=False)
+                except FileNotFoundError:
+                    return None
+            return self._record_of(relative_prefix, name, status, handle)
+        finally:
+            if handle is not None:
+                os.close(handle)
+
+    def _record_of(
+        self, relative_prefix: str, name: str, status: os.stat_result, handle: int | None
+    ) -> CheckpointRecord | None:
+        """The record of the entry ``status`` describes (``handle``: its O_PATH handle, if taken)."""
         mode = status.st_mode
         parsed = self.naming.classify(name, directory=stat.S_ISDIR(mode))
         if stat.S_ISDIR(mode):
@@ -381,37 +419,39 @@ class _Group:
             link_target = self.resolver.resolve(self.directory / name)  # resolves names only: opens nothing
             completeness = Completeness(False, "symlink")
         elif entry_type is EntryType.FILE and parsed.kind is not Kind.UNKNOWN:
-            completeness = self._file_completeness(name, identity, parsed.kind)
+            completeness = self._file_completeness(name, identity, parsed.kind, status, handle)
         elif entry_type is EntryType.DIRECTORY:
             completeness, size = self._directory_completeness(name)
         else:
             completeness = Completeness(False, None)
         mount_note = _mount_note(completeness.mount_point)
+        # Positional, in the order of CheckpointRecord's fields: a scan makes one per entry, and 19
+        # keywords cost more than the rest of the record (test_scan checks each field by name).
         return CheckpointRecord(
-            directory=self.directory,
+            self.directory,
             # interned, as pathlib interned a path's parts: runs that name their checkpoints alike
             # share one string per name in what a daemon keeps of every group (the names it saw)
-            name=sys.intern(name),
-            relative_path=relative_prefix + name,
-            entry_type=entry_type,
-            bytes=size,
-            identity=identity,
-            complete=completeness.complete,
-            incomplete_reason=completeness.reason,
-            link_target=link_target,
-            note=parsed.note
+            sys.intern(name),
+            relative_prefix + name,  # relative_path
+            parsed.kind,
+            entry_type,
+            size,  # bytes
+            identity,
+            completeness.complete,
+            completeness.reason,  # incomplete_reason
+            parsed.epoch,
+            parsed.step,
+            parsed.date,
+            parsed.metric_name,
+            parsed.metric,
+            parsed.metric_text,
+            parsed.version,
+            link_target,
+            parsed.note  # note
             or mount_note
             or ("not a zip archive" if completeness.not_zip else None)
             or ("corrupt: it does not load" if completeness.corrupt else None),
-            settles_at=completeness.settles_at,
-            kind=parsed.kind,
-            epoch=parsed.epoch,
-            step=parsed.step,
-            date=parsed.date,
-            metric_name=parsed.metric_name,
-            metric=parsed.metric,
-            metric_text=parsed.metric_text,
-            version=parsed.version,
+            completeness.settles_at,
         )
 
     def _directory_completeness(self, name: str) -> tuple[Completeness, int]:
@@ -472,9 +512,11 @@ class _Group:
         self._store(judged, identity, "zip", verdict)
         return verdict
 
-    def _file_completeness(self, name: str, identity: FileIdentity, kind: Kind) -> Completeness:
+    def _file_completeness(
+        self, name: str, identity: FileIdentity, kind: Kind, status: os.stat_result, handle: int | None
+    ) -> Completeness:
         """The verdict on a checkpoint-named regular file (its ``Path`` made only for the cache or a
-        settle time)."""
+        settle time); read through ``handle`` if the scan took one (then nothing is cached)."""
         if name.endswith(TEMPORARY_SUFFIXES):
             return Completeness(False, "temporary file name", transient=True)
         marked = _with_markers(name, self.markers, None)
@@ -494,6 +536,16 @@ class _Group:
                 transient=True,
             )
         verify = self.options.verify
+        if handle is not None:
+            return check_handle(
+                handle,
+                status,
+                name,
+                dir_fd=self.directory_fd,
+                process_descriptors=self.process_descriptors,
+                verify=verify,
+                deep_check=_verify_load if verify == "load" else None,
+            )
         verdict, judged = check_file(
             name,
             dir_fd=self.directory_fd,

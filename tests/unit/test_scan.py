@@ -16,9 +16,10 @@ from structlog.testing import capture_logs
 
 from ckpt_watcher.naming import DEFAULT_NAMING
 from ckpt_watcher.policy import DEFAULT_POLICY
-from ckpt_watcher.records import CheckpointRecord, EntryType
+from ckpt_watcher.records import CheckpointRecord, EntryType, FileIdentity
 from ckpt_watcher.scan import CompletenessCache, ScanOptions, scan_directory, scan_tree
 from tests.support.factories import (
+    best_name,
     directory_checkpoint,
     make_record,
     step_name,
@@ -321,3 +322,95 @@ def test_a_records_path_text_is_the_text_of_its_path(directory: Path) -> None:
     assert record.path == directory / record.name
     assert record.path_text == str(record.path)
     assert record.directory is directory
+
+
+def mixed_group(tmp_path: Path) -> Path:
+    """A group holding one of each kind of entry a scan meets."""
+    group = tmp_path / "run"
+    write_checkpoint(backdate_later := group / step_name(1, 1500, version=2), b"w" * 50)
+    backdate(backdate_later)
+    backdate(write_checkpoint(group / best_name(0, 500, 0.4125)))
+    backdate(write_truncated(group / step_name(0, 1000)))
+    backdate(write_checkpoint(group / "notes.txt"))
+    (group / "empty.ckpt").touch()
+    backdate(group / "empty.ckpt")
+    write_checkpoint(group / (step_name(2, 2000) + ".tmp"))
+    write_checkpoint(group / step_name(3, 3000))  # young: still settling
+    backdate(one_shard_checkpoint(group / step_name(4, 4000)))
+    make_fifo(group / step_name(5, 5000))
+    os.symlink(step_name(1, 1500, version=2), group / "last.ckpt")
+    (group / "plain-subdirectory").mkdir()
+    return group
+
+
+def test_a_scans_record_says_each_field_by_name(tmp_path: Path) -> None:
+    group = mixed_group(tmp_path)
+    name = step_name(1, 1500, version=2)
+    status = os.stat(group / name)
+
+    record = scan(group)[name]
+
+    assert (record.directory, record.name, record.relative_path) == (group, name, name)
+    assert (record.kind.value, record.entry_type, record.bytes) == ("step", EntryType.FILE, status.st_size)
+    assert record.identity == FileIdentity(status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns)
+    assert (record.complete, record.incomplete_reason, record.note) == (True, None, None)
+    assert record.settles_at is None
+    assert (record.epoch, record.step, record.version, record.date) == (1, 1500, 2, None)
+    assert (record.metric_name, record.metric, record.metric_text) == (None, None, None)
+    assert record.link_target is None
+    best = scan(group)[best_name(0, 500, 0.4125)]
+    assert (best.kind.value, best.date, best.metric_name, best.metric, best.metric_text) == (
+        "best",
+        "20261128",
+        "loss",
+        0.4125,
+        "0.4125",
+    )
+    young = scan(group, ScanOptions(settle_seconds=60.0, directory_quiet_seconds=0.0))[step_name(3, 3000)]
+    assert not young.complete
+    assert young.settles_at is not None
+    assert scan(group)["last.ckpt"].link_target == group / name
+
+
+def test_a_one_shot_scan_and_a_daemons_scan_make_the_same_records(tmp_path: Path) -> None:
+    """prune (no cache) takes each entry's O_PATH handle first, the daemon stats by name first: the
+    same entries give the same records either way."""
+    group = mixed_group(tmp_path)
+    options = ScanOptions(settle_seconds=60.0, directory_quiet_seconds=0.0, now=time.time())
+
+    one_shot = scan(group, options)
+    daemons = scan(group, options, CompletenessCache())
+
+    assert one_shot == daemons
+    assert len(one_shot) == 10  # all but the plain subdirectory
+    assert not one_shot[step_name(3, 3000)].complete  # still settling
+    assert not one_shot[step_name(0, 1000)].complete
+    assert one_shot[step_name(5, 5000)].entry_type is EntryType.OTHER
+
+
+def test_a_file_swapped_for_a_fifo_after_its_handle_is_never_opened_for_reading(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The race the handle closes: the entry is a regular file when looked at, a FIFO when read. The
+    handle holds the inode that was looked at; a FIFO put under the name afterwards is never opened."""
+    group = tmp_path / "run"
+    name = step_name(0, 100)
+    backdate(write_checkpoint(group / name))
+    real_fstat = os.fstat
+    swapped: list[str] = []
+
+    def swap_after_the_handle(descriptor: int) -> os.stat_result:
+        status = real_fstat(descriptor)
+        if not swapped and stat.S_ISREG(status.st_mode):
+            os.unlink(group / name)
+            make_fifo(group / name)
+            swapped.append(name)
+        return status
+
+    monkeypatch.setattr(os, "fstat", swap_after_the_handle)
+    record = scan(group)[name]
+    monkeypatch.undo()
+
+    assert swapped == [name]
+    assert record.complete  # the inode looked at, read through its handle, not the FIFO now there
+    assert stat.S_ISFIFO(os.stat(group / name).st_mode)
