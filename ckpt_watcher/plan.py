@@ -270,41 +270,67 @@ _PROTECTED = frozenset({Hold.PROTECTED})
 _HELD_BY = {hold: frozenset({hold}) for hold in Hold}  # shared: most kept records have one rule
 
 
-class _Keeps:
-    """A group's keep reasons and the rules (holds) behind them, by record: held as the tuple and
-    frozenset its decision takes as they are (no list or set per record, then a copy of each)."""
+class _Ledger:
+    """A group's keep reasons, the rules (holds) behind them, and delete reasons, by a candidate's
+    position in ``steps + bests``: lists, where dicts keyed by ``id(record)`` took an int and a slot
+    per record (~8 MB per 100,000). Held as the tuple and frozenset its decision takes as they are."""
 
-    def __init__(self) -> None:
-        self.reasons: dict[int, tuple[str, ...]] = {}
-        self.holds: dict[int, frozenset[Hold]] = {}
+    def __init__(self, size: int) -> None:
+        self.keep_reasons: list[tuple[str, ...] | None] = [None] * size
+        self.holds: list[frozenset[Hold]] = [frozenset()] * size
+        self.delete_reasons: list[tuple[str, ...]] = [()] * size
 
-    def add(self, record: CheckpointRecord, reason: str, hold: Hold) -> None:
-        key = id(record)
-        self.reasons[key] = (*self.reasons.get(key, ()), reason)
-        held = self.holds.get(key)
-        self.holds[key] = _HELD_BY[hold] if held is None or held == _HELD_BY[hold] else held | {hold}
+    def keep(self, position: int, reason: str, hold: Hold) -> None:
+        """The candidate at ``position`` is kept by ``hold``'s rule, for ``reason``."""
+        reasons = self.keep_reasons[position]
+        self.keep_reasons[position] = (reason,) if reasons is None else (*reasons, reason)
+        held = self.holds[position]
+        self.holds[position] = _HELD_BY[hold] if not held or held == _HELD_BY[hold] else held | {hold}
 
-    def __contains__(self, record: CheckpointRecord) -> bool:
-        return id(record) in self.reasons
+    def drop(self, position: int, reason: str) -> None:
+        """One more reason the candidate at ``position`` goes, unless a rule keeps it."""
+        self.delete_reasons[position] = (*self.delete_reasons[position], reason)
 
-    def decision(self, record: CheckpointRecord) -> Decision:
-        key = id(record)
-        return Decision(record, Action.KEEP, self.reasons[key], self.holds[key])
+    def is_kept(self, position: int) -> bool:
+        return self.keep_reasons[position] is not None
+
+    def decision(self, position: int, record: CheckpointRecord) -> Decision:
+        """The decision on ``record``, the candidate at ``position``."""
+        reasons = self.keep_reasons[position]
+        if reasons is not None:
+            return Decision(record, Action.KEEP, reasons, self.holds[position])
+        return Decision(record, Action.DELETE, self.delete_reasons[position])
 
 
-class _DeleteReasons:
-    """Why each record of a group that no rule keeps goes, by record (a tuple each, as its decision
-    takes it)."""
+def _sort_newest_first(records: list[CheckpointRecord]) -> None:
+    """Sort in place as ``key=_newest_first_key`` does, in stable passes from its last part to its
+    first (a reversed pass keeps ties in order), each keyed by a value the record already holds: no
+    key tuple per record, which for 100,000 step checkpoints was ~10 MB at the plan's peak."""
+    records.sort(key=_name_of)
+    records.sort(key=_date_number, reverse=True)
+    records.sort(key=_version_of, reverse=True)
+    records.sort(key=_epoch_number, reverse=True)
+    records.sort(key=_step_number, reverse=True)
 
-    def __init__(self) -> None:
-        self._reasons: dict[int, tuple[str, ...]] = {}
 
-    def add(self, record: CheckpointRecord, reason: str) -> None:
-        key = id(record)
-        self._reasons[key] = (*self._reasons.get(key, ()), reason)
+def _name_of(record: CheckpointRecord) -> str:
+    return record.name
 
-    def of(self, record: CheckpointRecord) -> tuple[str, ...]:
-        return self._reasons.get(id(record), ())
+
+def _date_number(record: CheckpointRecord) -> int:
+    return int(record.date) if record.date else 0
+
+
+def _version_of(record: CheckpointRecord) -> int:
+    return record.version
+
+
+def _epoch_number(record: CheckpointRecord) -> int:
+    return record.epoch or 0
+
+
+def _step_number(record: CheckpointRecord) -> int:
+    return record.step or 0
 
 
 def _plan_group(  # noqa: C901, PLR0912  (long: the policy's rules in the order README numbers them)
@@ -314,13 +340,14 @@ def _plan_group(  # noqa: C901, PLR0912  (long: the policy's rules in the order 
     protected: Mapping[str, list[str]],
 ) -> GroupPlan:
     """One group's decisions; ``protected``: the reasons that keep an entry of it, by name."""
-    keeps = _Keeps()
-    delete_reasons = _DeleteReasons()
     lasts: list[CheckpointRecord] = []
     skipped: list[tuple[CheckpointRecord, str]] = []
     steps: list[CheckpointRecord] = []
     bests: list[CheckpointRecord] = []
+    pinned: set[str] = set()  # the names a ``NAME.keep`` file beside them pins
     for record in records:
+        if record.name.endswith(PIN_SUFFIX):
+            pinned.add(record.name[: -len(PIN_SUFFIX)])
         if record.kind is Kind.LAST:
             lasts.append(record)
             continue
@@ -332,44 +359,47 @@ def _plan_group(  # noqa: C901, PLR0912  (long: the policy's rules in the order 
         else:
             bests.append(record)
 
-    steps.sort(key=_newest_first_key)
-    _rank_steps(steps, policy.save_top_k_checkpoints, keeps, delete_reasons)
-    _keep_epoch_ends(steps, policy.save_every_n_epochs, keeps, delete_reasons)
-    _keep_milestones(steps, policy.keep_every_n_steps, keeps)
+    _sort_newest_first(steps)
     bests.sort(key=lambda record: best_order_key(record, policy.best_mode))
-    _rank_bests(bests, policy.save_top_k_best, keeps, delete_reasons)
+    candidates = steps + bests  # a candidate's position here is its place in the ledger
+    ledger = _Ledger(len(candidates))
+    _rank_steps(steps, policy.save_top_k_checkpoints, ledger)
+    _keep_epoch_ends(steps, policy.save_every_n_epochs, ledger)
+    _keep_milestones(steps, policy.keep_every_n_steps, ledger)
+    _rank_bests(bests, len(steps), policy.save_top_k_best, ledger)
 
-    candidates = steps + bests
-    names = {record.name for record in records}
-    for record in candidates:
+    for position, record in enumerate(candidates):
         for reason in protected.get(record.name, ()):
-            keeps.add(record, reason, Hold.PROTECTED)
-        if record.name + PIN_SUFFIX in names:
-            keeps.add(record, f"pinned by {record.name}{PIN_SUFFIX}", Hold.PROTECTED)
+            ledger.keep(position, reason, Hold.PROTECTED)
+        if record.name in pinned:
+            ledger.keep(position, f"pinned by {record.name}{PIN_SUFFIX}", Hold.PROTECTED)
         for pattern in policy.protect:
             if fnmatch.fnmatchcase(record.name, pattern) or fnmatch.fnmatchcase(
                 record.relative_path, pattern
             ):
-                keeps.add(record, f"matches protect pattern '{pattern}'", Hold.PROTECTED)
+                ledger.keep(position, f"matches protect pattern '{pattern}'", Hold.PROTECTED)
 
-    _keep_pending_link_target(lasts, records, candidates, keeps)
+    _keep_pending_link_target(lasts, records, candidates, ledger)
 
     has_usable_last = any(last.complete for last in lasts)
-    if candidates and not has_usable_last and not any(record in keeps for record in candidates):
+    if candidates and not has_usable_last and not any(map(ledger.is_kept, range(len(candidates)))):
         newest = min(
-            candidates,
-            key=lambda record: (_newest_first_key(record)[:3], record.kind is not Kind.STEP, record.name),
+            range(len(candidates)),
+            key=lambda position: (
+                _newest_first_key(candidates[position])[:3],
+                candidates[position].kind is not Kind.STEP,
+                candidates[position].name,
+            ),
         )
-        keeps.add(newest, "newest checkpoint: the last way to resume (no usable last.ckpt)", Hold.PROTECTED)
+        ledger.keep(newest, "newest checkpoint: the last way to resume (no usable last.ckpt)", Hold.PROTECTED)
 
     decisions: list[Decision] = []
     for last in sorted(lasts, key=lambda record: (record.version, record.name)):
         decisions.append(Decision(last, Action.KEEP, _last_reasons(last, protected), _PROTECTED))
-    for record in bests + steps:
-        if record in keeps:
-            decisions.append(keeps.decision(record))
-        else:
-            decisions.append(Decision(record, Action.DELETE, delete_reasons.of(record)))
+    for position, record in enumerate(bests, start=len(steps)):
+        decisions.append(ledger.decision(position, record))
+    for position, record in enumerate(steps):
+        decisions.append(ledger.decision(position, record))
     for record, reason in sorted(skipped, key=lambda pair: pair[0].name):
         extra = tuple(protected.get(record.name, ()))
         decisions.append(Decision(record, Action.SKIP, (reason, *extra)))
@@ -380,7 +410,7 @@ def _keep_pending_link_target(
     lasts: list[CheckpointRecord],
     records: list[CheckpointRecord],
     candidates: list[CheckpointRecord],
-    keeps: _Keeps,
+    ledger: _Ledger,
 ) -> None:
     """With ``save_last="link"``, the newest checkpoint of the link's kind is about to become its target.
 
@@ -399,9 +429,11 @@ def _keep_pending_link_target(
     ]
     if not links:
         return
-    # The group's entries by name (a link's target is in the group's directory, checked above).
-    by_name = {record.name: record for record in candidates}
-    other_names = {record.name for record in records} - by_name.keys()
+    # The links' targets among the group's entries, by name (a target is in the group's directory,
+    # checked above): a candidate, or another entry (another last, a pinned file).
+    target_names = {link.link_target.name for link in links if link.link_target is not None}
+    by_name = {record.name: record for record in candidates if record.name in target_names}
+    other_names = {record.name for record in records if record.name in target_names} - by_name.keys()
     for link in links:
         assert link.link_target is not None
         target = by_name.get(link.link_target.name)
@@ -409,16 +441,16 @@ def _keep_pending_link_target(
             continue  # it points at something that stays (another last, a pinned file): not moving
         kinds = [target.kind] if target is not None else [Kind.STEP, Kind.BEST]
         for kind in kinds:
-            same_kind = [record for record in candidates if record.kind is kind]
+            same_kind = [position for position, record in enumerate(candidates) if record.kind is kind]
             if not same_kind:
                 continue
-            newest_step = max(record.step or 0 for record in same_kind)
+            newest_step = max(candidates[position].step or 0 for position in same_kind)
             if target is not None and (target.step or 0) >= newest_step:
                 continue
-            for record in same_kind:
-                if (record.step or 0) == newest_step:
-                    keeps.add(
-                        record,
+            for position in same_kind:
+                if (candidates[position].step or 0) == newest_step:
+                    ledger.keep(
+                        position,
                         f"newest {kind.value} checkpoint: {link.name} does not point at it yet",
                         Hold.PROTECTED,
                     )
@@ -435,64 +467,61 @@ def _last_reasons(last: CheckpointRecord, protected: Mapping[str, list[str]]) ->
     return tuple(reasons)
 
 
-def _rank_steps(
-    steps: list[CheckpointRecord],
-    top_k: int,
-    keeps: _Keeps,
-    delete_reasons: _DeleteReasons,
-) -> None:
-    for rank, record in enumerate(steps, start=1):
+def _rank_steps(steps: list[CheckpointRecord], top_k: int, ledger: _Ledger) -> None:
+    """The newest ``top_k`` step checkpoints (``steps`` newest first, at the ledger's first places)."""
+    for position in range(len(steps)):
+        rank = position + 1
         if top_k == -1:
-            keeps.add(record, "all step checkpoints kept (save_top_k_checkpoints: -1)", Hold.NEWEST_STEPS)
+            ledger.keep(position, "all step checkpoints kept (save_top_k_checkpoints: -1)", Hold.NEWEST_STEPS)
         elif rank <= top_k:
-            keeps.add(record, f"newest {top_k} step checkpoints (#{rank} of {top_k})", Hold.NEWEST_STEPS)
+            ledger.keep(position, f"newest {top_k} step checkpoints (#{rank} of {top_k})", Hold.NEWEST_STEPS)
         else:
-            delete_reasons.add(record, f"outside newest {top_k} step checkpoints (#{rank})")
+            ledger.drop(position, f"outside newest {top_k} step checkpoints (#{rank})")
 
 
-def _keep_epoch_ends(
-    steps: list[CheckpointRecord],
-    every_n_epochs: int,
-    keeps: _Keeps,
-    delete_reasons: _DeleteReasons,
-) -> None:
+def _keep_epoch_ends(steps: list[CheckpointRecord], every_n_epochs: int, ledger: _Ledger) -> None:
     """Keep the newest step checkpoint of each epoch e with (e + 1) % n == 0 (Lightning's convention)."""
     if every_n_epochs == 0:
         return
     seen_epochs: set[int] = set()
-    for record in steps:  # newest first, so the first of an epoch is its newest
+    not_newest: dict[int, str] = {}  # one reason text per epoch, shared by its checkpoints
+    for position, record in enumerate(steps):  # newest first, so the first of an epoch is its newest
         epoch = record.epoch
         if epoch is None or (epoch + 1) % every_n_epochs != 0:
             continue
         if epoch in seen_epochs:
-            delete_reasons.add(record, f"not the newest of epoch {epoch}")
+            reason = not_newest.get(epoch)
+            if reason is None:
+                reason = not_newest[epoch] = f"not the newest of epoch {epoch}"
+            ledger.drop(position, reason)
             continue
         seen_epochs.add(epoch)
-        keeps.add(record, f"newest of epoch {epoch} (save_every_n_epochs: {every_n_epochs})", Hold.EPOCH_END)
+        ledger.keep(
+            position, f"newest of epoch {epoch} (save_every_n_epochs: {every_n_epochs})", Hold.EPOCH_END
+        )
 
 
-def _rank_bests(
-    bests: list[CheckpointRecord],
-    top_k: int,
-    keeps: _Keeps,
-    delete_reasons: _DeleteReasons,
-) -> None:
+def _rank_bests(bests: list[CheckpointRecord], first_position: int, top_k: int, ledger: _Ledger) -> None:
+    """The best ``top_k`` (``bests`` best first, in the ledger from ``first_position`` on)."""
     for rank, record in enumerate(bests, start=1):
+        position = first_position + rank - 1
         metric = format_metric(record)
         hold = Hold.BEST_FIRST if rank == 1 else Hold.BEST
         if top_k == -1:
-            keeps.add(record, f"all best checkpoints kept (rank {rank}, {metric})", hold)
+            ledger.keep(position, f"all best checkpoints kept (rank {rank}, {metric})", hold)
         elif rank <= top_k:
-            keeps.add(record, f"top {top_k} best (rank {rank}, {metric})", hold)
+            ledger.keep(position, f"top {top_k} best (rank {rank}, {metric})", hold)
         else:
-            delete_reasons.add(record, f"outside top {top_k} best (rank {rank}, {metric})")
+            ledger.drop(position, f"outside top {top_k} best (rank {rank}, {metric})")
 
 
-def _keep_milestones(steps: list[CheckpointRecord], every_n_steps: int, keeps: _Keeps) -> None:
+def _keep_milestones(steps: list[CheckpointRecord], every_n_steps: int, ledger: _Ledger) -> None:
     """Milestones: keep every step checkpoint whose step is a multiple of ``every_n_steps`` (0: off)."""
     if every_n_steps == 0:
         return
-    for record in steps:
+    for position, record in enumerate(steps):
         step = record.step or 0
         if step % every_n_steps == 0:
-            keeps.add(record, f"milestone: step {step} (keep_every_n_steps: {every_n_steps})", Hold.MILESTONE)
+            ledger.keep(
+                position, f"milestone: step {step} (keep_every_n_steps: {every_n_steps})", Hold.MILESTONE
+            )

@@ -15,7 +15,15 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from ckpt_watcher.naming import Kind
-from ckpt_watcher.plan import PIN_SUFFIX, Action, Plan, Summary, plan
+from ckpt_watcher.plan import (
+    PIN_SUFFIX,
+    Action,
+    Plan,
+    Summary,
+    _newest_first_key,
+    _sort_newest_first,
+    plan,
+)
 from ckpt_watcher.policy import Policy
 from ckpt_watcher.records import CheckpointRecord, EntryType
 from tests.support.factories import best_name, make_record, step_name
@@ -563,3 +571,27 @@ def test_group_deletions_are_oldest_first(scenario: Scenario) -> None:
         assert all(decision.action is Action.DELETE for decision in group.deletions)
         assert len(group.deletions) == group.summary.to_delete
     assert result.deletions == tuple(decision for group in result.groups for decision in group.deletions)
+
+
+@SETTINGS
+@given(
+    st.lists(
+        st.tuples(
+            st.one_of(step_names, best_names),
+            st.one_of(st.none(), st.sampled_from(("20261128", "2026118", "20261129", "0"))),
+        ),
+        unique_by=lambda pair: pair[0],
+        max_size=40,
+    )
+)
+def test_sorting_newest_first_in_passes_is_the_one_key_sort(named: list[tuple[str, str | None]]) -> None:
+    """The planner sorts step checkpoints in stable passes (no key tuple per record): the order is the
+    one of ``_newest_first_key``, ties of step, epoch, version and date settled by the name."""
+    records = [dataclasses.replace(make_record(name), date=date) for name, date in named]
+    in_passes = list(records)
+
+    _sort_newest_first(in_passes)
+
+    assert [record.name for record in in_passes] == [
+        record.name for record in sorted(records, key=_newest_first_key)
+    ]
