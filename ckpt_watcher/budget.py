@@ -25,9 +25,10 @@ Each function is deterministic: the same records in any order give the same resu
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ckpt_watcher.naming import Kind
 from ckpt_watcher.plan import Action, Decision, GroupPlan, Hold, best_order_key, oldest_first_key
@@ -315,10 +316,11 @@ def group_space(
     for kind in _CHECKPOINT_KINDS:
         of_kind = [record for record in complete if record.kind is kind]
         if of_kind:
-            sizes[kind] = max(of_kind, key=_newest_of_kind_key).bytes
+            steps = [record.step or 0 for record in of_kind]  # _newest_of_kind_key's first part
+            sizes[kind] = _greatest(of_kind, steps, _newest_of_kind_key).bytes
     latest = previous.latest if previous is not None else None
     if complete:
-        record = max(complete, key=_latest_written_key)
+        record = _greatest(complete, [_mtime(record) for record in complete], _latest_written_key)
         latest = Written(record.relative_path, record.bytes, _mtime(record))
     growing = _growing(decisions, sizes, now)
     return GroupSpace(
@@ -352,6 +354,17 @@ def _growing(decisions: Sequence[Decision], sizes: Mapping[Kind, int], now: floa
                 )
             )
     return tuple(sorted(growing, key=lambda item: item.relative_path))
+
+
+def _greatest(
+    records: Sequence[CheckpointRecord],
+    firsts: Sequence[int],
+    key: Callable[[CheckpointRecord], tuple[Any, ...]],
+) -> CheckpointRecord:
+    """``max(records, key=key)``, where ``firsts`` holds each record's ``key(record)[0]``: only the few
+    records with the greatest first part are compared by the whole key (a key tuple each), not all."""
+    top = max(firsts)
+    return max((record for record, first in zip(records, firsts, strict=True) if first == top), key=key)
 
 
 def _newest_of_kind_key(record: CheckpointRecord) -> tuple[int, int, int, int, str]:

@@ -383,7 +383,8 @@ class Reconciler:
         pins = {**self._command_line_pins, **self.registry.pins()}
         result.streamed = dry_run and result.group_sink is not None and not _keeps_free(effective)
         context = _PassContext.build(pins, self.storage.identities_of(pins), links, closed, dry_run, result)
-        self.space.begin_pass()
+        # A one-shot pass covers every group: with no byte budget in any policy, no space fact is read.
+        self.space.begin_pass(facts_needed=not self._one_shot or _budgeted(effective))
         for done, (group, value) in enumerate(sorted(effective.items()), start=1):
             if self._stop is not None and self._stop.is_set():
                 result.interrupted = True
@@ -500,6 +501,14 @@ def _finished(result: PassResult, started: float, *, release: bool) -> PassResul
 def _keeps_free(effective: Mapping[Path, EffectivePolicy]) -> bool:
     """True when some group's policy has keep_free (its evictions may change any group's plan)."""
     return any(value.policy.keep_free is not None for value in effective.values())
+
+
+def _budgeted(effective: Mapping[Path, EffectivePolicy]) -> bool:
+    """True when some group's policy has a byte budget (max_size or keep_free)."""
+    return any(
+        value.policy.max_size is not None or value.policy.keep_free is not None
+        for value in effective.values()
+    )
 
 
 def _kept(group_plan: GroupPlan | None) -> Tally:

@@ -86,13 +86,17 @@ class SpaceKeeper:
     _fresh: set[Path] = field(default_factory=set)
     _unmet: dict[tuple[str, str], tuple[int, int]] = field(default_factory=dict)
     _next_check: float | None = None
+    _facts_needed: bool = True
 
     # -- one group ---------------------------------------------------------------------------------
 
-    def begin_pass(self) -> None:
-        """A new pass: no group is fresh yet, nothing is pending."""
+    def begin_pass(self, *, facts_needed: bool = True) -> None:
+        """A new pass: no group is fresh yet, nothing is pending. Without ``facts_needed`` (a one-shot
+        pass over a tree where no policy has a byte budget) no group's space facts are gathered: only
+        a budget ever reads them, and for 100,000 checkpoints they cost ~0.2 s."""
         self._pending.clear()
         self._fresh.clear()
+        self._facts_needed = facts_needed
 
     def plan_group(
         self, group: Path, group_plan: GroupPlan | None, policy: Policy, *, dry_run: bool, now: float
@@ -102,6 +106,8 @@ class SpaceKeeper:
         if group_plan is not None:
             group_plan, verdict = within_max_size(group_plan, policy)
         self._note_size(group, verdict)
+        if not self._facts_needed:
+            return group_plan
         try:
             device = os.stat(group).st_dev
         except OSError:

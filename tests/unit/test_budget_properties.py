@@ -18,6 +18,10 @@ from ckpt_watcher.budget import (
     FreeSpacePlan,
     GroupSpace,
     Reclaimable,
+    _greatest,
+    _latest_written_key,
+    _mtime,
+    _newest_of_kind_key,
     candidates,
     free_space_plan,
     group_space,
@@ -232,3 +236,16 @@ def test_the_classes_are_the_documented_order() -> None:
         Hold.BEST,
         Hold.MILESTONE,
     ]
+
+
+@SETTINGS
+@given(timed_records())
+def test_the_greatest_by_first_part_then_key_is_max_by_key(records: list[CheckpointRecord]) -> None:
+    """group_space finds the newest of a kind and the latest written without a key tuple per record:
+    the same record (the first of the greatest, as ``max`` gives) as ``max`` over the whole key."""
+    if not records:
+        return
+    steps = [record.step or 0 for record in records]
+    mtimes = [_mtime(record) for record in records]
+    assert _greatest(records, steps, _newest_of_kind_key) is max(records, key=_newest_of_kind_key)
+    assert _greatest(records, mtimes, _latest_written_key) is max(records, key=_latest_written_key)
