@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 from ckpt_watcher.budget import FreeSpacePlan
 from ckpt_watcher.delete import ApplyResult
 from ckpt_watcher.durations import format_duration
+from ckpt_watcher.locations import is_core_path_of_url
 from ckpt_watcher.naming import Kind
 from ckpt_watcher.plan import Action, Decision, GroupPlan, Plan, Summary
 from ckpt_watcher.policy import POLICY_DESCRIPTIONS, LoadedPolicy
@@ -353,12 +354,10 @@ def _write_group(
     """One group of the ``--json`` document (its ``entries`` a batch at a time); ``number`` from 0."""
     out.write(("," if number else "") + _compact(document)[:-1] + ',"entries":[')
     decisions = group.decisions
-    entry_of = _entry_maker(group.directory, trash, outcomes)
+    entry_text = _entry_text_maker(group.directory, trash, outcomes)
     for start in range(0, len(decisions), _ENTRIES_PER_WRITE):
-        batch = [
-            _entry_ready(entry_of(decision)) for decision in decisions[start : start + _ENTRIES_PER_WRITE]
-        ]
-        out.write(("," if start else "") + _ENCODE(batch)[1:-1])  # escaped already
+        batch = [entry_text(decision) for decision in decisions[start : start + _ENTRIES_PER_WRITE]]
+        out.write(("," if start else "") + ",".join(batch))
     out.write("]}")
 
 
@@ -478,6 +477,80 @@ def _entry_maker(
         return entry
 
     return entry_of
+
+
+_STRING = json.encoder.encode_basestring_ascii  # a string as _ENCODE writes it (ensure_ascii)
+
+
+def _entry_text_maker(
+    directory: Path, trash: TrashView, outcomes: Mapping[int, str]
+) -> Callable[[Decision], str]:
+    """The maker of the JSON text of a group's entries: ``_ENCODE(_entry_ready(entry))`` of the entry
+    ``_entry_maker`` makes, the same text, written directly when nothing in it needs escaping (no dict
+    per entry, no encoder walk: half the time of a 100,000-entry group); else made that way."""
+    entry_of = _entry_maker(directory, trash, outcomes)
+    prefix = path_prefix(directory)
+    action_of = trash.actions_in(directory)
+    # display_name escapes character by character and shows a core path as its URL: under a plain
+    # prefix that is not a core path, a path is shown as that prefix and its shown name.
+    shown_prefix = prefix if is_plain_text(prefix) and not is_core_path_of_url(prefix) else None
+
+    def entry_text(decision: Decision) -> str:
+        record = decision.record
+        reasons = decision.reasons
+        metric_name = record.metric_name
+        looked_at = "".join(reasons) if metric_name is None else "".join([metric_name, *reasons])
+        if shown_prefix is None or "/" in looked_at or not is_plain_text(looked_at):
+            return _ENCODE(_entry_ready(entry_of(decision)))  # as _entry_ready says: escaped first
+        name = display_name(record.name)
+        outcome = outcomes.get(id(decision))
+        return "".join(
+            [
+                '{"path":',
+                _STRING(shown_prefix + name),
+                ',"name":',
+                _STRING(name),
+                ',"kind":"',
+                _KIND_TEXT[record.kind],
+                '","type":"',
+                _TYPE_TEXT[record.entry_type],
+                '","epoch":',
+                _json_number(record.epoch),
+                ',"step":',
+                _json_number(record.step),
+                ',"metric_name":',
+                "null" if metric_name is None else _STRING(metric_name),
+                ',"metric":',
+                _json_metric(metric_for_json(record)),
+                ',"version":',
+                int.__repr__(record.version),
+                ',"bytes":',
+                int.__repr__(record.bytes),
+                ',"action":"',
+                action_of(decision),
+                '","reasons":[',
+                ",".join(map(_STRING, reasons)),
+                "]",
+                ',"evicted":true' if decision.evicted else "",
+                "}" if outcome is None else ',"outcome":' + _STRING(outcome) + "}",
+            ]
+        )
+
+    return entry_text
+
+
+def _json_number(value: int | None) -> str:
+    """An int or None as JSON (``int.__repr__``, as the encoder writes an int)."""
+    return "null" if value is None else int.__repr__(value)
+
+
+def _json_metric(metric: float | str | None) -> str:
+    """``metric_for_json``'s value as JSON: a finite float as the encoder writes it, or a text."""
+    if metric is None:
+        return "null"
+    if isinstance(metric, str):
+        return _STRING(metric)
+    return float.__repr__(metric)
 
 
 def _group_document(

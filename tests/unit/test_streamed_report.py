@@ -6,6 +6,7 @@ a trash and more entries than one write holds.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -13,13 +14,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from ckpt_watcher.plan import plan
+from ckpt_watcher.plan import Action, Decision, plan
 from ckpt_watcher.policy import DEFAULT_POLICY, Policy, load_policy
 from ckpt_watcher.records import CheckpointRecord, EntryType
 from ckpt_watcher.report import (
+    _ENCODE,
     PlanJSONStream,
     TrashView,
+    _entry_maker,
+    _entry_ready,
+    _entry_text_maker,
+    json_ready,
     plan_document,
     render_json,
     render_table,
@@ -125,3 +133,54 @@ def test_an_empty_plan_streams_a_whole_document() -> None:
     assert document == json.loads(
         render_json(plan_document(plan([], DEFAULT_POLICY), load_policy(None), True))
     )
+
+
+NAME_TEXT = st.text(
+    st.sampled_from(["a", "Z", "0", "=", "-", "_", ".", " ", "/", "\\", "\n", "\u202e", "é", "\udcff", '"']),
+    min_size=1,
+    max_size=12,
+)
+DIRECTORIES = [Path("/ckpt/run"), Path("."), Path("/"), HOSTILE, Path("/s3:/bucket/runs/a"), Path("/ckpt/é")]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    directory=st.sampled_from(DIRECTORIES),
+    name=st.one_of(
+        NAME_TEXT, st.builds(step_name, st.integers(0, 120), st.integers(0, 10**7), st.integers(0, 12))
+    ),
+    metric=st.one_of(
+        st.none(),
+        st.tuples(
+            st.sampled_from(["loss", "val/loss", "acc\n"]), st.floats(allow_nan=True, allow_infinity=True)
+        ),
+    ),
+    reasons=st.lists(st.one_of(NAME_TEXT, st.sampled_from(["kept: newest 5 (#2)", "target of a/last.ckpt"]))),
+    evicted=st.booleans(),
+    outcome=st.one_of(st.none(), st.sampled_from(["deleted", "changed\n", "gone/é"])),
+    trashed=st.booleans(),
+)
+def test_an_entry_written_directly_is_the_text_of_its_escaped_dict(
+    directory: Path,
+    name: str,
+    metric: tuple[str, float] | None,
+    reasons: list[str],
+    evicted: bool,
+    outcome: str | None,
+    trashed: bool,
+) -> None:
+    """The --json entries are written as text where nothing needs escaping: byte for byte the text
+    the encoder gives for the entry's escaped dict, whatever the names, metrics and reasons."""
+    record = make_record(name, directory)
+    if metric is not None:
+        record = dataclasses.replace(
+            record, metric_name=metric[0], metric=metric[1], metric_text=repr(metric[1])
+        )
+    decision = Decision(record, Action.DELETE, tuple(reasons), evicted=evicted)
+    outcomes = {id(decision): outcome} if outcome is not None else {}
+    trash = TrashView({directory: 60} if trashed else {})
+
+    written = _entry_text_maker(directory, trash, outcomes)(decision)
+
+    assert written == _ENCODE(_entry_ready(_entry_maker(directory, trash, outcomes)(decision)))
+    assert json.loads(written)["reasons"] == json.loads(_ENCODE(json_ready(reasons)))
