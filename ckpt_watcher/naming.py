@@ -16,6 +16,8 @@ import re
 import string
 from dataclasses import dataclass
 
+from ckpt_watcher.frozen import quick_init
+
 CHECKPOINT_EXTENSION = ".ckpt"
 INTEGER_FIELDS = frozenset({"epoch", "step"})
 DATE_FIELD = "date"
@@ -45,6 +47,7 @@ class TemplateError(ValueError):
     """A naming template that cannot describe checkpoint names of its kind."""
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class ParsedName:
     """The fields a checkpoint name carries."""

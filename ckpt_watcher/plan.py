@@ -15,6 +15,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from ckpt_watcher.frozen import quick_init
 from ckpt_watcher.naming import Kind
 from ckpt_watcher.policy import Policy
 from ckpt_watcher.records import CheckpointRecord, EntryType
@@ -46,6 +47,7 @@ class Action(enum.StrEnum):
     SKIP = "skip"
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Decision:
     """One record, its action and the human-readable reasons for it.

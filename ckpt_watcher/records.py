@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ckpt_watcher.frozen import quick_init
 from ckpt_watcher.locations import shown_as_url
 from ckpt_watcher.naming import Kind, ParsedName
 
@@ -31,6 +32,7 @@ class EntryType(enum.StrEnum):
     OTHER = "other"
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class FileIdentity:
     """Device, inode, size and mtime: the delete step removes a file only if all four still match."""
@@ -60,6 +62,7 @@ class FileIdentity:
         return cls(status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns)
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class CheckpointRecord:
     """One entry of a checkpoint directory as the scan saw it.
