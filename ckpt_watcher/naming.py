@@ -66,10 +66,15 @@ class ParsedName:
 UNKNOWN_NAME = ParsedName(kind=Kind.UNKNOWN)
 
 
+# A field's role, compared as a small int while parsing (an integer field is <= _EPOCH).
+_STEP, _EPOCH, _DATE, _METRIC = 0, 1, 2, 3
+
+
 @dataclass(frozen=True, slots=True)
 class _Field:
     name: str
-    format_spec: str
+    format_spec: str  # as written in the template ("d" for an integer field written without one)
+    role: int  # _STEP, _EPOCH, _DATE or _METRIC
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,7 +89,7 @@ class CompiledTemplate:
     metric_name: str | None
     literal_prefix: str
 
-    def parse(self, name: str, *, directory: bool = False) -> ParsedName | None:  # noqa: C901  (one branch per kind of field, inline: a scan parses every entry)
+    def parse(self, name: str, directory: bool = False) -> ParsedName | None:  # noqa: C901  (one branch per kind of field, inline: a scan parses every entry)
         """Return the parsed fields of ``name``, or None if the template could not have produced it.
 
         A directory checkpoint may also lack the extension (Hugging Face's ``checkpoint-500``).
@@ -99,20 +104,20 @@ class CompiledTemplate:
         date: str | None = None
         metric: float | None = None
         metric_text: str | None = None
-        for field in self.fields:
-            field_name = field.name
-            text = match.group(field_name)
+        texts = match.groups()  # the fields' texts in the template's order, then the version's
+        for field, text in zip(self.fields, texts, strict=False):
             if len(text) > _LONGEST_FIELD:
                 return None  # no file name is this long; also keeps int() within its digit limit
-            if field_name in INTEGER_FIELDS:
+            role = field.role
+            if role <= _EPOCH:
                 value = int(text)
-                if format(value, field.format_spec or "d") != text:
+                if format(value, field.format_spec) != text:
                     return None
-                if field_name == "step":
+                if role == _STEP:
                     step = value
                 else:
                     epoch = value
-            elif field_name == DATE_FIELD:
+            elif role == _DATE:
                 if not _is_calendar_date(text):
                     return None
                 date = text
@@ -121,7 +126,7 @@ class CompiledTemplate:
                 if format(metric, field.format_spec) != text:
                     return None
                 metric_text = text
-        version_text = match.group("_version")
+        version_text = texts[-1]
         # positional, in the order of ParsedName's fields (a name is parsed per entry of a scan)
         return ParsedName(
             self.kind,
@@ -184,7 +189,9 @@ def compile_template(kind: Kind, template: str) -> CompiledTemplate:  # noqa: C9
         else:
             pattern = _METRIC_PATTERN
         parts.append(f"(?P<{field_name}>{pattern})")
-        fields.append(_Field(field_name, spec))
+        fields.append(
+            _Field(field_name, spec or ("d" if field_name in INTEGER_FIELDS else ""), _role(field_name))
+        )
     metric_names = [field.name for field in fields if field.name not in INTEGER_FIELDS | {DATE_FIELD}]
     field_names = {field.name for field in fields}
     if kind is Kind.STEP:
@@ -216,6 +223,15 @@ def compile_template(kind: Kind, template: str) -> CompiledTemplate:  # noqa: C9
         metric_name=metric_names[0] if metric_names else None,
         literal_prefix=parsed[0][0] if parsed else "",
     )
+
+
+def _role(field_name: str) -> int:
+    """The role of a template's field, by its name."""
+    if field_name == "step":
+        return _STEP
+    if field_name == "epoch":
+        return _EPOCH
+    return _DATE if field_name == DATE_FIELD else _METRIC
 
 
 def _check_format_spec(field_name: str, spec: str) -> None:
@@ -284,17 +300,22 @@ class Naming:
         """
         if not directory and not name.endswith(CHECKPOINT_EXTENSION):
             return UNKNOWN_NAME
-        matches = [
-            parsed
-            for template in self._by_first.get(name[:1], self._unprefixed)
-            if (parsed := template.parse(name, directory=directory)) is not None
-        ]
-        if len(matches) == 1:
-            return matches[0]
-        if len(matches) > 1:
-            kinds = " and ".join(match.kind.value for match in matches)
+        found: ParsedName | None = None
+        also: list[ParsedName] = []  # the other templates' matches (an ambiguous name)
+        for template in self._by_first.get(name[:1], self._unprefixed):
+            parsed = template.parse(name, directory)
+            if parsed is None:
+                continue
+            if found is None:
+                found = parsed
+            else:
+                also.append(parsed)
+        if found is None:
+            return UNKNOWN_NAME
+        if also:
+            kinds = " and ".join(match.kind.value for match in (found, *also))
             return ParsedName(kind=Kind.UNKNOWN, note=f"ambiguous: matches the {kinds} templates")
-        return UNKNOWN_NAME
+        return found
 
 
 DEFAULT_NAMING = Naming.from_templates()
