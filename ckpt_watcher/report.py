@@ -480,6 +480,12 @@ def _entry_maker(
 
 
 _STRING = json.encoder.encode_basestring_ascii  # a string as _ENCODE writes it (ensure_ascii)
+# An entry as _ENCODE writes its dict: the keys in _entry_maker's order; ints as int.__repr__ and
+# finite floats as float.__repr__ (what the encoder calls); strings already through _STRING.
+_ENTRY_TEXT = (
+    '{"path":%s,"name":%s,"kind":"%s","type":"%s","epoch":%s,"step":%s,"metric_name":%s,"metric":%s,'
+    '"version":%s,"bytes":%s,"action":"%s","reasons":[%s]%s%s}'
+)
 
 
 def _entry_text_maker(
@@ -503,54 +509,28 @@ def _entry_text_maker(
         if shown_prefix is None or "/" in looked_at or not is_plain_text(looked_at):
             return _ENCODE(_entry_ready(entry_of(decision)))  # as _entry_ready says: escaped first
         name = display_name(record.name)
+        metric = metric_for_json(record)
         outcome = outcomes.get(id(decision))
-        return "".join(
-            [
-                '{"path":',
-                _STRING(shown_prefix + name),
-                ',"name":',
-                _STRING(name),
-                ',"kind":"',
-                _KIND_TEXT[record.kind],
-                '","type":"',
-                _TYPE_TEXT[record.entry_type],
-                '","epoch":',
-                _json_number(record.epoch),
-                ',"step":',
-                _json_number(record.step),
-                ',"metric_name":',
-                "null" if metric_name is None else _STRING(metric_name),
-                ',"metric":',
-                _json_metric(metric_for_json(record)),
-                ',"version":',
-                int.__repr__(record.version),
-                ',"bytes":',
-                int.__repr__(record.bytes),
-                ',"action":"',
-                action_of(decision),
-                '","reasons":[',
-                ",".join(map(_STRING, reasons)),
-                "]",
-                ',"evicted":true' if decision.evicted else "",
-                "}" if outcome is None else ',"outcome":' + _STRING(outcome) + "}",
-            ]
+        return _ENTRY_TEXT % (
+            _STRING(shown_prefix + name),
+            _STRING(name),
+            _KIND_TEXT[record.kind],
+            _TYPE_TEXT[record.entry_type],
+            "null" if record.epoch is None else int.__repr__(record.epoch),
+            "null" if record.step is None else int.__repr__(record.step),
+            "null" if metric_name is None else _STRING(metric_name),
+            "null"
+            if metric is None
+            else (_STRING(metric) if type(metric) is str else float.__repr__(metric)),
+            int.__repr__(record.version),
+            int.__repr__(record.bytes),
+            action_of(decision),
+            ",".join(map(_STRING, reasons)),
+            ',"evicted":true' if decision.evicted else "",
+            "" if outcome is None else ',"outcome":' + _STRING(outcome),
         )
 
     return entry_text
-
-
-def _json_number(value: int | None) -> str:
-    """An int or None as JSON (``int.__repr__``, as the encoder writes an int)."""
-    return "null" if value is None else int.__repr__(value)
-
-
-def _json_metric(metric: float | str | None) -> str:
-    """``metric_for_json``'s value as JSON: a finite float as the encoder writes it, or a text."""
-    if metric is None:
-        return "null"
-    if isinstance(metric, str):
-        return _STRING(metric)
-    return float.__repr__(metric)
 
 
 def _group_document(
