@@ -281,17 +281,26 @@ class _Ledger:
         self.keep_reasons: list[tuple[str, ...] | None] = [None] * size
         self.holds: list[frozenset[Hold]] = [frozenset()] * size
         self.delete_reasons: list[tuple[str, ...]] = [()] * size
+        self._single: tuple[str] = ("",)  # the last one-reason tuple made, shared while its text is
+
+    def _alone(self, reason: str) -> tuple[str]:
+        """``(reason,)``, the same tuple for the same text object: a rule that gives every record one
+        fixed text ("all step checkpoints kept ...") makes one tuple, not one per record."""
+        if self._single[0] is not reason:
+            self._single = (reason,)
+        return self._single
 
     def keep(self, position: int, reason: str, hold: Hold) -> None:
         """The candidate at ``position`` is kept by ``hold``'s rule, for ``reason``."""
         reasons = self.keep_reasons[position]
-        self.keep_reasons[position] = (reason,) if reasons is None else (*reasons, reason)
+        self.keep_reasons[position] = self._alone(reason) if reasons is None else (*reasons, reason)
         held = self.holds[position]
         self.holds[position] = _HELD_BY[hold] if not held or held == _HELD_BY[hold] else held | {hold}
 
     def drop(self, position: int, reason: str) -> None:
         """One more reason the candidate at ``position`` goes, unless a rule keeps it."""
-        self.delete_reasons[position] = (*self.delete_reasons[position], reason)
+        reasons = self.delete_reasons[position]
+        self.delete_reasons[position] = (*reasons, reason) if reasons else self._alone(reason)
 
     def is_kept(self, position: int) -> bool:
         return self.keep_reasons[position] is not None
