@@ -399,3 +399,19 @@ def test_the_polling_emitter_gives_its_interval(tmp_path: Path) -> None:
     (emitter,) = observer.emitters
     assert isinstance(emitter, DeepSafePollingEmitter)
     assert emitter._tree.trusted_after == 4
+
+
+def test_a_skipped_poll_remembers_what_a_full_listing_would(tree: LeanTree, tmp_path: Path) -> None:
+    """The entries stat'ed in a skipped directory (an active file, a subdirectory) get the very values a
+    full listing gives them (the two spell the same rule)."""
+    run = tmp_path / "run"
+    (run / "sub").mkdir()
+    (run / "c.ckpt").write_bytes(b"c")
+    _events(tree)
+    for size in (2, 3):  # the second of these polls skips the listing and stats c.ckpt and sub
+        (run / "c.ckpt").write_bytes(b"c" * size)
+        (run / "sub" / f"{size}.ckpt").write_bytes(b"x")
+        assert ("modified", "file", str(run / "c.ckpt"), "") in _events(tree)
+    fresh = LeanTree(str(tmp_path), UnwatchedOnce("polling"))
+    fresh.poll(None)
+    assert tree.directories == fresh.directories
