@@ -17,6 +17,7 @@ rescan (``report_lost_events_to``) instead of ending the thread and, with it, ev
 from __future__ import annotations
 
 import errno
+import math
 import os
 import stat
 import sys
@@ -128,6 +129,8 @@ def report_thread_failure(where: str, lost_events: LostEventsCallback | None) ->
 
 
 _MASK = (1 << 64) - 1
+# The coarsest timestamp a file system this may poll keeps (FAT: 2 s; ext3, HFS+, some NFS servers: 1 s).
+TIMESTAMP_TICK = 2.0
 
 
 class LeanTree:
@@ -138,30 +141,68 @@ class LeanTree:
 
     Not ``recursive`` (a config file's directory), only the root's own entries are listed, as
     watchdog's non-recursive snapshot does: its subdirectories are entries, never walked.
+
+    A recursive tree skips what cannot have changed: creating, deleting or renaming an entry changes
+    its directory's mtime and ctime, so a directory whose own signature (inode, device, mtime, ctime;
+    ``_DirectoryState``) is unchanged is not listed again, nor is each of its entries stat'ed. Only
+    its subdirectories (entries too, and walked) and its *active* entries (those that appeared or
+    changed at the previous poll) are: a checkpoint written in place keeps giving "modified" at every
+    poll until it has been quiet for a whole poll.
+
+    A signature is trusted only once the directory has been listed in full after the signature
+    stopped changing, at a poll at least a timestamp tick after the first that saw it: a change in the
+    same tick as the one that set it leaves it equal, but a change after that full listing is at least
+    a tick later, so it changes the timestamp. With polls ``TIMESTAMP_TICK`` (2 s, FAT's tick; 1 s on
+    ext3, HFS+ and some NFS servers) or more apart, that is two polls in a row finding it the same;
+    with shorter intervals (``poll_interval``), as many more as span the tick. No timestamp is compared
+    with our clock (an NFS server's may differ): only the number of polls counts.
+
+    What this does not see: a file written (or chmod'ed) in place after it was quiet for a whole poll,
+    in a directory where nothing was created, deleted or renamed since, is seen at the next change
+    of that directory or by the daemon's periodic rescan, which stats everything. Events are hints:
+    no decision is made without a pass that stats the file. A non-recursive tree (the policy file's
+    directory: an in-place edit must hot-reload at the next poll) is listed in full at every poll.
     """
 
-    def __init__(self, root: str, unwatched: UnwatchedOnce, *, recursive: bool = True) -> None:
+    def __init__(
+        self,
+        root: str,
+        unwatched: UnwatchedOnce,
+        *,
+        recursive: bool = True,
+        poll_interval: float | None = None,
+    ) -> None:
         self.root = root
         self.recursive = recursive
+        # Polls that must find a signature unchanged before the next may trust it: spanning at least a
+        # timestamp tick (one, when the polls are that far apart; without an interval, they are).
+        self.trusted_after = 1 if poll_interval is None else max(1, math.ceil(TIMESTAMP_TICK / poll_interval))
         self._unwatched = unwatched
         self.directories: dict[str, dict[str, int]] = {}
+        self._states: dict[str, _DirectoryState] = {}
 
     def poll(self, emit: Callable[[FileSystemEvent], None] | None) -> None:
         """Walk the tree (iteratively; never through a symlink) and replace what is remembered; with
         ``emit``, say what changed since the last walk, as the events watchdog's diff would give."""
         previous = self.directories
+        previous_states = self._states
         current: dict[str, dict[str, int]] = {}
+        states: dict[str, _DirectoryState] = {}
         changes = _Changes()
         pending = [self.root]
         while pending:
             directory = pending.pop()
-            listed = self._list(directory)
+            before = previous.get(directory)
+            listed = self._list(directory, before, previous_states.get(directory))
             if listed is None:
                 continue
-            entries, subdirectories = listed
+            entries, subdirectories, state, restated = listed
+            previous.pop(directory, None)
             current[directory] = entries
-            before = previous.pop(directory, None)
-            if emit is not None and entries != (before or {}):
+            states[directory] = state
+            if emit is not None and restated is not None:  # skipped: only what was stat'ed can differ
+                changes.compare(directory, *restated)
+            elif emit is not None and entries != (before or {}):
                 changes.compare(directory, before or {}, entries)
             if self.recursive:
                 pending.extend(os.path.join(directory, name) for name in subdirectories)
@@ -170,10 +211,14 @@ class LeanTree:
                 changes.compare(directory, entries, {})
             changes.emit(emit)
         self.directories = current
+        self._states = states
 
-    def _list(self, directory: str) -> tuple[dict[str, int], list[str]] | None:
-        """The directory's entries and the names of its subdirectories (never a symlink: below the root,
-        a directory swapped for a symlink since its parent was listed is not opened)."""
+    def _list(
+        self, directory: str, before: dict[str, int] | None, state: _DirectoryState | None
+    ) -> tuple[dict[str, int], list[str], _DirectoryState, _Restated | None] | None:
+        """The directory's entries, the names of its subdirectories, its new state and, if its listing
+        was skipped, what the entries stat'ed were and are (never a symlink: below the root, a directory
+        swapped for a symlink since its parent was listed is not opened)."""
         flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
         try:
             descriptor = os.open(directory, flags if directory == self.root else flags | os.O_NOFOLLOW)
@@ -186,7 +231,19 @@ class LeanTree:
                 self._unwatched.report(directory, error)
             return None
         try:
-            return self._entries(directory, descriptor)
+            signature = _directory_signature(descriptor)  # before the listing: a later change shows next poll
+            if (
+                self.recursive
+                and before is not None
+                and state is not None
+                and state.signature == signature
+                and state.unchanged >= self.trusted_after
+            ):
+                entries, state.subdirectories, state.active, restated = self._restat(
+                    directory, descriptor, before, state
+                )
+                return entries, state.subdirectories, state, restated
+            entries, subdirectories = self._entries(directory, descriptor)
         except OSError as error:  # the listing itself failed (EIO, ...)
             if directory == self.root:
                 raise
@@ -194,6 +251,14 @@ class LeanTree:
             return None
         finally:
             os.close(descriptor)
+        unchanged = state.unchanged + 1 if state is not None and state.signature == signature else 0
+        # The active entries matter only to a poll that skips the listing: the next one, if this one
+        # brought the count of polls that found the signature unchanged to what is needed.
+        if not self.recursive or unchanged < self.trusted_after or before is None or entries == before:
+            active = _NONE
+        else:
+            active = frozenset(name for name, value in entries.items() if before.get(name) != value)
+        return entries, subdirectories, _DirectoryState(signature, unchanged, active, subdirectories), None
 
     def _entries(self, directory: str, descriptor: int) -> tuple[dict[str, int], list[str]]:
         """Each entry's name and integer; the subdirectories' names. Names, then one ``lstat`` each
@@ -207,6 +272,7 @@ class LeanTree:
             except OSError as error:  # vanished since the listing (quietly), or cannot be read
                 self._unwatched.report(os.path.join(directory, name), error)
                 continue
+            # _entry_value, spelled out: a call per entry is a tenth of a full listing's CPU
             mode = status.st_mode
             signature = hash((status.st_size, status.st_mtime_ns, mode, status.st_uid, status.st_gid)) << 1
             if stat.S_ISDIR(mode):
@@ -215,6 +281,76 @@ class LeanTree:
             else:
                 entries[name] = (status.st_ino << 64) | (signature & _MASK)
         return entries, subdirectories
+
+    def _restat(
+        self, directory: str, descriptor: int, entries: dict[str, int], state: _DirectoryState
+    ) -> tuple[dict[str, int], list[str], frozenset[str], _Restated]:
+        """A directory whose listing cannot have changed: ``lstat`` only its active entries and its
+        subdirectories, and update ``entries`` (remembered; changed in place) with what they say.
+        Returns the entries, the subdirectories' names, the entries still active (changed now), and
+        what changed as ``_Changes.compare`` takes it (before, after; the stat'ed names only)."""
+        names = list(state.subdirectories)
+        names.extend(name for name in state.active if name in entries and not entries[name] & 1)
+        then: dict[str, int] = {}
+        now: dict[str, int] = {}
+        status_of = os.stat
+        for name in names:
+            old = entries[name]
+            try:
+                status = status_of(name, dir_fd=descriptor, follow_symlinks=False)
+            except OSError as error:  # gone (its directory changed: the next poll lists it), or unreadable
+                self._unwatched.report(os.path.join(directory, name), error)
+                then[name] = old
+                del entries[name]
+                continue
+            value = _entry_value(status)
+            if value != old:
+                then[name] = old
+                now[name] = value
+                entries[name] = value
+        subdirectories = [name for name in names if entries.get(name, 0) & 1]
+        return entries, subdirectories, frozenset(now), (then, now)
+
+
+_NONE: frozenset[str] = frozenset()
+_Restated = tuple[dict[str, int], dict[str, int]]  # a skipped directory's stat'ed entries: then, now
+
+
+def _directory_signature(descriptor: int) -> tuple[int, int, int, int]:
+    """What changes when an entry is created, deleted or renamed in the open directory: its identity
+    (inode, device) and its mtime and ctime (a seam for the tests: a timestamp tick cannot be forced)."""
+    status = os.fstat(descriptor)
+    return status.st_ino, status.st_dev, status.st_mtime_ns, status.st_ctime_ns
+
+
+def _entry_value(status: os.stat_result) -> int:
+    """An entry's integer: inode in the high 64 bits, a hash of size, mtime, mode and owner in the low
+    ones, the lowest bit set for a directory (``LeanTree._entries`` spells it out in its loop)."""
+    mode = status.st_mode
+    signature = hash((status.st_size, status.st_mtime_ns, mode, status.st_uid, status.st_gid)) << 1
+    return (status.st_ino << 64) | (signature & _MASK) | (1 if stat.S_ISDIR(mode) else 0)
+
+
+class _DirectoryState:
+    """Per directory, what decides whether the next poll may skip listing it: its signature when last
+    polled, how many polls in a row had found it unchanged before (``unchanged``; counted up to what
+    ``LeanTree.trusted_after`` needs), its active entries (those that appeared or changed at that
+    poll: stat'ed at the next one even if it is skipped) and the names of its subdirectories (stat'ed
+    at every poll)."""
+
+    __slots__ = ("active", "signature", "subdirectories", "unchanged")
+
+    def __init__(
+        self,
+        signature: tuple[int, int, int, int],
+        unchanged: int,
+        active: frozenset[str],
+        subdirectories: list[str],
+    ) -> None:
+        self.signature = signature
+        self.unchanged = unchanged
+        self.active = active
+        self.subdirectories = subdirectories
 
 
 class _Changes:
@@ -269,7 +405,10 @@ class DeepSafePollingEmitter(PollingEmitter):
         super().__init__(event_queue, watch, **options)
         self.lost_events: LostEventsCallback | None = None
         self._tree = LeanTree(
-            os.fsdecode(self.watch.path), UnwatchedOnce("polling"), recursive=self.watch.is_recursive
+            os.fsdecode(self.watch.path),
+            UnwatchedOnce("polling"),
+            recursive=self.watch.is_recursive,
+            poll_interval=self.timeout,
         )
         self._failing = False
 
