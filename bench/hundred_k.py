@@ -134,41 +134,43 @@ def watch_start(python: str, tree: Path, policy: Path, log: Path) -> tuple[float
 
 
 def watch_poll(python: str, tree: Path, policy: Path, log: Path, cycles: int) -> tuple[float, float]:
-    """``watch --poll 15``: CPU seconds per polling cycle over ``cycles`` whole cycles after start-up
-    (from the end of one poll to the end of the first poll that ends ``cycles`` x 15 s later: the
-    ``cycles``-th), and the peak RSS (MB, VmHWM) at the end.
+    """``watch --poll 15``: CPU seconds per polling cycle, the average over whole cycles after start-up,
+    and the peak RSS (MB, VmHWM) at the end.
 
-    A fixed window of ``cycles`` x 15 s held one poll or two depending on where the polls fell in it
-    (a cycle is 15 s plus the poll itself): the same daemon measured 0.37 and 0.195 s "per cycle".
-    A poll too cheap to be seen (under 2 clock ticks: nothing in the tree changed) makes that error
-    negligible: then the window is ``cycles`` x 15 s of time."""
+    The window runs from the end of one poll that can be seen (>= 2 clock ticks) to the end of the
+    first seen poll that ends at least ``cycles`` x 15 s later, and is divided by the cycles it spans
+    (its length over 15 s, rounded). A version that lists every directory at every poll shows every
+    poll; one that skips unchanged directories shows only its full listings (at least once a minute,
+    LeanTree), so the window spans whole periods of skipped polls and the full listing that ends
+    them. If no poll at all can be seen, the window is ``cycles`` x 15 s of time."""
     options = ["--policy", str(policy), "--poll", f"{POLL_SECONDS:g}"]
     with running_daemon(tree, options, log, command=(python, "-m", "ckpt_watcher")) as daemon:
         daemon.wait_ready(timeout=600)
         time.sleep(WARM_UP_POLLS * POLL_SECONDS + 5.0)
-        seen = _after_next_poll(daemon.pid)
+        seen = _after_next_poll(daemon.pid, within=6 * POLL_SECONDS)
         if seen is None:  # no poll costs enough to be seen
             before = cpu_ticks(daemon.pid)
             time.sleep(cycles * POLL_SECONDS)
-            after = cpu_ticks(daemon.pid)
+            after, spanned = cpu_ticks(daemon.pid), cycles
         else:
             before = after = seen
             started = time.monotonic()
-            while time.monotonic() - started < cycles * POLL_SECONDS:  # the end of the cycles-th poll
-                seen = _after_next_poll(daemon.pid)
+            while time.monotonic() - started < cycles * POLL_SECONDS:  # the end of a seen poll after it
+                seen = _after_next_poll(daemon.pid, within=6 * POLL_SECONDS)
                 if seen is None:
-                    raise RuntimeError("a poll was seen, then none")
+                    raise RuntimeError("a poll was seen, then none for six intervals")
                 after = seen
+            spanned = max(1, round((time.monotonic() - started) / POLL_SECONDS))
         used = (after - before) / CLOCK_TICKS
         peak = status_value(daemon.pid, "VmHWM") / 1024
-    return used / cycles, peak
+    return used / spanned, peak
 
 
-def _after_next_poll(pid: int) -> int | None:
+def _after_next_poll(pid: int, within: float = 2 * POLL_SECONDS) -> int | None:
     """Wait for the daemon's next poll to end; its CPU (clock ticks) then. A poll is the CPU climbing by
     at least 2 ticks in 0.1 s (an idle daemon uses far less); it has ended once the CPU has stayed
-    flat for 0.5 s. None: no poll seen in two intervals (each costs less than 2 ticks)."""
-    deadline = time.monotonic() + 2 * POLL_SECONDS
+    flat for 0.5 s. None: no poll seen within ``within`` seconds (each costs less than 2 ticks)."""
+    deadline = time.monotonic() + within
     last, busy, quiet_since = cpu_ticks(pid), False, time.monotonic()
     while time.monotonic() < deadline:
         time.sleep(0.1)

@@ -131,6 +131,9 @@ def report_thread_failure(where: str, lost_events: LostEventsCallback | None) ->
 _MASK = (1 << 64) - 1
 # The coarsest timestamp a file system this may poll keeps (FAT: 2 s; ext3, HFS+, some NFS servers: 1 s).
 TIMESTAMP_TICK = 2.0
+# A directory a poll may skip is still listed in full at least this often (LeanTree.skips_allowed).
+FULL_LISTING_SECONDS = 60.0
+DEFAULT_POLL_INTERVAL = 15.0  # for a LeanTree made without one (the tests): as watch --poll 15
 
 
 class LeanTree:
@@ -157,9 +160,14 @@ class LeanTree:
     with shorter intervals (``poll_interval``), as many more as span the tick. No timestamp is compared
     with our clock (an NFS server's may differ): only the number of polls counts.
 
-    What this does not see: a file written (or chmod'ed) in place after it was quiet for a whole poll,
-    in a directory where nothing was created, deleted or renamed since, is seen at the next change
-    of that directory or by the daemon's periodic rescan, which stats everything. Events are hints:
+    Every directory is still listed in full at least every ``FULL_LISTING_SECONDS`` (60 s): on a file
+    system whose directory timestamps do not follow the listing (some FUSE mounts), a new checkpoint
+    is then seen within a minute, not only at the daemon's periodic rescan.
+
+    What this does not see at once: a file written (or chmod'ed) in place after it was quiet for a
+    whole poll, in a directory where nothing was created, deleted or renamed since, is seen at the
+    next change of that directory, its next full listing, or the daemon's periodic rescan, which
+    stats everything. Events are hints:
     no decision is made without a pass that stats the file. A non-recursive tree (the policy file's
     directory: an in-place edit must hot-reload at the next poll) is listed in full at every poll.
     """
@@ -177,6 +185,11 @@ class LeanTree:
         # Polls that must find a signature unchanged before the next may trust it: spanning at least a
         # timestamp tick (one, when the polls are that far apart; without an interval, they are).
         self.trusted_after = 1 if poll_interval is None else max(1, math.ceil(TIMESTAMP_TICK / poll_interval))
+        # Polls in a row that may skip a directory before one lists it in full again: on a file system
+        # whose directory timestamps do not follow their listing (some FUSE mounts), a new checkpoint
+        # is then seen within FULL_LISTING_SECONDS, not only at the next --rescan.
+        interval = poll_interval if poll_interval is not None else DEFAULT_POLL_INTERVAL
+        self.skips_allowed = max(0, math.ceil(FULL_LISTING_SECONDS / interval) - 1)
         self._unwatched = unwatched
         self.directories: dict[str, dict[str, int]] = {}
         self._states: dict[str, _DirectoryState] = {}
@@ -238,7 +251,9 @@ class LeanTree:
                 and state is not None
                 and state.signature == signature
                 and state.unchanged >= self.trusted_after
+                and state.skipped < self.skips_allowed
             ):
+                state.skipped += 1
                 entries, state.subdirectories, state.active, restated = self._restat(
                     directory, descriptor, before, state
                 )
@@ -338,7 +353,7 @@ class _DirectoryState:
     poll: stat'ed at the next one even if it is skipped) and the names of its subdirectories (stat'ed
     at every poll)."""
 
-    __slots__ = ("active", "signature", "subdirectories", "unchanged")
+    __slots__ = ("active", "signature", "skipped", "subdirectories", "unchanged")
 
     def __init__(
         self,
@@ -351,6 +366,7 @@ class _DirectoryState:
         self.unchanged = unchanged
         self.active = active
         self.subdirectories = subdirectories
+        self.skipped = 0  # polls in a row that skipped it since it was last listed in full
 
 
 class _Changes:

@@ -39,7 +39,7 @@ def tree(tmp_path: Path) -> LeanTree:
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "a.ckpt").write_bytes(b"a")
     (tmp_path / "run" / "b.ckpt").write_bytes(b"b")
-    lean = LeanTree(str(tmp_path), UnwatchedOnce("polling"))
+    lean = LeanTree(str(tmp_path), UnwatchedOnce("polling"), poll_interval=5.0)  # a full listing each 12th
     lean.poll(None)
     return lean
 
@@ -415,3 +415,35 @@ def test_a_skipped_poll_remembers_what_a_full_listing_would(tree: LeanTree, tmp_
     fresh = LeanTree(str(tmp_path), UnwatchedOnce("polling"))
     fresh.poll(None)
     assert tree.directories == fresh.directories
+
+
+def test_a_skipped_directory_is_still_listed_in_full_once_a_minute(
+    tmp_path: Path, stat_calls: list[str], forced_signatures: dict[int, tuple[int, int, int, int]]
+) -> None:
+    """On a file system whose directory timestamps do not follow the listing (a FUSE mount: here a
+    signature forced to stay the same), a new file is still found by the full listing that comes at
+    least every FULL_LISTING_SECONDS: at 15 s polls, every fourth poll."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "a.ckpt").write_bytes(b"a")
+    forced_signatures[run.stat().st_ino] = (run.stat().st_ino, 0, 0, 0)
+    lean = LeanTree(str(tmp_path), UnwatchedOnce("polling"), poll_interval=15.0)
+    assert lean.skips_allowed == 3
+    lean.poll(None)
+    _stable(lean)  # listed in full with the same signature: trusted from the next poll on
+    (run / "b.ckpt").write_bytes(b"b")  # unseen while skipped: the forced signature does not change
+    for _ in range(lean.skips_allowed):
+        stat_calls.clear()
+        assert _events(lean) == set()
+        assert "a.ckpt" not in stat_calls
+    assert _events(lean) == {("created", "file", str(run / "b.ckpt"), "")}  # the full listing
+    stat_calls.clear()
+    assert _events(lean) == set()
+    assert "a.ckpt" not in stat_calls  # skipped again
+
+
+def test_the_full_listing_period_follows_the_poll_interval() -> None:
+    unwatched = UnwatchedOnce("polling")
+    assert LeanTree("/", unwatched, poll_interval=5.0).skips_allowed == 11
+    assert LeanTree("/", unwatched, poll_interval=60.0).skips_allowed == 0
+    assert LeanTree("/", unwatched, poll_interval=120.0).skips_allowed == 0
