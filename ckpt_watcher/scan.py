@@ -386,9 +386,11 @@ class _Group:
 
     def __post_init__(self) -> None:
         self.path_prefix = path_prefix(self.directory)
-        # One-shot (no cache to spare a file its read): each entry's O_PATH handle is taken first, its
-        # fstat is the entry's lstat, and a regular file is re-opened for reading through it.
-        if self.cache is None and HAS_HANDLES:
+        # With no verdict cached to spare a file its read (a one-shot scan, or the daemon's first pass
+        # over the group), each entry's O_PATH handle is taken first: its fstat is the entry's lstat,
+        # and a regular file is re-opened for reading through it. Later passes stat by name first and
+        # open only what the cache does not know.
+        if (self.cache is None or not len(self.cache)) and HAS_HANDLES:
             self.process_descriptors = open_process_descriptors()
             self.opens_first = True
 
@@ -543,7 +545,7 @@ class _Group:
         self, name: str, identity: FileIdentity, kind: Kind, status: os.stat_result, handle: int | None
     ) -> Completeness:
         """The verdict on a checkpoint-named regular file (its ``Path`` made only for the cache or a
-        settle time); read through ``handle`` if the scan took one (then nothing is cached)."""
+        settle time); read through ``handle`` if the scan took one."""
         if name.endswith(TEMPORARY_SUFFIXES):
             return Completeness(False, "temporary file name", transient=True)
         marked = _with_markers(name, self.markers, None)
@@ -563,23 +565,23 @@ class _Group:
                 transient=True,
             )
         verify = self.options.verify
+        deep_check = _verify_load if verify == "load" else None
         if handle is not None:
-            return check_handle(
+            verdict = check_handle(
                 handle,
                 status,
                 name,
                 dir_fd=self.directory_fd,
                 process_descriptors=self.process_descriptors,
                 verify=verify,
-                deep_check=_verify_load if verify == "load" else None,
+                deep_check=deep_check,
             )
-        verdict, judged = check_file(
-            name,
-            dir_fd=self.directory_fd,
-            verify=verify,
-            deep_check=_verify_load if verify == "load" else None,
-        )
-        self._store(judged, identity, verify, verdict)
+            # The handle's fstat is the identity judged; a file that changed while it was read, or
+            # could not be opened, has a transient verdict, which is never stored.
+            self._store(identity, identity, verify, verdict)
+        else:
+            verdict, judged = check_file(name, dir_fd=self.directory_fd, verify=verify, deep_check=deep_check)
+            self._store(judged, identity, verify, verdict)
         if self.cache is not None and verdict.complete:
             self.cache.counted(self.path_prefix + name, identity)
         return verdict

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
+from ckpt_watcher.integrity import COMPLETE
 from ckpt_watcher.naming import DEFAULT_NAMING
 from ckpt_watcher.policy import DEFAULT_POLICY
 from ckpt_watcher.records import CheckpointRecord, EntryType, FileIdentity
@@ -373,13 +374,17 @@ def test_a_scans_record_says_each_field_by_name(tmp_path: Path) -> None:
 
 
 def test_a_one_shot_scan_and_a_daemons_scan_make_the_same_records(tmp_path: Path) -> None:
-    """prune (no cache) takes each entry's O_PATH handle first, the daemon stats by name first: the
-    same entries give the same records either way."""
+    """prune (no cache) and the daemon's first pass (an empty cache) take each entry's O_PATH handle
+    first; a daemon whose cache knows other files stats by name first: the same entries give the
+    same records either way."""
     group = mixed_group(tmp_path)
     options = ScanOptions(settle_seconds=60.0, directory_quiet_seconds=0.0, now=time.time())
+    knows_others = CompletenessCache()
+    knows_others.store(FileIdentity(0, 0, 1, 0), "zip", COMPLETE)
 
     one_shot = scan(group, options)
-    daemons = scan(group, options, CompletenessCache())
+    daemons = scan(group, options, knows_others)
+    assert scan(group, options, CompletenessCache()) == one_shot
 
     assert one_shot == daemons
     assert len(one_shot) == 10  # all but the plain subdirectory
