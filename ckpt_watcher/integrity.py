@@ -526,6 +526,9 @@ def check_handle(
         )
     except OSError as error:
         return _unopened(error)
+    if (opened.st_dev, opened.st_ino) != (status.st_dev, status.st_ino):  # opened by name (no /proc)
+        os.close(file_descriptor)
+        return _CHANGED  # another file under the name now: the verdict is about neither (transient)
     return _judge_open(file_descriptor, opened, path, dir_fd=dir_fd, verify=verify, deep_check=deep_check)
 
 

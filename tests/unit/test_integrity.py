@@ -19,6 +19,7 @@ from ckpt_watcher.integrity import (
     Completeness,
     DescriptorSource,
     TailWindowSource,
+    check_handle,
     check_zip_archive,
     check_zip_file,
     check_zip_path,
@@ -298,3 +299,41 @@ def test_nothing_but_a_regular_file_is_ever_opened(tmp_path: Path) -> None:
             verdict = check_zip_path(str(tmp_path / name), follow_symlinks=follow)
             assert not verdict.complete, name
             assert verdict.reason is not None
+
+
+def _without_proc(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As on a system without /proc: re-opening a handle through /proc/self/fd fails."""
+    real_open = os.open
+
+    def no_proc(path: str, flags: int, *arguments: object, **options: object) -> int:
+        if str(path).startswith("/proc/self/fd/"):
+            raise FileNotFoundError(2, "no /proc", path)
+        return real_open(path, flags, *arguments, **options)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "open", no_proc)
+
+
+@pytest.mark.parametrize("replaced", [False, True])
+def test_a_handle_judged_by_name_without_proc_is_the_file_it_holds_or_no_verdict(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, replaced: bool
+) -> None:
+    """Without /proc the handle's file is opened by its name again: if another file is there now, the
+    verdict is transient (about neither file, never cached), never the other file's."""
+    (tmp_path / "a.ckpt").write_bytes(zip_bytes(b"weights"))
+    directory = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    handle = os.open("a.ckpt", os.O_PATH | os.O_NOFOLLOW, dir_fd=directory)
+    try:
+        status = os.fstat(handle)
+        if replaced:
+            (tmp_path / "b.ckpt").write_bytes(zip_bytes(b"other weights"))
+            (tmp_path / "b.ckpt").replace(tmp_path / "a.ckpt")
+        _without_proc(monkeypatch)
+        verdict = check_handle(handle, status, "a.ckpt", dir_fd=directory, process_descriptors=None)
+    finally:
+        os.close(handle)
+        os.close(directory)
+    if replaced:
+        assert not verdict.complete
+        assert verdict.transient
+    else:
+        assert verdict.complete
