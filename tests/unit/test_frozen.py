@@ -24,8 +24,8 @@ CASES: list[tuple[type[Any], dict[str, Any], dict[str, Any]]] = [
     (FileIdentity, {"device": 1, "inode": 2, "size": 3, "mtime_ns": 4}, {}),
     (ParsedName, {"kind": Kind.BEST, "epoch": 3, "step": 9, "date": "20261128", "metric_name": "loss",
                   "metric": 0.5, "metric_text": "0.5000", "version": 2, "note": "n"}, {"kind": Kind.LAST}),
-    (Decision, {"record": RECORD, "action": Action.KEEP, "reasons": ("r",), "holds": frozenset({Hold.BEST}),
-                "evicted": True}, {"record": RECORD, "action": Action.DELETE, "reasons": ()}),
+    (Decision, {"record": RECORD, "action": Action.KEEP, "told": ("r %d",), "holds": frozenset({Hold.BEST}),
+                "evicted": True, "rank": 7}, {"record": RECORD, "action": Action.DELETE, "told": ()}),
     (CheckpointRecord, {field.name: getattr(RECORD, field.name) for field in dataclasses.fields(RECORD)},
      {field.name: getattr(RECORD, field.name) for field in dataclasses.fields(RECORD)
       if field.default is dataclasses.MISSING}),

@@ -1255,3 +1255,25 @@ def test_a_milestone_says_so() -> None:
         "newest 5 step checkpoints (#1 of 5)",
         "milestone: step 2000 (keep_every_n_steps: 500)",
     )
+
+
+def test_a_ranked_reason_is_the_same_text_however_it_is_held() -> None:
+    """The step ranking's reason is held as a template and a rank and put together when read: the text
+    is the one a formatted reason gives, also with reasons after it."""
+    record = make_record(step_name(0, 100))
+    ranked = Decision(record, Action.DELETE, ("outside newest 5 step checkpoints (#%d)", "and then"), rank=12)
+    told = Decision(record, Action.DELETE, ("outside newest 5 step checkpoints (#12)", "and then"))
+    assert ranked.reasons == told.reasons == ("outside newest 5 step checkpoints (#12)", "and then")
+    assert Decision(record, Action.DELETE, ("50% kept",)).reasons == ("50% kept",)  # no rank: as told
+
+
+def test_every_step_outside_the_newest_says_its_rank() -> None:
+    records = [make_record(step_name(0, step)) for step in range(10, 200, 10)]
+    decisions = plan(records, Policy(save_top_k_checkpoints=3)).decisions
+    deleted = sorted(
+        (decision for decision in decisions if decision.action is Action.DELETE),
+        key=lambda d: -(d.record.step or 0),
+    )
+    assert [decision.reasons for decision in deleted] == [
+        (f"outside newest 3 step checkpoints (#{rank})",) for rank in range(4, 4 + len(deleted))
+    ]
