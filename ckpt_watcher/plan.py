@@ -318,7 +318,11 @@ class _Ledger:
 
     def drop_ranked(self, position: int, template: str, rank: int) -> None:
         """The first reason the candidate at ``position`` goes: ``template % rank``, formatted when read
-        (``Decision.rank``); the same template object gives every candidate one shared tuple."""
+        (``Decision.rank``); the same template object gives every candidate one shared tuple. Only a
+        first reason can wait (a decision puts its rank into its first told reason)."""
+        if self.delete_reasons[position]:
+            self.drop(position, template % rank)
+            return
         self.delete_reasons[position] = self._alone(template)
         self.ranks[position] = rank
 

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from ckpt_watcher.naming import Kind
-from ckpt_watcher.plan import Action, Decision, Hold, Plan, Summary, plan
+from ckpt_watcher.plan import Action, Decision, Hold, Plan, Summary, _Ledger, plan
 from ckpt_watcher.policy import Policy
 from ckpt_watcher.records import CheckpointRecord, EntryType
 from tests.support.factories import best_name, make_record, step_name
@@ -1277,3 +1277,18 @@ def test_every_step_outside_the_newest_says_its_rank() -> None:
     assert [decision.reasons for decision in deleted] == [
         (f"outside newest 3 step checkpoints (#{rank})",) for rank in range(4, 4 + len(deleted))
     ]
+
+
+def test_a_ranked_reason_after_another_is_formatted_at_once() -> None:
+    """Only a first reason waits to be formatted: a ranked one given after another is written out."""
+    ledger = _Ledger(1)
+    ledger.drop(0, "first")
+    ledger.drop_ranked(0, "outside (#%d)", 7)
+    ledger.drop(0, "last")
+    decision = ledger.decision(0, make_record(step_name(0, 100)))
+    assert decision.reasons == ("first", "outside (#7)", "last")
+    assert decision.rank == 0
+    ranked = _Ledger(1)
+    ranked.drop_ranked(0, "outside (#%d)", 7)
+    ranked.drop(0, "last")
+    assert ranked.decision(0, make_record(step_name(0, 100))).reasons == ("outside (#7)", "last")
