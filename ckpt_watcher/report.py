@@ -164,8 +164,7 @@ def _padded_cells(decision: Decision, action: str) -> tuple[str, ...]:
         _cell_bytes(record.bytes) if record.bytes else "",
         record.name,
     )
-    text = "".join(cells)
-    if "/" not in text and is_plain_text(text):
+    if _shown_as_is("".join(cells)):
         return cells
     return tuple(display_name(cell) for cell in cells)
 
@@ -427,11 +426,22 @@ def _entry_ready(entry: dict[str, Any]) -> dict[str, Any]:
     """An entry whose strings ``display_name`` would leave as they are marked so (``json_ready`` then
     returns it at once); else escaped. Path and name are escaped already; kind, type, action and a
     metric's text are words of ours; only the metric's name and the reasons are looked at."""
-    metric_name = entry["metric_name"]
-    text = "".join(entry["reasons"]) if metric_name is None else "".join([metric_name, *entry["reasons"]])
-    if "/" not in text and is_plain_text(text):
+    if _entry_shown_as_is(entry["metric_name"], entry["reasons"]):
         return entry
     return dict(json_ready(entry))
+
+
+def _entry_shown_as_is(metric_name: str | None, reasons: Sequence[str]) -> bool:
+    """True when an entry's metric name and reasons (the strings of it that are not escaped already
+    nor words of ours) are all shown as they are."""
+    return _shown_as_is("".join(reasons) if metric_name is None else "".join([metric_name, *reasons]))
+
+
+def _shown_as_is(text: str) -> bool:
+    """True when ``display_name`` shows each piece of ``text`` as it is: printable ASCII without a
+    backslash, and no '/' (which a core path, shown as its URL, would start with). Many cells are
+    looked at at once this way, the usual case, instead of one ``display_name`` each."""
+    return "/" not in text and is_plain_text(text)
 
 
 _KIND_TEXT = {kind: kind.value for kind in Kind}  # an enum's .value is a Python-level property
@@ -505,8 +515,7 @@ def _entry_text_maker(
         record = decision.record
         reasons = decision.reasons
         metric_name = record.metric_name
-        looked_at = "".join(reasons) if metric_name is None else "".join([metric_name, *reasons])
-        if shown_prefix is None or "/" in looked_at or not is_plain_text(looked_at):
+        if shown_prefix is None or not _entry_shown_as_is(metric_name, reasons):
             return _ENCODE(_entry_ready(entry_of(decision)))  # as _entry_ready says: escaped first
         name = display_name(record.name)
         metric = metric_for_json(record)
