@@ -86,6 +86,13 @@ def configure_logging(level: str = "info", stream: TextIO | None = None) -> None
     )
 
 
+def debug_enabled(bound: Any) -> bool:
+    """True if ``bound`` (a logger from ``bind()``) logs debug events: a loop can then skip building
+    the fields of events that would be dropped. A logger that cannot say is taken as logging them."""
+    is_enabled_for = getattr(bound, "is_enabled_for", None)
+    return True if is_enabled_for is None else bool(is_enabled_for(logging.DEBUG))
+
+
 def describe_os_error(error: OSError) -> str:
     """What the operating system says went wrong (``Permission denied``), for a log field or a message."""
     return error.strerror or str(error)

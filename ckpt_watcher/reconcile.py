@@ -37,6 +37,7 @@ from ckpt_watcher.config_access import LOCAL_FILES, ConfigAccess
 from ckpt_watcher.delete import ApplyResult, Outcome
 from ckpt_watcher.groups import GroupIndex, GroupState, Tally
 from ckpt_watcher.links import LinkPins
+from ckpt_watcher.logs import debug_enabled
 from ckpt_watcher.memory import release_after
 from ckpt_watcher.naming import Kind
 from ckpt_watcher.overrides import OVERRIDE_FILE_NAME, EffectivePolicy, PolicyTree
@@ -619,10 +620,14 @@ def _log_news(state: GroupState, records: list[CheckpointRecord], *, detections:
     seen = array("q")  # packed as it is found: no object per checkpoint is kept for the pass
     seen_before = state.seen.unpacked()
     detected = 0
+    # Bound once, and the fields of a detection built only if it is logged: the proxy binds anew at
+    # every call, which cost ~4 us a checkpoint (0.4 s a 100,000-checkpoint start-up) for nothing.
+    log = logger.bind()
+    log_detections = debug_enabled(log)
     for record in records:
         if record.note and record.name not in state.suspicious:
             state.suspicious.add(record.name)
-            logger.warning(
+            log.warning(
                 "checkpoint_suspicious",
                 path=display_name(record.path_text),
                 detail=f"{record.note}; kept",
@@ -633,7 +638,9 @@ def _log_news(state: GroupState, records: list[CheckpointRecord], *, detections:
         seen.append(key)
         if key not in seen_before:
             detected += 1
-            logger.debug(  # at debug: a pass's one summary line (pass_completed) counts them
+            if not log_detections:
+                continue
+            log.debug(  # at debug: a pass's one summary line (pass_completed) counts them
                 "checkpoint_detected",
                 path=display_name(record.path_text),
                 kind=record.kind.value,

@@ -135,6 +135,13 @@ class CompletenessCache:
         self._unpack()
         return sum(len(verdicts) for verdicts in self._verdicts.values())
 
+    def is_empty(self) -> bool:
+        """True if it holds no verdict and no file counted as complete: ``recall`` would find nothing."""
+        if self._packed is not None:
+            verdicts, counted = self._packed
+            return not len(counted) and not any(len(table) for table in verdicts.values())
+        return not self._counted and not any(self._verdicts.values())
+
     def get(self, identity: FileIdentity, verify: str) -> Completeness | None:
         """The stored verdict on this very file at this verify level, if any."""
         self._unpack()
@@ -381,6 +388,7 @@ class _Group:
     # The text of an entry's path is this plus its name (as pathlib joins them), for the cache's keys.
     path_prefix: str = field(init=False)
     opens_first: bool = field(init=False, default=False)
+    recalls: bool = field(init=False, default=False)  # the cache has verdicts to recall
     process_descriptors: int | None = field(init=False, default=None)
     identities: _Identities = field(init=False, default_factory=_Identities)
 
@@ -390,6 +398,8 @@ class _Group:
         # over the group), each entry's O_PATH handle is taken first: its fstat is the entry's lstat,
         # and a regular file is re-opened for reading through it. Later passes stat by name first and
         # open only what the cache does not know.
+        # An empty cache has nothing to recall: a first pass asks it nothing per file.
+        self.recalls = self.cache is not None and not self.cache.is_empty()
         if (self.cache is None or not len(self.cache)) and HAS_HANDLES:
             self.process_descriptors = open_process_descriptors()
             self.opens_first = True
@@ -551,7 +561,8 @@ class _Group:
         marked = _with_markers(name, self.markers, None)
         if marked is not None:
             return marked
-        if self.cache is not None:
+        if self.recalls:
+            assert self.cache is not None
             cached = self.cache.recall(self.path_prefix + name, identity, kind, self.options.verify)
             if cached is not None:
                 return cached

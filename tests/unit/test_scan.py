@@ -127,6 +127,50 @@ def test_a_complete_verdict_is_read_once_per_file_identity(
     assert counter.count > opened_first
 
 
+def test_a_cache_is_empty_until_it_holds_a_verdict_or_a_counted_file(tmp_path: Path) -> None:
+    """``is_empty``, packed (after ``retain``) or not: a checkpoint too new to cache its verdict still
+    counts as complete, so its cache is not empty (a change to it must still be noticed)."""
+    racy = write_checkpoint(tmp_path / step_name(0, 100))  # just written: counted, verdict not stored
+    settled = backdate(write_checkpoint(tmp_path / step_name(0, 200)))
+    unknown = tmp_path / "notes.txt"
+    unknown.write_text("not a checkpoint")
+    for present, empty in (([unknown], True), ([racy], False), ([settled], False)):
+        cache = CompletenessCache()
+        assert cache.is_empty()
+        records = [
+            record
+            for record in scan_directory(tmp_path, tmp_path, NAMING, QUIET, cache)
+            if record.path in present
+        ]
+        assert cache.is_empty() is False  # before retain: every file of the directory was judged
+        cache.retain(records)
+        assert cache.is_empty() is empty, present
+        assert len(cache) == (1 if present == [settled] else 0)
+        assert cache.is_empty() is empty  # unpacked by len() and still the same
+
+
+def test_a_first_pass_asks_an_empty_cache_nothing_per_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for step in (100, 200, 300):
+        backdate(write_checkpoint(tmp_path / step_name(0, step)))
+    cache = CompletenessCache()
+    recalled: list[str] = []
+    real_recall = CompletenessCache.recall
+
+    def recall(self: CompletenessCache, path: Path | str, *arguments: Any) -> Any:
+        recalled.append(os.fspath(path))
+        return real_recall(self, path, *arguments)
+
+    monkeypatch.setattr(CompletenessCache, "recall", recall)
+    first = scan(tmp_path, cache=cache)
+    assert recalled == []
+    cache.retain(first.values())
+    second = scan(tmp_path, cache=cache)
+    assert sorted(Path(path).name for path in recalled) == sorted(first)  # the next pass recalls each
+    assert second == first
+
+
 def test_verdicts_that_depend_on_time_or_a_marker_are_not_cached(tmp_path: Path) -> None:
     name = step_name(0, 100)
     write_checkpoint(tmp_path / name)
