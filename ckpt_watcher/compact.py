@@ -96,3 +96,69 @@ class PackedValues:
         entries = dict(zip(self._keys, _chunks(self._values, self._width), strict=True))
         entries.update(self._others)
         return entries
+
+
+class KeysPacking:
+    """The entries of a ``PackedKeys`` as they come, before it is made: each ``width``-byte key appended
+    to one buffer, its value to a list (a pointer: most values are one shared object). Nothing is
+    looked up while it fills, so no key object is kept."""
+
+    __slots__ = ("_keys", "_values", "_width")
+
+    def __init__(self, width: int) -> None:
+        self._width = width
+        self._keys = bytearray()
+        self._values: list[Any] = []
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def append(self, key: bytes, value: Any) -> None:
+        """Add an entry; ``key`` must be ``width`` bytes long."""
+        if len(key) != self._width:
+            raise ValueError(f"a key of {len(key)} bytes, not {self._width}")
+        self._keys += key
+        self._values.append(value)
+
+    def key_at(self, index: int) -> bytes:
+        """The key of the ``index``-th entry appended."""
+        start = index * self._width
+        return bytes(self._keys[start : start + self._width])
+
+    def entries(self) -> Iterator[tuple[bytes, Any]]:
+        """Every entry, in the order appended."""
+        return zip(_chunks(bytes(self._keys), self._width), self._values, strict=True)
+
+
+class ValuesPacking:
+    """The entries of a ``PackedValues`` as they come: integer keys in one array, ``width``-byte values
+    side by side in one buffer."""
+
+    __slots__ = ("_keys", "_values", "_width")
+
+    def __init__(self, width: int) -> None:
+        self._width = width
+        self._keys = array(_HASH)
+        self._values = bytearray()
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def fits(self, key: int, value: bytes) -> bool:
+        """True if ``append`` takes this entry (a 64-bit key, a value ``width`` bytes long)."""
+        return key in _HASH_RANGE and len(value) == self._width
+
+    def append(self, key: int, value: bytes) -> None:
+        """Add an entry that ``fits``."""
+        if not self.fits(key, value):
+            raise ValueError("the entry does not fit")
+        self._keys.append(key)
+        self._values += value
+
+    def key_at(self, index: int) -> int:
+        """The key of the ``index``-th entry appended."""
+        return self._keys[index]
+
+    def entries(self) -> Iterator[tuple[int, bytes]]:
+        """Every entry, in the order appended."""
+        return zip(self._keys, _chunks(bytes(self._values), self._width), strict=True)

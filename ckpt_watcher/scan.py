@@ -23,7 +23,7 @@ from typing import TypeVar
 
 import structlog
 
-from ckpt_watcher.compact import PackedKeys, PackedValues
+from ckpt_watcher.compact import KeysPacking, PackedKeys, PackedValues, ValuesPacking
 from ckpt_watcher.filesystem import HAS_HANDLES, PathResolver, open_handle, open_process_descriptors
 from ckpt_watcher.integrity import (
     COMPLETE,
@@ -122,14 +122,29 @@ class CompletenessCache:
         self._verdicts: dict[str, dict[bytes, Completeness]] = {}
         self._counted: dict[int, bytes] = {}
         self._packed: tuple[dict[str, PackedKeys], PackedValues] | None = None
+        # What a pass stores into an empty cache (a first pass), appended as it comes and packed by
+        # ``retain`` as it is: no dict of 100,000 entries is made beside the records (~20 MB at the
+        # peak of such a pass). Anything that reads the cache first turns it into the dicts.
+        self._filling: _Filling | None = None
 
     def _unpack(self) -> None:
-        """Back to dicts for a pass (what ``retain`` packed)."""
+        """Back to dicts for a pass (what ``retain`` packed, or what a first pass filled)."""
         if self._packed is not None:
             verdicts, counted = self._packed
             self._verdicts = {verify: table.unpacked() for verify, table in verdicts.items()}
             self._counted = counted.unpacked()
             self._packed = None
+        elif self._filling is not None:
+            filling, self._filling = self._filling, None
+            self._verdicts = {verify: dict(table.entries()) for verify, table in filling.verdicts.items()}
+            self._counted = dict(filling.counted.entries())
+
+    def _fill(self) -> _Filling | None:
+        """Where a store goes without a lookup: the entries being filled, begun if the cache is empty;
+        None if it holds anything else (a store then goes into the dicts)."""
+        if self._filling is None and self._packed is None and not self._verdicts and not self._counted:
+            self._filling = _Filling()
+        return self._filling
 
     def __len__(self) -> int:
         self._unpack()
@@ -137,6 +152,8 @@ class CompletenessCache:
 
     def is_empty(self) -> bool:
         """True if it holds no verdict and no file counted as complete: ``recall`` would find nothing."""
+        if self._filling is not None:
+            return False  # begun by a store
         if self._packed is not None:
             verdicts, counted = self._packed
             return not len(counted) and not any(len(table) for table in verdicts.values())
@@ -150,14 +167,28 @@ class CompletenessCache:
 
     def store(self, identity: FileIdentity, verify: str, verdict: Completeness) -> None:
         """Remember a verdict that depends only on the file's bytes."""
+        if verdict.transient:
+            return
+        key = _packed(identity)
+        filling = self._fill()
+        if filling is not None and len(key) == _IDENTITY.size:
+            table = filling.verdicts.get(verify)
+            if table is None:
+                table = filling.verdicts[verify] = KeysPacking(_IDENTITY.size)
+            table.append(key, verdict)
+            return
         self._unpack()
-        if not verdict.transient:
-            self._verdicts.setdefault(verify, {})[_packed(identity)] = verdict
+        self._verdicts.setdefault(verify, {})[key] = verdict
 
     def counted(self, path: Path | str, identity: FileIdentity) -> None:
         """``path`` counts as complete with this identity."""
+        key, packed = hash(os.fspath(path)), _packed(identity)
+        filling = self._fill()
+        if filling is not None and filling.counted.fits(key, packed):
+            filling.counted.append(key, packed)
+            return
         self._unpack()
-        self._counted[hash(os.fspath(path))] = _packed(identity)
+        self._counted[key] = packed
 
     def counted_as(self, path: Path | str, identity: FileIdentity) -> bool:
         """True if ``path`` counted as complete with exactly this identity."""
@@ -193,8 +224,18 @@ class CompletenessCache:
     def retain(self, records: Iterable[CheckpointRecord]) -> None:
         """Keep only what concerns these records (the latest scan of the cache's directories), packed
         until the next pass (as it is found: no second copy of the cache is made on the way)."""
-        self._unpack()
         records = list(records)
+        if self._filling is not None and self._filling.concerns_only(records):
+            filling, self._filling = self._filling, None
+            self._packed = (
+                {
+                    verify: PackedKeys(table.entries(), width=_IDENTITY.size, common=COMPLETE)
+                    for verify, table in filling.verdicts.items()
+                },
+                PackedValues(filling.counted.entries(), width=_IDENTITY.size),
+            )
+            return
+        self._unpack()
         self._packed = (
             {
                 verify: PackedKeys(
@@ -205,11 +246,52 @@ class CompletenessCache:
                 for verify, table in self._verdicts.items()
             },
             PackedValues(
-                _found(self._counted, (hash(record.path_text) for record in records)),
+                _found(self._counted, (hash(text) for text in _path_texts(records))),
                 width=_IDENTITY.size,
             ),
         )
         self._verdicts, self._counted = {}, {}
+
+
+class _Filling:
+    """What a pass stored into an empty cache, in the order stored (``CompletenessCache._fill``)."""
+
+    __slots__ = ("counted", "verdicts")
+
+    def __init__(self) -> None:
+        self.verdicts: dict[str, KeysPacking] = {}
+        self.counted = ValuesPacking(_IDENTITY.size)
+
+    def concerns_only(self, records: list[CheckpointRecord]) -> bool:
+        """True if every entry is about one of ``records``, met in their order: a verdict keyed by a
+        record's identity, a path counted by a record's path. A scan stores each file's entries as it
+        makes its record, so this holds for a whole pass, and the entries are then exactly what
+        ``retain`` keeps of the dicts. (Where one identity was stored twice, the entries keep the
+        verdict that is not simply complete: the safe one.)"""
+        positions = dict.fromkeys(self.verdicts, 0)
+        counted_at = 0
+        for record, text in zip(records, _path_texts(records), strict=True):
+            identity = _packed(record.identity)
+            for verify, table in self.verdicts.items():
+                at = positions[verify]
+                if at < len(table) and table.key_at(at) == identity:
+                    positions[verify] = at + 1
+            if counted_at < len(self.counted) and self.counted.key_at(counted_at) == hash(text):
+                counted_at += 1
+        return counted_at == len(self.counted) and all(
+            positions[verify] == len(table) for verify, table in self.verdicts.items()
+        )
+
+
+def _path_texts(records: Iterable[CheckpointRecord]) -> Iterator[str]:
+    """Each record's ``path_text``; the prefix made once for a run of records of one directory."""
+    directory: Path | None = None
+    prefix = ""
+    for record in records:
+        if record.directory is not directory:
+            directory = record.directory
+            prefix = path_prefix(directory)
+        yield prefix + record.name
 
 
 Key = TypeVar("Key")

@@ -14,10 +14,10 @@ import pytest
 from structlog.testing import capture_logs
 
 from ckpt_watcher import memory
-from ckpt_watcher.compact import PackedHashes, PackedKeys, PackedValues
+from ckpt_watcher.compact import KeysPacking, PackedHashes, PackedKeys, PackedValues, ValuesPacking
 from ckpt_watcher.integrity import COMPLETE, Completeness
 from ckpt_watcher.policy import DEFAULT_POLICY
-from ckpt_watcher.records import CheckpointRecord
+from ckpt_watcher.records import CheckpointRecord, FileIdentity
 from ckpt_watcher.scan import CompletenessCache, ScanOptions, scan_directory
 from tests.support.factories import step_name, write_checkpoint, write_truncated
 
@@ -57,6 +57,136 @@ def test_packed_values_keep_every_entry() -> None:
     packed = PackedValues(entries.items(), width=32)
     assert packed.unpacked() == entries
     assert len(packed) == 4
+
+
+def test_entries_being_packed_come_back_in_the_order_appended() -> None:
+    broken = Completeness(False, "truncated")
+    keys = KeysPacking(32)
+    for key, verdict in ((b"a" * 32, COMPLETE), (b"b" * 32, broken), (b"a" * 32, COMPLETE)):
+        keys.append(key, verdict)
+    assert len(keys) == 3
+    assert [keys.key_at(index) for index in range(3)] == [b"a" * 32, b"b" * 32, b"a" * 32]
+    assert list(keys.entries()) == [(b"a" * 32, COMPLETE), (b"b" * 32, broken), (b"a" * 32, COMPLETE)]
+    with pytest.raises(ValueError, match="5 bytes"):
+        keys.append(b"short", COMPLETE)
+
+    values = ValuesPacking(32)
+    for hashed, value in ((1, b"x" * 32), (-(2**63), b"y" * 32), (1, b"z" * 32)):
+        assert values.fits(hashed, value)
+        values.append(hashed, value)
+    assert not values.fits(2**64, b"x" * 32)
+    assert not values.fits(7, b"odd")
+    with pytest.raises(ValueError, match="does not fit"):
+        values.append(7, b"odd")
+    assert [values.key_at(index) for index in range(3)] == [1, -(2**63), 1]
+    assert list(values.entries()) == [(1, b"x" * 32), (-(2**63), b"y" * 32), (1, b"z" * 32)]
+    assert PackedValues(values.entries(), width=32).unpacked() == {1: b"z" * 32, -(2**63): b"y" * 32}
+
+
+def _answers(cache: CompletenessCache, records: list[CheckpointRecord]) -> list[object]:
+    """Everything the cache says about ``records``, through what a scan asks of it."""
+    answers: list[object] = [len(cache), cache.is_empty()]
+    for record in records:
+        if record.identity is not None:
+            answers.append(cache.get(record.identity, "zip"))
+            answers.append(cache.counted_as(record.path_text, record.identity))
+    return answers
+
+
+def _group_of_every_sort(directory: Path, outside: Path) -> None:
+    """Complete, broken, just written (counted, its verdict too new to store), a hard link, a link to
+    a file outside the group (its verdict is looked up while the pass runs), a name that is no
+    checkpoint."""
+    whole = _backdate(write_checkpoint(directory / step_name(0, 100), payload=b"w" * 500))
+    _backdate(write_truncated(directory / step_name(0, 200)))
+    write_checkpoint(directory / step_name(0, 300))
+    os.link(whole, directory / step_name(0, 400))
+    (directory / "notes.txt").write_text("not a checkpoint")
+    target = _backdate(write_checkpoint(outside / step_name(9, 900)))
+    (directory / "last.ckpt").symlink_to(target)
+
+
+@pytest.mark.parametrize("with_outside_link", [False, True])
+def test_a_first_pass_packs_what_it_filled_as_the_dicts_would_have_kept_it(
+    tmp_path: Path, with_outside_link: bool
+) -> None:
+    """A first pass appends what it stores (no dict) and ``retain`` packs that as it is: the cache then
+    answers exactly as one that went through the dicts (here: one that held an unrelated entry, which
+    ``retain`` drops). A lookup while the pass runs (the link's target) turns it into the dicts."""
+    group, outside = tmp_path / "group", tmp_path / "outside"
+    group.mkdir()
+    outside.mkdir()
+    _group_of_every_sort(group, outside)
+    if not with_outside_link:
+        (group / "last.ckpt").unlink()
+    filled, through_dicts = CompletenessCache(), CompletenessCache()
+    unrelated = FileIdentity(1, 2, 3, 4)
+    through_dicts.store(unrelated, "zip", COMPLETE)
+    assert through_dicts.get(unrelated, "zip") is COMPLETE  # a lookup: it holds dicts from here on
+
+    records = scan_directory(group, group, NAMING, QUIET, filled)
+    assert scan_directory(group, group, NAMING, QUIET, through_dicts) == records
+    filled.retain(records)
+    through_dicts.retain(records)
+
+    assert through_dicts.get(unrelated, "zip") is None
+    assert _answers(filled, records) == _answers(through_dicts, records)
+    assert len(filled) == 2  # the complete file (and its hard link: one identity), the broken one
+
+
+@pytest.mark.parametrize("order", ["stray first", "stray last", "records reversed"])
+def test_what_an_empty_cache_filled_but_a_retain_does_not_concern_is_dropped(
+    tmp_path: Path, order: str
+) -> None:
+    """Entries filled into an empty cache out of the records' order, or about no record, are kept the
+    general way: only what concerns the records."""
+    for step in (100, 200, 300):
+        _backdate(write_checkpoint(tmp_path / step_name(0, step)))
+    records = scan_directory(tmp_path, tmp_path, NAMING, QUIET)
+    stray = FileIdentity(1, 2, 3, 4)
+    stored = [(record.identity, record.path_text) for record in records if record.identity is not None]
+    if order == "records reversed":
+        stored.reverse()
+    else:
+        stored.insert(0 if order == "stray first" else len(stored), (stray, "/elsewhere/x.ckpt"))
+    cache = CompletenessCache()
+    for identity, path in stored:
+        cache.store(identity, "zip", COMPLETE)
+        cache.counted(path, identity)
+
+    cache.retain(records)
+
+    assert cache.get(stray, "zip") is None
+    assert not cache.counted_as("/elsewhere/x.ckpt", stray)
+    for record in records:
+        assert record.identity is not None
+        assert cache.get(record.identity, "zip") is COMPLETE
+        assert cache.counted_as(record.path_text, record.identity)
+    assert len(cache) == 3
+
+
+def test_a_first_pass_stopped_before_retain_is_recalled_by_the_next(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pass stopped mid-scan never reaches ``retain``: what it filled is there for the next pass,
+    which then reads nothing again."""
+    for step in (100, 200, 300):
+        _backdate(write_checkpoint(tmp_path / step_name(0, step)))
+    cache = CompletenessCache()
+    scan_directory(tmp_path, tmp_path, NAMING, QUIET, cache)  # no retain
+    assert not cache.is_empty()
+    opened: list[str] = []
+    real_open = os.open
+
+    def counting_open(path: Any, *arguments: Any, **keywords: Any) -> int:
+        opened.append(os.fsdecode(path))
+        return real_open(path, *arguments, **keywords)
+
+    monkeypatch.setattr(os, "open", counting_open)
+    again = _scan(tmp_path, cache)
+    assert all(record.complete for record in again.values())
+    assert not [path for path in opened if path.endswith(".ckpt")], "a filled verdict was not used"
+    assert len(cache) == 3
 
 
 def _scan(directory: Path, cache: CompletenessCache) -> dict[str, CheckpointRecord]:
