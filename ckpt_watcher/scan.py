@@ -545,14 +545,18 @@ class _Group:
         else:
             completeness = Completeness(False, None)
         mount_note = _mount_note(completeness.mount_point)
+        if self.cache is not None:
+            # Interned for the daemon, as pathlib interned a path's parts: runs that name their
+            # checkpoints alike share one string per name in what it keeps of every group (the names
+            # it saw), and a record shares it with the polling observer's listing (which interns its
+            # names too). Before the relative path is made: in the root's own group that is the very
+            # same string. A one-shot scan keeps nothing, and interning 100,000 names costs ~4 MB.
+            name = sys.intern(name)
         # Positional, in the order of CheckpointRecord's fields: a scan makes one per entry, and 19
         # keywords cost more than the rest of the record (test_scan checks each field by name).
         return CheckpointRecord(
             self.directory,
-            # interned for the daemon, as pathlib interned a path's parts: runs that name their
-            # checkpoints alike share one string per name in what it keeps of every group (the names
-            # it saw); a one-shot scan keeps nothing, and interning 100,000 names costs ~4 MB
-            name if self.cache is None else sys.intern(name),
+            name,
             relative_prefix + name,  # relative_path
             parsed.kind,
             entry_type,

@@ -5,6 +5,7 @@ symlink, at any depth, and a root that vanishes said so."""
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,9 @@ import pytest
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 
 from ckpt_watcher import observers
+from ckpt_watcher.naming import DEFAULT_NAMING
 from ckpt_watcher.observers import DeepSafePollingEmitter, DeepSafePollingObserver, LeanTree, UnwatchedOnce
+from ckpt_watcher.scan import CompletenessCache, ScanOptions, scan_directory
 from tests.support.hostile_trees import make_deep_directory, remove_deep
 
 
@@ -46,6 +49,20 @@ def tree(tmp_path: Path) -> LeanTree:
 
 def test_nothing_changed_is_no_event(tree: LeanTree) -> None:
     assert _events(tree) == set()
+
+
+def test_a_listing_and_the_daemons_records_share_one_string_per_name(tree: LeanTree, tmp_path: Path) -> None:
+    """The listing interns its names, as the daemon's scan does for its records (the 100,000 names of a
+    huge directory are then held once while a pass runs beside what a poll remembers)."""
+    run = str(tmp_path / "run")
+    remembered = list(tree.directories[run])
+    assert sorted(remembered) == ["a.ckpt", "b.ckpt"]
+    assert all(name is sys.intern(name) for name in remembered)
+    cache = CompletenessCache()
+    records = scan_directory(Path(run), Path(run), DEFAULT_NAMING, ScanOptions(), cache)
+    by_name = {record.name: record for record in records}
+    assert all(by_name[name].name is name for name in remembered)
+    assert all(record.relative_path is record.name for record in records)  # the root's own group
 
 
 def test_created_modified_and_deleted_files(tree: LeanTree, tmp_path: Path) -> None:
