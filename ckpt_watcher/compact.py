@@ -113,12 +113,13 @@ class KeysPacking:
     def __len__(self) -> int:
         return len(self._values)
 
-    def append(self, key: bytes, value: Any) -> None:
-        """Add an entry; ``key`` must be ``width`` bytes long."""
+    def append(self, key: bytes, value: Any) -> bool:
+        """Add the entry if its key is ``width`` bytes long; False (nothing added) if not."""
         if len(key) != self._width:
-            raise ValueError(f"a key of {len(key)} bytes, not {self._width}")
+            return False
         self._keys += key
         self._values.append(value)
+        return True
 
     def key_at(self, index: int) -> bytes:
         """The key of the ``index``-th entry appended."""
@@ -144,16 +145,13 @@ class ValuesPacking:
     def __len__(self) -> int:
         return len(self._keys)
 
-    def fits(self, key: int, value: bytes) -> bool:
-        """True if ``append`` takes this entry (a 64-bit key, a value ``width`` bytes long)."""
-        return key in _HASH_RANGE and len(value) == self._width
-
-    def append(self, key: int, value: bytes) -> None:
-        """Add an entry that ``fits``."""
-        if not self.fits(key, value):
-            raise ValueError("the entry does not fit")
+    def append(self, key: int, value: bytes) -> bool:
+        """Add the entry if it fits (a 64-bit key, a value ``width`` bytes long); False if not."""
+        if len(value) != self._width or key not in _HASH_RANGE:
+            return False
         self._keys.append(key)
         self._values += value
+        return True
 
     def key_at(self, index: int) -> int:
         """The key of the ``index``-th entry appended."""

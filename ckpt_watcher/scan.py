@@ -171,21 +171,20 @@ class CompletenessCache:
             return
         key = _packed(identity)
         filling = self._fill()
-        if filling is not None and len(key) == _IDENTITY.size:
+        if filling is not None:
             table = filling.verdicts.get(verify)
             if table is None:
                 table = filling.verdicts[verify] = KeysPacking(_IDENTITY.size)
-            table.append(key, verdict)
-            return
-        self._unpack()
+            if table.append(key, verdict):
+                return
+        self._unpack()  # (an entry that does not fit: the dicts from here on)
         self._verdicts.setdefault(verify, {})[key] = verdict
 
     def counted(self, path: Path | str, identity: FileIdentity) -> None:
         """``path`` counts as complete with this identity."""
         key, packed = hash(os.fspath(path)), _packed(identity)
         filling = self._fill()
-        if filling is not None and filling.counted.fits(key, packed):
-            filling.counted.append(key, packed)
+        if filling is not None and filling.counted.append(key, packed):
             return
         self._unpack()
         self._counted[key] = packed
