@@ -171,14 +171,7 @@ def test_a_first_pass_stopped_before_retain_is_recalled_by_the_next(
     cache = CompletenessCache()
     scan_directory(tmp_path, tmp_path, NAMING, QUIET, cache)  # no retain
     assert not cache.is_empty()
-    opened: list[str] = []
-    real_open = os.open
-
-    def counting_open(path: Any, *arguments: Any, **keywords: Any) -> int:
-        opened.append(os.fsdecode(path))
-        return real_open(path, *arguments, **keywords)
-
-    monkeypatch.setattr(os, "open", counting_open)
+    opened = _record_opens(monkeypatch)
     again = _scan(tmp_path, cache)
     assert all(record.complete for record in again.values())
     assert not [path for path in opened if path.endswith(".ckpt")], "a filled verdict was not used"
@@ -190,6 +183,19 @@ def _scan(directory: Path, cache: CompletenessCache) -> dict[str, CheckpointReco
     records = scan_directory(directory, directory, NAMING, QUIET, cache)
     cache.retain(records)
     return {record.name: record for record in records}
+
+
+def _record_opens(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The paths ``os.open`` is given from now on (until the monkeypatch is undone)."""
+    opened: list[str] = []
+    real_open = os.open
+
+    def recording_open(path: Any, *arguments: Any, **keywords: Any) -> int:
+        opened.append(os.fsdecode(path))
+        return real_open(path, *arguments, **keywords)
+
+    monkeypatch.setattr(os, "open", recording_open)
+    return opened
 
 
 def _backdate(path: Path) -> Path:
@@ -210,14 +216,7 @@ def test_a_packed_cache_answers_as_before(tmp_path: Path, monkeypatch: pytest.Mo
     assert not first[broken.name].complete
     assert len(cache) == 3
 
-    opened: list[str] = []
-    real_open = os.open
-
-    def counting_open(path: Any, *arguments: Any, **keywords: Any) -> int:
-        opened.append(os.fsdecode(path))
-        return real_open(path, *arguments, **keywords)
-
-    monkeypatch.setattr(os, "open", counting_open)
+    opened = _record_opens(monkeypatch)
     second = _scan(tmp_path, cache)
     assert not [path for path in opened if path.endswith(".ckpt")], "a packed verdict was not used"
     assert second[whole.name].complete
