@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import threading
 import time
@@ -58,6 +59,31 @@ def test_a_pass_result_counts_what_was_applied(tmp_path: Path) -> None:
     assert done.bytes_freed == sum(decision.record.bytes for decision in done.the_plan.deletions)
     assert done.sources == {tmp_path: ("embedded default",), tmp_path / "run": ("embedded default",)}
     assert len(_names(tmp_path / "run")) == 5
+
+
+@pytest.mark.parametrize("command", ["watch", "prune"])
+def test_a_pass_plans_without_cyclic_collection_and_collects_again_after(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: str
+) -> None:
+    """The collector only re-traverses a pass's records and decisions (none cyclic garbage): it is
+    off while a pass plans, in the daemon's core and in prune, and on again after."""
+    _steps(tmp_path / "run", range(100, 1000, 100))
+    collecting: list[bool] = []
+    real_plan = planning.plan
+
+    def noting_plan(*arguments: Any, **options: Any) -> Any:
+        collecting.append(gc.isenabled())
+        return real_plan(*arguments, **options)
+
+    monkeypatch.setattr(reconcile, "plan", noting_plan)
+    assert gc.isenabled()
+    if command == "watch":
+        _daemon_core(tmp_path).run(Trigger.STARTUP)
+    else:
+        assert main(["prune", str(tmp_path), "--dry-run"]) == 0
+    assert collecting
+    assert not any(collecting)
+    assert gc.isenabled()
 
 
 def test_a_link_in_one_group_protects_its_target_in_another_in_every_pass(tmp_path: Path) -> None:

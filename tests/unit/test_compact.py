@@ -4,6 +4,7 @@ and memory.release_memory, which must never fail where glibc is missing."""
 
 from __future__ import annotations
 
+import gc
 import os
 import time
 from collections.abc import Iterator
@@ -243,3 +244,28 @@ def test_release_memory_works_without_glibc(monkeypatch: pytest.MonkeyPatch) -> 
     memory.release_memory()
     assert not memory.release_after(memory.LARGE_PASS_FILES - 1)
     assert memory.release_after(memory.LARGE_PASS_FILES)
+
+
+@pytest.mark.parametrize("enabled_before", [True, False])
+def test_no_cyclic_collection_inside_the_block_and_as_it_was_after(enabled_before: bool) -> None:
+    """Off inside, also in a nested block and after an exception; as it was before once the outermost
+    block is left (a test that had turned it off keeps it off)."""
+    inside: list[bool] = []
+
+    def failing_pass() -> None:
+        with memory.no_cyclic_collection():
+            inside.append(gc.isenabled())
+            with memory.no_cyclic_collection():
+                inside.append(gc.isenabled())
+            inside.append(gc.isenabled())  # the inner block leaves it to the outermost
+            raise RuntimeError("a pass that failed")
+
+    if not enabled_before:
+        gc.disable()
+    try:
+        with pytest.raises(RuntimeError, match="a pass that failed"):
+            failing_pass()
+        assert inside == [False, False, False]
+        assert gc.isenabled() is enabled_before
+    finally:
+        gc.enable()
