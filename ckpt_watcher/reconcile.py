@@ -280,6 +280,7 @@ class Reconciler:
 
     # -- the pass ---------------------------------------------------------------------------------
 
+    @no_cyclic_collection()  # a pass's records and decisions are no cyclic garbage (memory.py)
     def run(
         self,
         trigger: Trigger,
@@ -299,36 +300,28 @@ class Reconciler:
         if keep_plan:
             result.group_plans = []
             result.applied = None if dry_run else ApplyResult()
-        # No cyclic collection while the pass builds its records and decisions (none of them cyclic
-        # garbage): the collector only traversed them again and again, ~7% of a start-up pass over
-        # 100,000 checkpoints. What a large pass leaves is collected right after it (_finished).
-        with no_cyclic_collection():
-            try:
-                self.storage.begin_pass()
-                selected = self._all_groups(dry_run, result) if trigger.covers_everything else set(groups)
-                result.add_purge(self.trash.begin(purge=trigger.covers_everything, dry_run=dry_run))
-                effective, result.blocked = self._policies(selected)
-                configs = self.index.configs()
-                if (
-                    _refresh(self.registry, configs, trigger, strict=self._one_shot)
-                    and not trigger.covers_everything
-                ):
-                    more, more_blocked = self._policies(
-                        set(self.index) - set(effective) - set(result.blocked)
-                    )
-                    effective.update(more)  # a new resume source may sit in any group
-                    result.blocked += more_blocked
-                result.sources = {group: value.sources for group, value in effective.items()}
-                namings = {group: value.policy.compiled_naming for group, value in effective.items()}
-                links = self.index.link_pins(namings, self.storage.list_links)
-                self._plan_groups(effective, links, closed, dry_run, result)
-            except ScanStopped:
-                result.interrupted = True
-            except StorageUnavailableError as error:  # nothing was deleted: the listing came first
-                result.storage_error = str(error)
-            finally:
-                self._problems.flush()
-                result.trash_bytes, result.trash = self.trash.end()
+        try:
+            self.storage.begin_pass()
+            selected = self._all_groups(dry_run, result) if trigger.covers_everything else set(groups)
+            result.add_purge(self.trash.begin(purge=trigger.covers_everything, dry_run=dry_run))
+            effective, result.blocked = self._policies(selected)
+            configs = self.index.configs()
+            refreshed = _refresh(self.registry, configs, trigger, strict=self._one_shot)
+            if refreshed and not trigger.covers_everything:
+                more, more_blocked = self._policies(set(self.index) - set(effective) - set(result.blocked))
+                effective.update(more)  # a new resume source may sit in any group
+                result.blocked += more_blocked
+            result.sources = {group: value.sources for group, value in effective.items()}
+            namings = {group: value.policy.compiled_naming for group, value in effective.items()}
+            links = self.index.link_pins(namings, self.storage.list_links)
+            self._plan_groups(effective, links, closed, dry_run, result)
+        except ScanStopped:
+            result.interrupted = True
+        except StorageUnavailableError as error:  # nothing was deleted: the listing came first
+            result.storage_error = str(error)
+        finally:
+            self._problems.flush()
+            result.trash_bytes, result.trash = self.trash.end()
         result.kept_overall = self.index.kept()
         result.refused_overrides = self.tree.refused_overrides
         return _finished(result, started, release=not self._one_shot)

@@ -544,19 +544,14 @@ class _Group:
         else:
             completeness = Completeness(False, None)
         mount_note = _mount_note(completeness.mount_point)
-        if self.cache is not None:
-            # Interned for the daemon, as pathlib interned a path's parts: runs that name their
-            # checkpoints alike share one string per name in what it keeps of every group (the names
-            # it saw), and a record shares it with the polling observer's listing (which interns its
-            # names too). Before the relative path is made: in the root's own group that is the very
-            # same string. A one-shot scan keeps nothing, and interning 100,000 names costs ~4 MB.
-            name = sys.intern(name)
+        if self.cache is not None:  # the daemon: one string per name in all it keeps, shared with
+            name = sys.intern(name)  # the poll's listing (one-shot: no use, and ~4 MB a 100k scan)
         # Positional, in the order of CheckpointRecord's fields: a scan makes one per entry, and 19
         # keywords cost more than the rest of the record (test_scan checks each field by name).
         return CheckpointRecord(
             self.directory,
             name,
-            relative_prefix + name,  # relative_path
+            relative_prefix + name,  # relative_path (in the root's own group: that same string)
             parsed.kind,
             entry_type,
             size,  # bytes
