@@ -76,17 +76,20 @@ class PackedValues:
     __slots__ = ("_keys", "_others", "_values", "_width")
 
     def __init__(self, entries: Iterable[tuple[int, bytes]], *, width: int) -> None:
-        self._width = width
-        self._keys = array(_HASH)
-        values = bytearray()
+        packing = ValuesPacking(width)
         self._others: dict[int, bytes] = {}
         for key, value in entries:
-            if key in _HASH_RANGE and len(value) == width:
-                self._keys.append(key)
-                values += value
-            else:
+            if not packing.append(key, value):
                 self._others[key] = value
-        self._values = bytes(values)
+        self._width = width
+        self._keys, self._values = packing.buffers()
+
+    @classmethod
+    def of_packing(cls, packing: ValuesPacking) -> PackedValues:
+        """The mapping of what ``packing`` holds, its buffers taken over as they are (no entry walked)."""
+        packed = cls((), width=packing.width)
+        packed._keys, packed._values = packing.buffers()
+        return packed
 
     def __len__(self) -> int:
         return len(self._keys) + len(self._others)
@@ -144,6 +147,15 @@ class ValuesPacking:
 
     def __len__(self) -> int:
         return len(self._keys)
+
+    @property
+    def width(self) -> int:
+        """The length of every value."""
+        return self._width
+
+    def buffers(self) -> tuple[array[int], bytes]:
+        """The keys and the values side by side, as ``PackedValues`` holds them."""
+        return self._keys, bytes(self._values)
 
     def append(self, key: int, value: bytes) -> bool:
         """Add the entry if it fits (a 64-bit key, a value ``width`` bytes long); False if not."""

@@ -167,9 +167,9 @@ class LeanTree:
     What this does not see at once: a file written (or chmod'ed) in place after it was quiet for a
     whole poll, in a directory where nothing was created, deleted or renamed since, is seen at the
     next change of that directory, its next full listing, or the daemon's periodic rescan, which
-    stats everything. Events are hints:
-    no decision is made without a pass that stats the file. A non-recursive tree (the policy file's
-    directory: an in-place edit must hot-reload at the next poll) is listed in full at every poll.
+    stats everything. Events are hints: no decision is made without a pass that stats the file. A
+    non-recursive tree (the policy file's directory: an in-place edit must hot-reload at the next
+    poll) is listed in full at every poll.
     """
 
     def __init__(
@@ -281,9 +281,9 @@ class LeanTree:
         entries: dict[str, int] = {}
         subdirectories: list[str] = []
         status_of = os.stat
-        # Names interned, as the daemon's scan interns them: a name is then one string for the listing
-        # this replaces, this one and the records of a pass, not three (~8 MB a 100,000-file directory
-        # at a full listing's peak, and again while a pass runs beside what is remembered).
+        # Names interned, as the daemon's scan interns them: a name is then one string for what is
+        # remembered, the next listing and the records of a pass (with the scan's interning, the
+        # --poll 15 start-up peak on 100,000 files went from 133 to 127 MB).
         intern = sys.intern
         for name in os.listdir(descriptor):
             name = intern(name)  # noqa: PLW2901

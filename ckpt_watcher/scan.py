@@ -231,7 +231,7 @@ class CompletenessCache:
                     verify: PackedKeys(table.entries(), width=_IDENTITY.size, common=COMPLETE)
                     for verify, table in filling.verdicts.items()
                 },
-                PackedValues(filling.counted.entries(), width=_IDENTITY.size),
+                PackedValues.of_packing(filling.counted),
             )
             return
         self._unpack()
@@ -469,18 +469,18 @@ class _Group:
     # The text of an entry's path is this plus its name (as pathlib joins them), for the cache's keys.
     path_prefix: str = field(init=False)
     opens_first: bool = field(init=False, default=False)
-    recalls: bool = field(init=False, default=False)  # the cache has verdicts to recall
+    recalls: bool = field(init=False, default=False)  # the cache has something to recall
     process_descriptors: int | None = field(init=False, default=None)
     identities: _Identities = field(init=False, default_factory=_Identities)
 
     def __post_init__(self) -> None:
         self.path_prefix = path_prefix(self.directory)
+        # An empty cache has nothing to recall: a first pass asks it nothing per file.
+        self.recalls = self.cache is not None and not self.cache.is_empty()
         # With no verdict cached to spare a file its read (a one-shot scan, or the daemon's first pass
         # over the group), each entry's O_PATH handle is taken first: its fstat is the entry's lstat,
         # and a regular file is re-opened for reading through it. Later passes stat by name first and
         # open only what the cache does not know.
-        # An empty cache has nothing to recall: a first pass asks it nothing per file.
-        self.recalls = self.cache is not None and not self.cache.is_empty()
         if (self.cache is None or not len(self.cache)) and HAS_HANDLES:
             self.process_descriptors = open_process_descriptors()
             self.opens_first = True

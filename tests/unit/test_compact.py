@@ -78,6 +78,9 @@ def test_entries_being_packed_come_back_in_the_order_appended() -> None:
     assert [values.key_at(index) for index in range(3)] == [1, -(2**63), 1]
     assert list(values.entries()) == [(1, b"x" * 32), (-(2**63), b"y" * 32), (1, b"z" * 32)]
     assert PackedValues(values.entries(), width=32).unpacked() == {1: b"z" * 32, -(2**63): b"y" * 32}
+    taken_over = PackedValues.of_packing(values)
+    assert taken_over.unpacked() == {1: b"z" * 32, -(2**63): b"y" * 32}
+    assert len(taken_over) == 3  # as PackedValues counts its packed entries (a key given twice, twice)
 
 
 def _answers(cache: CompletenessCache, records: list[CheckpointRecord]) -> list[object]:
