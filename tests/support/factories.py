@@ -59,14 +59,27 @@ def make_record(
     )
 
 
+ZIP_ENTRY_TIME = (2026, 1, 1, 0, 0, 0)
+"""The time stamped on every entry ``zip_bytes`` writes: a fixed one, so that the same payload
+always gives the same bytes (``writestr`` with a bare name stamps the current time, two seconds
+apart at most, and a test comparing an object with a checkpoint built again failed when a
+second ticked over between the two)."""
+
+
 def zip_bytes(payload: bytes = b"weights", entries: int = 1) -> bytes:
-    """A small complete zip archive laid out like torch.save's (an archive/data.pkl entry)."""
+    """A small complete zip archive laid out like torch.save's (an archive/data.pkl entry), the
+    same bytes for the same payload."""
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED) as archive:
-        archive.writestr("archive/data.pkl", payload)
+        archive.writestr(_entry("archive/data.pkl"), payload)
         for index in range(1, entries):
-            archive.writestr(f"archive/data/{index}", payload)
+            archive.writestr(_entry(f"archive/data/{index}"), payload)
     return buffer.getvalue()
+
+
+def _entry(name: str) -> zipfile.ZipInfo:
+    """An entry stored uncompressed and stamped with ``ZIP_ENTRY_TIME``."""
+    return zipfile.ZipInfo(name, date_time=ZIP_ENTRY_TIME)
 
 
 def write_checkpoint(path: Path, payload: bytes = b"weights") -> Path:

@@ -115,6 +115,16 @@ def test_the_not_zip_flag_marks_only_foreign_files() -> None:
     assert not judge(zip_bytes()[:10]).not_zip
 
 
+def test_the_test_archive_is_the_same_bytes_whatever_the_clock_says(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests compare an object with a checkpoint built again (a replaced object, a restored one):
+    ``zip_bytes`` must not stamp the current time, or a second ticking over fails them."""
+    first = zip_bytes(b"weights of step 7", entries=2)
+    monkeypatch.setattr("time.time", lambda: 4_000_000_000.0)
+    monkeypatch.setattr("time.localtime", lambda *_: (2096, 10, 2, 7, 6, 40, 1, 276, 0))
+    assert zip_bytes(b"weights of step 7", entries=2) == first
+    assert judge(first).complete
+
+
 def general_verdict(data: bytes) -> Completeness:
     """The verdict of the general archive rules alone (no window fast path), on the same bytes."""
     with memory_file(data) as file_descriptor:
