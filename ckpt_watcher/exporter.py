@@ -13,6 +13,7 @@ SIGINT and SIGHUP still reach only the daemon's supervising thread.
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import signal
@@ -179,11 +180,38 @@ class _QuietHandler(WSGIRequestHandler):
 
 class _Server(ThreadingWSGIServer):
     """A thread per request (daemon threads: a scrape stuck in statvfs never holds up the exit), on
-    the address family of the address it binds."""
+    the address family of the address it binds; ``dual_stack``: an IPv6 socket that takes IPv4 too."""
 
-    def __init__(self, family: socket.AddressFamily, address: tuple[str, int]) -> None:
+    def __init__(
+        self, family: socket.AddressFamily, address: tuple[str, int], *, dual_stack: bool = False
+    ) -> None:
         self.address_family = family
+        self.dual_stack = dual_stack
         super().__init__(address, _QuietHandler)
+
+    def server_bind(self) -> None:
+        """Bind, first clearing ``IPV6_V6ONLY`` for a dual-stack socket (whatever the system's default,
+        net.ipv6.bindv6only, says)."""
+        if self.dual_stack:
+            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        super().server_bind()
+
+
+# Errors of an IPv6 socket on a system without IPv6 (a kernel built without it, or booted with
+# ipv6.disable=1): a bare PORT is then served on every IPv4 interface alone.
+_NO_IPV6 = frozenset({errno.EAFNOSUPPORT, errno.EPROTONOSUPPORT, errno.EADDRNOTAVAIL})
+
+
+def _every_interface(port: int) -> _Server:
+    """A server on every interface, IPv6 and IPv4 (``::`` without ``IPV6_V6ONLY``), as a bare PORT
+    asks: a pod of an IPv6-only or dual-stack cluster is scraped on its IPv6 address. Without IPv6,
+    on every IPv4 interface (``0.0.0.0``); a port in use is an error either way."""
+    try:
+        return _Server(socket.AF_INET6, ("::", port), dual_stack=True)
+    except OSError as error:
+        if error.errno not in _NO_IPV6:
+            raise
+    return _Server(socket.AF_INET, ("0.0.0.0", port))  # noqa: S104  (a bare PORT: every interface)
 
 
 @dataclass
@@ -208,11 +236,13 @@ class MetricsServer:
         """Bind ``address`` (OSError if impossible) and serve ``figures`` from then on."""
         registry = CollectorRegistry(auto_describe=False)
         registry.register(FiguresCollector(figures))
-        host = address.host or "0.0.0.0"  # noqa: S104  (PORT alone means every interface, as documented)
-        family, _, _, _, socket_address = socket.getaddrinfo(
-            host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )[0]
-        server = _Server(family, (str(socket_address[0]), address.port))
+        if address.host:
+            family, _, _, _, socket_address = socket.getaddrinfo(
+                address.host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+            )[0]
+            server = _Server(family, (str(socket_address[0]), address.port))
+        else:
+            server = _every_interface(address.port)
         server.set_app(make_wsgi_app(registry))
         thread = threading.Thread(target=server.serve_forever, name="ckpt-watcher-metrics", daemon=True)
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())

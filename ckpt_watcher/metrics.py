@@ -147,7 +147,8 @@ class DaemonFigures:
 
 @dataclass(frozen=True)
 class MetricsAddress:
-    """Where ``--metrics`` listens: ``host`` empty for every IPv4 interface."""
+    """Where ``--metrics`` listens: ``host`` empty for every interface (IPv6 and IPv4; IPv4 alone on a
+    system without IPv6)."""
 
     host: str
     port: int

@@ -4,8 +4,11 @@ outcomes of a policy file."""
 
 from __future__ import annotations
 
+import errno
 import math
+import os
 import signal
+import socket
 import time
 import urllib.request
 from pathlib import Path
@@ -301,3 +304,61 @@ def test_the_server_serves_on_a_thread_that_blocks_every_signal_and_stops_when_c
     for stop_signal in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         assert mask >> (stop_signal - 1) & 1, stop_signal.name
     assert not server.thread.is_alive()
+
+
+def _served(host: str, port: int) -> str:
+    """``/metrics`` of the server at ``host`` (an IPv6 address in brackets) and ``port``."""
+    with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=30) as response:
+        return str(response.read().decode())
+
+
+def test_a_bare_port_is_served_on_every_interface_ipv6_and_ipv4() -> None:
+    """``--metrics PORT``: one socket on ``::`` that also takes IPv4 (``IPV6_V6ONLY`` cleared, whatever
+    net.ipv6.bindv6only says), so a pod is scraped on its IPv6 or its IPv4 address alike."""
+    server = MetricsServer.start(MetricsAddress("", 0), DaemonFigures())
+    try:
+        v6only = server.server.socket.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY)
+        over_ipv4 = _served("127.0.0.1", server.port)
+        over_ipv6 = _served("[::1]", server.port)
+    finally:
+        server.close()
+
+    assert (server.host, v6only) == ("::", 0)
+    assert "ckpt_watcher_passes_total" in over_ipv4
+    assert "ckpt_watcher_passes_total" in over_ipv6
+
+
+@pytest.mark.parametrize("code", [errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL])
+def test_a_bare_port_without_ipv6_is_served_on_every_ipv4_interface(
+    monkeypatch: pytest.MonkeyPatch, code: int
+) -> None:
+    """A system without IPv6 (ipv6.disable=1: no AF_INET6 socket) serves a bare PORT on 0.0.0.0."""
+    real_socket = socket.socket
+
+    def no_ipv6(family: int = socket.AF_INET, *arguments: object, **keywords: object) -> socket.socket:
+        if family == socket.AF_INET6:
+            raise OSError(code, os.strerror(code))
+        return real_socket(family, *arguments, **keywords)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(socket, "socket", no_ipv6)
+    server = MetricsServer.start(MetricsAddress("", 0), DaemonFigures())
+    monkeypatch.undo()
+    try:
+        body = _served("127.0.0.1", server.port)
+    finally:
+        server.close()
+
+    assert server.host == "0.0.0.0"  # noqa: S104
+    assert "ckpt_watcher_passes_total" in body
+
+
+def test_a_bare_port_in_use_is_an_error_not_a_narrower_listener() -> None:
+    """A port some other program holds on IPv4 is not quietly served on IPv6 alone: binding fails."""
+    with socket.socket(socket.AF_INET) as holder:
+        holder.bind(("0.0.0.0", 0))  # noqa: S104
+        holder.listen()
+        port = holder.getsockname()[1]
+        with pytest.raises(OSError, match="in use") as raised:
+            MetricsServer.start(MetricsAddress("", port), DaemonFigures())
+
+    assert raised.value.errno == errno.EADDRINUSE
