@@ -6,6 +6,7 @@ only that every section runs to the end and writes its tables.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -70,3 +71,30 @@ def test_bench_smoke_run_writes_every_section(tmp_path: Path) -> None:
     trash_rows = [line for line in text.splitlines() if line.startswith(("| file, ", "| directory, "))]
     assert len(trash_rows) == 3, trash_rows  # two file sizes and a directory checkpoint, each measured
     assert not (REPOSITORY / "BENCHMARKS-smoke.md").exists()
+
+
+@pytest.mark.timeout(120)
+def test_the_open_chain_study_runs_and_times_each_chain(tmp_path: Path) -> None:
+    """``bench/open_chain.py`` (the race-free open against the floor; quoted in BENCHMARKS.md §10)."""
+    completed = subprocess.run(
+        [
+            sys.executable,
+            str(REPOSITORY / "bench" / "open_chain.py"),
+            "--size",
+            "smoke",
+            "--rounds",
+            "1",
+            "--work-dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=110,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr[-5000:]
+    figures = json.loads(completed.stdout)
+    assert figures["files"] == 300  # the smoke tree: 299 checkpoints and last.ckpt
+    assert figures["floor_ratio"] == 1.0
+    for chain in ("handle", "direct", "floor"):
+        assert figures[f"{chain}_seconds"] > 0, chain
