@@ -26,8 +26,9 @@ DEFAULT_STEP_TEMPLATE = "epoch={epoch:02d}-step={step:06d}-train"
 DEFAULT_BEST_TEMPLATE = "best_{date}_epoch={epoch:02d}_step={step:06d}_loss={loss:.4f}"
 DEFAULT_LAST_TEMPLATE = "last"
 
+_LONGEST_FIELD = 255  # characters of one field of a name (no file name is longer)
+_SPEC_NUMBERS = re.compile(r"[0-9]+")  # a format spec's width and precision
 # Lightning's collision suffix: CHECKPOINT_JOIN_CHAR "-" + "v" + a version counted from 1.
-_LONGEST_FIELD = 255
 _VERSION_SUFFIX = r"(?:-v(?P<_version>[1-9][0-9]*))?"
 _INTEGER_PATTERN = r"[0-9]+"
 _DATE_PATTERN = r"[0-9]{8}"
@@ -239,6 +240,15 @@ def _check_format_spec(field_name: str, spec: str) -> None:
     if field_name == DATE_FIELD:
         return
     is_integer = field_name in INTEGER_FIELDS
+    # Before format() is asked: a width or precision is that many characters to make, and a template
+    # is read from files planted in the tree too (a per-run .ckpt-watcher.yaml).
+    for number in _SPEC_NUMBERS.findall(spec):
+        digits = number.lstrip("0")  # '0' is the zero-padding flag before a width: '06d'
+        if len(digits) > len(str(_LONGEST_FIELD)) or int(digits or "0") > _LONGEST_FIELD:
+            raise TemplateError(
+                f"'{{{field_name}:{spec}}}': a width or precision is at most {_LONGEST_FIELD} "
+                "(no file name is longer)"
+            )
     try:
         format(1 if is_integer else 1.5, spec)
     except ValueError as error:

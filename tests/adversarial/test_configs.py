@@ -171,6 +171,33 @@ def test_hostile_yaml_stops_prune_with_a_clear_error(
     assert _names(layout.run) == _names(layout.other) == ALL_CHECKPOINTS
 
 
+HUGE_FORMATS = [
+    ("step-width", "naming:\n  step: 'epoch={epoch}-step={step:01200000000d}'\n", "naming.step"),
+    ("loss-precision", "naming:\n  best: 'best_{step}_loss={loss:.1200000000f}'\n", "naming.best"),
+]
+
+
+@pytest.mark.parametrize("location", ["override", "policy"])
+@pytest.mark.parametrize(
+    ("text", "field"), [(text, field) for _, text, field in HUGE_FORMATS], ids=[i for i, *_ in HUGE_FORMATS]
+)
+def test_a_template_asking_for_gigabytes_of_padding_is_refused_before_any_is_made(
+    tmp_path: Path, location: str, text: str, field: str
+) -> None:
+    """A format width or precision is that many characters made: ``{step:01200000000d}`` in a planted
+    per-run file took 1.2 GB (or a MemoryError traceback) while its template was being checked."""
+    layout = Layout(tmp_path)
+    layout.place(location, lambda path: path.write_text("save_top_k_checkpoints: 2\n" + text))
+
+    completed = layout.prune()
+
+    assert completed.returncode == 2, completed.stderr
+    assert f"At '{field}'" in completed.stderr
+    assert "a width or precision is at most 255" in completed.stderr
+    assert TRACEBACK not in completed.stderr
+    assert _names(layout.run) == _names(layout.other) == ALL_CHECKPOINTS
+
+
 def test_the_policy_command_refuses_a_fifo_and_dev_zero(tmp_path: Path) -> None:
     fifo = make_fifo(tmp_path / "fifo.yaml")
     zero = tmp_path / "zero.yaml"

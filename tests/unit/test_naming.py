@@ -517,6 +517,12 @@ BAD_TEMPLATES: list[tuple[str, Kind, str, str]] = [
     ("step-left-align", Kind.STEP, "{step:<6d}", "plain format"),
     ("step-fill-align", Kind.STEP, "{step:0>6d}", "plain format"),
     ("step-percent", Kind.STEP, "{step:%}", ""),
+    # a width or precision is that many characters made (a planted per-run file: gigabytes)
+    ("step-huge-width", Kind.STEP, "{step:01200000000d}", "at most 255"),
+    ("step-width-256", Kind.STEP, "{step:0256d}", "at most 255"),
+    ("step-width-past-int-limit", Kind.STEP, "{step:0" + "9" * 5000 + "d}", "at most 255"),
+    ("best-huge-precision", Kind.BEST, "{loss:.1200000000f}", "at most 255"),
+    ("best-huge-width-and-precision", Kind.BEST, "{loss:099999.4f}", "at most 255"),
     ("epoch-hex-spec", Kind.STEP, "{epoch:x}-{step}", "integer field takes a 'd' format"),
     ("date-with-spec", Kind.STEP, "{date:%Y%m%d}-{step}", "takes no format spec"),
     # best
@@ -562,6 +568,16 @@ def test_bad_templates_raise_template_error(kind: Kind, template: str, message: 
 def test_naming_from_templates_rejects_a_bad_template(kind: Kind, template: str) -> None:
     with pytest.raises(TemplateError):
         Naming.from_templates(**{kind.value: template})
+
+
+def test_the_longest_width_and_precision_are_accepted() -> None:
+    """255 is the bound (a file name's length): up to it a template compiles, and parses its own."""
+    compile_template(Kind.BEST, "s={step:0255d}_l={loss:.255f}")
+    template = compile_template(Kind.BEST, "s={step:0255d}_l={loss:.200f}")
+    name = f"s={format(7, '0255d')}_l={format(0.5, '.200f')}.ckpt"
+    parsed = template.parse(name)
+    assert parsed is not None
+    assert (parsed.step, parsed.metric) == (7, 0.5)
 
 
 def test_template_error_is_a_value_error() -> None:
