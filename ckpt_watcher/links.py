@@ -68,20 +68,27 @@ def link_reasons(links: Iterable[Link]) -> dict[Path, str]:
 
 
 class LinkPins:
-    """Pins from links, indexed by the directory of their target, so each group gets its own."""
+    """Pins from links, indexed by every directory above their target, so each group gets those that
+    point into it (a target inside a directory checkpoint keeps that checkpoint: ``plan``), with every
+    group whose links point there: another group's link still protects a target when the owner's own
+    link moved on during the pass."""
 
     def __init__(self) -> None:
-        self._by_directory: dict[Path, dict[Path, tuple[Path | None, str]]] = defaultdict(dict)
+        self._by_directory: dict[Path, dict[Path, dict[Path | None, str]]] = defaultdict(dict)
 
     def add(self, targets: Mapping[Path, str], *, owner: Path | None = None) -> None:
         """Targets with their reasons; ``owner`` is the group holding the links (None: pin anywhere)."""
         for target, reason in targets.items():
-            self._by_directory[target.parent].setdefault(target, (owner, reason))
+            for directory in target.parents:
+                self._by_directory[directory].setdefault(target, {}).setdefault(owner, reason)
 
     def for_group(self, group: Path) -> dict[Path, str]:
-        """The pins for planning ``group``; its own links the planner finds among its records."""
-        return {
-            target: reason
-            for target, (owner, reason) in self._by_directory.get(group, {}).items()
-            if owner != group
-        }
+        """The pins for planning ``group``: targets in it or below it that a link outside it names
+        (its own links the planner finds among its records, as they are at its scan)."""
+        pins: dict[Path, str] = {}
+        for target, owners in self._by_directory.get(group, {}).items():
+            for owner, reason in owners.items():
+                if owner != group:
+                    pins[target] = reason
+                    break
+        return pins

@@ -192,6 +192,23 @@ def symlink_targets(records: Iterable[CheckpointRecord]) -> dict[Path, str]:
     return targets
 
 
+def _protect_holders(
+    protected: Mapping[Path, list[str]], protected_in: dict[Path, dict[str, list[str]]]
+) -> None:
+    """A protected path inside a directory checkpoint keeps that checkpoint whole: each directory
+    above it is protected in its own parent, its reason naming what it holds
+    (``holds model.safetensors: target of stage2/last.ckpt``). A file inside is never deleted alone."""
+    for path, reasons in protected.items():
+        inner, holder = path.name, path.parent
+        while holder.parent != holder:
+            held = protected_in[holder.parent].setdefault(holder.name, [])
+            for reason in reasons:
+                text = f"holds {inner}: {reason}"
+                if text not in held:
+                    held.append(text)
+            inner, holder = f"{holder.name}/{inner}", holder.parent
+
+
 def plan(
     records: Iterable[CheckpointRecord],
     policy: Policy,
@@ -220,7 +237,8 @@ def plan(
     # By directory, then name: a group looks its records up by name (no Path made or hashed per record).
     protected_in: dict[Path, dict[str, list[str]]] = defaultdict(dict)
     for path, reasons in protected.items():
-        protected_in[path.parent][path.name] = reasons
+        protected_in[path.parent][path.name] = list(reasons)
+    _protect_holders(protected, protected_in)
     groups: dict[Path, list[CheckpointRecord]] = defaultdict(list)
     directory: Path | None = None
     members: list[CheckpointRecord] = []
@@ -480,11 +498,14 @@ def _keep_pending_link_target(
             same_kind = [position for position, record in enumerate(candidates) if record.kind is kind]
             if not same_kind:
                 continue
-            newest_step = max(candidates[position].step or 0 for position in same_kind)
-            if target is not None and (target.step or 0) >= newest_step:
+            # Newness as everywhere: (step, epoch, version). A resumed run that saves step 300 again
+            # writes ...-v1.ckpt, newer than the step 300 the link may still name. Every checkpoint
+            # at the newest step is kept while the link lags: any of them may be where it moves.
+            newest = max(candidates[position].step_order for position in same_kind)
+            if target is not None and target.step_order >= newest:
                 continue
             for position in same_kind:
-                if (candidates[position].step or 0) == newest_step:
+                if (candidates[position].step or 0) == newest[0]:
                     ledger.keep(
                         position,
                         f"newest {kind.value} checkpoint: {link.name} does not point at it yet",

@@ -39,7 +39,7 @@ from ckpt_watcher.groups import GroupIndex, GroupState, Tally
 from ckpt_watcher.links import LinkPins
 from ckpt_watcher.logs import debug_enabled
 from ckpt_watcher.memory import no_cyclic_collection, release_after
-from ckpt_watcher.naming import Kind
+from ckpt_watcher.naming import Kind, Naming
 from ckpt_watcher.overrides import OVERRIDE_FILE_NAME, EffectivePolicy, PolicyTree
 from ckpt_watcher.plan import Action, Decision, GroupPlan, Plan, Summary, plan
 from ckpt_watcher.policy import LoadedPolicy, PolicyError
@@ -312,8 +312,9 @@ class Reconciler:
                 effective.update(more)  # a new resume source may sit in any group
                 result.blocked += more_blocked
             result.sources = {group: value.sources for group, value in effective.items()}
-            namings = {group: value.policy.compiled_naming for group, value in effective.items()}
-            links = self.index.link_pins(namings, self.storage.list_links)
+            links = self.index.link_pins(
+                _namings(self.tree, effective, result.blocked), self.storage.list_links
+            )
             self._plan_groups(effective, links, closed, dry_run, result)
         except ScanStopped:
             result.interrupted = True
@@ -496,6 +497,17 @@ def _finished(result: PassResult, started: float, *, release: bool) -> PassResul
         release_after(result.summary.kept + result.summary.to_delete + result.summary.skipped)
     result.seconds = time.monotonic() - started
     return result
+
+
+def _namings(
+    tree: PolicyTree, effective: Mapping[Path, EffectivePolicy], blocked: Iterable[Path]
+) -> dict[Path, Naming]:
+    """The naming of each group whose links a pass lists: its groups, and its blocked ones (nothing is
+    deleted there, but a blocked run's ``last.ckpt`` still protects what it points at elsewhere)."""
+    namings = {group: value.policy.compiled_naming for group, value in effective.items()}
+    for group in blocked:
+        namings.setdefault(group, tree.naming_for(group))
+    return namings
 
 
 def _keeps_free(effective: Mapping[Path, EffectivePolicy]) -> bool:

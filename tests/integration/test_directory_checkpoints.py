@@ -76,6 +76,41 @@ def test_deepspeed_directories_complete_ones_pruned_incomplete_ones_kept(tmp_pat
     assert (unfinished / "checkpoint" / "mp_rank_00_model_states.pt").exists()
 
 
+@pytest.mark.parametrize("how", ["a link in another run", "--protect"])
+def test_a_file_inside_a_directory_checkpoint_named_from_elsewhere_keeps_it_whole(
+    tmp_path: Path, how: str
+) -> None:
+    """A second stage starts from the first stage's weights inside a DeepSpeed checkpoint
+    (``stage2/last.ckpt -> ../run/<step 500>/checkpoint/mp_rank_00_model_states.pt``, or the same
+    file given to ``--protect``): that checkpoint is kept whole, never deleted around the file."""
+    root = tmp_path / "root"
+    for step in range(500, 3000, 500):
+        backdate_tree(deepspeed_layout(root / "run" / step_name(0, step)))
+    weights = root / "run" / step_name(0, 500) / "checkpoint" / "mp_rank_00_model_states.pt"
+    protect: list[str] = []
+    if how == "--protect":
+        protect = ["--protect", str(weights)]
+    else:
+        (root / "stage2").mkdir()
+        os.symlink(os.path.relpath(weights, root / "stage2"), root / "stage2" / "last.ckpt")
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("save_top_k_checkpoints: 2\n")
+
+    entries = prune_entries(
+        run_cli("prune", str(root), "--policy", str(policy), *protect, "--dry-run", "--json"), exit_code=0
+    )
+    completed = run_cli("prune", str(root), "--policy", str(policy), *protect)
+
+    held = entries[step_name(0, 500)]
+    assert held["action"] == "keep"
+    assert held["reasons"][0].startswith("holds checkpoint/mp_rank_00_model_states.pt: ")
+    assert completed.returncode == 0, completed.stderr
+    assert weights.exists()
+    assert sorted(path.name for path in (root / "run").iterdir()) == [
+        step_name(0, step) for step in (500, 2000, 2500)
+    ]
+
+
 def test_lightning_sharded_fsdp_needs_meta_pt(tmp_path: Path) -> None:
     root = tmp_path / "run"
     for step in (500, 1000, 1500):

@@ -103,6 +103,56 @@ def test_a_link_in_one_group_protects_its_target_in_another_in_every_pass(tmp_pa
     assert _names(tmp_path / "b") == {target.name, *(step_name(0, step) for step in range(300, 800, 100))}
 
 
+def test_a_blocked_groups_link_still_protects_its_target_in_another_group(tmp_path: Path) -> None:
+    """A run whose per-run policy is invalid is blocked (nothing deleted there), and its last.ckpt
+    names a checkpoint of another run: that checkpoint is what the blocked run resumes from."""
+    target, *_ = _steps(tmp_path / "good", range(100, 800, 100))
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / ".ckpt-watcher.yaml").write_text("save_top_k_checkpoints: lots\n")
+    os.symlink(Path("..") / "good" / target.name, bad / "last.ckpt")
+
+    result = _daemon_core(tmp_path).run(Trigger.STARTUP, keep_plan=True)
+
+    assert result.blocked == [bad]
+    decision = next(decision for decision in result.the_plan.decisions if decision.record.path == target)
+    assert (decision.action, decision.reasons) == ("keep", ("target of bad/last.ckpt",))
+    assert target.exists()
+    assert len(_names(tmp_path / "good")) == 6  # the 5 newest and the link's target
+
+
+@pytest.mark.parametrize(("owner", "other"), [("run1", "run2"), ("run2", "run1")])
+def test_a_link_protects_its_target_when_the_owners_own_link_moves_on_during_the_pass(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, owner: str, other: str
+) -> None:
+    """run2 was started from run1's step 500 (run2/last.ckpt -> ../run1/<500>). Between the pass's
+    listing of links and run1's scan, run1 saves step 600 and moves its own last.ckpt there: run2's
+    link still names step 500, whichever run's directory is listed first."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("save_top_k_checkpoints: 1\nsave_top_k_best: 0\n")
+    root = tmp_path / "root"
+    shared = _steps(root / owner, range(100, 600, 100))[-1]
+    os.symlink(shared.name, root / owner / "last.ckpt")
+    (root / other).mkdir()
+    os.symlink(Path("..") / owner / shared.name, root / other / "last.ckpt")
+    core = _daemon_core(root, policy)
+    scan_directory = core.storage.scan_directory
+
+    def trainer_saves_then_scan(root_: Path, directory: Path, *arguments: Any, **keywords: Any) -> Any:
+        if directory == root / owner and not (directory / step_name(0, 600)).exists():
+            saved = write_checkpoint(directory / step_name(0, 600))
+            os.utime(saved, (time.time() - 60, time.time() - 60))  # its writer finished a while ago
+            (directory / "last.ckpt").unlink()
+            os.symlink(saved.name, directory / "last.ckpt")
+        return scan_directory(root_, directory, *arguments, **keywords)
+
+    monkeypatch.setattr(core.storage, "scan_directory", trainer_saves_then_scan)
+    core.run(Trigger.STARTUP)
+
+    assert shared.exists(), f"{other}/last.ckpt dangles: its target was deleted"
+    assert _names(root / owner) == {shared.name, step_name(0, 600), "last.ckpt"}
+
+
 def test_a_stop_before_the_scan_ends_plans_and_deletes_nothing(tmp_path: Path) -> None:
     _steps(tmp_path, range(100, 1000, 100))
     stop = threading.Event()

@@ -1292,3 +1292,63 @@ def test_a_ranked_reason_after_another_is_formatted_at_once() -> None:
     ranked.drop_ranked(0, "outside (#%d)", 7)
     ranked.drop(0, "last")
     assert ranked.decision(0, make_record(step_name(0, 100))).reasons == ("outside (#7)", "last")
+
+
+def test_a_resumed_run_keeps_the_newer_version_of_the_step_its_link_still_names() -> None:
+    """A run resumed from an earlier step saves step 300 again: ``...-v1.ckpt`` is newer by (step,
+    epoch, version) than the step 300 last.ckpt names, and the link moves there next."""
+    old = make_record(step_name(1, 100))
+    v0 = make_record(step_name(3, 300))
+    v1 = make_record(step_name(3, 300, version=1))
+    last = make_record(LAST, entry_type=EntryType.SYMLINK, link_target=v0.path)
+    policy = Policy(save_top_k_checkpoints=0, save_top_k_best=0)
+
+    result = by_name(plan([last, old, v0, v1], policy))
+
+    assert result[v0.name].reasons[0] == "target of run/last.ckpt"
+    assert result[v1.name].reasons == (PENDING_STEP,)
+    assert result[old.name].action is Action.DELETE
+    moved = by_name(plan([dataclasses.replace(last, link_target=v1.path), old, v0, v1], policy))
+    assert moved[v0.name].action is Action.DELETE  # once the link names the newest, the older goes
+
+
+DIRECTORY_CHECKPOINTS = [step_name(0, step) for step in (100, 200, 300)]
+INSIDE = "checkpoint/mp_rank_00_model_states.pt"
+
+
+def _directory_checkpoints() -> list[CheckpointRecord]:
+    """Three complete directory checkpoints (DeepSpeed's layout) in ``RUN``."""
+    return [
+        dataclasses.replace(make_record(name, entry_type=EntryType.DIRECTORY), complete=True, bytes=10)
+        for name in DIRECTORY_CHECKPOINTS
+    ]
+
+
+def test_a_pin_on_a_file_inside_a_directory_checkpoint_keeps_that_checkpoint() -> None:
+    """``--protect run/<step 100>/checkpoint/...pt`` (or a ``pretrained_ckpt_path``): the directory
+    checkpoint holding it is kept whole, and says what it holds."""
+    pinned = RUN / DIRECTORY_CHECKPOINTS[0] / INSIDE
+    pins = {pinned: f"protected by --protect {pinned}"}
+
+    result = by_name(plan(_directory_checkpoints(), Policy(save_top_k_checkpoints=1), pins))
+
+    oldest = result[DIRECTORY_CHECKPOINTS[0]]
+    assert oldest.action is Action.KEEP
+    assert oldest.reasons == (f"holds {INSIDE}: protected by --protect {pinned}",)
+    assert Hold.PROTECTED in oldest.holds
+    assert result[DIRECTORY_CHECKPOINTS[1]].action is Action.DELETE
+
+
+def test_a_link_into_a_directory_checkpoint_keeps_that_checkpoint() -> None:
+    """``last.ckpt -> <step 100>/checkpoint/...pt`` in the group itself, or a link of another group
+    (its pin, as a pass passes it): the directory it points into stays."""
+    inside = RUN / DIRECTORY_CHECKPOINTS[0] / INSIDE
+    link = make_record(LAST, entry_type=EntryType.SYMLINK, link_target=inside)
+    policy = Policy(save_top_k_checkpoints=1)
+
+    own = by_name(plan([link, *_directory_checkpoints()], policy))
+    elsewhere = by_name(plan(_directory_checkpoints(), policy, {inside: "target of stage2/last.ckpt"}))
+
+    assert own[DIRECTORY_CHECKPOINTS[0]].reasons == (f"holds {INSIDE}: target of run/last.ckpt",)
+    assert elsewhere[DIRECTORY_CHECKPOINTS[0]].reasons == (f"holds {INSIDE}: target of stage2/last.ckpt",)
+    assert own[DIRECTORY_CHECKPOINTS[1]].action is elsewhere[DIRECTORY_CHECKPOINTS[1]].action is Action.DELETE
