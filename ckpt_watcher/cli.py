@@ -25,7 +25,7 @@ from ckpt_watcher.durations import DurationError, parse_duration
 from ckpt_watcher.filesystem import real_path
 from ckpt_watcher.locations import LocationError, StorageURL, parse_location
 from ckpt_watcher.lock import LockHeldError
-from ckpt_watcher.logs import LEVELS, configure_logging
+from ckpt_watcher.logs import LEVELS, configure_logging, describe_os_error
 from ckpt_watcher.memory import no_cyclic_collection
 from ckpt_watcher.notify import Notifier
 from ckpt_watcher.plan import GroupPlan
@@ -443,10 +443,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def resolve_root(path: Path) -> Path:
     """The canonical root directory the user named; nothing outside it is ever touched."""
-    if not path.exists():
-        raise UsageError(f"{display_name(str(path))}: no such directory")
-    if not path.is_dir():
-        raise UsageError(f"{display_name(str(path))}: not a directory")
+    try:
+        is_directory = path.is_dir()  # through links: a root may be a link to the volume
+    except OSError as error:  # a directory on the way the user may not search (EACCES), say
+        raise UsageError(
+            f"{display_name(str(path))}: cannot look at it: {describe_os_error(error)}"
+        ) from None
+    if not is_directory:
+        problem = "not a directory" if os.path.exists(path) else "no such directory"
+        raise UsageError(f"{display_name(str(path))}: {problem}")
     return real_path(path)
 
 

@@ -15,7 +15,7 @@ positions, never contents.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ from ckpt_watcher.config_access import LOCAL_FILES, ConfigAccess
 from ckpt_watcher.config_files import ConfigFileError, parse_yaml
 from ckpt_watcher.filesystem import real_path
 from ckpt_watcher.locations import LocationError, StorageURL, is_url, parse_location
+from ckpt_watcher.logs import describe_os_error
 from ckpt_watcher.policy import describe_value
 from ckpt_watcher.records import FileIdentity
 
@@ -78,11 +79,6 @@ class ResumeReference:
         """``resume source in configs/train_llada.yaml (ckpt_path)``."""
         role = _KEY_ROLES[self.key.rsplit(".", 1)[-1]]
         return f"{role} in {self.config_label} ({self.key})"
-
-    @property
-    def exists(self) -> bool:
-        """True if any candidate exists."""
-        return any(candidate.exists() for candidate in self.candidates)
 
 
 @dataclass(frozen=True)
@@ -187,8 +183,9 @@ def read_config_protection(
             candidates=candidate_paths(value, config.parent, working_directory),
         )
         references.append(reference)
-        if not any(files.exists(candidate) for candidate in reference.candidates):
-            warnings.append(f"{label}: '{key}' names {value!r}, which does not exist (yet)")
+        absent = why_absent(reference.candidates, files.exists)
+        if absent is not None:
+            warnings.append(f"{label}: '{key}' names {value!r}, which {absent}")
     kinds = {key.rsplit(".", 1)[-1] for key in set_keys}
     if kinds == set(RESUME_KEYS):
         warnings.append(
@@ -200,14 +197,34 @@ def read_config_protection(
     )
 
 
+def why_absent(candidates: Iterable[Path], exists: Callable[[Path], bool]) -> str | None:
+    """None if any candidate exists; else why none is seen: it does not exist, or it cannot be looked
+    at (a directory the watcher may not search: the trainer's home, say). Either way the path stays
+    pinned as written; what cannot be looked at is not resolved through links, hence the warning."""
+    unseen: OSError | None = None
+    for candidate in candidates:
+        try:
+            if exists(candidate):
+                return None
+        except OSError as error:  # Path.exists raises all but "not found" (EACCES on the way, say)
+            unseen = error
+    if unseen is None:
+        return "does not exist (yet)"
+    return (
+        f"cannot be looked at ({describe_os_error(unseen)}): it is protected by that path, but a file it "
+        "reaches through a link or a mount is not recognised"
+    )
+
+
 def command_line_pins(paths: Iterable[Path | StorageURL], working_directory: Path) -> dict[Path, str]:
     """``--protect PATH`` pins: the path as given and with symlinks resolved."""
     pins: dict[Path, str] = {}
     for path in paths:
         candidates = candidate_paths(str(path), working_directory, working_directory)
-        if not any(candidate.exists() for candidate in candidates):
+        absent = why_absent(candidates, LOCAL_FILES.exists)
+        if absent is not None:
             logger.warning(
-                "protected_path_missing", path=str(path), detail="--protect names no existing file"
+                "protected_path_missing", path=str(path), detail=f"--protect names a file which {absent}"
             )
         for candidate in candidates:
             pins.setdefault(candidate, f"protected by --protect {path}")

@@ -15,7 +15,7 @@ from ckpt_watcher.delete import Outcome, apply_plan
 from ckpt_watcher.plan import plan
 from ckpt_watcher.policy import DEFAULT_POLICY, POLICY_KEYS
 from ckpt_watcher.scan import scan_tree
-from tests.support.cli import WITHOUT_READ_OVERRIDE, events, run_cli
+from tests.support.cli import TRACEBACK, WITHOUT_READ_OVERRIDE, events, run_cli
 from tests.support.factories import best_name, step_name, write_checkpoint, write_truncated
 
 STEPS_PER_EPOCH = 1000
@@ -361,3 +361,18 @@ def test_the_readme_shows_every_key_of_the_json_document(run_layout: RunLayout) 
     assert {f"policy.{key}" for key in POLICY_KEYS} <= policy_values  # "...every policy key"
     for key in sorted(keys - policy_values):
         assert f'"{key.rsplit(".", 1)[-1]}"' in shape, f"README's --json shape lacks {key}"
+
+
+def test_a_root_in_a_directory_the_user_may_not_search_is_a_usage_error(tmp_path: Path) -> None:
+    """``prune /home/other/run`` where /home/other is mode 700: exit 2 saying why, no traceback."""
+    private = tmp_path / "private"
+    (private / "run").mkdir(parents=True)
+    private.chmod(0)
+    try:
+        completed = run_cli("prune", str(private / "run"), "--dry-run", prefix=WITHOUT_READ_OVERRIDE)
+    finally:
+        private.chmod(0o755)
+
+    assert completed.returncode == 2
+    assert f"{private / 'run'}: cannot look at it: Permission denied" in completed.stderr
+    assert TRACEBACK not in completed.stderr

@@ -575,3 +575,52 @@ def test_a_last_link_being_replaced_keeps_protecting_its_target(root: Path, tmp_
 
         daemon.wait_for("checkpoint_deleted", lambda record: record["path"].endswith(step_name(0, 200)))
         assert _names(root) == {step_name(0, 300)}
+
+
+def test_a_resume_path_the_watcher_may_not_look_into_is_a_warning_not_a_failed_pass(
+    root: Path, tmp_path: Path
+) -> None:
+    """A training config's ckpt_path (and --protect) naming a file in a directory the watcher may not
+    search (the trainer's home, mode 700): Path.exists raises EACCES there. It is a warning saying so;
+    the start-up pass runs, READY comes, and the group is pruned (the path stays pinned as written)."""
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    _steps(root, [100, 200, 300, 400])
+    policy = _write_policy(
+        tmp_path / "policy.yaml", "save_top_k_checkpoints: 2\nprotect_from: [train.yaml]\n"
+    )
+    (tmp_path / "train.yaml").write_text(f"ckpt_path: {secret / 'last.ckpt'}\n")
+    secret.chmod(0)
+    try:
+        command = [
+            *WITHOUT_READ_OVERRIDE,
+            *cli_command(
+                "watch",
+                str(root),
+                "--policy",
+                str(policy),
+                "--settle",
+                "0",
+                "--protect",
+                str(secret / "a.ckpt"),
+            ),
+        ]
+        with running_daemon([], tmp_path / "log", command=command) as daemon:
+            daemon.wait_ready()
+            warnings = [record["message"] for record in daemon.events("protection_warning")]
+            missing = [record["detail"] for record in daemon.events("protected_path_missing")]
+            failures = daemon.events("worker_error")
+        pruned = run_cli(
+            "prune", str(root), "--policy", str(policy), "--dry-run", prefix=WITHOUT_READ_OVERRIDE
+        )
+    finally:
+        secret.chmod(0o755)
+
+    assert not failures
+    assert _names(root) == {step_name(0, 300), step_name(0, 400)}
+    [warning] = warnings
+    [detail] = missing
+    assert "which cannot be looked at (Permission denied)" in warning
+    assert "which cannot be looked at (Permission denied)" in detail
+    assert pruned.returncode == 0, pruned.stderr
+    assert "Traceback" not in pruned.stderr
