@@ -14,6 +14,7 @@ outcome is logged, once per ``policy_reloaded`` or ``policy_unchanged`` (``APPLI
 from __future__ import annotations
 
 import enum
+import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -137,7 +138,7 @@ class PolicyFile:
             _log_unchanged(self.loaded.source_label, self._on_outcome)
             return False
         self.on_disk = False
-        if not self.path.exists():
+        if _is_missing(self.path):
             if not self._missing_logged:
                 logger.warning(
                     "policy_missing",
@@ -157,3 +158,15 @@ class PolicyFile:
             return False
         previous, self.loaded, self.on_disk = self.loaded, loaded, True
         return log_loaded(str(self.path), previous.settings, loaded, self._on_outcome)
+
+
+def _is_missing(path: Path) -> bool:
+    """True if ``path`` is not there. A file that cannot be looked at (a directory on the way made
+    unsearchable: EACCES) is not missing: reading it says why, as a refused edit."""
+    try:
+        os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return True
+    except OSError:
+        return False
+    return False

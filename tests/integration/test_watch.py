@@ -335,6 +335,32 @@ class TestPolicyReload:
             _steps(root, range(100, 600, 100))
             wait_until(lambda: len(_names(root)) == 2, what="the last good policy (2) still applied")
 
+    def test_a_policy_directory_made_unsearchable_is_a_rejected_edit(
+        self, root: Path, tmp_path: Path
+    ) -> None:
+        """The policy's directory chmod'ed to 000 under a running daemon: Path.exists raised EACCES and
+        the worker logged a traceback (worker_error). It is a refused edit saying why; the last good
+        policy stays, and the file is read again once it can be."""
+        configs = tmp_path / "configs"
+        policy = _write_policy(configs / "policy.yaml", "save_top_k_checkpoints: 2\n")
+        command = [*WITHOUT_READ_OVERRIDE, *cli_command("watch", str(root), "--policy", str(policy))]
+        with running_daemon([], tmp_path / "log", command=command) as daemon:
+            daemon.wait_ready()
+            configs.chmod(0)
+            try:
+                [rejected] = daemon.wait_for("policy_rejected")
+                _steps(root, range(100, 600, 100))
+                wait_until(lambda: len(_names(root)) == 2, what="the last good policy (2) still applied")
+            finally:
+                configs.chmod(0o755)
+            policy.write_text("save_top_k_checkpoints: 3\n")
+            daemon.wait_for("policy_reloaded")
+            _steps(root, range(600, 800, 100))
+            wait_until(lambda: len(_names(root)) == 3)
+            assert not daemon.events("worker_error")
+            assert not daemon.events("policy_missing")
+        assert "Permission denied" in " ".join(rejected["problems"])
+
     def test_configmap_style_symlink_swap_is_applied(self, root: Path, tmp_path: Path) -> None:
         """Kubernetes mounts a ConfigMap as policy.yaml -> ..data/policy.yaml, ..data -> ..<timestamp>."""
         mount = tmp_path / "configmap"
