@@ -20,6 +20,7 @@ while its last successful renewal is recent enough that no other could have take
 from __future__ import annotations
 
 import json
+import math
 import os
 import secrets
 import socket
@@ -75,17 +76,20 @@ class Holder:
 
     @classmethod
     def parse(cls, data: bytes) -> Holder | None:
-        """The holder a lease object names, or None if it is not a lease this tool wrote."""
+        """The holder a lease object names, or None if it is not a lease this tool wrote (anything
+        else, however malformed: a pid of 1e999, arrays nested 5,000 deep, a ttl that is not a
+        finite positive number of seconds)."""
         try:
             document: Any = json.loads(data)
-            return cls(
+            holder = cls(
                 str(document["host"]),
                 int(document["pid"]),
                 str(document["token"]),
                 float(document["ttl_seconds"]),
             )
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, ArithmeticError, RecursionError):
             return None
+        return holder if math.isfinite(holder.ttl_seconds) and holder.ttl_seconds > 0 else None
 
 
 class Lease:

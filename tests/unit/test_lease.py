@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from ckpt_watcher.lease import Lease, LeaseHeldError, LeaseLostError
+from ckpt_watcher.lease import Holder, Lease, LeaseHeldError, LeaseLostError
 from ckpt_watcher.locations import StorageURL
 from ckpt_watcher.object_store import (
     Fetched,
@@ -154,3 +154,49 @@ def test_release_deletes_it_and_the_next_watcher_takes_it_at_once(store: MemoryS
     assert store.objects == {}
     second.acquire()
     assert second.held
+
+
+VALID_LEASE = {"host": "gpu-7", "pid": 4242, "token": "t", "ttl_seconds": 60}
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        json.dumps({**VALID_LEASE, "pid": 1e999}).replace("Infinity", "1e999").encode(),  # OverflowError
+        json.dumps({**VALID_LEASE, "pid": float("nan")}).encode(),  # ValueError
+        b"[" * 5000,  # RecursionError in the decoder
+        json.dumps({**VALID_LEASE, "ttl_seconds": "inf"}).encode(),  # held forever: not ours
+        json.dumps({**VALID_LEASE, "ttl_seconds": -5}).encode(),
+        json.dumps({**VALID_LEASE, "ttl_seconds": 0}).encode(),
+        json.dumps([VALID_LEASE]).encode(),
+        b"\xff\xfe not json",
+        b"",
+    ],
+    ids=[
+        "pid-1e999",
+        "pid-nan",
+        "nested-5000",
+        "ttl-inf",
+        "ttl-negative",
+        "ttl-zero",
+        "a-list",
+        "bytes",
+        "empty",
+    ],
+)
+def test_a_malformed_lease_object_is_unreadable_never_an_exception(data: bytes) -> None:
+    """Anyone who can write the prefix can write its lease object: whatever it holds, the watcher sees
+    "an unreadable lease object" (held until it expires by the watcher's own time to live)."""
+    assert Holder.parse(data) is None
+
+
+def test_a_lease_this_tool_wrote_is_read_back() -> None:
+    assert Holder.parse(json.dumps(VALID_LEASE).encode()) == Holder("gpu-7", 4242, "t", 60.0)
+
+
+def test_a_malformed_lease_that_is_fresh_is_held_by_an_unreadable_lease_object(
+    store: MemoryStore, clock: Clock
+) -> None:
+    store.put_new("run/.ckpt-watcher.lease", b'{"host": "h", "pid": 1e999, "token": "t", "ttl_seconds": 60}')
+    with pytest.raises(LeaseHeldError, match="an unreadable lease object"):
+        _lease(store, clock).acquire()
