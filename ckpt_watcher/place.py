@@ -16,10 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
+import structlog
+
 from ckpt_watcher.events import Inbox, ObserverFactory, ObserverLike, default_observer_factory
 from ckpt_watcher.filesystem import real_path
 from ckpt_watcher.locations import StorageURL
 from ckpt_watcher.lock import DirectoryLock
+from ckpt_watcher.logs import describe_os_error
 from ckpt_watcher.metrics import DaemonFigures
 from ckpt_watcher.notify import Liveness
 from ckpt_watcher.overrides import PolicyTree
@@ -32,6 +35,8 @@ from ckpt_watcher.root import ArmedRoot, take_lock
 if TYPE_CHECKING:
     from ckpt_watcher.session import Session
     from ckpt_watcher.terminal import PassProgress
+
+logger = structlog.get_logger("ckpt_watcher.place")
 
 
 @dataclass(frozen=True)
@@ -145,6 +150,7 @@ class DirectoryPlace:
         self.pins = command_line_pins(options.protect, Path.cwd())
         self._observer_factory = observer_factory
         self._early_lock: DirectoryLock | None = None
+        self._unusable: str | None = None  # why the root could not be opened, as last logged
 
     def lock_now(self) -> None:
         """Take the directory lock up front if the root exists (so a second daemon exits 2 at once)."""
@@ -152,7 +158,20 @@ class DirectoryPlace:
             self._early_lock = take_lock(real_path(self.options.root))
 
     def arm(self, crew: Crew) -> ArmedRoot | None:
-        """Lock and watch the directory if it is there."""
+        """Lock and watch the directory if it is there and can be opened (a root that comes back
+        unreadable, mode 700 for another user, is waited for like a missing one: said once)."""
+        problem = _unopenable(self.options.root)
+        if problem is not None:
+            if problem != self._unusable:
+                logger.warning(
+                    "watch_path_unusable",
+                    path=str(self.options.root),
+                    error=problem,
+                    detail="it is there but cannot be opened; waiting until it can",
+                )
+                self._unusable = problem
+            return None
+        self._unusable = None
         armed = ArmedRoot.arm(
             self.options.root,
             crew.inbox,
@@ -194,3 +213,16 @@ def config_files(policy_path: Path | None, registry: ProtectionRegistry) -> froz
     files = [policy_path] if policy_path is not None else []
     files.extend(registry.configs())
     return frozenset(os.path.abspath(path) for path in files)
+
+
+def _unopenable(root: Path) -> str | None:
+    """Why the directory ``root`` cannot be opened, or None if it can (or is not there: ``arm`` says
+    so). Opening it is what its lock and its observer do first."""
+    try:
+        descriptor = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as error:
+        return describe_os_error(error)
+    os.close(descriptor)
+    return None

@@ -146,6 +146,30 @@ def test_path_deleted_and_recreated_is_rearmed(root: Path, tmp_path: Path) -> No
         assert daemon.process.poll() is None
 
 
+def test_a_path_recreated_unreadable_is_waited_for_not_an_exit(root: Path, tmp_path: Path) -> None:
+    """The root deleted, then recreated with mode 000 (a provisioning step that fixes its owner and mode
+    afterwards): it cannot be opened, so it is waited for (said once), and re-armed once it can be."""
+    command = [*WITHOUT_READ_OVERRIDE, *cli_command("watch", str(root), "--settle", "0")]
+    with running_daemon([], tmp_path / "log", command=command) as daemon:
+        daemon.wait_ready()
+        shutil.rmtree(root)
+        daemon.wait_for("watch_path_lost")
+        root.mkdir()
+        root.chmod(0)
+        try:
+            [unusable] = daemon.wait_for("watch_path_unusable")
+            time.sleep(1.0)  # several turns of the loop
+            assert daemon.process.poll() is None
+        finally:
+            root.chmod(0o755)
+        daemon.wait_for("watch_rearmed")
+        _steps(root, range(100, 800, 100))
+        wait_until(lambda: len(_names(root)) == 5, what="pruning to 5 after re-arming")
+        assert len(daemon.events("watch_path_unusable")) == 1
+        assert not daemon.events("watch_lock_unusable")
+    assert unusable["error"] == "Permission denied"
+
+
 def test_polling_mode_prunes(root: Path, tmp_path: Path) -> None:
     arguments = ["watch", str(root), "--poll", "0.2", "--settle", "0.5"]
     with running_daemon(arguments, tmp_path / "log") as daemon:
