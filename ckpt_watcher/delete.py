@@ -3,10 +3,11 @@
 Each group directory is opened component by component from the root with ``O_NOFOLLOW``, so no
 symlink is ever traversed and nothing outside the root is reachable. An entry is unlinked relative
 to that directory only if it is still the very regular file that was planned (device, inode, size,
-mtime). A directory checkpoint is removed iteratively and relative to open directories, never
-leaving its own mount (see filesystem.py), and never at all if it holds a mount point. A file already
-gone is fine; a failure (a removal that stopped halfway included) is a FAILED result, logged, and the
-rest of the plan goes on: no exception leaves this module's public functions.
+mtime), checked again once it is renamed out of the way, so a file renamed onto its name in between
+is put back, never removed. A directory checkpoint is removed iteratively and relative to open
+directories, never leaving its own mount (see filesystem.py), and never at all if it holds a mount
+point. A file already gone is fine; a failure (a removal that stopped halfway included) is a FAILED
+result, logged, and the rest of the plan goes on: no exception leaves this module's public functions.
 
 With the trash on, a group is applied with a ``TrashMover`` (trash.py): after the same checks, the
 checkpoint is moved into the trash instead of removed; where it cannot be (another mount), it is
@@ -29,7 +30,14 @@ from typing import Protocol
 
 import structlog
 
-from ckpt_watcher.filesystem import EntryStatus, Removal, remove_tree, status_at, summarize_tree
+from ckpt_watcher.filesystem import (
+    EntryStatus,
+    Removal,
+    remove_tree,
+    rename_no_replace,
+    status_at,
+    summarize_tree,
+)
 from ckpt_watcher.logs import describe_os_error
 from ckpt_watcher.plan import Decision, GroupPlan, Plan
 from ckpt_watcher.records import (
@@ -223,13 +231,58 @@ def _delete_one(directory_fd: int, decision: Decision, trash: TrashMover | None)
         moved = _move_to_trash(trash, directory_fd, decision)
         if moved is not None:
             return moved
+    return _unlink_checked(directory_fd, decision)
+
+
+def _unlink_checked(directory_fd: int, decision: Decision) -> DeletionResult:
+    """Unlink a planned file only once it is out of the way and proved the file planned.
+
+    A check by name and an unlink by name are two calls: a writer renaming a new file onto the name
+    in between (a re-save of the same step) would lose it. So the file is first renamed to its
+    leftover name (never replacing anything), what landed there is checked, and only that is
+    unlinked; anything else is put back under its name, kept. A crash in between leaves a leftover
+    that ``finish_leftovers`` removes only if its inode is the one its name carries."""
+    record = decision.record
+    assert record.identity is not None  # checked by _delete_one
+    doomed = leftover_name(record.name, record.identity.inode)
     try:
-        os.unlink(name, dir_fd=directory_fd)
+        rename_no_replace(record.name, doomed, source_dir_fd=directory_fd, destination_dir_fd=directory_fd)
     except FileNotFoundError:
         return _gone(decision)
     except OSError as error:
         return _failed(decision, describe_os_error(error))
-    return _deleted(decision)
+    try:
+        landed = os.stat(doomed, dir_fd=directory_fd, follow_symlinks=False)
+        planned = stat.S_ISREG(landed.st_mode) and FileIdentity.of_stat(landed) == record.identity
+        if planned:
+            os.unlink(doomed, dir_fd=directory_fd)
+            return _deleted(decision)
+    except FileNotFoundError:
+        return _gone(decision)
+    except OSError as error:
+        return _put_back(directory_fd, decision, doomed, _failed(decision, describe_os_error(error)))
+    return _put_back(directory_fd, decision, doomed, None)
+
+
+def _put_back(
+    directory_fd: int, decision: Decision, doomed: str, failure: DeletionResult | None
+) -> DeletionResult:
+    """Rename what is under ``doomed`` back to the record's name: it was not the checkpoint planned
+    (``failure`` None: CHANGED), or it could not be removed (``failure``). If the name is taken again,
+    it stays under ``doomed``, never removed (its inode is not the one the name carries), and says so."""
+    try:
+        rename_no_replace(
+            doomed, decision.record.name, source_dir_fd=directory_fd, destination_dir_fd=directory_fd
+        )
+    except OSError as error:
+        kept_as = display_name(str(decision.record.path.parent / doomed))
+        logger.warning(
+            "checkpoint_changed",
+            path=display_name(str(decision.record.path)),
+            detail=f"not put back under its name ({describe_os_error(error)}); kept as {kept_as}",
+        )
+        return failure or DeletionResult(decision, Outcome.CHANGED)
+    return failure or _changed(decision)
 
 
 def _deleted(decision: Decision) -> DeletionResult:
@@ -328,11 +381,17 @@ def _remove_directory(directory_fd: int, decision: Decision, trash: TrashMover |
     assert record.identity is not None  # checked by _refuse_directory
     doomed = leftover_name(name, record.identity.inode)
     try:
-        os.rename(name, doomed, src_dir_fd=directory_fd, dst_dir_fd=directory_fd)
+        rename_no_replace(name, doomed, source_dir_fd=directory_fd, destination_dir_fd=directory_fd)
+        landed = status_at(directory_fd, doomed)
     except FileNotFoundError:
         return _gone(decision)
     except OSError as error:
         return _failed(decision, describe_os_error(error))
+    if not stat.S_ISDIR(landed.mode) or (landed.device, landed.inode) != (
+        record.identity.device,
+        record.identity.inode,
+    ):  # swapped in between the walk and the rename: not what was walked
+        return _put_back(directory_fd, decision, doomed, None)
     try:
         removal = remove_tree(doomed, dir_fd=directory_fd)
     except OSError as error:
@@ -364,9 +423,10 @@ _REPORTED_FOREIGN: set[tuple[int, int]] = set()
 def finish_leftovers(
     root: Path, directory: Path, *, reported: set[tuple[int, int]] | None = None
 ) -> list[LeftoverResult]:
-    """Finish removing directory checkpoints whose removal was interrupted (killed, or failed halfway).
+    """Finish removing checkpoints whose removal was interrupted (killed, or failed halfway): directory
+    checkpoints, and files killed between their rename out of the way and their unlink.
 
-    Only leftovers the tool can prove it made are touched (the inode in the name is the directory's
+    Only leftovers the tool can prove it made are touched (the inode in the name is the entry's
     own); any other ``.ckpt-watcher-deleting-*`` entry is kept and reported once (``reported`` holds
     the (device, inode) of those already reported). Never raises: a failure is a result, logged.
     """
@@ -401,7 +461,8 @@ def _finish_one(
         status = status_at(directory_fd, name)
     except FileNotFoundError:
         return None
-    if not stat.S_ISDIR(status.mode) or name != leftover_name(name_after_prefix(name), status.inode):
+    ours = stat.S_ISDIR(status.mode) or stat.S_ISREG(status.mode)
+    if not ours or name != leftover_name(name_after_prefix(name), status.inode):
         key = (status.device, status.inode)
         if reported is None or key not in reported:
             logger.warning(
@@ -412,6 +473,8 @@ def _finish_one(
             if reported is not None:
                 reported.add(key)
         return None
+    if stat.S_ISREG(status.mode):  # a file checked and renamed, then the process died: unlink it
+        return _finish_file(directory_fd, path, name)
     try:
         summary = summarize_tree(name, dir_fd=directory_fd)
         if summary.mount_points:
@@ -433,6 +496,25 @@ def _finish_one(
             detail="retried on a later pass",
         )
     return LeftoverResult(path, removal.removed, remains)
+
+
+def _finish_file(directory_fd: int, path: Path, name: str) -> LeftoverResult | None:
+    """Unlink a file leftover (its inode proved it the tool's); None if it is gone already."""
+    try:
+        os.unlink(name, dir_fd=directory_fd)
+    except FileNotFoundError:
+        return None
+    except OSError as error:
+        remains = (f". ({describe_os_error(error)})",)
+        logger.error(
+            "leftover_not_removed",
+            path=display_name(str(path)),
+            remains=list(remains),
+            detail="retried on a later pass",
+        )
+        return LeftoverResult(path, False, remains)
+    logger.info("leftover_removed", path=display_name(str(path)))
+    return LeftoverResult(path, True)
 
 
 def name_after_prefix(name: str) -> str:

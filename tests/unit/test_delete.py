@@ -12,12 +12,21 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from ckpt_watcher.delete import Outcome, apply_group, apply_plan, finish_leftovers, remove_leftovers
+from ckpt_watcher import delete
+from ckpt_watcher.delete import (
+    Outcome,
+    apply_group,
+    apply_plan,
+    finish_leftovers,
+    leftover_name,
+    remove_leftovers,
+)
+from ckpt_watcher.filesystem import rename_no_replace
 from ckpt_watcher.plan import Plan, plan
 from ckpt_watcher.policy import Policy
 from ckpt_watcher.records import DELETING_PREFIX
 from ckpt_watcher.scan import ScanOptions, scan_tree
-from tests.support.factories import directory_checkpoint, leftovers, step_name, write_checkpoint
+from tests.support.factories import directory_checkpoint, leftovers, step_name, write_checkpoint, zip_bytes
 from tests.support.hostile_trees import make_deep_directory, remove_deep, set_immutable
 
 pytestmark = pytest.mark.timeout(120)
@@ -185,3 +194,134 @@ def test_no_exception_escapes_the_public_functions(tmp_path: Path) -> None:
     assert relative_results == []
     assert [record["event"] for record in logs].count("checkpoint_delete_failed") == 4
     assert sorted(os.listdir(tmp_path)) == [step_name(0, step) for step in (100, 200, 300)]
+
+
+# -- a file renamed onto a planned name while it is being deleted ------------------------------------
+
+
+def _two_steps(tmp_path: Path) -> tuple[Plan, Path]:
+    """Steps 100 and 200 in ``run``, planned with keep-1: step 100 is to be deleted."""
+    for step in (100, 200):
+        write_checkpoint(tmp_path / "run" / step_name(0, step))
+    the_plan = plan_of(tmp_path / "run")
+    [doomed] = the_plan.deletions
+    return the_plan, doomed.record.path
+
+
+def test_a_file_renamed_onto_the_name_after_its_check_is_put_back_not_deleted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The writer's rename lands between the identity check (by name) and the removal: what is moved
+    out of the way is the new file, which is not the one planned, so it goes back under its name."""
+    the_plan, old = _two_steps(tmp_path)
+    real_stat = os.stat
+
+    def check_then_the_writer_replaces(path: str, *arguments: object, **keywords: object) -> os.stat_result:
+        result = real_stat(path, *arguments, **keywords)  # type: ignore[arg-type]
+        if path == old.name and keywords.get("dir_fd") is not None:
+            fresh = write_checkpoint(tmp_path / "run" / "tmp-save", b"a new save of the same step")
+            os.rename(fresh, old)
+        return result
+
+    monkeypatch.setattr(os, "stat", check_then_the_writer_replaces)
+    [result] = apply_plan(the_plan, tmp_path / "run").results
+    monkeypatch.undo()
+
+    assert result.outcome is Outcome.CHANGED
+    assert old.read_bytes() == zip_bytes(b"a new save of the same step")
+    assert leftovers(tmp_path / "run") == []
+
+
+def test_a_file_written_under_the_name_after_the_checked_one_moved_away_is_left_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once the checked file is out of the way, a new file under its name is another file: the
+    checked one is removed, the new one is not touched."""
+    the_plan, old = _two_steps(tmp_path)
+    real_rename = rename_no_replace
+
+    def rename_then_the_writer_saves(source: str, destination: str, **keywords: int) -> None:
+        real_rename(source, destination, **keywords)
+        if source == old.name:
+            write_checkpoint(old, b"a new save of the same step")
+
+    monkeypatch.setattr(delete, "rename_no_replace", rename_then_the_writer_saves)
+    [result] = apply_plan(the_plan, tmp_path / "run").results
+    monkeypatch.undo()
+
+    assert result.outcome is Outcome.DELETED
+    assert old.read_bytes() == zip_bytes(b"a new save of the same step")
+    assert leftovers(tmp_path / "run") == []
+
+
+def test_a_swapped_file_that_cannot_go_back_under_its_name_is_kept_under_the_leftover_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two writers: the file moved away was swapped in, and its name is taken again before it can go
+    back. It stays under the leftover name, which carries the planned inode, not its own: no later
+    pass removes it."""
+    the_plan, old = _two_steps(tmp_path)
+    real_rename = rename_no_replace
+
+    def swapped_twice(source: str, destination: str, **keywords: int) -> None:
+        if source == old.name:  # just before the move away: the first writer's file lands
+            fresh = write_checkpoint(tmp_path / "run" / "tmp-save", b"first writer")
+            os.rename(fresh, old)
+        else:  # just before the move back: the second writer's
+            write_checkpoint(old, b"second writer")
+        real_rename(source, destination, **keywords)
+
+    monkeypatch.setattr(delete, "rename_no_replace", swapped_twice)
+    with capture_logs() as logs:
+        [result] = apply_plan(the_plan, tmp_path / "run").results
+    monkeypatch.undo()
+    finish_leftovers(tmp_path / "run", tmp_path / "run")
+
+    assert result.outcome is Outcome.CHANGED
+    assert old.read_bytes() == zip_bytes(b"second writer")
+    [kept] = leftovers(tmp_path / "run")
+    assert (tmp_path / "run" / kept).read_bytes() == zip_bytes(b"first writer")
+    [changed] = [record for record in logs if record["event"] == "checkpoint_changed"]
+    assert f"kept as {tmp_path / 'run' / kept}" in changed["detail"]
+
+
+def test_a_file_left_renamed_by_a_killed_deletion_is_finished_only_if_it_is_the_one_named(
+    tmp_path: Path,
+) -> None:
+    """Killed between the rename out of the way and the unlink: the leftover's name carries its own
+    inode, so the next pass removes it. One whose name carries another inode is kept."""
+    run = tmp_path / "run"
+    ours = write_checkpoint(run / "tmp-ours")
+    ours = ours.rename(run / leftover_name(step_name(0, 100), ours.stat().st_ino))
+    foreign = write_checkpoint(run / f"{DELETING_PREFIX}i1-{step_name(0, 200)}")
+
+    results = finish_leftovers(run, run, reported=set())
+
+    assert [(result.path, result.removed) for result in results] == [(ours, True)]
+    assert not ours.exists()
+    assert foreign.exists()
+
+
+def test_a_directory_swapped_in_between_the_walk_and_the_rename_is_put_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    deepspeed(tmp_path / "run" / step_name(0, 100))
+    deepspeed(tmp_path / "run" / step_name(0, 200))
+    the_plan = plan_of(tmp_path / "run")
+    old = tmp_path / "run" / step_name(0, 100)
+    real_rename = rename_no_replace
+
+    def swap_then_rename(source: str, destination: str, **keywords: int) -> None:
+        if source == old.name:
+            shutil.rmtree(old)
+            deepspeed(old)  # a new directory under the name: another inode
+            (old / "new").write_text("the new one")
+        real_rename(source, destination, **keywords)
+
+    monkeypatch.setattr(delete, "rename_no_replace", swap_then_rename)
+    [result] = apply_plan(the_plan, tmp_path / "run").results
+    monkeypatch.undo()
+
+    assert result.outcome is Outcome.CHANGED
+    assert (old / "new").read_text() == "the new one"
+    assert leftovers(tmp_path / "run") == []
