@@ -32,7 +32,7 @@ SECTION_TITLES = (
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(420)  # ~60 s alone; 110 to 150 s measured on this 2-core machine under load
 def test_bench_smoke_run_writes_every_section(tmp_path: Path) -> None:
     output = tmp_path / "BENCHMARKS.md"
     completed = subprocess.run(
@@ -47,7 +47,7 @@ def test_bench_smoke_run_writes_every_section(tmp_path: Path) -> None:
         ],
         capture_output=True,
         text=True,
-        timeout=170,
+        timeout=400,
         check=False,
     )
     assert completed.returncode == 0, completed.stderr[-5000:]

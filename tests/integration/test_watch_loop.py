@@ -11,7 +11,7 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +111,11 @@ def test_an_event_inside_a_directory_checkpoint_replans_the_group_that_holds_it(
         assert newer.exists()
 
 
+def _passes(captured: LogCapture, trigger: str) -> list[MutableMapping[str, Any]]:
+    """The ``pass_completed`` records of passes with ``trigger``, oldest first."""
+    return [entry for entry in logged(captured, "pass_completed") if entry["trigger"] == trigger]
+
+
 def test_a_closed_checkpoint_replans_its_own_group_and_no_other(tmp_path: Path, captured: LogCapture) -> None:
     root = tmp_path / "root"
     _steps(root / "a", range(100, 600, 100))
@@ -123,8 +128,9 @@ def test_a_closed_checkpoint_replans_its_own_group_and_no_other(tmp_path: Path, 
         loop.observer.deliver(FileClosedEvent(str(newest_a)))
 
         wait_until(lambda: _count(root / "a") == 5, timeout=10, what="a pruned to 5")
-        passes = [entry for entry in logged(captured, "pass_completed") if entry["trigger"] == "event"]
-        assert passes[-1]["groups"] == 1
+        # The pass is logged after its deletions: wait for its record too.
+        wait_until(lambda: bool(_passes(captured, "event")), timeout=10, what="the event pass's record")
+        assert _passes(captured, "event")[-1]["groups"] == 1
         assert _count(root / "b") == 6, "b had no event and no rescan is due: it must not be planned"
 
 
@@ -138,7 +144,7 @@ def test_an_inotify_overflow_plans_everything_again(tmp_path: Path, captured: Lo
         logging.getLogger("watchdog.observers.inotify_c").warning("Inotify queue overflowed")
 
         wait_until(lambda: _count(root / "a") == 5, timeout=10, what="a full pass after the overflow")
-        assert [entry["trigger"] for entry in logged(captured, "pass_completed")][-1] == "full"
+        wait_until(lambda: bool(_passes(captured, "full")), timeout=10, what="the full pass's record")
 
 
 class UnwatchingObserver(ScriptedObserver):
