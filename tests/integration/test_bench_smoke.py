@@ -31,26 +31,26 @@ SECTION_TITLES = (
 )
 
 
+def _bench(script: str, *arguments: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    """Run ``bench/SCRIPT`` with this interpreter; it must exit 0 (its stderr's end says why not)."""
+    completed = subprocess.run(
+        [sys.executable, str(REPOSITORY / "bench" / script), *arguments],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr[-5000:]
+    return completed
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(420)  # ~60 s alone; 110 to 150 s measured on this 2-core machine under load
 def test_bench_smoke_run_writes_every_section(tmp_path: Path) -> None:
     output = tmp_path / "BENCHMARKS.md"
-    completed = subprocess.run(
-        [
-            sys.executable,
-            str(REPOSITORY / "bench" / "run.py"),
-            "--smoke",
-            "--work-dir",
-            str(tmp_path / "work"),
-            "--output",
-            str(output),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=400,
-        check=False,
+    completed = _bench(
+        "run.py", "--smoke", "--work-dir", str(tmp_path / "work"), "--output", str(output), timeout=400
     )
-    assert completed.returncode == 0, completed.stderr[-5000:]
     text = output.read_text()
     assert completed.stdout.strip() == text.strip()
     for title in SECTION_TITLES:
@@ -76,23 +76,9 @@ def test_bench_smoke_run_writes_every_section(tmp_path: Path) -> None:
 @pytest.mark.timeout(120)
 def test_the_open_chain_study_runs_and_times_each_chain(tmp_path: Path) -> None:
     """``bench/open_chain.py`` (the race-free open against the floor; quoted in BENCHMARKS.md §10)."""
-    completed = subprocess.run(
-        [
-            sys.executable,
-            str(REPOSITORY / "bench" / "open_chain.py"),
-            "--size",
-            "smoke",
-            "--rounds",
-            "1",
-            "--work-dir",
-            str(tmp_path),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=110,
-        check=False,
+    completed = _bench(
+        "open_chain.py", "--size", "smoke", "--rounds", "1", "--work-dir", str(tmp_path), timeout=110
     )
-    assert completed.returncode == 0, completed.stderr[-5000:]
     figures = json.loads(completed.stdout)
     assert figures["files"] == 300  # the smoke tree: 299 checkpoints and last.ckpt
     assert figures["floor_ratio"] == 1.0

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -199,6 +199,20 @@ def test_no_exception_escapes_the_public_functions(tmp_path: Path) -> None:
 # -- a file renamed onto a planned name while it is being deleted ------------------------------------
 
 
+NEW_SAVE = b"a new save of the same step"
+
+
+def _outcome_with(
+    monkeypatch: pytest.MonkeyPatch, owner: object, attribute: str, replacement: object, the_plan: Plan
+) -> Outcome:
+    """The outcome of the plan's one deletion, applied with ``owner.attribute`` replaced."""
+    [group] = the_plan.groups
+    monkeypatch.setattr(owner, attribute, replacement)
+    [result] = apply_plan(the_plan, group.directory).results
+    monkeypatch.undo()
+    return result.outcome
+
+
 def _two_steps(tmp_path: Path) -> tuple[Plan, Path]:
     """Steps 100 and 200 in ``run``, planned with keep-1: step 100 is to be deleted."""
     for step in (100, 200):
@@ -208,49 +222,45 @@ def _two_steps(tmp_path: Path) -> tuple[Plan, Path]:
     return the_plan, doomed.record.path
 
 
-def test_a_file_renamed_onto_the_name_after_its_check_is_put_back_not_deleted(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The writer's rename lands between the identity check (by name) and the removal: what is moved
-    out of the way is the new file, which is not the one planned, so it goes back under its name."""
-    the_plan, old = _two_steps(tmp_path)
-    real_stat = os.stat
+def _a_writer_saves(moment: str, old: Path) -> tuple[object, str, Callable[..., object]]:
+    """What to patch so that a writer saves ``old``'s name anew at ``moment``: right after the identity
+    check by name ("after the check": its rename lands before the file is moved out of the way), or
+    right after the move ("after the move")."""
+    if moment == "after the check":
+        real_stat = os.stat
 
-    def check_then_the_writer_replaces(path: str, *arguments: object, **keywords: object) -> os.stat_result:
-        result = real_stat(path, *arguments, **keywords)  # type: ignore[arg-type]
-        if path == old.name and keywords.get("dir_fd") is not None:
-            fresh = write_checkpoint(tmp_path / "run" / "tmp-save", b"a new save of the same step")
-            os.rename(fresh, old)
-        return result
+        def check_then_the_writer_replaces(
+            path: str, *arguments: object, **keywords: object
+        ) -> os.stat_result:
+            result = real_stat(path, *arguments, **keywords)  # type: ignore[arg-type]
+            if path == old.name and keywords.get("dir_fd") is not None:
+                os.rename(write_checkpoint(old.parent / "tmp-save", NEW_SAVE), old)
+            return result
 
-    monkeypatch.setattr(os, "stat", check_then_the_writer_replaces)
-    [result] = apply_plan(the_plan, tmp_path / "run").results
-    monkeypatch.undo()
+        return os, "stat", check_then_the_writer_replaces
 
-    assert result.outcome is Outcome.CHANGED
-    assert old.read_bytes() == zip_bytes(b"a new save of the same step")
-    assert leftovers(tmp_path / "run") == []
-
-
-def test_a_file_written_under_the_name_after_the_checked_one_moved_away_is_left_alone(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Once the checked file is out of the way, a new file under its name is another file: the
-    checked one is removed, the new one is not touched."""
-    the_plan, old = _two_steps(tmp_path)
-    real_rename = rename_no_replace
-
-    def rename_then_the_writer_saves(source: str, destination: str, **keywords: int) -> None:
-        real_rename(source, destination, **keywords)
+    def move_then_the_writer_saves(source: str, destination: str, **keywords: int) -> None:
+        rename_no_replace(source, destination, **keywords)
         if source == old.name:
-            write_checkpoint(old, b"a new save of the same step")
+            write_checkpoint(old, NEW_SAVE)
 
-    monkeypatch.setattr(delete, "rename_no_replace", rename_then_the_writer_saves)
-    [result] = apply_plan(the_plan, tmp_path / "run").results
-    monkeypatch.undo()
+    return delete, "rename_no_replace", move_then_the_writer_saves
 
-    assert result.outcome is Outcome.DELETED
-    assert old.read_bytes() == zip_bytes(b"a new save of the same step")
+
+@pytest.mark.parametrize(
+    ("moment", "outcome"), [("after the check", Outcome.CHANGED), ("after the move", Outcome.DELETED)]
+)
+def test_a_new_save_under_a_planned_name_while_it_is_deleted_is_never_removed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, moment: str, outcome: Outcome
+) -> None:
+    """A writer renames a new save onto the planned name between the check and the removal: what is
+    moved out of the way is then the new file, not the one planned, and it goes back under its name
+    (CHANGED). Once the checked file is out of the way, a new file under its name is another file:
+    the checked one is removed (DELETED), the new one never touched."""
+    the_plan, old = _two_steps(tmp_path)
+
+    assert _outcome_with(monkeypatch, *_a_writer_saves(moment, old), the_plan) is outcome
+    assert old.read_bytes() == zip_bytes(NEW_SAVE)
     assert leftovers(tmp_path / "run") == []
 
 
@@ -312,16 +322,15 @@ def test_a_directory_swapped_in_between_the_walk_and_the_rename_is_put_back(
     real_rename = rename_no_replace
 
     def swap_then_rename(source: str, destination: str, **keywords: int) -> None:
-        if source == old.name:
+        if source == old.name:  # a new directory moved onto the name (made first: another inode)
+            incoming = deepspeed(old.parent / "incoming")
+            (incoming / "new").write_text("the new one")
             shutil.rmtree(old)
-            deepspeed(old)  # a new directory under the name: another inode
-            (old / "new").write_text("the new one")
+            incoming.rename(old)
         real_rename(source, destination, **keywords)
 
-    monkeypatch.setattr(delete, "rename_no_replace", swap_then_rename)
-    [result] = apply_plan(the_plan, tmp_path / "run").results
-    monkeypatch.undo()
+    outcome = _outcome_with(monkeypatch, delete, "rename_no_replace", swap_then_rename, the_plan)
 
-    assert result.outcome is Outcome.CHANGED
+    assert outcome is Outcome.CHANGED
     assert (old / "new").read_text() == "the new one"
     assert leftovers(tmp_path / "run") == []
