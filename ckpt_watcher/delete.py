@@ -349,7 +349,13 @@ def _refuse_directory(directory_fd: int, decision: Decision) -> DeletionResult |
         return _failed(decision, f"cannot be walked before removal: {describe_os_error(error)}")
     planned = decision.record.identity
     walked = summary.identity
-    if planned is None or walked is None or (walked.device, walked.inode) != (planned.device, planned.inode):
+    # Its own mtime too: an entry added or removed since the scan changes it, and a directory made
+    # anew under the name may be given the inode the old one freed (ext4 reuses one at once).
+    if (
+        planned is None
+        or walked is None
+        or (walked.device, walked.inode, walked.mtime_ns) != (planned.device, planned.inode, planned.mtime_ns)
+    ):
         return _changed(decision)
     if summary.mount_points:
         return _failed(

@@ -334,3 +334,20 @@ def test_a_directory_swapped_in_between_the_walk_and_the_rename_is_put_back(
     assert outcome is Outcome.CHANGED
     assert (old / "new").read_text() == "the new one"
     assert leftovers(tmp_path / "run") == []
+
+
+def test_a_directory_checkpoint_written_into_after_it_was_planned_is_kept(tmp_path: Path) -> None:
+    """An entry added to a planned directory checkpoint changes its own mtime: not the checkpoint
+    that was planned, so it is kept and planned again (the first check by name sees it; the walk
+    just before the removal compares the mtime too)."""
+    deepspeed(tmp_path / "run" / step_name(0, 100))
+    deepspeed(tmp_path / "run" / step_name(0, 200))
+    the_plan = plan_of(tmp_path / "run")
+    old = tmp_path / "run" / step_name(0, 100)
+    (old / "zero_to_fp32.py").write_text("# written after the plan")
+
+    [result] = apply_plan(the_plan, tmp_path / "run").results
+
+    assert result.outcome is Outcome.CHANGED
+    assert (old / "zero_to_fp32.py").exists()
+    assert (old / "latest").exists()
