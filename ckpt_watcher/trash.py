@@ -78,9 +78,30 @@ class TrashUnusableError(Exception):
 
 
 def iso_time(epoch_seconds: float) -> str:
-    """``2026-11-28T07:41:43Z``: a time as every trash record and listing shows it (UTC)."""
-    moment = datetime.datetime.fromtimestamp(epoch_seconds, datetime.UTC)
+    """``2026-11-28T07:41:43Z``: a time as every trash record and listing shows it (UTC); a time no
+    calendar holds (a forged record's) as its seconds."""
+    try:
+        moment = datetime.datetime.fromtimestamp(epoch_seconds, datetime.UTC)
+    except (OverflowError, ValueError, OSError):
+        return f"{epoch_seconds:g} s after 1970"
     return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# A time a trash record may hold: from 1970 to the end of year 9999 (what a calendar shows; a record
+# outside it was not written by this tool).
+_LATEST_TIME = 253_402_300_799.0
+
+
+def _time(document: dict[str, Any], key: str) -> float:
+    value = document.get(key)
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or not 0 <= value <= _LATEST_TIME
+    ):
+        raise ValueError(f"{key!r} is not a time")
+    return float(value)
 
 
 def make_key(trashed_at: float, inode: int) -> str:
@@ -150,14 +171,14 @@ class TrashEntry:
 
     def matches(self, status: EntryStatus) -> bool:
         """True if ``status`` (never following a symlink) is the very entry that was trashed: its device
-        and inode, a directory for a directory, else a regular file of its size and mtime (an inode
-        number freed and reused by something planted is not enough)."""
+        and inode, a directory for a directory, else a regular file of its size (an inode number freed
+        and reused is not enough). Not its mtime: a scratch file system's "touch your files" routine
+        changes that, and the entry must stay restorable and purgeable, never orphaned."""
         if (status.device, status.inode) != (self.device, self.inode):
             return False
         if self.is_directory:
             return stat.S_ISDIR(status.mode)
-        same_time = self.mtime_ns is None or status.mtime_ns == self.mtime_ns
-        return stat.S_ISREG(status.mode) and status.size == self.bytes and same_time
+        return stat.S_ISREG(status.mode) and status.size == self.bytes
 
     def document(self) -> dict[str, Any]:
         """Its ``info/<KEY>.json``."""
@@ -187,18 +208,12 @@ class TrashEntry:
         kind = document.get("type")
         if kind not in ("file", "directory"):
             raise ValueError("'type' is neither file nor directory")
-        trashed_at = document.get("trashed_at")
-        if (
-            isinstance(trashed_at, bool)
-            or not isinstance(trashed_at, int | float)
-            or not math.isfinite(trashed_at)
-        ):
-            raise ValueError("'trashed_at' is not a time")
+        trashed_at = _time(document, "trashed_at")
         assert isinstance(original, str)
         return cls(
             key=key,
             original=original,
-            trashed_at=float(trashed_at),
+            trashed_at=trashed_at,
             grace_seconds=_whole(document, "grace_seconds", LONGEST_SECONDS),
             reasons=tuple(reasons[:REASONS_LIMIT]),
             bytes=_whole(document, "bytes", 1 << 62),
@@ -240,15 +255,12 @@ class RestoredPin:
         """The pin ``document`` describes; ValueError saying what is wrong with it."""
         if not isinstance(document, dict) or not valid_relative_path(document.get("original")):
             raise ValueError("not a pin of a path inside the root")
-        until = document.get("until")
-        if isinstance(until, bool) or not isinstance(until, int | float) or not math.isfinite(until):
-            raise ValueError("'until' is not a time")
         return cls(
             key=key,
             original=str(document["original"]),
             device=_whole(document, "device", 1 << 64),
             inode=_whole(document, "inode", 1 << 64),
-            until=float(until),
+            until=_time(document, "until"),
         )
 
 

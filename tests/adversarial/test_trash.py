@@ -181,6 +181,8 @@ HOSTILE_METADATA: list[tuple[str, object]] = [
     ("huge-numbers", {"inode": 2**80}),
     ("negative-bytes", {"bytes": -1}),
     ("nan-time", {"trashed_at": "nan"}),
+    ("time-past-year-9999", {"trashed_at": 1e20}),  # OverflowError in every listing, once
+    ("time-before-1970", {"trashed_at": -1e20}),  # and in the purge of a prune, too
 ]
 
 
@@ -289,3 +291,38 @@ def test_restore_never_goes_through_a_symlink_where_the_run_directory_was(
     assert all(line.startswith("refused   run/") and "it is never followed" in line for line in lines)
     assert tree_digest(top) == digest  # nothing restored into the directory the link points at
     assert len(json.loads(run_cli("trash", "list", str(root), "--json").stdout)["entries"]) == 2
+
+
+def test_a_restored_pin_until_past_year_9999_is_a_trash_problem_not_a_failed_pass(
+    root: Path, policy: Path
+) -> None:
+    """A forged ``restored/<KEY>.json`` with ``until: 1e20`` made every group of every pass fail
+    (OverflowError formatting the reason), and it was never tidied away: retention stopped."""
+    trashed_root(root, policy)
+    assert run_cli("restore", str(root), "--all").returncode == 0
+    pins = sorted((root / TRASH / "restored").iterdir())
+    assert pins
+    for pin in pins:
+        pin.write_text(json.dumps({**json.loads(pin.read_text()), "until": 1e20}))
+
+    pruned = run_cli("prune", str(root), "--policy", str(policy), "--dry-run", "--json")
+
+    assert_clean_exit(pruned, allowed=(0,))
+    assert not events(pruned.stderr, "group_failed")
+    summary = json.loads(pruned.stdout)["summary"]
+    assert (summary["kept"], summary["trashed"]) == (1, 2), summary  # the forged pins are not in force
+
+
+def test_entries_touched_in_the_trash_stay_restorable(root: Path, policy: Path) -> None:
+    """A scratch file system's "touch your files or lose them" routine changes a trashed file's mtime:
+    restore refused it, and a purge then dropped its record and left its bytes, unaccounted for."""
+    entries = trashed_root(root, policy)
+    for path in (root / TRASH / "files" / "run").iterdir():
+        os.utime(path)
+
+    restored = run_cli("restore", str(root), "--all")
+
+    assert restored.returncode == 0, restored.stdout + restored.stderr
+    names = {path.name for path in (root / "run").iterdir()}
+    assert {Path(str(entry["original"])).name for entry in entries} <= names
+    assert json.loads(run_cli("trash", "list", str(root), "--json").stdout)["entries"] == []
