@@ -162,7 +162,7 @@ class BucketTrashTarget:
         stored = self._copy_in(entry, key, sources)
         refusal = self.may_delete()  # a long copy: the lease may have been lost meanwhile
         outcome = _failed(decision, refusal) if refusal else self._remove(decision, listing, stored)
-        if refusal or outcome.outcome in (Outcome.CHANGED, Outcome.ALREADY_GONE):  # nothing deleted
+        if refusal or outcome.outcome is Outcome.CHANGED:  # nothing deleted: the copy is not needed
             copies = [(stored.data_key(self.index.base, copy.relative), copy.tag) for copy in stored.copies]
             _delete_quietly(self.store, [*copies, (stored.info_key, stored.info_tag)])
         elif outcome.outcome is not Outcome.TRASHED:
@@ -238,7 +238,11 @@ class BucketTrashTarget:
         return StoredEntry(stored.entry, tuple(actual), stored.info_key, info_tag)
 
     def _remove(self, decision: Decision, listing: Listing, stored: StoredEntry) -> DeletionResult:
-        """Remove the checkpoint as without a trash; on success, ``checkpoint_trashed``."""
+        """Remove the checkpoint as without a trash; on success, ``checkpoint_trashed``.
+
+        Gone already once its copy is verified counts as trashed, and the copy stays: most likely our
+        own conditional DELETE succeeded and its answer was lost, so botocore's retry found nothing
+        (404). Dropping the copy then lost the checkpoint in both places, with nothing logged."""
 
         def trashed(decision: Decision) -> DeletionResult:
             self.index.add(stored)
@@ -255,7 +259,8 @@ class BucketTrashTarget:
             return DeletionResult(decision, Outcome.TRASHED)
 
         remove = remove_directory if stored.entry.is_directory else remove_object
-        return remove(decision, self.url, self.store, listing, trashed)
+        result = remove(decision, self.url, self.store, listing, trashed)
+        return trashed(decision) if result.outcome is Outcome.ALREADY_GONE else result
 
     def _url_of(self, key: str) -> str:
         return f"{self.url.scheme}://{self.url.bucket}/{key}"

@@ -26,7 +26,7 @@ from tests.support.cli import events, run_cli
 from tests.support.daemon import running_daemon, wait_until
 from tests.support.factories import step_name, zip_bytes
 from tests.support.layouts import file_checkpoints, write_files
-from tests.support.s3_server import Bucket, S3Server
+from tests.support.s3_server import Bucket, FaultProxy, S3Server
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -445,3 +445,37 @@ def test_a_copy_in_parts_is_byte_identical_and_never_lands_over_an_object(
     with pytest.raises(PreconditionFailedError):
         store.finish_copy(refused)
     assert s3.get("root/taken.ckpt") == b"already here"
+
+
+def test_a_lost_answer_to_the_delete_after_the_copy_keeps_the_copy(
+    s3: Bucket, s3_server: S3Server, tmp_path: Path
+) -> None:
+    """The checkpoint is copied into the trash, then its conditional DELETE is done but its answer
+    lost; botocore's retry finds nothing (404). That is our own deletion: the verified copy is kept
+    and the checkpoint is trashed, never lost in both places without a word."""
+    objects = _seed(s3, range(100, 400, 100))
+    doomed = f"root/run/{step_name(0, 100)}"
+    proxy = FaultProxy(s3_server.port, tmp_path / "proxy-control")
+    proxy.start()
+    try:
+        proxy.drop_answer_once(f"DELETE /{s3.name}/{urllib.parse.quote(doomed, safe='/')}")
+        pruned = run_cli(
+            "prune",
+            f"{s3.url}/root",
+            "--policy",
+            str(_policy(tmp_path, "save_top_k_checkpoints: 2\ntrash:\n  grace: 1d\n")),
+            environment={"AWS_ENDPOINT_URL": proxy.endpoint},
+        )
+    finally:
+        proxy.stop()
+
+    assert proxy.answer_dropped()
+    assert pruned.returncode == 0, pruned.stderr
+    assert [record["path"] for record in events(pruned.stderr, "checkpoint_trashed")] == [
+        f"{s3.url}/{doomed}"
+    ]
+    assert doomed not in _checkpoint_keys(s3)
+    [entry] = _trash_list(s3)
+    assert entry["original"] == f"run/{step_name(0, 100)}"
+    assert run_cli("restore", f"{s3.url}/root", "--all").returncode == 0
+    assert s3.get(doomed) == objects[doomed]

@@ -8,7 +8,10 @@ line is read and the CONTROL_FILE consulted (it may change at any time):
 * empty or missing: forward;
 * ``fail-continuation``: a listing request for a page after the first (``continuation-token=`` in
   the query) gets ``500 InternalError``: a listing fails mid-pagination, after its first page of
-  1000 keys was served.
+  1000 keys was served;
+* ``drop-answer REQUEST-LINE-START``: the first request whose line starts so (``DELETE /bucket/key``)
+  is forwarded and done, but its answer is dropped (the connection closed): a response lost on the
+  way, which the client retries. The control file is emptied, so it happens once.
 
 The S3 server closes each connection after its response, so every request comes on a connection of
 its own and is seen here. Stopping this process (and starting it again on the same port) is the
@@ -31,12 +34,29 @@ _ERROR_BODY = (
 )
 
 
-def _fault(control: Path, request_line: bytes) -> bool:
+def _mode(control: Path) -> str:
     try:
-        mode = control.read_text().strip()
+        return control.read_text().strip()
     except OSError:
-        mode = ""
-    return mode == "fail-continuation" and b"continuation-token=" in request_line
+        return ""
+
+
+def _fault(control: Path, request_line: bytes) -> bool:
+    return _mode(control) == "fail-continuation" and b"continuation-token=" in request_line
+
+
+_DROP = "drop-answer "
+_ONCE = threading.Lock()
+
+
+def _drops_answer(control: Path, request_line: bytes) -> bool:
+    """True (once: the control file is emptied) if this request's answer is to be dropped."""
+    with _ONCE:
+        mode = _mode(control)
+        if mode.startswith(_DROP) and request_line.startswith(mode[len(_DROP) :].encode()):
+            control.write_text("")
+            return True
+    return False
 
 
 def _pipe(source: socket.socket, destination: socket.socket) -> None:
@@ -68,6 +88,14 @@ def _serve(client: socket.socket, upstream_port: int, control: Path) -> None:
             )
             return
         upstream = socket.create_connection(("127.0.0.1", upstream_port), timeout=_TIMEOUT)
+        if _drops_answer(control, head.split(b"\r\n", 1)[0]):
+            while b"\r\n\r\n" not in head and (chunk := client.recv(65536)):  # the whole request
+                head += chunk
+            upstream.sendall(head)  # (a request without a body: DELETE)
+            while upstream.recv(65536):  # done by the server; its answer goes nowhere
+                pass
+            upstream.close()
+            return
         upstream.sendall(head)
         back = threading.Thread(target=_pipe, args=(upstream, client), daemon=True)
         back.start()

@@ -231,3 +231,11 @@ class FaultProxy:
     def fail_continuation(self, failing: bool) -> None:
         """Fail (or stop failing) every listing page after the first."""
         self.control.write_text("fail-continuation" if failing else "")
+
+    def drop_answer_once(self, request_line_start: str) -> None:
+        """Do the next request whose line starts so, but drop its answer (the client retries)."""
+        self.control.write_text(f"drop-answer {request_line_start}")
+
+    def answer_dropped(self) -> bool:
+        """True once the answer ``drop_answer_once`` asked for was dropped."""
+        return not self.control.read_text()
