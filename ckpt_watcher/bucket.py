@@ -473,7 +473,7 @@ class BucketConfigFiles:
         except ObjectMissingError:
             raise ConfigFileError("no such file") from None
         except StoreError as error:
-            raise ConfigFileError(f"cannot be read: {error}") from None
+            raise ConfigFileError(f"cannot be read: {error}", transient=True) from None
         self._heads.pop(path, None)
         try:
             return fetched.data.decode("utf-8")

@@ -37,10 +37,13 @@ MAXIMUM_YAML_DEPTH = 64
 
 
 class ConfigFileError(Exception):
-    """A config file that cannot be used; ``message`` is what follows ``At '<file>': ``."""
+    """A config file that cannot be used; ``message`` is what follows ``At '<file>': ``. ``transient``:
+    it could not be read (an I/O error, a store answering 503), not that its contents are wrong, so
+    reading it again may work although the file did not change."""
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, *, transient: bool = False) -> None:
         self.message = message
+        self.transient = transient
         super().__init__(message)
 
 
@@ -67,14 +70,14 @@ def read_config_text(
     except FileNotFoundError:
         raise ConfigFileError("no such file") from None
     except OSError as error:
-        raise ConfigFileError(_open_problem(error)) from None
+        raise ConfigFileError(_open_problem(error), transient=True) from None
     _require_regular(status, limit)
     try:
         descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except FileNotFoundError:
         raise ConfigFileError("no such file") from None
     except OSError as error:
-        raise ConfigFileError(_open_problem(error)) from None
+        raise ConfigFileError(_open_problem(error), transient=True) from None
     try:
         _require_regular(os.fstat(descriptor), limit)
         if confined_to:
@@ -145,7 +148,7 @@ def _read_at_most(descriptor: int, limit: int) -> bytes:
         try:
             chunk = os.read(descriptor, min(65536, limit + 1 - total))
         except OSError as error:
-            raise ConfigFileError(f"cannot read it ({describe_os_error(error)})") from None
+            raise ConfigFileError(f"cannot read it ({describe_os_error(error)})", transient=True) from None
         if not chunk:
             return b"".join(chunks)
         chunks.append(chunk)

@@ -59,9 +59,10 @@ class ConfigLabel(str):
 class ProtectionError(Exception):
     """A protect_from config that cannot be read; the previous protection set stays."""
 
-    def __init__(self, config: str, message: str) -> None:
+    def __init__(self, config: str, message: str, *, transient: bool = False) -> None:
         self.config = config
         self.message = message
+        self.transient = transient  # it could not be read (ConfigFileError.transient): try again
         super().__init__(f"{config}: {message}")
 
 
@@ -160,7 +161,7 @@ def read_config_protection(
     try:
         document = parse_yaml(files.read_text(config, confined_to=confined_to), quote_contents=False).value
     except ConfigFileError as error:
-        raise ProtectionError(label, error.message) from None
+        raise ProtectionError(label, error.message, transient=error.transient) from None
     if document is None:
         document = {}
     if not isinstance(document, dict):
@@ -259,9 +260,10 @@ def identities_of(pins: Mapping[Path, str]) -> dict[FileKey, str]:
 
 @dataclass
 class _LoadedConfig:
-    identity: FileIdentity | None
+    identity: FileIdentity | None  # None after a read that failed for now: read again next pass
     label: str
     protection: ConfigProtection | None
+    error: str | None = None  # why the last read was refused (logged once while it stays the same)
 
 
 class ProtectionRegistry:
@@ -300,13 +302,18 @@ class ProtectionRegistry:
             except ProtectionError as error:
                 if strict:
                     raise
-                logger.error(
-                    "protection_rejected",
-                    config=label,
-                    error=error.message,
-                    detail="the previous protection set from this file stays in force",
-                )
-                self._loaded[config] = _LoadedConfig(identity, label, old_protection)
+                if previous is None or previous.error != error.message:
+                    logger.error(
+                        "protection_rejected",
+                        config=label,
+                        error=error.message,
+                        detail="the previous protection set from this file stays in force"
+                        + ("; it is read again at the next pass" if error.transient else ""),
+                    )
+                # A read that failed for now (a store's 503) is tried again at every pass, however
+                # long the file stays the same: its protection must not stay away for good.
+                seen = None if error.transient else identity
+                self._loaded[config] = _LoadedConfig(seen, label, old_protection, error.message)
                 changed = changed or previous is None
                 continue
             for warning in protection.warnings:
