@@ -226,7 +226,7 @@ def _remove_marker_first(
             remains.append(info.key)
     if remains:  # the marker is still there: deleting the rest would leave a complete-looking husk
         return remains + [info.key for info in rest]
-    failures = store.delete_many(info.key for info in rest)
+    failures = store.delete_many((info.key, info.tag) for info in rest)  # each only if not replaced
     return sorted(failures)
 
 

@@ -167,8 +167,9 @@ class ObjectStore:
         """Delete the object if it is still the one with ``tag`` (as far as the store can promise)."""
         raise NotImplementedError
 
-    def delete_many(self, keys: Iterable[str]) -> dict[str, str]:
-        """Delete the keys in batches; each key that could not be deleted, with why."""
+    def delete_many(self, objects: Iterable[tuple[str, str]]) -> dict[str, str]:
+        """Delete the (key, tag) objects in batches, each only if it still has that tag where the store
+        can say so; each key that was not deleted, with why."""
         raise NotImplementedError
 
     def put_new(self, key: str, data: bytes) -> str:
@@ -507,26 +508,28 @@ class S3Store(_S3Copies):
 
         self._run("DeleteObject", key, request)
 
-    def delete_many(self, keys: Iterable[str]) -> dict[str, str]:
-        """DeleteObjects, 1000 keys a request; a failed request fails each of its keys."""
-        pending = list(keys)
+    def delete_many(self, objects: Iterable[tuple[str, str]]) -> dict[str, str]:
+        """DeleteObjects, 1000 objects a request, each with its ETag: one replaced since it was listed
+        is not deleted (``PreconditionFailed``: a shard written again after the plan). A failed request
+        fails each of its keys."""
+        pending = list(objects)
         failures: dict[str, str] = {}
         for start in range(0, len(pending), DELETE_BATCH):
             batch = pending[start : start + DELETE_BATCH]
 
-            async def request(client: Any, batch: list[str] = batch) -> list[dict[str, Any]]:
+            async def request(client: Any, batch: list[tuple[str, str]] = batch) -> list[dict[str, Any]]:
                 self._count("DeleteObjects")
                 response = await client.delete_objects(
                     Bucket=self.url.bucket,
-                    Delete={"Objects": [{"Key": key} for key in batch], "Quiet": True},
+                    Delete={"Objects": [{"Key": key, "ETag": tag} for key, tag in batch], "Quiet": True},
                 )
                 errors: list[dict[str, Any]] = response.get("Errors", [])
                 return errors
 
             try:
-                errors = self._run("DeleteObjects", batch[0], request)
+                errors = self._run("DeleteObjects", batch[0][0], request)
             except StoreError as error:
-                failures.update(dict.fromkeys(batch, str(error)))
+                failures.update(dict.fromkeys((key for key, _ in batch), str(error)))
                 continue
             for item in errors:
                 failures[str(item.get("Key"))] = redact(f"{item.get('Code')}: {item.get('Message')}")
@@ -683,9 +686,10 @@ class FsspecStore(ObjectStore):
         """``rm_file`` (the caller re-checked the tag just before)."""
         self._call("delete", key, lambda: self._filesystem.rm_file(self._path(key)))
 
-    def delete_many(self, keys: Iterable[str]) -> dict[str, str]:
-        """``rm`` of each batch; a failed batch fails each of its keys."""
-        pending = list(keys)
+    def delete_many(self, objects: Iterable[tuple[str, str]]) -> dict[str, str]:
+        """``rm`` of each batch (fsspec has no conditional delete: the tags are not checked); a failed
+        batch fails each of its keys."""
+        pending = [key for key, _ in objects]
         failures: dict[str, str] = {}
         for start in range(0, len(pending), DELETE_BATCH):
             batch = pending[start : start + DELETE_BATCH]

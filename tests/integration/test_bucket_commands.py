@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import textwrap
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
@@ -248,18 +249,54 @@ class FailingBatches(S3Store):
 
     failed = False
 
-    def delete_many(self, keys: object) -> dict[str, str]:
-        pending = list(keys)  # type: ignore[call-overload]
+    def delete_many(self, objects: Iterable[tuple[str, str]]) -> dict[str, str]:
+        pending = list(objects)
         if self.failed:
             return super().delete_many(pending)
         self.failed = True
         super().delete_many(pending[:1])
-        return dict.fromkeys(pending[1:], "InternalError: injected")
+        return dict.fromkeys((key for key, _ in pending[1:]), "InternalError: injected")
 
 
 def _directory_checkpoint(bucket: Bucket, name: str, shards: int) -> None:
     bucket.put_many({f"run/{name}/zero/rank{index}.pt": _checkpoint(index) for index in range(shards)})
     bucket.put(f"run/{name}/latest", b"global_step")
+
+
+class RewritesAShard(S3Store):
+    """A real S3 store and a writer re-saving a directory checkpoint, shards first: right after the
+    checkpoint's marker is deleted, it writes one of its shards again."""
+
+    def __init__(self, url: StorageURL, bucket: Bucket, shard: str) -> None:
+        super().__init__(url)
+        self.bucket = bucket
+        self.shard = shard
+
+    def delete(self, key: str, *, tag: str) -> None:
+        super().delete(key, tag=tag)
+        if key.endswith("/latest") and self.shard.startswith(key.rpartition("/")[0]):
+            self.bucket.put(self.shard, _checkpoint(999_999))
+
+
+def test_a_shard_written_again_after_the_listing_is_not_deleted_with_its_checkpoint(s3: Bucket) -> None:
+    """The shards of a directory checkpoint are deleted in batches (DeleteObjects): each only if it
+    still has the ETag it was listed with, so one written again after the plan stays."""
+    for step in (100, 200):
+        _directory_checkpoint(s3, step_name(0, step), shards=3)
+    url = _url(f"{s3.url}/run")
+    rewritten = f"run/{step_name(0, 100)}/zero/rank1.pt"
+    storage = BucketStorage(url, RewritesAShard(url, s3, rewritten))
+    options = ScanOptions(directory_quiet_seconds=0.0)
+    records = storage.scan_directory(
+        url.core_path, url.core_path, Policy().compiled_naming, options, None, []
+    )
+    [group] = plan(records, Policy(save_top_k_checkpoints=1)).groups
+
+    [result] = storage.apply_group(group, url.core_path)
+
+    assert result.outcome is Outcome.FAILED  # removed in part: the new shard (and the manifest) remain
+    assert s3.get(rewritten) == _checkpoint(999_999)
+    assert s3.keys(f"run/{step_name(0, 100)}") == {rewritten, f"run/{step_name(0, 100)}/{DELETING_MARKER}"}
 
 
 def test_a_directory_checkpoint_deleted_only_in_part_is_finished_by_the_next_pass(s3: Bucket) -> None:

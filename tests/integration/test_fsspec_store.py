@@ -41,7 +41,7 @@ def test_listing_reads_and_deletes(store: FsspecStore) -> None:
     assert set(listed) == {f"run/{step_name(0, step)}" for step in range(100, 800, 100)} | {"run/half.ckpt"}
     info = listed[f"run/{step_name(0, 100)}"]
     assert store.read_range(info.key, 0, 4, tag=info.tag) == b"PK\x03\x04"
-    assert store.delete_many([f"run/{step_name(0, 200)}"]) == {}
+    assert store.delete_many([(f"run/{step_name(0, 200)}", listed[f"run/{step_name(0, 200)}"].tag)]) == {}
     store.delete(info.key, tag=info.tag)
     assert len(store.list_prefix("run")) == 6
     with pytest.raises(ConditionalUnsupportedError):
