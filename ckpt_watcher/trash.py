@@ -267,10 +267,13 @@ class RestoredPin:
 class TrashDirectory:
     """The root's trash, open: a descriptor of ``.ckpt-trash`` and of each subdirectory that exists."""
 
-    def __init__(self, root: Path, fd: int, subdirectories: dict[str, int | None]) -> None:
+    def __init__(
+        self, root: Path, fd: int, subdirectories: dict[str, int | None], owners: frozenset[int] = frozenset()
+    ) -> None:
         self.root = root
         self.fd = fd
         self.device = os.fstat(fd).st_dev
+        self.owners = owners  # who may own its directories (``trusted_owners``); empty: not checked
         self._subdirectories = subdirectories
 
     def sub(self, name: str) -> int | None:
@@ -281,7 +284,7 @@ class TrashDirectory:
         """The open subdirectory ``name``, made if it is missing; TrashUnusableError if it cannot be."""
         fd = self._subdirectories[name]
         if fd is None:
-            fd = open_directory(self.fd, name, create=True, what=self.path(name))
+            fd = open_directory(self.fd, name, create=True, what=self.path(name), owners=self.owners)
             assert fd is not None
             self._subdirectories[name] = fd
         return fd
@@ -316,7 +319,10 @@ def open_trash(root: Path, *, create: bool) -> TrashDirectory | None:
     except (OSError, ValueError) as error:
         raise TrashUnusableError(f"cannot open the root {display_name(root)}: {_describe(error)}") from None
     try:
-        fd = open_directory(root_fd, TRASH_DIRECTORY_NAME, create=create, what=root / TRASH_DIRECTORY_NAME)
+        owners = trusted_owners(os.fstat(root_fd).st_uid)
+        fd = open_directory(
+            root_fd, TRASH_DIRECTORY_NAME, create=create, what=root / TRASH_DIRECTORY_NAME, owners=owners
+        )
     finally:
         os.close(root_fd)
     if fd is None:
@@ -326,7 +332,7 @@ def open_trash(root: Path, *, create: bool) -> TrashDirectory | None:
         for name in SUBDIRECTORIES:
             try:
                 subdirectories[name] = open_directory(
-                    fd, name, create=create, what=root / TRASH_DIRECTORY_NAME / name
+                    fd, name, create=create, what=root / TRASH_DIRECTORY_NAME / name, owners=owners
                 )
             except TrashUnusableError:
                 subdirectories[name] = None  # ``ensure`` says why, to what needs it
@@ -335,23 +341,37 @@ def open_trash(root: Path, *, create: bool) -> TrashDirectory | None:
             if opened is not None:
                 os.close(opened)
         raise
-    return TrashDirectory(root, fd, subdirectories)
+    return TrashDirectory(root, fd, subdirectories, owners)
 
 
-def open_directory(parent_fd: int, name: str, *, create: bool, what: Path) -> int | None:
+def trusted_owners(root_owner: int) -> frozenset[int]:
+    """Who may own the trash's directories: this process's user, the superuser, the root's owner.
+
+    In a root others may write to (a shared scratch directory, mode 1777), another user could make
+    ``.ckpt-trash`` (or a directory in it) first: checkpoints moved in would then be theirs to remove,
+    and entries they forged would be restored as someone's ``last.ckpt``."""
+    return frozenset({os.geteuid(), 0, root_owner})
+
+
+def open_directory(
+    parent_fd: int, name: str, *, create: bool, what: Path, owners: frozenset[int] = frozenset()
+) -> int | None:
     """Open the directory ``name`` in ``parent_fd`` without following a symlink (made first if
     ``create``); None if it does not exist and is not to be made. TrashUnusableError for anything else
-    in its place (``what`` names it)."""
+    in its place (``what`` names it), and, with ``owners``, for a directory owned by anyone else or
+    writable by every user."""
     for _ in range(2):
         try:
-            return os.open(name, DIRECTORY_FLAGS, dir_fd=parent_fd)
+            fd = os.open(name, DIRECTORY_FLAGS, dir_fd=parent_fd)
         except FileNotFoundError:
             if not create:
                 return None
         except OSError as error:
             raise TrashUnusableError(f"{display_name(what)}: {_not_a_directory(error)}") from None
+        else:
+            return _trusted(fd, what, owners)
         try:
-            os.mkdir(name, dir_fd=parent_fd)
+            os.mkdir(name, 0o775, dir_fd=parent_fd)
         except FileExistsError:
             pass
         except OSError as error:
@@ -359,6 +379,23 @@ def open_directory(parent_fd: int, name: str, *, create: bool, what: Path) -> in
                 f"cannot make {display_name(what)}: {describe_os_error(error)}"
             ) from None
     raise TrashUnusableError(f"{display_name(what)}: vanished as soon as it was made")
+
+
+def _trusted(fd: int, what: Path, owners: frozenset[int]) -> int:
+    """``fd``, if the directory is owned by one of ``owners`` and not writable by every user (else
+    closed, and TrashUnusableError saying so); any directory when ``owners`` is empty."""
+    if not owners:
+        return fd
+    status = os.fstat(fd)
+    problem = None
+    if status.st_uid not in owners:
+        problem = f"owned by uid {status.st_uid}, neither this user nor the root's owner"
+    elif status.st_mode & stat.S_IWOTH:
+        problem = "writable by every user (chmod o-w)"
+    if problem is None:
+        return fd
+    os.close(fd)
+    raise TrashUnusableError(f"{display_name(what)}: {problem}; another user could change what it holds")
 
 
 def _not_a_directory(error: OSError) -> str:

@@ -64,14 +64,19 @@ logger = structlog.get_logger("ckpt_watcher.trash")
 STALE_TEMPORARY_SECONDS = 600.0
 
 
-def open_chain(parent_fd: int, parts: Sequence[str], *, create: bool, what: Path) -> int | None:
+def open_chain(
+    parent_fd: int, parts: Sequence[str], *, create: bool, what: Path, owners: frozenset[int] = frozenset()
+) -> int | None:
     """Open ``parent_fd/parts...`` one component at a time without following a symlink (making what is
     missing if ``create``); None if a component is missing. TrashUnusableError if one is not a
-    directory. The caller closes the descriptor."""
+    directory (or, with ``owners``, not a trusted one: see trash.open_directory). The caller closes
+    the descriptor."""
     current = os.dup(parent_fd)
     for index, part in enumerate(parts):
         try:
-            child = open_directory(current, part, create=create, what=what.joinpath(*parts[: index + 1]))
+            child = open_directory(
+                current, part, create=create, what=what.joinpath(*parts[: index + 1]), owners=owners
+            )
         finally:
             os.close(current)
         if child is None:
@@ -160,7 +165,7 @@ class TrashTarget:
 def _move_locked(trash: TrashDirectory, directory_fd: int, name: str, entry: TrashEntry) -> Move:
     """Write the entry's metadata, then rename the checkpoint in; undo the metadata if it did not move."""
     files, info = trash.ensure(FILES), trash.ensure(INFO)
-    mirror = open_chain(files, entry.parent_parts, create=True, what=trash.path(FILES))
+    mirror = open_chain(files, entry.parent_parts, create=True, what=trash.path(FILES), owners=trash.owners)
     assert mirror is not None
     try:
         write_metadata(info, entry.key, entry.document())
@@ -342,7 +347,9 @@ def _take_out(trash: TrashDirectory, entry: TrashEntry, purging: int) -> str | N
     if read_entry(info, metadata, []) != entry:
         return ""
     try:
-        mirror = open_chain(files, entry.parent_parts, create=False, what=trash.path(FILES))
+        mirror = open_chain(
+            files, entry.parent_parts, create=False, what=trash.path(FILES), owners=trash.owners
+        )
     except TrashUnusableError as error:
         remove_name(info, metadata)
         return f"its data cannot be reached: {error}; nothing there is followed or removed"
@@ -490,7 +497,7 @@ def _restore_locked(trash: TrashDirectory, entry: TrashEntry, now: float) -> str
     files, info = trash.sub(FILES), trash.sub(INFO)
     if files is None or info is None or read_entry(info, entry.key + METADATA_SUFFIX, []) != entry:
         return "no longer in the trash (restored or purged meanwhile)"
-    mirror = open_chain(files, entry.parent_parts, create=False, what=trash.path(FILES))
+    mirror = open_chain(files, entry.parent_parts, create=False, what=trash.path(FILES), owners=trash.owners)
     if mirror is None:
         return "its data is missing from the trash"
     try:

@@ -8,6 +8,8 @@ import json
 import os
 import shutil
 import sys
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -326,3 +328,65 @@ def test_entries_touched_in_the_trash_stay_restorable(root: Path, policy: Path) 
     names = {path.name for path in (root / "run").iterdir()}
     assert {Path(str(entry["original"])).name for entry in entries} <= names
     assert json.loads(run_cli("trash", "list", str(root), "--json").stdout)["entries"] == []
+
+
+INTRUDER = 41002
+
+
+def _as_intruder(action: Callable[[], object]) -> None:
+    """Run ``action`` in a child process as another user (uid and gid ``INTRUDER``); it must succeed."""
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into the test
+        try:
+            os.setgid(INTRUDER)
+            os.setuid(INTRUDER)
+            action()
+        except BaseException:
+            os._exit(1)
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="another user is needed: root makes one with setuid")
+@pytest.mark.parametrize("planted", [".ckpt-trash", ".ckpt-trash/files/run"])
+def test_a_trash_another_user_made_first_in_a_shared_root_is_refused(policy: Path, planted: str) -> None:
+    """A shared root others may write to (mode 1777, as scratch space often is): another user makes
+    the trash, or a directory in it, before the first deletion. Checkpoints moved in would be theirs
+    to remove, and entries they forged would be restored as someone's last.ckpt: the trash is
+    refused (the deletions fail, everything is kept) and the log says whose it is."""
+    top = Path(tempfile.mkdtemp(dir="/tmp", prefix="shared-root-"))  # pytest's tmp_path is root's only
+    try:
+        top.chmod(0o755)
+        shared = top / "shared"
+        shared.mkdir()
+        shared.chmod(0o1777)
+        run = shared / "run"
+        for step in range(100, 400, 100):
+            write_checkpoint(run / step_name(0, step), payload=f"step {step}".encode() * 40)
+        _as_intruder(lambda: os.makedirs(shared / planted))
+
+        pruned = run_cli("prune", str(shared), "--policy", str(policy))
+        remaining = sorted(path.name for path in run.iterdir())
+    finally:
+        shutil.rmtree(top)
+
+    assert_clean_exit(pruned, allowed=(1,))
+    assert remaining == [step_name(0, step) for step in range(100, 400, 100)]
+    failures = events(pruned.stderr, "checkpoint_delete_failed")
+    assert failures
+    assert all(f"owned by uid {INTRUDER}" in record["error"] for record in failures)
+
+
+def test_a_trash_writable_by_every_user_is_refused(root: Path, policy: Path) -> None:
+    (root / TRASH).mkdir()
+    (root / TRASH).chmod(0o777)
+
+    pruned = run_cli("prune", str(root), "--policy", str(policy))
+
+    assert_clean_exit(pruned, allowed=(1,))
+    assert len(list((root / "run").iterdir())) == 3
+    assert all(
+        "writable by every user" in record["error"]
+        for record in events(pruned.stderr, "checkpoint_delete_failed")
+    )
