@@ -25,6 +25,7 @@ Each function is deterministic: the same records in any order give the same resu
 from __future__ import annotations
 
 import heapq
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -174,7 +175,32 @@ def evicted(candidate: Candidate, reason: str) -> Decision:
 
 
 def _kept_bytes(decisions: Iterable[Decision]) -> int:
-    return sum(decision.record.bytes for decision in decisions if decision.action is Action.KEEP)
+    """The bytes the kept checkpoints take: a file kept under two names (a hard link) counts once."""
+    counted: set[object] = set()
+    total = 0
+    for decision in decisions:
+        if decision.action is Action.KEEP:
+            key = storage_key(decision.record)
+            if key not in counted:
+                counted.add(key)
+                total += decision.record.bytes
+    return total
+
+
+def storage_key(record: CheckpointRecord) -> object:
+    """What two names of the same stored bytes share: a local file's (device, inode); anything else
+    is its own (an object in a bucket, device 0, never shares its bytes with another key)."""
+    identity = record.identity
+    if record.entry_type is EntryType.FILE and identity is not None and identity.device != 0:
+        return (identity.device, identity.inode)
+    return id(record)
+
+
+def _names_left(decisions: Iterable[Decision]) -> Counter[object]:
+    """How many names that stay (kept, or skipped: an unknown name, a link) each stored file has."""
+    return Counter(
+        storage_key(decision.record) for decision in decisions if decision.action is not Action.DELETE
+    )
 
 
 # -- max_size: per group ---------------------------------------------------------------------------
@@ -206,10 +232,15 @@ def within_max_size(group_plan: GroupPlan, policy: Policy) -> tuple[GroupPlan, S
         if shown_limit == human_bytes(kept):  # over by less than the rounding shows: say by how much
             shown_kept += f", {over} bytes over"
         reason = f"evicted for space: group over max_size {shown_limit} ({shown_kept})"
+        names_left = _names_left(group_plan.decisions)
         for candidate in candidates(group_plan.decisions, policy.best_mode):
             if over <= 0:
                 break
+            key = storage_key(candidate.decision.record)
+            if names_left[key] > 1:
+                continue  # another kept name holds the same bytes (a hard link): removing this frees none
             chosen[id(candidate.decision)] = evicted(candidate, reason)
+            names_left[key] -= 1
             over -= candidate.bytes
     decisions = tuple(chosen.get(id(decision), decision) for decision in group_plan.decisions)
     unmet = max(0, over)

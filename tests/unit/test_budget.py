@@ -189,6 +189,39 @@ def test_max_size_evicts_in_order_and_no_more_than_needed(limit_kib: int, evicte
     assert verdict.remaining == ()
 
 
+def _hard_link(original: CheckpointRecord, name: str) -> CheckpointRecord:
+    """Another name of ``original``'s file: the same device and inode."""
+    linked = record(name, original.directory, size=original.bytes)
+    return dataclasses.replace(linked, identity=original.identity)
+
+
+def test_a_file_kept_under_two_names_counts_once_against_max_size() -> None:
+    """last.ckpt hard-linked to the newest step: 3 KiB on disk, not 4 KiB, so a 3 KiB max_size is met
+    and nothing is evicted (counting both names evicted step 100 for nothing)."""
+    steps = [record(step_name(0, step)) for step in (100, 200, 300)]
+    limited = policy(save_top_k_checkpoints=3, max_size="3KiB")
+
+    planned, verdict = within_max_size(group_plan([*steps, _hard_link(steps[-1], LAST)], limited), limited)
+
+    assert evicted_names(planned.decisions) == []
+    assert verdict is not None
+    assert (verdict.kept_bytes, verdict.unmet_bytes) == (3 * KIB, 0)
+
+
+def test_a_name_whose_bytes_another_kept_name_holds_is_not_evicted_for_nothing() -> None:
+    """step 100's file has a second name in the group, one no template matches (skipped, so it stays):
+    removing step 100 frees nothing, so the next candidate goes instead."""
+    steps = [record(step_name(0, step)) for step in (100, 200, 300)]
+    alias = _hard_link(steps[0], "copy-of-step-100.bin")  # no template's name: skipped, it stays
+    limited = policy(save_top_k_checkpoints=3, max_size="2KiB")
+
+    planned, verdict = within_max_size(group_plan([*steps, alias], limited), limited)
+
+    assert verdict is not None
+    assert verdict.kept_bytes == 3 * KIB
+    assert evicted_names(planned.decisions) == [step_name(0, 200)]
+
+
 def test_the_reasons_of_an_evicted_checkpoint() -> None:
     limited = policy(save_top_k_checkpoints=3, max_size="2KiB")
     names = [step_name(0, 100), step_name(0, 200), step_name(0, 300)]
