@@ -131,12 +131,25 @@ class BucketStorage:
         self.root = url.core_path
         self.listing: Listing | None = None
         self._stale = True
+        self._uploads: set[str] | None = None
         self._may_delete = may_delete
         self._unnamable_reported: set[str] = set()
 
     def begin_pass(self) -> None:
         """The next request for the listing lists the prefix again."""
         self._stale = True
+        self._uploads = None
+
+    def uploads_in_progress(self) -> set[str]:
+        """The keys under the prefix that an unfinished multipart upload is writing, asked once per pass
+        and only when a directory checkpoint would count as complete (StorageUnavailableError if the
+        store cannot say: nothing is deleted on a guess)."""
+        if self._uploads is None:
+            try:
+                self._uploads = self.store.uploads_in_progress(self.url.prefix)
+            except StoreError as error:
+                raise StorageUnavailableError(str(error)) from None
+        return self._uploads
 
     def current_listing(self) -> Listing:
         """This pass's listing (listed now if this pass has none yet); StorageUnavailableError if the
@@ -374,6 +387,15 @@ class _GroupScan:
             self.problems.append(ScanProblem(path, f"cannot be read: {error}"))
             return Completeness(False, f"cannot be read: {error}", transient=True)
 
+    def _still_uploading(self, path: Path) -> bool:
+        """True if a multipart upload is writing an object under the directory checkpoint ``path``: its
+        shard is not listed until complete, and its marker (DeepSpeed's rank 0 writes ``latest``
+        first) and quiet time would count it complete."""
+        key = self.storage.url.key_of(path)
+        return key is not None and any(
+            upload.startswith(f"{key}/") for upload in self.storage.uploads_in_progress()
+        )
+
     def directory_record(self, name: str, parsed: ParsedName) -> CheckpointRecord:
         """The record of a directory checkpoint: a prefix judged by its marker and its quiet time."""
         path = self.directory / name
@@ -395,6 +417,10 @@ class _GroupScan:
                 now=now,
             )
             completeness = marker_verdict(name, self.markers) or verdict.completeness
+            if completeness.complete and self._still_uploading(path):
+                completeness = Completeness(
+                    False, "a multipart upload in progress under it (still being written)", transient=True
+                )
         return CheckpointRecord.at(
             path,
             relative_path=self._relative(name),

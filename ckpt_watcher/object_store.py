@@ -172,6 +172,12 @@ class ObjectStore:
         can say so; each key that was not deleted, with why."""
         raise NotImplementedError
 
+    def uploads_in_progress(self, prefix: str) -> set[str]:
+        """The keys under ``prefix`` that an unfinished multipart upload is writing (a listing does not
+        show them until they are complete); empty where the store cannot say (fsspec stores)."""
+        del prefix
+        return set()
+
     def put_new(self, key: str, data: bytes) -> str:
         """Create the object only if there is none (PreconditionFailedError otherwise); its tag."""
         raise ConditionalUnsupportedError(
@@ -394,6 +400,27 @@ class S3Store(_S3Copies):
                 arguments["ContinuationToken"] = token
 
         return self._run("ListObjectsV2", listed_prefix, request)
+
+    def uploads_in_progress(self, prefix: str) -> set[str]:
+        """ListMultipartUploads pages; the first failing page fails the whole answer (StoreError)."""
+        bucket = self.url.bucket
+        listed_prefix = f"{prefix}/" if prefix else ""
+
+        async def request(client: Any) -> set[str]:
+            keys: set[str] = set()
+            arguments: dict[str, Any] = {"Bucket": bucket, "Prefix": listed_prefix, "MaxUploads": LIST_PAGE}
+            while True:
+                self._count("ListMultipartUploads")
+                page = await client.list_multipart_uploads(**arguments)
+                keys.update(str(upload["Key"]) for upload in page.get("Uploads", ()))
+                if not page.get("IsTruncated"):
+                    return keys
+                arguments["KeyMarker"] = page.get("NextKeyMarker", "")
+                arguments["UploadIdMarker"] = page.get("NextUploadIdMarker", "")
+                if not arguments["KeyMarker"] and not arguments["UploadIdMarker"]:
+                    raise StoreError("the upload listing says it is truncated but gives no marker")
+
+        return self._run("ListMultipartUploads", listed_prefix, request)
 
     def head(self, key: str) -> ObjectInfo:
         """HeadObject."""

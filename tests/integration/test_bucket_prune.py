@@ -23,6 +23,7 @@ import pytest
 from ckpt_watcher.integrity import DIRECTORY_QUIET_SECONDS
 from tests.support.cli import events, run_cli
 from tests.support.daemon import wait_until
+from tests.support.factories import step_name, zip_bytes
 from tests.support.layouts import directory_checkpoints, file_checkpoints, write_files
 from tests.support.s3_server import Bucket, S3Server, environment
 
@@ -224,3 +225,47 @@ def test_a_key_no_path_can_name_is_never_touched_and_reported(roots: Roots) -> N
         "(an empty, '.' or '..' component); never touched"
     ]
     assert f"{PREFIX}/stage1//odd.ckpt" in roots.bucket.raw_keys()
+
+
+def test_a_directory_checkpoint_with_a_shard_still_uploading_never_pushes_out_a_complete_one(
+    s3: Bucket, tmp_path: Path
+) -> None:
+    """Step 200's marker is there (DeepSpeed's rank 0 writes `latest` before the other ranks are done)
+    and nothing new was listed for the quiet time, but its rank 1 shard is a multipart upload still in
+    progress, which no listing shows: step 200 is not complete, so the complete step 100 stays."""
+    old, new = step_name(0, 100), step_name(0, 200)
+    shard = zip_bytes(b"weights" * 100)
+    s3.put_many(
+        {
+            f"root/run/{old}/zero/rank0.pt": shard,
+            f"root/run/{old}/zero/rank1.pt": shard,
+            f"root/run/{old}/latest": b"global_step100",
+            f"root/run/{new}/zero/rank0.pt": shard,
+            f"root/run/{new}/latest": b"global_step200",
+        }
+    )
+    uploading = f"root/run/{new}/zero/rank1.pt"
+    upload = s3.filesystem.call_s3("create_multipart_upload", Bucket=s3.name, Key=uploading)
+    s3.filesystem.call_s3(
+        "upload_part",
+        Bucket=s3.name,
+        Key=uploading,
+        UploadId=upload["UploadId"],
+        PartNumber=1,
+        Body=b"x" * (5 << 20),
+    )
+    time.sleep(DIRECTORY_QUIET_SECONDS + 1)
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("save_top_k_checkpoints: 1\n")
+
+    pruned = run_cli("prune", f"{s3.url}/root", "--policy", str(policy), "--dry-run", "--json")
+    deleted = run_cli("prune", f"{s3.url}/root", "--policy", str(policy))
+
+    entries = {
+        entry["name"]: entry for group in json.loads(pruned.stdout)["groups"] for entry in group["entries"]
+    }
+    assert entries[new]["action"] == "skip"
+    assert "a multipart upload in progress under it" in entries[new]["reasons"][0]
+    assert entries[old]["action"] == "keep"
+    assert deleted.returncode == 0, deleted.stderr
+    assert f"root/run/{old}/latest" in s3.raw_keys()
