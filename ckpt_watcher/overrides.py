@@ -14,6 +14,7 @@ and report on, any file it can read.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +57,14 @@ class _Layer:
     identity: FileIdentity
     good: LoadedPolicy | None
     rejected: bool = False
+    # A read that failed for now (a store's 503): the file is read again from this monotonic time on,
+    # however long it stays the same, and the same failure is not logged again.
+    retry_at: float | None = None
+    problems: tuple[str, ...] = ()
+
+    def is_current(self, identity: FileIdentity | None) -> bool:
+        """True if the file is still the one last seen, and no failed read is due to be tried again."""
+        return self.identity == identity and (self.retry_at is None or time.monotonic() < self.retry_at)
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +74,10 @@ class _Resolved:
     layers: tuple[tuple[Path, _Layer], ...]
     effective: EffectivePolicy | None  # None: an invalid override here or above blocks it
 
+
+# A per-run file whose read failed for now (a store's 503) is read again after this long, though it
+# did not change: an edit that raised retention must not stay unapplied for good.
+RETRY_SECONDS = 10.0
 
 # State for this many directories may pile up before the tree drops those that are gone; after a
 # sweep the threshold is twice what survived, so sweeping costs O(1) per directory seen.
@@ -222,7 +235,7 @@ class PolicyTree:
         cached = self._layers.get(directory)
         if cached is None and identity is None:
             return None
-        if cached is not None and cached.identity == identity:
+        if cached is not None and cached.is_current(identity):
             return cached
         self._invalidate()
         if identity is None:
@@ -238,19 +251,7 @@ class PolicyTree:
             if refused:
                 raise PolicyError(str(path), refused)
         except PolicyError as error:
-            if self.strict:
-                self.errors.append(error)
-            else:
-                log_rejected(
-                    str(path),
-                    error,
-                    "the previous contents of this file stay in force"
-                    if cached is not None and cached.good is not None
-                    else "nothing is deleted in this directory until the file is fixed",
-                    self.on_outcome,
-                )
-            previous = cached.good if cached is not None else None
-            layer = _Layer(identity=identity, good=previous, rejected=True)
+            layer = _rejected_layer(self, path, cached, identity, error)
             self._layers[directory] = layer
             return layer
         if cached is not None and not self.strict:
@@ -331,3 +332,24 @@ def _resolve(directory: Path, entry: str) -> Path:
             return Path(os.path.abspath(directory / entry))
         return location.core_path if isinstance(location, StorageURL) else Path(os.path.abspath(location))
     return Path(os.path.abspath(directory / os.path.expanduser(entry)))
+
+
+def _rejected_layer(
+    tree: PolicyTree, path: Path, cached: _Layer | None, identity: FileIdentity, error: PolicyError
+) -> _Layer:
+    """The layer of a file ``tree`` refused (strict: the error is kept; else logged, once while the
+    same problems come back); a read that failed for now is tried again after RETRY_SECONDS."""
+    if tree.strict:
+        tree.errors.append(error)
+    elif cached is None or not cached.rejected or cached.problems != tuple(error.problems):
+        log_rejected(
+            str(path),
+            error,
+            "the previous contents of this file stay in force"
+            if cached is not None and cached.good is not None
+            else "nothing is deleted in this directory until the file is fixed",
+            tree.on_outcome,
+        )
+    previous = cached.good if cached is not None else None
+    retry_at = time.monotonic() + RETRY_SECONDS if error.transient else None
+    return _Layer(identity, previous, True, retry_at, tuple(error.problems))

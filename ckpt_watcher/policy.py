@@ -220,9 +220,10 @@ DEFAULT_POLICY = Policy._trusted({})  # equal to Policy() (validated): tests/uni
 class PolicyError(Exception):
     """A policy file that cannot be used; ``problems`` lists every ``At 'key': ...`` line."""
 
-    def __init__(self, source: str, problems: list[str]) -> None:
+    def __init__(self, source: str, problems: list[str], *, transient: bool = False) -> None:
         self.source = source
         self.problems = problems
+        self.transient = transient  # the file could not be read for now (ConfigFileError.transient)
         super().__init__(self.render())
 
     def render(self) -> str:
@@ -415,7 +416,7 @@ def load_policy(
     try:
         document = parse_yaml(read(path), quote_contents=quote_contents)
     except ConfigFileError as error:
-        raise PolicyError(source, [f"At '<file>': {error.message}"]) from None
+        raise PolicyError(source, [f"At '<file>': {error.message}"], transient=error.transient) from None
     duplicates = _duplicate_retention_keys(document.node)
     return validate_policy(document.value, source, duplicates, quote_contents=quote_contents)
 
