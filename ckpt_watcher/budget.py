@@ -238,7 +238,7 @@ def within_max_size(group_plan: GroupPlan, policy: Policy) -> tuple[GroupPlan, S
                 break
             key = storage_key(candidate.decision.record)
             if names_left[key] > 1:
-                continue  # another kept name holds the same bytes (a hard link): removing this frees none
+                continue  # a name that stays holds the same bytes (a hard link): removing this frees none
             chosen[id(candidate.decision)] = evicted(candidate, reason)
             names_left[key] -= 1
             over -= candidate.bytes
