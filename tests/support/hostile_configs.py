@@ -1,6 +1,13 @@
-"""Hostile inputs for config files: YAML bombs and documents nested too deep."""
+"""Hostile inputs for config files: YAML bombs and documents nested too deep, and a store that fails
+to answer for a while."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from ckpt_watcher.config_access import LocalConfigFiles
+from ckpt_watcher.config_files import ConfigFileError
 
 
 def alias_bomb(levels: int = 9, fanout: int = 9, key: str = "trainer") -> str:
@@ -48,3 +55,22 @@ def deep_block(levels: int, leaf: str = "ckpt_path: x") -> str:
     lines = [" " * level + f"k{level}:" for level in range(levels)]
     lines.append(" " * levels + leaf)
     return "\n".join(lines) + "\n"
+
+
+class FlakyConfigFiles(LocalConfigFiles):
+    """The disk, but the first ``failures`` reads fail as a store answering 503 does (``transient``;
+    with ``transient=False``, as a file whose contents are refused)."""
+
+    def __init__(self, failures: int, *, transient: bool = True) -> None:
+        self.failures = failures
+        self.transient = transient
+        self.reads = 0
+
+    def read_text(self, path: Path, *, confined_to: Sequence[Path] = ()) -> str:
+        """Count the read; fail it while ``failures`` reads have not failed yet."""
+        self.reads += 1
+        if self.reads <= self.failures:
+            raise ConfigFileError(
+                "cannot be read: SlowDown: Please reduce your request rate.", transient=self.transient
+            )
+        return super().read_text(path, confined_to=confined_to)

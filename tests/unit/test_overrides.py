@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,11 +13,9 @@ import pytest
 import structlog
 from structlog.testing import capture_logs
 
-from ckpt_watcher.config_access import LocalConfigFiles
-from ckpt_watcher.config_files import ConfigFileError
 from ckpt_watcher.overrides import MINIMUM_SWEEP, OVERRIDE_FILE_NAME, RETRY_SECONDS, PolicyTree
 from ckpt_watcher.policy import LoadedPolicy, Policy, load_policy
-from tests.support.hostile_configs import sequence_bomb
+from tests.support.hostile_configs import FlakyConfigFiles, sequence_bomb
 from tests.support.hostile_trees import make_fifo
 
 pytestmark = pytest.mark.timeout(60)
@@ -397,22 +395,6 @@ def test_the_root_policy_alone_is_taken_as_validated(root: Path, tmp_path: Path)
     assert effective.policy.protect_from == (str(tmp_path / "train.yaml"),)
 
 
-class _FlakyFiles(LocalConfigFiles):
-    """The disk, but the first ``failures`` reads fail as a store's 503 does (``transient``)."""
-
-    def __init__(self, failures: int) -> None:
-        self.failures = failures
-        self.reads = 0
-
-    def read_text(self, path: Path, *, confined_to: Sequence[Path] = ()) -> str:
-        self.reads += 1
-        if self.reads <= self.failures:
-            raise ConfigFileError(
-                "cannot be read: SlowDown: Please reduce your request rate.", transient=True
-            )
-        return super().read_text(path, confined_to=confined_to)
-
-
 def test_an_edit_whose_read_failed_for_now_is_read_again_later(
     root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -423,7 +405,7 @@ def test_an_edit_whose_read_failed_for_now_is_read_again_later(
     run.mkdir()
     override = run / OVERRIDE_FILE_NAME
     override.write_text("save_top_k_checkpoints: 2\n")
-    files = _FlakyFiles(failures=0)
+    files = FlakyConfigFiles(failures=0)
     tree = PolicyTree(root, load_policy(None), strict=False, files=files)
     assert _top_k(tree, run) == 2
     override.write_text("save_top_k_checkpoints: 9\n")  # an edit raising retention

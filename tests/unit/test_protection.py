@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 from structlog.testing import capture_logs
 
-from ckpt_watcher.config_access import LocalConfigFiles
-from ckpt_watcher.config_files import ConfigFileError
 from ckpt_watcher.plan import Action, plan
 from ckpt_watcher.policy import Policy
 from ckpt_watcher.protection import (
@@ -23,7 +20,7 @@ from ckpt_watcher.protection import (
 )
 from ckpt_watcher.records import CheckpointRecord, FileIdentity
 from tests.support.factories import make_record, step_name
-from tests.support.hostile_configs import alias_bomb, deep_block, merge_bomb
+from tests.support.hostile_configs import FlakyConfigFiles, alias_bomb, deep_block, merge_bomb
 from tests.support.hostile_trees import make_fifo
 
 pytestmark = pytest.mark.timeout(60)
@@ -220,29 +217,12 @@ def test_plan_without_identities_is_unchanged() -> None:
     assert plan(records, policy, {}) == plan(records, policy, {}, pinned_identities={})
 
 
-class _Flaky(LocalConfigFiles):
-    """The disk, but the first ``failures`` reads fail as a store's 503 does (``transient``)."""
-
-    def __init__(self, failures: int, *, transient: bool = True) -> None:
-        self.failures = failures
-        self.transient = transient
-        self.reads = 0
-
-    def read_text(self, path: Path, *, confined_to: Sequence[Path] = ()) -> str:
-        self.reads += 1
-        if self.reads <= self.failures:
-            raise ConfigFileError(
-                "cannot be read: SlowDown: Please reduce your request rate.", transient=self.transient
-            )
-        return super().read_text(path, confined_to=confined_to)
-
-
 def test_a_config_whose_read_failed_for_now_is_read_again_at_the_next_pass(tmp_path: Path) -> None:
     """A protect_from config whose read got a 503 was remembered as read (its identity): the unchanged
     file was never read again, and what it names was never protected. It is read again at each pass
     until it is read; the failure is logged once."""
     config = write_config(tmp_path, "ckpt_path: a.ckpt\n")
-    files = _Flaky(failures=2)
+    files = FlakyConfigFiles(failures=2)
     registry = ProtectionRegistry(tmp_path, files=files)
 
     with capture_logs() as logs:
@@ -256,7 +236,7 @@ def test_a_config_whose_read_failed_for_now_is_read_again_at_the_next_pass(tmp_p
 
 def test_a_config_refused_for_its_contents_is_not_read_again_until_it_changes(tmp_path: Path) -> None:
     config = write_config(tmp_path, "ckpt_path: a.ckpt\n")
-    files = _Flaky(failures=1, transient=False)
+    files = FlakyConfigFiles(failures=1, transient=False)
     registry = ProtectionRegistry(tmp_path, files=files)
 
     with capture_logs() as logs:
