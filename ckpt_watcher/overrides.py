@@ -58,7 +58,7 @@ class _Layer:
     good: LoadedPolicy | None
     rejected: bool = False
     # A read that failed for now (a store's 503): the file is read again from this monotonic time on,
-    # however long it stays the same, and the same failure is not logged again.
+    # however long it stays the same, and a retry that fails the same way is not logged again.
     retry_at: float | None = None
     problems: tuple[str, ...] = ()
 
@@ -337,11 +337,12 @@ def _resolve(directory: Path, entry: str) -> Path:
 def _rejected_layer(
     tree: PolicyTree, path: Path, cached: _Layer | None, identity: FileIdentity, error: PolicyError
 ) -> _Layer:
-    """The layer of a file ``tree`` refused (strict: the error is kept; else logged, once while the
-    same problems come back); a read that failed for now is tried again after RETRY_SECONDS."""
+    """The layer of a file ``tree`` refused (strict: the error is kept; else logged); a read that failed
+    for now is tried again after RETRY_SECONDS, and a retry that fails the same way is not logged
+    again (an edit always is)."""
     if tree.strict:
         tree.errors.append(error)
-    elif cached is None or not cached.rejected or cached.problems != tuple(error.problems):
+    elif cached is None or cached.retry_at is None or cached.problems != tuple(error.problems):
         log_rejected(
             str(path),
             error,

@@ -263,7 +263,7 @@ class _LoadedConfig:
     identity: FileIdentity | None  # None after a read that failed for now: read again next pass
     label: str
     protection: ConfigProtection | None
-    error: str | None = None  # why the last read was refused (logged once while it stays the same)
+    error: str | None = None  # why the last read was refused (a retry failing so is not logged again)
 
 
 class ProtectionRegistry:
@@ -302,7 +302,8 @@ class ProtectionRegistry:
             except ProtectionError as error:
                 if strict:
                     raise
-                if previous is None or previous.error != error.message:
+                # Logged, but for a retry (identity None) of a read that failed the same way before.
+                if previous is None or previous.identity is not None or previous.error != error.message:
                     logger.error(
                         "protection_rejected",
                         config=label,

@@ -430,3 +430,20 @@ def _top_k(tree: PolicyTree, directory: Path) -> int:
     effective = tree.for_directory(directory)
     assert effective is not None
     return effective.policy.save_top_k_checkpoints
+
+
+def test_an_edit_that_is_still_invalid_the_same_way_is_logged_again(root: Path) -> None:
+    """Each edit gets its record (and its count in the reload metrics), even with the same problems:
+    only a retry of a read that failed for now is not logged again."""
+    run = root / "run"
+    run.mkdir()
+    override = run / OVERRIDE_FILE_NAME
+    tree = default_tree(root)
+
+    with capture_logs() as logs:
+        for edit in range(2):
+            override.write_text(f"save_top_k_checkpoints: lots\n# edit {edit}\n")
+            os.utime(override, ns=(edit * 10**9, edit * 10**9))  # another identity, whatever the clock
+            assert tree.for_directory(run) is None
+
+    assert [log["event"] for log in logs if log["event"] == "policy_rejected"] == ["policy_rejected"] * 2

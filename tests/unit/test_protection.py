@@ -245,3 +245,18 @@ def test_a_config_refused_for_its_contents_is_not_read_again_until_it_changes(tm
 
     assert files.reads == 1
     assert [log["event"] for log in logs] == ["protection_rejected"]
+
+
+def test_an_edit_of_a_refused_config_that_is_still_refused_is_logged_again(tmp_path: Path) -> None:
+    """Each edit gets its record, even with the same problem: only a retry of a read that failed for
+    now is not logged again."""
+    registry = ProtectionRegistry(tmp_path)
+    config = tmp_path / "train.yaml"
+
+    with capture_logs() as logs:
+        for edit in range(2):
+            config.write_text(f"[not a mapping, edit {edit}]\n")
+            os.utime(config, ns=(edit * 10**9, edit * 10**9))
+            registry.refresh({config: "train.yaml"})
+
+    assert [log["event"] for log in logs] == ["protection_rejected"] * 2
