@@ -180,14 +180,14 @@ def _kept_bytes(decisions: Iterable[Decision]) -> int:
     total = 0
     for decision in decisions:
         if decision.action is Action.KEEP:
-            key = storage_key(decision.record)
+            key = _storage_key(decision.record)
             if key not in counted:
                 counted.add(key)
                 total += decision.record.bytes
     return total
 
 
-def storage_key(record: CheckpointRecord) -> object:
+def _storage_key(record: CheckpointRecord) -> object:
     """What two names of the same stored bytes share: a local file's (device, inode); anything else
     is its own (an object in a bucket, device 0, never shares its bytes with another key)."""
     identity = record.identity
@@ -199,7 +199,7 @@ def storage_key(record: CheckpointRecord) -> object:
 def _names_left(decisions: Iterable[Decision]) -> Counter[object]:
     """How many names that stay (kept, or skipped: an unknown name, a link) each stored file has."""
     return Counter(
-        storage_key(decision.record) for decision in decisions if decision.action is not Action.DELETE
+        _storage_key(decision.record) for decision in decisions if decision.action is not Action.DELETE
     )
 
 
@@ -236,7 +236,7 @@ def within_max_size(group_plan: GroupPlan, policy: Policy) -> tuple[GroupPlan, S
         for candidate in candidates(group_plan.decisions, policy.best_mode):
             if over <= 0:
                 break
-            key = storage_key(candidate.decision.record)
+            key = _storage_key(candidate.decision.record)
             if names_left[key] > 1:
                 continue  # a name that stays holds the same bytes (a hard link): removing this frees none
             chosen[id(candidate.decision)] = evicted(candidate, reason)
