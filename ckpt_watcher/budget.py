@@ -501,12 +501,21 @@ class FreeSpacePlan:
         """Bytes of the checkpoints evicted."""
         return sum(candidate.bytes for candidate in self.evictions)
 
-    def evicted_decisions(self) -> dict[Path, tuple[Decision, ...]]:
-        """The evictions as delete decisions, by group."""
-        by_group: dict[Path, list[Decision]] = {}
-        for candidate in self.evictions:
-            by_group.setdefault(candidate.record.directory, []).append(evicted(candidate, self.reason))
-        return {directory: tuple(decisions) for directory, decisions in sorted(by_group.items())}
+    def evicted_decisions(self) -> list[Decision]:
+        """The evictions as delete decisions, in eviction order (the most expendable first)."""
+        return [evicted(candidate, self.reason) for candidate in self.evictions]
+
+    def short_now(self, free_bytes: int) -> int:
+        """How many bytes the file system would still be short with ``free_bytes`` free now (0: it has
+        what ``keep_free`` and the next save ask for): the same sum the plan was made with."""
+        return shortfall(self.keep_free_bytes, self.next_save.bytes, free_bytes, self.space.block_bytes)
+
+
+def shortfall(keep_free_bytes: int, next_save_bytes: int, free_bytes: int, block_bytes: int) -> int:
+    """Bytes missing for ``keep_free`` plus the next save (reserved in whole blocks) to be free."""
+    blocks = max(1, block_bytes)
+    reserved = -(-next_save_bytes // blocks) * blocks
+    return max(0, keep_free_bytes + reserved - free_bytes)
 
 
 def strictest_keep_free(
@@ -534,9 +543,7 @@ def free_space_plan(
     next_save = predict_next_save(groups)
     if setting is None:
         return FreeSpacePlan(space, None, 0, next_save, 0)
-    blocks = max(1, space.block_bytes)
-    reserved = -(-next_save.bytes // blocks) * blocks
-    short = max(0, required + reserved - space.free_bytes)
+    short = shortfall(required, next_save.bytes, space.free_bytes, space.block_bytes)
     shown = (
         human_bytes(required) if setting.bytes is not None else f"{setting.text} ({human_bytes(required)})"
     )

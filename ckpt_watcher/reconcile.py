@@ -19,6 +19,7 @@ Each path it could not read is logged once per pass (``scan_problem``).
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import functools
 import threading
@@ -47,13 +48,24 @@ from ckpt_watcher.policy_file import InvalidPolicyFilesError
 from ckpt_watcher.protection import ProtectionError, ProtectionRegistry
 from ckpt_watcher.records import CheckpointRecord, display_name
 from ckpt_watcher.scan import ScanOptions, ScanProblem, ScanStopped
-from ckpt_watcher.space import SpaceKeeper
+from ckpt_watcher.space import Eviction, SpaceKeeper, still_short
 from ckpt_watcher.storage import LocalStorage, Storage, StorageUnavailableError
 from ckpt_watcher.trash import TrashSummary
 from ckpt_watcher.trash_moves import PurgeResult
 from ckpt_watcher.trash_pass import TrashKeeper, TrashPass
 
 logger = structlog.get_logger("ckpt_watcher.reconcile")
+
+# The checkpoints an eviction_not_needed record names (it counts them all), and why they stay.
+SHOWN_SPARED = 5
+SPARED_FREED = (
+    "the free space keep_free asks for was there when read again just before the eviction (freed "
+    "since the plan, e.g. by another daemon evicting on the same file system): these checkpoints stay"
+)
+SPARED_UNREADABLE = (
+    "the file system's free space could not be read again just before the eviction: these "
+    "checkpoints stay until a pass can read it"
+)
 
 
 class Trigger(enum.StrEnum):
@@ -399,12 +411,9 @@ class Reconciler:
         reclaimed = [item.key for fs_plan in result.space for item in fs_plan.reclaimed]
         if reclaimed and not dry_run:  # the trash goes first, oldest first, before any kept checkpoint
             result.add_purge(self.trash.reclaim(reclaimed))
-        for eviction in evictions:
-            # Deleted at once, never trashed: a checkpoint in the trash would still hold its bytes.
-            eviction_plan = GroupPlan(eviction.directory, eviction.decisions)
-            applied = None if dry_run else self._apply(eviction_plan, grace_seconds=0)
-            result.add_evictions(eviction.directory, eviction.decisions, applied)
-            _no_longer_kept(self.index, eviction.directory, eviction.decisions)
+        # Deleted at once, never trashed: a checkpoint in the trash would still hold its bytes.
+        apply = None if dry_run else functools.partial(self._apply, grace_seconds=0)
+        _evict(evictions, self.space, apply, self.index, result)
         result.budget_unmet_bytes = self.space.unmet_bytes()
         if not self._one_shot:
             self.space.schedule(time.monotonic())
@@ -527,6 +536,69 @@ def _kept(group_plan: GroupPlan | None) -> Tally:
     """The checkpoints (step, best, last) a group's plan keeps, by kind."""
     decisions = group_plan.decisions if group_plan is not None else ()
     return _tally(decision for decision in decisions if decision.action is Action.KEEP)
+
+
+def _evict(
+    evictions: list[Eviction],
+    space: SpaceKeeper,
+    apply: Callable[[GroupPlan], ApplyResult] | None,
+    index: GroupIndex,
+    result: PassResult,
+) -> None:
+    """Apply the evictions for ``keep_free`` (``apply``: None in a dry run), the most expendable first,
+    each only while its file system is still short when read again just before it (what frees the
+    space meanwhile, such as another daemon evicting on the same disk, spares the rest: it is kept
+    and logged)."""
+    spared: dict[Path, tuple[str, list[Eviction]]] = {}
+    by_group: dict[Path, tuple[list[Decision], ApplyResult | None]] = {}
+    for eviction in evictions:
+        space_path = eviction.file_system.space.path
+        if apply is not None and space_path not in spared:
+            short = still_short(eviction)
+            if short <= 0:
+                spared[space_path] = (SPARED_FREED if short == 0 else SPARED_UNREADABLE, [])
+        if space_path in spared:
+            spared[space_path][1].append(eviction)
+            continue
+        space.evicting(eviction)
+        fresh = None if apply is None else ApplyResult()
+        decisions, applied = by_group.setdefault(eviction.directory, ([], fresh))
+        decisions.extend(eviction.decisions)
+        if apply is not None and applied is not None:
+            one = apply(GroupPlan(eviction.directory, eviction.decisions))
+            applied.results.extend(one.results)
+            applied.interrupted = applied.interrupted or one.interrupted
+    for directory, (decisions, applied) in sorted(by_group.items()):
+        result.add_evictions(directory, tuple(decisions), applied)
+        _no_longer_kept(index, directory, decisions)
+    if spared:
+        result.space = [_without_spared(fs_plan, spared) for fs_plan in result.space]
+        for space_path, (why, kept) in spared.items():
+            _log_spared(space_path, why, [decision for item in kept for decision in item.decisions])
+
+
+def _without_spared(
+    fs_plan: FreeSpacePlan, spared: Mapping[Path, tuple[str, list[Eviction]]]
+) -> FreeSpacePlan:
+    """The file system's plan as applied: without the evictions its fresh free space spared."""
+    kept = spared.get(fs_plan.space.path)
+    if kept is None:
+        return fs_plan
+    paths = {decision.record.path_text for item in kept[1] for decision in item.decisions}
+    evictions = tuple(candidate for candidate in fs_plan.evictions if candidate.record.path_text not in paths)
+    return dataclasses.replace(fs_plan, evictions=evictions)
+
+
+def _log_spared(space_path: Path, why: str, kept: list[Decision]) -> None:
+    """One record for the planned evictions on a file system that were not applied (they stay)."""
+    logger.info(
+        "eviction_not_needed",
+        path=display_name(str(space_path)),
+        kept=len(kept),
+        kept_bytes=sum(decision.record.bytes for decision in kept),
+        detail=why,
+        checkpoints=[display_name(decision.record.path_text) for decision in kept[:SHOWN_SPARED]],
+    )
 
 
 def _no_longer_kept(index: GroupIndex, directory: Path, evicted: Iterable[Decision]) -> None:

@@ -65,10 +65,12 @@ class Trash(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class Eviction:
-    """Checkpoints of one group given up for space (delete decisions, to apply like any plan's)."""
+    """A checkpoint given up for space on ``file_system`` (a delete decision of its group, to apply
+    like any plan's, once ``SpaceKeeper.still_short`` says the space is still missing)."""
 
     directory: Path
     decisions: tuple[Decision, ...]
+    file_system: FreeSpacePlan
 
 
 @dataclass
@@ -145,7 +147,8 @@ class SpaceKeeper:
         stop: Callable[[], bool] = lambda: False,
     ) -> tuple[list[FreeSpacePlan], list[Eviction]]:
         """Keep ``keep_free`` on every file system of the root: the plans (one per file system where a
-        byte budget is in force, for the table, JSON and status) and the evictions to apply.
+        byte budget is in force, for the table, JSON and status) and the evictions to apply, one
+        checkpoint each, the most expendable first (``evicting`` says one is applied).
         ``replan`` plans a group again, fresh, as part of the pass (updating its facts)."""
         plans: list[FreeSpacePlan] = []
         evictions: list[Eviction] = []
@@ -161,11 +164,17 @@ class SpaceKeeper:
                 continue
             plans.append(fs_plan)
             self._note_free(fs_plan)
-            for directory, decisions in fs_plan.evicted_decisions().items():
-                evictions.append(Eviction(directory, decisions))
-                self._drop_candidates(directory, {decision.record.path for decision in decisions})
+            evictions.extend(
+                Eviction(decision.record.directory, (decision,), fs_plan)
+                for decision in fs_plan.evicted_decisions()
+            )
         self._forget_gone_scopes()
         return plans, evictions
+
+    def evicting(self, eviction: Eviction) -> None:
+        """``eviction`` is applied (or shown, in a dry run): its checkpoint is no longer a candidate
+        (if its deletion fails, the group's next plan says so)."""
+        self._drop_candidates(eviction.directory, {decision.record.path for decision in eviction.decisions})
 
     def _fresh_plan(
         self,
@@ -314,6 +323,19 @@ class SpaceKeeper:
         for scope in [scope for scope in self._unmet if scope[0] == "max_size"]:
             if self.index.get(Path(scope[1])) is None:
                 del self._unmet[scope]
+
+
+def still_short(eviction: Eviction) -> int:
+    """Bytes its file system is short of now, read again just before ``eviction`` is applied: 0
+    once the space is there (another daemon on the same disk evicted for the same shortfall, a
+    run was removed), and nothing more is evicted for it; -1 if it cannot be read now (the
+    checkpoint stays: in doubt, keep)."""
+    fs_plan = eviction.file_system
+    try:
+        status = os.statvfs(fs_plan.space.path)
+    except OSError:
+        return -1
+    return fs_plan.short_now(status.f_bavail * status.f_frsize)
 
 
 def space_status(fs_plan: FreeSpacePlan) -> str:

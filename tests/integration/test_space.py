@@ -5,11 +5,12 @@ outside a pass (a stale memory never deletes: the group is planned afresh first)
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
 import time
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Callable, Iterator, MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -263,6 +264,130 @@ def test_a_group_outside_the_pass_is_planned_afresh_before_anything_is_taken_fro
     assert names(new) == set(new_steps)
     assert free_bytes(disk) >= wanted
     assert result.budget_unmet_bytes == 0
+
+
+# -- two daemons on one file system ----------------------------------------------------------------
+
+
+def _short_by(root: Path, checkpoints: float, newest: Path) -> int:
+    """A keep_free (bytes) that leaves the file system of ``root`` short by ``checkpoints`` times the
+    size of ``newest`` (keep_free + the next save, as large as ``newest``, in whole blocks)."""
+    size = newest.stat().st_size
+    block = os.statvfs(root).f_frsize
+    reserved = -(-size // block) * block
+    return int(free_bytes(root) - reserved + checkpoints * size)
+
+
+def _after_planning(core: Reconciler, meanwhile: Callable[[], None]) -> None:
+    """Run ``meanwhile`` after ``core`` has chosen its evictions and before it applies them: the
+    window in which another daemon on the same file system may free the same shortfall."""
+    relieve = core.space.relieve
+
+    def relieve_then(*arguments: Any, **options: Any) -> Any:
+        planned = relieve(*arguments, **options)
+        meanwhile()
+        return planned
+
+    core.space.relieve = relieve_then  # type: ignore[method-assign]
+
+
+def test_two_daemons_on_one_disk_do_not_both_evict_for_the_same_shortfall(
+    disk: Path, tmp_path: Path, captured: LogCapture
+) -> None:
+    """Two roots on one tmpfs, each with its own daemon and keep_free. Both plan evictions for the
+    same shortfall; the second to apply reads the free space again, finds it there, and keeps its
+    checkpoints (without the re-read, both would evict: twice what the disk needed)."""
+    first_root, second_root = disk, disk.parent / "second"
+    first = steps(first_root / "run", [100, 200, 300, 400, 500], size=MIB)
+    second = steps(second_root / "run", [10, 20, 30, 40, 50], size=MIB, age=2000)
+    keep_free = _short_by(disk, 1.5, first_root / "run" / first[-1])  # two checkpoints short
+    rules = f"save_top_k_checkpoints: -1\nkeep_free: {keep_free}\n"
+    policy = policy_file(tmp_path, rules)  # the same policy file for both (as one image would have)
+    first_core, second_core = _daemon_core(first_root, policy), _daemon_core(second_root, policy)
+    _after_planning(first_core, lambda: second_core.run(Trigger.STARTUP))
+
+    result = first_core.run(Trigger.STARTUP)
+
+    assert names(second_root / "run") == set(second[2:])  # the other daemon evicted its two oldest
+    assert names(first_root / "run") == set(first)  # and this one kept everything it had planned
+    assert result.evicted == 0
+    assert result.deleted == 0
+    (space,) = result.space
+    assert space.evictions == ()  # the plan as applied
+    assert space.short_bytes > 0  # (as planned: short when it was read)
+    (spared,) = _logged(captured, "eviction_not_needed")
+    assert spared["path"] == str(first_root)
+    assert spared["kept"] == 2
+    assert spared["checkpoints"] == [str(first_root / "run" / name) for name in first[:2]]
+    assert "read again just before the eviction" in spared["detail"]
+    deleted = [Path(entry["path"]) for entry in _logged(captured, "checkpoint_deleted")]
+    assert deleted == [second_root / "run" / name for name in second[:2]]
+
+
+def test_space_freed_between_two_evictions_spares_the_second(
+    disk: Path, tmp_path: Path, captured: LogCapture
+) -> None:
+    """Planned: two evictions. Freed meanwhile: one checkpoint's worth. Applied: one, the most
+    expendable; the other stays, and the free space keep_free asks for is there."""
+    run = disk / "run"
+    written = steps(run, [100, 200, 300, 400, 500], size=MIB)
+    elsewhere = write(disk.parent / "elsewhere" / "scratch.bin", MIB)  # not below the root
+    keep_free = _short_by(disk, 1.5, run / written[-1])
+    core = _daemon_core(disk, policy_file(tmp_path, f"save_top_k_checkpoints: -1\nkeep_free: {keep_free}\n"))
+    _after_planning(core, elsewhere.unlink)
+
+    result = core.run(Trigger.STARTUP)
+
+    assert names(run) == set(written[1:])
+    assert result.evicted == 1
+    assert result.deleted == 1
+    (space,) = result.space
+    assert [candidate.record.name for candidate in space.evictions] == [written[0]]
+    assert space.short_now(free_bytes(disk)) == 0
+    (spared,) = _logged(captured, "eviction_not_needed")
+    assert (spared["kept"], spared["checkpoints"]) == (1, [str(run / written[1])])
+
+
+def test_an_eviction_whose_free_space_cannot_be_read_again_is_kept(
+    disk: Path, tmp_path: Path, captured: LogCapture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In doubt, keep: the re-read before an eviction fails (here: statvfs raising EIO from then on),
+    so the planned evictions stay, and the record says why."""
+    run = disk / "run"
+    written = steps(run, [100, 200, 300, 400, 500], size=MIB)
+    keep_free = _short_by(disk, 1.5, run / written[-1])
+    core = _daemon_core(disk, policy_file(tmp_path, f"save_top_k_checkpoints: -1\nkeep_free: {keep_free}\n"))
+
+    def unreadable(path: object) -> os.statvfs_result:
+        raise OSError(errno.EIO, "Input/output error", str(path))
+
+    _after_planning(core, lambda: monkeypatch.setattr(os, "statvfs", unreadable))
+
+    result = core.run(Trigger.STARTUP)
+
+    assert names(run) == set(written)
+    assert result.evicted == 0
+    (spared,) = _logged(captured, "eviction_not_needed")
+    assert spared["kept"] == 2
+    assert "could not be read again" in spared["detail"]
+
+
+def test_a_dry_run_shows_every_planned_eviction(disk: Path, tmp_path: Path, captured: LogCapture) -> None:
+    """Nothing is applied in a dry run, so nothing is read again: the plan is shown whole."""
+    run = disk / "run"
+    written = steps(run, [100, 200, 300, 400, 500], size=MIB)
+    elsewhere = write(disk.parent / "elsewhere" / "scratch.bin", 2 * MIB)
+    keep_free = _short_by(disk, 1.5, run / written[-1])
+    core = _daemon_core(disk, policy_file(tmp_path, f"save_top_k_checkpoints: -1\nkeep_free: {keep_free}\n"))
+    _after_planning(core, elsewhere.unlink)
+
+    result = core.run(Trigger.STARTUP, dry_run=True)
+
+    assert result.evicted == 2
+    (space,) = result.space
+    assert [candidate.record.name for candidate in space.evictions] == written[:2]
+    assert names(run) == set(written)
+    assert _logged(captured, "eviction_not_needed") == []
 
 
 def test_a_directory_checkpoint_being_written_is_measured_by_its_files(tmp_path: Path) -> None:

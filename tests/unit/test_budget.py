@@ -18,6 +18,7 @@ from ckpt_watcher.budget import (
     free_space_plan,
     group_space,
     predict_next_save,
+    shortfall,
     within_max_size,
 )
 from ckpt_watcher.naming import Kind
@@ -349,14 +350,43 @@ def test_keep_free_evicts_oldest_first_across_groups_class_by_class() -> None:
     ]
     assert result.unmet_bytes == 0
     assert result.reason == "evicted for space: 1.0 KiB free, keep_free 4.0 KiB + next save 1.0 KiB"
-    decisions = result.evicted_decisions()
-    assert sorted(decisions) == [OTHER, RUN]
-    assert all(
-        decision.action is Action.DELETE and decision.evicted
-        for group in decisions.values()
-        for decision in group
-    )
-    assert decisions[RUN][0].reasons[0] == result.reason
+    decisions = result.evicted_decisions()  # in eviction order, each group's own among the others
+    assert [decision.record.name for decision in decisions] == [
+        candidate.record.name for candidate in result.evictions
+    ]
+    assert [decision.record.directory for decision in decisions] == [RUN, OTHER, RUN, OTHER]
+    assert all(decision.action is Action.DELETE and decision.evicted for decision in decisions)
+    assert decisions[0].reasons[0] == result.reason
+
+
+@pytest.mark.parametrize(
+    ("keep_free", "next_save", "free", "block", "short"),
+    [
+        (4 * KIB, KIB, KIB, 1, 4 * KIB),  # the example above
+        (4 * KIB, KIB, 5 * KIB, 1, 0),  # exactly what is asked: met
+        (4 * KIB, KIB, 9 * KIB, 1, 0),  # more than asked: never negative
+        (4 * KIB, 1, 4 * KIB, 4 * KIB, 4 * KIB),  # a 1-byte save takes a whole block
+        (4 * KIB, 4 * KIB + 1, 8 * KIB, 4 * KIB, 4 * KIB),  # one byte past a block: two blocks
+        (0, 0, 0, 0, 0),  # no block size reported: bytes
+    ],
+)
+def test_the_shortfall_reserves_the_next_save_in_whole_blocks(
+    keep_free: int, next_save: int, free: int, block: int, short: int
+) -> None:
+    assert shortfall(keep_free, next_save, free, block) == short
+
+
+def test_a_plan_read_again_with_more_free_space_is_short_of_less() -> None:
+    """``short_now`` (the re-read before each eviction) is the plan's own sum: with the free bytes the
+    plan was made from it is the plan's shortfall; each byte freed since lowers it, down to 0."""
+    rules = policy(save_top_k_checkpoints=-1, keep_free="4KiB")
+    run = [record(step_name(0, 100), mtime=10), record(step_name(0, 200), mtime=20)]
+    result = free_space_plan(FileSystemSpace(1, ROOT, 100 * KIB, KIB), [space_of(run, RUN, rules)])
+    assert result.short_bytes == 4 * KIB
+    assert result.short_now(KIB) == result.short_bytes
+    assert result.short_now(2 * KIB) == 3 * KIB
+    assert result.short_now(5 * KIB) == 0
+    assert result.short_now(50 * KIB) == 0
 
 
 def test_keep_free_takes_the_trash_first_oldest_first_same_device_only() -> None:
