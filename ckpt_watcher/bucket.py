@@ -497,7 +497,7 @@ class BucketConfigFiles:
         try:
             fetched = self._store_for(url).fetch(url.prefix, limit=MAXIMUM_CONFIG_BYTES)
         except ObjectMissingError:
-            raise ConfigFileError("no such file") from None
+            raise ConfigFileError("no such file", missing=True) from None
         except StoreError as error:
             raise ConfigFileError(f"cannot be read: {error}", transient=True) from None
         self._heads.pop(path, None)

@@ -39,11 +39,12 @@ MAXIMUM_YAML_DEPTH = 64
 class ConfigFileError(Exception):
     """A config file that cannot be used; ``message`` is what follows ``At '<file>': ``. ``transient``:
     it could not be read (an I/O error, a store answering 503), not that its contents are wrong, so
-    reading it again may work although the file did not change."""
+    reading it again may work although the file did not change. ``missing``: there is no such file."""
 
-    def __init__(self, message: str, *, transient: bool = False) -> None:
+    def __init__(self, message: str, *, transient: bool = False, missing: bool = False) -> None:
         self.message = message
         self.transient = transient
+        self.missing = missing
         super().__init__(message)
 
 
@@ -68,14 +69,14 @@ def read_config_text(
     try:
         status = os.stat(path)
     except FileNotFoundError:
-        raise ConfigFileError("no such file") from None
+        raise ConfigFileError("no such file", missing=True) from None
     except OSError as error:
         raise ConfigFileError(_open_problem(error), transient=True) from None
     _require_regular(status, limit)
     try:
         descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except FileNotFoundError:
-        raise ConfigFileError("no such file") from None
+        raise ConfigFileError("no such file", missing=True) from None
     except OSError as error:
         raise ConfigFileError(_open_problem(error), transient=True) from None
     try:

@@ -73,7 +73,8 @@ class GroupState:
     link_targets: dict[Path, str] = field(default_factory=dict)
     last_links: dict[str, LastLink] = field(default_factory=dict)
     protect_from: Mapping[Path, str] = field(default_factory=dict)
-    blocked: bool = False
+    blocked: bool = False  # nothing is planned here (an invalid per-run policy, or held)
+    held: bool = False  # a protect_from config its policy names exists but was never read
     kept: Tally | None = None  # None: nothing kept (most directories of a large tree hold no checkpoint)
 
 

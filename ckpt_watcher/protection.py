@@ -59,10 +59,11 @@ class ConfigLabel(str):
 class ProtectionError(Exception):
     """A protect_from config that cannot be read; the previous protection set stays."""
 
-    def __init__(self, config: str, message: str, *, transient: bool = False) -> None:
+    def __init__(self, config: str, message: str, *, transient: bool = False, missing: bool = False) -> None:
         self.config = config
         self.message = message
         self.transient = transient  # it could not be read (ConfigFileError.transient): try again
+        self.missing = missing  # there is no such file (ConfigFileError.missing)
         super().__init__(f"{config}: {message}")
 
 
@@ -161,7 +162,9 @@ def read_config_protection(
     try:
         document = parse_yaml(files.read_text(config, confined_to=confined_to), quote_contents=False).value
     except ConfigFileError as error:
-        raise ProtectionError(label, error.message, transient=error.transient) from None
+        raise ProtectionError(
+            label, error.message, transient=error.transient, missing=error.missing
+        ) from None
     if document is None:
         document = {}
     if not isinstance(document, dict):
@@ -264,6 +267,26 @@ class _LoadedConfig:
     label: str
     protection: ConfigProtection | None
     error: str | None = None  # why the last read was refused (a retry failing so is not logged again)
+    missing: bool = False  # the last read found no such file
+
+    @property
+    def holding(self) -> bool:
+        """Never read, yet there: what it names is unknown, so its groups delete nothing (``holding``)."""
+        return self.protection is None and not self.missing
+
+
+def _rejected_detail(read_before: bool, error: ProtectionError) -> str:
+    """What a refused read of a protect_from config means for what it protects."""
+    if read_before:
+        detail = "the previous protection set from this file stays in force"
+    elif error.missing:
+        detail = "it protects nothing until it exists"
+    else:
+        detail = (
+            "it was never read, so what it names is unknown: nothing is deleted in the directories "
+            "whose policy names it until it is read (deletions_held)"
+        )
+    return detail + ("; it is read again at the next pass" if error.transient else "")
 
 
 class ProtectionRegistry:
@@ -308,13 +331,14 @@ class ProtectionRegistry:
                         "protection_rejected",
                         config=label,
                         error=error.message,
-                        detail="the previous protection set from this file stays in force"
-                        + ("; it is read again at the next pass" if error.transient else ""),
+                        detail=_rejected_detail(old_protection is not None, error),
                     )
                 # A read that failed for now (a store's 503) is tried again at every pass, however
                 # long the file stays the same: its protection must not stay away for good.
                 seen = None if error.transient else identity
-                self._loaded[config] = _LoadedConfig(seen, label, old_protection, error.message)
+                self._loaded[config] = _LoadedConfig(
+                    seen, label, old_protection, error.message, error.missing
+                )
                 changed = changed or previous is None
                 continue
             for warning in protection.warnings:
@@ -327,9 +351,17 @@ class ProtectionRegistry:
                     config=label,
                     sources=[reference.value for reference in protection.references],
                 )
-            changed = changed or previous is None or new_pins != old_pins
+            # (a config read at last after holding deletions releases its groups, pins or not)
+            changed = changed or previous is None or new_pins != old_pins or previous.holding
             self._loaded[config] = _LoadedConfig(identity, label, protection)
         return changed
+
+    def holding(self) -> dict[Path, str]:
+        """The configs (path -> label) that exist but were never read: what they protect is unknown,
+        so the groups whose policy names one delete nothing until it is read (in doubt, keep). A
+        config that was read once keeps its last protection through later failures; one that does
+        not exist protects nothing (its ``protection_rejected`` says so)."""
+        return {config: loaded.label for config, loaded in self._loaded.items() if loaded.holding}
 
     def configs(self) -> dict[Path, str]:
         """The configs loaded (or tried), path -> label."""

@@ -56,6 +56,8 @@ from ckpt_watcher.trash_pass import TrashKeeper, TrashPass
 
 logger = structlog.get_logger("ckpt_watcher.reconcile")
 
+# The directories a deletions_held (or _released) record names (it counts them all).
+SHOWN_HELD = 5
 # The checkpoints an eviction_not_needed record names (it counts them all), and why they stay.
 SHOWN_SPARED = 5
 SPARED_FREED = (
@@ -323,6 +325,8 @@ class Reconciler:
                 more, more_blocked = self._policies(set(self.index) - set(effective) - set(result.blocked))
                 effective.update(more)  # a new resume source may sit in any group
                 result.blocked += more_blocked
+            if not self._one_shot:  # (prune stops at an unreadable config: exit 2)
+                _hold(self.registry.holding(), self.index, effective, result.blocked)
             result.sources = {group: value.sources for group, value in effective.items()}
             links = self.index.link_pins(
                 _namings(self.tree, effective, result.blocked), self.storage.list_links
@@ -685,13 +689,57 @@ class ProblemLog:
 
 def _log_blocked(group: Path, state: GroupState) -> None:
     """``group_blocked``, once while the group stays blocked."""
-    if not state.blocked:
+    if not state.blocked or state.held:
         logger.warning(
             "group_blocked",
             directory=str(group),
             detail=f"an invalid {OVERRIDE_FILE_NAME} applies here; nothing is deleted here until it is fixed",
         )
-        state.blocked = True
+        state.blocked, state.held = True, False
+
+
+def _hold(
+    holding: Mapping[Path, str],
+    index: GroupIndex,
+    effective: dict[Path, EffectivePolicy],
+    blocked: list[Path],
+) -> None:
+    """Take out of the pass (into ``blocked``) each group whose policy names a protect_from config that
+    exists but was never read (``ProtectionRegistry.holding``): what it protects is unknown, so nothing
+    is deleted there until it is read. One ``deletions_held`` record for the groups newly held, one
+    ``deletions_released`` for those whose configs are now read."""
+    held: list[Path] = []
+    released: list[Path] = []
+    configs: set[str] = set()
+    for group, value in list(effective.items()):
+        state = index.state(group)
+        named = {holding[config] for config in value.protect_from if config in holding}
+        if named:
+            if not state.held:
+                held.append(group)
+                configs |= named
+            state.held = state.blocked = True
+            del effective[group]
+            blocked.append(group)
+        elif state.held:
+            state.held = False
+            released.append(group)
+    if held:
+        logger.warning(
+            "deletions_held",
+            configs=sorted(configs),
+            groups=len(held),
+            directories=[display_name(str(group)) for group in held[:SHOWN_HELD]],
+            detail="a protect_from config their policy names exists but could not be read yet, so what it "
+            "protects is unknown: nothing is deleted in these directories until it is read",
+        )
+    if released:
+        logger.info(
+            "deletions_released",
+            groups=len(released),
+            directories=[display_name(str(group)) for group in released[:SHOWN_HELD]],
+            detail="their protect_from configs are read: retention applies again",
+        )
 
 
 def _log_news(state: GroupState, records: list[CheckpointRecord], *, detections: bool) -> int:

@@ -278,6 +278,54 @@ class TestWatch:
             wait_until(lambda: _names(run) == {RESUME, step_name(4, 5000), step_name(4, 5500)})
             assert daemon.process.poll() is None
 
+    def test_a_config_never_read_holds_deletions_until_it_is_read(self, tmp_path: Path) -> None:
+        """The config exists but cannot be read from the start (here: a YAML error), so the resume
+        source it names is unknown: the daemon deletes nothing in the directories its policy covers
+        (deletions_held) rather than the resume source. Once the config is read, retention goes on and
+        the resume source is kept."""
+        run, config, policy = _layout(tmp_path, f'ckpt_path: "{RUN}/{RESUME}"\n  bad: [\n')
+        for step in range(2000, 4000, 500):
+            write_checkpoint(run / step_name(4, step))
+        everything = _names(run)
+        arguments = ["--log-level", "debug", "watch", "checkpoint", "--policy", str(policy), "--settle", "0"]
+        with running_daemon(arguments, tmp_path / "log", cwd=tmp_path) as daemon:
+            daemon.wait_ready()
+            (rejected,) = daemon.events("protection_rejected")
+            assert "never read" in rejected["detail"]
+            (held,) = daemon.events("deletions_held")  # one record: the root and the two below it
+            assert held["groups"] == 3
+            assert str(tmp_path / RUN) in held["directories"]
+            assert held["configs"] == ["../train_llada.yaml"]
+            write_checkpoint(run / step_name(4, 4000))  # an event pass is held too
+            daemon.wait_for("pass_completed", lambda record: record["trigger"] == "event")
+            assert _names(run) == everything | {step_name(4, 4000)}
+
+            config.write_text(f'ckpt_path: "{RUN}/{RESUME}"\n')
+
+            (released,) = daemon.wait_for("deletions_released")
+            assert released["groups"] == 3
+            wait_until(lambda: _names(run) == {RESUME, step_name(4, 3500), step_name(4, 4000)})
+            assert daemon.stop() == 0
+            deleted = [Path(record["path"]).name for record in daemon.events("checkpoint_deleted")]
+        assert sorted(deleted) == sorted(everything - {RESUME, step_name(4, 3500)})
+        assert len(daemon.events("deletions_held")) == 1
+
+    def test_a_config_that_does_not_exist_holds_nothing(self, tmp_path: Path) -> None:
+        """A missing config protects nothing, and is no reason to stop retention (a config the
+        launcher writes later): it is logged, and the policy applies."""
+        run, config, policy = _layout(tmp_path, "")
+        config.unlink()
+        for step in range(2000, 4000, 500):
+            write_checkpoint(run / step_name(4, step))
+        arguments = ["watch", "checkpoint", "--policy", str(policy), "--settle", "0"]
+        with running_daemon(arguments, tmp_path / "log", cwd=tmp_path) as daemon:
+            daemon.wait_ready()
+            (rejected,) = daemon.events("protection_rejected")
+            assert rejected["detail"] == "it protects nothing until it exists"
+            wait_until(lambda: _names(run) == {step_name(4, 3000), step_name(4, 3500)})
+            assert daemon.stop() == 0
+            assert daemon.events("deletions_held") == []
+
     def test_keep_pin_and_protect_flag_live(self, tmp_path: Path) -> None:
         run = tmp_path / "run"
         run.mkdir()

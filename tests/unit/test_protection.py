@@ -260,3 +260,67 @@ def test_an_edit_of_a_refused_config_that_is_still_refused_is_logged_again(tmp_p
             registry.refresh({config: "train.yaml"})
 
     assert [log["event"] for log in logs] == ["protection_rejected"] * 2
+
+
+# --- a config never read holds deletions ----------------------------------------------------------
+
+
+def _holding_after(
+    tmp_path: Path, contents: list[str | None], files: FlakyConfigFiles | None = None
+) -> list[bool]:
+    """For each state of the config in turn (its text; None: no such file), whether the registry
+    holds deletions for it after a refresh."""
+    registry = (
+        ProtectionRegistry(tmp_path, files=files) if files is not None else ProtectionRegistry(tmp_path)
+    )
+    config = tmp_path / "train.yaml"
+    holding = []
+    for turn, text in enumerate(contents):
+        if text is None:
+            config.unlink(missing_ok=True)
+        else:
+            config.write_text(text)
+            os.utime(config, ns=(turn * 10**9, turn * 10**9))  # each edit is seen as one
+        with capture_logs():
+            registry.refresh({config: "train.yaml"})
+        holding.append(registry.holding() == {config: "train.yaml"})
+    return holding
+
+
+@pytest.mark.parametrize(
+    ("contents", "held"),
+    [
+        (["ckpt_path: a.ckpt\n"], [False]),  # read: its pins protect
+        (["ckpt_path: [\n"], [True]),  # there, never read: what it names is unknown
+        (["[a list]\n"], [True]),  # there, not a mapping: likewise
+        ([None], [False]),  # no such file: it protects nothing, and holds nothing
+        ([None, "ckpt_path: [\n"], [False, True]),  # it appears, unreadable
+        (["ckpt_path: [\n", "ckpt_path: a.ckpt\n"], [True, False]),  # fixed: released
+        (["ckpt_path: a.ckpt\n", "ckpt_path: [\n"], [False, False]),  # read once: its pins stay
+        (["ckpt_path: a.ckpt\n", None], [False, False]),  # read once, then gone: its pins stay
+    ],
+)
+def test_a_config_holds_deletions_while_it_is_there_but_never_read(
+    tmp_path: Path, contents: list[str | None], held: list[bool]
+) -> None:
+    assert _holding_after(tmp_path, contents) == held
+
+
+def test_a_config_whose_first_read_failed_for_now_holds_until_a_read_works(tmp_path: Path) -> None:
+    """A store's 503 on the first read: the config is there, so it holds; the next pass reads it."""
+    files = FlakyConfigFiles(failures=1)
+    assert _holding_after(tmp_path, ["ckpt_path: a.ckpt\n", "ckpt_path: a.ckpt\n"], files) == [True, False]
+
+
+def test_a_config_read_at_last_is_a_change_even_when_it_pins_nothing(tmp_path: Path) -> None:
+    """So the daemon plans the groups it held at once (the next pass takes them all in), not only at
+    their next event or rescan."""
+    config = write_config(tmp_path, "ckpt_path: [\n")
+    registry = ProtectionRegistry(tmp_path)
+    with capture_logs():
+        registry.refresh({config: "train.yaml"})
+    config.write_text("ckpt_path: null\n")
+    os.utime(config, ns=(10**9, 10**9))
+    assert registry.refresh({config: "train.yaml"})
+    assert registry.holding() == {}
+    assert registry.pins() == {}
