@@ -283,8 +283,8 @@ def _rejected_detail(read_before: bool, error: ProtectionError) -> str:
         detail = "it protects nothing until it exists"
     else:
         detail = (
-            "it was never read, so what it names is unknown: nothing is deleted in the directories "
-            "whose policy names it until it is read (deletions_held)"
+            "it was never read, so what it names is unknown: nothing is deleted under the root until "
+            "it is read (deletions_held)"
         )
     return detail + ("; it is read again at the next pass" if error.transient else "")
 
@@ -336,10 +336,10 @@ class ProtectionRegistry:
                 # A read that failed for now (a store's 503) is tried again at every pass, however
                 # long the file stays the same: its protection must not stay away for good.
                 seen = None if error.transient else identity
-                self._loaded[config] = _LoadedConfig(
-                    seen, label, old_protection, error.message, error.missing
-                )
-                changed = changed or previous is None
+                loaded = _LoadedConfig(seen, label, old_protection, error.message, error.missing)
+                self._loaded[config] = loaded
+                # (a config that starts or stops holding deletions changes what every group may do)
+                changed = changed or previous is None or previous.holding != loaded.holding
                 continue
             for warning in protection.warnings:
                 logger.warning("protection_warning", config=label, message=warning)
@@ -357,10 +357,10 @@ class ProtectionRegistry:
         return changed
 
     def holding(self) -> dict[Path, str]:
-        """The configs (path -> label) that exist but were never read: what they protect is unknown,
-        so the groups whose policy names one delete nothing until it is read (in doubt, keep). A
-        config that was read once keeps its last protection through later failures; one that does
-        not exist protects nothing (its ``protection_rejected`` says so)."""
+        """The configs (path -> label) that exist but were never read: what they protect is unknown
+        (a checkpoint anywhere under the root), so nothing is deleted until they are read (in doubt,
+        keep). A config that was read once keeps its last protection through later failures; one
+        that does not exist protects nothing (its ``protection_rejected`` says so)."""
         return {config: loaded.label for config, loaded in self._loaded.items() if loaded.holding}
 
     def configs(self) -> dict[Path, str]:

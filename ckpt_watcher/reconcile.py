@@ -325,6 +325,8 @@ class Reconciler:
                 more, more_blocked = self._policies(set(self.index) - set(effective) - set(result.blocked))
                 effective.update(more)  # a new resume source may sit in any group
                 result.blocked += more_blocked
+                # the configs the groups just taken in name (a per-run file edited since) are read too
+                _refresh(self.registry, self.index.configs(), trigger, strict=self._one_shot)
             if not self._one_shot:  # (prune stops at an unreadable config: exit 2)
                 _hold(self.registry.holding(), self.index, effective, result.blocked)
             result.sources = {group: value.sources for group, value in effective.items()}
@@ -447,6 +449,8 @@ class Reconciler:
     def _replan(self, group: Path, context: _PassContext) -> None:
         """A group outside the pass that keep_free would take from: scanned and planned afresh first."""
         value = self.tree.for_directory(group) if self.storage.is_group(group) else None
+        if value is not None and not _protection_known(self.registry, value):
+            return  # nothing is taken from it: what a config it names protects is not known (yet)
         if value is not None:
             context.result.sources[group] = value.sources
             _alone(group, context.result, functools.partial(self._plan_group, group, value, context))
@@ -704,20 +708,17 @@ def _hold(
     effective: dict[Path, EffectivePolicy],
     blocked: list[Path],
 ) -> None:
-    """Take out of the pass (into ``blocked``) each group whose policy names a protect_from config that
-    exists but was never read (``ProtectionRegistry.holding``): what it protects is unknown, so nothing
-    is deleted there until it is read. One ``deletions_held`` record for the groups newly held, one
-    ``deletions_released`` for those whose configs are now read."""
+    """While a protect_from config exists but was never read (``ProtectionRegistry.holding``), take
+    every group out of the pass (into ``blocked``): the checkpoint it names may be in any of them (a
+    fine-tuning source in another run), so nothing is deleted until it is read. One
+    ``deletions_held`` record for the groups newly held, one ``deletions_released`` afterwards."""
     held: list[Path] = []
     released: list[Path] = []
-    configs: set[str] = set()
-    for group, value in list(effective.items()):
+    for group in list(effective):
         state = index.state(group)
-        named = {holding[config] for config in value.protect_from if config in holding}
-        if named:
+        if holding:
             if not state.held:
                 held.append(group)
-                configs |= named
             state.held = state.blocked = True
             del effective[group]
             blocked.append(group)
@@ -727,19 +728,25 @@ def _hold(
     if held:
         logger.warning(
             "deletions_held",
-            configs=sorted(configs),
+            configs=sorted(set(holding.values())),
             groups=len(held),
             directories=[display_name(str(group)) for group in held[:SHOWN_HELD]],
-            detail="a protect_from config their policy names exists but could not be read yet, so what it "
-            "protects is unknown: nothing is deleted in these directories until it is read",
+            detail="a protect_from config exists but could not be read yet, so what it protects is "
+            "unknown: nothing is deleted under the root until it is read",
         )
     if released:
         logger.info(
             "deletions_released",
             groups=len(released),
             directories=[display_name(str(group)) for group in released[:SHOWN_HELD]],
-            detail="their protect_from configs are read: retention applies again",
+            detail="the protect_from configs are read: retention applies again",
         )
+
+
+def _protection_known(registry: ProtectionRegistry, value: EffectivePolicy) -> bool:
+    """True if no config holds deletions and every config ``value`` names was read (or tried): a
+    group planned outside the pass's start (keep_free's) must not go by configs nobody read."""
+    return not registry.holding() and set(value.protect_from) <= set(registry.configs())
 
 
 def _log_news(state: GroupState, records: list[CheckpointRecord], *, detections: bool) -> int:

@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import json
 import os
+import time
+from collections.abc import MutableMapping
 from pathlib import Path
+from typing import Any
 
 import pytest
+from structlog.testing import LogCapture
 
-from ckpt_watcher.protection import read_config_protection
+from ckpt_watcher.overrides import PolicyTree
+from ckpt_watcher.policy import load_policy
+from ckpt_watcher.protection import ProtectionRegistry, read_config_protection
+from ckpt_watcher.reconcile import Reconciler, Trigger
 from tests.support.cli import prune_entries, run_cli
 from tests.support.daemon import running_daemon, wait_until
 from tests.support.factories import step_name, write_checkpoint
@@ -469,3 +476,109 @@ def test_a_per_run_file_may_name_a_config_under_the_root(tmp_path: Path) -> None
 
     assert completed.returncode == 0, completed.stderr
     assert _names(run) == {step_name(0, 500), step_name(0, 4500), step_name(0, 5000), "train.yaml"}
+
+
+# --- the reconcile core while a config holds deletions ---------------------------------------------
+
+
+def _core(root: Path, policy: Path) -> Reconciler:
+    """The daemon's reconcile core over ``root`` (its passes called directly, in this process)."""
+    tree = PolicyTree(root, load_policy(policy), strict=False)
+    return Reconciler(tree, ProtectionRegistry(root.parent), pins={}, settle_seconds=0, one_shot=False)
+
+
+def _steps(run: Path, steps: list[int]) -> list[str]:
+    """Step checkpoints in ``run``, older first (an mtime a second apart)."""
+    names = []
+    for index, step in enumerate(steps):
+        path = write_checkpoint(run / step_name(0, step))
+        stamp = time.time() - 1000 + index
+        os.utime(path, (stamp, stamp))
+        names.append(path.name)
+    return names
+
+
+def _events(capture: LogCapture, name: str) -> list[MutableMapping[str, Any]]:
+    return [entry for entry in list(capture.entries) if entry["event"] == name]
+
+
+def test_a_config_never_read_holds_a_checkpoint_it_names_in_another_run(
+    tmp_path: Path, captured: LogCapture
+) -> None:
+    """stage2 fine-tunes from stage1: its per-run file names its training config, which names a
+    stage1 checkpoint. Read, that checkpoint is kept; never read, nothing in stage1 is deleted either
+    (the checkpoint it names may be in any run)."""
+    root = tmp_path / "checkpoint"
+    stage1, stage2 = root / "stage1", root / "stage2"
+    written = _steps(stage1, [100, 200, 300, 400])
+    _steps(stage2, [10])
+    (tmp_path / "policy.yaml").write_text("save_top_k_checkpoints: 2\n")
+    config = root / "train_stage2.yaml"
+    (stage2 / ".ckpt-watcher.yaml").write_text("protect_from: [../train_stage2.yaml]\n")
+    config.write_text(f'ckpt_path: "{stage1 / written[0]}"\n  bad: [\n')
+
+    result = _core(root, tmp_path / "policy.yaml").run(Trigger.STARTUP)
+
+    assert _names(stage1) == set(written)
+    assert result.deleted == 0
+    (held,) = _events(captured, "deletions_held")
+    assert held["groups"] == 3  # the root, stage1 and stage2
+    assert held["configs"] == ["train_stage2.yaml"]
+
+
+def test_a_config_a_per_run_file_just_named_is_read_before_its_group_is_planned(
+    tmp_path: Path, captured: LogCapture
+) -> None:
+    """An event pass over run-a takes run-b in (a config changed), and run-b's per-run file now names
+    a config nobody read yet, unreadable: it is read (and holds) before anything in run-b is planned."""
+    root = tmp_path / "checkpoint"
+    run_a, run_b = root / "run-a", root / "run-b"
+    _steps(run_a, [10])
+    written = _steps(run_b, [100, 200])
+    train_a = tmp_path / "train_a.yaml"
+    train_a.write_text(f'ckpt_path: "{run_a / step_name(0, 10)}"\n')
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(f"save_top_k_checkpoints: 2\nprotect_from: [{train_a}]\n")
+    core = _core(root, policy)
+    core.run(Trigger.STARTUP)
+    train_b = root / "train_b.yaml"
+    train_b.write_text(f'ckpt_path: "{run_b / written[0]}"\n  bad: [\n')
+    (run_b / ".ckpt-watcher.yaml").write_text("protect_from: [../train_b.yaml]\n")
+    written += _steps(run_b, [300, 400])
+    _steps(run_a, [20])
+    train_a.write_text(f'ckpt_path: "{run_a / step_name(0, 20)}"\n')
+
+    core.run(Trigger.EVENT, [run_a])
+
+    assert _names(run_b) == set(written)
+    (rejected,) = _events(captured, "protection_rejected")
+    assert rejected["config"] == "train_b.yaml"
+    assert len(_events(captured, "deletions_held")) == 1
+
+
+@pytest.mark.parametrize("then", ["deleted", "fixed"])
+def test_a_held_config_deleted_or_fixed_releases_every_group_at_once(
+    tmp_path: Path, captured: LogCapture, then: str
+) -> None:
+    """The next pass, even an event pass over a single group, releases all of them: the config's
+    change counts as one (a config that stops holding changes what every group may do)."""
+    root = tmp_path / "checkpoint"
+    run_a, run_b = root / "run-a", root / "run-b"
+    _steps(run_a, [100, 200, 300, 400])
+    written_b = _steps(run_b, [100, 200, 300, 400])
+    config = tmp_path / "train.yaml"
+    config.write_text("ckpt_path: x\n  bad: [\n")
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(f"save_top_k_checkpoints: 2\nprotect_from: [{config}]\n")
+    core = _core(root, policy)
+    assert core.run(Trigger.STARTUP).deleted == 0
+    if then == "deleted":
+        config.unlink()
+    else:
+        config.write_text("ckpt_path: null\n")
+
+    core.run(Trigger.EVENT, [run_a])
+
+    assert _names(run_b) == set(written_b[2:])
+    (released,) = _events(captured, "deletions_released")
+    assert released["groups"] == 3

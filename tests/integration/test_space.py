@@ -278,7 +278,7 @@ def _short_by(root: Path, checkpoints: float, newest: Path) -> int:
     return int(free_bytes(root) - reserved + checkpoints * size)
 
 
-def _after_planning(core: Reconciler, meanwhile: Callable[[], None]) -> None:
+def _after_planning(core: Reconciler, meanwhile: Callable[[], object]) -> None:
     """Run ``meanwhile`` after ``core`` has chosen its evictions and before it applies them: the
     window in which another daemon on the same file system may free the same shortfall."""
     relieve = core.space.relieve
@@ -388,6 +388,33 @@ def test_a_dry_run_shows_every_planned_eviction(disk: Path, tmp_path: Path, capt
     assert [candidate.record.name for candidate in space.evictions] == written[:2]
     assert names(run) == set(written)
     assert _logged(captured, "eviction_not_needed") == []
+
+
+def test_keep_free_takes_nothing_while_a_protect_from_config_holds_deletions(
+    disk: Path, tmp_path: Path, captured: LogCapture
+) -> None:
+    """The config was missing, then is written unreadable (half-written) naming run-b's oldest
+    checkpoint, and run-a fills the disk. An event pass over run-a holds every group: keep_free does
+    not re-plan run-b to evict from it (that would go by a config nobody could read)."""
+    run_a, run_b = disk / "run-a", disk / "run-b"
+    written_b = steps(run_b, [100, 200, 300, 400], size=2 * MIB, age=3000)
+    steps(run_a, [10], size=2 * MIB, age=100)
+    config = tmp_path / "train.yaml"
+    policy = policy_file(
+        tmp_path, f"save_top_k_checkpoints: -1\nkeep_free: 14MiB\nprotect_from: [{config}]\n"
+    )
+    core = _daemon_core(disk, policy)
+    assert core.run(Trigger.STARTUP).evicted == 0
+    config.write_text(f'ckpt_path: "{run_b / written_b[0]}"\n  bad: [\n')
+    steps(run_a, [20, 30, 40, 50], size=2 * MIB, age=50)
+    assert free_bytes(disk) < 14 * MIB + 2 * MIB
+
+    result = core.run(Trigger.EVENT, [run_a])
+
+    assert names(run_b) == set(written_b)
+    assert (result.evicted, result.deleted) == (0, 0)
+    (held,) = _logged(captured, "deletions_held")
+    assert held["groups"] == 3  # the root and both runs
 
 
 def test_a_directory_checkpoint_being_written_is_measured_by_its_files(tmp_path: Path) -> None:

@@ -324,3 +324,16 @@ def test_a_config_read_at_last_is_a_change_even_when_it_pins_nothing(tmp_path: P
     assert registry.refresh({config: "train.yaml"})
     assert registry.holding() == {}
     assert registry.pins() == {}
+
+
+def test_a_held_config_that_is_deleted_is_a_change(tmp_path: Path) -> None:
+    """It stops holding: the daemon's check between passes then runs a full pass that releases every
+    group, not only the next event's."""
+    config = write_config(tmp_path, "ckpt_path: [\n")
+    registry = ProtectionRegistry(tmp_path)
+    with capture_logs():
+        registry.refresh({config: "train.yaml"})
+        config.unlink()
+        assert registry.refresh({config: "train.yaml"})
+        assert not registry.refresh({config: "train.yaml"})  # (and then no more)
+    assert registry.holding() == {}
