@@ -56,6 +56,16 @@ class YamlDocument:
     node: yaml.Node | None
 
 
+def _not_found(path: Path) -> ConfigFileError:
+    """No file at ``path``: missing, unless a symlink is there whose target is not (yet): that one is
+    meant to be there (a target on a mount not up yet), so it is not taken for a missing file."""
+    try:
+        os.lstat(path)
+    except OSError:
+        return ConfigFileError("no such file", missing=True)
+    return ConfigFileError("no such file: a symlink to a file that is not there", transient=True)
+
+
 def read_config_text(
     path: Path, *, confined_to: Sequence[Path] = (), limit: int = MAXIMUM_CONFIG_BYTES
 ) -> str:
@@ -69,14 +79,14 @@ def read_config_text(
     try:
         status = os.stat(path)
     except FileNotFoundError:
-        raise ConfigFileError("no such file", missing=True) from None
+        raise _not_found(path) from None
     except OSError as error:
         raise ConfigFileError(_open_problem(error), transient=True) from None
     _require_regular(status, limit)
     try:
         descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except FileNotFoundError:
-        raise ConfigFileError("no such file", missing=True) from None
+        raise _not_found(path) from None
     except OSError as error:
         raise ConfigFileError(_open_problem(error), transient=True) from None
     try:

@@ -283,8 +283,8 @@ def _rejected_detail(read_before: bool, error: ProtectionError) -> str:
         detail = "it protects nothing until it exists"
     else:
         detail = (
-            "it was never read, so what it names is unknown: nothing is deleted under the root until "
-            "it is read (deletions_held)"
+            "it was never read, so what it names is unknown: no checkpoint under the root is deleted "
+            "until it is read (deletions_held)"
         )
     return detail + ("; it is read again at the next pass" if error.transient else "")
 
@@ -312,9 +312,11 @@ class ProtectionRegistry:
         """
         changed = False
         for config, label in configs.items():
-            identity = self.files.identity(config)
+            identity = self.files.entry_identity(config)  # (a dangling link is there: read, refused)
             previous = self._loaded.get(config)
-            if previous is not None and previous.identity == identity:
+            # Unchanged since it was read, or refused for its contents: not read again. A read that
+            # failed for now (identity None) is tried at every pass, whatever the file looks like.
+            if previous is not None and previous.identity is not None and previous.identity == identity:
                 continue
             old_protection = previous.protection if previous is not None else None
             confined_to = label.allowed_directories if isinstance(label, ConfigLabel) else ()

@@ -291,6 +291,7 @@ class Reconciler:
         self._on_group = on_group
         self._problems = ProblemLog()
         self._foreign_leftovers: set[tuple[int, int]] = set()  # reported once each
+        self._holding = False  # a protect_from config held deletions at the last pass (_hold)
 
     # -- the pass ---------------------------------------------------------------------------------
 
@@ -319,16 +320,14 @@ class Reconciler:
             selected = self._all_groups(dry_run, result) if trigger.covers_everything else set(groups)
             result.add_purge(self.trash.begin(purge=trigger.covers_everything, dry_run=dry_run))
             effective, result.blocked = self._policies(selected)
-            configs = self.index.configs()
-            refreshed = _refresh(self.registry, configs, trigger, strict=self._one_shot)
-            if refreshed and not trigger.covers_everything:
+            refreshed = _refresh(self.registry, self.index.configs(), trigger, strict=self._one_shot)
+            if refreshed and not trigger.covers_everything:  # a new resume source may sit in any group
                 more, more_blocked = self._policies(set(self.index) - set(effective) - set(result.blocked))
-                effective.update(more)  # a new resume source may sit in any group
-                result.blocked += more_blocked
-                # the configs the groups just taken in name (a per-run file edited since) are read too
+                effective.update(more)
+                result.blocked += more_blocked  # (and what their policies name, edited since, is read)
                 _refresh(self.registry, self.index.configs(), trigger, strict=self._one_shot)
             if not self._one_shot:  # (prune stops at an unreadable config: exit 2)
-                _hold(self.registry.holding(), self.index, effective, result.blocked)
+                self._holding = _hold(self.registry, self.index, effective, result.blocked, self._holding)
             result.sources = {group: value.sources for group, value in effective.items()}
             links = self.index.link_pins(
                 _namings(self.tree, effective, result.blocked), self.storage.list_links
@@ -350,7 +349,7 @@ class Reconciler:
         problems: list[ScanProblem] = []
         groups: set[Path] = set()
         for directory in self.storage.walk_directories(self.root, self.tree.naming_for, problems):
-            if self._stop is not None and self._stop.is_set():
+            if self._stopping():
                 raise ScanStopped(str(directory))
             groups.add(directory)
         self._problems.note(problems)
@@ -405,7 +404,7 @@ class Reconciler:
         # A one-shot pass covers every group: with no byte budget in any policy, no space fact is read.
         self.space.begin_pass(facts_needed=not self._one_shot or _budgeted(effective))
         for done, (group, value) in enumerate(sorted(effective.items()), start=1):
-            if self._stop is not None and self._stop.is_set():
+            if self._stopping():
                 result.interrupted = True
                 return
             _alone(group, context.result, functools.partial(self._plan_group, group, value, context))
@@ -417,8 +416,7 @@ class Reconciler:
         reclaimed = [item.key for fs_plan in result.space for item in fs_plan.reclaimed]
         if reclaimed and not dry_run:  # the trash goes first, oldest first, before any kept checkpoint
             result.add_purge(self.trash.reclaim(reclaimed))
-        # Deleted at once, never trashed: a checkpoint in the trash would still hold its bytes.
-        apply = None if dry_run else functools.partial(self._apply, grace_seconds=0)
+        apply = None if dry_run else functools.partial(self._apply, grace_seconds=0)  # never trashed
         _evict(evictions, self.space, apply, self.index, result)
         result.budget_unmet_bytes = self.space.unmet_bytes()
         if not self._one_shot:
@@ -449,11 +447,10 @@ class Reconciler:
     def _replan(self, group: Path, context: _PassContext) -> None:
         """A group outside the pass that keep_free would take from: scanned and planned afresh first."""
         value = self.tree.for_directory(group) if self.storage.is_group(group) else None
-        if value is not None and not _protection_known(self.registry, value):
-            return  # nothing is taken from it: what a config it names protects is not known (yet)
-        if value is not None:
-            context.result.sources[group] = value.sources
-            _alone(group, context.result, functools.partial(self._plan_group, group, value, context))
+        if value is None or not _protection_known(self.registry, value):
+            return  # gone, or what a config it names protects is not known (yet): nothing is taken
+        context.result.sources[group] = value.sources
+        _alone(group, context.result, functools.partial(self._plan_group, group, value, context))
 
     def _stopping(self) -> bool:
         return self._stop is not None and self._stop.is_set()
@@ -553,7 +550,8 @@ def _evict(
     index: GroupIndex,
     result: PassResult,
 ) -> None:
-    """Apply the evictions for ``keep_free`` (``apply``: None in a dry run), the most expendable first,
+    """Apply the evictions for ``keep_free`` (``apply``: None in a dry run; deleted at once, never
+    trashed: a checkpoint in the trash would still hold its bytes), the most expendable first,
     each only while its file system is still short when read again just before it (what frees the
     space meanwhile, such as another daemon evicting on the same disk, spares the rest: it is kept
     and logged)."""
@@ -703,17 +701,28 @@ def _log_blocked(group: Path, state: GroupState) -> None:
 
 
 def _hold(
-    holding: Mapping[Path, str],
+    registry: ProtectionRegistry,
     index: GroupIndex,
     effective: dict[Path, EffectivePolicy],
     blocked: list[Path],
-) -> None:
+    was_holding: bool,
+) -> bool:
     """While a protect_from config exists but was never read (``ProtectionRegistry.holding``), take
     every group out of the pass (into ``blocked``): the checkpoint it names may be in any of them (a
     fine-tuning source in another run), so nothing is deleted until it is read. One
-    ``deletions_held`` record for the groups newly held, one ``deletions_released`` afterwards."""
+    ``deletions_held`` record for the groups newly held, one ``deletions_released`` afterwards; a
+    held group outside the pass that ends the hold is looked at again at once (its deletions waited).
+    Returns whether anything holds now."""
+    named = index.configs()  # (a config no policy names any more holds nothing)
+    holding = {config: label for config, label in registry.holding().items() if config in named}
     held: list[Path] = []
     released: list[Path] = []
+    if was_holding and not holding:
+        now = time.monotonic()
+        for group in index:
+            state = index.get(group)
+            if state is not None and state.held and group not in effective:
+                index.recheck(group, now)
     for group in list(effective):
         state = index.state(group)
         if holding:
@@ -732,7 +741,7 @@ def _hold(
             groups=len(held),
             directories=[display_name(str(group)) for group in held[:SHOWN_HELD]],
             detail="a protect_from config exists but could not be read yet, so what it protects is "
-            "unknown: nothing is deleted under the root until it is read",
+            "unknown: no checkpoint under the root is deleted or evicted until it is read",
         )
     if released:
         logger.info(
@@ -741,6 +750,7 @@ def _hold(
             directories=[display_name(str(group)) for group in released[:SHOWN_HELD]],
             detail="the protect_from configs are read: retention applies again",
         )
+    return bool(holding)
 
 
 def _protection_known(registry: ProtectionRegistry, value: EffectivePolicy) -> bool:

@@ -582,3 +582,31 @@ def test_a_held_config_deleted_or_fixed_releases_every_group_at_once(
     assert _names(run_b) == set(written_b[2:])
     (released,) = _events(captured, "deletions_released")
     assert released["groups"] == 3
+
+
+def test_a_held_config_no_policy_names_any_more_releases_every_group(
+    tmp_path: Path, captured: LogCapture
+) -> None:
+    """run-b's per-run file named an unreadable config, holding every group; it is edited to name
+    none. The event pass over run-b releases it, and run-a (held, outside that pass) is due again at
+    once: its deletions waited."""
+    root = tmp_path / "checkpoint"
+    run_a, run_b = root / "run-a", root / "run-b"
+    written_a = _steps(run_a, [100, 200, 300, 400])
+    written_b = _steps(run_b, [100, 200, 300, 400])
+    (root / "train_b.yaml").write_text("ckpt_path: x\n  bad: [\n")
+    (run_b / ".ckpt-watcher.yaml").write_text("protect_from: [../train_b.yaml]\n")
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("save_top_k_checkpoints: 2\n")
+    core = _core(root, policy)
+    assert core.run(Trigger.STARTUP).deleted == 0
+    (run_b / ".ckpt-watcher.yaml").write_text("save_top_k_checkpoints: 2\n")
+
+    core.run(Trigger.EVENT, [run_b])
+    assert _names(run_b) == set(written_b[2:])
+    due = core.index.take_due_rechecks(time.monotonic())
+    assert run_a in due
+    core.run(Trigger.EVENT, due)
+
+    assert _names(run_a) == set(written_a[2:])
+    assert sum(record["groups"] for record in _events(captured, "deletions_released")) == 3

@@ -337,3 +337,37 @@ def test_a_held_config_that_is_deleted_is_a_change(tmp_path: Path) -> None:
         assert registry.refresh({config: "train.yaml"})
         assert not registry.refresh({config: "train.yaml"})  # (and then no more)
     assert registry.holding() == {}
+
+
+def test_a_config_whose_path_failed_then_went_missing_stops_holding(tmp_path: Path) -> None:
+    """The first read fails on the path itself (a component is a file: ENOTDIR; EACCES or ESTALE on
+    a parent act alike), then the path works but names no file: it is read again at each pass, so
+    the hold ends; it is not left holding because neither time had an identity to compare."""
+    blocker = tmp_path / "configs"
+    blocker.write_text("a file where a directory should be\n")
+    config = blocker / "train.yaml"
+    registry = ProtectionRegistry(tmp_path)
+    with capture_logs():
+        registry.refresh({config: "train.yaml"})
+        assert registry.holding() == {config: "train.yaml"}
+        blocker.unlink()
+        blocker.mkdir()
+        assert registry.refresh({config: "train.yaml"})
+    assert registry.holding() == {}
+
+
+def test_a_config_that_is_a_dangling_symlink_holds(tmp_path: Path) -> None:
+    """A link whose target is not there (yet: a mount not up) is meant to be there: in doubt, keep."""
+    config = tmp_path / "train.yaml"
+    config.symlink_to(tmp_path / "mounted" / "train.yaml")
+    registry = ProtectionRegistry(tmp_path)
+    with capture_logs() as logs:
+        registry.refresh({config: "train.yaml"})
+    assert registry.holding() == {config: "train.yaml"}
+    assert "a symlink to a file that is not there" in logs[0]["error"]
+    (tmp_path / "mounted").mkdir()
+    (tmp_path / "mounted" / "train.yaml").write_text("ckpt_path: a.ckpt\n")
+    with capture_logs():
+        assert registry.refresh({config: "train.yaml"})
+    assert registry.holding() == {}
+    assert tmp_path / "a.ckpt" in registry.pins()
