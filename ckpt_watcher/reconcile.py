@@ -447,7 +447,7 @@ class Reconciler:
     def _replan(self, group: Path, context: _PassContext) -> None:
         """A group outside the pass that keep_free would take from: scanned and planned afresh first."""
         value = self.tree.for_directory(group) if self.storage.is_group(group) else None
-        if value is None or not _protection_known(self.registry, value):
+        if value is None or not _protection_known(self.registry, self.index, value):
             return  # gone, or what a config it names protects is not known (yet): nothing is taken
         context.result.sources[group] = value.sources
         _alone(group, context.result, functools.partial(self._plan_group, group, value, context))
@@ -713,8 +713,7 @@ def _hold(
     ``deletions_held`` record for the groups newly held, one ``deletions_released`` afterwards; a
     held group outside the pass that ends the hold is looked at again at once (its deletions waited).
     Returns whether anything holds now."""
-    named = index.configs()  # (a config no policy names any more holds nothing)
-    holding = {config: label for config, label in registry.holding().items() if config in named}
+    holding = _holding(registry, index)  # (a config no policy names any more holds nothing)
     held: list[Path] = []
     released: list[Path] = []
     if was_holding and not holding:
@@ -753,10 +752,16 @@ def _hold(
     return bool(holding)
 
 
-def _protection_known(registry: ProtectionRegistry, value: EffectivePolicy) -> bool:
+def _holding(registry: ProtectionRegistry, index: GroupIndex) -> dict[Path, str]:
+    """The configs that hold deletions (``ProtectionRegistry.holding``) that some policy names now."""
+    named = index.configs()
+    return {config: label for config, label in registry.holding().items() if config in named}
+
+
+def _protection_known(registry: ProtectionRegistry, index: GroupIndex, value: EffectivePolicy) -> bool:
     """True if no config holds deletions and every config ``value`` names was read (or tried): a
     group planned outside the pass's start (keep_free's) must not go by configs nobody read."""
-    return not registry.holding() and set(value.protect_from) <= set(registry.configs())
+    return not _holding(registry, index) and set(value.protect_from) <= set(registry.configs())
 
 
 def _log_news(state: GroupState, records: list[CheckpointRecord], *, detections: bool) -> int:
