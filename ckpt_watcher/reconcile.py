@@ -555,8 +555,9 @@ def _evict(
     each only while its file system is still short when read again just before it (what frees the
     space meanwhile, such as another daemon evicting on the same disk, spares the rest: it is kept
     and logged)."""
-    spared: dict[Path, tuple[str, list[Eviction]]] = {}
-    by_group: dict[Path, tuple[list[Decision], ApplyResult | None]] = {}
+    spared: dict[Path, tuple[str, list[Decision]]] = {}
+    evicted: dict[Path, list[Decision]] = {}
+    applied: dict[Path, ApplyResult] = {}
     for eviction in evictions:
         space_path = eviction.file_system.space.path
         if apply is not None and space_path not in spared:
@@ -564,33 +565,32 @@ def _evict(
             if short <= 0:
                 spared[space_path] = (SPARED_FREED if short == 0 else SPARED_UNREADABLE, [])
         if space_path in spared:
-            spared[space_path][1].append(eviction)
+            spared[space_path][1].append(eviction.decision)
             continue
         space.evicting(eviction)
-        fresh = None if apply is None else ApplyResult()
-        decisions, applied = by_group.setdefault(eviction.directory, ([], fresh))
-        decisions.extend(eviction.decisions)
-        if apply is not None and applied is not None:
-            one = apply(GroupPlan(eviction.directory, eviction.decisions))
-            applied.results.extend(one.results)
-            applied.interrupted = applied.interrupted or one.interrupted
-    for directory, (decisions, applied) in sorted(by_group.items()):
-        result.add_evictions(directory, tuple(decisions), applied)
+        evicted.setdefault(eviction.directory, []).append(eviction.decision)
+        if apply is not None:
+            one = apply(GroupPlan(eviction.directory, (eviction.decision,)))
+            group = applied.setdefault(eviction.directory, ApplyResult())
+            group.results.extend(one.results)
+            group.interrupted = group.interrupted or one.interrupted
+    for directory, decisions in sorted(evicted.items()):
+        result.add_evictions(directory, tuple(decisions), applied.get(directory))
         _no_longer_kept(index, directory, decisions)
     if spared:
         result.space = [_without_spared(fs_plan, spared) for fs_plan in result.space]
         for space_path, (why, kept) in spared.items():
-            _log_spared(space_path, why, [decision for item in kept for decision in item.decisions])
+            _log_spared(space_path, why, kept)
 
 
 def _without_spared(
-    fs_plan: FreeSpacePlan, spared: Mapping[Path, tuple[str, list[Eviction]]]
+    fs_plan: FreeSpacePlan, spared: Mapping[Path, tuple[str, list[Decision]]]
 ) -> FreeSpacePlan:
     """The file system's plan as applied: without the evictions its fresh free space spared."""
     kept = spared.get(fs_plan.space.path)
     if kept is None:
         return fs_plan
-    paths = {decision.record.path_text for item in kept[1] for decision in item.decisions}
+    paths = {decision.record.path_text for decision in kept[1]}
     evictions = tuple(candidate for candidate in fs_plan.evictions if candidate.record.path_text not in paths)
     return dataclasses.replace(fs_plan, evictions=evictions)
 

@@ -66,10 +66,10 @@ class Trash(Protocol):
 @dataclass(frozen=True, slots=True)
 class Eviction:
     """A checkpoint given up for space on ``file_system`` (a delete decision of its group, to apply
-    like any plan's, once ``SpaceKeeper.still_short`` says the space is still missing)."""
+    like any plan's, once ``still_short`` says the space is still missing)."""
 
     directory: Path
-    decisions: tuple[Decision, ...]
+    decision: Decision
     file_system: FreeSpacePlan
 
 
@@ -165,7 +165,7 @@ class SpaceKeeper:
             plans.append(fs_plan)
             self._note_free(fs_plan)
             evictions.extend(
-                Eviction(decision.record.directory, (decision,), fs_plan)
+                Eviction(decision.record.directory, decision, fs_plan)
                 for decision in fs_plan.evicted_decisions()
             )
         self._forget_gone_scopes()
@@ -174,7 +174,7 @@ class SpaceKeeper:
     def evicting(self, eviction: Eviction) -> None:
         """``eviction`` is applied (or shown, in a dry run): its checkpoint is no longer a candidate
         (if its deletion fails, the group's next plan says so)."""
-        self._drop_candidates(eviction.directory, {decision.record.path for decision in eviction.decisions})
+        self._drop_candidates(eviction.directory, {eviction.decision.record.path})
 
     def _fresh_plan(
         self,
