@@ -325,6 +325,41 @@ def test_the_daemon_survives_its_policy_and_configs_turning_hostile(tmp_path: Pa
         assert daemon.stop() == 0
 
 
+# (A link to /dev/zero is not among them: a per-run file naming a config that leads out of the root
+# is itself refused, which blocks its own subtree; test_protection.py says so for prune.)
+@pytest.mark.parametrize("hostile", ["alias-bomb", "fifo"])
+def test_a_hostile_config_written_into_the_root_from_the_start_holds_and_never_hangs(
+    tmp_path: Path, hostile: str
+) -> None:
+    """The training job writes a per-run ``.ckpt-watcher.yaml`` naming a config of its own, and that
+    config is hostile before the daemon ever reads it (a FIFO, a YAML bomb). The
+    daemon must start (no hang on the FIFO, no growth on the bomb), delete nothing anywhere while the
+    config cannot be read (it could name a checkpoint in any run), and apply the policy once it can,
+    keeping what it names."""
+    layout = Layout(tmp_path)
+    layout.policy.write_text("save_top_k_checkpoints: 2\n")
+    train = layout.run / "train.yaml"
+    if hostile == "fifo":
+        make_fifo(train)
+    else:
+        HOSTILE_TRAINING_CONFIGS[hostile][0](train)
+    (layout.run / ".ckpt-watcher.yaml").write_text("protect_from: [train.yaml]\n")
+    arguments = ["watch", str(layout.root), "--policy", str(layout.policy), "--settle", "0"]
+    with running_daemon(arguments, tmp_path / "log", cwd=tmp_path) as daemon:
+        daemon.wait_ready(timeout=60)
+        (held,) = daemon.events("deletions_held")
+        assert held["configs"] == ["run/train.yaml"]
+        assert _names(layout.run) == _names(layout.other) == ALL_CHECKPOINTS
+
+        train.unlink()
+        train.write_text(f"ckpt_path: ../other/{step_name(0, 500)}\n")
+
+        daemon.wait_for("deletions_released")
+        wait_until(lambda: _names(layout.run) == {step_name(0, step) for step in (4500, 5000)})
+        wait_until(lambda: _names(layout.other) == {step_name(0, step) for step in (500, 4500, 5000)})
+        assert daemon.stop() == 0
+
+
 # --- cost in depth (item 17): bounded here; counted in tests/unit/test_overrides.py --------------
 
 
