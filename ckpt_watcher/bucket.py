@@ -34,7 +34,7 @@ from pathlib import Path
 import structlog
 
 from ckpt_watcher.bucket_delete import apply_bucket_group, finish_bucket_leftovers
-from ckpt_watcher.bucket_listing import Listing, object_identity, summarize_prefix
+from ckpt_watcher.bucket_listing import Listing, has_key_under, object_identity, summarize_prefix
 from ckpt_watcher.bucket_trash_moves import BucketTrashTarget
 from ckpt_watcher.config_access import LOCAL_FILES
 from ckpt_watcher.config_files import MAXIMUM_CONFIG_BYTES, ConfigFileError
@@ -132,6 +132,7 @@ class BucketStorage:
         self.listing: Listing | None = None
         self._stale = True
         self._uploads: set[str] | None = None
+        self._sorted_uploads: list[str] | None = None  # the same keys, sorted: for upload_under
         self._may_delete = may_delete
         self._unnamable_reported: set[str] = set()
 
@@ -139,6 +140,7 @@ class BucketStorage:
         """The next request for the listing lists the prefix again."""
         self._stale = True
         self._uploads = None
+        self._sorted_uploads = None
 
     def uploads_in_progress(self) -> set[str]:
         """The keys under the prefix that an unfinished multipart upload is writing, asked once per pass
@@ -150,6 +152,14 @@ class BucketStorage:
             except StoreError as error:
                 raise StorageUnavailableError(str(error)) from None
         return self._uploads
+
+    def upload_under(self, key: str) -> bool:
+        """True if an unfinished multipart upload writes an object below ``key`` (a directory
+        checkpoint's key): a binary search of this pass's sorted upload keys, not a walk over all of
+        them for each directory (a prefix can hold many abandoned uploads)."""
+        if self._sorted_uploads is None:
+            self._sorted_uploads = sorted(self.uploads_in_progress())
+        return has_key_under(self._sorted_uploads, key)
 
     def current_listing(self) -> Listing:
         """This pass's listing (listed now if this pass has none yet); StorageUnavailableError if the
@@ -392,9 +402,7 @@ class _GroupScan:
         shard is not listed until complete, and its marker (DeepSpeed's rank 0 writes ``latest``
         first) and quiet time would count it complete."""
         key = self.storage.url.key_of(path)
-        return key is not None and any(
-            upload.startswith(f"{key}/") for upload in self.storage.uploads_in_progress()
-        )
+        return key is not None and self.storage.upload_under(key)
 
     def directory_record(self, name: str, parsed: ParsedName) -> CheckpointRecord:
         """The record of a directory checkpoint: a prefix judged by its marker and its quiet time."""

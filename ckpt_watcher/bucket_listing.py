@@ -8,6 +8,7 @@ The lease object and the trash prefix are not part of the tree; a key that no pa
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -99,6 +100,14 @@ class DirectorySummary:
     newest_mtime_ns: int
     identity: FileIdentity
     being_deleted: bool
+
+
+def has_key_under(sorted_keys: Sequence[str], key: str) -> bool:
+    """True if one of ``sorted_keys`` (sorted as str sorts) lies below ``key``: starts with ``key/``.
+    The keys that start with a prefix are one run of a sorted list, found by one binary search."""
+    below = f"{key}/"
+    index = bisect.bisect_left(sorted_keys, below)
+    return index < len(sorted_keys) and sorted_keys[index].startswith(below)
 
 
 def summarize_prefix(objects: Sequence[tuple[str, ObjectInfo]]) -> DirectorySummary:
