@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ckpt_watcher.compact import PackedHashes
-from ckpt_watcher.links import Link, LinkPins, link_reasons, list_links
+from ckpt_watcher.links import Link, LinkPins, dangling_namesakes, link_identities, link_reasons, list_links
 from ckpt_watcher.naming import Kind, Naming
 from ckpt_watcher.records import DELETING_PREFIX, TRASH_DIRECTORY_NAME
 from ckpt_watcher.scan import CompletenessCache, NamingLookup, ScanProblem, walk_directories
@@ -233,6 +233,9 @@ class GroupIndex:
             self.set_link_targets(group, targets)
             pins.add(targets, owner=group)
             pins.add(self.last_link_pins(group, links, now))
+            pins.add(dangling_namesakes(group, links))
+            for identity, reason in link_identities(links).items():
+                pins.identities.setdefault(identity, reason)
         pins.add(self.link_targets_outside(set(namings)))
         return pins
 

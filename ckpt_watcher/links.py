@@ -29,6 +29,11 @@ class Link:
     relative_path: str
     is_last: bool
     target: Path
+    # (device, inode) of what the link reaches, taken only when its target resolves outside the root:
+    # the same file can be one of the root's checkpoints reached through another path (a bind mount of
+    # the root, or the trainer's own mount path of the volume in a sidecar), kept by identity then.
+    identity: tuple[int, int] | None = None
+    dangles: bool = False  # its target is outside the root and not there from here
 
 
 def list_links(directory: Path, root: Path, naming: Naming) -> list[Link]:
@@ -47,15 +52,29 @@ def list_links(directory: Path, root: Path, naming: Naming) -> list[Link]:
         return []  # gone or unreadable: the scan says so
     prefix = os.path.relpath(directory, root)
     resolver = PathResolver()  # a chain of links, each listed, is resolved once
-    return [
-        Link(
-            name=name,
-            relative_path=name if prefix == "." else os.path.join(prefix, name),
-            is_last=naming.classify(name).kind is Kind.LAST,
-            target=resolver.resolve(directory / name),
+    links: list[Link] = []
+    for name in names:
+        target = resolver.resolve(directory / name)
+        identity: tuple[int, int] | None = None
+        dangles = False
+        if target != root and root not in target.parents:
+            try:
+                status = os.stat(directory / name)  # follows the link: what it reaches now (opens nothing)
+            except (OSError, ValueError):
+                dangles = True
+            else:
+                identity = (status.st_dev, status.st_ino)
+        links.append(
+            Link(
+                name=name,
+                relative_path=name if prefix == "." else os.path.join(prefix, name),
+                is_last=naming.classify(name).kind is Kind.LAST,
+                target=target,
+                identity=identity,
+                dangles=dangles,
+            )
         )
-        for name in names
-    ]
+    return links
 
 
 def link_reasons(links: Iterable[Link]) -> dict[Path, str]:
@@ -67,6 +86,32 @@ def link_reasons(links: Iterable[Link]) -> dict[Path, str]:
     return reasons
 
 
+def link_identities(links: Iterable[Link]) -> dict[tuple[int, int], str]:
+    """The identities of targets outside the root, each with the reason ``link_reasons`` gives its
+    target: ``plan`` keeps the checkpoint that is that file, whatever path the link took to it."""
+    identities: dict[tuple[int, int], str] = {}
+    for link in sorted(links, key=lambda link: (not link.is_last, link.relative_path)):
+        if link.identity is not None:
+            identities.setdefault(link.identity, f"target of {link.relative_path}")
+    return identities
+
+
+def dangling_namesakes(directory: Path, links: Iterable[Link]) -> dict[Path, str]:
+    """For each link whose target is outside the root and not there from here, the entry of the
+    link's own directory with the target's name. A trainer in another mount namespace writes
+    ``last.ckpt -> /ckpts/run/epoch=...ckpt``, which dangles where the volume is mounted elsewhere;
+    the file beside the link with that name is most likely what it means, so it is kept (in doubt)."""
+    namesakes: dict[Path, str] = {}
+    for link in sorted(links, key=lambda link: (not link.is_last, link.relative_path)):
+        if link.dangles and link.target.name not in ("", link.name):
+            namesakes.setdefault(
+                directory / link.target.name,
+                f"named like the target of {link.relative_path}, which is outside the root and not "
+                "found from here (kept in doubt)",
+            )
+    return namesakes
+
+
 class LinkPins:
     """Pins from links, indexed by every directory above their target, so each group gets those that
     point into it (a target inside a directory checkpoint keeps that checkpoint: ``plan``), with every
@@ -75,6 +120,7 @@ class LinkPins:
 
     def __init__(self) -> None:
         self._by_directory: dict[Path, dict[Path, dict[Path | None, str]]] = defaultdict(dict)
+        self.identities: dict[tuple[int, int], str] = {}  # targets outside the root (link_identities)
 
     def add(self, targets: Mapping[Path, str], *, owner: Path | None = None) -> None:
         """Targets with their reasons; ``owner`` is the group holding the links (None: pin anywhere)."""

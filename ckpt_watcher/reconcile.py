@@ -651,6 +651,8 @@ class _PassContext:
         closed_in: dict[Path, set[Path]] = defaultdict(set)
         for path in closed:
             closed_in[path.parent].add(path)
+        # Pinned by identity: the targets links reach from outside the root, then the pins' own files.
+        identities = {**links.identities, **identities}
         return cls(pins, identities, links, closed_in, time.time(), dry_run, result)
 
 

@@ -1,0 +1,99 @@
+"""``last.ckpt`` naming its target through a path other than the watched root's own: the root's bind
+mount (or the trainer's mount path of the volume, where the watcher sees it too), and a mount path
+the watcher does not have at all (the link dangles from here). Its target is never deleted."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from ckpt_watcher.links import list_links
+from ckpt_watcher.naming import DEFAULT_NAMING
+from tests.support.cli import assert_clean_exit, events, prune_entries, run_cli
+from tests.support.factories import backdate_tree, step_name, write_checkpoint
+from tests.support.hostile_trees import bind, mount_namespace, mount_namespace_reason
+
+pytestmark = pytest.mark.timeout(240)
+
+MOUNTS_UNAVAILABLE = mount_namespace_reason()
+needs_mounts = pytest.mark.skipif(MOUNTS_UNAVAILABLE is not None, reason=str(MOUNTS_UNAVAILABLE))
+
+
+def _run(root: Path) -> Path:
+    """Three step checkpoints in ``root/run``, old enough to count; a policy that keeps the newest."""
+    for step in (100, 200, 300):
+        write_checkpoint(root / "run" / step_name(0, step))
+    backdate_tree(root)
+    return root / "run"
+
+
+@needs_mounts
+def test_a_last_link_through_a_bind_mount_of_the_root_keeps_its_target(tmp_path: Path) -> None:
+    root, alias = tmp_path / "root", tmp_path / "alias"
+    run = _run(root)
+    alias.mkdir()
+    target = step_name(0, 200)
+    os.symlink(alias / "run" / target, run / "last.ckpt")
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("save_top_k_checkpoints: 1\n")
+    mount = mount_namespace([bind(root, alias)])
+
+    dry_run = run_cli("prune", str(root), "--policy", str(policy), "--dry-run", "--json", prefix=mount)
+    completed = run_cli("prune", str(root), "--policy", str(policy), prefix=mount)
+
+    entries = prune_entries(dry_run, exit_code=0)
+    assert entries[target]["action"] == "keep"
+    assert "target of run/last.ckpt" in entries[target]["reasons"]
+    assert entries[step_name(0, 100)]["action"] == "delete"  # the rest of the plan is unchanged
+    assert_clean_exit(completed, allowed=(0,))
+    assert (run / target).exists()
+    assert not (run / step_name(0, 100)).exists()
+    assert [record["path"] for record in events(completed.stderr, "checkpoint_deleted")] == [
+        str(run / step_name(0, 100))
+    ]
+
+
+def test_a_last_link_written_for_a_mount_path_the_watcher_lacks_keeps_its_namesake(tmp_path: Path) -> None:
+    """The trainer's container mounts the volume at /ckpts; the sidecar elsewhere: an absolute link
+    dangles here, and the file of its target's name beside it is kept (in doubt), whatever its rank."""
+    run = _run(tmp_path / "root")
+    target = step_name(0, 100)  # the oldest: the count rule alone would delete it
+    os.symlink(Path("/nonexistent-ckpts-mount") / "run" / target, run / "last.ckpt")
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("save_top_k_checkpoints: 1\n")
+
+    dry_run = run_cli("prune", str(tmp_path / "root"), "--policy", str(policy), "--dry-run", "--json")
+    completed = run_cli("prune", str(tmp_path / "root"), "--policy", str(policy))
+
+    entries = prune_entries(dry_run, exit_code=0)
+    assert entries[target]["action"] == "keep"
+    assert entries[target]["reasons"] == [
+        "named like the target of run/last.ckpt, which is outside the root and not found from here "
+        "(kept in doubt)"
+    ]
+    assert entries[step_name(0, 200)]["action"] == "delete"
+    assert_clean_exit(completed, allowed=(0,))
+    assert (run / target).exists()
+    assert (run / step_name(0, 300)).exists()
+    assert not (run / step_name(0, 200)).exists()
+
+
+def test_only_a_target_outside_the_root_is_stat_ed_or_taken_as_dangling(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    run = _run(root)
+    outside = write_checkpoint(tmp_path / "elsewhere" / step_name(0, 900))
+    os.symlink(step_name(0, 300), run / "last.ckpt")  # inside, relative: the path pins it
+    os.symlink(run / "gone.ckpt", run / "inside-dangling.ckpt")  # inside and dangling: no namesake
+    os.symlink(outside, run / "outside.ckpt")
+    os.symlink(tmp_path / "nowhere" / "x.ckpt", run / "outside-dangling.ckpt")
+
+    links = {link.name: link for link in list_links(run, root, DEFAULT_NAMING)}
+
+    assert (links["last.ckpt"].identity, links["last.ckpt"].dangles) == (None, False)
+    assert (links["inside-dangling.ckpt"].identity, links["inside-dangling.ckpt"].dangles) == (None, False)
+    status = outside.stat()
+    assert links["outside.ckpt"].identity == (status.st_dev, status.st_ino)
+    assert not links["outside.ckpt"].dangles
+    assert (links["outside-dangling.ckpt"].identity, links["outside-dangling.ckpt"].dangles) == (None, True)
