@@ -28,7 +28,6 @@ import datetime
 import errno
 import fcntl
 import json
-import math
 import os
 import re
 import stat
@@ -94,12 +93,9 @@ _LATEST_TIME = 253_402_300_799.0
 
 def _time(document: dict[str, Any], key: str) -> float:
     value = document.get(key)
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not math.isfinite(value)
-        or not 0 <= value <= _LATEST_TIME
-    ):
+    # The range is compared first, and exactly: math.isfinite or float() of an int too large for a
+    # float raises OverflowError (NaN and the infinities fail the comparison too).
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= _LATEST_TIME:
         raise ValueError(f"{key!r} is not a time")
     return float(value)
 

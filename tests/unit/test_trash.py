@@ -34,6 +34,7 @@ from ckpt_watcher.trash import (
     FILES,
     INFO,
     RESTORED,
+    RestoredPin,
     TrashEntry,
     TrashIndex,
     list_trash,
@@ -671,3 +672,44 @@ def test_where_a_directory_cannot_be_locked_a_lock_file_in_the_trash_is(
     assert trash_everything_but_the_newest(tmp_path) == [Outcome.TRASHED]
     assert locked_kinds == ["file"]
     assert (tmp_path / ".ckpt-trash" / "lock").is_file()
+
+
+_GOOD_ENTRY = {
+    "original": "run/x.ckpt",
+    "trashed_at": NOW,
+    "grace_seconds": 60,
+    "reasons": [],
+    "bytes": 1,
+    "type": "file",
+    "device": 1,
+    "inode": 7,
+}
+
+
+@pytest.mark.parametrize(
+    "value",
+    [10**400, -(10**400), float("nan"), float("inf"), -1, 253_402_300_800, True, "1", None],
+    ids=["huge", "huge-negative", "nan", "inf", "negative", "after-9999", "bool", "text", "missing"],
+)
+def test_a_record_whose_time_is_not_a_time_is_refused_never_raised_past_its_reader(value: object) -> None:
+    """A time no float holds (a 400-digit integer) raised OverflowError, which the readers did not
+    catch: one forged record stopped every pass (and `trash list`, `prune`) for good."""
+    with pytest.raises(ValueError, match="is not a time"):
+        TrashEntry.from_document("k", {**_GOOD_ENTRY, "trashed_at": value})
+    with pytest.raises(ValueError, match="is not a time"):
+        RestoredPin.from_document("k", {"original": "run/x.ckpt", "device": 1, "inode": 7, "until": value})
+
+
+def test_a_forged_record_is_a_listed_problem_and_the_others_are_still_read(tmp_path: Path) -> None:
+    steps(tmp_path, range(100, 400, 100))
+    trash_everything_but_the_newest(tmp_path)
+    info = tmp_path / ".ckpt-trash" / INFO
+    forged, intact = sorted(info.iterdir())
+    document = json.loads(forged.read_text())
+    forged.write_text(json.dumps({**document, "trashed_at": 10**400}))
+
+    listing = list_trash(tmp_path)
+
+    assert listing is not None
+    assert [entry.key for entry in listing.entries] == [intact.name.removesuffix(".json")]
+    assert listing.problems == [(forged.name, "'trashed_at' is not a time")]
