@@ -469,13 +469,25 @@ def write_metadata(dir_fd: int, key: str, document: dict[str, Any]) -> None:
     fd = os.open(temporary, _FILE_FLAGS, 0o666, dir_fd=dir_fd)
     try:
         try:
-            os.write(fd, data)
+            write_whole(fd, data)
+            os.fsync(fd)  # whole on disk before its name is: a crash never leaves an empty record
         finally:
             os.close(fd)
         rename_no_replace(temporary, name, source_dir_fd=dir_fd, destination_dir_fd=dir_fd)
     except BaseException:
         remove_name(dir_fd, temporary)
         raise
+
+
+def write_whole(fd: int, data: bytes) -> None:
+    """Write all of ``data``: ``os.write`` may write less (a full disk makes a write that spans pages
+    come back short, with no error), so write the rest until done; ENOSPC if nothing more goes."""
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        if written <= 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        view = view[written:]
 
 
 def read_metadata(dir_fd: int, name: str) -> Any:

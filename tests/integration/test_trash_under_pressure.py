@@ -169,3 +169,55 @@ def test_the_daemon_empties_the_trash_first_and_the_writer_never_runs_out_of_spa
     assert purged, "space pressure purged the trash"
     assert evicted == [], "nothing kept was evicted while the trash held bytes to give"
     assert {path.name for path in run.iterdir()} == {step_name(0, 900), step_name(0, 1000)}
+
+
+def _fill_leaving_one_page(disk: Path) -> None:
+    """Fill the file system, then free exactly one page: a later write of several pages comes back
+    short (the kernel writes what fits and reports the count, with no error)."""
+    filler = disk.parent / "filler"
+    descriptor = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        while True:
+            os.write(descriptor, bytes(4096))
+    except OSError:
+        pass
+    os.ftruncate(descriptor, os.fstat(descriptor).st_size - 4096)
+    os.close(descriptor)
+
+
+def test_a_trash_record_cut_short_by_a_full_disk_never_strands_a_checkpoint(
+    disk: Path, tmp_path: Path
+) -> None:
+    """A record whose write came back short was renamed into place and the checkpoint moved in after
+    it: "trashed", yet unreadable, so no command could list, restore or purge it. The record is now
+    written whole or the move fails, and the checkpoint stays where it was."""
+    deep = "é" * 127  # legal, but each component is ~760 bytes of ensure_ascii JSON: a record > 4 KiB
+    run = disk.joinpath(*[deep] * 6)
+    names = write_steps_small(run, [100, 200])
+    trash_policy = policy(tmp_path, "save_top_k_checkpoints: 1\ntrash:\n  grace: 1d\n")
+    _fill_leaving_one_page(disk)
+
+    pruned = run_cli("prune", str(disk), "--policy", str(trash_policy))
+    listed = run_cli("trash", "list", str(disk), "--json")
+
+    assert pruned.returncode == 1, pruned.stderr  # the deletion failed, and says so
+    assert events(pruned.stderr, "checkpoint_delete_failed")
+    assert {path.name for path in run.iterdir()} == set(names)  # nothing left its place
+    document = json.loads(listed.stdout)
+    assert document["problems"] == []
+    assert document["entries"] == []
+    files = disk / TRASH / "files"
+    assert not files.exists() or not any(path.is_file() for path in files.rglob("*"))
+
+
+def write_steps_small(directory: Path, step_numbers: list[int]) -> list[str]:
+    """Small complete step checkpoints (~3 KiB: they fit where the record does not), old enough."""
+    directory.mkdir(parents=True, exist_ok=True)
+    names = []
+    for step in step_numbers:
+        path = directory / step_name(0, step)
+        path.write_bytes(zip_bytes(b"w" * 3000))
+        stamp = time.time() - 1000 + step / 100
+        os.utime(path, (stamp, stamp))
+        names.append(path.name)
+    return names
