@@ -40,13 +40,15 @@ def supervise(watcher: Supervised) -> int:
     deletion); a second one exits at once, whatever the worker is doing.
     """
     previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
+    worker = threading.Thread(target=watcher.run, name="ckpt-watcher-worker")
     try:
-        worker = threading.Thread(target=watcher.run, name="ckpt-watcher-worker")
         worker.start()
         stopping = False
         while worker.is_alive():
             received = signal.sigtimedwait(HANDLED_SIGNALS, SIGNAL_POLL_SECONDS)
-            if received is None:
+            # CPython 3.11's sigtimedwait, interrupted (SIGSTOP then SIGCONT: job control, a debugger
+            # attaching) once its timeout has passed, returns a struct of garbage rather than None.
+            if received is None or received.si_signo not in HANDLED_SIGNALS:
                 continue
             name = signal.Signals(received.si_signo).name
             if received.si_signo == signal.SIGHUP:
@@ -61,6 +63,11 @@ def supervise(watcher: Supervised) -> int:
                 watcher.notifier.stopping()
                 watcher.request_stop()
         worker.join()
+    except BaseException:
+        # No signal would reach the worker any more: ask it to stop rather than run on unstoppable.
+        if worker.is_alive():
+            watcher.request_stop()
+        raise
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
     return watcher.exit_code

@@ -71,6 +71,28 @@ def test_sigint_stops_too(root: Path, tmp_path: Path) -> None:
         assert code == 0
 
 
+def test_a_stop_and_continue_leaves_the_signals_working(root: Path, tmp_path: Path) -> None:
+    """SIGSTOP, then SIGCONT (Ctrl-Z and fg, a debugger attaching) after the signal wait's timeout has
+    passed: CPython 3.11 then returns garbage from sigtimedwait, which killed the signal thread, and
+    SIGTERM no longer stopped the daemon cleanly (as PID 1, it was ignored)."""
+    with running_daemon(["watch", str(root), "--settle", "0"], tmp_path / "log") as daemon:
+        daemon.wait_ready()
+        for _ in range(3):
+            daemon.process.send_signal(signal.SIGSTOP)
+            time.sleep(0.5)  # longer than the wait's timeout (SIGNAL_POLL_SECONDS)
+            daemon.process.send_signal(signal.SIGCONT)
+            time.sleep(0.3)
+        _steps(root, range(100, 800, 100))
+        wait_until(lambda: len(_names(root)) == 5, what="the worker still pruning")
+
+        code = daemon.stop(signal.SIGTERM)
+
+        assert code == 0
+        assert [record["signal"] for record in daemon.events("stop_requested")] == ["SIGTERM"]
+        assert daemon.events("watch_stopped")
+        assert "Traceback" not in (tmp_path / "log").read_text()
+
+
 def test_second_instance_is_refused_by_the_lock(root: Path, tmp_path: Path) -> None:
     with running_daemon(["watch", str(root)], tmp_path / "first") as first:
         first.wait_ready()
