@@ -16,6 +16,7 @@ import errno
 import os
 import re
 import stat
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,12 +24,17 @@ from typing import TYPE_CHECKING, Any
 
 from ckpt_watcher.filesystem import real_path
 from ckpt_watcher.logs import describe_os_error
+from ckpt_watcher.records import FileIdentity
 
 if TYPE_CHECKING:
     import yaml
 
 # A training config is a few KiB; a megabyte is already far more than any real one.
 MAXIMUM_CONFIG_BYTES = 1024 * 1024
+# How long a changed config must have been left alone before the daemon trusts what it reads: a file
+# re-saved in place (yaml.safe_dump(config, open(path, "w")), an editor) is empty, then partial, for a
+# moment, and a partial policy or resume config parses as one that asks for less.
+CONFIG_QUIET_SECONDS = 2.0
 # Values after expanding every alias as often as it is used. Each one costs PyYAML about 0.7 KiB
 # while it is read, so this keeps a config under ~35 MiB; a large real config has a few thousand.
 MAXIMUM_YAML_VALUES = 50_000
@@ -189,3 +195,32 @@ _OWN_WORDS = re.compile(r"^['\"](?:<[a-z ]+>|.)['\"]$")
 def redact_quoted(message: str) -> str:
     """``message`` with every quoted part longer than one character replaced by ``'…'``."""
     return _QUOTED.sub(lambda match: match[0] if _OWN_WORDS.match(match[0]) else "'…'", message)
+
+
+class QuietFiles:
+    """Whether a changed config file has been left alone long enough to be read as its writer meant.
+
+    Quiet: modified at least ``CONFIG_QUIET_SECONDS`` ago, or seen unchanged (same identity) for that
+    long by this process's own clock (a modification time in the future, from another machine's
+    clock, then delays it by that much at most). A writer that pauses longer than that mid-file is
+    not caught; nothing short of its close is.
+    """
+
+    def __init__(self, quiet_seconds: float = CONFIG_QUIET_SECONDS) -> None:
+        self.quiet_seconds = quiet_seconds
+        self._first_seen: dict[Path, tuple[FileIdentity, float]] = {}
+
+    def quiet(self, path: Path, identity: FileIdentity | None) -> bool:
+        """True if the file as ``identity`` describes it may be read now (no file: nothing to wait for)."""
+        if identity is None:
+            self._first_seen.pop(path, None)
+            return True
+        if time.time() - identity.mtime_ns / 1e9 >= self.quiet_seconds:
+            self._first_seen.pop(path, None)
+            return True
+        now = time.monotonic()
+        seen = self._first_seen.get(path)
+        if seen is None or seen[0] != identity:
+            self._first_seen[path] = (identity, now)
+            return False
+        return now - seen[1] >= self.quiet_seconds

@@ -23,6 +23,7 @@ from typing import Any
 import structlog
 
 from ckpt_watcher.config_access import LOCAL_FILES, ConfigAccess
+from ckpt_watcher.config_files import QuietFiles
 from ckpt_watcher.filesystem import real_path
 from ckpt_watcher.locations import LocationError, StorageURL, is_url, parse_location
 from ckpt_watcher.naming import Naming
@@ -84,6 +85,29 @@ RETRY_SECONDS = 10.0
 MINIMUM_SWEEP = 4096
 
 
+class SettlingFiles:
+    """The per-run files changed a moment ago, maybe still being written: their last good contents
+    stay in force until they are quiet (``QuietFiles``; a partial file asks for less), and each
+    directory is due to be asked about again then (``take``), as no event may come by then."""
+
+    def __init__(self, *, strict: bool) -> None:
+        self.strict = strict  # a one-shot prune reads every file as it is
+        self._quiet = QuietFiles()
+        self._due: dict[Path, float] = {}  # directory -> monotonic time to look again
+
+    def quiet(self, directory: Path, identity: FileIdentity | None) -> bool:
+        """True if ``directory``'s changed per-run file may be read now; if not, it is due again."""
+        if self.strict or self._quiet.quiet(directory / OVERRIDE_FILE_NAME, identity):
+            return True
+        self._due[directory] = time.monotonic() + self._quiet.quiet_seconds
+        return False
+
+    def take(self) -> dict[Path, float]:
+        """The directories to look at again, and when (each given once)."""
+        due, self._due = self._due, {}
+        return due
+
+
 class PolicyTree:
     """Answers "which policy applies in this directory?" for one root, re-reading files that changed.
 
@@ -121,6 +145,7 @@ class PolicyTree:
         self._resolved: dict[Path, _Resolved] = {}
         self._memo: dict[tuple[Any, ...], EffectivePolicy] = {}
         self._sweep_at = MINIMUM_SWEEP
+        self.settling = SettlingFiles(strict=strict)  # edits left unread for now (being written)
 
     @property
     def tracked_directories(self) -> int:
@@ -237,6 +262,8 @@ class PolicyTree:
             return None
         if cached is not None and cached.is_current(identity):
             return cached
+        if cached is not None and cached.good is not None and not self.settling.quiet(directory, identity):
+            return cached  # its last good contents stay in force while an edit may be half-written
         self._invalidate()
         if identity is None:
             assert cached is not None

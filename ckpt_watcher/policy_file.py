@@ -21,6 +21,7 @@ from typing import Any
 
 import structlog
 
+from ckpt_watcher.config_files import QuietFiles
 from ckpt_watcher.policy import LoadedPolicy, PolicyError, load_policy
 from ckpt_watcher.records import FileIdentity
 
@@ -126,10 +127,17 @@ class PolicyFile:
         self._on_outcome = on_outcome
         self._signature = FileIdentity.of_path(path)
         self._missing_logged = False
+        self._quiet = QuietFiles()
 
     def changed_on_disk(self) -> bool:
-        """True if the file is no longer the one last read (or appeared, or vanished)."""
-        return FileIdentity.of_path(self.path) != self._signature
+        """True if the file is no longer the one last read (or appeared, or vanished), once a changed
+        file has been left alone long enough to read whole (``QuietFiles``): a policy re-saved in
+        place is empty, then partial, for a moment, and its missing keys would fall back to defaults
+        that keep less. (A reload on request, SIGHUP, reads the file as it is.)"""
+        identity = FileIdentity.of_path(self.path)
+        if identity == self._signature:
+            return False
+        return self.path is None or self._quiet.quiet(self.path, identity)
 
     def reload(self) -> bool:
         """Re-read the file; True if a different valid policy is now in force."""

@@ -23,7 +23,7 @@ from typing import Any
 import structlog
 
 from ckpt_watcher.config_access import LOCAL_FILES, ConfigAccess
-from ckpt_watcher.config_files import ConfigFileError, parse_yaml
+from ckpt_watcher.config_files import ConfigFileError, QuietFiles, parse_yaml
 from ckpt_watcher.filesystem import real_path
 from ckpt_watcher.locations import LocationError, StorageURL, is_url, parse_location
 from ckpt_watcher.logs import describe_os_error
@@ -268,6 +268,9 @@ class _LoadedConfig:
     protection: ConfigProtection | None
     error: str | None = None  # why the last read was refused (a retry failing so is not logged again)
     missing: bool = False  # the last read found no such file
+    # Read while it was still being written (not yet quiet): what that read names is pinned as well as
+    # what ``protection`` names, until a read of the quiet file replaces both (pins are only added).
+    settling: ConfigProtection | None = None
 
     @property
     def holding(self) -> bool:
@@ -296,6 +299,7 @@ class ProtectionRegistry:
         self.working_directory = working_directory
         self.files = files  # where configs are read: the disk, and a bucket for URLs (config_access.py)
         self._loaded: dict[Path, _LoadedConfig] = {}
+        self._quiet = QuietFiles()
 
     def retain(self, configs: Mapping[Path, str]) -> bool:
         """Forget configs no policy names any more; True if any was dropped."""
@@ -319,6 +323,9 @@ class ProtectionRegistry:
             if previous is not None and previous.identity is not None and previous.identity == identity:
                 continue
             old_protection = previous.protection if previous is not None else None
+            if old_protection is not None and not strict and not self._quiet.quiet(config, identity):
+                changed = self._settle(config, label, old_protection, previous) or changed
+                continue
             confined_to = label.allowed_directories if isinstance(label, ConfigLabel) else ()
             try:
                 protection = read_config_protection(
@@ -358,6 +365,25 @@ class ProtectionRegistry:
             self._loaded[config] = _LoadedConfig(identity, label, protection)
         return changed
 
+    def _settle(
+        self, config: Path, label: str, old: ConfigProtection, previous: _LoadedConfig | None
+    ) -> bool:
+        """A config read before that changed a moment ago, maybe still being written (``QuietFiles``):
+        it is read again at every pass until it is quiet, and until then its pins are kept and what
+        this read names is pinned too (a partial file names less: nothing it dropped is unpinned yet).
+        True if what is protected changed."""
+        confined_to = label.allowed_directories if isinstance(label, ConfigLabel) else ()
+        try:
+            partial = read_config_protection(
+                config, label, self.working_directory, confined_to=confined_to, files=self.files
+            )
+        except ProtectionError:
+            partial = None  # (what it says once quiet is logged then)
+        settling = previous.settling if previous is not None else None
+        in_force = pins_from([old, settling] if settling is not None else [old])
+        self._loaded[config] = _LoadedConfig(None, label, old, settling=partial)
+        return pins_from([old, partial] if partial is not None else [old]) != in_force
+
     def holding(self) -> dict[Path, str]:
         """The configs (path -> label) that exist but were never read: what they protect is unknown
         (a checkpoint anywhere under the root), so nothing is deleted until they are read (in doubt,
@@ -370,7 +396,7 @@ class ProtectionRegistry:
         return {config: loaded.label for config, loaded in self._loaded.items()}
 
     def pins(self) -> dict[Path, str]:
-        """The union of every loaded config's pins."""
-        return pins_from(
-            loaded.protection for loaded in self._loaded.values() if loaded.protection is not None
-        )
+        """The union of every loaded config's pins (and of what a config being written names already)."""
+        protections = [loaded.protection for loaded in self._loaded.values() if loaded.protection is not None]
+        protections += [loaded.settling for loaded in self._loaded.values() if loaded.settling is not None]
+        return pins_from(protections)

@@ -382,8 +382,7 @@ class Reconciler:
             state.blocked = False
             self.index.set_protect_from(group, value.protect_from)
             effective[group] = value
-        if self._one_shot and self.tree.errors:
-            raise InvalidPolicyFilesError(self.tree.errors)
+        _policies_read(self.tree, self.index, one_shot=self._one_shot)
         return effective, blocked
 
     # -- one group at a time ----------------------------------------------------------------------
@@ -654,6 +653,16 @@ class _PassContext:
         # Pinned by identity: the targets links reach from outside the root, then the pins' own files.
         identities = {**links.identities, **identities}
         return cls(pins, identities, links, closed_in, time.time(), dry_run, result)
+
+
+def _policies_read(tree: PolicyTree, index: GroupIndex, *, one_shot: bool) -> None:
+    """After the per-run files of a pass were read: a one-shot prune stops at an invalid one; the
+    daemon looks again at each directory whose file was left unread for now (being written) once it
+    is quiet, as no event may come by then."""
+    if one_shot and tree.errors:
+        raise InvalidPolicyFilesError(tree.errors)
+    for directory, at in tree.settling.take().items():
+        index.recheck(directory, at)
 
 
 def _refresh(

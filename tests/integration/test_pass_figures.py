@@ -12,7 +12,7 @@ from ckpt_watcher.policy import load_policy
 from ckpt_watcher.policy_file import ReloadResult
 from ckpt_watcher.protection import ProtectionRegistry
 from ckpt_watcher.reconcile import Reconciler, Trigger, prune_once
-from tests.support.factories import best_name, step_name, write_checkpoint
+from tests.support.factories import best_name, step_name, write_checkpoint, write_settled
 
 
 def _core(root: Path, outcomes: list[ReloadResult] | None = None) -> Reconciler:
@@ -64,10 +64,10 @@ def test_refused_per_run_files_are_counted_until_fixed_and_each_outcome_reported
     core = _core(tmp_path, outcomes)
     assert core.run(Trigger.STARTUP).refused_overrides == 0
 
-    override.write_text("save_top_k_checkpoints: [\n")
+    write_settled(override, "save_top_k_checkpoints: [\n")  # edits, each left alone a while
     assert core.run(Trigger.EVENT, {tmp_path / "run"}).refused_overrides == 1
     assert core.run(Trigger.RESCAN).refused_overrides == 1, "read once: refused until it changes"
-    override.write_text("save_top_k_checkpoints: 2\n")
+    write_settled(override, "save_top_k_checkpoints: 2\n")
     assert core.run(Trigger.EVENT, {tmp_path / "run"}).refused_overrides == 0
 
     assert outcomes == [ReloadResult.REJECTED, ReloadResult.APPLIED]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from collections.abc import MutableMapping
 from pathlib import Path
@@ -18,7 +19,7 @@ from ckpt_watcher.protection import ProtectionRegistry, read_config_protection
 from ckpt_watcher.reconcile import Reconciler, Trigger
 from tests.support.cli import prune_entries, run_cli
 from tests.support.daemon import running_daemon, wait_until
-from tests.support.factories import step_name, write_checkpoint
+from tests.support.factories import step_name, write_checkpoint, write_settled
 from tests.support.hostile_trees import bind, mount_namespace, mount_namespace_reason
 
 pytestmark = pytest.mark.timeout(120)
@@ -272,6 +273,44 @@ class TestWatch:
 
             daemon.wait_for("checkpoint_deleted", lambda record: record["path"].endswith(RESUME))
             wait_until(lambda: _names(run) == {step_name(4, 11000), step_name(4, 11500)})
+
+    def test_a_config_being_rewritten_never_unpins_its_resume_source(self, tmp_path: Path) -> None:
+        """The training config is re-saved in place while the daemon runs: truncated, then written
+        bit by bit (each write moves its mtime). Read half-way, it named no resume source, and the
+        next pass deleted it. Until the file is quiet, its pins stay."""
+        run, config, policy = _layout(tmp_path, "")
+        resume_line = f'ckpt_path: "{RUN}/{RESUME}"\n'
+        write_settled(config, "model: llada-8b\n" + resume_line)
+        arguments = ["watch", "checkpoint", "--policy", str(policy), "--settle", "0"]
+        with running_daemon(arguments, tmp_path / "log", cwd=tmp_path) as daemon:
+            daemon.wait_ready()
+            writing = threading.Event()
+            writing.set()
+
+            def still_writing() -> None:  # the writer's next bytes keep coming: its mtime moves on
+                while writing.is_set():
+                    os.utime(config)
+                    time.sleep(0.2)
+
+            with config.open("w") as writer:
+                writer.write("model: llada-8b\n")  # half-way: the resume key not written yet
+                writer.flush()
+                toucher = threading.Thread(target=still_writing)
+                toucher.start()
+                try:
+                    for step in range(2000, 4000, 500):
+                        write_checkpoint(run / step_name(4, step))
+                    wait_until(lambda: _names(run) == {RESUME, step_name(4, 3000), step_name(4, 3500)})
+                    writer.write(resume_line)
+                finally:
+                    writing.clear()
+                    toucher.join()
+            for step in range(4000, 5000, 500):
+                write_checkpoint(run / step_name(4, step))
+            wait_until(lambda: _names(run) == {RESUME, step_name(4, 4000), step_name(4, 4500)})
+            assert daemon.stop() == 0
+        deleted = {Path(record["path"]).name for record in daemon.events("checkpoint_deleted")}
+        assert RESUME not in deleted
 
     def test_invalid_protect_from_edit_keeps_the_previous_protection(self, tmp_path: Path) -> None:
         run, config, policy = _layout(tmp_path, f'ckpt_path: "{RUN}/{RESUME}"\n')
@@ -600,7 +639,7 @@ def test_a_held_config_no_policy_names_any_more_releases_every_group(
     policy.write_text("save_top_k_checkpoints: 2\n")
     core = _core(root, policy)
     assert core.run(Trigger.STARTUP).deleted == 0
-    (run_b / ".ckpt-watcher.yaml").write_text("save_top_k_checkpoints: 2\n")
+    write_settled(run_b / ".ckpt-watcher.yaml", "save_top_k_checkpoints: 2\n")
 
     core.run(Trigger.EVENT, [run_b])
     assert _names(run_b) == set(written_b[2:])

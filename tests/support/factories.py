@@ -10,6 +10,7 @@ import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 
+from ckpt_watcher.config_files import CONFIG_QUIET_SECONDS
 from ckpt_watcher.naming import DEFAULT_NAMING, Kind, Naming
 from ckpt_watcher.records import DELETING_PREFIX, CheckpointRecord, EntryType, FileIdentity, name_fields
 
@@ -108,6 +109,15 @@ def directory_checkpoint(
         write_checkpoint(path / "checkpoint" / name, payload)
     if complete:
         (path / "latest").write_text("checkpoint")
+    return path
+
+
+def write_settled(path: Path, text: str) -> Path:
+    """Write a config file as its writer left it a while ago (modified before CONFIG_QUIET_SECONDS):
+    the daemon reads an edit only once it has been left alone that long (config_files.QuietFiles)."""
+    path.write_text(text)
+    stamp = time.time_ns() - int((CONFIG_QUIET_SECONDS + 5) * 1e9)
+    os.utime(path, ns=(stamp, stamp))
     return path
 
 

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 
 import pytest
 
 from ckpt_watcher.config_files import (
+    CONFIG_QUIET_SECONDS,
     MAXIMUM_CONFIG_BYTES,
     ConfigFileError,
+    QuietFiles,
     parse_yaml,
     read_config_text,
     redact_quoted,
 )
 from ckpt_watcher.config_yaml import BoundedLoader, YamlLimitError
+from ckpt_watcher.records import FileIdentity
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -98,3 +103,60 @@ REDACTED: list[tuple[str, str]] = [
 @pytest.mark.parametrize(("message", "redacted"), REDACTED, ids=[message for message, _ in REDACTED])
 def test_redact_quoted_keeps_pyyamls_own_words_only(message: str, redacted: str) -> None:
     assert redact_quoted(message) == redacted
+
+
+# --- a config left alone long enough to read (QuietFiles) ------------------------------------------
+
+
+def _identity_aged(path: Path, seconds: float) -> FileIdentity:
+    """``path`` modified ``seconds`` ago (negative: in the future), as the daemon would look at it."""
+    stamp = time.time_ns() - int(seconds * 1e9)
+    os.utime(path, ns=(stamp, stamp))
+    identity = FileIdentity.of_path(path)
+    assert identity is not None
+    return identity
+
+
+@pytest.mark.parametrize(
+    ("age", "quiet"),
+    [
+        (CONFIG_QUIET_SECONDS + 0.5, True),
+        (3600.0, True),
+        (0.0, False),
+        (CONFIG_QUIET_SECONDS / 2, False),
+        (-60, False),
+    ],
+    ids=["just-quiet", "old", "now", "half-way", "in-the-future"],
+)
+def test_a_config_is_quiet_once_modified_long_enough_ago(tmp_path: Path, age: float, quiet: bool) -> None:
+    config = tmp_path / "train.yaml"
+    config.write_text("ckpt_path: a.ckpt\n")
+    assert QuietFiles().quiet(config, _identity_aged(config, age)) is quiet
+
+
+def test_no_file_is_quiet(tmp_path: Path) -> None:
+    assert QuietFiles().quiet(tmp_path / "gone.yaml", None)
+
+
+def test_a_file_seen_unchanged_long_enough_is_quiet_whatever_its_time_says(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A modification time in the future (another machine's clock) delays a read by the quiet time of
+    this process's own clock at most; a change meanwhile starts the wait again."""
+    clock = [1000.0]
+    monkeypatch.setattr("ckpt_watcher.config_files.time.monotonic", lambda: clock[0])
+    config = tmp_path / "train.yaml"
+    config.write_text("ckpt_path: a.ckpt\n")
+    files = QuietFiles()
+    future = _identity_aged(config, -3600)
+
+    answers = [files.quiet(config, future)]
+    clock[0] += CONFIG_QUIET_SECONDS / 2
+    answers.append(files.quiet(config, future))
+    config.write_text("ckpt_path: b.ckpt\n")  # changed again: the wait starts over
+    changed = _identity_aged(config, -3600)
+    answers.append(files.quiet(config, changed))
+    clock[0] += CONFIG_QUIET_SECONDS
+    answers.append(files.quiet(config, changed))
+
+    assert answers == [False, False, False, True]

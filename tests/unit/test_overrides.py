@@ -15,6 +15,8 @@ from structlog.testing import capture_logs
 
 from ckpt_watcher.overrides import MINIMUM_SWEEP, OVERRIDE_FILE_NAME, RETRY_SECONDS, PolicyTree
 from ckpt_watcher.policy import LoadedPolicy, Policy, load_policy
+from ckpt_watcher.policy_file import PolicyFile
+from tests.support.factories import write_settled
 from tests.support.hostile_configs import FlakyConfigFiles, sequence_bomb
 from tests.support.hostile_trees import make_fifo
 
@@ -115,7 +117,7 @@ def test_an_edit_is_seen_where_it_is_made_and_below(root: Path) -> None:
         tree.for_directory(directory)
     override = levels[2] / OVERRIDE_FILE_NAME
 
-    override.write_text("save_top_k_checkpoints: 1\n")
+    write_settled(override, "save_top_k_checkpoints: 1\n")  # each edit left alone a while
     at_the_file = tree.for_directory(levels[2])
     below = tree.for_directory(levels[5])
     above = tree.for_directory(levels[1])
@@ -126,7 +128,7 @@ def test_an_edit_is_seen_where_it_is_made_and_below(root: Path) -> None:
     assert (at_the_file.policy.save_top_k_checkpoints, below.policy.save_top_k_checkpoints) == (1, 1)
     assert above.policy.save_top_k_checkpoints == 5
 
-    override.write_text("save_top_k_checkpoints: 3\n")
+    write_settled(override, "save_top_k_checkpoints: 3\n")
     tree.for_directory(levels[2])
     again = tree.for_directory(levels[4])
     assert again is not None
@@ -408,7 +410,7 @@ def test_an_edit_whose_read_failed_for_now_is_read_again_later(
     files = FlakyConfigFiles(failures=0)
     tree = PolicyTree(root, load_policy(None), strict=False, files=files)
     assert _top_k(tree, run) == 2
-    override.write_text("save_top_k_checkpoints: 9\n")  # an edit raising retention
+    write_settled(override, "save_top_k_checkpoints: 9\n")  # an edit raising retention
     files.failures = files.reads + 2
     clock = [1000.0]
     monkeypatch.setattr("ckpt_watcher.overrides.time.monotonic", lambda: clock[0])
@@ -447,3 +449,39 @@ def test_an_edit_that_is_still_invalid_the_same_way_is_logged_again(root: Path) 
             assert tree.for_directory(run) is None
 
     assert [log["event"] for log in logs if log["event"] == "policy_rejected"] == ["policy_rejected"] * 2
+
+
+def test_a_per_run_file_being_rewritten_keeps_its_last_contents_until_quiet(root: Path) -> None:
+    """A per-run file re-saved in place is empty, then partial, for a moment: read then, its keys fell
+    back to the root policy's (keeping less). The daemon keeps its last good contents until the edit
+    is quiet and asks for the directory again then; a one-shot prune reads it as it is."""
+    run = root / "run"
+    run.mkdir()
+    override = write_settled(run / OVERRIDE_FILE_NAME, "save_top_k_best: 2\nsave_top_k_checkpoints: 50\n")
+    tree = default_tree(root)
+    strict = default_tree(root, strict=True)
+    assert (_top_k(tree, run), _top_k(strict, run)) == (50, 50)
+
+    override.write_text("save_top_k_best: 2\n")  # half-way: the count key not written yet
+    while_written = (_top_k(tree, run), _top_k(strict, run))
+    due = tree.settling.take()
+    write_settled(override, "save_top_k_checkpoints: 40\n")  # written, and left alone since
+
+    assert while_written == (50, 5)
+    assert list(due) == [run]
+    assert _top_k(tree, run) == 40
+    assert tree.settling.take() == {}
+
+
+def test_a_policy_file_being_rewritten_is_reloaded_once_quiet(tmp_path: Path) -> None:
+    path = write_settled(tmp_path / "policy.yaml", "save_top_k_best: 10\n")
+    policy = PolicyFile(path, load_policy(path))
+
+    path.write_text("")  # truncated by its writer
+    changed_while_written = policy.changed_on_disk()
+    write_settled(path, "save_top_k_best: 10\nsave_top_k_checkpoints: 7\n")
+
+    assert not changed_while_written
+    assert policy.changed_on_disk()
+    assert policy.reload()
+    assert policy.loaded.policy.save_top_k_checkpoints == 7

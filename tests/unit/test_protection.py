@@ -19,7 +19,7 @@ from ckpt_watcher.protection import (
     read_config_protection,
 )
 from ckpt_watcher.records import CheckpointRecord, FileIdentity
-from tests.support.factories import make_record, step_name
+from tests.support.factories import make_record, step_name, write_settled
 from tests.support.hostile_configs import FlakyConfigFiles, alias_bomb, deep_block, merge_bomb
 from tests.support.hostile_trees import make_fifo
 
@@ -371,3 +371,48 @@ def test_a_config_that_is_a_dangling_symlink_holds(tmp_path: Path) -> None:
         assert registry.refresh({config: "train.yaml"})
     assert registry.holding() == {}
     assert tmp_path / "a.ckpt" in registry.pins()
+
+
+# --- a config re-saved in place, read while it is being written -----------------------------------
+
+
+def test_a_config_being_rewritten_only_adds_pins_until_it_is_quiet(tmp_path: Path) -> None:
+    """A training config re-saved in place (open "w", then write) is empty, then partial, for a
+    moment: read then, its resume source was unpinned and deleted by the next pass. Until the edit is
+    quiet, the pins read before stay and what the partial file names is added."""
+    config = write_settled(tmp_path / "train.yaml", "model: {lr: 0.1}\nckpt_path: a.ckpt\n")
+    registry = ProtectionRegistry(tmp_path)
+    registry.refresh({config: "train.yaml"})
+    assert set(registry.pins()) == {tmp_path / "a.ckpt"}
+
+    config.write_text("")  # truncated by the writer, not yet written
+    changed_empty = registry.refresh({config: "train.yaml"})
+    config.write_text("model: {lr: 0.1}\npretrained_ckpt_path: b.ckpt\n")  # half-way: a new key
+    changed_partial = registry.refresh({config: "train.yaml"})
+    pins_while_written = set(registry.pins())
+    write_settled(config, "model: {lr: 0.1}\npretrained_ckpt_path: b.ckpt\n")  # done, left alone
+    with capture_logs() as logs:
+        registry.refresh({config: "train.yaml"})
+
+    assert (changed_empty, changed_partial) == (False, True)
+    assert pins_while_written == {tmp_path / "a.ckpt", tmp_path / "b.ckpt"}
+    assert set(registry.pins()) == {tmp_path / "b.ckpt"}
+    assert [log["event"] for log in logs if log["event"] != "protection_warning"] == ["protection_reloaded"]
+
+
+def test_a_one_shot_prune_reads_a_config_as_it_is(tmp_path: Path) -> None:
+    config = write_settled(tmp_path / "train.yaml", "ckpt_path: a.ckpt\n")
+    registry = ProtectionRegistry(tmp_path)
+    registry.refresh({config: "train.yaml"}, strict=True)
+    config.write_text("ckpt_path: b.ckpt\n")  # just written: prune does not wait for it
+    registry.refresh({config: "train.yaml"}, strict=True)
+    assert set(registry.pins()) == {tmp_path / "b.ckpt"}
+
+
+def test_a_config_first_read_is_read_as_it_is(tmp_path: Path) -> None:
+    """Only a re-read waits: a config read for the first time has no pins to keep meanwhile (one
+    being written at the daemon's start is a known limit, README)."""
+    config = write_config(tmp_path, "ckpt_path: a.ckpt\n")
+    registry = ProtectionRegistry(tmp_path)
+    assert registry.refresh({config: "train.yaml"})
+    assert set(registry.pins()) == {tmp_path / "a.ckpt"}
