@@ -38,6 +38,7 @@ from ckpt_watcher.delete import (
 )
 from ckpt_watcher.integrity import DIRECTORY_MARKERS
 from ckpt_watcher.locations import StorageURL
+from ckpt_watcher.naming import DEFAULT_NAMING, Kind, Naming
 from ckpt_watcher.object_store import (
     ObjectInfo,
     ObjectMissingError,
@@ -247,14 +248,23 @@ def finish_bucket_leftovers(
     store: ObjectStore,
     listing: Listing,
     reported: set[tuple[int, int]] | None,
+    *,
+    naming: Naming = DEFAULT_NAMING,
 ) -> list[LeftoverResult]:
     """Finish the deletions of directory checkpoints in ``directory`` that were cut short: each prefix
-    holding a deletion manifest. Never raises."""
+    holding a deletion manifest. Never raises.
+
+    The tool writes a manifest only into a directory checkpoint it deletes, so one anywhere else (a
+    run directory, any directory not named as a checkpoint under ``naming``) is not its own, and
+    removes nothing: it would have emptied a whole run, ``last.ckpt`` and pins included."""
     results: list[LeftoverResult] = []
     for name in sorted(listing.subdirectories.get(directory, ())):
         path = directory / name
         manifest = listing.files.get(path, {}).get(DELETING_MARKER)
         if manifest is None:
+            continue
+        if naming.classify(name, directory=True).kind is Kind.UNKNOWN:
+            _not_ours(path, manifest, reported)
             continue
         try:
             result = _finish_one(path, manifest, url, store, listing, reported)
@@ -282,15 +292,7 @@ def _finish_one(
     key = url.key_of(path)
     named = _read_manifest(store, manifest, key) if key is not None else None
     if named is None:
-        identity = object_identity(manifest)
-        if reported is None or (identity.device, identity.inode) not in reported:
-            logger.warning(
-                "leftover_not_ours",
-                path=str(path),
-                detail="holds a deletion manifest this tool did not write (or cannot read); never removed",
-            )
-            if reported is not None:
-                reported.add((identity.device, identity.inode))
+        _not_ours(path, manifest, reported)
         return None
     present = [info for _, info in listing.below(path) if info.key != manifest.key]
     doomed = [info for info in present if named.get(info.key) == info.tag]
@@ -315,6 +317,19 @@ def _finish_one(
     listing.forget_below(path)
     logger.info("leftover_removed", path=str(path))
     return LeftoverResult(path, True)
+
+
+def _not_ours(path: Path, manifest: ObjectInfo, reported: set[tuple[int, int]] | None) -> None:
+    """Log, once per manifest object, a deletion manifest this tool did not write: never acted on."""
+    identity = object_identity(manifest)
+    if reported is None or (identity.device, identity.inode) not in reported:
+        logger.warning(
+            "leftover_not_ours",
+            path=str(path),
+            detail="holds a deletion manifest this tool did not write (or cannot read); never removed",
+        )
+        if reported is not None:
+            reported.add((identity.device, identity.inode))
 
 
 def _read_manifest(store: ObjectStore, manifest: ObjectInfo, key: str) -> dict[str, str] | None:

@@ -359,9 +359,7 @@ class Reconciler:
         self.index.clear_rechecks()
         self.tree.retain(groups)
         if not dry_run:
-            for group in sorted(groups):
-                leftovers = self.storage.finish_leftovers(self.root, group, reported=self._foreign_leftovers)
-                result.leftovers_remaining += sum(not leftover.removed for leftover in leftovers)
+            _finish_leftovers(self.storage, self.root, groups, self.tree, self._foreign_leftovers, result)
         return groups
 
     def _policies(self, groups: Iterable[Path]) -> tuple[dict[Path, EffectivePolicy], list[Path]]:
@@ -653,6 +651,21 @@ class _PassContext:
         # Pinned by identity: the targets links reach from outside the root, then the pins' own files.
         identities = {**links.identities, **identities}
         return cls(pins, identities, links, closed_in, time.time(), dry_run, result)
+
+
+def _finish_leftovers(
+    storage: Storage,
+    root: Path,
+    groups: Iterable[Path],
+    tree: PolicyTree,
+    reported: set[tuple[int, int]],
+    result: PassResult,
+) -> None:
+    """Finish the removals a previous run left halfway in each group (only leftovers the tool can
+    prove it made: a bucket's manifest counts only inside a directory named as a checkpoint there)."""
+    for group in sorted(groups):
+        leftovers = storage.finish_leftovers(root, group, naming=tree.naming_for(group), reported=reported)
+        result.leftovers_remaining += sum(not leftover.removed for leftover in leftovers)
 
 
 def _policies_read(tree: PolicyTree, index: GroupIndex, *, one_shot: bool) -> None:

@@ -19,7 +19,7 @@ from typing import Protocol
 
 from ckpt_watcher.delete import DeletionResult, LeftoverResult, TrashMover, apply_group, finish_leftovers
 from ckpt_watcher.links import Link, list_links
-from ckpt_watcher.naming import Naming
+from ckpt_watcher.naming import DEFAULT_NAMING, Naming
 from ckpt_watcher.plan import GroupPlan
 from ckpt_watcher.protection import FileKey, identities_of
 from ckpt_watcher.records import CheckpointRecord
@@ -86,9 +86,15 @@ class Storage(Protocol):
         ...
 
     def finish_leftovers(
-        self, root: Path, directory: Path, *, reported: set[tuple[int, int]] | None = None
+        self,
+        root: Path,
+        directory: Path,
+        *,
+        naming: Naming = DEFAULT_NAMING,
+        reported: set[tuple[int, int]] | None = None,
     ) -> list[LeftoverResult]:
-        """Finish removals a previous run left halfway (delete.finish_leftovers); never raises."""
+        """Finish removals a previous run left halfway (delete.finish_leftovers); never raises.
+        ``naming``: the templates in force in ``directory`` (what is a checkpoint there)."""
         ...
 
     def identities_of(self, pins: Mapping[Path, str]) -> dict[FileKey, str]:
@@ -142,9 +148,15 @@ class LocalStorage:
         return apply_group(group, root, stop=stop, trash=trash)
 
     def finish_leftovers(
-        self, root: Path, directory: Path, *, reported: set[tuple[int, int]] | None = None
+        self,
+        root: Path,
+        directory: Path,
+        *,
+        naming: Naming = DEFAULT_NAMING,
+        reported: set[tuple[int, int]] | None = None,
     ) -> list[LeftoverResult]:
-        """delete.finish_leftovers."""
+        """delete.finish_leftovers (a leftover here is named as one: ``naming`` is not needed)."""
+        del naming
         return finish_leftovers(root, directory, reported=reported)
 
     def identities_of(self, pins: Mapping[Path, str]) -> dict[FileKey, str]:

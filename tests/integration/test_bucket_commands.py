@@ -4,6 +4,7 @@ deleting from a bucket refuses (a replaced object, a planted deletion manifest) 
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import textwrap
@@ -349,3 +350,24 @@ def test_a_deletion_manifest_the_tool_did_not_write_removes_nothing(s3: Bucket) 
     assert storage.finish_leftovers(url.core_path, url.core_path, reported=set()) == []
 
     assert s3.keys("run") == before
+
+
+def test_a_deletion_manifest_in_a_run_directory_removes_nothing(s3: Bucket) -> None:
+    """The tool writes a manifest only into a directory checkpoint it deletes. One planted in a run
+    directory (a group), naming that run's keys with their very ETags, emptied the whole run,
+    ``last.ckpt``, the pinned and the --protect'ed checkpoints too, even where an invalid per-run
+    policy blocked the run. Outside a checkpoint-named directory it is not the tool's: nothing goes."""
+    objects = {f"proj/stage1/{step_name(0, step)}": _checkpoint(step) for step in (100, 200, 300)}
+    objects["proj/stage1/last.ckpt"] = _checkpoint(300)
+    objects[f"proj/stage1/{step_name(0, 100)}.keep"] = b""
+    s3.put_many(objects)
+    named = {key: f'"{hashlib.md5(data).hexdigest()}"' for key, data in objects.items()}  # noqa: S324
+    s3.put(f"proj/stage1/{DELETING_MARKER}", json.dumps({"keys": named}).encode())
+    before = s3.keys("proj")
+
+    result = run_cli("prune", f"{s3.url}/proj", "--protect", f"{s3.url}/proj/stage1/{step_name(0, 200)}")
+
+    assert result.returncode == 0, result.stderr
+    assert s3.keys("proj") == before
+    [refused] = events(result.stderr, "leftover_not_ours")
+    assert refused["path"] == f"{s3.url}/proj/stage1"
