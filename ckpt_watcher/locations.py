@@ -28,6 +28,10 @@ BACKENDS: dict[str, tuple[str, str]] = {
     "az": ("azure", "adlfs"),
     "abfs": ("azure", "adlfs"),
 }
+# Schemes that are another name for one of the above (the same store, the same objects): a URL is
+# held under its canonical scheme, so s3a://b/k and s3://b/k are one path (a pin written one way keeps
+# the object a root written the other way lists).
+CANONICAL_SCHEMES = {"s3a": "s3", "gcs": "gs", "abfs": "az"}
 _URL = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)://(?P<rest>.*)", re.DOTALL)
 _CORE_PREFIXES = tuple(f"/{scheme}:/" for scheme in BACKENDS)
 
@@ -128,7 +132,7 @@ def parse_location(text: str) -> Path | StorageURL:
         raise LocationError(f"{text}: no bucket in the URL")
     if key_parts(prefix) is None or "/" in bucket:
         raise LocationError(f"{text}: the prefix has an empty, '.' or '..' component")
-    return StorageURL(scheme, bucket, prefix)
+    return StorageURL(CANONICAL_SCHEMES.get(scheme, scheme), bucket, prefix)
 
 
 def url_of_core_path(text: str) -> str | None:

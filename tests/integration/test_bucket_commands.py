@@ -371,3 +371,23 @@ def test_a_deletion_manifest_in_a_run_directory_removes_nothing(s3: Bucket) -> N
     assert s3.keys("proj") == before
     [refused] = events(result.stderr, "leftover_not_ours")
     assert refused["path"] == f"{s3.url}/proj/stage1"
+
+
+def test_a_pin_written_with_the_other_name_of_the_scheme_keeps_its_checkpoint(
+    s3: Bucket, tmp_path: Path
+) -> None:
+    """s3a:// and s3:// name the same objects. A root given one way and a --protect or a resume
+    config the other way never matched (two core paths), and both checkpoints were deleted."""
+    s3.put_many({f"run/{step_name(0, step)}": _checkpoint(step) for step in range(100, 800, 100)})
+    alias = s3.url.replace("s3://", "s3a://", 1)
+    config = tmp_path / "train.yaml"
+    config.write_text(f"ckpt_path: {alias}/run/{step_name(0, 200)}\n")
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("save_top_k_checkpoints: 2\nprotect_from: [train.yaml]\n")
+
+    result = run_cli(
+        "prune", f"{s3.url}/run", "--policy", str(policy), "--protect", f"{alias}/run/{step_name(0, 100)}"
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert s3.keys("run") == {f"run/{step_name(0, step)}" for step in (100, 200, 600, 700)}

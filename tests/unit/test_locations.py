@@ -29,6 +29,11 @@ from ckpt_watcher.records import display_name
         ("S3://bucket/x", StorageURL("s3", "bucket", "x")),
         ("gs://bucket/runs", StorageURL("gs", "bucket", "runs")),
         ("az://container/runs", StorageURL("az", "container", "runs")),
+        # another name of the same store: held under one scheme, so a pin written either way matches
+        ("s3a://bucket/runs", StorageURL("s3", "bucket", "runs")),
+        ("S3A://bucket/runs", StorageURL("s3", "bucket", "runs")),
+        ("gcs://bucket/runs", StorageURL("gs", "bucket", "runs")),
+        ("abfs://container/runs", StorageURL("az", "container", "runs")),
         ("file:///tmp/checkpoints", Path("/tmp/checkpoints")),
         ("/tmp/checkpoints", Path("/tmp/checkpoints")),
         ("checkpoints", Path("checkpoints")),
