@@ -201,6 +201,12 @@ class Lease:
         try:
             self._wrote(self.store.put_replacing(self.key, self._body(), tag=self._tag), now)
         except PreconditionFailedError:
+            try:
+                if self._taken_again(now):
+                    return
+            except StoreError as error:
+                self._renewal_failed(now, error)
+                return
             self._tag = None
             logger.error(
                 "lease_lost",
@@ -209,13 +215,38 @@ class Lease:
             )
             raise LeaseLostError(self.url, "another watcher", None) from None
         except StoreError as error:
-            self._retry_at = now + min(5.0, self.ttl_seconds / 6)
-            logger.warning(
-                "lease_renewal_failed",
-                path=self.url.text,
-                error=str(error),
-                detail="retried; nothing is deleted once the lease could have expired",
-            )
+            self._renewal_failed(now, error)
+
+    def _renewal_failed(self, now: float, error: StoreError) -> None:
+        self._retry_at = now + min(5.0, self.ttl_seconds / 6)
+        logger.warning(
+            "lease_renewal_failed",
+            path=self.url.text,
+            error=str(error),
+            detail="retried; nothing is deleted once the lease could have expired",
+        )
+
+    def _taken_again(self, now: float) -> bool:
+        """A renewal's If-Match failed. If the lease object is simply gone (deleted by hand, or by a
+        lifecycle rule), not taken over, take it again as at start (If-None-Match); True if this
+        watcher holds it now. StoreError if the store cannot say."""
+        try:
+            self.store.fetch(self.key, limit=_LEASE_LIMIT)
+        except ObjectMissingError:
+            pass
+        else:
+            return False  # there, and not the one this watcher wrote: another holder's
+        try:
+            self._wrote(self.store.put_new(self.key, self._body()), now)
+        except PreconditionFailedError:
+            return False  # another watcher took it in between
+        logger.warning(
+            "lease_vanished",
+            path=self.url.text,
+            holder=self.holder.describe(),
+            detail="the lease object was deleted by something else; this watcher took it again",
+        )
+        return True
 
     def refusal(self) -> str | None:
         """Why nothing may be deleted now (the lease is not, or may no longer be, held), else None."""

@@ -7,6 +7,7 @@ import itertools
 import json
 
 import pytest
+from structlog.testing import capture_logs
 
 from ckpt_watcher.lease import Holder, Lease, LeaseHeldError, LeaseLostError
 from ckpt_watcher.locations import StorageURL
@@ -145,6 +146,40 @@ def test_an_expired_lease_is_taken_over_and_its_old_holder_stops(store: MemorySt
     assert old.refusal() is not None
     old.release()  # not its lease any more: left alone
     assert json.loads(store.objects["run/.ckpt-watcher.lease"][0])["token"] == new.holder.token
+
+
+def test_a_lease_object_deleted_by_something_else_is_taken_again(store: MemoryStore, clock: Clock) -> None:
+    """The lease object deleted under its holder (``aws s3 rm``, a lifecycle rule): the renewal's
+    If-Match failed, which was taken as a takeover, and the watcher stopped for good (exit 2, not
+    restarted by systemd) with no other watcher anywhere. It takes the lease again instead."""
+    holder, contender = _lease(store, clock), _lease(store, clock)
+    holder.acquire()
+    del store.objects["run/.ckpt-watcher.lease"]
+    clock.now += TTL / 3
+
+    with capture_logs() as logs:
+        holder.renew_if_due()
+
+    assert holder.held
+    assert holder.refusal() is None
+    assert json.loads(store.objects["run/.ckpt-watcher.lease"][0])["token"] == holder.holder.token
+    assert [log["event"] for log in logs] == ["lease_vanished"]
+    with pytest.raises(LeaseHeldError):
+        contender.acquire()
+
+
+def test_a_lease_deleted_and_taken_by_another_first_is_lost(store: MemoryStore, clock: Clock) -> None:
+    holder, contender = _lease(store, clock), _lease(store, clock)
+    holder.acquire()
+    del store.objects["run/.ckpt-watcher.lease"]
+    contender.acquire()
+    clock.now += TTL / 3
+
+    with pytest.raises(LeaseLostError):
+        holder.renew_if_due()
+
+    assert not holder.held
+    assert json.loads(store.objects["run/.ckpt-watcher.lease"][0])["token"] == contender.holder.token
 
 
 def test_release_deletes_it_and_the_next_watcher_takes_it_at_once(store: MemoryStore, clock: Clock) -> None:
