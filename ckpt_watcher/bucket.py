@@ -240,7 +240,7 @@ class BucketStorage:
                 records.append(scan.directory_record(name, parsed))
         return records
 
-    def list_links(self, directory: Path, root: Path, naming: Naming) -> list[Link]:
+    def list_links(self, directory: Path, root: Path, naming: Naming) -> list[Link] | None:
         """A bucket has no symlinks."""
         return []
 

@@ -220,7 +220,9 @@ class GroupIndex:
         return pins
 
     def link_pins(
-        self, namings: Mapping[Path, Naming], lister: Callable[[Path, Path, Naming], list[Link]] = list_links
+        self,
+        namings: Mapping[Path, Naming],
+        lister: Callable[[Path, Path, Naming], list[Link] | None] = list_links,
     ) -> LinkPins:
         """List the symlinks of every group of a pass (``namings``: each group's naming; ``lister``:
         the storage's ``list_links``) before any is planned: the targets links point into each group,
@@ -229,6 +231,10 @@ class GroupIndex:
         now = time.monotonic()
         for group, naming in namings.items():
             links = lister(group, self.root, naming)
+            if links is None:  # cannot be listed now: what its links protected at its last listing stays
+                remembered = self._states.get(group)
+                pins.add(remembered.link_targets if remembered is not None else {}, owner=group)
+                continue
             targets = link_reasons(links)
             self.set_link_targets(group, targets)
             pins.add(targets, owner=group)

@@ -36,8 +36,9 @@ class Link:
     dangles: bool = False  # its target is outside the root and not there from here
 
 
-def list_links(directory: Path, root: Path, naming: Naming) -> list[Link]:
-    """The symlinks in ``directory`` (the names a scan would make records of), resolved now."""
+def list_links(directory: Path, root: Path, naming: Naming) -> list[Link] | None:
+    """The symlinks in ``directory`` (the names a scan would make records of), resolved now; None if
+    the directory is there but cannot be listed (what its links protect is then unknown)."""
     names: list[str] = []
     try:
         with os.scandir(directory) as entries:
@@ -48,8 +49,10 @@ def list_links(directory: Path, root: Path, naming: Naming) -> list[Link]:
                 and entry.name not in (LOCK_FILE_NAME, TRASH_DIRECTORY_NAME)
                 and not entry.name.startswith(DELETING_PREFIX)
             ]
+    except FileNotFoundError:
+        return []  # gone: no link protects anything from it
     except OSError:
-        return []  # gone or unreadable: the scan says so
+        return None  # unreadable (EACCES, EIO): the scan says so
     prefix = os.path.relpath(directory, root)
     resolver = PathResolver()  # a chain of links, each listed, is resolved once
     links: list[Link] = []

@@ -69,8 +69,8 @@ class Storage(Protocol):
         """One group's records (scan.scan_directory)."""
         ...
 
-    def list_links(self, directory: Path, root: Path, naming: Naming) -> list[Link]:
-        """The group's symlinks (links.list_links); a bucket has none."""
+    def list_links(self, directory: Path, root: Path, naming: Naming) -> list[Link] | None:
+        """The group's symlinks (links.list_links: None if it cannot be listed); a bucket has none."""
         ...
 
     def apply_group(
@@ -132,7 +132,7 @@ class LocalStorage:
         """scan.scan_directory."""
         return scan_directory(root, directory, naming, options, cache, problems, stop=stop)
 
-    def list_links(self, directory: Path, root: Path, naming: Naming) -> list[Link]:
+    def list_links(self, directory: Path, root: Path, naming: Naming) -> list[Link] | None:
         """links.list_links."""
         return list_links(directory, root, naming)
 

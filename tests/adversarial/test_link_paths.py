@@ -5,13 +5,16 @@ the watcher does not have at all (the link dangles from here). Its target is nev
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
 from ckpt_watcher.links import list_links
 from ckpt_watcher.naming import DEFAULT_NAMING
-from tests.support.cli import assert_clean_exit, events, prune_entries, run_cli
+from tests.support.cli import assert_clean_exit, cli_command, events, prune_entries, run_cli
+from tests.support.daemon import DaemonProcess, wait_until
 from tests.support.factories import backdate_tree, step_name, write_checkpoint
 from tests.support.hostile_trees import bind, mount_namespace, mount_namespace_reason
 
@@ -89,7 +92,9 @@ def test_only_a_target_outside_the_root_is_stat_ed_or_taken_as_dangling(tmp_path
     os.symlink(outside, run / "outside.ckpt")
     os.symlink(tmp_path / "nowhere" / "x.ckpt", run / "outside-dangling.ckpt")
 
-    links = {link.name: link for link in list_links(run, root, DEFAULT_NAMING)}
+    listed = list_links(run, root, DEFAULT_NAMING)
+    assert listed is not None
+    links = {link.name: link for link in listed}
 
     assert (links["last.ckpt"].identity, links["last.ckpt"].dangles) == (None, False)
     assert (links["inside-dangling.ckpt"].identity, links["inside-dangling.ckpt"].dangles) == (None, False)
@@ -97,3 +102,40 @@ def test_only_a_target_outside_the_root_is_stat_ed_or_taken_as_dangling(tmp_path
     assert links["outside.ckpt"].identity == (status.st_dev, status.st_ino)
     assert not links["outside.ckpt"].dangles
     assert (links["outside-dangling.ckpt"].identity, links["outside-dangling.ckpt"].dangles) == (None, True)
+
+
+def test_a_run_that_cannot_be_listed_any_more_keeps_what_its_links_protected() -> None:
+    """stage2's last.ckpt names a checkpoint of stage1. Once stage2 cannot be listed (its owner made
+    it private), the next full pass found no link there and forgot the target it protected, and
+    stage1's count rule deleted it. What a directory's links protected at its last listing stays."""
+    if shutil.which("setpriv") is None or os.geteuid() != 0:
+        pytest.skip("needs root and setpriv to run the daemon as another user")
+    top = Path(tempfile.mkdtemp(prefix="ckpt-watcher-links-"))
+    try:
+        root, stage1, stage2 = top / "root", top / "root" / "stage1", top / "root" / "stage2"
+        for step in (100, 200, 300):
+            write_checkpoint(stage1 / step_name(0, step))
+        stage2.mkdir()
+        os.symlink(f"../stage1/{step_name(0, 100)}", stage2 / "last.ckpt")
+        backdate_tree(root)
+        for directory in (top, root, stage1, stage2):
+            directory.chmod(0o777 if directory != top else 0o755)  # the daemon's user may delete
+        policy = top / "policy.yaml"
+        policy.write_text("save_top_k_checkpoints: 1\n")
+        nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *cli_command()]
+        arguments = ["watch", str(root), "--policy", str(policy), "--settle", "0", "--rescan", "1"]
+        daemon = DaemonProcess(arguments, top / "log", command=nobody)
+        try:
+            daemon.wait_ready()
+            assert {path.name for path in stage1.iterdir()} == {step_name(0, 100), step_name(0, 300)}
+            stage2.chmod(0o700)  # root's now: the daemon's user cannot list it any more
+            write_checkpoint(stage1 / step_name(0, 400))
+            wait_until(lambda: not (stage1 / step_name(0, 300)).exists(), what="step 300 pruned")
+            passes = len(daemon.events("pass_completed"))
+            wait_until(lambda: len(daemon.events("pass_completed")) >= passes + 2, what="two more passes")
+            assert (stage1 / step_name(0, 100)).exists()
+            assert daemon.stop() == 0
+        finally:
+            daemon.close()
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
