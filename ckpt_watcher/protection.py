@@ -258,6 +258,17 @@ def identities_of(pins: Mapping[Path, str]) -> dict[FileKey, str]:
         except (OSError, ValueError):
             continue
         identities.setdefault((status.st_dev, status.st_ino), reason)
+        # Each directory above it too, as plan's _protect_holders keeps a directory checkpoint that
+        # holds a pinned file ("holds model.safetensors: ..."): through another path of the root, the
+        # checkpoint is only known by its identity. (Only a checkpoint-named directory is a record.)
+        inner, holder = path.name, path.parent
+        while holder.parent != holder:
+            try:
+                held = os.stat(holder)
+            except (OSError, ValueError):
+                break
+            identities.setdefault((held.st_dev, held.st_ino), f"holds {inner}: {reason}")
+            inner, holder = f"{holder.name}/{inner}", holder.parent
     return identities
 
 

@@ -139,3 +139,40 @@ def test_a_run_that_cannot_be_listed_any_more_keeps_what_its_links_protected() -
             daemon.close()
     finally:
         shutil.rmtree(top, ignore_errors=True)
+
+
+@needs_mounts
+def test_a_resume_file_inside_a_directory_checkpoint_named_through_a_bind_mount_keeps_it(
+    tmp_path: Path,
+) -> None:
+    """A pin through another path of the root is kept by identity, and a pin on a file inside a
+    directory checkpoint keeps that checkpoint: each held alone, not together (the checkpoint was
+    matched by path only), and the resume source was deleted."""
+    root, alias = tmp_path / "root", tmp_path / "alias"
+    for step in (100, 200, 300):
+        checkpoint = root / "run" / f"checkpoint-{step}"
+        checkpoint.mkdir(parents=True)
+        (checkpoint / "model.safetensors").write_bytes(bytes(1000))
+        (checkpoint / "trainer_state.json").write_text("{}")
+    backdate_tree(root)
+    alias.mkdir()
+    config = tmp_path / "train.yaml"
+    config.write_text(f"ckpt_path: {alias}/run/checkpoint-100/model.safetensors\n")
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(
+        'save_top_k_checkpoints: 1\nnaming: {step: "checkpoint-{step}"}\nprotect_from: [train.yaml]\n'
+    )
+    mount = mount_namespace([bind(root, alias)])
+
+    dry_run = run_cli("prune", str(root), "--policy", str(policy), "--dry-run", "--json", prefix=mount)
+    completed = run_cli("prune", str(root), "--policy", str(policy), prefix=mount)
+
+    entries = prune_entries(dry_run, exit_code=0)
+    assert entries["checkpoint-100"]["action"] == "keep"
+    assert entries["checkpoint-100"]["reasons"] == [
+        "holds model.safetensors: resume source in train.yaml (ckpt_path)"
+    ]
+    assert entries["checkpoint-200"]["action"] == "delete"
+    assert_clean_exit(completed, allowed=(0,))
+    assert (root / "run" / "checkpoint-100" / "model.safetensors").exists()
+    assert not (root / "run" / "checkpoint-200").exists()
