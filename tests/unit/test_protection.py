@@ -162,7 +162,13 @@ def test_identities_of_existing_pins_follow_links(tmp_path: Path) -> None:
         {hard_link: "resume source", soft_link: "other", tmp_path / "missing.ckpt": "never"}
     )
 
-    assert identities == {(status.st_dev, status.st_ino): "resume source"}
+    assert identities[(status.st_dev, status.st_ino)] == "resume source"
+    # and each directory above a pinned file (where it really is), as the holder plan keeps
+    run = checkpoint.parent.stat()
+    assert identities[(run.st_dev, run.st_ino)] == f"holds {step_name(0, 100)}: other"
+    top = tmp_path.stat()
+    assert identities[(top.st_dev, top.st_ino)] == "holds alias.ckpt: resume source"
+    assert all(reason.startswith("holds ") for reason in list(identities.values())[1:])
 
 
 def _with_identity(record: CheckpointRecord, device: int, inode: int) -> CheckpointRecord:
