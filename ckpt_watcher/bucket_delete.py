@@ -294,7 +294,11 @@ def _finish_one(
     if named is None:
         _not_ours(path, manifest, reported)
         return None
-    present = [info for _, info in listing.below(path) if info.key != manifest.key]
+    below = [(inner, info) for inner, info in listing.below(path) if info.key != manifest.key]
+    if any(inner.parent == path and inner.name in DIRECTORY_MARKERS for inner, _ in below):
+        _call_off(path, manifest, store)  # its marker, which a deletion removes first, is still there
+        return None
+    present = [info for _, info in below]
     doomed = [info for info in present if named.get(info.key) == info.tag]
     foreign = [info.key for info in present if named.get(info.key) != info.tag]
     markers = [info for info in doomed if info.key.rpartition("/")[2] in DIRECTORY_MARKERS]
@@ -317,6 +321,26 @@ def _finish_one(
     listing.forget_below(path)
     logger.info("leftover_removed", path=str(path))
     return LeftoverResult(path, True)
+
+
+def _call_off(path: Path, manifest: ObjectInfo, store: ObjectStore) -> None:
+    """A manifest beside a marker: a deletion deletes the marker first, so this one never began (cut
+    right after its manifest was written), or the checkpoint was written again since, or the manifest
+    was copied or planted there. Nothing of the checkpoint is deleted on its word: the manifest alone
+    is removed, and the next pass plans the checkpoint as any other (pins, last.ckpt and all)."""
+    try:
+        store.delete(manifest.key, tag=manifest.tag)
+    except (ObjectMissingError, PreconditionFailedError):
+        return  # gone, or written again meanwhile: the next pass looks again
+    except StoreError as error:
+        logger.error("leftover_not_removed", path=str(path), remains=[manifest.key], detail=str(error))
+        return
+    logger.warning(
+        "leftover_called_off",
+        path=str(path),
+        detail="its marker is still there, so nothing of it was deleted: its deletion manifest is removed "
+        "and the checkpoint is planned again",
+    )
 
 
 def _not_ours(path: Path, manifest: ObjectInfo, reported: set[tuple[int, int]] | None) -> None:

@@ -391,3 +391,34 @@ def test_a_pin_written_with_the_other_name_of_the_scheme_keeps_its_checkpoint(
 
     assert result.returncode == 0, result.stderr
     assert s3.keys("run") == {f"run/{step_name(0, step)}" for step in (100, 200, 600, 700)}
+
+
+@pytest.mark.parametrize("how", ["cut right after the manifest", "planted beside a whole checkpoint"])
+def test_a_manifest_beside_its_checkpoints_marker_is_called_off_and_nothing_is_deleted(
+    s3: Bucket, how: str
+) -> None:
+    """A deletion removes the marker first, so a manifest whose checkpoint still has its marker marks
+    a deletion that never began (or one copied or planted there): finishing it would delete a whole
+    checkpoint the policy may keep now (a pinned one, the newest). The manifest alone goes, and the
+    checkpoint is planned as any other (here the only one, never deleted)."""
+    _directory_checkpoint(s3, step_name(0, 100), shards=2)
+    doomed = f"run/{step_name(0, 100)}"
+    objects = {key: s3.get(key) for key in s3.keys(doomed)}
+    named = {key: f'"{hashlib.md5(data).hexdigest()}"' for key, data in objects.items()}  # noqa: S324
+    if how.startswith("planted"):
+        named = {key: tag for key, tag in named.items() if not key.endswith("/latest")}
+    s3.put(f"{doomed}/{DELETING_MARKER}", json.dumps({"keys": named}).encode())
+
+    first = run_cli("prune", f"{s3.url}/run")
+    second = run_cli("prune", f"{s3.url}/run", "--dry-run", "--json")
+
+    assert first.returncode == 0, first.stderr
+    assert [record["path"] for record in events(first.stderr, "leftover_called_off")] == [
+        f"{s3.url}/{doomed}"
+    ]
+    assert s3.keys(doomed) == set(objects)  # every object of it is still there; the manifest is not
+    entries = {
+        entry["name"]: entry for group in json.loads(second.stdout)["groups"] for entry in group["entries"]
+    }
+    assert entries[step_name(0, 100)]["action"] != "delete"
+    assert "being deleted" not in str(entries[step_name(0, 100)]["reasons"])  # a checkpoint again
