@@ -10,12 +10,12 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ckpt_watcher.compact import PackedHashes
-from ckpt_watcher.links import Link, LinkPins, dangling_namesakes, link_identities, link_reasons, list_links
+from ckpt_watcher.links import Link, LinkLister, LinkPins, link_reasons, list_links
 from ckpt_watcher.naming import Kind, Naming
 from ckpt_watcher.records import DELETING_PREFIX, TRASH_DIRECTORY_NAME
 from ckpt_watcher.scan import CompletenessCache, NamingLookup, ScanProblem, walk_directories
@@ -219,11 +219,7 @@ class GroupIndex:
         state.last_links = remembered
         return pins
 
-    def link_pins(
-        self,
-        namings: Mapping[Path, Naming],
-        lister: Callable[[Path, Path, Naming], list[Link] | None] = list_links,
-    ) -> LinkPins:
+    def link_pins(self, namings: Mapping[Path, Naming], lister: LinkLister = list_links) -> LinkPins:
         """List the symlinks of every group of a pass (``namings``: each group's naming; ``lister``:
         the storage's ``list_links``) before any is planned: the targets links point into each group,
         from this listing or, for the groups outside the pass, as remembered."""
@@ -232,16 +228,13 @@ class GroupIndex:
         for group, naming in namings.items():
             links = lister(group, self.root, naming)
             if links is None:  # cannot be listed now: what its links protected at its last listing stays
-                remembered = self._states.get(group)
-                pins.add(remembered.link_targets if remembered is not None else {}, owner=group)
+                pins.add(self._states[group].link_targets if group in self._states else {}, owner=group)
                 continue
             targets = link_reasons(links)
             self.set_link_targets(group, targets)
             pins.add(targets, owner=group)
             pins.add(self.last_link_pins(group, links, now))
-            pins.add(dangling_namesakes(group, links))
-            for identity, reason in link_identities(links).items():
-                pins.identities.setdefault(identity, reason)
+            pins.add_beyond_paths(group, links)
         pins.add(self.link_targets_outside(set(namings)))
         return pins
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +34,10 @@ class Link:
     # the root, or the trainer's own mount path of the volume in a sidecar), kept by identity then.
     identity: tuple[int, int] | None = None
     dangles: bool = False  # its target is outside the root and not there from here
+
+
+# What lists a group's links (``list_links``, or a storage's): None if the group cannot be listed now.
+LinkLister = Callable[[Path, Path, Naming], list[Link] | None]
 
 
 def list_links(directory: Path, root: Path, naming: Naming) -> list[Link] | None:
@@ -124,6 +128,13 @@ class LinkPins:
     def __init__(self) -> None:
         self._by_directory: dict[Path, dict[Path, dict[Path | None, str]]] = defaultdict(dict)
         self.identities: dict[tuple[int, int], str] = {}  # targets outside the root (link_identities)
+
+    def add_beyond_paths(self, group: Path, links: list[Link]) -> None:
+        """What ``group``'s links protect that no path under the root names: targets outside the root,
+        by identity (``link_identities``), and the namesakes of dangling ones (``dangling_namesakes``)."""
+        self.add(dangling_namesakes(group, links))
+        for identity, reason in link_identities(links).items():
+            self.identities.setdefault(identity, reason)
 
     def add(self, targets: Mapping[Path, str], *, owner: Path | None = None) -> None:
         """Targets with their reasons; ``owner`` is the group holding the links (None: pin anywhere)."""

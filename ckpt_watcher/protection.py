@@ -261,7 +261,7 @@ def identities_of(pins: Mapping[Path, str]) -> dict[FileKey, str]:
         # Each directory above it too, as plan's _protect_holders keeps a directory checkpoint that
         # holds a pinned file ("holds model.safetensors: ..."): through another path of the root, the
         # checkpoint is only known by its identity. (Only a checkpoint-named directory is a record.)
-        real = Path(os.path.realpath(path))  # the holders of the file a symlinked pin leads to
+        real = real_path(path)  # the holders of the file a symlinked pin leads to
         inner, holder = real.name, real.parent
         while holder.parent != holder:
             try:
