@@ -84,11 +84,16 @@ def list_links(directory: Path, root: Path, naming: Naming) -> list[Link] | None
     return links
 
 
+def _by_precedence(links: Iterable[Link]) -> list[Link]:
+    """``last`` links first, then by path: the first link naming a target gives its reason."""
+    return sorted(links, key=lambda link: (not link.is_last, link.relative_path))
+
+
 def link_reasons(links: Iterable[Link]) -> dict[Path, str]:
     """Each target with the reason it is kept, ``target of run/last.ckpt``: the rule of
     ``plan.symlink_targets`` (a ``last`` link names a shared target, else the first link by path)."""
     reasons: dict[Path, str] = {}
-    for link in sorted(links, key=lambda link: (not link.is_last, link.relative_path)):
+    for link in _by_precedence(links):
         reasons.setdefault(link.target, f"target of {link.relative_path}")
     return reasons
 
@@ -97,7 +102,7 @@ def link_identities(links: Iterable[Link]) -> dict[tuple[int, int], str]:
     """The identities of targets outside the root, each with the reason ``link_reasons`` gives its
     target: ``plan`` keeps the checkpoint that is that file, whatever path the link took to it."""
     identities: dict[tuple[int, int], str] = {}
-    for link in sorted(links, key=lambda link: (not link.is_last, link.relative_path)):
+    for link in _by_precedence(links):
         if link.identity is not None:
             identities.setdefault(link.identity, f"target of {link.relative_path}")
     return identities
@@ -109,7 +114,7 @@ def dangling_namesakes(directory: Path, links: Iterable[Link]) -> dict[Path, str
     ``last.ckpt -> /ckpts/run/epoch=...ckpt``, which dangles where the volume is mounted elsewhere;
     the file beside the link with that name is most likely what it means, so it is kept (in doubt)."""
     namesakes: dict[Path, str] = {}
-    for link in sorted(links, key=lambda link: (not link.is_last, link.relative_path)):
+    for link in _by_precedence(links):
         if link.dangles and link.target.name not in ("", link.name):
             namesakes.setdefault(
                 directory / link.target.name,

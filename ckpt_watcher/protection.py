@@ -338,11 +338,8 @@ class ProtectionRegistry:
             if old_protection is not None and not strict and not self._quiet.quiet(config, identity):
                 changed = self._settle(config, label, old_protection, previous) or changed
                 continue
-            confined_to = label.allowed_directories if isinstance(label, ConfigLabel) else ()
             try:
-                protection = read_config_protection(
-                    config, label, self.working_directory, confined_to=confined_to, files=self.files
-                )
+                protection = self._read(config, label)
             except ProtectionError as error:
                 if strict:
                     raise
@@ -377,6 +374,14 @@ class ProtectionRegistry:
             self._loaded[config] = _LoadedConfig(identity, label, protection)
         return changed
 
+    def _read(self, config: Path, label: str) -> ConfigProtection:
+        """What ``config`` protects now (ProtectionError if it cannot be used), confined as its label
+        says (a config named by a per-run file stays under the root or beside the --policy file)."""
+        confined_to = label.allowed_directories if isinstance(label, ConfigLabel) else ()
+        return read_config_protection(
+            config, label, self.working_directory, confined_to=confined_to, files=self.files
+        )
+
     def _settle(
         self, config: Path, label: str, old: ConfigProtection, previous: _LoadedConfig | None
     ) -> bool:
@@ -384,11 +389,8 @@ class ProtectionRegistry:
         it is read again at every pass until it is quiet, and until then its pins are kept and what
         this read names is pinned too (a partial file names less: nothing it dropped is unpinned yet).
         True if what is protected changed."""
-        confined_to = label.allowed_directories if isinstance(label, ConfigLabel) else ()
         try:
-            partial = read_config_protection(
-                config, label, self.working_directory, confined_to=confined_to, files=self.files
-            )
+            partial = self._read(config, label)
         except ProtectionError:
             partial = None  # (what it says once quiet is logged then)
         settling = previous.settling if previous is not None else None
