@@ -42,7 +42,7 @@ from ckpt_watcher.delete import DeletionResult, LeftoverResult, TrashMover, _fai
 from ckpt_watcher.integrity import Completeness, check_zip_archive, judge_directory
 from ckpt_watcher.links import Link
 from ckpt_watcher.locations import StorageURL, is_core_path_of_url, storage_url_of
-from ckpt_watcher.naming import DEFAULT_NAMING, Kind, Naming, ParsedName
+from ckpt_watcher.naming import Kind, Naming, ParsedName
 from ckpt_watcher.object_store import (
     ObjectInfo,
     ObjectMissingError,
@@ -276,16 +276,18 @@ class BucketStorage:
         root: Path,
         directory: Path,
         *,
-        naming: Naming = DEFAULT_NAMING,
+        naming_for: NamingLookup,
         reported: set[tuple[int, int]] | None = None,
     ) -> list[LeftoverResult]:
         """bucket_delete.finish_bucket_leftovers (directory checkpoints whose deletion was cut short;
-        ``naming`` says which subdirectories of ``directory`` are checkpoints)."""
+        ``naming_for`` says which subdirectories of ``directory`` are checkpoints)."""
         refusal = self.refusal()
         if refusal is not None:
             return []
         listing = self.current_listing()
-        return finish_bucket_leftovers(directory, self.url, self.store, listing, reported, naming=naming)
+        return finish_bucket_leftovers(
+            directory, self.url, self.store, listing, reported, naming_for=naming_for
+        )
 
     def identities_of(self, pins: Mapping[Path, str]) -> dict[FileKey, str]:
         """Objects are pinned by path (their key) only."""

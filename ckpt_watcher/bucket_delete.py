@@ -38,7 +38,7 @@ from ckpt_watcher.delete import (
 )
 from ckpt_watcher.integrity import DIRECTORY_MARKERS
 from ckpt_watcher.locations import StorageURL
-from ckpt_watcher.naming import DEFAULT_NAMING, Kind, Naming
+from ckpt_watcher.naming import Kind, Naming
 from ckpt_watcher.object_store import (
     ObjectInfo,
     ObjectMissingError,
@@ -249,21 +249,22 @@ def finish_bucket_leftovers(
     listing: Listing,
     reported: set[tuple[int, int]] | None,
     *,
-    naming: Naming = DEFAULT_NAMING,
+    naming_for: Callable[[Path], Naming],
 ) -> list[LeftoverResult]:
     """Finish the deletions of directory checkpoints in ``directory`` that were cut short: each prefix
     holding a deletion manifest. Never raises.
 
     The tool writes a manifest only into a directory checkpoint it deletes, so one anywhere else (a
-    run directory, any directory not named as a checkpoint under ``naming``) is not its own, and
-    removes nothing: it would have emptied a whole run, ``last.ckpt`` and pins included."""
+    run directory, any directory not named as a checkpoint under ``naming_for(directory)``, asked
+    only once a manifest is found) is not its own, and removes nothing: it would have emptied a whole
+    run, ``last.ckpt`` and pins included."""
     results: list[LeftoverResult] = []
     for name in sorted(listing.subdirectories.get(directory, ())):
         path = directory / name
         manifest = listing.files.get(path, {}).get(DELETING_MARKER)
         if manifest is None:
             continue
-        if naming.classify(name, directory=True).kind is Kind.UNKNOWN:
+        if naming_for(directory).classify(name, directory=True).kind is Kind.UNKNOWN:
             _not_ours(path, manifest, reported)
             continue
         try:

@@ -664,7 +664,7 @@ def _finish_leftovers(
     """Finish the removals a previous run left halfway in each group (only leftovers the tool can
     prove it made: a bucket's manifest counts only inside a directory named as a checkpoint there)."""
     for group in sorted(groups):
-        leftovers = storage.finish_leftovers(root, group, naming=tree.naming_for(group), reported=reported)
+        leftovers = storage.finish_leftovers(root, group, naming_for=tree.naming_for, reported=reported)
         result.leftovers_remaining += sum(not leftover.removed for leftover in leftovers)
 
 

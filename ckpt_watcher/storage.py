@@ -19,7 +19,7 @@ from typing import Protocol
 
 from ckpt_watcher.delete import DeletionResult, LeftoverResult, TrashMover, apply_group, finish_leftovers
 from ckpt_watcher.links import Link, list_links
-from ckpt_watcher.naming import DEFAULT_NAMING, Naming
+from ckpt_watcher.naming import Naming
 from ckpt_watcher.plan import GroupPlan
 from ckpt_watcher.protection import FileKey, identities_of
 from ckpt_watcher.records import CheckpointRecord
@@ -90,11 +90,12 @@ class Storage(Protocol):
         root: Path,
         directory: Path,
         *,
-        naming: Naming = DEFAULT_NAMING,
+        naming_for: NamingLookup,
         reported: set[tuple[int, int]] | None = None,
     ) -> list[LeftoverResult]:
         """Finish removals a previous run left halfway (delete.finish_leftovers); never raises.
-        ``naming``: the templates in force in ``directory`` (what is a checkpoint there)."""
+        ``naming_for``: the templates in force in a directory (what is a checkpoint there), asked
+        only where a leftover needs it."""
         ...
 
     def identities_of(self, pins: Mapping[Path, str]) -> dict[FileKey, str]:
@@ -152,11 +153,11 @@ class LocalStorage:
         root: Path,
         directory: Path,
         *,
-        naming: Naming = DEFAULT_NAMING,
+        naming_for: NamingLookup,
         reported: set[tuple[int, int]] | None = None,
     ) -> list[LeftoverResult]:
-        """delete.finish_leftovers (a leftover here is named as one: ``naming`` is not needed)."""
-        del naming
+        """delete.finish_leftovers (a leftover here is named as one: ``naming_for`` is not needed)."""
+        del naming_for
         return finish_leftovers(root, directory, reported=reported)
 
     def identities_of(self, pins: Mapping[Path, str]) -> dict[FileKey, str]:

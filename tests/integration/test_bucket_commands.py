@@ -326,7 +326,7 @@ def test_a_directory_checkpoint_deleted_only_in_part_is_finished_by_the_next_pas
     half = next(record for record in records if record.name == step_name(0, 100))
     assert not half.complete
     assert half.incomplete_reason == "being deleted (a deletion was cut short; the next pass finishes it)"
-    [finished] = storage.finish_leftovers(url.core_path, url.core_path)
+    [finished] = storage.finish_leftovers(url.core_path, url.core_path, naming_for=lambda _: naming)
 
     assert finished.removed
     assert s3.keys(doomed) == set()
@@ -347,7 +347,11 @@ def test_a_deletion_manifest_the_tool_did_not_write_removes_nothing(s3: Bucket) 
     storage = BucketStorage(url, S3Store(url))
     before = s3.keys("run")
 
-    assert storage.finish_leftovers(url.core_path, url.core_path, reported=set()) == []
+    naming = Policy().compiled_naming
+    assert (
+        storage.finish_leftovers(url.core_path, url.core_path, naming_for=lambda _: naming, reported=set())
+        == []
+    )
 
     assert s3.keys("run") == before
 
