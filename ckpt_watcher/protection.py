@@ -252,6 +252,7 @@ def identities_of(pins: Mapping[Path, str]) -> dict[FileKey, str]:
     spelt: the same file reached through a hard link, a bind mount or another mount of the volume.
     """
     identities: dict[FileKey, str] = {}
+    walked: set[Path] = set()  # holders already stat'ed, with all above them, for an earlier pin
     for path, reason in pins.items():
         try:
             status = os.stat(path)
@@ -263,7 +264,8 @@ def identities_of(pins: Mapping[Path, str]) -> dict[FileKey, str]:
         # checkpoint is only known by its identity. (Only a checkpoint-named directory is a record.)
         real = real_path(path)  # the holders of the file a symlinked pin leads to
         inner, holder = real.name, real.parent
-        while holder.parent != holder:
+        while holder.parent != holder and holder not in walked:
+            walked.add(holder)
             try:
                 held = os.stat(holder)
             except (OSError, ValueError):
