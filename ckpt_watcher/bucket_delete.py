@@ -334,7 +334,10 @@ def _call_off(path: Path, manifest: ObjectInfo, store: ObjectStore) -> None:
     except (ObjectMissingError, PreconditionFailedError):
         return  # gone, or written again meanwhile: the next pass looks again
     except StoreError as error:
-        logger.error("leftover_not_removed", path=str(path), remains=[manifest.key], detail=str(error))
+        remains = [display_name(f"{manifest.key} ({error})")]  # as _finish_one reports a manifest left
+        logger.error(
+            "leftover_not_removed", path=str(path), remains=remains, detail="retried on a later pass"
+        )
         return
     logger.warning(
         "leftover_called_off",
