@@ -16,7 +16,7 @@ from ckpt_watcher.naming import DEFAULT_NAMING
 from tests.support.cli import assert_clean_exit, cli_command, events, prune_entries, run_cli
 from tests.support.daemon import DaemonProcess, wait_until
 from tests.support.factories import backdate_tree, step_name, write_checkpoint
-from tests.support.hostile_trees import bind, mount_namespace, mount_namespace_reason
+from tests.support.hostile_trees import bind, make_fifo, mount_namespace, mount_namespace_reason
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -176,3 +176,38 @@ def test_a_resume_file_inside_a_directory_checkpoint_named_through_a_bind_mount_
     assert_clean_exit(completed, allowed=(0,))
     assert (root / "run" / "checkpoint-100" / "model.safetensors").exists()
     assert not (root / "run" / "checkpoint-200").exists()
+
+
+def test_links_out_of_the_root_to_a_fifo_a_device_or_a_loop_open_nothing_and_keep_in_doubt(
+    tmp_path: Path,
+) -> None:
+    """The link fixes stat what a link reaches outside the root. A training job can point a link
+    anywhere: a FIFO (opening it would block), /dev/zero, a symlink loop. stat opens nothing, so
+    prune finishes; a target it cannot stat counts as dangling and keeps its namesake, in doubt."""
+    root = tmp_path / "root"
+    run = _run(root)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    make_fifo(outside / step_name(0, 100))
+    os.symlink(outside / "loop-b", outside / "loop-a")
+    os.symlink(outside / "loop-a", outside / "loop-b")
+    os.symlink(outside / step_name(0, 100), run / "last.ckpt")  # a FIFO: stat'ed, never opened
+    os.symlink("/dev/zero", run / "zero.ckpt")
+    os.symlink(outside / "loop-a", run / step_name(0, 200).replace(".ckpt", "-loop.ckpt"))
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("save_top_k_checkpoints: 1\n")
+
+    dry_run = run_cli("prune", str(root), "--policy", str(policy), "--dry-run", "--json", timeout=60)
+    completed = run_cli("prune", str(root), "--policy", str(policy), timeout=60)
+
+    entries = prune_entries(dry_run, exit_code=0)
+    assert entries[step_name(0, 100)]["action"] == "delete"  # the FIFO's identity is no checkpoint's
+    assert entries[step_name(0, 200)]["action"] == "delete"
+    assert_clean_exit(completed, allowed=(0,))
+    assert {path.name for path in run.iterdir()} == {
+        step_name(0, 300),
+        "last.ckpt",
+        "zero.ckpt",
+        step_name(0, 200).replace(".ckpt", "-loop.ckpt"),
+    }
+    assert (outside / step_name(0, 100)).exists()  # nothing outside the root is touched
