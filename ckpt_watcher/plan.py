@@ -502,15 +502,56 @@ def _keep_pending_link_target(
             # writes ...-v1.ckpt, newer than the step 300 the link may still name. Every checkpoint
             # at the newest step is kept while the link lags: any of them may be where it moves.
             newest = max(candidates[position].step_order for position in same_kind)
-            if target is not None and target.step_order >= newest:
-                continue
-            for position in same_kind:
-                if (candidates[position].step or 0) == newest[0]:
-                    ledger.keep(
-                        position,
-                        f"newest {kind.value} checkpoint: {link.name} does not point at it yet",
-                        Hold.PROTECTED,
-                    )
+            if target is None or target.step_order < newest:
+                for position in same_kind:
+                    if (candidates[position].step or 0) == newest[0]:
+                        ledger.keep(
+                            position,
+                            f"newest {kind.value} checkpoint: {link.name} does not point at it yet",
+                            Hold.PROTECTED,
+                        )
+            _keep_written_since_link(link, target, same_kind, candidates, ledger)
+
+
+def _keep_written_since_link(
+    link: CheckpointRecord,
+    target: CheckpointRecord | None,
+    same_kind: list[int],
+    candidates: list[CheckpointRecord],
+    ledger: _Ledger,
+) -> None:
+    """Keep the checkpoint of the link's kind written last since the link itself was made.
+
+    A run resumed from an older checkpoint (rolled back after a loss spike), or a fresh run in the same
+    directory, saves below the newest step, which the rule above does not reach: its save would be
+    deleted before Lightning moves the link to it, leaving the link dangling. Lightning makes the link
+    anew at every save, so what was written since (the link's own mtime) may be where it moves next.
+    Only the latest of them: a link nobody moves any more holds one checkpoint, not every one after it.
+    Time orders nothing here; it only keeps one more.
+    """
+    if link.identity is None:
+        return
+    made = link.identity.mtime_ns
+    written_since = [
+        position
+        for position in same_kind
+        if candidates[position] is not target
+        and (identity := candidates[position].identity) is not None
+        and identity.mtime_ns >= made
+    ]
+    if not written_since:
+        return
+    latest = max(written_since, key=lambda position: _written_order(candidates[position]))
+    if Hold.PROTECTED in ledger.holds[latest]:
+        return  # already kept as the newest the link lags behind, or pinned
+    ledger.keep(
+        latest, f"written after {link.name} was made: it may be where the link moves next", Hold.PROTECTED
+    )
+
+
+def _written_order(record: CheckpointRecord) -> tuple[int, tuple[int, int, int]]:
+    identity = record.identity
+    return (identity.mtime_ns if identity is not None else -1, record.step_order)
 
 
 def _last_reasons(last: CheckpointRecord, protected: Mapping[str, list[str]]) -> tuple[str, ...]:

@@ -1077,6 +1077,19 @@ def test_keep_marker_counts_as_kept_for_rule_5() -> None:
 
 PENDING_STEP = "newest step checkpoint: last.ckpt does not point at it yet"
 PENDING_BEST = "newest best checkpoint: last.ckpt does not point at it yet"
+WRITTEN_SINCE = "written after last.ckpt was made: it may be where the link moves next"
+
+
+def written_at(record: CheckpointRecord, mtime_ns: int) -> CheckpointRecord:
+    """``record`` as last modified at ``mtime_ns`` (a symlink: when it was made)."""
+    assert record.identity is not None
+    return dataclasses.replace(record, identity=dataclasses.replace(record.identity, mtime_ns=mtime_ns))
+
+
+def link_to(target: CheckpointRecord, made_at: int = 10**18, name: str = LAST) -> CheckpointRecord:
+    """A ``save_last="link"`` link to ``target``, made at ``made_at`` (after every file the factories
+    write, at mtime 0, unless told)."""
+    return written_at(make_record(name, entry_type=EntryType.SYMLINK, link_target=target.path), made_at)
 
 
 def test_last_link_to_an_older_step_keeps_the_newest_step_until_it_moves() -> None:
@@ -1086,7 +1099,7 @@ def test_last_link_to_an_older_step_keeps_the_newest_step_until_it_moves() -> No
     newest = make_record(step_name(3, 300))
     newest_v1 = make_record(step_name(3, 300, version=1))
     newest_best = make_record(best_name(3, 300, 0.9))
-    last = make_record(LAST, entry_type=EntryType.SYMLINK, link_target=old.path)
+    last = link_to(old)
     policy = Policy(save_top_k_checkpoints=0, save_top_k_best=0)
     result = by_name(plan([last, old, middle, newest, newest_v1, newest_best], policy))
     assert result[old.name].reasons == ("target of run/last.ckpt",)
@@ -1300,7 +1313,7 @@ def test_a_resumed_run_keeps_the_newer_version_of_the_step_its_link_still_names(
     old = make_record(step_name(1, 100))
     v0 = make_record(step_name(3, 300))
     v1 = make_record(step_name(3, 300, version=1))
-    last = make_record(LAST, entry_type=EntryType.SYMLINK, link_target=v0.path)
+    last = link_to(v0)
     policy = Policy(save_top_k_checkpoints=0, save_top_k_best=0)
 
     result = by_name(plan([last, old, v0, v1], policy))
@@ -1310,6 +1323,59 @@ def test_a_resumed_run_keeps_the_newer_version_of_the_step_its_link_still_names(
     assert result[old.name].action is Action.DELETE
     moved = by_name(plan([dataclasses.replace(last, link_target=v1.path), old, v0, v1], policy))
     assert moved[v0.name].action is Action.DELETE  # once the link names the newest, the older goes
+
+
+def test_a_rolled_back_run_keeps_its_save_until_the_link_moves_to_it() -> None:
+    """Resumed from step 16 after a loss spike, the run saves step 20 below the old run's step 40:
+    outside the newest 2, yet Lightning is about to link last.ckpt to it (it was written after the
+    link was made, pointing at step 40). Deleted, the link would dangle and the run could not resume."""
+    old_run = [written_at(make_record(step_name(1, step)), step) for step in (16, 24, 32, 40)]
+    last = link_to(old_run[-1], made_at=41)
+    saved = written_at(make_record(step_name(1, 20)), 50)
+    policy = Policy(save_top_k_checkpoints=2, save_top_k_best=0)
+
+    result = by_name(plan([last, *old_run, saved], policy))
+
+    assert result[saved.name].reasons == (WRITTEN_SINCE,)
+    assert result[saved.name].holds == {Hold.PROTECTED}
+    assert result[old_run[0].name].action is Action.DELETE
+    # once the link names it, it is kept as the target, and nothing written since needs keeping
+    moved = by_name(plan([link_to(saved, made_at=51), *old_run, saved], policy))
+    assert moved[saved.name].reasons == ("target of run/last.ckpt",)
+    assert moved[old_run[1].name].action is Action.DELETE
+
+
+def test_a_fresh_run_in_the_same_directory_keeps_its_first_save() -> None:
+    """A new run writes step 12 beside an old run's steps 100..300 and its last.ckpt; Lightning links
+    last-v1.ckpt to it after the save. Only the latest file written since a link is kept: a link that
+    no run moves any more holds one checkpoint, not every later one."""
+    old_run = [written_at(make_record(step_name(0, step)), step) for step in (100, 200, 300)]
+    last = link_to(old_run[-1], made_at=301)
+    first, second = (written_at(make_record(step_name(0, step)), 400 + step) for step in (12, 24))
+    policy = Policy(save_top_k_checkpoints=1, save_top_k_best=0)
+
+    result = by_name(plan([last, *old_run, first, second], policy))
+
+    assert result[second.name].reasons == (WRITTEN_SINCE,)
+    assert result[first.name].action is Action.DELETE
+    assert result[old_run[0].name].action is Action.DELETE
+
+
+def test_a_file_written_before_the_link_was_made_is_not_held_by_it() -> None:
+    old = [written_at(make_record(step_name(0, step)), step) for step in (100, 200, 300)]
+    result = by_name(plan([link_to(old[-1], made_at=301), *old], Policy(save_top_k_checkpoints=1)))
+    assert result[old[0].name].action is Action.DELETE
+    assert result[old[1].name].action is Action.DELETE
+
+
+def test_only_the_link_kind_is_held_by_what_was_written_since() -> None:
+    """The link moves within the kind of its target (the callback that owns it): a best written
+    since a step link is not held by it."""
+    steps = [written_at(make_record(step_name(0, step)), step) for step in (100, 200)]
+    best = written_at(make_record(best_name(0, 50, 0.9)), 500)
+    policy = Policy(save_top_k_checkpoints=1, save_top_k_best=0)
+    result = by_name(plan([link_to(steps[-1], made_at=201), *steps, best], policy))
+    assert result[best.name].action is Action.DELETE
 
 
 DIRECTORY_CHECKPOINTS = [step_name(0, step) for step in (100, 200, 300)]

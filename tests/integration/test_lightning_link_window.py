@@ -1,0 +1,76 @@
+"""Real Lightning with ``save_last="link"``, pruned in the window between a save and the link's move.
+
+Lightning writes a checkpoint, calls its loggers' ``after_save_checkpoint``, and only then links
+``last.ckpt`` to it. ``tests/support/lightning_link_window.py`` runs ``ckpt-watcher prune`` (the real
+command) from that hook after every save. A run rolled back to an older checkpoint, or a fresh run in
+the same directory, saves below the directory's newest step: outside the newest N, its save used to be
+deleted before the link moved to it, leaving ``last.ckpt`` dangling and the run unable to resume.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "support" / "lightning_link_window.py"
+TRAIN_TIMEOUT = 240.0
+
+
+def _run(tmp_path: Path, scenario: str, *extra: str) -> dict[str, object]:
+    run = tmp_path / "run"
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("save_top_k_checkpoints: 2\n")
+    report = tmp_path / "report.json"
+    temporary = tmp_path / "trainer-tmp"
+    temporary.mkdir()
+    completed = subprocess.run(
+        [sys.executable, str(SCRIPT), scenario, str(run), str(policy), str(report), *extra],
+        cwd=tmp_path,
+        env={**os.environ, "TMPDIR": str(temporary), "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"},
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=TRAIN_TIMEOUT,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    document: dict[str, object] = json.loads(report.read_text())
+    return document
+
+
+def _check(document: dict[str, object]) -> None:
+    deletions = document["deletions"]
+    assert isinstance(deletions, list)
+    assert deletions, "the policy deletes something in every scenario: prune ran in the window"
+    # never the checkpoint just written, which the link is about to name
+    assert [d for d in deletions if d["name"] == d["after_save"]] == []
+    after_fit = document["after_fit"]
+    assert isinstance(after_fit, list)
+    for fitted in after_fit:
+        assert fitted["links"], fitted
+        for name, link in fitted["links"].items():
+            where = f"after the fit to step {fitted['max_steps']}"
+            assert link["resolves"], f"{where}: {name} -> {link['target']} dangles"
+
+
+@pytest.mark.timeout(300)
+def test_a_rolled_back_run_keeps_the_checkpoint_its_link_moves_to(tmp_path: Path) -> None:
+    protect = tmp_path / "run" / "epoch=00-step=000016-train.ckpt"  # the rollback point, pinned
+    document = _run(tmp_path, "rollback", "--protect", str(protect))
+    _check(document)
+    files = document["files"]
+    assert isinstance(files, list)
+    assert protect.name in files
+
+
+@pytest.mark.timeout(300)
+def test_a_fresh_run_in_the_same_directory_keeps_the_checkpoint_its_link_moves_to(tmp_path: Path) -> None:
+    document = _run(tmp_path, "restart")
+    _check(document)
+    last_links = document["after_fit"][-1]["links"]  # type: ignore[index]
+    assert "last-v1.ckpt" in last_links  # Lightning versions the fresh run's link beside the old one
