@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import enum
 import fnmatch
+import functools
 import math
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -216,6 +217,7 @@ def plan(
     group_policies: Mapping[Path, Policy] | None = None,
     *,
     pinned_identities: Mapping[tuple[int, int], str] | None = None,
+    pinned_names: Mapping[str, str] | None = None,
 ) -> Plan:
     """Decide for every record; ``pins`` maps paths that must be kept to the reason why.
 
@@ -224,6 +226,7 @@ def plan(
     policy (per-run overrides); other directories use ``policy``. ``pinned_identities`` maps the
     (device, inode) of pinned files to the reason (``protection.identities_of(pins)``): a record that
     is one of them is kept with that reason, whatever path named it (a hard link, a bind mount).
+    ``pinned_names`` keeps a record of that name in any group (``protection.namesakes_from``).
     """
     group_policies = group_policies or {}
     records = list(records)
@@ -233,7 +236,9 @@ def plan(
     for path, reason in (pins or {}).items():
         protected[path].append(reason)
     if pinned_identities:
-        _add_identity_pins(records, pinned_identities, protected)
+        _add_record_pins(records, functools.partial(_identity_reason, pinned_identities), protected)
+    if pinned_names:
+        _add_record_pins(records, lambda record: pinned_names.get(record.name), protected)
     # By directory, then name: a group looks its records up by name (no Path made or hashed per record).
     protected_in: dict[Path, dict[str, list[str]]] = defaultdict(dict)
     for path, reasons in protected.items():
@@ -260,16 +265,20 @@ def plan(
     )
 
 
-def _add_identity_pins(
+def _identity_reason(pinned: Mapping[tuple[int, int], str], record: CheckpointRecord) -> str | None:
+    identity = record.identity
+    return None if identity is None else pinned.get((identity.device, identity.inode))
+
+
+def _add_record_pins(
     records: list[CheckpointRecord],
-    pinned_identities: Mapping[tuple[int, int], str],
+    reason_of: Callable[[CheckpointRecord], str | None],
     protected: dict[Path, list[str]],
 ) -> None:
-    """Pin by path every record whose (device, inode) is pinned; a reason already there is not repeated."""
+    """Pin by path every record ``reason_of`` gives a reason for (its identity or its name is pinned);
+    a reason already there is not repeated."""
     for record in records:
-        if record.identity is None:
-            continue
-        reason = pinned_identities.get((record.identity.device, record.identity.inode))
+        reason = reason_of(record)
         if reason is not None:
             path = record.path
             if reason not in protected.get(path, ()):

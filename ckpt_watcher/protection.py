@@ -14,6 +14,7 @@ positions, never contents.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -75,6 +76,7 @@ class ResumeReference:
     key: str
     value: str
     candidates: tuple[Path, ...]
+    found: bool = True  # False: none of the candidates was there when the config was read
 
     @property
     def reason(self) -> str:
@@ -186,10 +188,12 @@ def read_config_protection(
             value=value,
             candidates=candidate_paths(value, config.parent, working_directory),
         )
-        references.append(reference)
         absent = why_absent(reference.candidates, files.exists)
         if absent is not None:
-            warnings.append(f"{label}: '{key}' names {value!r}, which {absent}")
+            reference = dataclasses.replace(reference, found=False)
+            doubt = _namesake_note(value)
+            warnings.append(f"{label}: '{key}' names {value!r}, which {absent}{doubt}")
+        references.append(reference)
     kinds = {key.rsplit(".", 1)[-1] for key in set_keys}
     if kinds == set(RESUME_KEYS):
         warnings.append(
@@ -199,6 +203,39 @@ def read_config_protection(
     return ConfigProtection(
         config=config, label=label, references=tuple(references), warnings=tuple(warnings)
     )
+
+
+def namesake(value: str) -> str | None:
+    """The file name a resume value ends with, if it is written out: what a checkpoint must be named
+    to be the one meant, wherever the value's directory really is. None where the name itself is
+    left to an interpolation (``${...}``) or there is no name."""
+    name = value.rstrip("/").rsplit("/", 1)[-1]
+    if name in ("", ".", "..", "~") or "${" in name or "}" in name:
+        return None
+    return name
+
+
+def _namesake_note(value: str) -> str:
+    name = namesake(value)
+    if name is None:
+        return ""
+    return f"; a checkpoint named {name!r} anywhere under the root is kept in doubt"
+
+
+def namesakes_from(protections: Iterable[ConfigProtection]) -> dict[str, str]:
+    """For every reference found nowhere, its file name, with the reason that keeps a checkpoint of
+    that name in any group: a value the watcher cannot resolve as the trainer does (a Hydra or
+    OmegaConf interpolation, ``${paths.ckpt_dir}/...``; a path relative to the trainer's working
+    directory, which is not the watcher's) still names the checkpoint it is about."""
+    names: dict[str, str] = {}
+    for protection in protections:
+        for reference in protection.references:
+            name = None if reference.found else namesake(reference.value)
+            if name is not None:
+                names.setdefault(
+                    name, f"named like the {reference.reason}, which is not found as written (kept in doubt)"
+                )
+    return names
 
 
 def why_absent(candidates: Iterable[Path], exists: Callable[[Path], bool]) -> str | None:
@@ -416,3 +453,9 @@ class ProtectionRegistry:
         protections = [loaded.protection for loaded in self._loaded.values() if loaded.protection is not None]
         protections += [loaded.settling for loaded in self._loaded.values() if loaded.settling is not None]
         return pins_from(protections)
+
+    def namesakes(self) -> dict[str, str]:
+        """Names kept in any group: those of references found nowhere (``namesakes_from``)."""
+        protections = [loaded.protection for loaded in self._loaded.values() if loaded.protection is not None]
+        protections += [loaded.settling for loaded in self._loaded.values() if loaded.settling is not None]
+        return namesakes_from(protections)

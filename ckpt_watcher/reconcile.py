@@ -397,7 +397,8 @@ class Reconciler:
         keep the free space each file system's ``keep_free`` asks for (``space.py``)."""
         pins = {**self._command_line_pins, **self.registry.pins()}
         result.streamed = dry_run and result.group_sink is not None and not _keeps_free(effective)
-        context = _PassContext.build(pins, self.storage.identities_of(pins), links, closed, dry_run, result)
+        identities, names = self.storage.identities_of(pins), self.registry.namesakes()
+        context = _PassContext.build(pins, identities, names, links, closed, dry_run, result)
         # A one-shot pass covers every group: with no byte budget in any policy, no space fact is read.
         self.space.begin_pass(facts_needed=not self._one_shot or _budgeted(effective))
         for done, (group, value) in enumerate(sorted(effective.items()), start=1):
@@ -427,7 +428,9 @@ class Reconciler:
             raise ScanStopped(str(group))
         pins = {**context.pins, **context.links.for_group(group)}
         identities = {**self.trash.pinned_identities(), **context.pinned_identities}  # after the scan
-        group_plans = plan(records, value.policy, pins, pinned_identities=identities).groups
+        group_plans = plan(
+            records, value.policy, pins, pinned_identities=identities, pinned_names=context.pinned_names
+        ).groups
         first = group_plans[0] if group_plans else None
         group_plan = self.space.plan_group(
             group, first, value.policy, dry_run=context.dry_run, now=context.wall_now
@@ -628,6 +631,7 @@ class _PassContext:
 
     pins: dict[Path, str]
     pinned_identities: Mapping[tuple[int, int], str]
+    pinned_names: Mapping[str, str]  # the names of resume references found nowhere (kept in doubt)
     links: LinkPins
     closed_in: Mapping[Path, set[Path]]
     wall_now: float
@@ -639,6 +643,7 @@ class _PassContext:
         cls,
         pins: dict[Path, str],
         identities: Mapping[tuple[int, int], str],
+        names: Mapping[str, str],
         links: LinkPins,
         closed: Collection[Path],
         dry_run: bool,
@@ -650,7 +655,7 @@ class _PassContext:
             closed_in[path.parent].add(path)
         # Pinned by identity: the targets links reach from outside the root, then the pins' own files.
         identities = {**links.identities, **identities}
-        return cls(pins, identities, links, closed_in, time.time(), dry_run, result)
+        return cls(pins, identities, names, links, closed_in, time.time(), dry_run, result)
 
 
 def _finish_leftovers(

@@ -253,7 +253,48 @@ def test_read_config_protection_resolves_both_bases(tmp_path: Path) -> None:
     assert tmp_path / "configs" / "ckpt" / "last.ckpt" in reference.candidates
     assert working / "ckpt" / "last.ckpt" in reference.candidates
     assert protection.warnings == (
-        "configs/train.yaml: 'ckpt_path' names 'ckpt/last.ckpt', which does not exist (yet)",
+        "configs/train.yaml: 'ckpt_path' names 'ckpt/last.ckpt', which does not exist (yet); a checkpoint "
+        "named 'last.ckpt' anywhere under the root is kept in doubt",
+    )
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        f"${{paths.ckpt_dir}}/{RESUME}",  # Hydra / OmegaConf: resolved by the trainer, not here
+        f"${{oc.env:CKPT_ROOT}}/stage1_llm_pretraining/{RESUME}",
+        f"{RUN}/{RESUME}",  # relative to the trainer's working directory, not the watcher's
+    ],
+)
+def test_a_resume_value_the_watcher_cannot_resolve_keeps_its_namesake_in_doubt(
+    tmp_path: Path, value: str
+) -> None:
+    """The value names a checkpoint the watcher cannot find as written: it was deleted with only a
+    warning. Now the checkpoint of that name, in any group, is kept in doubt."""
+    run, _, policy = _layout(tmp_path, f'paths:\n  ckpt_dir: "{RUN}"\nckpt_path: "{value}"\n')
+    other_run = tmp_path / "checkpoint" / "other"
+    write_checkpoint(other_run / RESUME)  # the same name in another run: kept too (in doubt)
+    for step in range(2000, 4000, 500):
+        write_checkpoint(run / step_name(4, step))
+        write_checkpoint(other_run / step_name(4, step))
+    elsewhere = tmp_path / "elsewhere"  # the watcher's working directory is not the trainer's
+    elsewhere.mkdir()
+
+    root = str(tmp_path / "checkpoint")
+    dry = run_cli("prune", root, "--policy", str(policy), "--dry-run", "--json", cwd=elsewhere)
+    completed = run_cli("prune", root, "--policy", str(policy), cwd=elsewhere)
+
+    assert prune_entries(dry, exit_code=0)[RESUME]["reasons"] == [
+        "named like the resume source in ../train_llada.yaml (ckpt_path), which is not found as written "
+        "(kept in doubt)"
+    ]
+    assert completed.returncode == 0, completed.stderr
+    assert _names(run) == {RESUME, step_name(4, 3000), step_name(4, 3500)}
+    assert _names(other_run) == {RESUME, step_name(4, 3000), step_name(4, 3500)}
+    warnings = [json.loads(line) for line in completed.stderr.splitlines() if "protection_warning" in line]
+    assert len(warnings) == 1
+    assert warnings[0]["message"].endswith(
+        f"a checkpoint named {RESUME!r} anywhere under the root is kept in doubt"
     )
 
 

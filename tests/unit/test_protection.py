@@ -16,6 +16,8 @@ from ckpt_watcher.protection import (
     ProtectionError,
     ProtectionRegistry,
     identities_of,
+    namesake,
+    namesakes_from,
     read_config_protection,
 )
 from ckpt_watcher.records import CheckpointRecord, FileIdentity
@@ -422,3 +424,59 @@ def test_a_config_first_read_is_read_as_it_is(tmp_path: Path) -> None:
     registry = ProtectionRegistry(tmp_path)
     assert registry.refresh({config: "train.yaml"})
     assert set(registry.pins()) == {tmp_path / "a.ckpt"}
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("${paths.ckpt_dir}/epoch=00-step=000300-train.ckpt", "epoch=00-step=000300-train.ckpt"),
+        ("${oc.env:CKPT_ROOT}/run/best.ckpt", "best.ckpt"),
+        ("checkpoints/run/last.ckpt", "last.ckpt"),
+        ("s3://bucket/run/epoch=01-step=000100-train.ckpt", "epoch=01-step=000100-train.ckpt"),
+        ("checkpoint-500/", "checkpoint-500"),  # a directory checkpoint
+        ("${paths.ckpt_dir}/${name}.ckpt", None),  # the name itself is interpolated: unknown
+        ("run/epoch=${epoch}-train.ckpt", None),
+        ("${paths.last}", None),
+        ("..", None),
+        ("~", None),
+        ("/", None),
+    ],
+)
+def test_the_namesake_of_a_resume_value_is_its_written_out_file_name(
+    value: str, expected: str | None
+) -> None:
+    assert namesake(value) == expected
+
+
+def test_only_references_found_nowhere_keep_their_namesakes(tmp_path: Path) -> None:
+    present = tmp_path / step_name(0, 100)
+    present.write_bytes(b"weights")
+    config = write_config(
+        tmp_path,
+        f"ckpt_path: {present}\npretrained_ckpt_path: ${{paths.ckpt_dir}}/{step_name(0, 200)}\n",
+    )
+    protection = read_config_protection(config, "train.yaml", tmp_path)
+
+    assert [reference.found for reference in protection.references] == [True, False]
+    assert namesakes_from([protection]) == {
+        step_name(0, 200): "named like the fine-tuning source in train.yaml (pretrained_ckpt_path), which is "
+        "not found as written (kept in doubt)"
+    }
+
+
+def test_a_pinned_name_keeps_that_checkpoint_in_every_group() -> None:
+    name = step_name(0, 100)
+    records = [
+        make_record(name, Path("/ckpt/a")),
+        make_record(step_name(0, 200), Path("/ckpt/a")),
+        make_record(name, Path("/ckpt/b")),
+        make_record(step_name(0, 200), Path("/ckpt/b")),
+    ]
+    decisions = plan(records, Policy(save_top_k_checkpoints=1), pinned_names={name: "in doubt"}).decisions
+    assert {(decision.record.relative_path, decision.action) for decision in decisions} == {
+        ("a/" + name, Action.KEEP),
+        ("a/" + step_name(0, 200), Action.KEEP),
+        ("b/" + name, Action.KEEP),
+        ("b/" + step_name(0, 200), Action.KEEP),
+    }
+    assert all(d.reasons == ("in doubt",) for d in decisions if d.record.name == name)
