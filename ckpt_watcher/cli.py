@@ -32,7 +32,7 @@ from ckpt_watcher.plan import GroupPlan
 from ckpt_watcher.policy import POLICY_DESCRIPTIONS, PolicyError
 from ckpt_watcher.policy_file import InvalidPolicyFilesError, load_policy_logged
 from ckpt_watcher.protection import command_line_pins
-from ckpt_watcher.reconcile import PassResult, prune_once
+from ckpt_watcher.reconcile import OutputClosedError, PassResult, prune_once
 from ckpt_watcher.records import display_name
 from ckpt_watcher.report import (
     PlanJSONStream,
@@ -537,7 +537,10 @@ def _stream_group(stream: PlanJSONStream) -> Callable[[GroupPlan, PassResult], N
     """A pass's group sink that writes each group's plan to ``stream`` as it is made."""
 
     def write(group: GroupPlan, result: PassResult) -> None:
-        stream.group(group, result.sources.get(group.directory), result.trashing.get(group.directory))
+        try:
+            stream.group(group, result.sources.get(group.directory), result.trashing.get(group.directory))
+        except BrokenPipeError as error:  # not one group's failure: the whole pass has no reader
+            raise OutputClosedError(*error.args) from None
 
     return write
 

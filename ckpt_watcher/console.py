@@ -9,6 +9,8 @@ nothing but the standard library, before ``cli`` is imported.
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -43,6 +45,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         from ckpt_watcher import health  # noqa: PLC0415  (the probe's fast path: standard library only)
 
         return health.main(arguments[position + 1 :])
+    if position is not None and arguments[position] == "watch":
+        # Block SIGHUP now: the supervisor collects it (a reload) once the daemon is up. Until then
+        # its default action would end the process, and a reloader that signals a starting pod would.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
     from ckpt_watcher.cli import main as cli_main  # noqa: PLC0415  (imports the whole daemon)
 
-    return cli_main(arguments)
+    try:
+        return cli_main(arguments)
+    except BrokenPipeError:
+        return reader_gone()
+
+
+def reader_gone() -> int:
+    """The exit code when what reads the output went away (``prune --json | head``): quietly, as
+    SIGPIPE ends other tools, 128 + SIGPIPE. Standard output is pointed at /dev/null first, so the
+    interpreter's last flush of it at exit fails no more."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 128 + signal.SIGPIPE

@@ -205,13 +205,18 @@ class PassResult:
             self.bytes_purged += purged.bytes_purged
 
 
+class OutputClosedError(BrokenPipeError):
+    """The reader of a plan streamed while the pass runs went away (``prune --dry-run --json | head``):
+    nothing more can be shown, so the pass ends, as a pipe's writer ends."""
+
+
 def _alone(group: Path, result: PassResult, plan_group: Callable[[], None]) -> None:
     """Plan one group where an error nobody foresaw (a bug, an input no test has seen) costs that group
     this pass and nothing else: logged with its traceback (``group_failed``), counted in the result,
     the other groups served. A stop and an unavailable store still end the whole pass."""
     try:
         plan_group()
-    except (ScanStopped, StorageUnavailableError, InvalidPolicyFilesError):
+    except (ScanStopped, StorageUnavailableError, InvalidPolicyFilesError, OutputClosedError):
         raise
     except Exception as error:  # one group's failure must not stop the others
         logger.exception("group_failed", directory=display_name(str(group)), error=repr(error))

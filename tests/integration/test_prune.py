@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from ckpt_watcher.delete import Outcome, apply_plan
 from ckpt_watcher.plan import plan
 from ckpt_watcher.policy import DEFAULT_POLICY, POLICY_KEYS
 from ckpt_watcher.scan import scan_tree
-from tests.support.cli import TRACEBACK, WITHOUT_READ_OVERRIDE, events, run_cli
+from tests.support.cli import TRACEBACK, WITHOUT_READ_OVERRIDE, cli_command, events, run_cli
 from tests.support.factories import best_name, step_name, write_checkpoint, write_truncated
 
 STEPS_PER_EPOCH = 1000
@@ -376,3 +377,33 @@ def test_a_root_in_a_directory_the_user_may_not_search_is_a_usage_error(tmp_path
     assert completed.returncode == 2
     assert f"{private / 'run'}: cannot look at it: Permission denied" in completed.stderr
     assert TRACEBACK not in completed.stderr
+
+
+@pytest.mark.parametrize("options", [["--dry-run", "--json"], ["--dry-run"], ["--json"]])
+def test_a_reader_that_goes_away_ends_prune_quietly(tmp_path: Path, options: list[str]) -> None:
+    """``prune --dry-run --json | head``: the streamed plan's reader is gone after a few bytes. Each
+    later group failed with a traceback (group_failed, 40 of them here) and the command ended with one
+    more; now it ends as SIGPIPE ends other tools (141), saying nothing."""
+    root = tmp_path / "root"
+    for group in range(40):
+        for step in range(1, 31):
+            write_checkpoint(root / f"run-{group:02d}" / step_name(0, step * 10))
+    command = cli_command("prune", str(root), *options)
+    log = tmp_path / "stderr"  # a file: a real run logs each deletion, more than a pipe holds
+    with (
+        log.open("wb") as stderr_file,
+        subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr_file) as process,
+    ):
+        assert process.stdout is not None
+        process.stdout.read(16)
+        process.stdout.close()  # what head does once it has its lines
+        exit_code = process.wait(timeout=60)
+    stderr = log.read_text()
+
+    assert exit_code == 141, stderr
+    assert TRACEBACK not in stderr
+    assert "group_failed" not in stderr
+    if "--dry-run" not in options:  # the deletions were made before the output: they stand
+        assert sorted(path.name for path in (root / "run-00").iterdir()) == [
+            step_name(0, step * 10) for step in range(26, 31)
+        ]
