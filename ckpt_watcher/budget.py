@@ -175,16 +175,23 @@ def evicted(candidate: Candidate, reason: str) -> Decision:
 
 
 def _kept_bytes(decisions: Iterable[Decision]) -> int:
-    """The bytes the kept checkpoints take: a file kept under two names (a hard link) counts once."""
+    """The bytes the kept checkpoints take: a file kept under two names (a hard link) counts once; an
+    incomplete one (a ``last.ckpt`` being written, or pre-sized for a download) not at all: its size
+    may be bytes not on disk (a sparse file), and it is no checkpoint yet."""
     counted: set[object] = set()
     total = 0
     for decision in decisions:
-        if decision.action is Action.KEEP:
+        if _counted(decision):
             key = _storage_key(decision.record)
             if key not in counted:
                 counted.add(key)
                 total += decision.record.bytes
     return total
+
+
+def _counted(decision: Decision) -> bool:
+    """A kept checkpoint whose bytes count toward ``max_size``: a complete one."""
+    return decision.action is Action.KEEP and decision.record.complete
 
 
 def _storage_key(record: CheckpointRecord) -> object:
@@ -261,8 +268,8 @@ def describe_remaining(decisions: Iterable[Decision]) -> tuple[str, ...]:
     newest = newest_kept(decisions)
     described: list[str] = []
     for decision in decisions:
-        if decision.action is not Action.KEEP or not decision.record.bytes:
-            continue
+        if not _counted(decision) or not decision.record.bytes:
+            continue  # (an incomplete checkpoint does not count: it holds no budget unmet)
         if decision is newest:
             why = "the newest complete checkpoint"
         elif decision.record.kind is Kind.LAST:

@@ -223,6 +223,48 @@ def test_a_name_whose_bytes_another_kept_name_holds_is_not_evicted_for_nothing()
     assert evicted_names(planned.decisions) == [step_name(0, 200)]
 
 
+GIB = 1 << 30
+
+
+@pytest.mark.parametrize(
+    ("last", "limit", "evicted", "counted", "remaining"),
+    [
+        (None, "3KiB", [], 3 * KIB, ()),
+        (record(LAST, size=2 * KIB), "4KiB", [step_name(0, 100)], 5 * KIB, ()),  # a whole one counts
+        # pre-sized for a download (sparse: nothing on disk yet), incomplete: counts nothing
+        (record(LAST, size=GIB, complete=False), "3KiB", [], 3 * KIB, ()),
+        (record(LAST, size=GIB, complete=False), "2KiB", [step_name(0, 100)], 3 * KIB, ()),
+        (  # unmet: only what counts is named as what may not go
+            record(LAST, size=GIB, complete=False),
+            0,
+            [step_name(0, 100), step_name(0, 200)],
+            3 * KIB,
+            (f"{step_name(0, 300)} (the newest complete checkpoint)",),
+        ),
+    ],
+)
+def test_an_incomplete_last_ckpt_is_never_counted_toward_max_size(
+    last: CheckpointRecord | None,
+    limit: str | int,
+    evicted: list[str],
+    counted: int,
+    remaining: tuple[str, ...],
+) -> None:
+    """A kept last.ckpt that is not whole yet (pre-sized to 1 GiB, a hole at byte 0) once counted at
+    its apparent size and pushed complete checkpoints out for bytes not even on disk."""
+    steps = [record(step_name(0, step)) for step in (100, 200, 300)]
+    limited = policy(save_top_k_checkpoints=10, max_size=limit)
+    records = [*steps, *([last] if last is not None else [])]
+
+    planned, verdict = within_max_size(group_plan(records, limited), limited)
+
+    assert sorted(evicted_names(planned.decisions)) == evicted
+    assert verdict is not None
+    assert verdict.kept_bytes == counted
+    assert verdict.remaining == remaining
+    assert all(f"({counted // KIB}.0 KiB kept)" in d.reasons[0] for d in planned.decisions if d.evicted)
+
+
 def test_the_reasons_of_an_evicted_checkpoint() -> None:
     limited = policy(save_top_k_checkpoints=3, max_size="2KiB")
     names = [step_name(0, 100), step_name(0, 200), step_name(0, 300)]
