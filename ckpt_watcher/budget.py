@@ -46,6 +46,11 @@ EVICTION_CLASSES: Mapping[Hold, int] = {
 }
 # An incomplete checkpoint modified this recently is being written (older: a leftover of a crash).
 GROWING_SECONDS = 60.0
+# ... or modified at most this far ahead of this host's clock: the file system's clock may run a little
+# ahead (an NFS server stamps the mtimes). Further ahead is no save in progress but a leftover stamped
+# elsewhere (copied with `cp -p` from a host whose clock was ahead): counted as being written, it
+# would reserve a whole next save until this clock caught up with it, hours maybe.
+CLOCK_SKEW_SECONDS = 5.0
 _SIZED_TYPES = (EntryType.FILE, EntryType.DIRECTORY)
 _CHECKPOINT_KINDS = (Kind.STEP, Kind.BEST, Kind.LAST)
 
@@ -420,14 +425,21 @@ def _mtime(record: CheckpointRecord) -> int:
 
 
 def _is_growing(record: CheckpointRecord, now: float) -> bool:
-    """An incomplete checkpoint file (or directory) modified in the last GROWING_SECONDS."""
+    """An incomplete checkpoint file (or directory) modified just now (``recently_modified``)."""
     return (
         not record.complete
         and record.kind in _CHECKPOINT_KINDS
         and record.entry_type in _SIZED_TYPES
         and record.identity is not None
-        and now - record.identity.mtime_ns / 1e9 < GROWING_SECONDS
+        and recently_modified(record.identity.mtime_ns, now)
     )
+
+
+def recently_modified(mtime_ns: int, now: float) -> bool:
+    """Modified in the last GROWING_SECONDS before ``now``, or at most CLOCK_SKEW_SECONDS after it
+    (a time further ahead is not a write in progress)."""
+    age = now - mtime_ns / 1e9
+    return -CLOCK_SKEW_SECONDS <= age < GROWING_SECONDS
 
 
 @dataclass(frozen=True, slots=True)

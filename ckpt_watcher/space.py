@@ -30,7 +30,6 @@ from typing import Protocol
 import structlog
 
 from ckpt_watcher.budget import (
-    GROWING_SECONDS,
     FileSystemSpace,
     FreeSpacePlan,
     GroupSpace,
@@ -39,6 +38,7 @@ from ckpt_watcher.budget import (
     SizeVerdict,
     free_space_plan,
     group_space,
+    recently_modified,
     within_max_size,
 )
 from ckpt_watcher.filesystem import summarize_tree
@@ -289,9 +289,8 @@ class SpaceKeeper:
         """Each checkpoint being written, as large as it is now (gone or replaced: no longer written)."""
         for directory, facts in list(self._facts.items()):
             if facts.growing:
-                growing = tuple(
-                    item for item in map(grown, facts.growing) if item is not None and _recent(item, now)
-                )
+                now_sized = (item for item in map(grown, facts.growing) if item is not None)
+                growing = tuple(item for item in now_sized if recently_modified(item.mtime_ns, now))
                 self._facts[directory] = dataclasses.replace(facts, growing=growing)
 
     # -- budget_unmet / budget_met -----------------------------------------------------------------
@@ -372,7 +371,3 @@ def grown(item: Growing) -> Growing | None:
             return item
         return dataclasses.replace(item, written=summary.bytes, mtime_ns=summary.newest_mtime_ns)
     return dataclasses.replace(item, written=status.st_size, mtime_ns=status.st_mtime_ns)
-
-
-def _recent(item: Growing, now: float) -> bool:
-    return now - item.mtime_ns / 1e9 < GROWING_SECONDS

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from ckpt_watcher.budget import (
+    CLOCK_SKEW_SECONDS,
     FileSystemSpace,
     GroupSpace,
     Reclaimable,
@@ -561,6 +562,54 @@ def test_a_stale_incomplete_file_is_not_being_written() -> None:
     space = space_of(run, RUN, Policy())
     assert space.growing == ()
     assert predict_next_save([space]).bytes == 6 * KIB
+
+
+@pytest.mark.parametrize(
+    ("modified", "being_written"),
+    [
+        (NOW - 1, True),
+        (NOW - 59, True),
+        (NOW - 61, False),  # a leftover of a crash
+        (NOW, True),
+        (NOW + CLOCK_SKEW_SECONDS, True),  # the file system's clock a little ahead of this host's
+        (NOW + CLOCK_SKEW_SECONDS + 1, False),
+        (NOW + 3600, False),  # stamped an hour ahead (cp -p from a fast clock): no save in progress
+        (NOW + 10 * 365 * 86400, False),
+    ],
+)
+def test_an_incomplete_checkpoint_is_being_written_only_if_modified_around_now(
+    modified: float, being_written: bool
+) -> None:
+    run = [
+        record(step_name(0, 100), size=6 * KIB, mtime=NOW - 100),
+        record(step_name(0, 200), size=KIB, mtime=modified, complete=False),
+    ]
+    space = space_of(run, RUN, Policy())
+    assert [item.relative_path for item in space.growing] == (
+        [f"run/{step_name(0, 200)}"] if being_written else []
+    )
+    assert predict_next_save([space]).bytes == (5 * KIB if being_written else 6 * KIB)
+
+
+def test_leftovers_stamped_ahead_of_the_clock_reserve_no_save_each() -> None:
+    """Three truncated leftovers with an mtime an hour ahead once each reserved a whole save (12 KiB
+    instead of 4 KiB), and keep_free evicted two complete checkpoints for saves never coming."""
+    rules = policy(save_top_k_checkpoints=10, keep_free="20KiB")
+    complete = [
+        record(step_name(0, step), size=4 * KIB, mtime=NOW - 900 + index)
+        for index, step in enumerate((100, 200, 300, 400, 500))
+    ]
+    leftovers = [
+        record(step_name(0, step), size=KIB // 4, mtime=NOW + 3600, complete=False)
+        for step in (600, 700, 800)
+    ]
+    space = FileSystemSpace(1, ROOT, 100 * KIB, 25 * KIB)  # keep_free + one 4 KiB save + 1 KiB to spare
+
+    result = free_space_plan(space, [space_of([*complete, *leftovers], RUN, rules)])
+
+    assert result.next_save.bytes == 4 * KIB
+    assert result.next_save.basis == f"as large as run/{step_name(0, 500)}, the newest complete checkpoint"
+    assert (result.short_bytes, result.evictions) == (0, ())
 
 
 def test_a_rewritten_last_ckpt_is_expected_as_large_as_it_was() -> None:
