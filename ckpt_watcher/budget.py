@@ -18,6 +18,7 @@ complete checkpoint of the group (its last way to resume).
   oldest first), then evicts across every group on the file system, class by class; within a class
   the oldest file (mtime) goes first, whichever group it is in, each group's own order kept (its worst
   best before its better ones). The free space it keeps counts the next save (``predict_next_save``).
+* Neither evicts a name whose file another name that stays also holds (a hard link): that frees nothing.
 
 Each function is deterministic: the same records in any order give the same result.
 """
@@ -26,7 +27,7 @@ from __future__ import annotations
 
 import heapq
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -215,6 +216,31 @@ def _names_left(decisions: Iterable[Decision]) -> Counter[object]:
     )
 
 
+def _freeing(ordered: Iterable[Candidate], names_left: Counter[object]) -> Iterator[Candidate]:
+    """``ordered`` less each candidate whose file another name that stays also holds (a hard link):
+    removing it would free nothing. ``names_left`` counts the names of each file that stay; a
+    candidate the caller goes on from (it took it) stays no more."""
+    for candidate in ordered:
+        key = _storage_key(candidate.record)
+        if names_left[key] > 1:
+            continue
+        yield candidate
+        names_left[key] -= 1
+
+
+def freed_bytes(decisions: Iterable[Decision]) -> int:
+    """What applying the delete decisions among ``decisions`` (a group's plan) frees: each stored file
+    once, and none whose file a name that stays also holds (a hard link)."""
+    decisions = list(decisions)
+    names_left = _names_left(decisions)
+    freed: dict[object, int] = {}
+    for decision in decisions:
+        key = _storage_key(decision.record)
+        if decision.action is Action.DELETE and not names_left[key]:
+            freed[key] = decision.record.bytes
+    return sum(freed.values())
+
+
 # -- max_size: per group ---------------------------------------------------------------------------
 
 
@@ -244,15 +270,11 @@ def within_max_size(group_plan: GroupPlan, policy: Policy) -> tuple[GroupPlan, S
         if shown_limit == human_bytes(kept):  # over by less than the rounding shows: say by how much
             shown_kept += f", {over} bytes over"
         reason = f"evicted for space: group over max_size {shown_limit} ({shown_kept})"
-        names_left = _names_left(group_plan.decisions)
-        for candidate in candidates(group_plan.decisions, policy.best_mode):
+        ordered = candidates(group_plan.decisions, policy.best_mode)
+        for candidate in _freeing(ordered, _names_left(group_plan.decisions)):
             if over <= 0:
                 break
-            key = _storage_key(candidate.decision.record)
-            if names_left[key] > 1:
-                continue  # a name that stays holds the same bytes (a hard link): removing this frees none
             chosen[id(candidate.decision)] = evicted(candidate, reason)
-            names_left[key] -= 1
             over -= candidate.bytes
     decisions = tuple(chosen.get(id(decision), decision) for decision in group_plan.decisions)
     unmet = max(0, over)
@@ -327,6 +349,7 @@ class GroupSpace:
     latest: Written | None = None
     sizes_by_kind: Mapping[Kind, int] = field(default_factory=dict)
     budgeted: bool = False  # max_size or keep_free is in force here
+    names_left: Mapping[object, int] = field(default_factory=dict)  # of each candidate's file, that stay
 
 
 def group_space(
@@ -366,15 +389,20 @@ def group_space(
         record = _greatest(complete, [_mtime(record) for record in complete], _latest_written_key)
         latest = Written(record.relative_path, record.bytes, _mtime(record))
     growing = _growing(decisions, sizes, now)
+    evictable = candidates(decisions, policy.best_mode) if policy.keep_free is not None else ()
+    names_left = _names_left(decisions) if evictable else Counter()
     return GroupSpace(
         directory=directory,
         device=device,
         keep_free=policy.keep_free_setting,
-        candidates=candidates(decisions, policy.best_mode) if policy.keep_free is not None else (),
+        candidates=evictable,
         growing=growing,
         latest=latest,
         sizes_by_kind=sizes,
         budgeted=policy.max_size is not None or policy.keep_free is not None,
+        names_left={
+            key: names_left[key] for key in (_storage_key(candidate.record) for candidate in evictable)
+        },
     )
 
 
@@ -580,7 +608,10 @@ def free_space_plan(
         reclaimed.append(item)
         remaining -= item.bytes
     chosen: list[Candidate] = []
-    for candidate in eviction_order(groups):
+    names_left: Counter[object] = Counter()
+    for group in groups:
+        names_left.update(group.names_left)  # (a file whose names are in two groups: both count)
+    for candidate in _freeing(eviction_order(groups), names_left):
         if remaining <= 0:
             break
         chosen.append(candidate)

@@ -37,13 +37,14 @@ from ckpt_watcher.budget import (
     Reclaimable,
     SizeVerdict,
     free_space_plan,
+    freed_bytes,
     group_space,
     recently_modified,
     within_max_size,
 )
 from ckpt_watcher.filesystem import summarize_tree
 from ckpt_watcher.groups import GroupIndex
-from ckpt_watcher.plan import Action, Decision, GroupPlan
+from ckpt_watcher.plan import Decision, GroupPlan
 from ckpt_watcher.policy import Policy
 from ckpt_watcher.records import display_name
 from ckpt_watcher.sizes import human_bytes
@@ -116,9 +117,8 @@ class SpaceKeeper:
             self._facts.pop(group, None)
             return group_plan
         decisions = group_plan.decisions if group_plan is not None else ()
-        if dry_run:
-            deleted = sum(decision.record.bytes for decision in decisions if decision.action is Action.DELETE)
-            self._pending[device] = self._pending.get(device, 0) + deleted
+        if dry_run:  # (a name whose file another name that stays holds frees nothing)
+            self._pending[device] = self._pending.get(device, 0) + freed_bytes(decisions)
         previous = self._facts.get(group)
         self._facts[group] = group_space(group, decisions, policy, device=device, now=now, previous=previous)
         self._fresh.add(group)

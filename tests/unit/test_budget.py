@@ -17,6 +17,7 @@ from ckpt_watcher.budget import (
     Reclaimable,
     eviction_class,
     free_space_plan,
+    freed_bytes,
     group_space,
     predict_next_save,
     shortfall,
@@ -451,6 +452,78 @@ def test_keep_free_takes_the_trash_first_oldest_first_same_device_only() -> None
     short_more = free_space_plan(dataclasses.replace(space, free_bytes=0), [space_of(run, RUN, rules)], trash)
     assert [item.key for item in short_more.reclaimed] == ["a", "b"]
     assert [candidate.record.name for candidate in short_more.evictions] == [step_name(0, 100)]
+
+
+@pytest.mark.parametrize(
+    ("second_name", "linked", "evicted"),
+    [
+        (None, False, [step_name(0, 100)]),
+        (best_name(0, 100, 0.9), False, [step_name(0, 100)]),  # a best of its own: its own bytes
+        (best_name(0, 100, 0.9), True, [step_name(0, 200)]),  # the kept best holds step 100's bytes
+        ("copy-of-step-100.bin", True, [step_name(0, 200)]),  # so does a skipped name (no template's)
+    ],
+)
+def test_keep_free_never_evicts_a_name_whose_file_another_name_that_stays_holds(
+    second_name: str | None, linked: bool, evicted: list[str]
+) -> None:
+    """The best of step 100 is a hard link of the step-100 file: removing the step name frees nothing
+    (it once did, claiming 8 KiB, and the next pass evicted step 200 as well)."""
+    rules = policy(save_top_k_checkpoints=5, save_top_k_best=2, keep_free="16KiB")
+    steps = [
+        record(step_name(0, step), size=8 * KIB, mtime=10 * index)
+        for index, step in enumerate((100, 200, 300, 400, 500), start=1)
+    ]
+    records = [*steps, record(best_name(0, 300, 0.5), size=KIB, mtime=5)]  # the rank-1 best
+    if second_name is not None:
+        second = record(second_name, size=8 * KIB, mtime=10)
+        records.append(_hard_link(steps[0], second_name) if linked else second)
+    # keep_free 16 KiB + next save 8 KiB (step 500): 1 KiB short
+    result = free_space_plan(FileSystemSpace(1, ROOT, 100 * KIB, 23 * KIB), [space_of(records, RUN, rules)])
+
+    assert [candidate.record.name for candidate in result.evictions] == evicted
+    assert (result.evicted_bytes, result.unmet_bytes) == (8 * KIB, 0)
+
+
+def test_keep_free_never_evicts_a_file_whose_names_are_in_two_groups() -> None:
+    """step 100 of run and of other are one file: evicting either name frees nothing (the other stays)."""
+    rules = policy(save_top_k_checkpoints=2, keep_free="4KiB")
+    run = [record(step_name(0, 100), mtime=1), record(step_name(0, 200), mtime=5)]
+    linked = dataclasses.replace(record(step_name(0, 100), OTHER), identity=run[0].identity)
+    other = [linked, record(step_name(0, 200), OTHER, mtime=6)]
+    groups = [space_of(run, RUN, rules), space_of(other, OTHER, rules)]
+
+    result = free_space_plan(FileSystemSpace(1, ROOT, 100 * KIB, 4 * KIB), groups)  # 1 KiB short
+
+    assert result.evictions == ()
+    assert result.unmet_bytes == KIB
+
+
+def _linked_plan(*names: tuple[str, Action]) -> list[Decision]:
+    """Decisions on names of one 4 KiB file (the first name's), plus a 1 KiB step 900 deleted."""
+    original = record(names[0][0], size=4 * KIB)
+    decisions = [
+        Decision(_hard_link(original, name) if index else original, action, ())
+        for index, (name, action) in enumerate(names)
+    ]
+    return [*decisions, Decision(record(step_name(0, 900)), Action.DELETE, ())]
+
+
+@pytest.mark.parametrize(
+    ("decisions", "freed"),
+    [
+        ([], 0),
+        ([Decision(record(step_name(0, 1), size=3 * KIB), Action.KEEP, ())], 0),
+        (_linked_plan((step_name(0, 1), Action.DELETE)), 5 * KIB),
+        (_linked_plan((step_name(0, 1), Action.DELETE), (best_name(0, 1, 0.5), Action.KEEP)), KIB),
+        (_linked_plan((step_name(0, 1), Action.DELETE), ("copy.bin", Action.SKIP)), KIB),
+        (_linked_plan((step_name(0, 1), Action.DELETE), (best_name(0, 1, 0.5), Action.DELETE)), 5 * KIB),
+    ],
+)
+def test_what_a_plan_s_deletions_free_counts_each_file_once_and_none_still_named(
+    decisions: list[Decision], freed: int
+) -> None:
+    """A dry run adds this to the free space: a deleted name whose file stays under another frees nothing."""
+    assert freed_bytes(decisions) == freed
 
 
 def test_keep_free_is_the_strictest_of_the_groups_on_the_file_system() -> None:
