@@ -5,7 +5,9 @@ evicts across every group of a file system, works from what each group's last pl
 ``GroupSpace`` per group, holding only its evictable kept checkpoints (with their identities), the
 checkpoints being written and two sizes. After the pass has planned (and applied) its own groups:
 
-1. the file system's free space is read (``statvfs``; a dry run adds what its plan would delete);
+1. the file system's free space is read (``statvfs``; a dry run adds what its plan's deletions would
+   free: nothing for one moved into a trash on the same mount, which becomes a trash entry instead,
+   for step 2 to take as the real run takes what it has just moved in: ``_dry_run_frees``);
 2. ``budget.free_space_plan`` chooses, from those facts, the trash entries and checkpoints to take;
 3. a chosen checkpoint in a group this pass did not plan is never deleted from memory: that group is
    scanned and planned again first (joining the pass), and the choice is made again, until every
@@ -42,11 +44,11 @@ from ckpt_watcher.budget import (
     recently_modified,
     within_max_size,
 )
-from ckpt_watcher.filesystem import summarize_tree
+from ckpt_watcher.filesystem import status_at, summarize_tree
 from ckpt_watcher.groups import GroupIndex
 from ckpt_watcher.plan import Decision, GroupPlan
 from ckpt_watcher.policy import Policy
-from ckpt_watcher.records import display_name
+from ckpt_watcher.records import TRASH_DIRECTORY_NAME, display_name
 from ckpt_watcher.sizes import human_bytes
 
 logger = structlog.get_logger("ckpt_watcher.space")
@@ -78,14 +80,14 @@ class Eviction:
 class SpaceKeeper:
     """Remembers each group's space facts between passes and keeps ``keep_free`` on each file system.
 
-    One per ``Reconciler`` (so ``prune``'s lives for one pass). ``trash``: reclaimable bytes, taken first.
-    """
+    One per ``Reconciler`` (so ``prune``'s lives for one pass). ``trash``: reclaimable bytes, taken first."""
 
     root: Path
     index: GroupIndex
     trash: Trash | None = None
     _facts: dict[Path, GroupSpace] = field(default_factory=dict)
     _pending: dict[int, int] = field(default_factory=dict)
+    _pending_trash: list[Reclaimable] = field(default_factory=list)  # a dry run's deletions into the trash
     _fresh: set[Path] = field(default_factory=set)
     _unmet: dict[tuple[str, str], tuple[int, int]] = field(default_factory=dict)
     _next_check: float | None = None
@@ -98,6 +100,7 @@ class SpaceKeeper:
         pass over a tree where no policy has a byte budget) no group's space facts are gathered: only
         a budget ever reads them, and for 100,000 checkpoints they cost ~0.2 s."""
         self._pending.clear()
+        self._pending_trash.clear()
         self._fresh.clear()
         self._facts_needed = facts_needed
 
@@ -117,8 +120,9 @@ class SpaceKeeper:
             self._facts.pop(group, None)
             return group_plan
         decisions = group_plan.decisions if group_plan is not None else ()
-        if dry_run:  # (a name whose file another name that stays holds frees nothing)
-            self._pending[device] = self._pending.get(device, 0) + freed_bytes(decisions)
+        if dry_run:
+            freed = _dry_run_frees(self.root, group, decisions, policy, device, now, self._pending_trash)
+            self._pending[device] = self._pending.get(device, 0) + freed
         previous = self._facts.get(group)
         self._facts[group] = group_space(group, decisions, policy, device=device, now=now, previous=previous)
         self._fresh.add(group)
@@ -158,7 +162,8 @@ class SpaceKeeper:
                 self._unmet.pop(("keep_free", str(device)), None)  # no budget here (any more)
                 continue
             if reclaimable is None:
-                reclaimable = list(self.trash.reclaimable()) if self.trash is not None else []
+                trashed = self.trash.reclaimable() if self.trash is not None else ()
+                reclaimable = [*trashed, *self._pending_trash]
             fs_plan = self._fresh_plan(device, groups, reclaimable, replan, stop)
             if fs_plan is None:
                 continue
@@ -322,6 +327,48 @@ class SpaceKeeper:
         for scope in [scope for scope in self._unmet if scope[0] == "max_size"]:
             if self.index.get(Path(scope[1])) is None:
                 del self._unmet[scope]
+
+
+def _dry_run_frees(
+    root: Path,
+    group: Path,
+    decisions: Sequence[Decision],
+    policy: Policy,
+    device: int,
+    now: float,
+    trash: list[Reclaimable],
+) -> int:
+    """What ``group``'s deletions free, as the real run will apply them. Moved into the root's trash (a
+    trash grace, the same mount) they free nothing: each becomes an entry ``keep_free`` may take back,
+    added to ``trash`` after everything already there, in the order the real run moves them in (so a
+    dry run shows the purge the real run makes). Deleted at once, what ``freed_bytes`` says."""
+    if policy.trash.grace_seconds <= 0 or not _moved_to_trash(root, group):
+        return freed_bytes(decisions)
+    for decision in GroupPlan(group, tuple(decisions)).deletions:
+        record = decision.record  # a microsecond apart: moved one after another, from ``now``
+        trash.append(Reclaimable(record.relative_path, device, record.bytes, now + len(trash) * 1e-6))
+    return 0
+
+
+def _moved_to_trash(root: Path, group: Path) -> bool:
+    """Whether a deletion in ``group`` would be moved into the root's trash: the group on the same mount
+    as the trash (as the root, if there is no trash yet); else it is deleted at once (another file
+    system or mount: ``trash_bypassed``). In doubt (either cannot be read) yes: it frees nothing."""
+    trash = root / TRASH_DIRECTORY_NAME
+    try:
+        return _mount_of(group) == _mount_of(trash if os.path.lexists(trash) else root)
+    except OSError:
+        return True
+
+
+def _mount_of(path: Path) -> tuple[int, int | None]:
+    """The file system and mount ``path`` is on (the mount unknown on a kernel before statx's)."""
+    parent = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        status = status_at(parent, path.name)
+    finally:
+        os.close(parent)
+    return status.device, status.mount_id
 
 
 def still_short(eviction: Eviction) -> int:

@@ -221,3 +221,53 @@ def write_steps_small(directory: Path, step_numbers: list[int]) -> list[str]:
         os.utime(path, (stamp, stamp))
         names.append(path.name)
     return names
+
+
+def test_a_dry_run_counts_deletions_into_the_trash_as_freeing_nothing(disk: Path, tmp_path: Path) -> None:
+    """The dry run once counted the checkpoints it would move into the trash as freed ("met"), while the
+    real run, finding them still on the disk, then purged one of them ("its space was needed"). The dry
+    run now shows that purge, and the real run does what it showed."""
+    run = disk / "run"
+    written = write_steps(run, [100, 200, 300, 400, 500, 600])
+    keep_free = free_bytes(disk) - CHECKPOINT_BYTES + MIB  # + the next save: 1 MiB short as it is
+    pressed = policy(tmp_path, f"save_top_k_checkpoints: 3\ntrash:\n  grace: 1h\nkeep_free: {keep_free}\n")
+
+    dry = run_cli("prune", str(disk), "--policy", str(pressed), "--dry-run", "--json")
+    shown = run_cli("prune", str(disk), "--policy", str(pressed), "--dry-run")
+    pruned = run_cli("prune", str(disk), "--policy", str(pressed))
+
+    assert dry.returncode == 0, dry.stderr
+    (space,) = json.loads(dry.stdout)["space"]
+    assert space["short_bytes"] > 0
+    assert (space["evicted"], space["reclaimed"], space["unmet_bytes"]) == (0, [f"run/{written[0]}"], 0)
+    assert ": met" not in shown.stdout.splitlines()[0]
+    assert "short, would take 1 trash entry (" in shown.stdout.splitlines()[0]
+    assert pruned.returncode == 0, pruned.stderr
+    moved = [Path(record["path"]).name for record in events(pruned.stderr, "checkpoint_trashed")]
+    purged = [Path(record["path"]).name for record in events(pruned.stderr, "checkpoint_purged")]
+    assert (moved, purged) == (written[:3], written[:1])
+    assert not events(pruned.stderr, "checkpoint_deleted")
+    assert trashed(disk) == [f"run/{name}" for name in written[1:3]]
+
+
+def test_a_dry_run_counts_deletions_that_bypass_the_trash_as_freed(disk: Path, tmp_path: Path) -> None:
+    """A group on another mount than the trash has its deletions removed at once (trash_bypassed): they
+    free their bytes on its file system, in the dry run as in the real run."""
+    with mounted_tmpfs(disk / "other", 16 * MIB) as other:
+        written = write_steps(other, [100, 200, 300, 400])
+        keep_free = free_bytes(other) - CHECKPOINT_BYTES + MIB  # short until two deletions are done
+        pressed = policy(
+            tmp_path, f"save_top_k_checkpoints: 2\ntrash:\n  grace: 1h\nkeep_free: {keep_free}\n"
+        )
+
+        dry = run_cli("prune", str(disk), "--policy", str(pressed), "--dry-run", "--json")
+        pruned = run_cli("prune", str(disk), "--policy", str(pressed))
+
+        assert dry.returncode == 0, dry.stderr
+        (space,) = [item for item in json.loads(dry.stdout)["space"] if item["path"].endswith("/other")]
+        assert (space["short_bytes"], space["evicted"], space["reclaimed"]) == (0, 0, [])
+        assert pruned.returncode == 0, pruned.stderr
+        assert len(events(pruned.stderr, "trash_bypassed")) == 2
+        deleted = [Path(record["path"]).name for record in events(pruned.stderr, "checkpoint_deleted")]
+        assert sorted(deleted) == written[:2]
+        assert not events(pruned.stderr, "checkpoint_purged")
