@@ -10,10 +10,10 @@ point. A file already gone is fine; a failure (a removal that stopped halfway in
 result, logged, and the rest of the plan goes on: no exception leaves this module's public functions.
 
 With the trash on, a group is applied with a ``TrashMover`` (trash.py): after the same checks, the
-checkpoint is moved into the trash instead of removed; where it cannot be (another mount), it is
-removed as before and ``trash_bypassed`` says why. What the trash holds is removed here too
-(``remove_trashed``, ``remove_name``, ``remove_empty_directory``), so this stays the one module that
-removes anything.
+checkpoint is moved into the trash instead of removed; where it cannot be (another mount, or no
+space for its trash record on a full disk), it is removed as before and ``trash_bypassed`` says why.
+What the trash holds is removed here too (``remove_trashed``, ``remove_name``,
+``remove_empty_directory``), so this stays the one module that removes anything.
 """
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ class MoveOutcome(enum.Enum):
     """What a move into the trash did."""
 
     MOVED = "moved"
-    BYPASSED = "bypassed"  # cannot be moved (another mount): removed at once instead
+    BYPASSED = "bypassed"  # cannot be moved (another mount, no space for its record): removed at once
     GONE = "gone"
     CHANGED = "changed"
     FAILED = "failed"

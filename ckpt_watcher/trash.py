@@ -71,9 +71,18 @@ logger = structlog.get_logger("ckpt_watcher.trash")
 _FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
+# A file system with no room left (or a user over quota): what the trash would write cannot be.
+NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
 class TrashUnusableError(Exception):
     """The trash cannot be opened or used (a symlink or a file where a directory should be, a lock
-    that cannot be had...); nothing is moved, and the message says why."""
+    that cannot be had...); nothing is moved, and the message says why. ``no_space``: only because
+    its file system has no room for what it needs (ENOSPC, EDQUOT)."""
+
+    def __init__(self, message: str, *, no_space: bool = False) -> None:
+        super().__init__(message)
+        self.no_space = no_space
 
 
 def iso_time(epoch_seconds: float) -> str:
@@ -372,7 +381,8 @@ def open_directory(
             pass
         except OSError as error:
             raise TrashUnusableError(
-                f"cannot make {display_name(what)}: {describe_os_error(error)}"
+                f"cannot make {display_name(what)}: {describe_os_error(error)}",
+                no_space=error.errno in NO_SPACE_ERRNOS,
             ) from None
     raise TrashUnusableError(f"{display_name(what)}: vanished as soon as it was made")
 
@@ -453,7 +463,10 @@ def _lock_file(trash: TrashDirectory) -> int:
             LOCK_FILE_NAME, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666, dir_fd=trash.fd
         )
     except OSError as error:
-        raise TrashUnusableError(f"cannot open the trash's lock file: {_not_a_directory(error)}") from None
+        raise TrashUnusableError(
+            f"cannot open the trash's lock file: {_not_a_directory(error)}",
+            no_space=error.errno in NO_SPACE_ERRNOS,
+        ) from None
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
         raise TrashUnusableError("the trash's lock file is not a regular file")

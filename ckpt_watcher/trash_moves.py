@@ -9,6 +9,7 @@ for a 10 GB checkpoint as for a small one. The removal itself is delete.py's (``
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import fnmatch
@@ -40,6 +41,7 @@ from ckpt_watcher.trash import (
     FILES,
     INFO,
     METADATA_SUFFIX,
+    NO_SPACE_ERRNOS,
     PURGING,
     RESTORED,
     RestoredPin,
@@ -116,6 +118,8 @@ class TrashTarget:
         try:
             return self._move_in(directory_fd, decision)
         except TrashUnusableError as error:
+            if error.no_space:  # the trash could not even be made or locked: nothing was moved
+                return Move(MoveOutcome.BYPASSED, f"no space for the trash: {error}")
             return Move(MoveOutcome.FAILED, str(error))
         except OSError as error:
             return Move(MoveOutcome.FAILED, describe_os_error(error))
@@ -163,27 +167,55 @@ class TrashTarget:
 
 
 def _move_locked(trash: TrashDirectory, directory_fd: int, name: str, entry: TrashEntry) -> Move:
-    """Write the entry's metadata, then rename the checkpoint in; undo the metadata if it did not move."""
+    """Write the entry's metadata, then rename the checkpoint in; undo the metadata if it did not move.
+
+    A full disk (or quota) that leaves no room for the metadata moves nothing and leaves nothing in
+    the trash (``write_metadata`` writes whole or not at all): BYPASSED, so the checkpoint is deleted
+    at once, as on another mount, and a full disk is pruned like any other."""
     files, info = trash.ensure(FILES), trash.ensure(INFO)
     mirror = open_chain(files, entry.parent_parts, create=True, what=trash.path(FILES), owners=trash.owners)
     assert mirror is not None
     try:
-        write_metadata(info, entry.key, entry.document())
+        try:
+            write_metadata(info, entry.key, entry.document())
+        except OSError as error:
+            _tidy_mirror(files, entry.parent_parts)
+            if error.errno in NO_SPACE_ERRNOS:
+                why = f"no space for the trash record: {describe_os_error(error)}"
+                return Move(MoveOutcome.BYPASSED, why)
+            raise
         try:
             rename_no_replace(name, entry.stored_name, source_dir_fd=directory_fd, destination_dir_fd=mirror)
         except OSError as error:
-            remove_name(info, entry.key + METADATA_SUFFIX)
-            if error.errno == errno.EXDEV:
-                return Move(MoveOutcome.BYPASSED, "it is on another mount than the trash (EXDEV)")
-            if isinstance(error, FileNotFoundError):
-                return Move(MoveOutcome.GONE)
-            return Move(MoveOutcome.FAILED, describe_os_error(error))
+            return _not_moved(info, files, entry, error)
         landed = status_at(mirror, entry.stored_name)
         if not entry.matches(landed):
             return _put_back(trash, mirror, directory_fd, name, entry, landed)
         return Move(MoveOutcome.MOVED)
     finally:
         os.close(mirror)
+
+
+def _not_moved(info: int, files: int, entry: TrashEntry, error: OSError) -> Move:
+    """The rename into the trash failed (the checkpoint is where it was): its metadata goes, and the
+    move says why. Out of space for the move (a directory that must grow), and with its metadata
+    gone, it is BYPASSED like a full disk's metadata; with its metadata left, FAILED (kept)."""
+    left = remove_name(info, entry.key + METADATA_SUFFIX)
+    _tidy_mirror(files, entry.parent_parts)
+    if error.errno == errno.EXDEV:
+        return Move(MoveOutcome.BYPASSED, "it is on another mount than the trash (EXDEV)")
+    if isinstance(error, FileNotFoundError):
+        return Move(MoveOutcome.GONE)
+    if error.errno in NO_SPACE_ERRNOS and left is None:
+        return Move(MoveOutcome.BYPASSED, f"no space in the trash to move it in: {describe_os_error(error)}")
+    return Move(MoveOutcome.FAILED, describe_os_error(error))
+
+
+def _tidy_mirror(files: int, parts: Sequence[str]) -> None:
+    """After a move in that did not happen: the mirror directories it made, if empty; never raises
+    (an empty directory left behind is harmless)."""
+    with contextlib.suppress(TrashUnusableError, OSError):
+        _remove_empty_mirror(files, parts)
 
 
 def _put_back(

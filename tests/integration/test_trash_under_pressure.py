@@ -5,6 +5,7 @@ for ``max_size`` goes to the trash (the trash does not count toward a group's ``
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import time
@@ -190,7 +191,8 @@ def test_a_trash_record_cut_short_by_a_full_disk_never_strands_a_checkpoint(
 ) -> None:
     """A record whose write came back short was renamed into place and the checkpoint moved in after
     it: "trashed", yet unreadable, so no command could list, restore or purge it. The record is now
-    written whole or the move fails, and the checkpoint stays where it was."""
+    written whole or not at all; with no room for it nothing is moved, and the checkpoint is deleted
+    at once (``trash_bypassed``), as a full disk is pruned without a trash."""
     deep = "é" * 127  # legal, but each component is ~760 bytes of ensure_ascii JSON: a record > 4 KiB
     run = disk.joinpath(*[deep] * 6)
     names = write_steps_small(run, [100, 200])
@@ -200,14 +202,66 @@ def test_a_trash_record_cut_short_by_a_full_disk_never_strands_a_checkpoint(
     pruned = run_cli("prune", str(disk), "--policy", str(trash_policy))
     listed = run_cli("trash", "list", str(disk), "--json")
 
-    assert pruned.returncode == 1, pruned.stderr  # the deletion failed, and says so
-    assert events(pruned.stderr, "checkpoint_delete_failed")
-    assert {path.name for path in run.iterdir()} == set(names)  # nothing left its place
+    assert pruned.returncode == 0, pruned.stderr
+    assert not events(pruned.stderr, "checkpoint_delete_failed")
+    (bypassed,) = events(pruned.stderr, "trash_bypassed")
+    assert bypassed["error"] == "no space for the trash record: No space left on device"
+    assert [Path(record["path"]).name for record in events(pruned.stderr, "checkpoint_deleted")] == names[:1]
+    assert {path.name for path in run.iterdir()} == set(names[1:])
     document = json.loads(listed.stdout)
     assert document["problems"] == []
     assert document["entries"] == []
     files = disk / TRASH / "files"
     assert not files.exists() or not any(path.is_file() for path in files.rglob("*"))
+
+
+def _save_until_the_disk_is_full(path: Path) -> None:
+    """A trainer's save that hit ENOSPC: as much of a checkpoint as fit, left incomplete."""
+    failure: int | None = None
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        while os.write(descriptor, bytes(MIB)) > 0:
+            pass
+    except OSError as error:
+        failure = error.errno
+    finally:
+        os.close(descriptor)
+    assert failure == errno.ENOSPC
+    assert free_bytes(path.parent) == 0
+
+
+@pytest.mark.parametrize("budget", ["keep_free: 1MiB\n", ""], ids=["keep_free", "no_budget"])
+def test_a_full_disk_with_a_trash_is_pruned_like_any_other(tmp_path: Path, budget: str) -> None:
+    """A save filled the disk. The count rules drop steps 100 and 200 and keep 300 and 400; there is no
+    room for a trash record, so the first goes at once (trash_bypassed) instead of failing, and a kept
+    checkpoint is never evicted in place of the ones the count rules dropped."""
+    with mounted_tmpfs(tmp_path / "small", 16 * MIB) as mount:
+        root = mount / "ckpt"
+        run = root / "run"
+        written = write_steps(run, [100, 200, 300, 400])
+        (run / "last.ckpt").symlink_to(written[-1])
+        _save_until_the_disk_is_full(run / step_name(0, 500))
+        rules = policy(tmp_path, f"save_top_k_checkpoints: 2\n{budget}trash:\n  grace: 1h\n")
+
+        pruned = run_cli("prune", str(root), "--policy", str(rules))
+        listed = run_cli("trash", "list", str(root), "--json")
+
+        assert pruned.returncode == 0, pruned.stderr
+        assert {path.name for path in run.iterdir()} == {*written[2:], "last.ckpt", step_name(0, 500)}
+        assert not events(pruned.stderr, "checkpoint_delete_failed")
+        (bypassed,) = events(pruned.stderr, "trash_bypassed")
+        assert Path(bypassed["path"]).name == written[0]
+        assert bypassed["error"] == "no space for the trash record: No space left on device"
+        deleted = events(pruned.stderr, "checkpoint_deleted")
+        assert [Path(record["path"]).name for record in deleted] == [written[0]]
+        assert not any(record["reasons"][0].startswith("evicted for space") for record in deleted)
+        # The trash holds whole entries only: each record names a file that is there, and each file
+        # there has its record (the second deletion had room once the first freed some).
+        document = json.loads(listed.stdout)
+        assert document["problems"] == []
+        assert [entry["original"] for entry in document["entries"]] == [f"run/{written[1]}"]
+        files = [path for path in (root / TRASH / "files").rglob("*") if path.is_file()]
+        assert [path.name.split("@")[0] for path in files] == [written[1]]
 
 
 def write_steps_small(directory: Path, step_numbers: list[int]) -> list[str]:

@@ -539,6 +539,89 @@ def test_a_failed_rename_leaves_no_metadata_behind(tmp_path: Path, monkeypatch: 
     assert os.listdir(tmp_path / ".ckpt-trash" / INFO) == []
 
 
+def _everything_below(path: Path) -> list[str]:
+    return sorted(str(item.relative_to(path)) for item in path.rglob("*"))
+
+
+@pytest.mark.parametrize("number", [errno.ENOSPC, errno.EDQUOT])
+def test_no_room_for_the_trash_record_deletes_at_once_and_leaves_nothing_in_the_trash(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, logs: list[MutableMapping[str, Any]], number: int
+) -> None:
+    """A full disk (or quota): the record cannot be written, nothing has moved. The deletion goes
+    ahead at once, as on another mount, instead of failing on every pass while the disk stays full."""
+    run = tmp_path / "stage1" / "run"
+    steps(run, range(100, 300, 100))
+
+    def full(fd: int, data: bytes) -> None:
+        os.write(fd, data[:10])  # a write cut short, then nothing more goes
+        raise OSError(number, os.strerror(number))
+
+    monkeypatch.setattr(trash_module, "write_whole", full)
+
+    assert trash_everything_but_the_newest(tmp_path) == [Outcome.DELETED]
+    assert sorted(os.listdir(run)) == [step_name(0, 200)]
+    trash = tmp_path / ".ckpt-trash"
+    assert _everything_below(trash / INFO) == []  # no record, not even its temporary
+    assert _everything_below(trash / FILES) == []  # no mirror directory made for the move either
+    [bypassed] = events(logs, "trash_bypassed")
+    assert bypassed["path"] == str(run / step_name(0, 100))
+    assert bypassed["error"] == f"no space for the trash record: {os.strerror(number)}"
+    [deleted] = events(logs, "checkpoint_deleted")
+    assert deleted["path"] == str(run / step_name(0, 100))
+    assert events(logs, "checkpoint_delete_failed") == []
+
+
+def test_no_room_to_make_the_trash_deletes_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, logs: list[MutableMapping[str, Any]]
+) -> None:
+    steps(tmp_path, range(100, 300, 100))
+
+    def full(path: object, mode: int = 0o777, *, dir_fd: int | None = None) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(os, "mkdir", full)
+
+    assert trash_everything_but_the_newest(tmp_path) == [Outcome.DELETED]
+    assert sorted(os.listdir(tmp_path)) == [step_name(0, 200)]
+    [bypassed] = events(logs, "trash_bypassed")
+    assert bypassed["error"].startswith("no space for the trash: cannot make ")
+
+
+def test_no_room_in_the_trash_for_the_move_itself_deletes_at_once_without_its_record(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, logs: list[MutableMapping[str, Any]]
+) -> None:
+    """The record fits, the rename does not (a directory that must grow on a full disk): the record
+    is taken back and the checkpoint, still where it was, is deleted at once."""
+    steps(tmp_path, range(100, 300, 100))
+
+    def full(source: str, destination: str, *, source_dir_fd: int, destination_dir_fd: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), source)
+
+    monkeypatch.setattr(trash_moves, "rename_no_replace", full)
+
+    assert trash_everything_but_the_newest(tmp_path) == [Outcome.DELETED]
+    assert sorted(os.listdir(tmp_path)) == [".ckpt-trash", step_name(0, 200)]
+    assert os.listdir(tmp_path / ".ckpt-trash" / INFO) == []
+    [bypassed] = events(logs, "trash_bypassed")
+    assert bypassed["error"].startswith("no space in the trash to move it in: ")
+
+
+def test_a_record_that_cannot_be_written_for_another_reason_fails_and_keeps_the_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, logs: list[MutableMapping[str, Any]]
+) -> None:
+    steps(tmp_path, range(100, 300, 100))
+
+    def broken(fd: int, data: bytes) -> None:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(trash_module, "write_whole", broken)
+
+    assert trash_everything_but_the_newest(tmp_path) == [Outcome.FAILED]
+    assert (tmp_path / step_name(0, 100)).is_file()
+    assert os.listdir(tmp_path / ".ckpt-trash" / INFO) == []
+    assert events(logs, "trash_bypassed") == []
+
+
 def test_purge_with_a_stop_set_ends_before_the_next_entry(tmp_path: Path) -> None:
     steps(tmp_path, range(100, 400, 100))
     trash_everything_but_the_newest(tmp_path, grace=1)
