@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import functools
+import os
 import threading
 import time
 from array import array
@@ -68,6 +69,10 @@ SPARED_UNREADABLE = (
     "the file system's free space could not be read again just before the eviction: these "
     "checkpoints stay until a pass can read it"
 )
+HELD = (
+    "deletions this pass planned on this file system failed (checkpoint_delete_failed): no kept "
+    "checkpoint is evicted for keep_free in their place; these stay, and the next pass tries again"
+)
 
 
 class Trigger(enum.StrEnum):
@@ -101,6 +106,9 @@ class PassResult:
     cover), ``refused_overrides`` (per-run policy files whose latest edit was refused), and the space
     figures other parts fill: ``budget_unmet_bytes`` (how far the worst byte budget is from being
     met, 0 when met) and ``trash_bytes`` (bytes in the root's trash after the pass; None: no trash).
+
+    ``failed_deletions``: the deletions of this pass's group plans (count rules, max_size; not the
+    evictions for keep_free) that failed, by the device they were on: keep_free evicts nothing there.
 
     With a trash: ``trashed`` counts deletions moved into it (``deleted``: removed at once),
     ``purged`` the entries removed from it, ``trash_bytes`` what it holds after the pass (None: the
@@ -138,6 +146,7 @@ class PassResult:
     evicted_at_once: set[Path] = field(default_factory=set)
     storage_error: str | None = None
     failed_groups: list[Path] = field(default_factory=list)
+    failed_deletions: dict[int, int] = field(default_factory=dict)
     # A dry run's kept plan may go, group by group, to a sink instead of ``group_plans`` (prune --json
     # writes it as it comes), when no group's plan can change afterwards (no keep_free in the pass).
     group_sink: Callable[[GroupPlan, PassResult], None] | None = None
@@ -445,6 +454,7 @@ class Reconciler:
         if grace and context.result.group_plans is not None:
             context.result.trashing[group] = grace
         applied = None if context.dry_run or group_plan is None else self._apply(group_plan, grace)
+        _note_failed(context.result, group, applied)
         context.result.add_group(group_plan, applied)
         if self._progress is not None:
             self._progress()
@@ -559,16 +569,21 @@ def _evict(
     trashed: a checkpoint in the trash would still hold its bytes), the most expendable first,
     each only while its file system is still short when read again just before it (what frees the
     space meanwhile, such as another daemon evicting on the same disk, spares the rest: it is kept
-    and logged)."""
+    and logged). None at all on a file system where a deletion of this pass's plans failed: what the
+    plan dropped is still there, and a kept checkpoint never goes in its place (``eviction_held``)."""
     spared: dict[Path, tuple[str, list[Decision]]] = {}
+    held: dict[Path, int] = {}
     evicted: dict[Path, list[Decision]] = {}
     applied: dict[Path, ApplyResult] = {}
     for eviction in evictions:
         space_path = eviction.file_system.space.path
         if apply is not None and space_path not in spared:
-            short = still_short(eviction)
-            if short <= 0:
-                spared[space_path] = (SPARED_FREED if short == 0 else SPARED_UNREADABLE, [])
+            failed = result.failed_deletions.get(eviction.file_system.space.device, 0)
+            why = HELD if failed else _not_needed(eviction)
+            if why is not None:
+                spared[space_path] = (why, [])
+                if failed:
+                    held[space_path] = failed
         if space_path in spared:
             spared[space_path][1].append(eviction.decision)
             continue
@@ -585,7 +600,35 @@ def _evict(
     if spared:
         result.space = [_without_spared(fs_plan, spared) for fs_plan in result.space]
         for space_path, (why, kept) in spared.items():
-            _log_spared(space_path, why, kept)
+            _log_spared(space_path, why, kept, held.get(space_path, 0))
+
+
+def _not_needed(eviction: Eviction) -> str | None:
+    """Why no eviction is applied on ``eviction``'s file system any more (the space is there, or
+    cannot be read again), or None while it is still short."""
+    short = still_short(eviction)
+    if short > 0:
+        return None
+    return SPARED_FREED if short == 0 else SPARED_UNREADABLE
+
+
+def _note_failed(result: PassResult, group: Path, applied: ApplyResult | None) -> None:
+    """Count the failed deletions of ``group``'s plan by the device each was on (its group's, as the
+    free-space step groups file systems, and its own): no kept checkpoint is evicted for keep_free
+    there in this pass, in place of what the plan dropped (``_evict``)."""
+    failures = applied.failed if applied is not None else []
+    if not failures:
+        return
+    try:
+        group_device: int | None = os.stat(group).st_dev
+    except OSError:
+        group_device = None
+    for failure in failures:
+        identity = failure.decision.record.identity
+        devices = {group_device, identity.device if identity is not None else None}
+        for device in devices:
+            if device is not None:
+                result.failed_deletions[device] = result.failed_deletions.get(device, 0) + 1
 
 
 def _without_spared(
@@ -600,16 +643,21 @@ def _without_spared(
     return dataclasses.replace(fs_plan, evictions=evictions)
 
 
-def _log_spared(space_path: Path, why: str, kept: list[Decision]) -> None:
-    """One record for the planned evictions on a file system that were not applied (they stay)."""
-    logger.info(
-        "eviction_not_needed",
-        path=display_name(str(space_path)),
-        kept=len(kept),
-        kept_bytes=sum(decision.record.bytes for decision in kept),
-        detail=why,
-        checkpoints=[display_name(decision.record.path_text) for decision in kept[:SHOWN_SPARED]],
-    )
+def _log_spared(space_path: Path, why: str, kept: list[Decision], failed: int) -> None:
+    """One record for the planned evictions on a file system that were not applied (they stay):
+    ``eviction_held`` (a warning) when deletions the pass planned there failed, else
+    ``eviction_not_needed``."""
+    fields = {
+        "path": display_name(str(space_path)),
+        "kept": len(kept),
+        "kept_bytes": sum(decision.record.bytes for decision in kept),
+        "detail": why,
+        "checkpoints": [display_name(decision.record.path_text) for decision in kept[:SHOWN_SPARED]],
+    }
+    if failed:
+        logger.warning("eviction_held", failed=failed, **fields)
+    else:
+        logger.info("eviction_not_needed", **fields)
 
 
 def _no_longer_kept(index: GroupIndex, directory: Path, evicted: Iterable[Decision]) -> None:

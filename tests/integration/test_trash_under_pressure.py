@@ -264,6 +264,43 @@ def test_a_full_disk_with_a_trash_is_pruned_like_any_other(tmp_path: Path, budge
         assert [path.name.split("@")[0] for path in files] == [written[1]]
 
 
+def test_no_kept_checkpoint_is_evicted_while_the_deletions_the_count_rules_planned_fail(
+    tmp_path: Path,
+) -> None:
+    """A save filled the disk, and the count rules' deletions of steps 100 and 200 fail (a file where
+    the trash should be). keep_free would evict step 300, a checkpoint the count rules keep, in their
+    place: it stays (eviction_held), on every pass while they fail; once they can go, they do."""
+    with mounted_tmpfs(tmp_path / "small", 16 * MIB) as mount:
+        root = mount / "ckpt"
+        run = root / "run"
+        written = write_steps(run, [100, 200, 300, 400])
+        (run / "last.ckpt").symlink_to(written[-1])
+        (root / TRASH).write_bytes(b"")  # in the trash's place: every move into it fails
+        _save_until_the_disk_is_full(run / step_name(0, 500))
+        rules = policy(tmp_path, "save_top_k_checkpoints: 2\nkeep_free: 1MiB\ntrash:\n  grace: 1h\n")
+        everything = {*written, "last.ckpt", step_name(0, 500)}
+
+        for _ in range(2):  # the next pass tries again, and holds again
+            pruned = run_cli("prune", str(root), "--policy", str(rules))
+
+            assert pruned.returncode == 1, pruned.stderr  # the failures say so
+            assert {path.name for path in run.iterdir()} == everything
+            failed = events(pruned.stderr, "checkpoint_delete_failed")
+            assert [Path(record["path"]).name for record in failed] == written[:2]
+            assert not events(pruned.stderr, "checkpoint_deleted")
+            (held,) = events(pruned.stderr, "eviction_held")
+            assert held["level"] == "warning"
+            assert (held["path"], held["failed"], held["kept"]) == (str(root), 2, 1)
+            assert held["checkpoints"] == [str(run / written[2])]
+
+        (root / TRASH).unlink()
+        pruned = run_cli("prune", str(root), "--policy", str(rules))
+
+        assert pruned.returncode == 0, pruned.stderr
+        assert {path.name for path in run.iterdir()} == everything - set(written[:2])
+        assert not events(pruned.stderr, "eviction_held")
+
+
 def write_steps_small(directory: Path, step_numbers: list[int]) -> list[str]:
     """Small complete step checkpoints (~3 KiB: they fit where the record does not), old enough."""
     directory.mkdir(parents=True, exist_ok=True)
