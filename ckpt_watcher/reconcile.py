@@ -49,7 +49,7 @@ from ckpt_watcher.policy_file import InvalidPolicyFilesError
 from ckpt_watcher.protection import ProtectionError, ProtectionRegistry
 from ckpt_watcher.records import CheckpointRecord, display_name
 from ckpt_watcher.scan import ScanOptions, ScanProblem, ScanStopped
-from ckpt_watcher.space import Eviction, SpaceKeeper, still_short
+from ckpt_watcher.space import Eviction, SpaceKeeper
 from ckpt_watcher.storage import LocalStorage, Storage, StorageUnavailableError
 from ckpt_watcher.trash import TrashSummary
 from ckpt_watcher.trash_moves import PurgeResult
@@ -503,6 +503,7 @@ class Reconciler:
         trash = self.trash.target(grace_seconds)
         applied = ApplyResult(self.storage.apply_group(group_plan, self.root, stop=self._stop, trash=trash))
         applied.interrupted = len(applied.results) < len(group_plan.deletions)
+        self.space.released(group_plan.directory, applied.bytes_freed)  # btrfs may show it only later
         for result in applied.results:
             if result.outcome is Outcome.CHANGED:  # changed since it was planned: plan it again soon
                 self.index.recheck(group_plan.directory, time.monotonic() + max(self._settle_seconds, 1.0))
@@ -579,7 +580,7 @@ def _evict(
         space_path = eviction.file_system.space.path
         if apply is not None and space_path not in spared:
             failed = result.failed_deletions.get(eviction.file_system.space.device, 0)
-            why = HELD if failed else _not_needed(eviction)
+            why = HELD if failed else _not_needed(eviction, space)
             if why is not None:
                 spared[space_path] = (why, [])
                 if failed:
@@ -603,10 +604,10 @@ def _evict(
             _log_spared(space_path, why, kept, held.get(space_path, 0))
 
 
-def _not_needed(eviction: Eviction) -> str | None:
+def _not_needed(eviction: Eviction, space: SpaceKeeper) -> str | None:
     """Why no eviction is applied on ``eviction``'s file system any more (the space is there, or
     cannot be read again), or None while it is still short."""
-    short = still_short(eviction)
+    short = space.still_short(eviction)
     if short > 0:
         return None
     return SPARED_FREED if short == 0 else SPARED_UNREADABLE

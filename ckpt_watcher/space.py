@@ -21,6 +21,7 @@ logged when a budget becomes unmet (or its limit changes), ``budget_met`` when i
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import stat
 import time
@@ -46,9 +47,10 @@ from ckpt_watcher.budget import (
 )
 from ckpt_watcher.filesystem import status_at, summarize_tree
 from ckpt_watcher.groups import GroupIndex
-from ckpt_watcher.plan import Decision, GroupPlan
+from ckpt_watcher.plan import Action, Decision, GroupPlan
 from ckpt_watcher.policy import Policy
 from ckpt_watcher.records import TRASH_DIRECTORY_NAME, display_name
+from ckpt_watcher.releases import Release, ReleaseLedger
 from ckpt_watcher.sizes import human_bytes
 
 logger = structlog.get_logger("ckpt_watcher.space")
@@ -90,6 +92,8 @@ class SpaceKeeper:
     _pending_trash: list[Reclaimable] = field(default_factory=list)  # a dry run's deletions into the trash
     _fresh: set[Path] = field(default_factory=set)
     _unmet: dict[tuple[str, str], tuple[int, int]] = field(default_factory=dict)
+    _released: ReleaseLedger = field(default_factory=ReleaseLedger)  # deletions statvfs may not show yet
+    _before: dict[Path, tuple[int, int]] = field(default_factory=dict)  # (device, free) before deleting
     _next_check: float | None = None
     _facts_needed: bool = True
 
@@ -126,6 +130,8 @@ class SpaceKeeper:
         previous = self._facts.get(group)
         self._facts[group] = group_space(group, decisions, policy, device=device, now=now, previous=previous)
         self._fresh.add(group)
+        if not dry_run and policy.keep_free is not None and not policy.trash.grace_seconds:
+            _before_deleting(self._before, self._released, device, group, decisions)  # not trashed
         return group_plan
 
     def _note_size(self, group: Path, verdict: SizeVerdict | None) -> None:
@@ -157,6 +163,7 @@ class SpaceKeeper:
         plans: list[FreeSpacePlan] = []
         evictions: list[Eviction] = []
         reclaimable: list[Reclaimable] | None = None  # read once, only where a budget is in force
+        self._before.clear()
         for device, groups in sorted(self._by_device().items()):
             if not any(group.budgeted for group in groups):
                 self._unmet.pop(("keep_free", str(device)), None)  # no budget here (any more)
@@ -169,17 +176,37 @@ class SpaceKeeper:
                 continue
             plans.append(fs_plan)
             self._note_free(fs_plan)
+            _note_credit(fs_plan, self._released.credits.get(device, 0))
             evictions.extend(
                 Eviction(decision.record.directory, decision, fs_plan)
                 for decision in fs_plan.evicted_decisions()
             )
-        self._forget_gone_scopes()
+        _forget_gone_scopes(self._unmet, self.index)
         return plans, evictions
 
     def evicting(self, eviction: Eviction) -> None:
         """``eviction`` is applied (or shown, in a dry run): its checkpoint is no longer a candidate
         (if its deletion fails, the group's next plan says so)."""
         self._drop_candidates(eviction.directory, {eviction.decision.record.path})
+
+    def still_short(self, eviction: Eviction) -> int:
+        """Bytes its file system is short of now, read again (credited) just before ``eviction`` is
+        applied: 0 once the space is there (another daemon on the same disk evicted for the same
+        shortfall, a run was removed), and nothing more is evicted for it; -1 if it cannot be read now
+        (the checkpoint stays: in doubt, keep)."""
+        space = eviction.file_system.space
+        free = _credited_free(self._released, space.device, space.path)
+        if free is None:
+            return -1
+        self._before[eviction.directory] = (space.device, free)
+        return eviction.file_system.short_now(free)
+
+    def released(self, directory: Path, freed: int) -> None:
+        """``freed`` bytes were just deleted in ``directory``, its free space read just before (an
+        eviction, a plan's deletions under keep_free): a release, unless the free space shows it."""
+        device, before = self._before.pop(directory, (0, None))
+        if freed and before is not None:
+            _unless_shown(self._released, device, directory, Release(time.monotonic(), freed, before))
 
     def _fresh_plan(
         self,
@@ -212,14 +239,15 @@ class SpaceKeeper:
             self._facts[directory] = dataclasses.replace(facts, candidates=kept)
 
     def _read(self, device: int, groups: list[GroupSpace]) -> FileSystemSpace | None:
-        """``statvfs`` of the file system (through the root if it is on it, else its first group)."""
+        """``statvfs`` of the file system (through the root if it is on it, else its first group),
+        credited with the releases it does not show yet (``releases.py``)."""
         paths = sorted(group.directory for group in groups)
         path = self.root if self.root in paths or not paths else paths[0]
         try:
             status = os.statvfs(path)
         except OSError:
             return None
-        free = status.f_bavail * status.f_frsize + self._pending.get(device, 0)
+        free = self._released.credited(device, _free(status), time.monotonic()) + self._pending.get(device, 0)
         return FileSystemSpace(device, path, status.f_blocks * status.f_frsize, free, status.f_frsize)
 
     def _by_device(self) -> dict[int, list[GroupSpace]]:
@@ -236,17 +264,7 @@ class SpaceKeeper:
 
     def _note_free(self, fs_plan: FreeSpacePlan) -> None:
         space = fs_plan.space
-        detail = ""
-        if fs_plan.unmet_bytes:
-            taken = fs_plan.reclaimed_bytes + fs_plan.evicted_bytes
-            asked = f"keep_free {human_bytes(fs_plan.keep_free_bytes)}"
-            detail = (
-                f"{human_bytes(space.free_bytes)} free, {asked} + next save "
-                f"{human_bytes(fs_plan.next_save.bytes)} ({fs_plan.next_save.basis}): "
-                f"{human_bytes(fs_plan.short_bytes)} short; everything that may go frees "
-                f"{human_bytes(taken)}; the rest is kept for resuming or pinned (last.ckpt and its "
-                "target, the newest checkpoint of each group, the rank-1 bests, pins and resume sources)"
-            )
+        detail = _free_detail(fs_plan) if fs_plan.unmet_bytes else ""
         self._note(
             ("keep_free", str(space.device)),
             fs_plan.unmet_bytes,
@@ -278,7 +296,7 @@ class SpaceKeeper:
         ``keep_free`` now asks to take something (a pass should run), never while nothing may go."""
         if self._next_check is None or now < self._next_check:
             return False
-        self._refresh_growing(time.time())
+        _refresh_growing(self._facts, time.time())
         self.schedule(now)
         reclaimable = list(self.trash.reclaimable()) if self.trash is not None else []
         for device, groups in self._by_device().items():
@@ -289,14 +307,6 @@ class SpaceKeeper:
             if fs_plan.evictions or fs_plan.reclaimed:
                 return True
         return False
-
-    def _refresh_growing(self, now: float) -> None:
-        """Each checkpoint being written, as large as it is now (gone or replaced: no longer written)."""
-        for directory, facts in list(self._facts.items()):
-            if facts.growing:
-                now_sized = (item for item in map(grown, facts.growing) if item is not None)
-                growing = tuple(item for item in now_sized if recently_modified(item.mtime_ns, now))
-                self._facts[directory] = dataclasses.replace(facts, growing=growing)
 
     # -- budget_unmet / budget_met -----------------------------------------------------------------
 
@@ -322,11 +332,8 @@ class SpaceKeeper:
             del self._unmet[scope]
             logger.info("budget_met", budget=scope[0], **where)
 
-    def _forget_gone_scopes(self) -> None:
-        """Budgets of groups no longer known are neither met nor unmet: forgotten silently."""
-        for scope in [scope for scope in self._unmet if scope[0] == "max_size"]:
-            if self.index.get(Path(scope[1])) is None:
-                del self._unmet[scope]
+
+# -- releases statvfs may not show yet (releases.py) --------------------------------------------------
 
 
 def _dry_run_frees(
@@ -371,17 +378,58 @@ def _mount_of(path: Path) -> tuple[int, int | None]:
     return status.device, status.mount_id
 
 
-def still_short(eviction: Eviction) -> int:
-    """Bytes its file system is short of now, read again just before ``eviction`` is applied: 0
-    once the space is there (another daemon on the same disk evicted for the same shortfall, a
-    run was removed), and nothing more is evicted for it; -1 if it cannot be read now (the
-    checkpoint stays: in doubt, keep)."""
-    fs_plan = eviction.file_system
+def _free(status: os.statvfs_result) -> int:
+    return status.f_bavail * status.f_frsize
+
+
+def _credited_free(ledger: ReleaseLedger, device: int, path: Path) -> int | None:
+    """The free space on ``path``'s file system now, credited with its unseen releases; None if it
+    cannot be read."""
     try:
-        status = os.statvfs(fs_plan.space.path)
+        status = os.statvfs(path)
     except OSError:
-        return -1
-    return fs_plan.short_now(status.f_bavail * status.f_frsize)
+        return None
+    return ledger.credited(device, _free(status), time.monotonic())
+
+
+def _unless_shown(ledger: ReleaseLedger, device: int, directory: Path, release: Release) -> None:
+    """``release`` is recorded unless the free space read again right after it shows at least half of
+    it (tmpfs, ext4, XFS show it at once: a trainer writing later does not make it look unseen); btrfs
+    shows it at its next commit, a file a reader keeps open when it is closed."""
+    after = _credited_free(ledger, device, directory)
+    if after is None or 2 * (after - release.free_before) < release.bytes:
+        ledger.record(device, release)
+
+
+def _before_deleting(
+    before: dict[Path, tuple[int, int]],
+    ledger: ReleaseLedger,
+    device: int,
+    group: Path,
+    decisions: Sequence[Decision],
+) -> None:
+    """A group's plan is about to delete: the free space read first (``SpaceKeeper.released``)."""
+    if any(decision.action is Action.DELETE for decision in decisions):
+        free = _credited_free(ledger, device, group)
+        if free is not None:
+            before[group] = (device, free)
+
+
+def _note_credit(fs_plan: FreeSpacePlan, credited: int) -> None:
+    """A plan made with unseen releases credited is logged, at info when they spare something (the
+    free space read is short without them), else at debug."""
+    space = fs_plan.space
+    if not credited:
+        return
+    read = space.free_bytes - credited
+    sparing = fs_plan.short_now(read) > fs_plan.short_bytes
+    logger.log(
+        logging.INFO if sparing else logging.DEBUG,
+        "free_space_credited",
+        path=display_name(str(space.path)),
+        credited_bytes=credited,
+        free_bytes=read,
+    )
 
 
 def space_status(fs_plan: FreeSpacePlan) -> str:
@@ -392,6 +440,35 @@ def space_status(fs_plan: FreeSpacePlan) -> str:
         f"{human_bytes(free)} free on {display_name(str(fs_plan.space.path))} (keep_free "
         f"{human_bytes(fs_plan.keep_free_bytes)} + next save {human_bytes(fs_plan.next_save.bytes)})"
     )
+
+
+def _forget_gone_scopes(unmet: dict[tuple[str, str], tuple[int, int]], index: GroupIndex) -> None:
+    """Budgets of groups no longer known are neither met nor unmet: forgotten silently."""
+    for scope in [scope for scope in unmet if scope[0] == "max_size"]:
+        if index.get(Path(scope[1])) is None:
+            del unmet[scope]
+
+
+def _free_detail(fs_plan: FreeSpacePlan) -> str:
+    """What ``budget_unmet`` says of a file system short of ``keep_free``."""
+    taken = fs_plan.reclaimed_bytes + fs_plan.evicted_bytes
+    asked = f"keep_free {human_bytes(fs_plan.keep_free_bytes)}"
+    return (
+        f"{human_bytes(fs_plan.space.free_bytes)} free, {asked} + next save "
+        f"{human_bytes(fs_plan.next_save.bytes)} ({fs_plan.next_save.basis}): "
+        f"{human_bytes(fs_plan.short_bytes)} short; everything that may go frees "
+        f"{human_bytes(taken)}; the rest is kept for resuming or pinned (last.ckpt and its "
+        "target, the newest checkpoint of each group, the rank-1 bests, pins and resume sources)"
+    )
+
+
+def _refresh_growing(facts_by_group: dict[Path, GroupSpace], now: float) -> None:
+    """Each checkpoint being written, as large as it is now (gone or replaced: no longer written)."""
+    for directory, facts in list(facts_by_group.items()):
+        if facts.growing:
+            now_sized = (item for item in map(grown, facts.growing) if item is not None)
+            growing = tuple(item for item in now_sized if recently_modified(item.mtime_ns, now))
+            facts_by_group[directory] = dataclasses.replace(facts, growing=growing)
 
 
 def _remaining_text(remaining: Sequence[str]) -> str:

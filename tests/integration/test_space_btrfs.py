@@ -1,0 +1,125 @@
+"""``keep_free`` on btrfs (a loop device made for each test): an unlink frees its space only at the next
+transaction commit, so ``statvfs`` read right after a deletion still shows the space missing. The
+daemon's own deletion starts a pass (its event) and ``prune`` reads the free space after its count-rule
+deletions: each must credit what it released and not seen yet, not evict again for the same shortfall.
+
+The file system is mounted with ``commit=300`` so that no commit happens while a test looks (the
+stale reading is what is tested, whatever the machine's speed). Skipped without root or
+``mkfs.btrfs``. No test measures time."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.cli import events, run_cli
+from tests.support.daemon import running_daemon
+from tests.support.factories import step_name, zip_bytes
+from tests.support.tmpfs import MIB, free_bytes
+
+pytestmark = pytest.mark.timeout(180)
+
+SIZE = 16 * MIB
+STEPS = [100 * (index + 1) for index in range(8)]
+
+
+@pytest.fixture
+def btrfs(tmp_path: Path) -> Iterator[Path]:
+    """A fresh 300 MiB btrfs on a loop device, holding the checkpoint root ``ckpt``."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a loop btrfs needs root (CAP_SYS_ADMIN)")
+    if shutil.which("mkfs.btrfs") is None:
+        pytest.skip("mkfs.btrfs is not installed (btrfs-progs)")
+    image, mount = tmp_path / "btrfs.img", tmp_path / "btrfs"
+    with image.open("wb") as file:
+        file.truncate(300 * MIB)
+    made = subprocess.run(["mkfs.btrfs", "-q", "-f", str(image)], capture_output=True, text=True, check=False)
+    if made.returncode != 0:
+        pytest.skip(f"mkfs.btrfs failed: {made.stderr.strip()}")
+    mount.mkdir()
+    command = ["mount", "-o", "loop,commit=300", str(image), str(mount)]
+    mounted = subprocess.run(command, capture_output=True, text=True, check=False)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a loop btrfs: {mounted.stderr.strip()}")
+    try:
+        root = mount / "ckpt"
+        root.mkdir()
+        yield root
+    finally:
+        if subprocess.run(["umount", str(mount)], capture_output=True, check=False).returncode != 0:
+            subprocess.run(["umount", "-l", str(mount)], capture_output=True, check=False)
+
+
+def checkpoints(run: Path) -> int:
+    """Eight complete step checkpoints of 16 MiB, written long ago, ``last.ckpt`` to the newest; the
+    bytes the newest takes (the next save is expected as large)."""
+    run.mkdir()
+    data = zip_bytes(os.urandom(SIZE))  # not compressible
+    for index, step in enumerate(STEPS):
+        path = run / step_name(0, step)
+        path.write_bytes(data)
+        stamp = time.time() - 3600 + index
+        os.utime(path, (stamp, stamp))
+    (run / "last.ckpt").symlink_to(step_name(0, STEPS[-1]))
+    os.sync()  # committed: the free space read now is the real one
+    return len(data)
+
+
+def left(run: Path) -> list[str]:
+    return sorted(path.name for path in run.iterdir() if path.name.startswith("epoch="))
+
+
+def test_the_daemon_evicts_once_for_a_shortfall_btrfs_shows_freed_only_at_its_commit(
+    btrfs: Path, tmp_path: Path
+) -> None:
+    """One eviction makes the room; its own deletion's event starts a pass that reads the same stale
+    free space: it credits the bytes just released and evicts nothing more."""
+    run = btrfs / "run"
+    size = checkpoints(run)
+    keep_free = free_bytes(btrfs) - size + MIB  # + the next save (as large): 1 MiB short
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(f"save_top_k_checkpoints: 20\nkeep_free: {keep_free}\n")
+    arguments = ["--log-level", "debug", "watch", str(btrfs), "--policy", str(policy)]
+    with running_daemon(arguments, tmp_path / "log") as daemon:
+        daemon.wait_ready()
+        evicted = daemon.wait_for("checkpoint_deleted")
+        # The pass its deletion's event started (a deletion that frees space one can see starts one
+        # too): done, with whatever it decided.
+        daemon.wait_for("pass_completed", lambda record: record["trigger"] == "event")
+        assert daemon.stop() == 0
+    assert [Path(str(record["path"])).name for record in evicted] == [step_name(0, 100)]
+    assert len(daemon.events("checkpoint_deleted")) == 1, [
+        Path(str(record["path"])).name for record in daemon.events("checkpoint_deleted")
+    ]
+    assert left(run) == [step_name(0, step) for step in STEPS[1:]]
+    credited = daemon.events("free_space_credited")
+    assert credited, "the pass after the eviction planned with the bytes it released"
+    assert credited[0]["credited_bytes"] == os.path.getsize(run / step_name(0, 200))  # each the same size
+    assert credited[0]["level"] == "info"  # it spared a checkpoint
+
+
+def test_prune_counts_what_its_count_rules_just_deleted_though_btrfs_does_not_show_it_yet(
+    btrfs: Path, tmp_path: Path
+) -> None:
+    """``save_top_k_checkpoints: 4`` deletes four checkpoints; what they free (not yet shown by
+    ``statvfs``) makes keep_free hold: nothing is evicted."""
+    run = btrfs / "run"
+    size = checkpoints(run)
+    keep_free = free_bytes(btrfs) + size  # + the next save: short by 2 checkpoints until 4 are deleted
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(f"save_top_k_checkpoints: 4\nkeep_free: {keep_free}\n")
+
+    completed = run_cli("prune", str(btrfs), "--policy", str(policy))
+
+    assert completed.returncode == 0, completed.stderr
+    reasons = [record["reasons"][0] for record in events(completed.stderr, "checkpoint_deleted")]
+    assert len(reasons) == 4
+    assert all(reason.startswith("outside newest 4 step checkpoints") for reason in reasons), reasons
+    assert left(run) == [step_name(0, step) for step in STEPS[4:]]
+    assert events(completed.stderr, "budget_unmet") == []
