@@ -204,18 +204,23 @@ class QuietFiles:
     long by this process's own clock (a modification time in the future, from another machine's
     clock, then delays it by that much at most). A writer that pauses longer than that mid-file is
     not caught; nothing short of its close is.
+
+    A file that is not there is quiet at once, unless ``missing_waits``: then only once it has been
+    seen missing for the quiet time by this process's clock, as a file replaced by unlink + create
+    (``rm && cp``, ``git checkout``) is missing for a moment, and its absence asks for less.
     """
 
-    def __init__(self, quiet_seconds: float = CONFIG_QUIET_SECONDS) -> None:
+    def __init__(self, quiet_seconds: float = CONFIG_QUIET_SECONDS, *, missing_waits: bool = False) -> None:
         self.quiet_seconds = quiet_seconds
-        self._first_seen: dict[Path, tuple[FileIdentity, float]] = {}
+        self.missing_waits = missing_waits
+        self._first_seen: dict[Path, tuple[FileIdentity | None, float]] = {}
 
     def quiet(self, path: Path, identity: FileIdentity | None) -> bool:
-        """True if the file as ``identity`` describes it may be read now (no file: nothing to wait for)."""
-        if identity is None:
+        """True if the file as ``identity`` describes it (None: no file) may be read now."""
+        if identity is None and not self.missing_waits:
             self._first_seen.pop(path, None)
             return True
-        if time.time() - identity.mtime_ns / 1e9 >= self.quiet_seconds:
+        if identity is not None and time.time() - identity.mtime_ns / 1e9 >= self.quiet_seconds:
             self._first_seen.pop(path, None)
             return True
         now = time.monotonic()
@@ -223,4 +228,8 @@ class QuietFiles:
         if seen is None or seen[0] != identity:
             self._first_seen[path] = (identity, now)
             return False
-        return now - seen[1] >= self.quiet_seconds
+        if now - seen[1] < self.quiet_seconds:
+            return False
+        if identity is None:
+            del self._first_seen[path]  # gone for good: nothing left to remember about it
+        return True

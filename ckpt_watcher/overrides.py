@@ -88,11 +88,13 @@ MINIMUM_SWEEP = 4096
 class SettlingFiles:
     """The per-run files changed a moment ago, maybe still being written: their last good contents
     stay in force until they are quiet (``QuietFiles``; a partial file asks for less), and each
-    directory is due to be asked about again then (``take``), as no event may come by then."""
+    directory is due to be asked about again then (``take``), as no event may come by then. A file
+    read before that is missing now is one too, until it has been missing for the quiet time: one
+    replaced by unlink + create (``rm && cp``, ``git checkout``) is missing for a moment."""
 
     def __init__(self, *, strict: bool) -> None:
         self.strict = strict  # a one-shot prune reads every file as it is
-        self._quiet = QuietFiles()
+        self._quiet = QuietFiles(missing_waits=True)
         self._due: dict[Path, float] = {}  # directory -> monotonic time to look again
 
     def quiet(self, directory: Path, identity: FileIdentity | None) -> bool:
@@ -262,8 +264,11 @@ class PolicyTree:
             return None
         if cached is not None and cached.is_current(identity):
             return cached
-        if cached is not None and cached.good is not None and not self.settling.quiet(directory, identity):
-            return cached  # its last good contents stay in force while an edit may be half-written
+        # Its last contents stay in force while an edit may be half-written, or while the file may be
+        # being replaced (missing); a file never valid blocks its subtree until it is gone for good.
+        waits = cached is not None and (cached.good is not None or identity is None)
+        if waits and not self.settling.quiet(directory, identity):
+            return cached
         self._invalidate()
         if identity is None:
             assert cached is not None

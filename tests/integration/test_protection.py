@@ -453,6 +453,36 @@ class TestWatch:
             )
             assert len(_names(stage1)) == 5
 
+    def test_a_per_run_policy_replaced_by_unlink_and_create_stays_in_force(self, tmp_path: Path) -> None:
+        """``rm && cp`` (or a git checkout) replaces the run's policy file, which keeps 10: it is missing
+        for a moment, and the pass in that moment fell back to the root policy (keeps 1) and deleted
+        all but the newest checkpoint. It stays in force until it has been missing for the quiet
+        time, and a file gone for good then goes, though no event comes."""
+        root = tmp_path / "checkpoint"
+        run = root / "run"
+        written = _steps(run, [100, 200, 300, 400, 500])
+        override = write_settled(run / ".ckpt-watcher.yaml", "save_top_k_checkpoints: 10\n")
+        policy = tmp_path / "policy.yaml"
+        policy.write_text("save_top_k_checkpoints: 1\n")
+        arguments = ["watch", str(root), "--policy", str(policy), "--settle", "0"]
+        with running_daemon(arguments, tmp_path / "log") as daemon:
+            daemon.wait_ready()
+            override.unlink()
+            written.append(write_checkpoint(run / step_name(0, 600)).name)  # a save meanwhile
+            daemon.wait_for(
+                "pass_completed", lambda record: record["trigger"] == "event" and record["detected"]
+            )
+            assert daemon.events("checkpoint_deleted") == []
+            override.write_text("save_top_k_checkpoints: 10\n")  # the same, written anew
+            daemon.wait_for("policy_unchanged", lambda record: record["source"] == str(override))
+            assert _names(run) == set(written)
+            assert daemon.events("checkpoint_deleted") == []
+
+            override.unlink()  # for good
+            daemon.wait_for("policy_override_removed")
+            wait_until(lambda: _names(run) == {written[-1]}, what="the root policy applied")
+            assert daemon.stop() == 0
+
 
 # --- a resume source named through another path of the same file (issue 10, item 3) ---------------
 

@@ -138,6 +138,31 @@ def test_no_file_is_quiet(tmp_path: Path) -> None:
     assert QuietFiles().quiet(tmp_path / "gone.yaml", None)
 
 
+def test_with_missing_waits_a_file_is_quiet_once_missing_for_the_quiet_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file replaced by unlink + create is missing for a moment: its absence is quiet only once it
+    has lasted the quiet time by this process's clock; a file that is back meanwhile starts over."""
+    clock = [1000.0]
+    monkeypatch.setattr("ckpt_watcher.config_files.time.monotonic", lambda: clock[0])
+    config = tmp_path / "train.yaml"
+    files = QuietFiles(missing_waits=True)
+
+    answers = [files.quiet(config, None)]
+    clock[0] += CONFIG_QUIET_SECONDS / 2
+    answers.append(files.quiet(config, None))
+    config.write_text("ckpt_path: a.ckpt\n")  # back, just written
+    answers.append(files.quiet(config, _identity_aged(config, 0.0)))
+    config.unlink()  # missing again: the wait starts over
+    answers.append(files.quiet(config, None))
+    clock[0] += CONFIG_QUIET_SECONDS / 2
+    answers.append(files.quiet(config, None))
+    clock[0] += CONFIG_QUIET_SECONDS / 2
+    answers.append(files.quiet(config, None))
+
+    assert answers == [False, False, False, False, False, True]
+
+
 def test_a_file_seen_unchanged_long_enough_is_quiet_whatever_its_time_says(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

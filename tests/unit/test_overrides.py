@@ -13,6 +13,7 @@ import pytest
 import structlog
 from structlog.testing import capture_logs
 
+from ckpt_watcher.config_files import CONFIG_QUIET_SECONDS
 from ckpt_watcher.overrides import MINIMUM_SWEEP, OVERRIDE_FILE_NAME, RETRY_SECONDS, PolicyTree
 from ckpt_watcher.policy import LoadedPolicy, Policy, load_policy
 from ckpt_watcher.policy_file import PolicyFile
@@ -110,7 +111,7 @@ def test_deep_overrides_still_apply_key_by_key(root: Path) -> None:
     assert len(deepest.sources) == 4
 
 
-def test_an_edit_is_seen_where_it_is_made_and_below(root: Path) -> None:
+def test_an_edit_is_seen_where_it_is_made_and_below(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     levels = chain(root, 5)
     tree = default_tree(root)
     for directory in levels:
@@ -134,7 +135,11 @@ def test_an_edit_is_seen_where_it_is_made_and_below(root: Path) -> None:
     assert again is not None
     assert again.policy.save_top_k_checkpoints == 3
 
-    override.unlink()
+    clock = [1000.0]
+    monkeypatch.setattr("ckpt_watcher.config_files.time.monotonic", lambda: clock[0])
+    override.unlink()  # it applies until it has been missing for the quiet time
+    tree.for_directory(levels[2])
+    clock[0] += CONFIG_QUIET_SECONDS
     tree.for_directory(levels[2])
     gone = tree.for_directory(levels[5])
     assert gone is not None
@@ -471,6 +476,53 @@ def test_a_per_run_file_being_rewritten_keeps_its_last_contents_until_quiet(root
     assert list(due) == [run]
     assert _top_k(tree, run) == 40
     assert tree.settling.take() == {}
+
+
+def test_a_per_run_file_missing_for_a_moment_keeps_its_last_contents_until_gone_for_the_quiet_time(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``rm && cp`` (or a git checkout) replaces a per-run file: it is missing for a moment, and read
+    then, the directory fell back to the root policy at once (keeping less). Its last contents stay
+    until it has been missing for the quiet time, and the directory is due again then (no event may
+    come); a file never valid keeps blocking meanwhile. A one-shot prune reads the tree as it is."""
+    clock = [1000.0]
+    monkeypatch.setattr("ckpt_watcher.config_files.time.monotonic", lambda: clock[0])
+    run, bad = root / "run", root / "bad"
+    run.mkdir()
+    bad.mkdir()
+    override = write_settled(run / OVERRIDE_FILE_NAME, "save_top_k_checkpoints: 50\n")
+    invalid = write_settled(bad / OVERRIDE_FILE_NAME, "save_top_k_checkpoints: lots\n")
+    tree = default_tree(root)
+    strict = default_tree(root, strict=True)
+    assert (_top_k(tree, run), tree.for_directory(bad), _top_k(strict, run)) == (50, None, 50)
+
+    override.unlink()
+    invalid.unlink()
+    read_as_it_is = _top_k(strict, run)
+    with capture_logs() as logs:
+        while_missing = (_top_k(tree, run), tree.for_directory(bad))
+        due = tree.settling.take()
+        clock[0] += CONFIG_QUIET_SECONDS / 2
+        override.write_text("save_top_k_checkpoints: 50\n")  # back, just written: read once quiet
+        half_way = (_top_k(tree, run), tree.for_directory(bad))
+        clock[0] += CONFIG_QUIET_SECONDS
+        back = _top_k(tree, run)
+        gone = tree.for_directory(bad)
+    assert (while_missing, read_as_it_is) == ((50, None), 5)
+    assert set(due) == {run, bad}
+    assert half_way == (50, None)
+    assert back == 50
+    assert gone is not None
+    assert gone.policy.save_top_k_checkpoints == 5
+    assert [log["event"] for log in logs] == ["policy_unchanged"]
+
+    override.unlink()  # gone for good: the root policy, once it has been missing for the quiet time
+    answers = [_top_k(tree, run)]
+    clock[0] += CONFIG_QUIET_SECONDS
+    with capture_logs() as logs:
+        answers.append(_top_k(tree, run))
+    assert answers == [50, 5]
+    assert [log["event"] for log in logs] == ["policy_override_removed"]
 
 
 def test_a_policy_file_being_rewritten_is_reloaded_once_quiet(tmp_path: Path) -> None:
