@@ -18,7 +18,13 @@ from ckpt_watcher.compact import PackedHashes
 from ckpt_watcher.links import Link, LinkLister, LinkPins, link_reasons, list_links
 from ckpt_watcher.naming import Kind, Naming
 from ckpt_watcher.records import DELETING_PREFIX, TRASH_DIRECTORY_NAME
-from ckpt_watcher.scan import CompletenessCache, NamingLookup, ScanProblem, walk_directories
+from ckpt_watcher.scan import (
+    CompletenessCache,
+    NamingLookup,
+    ScanProblem,
+    is_group_directory,
+    walk_directories,
+)
 
 # A last.ckpt symlink missing from one listing is trusted gone only when a listing this much later
 # still misses it (Lightning replaces the link by unlink + symlink).
@@ -312,7 +318,7 @@ class GroupIndex:
         if parent != os.path.dirname(top):
             return {parent}  # inside a directory checkpoint or a leftover: no group is there or below
         for known in list(self.below(Path(top))):
-            if not os.path.isdir(known) or os.path.islink(known):
+            if is_group_directory(known) is False:  # (None: cannot be looked at now, which is not gone)
                 self.forget(known)
         if not self._is_own_group(Path(top), Path(parent)):
             return {parent}

@@ -367,9 +367,7 @@ class Reconciler:
                 raise ScanStopped(str(directory))
             groups.add(directory)
         self._problems.note(problems)
-        for known in self.index:
-            if known not in groups:
-                self.index.forget(known)
+        _forget_unwalked(self.index, groups, problems)
         self.index.clear_rechecks()
         self.tree.retain(groups)
         if not dry_run:
@@ -382,8 +380,9 @@ class Reconciler:
         effective: dict[Path, EffectivePolicy] = {}
         blocked: list[Path] = []
         for group in sorted(groups):
-            if not self.storage.is_group(group):
-                self.index.forget(group)
+            if not (is_group := self.storage.is_group(group)):
+                if is_group is False:  # gone (None: cannot be looked at now; what is known stays)
+                    self.index.forget(group)
                 continue
             value = self.tree.for_directory(group)
             state = self.index.state(group)
@@ -725,6 +724,17 @@ def _finish_leftovers(
     for group in sorted(groups):
         leftovers = storage.finish_leftovers(root, group, naming_for=tree.naming_for, reported=reported)
         result.leftovers_remaining += sum(not leftover.removed for leftover in leftovers)
+
+
+def _forget_unwalked(index: GroupIndex, walked: Collection[Path], problems: Iterable[ScanProblem]) -> None:
+    """Forget the known groups a full walk did not reach (gone, or no group any more), but for those
+    below a directory it found but could not list (``ScanProblem.unlisted``: EACCES): they are kept
+    as last known, the targets of their links and their protect_from configs in force, until that
+    directory can be listed again or is gone (a directory above that cannot be listed is not gone)."""
+    unknown = {group for problem in problems if problem.unlisted for group in index.below(problem.path)}
+    for known in index:
+        if known not in walked and known not in unknown:
+            index.forget(known)
 
 
 def _policies_read(tree: PolicyTree, index: GroupIndex, *, one_shot: bool) -> None:

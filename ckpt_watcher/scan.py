@@ -69,10 +69,12 @@ class ScanStopped(Exception):  # noqa: N818  (an outcome asked for, not an error
 
 @dataclass(frozen=True, slots=True)
 class ScanProblem:
-    """Something the scan could not read; logged, never fatal."""
+    """Something the scan could not read; logged, never fatal. ``unlisted``: a directory the walk
+    found there but could not list (EACCES), so what is below it is unknown, not gone."""
 
     path: Path
     message: str
+    unlisted: bool = False
 
 
 @dataclass
@@ -368,10 +370,25 @@ def walk_directories(
                 ]
         except FileNotFoundError:
             continue
-        except OSError as error:
-            problems.append(ScanProblem(directory, f"cannot list directory: {error.strerror}"))
+        except OSError as error:  # (not a directory now: gone as a group; else unreadable, not gone)
+            message = f"cannot list directory: {error.strerror}"
+            unlisted = not isinstance(error, NotADirectoryError)
+            problems.append(ScanProblem(directory, message, unlisted=unlisted))
             continue
         pending.extend(sorted(children, reverse=True))
+
+
+def is_group_directory(directory: Path) -> bool | None:
+    """True if ``directory`` is a directory of its own (a group, unless its name is a checkpoint's),
+    False if it is gone (or a file or a symlink now), None if that cannot be told now: a directory
+    above it cannot be searched (EACCES), which is not gone, so what is known about it stays."""
+    try:
+        status = os.lstat(directory)
+    except (FileNotFoundError, NotADirectoryError, ValueError):
+        return False
+    except OSError:
+        return None
+    return stat.S_ISDIR(status.st_mode)
 
 
 def scan_directory(  # noqa: C901  (opens, lists and closes the directory, with each way that can fail)

@@ -11,7 +11,6 @@ and deletes nothing (a partial listing could hide a ``.keep`` pin or the newest 
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -28,6 +27,7 @@ from ckpt_watcher.scan import (
     NamingLookup,
     ScanOptions,
     ScanProblem,
+    is_group_directory,
     scan_directory,
     walk_directories,
 )
@@ -51,8 +51,9 @@ class Storage(Protocol):
         """Every group below ``root`` (scan.walk_directories)."""
         ...
 
-    def is_group(self, directory: Path) -> bool:
-        """True while ``directory`` is still a group (a real directory, not a symlink)."""
+    def is_group(self, directory: Path) -> bool | None:
+        """True while ``directory`` is still a group (a real directory, not a symlink); None if that
+        cannot be told now (scan.is_group_directory: not gone, what is known about it stays)."""
         ...
 
     def scan_directory(
@@ -115,9 +116,9 @@ class LocalStorage:
         """scan.walk_directories."""
         return walk_directories(root, naming, problems)
 
-    def is_group(self, directory: Path) -> bool:
-        """A directory, and not a symlink to one."""
-        return os.path.isdir(directory) and not os.path.islink(directory)
+    def is_group(self, directory: Path) -> bool | None:
+        """A directory, and not a symlink to one (None: cannot be told now; scan.is_group_directory)."""
+        return is_group_directory(directory)
 
     def scan_directory(
         self,

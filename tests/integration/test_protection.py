@@ -17,7 +17,7 @@ from ckpt_watcher.overrides import PolicyTree
 from ckpt_watcher.policy import load_policy
 from ckpt_watcher.protection import ProtectionRegistry, read_config_protection
 from ckpt_watcher.reconcile import Reconciler, Trigger
-from tests.support.cli import prune_entries, run_cli
+from tests.support.cli import WITHOUT_READ_OVERRIDE, cli_command, prune_entries, run_cli
 from tests.support.daemon import running_daemon, wait_until
 from tests.support.factories import step_name, write_checkpoint, write_settled
 from tests.support.hostile_trees import bind, mount_namespace, mount_namespace_reason
@@ -481,6 +481,39 @@ class TestWatch:
             override.unlink()  # for good
             daemon.wait_for("policy_override_removed")
             wait_until(lambda: _names(run) == {written[-1]}, what="the root policy applied")
+            assert daemon.stop() == 0
+
+    def test_a_resume_source_named_below_a_directory_that_cannot_be_listed_stays_pinned(
+        self, tmp_path: Path
+    ) -> None:
+        """a/run1's per-run file names its training config, which fine-tunes from run2's oldest
+        checkpoint. Once ``a`` could not be listed, a full rescan forgot run1 and with it the config
+        (though the daemon said the previous protection stayed in force), and run2's next save
+        deleted the resume source. What the groups below it use stays until it can be listed."""
+        root = tmp_path / "checkpoint"
+        run1, run2 = root / "a" / "run1", root / "run2"
+        written = _steps(run2, [100, 200])
+        run1.mkdir(parents=True)
+        write_settled(run1 / ".ckpt-watcher.yaml", "protect_from: [train.yaml]\n")
+        write_settled(run1 / "train.yaml", f"pretrained_ckpt_path: ../../run2/{written[0]}\n")
+        policy = tmp_path / "policy.yaml"
+        policy.write_text("save_top_k_checkpoints: 1\n")
+        arguments = ("watch", str(root), "--policy", str(policy), "--settle", "0", "--rescan", "1")
+        command = [*WITHOUT_READ_OVERRIDE, *cli_command(*arguments)]
+        with running_daemon([], tmp_path / "log", command=command) as daemon:
+            daemon.wait_ready()
+            assert _names(run2) == set(written)
+            (root / "a").chmod(0)
+            try:
+                passes = len(daemon.events("pass_completed"))
+                daemon.wait_for(
+                    "pass_completed", lambda record: record["trigger"] == "rescan", count=passes + 2
+                )
+                _steps(run2, [300])
+                wait_until(lambda: not (run2 / written[1]).exists(), what="run2 pruned")
+                assert (run2 / written[0]).exists()
+            finally:
+                (root / "a").chmod(0o755)
             assert daemon.stop() == 0
 
 

@@ -198,6 +198,37 @@ def test_a_path_recreated_unreadable_is_waited_for_not_an_exit(root: Path, tmp_p
     assert unusable["error"] == "Permission denied"
 
 
+def test_a_run_below_a_directory_that_cannot_be_listed_keeps_what_its_link_protects(
+    root: Path, tmp_path: Path
+) -> None:
+    """a/run1/last.ckpt names run2's oldest checkpoint. Once ``a`` could not be listed (its owner made it
+    private), the next full rescan did not reach run1 and forgot it with the target its link protected,
+    and run2's count rule deleted that at its next save. The groups below a directory that cannot be
+    listed stay as last known until it can be listed again or is gone."""
+    run1, run2 = root / "a" / "run1", root / "run2"
+    _steps(run2, [100, 200])
+    run1.mkdir(parents=True)
+    os.symlink(f"../../run2/{step_name(0, 100)}", run1 / "last.ckpt")
+    policy = _write_policy(tmp_path / "policy.yaml", "save_top_k_checkpoints: 1\n")
+    arguments = ("watch", str(root), "--policy", str(policy), "--settle", "0", "--rescan", "1")
+    command = [*WITHOUT_READ_OVERRIDE, *cli_command(*arguments)]
+    with running_daemon([], tmp_path / "log", command=command) as daemon:
+        daemon.wait_ready()
+        assert _names(run2) == {step_name(0, 100), step_name(0, 200)}
+        (root / "a").chmod(0)
+        try:
+            rescans = len(daemon.events("pass_completed"))
+            daemon.wait_for("pass_completed", lambda record: record["trigger"] == "rescan", count=rescans + 2)
+            _steps(run1, [100])  # its writer may still search ``a``: an event names run1
+            _steps(run2, [300])
+            wait_until(lambda: not (run2 / step_name(0, 200)).exists(), what="run2 pruned")
+            assert (run2 / step_name(0, 100)).exists()
+        finally:
+            (root / "a").chmod(0o755)
+        assert daemon.stop() == 0
+    assert any(record["path"].endswith("/a") for record in daemon.events("scan_problem"))
+
+
 def test_polling_mode_prunes(root: Path, tmp_path: Path) -> None:
     arguments = ["watch", str(root), "--poll", "0.2", "--settle", "0.5"]
     with running_daemon(arguments, tmp_path / "log") as daemon:

@@ -9,7 +9,9 @@ import pytest
 
 from ckpt_watcher.groups import GroupIndex
 from ckpt_watcher.naming import DEFAULT_NAMING, Naming
+from ckpt_watcher.reconcile import _forget_unwalked
 from ckpt_watcher.records import DELETING_PREFIX
+from ckpt_watcher.scan import ScanProblem
 
 ROOT = Path("/ckpt")
 HUGGING_FACE = Naming.from_templates(step="checkpoint-{step}")
@@ -85,6 +87,31 @@ def test_forgetting_a_directory_forgets_its_subtree_and_its_memory() -> None:
     assert index.link_targets_outside(set()) == {}
     assert index.next_recheck() is None
     assert set(index.below(ROOT)) == {ROOT / "b"}
+
+
+def test_a_full_walk_keeps_the_groups_below_a_directory_it_could_not_list() -> None:
+    """``a`` is there but cannot be listed: a/x, a/x/deep are not reached, yet not gone, so they stay
+    with their configs and link targets; below ``b`` (a listing that failed as not a directory: gone)
+    and anything else the walk did not reach, they are forgotten."""
+    index = _index()
+    for name in ("a", "a/x", "a/x/deep", "b", "b/y", "c"):
+        index.state(ROOT / name)
+    index.set_protect_from(ROOT / "a" / "x", {Path("/configs/train.yaml"): "train.yaml"})
+    index.set_link_targets(ROOT / "a" / "x", {ROOT / "c" / "target.ckpt": "target of a/x/last.ckpt"})
+    problems = [
+        ScanProblem(ROOT / "a", "cannot list directory: Permission denied", unlisted=True),
+        ScanProblem(ROOT / "b", "cannot list directory: Not a directory"),
+    ]
+
+    _forget_unwalked(index, {ROOT, ROOT / "a", ROOT / "b"}, problems)
+
+    assert set(index) == {ROOT / "a", ROOT / "a" / "x", ROOT / "a" / "x" / "deep", ROOT / "b"}
+    assert index.configs() == {Path("/configs/train.yaml"): "train.yaml"}
+    assert index.link_targets_outside({ROOT / "c"}) == {ROOT / "c" / "target.ckpt": "target of a/x/last.ckpt"}
+
+    _forget_unwalked(index, {ROOT, ROOT / "a", ROOT / "b"}, [])  # listed again (a/x gone since)
+    assert set(index) == {ROOT / "a", ROOT / "b"}
+    assert index.configs() == {}
 
 
 def test_configs_are_the_union_of_every_groups_and_follow_changes() -> None:

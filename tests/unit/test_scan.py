@@ -18,7 +18,15 @@ from ckpt_watcher.integrity import COMPLETE
 from ckpt_watcher.naming import DEFAULT_NAMING
 from ckpt_watcher.policy import DEFAULT_POLICY
 from ckpt_watcher.records import CheckpointRecord, EntryType, FileIdentity
-from ckpt_watcher.scan import CompletenessCache, ScanOptions, scan_directory, scan_tree
+from ckpt_watcher.scan import (
+    CompletenessCache,
+    ScanOptions,
+    ScanProblem,
+    is_group_directory,
+    scan_directory,
+    scan_tree,
+    walk_directories,
+)
 from tests.support.factories import (
     best_name,
     directory_checkpoint,
@@ -465,3 +473,53 @@ def test_a_file_swapped_for_a_fifo_after_its_handle_is_never_opened_for_reading(
     assert swapped == [name]
     assert record.complete  # the inode looked at, read through its handle, not the FIFO now there
     assert stat.S_ISFIFO(os.stat(group / name).st_mode)
+
+
+def test_the_walk_tells_a_directory_it_cannot_list_from_one_that_is_no_directory_any_more(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What is below a directory that cannot be listed (EACCES) is unknown, not gone; one replaced by
+    a file since it was found (ENOTDIR) is gone. Both are problems; only the first is ``unlisted``."""
+    for name in ("private/run", "replaced", "open/run"):
+        (tmp_path / name).mkdir(parents=True)
+    failures = {
+        str(tmp_path / "private"): PermissionError(13, "Permission denied"),
+        str(tmp_path / "replaced"): NotADirectoryError(20, "Not a directory"),
+    }
+    scandir = os.scandir
+
+    def failing(path: Any) -> Any:
+        if str(path) in failures:
+            raise failures[str(path)]
+        return scandir(path)
+
+    monkeypatch.setattr("ckpt_watcher.scan.os.scandir", failing)
+    problems: list[ScanProblem] = []
+
+    walked = set(walk_directories(tmp_path, DEFAULT_NAMING, problems))
+
+    assert walked == {tmp_path / name for name in (".", "private", "replaced", "open", "open/run")}
+    assert {(problem.path.name, problem.unlisted) for problem in problems} == {
+        ("private", True),
+        ("replaced", False),
+    }
+
+
+def test_a_group_that_cannot_be_looked_at_is_not_taken_for_gone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "run").mkdir()
+    (tmp_path / "file").write_text("")
+    (tmp_path / "link").symlink_to(tmp_path / "run")
+    answers = {name: is_group_directory(tmp_path / name) for name in ("run", "file", "link", "gone")}
+    lstat = os.lstat
+
+    def unsearchable(path: Any, *arguments: Any, **keywords: Any) -> Any:
+        if str(path) == str(tmp_path / "run"):
+            raise PermissionError(13, "Permission denied")  # a directory above it made private
+        return lstat(path, *arguments, **keywords)
+
+    monkeypatch.setattr("ckpt_watcher.scan.os.lstat", unsearchable)
+
+    assert answers == {"run": True, "file": False, "link": False, "gone": False}
+    assert is_group_directory(tmp_path / "run") is None
