@@ -278,9 +278,12 @@ class BucketStorage:
         *,
         naming_for: NamingLookup,
         reported: set[tuple[int, int]] | None = None,
+        stop: threading.Event | None = None,
     ) -> list[LeftoverResult]:
         """bucket_delete.finish_bucket_leftovers (directory checkpoints whose deletion was cut short;
-        ``naming_for`` says which subdirectories of ``directory`` are checkpoints)."""
+        ``naming_for`` says which subdirectories of ``directory`` are checkpoints). ``stop`` is not
+        looked at: the reconcile core looks at it between two directories."""
+        del stop
         refusal = self.refusal()
         if refusal is not None:
             return []

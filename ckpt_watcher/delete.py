@@ -33,6 +33,7 @@ import structlog
 from ckpt_watcher.filesystem import (
     EntryStatus,
     Removal,
+    WalkStopped,
     remove_tree,
     rename_no_replace,
     status_at,
@@ -156,8 +157,11 @@ def apply_group(
 ) -> list[DeletionResult]:
     """Delete one group's planned files; never partially refuses the group for one bad file.
 
-    With ``stop``, the deletions end as soon as it is set: one result per deletion attempted. With
-    ``trash``, each is moved into the trash instead (removed at once where it cannot be).
+    With ``stop``, the deletions end as soon as it is set: one result per deletion done. A directory
+    checkpoint is left as it is if the stop comes while it is walked before its rename, and as its
+    leftover (``removal_interrupted``, finished by ``finish_leftovers``) if it comes during its
+    removal; neither has a result. With ``trash``, each is moved into the trash instead (removed at
+    once where it cannot be).
     """
     deletions = group.deletions
     if not deletions:
@@ -180,16 +184,24 @@ def apply_group(
         for decision in deletions:
             if stop is not None and stop.is_set():
                 break
-            results.append(_delete_guarded(directory_fd, decision, trash))
+            try:
+                results.append(_delete_guarded(directory_fd, decision, trash, stop))
+            except WalkStopped:
+                break
         return results
     finally:
         os.close(directory_fd)
 
 
-def _delete_guarded(directory_fd: int, decision: Decision, trash: TrashMover | None) -> DeletionResult:
-    """``_delete_one``, with any unexpected exception turned into a logged failure."""
+def _delete_guarded(
+    directory_fd: int, decision: Decision, trash: TrashMover | None, stop: threading.Event | None
+) -> DeletionResult:
+    """``_delete_one``, with any unexpected exception turned into a logged failure (WalkStopped, the
+    stop asked for, goes through)."""
     try:
-        return _delete_one(directory_fd, decision, trash)
+        return _delete_one(directory_fd, decision, trash, stop)
+    except WalkStopped:
+        raise
     except Exception as error:
         return _failed(decision, _unexpected(error))
 
@@ -212,7 +224,9 @@ def open_below_root(root: Path, directory: Path) -> int:
     return current
 
 
-def _delete_one(directory_fd: int, decision: Decision, trash: TrashMover | None) -> DeletionResult:
+def _delete_one(
+    directory_fd: int, decision: Decision, trash: TrashMover | None, stop: threading.Event | None
+) -> DeletionResult:
     record = decision.record
     name = record.name
     try:
@@ -226,7 +240,7 @@ def _delete_one(directory_fd: int, decision: Decision, trash: TrashMover | None)
     if not expected_type(status.st_mode) or now_identity != record.identity:
         return _changed(decision)
     if record.entry_type is EntryType.DIRECTORY:
-        return _remove_directory(directory_fd, decision, trash)
+        return _remove_directory(directory_fd, decision, trash, stop)
     if trash is not None:
         moved = _move_to_trash(trash, directory_fd, decision)
         if moved is not None:
@@ -338,11 +352,13 @@ def leftover_name(name: str, inode: int) -> str:
     return f"{DELETING_PREFIX}i{inode}-{name}"[:255]
 
 
-def _refuse_directory(directory_fd: int, decision: Decision) -> DeletionResult | None:
+def _refuse_directory(
+    directory_fd: int, decision: Decision, stop: threading.Event | None
+) -> DeletionResult | None:
     """Why a planned directory checkpoint must not be removed now (gone, changed, holding a mount
-    point), or None if it may be."""
+    point), or None if it may be. Raises WalkStopped once ``stop`` is set (nothing was touched)."""
     try:
-        summary = summarize_tree(decision.record.name, dir_fd=directory_fd)
+        summary = summarize_tree(decision.record.name, dir_fd=directory_fd, stop=stop)
     except FileNotFoundError:
         return _gone(decision)
     except OSError as error:
@@ -366,18 +382,21 @@ def _refuse_directory(directory_fd: int, decision: Decision) -> DeletionResult |
     return None
 
 
-def _remove_directory(directory_fd: int, decision: Decision, trash: TrashMover | None) -> DeletionResult:
+def _remove_directory(
+    directory_fd: int, decision: Decision, trash: TrashMover | None, stop: threading.Event | None
+) -> DeletionResult:
     """Remove a directory checkpoint: refuse one that holds a mount point, rename it out of the way in
     one step (into the trash, whole, when there is one), then remove the tree without ever leaving its
     file system.
 
     After the rename nothing carries the checkpoint's name, so a removal that fails halfway never leaves
     half a checkpoint that looks whole; it is reported as a failure naming what remains, and a later
-    pass (``finish_leftovers``) finishes it.
+    pass (``finish_leftovers``) finishes it. So does a removal ``stop`` cuts short (WalkStopped,
+    logged as ``removal_interrupted``); a stop during the walk before the rename leaves it untouched.
     """
     record = decision.record
     name = record.name
-    refused = _refuse_directory(directory_fd, decision)
+    refused = _refuse_directory(directory_fd, decision, stop)
     if refused is not None:
         return refused
     if trash is not None:
@@ -398,19 +417,32 @@ def _remove_directory(directory_fd: int, decision: Decision, trash: TrashMover |
         record.identity.inode,
     ):  # swapped in between the walk and the rename: not what was walked
         return _put_back(directory_fd, decision, doomed, None)
+    leftover = display_name(str(record.path.parent / doomed))
     try:
-        removal = remove_tree(doomed, dir_fd=directory_fd)
+        removal = remove_tree(doomed, dir_fd=directory_fd, stop=stop)
     except OSError as error:
         removal = Removal(removed=False, remains=[f". ({describe_os_error(error)})"])
+    except WalkStopped:
+        _log_interrupted(str(record.path), leftover, "renamed out of the way first")
+        raise
     if removal.removed:
         return _deleted(decision)
-    leftover = display_name(str(record.path.parent / doomed))
     remains = [display_name(item) for item in removal.remains]
     return _failed(
         decision,
         f"removed only in part; renamed to {leftover}, where {', '.join(remains)} remain(s); "
         "the rest is removed on a later pass",
         remains=remains,
+    )
+
+
+def _log_interrupted(path: str, left_as: str, detail: str) -> None:
+    """A removal a stop cut short: what is left is a leftover, finished at the next start."""
+    logger.info(
+        "removal_interrupted",
+        path=display_name(path),
+        left_as=display_name(left_as),
+        detail=f"asked to stop; {detail}, the rest is removed at the next start (or full pass)",
     )
 
 
@@ -427,7 +459,11 @@ _REPORTED_FOREIGN: set[tuple[int, int]] = set()
 
 
 def finish_leftovers(
-    root: Path, directory: Path, *, reported: set[tuple[int, int]] | None = None
+    root: Path,
+    directory: Path,
+    *,
+    reported: set[tuple[int, int]] | None = None,
+    stop: threading.Event | None = None,
 ) -> list[LeftoverResult]:
     """Finish removing checkpoints whose removal was interrupted (killed, or failed halfway): directory
     checkpoints, and files killed between their rename out of the way and their unlink.
@@ -435,6 +471,8 @@ def finish_leftovers(
     Only leftovers the tool can prove it made are touched (the inode in the name is the entry's
     own); any other ``.ckpt-watcher-deleting-*`` entry is kept and reported once (``reported`` holds
     the (device, inode) of those already reported). Never raises: a failure is a result, logged.
+    Once ``stop`` is set, the leftover being removed is left as it is (``removal_interrupted``), still
+    a leftover, and no other is begun.
     """
     results: list[LeftoverResult] = []
     try:
@@ -443,8 +481,10 @@ def finish_leftovers(
         return results
     try:
         for name in os.listdir(directory_fd):
+            if stop is not None and stop.is_set():
+                break
             if name.startswith(DELETING_PREFIX):
-                result = _finish_one(directory_fd, directory, name, reported)
+                result = _finish_one(directory_fd, directory, name, reported, stop)
                 if result is not None:
                     results.append(result)
     except Exception as error:
@@ -460,7 +500,11 @@ def finish_leftovers(
 
 
 def _finish_one(
-    directory_fd: int, directory: Path, name: str, reported: set[tuple[int, int]] | None
+    directory_fd: int,
+    directory: Path,
+    name: str,
+    reported: set[tuple[int, int]] | None,
+    stop: threading.Event | None,
 ) -> LeftoverResult | None:
     path = directory / name
     try:
@@ -482,15 +526,12 @@ def _finish_one(
     if stat.S_ISREG(status.mode):  # a file checked and renamed, then the process died: unlink it
         return _finish_file(directory_fd, path, name)
     try:
-        summary = summarize_tree(name, dir_fd=directory_fd)
-        if summary.mount_points:
-            removal = Removal(removed=False, remains=[f"{summary.mount_points[0]} (a mount point)"])
-        else:
-            removal = remove_tree(name, dir_fd=directory_fd)
-    except FileNotFoundError:
+        removal = _remove_leftover_tree(directory_fd, name, stop)
+    except WalkStopped:
+        _log_interrupted(str(path), str(path), "it is a leftover still")
+        return LeftoverResult(path, False, (". (asked to stop)",))
+    if removal is None:
         return None
-    except OSError as error:
-        removal = Removal(removed=False, remains=[f". ({describe_os_error(error)})"])
     remains = tuple(display_name(item) for item in removal.remains)
     if removal.removed:
         logger.info("leftover_removed", path=display_name(str(path)))
@@ -502,6 +543,20 @@ def _finish_one(
             detail="retried on a later pass",
         )
     return LeftoverResult(path, removal.removed, remains)
+
+
+def _remove_leftover_tree(directory_fd: int, name: str, stop: threading.Event | None) -> Removal | None:
+    """Remove a directory leftover unless it holds a mount point; None if it is gone already. Raises
+    WalkStopped once ``stop`` is set."""
+    try:
+        summary = summarize_tree(name, dir_fd=directory_fd, stop=stop)
+        if summary.mount_points:
+            return Removal(removed=False, remains=[f"{summary.mount_points[0]} (a mount point)"])
+        return remove_tree(name, dir_fd=directory_fd, stop=stop)
+    except FileNotFoundError:
+        return None
+    except OSError as error:
+        return Removal(removed=False, remains=[f". ({describe_os_error(error)})"])
 
 
 def _finish_file(directory_fd: int, path: Path, name: str) -> LeftoverResult | None:
@@ -538,19 +593,28 @@ def remove_leftovers(root: Path, directory: Path) -> None:
 
 @dataclass(frozen=True, slots=True)
 class TrashRemoval:
-    """What removing one thing the trash holds did: DELETED, ALREADY_GONE, CHANGED or FAILED."""
+    """What removing one thing the trash holds did: DELETED, ALREADY_GONE, CHANGED or FAILED (``stopped``:
+    a stop cut it short)."""
 
     outcome: Outcome
     error: str | None = None
+    stopped: bool = False
 
 
-def remove_trashed(dir_fd: int, name: str, *, expected: Callable[[EntryStatus], bool] | None) -> TrashRemoval:
+def remove_trashed(
+    dir_fd: int,
+    name: str,
+    *,
+    expected: Callable[[EntryStatus], bool] | None,
+    stop: threading.Event | None = None,
+) -> TrashRemoval:
     """Remove ``name`` in the open trash directory ``dir_fd``: a file is unlinked, a directory removed
     entry by entry, never following a symlink and never leaving its mount (``remove_tree``).
 
     ``expected`` says whether what is there (never following a symlink) is the entry that was trashed:
     anything else is CHANGED and left alone; None removes whatever is there (an interrupted purge's
-    leftover).
+    leftover). Once ``stop`` is set, a directory's removal ends (FAILED, ``stopped``): what remains
+    stays under ``name``, for the next purge to finish.
     Never raises.
     """
     try:
@@ -566,9 +630,11 @@ def remove_trashed(dir_fd: int, name: str, *, expected: Callable[[EntryStatus], 
         if not is_directory:
             os.unlink(name, dir_fd=dir_fd)
             return TrashRemoval(Outcome.DELETED)
-        removal = remove_tree(name, dir_fd=dir_fd)
+        removal = remove_tree(name, dir_fd=dir_fd, stop=stop)
     except FileNotFoundError:
         return TrashRemoval(Outcome.ALREADY_GONE)
+    except WalkStopped:
+        return TrashRemoval(Outcome.FAILED, "asked to stop before it was removed in full", stopped=True)
     except Exception as error:
         message = describe_os_error(error) if isinstance(error, OSError) else _unexpected(error)
         return TrashRemoval(Outcome.FAILED, message)

@@ -8,7 +8,9 @@ asked to, opens anything that is not a regular file, crosses into another mount,
   directory at a time (any depth, any path length): they go down with ``openat(O_NOFOLLOW)`` and back
   up by re-opening ``..`` and checking it is the directory they came from. A directory on another file
   system, or the root of another mount (a bind mount of the same file system has the same ``st_dev``,
-  so the mount identity from ``statx`` is compared too), is never entered.
+  so the mount identity from ``statx`` is compared too), is never entered. Given a ``stop`` event,
+  they look at it once a directory and every ``STOP_CHECKED_EVERY`` entries, and end with
+  ``WalkStopped`` once it is set (a daemon asked to stop does not first walk 300,000 files).
 * ``rename_no_replace`` moves an entry between two open directories and never replaces what is at the
   destination (``renameat2(RENAME_NOREPLACE)``): the trash's moves in and out.
 """
@@ -20,6 +22,7 @@ import errno
 import os
 import stat
 import struct
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
@@ -31,6 +34,7 @@ DIRECTORY_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC | 
 _READ_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
 _PATH_FLAG: int = getattr(os, "O_PATH", 0)
 REMAINS_SHOWN = 20
+STOP_CHECKED_EVERY = 256  # entries a tree walk handles between two looks at its stop event
 
 # statx(2): the mount a file is on (STATX_MNT_ID, Linux 5.8) and whether it is a mount's root.
 _AT_EMPTY_PATH = 0x1000
@@ -47,6 +51,10 @@ class NotRegularFileError(OSError):
 
 class TreeChangedError(OSError):
     """A directory moved while it was being walked; the walk stops rather than guess."""
+
+
+class WalkStopped(Exception):  # noqa: N818  (an outcome asked for, not an error)
+    """A tree walk ended early because its ``stop`` event was set; what it did so far stays done."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -356,11 +364,17 @@ def _open_top(name: str, dir_fd: int | None, follow_symlinks: bool) -> tuple[int
         raise
 
 
-def summarize_tree(name: str, *, dir_fd: int | None = None, follow_symlinks: bool = False) -> TreeSummary:
+def summarize_tree(
+    name: str,
+    *,
+    dir_fd: int | None = None,
+    follow_symlinks: bool = False,
+    stop: threading.Event | None = None,
+) -> TreeSummary:
     """Bytes of regular files, newest mtime, top-level names and mount points below ``name``.
 
     Raises OSError if ``name`` itself cannot be opened as a directory, TreeChangedError if the tree
-    is moved about during the walk.
+    is moved about during the walk, WalkStopped once ``stop`` is set.
     """
     top_fd, top = _open_top(name, dir_fd, follow_symlinks)
     cursor = _Cursor(top_fd, top)
@@ -368,13 +382,13 @@ def summarize_tree(name: str, *, dir_fd: int | None = None, follow_symlinks: boo
     try:
         if dir_fd is not None and _is_mount_of_its_own(top, dir_fd, name):
             summary.mount_points.append(".")  # the directory itself is another mount
-        pending = [_summarize_here(cursor, summary, top_level=True)]
+        pending = [_summarize_here(cursor, summary, stop, top_level=True)]
         while pending:
             if pending[-1]:
                 child = pending[-1].pop()
                 refusal = cursor.enter(child)
                 if refusal is None:
-                    pending.append(_summarize_here(cursor, summary, top_level=False))
+                    pending.append(_summarize_here(cursor, summary, stop, top_level=False))
                 elif refusal.startswith("a mount point"):
                     summary.mount_points.append(cursor.relative(child))
             else:
@@ -392,10 +406,13 @@ def _is_mount_of_its_own(top: EntryStatus, parent_fd: int, name: str) -> bool:
     return _Boundary(parent).crosses(top, parent_fd, name)
 
 
-def _summarize_here(cursor: _Cursor, summary: TreeSummary, *, top_level: bool) -> list[str]:
+def _summarize_here(
+    cursor: _Cursor, summary: TreeSummary, stop: threading.Event | None, *, top_level: bool
+) -> list[str]:
     """Account for the entries of the current directory; return its subdirectories to visit."""
     subdirectories: list[str] = []
-    for name in os.listdir(cursor.fd):
+    for count, name in enumerate(os.listdir(cursor.fd)):
+        _check_stop(stop, count)
         if top_level:
             summary.top_entries.add(name)
         try:
@@ -428,24 +445,26 @@ class Removal:
             self.remains.append(f"{path} ({reason})")
 
 
-def remove_tree(name: str, *, dir_fd: int) -> Removal:  # noqa: C901, PLR0912  (one iterative walk: each kind of entry and each way a removal can fail, handled where it happens)
+def remove_tree(name: str, *, dir_fd: int, stop: threading.Event | None = None) -> Removal:  # noqa: C901, PLR0912  (one iterative walk: each kind of entry and each way a removal can fail, handled where it happens)
     """Remove the directory ``name`` in ``dir_fd`` and everything in it, never leaving its mount.
 
     Entries are unlinked without following symlinks (a planted link is removed, not followed); a
     mount point is never entered, so it and its parents remain and the removal reports what is left.
-    Raises OSError only if ``name`` itself cannot be opened.
+    Raises OSError only if ``name`` itself cannot be opened, WalkStopped once ``stop`` is set (what
+    is not removed yet stays under ``name``: only a tree already renamed out of the way, whose
+    removal can be finished later, is handed a stop).
     """
     top_fd, top = _open_top(name, dir_fd, follow_symlinks=False)
     cursor = _Cursor(top_fd, top)
     removal = Removal(removed=False)
     try:
-        pending = [_clear_here(cursor, removal)]
+        pending = [_clear_here(cursor, removal, stop)]
         while pending:
             if pending[-1]:
                 child = pending[-1].pop()
                 refusal = cursor.enter(child)
                 if refusal is None:
-                    pending.append(_clear_here(cursor, removal))
+                    pending.append(_clear_here(cursor, removal, stop))
                 elif refusal != "vanished":
                     removal.note(cursor.relative(child), refusal)
             else:
@@ -474,7 +493,7 @@ def remove_tree(name: str, *, dir_fd: int) -> Removal:  # noqa: C901, PLR0912  (
     return removal
 
 
-def _clear_here(cursor: _Cursor, removal: Removal) -> list[str]:
+def _clear_here(cursor: _Cursor, removal: Removal, stop: threading.Event | None) -> list[str]:
     """Unlink every non-directory in the current directory; return the subdirectories to clear."""
     subdirectories: list[str] = []
     try:
@@ -482,7 +501,8 @@ def _clear_here(cursor: _Cursor, removal: Removal) -> list[str]:
     except OSError as error:
         removal.note(cursor.relative() or ".", f"cannot list it: {describe_os_error(error)}")
         return subdirectories
-    for name in names:
+    for count, name in enumerate(names):
+        _check_stop(stop, count)
         try:
             os.unlink(name, dir_fd=cursor.fd)
         except IsADirectoryError:
@@ -492,6 +512,13 @@ def _clear_here(cursor: _Cursor, removal: Removal) -> list[str]:
         except OSError as error:
             removal.note(cursor.relative(name), describe_os_error(error))
     return subdirectories
+
+
+def _check_stop(stop: threading.Event | None, count: int) -> None:
+    """Raise WalkStopped if ``stop`` is set, looking at it only at every ``STOP_CHECKED_EVERY``-th
+    entry of a directory (the first included, so a tree of small directories looks once each)."""
+    if stop is not None and count % STOP_CHECKED_EVERY == 0 and stop.is_set():
+        raise WalkStopped
 
 
 def real_path(path: str | os.PathLike[str]) -> Path:

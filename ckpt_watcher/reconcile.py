@@ -371,7 +371,9 @@ class Reconciler:
         self.index.clear_rechecks()
         self.tree.retain(groups)
         if not dry_run:
-            _finish_leftovers(self.storage, self.root, groups, self.tree, self._foreign_leftovers, result)
+            _finish_leftovers(
+                self.storage, self.root, groups, self.tree, self._foreign_leftovers, result, self._stop
+            )
         return groups
 
     def _policies(self, groups: Iterable[Path]) -> tuple[dict[Path, EffectivePolicy], list[Path]]:
@@ -718,12 +720,18 @@ def _finish_leftovers(
     tree: PolicyTree,
     reported: set[tuple[int, int]],
     result: PassResult,
+    stop: threading.Event | None,
 ) -> None:
     """Finish the removals a previous run left halfway in each group (only leftovers the tool can
-    prove it made: a bucket's manifest counts only inside a directory named as a checkpoint there)."""
+    prove it made: a bucket's manifest counts only inside a directory named as a checkpoint there).
+    A stop ends the pass here (ScanStopped); what remains is finished at the next start."""
     for group in sorted(groups):
-        leftovers = storage.finish_leftovers(root, group, naming_for=tree.naming_for, reported=reported)
+        leftovers = storage.finish_leftovers(
+            root, group, naming_for=tree.naming_for, reported=reported, stop=stop
+        )
         result.leftovers_remaining += sum(not leftover.removed for leftover in leftovers)
+        if stop is not None and stop.is_set():
+            raise ScanStopped(str(group))
 
 
 def _forget_unwalked(index: GroupIndex, walked: Collection[Path], problems: Iterable[ScanProblem]) -> None:

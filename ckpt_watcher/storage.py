@@ -93,10 +93,11 @@ class Storage(Protocol):
         *,
         naming_for: NamingLookup,
         reported: set[tuple[int, int]] | None = None,
+        stop: threading.Event | None = None,
     ) -> list[LeftoverResult]:
         """Finish removals a previous run left halfway (delete.finish_leftovers); never raises.
         ``naming_for``: the templates in force in a directory (what is a checkpoint there), asked
-        only where a leftover needs it."""
+        only where a leftover needs it; ``stop`` ends a long removal, leaving the rest for later."""
         ...
 
     def identities_of(self, pins: Mapping[Path, str]) -> dict[FileKey, str]:
@@ -156,10 +157,11 @@ class LocalStorage:
         *,
         naming_for: NamingLookup,
         reported: set[tuple[int, int]] | None = None,
+        stop: threading.Event | None = None,
     ) -> list[LeftoverResult]:
         """delete.finish_leftovers (a leftover here is named as one: ``naming_for`` is not needed)."""
         del naming_for
-        return finish_leftovers(root, directory, reported=reported)
+        return finish_leftovers(root, directory, reported=reported, stop=stop)
 
     def identities_of(self, pins: Mapping[Path, str]) -> dict[FileKey, str]:
         """protection.identities_of."""

@@ -323,7 +323,7 @@ def _purge_one(
     trash: TrashDirectory, entry: TrashEntry, why: str, result: PurgeResult, stop: threading.Event | None
 ) -> None:
     """Under the lock, rename the entry out of reach (``purging/<KEY>``) and drop its metadata; then,
-    without the lock, remove it."""
+    without the lock, remove it (a stop leaves what remains there, for the next purge's ``_tidy``)."""
     try:
         purging = trash.ensure(PURGING)
         with locked(trash, stop=stop):
@@ -348,7 +348,11 @@ def _purge_one(
                 detail=problem,
             )
         return
-    removal = remove_trashed(purging, entry.key, expected=entry.matches)
+    removal = remove_trashed(purging, entry.key, expected=entry.matches, stop=stop)
+    if removal.stopped:
+        result.interrupted = True
+        _log_interrupted(trash.root / entry.original, trash.path(PURGING, entry.key))
+        return
     if removal.outcome in (Outcome.DELETED, Outcome.ALREADY_GONE):
         result.purged.append(entry)
         logger.info(
@@ -367,6 +371,16 @@ def _purge_one(
         error=removal.error,
         detail=f"what remains is in {display_name(str(trash.path(PURGING, entry.key)))}; "
         "retried by the next purge",
+    )
+
+
+def _log_interrupted(path: Path, left_as: Path) -> None:
+    """A purge a stop cut short: what remains of the entry stays in ``purging/``."""
+    logger.info(
+        "removal_interrupted",
+        path=display_name(str(path)),
+        left_as=display_name(str(left_as)),
+        detail="asked to stop; the rest is removed by the next purge (at the next start)",
     )
 
 
@@ -407,19 +421,8 @@ def _take_out(trash: TrashDirectory, entry: TrashEntry, purging: int) -> str | N
 
 def _tidy(trash: TrashDirectory, now: float, stop: threading.Event | None) -> None:
     """Finish half-done purges, drop expired pins and temporaries a crash left."""
-    purging = trash.sub(PURGING)
-    if purging is not None:
-        for name in sorted(os.listdir(purging)):
-            if stop is not None and stop.is_set():
-                return
-            removal = remove_trashed(purging, name, expected=None)
-            if removal.outcome is Outcome.FAILED:
-                logger.error(
-                    "trash_purge_failed",
-                    path=display_name(str(trash.path(PURGING, name))),
-                    error=removal.error,
-                    detail="retried by the next purge",
-                )
+    if not _finish_purges(trash, stop):
+        return
     restored = trash.sub(RESTORED)
     if restored is not None:
         with locked(trash, stop=stop):
@@ -430,6 +433,28 @@ def _tidy(trash: TrashDirectory, now: float, stop: threading.Event | None) -> No
         directory = trash.sub(name)
         if directory is not None:
             _remove_stale_temporaries(directory, now)
+
+
+def _finish_purges(trash: TrashDirectory, stop: threading.Event | None) -> bool:
+    """Remove what purges a failure or a stop cut short left in ``purging/``; False if ``stop`` ended it."""
+    purging = trash.sub(PURGING)
+    if purging is None:
+        return True
+    for name in sorted(os.listdir(purging)):
+        if stop is not None and stop.is_set():
+            return False
+        removal = remove_trashed(purging, name, expected=None, stop=stop)
+        if removal.stopped:
+            _log_interrupted(trash.path(PURGING, name), trash.path(PURGING, name))
+            return False
+        if removal.outcome is Outcome.FAILED:
+            logger.error(
+                "trash_purge_failed",
+                path=display_name(str(trash.path(PURGING, name))),
+                error=removal.error,
+                detail="retried by the next purge",
+            )
+    return True
 
 
 def _remove_stale_temporaries(directory: int, now: float) -> None:

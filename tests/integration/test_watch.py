@@ -18,7 +18,15 @@ import pytest
 from ckpt_watcher.lock import PROC_LOCKS, holder_in_proc_locks
 from tests.support.cli import WITHOUT_READ_OVERRIDE, cli_command, run_cli
 from tests.support.daemon import DaemonProcess, only_child, running_daemon, wait_until
-from tests.support.factories import best_name, step_name, write_checkpoint, zip_bytes
+from tests.support.factories import (
+    backdate_tree,
+    best_name,
+    directory_checkpoint,
+    leftovers,
+    step_name,
+    write_checkpoint,
+    zip_bytes,
+)
 from tests.support.notify_socket import NotifySocket
 
 pytestmark = pytest.mark.timeout(120)
@@ -598,6 +606,49 @@ def test_sigterm_during_a_large_startup_reconcile_stops_between_deletions(
     planned = count - 5
     assert deleted < planned // 2, f"{deleted} of {planned} planned deletions were done after SIGTERM"
     assert len(_names(root)) == count - deleted
+
+
+def _many_small_files(checkpoint: Path, files: int) -> None:
+    """A DeepSpeed checkpoint's ZeRO shards, many and small (what takes long to remove is their number)."""
+    for index in range(files // 1000):
+        shards = checkpoint / "checkpoint" / f"d{index:03d}"
+        shards.mkdir()
+        for number in range(1000):
+            os.close(os.open(shards / f"zero_pp_rank_{number}_optim_states.pt", os.O_CREAT | os.O_WRONLY))
+
+
+@pytest.mark.slow
+def test_sigterm_while_a_huge_directory_checkpoint_is_removed_leaves_a_leftover_the_next_start_finishes(
+    root: Path, tmp_path: Path
+) -> None:
+    """SIGTERM once the checkpoint was renamed out of the way: its removal stops there (the daemon
+    removed all of its 300,000 files first); what remains is a leftover, never a checkpoint under its
+    own name, and the next start finishes it."""
+    run = root / "run"
+    old = directory_checkpoint(run / step_name(0, 100))
+    _many_small_files(old, 60_000)
+    newer = directory_checkpoint(run / step_name(0, 200))
+    backdate_tree(root)
+    policy = _write_policy(tmp_path / "policy.yaml", "save_top_k_checkpoints: 1\nsave_top_k_best: 1\n")
+    arguments = ["watch", str(root), "--policy", str(policy), "--settle", "0"]
+    with running_daemon(arguments, tmp_path / "first") as daemon:
+        wait_until(lambda: bool(leftovers(run)), timeout=120, what="the checkpoint renamed out of the way")
+        daemon.send(signal.SIGTERM)
+        assert daemon.process.wait(timeout=120) == 0
+        [interrupted] = daemon.events("removal_interrupted")
+        assert daemon.events("checkpoint_deleted") == daemon.events("checkpoint_delete_failed") == []
+
+    [leftover] = leftovers(run)
+    assert not old.exists()
+    assert interrupted["path"] == str(old)
+    assert interrupted["left_as"] == str(run / leftover)
+    assert next((run / leftover).rglob("zero_pp_rank_*"), None) is not None  # not removed in full
+    with running_daemon(arguments, tmp_path / "second") as daemon:
+        daemon.wait_ready(timeout=120)
+        assert [record["path"] for record in daemon.events("leftover_removed")] == [str(run / leftover)]
+        assert daemon.stop() == 0
+
+    assert sorted(os.listdir(run)) == [newer.name]
 
 
 def _in_user_namespace_with_inotify_watches(limit: int) -> list[str]:

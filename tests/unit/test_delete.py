@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from ckpt_watcher.records import DELETING_PREFIX
 from ckpt_watcher.scan import ScanOptions, scan_tree
 from tests.support.factories import directory_checkpoint, leftovers, step_name, write_checkpoint, zip_bytes
 from tests.support.hostile_trees import make_deep_directory, remove_deep, set_immutable
+from tests.support.stops import stop_as_it_begins
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -351,3 +353,85 @@ def test_a_directory_checkpoint_written_into_after_it_was_planned_is_kept(tmp_pa
     assert result.outcome is Outcome.CHANGED
     assert (old / "zero_to_fp32.py").exists()
     assert (old / "latest").exists()
+
+
+def _files_below(path: Path) -> list[str]:
+    return sorted(
+        os.path.relpath(os.path.join(top, name), path) for top, _, files in os.walk(path) for name in files
+    )
+
+
+def _many_shards(path: Path) -> Path:
+    return directory_checkpoint(path, {f"shard_{index:03d}.pt": b"s" * 64 for index in range(300)})
+
+
+def test_a_stop_during_the_walk_before_the_rename_leaves_the_checkpoint_as_it_is(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    old = _many_shards(tmp_path / "run" / step_name(0, 100))
+    deepspeed(tmp_path / "run" / step_name(0, 200))
+    the_plan = plan_of(tmp_path / "run")
+    files = _files_below(old)
+    stop = threading.Event()
+    stop_as_it_begins(monkeypatch, delete, "summarize_tree", stop)
+
+    with capture_logs() as logs:
+        applied = apply_plan(the_plan, tmp_path / "run", stop=stop)
+
+    assert applied.results == []
+    assert applied.interrupted
+    assert _files_below(old) == files  # untouched, under its own name
+    assert leftovers(tmp_path / "run") == []
+    assert [record["event"] for record in logs if "checkpoint" in record["event"]] == []
+    assert [record for record in logs if record["event"] == "removal_interrupted"] == []
+
+
+def test_a_stop_during_the_removal_leaves_a_leftover_the_next_pass_finishes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = tmp_path / "run"
+    old = _many_shards(run / step_name(0, 100))
+    deepspeed(run / step_name(0, 200))
+    the_plan = plan_of(run)
+    doomed = leftover_name(old.name, os.stat(old).st_ino)
+    stop = threading.Event()
+    stop_as_it_begins(monkeypatch, delete, "remove_tree", stop)
+
+    with capture_logs() as logs:
+        applied = apply_plan(the_plan, run, stop=stop)
+
+    assert applied.results == []  # neither deleted nor failed: cut short, finished later
+    assert applied.interrupted
+    assert not old.exists()  # never seen half deleted under its own name
+    assert leftovers(run) == [doomed]
+    assert len(_files_below(run / doomed)) > 300
+    [interrupted] = [record for record in logs if record["event"] == "removal_interrupted"]
+    assert interrupted["path"] == str(old)
+    assert interrupted["left_as"] == str(run / doomed)
+    assert [record["event"] for record in logs if record["event"].startswith("checkpoint_")] == []
+
+    monkeypatch.undo()
+    assert [(result.removed, result.remains) for result in finish_leftovers(run, run)] == [(True, ())]
+    assert sorted(os.listdir(run)) == [step_name(0, 200)]
+
+
+def test_a_stop_while_a_leftover_is_finished_leaves_it_for_the_next_pass(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    made = _many_shards(tmp_path / "run" / "made")
+    doomed = tmp_path / "run" / leftover_name(step_name(0, 100), os.stat(made).st_ino)
+    made.rename(doomed)
+    files = _files_below(doomed)
+    stop = threading.Event()
+    stop_as_it_begins(monkeypatch, delete, "remove_tree", stop)
+
+    with capture_logs() as logs:
+        results = finish_leftovers(tmp_path, tmp_path / "run", stop=stop)
+
+    assert [(result.path, result.removed) for result in results] == [(doomed, False)]
+    assert _files_below(doomed) == files
+    assert [(record["event"], record["path"]) for record in logs] == [("removal_interrupted", str(doomed))]
+
+    monkeypatch.undo()
+    assert [result.removed for result in finish_leftovers(tmp_path, tmp_path / "run")] == [True]
+    assert leftovers(tmp_path / "run") == []

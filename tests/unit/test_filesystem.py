@@ -1,4 +1,5 @@
-"""filesystem.py: only regular files are opened, and walks stop at mounts even without statx."""
+"""filesystem.py: only regular files are opened, walks stop at mounts even without statx, and at a stop
+request."""
 
 from __future__ import annotations
 
@@ -7,16 +8,20 @@ import json
 import os
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import pytest
 
 from ckpt_watcher.filesystem import (
+    STOP_CHECKED_EVERY,
     NotRegularFileError,
     PathResolver,
+    WalkStopped,
     _unescape_octal,
     open_regular,
     real_path,
+    remove_tree,
     summarize_tree,
 )
 from tests.support.cli import run_command
@@ -27,6 +32,7 @@ from tests.support.hostile_trees import (
     mount_namespace,
     mount_namespace_reason,
 )
+from tests.support.stops import StopAfter
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -71,6 +77,74 @@ def test_summary_of_a_plain_tree(tmp_path: Path) -> None:
     assert summary.bytes == 30
     assert summary.mount_points == []
     assert summary.top_entries == {"a"}
+
+
+def _shards(top: Path, directories: int = 4, files: int = 1000) -> int:
+    """A DeepSpeed-like tree of many small files; how many files it has."""
+    for index in range(directories):
+        (top / "checkpoint" / f"d{index}").mkdir(parents=True)
+        for number in range(files):
+            (top / "checkpoint" / f"d{index}" / f"f{number}").touch()
+    return directories * files
+
+
+def _files_below(top: Path) -> int:
+    return sum(len(files) for _, _, files in os.walk(top))
+
+
+def test_remove_tree_stops_midway_once_asked_and_leaves_the_rest(tmp_path: Path) -> None:
+    total = _shards(tmp_path / "doomed")
+    parent = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with pytest.raises(WalkStopped):
+            remove_tree("doomed", dir_fd=parent, stop=StopAfter(3))
+        remaining = _files_below(tmp_path / "doomed")
+
+        removal = remove_tree("doomed", dir_fd=parent)  # what a later pass does with the leftover
+    finally:
+        os.close(parent)
+
+    assert 0 < remaining < total  # some removed, the rest left under the name it was handed
+    assert removal.removed
+    assert not (tmp_path / "doomed").exists()
+
+
+def test_remove_tree_with_a_stop_already_set_removes_nothing(tmp_path: Path) -> None:
+    total = _shards(tmp_path / "doomed", directories=2, files=10)
+    stop = threading.Event()
+    stop.set()
+    parent = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with pytest.raises(WalkStopped):
+            remove_tree("doomed", dir_fd=parent, stop=stop)
+    finally:
+        os.close(parent)
+
+    assert _files_below(tmp_path / "doomed") == total
+
+
+def test_a_stop_never_set_is_looked_at_once_a_directory_and_every_so_many_entries(tmp_path: Path) -> None:
+    total = _shards(tmp_path / "doomed")
+    never = StopAfter(looks=10**9)
+    parent = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        summarize_tree("doomed", dir_fd=parent, stop=never)
+        walked = never.looks
+        removal = remove_tree("doomed", dir_fd=parent, stop=never)
+    finally:
+        os.close(parent)
+
+    assert removal.removed
+    directories = 6  # doomed, checkpoint, d0..d3
+    assert 0 < walked <= total // STOP_CHECKED_EVERY + directories
+    assert 0 < never.looks - walked <= total // STOP_CHECKED_EVERY + directories
+
+
+def test_summarize_tree_stops_once_asked(tmp_path: Path) -> None:
+    _shards(tmp_path / "tree", directories=2, files=10)
+
+    with pytest.raises(WalkStopped):
+        summarize_tree(str(tmp_path / "tree"), stop=StopAfter(2))
 
 
 @pytest.mark.skipif(mount_namespace_reason() is not None, reason=str(mount_namespace_reason()))

@@ -22,8 +22,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
+from ckpt_watcher import delete, trash_moves
 from ckpt_watcher import trash as trash_module
-from ckpt_watcher import trash_moves
 from ckpt_watcher.budget import Reclaimable
 from ckpt_watcher.delete import Outcome, apply_plan
 from ckpt_watcher.filesystem import EntryStatus, rename_no_replace
@@ -55,6 +55,7 @@ from ckpt_watcher.trash_moves import (
 )
 from ckpt_watcher.trash_pass import PURGE_RETRY_SECONDS, TrashPass
 from tests.support.factories import step_name, write_checkpoint
+from tests.support.stops import stop_as_it_begins
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -632,6 +633,56 @@ def test_purge_with_a_stop_set_ends_before_the_next_entry(tmp_path: Path) -> Non
 
     assert result.interrupted
     assert result.purged == []
+
+
+def test_a_stop_during_the_removal_of_a_purged_entry_leaves_it_for_the_next_purge(
+    tmp_path: Path, logs: list[MutableMapping[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    directory_checkpoint(tmp_path / step_name(0, 100), files=20)
+    directory_checkpoint(tmp_path / step_name(0, 200))
+    trash_everything_but_the_newest(tmp_path, grace=1)
+    stop = threading.Event()
+    stop_as_it_begins(monkeypatch, delete, "remove_tree", stop)
+
+    result = purge_due(tmp_path, now=NOW + 2, stop=stop)
+
+    assert result.interrupted
+    assert (result.purged, result.failed) == ([], [])
+    [key] = os.listdir(tmp_path / ".ckpt-trash" / "purging")
+    assert len(list((tmp_path / ".ckpt-trash" / "purging" / key / "checkpoint").iterdir())) == 20
+    [interrupted] = events(logs, "removal_interrupted")
+    assert interrupted["path"] == str(tmp_path / step_name(0, 100))
+    assert interrupted["left_as"] == str(tmp_path / ".ckpt-trash" / "purging" / key)
+    assert events(logs, "checkpoint_purged") == events(logs, "trash_purge_failed") == []
+
+    monkeypatch.undo()
+    purge_due(tmp_path, now=NOW + 3)  # out of restore's reach: finished by the next purge
+
+    assert os.listdir(tmp_path / ".ckpt-trash" / "purging") == []
+    assert events(logs, "trash_purge_failed") == []
+
+
+def test_a_stop_while_a_half_done_purge_is_finished_leaves_it_for_the_next(
+    tmp_path: Path, logs: list[MutableMapping[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    trash = open_trash(tmp_path, create=True)
+    assert trash is not None
+    with trash:
+        trash.ensure("purging")
+    leftover = tmp_path / ".ckpt-trash" / "purging" / make_key(NOW, 1)
+    (leftover / "deep").mkdir(parents=True)
+    (leftover / "deep" / "part").write_bytes(b"x")
+    stop = threading.Event()
+    stop_as_it_begins(monkeypatch, delete, "remove_tree", stop)
+
+    purge_due(tmp_path, now=NOW, stop=stop)
+
+    assert (leftover / "deep" / "part").exists()
+    assert [record["left_as"] for record in events(logs, "removal_interrupted")] == [str(leftover)]
+    assert events(logs, "trash_purge_failed") == []
+    monkeypatch.undo()
+    purge_due(tmp_path, now=NOW)
+    assert os.listdir(tmp_path / ".ckpt-trash" / "purging") == []
 
 
 def _status(mode: int, *, inode: int = 7, size: int = 1000, mtime_ns: int = 5) -> EntryStatus:
