@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import struct
+import threading
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -637,16 +638,23 @@ def _directory_layout(entries: set[str], name: str) -> tuple[str | None, str | N
 
 
 def check_directory(
-    path: str, name: str, *, quiet_seconds: float, now: float, dir_fd: int | None = None
+    path: str,
+    name: str,
+    *,
+    quiet_seconds: float,
+    now: float,
+    dir_fd: int | None = None,
+    stop: threading.Event | None = None,
 ) -> DirectoryVerdict:
     """Judge a directory checkpoint: its marker, and no file in it modified for ``quiet_seconds``.
 
     ``path`` is relative to ``dir_fd`` when given (then never through a symlink); ``name`` is the
     checkpoint's name (for its layout). The walk never leaves the checkpoint's own mount: one that holds
-    a mount point is never complete (so never deleted), whatever else it holds.
+    a mount point is never complete (so never deleted), whatever else it holds. It raises WalkStopped
+    once ``stop`` is set (no verdict).
     """
     try:
-        summary = summarize_tree(path, dir_fd=dir_fd, follow_symlinks=dir_fd is None)
+        summary = summarize_tree(path, dir_fd=dir_fd, follow_symlinks=dir_fd is None, stop=stop)
     except FileNotFoundError:
         return DirectoryVerdict(Completeness(False, "vanished while being checked", transient=True), None, 0)
     except OSError as error:

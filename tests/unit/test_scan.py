@@ -22,6 +22,7 @@ from ckpt_watcher.scan import (
     CompletenessCache,
     ScanOptions,
     ScanProblem,
+    ScanStopped,
     is_group_directory,
     scan_directory,
     scan_tree,
@@ -36,6 +37,7 @@ from tests.support.factories import (
     write_truncated,
 )
 from tests.support.hostile_trees import make_deep_directory, make_device, make_fifo, make_socket, remove_deep
+from tests.support.stops import StopAfter
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -523,3 +525,16 @@ def test_a_group_that_cannot_be_looked_at_is_not_taken_for_gone(
 
     assert answers == {"run": True, "file": False, "link": False, "gone": False}
     assert is_group_directory(tmp_path / "run") is None
+
+
+def test_a_stop_during_the_walk_of_a_directory_checkpoint_ends_the_scan(tmp_path: Path) -> None:
+    """The walk that sizes a directory checkpoint looks at the stop too: a DeepSpeed checkpoint of
+    300,000 files took seconds to walk, during which a SIGTERM waited."""
+    shards = {f"shard_{index:03d}.pt": b"s" for index in range(2 * 256)}
+    directory_checkpoint(tmp_path / step_name(0, 100), shards)
+    stop = StopAfter(looks=2)  # the scan's look before the entry, the walk's first: the stop comes after
+
+    with pytest.raises(ScanStopped):
+        scan_directory(tmp_path, tmp_path, NAMING, QUIET, stop=stop)
+
+    assert stop.looks > 2
