@@ -219,6 +219,15 @@ class OutputClosedError(BrokenPipeError):
     nothing more can be shown, so the pass ends, as a pipe's writer ends."""
 
 
+def _recheck_when_settled(
+    index: GroupIndex, group: Path, records: list[CheckpointRecord], wall_now: float
+) -> None:
+    """A file only waiting to settle is looked at again the moment it has."""
+    waits = [record.settles_at - wall_now for record in records if record.settles_at is not None]
+    if waits:
+        index.recheck(group, time.monotonic() + max(0.05, min(waits) + 0.05))
+
+
 def _alone(group: Path, result: PassResult, plan_group: Callable[[], None]) -> None:
     """Plan one group where an error nobody foresaw (a bug, an input no test has seen) costs that group
     this pass and nothing else: logged with its traceback (``group_failed``), counted in the result,
@@ -492,9 +501,7 @@ class Reconciler:
         self._problems.note(problems)
         if not self._one_shot:
             state.cache.retain(records)
-        waits = [record.settles_at - wall_now for record in records if record.settles_at is not None]
-        if waits:  # a file only waiting to settle is looked at again the moment it has
-            self.index.recheck(group, time.monotonic() + max(0.05, min(waits) + 0.05))
+        _recheck_when_settled(self.index, group, records, wall_now)
         result.detected += _log_news(state, records, detections=not self._one_shot)
         return records
 
@@ -505,9 +512,8 @@ class Reconciler:
         applied = ApplyResult(self.storage.apply_group(group_plan, self.root, stop=self._stop, trash=trash))
         applied.interrupted = len(applied.results) < len(group_plan.deletions)
         self.space.released(group_plan.directory, applied.bytes_freed)  # btrfs may show it only later
-        for result in applied.results:
-            if result.outcome is Outcome.CHANGED:  # changed since it was planned: plan it again soon
-                self.index.recheck(group_plan.directory, time.monotonic() + max(self._settle_seconds, 1.0))
+        if any(result.outcome is Outcome.CHANGED for result in applied.results):  # changed since planned:
+            self.index.recheck(group_plan.directory, time.monotonic() + max(self._settle_seconds, 1.0))
         return applied
 
     # -- what events mean -------------------------------------------------------------------------

@@ -187,7 +187,7 @@ class SpaceKeeper:
     def evicting(self, eviction: Eviction) -> None:
         """``eviction`` is applied (or shown, in a dry run): its checkpoint is no longer a candidate
         (if its deletion fails, the group's next plan says so)."""
-        self._drop_candidates(eviction.directory, {eviction.decision.record.path})
+        _drop_candidates(self._facts, eviction.directory, {eviction.decision.record.path})
 
     def still_short(self, eviction: Eviction) -> int:
         """Bytes its file system is short of now, read again (credited) just before ``eviction`` is
@@ -230,13 +230,6 @@ class SpaceKeeper:
                 self._facts.pop(group, None)
                 replan(group)
             groups = self._by_device().get(device, [])
-
-    def _drop_candidates(self, directory: Path, paths: set[Path]) -> None:
-        """Evicted checkpoints are no longer candidates (if a deletion fails, the next plan says so)."""
-        facts = self._facts.get(directory)
-        if facts is not None:
-            kept = tuple(candidate for candidate in facts.candidates if candidate.record.path not in paths)
-            self._facts[directory] = dataclasses.replace(facts, candidates=kept)
 
     def _read(self, device: int, groups: list[GroupSpace]) -> FileSystemSpace | None:
         """``statvfs`` of the file system (through the root if it is on it, else its first group),
@@ -440,6 +433,14 @@ def space_status(fs_plan: FreeSpacePlan) -> str:
         f"{human_bytes(free)} free on {display_name(str(fs_plan.space.path))} (keep_free "
         f"{human_bytes(fs_plan.keep_free_bytes)} + next save {human_bytes(fs_plan.next_save.bytes)})"
     )
+
+
+def _drop_candidates(facts_by_group: dict[Path, GroupSpace], directory: Path, paths: set[Path]) -> None:
+    """Evicted checkpoints are no longer candidates (if a deletion fails, the next plan says so)."""
+    facts = facts_by_group.get(directory)
+    if facts is not None:
+        kept = tuple(candidate for candidate in facts.candidates if candidate.record.path not in paths)
+        facts_by_group[directory] = dataclasses.replace(facts, candidates=kept)
 
 
 def _forget_gone_scopes(unmet: dict[tuple[str, str], tuple[int, int]], index: GroupIndex) -> None:
