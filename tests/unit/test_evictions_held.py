@@ -76,7 +76,7 @@ def _evict(evictions: list[Eviction], result: PassResult) -> list[str]:
 
 @pytest.fixture(autouse=True)
 def _always_short(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(reconcile, "still_short", lambda eviction: KIB)
+    monkeypatch.setattr(SpaceKeeper, "still_short", lambda self, eviction: KIB)
 
 
 def test_nothing_kept_is_evicted_where_a_planned_deletion_failed(
