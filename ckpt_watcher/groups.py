@@ -82,6 +82,16 @@ class GroupState:
     blocked: bool = False  # nothing is planned here (an invalid per-run policy, or held)
     held: bool = False  # a protect_from config its policy names exists but was never read
     kept: Tally | None = None  # None: nothing kept (most directories of a large tree hold no checkpoint)
+    # Its links reach beyond it (``reaches_beyond``): listed again in every pass, also one that plans
+    # other groups, as what they protect can change with no event here.
+    links_reach_beyond: bool = False
+
+
+def reaches_beyond(group: Path, links: Iterable[Link]) -> bool:
+    """Whether any of ``group``'s links protects something outside it: a target in another group (maybe
+    through another link, a ``latest`` directory link re-pointed with no event here), outside the root
+    (kept by identity) or not there at all. Lightning's own links stay in their directory."""
+    return any(link.target.parent != group or link.identity is not None or link.dangles for link in links)
 
 
 class GroupIndex:
@@ -231,17 +241,20 @@ class GroupIndex:
         from this listing or, for the groups outside the pass, as remembered."""
         pins = LinkPins()
         now = time.monotonic()
-        for group, naming in namings.items():
+        beyond = [group for group in self._linked - namings.keys() if self._states[group].links_reach_beyond]
+        listed = {**namings, **{group: self._naming_for(group) for group in beyond}}
+        for group, naming in listed.items():
             links = lister(group, self.root, naming)
             if links is None:  # cannot be listed now: what its links protected at its last listing stays
                 pins.add(self._states[group].link_targets if group in self._states else {}, owner=group)
                 continue
-            targets = link_reasons(links)
-            self.set_link_targets(group, targets)
+            targets, missing = link_reasons(links), self.last_link_pins(group, links, now)
+            self.set_link_targets(group, {**missing, **targets})  # (a pass that does not list it: these)
+            self.state(group).links_reach_beyond = bool(missing) or reaches_beyond(group, links)
             pins.add(targets, owner=group)
-            pins.add(self.last_link_pins(group, links, now))
+            pins.add(missing)
             pins.add_beyond_paths(group, links)
-        pins.add(self.link_targets_outside(set(namings)))
+        pins.add(self.link_targets_outside(set(listed)))
         return pins
 
     def link_targets_outside(self, groups: set[Path]) -> dict[Path, str]:

@@ -237,6 +237,36 @@ def test_a_run_below_a_directory_that_cannot_be_listed_keeps_what_its_link_prote
     assert any(record["path"].endswith("/a") for record in daemon.events("scan_problem"))
 
 
+@pytest.mark.parametrize("observer", [[], ["--poll-interval", "0.2"]], ids=["inotify", "polling"])
+def test_a_link_through_a_repointed_directory_link_protects_its_new_target(
+    root: Path, tmp_path: Path, observer: list[str]
+) -> None:
+    """run1/last.ckpt -> ../latest/<step 100>, ``latest`` a link to run2, re-pointed to run3 (as a
+    ``latest`` symlink is moved on): nothing happens in run1, yet its link now reaches run3. A save in
+    run3 made an event pass over run3 alone, which planned with run1's remembered target (in run2) and
+    deleted run3's step 100, leaving run1/last.ckpt dangling."""
+    run1, run2, run3 = root / "run1", root / "run2", root / "run3"
+    _steps(run2, [100])
+    _steps(run3, [50, 100])
+    run1.mkdir()
+    os.symlink("run2", root / "latest")
+    os.symlink(f"../latest/{step_name(0, 100)}", run1 / "last.ckpt")
+    policy = _write_policy(tmp_path / "policy.yaml", "save_top_k_checkpoints: 1\n")
+    arguments = ["watch", str(root), "--policy", str(policy), "--settle", "0", *observer]
+    with running_daemon(arguments, tmp_path / "log") as daemon:
+        daemon.wait_ready()
+        wait_until(lambda: not (run3 / step_name(0, 50)).exists(), what="run3's start-up prune")
+        assert _names(run3) == {step_name(0, 100)}  # run3's newest: kept by the count rule, for now
+        os.symlink("run3", root / "latest.new")
+        os.rename(root / "latest.new", root / "latest")  # no event in run1
+        _steps(run3, [150, 200])  # a save: an event pass over run3 (150 goes by the count rule)
+
+        wait_until(lambda: not (run3 / step_name(0, 150)).exists(), what="run3 pruned after the save")
+        assert _names(run3) == {step_name(0, 100), step_name(0, 200)}
+        assert (run1 / "last.ckpt").exists()
+        assert daemon.stop() == 0
+
+
 def test_polling_mode_prunes(root: Path, tmp_path: Path) -> None:
     arguments = ["watch", str(root), "--poll", "0.2", "--settle", "0.5"]
     with running_daemon(arguments, tmp_path / "log") as daemon:

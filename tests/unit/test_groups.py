@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from ckpt_watcher.groups import GroupIndex
+from ckpt_watcher.links import Link, LinkLister
 from ckpt_watcher.naming import DEFAULT_NAMING, Naming
 from ckpt_watcher.reconcile import _forget_unwalked
 from ckpt_watcher.records import DELETING_PREFIX
@@ -217,3 +218,64 @@ def test_a_stop_is_honoured_between_two_events() -> None:
     assert stop.is_set()
     assert naming.calls == 10  # the event in hand is finished, no other is begun
     assert len(touched) <= 10
+
+
+def _lister(links: dict[Path, list[Link]]) -> LinkLister:
+    """A storage's ``list_links`` over ``links`` (a group with none listed: no links)."""
+
+    def lister(group: Path, root: Path, naming: Naming) -> list[Link] | None:
+        return links.get(group, [])
+
+    return lister
+
+
+def _last(group: Path, target: Path) -> Link:
+    return Link("last.ckpt", str((group / "last.ckpt").relative_to(ROOT)), True, target)
+
+
+def test_a_link_into_another_group_is_listed_again_by_a_pass_that_plans_only_that_group() -> None:
+    """run1/last.ckpt -> ../latest/x, ``latest`` a directory link re-pointed from run2 to run3: run1
+    sees no event, yet what its link protects moved. A pass planning run3 alone used run1's remembered
+    target (run2/x), and deleted run3/x. A group whose links reach beyond it is listed again by every
+    pass."""
+    run1, run2, run3 = ROOT / "run1", ROOT / "run2", ROOT / "run3"
+    index = GroupIndex(ROOT, lambda _: DEFAULT_NAMING)
+    listing = {run1: [_last(run1, run2 / "x.ckpt")]}
+    every = dict.fromkeys((run1, run2, run3), DEFAULT_NAMING)
+    assert run2 / "x.ckpt" in index.link_pins(every, _lister(listing)).for_group(run2)
+
+    listing[run1] = [_last(run1, run3 / "x.ckpt")]  # ``latest`` re-pointed: no event in run1
+    pins = index.link_pins({run3: DEFAULT_NAMING}, _lister(listing))
+
+    assert pins.for_group(run3) == {run3 / "x.ckpt": "target of run1/last.ckpt"}
+
+
+def test_a_link_within_its_own_group_is_not_listed_again_by_other_passes() -> None:
+    run1, run2 = ROOT / "run1", ROOT / "run2"
+    index = GroupIndex(ROOT, lambda _: DEFAULT_NAMING)
+    listed: list[Path] = []
+
+    def lister(group: Path, root: Path, naming: Naming) -> list[Link] | None:
+        listed.append(group)
+        return [_last(run1, run1 / "x.ckpt")] if group == run1 else []
+
+    index.link_pins({run1: DEFAULT_NAMING, run2: DEFAULT_NAMING}, lister)
+    listed.clear()
+    index.link_pins({run2: DEFAULT_NAMING}, lister)
+
+    assert listed == [run2]  # Lightning's own links cost a pass over another group nothing
+
+
+def test_a_cross_group_last_link_missing_for_a_moment_protects_its_target_in_other_passes() -> None:
+    """run1/last.ckpt -> ../run2/x is replaced by unlink + symlink; a listing of run1 falls between the
+    two, and a pass over run2 alone follows, within the second the missing link keeps protecting."""
+    run1, run2 = ROOT / "run1", ROOT / "run2"
+    index = GroupIndex(ROOT, lambda _: DEFAULT_NAMING)
+    listing = {run1: [_last(run1, run2 / "x.ckpt")]}
+    index.link_pins({run1: DEFAULT_NAMING, run2: DEFAULT_NAMING}, _lister(listing))
+    listing[run1] = []  # unlinked: the next listing of run1 misses it
+    index.link_pins({run1: DEFAULT_NAMING}, _lister(listing))
+
+    pins = index.link_pins({run2: DEFAULT_NAMING}, _lister(listing))
+
+    assert run2 / "x.ckpt" in pins.for_group(run2)
