@@ -352,6 +352,10 @@ class PolicyTree:
             )
         else:
             policy = Policy.model_validate(settings)
+        if self.base.source is not None and not is_url(str(self.base.source)):
+            # The policy may be the trainer's own config: a resume key in it protects what it names,
+            # as in any protect_from config (not shown among the policy's own protect_from).
+            protect_from.setdefault(self.base.source, self.base.source_label)
         return EffectivePolicy(policy=policy, sources=tuple(sources), protect_from=protect_from)
 
 

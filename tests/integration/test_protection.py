@@ -258,6 +258,30 @@ def test_read_config_protection_resolves_both_bases(tmp_path: Path) -> None:
     )
 
 
+def test_a_policy_that_is_the_trainers_config_protects_its_own_resume_source(tmp_path: Path) -> None:
+    """The policy may be the trainer's own YAML (README: it "holds many other keys too"); a ckpt_path
+    in it named the checkpoint the run resumes from, and prune deleted it without a word."""
+    run = tmp_path / RUN
+    write_checkpoint(run / RESUME)
+    for step in range(2000, 4000, 500):
+        write_checkpoint(run / step_name(4, step))
+    policy = tmp_path / "configs" / "train_llada.yaml"
+    policy.parent.mkdir(parents=True)
+    policy.write_text(
+        f"model: llada-8b\nsave_top_k_checkpoints: 1\ntrainer:\n  ckpt_path: ../{RUN}/{RESUME}\n"
+    )
+
+    dry = run_cli("prune", "checkpoint", "--policy", str(policy), "--dry-run", "--json", cwd=tmp_path)
+    completed = run_cli("prune", "checkpoint", "--policy", str(policy), cwd=tmp_path)
+
+    assert prune_entries(dry, exit_code=0)[RESUME]["reasons"] == [
+        f"resume source in {policy} (trainer.ckpt_path)"
+    ]
+    assert completed.returncode == 0, completed.stderr
+    assert _names(run) == {RESUME, step_name(4, 3500)}
+    assert json.loads(dry.stdout)["policy"]["protect_from"] == []  # not one of the policy's settings
+
+
 @pytest.mark.parametrize(
     "value",
     [

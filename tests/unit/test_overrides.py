@@ -304,7 +304,8 @@ def test_configs_under_the_root_or_beside_the_policy_may_be_named(root: Path, tm
 
     assert tree.errors == []
     assert effective is not None
-    assert set(effective.protect_from) == {run / "train.yaml", configs / "train.yaml"}
+    # (and the policy itself: it may be the trainer's config, naming its own resume source)
+    assert set(effective.protect_from) == {run / "train.yaml", configs / "train.yaml", policy}
 
 
 def test_the_root_policy_may_name_any_config(root: Path, tmp_path: Path) -> None:
@@ -320,7 +321,7 @@ def test_the_root_policy_may_name_any_config(root: Path, tmp_path: Path) -> None
 
     assert tree.errors == []
     assert effective is not None
-    assert list(effective.protect_from) == [elsewhere]
+    assert list(effective.protect_from) == [elsewhere, policy]
 
 
 def test_messages_about_a_per_run_file_quote_positions_not_contents(root: Path, tmp_path: Path) -> None:
