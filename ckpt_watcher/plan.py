@@ -258,11 +258,33 @@ def plan(
                 directory,
                 groups[directory],
                 group_policies.get(directory, policy),
-                protected_in.get(directory, {}),
+                _with_pins_above(directory, groups[directory], protected_in.get(directory, {}), pins or {}),
             )
             for directory in sorted(groups)
         )
     )
+
+
+def _with_pins_above(
+    directory: Path,
+    members: list[CheckpointRecord],
+    in_group: dict[str, list[str]],
+    pins: Mapping[Path, str],
+) -> Mapping[str, list[str]]:
+    """``in_group``, plus, for every record, the reason of a pin that names ``directory`` itself or a
+    directory above it (``--protect run/``, a resume value naming a run directory): a pinned directory
+    keeps everything in it, in doubt, rather than nothing. Only pins given (not links to a directory:
+    a ``latest -> run2`` link must not stop retention in run2)."""
+    if not pins:
+        return in_group
+    above = [
+        f"{pins[holder]} (everything in {holder.name})"
+        for holder in (directory, *directory.parents)
+        if holder in pins
+    ]
+    if not above:
+        return in_group
+    return {**in_group, **{record.name: [*in_group.get(record.name, ()), *above] for record in members}}
 
 
 def _identity_reason(pinned: Mapping[tuple[int, int], str], record: CheckpointRecord) -> str | None:

@@ -777,3 +777,18 @@ def test_a_held_config_no_policy_names_any_more_releases_every_group(
 
     assert _names(run_a) == set(written_a[2:])
     assert sum(record["groups"] for record in _events(captured, "deletions_released")) == 3
+
+
+def test_protect_naming_a_run_directory_keeps_every_checkpoint_in_it(tmp_path: Path) -> None:
+    run, other = tmp_path / "root" / "run", tmp_path / "root" / "other"
+    for directory in (run, other):
+        for step in (100, 200, 300):
+            write_checkpoint(directory / step_name(0, step))
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("save_top_k_checkpoints: 1\n")
+
+    completed = run_cli("prune", str(tmp_path / "root"), "--policy", str(policy), "--protect", str(run))
+
+    assert completed.returncode == 0, completed.stderr
+    assert _names(run) == {step_name(0, step) for step in (100, 200, 300)}
+    assert _names(other) == {step_name(0, 300)}

@@ -1418,3 +1418,35 @@ def test_a_link_into_a_directory_checkpoint_keeps_that_checkpoint() -> None:
     assert own[DIRECTORY_CHECKPOINTS[0]].reasons == (f"holds {INSIDE}: target of run/last.ckpt",)
     assert elsewhere[DIRECTORY_CHECKPOINTS[0]].reasons == (f"holds {INSIDE}: target of stage2/last.ckpt",)
     assert own[DIRECTORY_CHECKPOINTS[1]].action is elsewhere[DIRECTORY_CHECKPOINTS[1]].action is Action.DELETE
+
+
+def test_a_pinned_directory_keeps_everything_in_it_and_below() -> None:
+    """``--protect root/run`` (a directory): it protected nothing, and the run was pruned without a
+    word. A pin that names a directory keeps every checkpoint in it and in the directories below."""
+    run, nested, other = Path("/ckpt/run"), Path("/ckpt/run/stage2"), Path("/ckpt/other")
+    group = [
+        make_record(step_name(0, step), directory) for directory in (run, nested, other) for step in (1, 2)
+    ]
+    pins = {run: "protected by --protect /ckpt/run"}
+
+    decisions = plan(group, Policy(save_top_k_checkpoints=1), pins).decisions
+
+    kept = {(d.record.directory, d.record.name) for d in decisions if d.action is Action.KEEP}
+    assert kept == {
+        (run, step_name(0, 1)),
+        (run, step_name(0, 2)),
+        (nested, step_name(0, 1)),
+        (nested, step_name(0, 2)),
+        (other, step_name(0, 2)),
+    }
+    reasons = next(d.reasons for d in decisions if d.record.directory == nested and d.record.step == 1)
+    assert reasons == ("protected by --protect /ckpt/run (everything in run)",)
+
+
+def test_a_link_to_a_directory_keeps_nothing_in_it_for_that() -> None:
+    """A ``latest -> run`` link (a directory) must not stop retention in the run it names."""
+    run = Path("/ckpt/run")
+    latest = make_record("latest", Path("/ckpt"), entry_type=EntryType.SYMLINK, link_target=run)
+    group = [latest, *(make_record(step_name(0, step), run) for step in (1, 2))]
+    result = by_name(plan(group, Policy(save_top_k_checkpoints=1)))
+    assert result[step_name(0, 1)].action is Action.DELETE
