@@ -375,14 +375,21 @@ def _free(status: os.statvfs_result) -> int:
     return status.f_bavail * status.f_frsize
 
 
+def free_space(path: Path) -> int | None:
+    """Bytes available to a writer that is not root on ``path``'s file system (df's Avail); None if
+    it cannot be read."""
+    try:
+        status = os.statvfs(path)
+    except (OSError, ValueError):
+        return None
+    return _free(status)
+
+
 def _credited_free(ledger: ReleaseLedger, device: int, path: Path) -> int | None:
     """The free space on ``path``'s file system now, credited with its unseen releases; None if it
     cannot be read."""
-    try:
-        status = os.statvfs(path)
-    except OSError:
-        return None
-    return ledger.credited(device, _free(status), time.monotonic())
+    free = free_space(path)
+    return None if free is None else ledger.credited(device, free, time.monotonic())
 
 
 def _unless_shown(ledger: ReleaseLedger, device: int, directory: Path, release: Release) -> None:

@@ -10,7 +10,6 @@ byte budget in force at the root (``budget_in_force``; "none" until the policy s
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ from ckpt_watcher.notify import Liveness
 from ckpt_watcher.policy import Policy
 from ckpt_watcher.reconcile import PassResult
 from ckpt_watcher.sizes import human_bytes
-from ckpt_watcher.space import space_status
+from ckpt_watcher.space import free_space, space_status
 
 if TYPE_CHECKING:
     from ckpt_watcher.session import Session
@@ -74,13 +73,7 @@ def budget_in_force(policy: Policy) -> str:
 
 def free_bytes(root: Path | None) -> int | None:
     """Bytes available on the file system holding ``root`` (df's Avail); None if it cannot be told."""
-    if root is None:
-        return None
-    try:
-        status = os.statvfs(root)
-    except (OSError, ValueError):
-        return None
-    return status.f_bavail * status.f_frsize
+    return None if root is None else free_space(root)
 
 
 def pass_fields(result: PassResult, *, free: int | None, budget: str) -> dict[str, Any]:
