@@ -435,9 +435,8 @@ class Reconciler:
         result.space, evictions = self.space.relieve(
             lambda group: self._replan(group, context), dry_run=dry_run, stop=self._stopping
         )
-        reclaimed = [item.key for fs_plan in result.space for item in fs_plan.reclaimed]
-        if reclaimed and not dry_run:  # the trash goes first, oldest first, before any kept checkpoint
-            result.add_purge(self.trash.reclaim(reclaimed))
+        if any(fs_plan.reclaimed for fs_plan in result.space) and not dry_run:  # the trash goes first
+            result.add_purge(self.space.reclaim(result.space, self.trash.reclaim))  # oldest first
         apply = None if dry_run else functools.partial(self._apply, grace_seconds=0)  # never trashed
         _evict(evictions, self.space, apply, self.index, result)
         result.budget_unmet_bytes = self.space.unmet_bytes()

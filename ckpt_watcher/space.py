@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import structlog
 
@@ -52,6 +52,9 @@ from ckpt_watcher.policy import Policy
 from ckpt_watcher.records import TRASH_DIRECTORY_NAME, display_name
 from ckpt_watcher.releases import Release, ReleaseLedger
 from ckpt_watcher.sizes import human_bytes
+
+if TYPE_CHECKING:
+    from ckpt_watcher.trash_moves import PurgeResult
 
 logger = structlog.get_logger("ckpt_watcher.space")
 
@@ -137,14 +140,7 @@ class SpaceKeeper:
     def _note_size(self, group: Path, verdict: SizeVerdict | None) -> None:
         unmet = verdict.unmet_bytes if verdict is not None else 0
         limit = verdict.limit if verdict is not None else 0
-        detail = ""
-        if verdict is not None and unmet:
-            kept = verdict.kept_bytes - verdict.evicted_bytes
-            detail = (
-                f"its kept checkpoints take {human_bytes(kept)}, {human_bytes(unmet)} over max_size "
-                f"{human_bytes(limit)} once everything that may go is evicted; "
-                f"{_remaining_text(verdict.remaining)} may not be evicted"
-            )
+        detail = _max_size_detail(verdict) if verdict is not None and unmet else ""
         self._note(("max_size", str(group)), unmet, limit, detail, directory=display_name(str(group)))
 
     # -- the free-space step -----------------------------------------------------------------------
@@ -200,6 +196,13 @@ class SpaceKeeper:
             return -1
         self._before[eviction.directory] = (space.device, free)
         return eviction.file_system.short_now(free)
+
+    def reclaim(
+        self, plans: Sequence[FreeSpacePlan], purge: Callable[[list[str]], PurgeResult]
+    ) -> PurgeResult:
+        """``purge`` the trash entries ``plans`` take, each file system's free space read first: what
+        the purge frees and ``statvfs`` does not show yet (btrfs) is a release, as for an eviction."""
+        return _reclaimed(self._released, plans, purge)
 
     def released(self, directory: Path, freed: int) -> None:
         """``freed`` bytes were just deleted in ``directory``, its free space read just before (an
@@ -326,7 +329,39 @@ class SpaceKeeper:
             logger.info("budget_met", budget=scope[0], **where)
 
 
+def _max_size_detail(verdict: SizeVerdict) -> str:
+    """What a ``budget_unmet`` record of an unmet ``max_size`` says."""
+    kept = verdict.kept_bytes - verdict.evicted_bytes
+    return (
+        f"its kept checkpoints take {human_bytes(kept)}, {human_bytes(verdict.unmet_bytes)} over max_size "
+        f"{human_bytes(verdict.limit)} once everything that may go is evicted; "
+        f"{_remaining_text(verdict.remaining)} may not be evicted"
+    )
+
+
 # -- releases statvfs may not show yet (releases.py) --------------------------------------------------
+
+
+def _reclaimed(
+    ledger: ReleaseLedger, plans: Sequence[FreeSpacePlan], purge: Callable[[list[str]], PurgeResult]
+) -> PurgeResult:
+    """Purge what ``plans`` reclaim from the trash; the bytes each file system's purged entries held
+    are a release there (read before the purge), unless the free space read after it shows them."""
+    reclaiming = [fs_plan for fs_plan in plans if fs_plan.reclaimed]
+    before = {
+        fs_plan.space.device: (
+            fs_plan.space.path,
+            _credited_free(ledger, fs_plan.space.device, fs_plan.space.path),
+        )
+        for fs_plan in reclaiming
+    }
+    result = purge([item.key for fs_plan in reclaiming for item in fs_plan.reclaimed])
+    now = time.monotonic()
+    for device, (path, free) in before.items():
+        freed = sum(entry.bytes for entry in result.purged if entry.device == device)
+        if freed and free is not None:
+            _unless_shown(ledger, device, path, Release(now, freed, free))
+    return result
 
 
 def _dry_run_frees(

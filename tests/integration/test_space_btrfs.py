@@ -9,6 +9,7 @@ stale reading is what is tested, whatever the machine's speed). Skipped without 
 
 from __future__ import annotations
 
+import datetime
 import os
 import shutil
 import subprocess
@@ -123,3 +124,41 @@ def test_prune_counts_what_its_count_rules_just_deleted_though_btrfs_does_not_sh
     assert all(reason.startswith("outside newest 4 step checkpoints") for reason in reasons), reasons
     assert left(run) == [step_name(0, step) for step in STEPS[4:]]
     assert events(completed.stderr, "budget_unmet") == []
+
+
+def test_the_daemon_does_not_evict_for_trash_it_just_purged_that_btrfs_shows_freed_only_later(
+    btrfs: Path, tmp_path: Path
+) -> None:
+    """A trash entry is reclaimed for a shortfall, before any kept checkpoint: its purge frees space
+    btrfs shows only at its commit. The next passes (a change in the run, the free-space checks)
+    credit what the purge released and evict no kept checkpoint for the same shortfall."""
+    run = btrfs / "run"
+    size = checkpoints(run)
+    trashing = tmp_path / "trashing.yaml"
+    trashing.write_text("save_top_k_checkpoints: 7\ntrash: {grace: 1h}\n")
+    moved = run_cli("prune", str(btrfs), "--policy", str(trashing))
+    assert moved.returncode == 0, moved.stderr
+    assert len(events(moved.stderr, "checkpoint_trashed")) == 1  # a rename: it frees nothing yet
+    os.sync()
+    keep_free = free_bytes(btrfs) - size + MIB  # + the next save (as large): 1 MiB short
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(f"save_top_k_checkpoints: 20\nkeep_free: {keep_free}\ntrash: {{grace: 1h}}\n")
+    arguments = ["--log-level", "debug", "watch", str(btrfs), "--policy", str(policy)]
+    with running_daemon(arguments, tmp_path / "log") as daemon:
+        daemon.wait_ready()
+        assert len(daemon.events("checkpoint_purged")) == 1  # the start-up pass took the trash first
+        noted = datetime.datetime.now(datetime.UTC)
+        (run / "notes.txt").write_text("a change in the run starts a pass\n")
+        daemon.wait_for(
+            "pass_completed",
+            lambda record: (
+                record["trigger"] == "event" and datetime.datetime.fromisoformat(record["timestamp"]) >= noted
+            ),
+        )
+        assert daemon.stop() == 0
+    deleted = [Path(str(record["path"])).name for record in daemon.events("checkpoint_deleted")]
+    assert deleted == []
+    assert left(run) == [step_name(0, step) for step in STEPS[1:]]
+    credited = daemon.events("free_space_credited")
+    assert credited, "the pass after the purge planned with the bytes it released"
+    assert credited[-1]["credited_bytes"] >= size
