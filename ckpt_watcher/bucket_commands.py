@@ -22,7 +22,7 @@ from ckpt_watcher.locations import StorageURL, shown_as_url
 from ckpt_watcher.metrics import DaemonFigures
 from ckpt_watcher.naming import Naming
 from ckpt_watcher.object_store import BackendMissingError, ObjectStore, StoreError, open_store
-from ckpt_watcher.policy import LoadedPolicy, Policy
+from ckpt_watcher.policy import LoadedPolicy, Policy, PolicyCheck
 from ckpt_watcher.protection import command_line_pins
 from ckpt_watcher.reconcile import PassResult, prune_once
 from ckpt_watcher.report import render_json, render_trash_table, trash_list_document
@@ -71,6 +71,20 @@ def refusals_in_runs(store: ObjectStore) -> Callable[[LoadedPolicy], list[str]]:
 
     def refused(loaded: LoadedPolicy) -> list[str]:
         return refused_on_a_bucket(loaded.policy, copies=copies)
+
+    return refused
+
+
+def refusals_when_invalid(url: StorageURL) -> PolicyCheck:
+    """What ``url``'s bucket refuses of a root policy refused for other problems too, so that one
+    message lists them all (nothing if the backend is missing: that is said once the policy is fixed)."""
+
+    def refused(partial: LoadedPolicy) -> list[str]:
+        try:
+            store = open_store(url)
+        except BackendMissingError:
+            return []
+        return refused_on_a_bucket(partial.policy, copies=store.conditional_writes)
 
     return refused
 

@@ -28,10 +28,11 @@ from ckpt_watcher.lock import LockHeldError
 from ckpt_watcher.logs import LEVELS, configure_logging, describe_os_error
 from ckpt_watcher.memory import no_cyclic_collection
 from ckpt_watcher.notify import Notifier
+from ckpt_watcher.overrides import root_configs
 from ckpt_watcher.plan import GroupPlan
-from ckpt_watcher.policy import POLICY_DESCRIPTIONS, PolicyError
+from ckpt_watcher.policy import POLICY_DESCRIPTIONS, PolicyCheck, PolicyError
 from ckpt_watcher.policy_file import InvalidPolicyFilesError, load_policy_logged
-from ckpt_watcher.protection import command_line_pins
+from ckpt_watcher.protection import command_line_pins, unreadable_configs
 from ckpt_watcher.reconcile import OutputClosedError, PassResult, prune_once
 from ckpt_watcher.records import display_name
 from ckpt_watcher.report import (
@@ -457,7 +458,7 @@ def resolve_root(path: Path) -> Path:
 
 def run_prune(arguments: argparse.Namespace) -> int:
     """``prune``: one strict reconcile pass (with --dry-run: nothing applied), as a table or JSON."""
-    loaded = load_policy_logged(arguments.policy)
+    loaded = load_policy_logged(arguments.policy, when_invalid=_checks_made_later(arguments.path, prune=True))
     progress = PassProgress(terminal.current) if terminal.current is not None else None
     with no_cyclic_collection():
         if isinstance(arguments.path, StorageURL):
@@ -508,6 +509,20 @@ def run_prune(arguments: argparse.Namespace) -> int:
                 space=result.space,
             )
     return _prune_exit(result)
+
+
+def _checks_made_later(location: Path | StorageURL, *, prune: bool) -> list[PolicyCheck]:
+    """What ``prune`` (or ``watch``) checks of a valid root policy only later, made at once of one
+    refused anyway, so that one message lists every problem: what a bucket refuses (``watch URL``,
+    ``prune URL``) and the protect_from configs that cannot be read (``prune``, which stops at one;
+    the daemon logs ``protection_rejected`` and goes on)."""
+    if isinstance(location, StorageURL):
+        from ckpt_watcher.bucket_commands import refusals_when_invalid  # noqa: PLC0415  (fsspec: URLs only)
+
+        return [refusals_when_invalid(location)]
+    if not prune:
+        return []
+    return [lambda partial: unreadable_configs(root_configs(partial))]
 
 
 def _prune_exit(result: PassResult) -> int:
@@ -567,7 +582,9 @@ def run_watch(arguments: argparse.Namespace) -> int:
     from ckpt_watcher.place import WatchOptions  # noqa: PLC0415
     from ckpt_watcher.supervisor import supervise  # noqa: PLC0415
 
-    loaded = load_policy_logged(arguments.policy)
+    loaded = load_policy_logged(
+        arguments.policy, when_invalid=_checks_made_later(arguments.path, prune=False)
+    )
     figures = DaemonFigures()
     try:
         metrics = start_metrics(arguments.metrics, figures) if arguments.metrics is not None else None

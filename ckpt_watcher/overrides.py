@@ -27,9 +27,9 @@ from ckpt_watcher.config_files import QuietFiles
 from ckpt_watcher.filesystem import real_path
 from ckpt_watcher.locations import LocationError, StorageURL, is_url, parse_location
 from ckpt_watcher.naming import Naming
-from ckpt_watcher.policy import LoadedPolicy, Policy, PolicyError, load_policy
+from ckpt_watcher.policy import LoadedPolicy, Policy, PolicyCheck, PolicyError, load_checked_policy
 from ckpt_watcher.policy_file import OutcomeListener, log_loaded, log_rejected, log_warnings
-from ckpt_watcher.protection import ConfigLabel
+from ckpt_watcher.protection import ConfigLabel, unreadable_configs
 from ckpt_watcher.records import FileIdentity
 
 logger = structlog.get_logger("ckpt_watcher.overrides")
@@ -276,12 +276,17 @@ class PolicyTree:
             if cached.good is not None:
                 logger.info("policy_override_removed", source=str(path))
             return None
+        checks: list[PolicyCheck] = [lambda loaded: _outside_root(self, directory, loaded)]
+        if self.refuse is not None:
+            checks.append(self.refuse)
+        # (prune: the configs of a file refused anyway are read now, as the pass reads none of them)
+        unread: list[PolicyCheck] = (
+            [lambda loaded: _unreadable(self, directory, loaded)] if self.strict else []
+        )
         try:
-            loaded = load_policy(path, quote_contents=False, read=self.files.read_text)
-            self._check_protect_from(directory, loaded, str(path))
-            refused = self.refuse(loaded) if self.refuse is not None else []
-            if refused:
-                raise PolicyError(str(path), refused)
+            loaded = load_checked_policy(
+                path, checks, when_invalid=unread, quote_contents=False, read=self.files.read_text
+            )
         except PolicyError as error:
             layer = _rejected_layer(self, path, cached, identity, error)
             self._layers[directory] = layer
@@ -296,37 +301,19 @@ class PolicyTree:
         self._layers[directory] = layer
         return layer
 
-    def _allowed_directories(self) -> tuple[Path, ...]:
+    def allowed_directories(self) -> tuple[Path, ...]:
         """Where configs named by a per-run file may be: under the root, or beside the --policy file."""
         allowed = [self.files.real_path(self.root)]
         if self.base.source is not None:
             allowed.append(real_path(self.base.source.parent))
         return tuple(allowed)
 
-    def _check_protect_from(self, directory: Path, loaded: LoadedPolicy, source: str) -> None:
-        """Refuse a per-run file that names a config elsewhere: it could make us read any file."""
-        allowed = self._allowed_directories()
-        problems = []
-        for index, entry in enumerate(loaded.policy.protect_from):
-            real = self.files.real_path(_resolve(directory, entry))
-            if not any(real == place or place in real.parents for place in allowed):
-                problems.append(
-                    f"At 'protect_from.{index}': names a file outside the checkpoint root; a per-run "
-                    "file may only name configs under the root or beside the --policy file (name it "
-                    "in the --policy file's protect_from instead)"
-                )
-        if problems:
-            raise PolicyError(source, problems)
-
     def _merge(self, layers: list[tuple[Path, LoadedPolicy]]) -> EffectivePolicy:
         settings: dict[str, Any] = {
             key: value for key, value in self.base.settings.items() if key not in _ACCUMULATED_KEYS
         }
         protect = list(self.base.policy.protect)
-        protect_from: dict[Path, str] = {}
-        base_directory = self.base.source.parent if self.base.source is not None else Path.cwd()
-        for entry in self.base.policy.protect_from:
-            protect_from[_resolve(base_directory, entry)] = entry
+        protect_from = root_configs(self.base)
         sources = [self.base.source_label]
         for directory, loaded in layers:
             for key, value in loaded.settings.items():
@@ -337,12 +324,8 @@ class PolicyTree:
                 else:
                     settings[key] = value
             protect.extend(pattern for pattern in loaded.policy.protect if pattern not in protect)
-            for entry in loaded.policy.protect_from:
-                label = ConfigLabel(
-                    os.path.relpath(_resolve(directory, entry), self.root),
-                    allowed_directories=self._allowed_directories(),
-                )
-                protect_from.setdefault(_resolve(directory, entry), label)
+            for config, label in _configs_named(self, directory, loaded).items():
+                protect_from.setdefault(config, label)
             sources.append(os.path.relpath(directory / OVERRIDE_FILE_NAME, self.root))
         settings["protect"] = protect
         settings["protect_from"] = [str(path) for path in protect_from]
@@ -357,6 +340,51 @@ class PolicyTree:
             # as in any protect_from config (not shown among the policy's own protect_from).
             protect_from.setdefault(self.base.source, self.base.source_label)
         return EffectivePolicy(policy=policy, sources=tuple(sources), protect_from=protect_from)
+
+
+def _is_allowed(tree: PolicyTree, config: Path, allowed: tuple[Path, ...]) -> bool:
+    real = tree.files.real_path(config)
+    return any(real == place or place in real.parents for place in allowed)
+
+
+def _outside_root(tree: PolicyTree, directory: Path, loaded: LoadedPolicy) -> list[str]:
+    """Refuse a per-run file that names a config elsewhere: it could make us read any file."""
+    allowed = tree.allowed_directories()
+    return [
+        f"At 'protect_from.{index}': names a file outside the checkpoint root; a per-run "
+        "file may only name configs under the root or beside the --policy file (name it "
+        "in the --policy file's protect_from instead)"
+        for index, entry in enumerate(loaded.policy.protect_from)
+        if not _is_allowed(tree, _resolve(directory, entry), allowed)
+    ]
+
+
+def _configs_named(tree: PolicyTree, directory: Path, loaded: LoadedPolicy) -> dict[Path, str]:
+    """The protect_from configs ``directory``'s file names, each labelled relative to the root and
+    confined where a per-run file's configs may be (``ConfigLabel``)."""
+    allowed = tree.allowed_directories()
+    configs: dict[Path, str] = {}
+    for entry in loaded.policy.protect_from:
+        config = _resolve(directory, entry)
+        configs.setdefault(
+            config, ConfigLabel(os.path.relpath(config, tree.root), allowed_directories=allowed)
+        )
+    return configs
+
+
+def _unreadable(tree: PolicyTree, directory: Path, loaded: LoadedPolicy) -> list[str]:
+    """The configs a refused file names (but for those it may not name) that cannot be read."""
+    allowed = tree.allowed_directories()
+    named = _configs_named(tree, directory, loaded)
+    inside = {config: label for config, label in named.items() if _is_allowed(tree, config, allowed)}
+    return unreadable_configs(inside, files=tree.files)
+
+
+def root_configs(loaded: LoadedPolicy) -> dict[Path, str]:
+    """The protect_from configs the root policy names (path -> the entry as written), relative to
+    its file's directory."""
+    base_directory = loaded.source.parent if loaded.source is not None else Path.cwd()
+    return {_resolve(base_directory, entry): entry for entry in loaded.policy.protect_from}
 
 
 def _resolve(directory: Path, entry: str) -> Path:

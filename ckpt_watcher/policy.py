@@ -9,7 +9,7 @@ described by positions and kinds of values, never by its contents.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from functools import cached_property
 from pathlib import Path
@@ -218,12 +218,24 @@ DEFAULT_POLICY = Policy._trusted({})  # equal to Policy() (validated): tests/uni
 
 
 class PolicyError(Exception):
-    """A policy file that cannot be used; ``problems`` lists every ``At 'key': ...`` line."""
+    """A policy file that cannot be used; ``problems`` lists every ``At 'key': ...`` line.
 
-    def __init__(self, source: str, problems: list[str], *, transient: bool = False) -> None:
+    ``partial``: the keys that did validate, as a policy (None if the file could not be read as a
+    mapping), so the checks that need a valid policy (``load_checked_policy``) still run on them.
+    """
+
+    def __init__(
+        self,
+        source: str,
+        problems: list[str],
+        *,
+        transient: bool = False,
+        partial: LoadedPolicy | None = None,
+    ) -> None:
         self.source = source
         self.problems = problems
         self.transient = transient  # the file could not be read for now (ConfigFileError.transient)
+        self.partial = partial
         super().__init__(self.render())
 
     def render(self) -> str:
@@ -383,18 +395,58 @@ def validate_policy(
     retention = {key: document[key] for key in present}
     from pydantic import ValidationError  # noqa: PLC0415  (pydantic: only when a document is validated)
 
+    context = {"quote_contents": quote_contents}
     try:
-        policy = Policy.model_validate(retention, context={"quote_contents": quote_contents})
+        policy = Policy.model_validate(retention, context=context)
     except ValidationError as error:
         for item in error.errors():
             problems.append(f"At '{_location(item['loc'])}': {_message_for(item, quote_contents)}")
-        policy = DEFAULT_POLICY
-    if problems:
-        raise PolicyError(source, problems)
-    origins = {key: (source if key in document else "default") for key in POLICY_KEYS}
-    return LoadedPolicy(
+        failed = {item["loc"][0] for item in error.errors() if item["loc"]}
+        retention = {key: value for key, value in retention.items() if key not in failed}
+        try:  # the keys that did validate: each is validated on its own, so they still do
+            policy = Policy.model_validate(retention, context=context)
+        except ValidationError:
+            policy, retention = DEFAULT_POLICY, {}
+    origins = {key: (source if key in retention else "default") for key in POLICY_KEYS}
+    loaded = LoadedPolicy(
         policy=policy, source=Path(source), origins=origins, warnings=tuple(warnings), settings=retention
     )
+    if problems:
+        raise PolicyError(source, problems, partial=loaded)
+    return loaded
+
+
+PolicyCheck = Callable[[LoadedPolicy], list[str]]
+
+
+def load_checked_policy(
+    path: Path,
+    checks: Sequence[PolicyCheck] = (),
+    *,
+    when_invalid: Sequence[PolicyCheck] = (),
+    quote_contents: bool = True,
+    read: Callable[[Path], str] = read_config_text,
+) -> LoadedPolicy:
+    """``load_policy``, then ``checks``: what a valid policy must also pass where it is used (what a
+    bucket cannot give, what a per-run file may not name), each problem an ``At 'key': ...`` line.
+
+    Every problem is reported at once, in one PolicyError: the checks run on the keys that validated
+    (``PolicyError.partial``) even when other keys did not, and so do ``when_invalid``, the checks
+    that otherwise run later, where the policy is used (its protect_from configs can be read).
+    """
+    try:
+        loaded = load_policy(path, quote_contents=quote_contents, read=read)
+    except PolicyError as error:
+        if error.partial is None:
+            raise
+        more = [problem for check in (*checks, *when_invalid) for problem in check(error.partial)]
+        if not more:
+            raise
+        raise PolicyError(error.source, [*error.problems, *more], partial=error.partial) from None
+    problems = [problem for check in checks for problem in check(loaded)]
+    if problems:
+        raise PolicyError(str(path), problems, partial=loaded)
+    return loaded
 
 
 def load_policy(

@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import enum
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import structlog
 
 from ckpt_watcher.config_files import QuietFiles
-from ckpt_watcher.policy import LoadedPolicy, PolicyError, load_policy
+from ckpt_watcher.policy import LoadedPolicy, PolicyCheck, PolicyError, load_checked_policy, load_policy
 from ckpt_watcher.records import FileIdentity
 
 logger = structlog.get_logger("ckpt_watcher.policy_file")
@@ -96,9 +96,12 @@ def _log_unchanged(source: str, on_outcome: OutcomeListener | None) -> None:
         on_outcome(ReloadResult.APPLIED)
 
 
-def load_policy_logged(path: Path | None) -> LoadedPolicy:
-    """Load a policy once (a command's start) and log its warnings; a PolicyError is the caller's."""
-    loaded = load_policy(path)
+def load_policy_logged(path: Path | None, *, when_invalid: Sequence[PolicyCheck] = ()) -> LoadedPolicy:
+    """Load a policy once (a command's start) and log its warnings; a PolicyError is the caller's.
+    ``when_invalid``: the checks the command makes of a valid policy later (its protect_from configs
+    can be read, a bucket can give what it asks), made at once of a file refused anyway, so that one
+    PolicyError lists every problem (``load_checked_policy``)."""
+    loaded = load_policy(None) if path is None else load_checked_policy(path, when_invalid=when_invalid)
     log_warnings(loaded)
     return loaded
 
@@ -157,10 +160,7 @@ class PolicyFile:
             return False
         self._missing_logged = False
         try:
-            loaded = load_policy(self.path)
-            refused = self.refuse(loaded) if self.refuse is not None else []
-            if refused:
-                raise PolicyError(str(self.path), refused)
+            loaded = load_checked_policy(self.path, [self.refuse] if self.refuse is not None else [])
         except PolicyError as error:
             log_rejected(str(self.path), error, "the previous policy stays in force", self._on_outcome)
             return False

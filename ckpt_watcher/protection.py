@@ -68,6 +68,16 @@ class ProtectionError(Exception):
         super().__init__(f"{config}: {message}")
 
 
+class UnreadableConfigsError(ProtectionError):
+    """Every protect_from config a strict refresh (prune) could not read, not only the first: the
+    ProtectionError of the first, with ``errors`` holding each (the first included)."""
+
+    def __init__(self, errors: Sequence[ProtectionError]) -> None:
+        first = errors[0]
+        super().__init__(first.config, first.message, transient=first.transient, missing=first.missing)
+        self.errors = tuple(errors)
+
+
 @dataclass(frozen=True, slots=True)
 class ResumeReference:
     """One checkpoint path named by a config, with every place it may resolve to."""
@@ -161,16 +171,7 @@ def read_config_protection(
     Messages give positions in the file, never its contents: nobody named it on the command line.
     ``files`` reads it (a config named by a URL is an object in a bucket).
     """
-    try:
-        document = parse_yaml(files.read_text(config, confined_to=confined_to), quote_contents=False).value
-    except ConfigFileError as error:
-        raise ProtectionError(
-            label, error.message, transient=error.transient, missing=error.missing
-        ) from None
-    if document is None:
-        document = {}
-    if not isinstance(document, dict):
-        raise ProtectionError(label, "expected a mapping of keys at the top level")
+    document = _config_document(config, label, confined_to, files)
     references: list[ResumeReference] = []
     warnings: list[str] = []
     set_keys: list[str] = []
@@ -203,6 +204,42 @@ def read_config_protection(
     return ConfigProtection(
         config=config, label=label, references=tuple(references), warnings=tuple(warnings)
     )
+
+
+def _config_document(
+    config: Path, label: str, confined_to: Sequence[Path], files: ConfigAccess
+) -> dict[Any, Any]:
+    """The training config as a mapping; ProtectionError if it cannot be read as one."""
+    try:
+        document = parse_yaml(files.read_text(config, confined_to=confined_to), quote_contents=False).value
+    except ConfigFileError as error:
+        raise ProtectionError(
+            label, error.message, transient=error.transient, missing=error.missing
+        ) from None
+    if document is None:
+        return {}
+    if not isinstance(document, dict):
+        raise ProtectionError(label, "expected a mapping of keys at the top level")
+    return document
+
+
+def protect_from_problem(error: ProtectionError) -> str:
+    """A config that cannot be read, as the policy problem ``prune`` stops at (exit 2)."""
+    return f"At 'protect_from': {error}"
+
+
+def unreadable_configs(configs: Mapping[Path, str], *, files: ConfigAccess = LOCAL_FILES) -> list[str]:
+    """``protect_from_problem`` of every config in ``configs`` (path -> label) that cannot be read as
+    a YAML mapping, all at once: what a one-shot prune would stop at, for a policy that is refused
+    for other problems too (so its configs are not read by a pass). Confined as each label says."""
+    problems: list[str] = []
+    for config, label in configs.items():
+        confined_to = label.allowed_directories if isinstance(label, ConfigLabel) else ()
+        try:
+            _config_document(config, label, confined_to, files)
+        except ProtectionError as error:
+            problems.append(protect_from_problem(error))
+    return problems
 
 
 def namesake(value: str) -> str | None:
@@ -362,10 +399,12 @@ class ProtectionRegistry:
     def refresh(self, configs: Mapping[Path, str], *, strict: bool = False) -> bool:
         """Bring every config in ``configs`` (path -> label) up to date; True if any protection changed.
 
-        With ``strict`` (one-shot prune) an unreadable config raises ProtectionError; otherwise it is
-        logged as ``protection_rejected`` and its previous references stay in force.
+        With ``strict`` (one-shot prune) the configs that cannot be read raise UnreadableConfigsError,
+        once every config was read; otherwise each is logged as ``protection_rejected`` and its
+        previous references stay in force.
         """
         changed = False
+        unreadable: list[ProtectionError] = []
         for config, label in configs.items():
             identity = self.files.entry_identity(config)  # (a dangling link is there: read, refused)
             previous = self._loaded.get(config)
@@ -381,7 +420,8 @@ class ProtectionRegistry:
                 protection = self._read(config, label)
             except ProtectionError as error:
                 if strict:
-                    raise
+                    unreadable.append(error)
+                    continue
                 # Logged, but for a retry (identity None) of a read that failed the same way before.
                 if previous is None or previous.identity is not None or previous.error != error.message:
                     logger.error(
@@ -411,6 +451,8 @@ class ProtectionRegistry:
             # (a config read at last after holding deletions releases its groups, pins or not)
             changed = changed or previous is None or new_pins != old_pins or previous.holding
             self._loaded[config] = _LoadedConfig(identity, label, protection)
+        if unreadable:
+            raise UnreadableConfigsError(unreadable)
         return changed
 
     def _read(self, config: Path, label: str) -> ConfigProtection:

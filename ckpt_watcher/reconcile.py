@@ -46,7 +46,7 @@ from ckpt_watcher.overrides import OVERRIDE_FILE_NAME, EffectivePolicy, PolicyTr
 from ckpt_watcher.plan import Action, Decision, GroupPlan, Plan, Summary, plan
 from ckpt_watcher.policy import LoadedPolicy, PolicyError
 from ckpt_watcher.policy_file import InvalidPolicyFilesError
-from ckpt_watcher.protection import ProtectionError, ProtectionRegistry
+from ckpt_watcher.protection import ProtectionRegistry, UnreadableConfigsError, protect_from_problem
 from ckpt_watcher.records import CheckpointRecord, display_name
 from ckpt_watcher.scan import ScanOptions, ScanProblem, ScanStopped
 from ckpt_watcher.space import Eviction, SpaceKeeper
@@ -343,12 +343,12 @@ class Reconciler:
             selected = self._all_groups(dry_run, result) if trigger.covers_everything else set(groups)
             result.add_purge(self.trash.begin(purge=trigger.covers_everything, dry_run=dry_run))
             effective, result.blocked = self._policies(selected)
-            refreshed = _refresh(self.registry, self.index.configs(), trigger, strict=self._one_shot)
+            refreshed = _refresh(self, trigger)
             if refreshed and not trigger.covers_everything:  # a new resume source may sit in any group
                 more, more_blocked = self._policies(set(self.index) - set(effective) - set(result.blocked))
                 effective.update(more)
                 result.blocked += more_blocked  # (and what their policies name, edited since, is read)
-                _refresh(self.registry, self.index.configs(), trigger, strict=self._one_shot)
+                _refresh(self, trigger)
             if not self._one_shot:  # (prune stops at an unreadable config: exit 2)
                 self._holding = _hold(self.registry, self.index, effective, result.blocked, self._holding)
             result.sources = {group: value.sources for group, value in effective.items()}
@@ -404,7 +404,7 @@ class Reconciler:
             state.blocked = False
             self.index.set_protect_from(group, value.protect_from)
             effective[group] = value
-        _policies_read(self.tree, self.index, one_shot=self._one_shot)
+        _policies_read(self.tree, self.index)
         return effective, blocked
 
     # -- one group at a time ----------------------------------------------------------------------
@@ -750,27 +750,27 @@ def _forget_unwalked(index: GroupIndex, walked: Collection[Path], problems: Iter
             index.forget(known)
 
 
-def _policies_read(tree: PolicyTree, index: GroupIndex, *, one_shot: bool) -> None:
-    """After the per-run files of a pass were read: a one-shot prune stops at an invalid one; the
-    daemon looks again at each directory whose file was left unread for now (being written) once it
-    is quiet, as no event may come by then."""
-    if one_shot and tree.errors:
-        raise InvalidPolicyFilesError(tree.errors)
+def _policies_read(tree: PolicyTree, index: GroupIndex) -> None:
+    """After the per-run files of a pass were read: the daemon looks again at each directory whose
+    file was left unread for now (being written) once it is quiet, as no event may come by then. (A
+    one-shot prune stops at an invalid one once the protect_from configs were read too: _refresh.)"""
     for directory, at in tree.settling.take().items():
         index.recheck(directory, at)
 
 
-def _refresh(
-    registry: ProtectionRegistry, configs: dict[Path, str], trigger: Trigger, *, strict: bool
-) -> bool:
-    """Re-read the protect_from configs that changed (a full pass also forgets the ones no policy
-    names any more); True if what they protect changed. ``strict`` (prune): an unreadable config is
-    an InvalidPolicyFilesError."""
+def _refresh(reconciler: Reconciler, trigger: Trigger) -> bool:
+    """Re-read the protect_from configs of the groups that changed (a full pass also forgets the ones
+    no policy names any more); True if what they protect changed. A one-shot prune stops here at the
+    invalid per-run files and the unreadable configs, all at once: one InvalidPolicyFilesError."""
+    registry, configs, strict = reconciler.registry, reconciler.index.configs(), reconciler._one_shot
+    errors = reconciler.tree.errors  # (only a strict tree, a one-shot prune's, collects them)
     try:
         changed = registry.refresh(configs, strict=strict)
-    except ProtectionError as error:
-        problem = PolicyError("protect_from", [f"At 'protect_from': {error}"])
-        raise InvalidPolicyFilesError([problem]) from None
+    except UnreadableConfigsError as unreadable:
+        problem = PolicyError("protect_from", [protect_from_problem(error) for error in unreadable.errors])
+        raise InvalidPolicyFilesError([*errors, problem]) from None
+    if strict and errors:
+        raise InvalidPolicyFilesError(list(errors))
     if trigger.covers_everything:
         changed = registry.retain(configs) or changed
     return changed

@@ -17,7 +17,7 @@ from ckpt_watcher.overrides import PolicyTree
 from ckpt_watcher.policy import load_policy
 from ckpt_watcher.protection import ProtectionRegistry, read_config_protection
 from ckpt_watcher.reconcile import Reconciler, Trigger
-from tests.support.cli import WITHOUT_READ_OVERRIDE, cli_command, prune_entries, run_cli
+from tests.support.cli import WITHOUT_READ_OVERRIDE, assert_clean_exit, cli_command, prune_entries, run_cli
 from tests.support.daemon import running_daemon, wait_until
 from tests.support.factories import step_name, write_checkpoint, write_settled
 from tests.support.hostile_trees import bind, mount_namespace, mount_namespace_reason
@@ -148,6 +148,25 @@ def test_unreadable_protect_from_config_stops_prune(tmp_path: Path) -> None:
     assert _names(run) == before
     config.unlink()
     assert run_cli("prune", "checkpoint", "--policy", str(policy), cwd=tmp_path).returncode == 2
+
+
+def test_a_type_error_and_a_missing_protect_from_config_are_one_message(tmp_path: Path) -> None:
+    """Both problems at once: not the type error first and the missing config only on the next run."""
+    run, config, policy = _layout(tmp_path, "ckpt_path: null\n")
+    for step in range(2000, 5000, 500):
+        write_checkpoint(run / step_name(4, step))
+    before = _names(run)
+    config.unlink()
+    policy.write_text(policy.read_text().replace("save_top_k_checkpoints: 2", "save_top_k_checkpoints: many"))
+
+    completed = run_cli("prune", "checkpoint", "--policy", str(policy), cwd=tmp_path)
+
+    assert_clean_exit(completed, allowed=(2,))
+    messages = [line for line in completed.stderr.splitlines() if line.startswith("ckpt-watcher: ")]
+    assert messages == [f"ckpt-watcher: invalid policy {policy}:"], completed.stderr
+    assert "  At 'save_top_k_checkpoints': expected a whole number, got 'many' (a string)" in completed.stderr
+    assert "  At 'protect_from': ../train_llada.yaml: no such file" in completed.stderr
+    assert _names(run) == before
 
 
 def test_keep_pin_and_command_line_protect(tmp_path: Path) -> None:
