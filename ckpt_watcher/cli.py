@@ -426,6 +426,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     arguments = build_parser().parse_args(sys.argv[1:] if argv is None else list(argv))
     configure_logging(arguments.log_level)
     try:
+        _check_working_directory()
         handler = arguments.handler
         exit_code: int = handler(arguments)
     except PolicyError as error:
@@ -440,6 +441,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"ckpt-watcher: {error}", file=sys.stderr)
         return EXIT_USAGE
     return exit_code
+
+
+def _check_working_directory() -> None:
+    """Refuse, with one line, to start in a working directory that is gone (removed after the shell
+    entered it): relative paths, and resume paths in training configs, are read relative to it."""
+    try:
+        os.getcwd()
+    except OSError as error:
+        raise UsageError(
+            f"the working directory cannot be read ({describe_os_error(error)}): it was removed or "
+            "may not be searched; start ckpt-watcher from a directory that exists "
+            "(systemd: WorkingDirectory=)"
+        ) from None
 
 
 def resolve_root(path: Path) -> Path:

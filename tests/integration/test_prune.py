@@ -407,3 +407,26 @@ def test_a_reader_that_goes_away_ends_prune_quietly(tmp_path: Path, options: lis
         assert sorted(path.name for path in (root / "run-00").iterdir()) == [
             step_name(0, step * 10) for step in range(26, 31)
         ]
+
+
+@pytest.mark.parametrize("command", ["prune", "watch"])
+def test_a_working_directory_removed_before_the_start_is_one_line_and_exit_2(
+    tmp_path: Path, command: str
+) -> None:
+    """Started from a directory that was removed (a shell still in it): one line saying so, exit
+    code 2, no traceback, nothing deleted (relative paths cannot be read against it)."""
+    root = tmp_path / "root"
+    root.mkdir()
+    for step in (100, 200, 300, 400, 500, 600, 700):
+        write_checkpoint(root / step_name(0, step))
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    removed_first = ["sh", "-c", 'cd "$0" && rmdir "$0" && exec "$@"', str(gone)]
+
+    completed = run_cli(command, str(root), prefix=removed_first)
+
+    assert completed.returncode == 2, completed.stderr
+    assert "the working directory cannot be read" in completed.stderr
+    assert TRACEBACK not in completed.stderr
+    assert not gone.exists()
+    assert len(list(root.iterdir())) == 7
