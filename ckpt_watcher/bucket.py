@@ -296,6 +296,10 @@ class BucketStorage:
         """Objects are pinned by path (their key) only."""
         return {}
 
+    def kept_whole(self, root: Path, group: Path) -> dict[Path, str]:
+        """A prefix is never shown twice, nor mounted: nothing is kept whole for that."""
+        return {}
+
 
 @dataclass
 class _GroupScan:

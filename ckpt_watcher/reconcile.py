@@ -449,7 +449,7 @@ class Reconciler:
         records = self._scan_group(group, value, closed, context.wall_now, context.result)
         if self._stopping():  # a stop during a large group's scan is honoured before it is planned
             raise ScanStopped(str(group))
-        pins = {**context.pins, **context.links.for_group(group)}
+        pins = {**context.pins, **context.links.for_group(group), **self.storage.kept_whole(self.root, group)}
         identities = {**self.trash.pinned_identities(), **context.pinned_identities}  # after the scan
         group_plans = plan(
             records, value.policy, pins, pinned_identities=identities, pinned_names=context.pinned_names

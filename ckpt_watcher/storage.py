@@ -16,6 +16,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Protocol
 
+from ckpt_watcher.aliases import AliasGuard
 from ckpt_watcher.delete import DeletionResult, LeftoverResult, TrashMover, apply_group, finish_leftovers
 from ckpt_watcher.links import Link, list_links
 from ckpt_watcher.naming import Naming
@@ -104,18 +105,29 @@ class Storage(Protocol):
         """The identities of pinned files, for pins by identity (protection.identities_of)."""
         ...
 
+    def kept_whole(self, root: Path, group: Path) -> dict[Path, str]:
+        """A pin keeping everything in ``group`` where its deletions cannot be trusted to stay under
+        the root (aliases.AliasGuard: a directory the root shows twice, a mount from outside), else
+        nothing; a bucket has no such thing."""
+        ...
+
 
 class LocalStorage:
-    """A checkpoint tree on disk: today's functions, unchanged."""
+    """A checkpoint tree on disk: today's functions, and what a full walk saw of the directories'
+    identities and mounts (``aliases.AliasGuard``)."""
+
+    def __init__(self) -> None:
+        self._aliases = AliasGuard()
 
     def begin_pass(self) -> None:
-        """Nothing is held between passes here (each call reads the disk)."""
+        """Each call reads the disk; only the aliases' warnings are per pass."""
+        self._aliases.begin_pass()
 
     def walk_directories(
         self, root: Path, naming: NamingLookup, problems: list[ScanProblem]
     ) -> Iterable[Path]:
-        """scan.walk_directories."""
-        return walk_directories(root, naming, problems)
+        """scan.walk_directories, each directory's identity and mount noted (AliasGuard.walk)."""
+        return self._aliases.walk(root, walk_directories(root, naming, problems))
 
     def is_group(self, directory: Path) -> bool | None:
         """A directory, and not a symlink to one (None: cannot be told now; scan.is_group_directory)."""
@@ -159,10 +171,17 @@ class LocalStorage:
         reported: set[tuple[int, int]] | None = None,
         stop: threading.Event | None = None,
     ) -> list[LeftoverResult]:
-        """delete.finish_leftovers (a leftover here is named as one: ``naming_for`` is not needed)."""
+        """delete.finish_leftovers (a leftover here is named as one: ``naming_for`` is not needed),
+        never in a group kept whole."""
         del naming_for
+        if self._aliases.kept_whole(root, directory):
+            return []
         return finish_leftovers(root, directory, reported=reported, stop=stop)
 
     def identities_of(self, pins: Mapping[Path, str]) -> dict[FileKey, str]:
         """protection.identities_of."""
         return identities_of(pins)
+
+    def kept_whole(self, root: Path, group: Path) -> dict[Path, str]:
+        """AliasGuard.kept_whole."""
+        return self._aliases.kept_whole(root, group)

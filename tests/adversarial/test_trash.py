@@ -249,13 +249,12 @@ def test_a_group_on_another_mount_is_deleted_at_once_and_the_log_says_why(
     tmp_path: Path, policy: Path, mount: str
 ) -> None:
     """A rename cannot leave a mount (EXDEV): such a group's deletions are deletions, as without a
-    trash; a bind mount of the same file system too (same device, another mount)."""
+    trash; a bind mount of the same file system too (same device, another mount). The bind mount is
+    of the run directory on itself: one from outside the root is never pruned (group_outside_root)."""
     root = tmp_path / "root"
     group = root / "mounted"
     group.mkdir(parents=True)
-    source = tmp_path / "source"
-    source.mkdir()
-    mounts = [bind(source, group)] if mount == "bind" else [f"mount -t tmpfs -o size=4m tmpfs {group}"]
+    mounts = [bind(group, group)] if mount == "bind" else [f"mount -t tmpfs -o size=4m tmpfs {group}"]
     writer = (
         "import sys; from pathlib import Path; sys.path.insert(0, sys.argv[2]);"
         "from tests.support.factories import step_name, write_checkpoint;"
