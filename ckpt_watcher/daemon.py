@@ -39,6 +39,9 @@ logger = structlog.get_logger("ckpt_watcher.daemon")
 
 MAXIMUM_WAIT = 1.0
 ERROR_BACKOFF = 1.0
+# After a pass that raised, the next is a full pass (the events and re-checks of the one that raised
+# were taken from the queue): 1 s later, doubling while passes keep raising, up to this.
+LONGEST_ERROR_BACKOFF = 60.0
 
 
 @dataclass(frozen=True)
@@ -109,10 +112,12 @@ class Watcher:
 
     def run(self) -> int:
         """The worker thread's body; returns the process exit code."""
+        errors_in_a_row = 0
         try:
             while not self.stop.is_set():
                 try:
                     self._turn()
+                    errors_in_a_row = 0
                 except LockUnusableError as error:
                     logger.error("watch_lock_unusable", path=str(error.path), detail=str(error))
                     self.exit_code = 2
@@ -122,8 +127,15 @@ class Watcher:
                     self.exit_code = 2
                     break
                 except Exception:
-                    logger.exception("worker_error", detail="the pass is retried; the daemon keeps running")
-                    self.stop.wait(ERROR_BACKOFF)
+                    backoff = min(LONGEST_ERROR_BACKOFF, ERROR_BACKOFF * 2**errors_in_a_row)
+                    errors_in_a_row += 1
+                    logger.exception(
+                        "worker_error",
+                        detail="a full pass is retried; the daemon keeps running",
+                        retry_seconds=backoff,
+                    )
+                    self.inbox.request_full_rescan()  # what the pass was to look at is not lost
+                    self.stop.wait(backoff)
         finally:
             self.arming.disarm()
             self.place.release()

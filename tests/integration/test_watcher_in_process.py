@@ -238,3 +238,31 @@ def test_a_failure_inside_an_observer_thread_is_logged_and_rescans_and_watching_
             write_checkpoint(tmp_path / step_name(0, step))
         wait_until(lambda: _pruned_to_five(tmp_path), what="pruning by events after the failure")
         assert not logged(captured, "worker_error")
+
+
+def test_an_event_pass_that_raises_is_followed_by_a_full_pass_not_lost_until_the_rescan(
+    tmp_path: Path, captured: LogCapture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The events (and due re-checks) an event pass was to look at are taken from the queue before it
+    runs: when it raises, a full pass follows 1 s later (2 s, 4 s while they keep raising), not only
+    the periodic rescan (300 s here)."""
+    from ckpt_watcher.reconcile import Reconciler, Trigger
+
+    original = Reconciler.run
+    failures = [RuntimeError("a pass failed") for _ in range(3)]
+
+    def failing(self: Reconciler, trigger: Trigger, *arguments: Any, **options: Any) -> Any:
+        if trigger is not Trigger.STARTUP and failures:
+            raise failures.pop()
+        return original(self, trigger, *arguments, **options)
+
+    monkeypatch.setattr(Reconciler, "run", failing)
+    watcher = _watcher(tmp_path, rescan_seconds=300)
+    with RunningWatcher(watcher):
+        wait_until(lambda: bool(logged(captured, "watch_started")), what="watch_started")
+        for step in range(100, 800, 100):
+            write_checkpoint(tmp_path / step_name(0, step))
+        wait_until(lambda: _pruned_to_five(tmp_path), what="pruning by the pass after the failures")
+    assert not failures
+    assert [entry["retry_seconds"] for entry in logged(captured, "worker_error")] == [1.0, 2.0, 4.0]
+    assert any(entry["trigger"] == "full" for entry in logged(captured, "pass_completed"))
