@@ -423,8 +423,7 @@ class Reconciler:
         result.streamed = dry_run and result.group_sink is not None and not _keeps_free(effective)
         identities, names = self.storage.identities_of(pins), self.registry.namesakes()
         context = _PassContext.build(pins, identities, names, links, closed, dry_run, result)
-        # A one-shot pass covers every group: with no byte budget in any policy, no space fact is read.
-        self.space.begin_pass(facts_needed=not self._one_shot or _budgeted(effective))
+        self.space.begin_pass(**_space_asked(effective, one_shot=self._one_shot))
         for done, (group, value) in enumerate(sorted(effective.items()), start=1):
             if self._stopping():
                 result.interrupted = True
@@ -549,6 +548,12 @@ def _namings(
 def _keeps_free(effective: Mapping[Path, EffectivePolicy]) -> bool:
     """True when some group's policy has keep_free (its evictions may change any group's plan)."""
     return any(value.policy.keep_free is not None for value in effective.values())
+
+
+def _space_asked(effective: Mapping[Path, EffectivePolicy], *, one_shot: bool) -> dict[str, bool]:
+    """What ``SpaceKeeper.begin_pass`` is told of a pass's policies. A one-shot pass covers every
+    group: with no byte budget in any policy, no space fact is read."""
+    return {"facts_needed": not one_shot or _budgeted(effective), "keep_free": _keeps_free(effective)}
 
 
 def _budgeted(effective: Mapping[Path, EffectivePolicy]) -> bool:

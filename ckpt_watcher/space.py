@@ -99,17 +99,21 @@ class SpaceKeeper:
     _before: dict[Path, tuple[int, int]] = field(default_factory=dict)  # (device, free) before deleting
     _next_check: float | None = None
     _facts_needed: bool = True
+    _releases_counted: bool = False  # keep_free is in force somewhere: deletions are releases
 
     # -- one group ---------------------------------------------------------------------------------
 
-    def begin_pass(self, *, facts_needed: bool = True) -> None:
+    def begin_pass(self, *, facts_needed: bool = True, keep_free: bool = False) -> None:
         """A new pass: no group is fresh yet, nothing is pending. Without ``facts_needed`` (a one-shot
         pass over a tree where no policy has a byte budget) no group's space facts are gathered: only
-        a budget ever reads them, and for 100,000 checkpoints they cost ~0.2 s."""
+        a budget ever reads them, and for 100,000 checkpoints they cost ~0.2 s. With ``keep_free`` in
+        this pass's policies, or in a group's known before, every group's deletions are releases (a
+        group without keep_free frees space on a disk another group keeps free)."""
         self._pending.clear()
         self._pending_trash.clear()
         self._fresh.clear()
         self._facts_needed = facts_needed
+        self._releases_counted = keep_free or any(facts.keep_free for facts in self._facts.values())
 
     def plan_group(
         self, group: Path, group_plan: GroupPlan | None, policy: Policy, *, dry_run: bool, now: float
@@ -133,7 +137,7 @@ class SpaceKeeper:
         previous = self._facts.get(group)
         self._facts[group] = group_space(group, decisions, policy, device=device, now=now, previous=previous)
         self._fresh.add(group)
-        if not dry_run and policy.keep_free is not None and not policy.trash.grace_seconds:
+        if not dry_run and self._releases_counted and not policy.trash.grace_seconds:
             _before_deleting(self._before, self._released, device, group, decisions)  # not trashed
         return group_plan
 

@@ -162,3 +162,34 @@ def test_the_daemon_does_not_evict_for_trash_it_just_purged_that_btrfs_shows_fre
     credited = daemon.events("free_space_credited")
     assert credited, "the pass after the purge planned with the bytes it released"
     assert credited[-1]["credited_bytes"] >= size
+
+
+def test_prune_counts_what_a_group_without_keep_free_deleted_on_a_disk_another_keeps_free(
+    btrfs: Path, tmp_path: Path
+) -> None:
+    """Run ``b`` has no keep_free and deletes four checkpoints by count; run ``a``, on the same disk,
+    keeps free space by its own file. What ``b`` freed (not yet shown by ``statvfs``) counts for
+    ``a``: nothing is evicted."""
+    run_b = btrfs / "b"
+    size = checkpoints(run_b)
+    run_a = btrfs / "a"
+    run_a.mkdir()
+    for step in (100, 200):
+        shutil.copyfile(run_b / step_name(0, step), run_a / step_name(0, step))
+    os.sync()
+    keep_free = free_bytes(btrfs) + size  # + the next save: short by 2 checkpoints until b deletes 4
+    (run_a / ".ckpt-watcher.yaml").write_text(f"keep_free: {keep_free}\n")
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("save_top_k_checkpoints: 4\n")
+
+    completed = run_cli("prune", str(btrfs), "--policy", str(policy))
+
+    assert completed.returncode == 0, completed.stderr
+    deleted = events(completed.stderr, "checkpoint_deleted")
+    assert [Path(str(record["path"])).parent.name for record in deleted] == ["b"] * 4
+    assert all(record["reasons"][0].startswith("outside newest 4") for record in deleted)
+    assert sorted(path.name for path in run_a.iterdir() if path.name.startswith("epoch=")) == [
+        step_name(0, 100),
+        step_name(0, 200),
+    ]
+    assert events(completed.stderr, "budget_unmet") == []
