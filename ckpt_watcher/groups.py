@@ -17,7 +17,7 @@ from pathlib import Path
 from ckpt_watcher.compact import PackedHashes
 from ckpt_watcher.links import Link, LinkLister, LinkPins, link_reasons, list_links
 from ckpt_watcher.naming import Kind, Naming
-from ckpt_watcher.records import DELETING_PREFIX, TRASH_DIRECTORY_NAME
+from ckpt_watcher.records import DELETING_PREFIX, TRASH_DIRECTORY_NAME, FileIdentity
 from ckpt_watcher.scan import (
     CompletenessCache,
     NamingLookup,
@@ -85,6 +85,8 @@ class GroupState:
     # Its links reach beyond it (``reaches_beyond``): listed again in every pass, also one that plans
     # other groups, as what they protect can change with no event here.
     links_reach_beyond: bool = False
+    # The identities of the incomplete last checkpoints warned about (``last_checkpoint_incomplete``).
+    warned_incomplete_last: tuple[FileIdentity, ...] = ()
 
 
 def reaches_beyond(group: Path, links: Iterable[Link]) -> bool:

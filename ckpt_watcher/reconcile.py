@@ -47,7 +47,7 @@ from ckpt_watcher.plan import Action, Decision, GroupPlan, Plan, Summary, plan
 from ckpt_watcher.policy import LoadedPolicy, PolicyError
 from ckpt_watcher.policy_file import InvalidPolicyFilesError
 from ckpt_watcher.protection import ProtectionRegistry, UnreadableConfigsError, protect_from_problem
-from ckpt_watcher.records import CheckpointRecord, display_name
+from ckpt_watcher.records import CheckpointRecord, FileIdentity, display_name
 from ckpt_watcher.scan import ScanOptions, ScanProblem, ScanStopped
 from ckpt_watcher.space import Eviction, SpaceKeeper
 from ckpt_watcher.storage import LocalStorage, Storage, StorageUnavailableError
@@ -56,6 +56,18 @@ from ckpt_watcher.trash_moves import PurgeResult
 from ckpt_watcher.trash_pass import TrashKeeper, TrashPass
 
 logger = structlog.get_logger("ckpt_watcher.reconcile")
+
+# A last checkpoint incomplete and untouched this long is not being written: it is warned about,
+# unless the reason says it was not judged or is being written (a directory's marker, a shard).
+LAST_QUIET_SECONDS = 60.0
+_NOT_BROKEN = (
+    "symlink to ",
+    "cannot be read",
+    "marker present",
+    "vanished",
+    "not a regular file",
+    "changed while",
+)
 
 # The directories a deletions_held (or _released) record names (it counts them all).
 SHOWN_HELD = 5
@@ -888,7 +900,10 @@ def _log_news(state: GroupState, records: list[CheckpointRecord], *, detections:
     # every call, which cost ~4 us a checkpoint (0.4 s a 100,000-checkpoint start-up) for nothing.
     log = logger.bind()
     log_detections = debug_enabled(log)
+    incomplete_last: list[CheckpointRecord] = []
     for record in records:
+        if record.kind is Kind.LAST and not record.complete:
+            incomplete_last.append(record)
         if record.note and record.name not in state.suspicious:
             state.suspicious.add(record.name)
             log.warning(
@@ -914,4 +929,31 @@ def _log_news(state: GroupState, records: list[CheckpointRecord], *, detections:
     state.seen = PackedHashes(seen)
     if state.suspicious:
         state.suspicious &= {record.name for record in records}
+    if incomplete_last or state.warned_incomplete_last:
+        state.warned_incomplete_last = _warn_incomplete_last(state.warned_incomplete_last, incomplete_last)
     return detected
+
+
+def _warn_incomplete_last(
+    warned: tuple[FileIdentity, ...], incomplete: list[CheckpointRecord]
+) -> tuple[FileIdentity, ...]:
+    """Warn once about each last checkpoint that has been incomplete (truncated by a trainer killed
+    mid-save, a link whose target is gone) and untouched for ``LAST_QUIET_SECONDS``: a run resuming
+    from it fails or starts over. It is kept, as is everything; returns the identities warned about."""
+    now = time.time()
+    still: list[FileIdentity] = []
+    for record in incomplete:
+        identity = record.identity
+        if identity is None or now - identity.mtime_ns / 1e9 < LAST_QUIET_SECONDS:
+            continue  # (being written: a save's last.ckpt is incomplete until it is whole)
+        if any(fragment in (record.incomplete_reason or "") for fragment in _NOT_BROKEN):
+            continue
+        still.append(identity)
+        if identity not in warned:
+            logger.warning(
+                "last_checkpoint_incomplete",
+                path=display_name(record.path_text),
+                reason=record.incomplete_reason,
+                detail="a run resuming from it will fail to load it, or start over; it is kept",
+            )
+    return tuple(still)

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -430,3 +431,29 @@ def test_a_working_directory_removed_before_the_start_is_one_line_and_exit_2(
     assert TRACEBACK not in completed.stderr
     assert not gone.exists()
     assert len(list(root.iterdir())) == 7
+
+
+def test_a_last_checkpoint_left_truncated_or_dangling_is_a_warning_and_kept(tmp_path: Path) -> None:
+    """A trainer killed while copying last.ckpt leaves it truncated; a last.ckpt link whose target is
+    gone resumes nothing: each is kept, with a warning saying a resume from it fails (only once it has
+    been untouched for a minute: a save in progress is incomplete too)."""
+    root = tmp_path / "root"
+    for run in ("a", "b", "c"):
+        for step in (100, 200):
+            write_checkpoint(root / run / step_name(0, step))
+    write_truncated(root / "a" / "last.ckpt")
+    (root / "b" / "last.ckpt").symlink_to("gone.ckpt")
+    write_truncated(root / "c" / "last.ckpt")  # just written: a save in progress
+    an_hour_ago = time.time() - 3600
+    os.utime(root / "a" / "last.ckpt", (an_hour_ago, an_hour_ago))
+    os.utime(root / "b" / "last.ckpt", (an_hour_ago, an_hour_ago), follow_symlinks=False)
+
+    completed = run_cli("prune", str(root))
+
+    assert completed.returncode == 0, completed.stderr
+    warned = events(completed.stderr, "last_checkpoint_incomplete")
+    assert sorted(Path(str(record["path"])).parent.name for record in warned) == ["a", "b"]
+    assert all(
+        (root / run / "last.ckpt").is_symlink() or (root / run / "last.ckpt").exists() for run in "abc"
+    )
+    assert events(completed.stderr, "checkpoint_deleted") == []
