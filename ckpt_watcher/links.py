@@ -17,6 +17,7 @@ from pathlib import Path
 from ckpt_watcher.filesystem import PathResolver
 from ckpt_watcher.lock import LOCK_FILE_NAME
 from ckpt_watcher.naming import Kind, Naming
+from ckpt_watcher.plan import LinkInto
 from ckpt_watcher.records import DELETING_PREFIX, TRASH_DIRECTORY_NAME
 
 
@@ -34,6 +35,7 @@ class Link:
     # the root, or the trainer's own mount path of the volume in a sidecar), kept by identity then.
     identity: tuple[int, int] | None = None
     dangles: bool = False  # its target is outside the root and not there from here
+    made_ns: int | None = None  # a ``last`` link's own mtime (when it was made), None if unknown
 
 
 # What lists a group's links (``list_links``, or a storage's): None if the group cannot be listed now.
@@ -71,17 +73,39 @@ def list_links(directory: Path, root: Path, naming: Naming) -> list[Link] | None
                 dangles = True
             else:
                 identity = (status.st_dev, status.st_ino)
+        is_last = naming.classify(name).kind is Kind.LAST
         links.append(
             Link(
                 name=name,
                 relative_path=name if prefix == "." else os.path.join(prefix, name),
-                is_last=naming.classify(name).kind is Kind.LAST,
+                is_last=is_last,
                 target=target,
                 identity=identity,
                 dangles=dangles,
+                made_ns=_made_ns(directory / name) if is_last else None,
             )
         )
     return links
+
+
+def _made_ns(path: Path) -> int | None:
+    """When the link at ``path`` was made (its own mtime, read with lstat), None if it is gone."""
+    try:
+        return os.lstat(path).st_mtime_ns
+    except OSError:
+        return None
+
+
+def links_down(group: Path, links: Iterable[Link]) -> list[LinkInto]:
+    """``group``'s ``last`` links whose target is in a directory below it (Lightning's ``dirpath`` with
+    ``filename="best/..."``): the group of the target is planned with them (``plan.LinkInto``), so
+    the checkpoint the link is about to move to is kept there. A link into a sibling or another run
+    is not Lightning's own pattern (its current target is kept as any link's is)."""
+    return [
+        LinkInto(link.relative_path, link.target, link.made_ns)
+        for link in links
+        if link.is_last and group in link.target.parent.parents
+    ]
 
 
 def _by_precedence(links: Iterable[Link]) -> list[Link]:
@@ -133,13 +157,23 @@ class LinkPins:
     def __init__(self) -> None:
         self._by_directory: dict[Path, dict[Path, dict[Path | None, str]]] = defaultdict(dict)
         self.identities: dict[tuple[int, int], str] = {}  # targets outside the root (link_identities)
+        self._down: dict[Path, list[LinkInto]] = defaultdict(list)  # links_down, by target directory
+
+    def links_into(self, group: Path) -> list[LinkInto]:
+        """The ``last`` links of directories above ``group`` that point into it (``plan``'s
+        ``links_into``): the ``save_last="link"`` rules keep what they are about to move to."""
+        return list(self._down.get(group, ()))
 
     def add_beyond_paths(self, group: Path, links: list[Link]) -> None:
         """What ``group``'s links protect that no path under the root names: targets outside the root,
-        by identity (``link_identities``), and the namesakes of dangling ones (``dangling_namesakes``)."""
+        by identity (``link_identities``), the namesakes of dangling ones (``dangling_namesakes``),
+        and what its ``last`` links down into a directory below it are about to name (``links_down``,
+        for the plan of that directory: ``links_into``)."""
         self.add(dangling_namesakes(group, links))
         for identity, reason in link_identities(links).items():
             self.identities.setdefault(identity, reason)
+        for link in links_down(group, links):
+            self._down[link.target.parent].append(link)
 
     def add(self, targets: Mapping[Path, str], *, owner: Path | None = None) -> None:
         """Targets with their reasons; ``owner`` is the group holding the links (None: pin anywhere)."""

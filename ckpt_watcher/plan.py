@@ -193,6 +193,39 @@ def symlink_targets(records: Iterable[CheckpointRecord]) -> dict[Path, str]:
     return targets
 
 
+@dataclass(frozen=True, slots=True)
+class LinkInto:
+    """A ``last`` symlink as ``save_last="link"`` rules read it: how reasons name it (``label``), its
+    resolved ``target``, and when it was made (its own mtime; None if unknown).
+
+    Lightning's ``filename="best/best_{epoch}"`` writes into a directory below its ``dirpath`` and
+    links ``dirpath/last.ckpt`` down to it: the link is a record of one group, its targets are in
+    another, so the group of the target is planned with the links that point down into it.
+    """
+
+    label: str
+    target: Path
+    made_ns: int | None = None
+
+
+def links_from_above(records: Iterable[CheckpointRecord]) -> list[LinkInto]:
+    """The ``last`` symlinks among ``records`` whose target is in a directory below the link's own
+    (Lightning's ``filename`` with a ``/``), as ``LinkInto`` (named by their path from the root). A
+    link into a sibling or elsewhere (another run) is not Lightning's own: only its target is kept."""
+    found: list[LinkInto] = []
+    for record in records:
+        target = record.link_target
+        if (
+            record.kind is Kind.LAST
+            and record.entry_type is EntryType.SYMLINK
+            and target is not None
+            and record.directory in target.parent.parents
+        ):
+            made = record.identity.mtime_ns if record.identity is not None else None
+            found.append(LinkInto(record.relative_path, target, made))
+    return found
+
+
 def _protect_holders(
     protected: Mapping[Path, list[str]], protected_in: dict[Path, dict[str, list[str]]]
 ) -> None:
@@ -218,6 +251,7 @@ def plan(
     *,
     pinned_identities: Mapping[tuple[int, int], str] | None = None,
     pinned_names: Mapping[str, str] | None = None,
+    links_into: Iterable[LinkInto] = (),
 ) -> Plan:
     """Decide for every record; ``pins`` maps paths that must be kept to the reason why.
 
@@ -227,6 +261,8 @@ def plan(
     (device, inode) of pinned files to the reason (``protection.identities_of(pins)``): a record that
     is one of them is kept with that reason, whatever path named it (a hard link, a bind mount).
     ``pinned_names`` keeps a record of that name in any group (``protection.namesakes_from``).
+    ``links_into``: ``last`` links elsewhere whose target is in a directory below their own (a caller
+    planning that group alone; ``links_from_above``): the ``save_last="link"`` rules apply there too.
     """
     group_policies = group_policies or {}
     records = list(records)
@@ -244,6 +280,7 @@ def plan(
     for path, reasons in protected.items():
         protected_in[path.parent][path.name] = list(reasons)
     _protect_holders(protected, protected_in)
+    from_above = _links_by_target_directory([*links_into, *links_from_above(records)])
     groups: dict[Path, list[CheckpointRecord]] = defaultdict(list)
     directory: Path | None = None
     members: list[CheckpointRecord] = []
@@ -259,10 +296,22 @@ def plan(
                 groups[directory],
                 group_policies.get(directory, policy),
                 _with_pins_above(directory, groups[directory], protected_in.get(directory, {}), pins or {}),
+                from_above.get(directory, ()),
             )
             for directory in sorted(groups)
         )
     )
+
+
+def _links_by_target_directory(links: Iterable[LinkInto]) -> dict[Path, list[LinkInto]]:
+    """``links`` by the directory of their target, once each (a caller's may repeat the records'),
+    in the order of their labels (the reasons never depend on the order of the input)."""
+    unique = {(link.label, link.target): link for link in links}
+    by_directory: dict[Path, list[LinkInto]] = defaultdict(list)
+    for key in sorted(unique, key=lambda key: (key[0], str(key[1]))):
+        link = unique[key]
+        by_directory[link.target.parent].append(link)
+    return by_directory
 
 
 def _with_pins_above(
@@ -423,8 +472,10 @@ def _plan_group(  # noqa: C901, PLR0912  (long: the policy's rules in the order 
     records: list[CheckpointRecord],
     policy: Policy,
     protected: Mapping[str, list[str]],
+    from_above: Iterable[LinkInto] = (),
 ) -> GroupPlan:
-    """One group's decisions; ``protected``: the reasons that keep an entry of it, by name."""
+    """One group's decisions; ``protected``: the reasons that keep an entry of it, by name;
+    ``from_above``: the ``last`` links of directories above it that point into it."""
     lasts: list[CheckpointRecord] = []
     skipped: list[tuple[CheckpointRecord, str]] = []
     steps: list[CheckpointRecord] = []
@@ -464,7 +515,7 @@ def _plan_group(  # noqa: C901, PLR0912  (long: the policy's rules in the order 
             ):
                 ledger.keep(position, f"matches protect pattern '{pattern}'", Hold.PROTECTED)
 
-    _keep_pending_link_target(lasts, records, candidates, ledger)
+    _keep_pending_link_target([*_own_links(lasts), *from_above], records, candidates, ledger)
 
     has_usable_last = any(last.complete for last in lasts)
     if candidates and not has_usable_last and not any(map(ledger.is_kept, range(len(candidates)))):
@@ -491,8 +542,20 @@ def _plan_group(  # noqa: C901, PLR0912  (long: the policy's rules in the order 
     return GroupPlan(directory=directory, decisions=tuple(decisions))
 
 
+def _own_links(lasts: list[CheckpointRecord]) -> list[LinkInto]:
+    """The group's ``last`` symlinks into its own directory (Lightning links within its ``dirpath``),
+    named by their name."""
+    return [
+        LinkInto(link.name, link.link_target, link.identity.mtime_ns if link.identity is not None else None)
+        for link in sorted(lasts, key=lambda record: (record.version, record.name))
+        if link.entry_type is EntryType.SYMLINK
+        and link.link_target is not None
+        and link.link_target.parent == link.directory
+    ]
+
+
 def _keep_pending_link_target(
-    lasts: list[CheckpointRecord],
+    links: list[LinkInto],
     records: list[CheckpointRecord],
     candidates: list[CheckpointRecord],
     ledger: _Ledger,
@@ -503,26 +566,19 @@ def _keep_pending_link_target(
     always to a file of the callback that owns it, so of one kind. While the link still points at an
     older checkpoint of that kind, the newest of that kind is kept, so the link never ends up pointing
     at a file that was just deleted. A dangling link protects the newest of each kind; a link to
-    something that is not a candidate (another last file) is not about to move.
+    something that is not a candidate (another last file) is not about to move. ``links``: those whose
+    target is in this group's directory, beside them or from a directory above (``LinkInto``).
     """
-    links = [
-        link
-        for link in sorted(lasts, key=lambda record: (record.version, record.name))
-        if link.entry_type is EntryType.SYMLINK
-        and link.link_target is not None
-        and link.link_target.parent == link.directory  # Lightning links within its own dirpath
-    ]
     if not links:
         return
-    # The links' targets among the group's entries, by name (a target is in the group's directory,
-    # checked above): a candidate, or another entry (another last, a pinned file).
-    target_names = {link.link_target.name for link in links if link.link_target is not None}
+    # The links' targets among the group's entries, by name (every target is in the group's
+    # directory): a candidate, or another entry (another last, a pinned file).
+    target_names = {link.target.name for link in links}
     by_name = {record.name: record for record in candidates if record.name in target_names}
     other_names = {record.name for record in records if record.name in target_names} - by_name.keys()
     for link in links:
-        assert link.link_target is not None
-        target = by_name.get(link.link_target.name)
-        if target is None and link.link_target.name in other_names:
+        target = by_name.get(link.target.name)
+        if target is None and link.target.name in other_names:
             continue  # it points at something that stays (another last, a pinned file): not moving
         kinds = [target.kind] if target is not None else [Kind.STEP, Kind.BEST]
         for kind in kinds:
@@ -538,14 +594,14 @@ def _keep_pending_link_target(
                     if (candidates[position].step or 0) == newest[0]:
                         ledger.keep(
                             position,
-                            f"newest {kind.value} checkpoint: {link.name} does not point at it yet",
+                            f"newest {kind.value} checkpoint: {link.label} does not point at it yet",
                             Hold.PROTECTED,
                         )
             _keep_written_since_link(link, target, same_kind, candidates, ledger)
 
 
 def _keep_written_since_link(
-    link: CheckpointRecord,
+    link: LinkInto,
     target: CheckpointRecord | None,
     same_kind: list[int],
     candidates: list[CheckpointRecord],
@@ -560,9 +616,9 @@ def _keep_written_since_link(
     Only the latest of them: a link nobody moves any more holds one checkpoint, not every one after it.
     Time orders nothing here; it only keeps one more.
     """
-    if link.identity is None:
+    if link.made_ns is None:
         return
-    made = link.identity.mtime_ns
+    made = link.made_ns
     written_since = [
         position
         for position in same_kind
@@ -576,7 +632,7 @@ def _keep_written_since_link(
     if Hold.PROTECTED in ledger.holds[latest]:
         return  # already kept as the newest the link lags behind, or pinned
     ledger.keep(
-        latest, f"written after {link.name} was made: it may be where the link moves next", Hold.PROTECTED
+        latest, f"written after {link.label} was made: it may be where the link moves next", Hold.PROTECTED
     )
 
 

@@ -44,7 +44,7 @@ from ckpt_watcher.memory import no_cyclic_collection, release_after
 from ckpt_watcher.naming import Kind, Naming
 from ckpt_watcher.overrides import OVERRIDE_FILE_NAME, EffectivePolicy, PolicyTree
 from ckpt_watcher.plan import Action, Decision, GroupPlan, Plan, Summary, plan
-from ckpt_watcher.policy import LoadedPolicy, PolicyError
+from ckpt_watcher.policy import LoadedPolicy, Policy, PolicyError
 from ckpt_watcher.policy_file import InvalidPolicyFilesError
 from ckpt_watcher.protection import ProtectionRegistry, UnreadableConfigsError, protect_from_problem
 from ckpt_watcher.records import CheckpointRecord, FileIdentity, display_name
@@ -462,9 +462,7 @@ class Reconciler:
             raise ScanStopped(str(group))
         pins = {**context.pins, **context.links.for_group(group), **self.storage.kept_whole(self.root, group)}
         identities = {**self.trash.pinned_identities(), **context.pinned_identities}  # after the scan
-        group_plans = plan(
-            records, value.policy, pins, pinned_identities=identities, pinned_names=context.pinned_names
-        ).groups
+        group_plans = _plan(group, records, value.policy, pins, identities, context)
         first = group_plans[0] if group_plans else None
         group_plan = self.space.plan_group(
             group, first, value.policy, dry_run=context.dry_run, now=context.wall_now
@@ -700,6 +698,26 @@ def _tally(decisions: Iterable[Decision]) -> Tally:
         if decision.record.kind is not Kind.UNKNOWN:
             tally.add(decision.record.kind.value, decision.record.bytes)
     return tally
+
+
+def _plan(
+    group: Path,
+    records: list[CheckpointRecord],
+    policy: Policy,
+    pins: Mapping[Path, str],
+    identities: Mapping[tuple[int, int], str],
+    context: _PassContext,
+) -> tuple[GroupPlan, ...]:
+    """``plan`` for one group of a pass, with what the pass listed elsewhere: the names pinned in any
+    group, and the ``last`` links of directories above it that point down into it (``links_into``)."""
+    return plan(
+        records,
+        policy,
+        pins,
+        pinned_identities=identities,
+        pinned_names=context.pinned_names,
+        links_into=context.links.links_into(group),
+    ).groups
 
 
 @dataclass(frozen=True)

@@ -21,10 +21,12 @@ SCRIPT = Path(__file__).resolve().parents[1] / "support" / "lightning_link_windo
 TRAIN_TIMEOUT = 240.0
 
 
-def _run(tmp_path: Path, scenario: str, *extra: str) -> dict[str, object]:
+def _run(
+    tmp_path: Path, scenario: str, *extra: str, policy_text: str = "save_top_k_checkpoints: 2\n"
+) -> dict[str, object]:
     run = tmp_path / "run"
     policy = tmp_path / "policy.yaml"
-    policy.write_text("save_top_k_checkpoints: 2\n")
+    policy.write_text(policy_text)
     report = tmp_path / "report.json"
     temporary = tmp_path / "trainer-tmp"
     temporary.mkdir()
@@ -74,3 +76,25 @@ def test_a_fresh_run_in_the_same_directory_keeps_the_checkpoint_its_link_moves_t
     _check(document)
     last_links = document["after_fit"][-1]["links"]  # type: ignore[index]
     assert "last-v1.ckpt" in last_links  # Lightning versions the fresh run's link beside the old one
+
+
+@pytest.mark.timeout(300)
+def test_a_link_down_into_the_filename_subdirectory_keeps_the_checkpoint_it_moves_to(tmp_path: Path) -> None:
+    """``filename="steps/epoch=..."`` writes in run/steps and links run/last.ckpt down to it. The
+    saves are planned in run/steps, a directory of their own, while the link is in run: with the
+    policy keeping no step checkpoint, each save went before the link moved to it (outside the
+    newest 0), last.ckpt dangled, and ``fit(ckpt_path="last")`` could not resume."""
+    document = _run(
+        tmp_path,
+        "resume",
+        "--subdirectory",
+        "steps",
+        policy_text="save_top_k_checkpoints: 0\nsave_top_k_best: 0\n",
+    )
+    _check(document)
+    after_fit = document["after_fit"]
+    assert isinstance(after_fit, list)
+    assert [fitted["started_at"] for fitted in after_fit] == [0, 16]  # resumed from last.ckpt
+    target = after_fit[-1]["links"]["last.ckpt"]["target"]
+    assert target.startswith("steps/"), target
+    assert target.endswith("-step=000032-train.ckpt"), target

@@ -103,6 +103,44 @@ def test_a_link_in_one_group_protects_its_target_in_another_in_every_pass(tmp_pa
     assert _names(tmp_path / "b") == {target.name, *(step_name(0, step) for step in range(300, 800, 100))}
 
 
+def test_a_link_down_into_a_subdirectory_keeps_the_save_it_is_about_to_name_in_an_event_pass(
+    tmp_path: Path,
+) -> None:
+    """Lightning's ``filename="steps/epoch=..."`` with ``save_last="link"``: checkpoints are written in
+    root/steps, root/last.ckpt links down to them, and is moved only after the loggers ran. A pass for
+    the new save's event plans root/steps alone (root's listing remembered): the save, outside the
+    newest 0, was deleted before the link named it, which then dangled."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("save_top_k_checkpoints: 0\nsave_top_k_best: 0\n")
+    root = tmp_path / "root"
+    steps = root / "steps"
+    (first,) = _steps(steps, [100])
+    link = root / "last.ckpt"
+    os.symlink(Path("steps") / first.name, link)
+    core = _daemon_core(root, policy)
+    core.run(Trigger.STARTUP)
+    assert first.exists()
+
+    (saved,) = _steps(steps, [200])  # written; the link still names step 100
+    event = core.run(Trigger.EVENT, {steps}, keep_plan=True)
+
+    kept = next(decision for decision in event.the_plan.decisions if decision.record.path == saved)
+    assert (kept.action, kept.reasons) == (
+        "keep",
+        ("newest step checkpoint: last.ckpt does not point at it yet",),
+    )
+    assert saved.exists()
+    assert first.exists()
+
+    link.unlink()  # Lightning moves the link: the previous target goes at the next pass
+    os.symlink(Path("steps") / saved.name, link)
+    core.run(Trigger.EVENT, {root})
+    core.run(Trigger.EVENT, {steps})
+    assert link.resolve() == saved
+    assert saved.exists()
+    assert not first.exists()
+
+
 def test_a_blocked_groups_link_still_protects_its_target_in_another_group(tmp_path: Path) -> None:
     """A run whose per-run policy is invalid is blocked (nothing deleted there), and its last.ckpt
     names a checkpoint of another run: that checkpoint is what the blocked run resumes from."""

@@ -3,12 +3,15 @@ between each save and Lightning moving ``last.ckpt``: from ``Logger.after_save_c
 Lightning calls once the checkpoint file is written and before it links the last checkpoint to it
 (where a daemon reacting to the closed file, or a slow logger's upload, puts a pass).
 
-    lightning_link_window.py SCENARIO RUN_DIRECTORY POLICY REPORT [--protect PATH]
+    lightning_link_window.py SCENARIO RUN_DIRECTORY POLICY REPORT [--protect PATH] [--subdirectory NAME]
 
 SCENARIO is ``rollback`` (train to step 16, on to 40, then resume again from step 16 to 32: a loss
-spike rolled back) or ``restart`` (train to 40, then a fresh run to 12 in the same directory). REPORT
-gets a JSON document: each prune's deletions, and after each ``fit`` where each ``last*.ckpt`` points
-and whether it resolves.
+spike rolled back), ``restart`` (train to 40, then a fresh run to 12 in the same directory) or
+``resume`` (train to 16, then resume from ``ckpt_path="last"`` to 32). ``--subdirectory`` puts a
+directory in the checkpoints' ``filename`` (``steps/epoch=...``): they are written in
+RUN_DIRECTORY/NAME, and ``last.ckpt`` in RUN_DIRECTORY links down to them. REPORT gets a JSON
+document: each prune's deletions, and after each ``fit`` the step it started from, where each
+``last*.ckpt`` points and whether it resolves.
 """
 
 from __future__ import annotations
@@ -77,6 +80,10 @@ class Regression(pl.LightningModule):
         super().__init__()
         torch.manual_seed(0)
         self.layer = torch.nn.Linear(4, 1)
+        self.started_at: int | None = None
+
+    def on_train_start(self) -> None:
+        self.started_at = self.trainer.global_step
 
     def training_step(self, batch: Any, batch_index: int) -> torch.Tensor:
         inputs, targets = batch
@@ -92,10 +99,11 @@ def data() -> DataLoader[Any]:
     return DataLoader(TensorDataset(inputs, inputs.sum(1, keepdim=True)), batch_size=4)
 
 
-def fit(run: Path, logger: Logger, max_steps: int, ckpt_path: Path | None) -> None:
+def fit(run: Path, logger: Logger, max_steps: int, ckpt_path: Path | str | None, subdirectory: str) -> int:
+    """Train to ``max_steps``; the step the run started from."""
     checkpoints = ModelCheckpoint(
         dirpath=run,
-        filename="epoch={epoch:02d}-step={step:06d}-train",
+        filename=subdirectory + "epoch={epoch:02d}-step={step:06d}-train",
         auto_insert_metric_name=False,
         every_n_train_steps=EVERY_N_STEPS,
         save_top_k=-1,  # Lightning deletes nothing: only ckpt-watcher prunes
@@ -110,7 +118,10 @@ def fit(run: Path, logger: Logger, max_steps: int, ckpt_path: Path | None) -> No
         accelerator="cpu",
         limit_val_batches=0,
     )
-    trainer.fit(Regression(), data(), ckpt_path=None if ckpt_path is None else str(ckpt_path))
+    model = Regression()
+    trainer.fit(model, data(), ckpt_path=None if ckpt_path is None else str(ckpt_path))
+    assert model.started_at is not None
+    return model.started_at
 
 
 def links(run: Path) -> dict[str, dict[str, Any]]:
@@ -124,11 +135,12 @@ def links(run: Path) -> dict[str, dict[str, Any]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("scenario", choices=["rollback", "restart"])
+    parser.add_argument("scenario", choices=["rollback", "restart", "resume"])
     parser.add_argument("run", type=Path)
     parser.add_argument("policy", type=Path)
     parser.add_argument("report", type=Path)
     parser.add_argument("--protect", type=Path)
+    parser.add_argument("--subdirectory", default="")
     arguments = parser.parse_args()
     command = [sys.executable, "-m", "ckpt_watcher", "prune", str(arguments.run)]
     command += ["--policy", str(arguments.policy), "--json"]
@@ -137,14 +149,18 @@ def main() -> None:
     deletions: list[dict[str, Any]] = []
     logger = PruneInTheWindow(command, deletions)
     after_fit: list[dict[str, Any]] = []
+    subdirectory = arguments.subdirectory + "/" if arguments.subdirectory else ""
+    plan: list[tuple[int, Path | str | None]]
     if arguments.scenario == "rollback":
-        resume_from = arguments.run / "epoch=00-step=000016-train.ckpt"
+        resume_from = arguments.run / f"{subdirectory}epoch=00-step=000016-train.ckpt"
         plan = [(16, None), (40, resume_from), (32, resume_from)]
+    elif arguments.scenario == "resume":
+        plan = [(16, None), (32, "last")]
     else:
         plan = [(40, None), (12, None)]
     for max_steps, ckpt_path in plan:
-        fit(arguments.run, logger, max_steps, ckpt_path)
-        after_fit.append({"max_steps": max_steps, "links": links(arguments.run)})
+        started_at = fit(arguments.run, logger, max_steps, ckpt_path, subdirectory)
+        after_fit.append({"max_steps": max_steps, "started_at": started_at, "links": links(arguments.run)})
     report = {"deletions": deletions, "after_fit": after_fit, "files": sorted(os.listdir(arguments.run))}
     arguments.report.write_text(json.dumps(report, indent=1))
 

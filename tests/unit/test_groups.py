@@ -10,6 +10,7 @@ import pytest
 from ckpt_watcher.groups import GroupIndex
 from ckpt_watcher.links import Link, LinkLister
 from ckpt_watcher.naming import DEFAULT_NAMING, Naming
+from ckpt_watcher.plan import LinkInto
 from ckpt_watcher.reconcile import _forget_unwalked
 from ckpt_watcher.records import DELETING_PREFIX
 from ckpt_watcher.scan import ScanProblem
@@ -279,3 +280,23 @@ def test_a_cross_group_last_link_missing_for_a_moment_protects_its_target_in_oth
     pins = index.link_pins({run2: DEFAULT_NAMING}, _lister(listing))
 
     assert run2 / "x.ckpt" in pins.for_group(run2)
+
+
+def test_a_last_link_down_into_a_subdirectory_reaches_a_pass_that_plans_only_the_subdirectory() -> None:
+    """Lightning's ``filename="best/best_{epoch}"`` with ``save_last="link"``: run/last.ckpt ->
+    best/x. A pass planning run/best alone (the event of the new save) gets the link, listed again,
+    for the ``save_last="link"`` rules there; a link into a sibling run or to a file beside it does not
+    count (only its target is kept, as any link's)."""
+    run, best, other = ROOT / "run", ROOT / "run" / "best", ROOT / "other"
+    index = GroupIndex(ROOT, lambda _: DEFAULT_NAMING)
+    down = Link("last.ckpt", "run/last.ckpt", True, best / "x.ckpt", made_ns=7)
+    sideways = Link("last.ckpt", "other/last.ckpt", True, run / "y.ckpt")
+    not_last = Link("latest.ckpt", "run/latest.ckpt", False, best / "x.ckpt")
+    listing = {run: [down, not_last], other: [sideways]}
+    every = dict.fromkeys((run, best, other), DEFAULT_NAMING)
+    index.link_pins(every, _lister(listing))
+
+    pins = index.link_pins({best: DEFAULT_NAMING}, _lister(listing))
+
+    assert pins.links_into(best) == [LinkInto("run/last.ckpt", best / "x.ckpt", 7)]
+    assert pins.links_into(run) == []  # other/last.ckpt -> run/y is not a link down

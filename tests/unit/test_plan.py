@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from ckpt_watcher.naming import Kind
-from ckpt_watcher.plan import Action, Decision, Hold, Plan, Summary, _Ledger, plan
+from ckpt_watcher.plan import Action, Decision, Hold, LinkInto, Plan, Summary, _Ledger, plan
 from ckpt_watcher.policy import Policy
 from ckpt_watcher.records import CheckpointRecord, EntryType
 from tests.support.factories import best_name, make_record, step_name
@@ -1187,6 +1187,141 @@ def test_last_link_to_another_last_file_is_not_a_pending_move() -> None:
     assert result[newest.name].action is Action.DELETE
     assert result[LAST].action is Action.KEEP
     assert result["last-v1.ckpt"].action is Action.KEEP
+
+
+BEST_DIR = RUN / "best"  # Lightning's ``filename="best/best_{epoch}..."``: a directory below dirpath
+PENDING_FROM_ABOVE = "newest {kind} checkpoint: run/last.ckpt does not point at it yet"
+WRITTEN_SINCE_FROM_ABOVE = "written after run/last.ckpt was made: it may be where the link moves next"
+
+# (id, the link's target (index into the files, None: gone), the link's mtime, files in run/best as
+#  (kind, step, metric, mtime), policy, how it is planned, expected reasons of each file (() = deleted))
+FROM_ABOVE_CASES: list[
+    tuple[str, int | None, int, list[tuple[str, int, float, int]], dict[str, int], str, list[tuple[str, ...]]]
+] = [
+    (
+        "best-saved-link-not-moved-yet",
+        0,
+        15,
+        [("best", 100, 0.1, 10), ("best", 200, 0.5, 20)],
+        {"save_top_k_best": 1, "save_top_k_checkpoints": 0},
+        "alone",
+        [
+            ("top 1 best (rank 1, loss=0.1000)", "target of run/last.ckpt"),
+            (PENDING_FROM_ABOVE.format(kind="best"),),
+        ],
+    ),
+    (
+        "same-in-one-plan-of-every-group",
+        0,
+        15,
+        [("best", 100, 0.1, 10), ("best", 200, 0.5, 20)],
+        {"save_top_k_best": 1, "save_top_k_checkpoints": 0},
+        "together",
+        [
+            ("top 1 best (rank 1, loss=0.1000)", "target of run/last.ckpt"),
+            (PENDING_FROM_ABOVE.format(kind="best"),),
+        ],
+    ),
+    (
+        "without-the-link-fact-the-save-goes",
+        0,
+        15,
+        [("best", 100, 0.1, 10), ("best", 200, 0.5, 20)],
+        {"save_top_k_best": 1, "save_top_k_checkpoints": 0},
+        "alone-without-links",
+        [("top 1 best (rank 1, loss=0.1000)", "target of run/last.ckpt"), ()],
+    ),
+    (
+        "steps-top-0",
+        0,
+        15,
+        [("step", 100, 0.0, 10), ("step", 200, 0.0, 20), ("step", 150, 0.0, 5)],
+        {"save_top_k_checkpoints": 0, "save_top_k_best": 0},
+        "alone",
+        [("target of run/last.ckpt",), (PENDING_FROM_ABOVE.format(kind="step"),), ()],
+    ),
+    (
+        "moved-the-old-target-goes",
+        1,
+        25,
+        [("step", 100, 0.0, 10), ("step", 200, 0.0, 20)],
+        {"save_top_k_checkpoints": 0, "save_top_k_best": 0},
+        "alone",
+        [(), ("target of run/last.ckpt",)],
+    ),
+    (
+        "rolled-back-save-below-the-newest",
+        2,
+        41,
+        [("step", 16, 0.0, 16), ("step", 32, 0.0, 32), ("step", 40, 0.0, 40), ("step", 20, 0.0, 50)],
+        {"save_top_k_checkpoints": 1, "save_top_k_best": 0},
+        "alone",
+        [
+            (),
+            (),
+            ("newest 1 step checkpoints (#1 of 1)", "target of run/last.ckpt"),
+            (WRITTEN_SINCE_FROM_ABOVE,),
+        ],
+    ),
+    (
+        "dangling-keeps-the-newest-of-each-kind",
+        None,
+        15,
+        [("step", 100, 0.0, 10), ("step", 200, 0.0, 20), ("best", 100, 0.3, 10)],
+        {"save_top_k_checkpoints": 0, "save_top_k_best": 0},
+        "alone",
+        [(), (PENDING_FROM_ABOVE.format(kind="step"),), (PENDING_FROM_ABOVE.format(kind="best"),)],
+    ),
+]
+
+
+def _file_in_best(kind: str, step: int, metric: float, mtime: int) -> CheckpointRecord:
+    name = step_name(0, step) if kind == "step" else best_name(0, step, metric)
+    return written_at(make_record(name, BEST_DIR), mtime)
+
+
+@pytest.mark.parametrize(
+    ("target", "made", "files", "policy", "how", "expected"),
+    [case[1:] for case in FROM_ABOVE_CASES],
+    ids=[case[0] for case in FROM_ABOVE_CASES],
+)
+def test_save_last_link_rules_reach_a_subdirectory_the_link_points_into(
+    target: int | None,
+    made: int,
+    files: list[tuple[str, int, float, int]],
+    policy: dict[str, int],
+    how: str,
+    expected: list[tuple[str, ...]],
+) -> None:
+    """run/last.ckpt -> best/<name>: Lightning's ``filename`` with a ``/`` writes in run/best, and
+    moves the link in run there after each save (after its loggers). Planned alone (an event pass,
+    ``links_into``) or with run's records, run/best keeps what the link is about to name."""
+    in_best = [_file_in_best(*file) for file in files]
+    target_path = in_best[target].path if target is not None else BEST_DIR / step_name(0, 999)
+    link = link_to(make_record("x.ckpt"), made_at=made)
+    link = dataclasses.replace(link, link_target=target_path)
+    pins = {target_path: "target of run/last.ckpt"}
+    if how == "together":
+        result = plan([link, *in_best], Policy(**policy))
+    else:
+        links = [LinkInto("run/last.ckpt", target_path, made)] if how == "alone" else []
+        result = plan(in_best, Policy(**policy), pins, links_into=links)
+    decisions = by_relative_path(result)
+    for record, reasons in zip(in_best, expected, strict=True):
+        decision = decisions[record.relative_path]
+        assert decision.reasons == reasons if reasons else decision.action is Action.DELETE, record.name
+        assert (decision.action is Action.KEEP) == bool(reasons), record.name
+
+
+def test_a_link_into_a_sibling_run_gives_no_pending_rule_there() -> None:
+    """other/last.ckpt -> ../run/x: not Lightning's own (its dirpath never points sideways); the
+    target is kept, the newest of run is not held for it."""
+    target = make_record(step_name(0, 100))
+    newest = make_record(step_name(0, 200))
+    link = make_record(LAST, OTHER, entry_type=EntryType.SYMLINK, link_target=target.path)
+    decisions = by_relative_path(plan([link, target, newest], Policy(save_top_k_checkpoints=0)))
+    assert decisions["run/" + target.name].reasons == ("target of other/last.ckpt",)
+    assert decisions["run/" + newest.name].action is Action.DELETE
 
 
 HOLDS_CASES: list[tuple[str, Mapping[str, Any], dict[str, frozenset[Hold]]]] = [
