@@ -36,7 +36,7 @@ import structlog
 from ckpt_watcher.bucket_delete import apply_bucket_group, finish_bucket_leftovers
 from ckpt_watcher.bucket_listing import Listing, has_key_under, object_identity, summarize_prefix
 from ckpt_watcher.bucket_trash_moves import BucketTrashTarget
-from ckpt_watcher.config_access import LOCAL_FILES
+from ckpt_watcher.config_access import LOCAL_FILES, UnreachableError
 from ckpt_watcher.config_files import MAXIMUM_CONFIG_BYTES, ConfigFileError
 from ckpt_watcher.delete import DeletionResult, LeftoverResult, TrashMover, _failed
 from ckpt_watcher.integrity import Completeness, check_zip_archive, judge_directory
@@ -44,6 +44,7 @@ from ckpt_watcher.links import Link
 from ckpt_watcher.locations import StorageURL, is_core_path_of_url, storage_url_of
 from ckpt_watcher.naming import Kind, Naming, ParsedName
 from ckpt_watcher.object_store import (
+    BackendMissingError,
     ObjectInfo,
     ObjectMissingError,
     ObjectStore,
@@ -493,7 +494,7 @@ class BucketConfigFiles:
             return known[1]
         try:
             info: ObjectInfo | None = self._store_for(url).head(url.prefix)
-        except StoreError:
+        except (StoreError, BackendMissingError):  # (``exists`` says which it was)
             info = None
         self._heads[path] = (now, info)
         return info
@@ -520,6 +521,8 @@ class BucketConfigFiles:
             raise ConfigFileError("lies outside the directories this file may be read from")
         try:
             fetched = self._store_for(url).fetch(url.prefix, limit=MAXIMUM_CONFIG_BYTES)
+        except BackendMissingError as error:  # not read until it is installed: in doubt, keep
+            raise ConfigFileError(f"cannot be read: {error}") from None
         except ObjectMissingError:
             raise ConfigFileError("no such file", missing=True) from None
         except StoreError as error:
@@ -535,13 +538,22 @@ class BucketConfigFiles:
         return path if is_core_path_of_url(path) else LOCAL_FILES.real_path(path)
 
     def exists(self, path: Path) -> bool:
-        """Listed, or answered by a HEAD (objects); Path.exists (files)."""
+        """Listed, or answered by a HEAD (objects); Path.exists (files). UnreachableError for an
+        object whose store's backend is not installed (it cannot be looked at, whatever is there)."""
         if not is_core_path_of_url(path):
             return LOCAL_FILES.exists(path)
         listing = self.storage.listing
         if listing is not None and listing.is_directory(path):
             return True  # a directory checkpoint
-        return self._info(path) is not None
+        if self._info(path) is not None:
+            return True
+        url = storage_url_of(path)
+        if url is not None:
+            try:
+                self._store_for(url)
+            except BackendMissingError as error:
+                raise UnreachableError(str(error)) from None
+        return False
 
     def is_directory(self, path: Path) -> bool:
         """A directory of the listing (objects lie below it)."""

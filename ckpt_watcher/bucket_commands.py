@@ -17,6 +17,7 @@ from ckpt_watcher.bucket_trash import BucketTrashIndex
 from ckpt_watcher.bucket_trash_moves import purge_stored, restore_stored
 from ckpt_watcher.bucket_trash_pass import BucketTrashPass
 from ckpt_watcher.cli import UsageError
+from ckpt_watcher.config_access import UnreachableError
 from ckpt_watcher.contents import CheckpointContents
 from ckpt_watcher.locations import StorageURL, shown_as_url
 from ckpt_watcher.metrics import DaemonFigures
@@ -105,7 +106,11 @@ def bucket_pins(protect: Iterable[Path | StorageURL], files: BucketConfigFiles) 
             local.append(item)
             continue
         path = item.core_path
-        if not files.exists(path):
+        try:
+            there = files.exists(path)
+        except UnreachableError as error:  # gs:// without gcsfs, say: as for the root, exit 2
+            raise UsageError(f"--protect {error}") from None
+        if not there:
             logger.warning(
                 "protected_path_missing", path=item.text, detail="--protect names no existing object"
             )

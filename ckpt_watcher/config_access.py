@@ -19,6 +19,11 @@ from ckpt_watcher.filesystem import real_path
 from ckpt_watcher.records import FileIdentity
 
 
+class UnreachableError(OSError):
+    """A place that cannot be looked at at all, whatever is there (an object whose store's backend is
+    not installed): ``exists`` raises it, and a reference to it is kept in doubt (protection.py)."""
+
+
 class ConfigAccess(Protocol):
     """What reading config files needs of where they are."""
 
@@ -40,7 +45,8 @@ class ConfigAccess(Protocol):
         ...
 
     def exists(self, path: Path) -> bool:
-        """True if something is there (for warnings about a config naming a missing checkpoint)."""
+        """True if something is there (for warnings about a config naming a missing checkpoint); an
+        OSError if it cannot be looked at (UnreachableError: not at all)."""
         ...
 
     def is_directory(self, path: Path) -> bool:

@@ -23,7 +23,7 @@ from typing import Any
 
 import structlog
 
-from ckpt_watcher.config_access import LOCAL_FILES, ConfigAccess
+from ckpt_watcher.config_access import LOCAL_FILES, ConfigAccess, UnreachableError
 from ckpt_watcher.config_files import ConfigFileError, QuietFiles, parse_yaml
 from ckpt_watcher.filesystem import real_path
 from ckpt_watcher.locations import LocationError, StorageURL, is_url, parse_location
@@ -288,6 +288,8 @@ def why_absent(candidates: Iterable[Path], exists: Callable[[Path], bool]) -> st
             unseen = error
     if unseen is None:
         return "does not exist (yet)"
+    if isinstance(unseen, UnreachableError):
+        return f"cannot be looked at ({unseen})"
     return (
         f"cannot be looked at ({describe_os_error(unseen)}): it is protected by that path, but a file it "
         "reaches through a link or a mount is not recognised"

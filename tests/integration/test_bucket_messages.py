@@ -1,0 +1,98 @@
+"""What a bucket root says, as real processes against a real S3 server (moto), when it is given
+something it cannot use: one clear line and exit 2 at start (never a traceback), a warning and a pass
+that goes on while running, and nothing deleted that was meant to be kept."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from tests.support.cli import assert_clean_exit, events, run_cli
+from tests.support.daemon import running_daemon
+from tests.support.factories import step_name, zip_bytes
+from tests.support.s3_server import Bucket
+
+pytestmark = pytest.mark.timeout(180)
+
+STEPS = range(100, 900, 100)
+
+
+def _seed(bucket: Bucket) -> set[str]:
+    bucket.put_many({f"run/{step_name(0, step)}": zip_bytes(f"step {step}".encode() * 20) for step in STEPS})
+    return bucket.keys("run")
+
+
+def _one_line(stderr: str) -> str:
+    lines = [line for line in stderr.splitlines() if line.startswith("ckpt-watcher: ")]
+    assert len(lines) == 1, stderr[-3000:]
+    return lines[0]
+
+
+# -- a pin or a resume source on a store whose backend is not installed ---------------------------------
+
+
+def _without(module: str) -> None:
+    if importlib.util.find_spec(module) is not None:
+        pytest.skip(f"{module} is installed here")
+
+
+@pytest.mark.parametrize(("scheme", "module", "extra"), [("gs", "gcsfs", "gcs"), ("az", "adlfs", "azure")])
+def test_a_protect_url_whose_backend_is_missing_is_exit_2_naming_the_extra(
+    s3: Bucket, scheme: str, module: str, extra: str
+) -> None:
+    _without(module)
+    before = _seed(s3)
+    pin = f"{scheme}://other/run/{step_name(0, 100)}"
+    for command in ("prune", "watch"):
+        result = run_cli(command, f"{s3.url}/run", "--protect", pin, timeout=60)
+        assert_clean_exit(result, (2,), explained=True)
+        line = _one_line(result.stderr)
+        assert line.startswith(f"ckpt-watcher: --protect {pin}: "), line
+        assert f"pip install 'ckpt-watcher[{extra}]'" in line, line
+    assert s3.keys("run") == before
+
+
+def _foreign_resume_source(tmp_path: Path) -> Path:
+    config = tmp_path / "train.yaml"
+    config.write_text(f"ckpt_path: gs://other-bucket/elsewhere/{step_name(0, 100)}\n")
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(f"save_top_k_checkpoints: 2\nprotect_from: [{config}]\n")
+    return policy
+
+
+def _warned_about_the_backend(stderr: str) -> None:
+    warnings = [record["message"] for record in events(stderr, "protection_warning")]
+    assert any(
+        "gs://other-bucket/elsewhere/" in message
+        and "pip install 'ckpt-watcher[gcs]'" in message
+        and f"a checkpoint named {step_name(0, 100)!r} anywhere under the root is kept in doubt" in message
+        for message in warnings
+    ), stderr[-3000:]
+
+
+def test_a_resume_source_whose_backend_is_missing_is_a_warning_and_its_namesake_is_kept(
+    s3: Bucket, tmp_path: Path
+) -> None:
+    _without("gcsfs")
+    _seed(s3)
+    result = run_cli("prune", f"{s3.url}/run", "--policy", str(_foreign_resume_source(tmp_path)), timeout=60)
+    assert_clean_exit(result, (0,))
+    _warned_about_the_backend(result.stderr)
+    assert s3.keys("run") == {f"run/{step_name(0, step)}" for step in (100, 700, 800)}
+
+
+def test_a_watcher_with_such_a_resume_source_completes_its_passes(s3: Bucket, tmp_path: Path) -> None:
+    _without("gcsfs")
+    _seed(s3)
+    policy = _foreign_resume_source(tmp_path)
+    arguments = ["watch", f"{s3.url}/run", "--policy", str(policy), "--poll-interval", "0.5", "--settle", "0"]
+    with running_daemon(arguments, tmp_path / "watch.log") as daemon:
+        daemon.wait_for("pass_completed", count=2, timeout=60)
+        assert daemon.stop() == 0
+    log = daemon.log_path.read_text()
+    assert "Traceback" not in log, log[-3000:]
+    assert not events(log, "worker_error"), log[-3000:]
+    _warned_about_the_backend(log)
+    assert s3.keys("run") == {f"run/{step_name(0, step)}" for step in (100, 700, 800)}
