@@ -24,7 +24,6 @@ from ckpt_watcher.metrics import DaemonFigures
 from ckpt_watcher.naming import Naming
 from ckpt_watcher.object_store import BackendMissingError, ObjectStore, StoreError, open_store
 from ckpt_watcher.policy import LoadedPolicy, Policy, PolicyCheck
-from ckpt_watcher.protection import command_line_pins
 from ckpt_watcher.reconcile import PassResult, prune_once
 from ckpt_watcher.report import render_json, render_trash_table, trash_list_document
 from ckpt_watcher.trash import TrashListing
@@ -98,13 +97,16 @@ def check_policy(loaded: LoadedPolicy, store: ObjectStore) -> None:
 
 
 def bucket_pins(protect: Iterable[Path | StorageURL], files: BucketConfigFiles) -> dict[Path, str]:
-    """``--protect`` pins: a URL names an object (its core path); a local path as always."""
+    """``--protect`` pins: each a URL naming an object (its core path). A local path is a UsageError
+    (exit 2): it can never name an object under a URL root, so the checkpoint meant would be deleted."""
+    root = files.storage.url
     pins: dict[Path, str] = {}
-    local: list[Path | StorageURL] = []
     for item in protect:
         if not isinstance(item, StorageURL):
-            local.append(item)
-            continue
+            raise UsageError(
+                f"--protect {item}: under {root.text} give the object's URL "
+                f"({root.scheme}://{root.bucket}/...), not a local path, which names no object there"
+            )
         path = item.core_path
         try:
             there = files.exists(path)
@@ -115,8 +117,6 @@ def bucket_pins(protect: Iterable[Path | StorageURL], files: BucketConfigFiles) 
                 "protected_path_missing", path=item.text, detail="--protect names no existing object"
             )
         pins.setdefault(path, f"protected by --protect {item.text}")
-    if local:
-        pins.update(command_line_pins(local, Path.cwd()))
     return pins
 
 

@@ -96,3 +96,22 @@ def test_a_watcher_with_such_a_resume_source_completes_its_passes(s3: Bucket, tm
     assert not events(log, "worker_error"), log[-3000:]
     _warned_about_the_backend(log)
     assert s3.keys("run") == {f"run/{step_name(0, step)}" for step in (100, 700, 800)}
+
+
+# -- a local path given to --protect under a URL root -------------------------------------------------
+
+
+@pytest.mark.parametrize("given", ["relative", "key", "absolute"])
+def test_a_local_protect_path_under_a_url_root_is_refused(s3: Bucket, tmp_path: Path, given: str) -> None:
+    """A local path can never name an object: it would warn "does not exist (yet)" and delete the very
+    checkpoint meant. ``prune`` and ``watch`` refuse it, naming the URL to give instead."""
+    before = _seed(s3)
+    name = step_name(0, 100)
+    pin = {"relative": name, "key": f"run/{name}", "absolute": f"/run/{name}"}[given]
+    for command in ("prune", "watch"):
+        result = run_cli(command, f"{s3.url}/run", "--protect", pin, cwd=tmp_path, timeout=60)
+        assert_clean_exit(result, (2,), explained=True)
+        line = _one_line(result.stderr)
+        assert line.startswith(f"ckpt-watcher: --protect {pin}: "), line
+        assert f"give the object's URL ({s3.url}/...)" in line, line
+    assert s3.keys("run") == before
