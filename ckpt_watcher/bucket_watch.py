@@ -8,7 +8,9 @@ renewed from the loop and between groups of a long pass, released at the end; de
 soon as the lease may no longer be held, and a lease taken over by another watcher stops this one
 (exit 2). A listing that fails, at any page, is logged (``storage_unavailable``) and retried after
 1, 2, 4, ... s (at most a minute, or the poll interval if longer); nothing is planned or deleted
-until the prefix can be listed whole again (``storage_restored``).
+until the prefix can be listed whole again (``storage_restored``). A bucket that does not exist at
+start is exit 2; one deleted under the running watcher is such an unavailable store (its lease cannot
+be renewed, so nothing is deleted), never a lease taken over.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from ckpt_watcher.locations import StorageURL
 from ckpt_watcher.lock import LockHeldError
 from ckpt_watcher.metrics import DaemonFigures
 from ckpt_watcher.notify import Notifier
-from ckpt_watcher.object_store import ConditionalUnsupportedError, ObjectStore, StoreError
+from ckpt_watcher.object_store import BucketMissingError, ConditionalUnsupportedError, ObjectStore, StoreError
 from ckpt_watcher.overrides import PolicyTree
 from ckpt_watcher.place import Crew, WatchedRoot, WatchOptions
 from ckpt_watcher.policy import LoadedPolicy
@@ -104,10 +106,14 @@ class BucketPlace:
         self._next_attempt = 0.0
 
     def lock_now(self) -> None:
-        """Take the lease up front (LeaseHeldError, exit 2, if another watcher holds it); a store that
-        cannot be reached yet is retried by the loop."""
+        """Take the lease up front (LeaseHeldError, exit 2, if another watcher holds it; a bucket that
+        does not exist is exit 2 too); a store that cannot be reached yet is retried by the loop."""
         try:
             self.lease.acquire()
+        except BucketMissingError as error:
+            raise UsageError(
+                f"{self.url.text}: the bucket {self.url.bucket} does not exist ({error})"
+            ) from None
         except ConditionalUnsupportedError as error:
             raise UsageError(
                 f"{self.url.text}: the single-instance lease needs conditional writes, which this store "

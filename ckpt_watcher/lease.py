@@ -14,7 +14,10 @@ There is no ``flock`` on a bucket, so the single-instance lock of lock.py become
 
 A watcher that finds the lease held exits 2 naming the holder, as on disk. A watcher deletes only
 while its last successful renewal is recent enough that no other could have taken the lease over
-(``refusal``); one that finds its lease taken over stops (``LeaseLostError``, exit 2).
+(``refusal``); one that finds its lease taken over stops (``LeaseLostError``, exit 2). A bucket that
+is not there (``BucketMissingError``) is the store being unusable, never a lease held or lost: at
+start it is the caller's to report; later a renewal into it fails as any store error does, and
+deletions stop once the lease may have expired.
 """
 
 from __future__ import annotations
@@ -34,7 +37,13 @@ import structlog
 from ckpt_watcher.bucket_listing import LEASE_NAME
 from ckpt_watcher.locations import StorageURL
 from ckpt_watcher.lock import LockHeldError
-from ckpt_watcher.object_store import ObjectMissingError, ObjectStore, PreconditionFailedError, StoreError
+from ckpt_watcher.object_store import (
+    BucketMissingError,
+    ObjectMissingError,
+    ObjectStore,
+    PreconditionFailedError,
+    StoreError,
+)
 
 logger = structlog.get_logger("ckpt_watcher.lease")
 
@@ -148,8 +157,9 @@ class Lease:
     def acquire(self) -> None:
         """Take the lease (or take over an expired one); LeaseHeldError if another holds it.
 
-        StoreError if the store cannot be reached; ConditionalUnsupportedError if it has no
-        conditional writes (no lease can be had: the watcher must not run).
+        StoreError if the store cannot be reached (BucketMissingError: the bucket does not exist);
+        ConditionalUnsupportedError if it has no conditional writes (no lease can be had: the watcher
+        must not run).
         """
         for _ in range(3):  # the lease may vanish or change between two requests: look again
             sent_at = self._clock()
@@ -232,6 +242,8 @@ class Lease:
         watcher holds it now. StoreError if the store cannot say."""
         try:
             self.store.fetch(self.key, limit=_LEASE_LIMIT)
+        except BucketMissingError:
+            raise  # the bucket is gone, not the lease: the store is unusable (a failed renewal)
         except ObjectMissingError:
             pass
         else:

@@ -61,6 +61,11 @@ class ObjectMissingError(StoreError):
     """The object (or the bucket) is not there."""
 
 
+class BucketMissingError(ObjectMissingError):
+    """The bucket itself is not there (``NoSuchBucket``): the store is unusable, which is neither an
+    object that is gone nor a condition that failed (a lease write into it is not a lease lost)."""
+
+
 class PreconditionFailedError(StoreError):
     """The object is no longer the one a condition named (If-Match), or is there already (If-None-Match)."""
 
@@ -563,11 +568,13 @@ class S3Store(_S3Copies):
         return failures
 
     def put_new(self, key: str, data: bytes) -> str:
-        """PutObject with If-None-Match: * (PreconditionFailedError if the object exists)."""
+        """PutObject with If-None-Match: * (PreconditionFailedError if the object exists;
+        BucketMissingError if the bucket does not)."""
         return self._put(key, data, {"IfNoneMatch": "*"})
 
     def put_replacing(self, key: str, data: bytes, *, tag: str) -> str:
-        """PutObject with If-Match (PreconditionFailedError if the object changed or is gone)."""
+        """PutObject with If-Match (PreconditionFailedError if the object changed or is gone;
+        BucketMissingError if the bucket is)."""
         return self._put(key, data, {"IfMatch": tag})
 
     def _put(self, key: str, data: bytes, condition: dict[str, str]) -> str:
@@ -578,6 +585,8 @@ class S3Store(_S3Copies):
 
         try:
             return self._run("PutObject", key, request)
+        except BucketMissingError:
+            raise  # no bucket: not a condition that failed
         except ObjectMissingError as error:  # If-Match on an object that is gone
             raise PreconditionFailedError(str(error)) from None
 
@@ -602,7 +611,8 @@ def _store_error(operation: str, where: str, error: BaseException) -> StoreError
         status = str(response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
         message = redact(f"{operation} {where}: {code or 'error'}: {details.get('Message') or 'no message'}")
         kinds = (
-            (_MISSING | {"NoSuchBucket"}, ObjectMissingError),
+            ({"NoSuchBucket"}, BucketMissingError),  # (before _MISSING: its status is a 404 too)
+            (_MISSING, ObjectMissingError),
             (_PRECONDITION, PreconditionFailedError),
             (_UNSUPPORTED, ConditionalUnsupportedError),
         )

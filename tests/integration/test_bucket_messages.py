@@ -5,11 +5,12 @@ that goes on while running, and nothing deleted that was meant to be kept."""
 from __future__ import annotations
 
 import importlib.util
+import time
 from pathlib import Path
 
 import pytest
 
-from tests.support.cli import assert_clean_exit, events, run_cli
+from tests.support.cli import assert_clean_exit, events, log_records, run_cli
 from tests.support.daemon import running_daemon
 from tests.support.factories import step_name, zip_bytes
 from tests.support.s3_server import Bucket
@@ -115,3 +116,54 @@ def test_a_local_protect_path_under_a_url_root_is_refused(s3: Bucket, tmp_path: 
         assert line.startswith(f"ckpt-watcher: --protect {pin}: "), line
         assert f"give the object's URL ({s3.url}/...)" in line, line
     assert s3.keys("run") == before
+
+
+# -- a bucket that does not exist, or goes away -----------------------------------------------------------
+
+
+def test_watch_on_a_bucket_that_does_not_exist_says_so(s3: Bucket) -> None:
+    missing = f"{s3.name}-missing"
+    result = run_cli("watch", f"s3://{missing}/run", "--poll-interval", "0.5", timeout=60)
+    assert_clean_exit(result, (2,), explained=True)
+    line = _one_line(result.stderr)
+    assert line.startswith(f"ckpt-watcher: s3://{missing}/run: the bucket {missing} does not exist"), line
+    assert "another ckpt-watcher" not in line
+
+
+def test_a_bucket_deleted_under_a_watcher_is_unavailable_not_a_lost_lease(s3: Bucket, tmp_path: Path) -> None:
+    """The store going away, not another watcher: ``storage_unavailable``, retried, nothing deleted
+    (the lease cannot be renewed: deletions stop), and the watcher goes on once the bucket is back."""
+    _seed(s3)
+    arguments = ["watch", f"{s3.url}/run", "--poll-interval", "0.5", "--settle", "0", "--lease-seconds", "6"]
+    with running_daemon(arguments, tmp_path / "watch.log") as daemon:
+        daemon.wait_for("pass_completed", timeout=60)
+        s3.delete(s3.raw_keys())
+        _delete_bucket(s3)
+        daemon.wait_for("storage_unavailable", count=3, timeout=60)
+        daemon.wait_for("lease_renewal_failed", timeout=60)
+        assert daemon.process.poll() is None
+        s3.create()
+        s3.put_many({f"run/{step_name(0, step)}": zip_bytes(f"again {step}".encode() * 20) for step in STEPS})
+        daemon.wait_for("storage_restored", timeout=60)
+        assert daemon.stop() == 0
+    log = daemon.log_path.read_text()
+    assert "Traceback" not in log, log[-3000:]
+    assert not events(log, "lease_lost"), log[-3000:]
+    assert not events(log, "worker_error"), log[-3000:]
+    # after the bucket went away, nothing was deleted before the lease was held again
+    names = [record["event"] for record in log_records(log)]
+    gone = names.index("storage_unavailable")
+    assert "checkpoint_deleted" not in names[gone : names.index("lease_vanished")], names
+
+
+def _delete_bucket(bucket: Bucket) -> None:
+    """Empty and delete it (a watcher renewing its lease in between writes it again: try again)."""
+    for _ in range(20):
+        bucket.delete(bucket.raw_keys())
+        try:
+            bucket.filesystem.call_s3("delete_bucket", Bucket=bucket.name)
+        except OSError:
+            time.sleep(0.1)
+            continue
+        return
+    raise AssertionError(f"{bucket.name} could not be deleted")

@@ -12,6 +12,7 @@ from structlog.testing import capture_logs
 from ckpt_watcher.lease import Holder, Lease, LeaseHeldError, LeaseLostError
 from ckpt_watcher.locations import StorageURL
 from ckpt_watcher.object_store import (
+    BucketMissingError,
     Fetched,
     ObjectInfo,
     ObjectMissingError,
@@ -43,8 +44,11 @@ class MemoryStore(ObjectStore):
         self.objects: dict[str, tuple[bytes, str, float]] = {}
         self.tags = (f'"{number}"' for number in itertools.count(1))
         self.down = False
+        self.no_bucket = False  # the bucket deleted: every request is NoSuchBucket
 
     def _check(self) -> None:
+        if self.no_bucket:
+            raise BucketMissingError("PutObject s3://bucket/run/.ckpt-watcher.lease: NoSuchBucket")
         if self.down:
             raise StoreError("PutObject s3://bucket/run/.ckpt-watcher.lease: connection refused")
 
@@ -180,6 +184,37 @@ def test_a_lease_deleted_and_taken_by_another_first_is_lost(store: MemoryStore, 
 
     assert not holder.held
     assert json.loads(store.objects["run/.ckpt-watcher.lease"][0])["token"] == contender.holder.token
+
+
+def test_a_bucket_that_went_away_is_a_failed_renewal_never_a_lost_lease(
+    store: MemoryStore, clock: Clock
+) -> None:
+    """NoSuchBucket was a failed If-Match, so the lease was "taken over" and the watcher stopped (exit
+    2). The store went away: renewals fail and are retried, deleting stops as for a store that cannot
+    be reached, a new watcher cannot start (the caller says the bucket does not exist), and once the
+    bucket is back the holder takes its lease again."""
+    holder = _lease(store, clock)
+    holder.acquire()
+    store.objects.clear()
+    store.no_bucket = True
+
+    with capture_logs() as logs:
+        for _ in range(6):
+            clock.now += TTL / 3
+            holder.renew_if_due()
+
+    assert holder.held
+    assert holder.refusal() is not None  # nothing is deleted while it cannot be renewed
+    assert {log["event"] for log in logs} == {"lease_renewal_failed"}
+    with pytest.raises(BucketMissingError):
+        _lease(store, clock).acquire()
+
+    store.no_bucket = False
+    clock.now += TTL
+    with capture_logs() as logs:
+        holder.renew_if_due()
+    assert [log["event"] for log in logs] == ["lease_vanished"]
+    assert holder.refusal() is None
 
 
 def test_release_deletes_it_and_the_next_watcher_takes_it_at_once(store: MemoryStore, clock: Clock) -> None:
