@@ -522,7 +522,7 @@ class BucketConfigFiles:
         try:
             fetched = self._store_for(url).fetch(url.prefix, limit=MAXIMUM_CONFIG_BYTES)
         except BackendMissingError as error:  # not read until it is installed: in doubt, keep
-            raise ConfigFileError(f"cannot be read: {error}") from None
+            raise ConfigFileError(f"cannot be read: {_backend_missing(url, error)}") from None
         except ObjectMissingError:
             raise ConfigFileError("no such file", missing=True) from None
         except StoreError as error:
@@ -552,7 +552,7 @@ class BucketConfigFiles:
             try:
                 self._store_for(url)
             except BackendMissingError as error:
-                raise UnreachableError(str(error)) from None
+                raise UnreachableError(_backend_missing(url, error)) from None
         return False
 
     def is_directory(self, path: Path) -> bool:
@@ -561,3 +561,8 @@ class BucketConfigFiles:
             return LOCAL_FILES.is_directory(path)
         listing = self.storage.listing
         return listing is not None and listing.is_directory(path)
+
+
+def _backend_missing(url: StorageURL, error: BackendMissingError) -> str:
+    """``gs:// needs fsspec and gcsfs, ...: pip install ...``, for a message that names the URL already."""
+    return str(error).removeprefix(f"{url.text}: ")

@@ -111,7 +111,7 @@ def bucket_pins(protect: Iterable[Path | StorageURL], files: BucketConfigFiles) 
         try:
             there = files.exists(path)
         except UnreachableError as error:  # gs:// without gcsfs, say: as for the root, exit 2
-            raise UsageError(f"--protect {error}") from None
+            raise UsageError(f"--protect {item.text}: {error}") from None
         if not there:
             logger.warning(
                 "protected_path_missing", path=item.text, detail="--protect names no existing object"

@@ -167,3 +167,23 @@ def _delete_bucket(bucket: Bucket) -> None:
             continue
         return
     raise AssertionError(f"{bucket.name} could not be deleted")
+
+
+def test_a_protect_from_config_whose_backend_is_missing_is_unreadable(s3: Bucket, tmp_path: Path) -> None:
+    """What it protects is unknown: ``prune`` stops at it (exit 2), the daemon holds deletions."""
+    _without("gcsfs")
+    before = _seed(s3)
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("save_top_k_checkpoints: 2\nprotect_from: [gs://other-bucket/configs/train.yaml]\n")
+    result = run_cli("prune", f"{s3.url}/run", "--policy", str(policy), timeout=60)
+    assert_clean_exit(result, (2,))
+    assert "pip install 'ckpt-watcher[gcs]'" in result.stderr, result.stderr[-3000:]
+    assert s3.keys("run") == before
+    arguments = ["watch", f"{s3.url}/run", "--policy", str(policy), "--poll-interval", "0.5", "--settle", "0"]
+    with running_daemon(arguments, tmp_path / "watch.log") as daemon:
+        daemon.wait_for("pass_completed", count=2, timeout=60)
+        assert daemon.stop() == 0
+    log = daemon.log_path.read_text()
+    assert "Traceback" not in log, log[-3000:]
+    assert any("ckpt-watcher[gcs]" in record["error"] for record in events(log, "protection_rejected")), log
+    assert s3.keys("run") == before
