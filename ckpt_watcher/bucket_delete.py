@@ -7,11 +7,15 @@ ETag and size that were planned (a HEAD), and it is deleted with the store's con
 A directory checkpoint (a prefix) is listed again and must be exactly what was planned. Then a
 deletion manifest (``.ckpt-watcher-deleting``: every key with its ETag) is written into it with
 ``If-None-Match: *``, its writer's **marker object is deleted first** (so from then on it never looks
-complete), then everything else in batches (DeleteObjects, 1000 keys a request), and the manifest
-last. A deletion cut short (a failed batch, a crash) is a failure, never a deletion: the prefix keeps
-its manifest, so no pass counts or plans it, and the next pass that finds it (``finish_bucket_leftovers``)
-deletes what the manifest names, and only what still has the ETag it names: an object written there
-since, or a manifest the tool did not write, is never removed (``leftover_not_ours``).
+complete), the prefix listed once more (anything written there since, even with the same bytes,
+hence the same ETag, stops it), then everything else in batches (DeleteObjects, 1000 keys a request,
+each with its ETag), and the manifest last. A deletion cut short (a failed batch, a crash) is a failure,
+never a deletion: the prefix keeps its manifest, so no pass counts or plans it, and the next pass that
+finds it (``finish_bucket_leftovers``) lists it again and deletes what the manifest names, but only if
+every object there is named by it with its ETag and none was last modified after it: otherwise the
+checkpoint was written again (a run rolled back saving the same step), nothing of it is deleted and the
+manifest alone is removed (``leftover_called_off``). A manifest the tool did not write is never acted on
+(``leftover_not_ours``).
 
 A failure is a FAILED result, logged, and retried on the next pass; the rest of the plan goes on.
 Nothing here raises.
@@ -159,10 +163,12 @@ def _delete_directory(
     objects, manifest_key, manifest_tag = prepared
     markers = [info for info in objects if info.key[len(key) + 1 :] in DIRECTORY_MARKERS]
     rest = [info for info in objects if info not in markers]
-    remains = _remove_marker_first(store, markers, rest)
+    remains = _remove_marker_first(store, markers, rest, lambda: _written_since(store, key, objects))
     if remains is None:  # a marker was rewritten: a writer is at work there; leave it whole
         _remove_quietly(store, manifest_key, manifest_tag)
         return _changed(decision)
+    if isinstance(remains, str):  # written again after its marker went: the next pass calls it off
+        return _failed(decision, f"its marker was deleted, then {remains}; nothing more of it deleted")
     if remains:
         shown = [display_name(f"{url.scheme}://{url.bucket}/{item}") for item in remains[:_REMAINS_SHOWN]]
         return _failed(
@@ -211,10 +217,14 @@ def _prepare_directory(
 
 
 def _remove_marker_first(
-    store: ObjectStore, markers: list[ObjectInfo], rest: list[ObjectInfo]
-) -> list[str] | None:
-    """Delete the markers (conditionally), then the rest in batches: the keys that remain, or None if
-    a marker was replaced (nothing else was deleted then)."""
+    store: ObjectStore,
+    markers: list[ObjectInfo],
+    rest: list[ObjectInfo],
+    written: Callable[[], str | None] = lambda: None,
+) -> list[str] | str | None:
+    """Delete the markers (conditionally), then the rest in batches: the keys that remain, None if a
+    marker was replaced, or what ``written`` (asked once the markers are gone) says was written there
+    meanwhile (nothing else was deleted then)."""
     remains: list[str] = []
     for info in markers:
         try:
@@ -227,8 +237,28 @@ def _remove_marker_first(
             remains.append(info.key)
     if remains:  # the marker is still there: deleting the rest would leave a complete-looking husk
         return remains + [info.key for info in rest]
+    meanwhile = written()
+    if meanwhile is not None:
+        return meanwhile
     failures = store.delete_many((info.key, info.tag) for info in rest)  # each only if not replaced
     return sorted(failures)
+
+
+def _written_since(store: ObjectStore, key: str, objects: list[ObjectInfo]) -> str | None:
+    """What was written under ``key`` since ``objects`` (and the deletion manifest after them) were
+    listed, asked once its marker is gone, right before the rest is deleted: the DeleteObjects batches
+    name each ETag, but a shard written again with the same bytes has the same ETag (a digest, not a
+    version), so only its last-modified time tells it apart. None if nothing was."""
+    manifest_key = f"{key}/{DELETING_MARKER}"
+    try:
+        fresh = store.list_prefix(key)
+    except StoreError as error:
+        return f"it could not be listed again ({error})"
+    manifest = next((info for info in fresh if info.key == manifest_key), None)
+    if manifest is None:
+        return "its deletion manifest vanished"
+    named = {info.key: info.tag for info in objects}
+    return leftover_kept(key, manifest, named, [info for info in fresh if info.key != manifest_key])
 
 
 def _remove_quietly(store: ObjectStore, key: str, tag: str) -> None:
@@ -292,20 +322,23 @@ def _finish_one(
 ) -> LeftoverResult | None:
     key = url.key_of(path)
     named = _read_manifest(store, manifest, key) if key is not None else None
-    if named is None:
+    if key is None or named is None:
         _not_ours(path, manifest, reported)
         return None
-    below = [(inner, info) for inner, info in listing.below(path) if info.key != manifest.key]
-    if any(inner.parent == path and inner.name in DIRECTORY_MARKERS for inner, _ in below):
-        _call_off(path, manifest, store)  # its marker, which a deletion removes first, is still there
+    try:  # listed again now: this pass's listing may be minutes old, and a writer may be at work there
+        present = [info for info in store.list_prefix(key) if info.key != manifest.key]
+    except StoreError as error:
+        shown: tuple[str, ...] = (f"cannot be listed again: {error}",)
+        logger.error(
+            "leftover_not_removed", path=str(path), remains=list(shown), detail="retried on a later pass"
+        )
+        return LeftoverResult(path, False, shown)
+    why = leftover_kept(key, manifest, named, present)
+    if why is not None:
+        _call_off(path, manifest, store, why)
         return None
-    present = [info for _, info in below]
-    doomed = [info for info in present if named.get(info.key) == info.tag]
-    foreign = [info.key for info in present if named.get(info.key) != info.tag]
-    markers = [info for info in doomed if info.key.rpartition("/")[2] in DIRECTORY_MARKERS]
-    rest = [info for info in doomed if info not in markers]
-    remains = _remove_marker_first(store, markers, rest) or []
-    remains += foreign
+    removed = _remove_marker_first(store, [], present)  # no marker: leftover_kept keeps one
+    remains = removed if isinstance(removed, list) else []
     if not remains:
         try:
             store.delete(manifest.key, tag=manifest.tag)
@@ -324,11 +357,34 @@ def _finish_one(
     return LeftoverResult(path, True)
 
 
-def _call_off(path: Path, manifest: ObjectInfo, store: ObjectStore) -> None:
-    """A manifest beside a marker: a deletion deletes the marker first, so this one never began (cut
-    right after its manifest was written), or the checkpoint was written again since, or the manifest
-    was copied or planted there. Nothing of the checkpoint is deleted on its word: the manifest alone
-    is removed, and the next pass plans the checkpoint as any other (pins, last.ckpt and all)."""
+def leftover_kept(
+    key: str, manifest: ObjectInfo, named: dict[str, str], present: list[ObjectInfo]
+) -> str | None:
+    """Why nothing of a leftover (the objects ``present`` under ``key`` beside its ``manifest``, which
+    names ``named``) may be deleted, or None if all of it may.
+
+    An ETag is a digest of the bytes, not a version: a shard written again with the same bytes has the
+    same one. So an object the manifest does not name (with that ETag), or one last modified after the
+    manifest was written, means the checkpoint was written again since its deletion began (a run rolled
+    back, saving the same step): a writer may be at work there, and nothing of it is deleted."""
+    written = sorted(
+        info.key for info in present if named.get(info.key) != info.tag or info.mtime_ns > manifest.mtime_ns
+    )
+    if written:
+        return (
+            f"{len(written)} object(s) in it not named by its deletion manifest or written after it "
+            f"(first: {display_name(written[0])}): a writer may be at work there"
+        )
+    if any(info.key[len(key) + 1 :] in DIRECTORY_MARKERS for info in present):
+        return "its marker, which a deletion deletes before anything else, is still there"
+    return None
+
+
+def _call_off(path: Path, manifest: ObjectInfo, store: ObjectStore, why: str) -> None:
+    """A leftover nothing of which is deleted (``why``: leftover_kept): a deletion that never began (cut
+    right after its manifest was written), a checkpoint written again since, or a manifest copied or
+    planted there. The manifest alone is removed, and the next pass plans the checkpoint as any other
+    (pins, last.ckpt and all; without its marker it is never complete, so never deleted)."""
     try:
         store.delete(manifest.key, tag=manifest.tag)
     except (ObjectMissingError, PreconditionFailedError):
@@ -342,8 +398,8 @@ def _call_off(path: Path, manifest: ObjectInfo, store: ObjectStore) -> None:
     logger.warning(
         "leftover_called_off",
         path=str(path),
-        detail="its marker is still there, so nothing of it was deleted: its deletion manifest is removed "
-        "and the checkpoint is planned again",
+        detail=f"{why}: nothing of it is deleted now; its deletion manifest alone is removed, and the "
+        "checkpoint is planned again as any other",
     )
 
 

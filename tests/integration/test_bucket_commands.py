@@ -8,6 +8,7 @@ import hashlib
 import io
 import json
 import textwrap
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -265,18 +266,26 @@ def _directory_checkpoint(bucket: Bucket, name: str, shards: int) -> None:
 
 
 class RewritesAShard(S3Store):
-    """A real S3 store and a writer re-saving a directory checkpoint, shards first: right after the
-    checkpoint's marker is deleted, it writes one of its shards again."""
+    """A real S3 store and a writer re-saving a directory checkpoint, shards first: once the
+    checkpoint's marker is deleted and the prefix listed once more (the last look before the batches),
+    it writes one of its shards again."""
 
     def __init__(self, url: StorageURL, bucket: Bucket, shard: str) -> None:
         super().__init__(url)
         self.bucket = bucket
         self.shard = shard
+        self.armed = False
 
     def delete(self, key: str, *, tag: str) -> None:
         super().delete(key, tag=tag)
-        if key.endswith("/latest") and self.shard.startswith(key.rpartition("/")[0]):
+        self.armed = key.endswith("/latest") and self.shard.startswith(key.rpartition("/")[0])
+
+    def list_prefix(self, prefix: str) -> list[ObjectInfo]:
+        listed = super().list_prefix(prefix)
+        if self.armed:
+            self.armed = False
             self.bucket.put(self.shard, _checkpoint(999_999))
+        return listed
 
 
 def test_a_shard_written_again_after_the_listing_is_not_deleted_with_its_checkpoint(s3: Bucket) -> None:
@@ -426,3 +435,103 @@ def test_a_manifest_beside_its_checkpoints_marker_is_called_off_and_nothing_is_d
     }
     assert entries[step_name(0, 100)]["action"] != "delete"
     assert "being deleted" not in str(entries[step_name(0, 100)]["reasons"])  # a checkpoint again
+
+
+def _leave_a_leftover(s3: Bucket, url: StorageURL) -> str:
+    """Two directory checkpoints; the older one's deletion cut short (its marker and one shard gone,
+    the manifest and two shards left). Its prefix."""
+    for step in (100, 200):
+        _directory_checkpoint(s3, step_name(0, step), shards=3)
+    storage = BucketStorage(url, FailingBatches(url))
+    records = storage.scan_directory(
+        url.core_path,
+        url.core_path,
+        Policy().compiled_naming,
+        ScanOptions(directory_quiet_seconds=0.0),
+        None,
+        [],
+    )
+    [group] = plan(records, Policy(save_top_k_checkpoints=1)).groups
+    [result] = storage.apply_group(group, url.core_path)
+    assert result.outcome is Outcome.FAILED
+    doomed = f"run/{step_name(0, 100)}"
+    assert len(s3.keys(doomed)) == 3
+    assert f"{doomed}/{DELETING_MARKER}" in s3.keys(doomed)
+    return doomed
+
+
+@pytest.mark.parametrize("rewrite", ["the same bytes", "the same bytes and a new shard", "a new shard"])
+def test_a_leftover_written_again_is_called_off_and_nothing_of_it_is_deleted(
+    s3: Bucket, tmp_path: Path, rewrite: str
+) -> None:
+    """A run rolled back writes the step of a cut-short deletion again, shards first: a shard with the
+    same bytes has the same ETag as the manifest names (a digest, not a version), so finishing the
+    leftover deleted the trainer's new shard while it was still writing the checkpoint. Anything in it
+    the manifest does not name, or written after the manifest, calls the leftover off whole."""
+    url = _url(f"{s3.url}/run")
+    doomed = _leave_a_leftover(s3, url)
+    shard = min(key for key in s3.keys(doomed) if key.endswith(".pt"))
+    time.sleep(1.1)  # the store's last-modified times have whole seconds
+    if "same bytes" in rewrite:
+        s3.put(shard, s3.get(shard))
+    if "new shard" in rewrite:
+        s3.put(f"{doomed}/zero/rank9.pt", _checkpoint(9))
+    written = s3.keys(doomed) - {f"{doomed}/{DELETING_MARKER}"}
+
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("save_top_k_checkpoints: 1\n")
+
+    result = run_cli("prune", f"{s3.url}/run", "--policy", str(policy))
+
+    assert result.returncode == 0, result.stderr
+    assert s3.keys(doomed) == written  # every object kept; the manifest alone is gone
+    [called_off] = events(result.stderr, "leftover_called_off")
+    assert called_off["path"] == f"{s3.url}/{doomed}"
+    assert "a writer may be at work there: nothing of it is deleted now" in called_off["detail"]
+    assert not events(result.stderr, "leftover_removed")
+
+
+class RewritesTheSameBytes(S3Store):
+    """A real S3 store and a writer re-saving a directory checkpoint with the same bytes: right after
+    the checkpoint's marker is deleted (a second later, so its last-modified time is later), it writes
+    one of its shards again, byte for byte, so with the same ETag."""
+
+    def __init__(self, url: StorageURL, bucket: Bucket, shard: str) -> None:
+        super().__init__(url)
+        self.bucket = bucket
+        self.shard = shard
+
+    def delete(self, key: str, *, tag: str) -> None:
+        super().delete(key, tag=tag)
+        if key.endswith("/latest") and self.shard.startswith(key.rpartition("/")[0]):
+            time.sleep(1.1)
+            self.bucket.put(self.shard, self.bucket.get(self.shard))
+
+
+def test_a_shard_written_again_with_the_same_bytes_during_a_deletion_stops_it(s3: Bucket) -> None:
+    """The DeleteObjects batches name each shard's ETag, which a shard written again with the same
+    bytes still has: the prefix is listed again once the marker is gone, and a shard last modified after
+    the manifest stops the deletion there; the next pass calls the leftover off, deleting nothing."""
+    for step in (100, 200):
+        _directory_checkpoint(s3, step_name(0, step), shards=3)
+    url = _url(f"{s3.url}/run")
+    doomed = f"run/{step_name(0, 100)}"
+    rewritten = f"{doomed}/zero/rank1.pt"
+    storage = BucketStorage(url, RewritesTheSameBytes(url, s3, rewritten))
+    naming = Policy().compiled_naming
+    options = ScanOptions(directory_quiet_seconds=0.0)
+    records = storage.scan_directory(url.core_path, url.core_path, naming, options, None, [])
+    [group] = plan(records, Policy(save_top_k_checkpoints=1)).groups
+
+    [result] = storage.apply_group(group, url.core_path)
+
+    assert result.outcome is Outcome.FAILED
+    assert result.error is not None
+    assert result.error.startswith("its marker was deleted, then 1 object(s)")
+    shards = {f"{doomed}/zero/rank{index}.pt" for index in range(3)}
+    assert s3.keys(doomed) == shards | {f"{doomed}/{DELETING_MARKER}"}
+
+    storage.begin_pass()
+    storage.scan_directory(url.core_path, url.core_path, naming, options, None, [])
+    assert storage.finish_leftovers(url.core_path, url.core_path, naming_for=lambda _: naming) == []
+    assert s3.keys(doomed) == shards  # called off: the manifest alone went

@@ -1,5 +1,6 @@
 """Which directory checkpoint of a bucket has an upload in progress below it: one binary search of the
-pass's sorted upload keys, held to the walk over every key that it replaces."""
+pass's sorted upload keys, held to the walk over every key that it replaces. When a leftover of a
+cut-short deletion may be finished."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ckpt_watcher.bucket import BucketStorage
+from ckpt_watcher.bucket_delete import leftover_kept
 from ckpt_watcher.bucket_listing import has_key_under
 from ckpt_watcher.locations import StorageURL
-from ckpt_watcher.object_store import ObjectStore
+from ckpt_watcher.object_store import ObjectInfo, ObjectStore
 
 URL = StorageURL("s3", "bucket", "runs")
 
@@ -70,3 +72,27 @@ def test_the_uploads_are_asked_once_a_pass_and_searched_for_each_directory() -> 
     storage.begin_pass()
     assert not storage.upload_under("runs/ckpt-7")
     assert store.asked == 2
+
+
+def _info(key: str, size: int = 1, tag: str = '"t"', mtime_ns: int = 10) -> ObjectInfo:
+    return ObjectInfo(key, size, tag, mtime_ns)
+
+
+def _kept(named: dict[str, str], present: list[ObjectInfo]) -> str | None:
+    return leftover_kept("ck", _info("ck/.ckpt-watcher-deleting", mtime_ns=100), named, present)
+
+
+def test_a_leftover_is_finished_only_if_all_of_it_is_what_its_manifest_names() -> None:
+    named = {"ck/a": '"1"', "ck/b": '"2"'}
+    assert (
+        _kept(named, [_info("ck/a", tag='"1"', mtime_ns=90), _info("ck/b", tag='"2"', mtime_ns=100)]) is None
+    )
+    assert _kept(named, []) is None
+    # the same bytes (so ETag) written after the manifest: a writer at work
+    later = _kept(named, [_info("ck/a", tag='"1"', mtime_ns=101)])
+    assert later is not None
+    assert later.startswith("1 object(s) in it not named by its deletion manifest or written after it")
+    assert _kept(named, [_info("ck/a", tag='"9"', mtime_ns=90)]) is not None  # another ETag
+    assert _kept(named, [_info("ck/c", tag='"3"', mtime_ns=90)]) is not None  # not named
+    marker = _kept({**named, "ck/latest": '"m"'}, [_info("ck/latest", tag='"m"', mtime_ns=90)])
+    assert marker == "its marker, which a deletion deletes before anything else, is still there"
