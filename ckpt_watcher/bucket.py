@@ -34,7 +34,13 @@ from pathlib import Path
 import structlog
 
 from ckpt_watcher.bucket_delete import apply_bucket_group, finish_bucket_leftovers
-from ckpt_watcher.bucket_listing import Listing, has_key_under, object_identity, summarize_prefix
+from ckpt_watcher.bucket_listing import (
+    Listing,
+    has_key_under,
+    object_identity,
+    odd_key,
+    summarize_prefix,
+)
 from ckpt_watcher.bucket_trash_moves import BucketTrashTarget
 from ckpt_watcher.config_access import LOCAL_FILES, UnreachableError
 from ckpt_watcher.config_files import MAXIMUM_CONFIG_BYTES, ConfigFileError
@@ -60,6 +66,7 @@ from ckpt_watcher.records import (
     CheckpointRecord,
     EntryType,
     FileIdentity,
+    display_name,
     name_fields,
 )
 from ckpt_watcher.scan import (
@@ -424,12 +431,22 @@ class _GroupScan:
     def directory_record(self, name: str, parsed: ParsedName) -> CheckpointRecord:
         """The record of a directory checkpoint: a prefix judged by its marker and its quiet time."""
         path = self.directory / name
-        objects = [(str(inner.relative_to(path)), info) for inner, info in self.listing.below(path)]
+        key = self.storage.url.key_of(path) or ""
+        # every key below it, as its deletion lists them again: folder markers and odd keys too
+        objects = [(info.key[len(key) + 1 :], info) for info in self.listing.objects_under(key)]
         summary = summarize_prefix(objects)
         now = self.options.now if self.options.now is not None else time.time()
+        odd = odd_key(objects)
         if summary.being_deleted:
             completeness = Completeness(
                 False, "being deleted (a deletion was cut short; the next pass finishes it)", transient=True
+            )
+        elif odd is not None:
+            shown = display_name(f"{self.storage.url.scheme}://{self.storage.url.bucket}/{odd}")
+            completeness = Completeness(
+                False,
+                f"holds a key no path names exactly ({shown}); kept whole",
+                transient=True,
             )
         else:
             quiet = max(self.options.settle_seconds, self.options.directory_quiet_seconds)

@@ -3,7 +3,11 @@
 The groups of a bucket root are the "directories" of its keys; a directory checkpoint is a prefix,
 summarized from the listing (its size, its newest object, its identity, whether its deletion began).
 The lease object and the trash prefix are not part of the tree; a key that no path can name exactly
-(``run//x.ckpt``) is set aside (``unnamable``) and never touched.
+(``run//x.ckpt``) is set aside (``unnamable``) and never touched, and so is a folder marker (a
+zero-byte key ending in ``/``, as the S3 console's "Create folder" makes), unreported: it names a
+folder. A directory checkpoint is summarized from every key below its prefix, as listed
+(``objects_under``), exactly as its deletion lists it again: a folder marker in it is part of it
+(deleted with it), and a key no path names keeps it whole (``odd_key``).
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ckpt_watcher.locations import StorageURL
+from ckpt_watcher.locations import StorageURL, key_parts
 from ckpt_watcher.object_store import ObjectInfo
 from ckpt_watcher.records import FileIdentity
 
@@ -38,17 +42,20 @@ class Listing:
     subdirectories: dict[Path, set[str]] = field(default_factory=dict)
     unnamable: list[str] = field(default_factory=list)
     trash: list[ObjectInfo] = field(default_factory=list)  # the objects under the trash prefix
+    everything: list[ObjectInfo] = field(default_factory=list)  # every object listed, sorted by key
 
     @classmethod
     def of(cls, url: StorageURL, objects: Iterable[ObjectInfo]) -> Listing:
         """Arrange a listing of ``url``'s prefix by directory."""
         listing = cls(url.core_path)
         listing.subdirectories[listing.root] = set()
-        for info in objects:
+        listing.everything = sorted(objects, key=lambda info: info.key)
+        for info in listing.everything:
             path = url.path_of(info.key)
             relative = url.key_of(path) if path is not None else None
             if path is None or relative is None or path == listing.root:
-                listing.unnamable.append(info.key)
+                if not is_folder_marker(info):
+                    listing.unnamable.append(info.key)
                 continue
             parts = path.relative_to(listing.root).parts
             if parts[0] == TRASH_PREFIX:
@@ -71,6 +78,16 @@ class Listing:
     def object_at(self, path: Path) -> ObjectInfo | None:
         """The object named by ``path``, if the listing holds one."""
         return self.files.get(path.parent, {}).get(path.name)
+
+    def objects_under(self, key: str) -> list[ObjectInfo]:
+        """Every object listed below ``key`` (a directory checkpoint's key: each one starting with
+        ``key/``), as a listing of that prefix shows them: folder markers and keys no path names too."""
+        below = f"{key}/"
+        start = bisect.bisect_left(self.everything, below, key=lambda info: info.key)
+        end = start
+        while end < len(self.everything) and self.everything[end].key.startswith(below):
+            end += 1
+        return self.everything[start:end]
 
     def below(self, top: Path) -> Iterator[tuple[Path, ObjectInfo]]:
         """Every object below ``top`` with its path (depth first)."""
@@ -123,3 +140,23 @@ def summarize_prefix(objects: Sequence[tuple[str, ObjectInfo]]) -> DirectorySumm
         top.add(relative.split("/", 1)[0])
     identity = FileIdentity(0, int.from_bytes(digest.digest(), "big"), total, newest)
     return DirectorySummary(top, total, newest, identity, DELETING_MARKER in top)
+
+
+def is_folder_marker(info: ObjectInfo) -> bool:
+    """A zero-byte key ending in ``/`` whose folder a path names (the S3 console's "Create folder")."""
+    return (
+        info.key.endswith("/")
+        and info.size == 0
+        and bool(info.key[:-1])
+        and key_parts(info.key[:-1]) is not None
+    )
+
+
+def odd_key(objects: Sequence[tuple[str, ObjectInfo]]) -> str | None:
+    """The first of ``objects`` (key relative to a directory checkpoint, info) that no path names
+    exactly (an empty, ``.`` or ``..`` component) and is no folder marker, or None. Such a checkpoint
+    is kept whole: what such a key is, and whether its writer is done with it, is anyone's guess."""
+    for relative, info in sorted(objects):
+        if not is_folder_marker(info) and (not relative or key_parts(relative) is None):
+            return info.key
+    return None

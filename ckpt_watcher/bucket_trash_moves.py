@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import structlog
 
 from ckpt_watcher.bucket_delete import planned_object, remove_directory, remove_object
-from ckpt_watcher.bucket_listing import Listing, summarize_prefix
+from ckpt_watcher.bucket_listing import Listing, is_folder_marker, summarize_prefix
 from ckpt_watcher.bucket_trash import (
     INFO_LIMIT,
     BucketTrashIndex,
@@ -184,7 +184,8 @@ class BucketTrashTarget:
         summary = summarize_prefix([(info.key[len(key) + 1 :], info) for info in objects])
         if summary.identity != decision.record.identity or summary.being_deleted:
             return _changed(decision)
-        return list(reversed(_marker_last(objects, key)))
+        data = [info for info in objects if not is_folder_marker(info)]  # empty: deleted, never copied
+        return list(reversed(_marker_last(data, key)))
 
     def _copy_in(self, entry: TrashEntry, key: str, sources: list[ObjectInfo]) -> StoredEntry:
         """Copy every source, write the entry's info, complete the copies (_NotCopiedError if not done)."""

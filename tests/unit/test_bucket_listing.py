@@ -1,6 +1,7 @@
 """Which directory checkpoint of a bucket has an upload in progress below it: one binary search of the
-pass's sorted upload keys, held to the walk over every key that it replaces. When a leftover of a
-cut-short deletion may be finished."""
+pass's sorted upload keys, held to the walk over every key that it replaces. Which keys make up a
+directory checkpoint (folder markers, keys no path names), and when a leftover of a cut-short deletion
+may be finished."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from hypothesis import strategies as st
 
 from ckpt_watcher.bucket import BucketStorage
 from ckpt_watcher.bucket_delete import leftover_kept
-from ckpt_watcher.bucket_listing import has_key_under
+from ckpt_watcher.bucket_listing import Listing, has_key_under, is_folder_marker, odd_key
 from ckpt_watcher.locations import StorageURL
 from ckpt_watcher.object_store import ObjectInfo, ObjectStore
 
@@ -76,6 +77,63 @@ def test_the_uploads_are_asked_once_a_pass_and_searched_for_each_directory() -> 
 
 def _info(key: str, size: int = 1, tag: str = '"t"', mtime_ns: int = 10) -> ObjectInfo:
     return ObjectInfo(key, size, tag, mtime_ns)
+
+
+@pytest.mark.parametrize(
+    ("key", "size", "expected"),
+    [
+        ("runs/ckpt/", 0, True),  # the S3 console's "Create folder"
+        ("runs/ckpt/zero/", 0, True),
+        ("runs/ckpt/zero/", 5, False),  # data under a folder's name: odd, not a marker
+        ("runs/ckpt//", 0, False),  # its folder has an empty component
+        ("/", 0, False),
+        ("runs/ckpt/zero", 0, False),
+    ],
+)
+def test_is_folder_marker(key: str, size: int, expected: bool) -> None:
+    assert is_folder_marker(_info(key, size)) is expected
+
+
+@pytest.mark.parametrize(
+    ("relatives", "expected"),
+    [
+        (["latest", "zero/rank0.pt"], None),
+        (["", "zero/", "latest"], None),  # folder markers: part of the checkpoint
+        (["latest", "zero//extra.pt"], "ck/zero//extra.pt"),
+        (["latest", "zero/./x"], "ck/zero/./x"),
+        (["zero/../x"], "ck/zero/../x"),
+    ],
+)
+def test_odd_key(relatives: list[str], expected: str | None) -> None:
+    objects = [
+        (relative, _info(f"ck/{relative}", 0 if relative.endswith("/") or not relative else 1))
+        for relative in relatives
+    ]
+    assert odd_key(objects) == expected
+
+
+def test_a_checkpoints_objects_are_every_key_below_it_as_its_deletion_lists_them() -> None:
+    """The plan's identity of a directory checkpoint and its deletion's must be made of the same keys:
+    folder markers and keys no path names included, a sibling sharing its name's text excluded."""
+    keys = [
+        "runs/ck/",
+        "runs/ck/latest",
+        "runs/ck/zero/",
+        "runs/ck/zero//x",
+        "runs/ck-2/a",
+        "runs/ck.0/a",
+        "runs/ckx",
+    ]
+    listing = Listing.of(URL, [_info(key, 0 if key.endswith("/") else 1) for key in keys])
+
+    assert [info.key for info in listing.objects_under("runs/ck")] == [
+        "runs/ck/",
+        "runs/ck/latest",
+        "runs/ck/zero/",
+        "runs/ck/zero//x",
+    ]
+    assert listing.unnamable == ["runs/ck/zero//x"]  # a folder marker names a folder: not reported
+    assert [info.key for info in listing.objects_under("runs/none")] == []
 
 
 def _kept(named: dict[str, str], present: list[ObjectInfo]) -> str | None:
