@@ -13,11 +13,12 @@ from ckpt_watcher.naming import Kind
 from ckpt_watcher.reconcile import LAST_QUIET_SECONDS, _warn_incomplete_last
 from ckpt_watcher.records import CheckpointRecord, EntryType, FileIdentity
 
-AN_HOUR_AGO = time.time() - 3600
+AN_HOUR = 3600.0
 
 
-def _last(reason: str, *, modified: float = AN_HOUR_AGO, inode: int = 7) -> CheckpointRecord:
-    identity = FileIdentity(1, inode, 10, int(modified * 1e9))
+def _last(reason: str, *, age: float = AN_HOUR, inode: int = 7) -> CheckpointRecord:
+    """An incomplete last.ckpt last modified ``age`` seconds ago (taken now, when the test runs)."""
+    identity = FileIdentity(1, inode, 10, int((time.time() - age) * 1e9))
     return CheckpointRecord.at(
         Path("/ckpt/run/last.ckpt"),
         relative_path="run/last.ckpt",
@@ -31,22 +32,20 @@ def _last(reason: str, *, modified: float = AN_HOUR_AGO, inode: int = 7) -> Chec
 
 
 @pytest.mark.parametrize(
-    ("reason", "modified", "warned"),
+    ("reason", "age", "warned"),
     [
-        ("no end-of-central-directory record: still being written or truncated", AN_HOUR_AGO, True),
-        ("dangling symlink", AN_HOUR_AGO, True),
-        ("empty: still being written", AN_HOUR_AGO, True),
-        ("no end-of-central-directory record: still being written or truncated", time.time(), False),
-        ("symlink to a directory outside its group: not judged", AN_HOUR_AGO, False),
-        ("cannot be read: Permission denied", AN_HOUR_AGO, False),
-        ("still being written (latest marker present)", AN_HOUR_AGO, False),
+        ("no end-of-central-directory record: still being written or truncated", AN_HOUR, True),
+        ("dangling symlink", AN_HOUR, True),
+        ("empty: still being written", AN_HOUR, True),
+        ("no end-of-central-directory record: still being written or truncated", 0.0, False),
+        ("symlink to a directory outside its group: not judged", AN_HOUR, False),
+        ("cannot be read: Permission denied", AN_HOUR, False),
+        ("still being written (latest marker present)", AN_HOUR, False),
     ],
 )
-def test_which_incomplete_last_checkpoints_are_warned_about(
-    reason: str, modified: float, warned: bool
-) -> None:
+def test_which_incomplete_last_checkpoints_are_warned_about(reason: str, age: float, warned: bool) -> None:
     with capture_logs() as logs:
-        remembered = _warn_incomplete_last((), [_last(reason, modified=modified)])
+        remembered = _warn_incomplete_last((), [_last(reason, age=age)])
     assert [log["event"] for log in logs] == (["last_checkpoint_incomplete"] if warned else [])
     assert len(remembered) == (1 if warned else 0)
 
