@@ -44,14 +44,20 @@ def test_a_protect_url_whose_backend_is_missing_is_exit_2_naming_the_extra(
     s3: Bucket, scheme: str, module: str, extra: str
 ) -> None:
     _without(module)
-    before = _seed(s3)
     pin = f"{scheme}://other/run/{step_name(0, 100)}"
+    _refused_by_prune_and_watch(s3, pin, f"pip install 'ckpt-watcher[{extra}]'")
+
+
+def _refused_by_prune_and_watch(s3: Bucket, pin: str, says: str, cwd: Path | None = None) -> None:
+    """``prune`` and ``watch`` on the seeded ``run`` prefix, each given ``--protect pin``: exit 2 with
+    one line about that pin that ``says`` what to do, and nothing deleted."""
+    before = _seed(s3)
     for command in ("prune", "watch"):
-        result = run_cli(command, f"{s3.url}/run", "--protect", pin, timeout=60)
+        result = run_cli(command, f"{s3.url}/run", "--protect", pin, cwd=cwd, timeout=60)
         assert_clean_exit(result, (2,), explained=True)
         line = _one_line(result.stderr)
         assert line.startswith(f"ckpt-watcher: --protect {pin}: "), line
-        assert f"pip install 'ckpt-watcher[{extra}]'" in line, line
+        assert says in line, line
     assert s3.keys("run") == before
 
 
@@ -106,16 +112,9 @@ def test_a_watcher_with_such_a_resume_source_completes_its_passes(s3: Bucket, tm
 def test_a_local_protect_path_under_a_url_root_is_refused(s3: Bucket, tmp_path: Path, given: str) -> None:
     """A local path can never name an object: it would warn "does not exist (yet)" and delete the very
     checkpoint meant. ``prune`` and ``watch`` refuse it, naming the URL to give instead."""
-    before = _seed(s3)
     name = step_name(0, 100)
     pin = {"relative": name, "key": f"run/{name}", "absolute": f"/run/{name}"}[given]
-    for command in ("prune", "watch"):
-        result = run_cli(command, f"{s3.url}/run", "--protect", pin, cwd=tmp_path, timeout=60)
-        assert_clean_exit(result, (2,), explained=True)
-        line = _one_line(result.stderr)
-        assert line.startswith(f"ckpt-watcher: --protect {pin}: "), line
-        assert f"give the object's URL ({s3.url}/...)" in line, line
-    assert s3.keys("run") == before
+    _refused_by_prune_and_watch(s3, pin, f"give the object's URL ({s3.url}/...)", cwd=tmp_path)
 
 
 # -- a bucket that does not exist, or goes away -----------------------------------------------------------
