@@ -14,7 +14,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias
 
@@ -456,6 +456,17 @@ def _check_working_directory() -> None:
         ) from None
 
 
+def _refuse_protected_urls(protect: Iterable[Path | StorageURL], root: Path) -> None:
+    """A ``--protect`` URL under a local root is a UsageError (exit 2): it names an object, never a
+    file under the root, so the checkpoint meant (on a bucket mounted there, say) would be deleted."""
+    for item in protect:
+        if isinstance(item, StorageURL):
+            raise UsageError(
+                f"--protect {item.text}: {display_name(str(root))} is a local directory; give the "
+                "checkpoint's path under it, not a URL, which names no file there"
+            )
+
+
 def resolve_root(path: Path) -> Path:
     """The canonical root directory the user named; nothing outside it is ever touched."""
     try:
@@ -480,6 +491,7 @@ def run_prune(arguments: argparse.Namespace) -> int:
 
             result = prune_bucket(arguments, loaded)
         else:
+            _refuse_protected_urls(arguments.protect, arguments.path)
             stream = PlanJSONStream(sys.stdout, loaded) if arguments.json and arguments.dry_run else None
             result = prune_once(
                 resolve_root(arguments.path),
@@ -609,6 +621,7 @@ def run_watch(arguments: argparse.Namespace) -> int:
             from ckpt_watcher.bucket_commands import watch_bucket  # noqa: PLC0415  (fsspec: URLs only)
 
             return watch_bucket(arguments, loaded, figures)
+        _refuse_protected_urls(arguments.protect, arguments.path)
         options = WatchOptions.from_arguments(
             arguments, root=arguments.path, poll=arguments.poll, rescan=arguments.rescan
         )

@@ -189,6 +189,28 @@ def test_keep_pin_and_command_line_protect(tmp_path: Path) -> None:
     assert step_name(0, 500) not in _names(run)
 
 
+@pytest.mark.parametrize("command", ["prune", "watch"])
+def test_a_url_to_protect_under_a_local_root_is_refused(tmp_path: Path, command: str) -> None:
+    """A URL names an object, never a file under a local root (a bucket mounted there, say), so
+    taking it would protect nothing and delete the checkpoint meant: exit 2, one line, nothing gone."""
+    run = tmp_path / "run"
+    for step in range(500, 3500, 500):
+        write_checkpoint(run / step_name(0, step))
+    pin = f"s3://bucket/run/{step_name(0, 500)}"
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("save_top_k_checkpoints: 1\n")
+    before = _names(run)
+
+    result = run_cli(command, "run", "--policy", str(policy), "--protect", pin, cwd=tmp_path, timeout=60)
+
+    assert_clean_exit(result, (2,), explained=True)
+    assert result.stderr.strip() == (
+        f"ckpt-watcher: --protect {pin}: run is a local directory; give the checkpoint's path under it, "
+        "not a URL, which names no file there"
+    )
+    assert _names(run) == before
+
+
 def test_protect_through_a_symlinked_path_protects_the_real_file(tmp_path: Path) -> None:
     run = tmp_path / "data" / "run"
     for step in range(500, 5500, 500):
