@@ -19,10 +19,17 @@ from ckpt_watcher.bucket_trash_pass import BucketTrashPass
 from ckpt_watcher.cli import UsageError
 from ckpt_watcher.config_access import UnreachableError
 from ckpt_watcher.contents import CheckpointContents
+from ckpt_watcher.lease import LeaseHeldError, refuse_if_held
 from ckpt_watcher.locations import StorageURL, shown_as_url
 from ckpt_watcher.metrics import DaemonFigures
 from ckpt_watcher.naming import Naming
-from ckpt_watcher.object_store import BackendMissingError, ObjectStore, StoreError, open_store
+from ckpt_watcher.object_store import (
+    BackendMissingError,
+    BucketMissingError,
+    ObjectStore,
+    StoreError,
+    open_store,
+)
 from ckpt_watcher.policy import LoadedPolicy, Policy, PolicyCheck
 from ckpt_watcher.reconcile import PassResult, prune_once
 from ckpt_watcher.report import render_json, render_trash_table, trash_list_document
@@ -120,11 +127,30 @@ def bucket_pins(protect: Iterable[Path | StorageURL], files: BucketConfigFiles) 
     return pins
 
 
+def _refuse_beside_a_watcher(store: ObjectStore, url: StorageURL) -> None:
+    """A ``prune`` that deletes does not run where a watcher holds the lease: it would apply its own
+    policy beside the watcher's (exit 2; ``--dry-run`` runs beside it). A missing bucket is left to
+    the pass, which says so; a lease that cannot be read is a doubt, so nothing is deleted."""
+    try:
+        refuse_if_held(store, url)
+    except LeaseHeldError as error:
+        raise UsageError(f"{error}: stop it before a prune that deletes (--dry-run runs beside it)") from None
+    except BucketMissingError:
+        return
+    except StoreError as error:
+        raise UsageError(
+            f"{url.text}: cannot read the lease to tell whether a watcher prunes here ({error}); "
+            "nothing was deleted"
+        ) from None
+
+
 def prune_bucket(arguments: argparse.Namespace, loaded: LoadedPolicy) -> PassResult:
     """``prune URL``: one strict pass over the prefix (``prune_once`` with the bucket's storage)."""
     url: StorageURL = arguments.path
     store = store_for(url)
     check_policy(loaded, store)
+    if not arguments.dry_run:
+        _refuse_beside_a_watcher(store, url)
     storage = BucketStorage(url, store)
     files = BucketConfigFiles(storage)
     return prune_once(

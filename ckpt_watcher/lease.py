@@ -39,6 +39,7 @@ from ckpt_watcher.locations import StorageURL
 from ckpt_watcher.lock import LockHeldError
 from ckpt_watcher.object_store import (
     BucketMissingError,
+    Fetched,
     ObjectMissingError,
     ObjectStore,
     PreconditionFailedError,
@@ -99,6 +100,30 @@ class Holder:
         except (ValueError, KeyError, TypeError, ArithmeticError, RecursionError):
             return None
         return holder if math.isfinite(holder.ttl_seconds) and holder.ttl_seconds > 0 else None
+
+
+def _standing(fetched: Fetched, ttl_seconds: float) -> tuple[str, float]:
+    """Who a fetched lease object names, and in how many seconds of the store's clock it expires
+    (<= 0: expired). An object this tool did not write lasts ``ttl_seconds``."""
+    holder = Holder.parse(fetched.data)
+    now = fetched.server_time if fetched.server_time is not None else time.time()
+    ttl = holder.ttl_seconds if holder is not None else ttl_seconds
+    described = holder.describe() if holder is not None else "an unreadable lease object"
+    return described, fetched.info.mtime_ns / 1e9 + ttl - now
+
+
+def refuse_if_held(store: ObjectStore, url: StorageURL) -> None:
+    """LeaseHeldError if a watcher holds ``url``'s lease (it has not expired): a one-shot ``prune``
+    that deletes does not run beside it. It takes no lease itself, so a watcher started after this
+    look is not excluded (README). StoreError as for any request."""
+    key = f"{url.prefix}/{LEASE_NAME}" if url.prefix else LEASE_NAME
+    try:
+        fetched = store.fetch(key, limit=_LEASE_LIMIT)
+    except ObjectMissingError:
+        return
+    described, expires_in = _standing(fetched, DEFAULT_LEASE_SECONDS)
+    if expires_in > 0:
+        raise LeaseHeldError(url, described, expires_in)
 
 
 class Lease:
@@ -175,11 +200,7 @@ class Lease:
                 fetched = self.store.fetch(self.key, limit=_LEASE_LIMIT)
             except ObjectMissingError:
                 continue
-            holder = Holder.parse(fetched.data)
-            now = fetched.server_time if fetched.server_time is not None else time.time()
-            ttl = holder.ttl_seconds if holder is not None else self.ttl_seconds
-            expires_in = fetched.info.mtime_ns / 1e9 + ttl - now
-            described = holder.describe() if holder is not None else "an unreadable lease object"
+            described, expires_in = _standing(fetched, self.ttl_seconds)
             if expires_in > 0:
                 raise LeaseHeldError(self.url, described, expires_in)
             sent_at = self._clock()

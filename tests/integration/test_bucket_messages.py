@@ -186,3 +186,32 @@ def test_a_protect_from_config_whose_backend_is_missing_is_unreadable(s3: Bucket
     assert "Traceback" not in log, log[-3000:]
     assert any("ckpt-watcher[gcs]" in record["error"] for record in events(log, "protection_rejected")), log
     assert s3.keys("run") == before
+
+
+# -- a prune that deletes, beside a watcher of the prefix ---------------------------------------------------
+
+
+def test_a_prune_that_deletes_does_not_run_beside_a_bucket_watcher(s3: Bucket, tmp_path: Path) -> None:
+    """While a watcher holds the prefix's lease, ``prune`` (not ``--dry-run``) would apply its own
+    policy beside it: exit 2 naming the holder, nothing deleted; the dry run runs there."""
+    before = _seed(s3)
+    keep_all = tmp_path / "keep-all.yaml"
+    keep_all.write_text("save_top_k_checkpoints: -1\nsave_top_k_best: -1\n")
+    keep_one = tmp_path / "keep-one.yaml"
+    keep_one.write_text("save_top_k_checkpoints: 1\n")
+    arguments = ["watch", f"{s3.url}/run", "--policy", str(keep_all), "--poll-interval", "0.5"]
+    with running_daemon(arguments, tmp_path / "watch.log") as daemon:
+        daemon.wait_for("pass_completed", timeout=60)
+        refused = run_cli("prune", f"{s3.url}/run", "--policy", str(keep_one), timeout=60)
+        audit = run_cli("prune", f"{s3.url}/run", "--policy", str(keep_one), "--dry-run", timeout=60)
+        assert daemon.stop() == 0
+
+    assert_clean_exit(refused, (2,), explained=True)
+    line = _one_line(refused.stderr)
+    assert line.startswith(f"ckpt-watcher: another ckpt-watcher is already pruning {s3.url}/run (held by "), (
+        line
+    )
+    assert f"pid {daemon.process.pid}" in line, line
+    assert line.endswith("stop it before a prune that deletes (--dry-run runs beside it)"), line
+    assert audit.returncode == 0, audit.stderr
+    assert s3.keys("run") == before

@@ -17,7 +17,8 @@ from ckpt_watcher.delete import Outcome, apply_plan
 from ckpt_watcher.plan import plan
 from ckpt_watcher.policy import DEFAULT_POLICY, POLICY_KEYS
 from ckpt_watcher.scan import scan_tree
-from tests.support.cli import TRACEBACK, WITHOUT_READ_OVERRIDE, cli_command, events, run_cli
+from tests.support.cli import TRACEBACK, WITHOUT_READ_OVERRIDE, cli_command, events, prune_entries, run_cli
+from tests.support.daemon import running_daemon
 from tests.support.factories import best_name, step_name, write_checkpoint, write_truncated
 
 STEPS_PER_EPOCH = 1000
@@ -457,3 +458,36 @@ def test_a_last_checkpoint_left_truncated_or_dangling_is_a_warning_and_kept(tmp_
         (root / run / "last.ckpt").is_symlink() or (root / run / "last.ckpt").exists() for run in "abc"
     )
     assert events(completed.stderr, "checkpoint_deleted") == []
+
+
+def test_a_prune_that_deletes_does_not_run_beside_a_watcher(tmp_path: Path) -> None:
+    """A watcher keeps everything; a ``prune`` with a policy that keeps one would delete the rest by
+    its own rules beside it. It exits 2 naming the watcher, deletes nothing, and its dry run (the
+    audit) still runs there; once the watcher stops, the same ``prune`` runs."""
+    run = tmp_path / "run"
+    for step in range(500, 3000, 500):
+        write_checkpoint(run / step_name(0, step))
+    keep_all = tmp_path / "keep-all.yaml"
+    keep_all.write_text("save_top_k_checkpoints: -1\nsave_top_k_best: -1\n")
+    keep_one = tmp_path / "keep-one.yaml"
+    keep_one.write_text("save_top_k_checkpoints: 1\n")
+    before = {path.name for path in run.iterdir()}
+
+    with running_daemon(["watch", str(run), "--policy", str(keep_all)], tmp_path / "watch.log") as daemon:
+        daemon.wait_ready()
+        refused = run_cli("prune", str(run), "--policy", str(keep_one), timeout=60)
+        audit = run_cli("prune", str(run), "--policy", str(keep_one), "--dry-run", "--json", timeout=60)
+        assert daemon.stop() == 0
+
+    assert refused.returncode == 2, refused.stderr
+    assert refused.stderr.strip() == (
+        f"ckpt-watcher: another ckpt-watcher is already pruning {run} (pid {daemon.process.pid}): stop it "
+        "before a prune that deletes (--dry-run runs beside it)"
+    )
+    entries = prune_entries(audit, exit_code=0)
+    assert sorted(name for name, entry in entries.items() if entry["action"] == "delete") == sorted(
+        before - {step_name(0, 2500)}
+    )
+    assert {path.name for path in run.iterdir()} == before
+    assert run_cli("prune", str(run), "--policy", str(keep_one), timeout=60).returncode == 0
+    assert {path.name for path in run.iterdir()} == {step_name(0, 2500)}
