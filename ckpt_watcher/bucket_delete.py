@@ -92,9 +92,9 @@ def apply_bucket_group(
             elif trash is not None:
                 results.append(trash(decision, listing))
             elif decision.record.entry_type is EntryType.DIRECTORY:
-                results.append(_delete_directory(decision, url, store, listing))
+                results.append(_delete_directory(decision, url, store, listing, may_delete=may_delete))
             else:
-                results.append(_delete_object(decision, url, store, listing))
+                results.append(_delete_object(decision, url, store, listing, may_delete=may_delete))
         except Exception as error:
             results.append(_failed(decision, _unexpected(error)))
     return results
@@ -118,7 +118,12 @@ def _delete_object(
     store: ObjectStore,
     listing: Listing,
     on_removed: Removed = _deleted,
+    *,
+    may_delete: MayDelete | None = None,
 ) -> DeletionResult:
+    """HEAD, then the conditional DELETE. ``may_delete`` is asked again right before the DELETE: a
+    watcher frozen (SIGSTOP, a paused VM) while its HEAD was in flight may have lost its lease to
+    another watcher meanwhile, and must not act on its stale plan."""
     planned = planned_object(decision, url, listing)
     if isinstance(planned, DeletionResult):
         return planned
@@ -131,6 +136,9 @@ def _delete_object(
         return _failed(decision, str(error))
     if (current.tag, current.size) != (planned.tag, planned.size):
         return _changed(decision)
+    refusal = may_delete() if may_delete is not None else None
+    if refusal is not None:
+        return _failed(decision, refusal)
     try:
         store.delete(key, tag=planned.tag)
     except PreconditionFailedError:
@@ -151,8 +159,11 @@ def _delete_directory(
     store: ObjectStore,
     listing: Listing,
     on_removed: Removed = _deleted,
+    *,
+    may_delete: MayDelete | None = None,
 ) -> DeletionResult:
-    """Listed again and compared, the manifest written, the marker deleted first, then the rest."""
+    """Listed again and compared, the manifest written, the marker deleted first, then the rest;
+    ``may_delete`` is asked again before the marker goes (as in ``_delete_object``)."""
     record = decision.record
     key = url.key_of(record.path)
     if key is None:
@@ -161,6 +172,10 @@ def _delete_directory(
     if isinstance(prepared, DeletionResult):
         return prepared
     objects, manifest_key, manifest_tag = prepared
+    refusal = may_delete() if may_delete is not None else None
+    if refusal is not None:
+        _remove_quietly(store, manifest_key, manifest_tag)
+        return _failed(decision, refusal)
     markers = [info for info in objects if info.key[len(key) + 1 :] in DIRECTORY_MARKERS]
     rest = [info for info in objects if info not in markers]
     remains = _remove_marker_first(store, markers, rest, lambda: _written_since(store, key, objects))

@@ -260,7 +260,7 @@ class BucketTrashTarget:
             return DeletionResult(decision, Outcome.TRASHED)
 
         remove = remove_directory if stored.entry.is_directory else remove_object
-        result = remove(decision, self.url, self.store, listing, trashed)
+        result = remove(decision, self.url, self.store, listing, trashed, may_delete=self.may_delete)
         return trashed(decision) if result.outcome is Outcome.ALREADY_GONE else result
 
     def _url_of(self, key: str) -> str:
