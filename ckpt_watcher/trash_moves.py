@@ -139,6 +139,9 @@ class TrashTarget:
                 return Move(MoveOutcome.BYPASSED, "it is on another file system than the trash")
             with locked(trash, stop=self.stop):
                 now = self.clock()
+                pinned = _restored_meanwhile(trash, record.identity.device, record.identity.inode, now)
+                if pinned is not None:
+                    return Move(MoveOutcome.CHANGED, pinned)
                 entry = TrashEntry(
                     key=make_key(now, record.identity.inode),
                     original=relative,
@@ -164,6 +167,17 @@ class TrashTarget:
                 purge_at=iso_time(entry.purge_at),
             )
         return move
+
+
+def _restored_meanwhile(trash: TrashDirectory, device: int, inode: int, now: float) -> str | None:
+    """The pin's reason if the checkpoint (device, inode) was restored and is pinned: restored after
+    this pass planned it (a pass frozen, or waiting for this lock, while a ``prune`` trashed it and a
+    ``restore`` put it back, same inode, size and mtime). Asked under the trash's lock, which a
+    restore holds while it writes its pin and renames the checkpoint back."""
+    for pin in read_pins(trash, []):
+        if (pin.device, pin.inode) == (device, inode) and pin.until > now:
+            return f"{pin.reason} (restored since it was planned); not trashed again"
+    return None
 
 
 def _move_locked(trash: TrashDirectory, directory_fd: int, name: str, entry: TrashEntry) -> Move:
