@@ -123,6 +123,13 @@ class DirectoryLock:
         for index, place in enumerate(places):
             last = index == len(places) - 1
             if self._lock_file(place, may_skip=not last):
+                try:
+                    for other in places:
+                        if other != place:
+                            _refuse_if_held(self.directory, other)
+                except BaseException:
+                    self.release()
+                    raise
                 return
         raise LockUnusableError(
             self.directory, "no place for a lock file"
@@ -204,6 +211,38 @@ def _holder_of(status: os.stat_result) -> int | None:
     except OSError:
         return None
     return holder_in_proc_locks(text, status.st_dev, status.st_ino)
+
+
+def _refuse_if_held(directory: Path, other: Path) -> None:
+    """LockHeldError if the other place a lock file may be (``other``) is locked: which place a watcher
+    uses depends on whether it may write the parent (its uid, a read-only mount of the parent), so two
+    watchers of one root could otherwise hold two files and both run. LockUnusableError if whether it
+    is held cannot be told (a file this process can only read: NFS locks need it open for writing).
+    A missing file, or one no watcher could have locked (not a regular file), is nobody's lock."""
+    if not os.path.lexists(other):
+        return
+    file_descriptor = -1
+    for flags in (os.O_RDWR, os.O_RDONLY):
+        try:
+            file_descriptor = os.open(other, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            break
+        except OSError as error:
+            if error.errno not in _NOT_WRITABLE:
+                return  # missing (or a symlink, which no watcher locks through): nobody's lock
+    if file_descriptor < 0:
+        raise LockUnusableError(directory, f"{other}: cannot be opened to tell whether it is held")
+    try:
+        if not stat.S_ISREG(os.fstat(file_descriptor).st_mode):
+            return
+        try:
+            fcntl.flock(file_descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise LockHeldError(directory, _read_pid(file_descriptor)) from None
+        except OSError as error:
+            reason = f"{other}: cannot tell whether it is held ({describe_os_error(error)})"
+            raise LockUnusableError(directory, reason) from None
+    finally:
+        os.close(file_descriptor)  # a lock this test took goes with it
 
 
 def _still_named(place: Path, status: os.stat_result) -> bool:

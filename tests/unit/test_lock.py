@@ -143,3 +143,39 @@ def test_without_any_lock_support_the_lock_is_unusable(
         f"cannot take the single-instance lock on {root}: {tmp_path / '.run.ckpt-watcher.lock'}: "
         "No locks available (the file system supports no locks)"
     )
+
+
+def test_without_directory_locks_a_watcher_that_may_write_the_parent_still_sees_one_locked_inside(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first watcher could not write the parent (another uid, a read-only mount of it) and locked
+    the file inside the root; a second that can write the parent must not lock the file beside it
+    and run too."""
+    _refuse_directory_locks(monkeypatch)
+    root = tmp_path / "run"
+    root.mkdir()
+    beside = str(tmp_path / ".run.ckpt-watcher.lock")
+    real_open = os.open
+
+    def open_(path: Any, flags: int, *arguments: Any, **options: Any) -> int:
+        if os.fspath(path) == beside:
+            raise OSError(errno.EACCES, os.strerror(errno.EACCES), beside)  # the parent is not its to write
+        return real_open(path, flags, *arguments, **options)
+
+    monkeypatch.setattr(os, "open", open_)
+    first = DirectoryLock(root)
+    first.acquire()
+    monkeypatch.setattr(os, "open", real_open)  # the second watcher may write the parent
+    try:
+        assert first.path == root / ".ckpt-watcher.lock"
+        second = DirectoryLock(root)
+        with pytest.raises(LockHeldError) as refused:
+            second.acquire()
+        assert refused.value.pid == os.getpid()
+        assert not second.held
+    finally:
+        first.release()
+    after = DirectoryLock(root)  # once the first is gone, the lock is to be had again
+    after.acquire()
+    assert after.path == tmp_path / ".run.ckpt-watcher.lock"
+    after.release()
