@@ -55,6 +55,15 @@ _LEASE_LIMIT = 64 * 1024
 _MINIMUM_MARGIN = 2.0
 
 
+def boot_clock() -> float:
+    """Seconds on a clock that keeps running while the machine is suspended (CLOCK_BOOTTIME), as the
+    store's clock does, by which another watcher takes an expired lease over: ``time.monotonic`` stops
+    during a suspend, and a holder woken from one would think its lease still valid. Where there is
+    no such clock (not Linux), ``time.monotonic``."""
+    boottime = getattr(time, "CLOCK_BOOTTIME", None)
+    return time.clock_gettime(boottime) if boottime is not None else time.monotonic()
+
+
 class LeaseHeldError(LockHeldError):
     """Another watcher holds the prefix's lease (exit 2, as for a held lock)."""
 
@@ -135,7 +144,7 @@ class Lease:
         url: StorageURL,
         *,
         ttl_seconds: float = DEFAULT_LEASE_SECONDS,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] = boot_clock,
     ) -> None:
         self.store = store
         self.url = url

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import time
 
 import pytest
 from structlog.testing import capture_logs
@@ -270,3 +271,24 @@ def test_a_malformed_lease_that_is_fresh_is_held_by_an_unreadable_lease_object(
     store.put_new("run/.ckpt-watcher.lease", b'{"host": "h", "pid": 1e999, "token": "t", "ttl_seconds": 60}')
     with pytest.raises(LeaseHeldError, match="an unreadable lease object"):
         _lease(store, clock).acquire()
+
+
+def test_a_suspend_longer_than_the_lease_stops_deleting(
+    store: MemoryStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The machine suspended (CLOCK_MONOTONIC stops, the store's clock and CLOCK_BOOTTIME run on) for
+    longer than the lease: woken, the holder must not delete on its stale plan before it renews."""
+    real = time.clock_gettime
+    slept = {"seconds": 0.0}
+
+    def clock_gettime(clock_id: int) -> float:
+        extra = slept["seconds"] if clock_id == time.CLOCK_BOOTTIME else 0.0
+        return real(clock_id) + extra
+
+    monkeypatch.setattr(time, "clock_gettime", clock_gettime)
+    holder = Lease(store, URL, ttl_seconds=TTL)  # the clock a watcher runs with
+    holder.acquire()
+    assert holder.refusal() is None
+    slept["seconds"] = 3 * TTL  # time.monotonic does not move
+
+    assert holder.refusal() is not None
