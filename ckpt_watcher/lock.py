@@ -193,24 +193,37 @@ def holder_in_proc_locks(text: str, device: int, inode: int) -> int | None:
     If no line has the device (btrfs subvolumes report another device than the lock table), a single
     exclusive lock on that inode is taken as the holder.
     """
-    on_inode: list[tuple[int, int, int]] = []
-    for line in text.splitlines():
-        match = _PROC_LOCKS_LINE.match(line)
-        if match is None or match["waiter"] or match["access"] != "WRITE" or int(match["inode"]) != inode:
-            continue
-        on_inode.append((int(match["major"], 16), int(match["minor"], 16), int(match["pid"])))
-    exact = [pid for major, minor, pid in on_inode if os.makedev(major, minor) == device]
-    candidates = exact or ([pid for _, _, pid in on_inode] if len(on_inode) == 1 else [])
+    on_inode = [(device_of, pid) for device_of, inode_of, pid in exclusive_locks(text) if inode_of == inode]
+    exact = [pid for device_of, pid in on_inode if device_of == device]
+    candidates = exact or ([pid for _, pid in on_inode] if len(on_inode) == 1 else [])
     return candidates[0] if candidates and candidates[0] > 0 else None
 
 
-def _holder_of(status: os.stat_result) -> int | None:
+def exclusive_locks(text: str) -> list[tuple[int, int, int]]:
+    """The (device, inode, pid) of every exclusive lock held (not waited for) in ``/proc/locks`` text;
+    pid 0 is a holder outside this pid namespace."""
+    locks: list[tuple[int, int, int]] = []
+    for line in text.splitlines():
+        match = _PROC_LOCKS_LINE.match(line)
+        if match is None or match["waiter"] or match["access"] != "WRITE":
+            continue
+        device = os.makedev(int(match["major"], 16), int(match["minor"], 16))
+        locks.append((device, int(match["inode"]), int(match["pid"])))
+    return locks
+
+
+def read_proc_locks() -> str | None:
+    """The text of ``/proc/locks`` (a bounded read), or None if it cannot be read."""
     try:
         with PROC_LOCKS.open("rb") as table:
-            text = table.read(_PROC_LOCKS_LIMIT).decode("ascii", "replace")
+            return table.read(_PROC_LOCKS_LIMIT).decode("ascii", "replace")
     except OSError:
         return None
-    return holder_in_proc_locks(text, status.st_dev, status.st_ino)
+
+
+def _holder_of(status: os.stat_result) -> int | None:
+    text = read_proc_locks()
+    return None if text is None else holder_in_proc_locks(text, status.st_dev, status.st_ino)
 
 
 def _refuse_if_held(directory: Path, other: Path) -> None:
