@@ -24,7 +24,7 @@ there is deleted nor evicted for space, with one warning per pass while it lasts
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -193,6 +193,11 @@ class AliasGuard:
         self._aliased = aliases_of(identities)
         self._outside, self._mount_ids = _read_mounts(self._root)
         self._looked_at = {self._root, *(path for path, _ in identities)}
+
+    @property
+    def walked(self) -> Mapping[tuple[int, int], str]:
+        """The directories of the latest full walk: identity -> the first path it was seen at."""
+        return self._paths
 
     def kept_whole(self, root: Path, group: Path) -> dict[Path, str]:
         """A pin on ``group`` keeping everything in it if it (or a directory above it) is one of two

@@ -12,7 +12,7 @@ and deletes nothing (a partial listing could hide a ``.keep`` pin or the newest 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Protocol
 
@@ -20,6 +20,7 @@ from ckpt_watcher.aliases import AliasGuard
 from ckpt_watcher.delete import DeletionResult, LeftoverResult, TrashMover, apply_group, finish_leftovers
 from ckpt_watcher.links import Link, list_links
 from ckpt_watcher.naming import Naming
+from ckpt_watcher.nested import NestedGuard
 from ckpt_watcher.plan import GroupPlan
 from ckpt_watcher.protection import FileKey, identities_of
 from ckpt_watcher.records import CheckpointRecord
@@ -107,27 +108,33 @@ class Storage(Protocol):
 
     def kept_whole(self, root: Path, group: Path) -> dict[Path, str]:
         """A pin keeping everything in ``group`` where its deletions cannot be trusted to stay under
-        the root (aliases.AliasGuard: a directory the root shows twice, a mount from outside), else
-        nothing; a bucket has no such thing."""
+        the root (aliases.AliasGuard: a directory the root shows twice, a mount from outside), or
+        where another watcher prunes (nested.py: a watched directory, a sub-prefix's lease), else
+        nothing."""
         ...
 
 
 class LocalStorage:
     """A checkpoint tree on disk: today's functions, and what a full walk saw of the directories'
-    identities and mounts (``aliases.AliasGuard``)."""
+    identities and mounts (``aliases.AliasGuard``), and the directories other watchers hold
+    (``nested.NestedGuard``)."""
 
     def __init__(self) -> None:
         self._aliases = AliasGuard()
+        self._nested = NestedGuard()
 
     def begin_pass(self) -> None:
-        """Each call reads the disk; only the aliases' warnings are per pass."""
+        """Each call reads the disk; only the guards' warnings (and the locks read) are per pass."""
         self._aliases.begin_pass()
+        self._nested.begin_pass()
 
     def walk_directories(
         self, root: Path, naming: NamingLookup, problems: list[ScanProblem]
-    ) -> Iterable[Path]:
-        """scan.walk_directories, each directory's identity and mount noted (AliasGuard.walk)."""
-        return self._aliases.walk(root, walk_directories(root, naming, problems))
+    ) -> Iterator[Path]:
+        """scan.walk_directories, each directory's identity and mount noted (AliasGuard.walk), then
+        the directories other watchers hold (NestedGuard.after_walk)."""
+        yield from self._aliases.walk(root, walk_directories(root, naming, problems))
+        self._nested.after_walk(root, self._aliases.walked)
 
     def is_group(self, directory: Path) -> bool | None:
         """A directory, and not a symlink to one (None: cannot be told now; scan.is_group_directory)."""
@@ -174,7 +181,7 @@ class LocalStorage:
         """delete.finish_leftovers (a leftover here is named as one: ``naming_for`` is not needed),
         never in a group kept whole."""
         del naming_for
-        if self._aliases.kept_whole(root, directory):
+        if self.kept_whole(root, directory):
             return []
         return finish_leftovers(root, directory, reported=reported, stop=stop)
 
@@ -183,5 +190,5 @@ class LocalStorage:
         return identities_of(pins)
 
     def kept_whole(self, root: Path, group: Path) -> dict[Path, str]:
-        """AliasGuard.kept_whole."""
-        return self._aliases.kept_whole(root, group)
+        """AliasGuard.kept_whole, then NestedGuard.kept_whole (each warns of its own)."""
+        return {**self._nested.kept_whole(root, group), **self._aliases.kept_whole(root, group)}

@@ -1,0 +1,179 @@
+"""Directories below the root that another ckpt-watcher watches: kept whole, left to that one.
+
+``watch ROOT`` beside ``watch ROOT/run1``: each locks its own directory (lock.py), so both run, and
+the outer one's policy would delete what the inner one's keeps (and it never reads the inner one's
+``restore`` pins). So a directory strictly below the root that another process holds ckpt-watcher's
+lock on is **kept whole**, as aliases.py keeps an aliased directory: every checkpoint in it and below
+it is pinned, nothing there is deleted nor evicted for space, and ``group_watched_elsewhere`` is
+warned once a pass while it lasts.
+
+* The lock is told from ``/proc/locks``: an exclusive lock, held by another process than this one,
+  on the (device, inode) of a directory the full walk listed (aliases.py ``lstat``s each one), or on
+  a lock file of lock.py's fallback beside it (``.NAME.ckpt-watcher.lock``) or inside it
+  (``.ckpt-watcher.lock``), looked for only on a file system other processes hold locks on.
+* ``/proc/locks`` is read once a full walk, and once again in each later pass that plans a group
+  (its directories up to the root are then looked at again): a watcher started on a run directory
+  between two full walks is seen before the outer deletes anything there.
+* Only locks taken on this host (in this kernel) are in ``/proc/locks``: a watcher on another host
+  of an NFS volume is invisible here.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import structlog
+
+from ckpt_watcher.aliases import is_within
+from ckpt_watcher.lock import LOCK_FILE_NAME, exclusive_locks, read_proc_locks
+from ckpt_watcher.records import display_name
+
+logger = structlog.get_logger("ckpt_watcher.nested")
+
+WATCHED = (
+    "another ckpt-watcher watches this directory (it holds the directory's lock): nothing in it or "
+    "below it is deleted nor evicted here, it is left to that one (until its lock is released)"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class OtherLocks:
+    """The exclusive locks that processes other than this one hold: inode -> [(device, pid)]."""
+
+    by_inode: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
+    devices: frozenset[int] = frozenset()
+
+    @classmethod
+    def parse(cls, text: str, own_pid: int) -> OtherLocks:
+        """The locks of ``/proc/locks`` text, but those of ``own_pid`` (this watcher's own)."""
+        by_inode: dict[int, list[tuple[int, int]]] = {}
+        for device, inode, pid in exclusive_locks(text):
+            if pid != own_pid:
+                by_inode.setdefault(inode, []).append((device, pid))
+        devices = frozenset(device for locks in by_inode.values() for device, _ in locks)
+        return cls(by_inode, devices)
+
+    def holder(self, device: int, inode: int) -> int | None:
+        """The pid holding a lock on (device, inode) (0: unknown, outside this pid namespace), or None
+        if nobody else does. As lock.holder_in_proc_locks: if no lock on that inode has the device
+        (btrfs subvolumes report another one), a single lock on that inode counts."""
+        on_inode = self.by_inode.get(inode, [])
+        exact = [pid for device_of, pid in on_inode if device_of == device]
+        candidates = exact or ([pid for _, pid in on_inode] if len(on_inode) == 1 else [])
+        return candidates[0] if candidates else None
+
+
+def read_other_locks() -> OtherLocks:
+    """The other processes' locks now (none known if ``/proc/locks`` cannot be read)."""
+    text = read_proc_locks()
+    return OtherLocks() if text is None else OtherLocks.parse(text, os.getpid())
+
+
+def lock_files_of(directory: str) -> list[str]:
+    """Where lock.py's fallback puts a watcher's lock file for ``directory``: beside it, inside it."""
+    parent, name = os.path.split(directory)
+    return [os.path.join(parent, f".{name}{LOCK_FILE_NAME}"), os.path.join(directory, LOCK_FILE_NAME)]
+
+
+def watcher_of(directory: str, identity: tuple[int, int] | None, locks: OtherLocks) -> int | None:
+    """The pid of another watcher holding ``directory``'s lock (0: pid unknown), else None."""
+    if not locks.by_inode:
+        return None
+    if identity is not None:
+        pid = locks.holder(*identity)
+        if pid is not None:
+            return pid
+        if identity[0] not in locks.devices:
+            return None  # nobody else locks anything on that file system: no lock file is held
+    for lock_file in lock_files_of(directory):
+        try:
+            status = os.lstat(lock_file)
+        except OSError:
+            continue
+        if stat.S_ISREG(status.st_mode):
+            pid = locks.holder(status.st_dev, status.st_ino)
+            if pid is not None:
+                return pid
+    return None
+
+
+def _identity(path: str) -> tuple[int, int] | None:
+    try:
+        status = os.lstat(path)
+    except OSError:
+        return None
+    return (status.st_dev, status.st_ino) if stat.S_ISDIR(status.st_mode) else None
+
+
+def _chain_below(path: str, root: str) -> list[str]:
+    """The directories from just below ``root`` down to ``path`` (empty for the root itself)."""
+    if not is_within(path, root) or path == root:
+        return []
+    chain = [path]
+    while os.path.dirname(chain[-1]) != root:
+        chain.append(os.path.dirname(chain[-1]))
+    return chain[::-1]
+
+
+class NestedGuard:
+    """Which directories below the root other watchers hold (``_watched``: path -> pid, 0 unknown),
+    as of the locks read this pass, and which were warned about this pass."""
+
+    def __init__(self) -> None:
+        self._locks: OtherLocks | None = None  # read this pass (None: not yet)
+        self._watched: dict[str, int] = {}
+        self._looked_at: set[str] = set()  # this pass, with the locks read this pass
+        self._warned: set[str] = set()
+
+    def begin_pass(self) -> None:
+        """A new pass: the locks are read again before a group is planned, and warned about again."""
+        self._locks = None
+        self._looked_at = set()
+        self._warned = set()
+
+    def after_walk(self, root: Path, identities: Mapping[tuple[int, int], str]) -> None:
+        """A full walk listed these directories (identity -> path): read the locks, note the held."""
+        top = os.fspath(root)
+        self._locks = read_other_locks()
+        self._watched = {}
+        self._looked_at = {top}
+        for identity, path in identities.items():
+            self._looked_at.add(path)
+            pid = watcher_of(path, identity, self._locks) if path != top else None
+            if pid is not None:
+                self._watched[path] = pid
+
+    def kept_whole(self, root: Path, group: Path) -> dict[Path, str]:
+        """A pin keeping everything in ``group`` if it (or a directory above it, below the root) is
+        watched by another watcher (warned once a pass), else nothing."""
+        top, path = os.fspath(root), os.fspath(group)
+        if self._locks is None:
+            self._locks = read_other_locks()  # an event pass: a watcher may have started since
+        chain = _chain_below(path, top)
+        for directory in chain:
+            if directory not in self._looked_at:
+                self._looked_at.add(directory)
+                pid = watcher_of(directory, _identity(directory), self._locks)
+                if pid is None:
+                    self._watched.pop(directory, None)
+                else:
+                    self._watched[directory] = pid
+        for directory in chain:
+            if directory in self._watched:
+                return {group: self._warn(top, directory, self._watched[directory])}
+        return {}
+
+    def _warn(self, root: str, directory: str, pid: int) -> str:
+        if directory not in self._warned:
+            self._warned.add(directory)
+            known = {"pid": pid} if pid > 0 else {}
+            logger.warning(
+                "group_watched_elsewhere", directory=display_name(directory), **known, detail=WATCHED
+            )
+        holder = f"pid {pid}" if pid > 0 else "pid unknown"
+        where = display_name(os.path.relpath(directory, root))
+        return f"kept whole: {where} is watched by another ckpt-watcher ({holder}), left to that one"

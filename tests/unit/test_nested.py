@@ -1,0 +1,120 @@
+"""nested.py: which locks of ``/proc/locks`` are another watcher's (a table of texts), and what
+NestedGuard keeps whole and warns about, pass by pass, while another process holds a directory's
+lock (a real ``flock`` held by a child process; the daemons are in test_nested_roots.py)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from structlog.testing import LogCapture
+
+from ckpt_watcher.nested import NestedGuard, OtherLocks, lock_files_of
+from tests.support.logs import logged
+
+pytestmark = pytest.mark.timeout(60)
+
+DEVICE = os.makedev(0xFE, 0)
+OTHER_DEVICE = os.makedev(0, 0x2A)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("1: FLOCK  ADVISORY  WRITE 4242 fe:00:77 0 EOF\n", 4242),
+        ("1: POSIX  ADVISORY  WRITE 4242 fe:00:77 0 EOF\n", 4242),  # NFS emulates flock with POSIX locks
+        ("1: FLOCK  ADVISORY  WRITE 0 fe:00:77 0 EOF\n", 0),  # held from another pid namespace
+        ("1: FLOCK  ADVISORY  WRITE 100 fe:00:77 0 EOF\n", None),  # this process's own lock
+        ("1: FLOCK  ADVISORY  READ 4242 fe:00:77 0 EOF\n", None),  # a shared lock is no watcher's
+        ("1: FLOCK  ADVISORY  WRITE 4242 fe:00:78 0 EOF\n", None),  # another inode
+        ("1: FLOCK  ADVISORY  WRITE 7 fe:00:77 0 EOF\n1: -> FLOCK  ADVISORY  WRITE 4242 fe:00:77 0 EOF\n", 7),
+        ("1: FLOCK  ADVISORY  WRITE 4242 00:2a:77 0 EOF\n", 4242),  # btrfs: the one lock on that inode
+        ("1: FLOCK  ADVISORY  WRITE 1 00:2a:77 0 EOF\n2: FLOCK  ADVISORY  WRITE 2 00:2b:77 0 EOF\n", None),
+        ("garbage\n\n", None),
+    ],
+)
+def test_the_holder_of_a_directory_is_another_process_holding_an_exclusive_lock_on_it(
+    text: str, expected: int | None
+) -> None:
+    assert OtherLocks.parse(text, own_pid=100).holder(DEVICE, 77) == expected
+
+
+def test_the_lock_files_of_the_fallback_are_beside_the_directory_and_inside_it() -> None:
+    assert lock_files_of("/r/run1") == ["/r/.run1.ckpt-watcher.lock", "/r/run1/.ckpt-watcher.lock"]
+
+
+HOLD = """
+import fcntl, os, sys
+descriptor = os.open(sys.argv[1], os.O_RDONLY)
+fcntl.flock(descriptor, fcntl.LOCK_EX)
+print("held", flush=True)
+sys.stdin.read()
+"""
+
+
+@contextmanager
+def _held(directory: Path) -> Iterator[int]:
+    """Another process holds an exclusive ``flock`` on ``directory`` (as a watcher of it does)."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(directory)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert child.stdout is not None
+        assert child.stdout.readline() == "held\n"
+        yield child.pid
+    finally:
+        child.communicate("")
+
+
+def _walk(guard: NestedGuard, root: Path, directories: list[Path]) -> None:
+    guard.begin_pass()
+    walked = {(os.lstat(path).st_dev, os.lstat(path).st_ino): os.fspath(path) for path in directories}
+    guard.after_walk(root, walked)
+
+
+def test_a_directory_another_process_locks_is_kept_whole_with_what_is_below_it(
+    tmp_path: Path, captured: LogCapture
+) -> None:
+    root = tmp_path / "root"
+    (root / "run1" / "stage2").mkdir(parents=True)
+    (root / "run2").mkdir()
+    directories = [root, root / "run1", root / "run1" / "stage2", root / "run2"]
+    guard = NestedGuard()
+
+    with _held(root / "run1") as pid, _held(root):  # (a lock on the root itself is the root's own)
+        for _ in range(2):
+            _walk(guard, root, directories)
+            kept = {path.name: guard.kept_whole(root, path) for path in directories}
+
+            reason = f"kept whole: run1 is watched by another ckpt-watcher (pid {pid}), left to that one"
+            assert kept == {
+                "root": {},
+                "run1": {root / "run1": reason},
+                "stage2": {root / "run1" / "stage2": reason},
+                "run2": {},
+            }
+    warnings = logged(captured, "group_watched_elsewhere")
+    assert [(entry["directory"], entry["pid"]) for entry in warnings] == [(str(root / "run1"), pid)] * 2
+
+
+def test_an_event_pass_reads_the_locks_again(tmp_path: Path, captured: LogCapture) -> None:
+    """A watcher started (or stopped) on a run directory since the full walk is seen by the next pass."""
+    root = tmp_path / "root"
+    (root / "run1").mkdir(parents=True)
+    guard = NestedGuard()
+    _walk(guard, root, [root, root / "run1"])
+    assert guard.kept_whole(root, root / "run1") == {}
+
+    with _held(root / "run1"):
+        guard.begin_pass()
+        assert guard.kept_whole(root, root / "run1" / "new") != {}  # (a group below, new since the walk)
+        assert guard.kept_whole(root, root / "run1") != {}
+    assert len(logged(captured, "group_watched_elsewhere")) == 1
+
+    guard.begin_pass()
+    assert guard.kept_whole(root, root / "run1") == {}
