@@ -41,6 +41,7 @@ from ckpt_watcher.bucket_listing import (
     odd_key,
     summarize_prefix,
 )
+from ckpt_watcher.bucket_nested import LeaseGuard
 from ckpt_watcher.bucket_trash_moves import BucketTrashTarget
 from ckpt_watcher.config_access import LOCAL_FILES, UnreachableError
 from ckpt_watcher.config_files import MAXIMUM_CONFIG_BYTES, ConfigFileError
@@ -143,10 +144,12 @@ class BucketStorage:
         self._sorted_uploads: list[str] | None = None  # the same keys, sorted: for upload_under
         self._may_delete = may_delete
         self._unnamable_reported: set[str] = set()
+        self._leases = LeaseGuard(url, store)
 
     def begin_pass(self) -> None:
-        """The next request for the listing lists the prefix again."""
+        """The next request for the listing lists the prefix again (and the sub-prefixes' leases)."""
         self._stale = True
+        self._leases.begin_pass()
         self._uploads = None
         self._sorted_uploads = None
 
@@ -293,7 +296,7 @@ class BucketStorage:
         looked at: the reconcile core looks at it between two directories."""
         del stop
         refusal = self.refusal()
-        if refusal is not None:
+        if refusal is not None or self.kept_whole(root, directory):
             return []
         listing = self.current_listing()
         return finish_bucket_leftovers(
@@ -305,8 +308,9 @@ class BucketStorage:
         return {}
 
     def kept_whole(self, root: Path, group: Path) -> dict[Path, str]:
-        """A prefix is never shown twice, nor mounted: nothing is kept whole for that."""
-        return {}
+        """A sub-prefix another watcher holds the lease of is kept whole (bucket_nested.LeaseGuard);
+        a prefix is never shown twice, nor mounted."""
+        return self._leases.kept_whole(self.current_listing(), root, group)
 
 
 @dataclass

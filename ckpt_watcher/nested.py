@@ -109,7 +109,7 @@ def _identity(path: str) -> tuple[int, int] | None:
     return (status.st_dev, status.st_ino) if stat.S_ISDIR(status.st_mode) else None
 
 
-def _chain_below(path: str, root: str) -> list[str]:
+def directories_below(path: str, root: str) -> list[str]:
     """The directories from just below ``root`` down to ``path`` (empty for the root itself)."""
     if not is_within(path, root) or path == root:
         return []
@@ -153,7 +153,7 @@ class NestedGuard:
         top, path = os.fspath(root), os.fspath(group)
         if self._locks is None:
             self._locks = read_other_locks()  # an event pass: a watcher may have started since
-        chain = _chain_below(path, top)
+        chain = directories_below(path, top)
         for directory in chain:
             if directory not in self._looked_at:
                 self._looked_at.add(directory)

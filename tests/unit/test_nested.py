@@ -10,11 +10,16 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import cast
 
 import pytest
 from structlog.testing import LogCapture
 
+from ckpt_watcher.bucket_listing import Listing
+from ckpt_watcher.bucket_nested import LeaseGuard, judge_lease
+from ckpt_watcher.locations import StorageURL
 from ckpt_watcher.nested import NestedGuard, OtherLocks, lock_files_of
+from ckpt_watcher.object_store import Fetched, ObjectInfo, ObjectStore, StoreError
 from tests.support.logs import logged
 
 pytestmark = pytest.mark.timeout(60)
@@ -118,3 +123,45 @@ def test_an_event_pass_reads_the_locks_again(tmp_path: Path, captured: LogCaptur
 
     guard.begin_pass()
     assert guard.kept_whole(root, root / "run1") == {}
+
+
+LEASE = b'{"host": "gpu-7", "pid": 4242, "token": "t", "ttl_seconds": 20}'
+
+
+@pytest.mark.parametrize(
+    ("data", "now", "pid", "expires_in"),
+    [
+        (LEASE, 1005.0, 4242, 15.0),  # renewed 5 s ago (by the store's clock)
+        (LEASE, 1020.0, 4242, 0.0),  # expired: its watcher crashed
+        (LEASE, 1100.0, 4242, -80.0),
+        (b"not a lease", 1005.0, None, 55.0),  # another's, unreadable: the default time to live
+    ],
+)
+def test_a_sub_prefix_lease_is_judged_by_the_store_clock_as_lease_py_does(
+    data: bytes, now: float, pid: int | None, expires_in: float
+) -> None:
+    holder, left = judge_lease(data, 1000.0, now)
+
+    assert (holder.pid if holder is not None else None, left) == (pid, expires_in)
+
+
+class _FailingStore:
+    """A store whose every read fails (the lease object is listed, but cannot be read)."""
+
+    def fetch(self, key: str, *, limit: int) -> Fetched:
+        raise StoreError(f"{key}: connection reset")
+
+
+def test_a_sub_prefix_lease_that_cannot_be_read_keeps_its_prefix_whole(captured: LogCapture) -> None:
+    url = StorageURL("s3", "b", "run")
+    lease = ObjectInfo("run/stage1/.ckpt-watcher.lease", 10, "tag", 0)
+    listing = Listing.of(url, [lease, ObjectInfo("run/stage1/a.ckpt", 10, "a", 0)])
+    guard = LeaseGuard(url, cast(ObjectStore, _FailingStore()))
+    guard.begin_pass()
+
+    kept = guard.kept_whole(listing, url.core_path, url.core_path / "stage1")
+
+    assert kept == {url.core_path / "stage1": "kept whole: stage1 has another watcher's lease, unreadable"}
+    assert guard.kept_whole(listing, url.core_path, url.core_path) == {}
+    [warning] = logged(captured, "group_watched_elsewhere")
+    assert "could not be read" in warning["detail"]
