@@ -153,11 +153,11 @@ class NestedGuard:
         top, path = os.fspath(root), os.fspath(group)
         if self._locks is None:
             self._locks = read_other_locks()  # an event pass: a watcher may have started since
-        chain = directories_below(path, top)
+        locks, chain = self._locks, directories_below(path, top)
         for directory in chain:
             if directory not in self._looked_at:
                 self._looked_at.add(directory)
-                pid = watcher_of(directory, _identity(directory), self._locks)
+                pid = watcher_of(directory, _identity(directory), locks) if locks.by_inode else None
                 if pid is None:
                     self._watched.pop(directory, None)
                 else:
