@@ -17,14 +17,13 @@ pinned, and ``group_watched_elsewhere`` is warned once a pass.
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
 
 from ckpt_watcher.bucket_listing import LEASE_NAME, Listing
-from ckpt_watcher.lease import DEFAULT_LEASE_SECONDS, Holder
+from ckpt_watcher.lease import LEASE_LIMIT, Holder, read_lease
 from ckpt_watcher.locations import StorageURL
 from ckpt_watcher.nested import directories_below
 from ckpt_watcher.object_store import BucketMissingError, ObjectMissingError, ObjectStore, StoreError
@@ -32,7 +31,6 @@ from ckpt_watcher.records import display_name
 
 logger = structlog.get_logger("ckpt_watcher.bucket_nested")
 
-_LEASE_LIMIT = 64 * 1024
 LEASED = (
     "another ckpt-watcher holds the lease of this prefix: nothing in it or below it is deleted here, it "
     "is left to that one while it renews its lease (once the lease expires, a watcher that crashed, "
@@ -51,14 +49,6 @@ class LeaseSeen:
     holder: Holder | None
     reason: str
     detail: str
-
-
-def judge_lease(data: bytes, mtime_seconds: float, now: float) -> tuple[Holder | None, float]:
-    """Who a lease object names (None: not a lease this tool wrote) and in how many seconds it
-    expires (<= 0: expired), by the store's clock ``now``, as lease.py judges it."""
-    holder = Holder.parse(data)
-    ttl = holder.ttl_seconds if holder is not None else DEFAULT_LEASE_SECONDS
-    return holder, mtime_seconds + ttl - now
 
 
 class LeaseGuard:
@@ -100,15 +90,14 @@ class LeaseGuard:
         if key is None:
             return unreadable
         try:
-            fetched = self._store.fetch(key, limit=_LEASE_LIMIT)
+            fetched = self._store.fetch(key, limit=LEASE_LIMIT)
         except BucketMissingError:
             return unreadable
         except ObjectMissingError:
             return None  # released since the listing
         except StoreError:
             return unreadable
-        now = fetched.server_time if fetched.server_time is not None else time.time()
-        holder, expires_in = judge_lease(fetched.data, fetched.info.mtime_ns / 1e9, now)
+        holder, expires_in = read_lease(fetched)
         if expires_in <= 0:
             return None
         who = holder.describe() if holder is not None else "an unreadable lease object"

@@ -49,7 +49,7 @@ from ckpt_watcher.object_store import (
 logger = structlog.get_logger("ckpt_watcher.lease")
 
 DEFAULT_LEASE_SECONDS = 60.0
-_LEASE_LIMIT = 64 * 1024
+LEASE_LIMIT = 64 * 1024
 # A lease's last-modified time has a resolution of one second (an HTTP date), and a request takes
 # time: a holder stops deleting this long before another could take the lease over.
 _MINIMUM_MARGIN = 2.0
@@ -111,14 +111,26 @@ class Holder:
         return holder if math.isfinite(holder.ttl_seconds) and holder.ttl_seconds > 0 else None
 
 
-def _standing(fetched: Fetched, ttl_seconds: float) -> tuple[str, float]:
-    """Who a fetched lease object names, and in how many seconds of the store's clock it expires
-    (<= 0: expired). An object this tool did not write lasts ``ttl_seconds``."""
-    holder = Holder.parse(fetched.data)
-    now = fetched.server_time if fetched.server_time is not None else time.time()
+def judge_lease(
+    data: bytes, mtime_seconds: float, now: float, ttl_seconds: float = DEFAULT_LEASE_SECONDS
+) -> tuple[Holder | None, float]:
+    """Who a lease object names (None: not a lease this tool wrote, which lasts ``ttl_seconds``) and
+    in how many seconds it expires (<= 0: expired), by the store's clock ``now``."""
+    holder = Holder.parse(data)
     ttl = holder.ttl_seconds if holder is not None else ttl_seconds
-    described = holder.describe() if holder is not None else "an unreadable lease object"
-    return described, fetched.info.mtime_ns / 1e9 + ttl - now
+    return holder, mtime_seconds + ttl - now
+
+
+def read_lease(fetched: Fetched, ttl_seconds: float = DEFAULT_LEASE_SECONDS) -> tuple[Holder | None, float]:
+    """``judge_lease`` of a fetched lease object, by the clock of the response that read it."""
+    now = fetched.server_time if fetched.server_time is not None else time.time()
+    return judge_lease(fetched.data, fetched.info.mtime_ns / 1e9, now, ttl_seconds)
+
+
+def _standing(fetched: Fetched, ttl_seconds: float) -> tuple[str, float]:
+    """Who a fetched lease object names, described, and in how many seconds it expires."""
+    holder, expires_in = read_lease(fetched, ttl_seconds)
+    return (holder.describe() if holder is not None else "an unreadable lease object"), expires_in
 
 
 def refuse_if_held(store: ObjectStore, url: StorageURL) -> None:
@@ -127,7 +139,7 @@ def refuse_if_held(store: ObjectStore, url: StorageURL) -> None:
     look is not excluded (README). StoreError as for any request."""
     key = f"{url.prefix}/{LEASE_NAME}" if url.prefix else LEASE_NAME
     try:
-        fetched = store.fetch(key, limit=_LEASE_LIMIT)
+        fetched = store.fetch(key, limit=LEASE_LIMIT)
     except ObjectMissingError:
         return
     described, expires_in = _standing(fetched, DEFAULT_LEASE_SECONDS)
@@ -206,7 +218,7 @@ class Lease:
             except PreconditionFailedError:
                 pass
             try:
-                fetched = self.store.fetch(self.key, limit=_LEASE_LIMIT)
+                fetched = self.store.fetch(self.key, limit=LEASE_LIMIT)
             except ObjectMissingError:
                 continue
             described, expires_in = _standing(fetched, self.ttl_seconds)
@@ -271,7 +283,7 @@ class Lease:
         lifecycle rule), not taken over, take it again as at start (If-None-Match); True if this
         watcher holds it now. StoreError if the store cannot say."""
         try:
-            self.store.fetch(self.key, limit=_LEASE_LIMIT)
+            self.store.fetch(self.key, limit=LEASE_LIMIT)
         except BucketMissingError:
             raise  # the bucket is gone, not the lease: the store is unusable (a failed renewal)
         except ObjectMissingError:

@@ -16,7 +16,8 @@ import pytest
 from structlog.testing import LogCapture
 
 from ckpt_watcher.bucket_listing import Listing
-from ckpt_watcher.bucket_nested import LeaseGuard, judge_lease
+from ckpt_watcher.bucket_nested import LeaseGuard
+from ckpt_watcher.lease import judge_lease
 from ckpt_watcher.locations import StorageURL
 from ckpt_watcher.nested import NestedGuard, OtherLocks, lock_files_of
 from ckpt_watcher.object_store import Fetched, ObjectInfo, ObjectStore, StoreError
