@@ -61,6 +61,8 @@ class Listing:
             if parts[0] == TRASH_PREFIX:
                 listing.trash.append(info)  # not part of the tree; what the trash holds (bucket_trash.py)
                 continue
+            if TRASH_PREFIX in parts[1:-1]:
+                continue  # the trash of a root below (a nested watcher's): never this tree's, as on disk
             if len(parts) == 1 and parts[0] == LEASE_NAME:
                 continue
             listing.files.setdefault(path.parent, {})[path.name] = info

@@ -154,3 +154,23 @@ def test_a_leftover_is_finished_only_if_all_of_it_is_what_its_manifest_names() -
     assert _kept(named, [_info("ck/c", tag='"3"', mtime_ns=90)]) is not None  # not named
     marker = _kept({**named, "ck/latest": '"m"'}, [_info("ck/latest", tag='"m"', mtime_ns=90)])
     assert marker == "its marker, which a deletion deletes before anything else, is still there"
+
+
+def test_the_trash_of_a_prefix_below_is_no_part_of_the_tree() -> None:
+    """A watcher of ``runs/stage1`` keeps its trash in ``runs/stage1/.ckpt-trash``: for the root
+    ``runs`` that is neither its own trash nor groups to prune (the walk on disk skips a ``.ckpt-trash``
+    directory at any depth); a checkpoint file named like the trash is still a file."""
+    keys = [
+        "runs/.ckpt-trash/info/a.json",
+        "runs/stage1/.ckpt-trash/files/stage1/epoch=00-step=000100-train.ckpt@k",
+        "runs/stage1/.ckpt-trash/info/k.json",
+        "runs/stage1/epoch=00-step=000200-train.ckpt",
+        "runs/stage1/.ckpt-trash",
+    ]
+    listing = Listing.of(URL, [_info(key) for key in keys])
+
+    assert [info.key for info in listing.trash] == ["runs/.ckpt-trash/info/a.json"]
+    stage1 = URL.core_path / "stage1"
+    assert sorted(listing.files[stage1]) == [".ckpt-trash", "epoch=00-step=000200-train.ckpt"]
+    assert listing.subdirectories[stage1] == set()
+    assert all(".ckpt-trash" not in path.parts for path in listing.files if path != URL.core_path)
