@@ -350,6 +350,10 @@ class TreeSummary:
     bytes: int = 0
     newest_mtime_ns: int = 0
     top_entries: set[str] = field(default_factory=set)
+    # The newest regular file anywhere in it, and each regular file directly in it (its writer's marker
+    # must be written after the rest: a file newer than the marker was rewritten after it).
+    newest_file_mtime_ns: int = 0
+    top_file_mtimes: dict[str, int] = field(default_factory=dict)
     mount_points: list[str] = field(default_factory=list)
     identity: EntryStatus | None = None
 
@@ -428,6 +432,9 @@ def _summarize_here(
             subdirectories.append(name)
         elif stat.S_ISREG(status.mode):
             summary.bytes += status.size
+            summary.newest_file_mtime_ns = max(summary.newest_file_mtime_ns, status.mtime_ns)
+            if top_level:
+                summary.top_file_mtimes[name] = status.mtime_ns
     subdirectories.sort(reverse=True)
     return subdirectories
 

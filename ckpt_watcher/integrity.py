@@ -17,6 +17,7 @@ the same code. Holes are a property of files on disk only: ``check_zip_file`` as
 
 from __future__ import annotations
 
+import json
 import os
 import struct
 import threading
@@ -25,7 +26,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
-from ckpt_watcher.filesystem import NotRegularFileError, open_regular, reopen_regular, summarize_tree
+from ckpt_watcher.filesystem import (
+    DIRECTORY_FLAGS,
+    NotRegularFileError,
+    TreeSummary,
+    open_regular,
+    reopen_regular,
+    summarize_tree,
+)
 from ckpt_watcher.logs import describe_os_error
 from ckpt_watcher.records import FileIdentity
 
@@ -606,6 +614,19 @@ _LIGHTNING_FSDP_MARKER = "meta.pt"
 _HUGGING_FACE_MARKER = "trainer_state.json"
 # What a writer writes last into a directory checkpoint: removing one first un-completes it at once.
 DIRECTORY_MARKERS = frozenset({_DEEPSPEED_MARKER, _DCP_MARKER, _LIGHTNING_FSDP_MARKER, _HUGGING_FACE_MARKER})
+# The file a layout writes last, with nothing written after it (DeepSpeed has none: its other ranks
+# may still write after rank 0's `latest`). A file in the checkpoint newer than it (beyond coarse
+# clocks) was written after it: the checkpoint was being saved again in place (a rolled-back run
+# saving the same step, torch.distributed.checkpoint's default overwrite) when its writer died, and
+# the old marker stands over new, partial files.
+_WRITTEN_LAST = {
+    "Hugging Face Trainer": _HUGGING_FACE_MARKER,
+    "torch.distributed.checkpoint": _DCP_MARKER,
+    "Lightning FSDP (sharded)": _LIGHTNING_FSDP_MARKER,
+}
+_MARKER_SLACK_NS = 2_000_000_000
+# trainer_state.json is written in place (open "w", then write): a kill mid-write leaves it truncated.
+_TRAINER_STATE_MAX_BYTES = 64 * 1024 * 1024
 _NO_MARKER = (
     "no completion marker yet (DeepSpeed 'latest', Lightning FSDP 'meta.pt', "
     "torch.distributed.checkpoint '.metadata', Hugging Face 'trainer_state.json')"
@@ -669,9 +690,69 @@ def check_directory(
             else f"contains a mount point ({where}): another file system, never deleted"
         )
         return DirectoryVerdict(Completeness(False, reason, transient=True, mount_point=where), None, total)
-    return judge_directory(
+    verdict = judge_directory(
         summary.top_entries, name, summary.newest_mtime_ns, total, quiet_seconds=quiet_seconds, now=now
     )
+    if verdict.completeness.complete:
+        doubt = _marker_doubt(summary, verdict.layout, path, dir_fd)
+        if doubt is not None:
+            return DirectoryVerdict(Completeness(False, doubt, transient=True), verdict.layout, total)
+    return verdict
+
+
+def _marker_doubt(summary: TreeSummary, layout: str | None, path: str, dir_fd: int | None) -> str | None:
+    """Why a directory checkpoint with its marker is still not whole: a file written after the marker,
+    or a truncated ``trainer_state.json``; None if neither."""
+    marker = _WRITTEN_LAST.get(layout or "")
+    if marker is None:
+        return None
+    marker_mtime = summary.top_file_mtimes.get(marker)
+    if marker_mtime is None:
+        return f"its {marker}, written last, is not a regular file"
+    if summary.newest_file_mtime_ns > marker_mtime + _MARKER_SLACK_NS:
+        return (
+            f"a file in it is newer than {marker}, which its writer writes last: "
+            "saved again in place and not finished"
+        )
+    if marker == _HUGGING_FACE_MARKER:
+        return _trainer_state_doubt(path, dir_fd)
+    return None
+
+
+def _read_up_to(file_descriptor: int, size: int) -> bytes:
+    """At most ``size`` bytes from the start of an open file (fewer if it has shrunk)."""
+    chunks: list[bytes] = []
+    while size > 0:
+        chunk = os.read(file_descriptor, min(size, 1 << 20))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size -= len(chunk)
+    return b"".join(chunks)
+
+
+def _trainer_state_doubt(path: str, dir_fd: int | None) -> str | None:
+    """Why ``path``'s trainer_state.json is not a whole JSON object (truncated by a kill), or None."""
+    flags = DIRECTORY_FLAGS if dir_fd is not None else DIRECTORY_FLAGS & ~os.O_NOFOLLOW
+    try:
+        directory = os.open(path, flags, dir_fd=dir_fd)
+        try:
+            file_descriptor, status = open_regular(_HUGGING_FACE_MARKER, dir_fd=directory)
+        finally:
+            os.close(directory)
+        try:
+            if status.st_size > _TRAINER_STATE_MAX_BYTES:
+                return f"its {_HUGGING_FACE_MARKER} is over {_TRAINER_STATE_MAX_BYTES} bytes: not read"
+            data = _read_up_to(file_descriptor, status.st_size)
+        finally:
+            os.close(file_descriptor)
+    except OSError as error:
+        return f"its {_HUGGING_FACE_MARKER} cannot be read: {describe_os_error(error)}"
+    try:
+        whole = isinstance(json.loads(data), dict)
+    except (ValueError, RecursionError):
+        whole = False
+    return None if whole else f"its {_HUGGING_FACE_MARKER}, written last, is not whole JSON: truncated"
 
 
 def judge_directory(

@@ -280,3 +280,84 @@ def test_verify_load_accepts_checkpoints_with_objects_the_safe_loader_refuses(tm
 
     assert entries[step_name(0, 1000)]["action"] == "keep"
     assert entries[step_name(0, 500)]["action"] == "delete"
+
+
+def hugging_face_checkpoint(directory: Path, step: int) -> Path:
+    """A Hugging Face Trainer ``checkpoint-N/``: its files, then ``trainer_state.json``, written last."""
+    directory.mkdir(parents=True)
+    for name in ("model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth", "training_args.bin"):
+        (directory / name).write_bytes(b"x" * 100)
+    (directory / "trainer_state.json").write_text(json.dumps({"global_step": step}, indent=2) + "\n")
+    return directory
+
+
+def test_hugging_face_checkpoint_saved_again_in_place_and_killed_pushes_no_older_one_out(
+    tmp_path: Path,
+) -> None:
+    # A run rolled back to checkpoint-500 saves checkpoint-1000 again, into the same directory (as the
+    # Trainer does), and is killed while optimizer.pt is half rewritten: the old trainer_state.json
+    # is still there, older than the file written after it.
+    root = tmp_path / "output"
+    hugging_face_checkpoint(root / "checkpoint-500", 500)
+    resaved = hugging_face_checkpoint(root / "checkpoint-1000", 1000)
+    backdate_tree(root)
+    (resaved / "optimizer.pt").write_bytes(b"x" * 10)
+    backdate_tree(resaved / "optimizer.pt", seconds=600)
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("save_top_k_checkpoints: 1\nnaming:\n  step: 'checkpoint-{step}'\n")
+
+    entries = prune_entries(
+        run_cli("prune", str(root), "--policy", str(policy), "--dry-run", "--json"), exit_code=0
+    )
+
+    assert entries["checkpoint-1000"]["action"] == "skip"
+    assert "newer than trainer_state.json" in entries["checkpoint-1000"]["reasons"][0]
+    assert entries["checkpoint-500"]["action"] == "keep"
+
+
+def test_hugging_face_checkpoint_with_a_truncated_trainer_state_pushes_no_older_one_out(
+    tmp_path: Path,
+) -> None:
+    # Killed while writing trainer_state.json (opened with "w", then written): it is there, but cut.
+    root = tmp_path / "output"
+    hugging_face_checkpoint(root / "checkpoint-500", 500)
+    killed = hugging_face_checkpoint(root / "checkpoint-1000", 1000)
+    whole = (killed / "trainer_state.json").read_bytes()
+    (killed / "trainer_state.json").write_bytes(whole[: len(whole) // 2])
+    backdate_tree(root)
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("save_top_k_checkpoints: 1\nnaming:\n  step: 'checkpoint-{step}'\n")
+
+    entries = prune_entries(
+        run_cli("prune", str(root), "--policy", str(policy), "--dry-run", "--json"), exit_code=0
+    )
+
+    assert entries["checkpoint-1000"]["action"] == "skip"
+    assert "not whole JSON" in entries["checkpoint-1000"]["reasons"][0]
+    assert entries["checkpoint-500"]["action"] == "keep"
+
+
+@pytest.mark.parametrize("lightning_meta", [False, True], ids=["dcp", "lightning-fsdp"])
+def test_sharded_checkpoint_saved_again_in_place_and_killed_pushes_no_older_one_out(
+    tmp_path: Path, lightning_meta: bool
+) -> None:
+    # torch.distributed.checkpoint overwrites by default: saved again into the same directory and
+    # killed while its data file is rewritten, the old .metadata (and meta.pt) stand over a cut file.
+    root = tmp_path / "run"
+    suffix = ".ckpt" if lightning_meta else ""
+    for step in (100, 200):
+        dcp_save(root / f"dcp_step_{step}{suffix}", lightning_meta=lightning_meta)
+    backdate_tree(root)
+    resaved = root / f"dcp_step_200{suffix}"
+    data = next(path for path in resaved.iterdir() if path.name.endswith(".distcp"))
+    data.write_bytes(data.read_bytes()[:100])
+    backdate_tree(data, seconds=600)
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("save_top_k_checkpoints: 1\nnaming:\n  step: 'dcp_step_{step}'\n")
+
+    entries = prune_entries(
+        run_cli("prune", str(root), "--policy", str(policy), "--dry-run", "--json"), exit_code=0
+    )
+
+    assert entries[resaved.name]["action"] == "skip"
+    assert entries[f"dcp_step_100{suffix}"]["action"] == "keep"
