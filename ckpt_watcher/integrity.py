@@ -640,6 +640,7 @@ class DirectoryVerdict:
     completeness: Completeness
     layout: str | None
     bytes: int
+    names_best: str | None = None  # the name of the checkpoint its trainer_state.json calls the best
 
 
 def _directory_layout(entries: set[str], name: str) -> tuple[str | None, str | None]:
@@ -694,29 +695,31 @@ def check_directory(
         summary.top_entries, name, summary.newest_mtime_ns, total, quiet_seconds=quiet_seconds, now=now
     )
     if verdict.completeness.complete:
-        doubt = _marker_doubt(summary, verdict.layout, path, dir_fd)
+        doubt, names_best = _marker_doubt(summary, verdict.layout, path, dir_fd)
         if doubt is not None:
             return DirectoryVerdict(Completeness(False, doubt, transient=True), verdict.layout, total)
+        return DirectoryVerdict(verdict.completeness, verdict.layout, total, names_best)
     return verdict
 
 
-def _marker_doubt(summary: TreeSummary, layout: str | None, path: str, dir_fd: int | None) -> str | None:
+def _marker_doubt(
+    summary: TreeSummary, layout: str | None, path: str, dir_fd: int | None
+) -> tuple[str | None, str | None]:
     """Why a directory checkpoint with its marker is still not whole: a file written after the marker,
-    or a truncated ``trainer_state.json``; None if neither."""
+    or a truncated ``trainer_state.json``; None if neither. Then the name of the checkpoint its
+    ``trainer_state.json`` calls the best (Hugging Face's ``best_model_checkpoint``), if any."""
     marker = _WRITTEN_LAST.get(layout or "")
     if marker is None:
-        return None
+        return None, None
     marker_mtime = summary.top_file_mtimes.get(marker)
     if marker_mtime is None:
-        return f"its {marker}, written last, is not a regular file"
+        return f"its {marker}, written last, is not a regular file", None
     if summary.newest_file_mtime_ns > marker_mtime + _MARKER_SLACK_NS:
-        return (
-            f"a file in it is newer than {marker}, which its writer writes last: "
-            "saved again in place and not finished"
-        )
+        newer = f"a file in it is newer than {marker}, which its writer writes last"
+        return f"{newer}: saved again in place and not finished", None
     if marker == _HUGGING_FACE_MARKER:
         return _trainer_state_doubt(path, dir_fd)
-    return None
+    return None, None
 
 
 def _read_up_to(file_descriptor: int, size: int) -> bytes:
@@ -731,8 +734,9 @@ def _read_up_to(file_descriptor: int, size: int) -> bytes:
     return b"".join(chunks)
 
 
-def _trainer_state_doubt(path: str, dir_fd: int | None) -> str | None:
-    """Why ``path``'s trainer_state.json is not a whole JSON object (truncated by a kill), or None."""
+def _trainer_state_doubt(path: str, dir_fd: int | None) -> tuple[str | None, str | None]:
+    """Why ``path``'s trainer_state.json is not a whole JSON object (truncated by a kill), or None;
+    then the last component of its ``best_model_checkpoint``, if it names one."""
     flags = DIRECTORY_FLAGS if dir_fd is not None else DIRECTORY_FLAGS & ~os.O_NOFOLLOW
     try:
         directory = os.open(path, flags, dir_fd=dir_fd)
@@ -742,17 +746,21 @@ def _trainer_state_doubt(path: str, dir_fd: int | None) -> str | None:
             os.close(directory)
         try:
             if status.st_size > _TRAINER_STATE_MAX_BYTES:
-                return f"its {_HUGGING_FACE_MARKER} is over {_TRAINER_STATE_MAX_BYTES} bytes: not read"
+                return f"its {_HUGGING_FACE_MARKER} is over {_TRAINER_STATE_MAX_BYTES} bytes: not read", None
             data = _read_up_to(file_descriptor, status.st_size)
         finally:
             os.close(file_descriptor)
     except OSError as error:
-        return f"its {_HUGGING_FACE_MARKER} cannot be read: {describe_os_error(error)}"
+        return f"its {_HUGGING_FACE_MARKER} cannot be read: {describe_os_error(error)}", None
     try:
-        whole = isinstance(json.loads(data), dict)
+        state = json.loads(data)
     except (ValueError, RecursionError):
-        whole = False
-    return None if whole else f"its {_HUGGING_FACE_MARKER}, written last, is not whole JSON: truncated"
+        state = None
+    if not isinstance(state, dict):
+        return f"its {_HUGGING_FACE_MARKER}, written last, is not whole JSON: truncated", None
+    best = state.get("best_model_checkpoint")
+    names_best = os.path.basename(os.path.normpath(best)) if isinstance(best, str) and best else None
+    return None, names_best
 
 
 def judge_directory(

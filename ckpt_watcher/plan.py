@@ -467,6 +467,21 @@ def _step_number(record: CheckpointRecord) -> int:
     return record.step or 0
 
 
+def _keep_hugging_face_best(
+    steps: list[CheckpointRecord], candidates: list[CheckpointRecord], ledger: _Ledger
+) -> None:
+    """Keep the checkpoint the newest complete Hugging Face checkpoint's trainer_state.json names as
+    ``best_model_checkpoint`` (``steps`` are newest first): the Trainer's ``load_best_model_at_end``
+    loads it, and its own rotation never deletes it."""
+    newest = next((record for record in steps if record.entry_type is EntryType.DIRECTORY), None)
+    if newest is None or newest.names_best is None:
+        return
+    for position, record in enumerate(candidates):
+        if record.name == newest.names_best:
+            reason = f"best_model_checkpoint in {newest.name}/trainer_state.json (Hugging Face)"
+            ledger.keep(position, reason, Hold.PROTECTED)
+
+
 def _plan_group(  # noqa: C901, PLR0912  (long: the policy's rules in the order README numbers them)
     directory: Path,
     records: list[CheckpointRecord],
@@ -515,6 +530,7 @@ def _plan_group(  # noqa: C901, PLR0912  (long: the policy's rules in the order 
             ):
                 ledger.keep(position, f"matches protect pattern '{pattern}'", Hold.PROTECTED)
 
+    _keep_hugging_face_best(steps, candidates, ledger)
     _keep_pending_link_target([*_own_links(lasts), *from_above], records, candidates, ledger)
 
     has_usable_last = any(last.complete for last in lasts)

@@ -93,6 +93,7 @@ class CheckpointRecord:
     link_target: Path | None = None
     note: str | None = None
     settles_at: float | None = None
+    names_best: str | None = None  # a Hugging Face checkpoint's trainer_state.json best_model_checkpoint
 
     @property
     def path(self) -> Path:

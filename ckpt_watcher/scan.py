@@ -557,6 +557,7 @@ class _Group:
         identity = self.identities.of(status)
         link_target: Path | None = None
         completeness: Completeness
+        names_best: str | None = None
         size = identity.size if entry_type is EntryType.FILE else 0
         if entry_type is EntryType.SYMLINK:
             link_target = self.resolver.resolve(self.directory / name)  # resolves names only: opens nothing
@@ -564,7 +565,7 @@ class _Group:
         elif entry_type is EntryType.FILE and parsed.kind is not Kind.UNKNOWN:
             completeness = self._file_completeness(name, identity, parsed.kind, status, handle)
         elif entry_type is EntryType.DIRECTORY:
-            completeness, size = self._directory_completeness(name)
+            completeness, size, names_best = self._directory_completeness(name)
         else:
             completeness = Completeness(False, None)
         mount_note = _mount_note(completeness.mount_point)
@@ -595,9 +596,10 @@ class _Group:
             or ("not a zip archive" if completeness.not_zip else None)
             or ("corrupt: it does not load" if completeness.corrupt else None),
             completeness.settles_at,
+            names_best,
         )
 
-    def _directory_completeness(self, name: str) -> tuple[Completeness, int]:
+    def _directory_completeness(self, name: str) -> tuple[Completeness, int, str | None]:
         """The verdict on a checkpoint-named directory, and the bytes its files hold (ScanStopped if the
         stop comes during its walk)."""
         try:
@@ -611,7 +613,8 @@ class _Group:
             )
         except WalkStopped:
             raise ScanStopped(str(self.directory / name)) from None
-        return _with_markers(name, self.markers, None) or verdict.completeness, verdict.bytes
+        completeness = _with_markers(name, self.markers, None) or verdict.completeness
+        return completeness, verdict.bytes, verdict.names_best
 
     def judge_links(self, records: list[CheckpointRecord]) -> list[CheckpointRecord]:
         """Settle each checkpoint-named symlink's completeness from its target, never walking it."""

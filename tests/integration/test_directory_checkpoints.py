@@ -282,12 +282,14 @@ def test_verify_load_accepts_checkpoints_with_objects_the_safe_loader_refuses(tm
     assert entries[step_name(0, 500)]["action"] == "delete"
 
 
-def hugging_face_checkpoint(directory: Path, step: int) -> Path:
-    """A Hugging Face Trainer ``checkpoint-N/``: its files, then ``trainer_state.json``, written last."""
+def hugging_face_checkpoint(directory: Path, step: int, best: str | None = None) -> Path:
+    """A Hugging Face Trainer ``checkpoint-N/``: its files, then ``trainer_state.json``, written last
+    (naming ``best`` as its ``best_model_checkpoint``, as the Trainer writes it: a path)."""
     directory.mkdir(parents=True)
     for name in ("model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth", "training_args.bin"):
         (directory / name).write_bytes(b"x" * 100)
-    (directory / "trainer_state.json").write_text(json.dumps({"global_step": step}, indent=2) + "\n")
+    state = {"global_step": step, "best_model_checkpoint": best and f"/trainer/mount/output/{best}"}
+    (directory / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
     return directory
 
 
@@ -361,3 +363,28 @@ def test_sharded_checkpoint_saved_again_in_place_and_killed_pushes_no_older_one_
 
     assert entries[resaved.name]["action"] == "skip"
     assert entries[f"dcp_step_100{suffix}"]["action"] == "keep"
+
+
+def test_the_checkpoint_hugging_face_calls_the_best_is_kept(tmp_path: Path) -> None:
+    # load_best_model_at_end loads what the newest trainer_state.json names (the Trainer's own
+    # rotation never deletes it); an older checkpoint's older best is not kept for that.
+    root = tmp_path / "output"
+    hugging_face_checkpoint(root / "checkpoint-500", 500)
+    hugging_face_checkpoint(root / "checkpoint-1000", 1000, best="checkpoint-500")
+    hugging_face_checkpoint(root / "checkpoint-1500", 1500, best="checkpoint-1000")
+    hugging_face_checkpoint(root / "checkpoint-2000", 2000, best="checkpoint-1000")
+    backdate_tree(root)
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("save_top_k_checkpoints: 1\nnaming:\n  step: 'checkpoint-{step}'\n")
+
+    entries = prune_entries(
+        run_cli("prune", str(root), "--policy", str(policy), "--dry-run", "--json"), exit_code=0
+    )
+
+    assert entries["checkpoint-1000"]["action"] == "keep"
+    assert entries["checkpoint-1000"]["reasons"] == [
+        "best_model_checkpoint in checkpoint-2000/trainer_state.json (Hugging Face)"
+    ]
+    assert entries["checkpoint-2000"]["action"] == "keep"
+    assert entries["checkpoint-500"]["action"] == "delete"
+    assert entries["checkpoint-1500"]["action"] == "delete"
