@@ -22,7 +22,7 @@ import os
 import struct
 import threading
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -708,18 +708,31 @@ def _marker_doubt(
     """Why a directory checkpoint with its marker is still not whole: a file written after the marker,
     or a truncated ``trainer_state.json``; None if neither. Then the name of the checkpoint its
     ``trainer_state.json`` calls the best (Hugging Face's ``best_model_checkpoint``), if any."""
-    marker = _WRITTEN_LAST.get(layout or "")
-    if marker is None:
-        return None, None
-    marker_mtime = summary.top_file_mtimes.get(marker)
-    if marker_mtime is None:
-        return f"its {marker}, written last, is not a regular file", None
-    if summary.newest_file_mtime_ns > marker_mtime + _MARKER_SLACK_NS:
-        newer = f"a file in it is newer than {marker}, which its writer writes last"
-        return f"{newer}: saved again in place and not finished", None
-    if marker == _HUGGING_FACE_MARKER:
+    doubt = written_after_marker(layout, summary.newest_file_mtime_ns, summary.top_file_mtimes)
+    if doubt is not None:
+        return doubt, None
+    if _WRITTEN_LAST.get(layout or "") == _HUGGING_FACE_MARKER:
         return _trainer_state_doubt(path, dir_fd)
     return None, None
+
+
+def written_after_marker(
+    layout: str | None, newest_mtime_ns: int, top_mtimes: Mapping[str, int]
+) -> str | None:
+    """Why a directory checkpoint whose layout's marker is written last is not whole, on disk and in a
+    bucket alike: a file in it newer than the marker (``top_mtimes``: the files directly in it; its
+    newest file's time ``newest_mtime_ns``) was written after it, by a save again in place that did
+    not finish; None if not (or the layout has no such marker: DeepSpeed)."""
+    marker = _WRITTEN_LAST.get(layout or "")
+    if marker is None:
+        return None
+    marker_mtime = top_mtimes.get(marker)
+    if marker_mtime is None:
+        return f"its {marker}, written last, is not a regular file"
+    if newest_mtime_ns > marker_mtime + _MARKER_SLACK_NS:
+        newer = f"a file in it is newer than {marker}, which its writer writes last"
+        return f"{newer}: saved again in place and not finished"
+    return None
 
 
 def _read_up_to(file_descriptor: int, size: int) -> bytes:

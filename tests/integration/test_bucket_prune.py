@@ -269,3 +269,45 @@ def test_a_directory_checkpoint_with_a_shard_still_uploading_never_pushes_out_a_
     assert entries[old]["action"] == "keep"
     assert deleted.returncode == 0, deleted.stderr
     assert f"root/run/{old}/latest" in s3.raw_keys()
+
+
+def test_a_directory_checkpoint_saved_again_in_place_and_cut_short_never_pushes_out_a_complete_one(
+    s3: Bucket, tmp_path: Path
+) -> None:
+    """Lightning's sharded layout (torch.distributed.checkpoint, then ``meta.pt`` last) saved again
+    into its prefix (a rolled-back run reaching the same step; DCP overwrites by default): its shard
+    is rewritten while the old ``meta.pt`` stands until the save finishes. A writer killed between the
+    two leaves an old marker over a newer shard: step 200 is not whole (as on disk), so the complete
+    step 100 stays."""
+    old, new = step_name(0, 100), step_name(0, 200)
+    shard = zip_bytes(b"weights" * 100)
+    s3.put_many(
+        {
+            f"root/run/{old}/__0_0.distcp": shard,
+            f"root/run/{old}/.metadata": b"metadata of step 100",
+            f"root/run/{old}/meta.pt": shard,
+            f"root/run/{new}/__0_0.distcp": shard,
+            f"root/run/{new}/.metadata": b"metadata of step 200",
+            f"root/run/{new}/meta.pt": shard,
+        }
+    )
+    time.sleep(3)  # the store's clock has whole seconds: the rewrite is clearly after the marker
+    s3.put_many({f"root/run/{new}/__0_0.distcp": zip_bytes(b"half of a new save" * 10)})
+    time.sleep(DIRECTORY_QUIET_SECONDS + 1)
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("save_top_k_checkpoints: 1\n")
+
+    pruned = run_cli("prune", f"{s3.url}/root", "--policy", str(policy), "--dry-run", "--json")
+    deleted = run_cli("prune", f"{s3.url}/root", "--policy", str(policy))
+
+    entries = {
+        entry["name"]: entry for group in json.loads(pruned.stdout)["groups"] for entry in group["entries"]
+    }
+    assert entries[new]["action"] == "skip"
+    assert entries[new]["reasons"] == [
+        "directory checkpoint: a file in it is newer than meta.pt, which its writer writes last: saved "
+        "again in place and not finished"
+    ]
+    assert entries[old]["action"] == "keep"
+    assert deleted.returncode == 0, deleted.stderr
+    assert f"root/run/{old}/meta.pt" in s3.raw_keys()
