@@ -24,7 +24,7 @@ from ckpt_watcher import __version__, health, terminal
 from ckpt_watcher.durations import DurationError, parse_duration
 from ckpt_watcher.filesystem import real_path
 from ckpt_watcher.locations import LocationError, StorageURL, parse_location
-from ckpt_watcher.lock import DirectoryLock, LockHeldError, LockUnusableError
+from ckpt_watcher.lock import LockHeldError
 from ckpt_watcher.logs import LEVELS, configure_logging, describe_os_error
 from ckpt_watcher.memory import no_cyclic_collection
 from ckpt_watcher.notify import Notifier
@@ -467,19 +467,24 @@ def _refuse_protected_urls(protect: Iterable[Path | StorageURL], root: Path) -> 
             )
 
 
-def _lock_for_prune(root: Path) -> DirectoryLock | None:
-    """The watcher's lock, taken by a ``prune`` that deletes (released when the process exits): it
-    does not run beside a watcher of the same directory, nor beside another such ``prune`` (exit 2;
-    ``--dry-run`` takes no lock). Where no lock can be had at all, it runs unlocked, as it always has."""
-    lock = DirectoryLock(root)
+def _refuse_beside_a_watcher(root: Path) -> None:
+    """A ``prune`` that deletes does not run where a watcher holds the root's lock (``/proc/locks``:
+    the directory's ``flock``, or a held lock file of lock.py's fallback): it would apply its own policy
+    beside the watcher's (exit 2; ``--dry-run`` runs beside it). It takes no lock itself, so a watcher
+    (re)started during its pass is never turned away by it."""
+    from ckpt_watcher.nested import read_other_locks, watcher_of  # noqa: PLC0415  (a real prune only)
+
     try:
-        lock.acquire()
-    except LockUnusableError as error:
-        logger.debug("prune_unlocked", path=display_name(str(root)), reason=error.reason)
-        return None
-    except LockHeldError as error:
-        raise UsageError(f"{error}: stop it before a prune that deletes (--dry-run runs beside it)") from None
-    return lock
+        status = os.stat(root)
+    except OSError:
+        return  # (the pass says what is wrong with the root)
+    pid = watcher_of(str(root), (status.st_dev, status.st_ino), read_other_locks())
+    if pid is not None:
+        holder = f"pid {pid}" if pid > 0 else "pid unknown"
+        raise UsageError(
+            f"another ckpt-watcher is already pruning {display_name(str(root))} ({holder}): stop it "
+            "before a prune that deletes (--dry-run runs beside it)"
+        )
 
 
 def resolve_root(path: Path) -> Path:
@@ -508,7 +513,8 @@ def run_prune(arguments: argparse.Namespace) -> int:
         else:
             _refuse_protected_urls(arguments.protect, arguments.path)
             root = resolve_root(arguments.path)
-            lock = None if arguments.dry_run else _lock_for_prune(root)
+            if not arguments.dry_run:
+                _refuse_beside_a_watcher(root)
             stream = PlanJSONStream(sys.stdout, loaded) if arguments.json and arguments.dry_run else None
             result = prune_once(
                 root,
@@ -520,8 +526,6 @@ def run_prune(arguments: argparse.Namespace) -> int:
                 on_group=progress.update if progress is not None else None,
                 group_sink=_stream_group(stream) if stream is not None else None,
             )
-            if lock is not None:
-                lock.release()
             if result.streamed and stream is not None:  # the groups are written: the rest of the document
                 stream.finish(result.summary, result.trash, result.space, result.budget_unmet_bytes)
                 return _prune_exit(result)
