@@ -711,7 +711,11 @@ def _marker_doubt(
     doubt = written_after_marker(layout, summary.newest_file_mtime_ns, summary.top_file_mtimes)
     if doubt is not None:
         return doubt, None
-    if _WRITTEN_LAST.get(layout or "") == _HUGGING_FACE_MARKER:
+    # A Hugging Face checkpoint saved with DeepSpeed holds DeepSpeed's `latest` too (its layout is
+    # DeepSpeed's), and its trainer_state.json is still what names the best and what a resume reads.
+    if _WRITTEN_LAST.get(layout or "") == _HUGGING_FACE_MARKER or (
+        layout == "DeepSpeed" and _HUGGING_FACE_MARKER in summary.top_file_mtimes
+    ):
         return _trainer_state_doubt(path, dir_fd)
     return None, None
 

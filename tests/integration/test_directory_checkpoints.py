@@ -388,3 +388,27 @@ def test_the_checkpoint_hugging_face_calls_the_best_is_kept(tmp_path: Path) -> N
     assert entries["checkpoint-2000"]["action"] == "keep"
     assert entries["checkpoint-500"]["action"] == "delete"
     assert entries["checkpoint-1500"]["action"] == "delete"
+
+
+def test_the_best_of_a_hugging_face_run_saved_with_deepspeed_is_kept(tmp_path: Path) -> None:
+    # The Trainer with DeepSpeed: each checkpoint-N/ holds DeepSpeed's files and `latest` beside
+    # trainer_state.json; the best it names is kept all the same.
+    root = tmp_path / "output"
+    for step, best in ((500, None), (1000, "checkpoint-500"), (1500, "checkpoint-500")):
+        directory = hugging_face_checkpoint(root / f"checkpoint-{step}", step, best=best)
+        deepspeed_layout(directory / f"global_step{step}", complete=False)
+        (directory / "latest").write_text(f"global_step{step}")
+        (directory / "trainer_state.json").touch()  # written after `latest`, as the Trainer does
+    backdate_tree(root)
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("save_top_k_checkpoints: 1\nnaming:\n  step: 'checkpoint-{step}'\n")
+
+    entries = prune_entries(
+        run_cli("prune", str(root), "--policy", str(policy), "--dry-run", "--json"), exit_code=0
+    )
+
+    assert entries["checkpoint-500"]["action"] == "keep"
+    assert entries["checkpoint-500"]["reasons"] == [
+        "best_model_checkpoint in checkpoint-1500/trainer_state.json (Hugging Face)"
+    ]
+    assert entries["checkpoint-1000"]["action"] == "delete"
