@@ -46,7 +46,7 @@ from ckpt_watcher.bucket_trash_moves import BucketTrashTarget
 from ckpt_watcher.config_access import LOCAL_FILES, UnreachableError
 from ckpt_watcher.config_files import MAXIMUM_CONFIG_BYTES, ConfigFileError
 from ckpt_watcher.delete import DeletionResult, LeftoverResult, TrashMover, _failed
-from ckpt_watcher.integrity import Completeness, check_zip_archive, judge_directory, written_after_marker
+from ckpt_watcher.integrity import Completeness, check_zip_archive, judge_directory
 from ckpt_watcher.links import Link
 from ckpt_watcher.locations import StorageURL, is_core_path_of_url, storage_url_of
 from ckpt_watcher.naming import Kind, Naming, ParsedName
@@ -463,9 +463,6 @@ class _GroupScan:
                 now=now,
             )
             completeness = marker_verdict(name, self.markers) or verdict.completeness
-            doubt = written_after_marker(verdict.layout, summary.newest_mtime_ns, summary.top_mtimes)
-            if completeness.complete and doubt is not None:
-                completeness = Completeness(False, doubt, transient=True)
             if completeness.complete and self._still_uploading(path):
                 completeness = Completeness(
                     False, "a multipart upload in progress under it (still being written)", transient=True

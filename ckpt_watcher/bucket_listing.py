@@ -119,7 +119,6 @@ class DirectorySummary:
     newest_mtime_ns: int
     identity: FileIdentity
     being_deleted: bool
-    top_mtimes: dict[str, int]  # the objects directly in it: name -> last-modified (ns)
 
 
 def has_key_under(sorted_keys: Sequence[str], key: str) -> bool:
@@ -136,17 +135,13 @@ def summarize_prefix(objects: Sequence[tuple[str, ObjectInfo]]) -> DirectorySumm
     digest = hashlib.blake2b(digest_size=8)
     total = newest = 0
     top: set[str] = set()
-    top_mtimes: dict[str, int] = {}
     for relative, info in sorted(objects):
         digest.update(f"{relative}\0{info.tag}\0".encode(errors="surrogatepass"))
         total += info.size
         newest = max(newest, info.mtime_ns)
-        first, slash, _ = relative.partition("/")
-        top.add(first)
-        if not slash:
-            top_mtimes[first] = info.mtime_ns
+        top.add(relative.split("/", 1)[0])
     identity = FileIdentity(0, int.from_bytes(digest.digest(), "big"), total, newest)
-    return DirectorySummary(top, total, newest, identity, DELETING_MARKER in top, top_mtimes)
+    return DirectorySummary(top, total, newest, identity, DELETING_MARKER in top)
 
 
 def is_folder_marker(info: ObjectInfo) -> bool:
