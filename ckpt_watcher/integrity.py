@@ -66,7 +66,9 @@ class Completeness:
     """The verdict on one file: complete, or why not.
 
     ``not_zip`` marks a name-matching non-archive; ``settles_at`` a file only waiting out the settle
-    time; ``mount_point`` a directory checkpoint that holds another mount (never deleted). ``transient``
+    time; ``mount_point`` a directory checkpoint that holds another mount (never deleted);
+    ``suspicious`` a directory checkpoint, quiet for its quiet time, that its own files say is not
+    whole (warned about: it may stay so for good, and hold its run's retention). ``transient``
     marks a verdict that may change while the file does not (an I/O error, a settle time, a marker
     beside it): such a verdict is never cached.
     """
@@ -78,6 +80,7 @@ class Completeness:
     corrupt: bool = False
     transient: bool = False
     mount_point: str | None = None
+    suspicious: bool = False
 
 
 COMPLETE = Completeness(complete=True)
@@ -697,7 +700,9 @@ def check_directory(
     if verdict.completeness.complete:
         doubt, names_best = _marker_doubt(summary, verdict.layout, path, dir_fd)
         if doubt is not None:
-            return DirectoryVerdict(Completeness(False, doubt, transient=True), verdict.layout, total)
+            return DirectoryVerdict(
+                Completeness(False, doubt, transient=True, suspicious=True), verdict.layout, total
+            )
         return DirectoryVerdict(verdict.completeness, verdict.layout, total, names_best)
     return verdict
 

@@ -568,7 +568,6 @@ class _Group:
             completeness, size, names_best = self._directory_completeness(name)
         else:
             completeness = Completeness(False, None)
-        mount_note = _mount_note(completeness.mount_point)
         if self.cache is not None:  # the daemon: one string per name in all it keeps, shared with
             name = sys.intern(name)  # the poll's listing (one-shot: no use, and ~4 MB a 100k scan)
         # Positional, in the order of CheckpointRecord's fields: a scan makes one per entry, and 19
@@ -591,10 +590,7 @@ class _Group:
             parsed.metric_text,
             parsed.version,
             link_target,
-            parsed.note  # note
-            or mount_note
-            or ("not a zip archive" if completeness.not_zip else None)
-            or ("corrupt: it does not load" if completeness.corrupt else None),
+            parsed.note or _completeness_note(completeness),  # note
             completeness.settles_at,
             names_best,
         )
@@ -726,6 +722,17 @@ class _Group:
         if self.now - identity.mtime_ns / 1e9 < _RACY_SECONDS:
             return
         self.cache.store(identity, verify, verdict)
+
+
+def _completeness_note(completeness: Completeness) -> str | None:
+    """What a record's verdict warns about (``checkpoint_suspicious``): another mount in it, not an
+    archive, corrupt, or a directory checkpoint its own files say is not whole."""
+    return (
+        _mount_note(completeness.mount_point)
+        or ("not a zip archive" if completeness.not_zip else None)
+        or ("corrupt: it does not load" if completeness.corrupt else None)
+        or (completeness.reason if completeness.suspicious else None)
+    )
 
 
 def _mount_note(mount_point: str | None) -> str | None:

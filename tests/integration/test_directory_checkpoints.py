@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.cli import prune_entries, run_cli, run_python
+from tests.support.cli import events, prune_entries, run_cli, run_python
 from tests.support.factories import backdate_tree, directory_checkpoint, step_name, write_checkpoint
 
 pytestmark = pytest.mark.timeout(240)
@@ -357,12 +357,21 @@ def test_sharded_checkpoint_saved_again_in_place_and_killed_pushes_no_older_one_
     policy = tmp_path / "policy.yaml"
     policy.write_text("save_top_k_checkpoints: 1\nnaming:\n  step: 'dcp_step_{step}'\n")
 
-    entries = prune_entries(
-        run_cli("prune", str(root), "--policy", str(policy), "--dry-run", "--json"), exit_code=0
-    )
+    result = run_cli("prune", str(root), "--policy", str(policy), "--dry-run", "--json")
+    entries = prune_entries(result, exit_code=0)
 
     assert entries[resaved.name]["action"] == "skip"
     assert entries[f"dcp_step_100{suffix}"]["action"] == "keep"
+    # it may stay so for good (nothing finishes it), holding the run's retention: warned, once
+    marker = "meta.pt" if lightning_meta else ".metadata"
+    warnings = events(result.stderr, "checkpoint_suspicious")
+    assert [(record["path"], record["detail"]) for record in warnings] == [
+        (
+            str(resaved),
+            f"a file in it is newer than {marker}, which its writer writes last: saved again in place "
+            "and not finished; kept",
+        )
+    ]
 
 
 def test_the_checkpoint_hugging_face_calls_the_best_is_kept(tmp_path: Path) -> None:
