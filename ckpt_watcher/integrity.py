@@ -713,7 +713,7 @@ def _marker_doubt(
     """Why a directory checkpoint with its marker is still not whole: a file written after the marker,
     or a truncated ``trainer_state.json``; None if neither. Then the name of the checkpoint its
     ``trainer_state.json`` calls the best (Hugging Face's ``best_model_checkpoint``), if any."""
-    doubt = written_after_marker(layout, summary.newest_file_mtime_ns, summary.top_file_mtimes)
+    doubt = _written_after_marker(layout, summary.newest_file_mtime_ns, summary.top_file_mtimes)
     if doubt is not None:
         return doubt, None
     # A Hugging Face checkpoint saved with DeepSpeed holds DeepSpeed's `latest` too (its layout is
@@ -725,13 +725,14 @@ def _marker_doubt(
     return None, None
 
 
-def written_after_marker(
+def _written_after_marker(
     layout: str | None, newest_mtime_ns: int, top_mtimes: Mapping[str, int]
 ) -> str | None:
-    """Why a directory checkpoint whose layout's marker is written last is not whole, on disk and in a
-    bucket alike: a file in it newer than the marker (``top_mtimes``: the files directly in it; its
-    newest file's time ``newest_mtime_ns``) was written after it, by a save again in place that did
-    not finish; None if not (or the layout has no such marker: DeepSpeed)."""
+    """Why a directory checkpoint on disk whose layout's marker is written last is not whole: a file
+    in it newer than the marker (``top_mtimes``: the files directly in it; its newest file's time
+    ``newest_mtime_ns``) was written after it, by a save again in place that did not finish; None if
+    not (or the layout has no such marker: DeepSpeed). Not for a bucket, whose upload order is the
+    copying tool's."""
     marker = _WRITTEN_LAST.get(layout or "")
     if marker is None:
         return None
@@ -756,6 +757,21 @@ def _read_up_to(file_descriptor: int, size: int) -> bytes:
     return b"".join(chunks)
 
 
+_BEST_KEY = "best_model_checkpoint"
+# What an object of a trainer_state.json is parsed into when it has no best_model_checkpoint key: one
+# dict shared by all of them, never changed (the file is read only to know it is whole JSON and what
+# it calls the best).
+_NOTHING_KEPT: dict[str, object] = {}
+
+
+def _only_the_best(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    """A JSON object of trainer_state.json reduced to its best_model_checkpoint (if it has one): its
+    log_history (one object per logging step, tens of MB in a long run) is then not held as dicts
+    and floats while the file is parsed, only as references to one empty dict."""
+    best = [value for key, value in pairs if key == _BEST_KEY]
+    return {_BEST_KEY: best[-1]} if best else _NOTHING_KEPT  # the last of a repeated key, as json does
+
+
 def _trainer_state_doubt(path: str, dir_fd: int | None) -> tuple[str | None, str | None]:
     """Why ``path``'s trainer_state.json is not a whole JSON object (truncated by a kill), or None;
     then the last component of its ``best_model_checkpoint``, if it names one."""
@@ -775,12 +791,12 @@ def _trainer_state_doubt(path: str, dir_fd: int | None) -> tuple[str | None, str
     except OSError as error:
         return f"its {_HUGGING_FACE_MARKER} cannot be read: {describe_os_error(error)}", None
     try:
-        state = json.loads(data)
+        state = json.loads(data, object_pairs_hook=_only_the_best)
     except (ValueError, RecursionError):
         state = None
     if not isinstance(state, dict):
         return f"its {_HUGGING_FACE_MARKER}, written last, is not whole JSON: truncated", None
-    best = state.get("best_model_checkpoint")
+    best = state.get(_BEST_KEY)
     names_best = os.path.basename(os.path.normpath(best)) if isinstance(best, str) and best else None
     return None, names_best
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.cli import assert_clean_exit, prune_entries, run_cli
-from tests.support.factories import step_name, write_checkpoint
+from tests.support.factories import backdate_tree, step_name, write_checkpoint
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -118,3 +118,39 @@ def test_verify_crc_inflates_a_deflate_bomb_in_bounded_memory(tmp_path: Path) ->
     assert entries[honest.name]["action"] == "keep"  # 512 MiB inflated 1 MiB at a time, CRC right
     assert entries[lying.name]["action"] == "skip"
     assert "inflates past" in str(entries[lying.name]["reasons"])
+
+
+def test_a_trainer_state_json_at_its_size_limit_is_read_within_the_sidecars_memory(tmp_path: Path) -> None:
+    """A long Hugging Face run logging every step writes a trainer_state.json of tens of MB (one
+    log_history object per step). Read whole at every pass (is it whole JSON? which checkpoint is the
+    best?), parsed into dicts and floats it took ~4x its size: at the 64 MiB limit, more than the
+    sidecar's 256 MiB. Under that limit the checkpoints count and the best is kept."""
+    root = tmp_path / "output"
+    fields = ('"epoch": 0.001', '"grad_norm": 0.5', '"learning_rate": 1e-05', '"loss": 2.5', '"step": 1')
+    entry = "    {\n" + ",\n".join(f"      {field}" for field in fields) + "\n    }"  # as the Trainer indents
+    entries = ",\n".join([entry] * ((60 << 20) // (len(entry) + 2)))
+    for step, best in ((500, None), (1000, "checkpoint-500"), (1500, "checkpoint-500")):
+        checkpoint = root / f"checkpoint-{step}"
+        checkpoint.mkdir(parents=True)
+        (checkpoint / "model.safetensors").write_bytes(b"x" * 100)
+        named = f'"{root}/{best}"' if best else "null"
+        (checkpoint / "trainer_state.json").write_text(
+            f'{{\n  "best_model_checkpoint": {named},\n  "global_step": {step},\n'
+            f'  "log_history": [\n{entries}\n  ]\n}}\n'
+        )
+    backdate_tree(root)
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("save_top_k_checkpoints: 1\nnaming:\n  step: 'checkpoint-{step}'\n")
+
+    result = run_cli("prune", str(root), "--policy", str(policy), "--json", "--dry-run", memory=MEMORY)
+
+    assert_clean_exit(result, (0,))
+    entries_by_name = prune_entries(result)
+    assert {name: entry["action"] for name, entry in entries_by_name.items()} == {
+        "checkpoint-500": "keep",
+        "checkpoint-1000": "delete",
+        "checkpoint-1500": "keep",
+    }
+    assert entries_by_name["checkpoint-500"]["reasons"] == [
+        "best_model_checkpoint in checkpoint-1500/trainer_state.json (Hugging Face)"
+    ]
