@@ -50,12 +50,20 @@ OUTSIDE = (
 @dataclass(frozen=True, slots=True)
 class Mount:
     """One line of the mount table: its id (``statx``'s mount id), the file system (``major:minor``),
-    the directory of it shown (``source``, from that file system's top) and where (``point``)."""
+    the directory of it shown (``source``, from that file system's top), where (``point``) and the
+    file system's type (``btrfs``; empty if the line does not say)."""
 
     mount_id: int
     device: str
     source: str
     point: str
+    file_system: str = ""
+
+    @property
+    def device_number(self) -> int | None:
+        """``device`` as a ``st_dev`` number (None if the line's field is not ``major:minor``)."""
+        major, _, minor = self.device.partition(":")
+        return os.makedev(int(major), int(minor)) if major.isdigit() and minor.isdigit() else None
 
 
 def parse_mount_table(data: bytes) -> list[Mount]:
@@ -65,8 +73,29 @@ def parse_mount_table(data: bytes) -> list[Mount]:
         fields = line.split(b" ")
         if len(fields) > 4 and fields[0].isdigit():
             source, point = (os.fsdecode(_unescape_octal(field)) for field in fields[3:5])
-            mounts.append(Mount(int(fields[0]), os.fsdecode(fields[2]), source, point))
+            # The optional fields end with a lone "-", then the file system's type.
+            separator = fields.index(b"-", 6) if b"-" in fields[6:] else len(fields)
+            file_system = os.fsdecode(fields[separator + 1]) if separator + 1 < len(fields) else ""
+            mounts.append(Mount(int(fields[0]), os.fsdecode(fields[2]), source, point, file_system))
     return mounts
+
+
+def read_mount_table() -> list[Mount]:
+    """This process's mount table (empty if it cannot be read)."""
+    try:
+        with open(MOUNT_TABLE, "rb") as stream:
+            return parse_mount_table(stream.read(1 << 24))
+    except OSError:
+        return []
+
+
+def lock_table_device(path: str, mounts: Sequence[Mount]) -> int | None:
+    """The device ``/proc/locks`` names the locks on ``path`` (absolute, normalized) with where that is
+    not ``stat``'s: on btrfs, whose subvolumes each give ``stat`` a device of their own while the lock
+    table gives the file system's (the mount table's). None on any other file system, or unknown."""
+    status = _status(path)
+    mount = _own_directory(path, status.mount_id if status else None, mounts)
+    return mount.device_number if mount is not None and mount.file_system == "btrfs" else None
 
 
 def is_within(path: str, top: str) -> bool:
@@ -115,7 +144,7 @@ def _own_directory(root: str, root_mount_id: int | None, mounts: Sequence[Mount]
         return None
     top = max(reversed(candidates), key=lambda mount: len(mount.point))
     source = os.path.normpath(os.path.join(top.source, os.path.relpath(root, top.point)))
-    return Mount(top.mount_id, top.device, source, root)
+    return Mount(top.mount_id, top.device, source, root, top.file_system)
 
 
 def aliases_of(identities: Iterable[tuple[str, tuple[int, int]]]) -> dict[str, str]:
@@ -150,12 +179,9 @@ def _identity(path: str) -> tuple[int, int] | None:
 def _read_mounts(root: str) -> tuple[dict[str, str], set[int]]:
     """``mounts_from_outside`` of this process's mount table, and the ids of the mounts in it (empty
     if it cannot be read)."""
-    try:
-        with open(MOUNT_TABLE, "rb") as stream:
-            data = stream.read(1 << 24)
-    except OSError:
+    mounts = read_mount_table()
+    if not mounts:
         return {}, set()
-    mounts = parse_mount_table(data)
     status = _status(root)
     found = mounts_from_outside(root, status.mount_id if status else None, mounts)
     return found, {mount.mount_id for mount in mounts}

@@ -21,6 +21,7 @@ import re
 import stat
 from pathlib import Path
 
+from ckpt_watcher.aliases import lock_table_device, read_mount_table
 from ckpt_watcher.logs import describe_os_error
 from ckpt_watcher.records import display_name
 
@@ -92,7 +93,7 @@ class DirectoryLock:
             fcntl.flock(file_descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             try:
-                pid = _holder_of(os.fstat(file_descriptor))
+                pid = _holder_of(os.fstat(file_descriptor), self.directory)
             finally:
                 os.close(file_descriptor)
             raise LockHeldError(self.directory, pid) from None
@@ -154,7 +155,7 @@ class DirectoryLock:
                     fcntl.flock(file_descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
                     raise LockHeldError(
-                        self.directory, _read_pid(file_descriptor) or _holder_of(status)
+                        self.directory, _read_pid(file_descriptor) or _holder_of(status, place)
                     ) from None
                 except OSError as error:
                     raise LockUnusableError(
@@ -186,16 +187,18 @@ class DirectoryLock:
         return self._file_descriptor is not None
 
 
-def holder_in_proc_locks(text: str, device: int, inode: int) -> int | None:
+def holder_in_proc_locks(text: str, device: int, inode: int, table_device: int | None = None) -> int | None:
     """The pid holding an exclusive lock on (device, inode) according to ``/proc/locks`` text.
 
     Waiters ("->") and shared locks are not holders; pid 0 means a holder outside this pid namespace.
-    If no line has the device (btrfs subvolumes report another device than the lock table), a single
-    exclusive lock on that inode is taken as the holder.
+    On btrfs, whose subvolumes give ``stat`` another device than the lock table's, ``table_device`` is
+    the lock table's (``aliases.lock_table_device``): if no line has ``device``, the single exclusive
+    lock on that inode with ``table_device`` is the holder (never one on another file system).
     """
     on_inode = [(device_of, pid) for device_of, inode_of, pid in exclusive_locks(text) if inode_of == inode]
     exact = [pid for device_of, pid in on_inode if device_of == device]
-    candidates = exact or ([pid for _, pid in on_inode] if len(on_inode) == 1 else [])
+    across = [pid for device_of, pid in on_inode if device_of == table_device and table_device != device]
+    candidates = exact or (across if len(across) == 1 else [])
     return candidates[0] if candidates and candidates[0] > 0 else None
 
 
@@ -221,9 +224,12 @@ def read_proc_locks() -> str | None:
         return None
 
 
-def _holder_of(status: os.stat_result) -> int | None:
+def _holder_of(status: os.stat_result, path: Path) -> int | None:
     text = read_proc_locks()
-    return None if text is None else holder_in_proc_locks(text, status.st_dev, status.st_ino)
+    if text is None:
+        return None
+    table_device = lock_table_device(os.path.abspath(path), read_mount_table())
+    return holder_in_proc_locks(text, status.st_dev, status.st_ino, table_device)
 
 
 def _refuse_if_held(directory: Path, other: Path) -> None:

@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
 
-from ckpt_watcher.aliases import is_within
+from ckpt_watcher.aliases import Mount, is_within, lock_table_device, read_mount_table
 from ckpt_watcher.lock import LOCK_FILE_NAME, exclusive_locks, read_proc_locks
 from ckpt_watcher.records import display_name
 
@@ -42,35 +42,51 @@ WATCHED = (
 
 @dataclass(frozen=True, slots=True)
 class OtherLocks:
-    """The exclusive locks that processes other than this one hold: inode -> [(device, pid)]."""
+    """The exclusive locks that processes other than this one hold: inode -> [(device, pid)]; and the
+    mount table, only when one of them is on btrfs (``lock_table_device``), else empty."""
 
     by_inode: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
     devices: frozenset[int] = frozenset()
+    mounts: tuple[Mount, ...] = ()
 
     @classmethod
-    def parse(cls, text: str, own_pid: int) -> OtherLocks:
-        """The locks of ``/proc/locks`` text, but those of ``own_pid`` (this watcher's own)."""
+    def parse(cls, text: str, own_pid: int, mounts: Sequence[Mount] = ()) -> OtherLocks:
+        """The locks of ``/proc/locks`` text, but those of ``own_pid`` (this watcher's own); ``mounts``
+        (the mount table) kept only if some lock is on a btrfs file system of it."""
         by_inode: dict[int, list[tuple[int, int]]] = {}
         for device, inode, pid in exclusive_locks(text):
             if pid != own_pid:
                 by_inode.setdefault(inode, []).append((device, pid))
         devices = frozenset(device for locks in by_inode.values() for device, _ in locks)
-        return cls(by_inode, devices)
+        on_btrfs = any(mount.file_system == "btrfs" and mount.device_number in devices for mount in mounts)
+        return cls(by_inode, devices, tuple(mounts) if on_btrfs else ())
 
-    def holder(self, device: int, inode: int) -> int | None:
+    def holder(self, device: int, inode: int, path: str | None = None) -> int | None:
         """The pid holding a lock on (device, inode) (0: unknown, outside this pid namespace), or None
-        if nobody else does. As lock.holder_in_proc_locks: if no lock on that inode has the device
-        (btrfs subvolumes report another one), a single lock on that inode counts."""
+        if nobody else does. On btrfs (``path``'s file system, per the mount table), whose subvolumes
+        give ``stat`` another device than the lock table's, the one lock on that inode with the file
+        system's device counts; never a lock on another file system that has the same inode number."""
         on_inode = self.by_inode.get(inode, [])
         exact = [pid for device_of, pid in on_inode if device_of == device]
-        candidates = exact or ([pid for _, pid in on_inode] if len(on_inode) == 1 else [])
-        return candidates[0] if candidates else None
+        if exact or not on_inode or path is None:
+            return exact[0] if exact else None
+        table_device = self.table_device(path)
+        across = [pid for device_of, pid in on_inode if device_of == table_device]
+        return across[0] if len(across) == 1 and table_device != device else None
+
+    def table_device(self, path: str) -> int | None:
+        """The device the lock table gives ``path``'s locks if it is on btrfs where a lock is, else None."""
+        return lock_table_device(path, self.mounts) if self.mounts else None
 
 
 def read_other_locks() -> OtherLocks:
-    """The other processes' locks now (none known if ``/proc/locks`` cannot be read)."""
+    """The other processes' locks now (none known if ``/proc/locks`` cannot be read); the mount table
+    is read only if another process holds a lock at all."""
     text = read_proc_locks()
-    return OtherLocks() if text is None else OtherLocks.parse(text, os.getpid())
+    if text is None:
+        return OtherLocks()
+    locks = OtherLocks.parse(text, os.getpid())
+    return OtherLocks.parse(text, os.getpid(), read_mount_table()) if locks.by_inode else locks
 
 
 def lock_files_of(directory: str) -> list[str]:
@@ -84,10 +100,10 @@ def watcher_of(directory: str, identity: tuple[int, int] | None, locks: OtherLoc
     if not locks.by_inode:
         return None
     if identity is not None:
-        pid = locks.holder(*identity)
+        pid = locks.holder(*identity, directory)
         if pid is not None:
             return pid
-        if identity[0] not in locks.devices:
+        if identity[0] not in locks.devices and locks.table_device(directory) not in locks.devices:
             return None  # nobody else locks anything on that file system: no lock file is held
     for lock_file in lock_files_of(directory):
         try:
@@ -95,7 +111,7 @@ def watcher_of(directory: str, identity: tuple[int, int] | None, locks: OtherLoc
         except OSError:
             continue
         if stat.S_ISREG(status.st_mode):
-            pid = locks.holder(status.st_dev, status.st_ino)
+            pid = locks.holder(status.st_dev, status.st_ino, lock_file)
             if pid is not None:
                 return pid
     return None

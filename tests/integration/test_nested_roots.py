@@ -12,9 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.cli import prune_entries, run_cli
+from tests.support.btrfs import mounted_btrfs
+from tests.support.cli import events, prune_entries, run_cli
 from tests.support.daemon import DaemonProcess, running_daemon
 from tests.support.factories import step_name, write_checkpoint
+from tests.support.tmpfs import MIB, mounted_tmpfs
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -144,3 +146,74 @@ def test_a_held_lock_file_of_the_fallback_keeps_the_directory_whole(tmp_path: Pa
     released = run_cli("prune", str(root), "--policy", str(keep_one), "--settle", "0", "--json")
     assert prune_entries(released, exit_code=0)  # a lock file nobody holds is no watcher
     assert _checkpoints(root / "run1") == [step_name(0, 500)]
+
+
+def test_a_watcher_of_a_btrfs_subvolume_is_seen_where_stat_and_the_lock_table_differ(tmp_path: Path) -> None:
+    """btrfs gives a subvolume's files a device of their own in ``stat``, the lock table the file
+    system's: the inner watcher's lock is still told (a real btrfs, a real subvolume, a real daemon)."""
+    with mounted_btrfs(tmp_path) as mount:
+        root = mount / "ckpt"
+        root.mkdir()
+        subprocess.run(["btrfs", "subvolume", "create", str(root / "run1")], capture_output=True, check=True)
+        _seed(root / "run1")
+        _seed(root / "run2")
+        keep_all, keep_one = _policy(tmp_path, "all", KEEP_ALL), _policy(tmp_path, "one", KEEP_ONE)
+        assert (root / "run1").stat().st_dev != root.stat().st_dev  # the case: a subvolume's own device
+
+        with _watch(tmp_path, root / "run1", keep_all, "inner") as inner:
+            pruned = run_cli("prune", str(root), "--policy", str(keep_one), "--settle", "0", "--json")
+
+        assert pruned.returncode == 0, pruned.stderr
+        assert [record.get("pid") for record in events(pruned.stderr, "group_watched_elsewhere")] == [
+            inner.process.pid
+        ]
+        assert _checkpoints(root / "run1") == [step_name(0, step) for step in STEPS]
+        assert _checkpoints(root / "run2") == [step_name(0, 500)]
+
+
+def _file_with_inode(directory: Path, inode: int) -> Path:
+    """A new file in ``directory`` that has inode number ``inode`` (tmpfs numbers them in order)."""
+    for index in range(256):
+        path = directory / f"database-{index}"
+        path.touch()
+        if path.stat().st_ino == inode:
+            return path
+    pytest.skip(f"no file of {directory} got inode {inode}: this kernel numbers tmpfs inodes otherwise")
+
+
+LOCKF = """
+import fcntl, sys
+file = open(sys.argv[1], "r+")
+fcntl.lockf(file, fcntl.LOCK_EX)
+print("held", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_lock_on_another_file_system_with_the_same_inode_number_keeps_nothing(tmp_path: Path) -> None:
+    """An unrelated process (a database's POSIX lock) on a file of another file system whose inode
+    number is a run directory's: not a watcher of that run, which is pruned as usual, with no warning."""
+    with (
+        mounted_tmpfs(tmp_path / "a", 16 * MIB) as disk_a,
+        mounted_tmpfs(tmp_path / "b", 16 * MIB) as disk_b,
+    ):
+        root = disk_a / "root"
+        _seed(root / "run1")
+        database = _file_with_inode(disk_b, (root / "run1").stat().st_ino)
+        keep_one = _policy(tmp_path, "one", KEEP_ONE)
+        holder = subprocess.Popen(
+            [sys.executable, "-c", LOCKF, str(database)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert holder.stdout is not None
+            assert holder.stdout.readline() == "held\n"
+            pruned = run_cli("prune", str(root), "--policy", str(keep_one), "--settle", "0", "--json")
+        finally:
+            holder.communicate("")
+
+        assert pruned.returncode == 0, pruned.stderr
+        assert events(pruned.stderr, "group_watched_elsewhere") == []
+        assert _checkpoints(root / "run1") == [step_name(0, 500)]

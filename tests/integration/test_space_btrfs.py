@@ -12,13 +12,13 @@ from __future__ import annotations
 import datetime
 import os
 import shutil
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.support.btrfs import mounted_btrfs
 from tests.support.cli import events, run_cli
 from tests.support.daemon import running_daemon
 from tests.support.factories import step_name, zip_bytes
@@ -33,28 +33,10 @@ STEPS = [100 * (index + 1) for index in range(8)]
 @pytest.fixture
 def btrfs(tmp_path: Path) -> Iterator[Path]:
     """A fresh 300 MiB btrfs on a loop device, holding the checkpoint root ``ckpt``."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a loop btrfs needs root (CAP_SYS_ADMIN)")
-    if shutil.which("mkfs.btrfs") is None:
-        pytest.skip("mkfs.btrfs is not installed (btrfs-progs)")
-    image, mount = tmp_path / "btrfs.img", tmp_path / "btrfs"
-    with image.open("wb") as file:
-        file.truncate(300 * MIB)
-    made = subprocess.run(["mkfs.btrfs", "-q", "-f", str(image)], capture_output=True, text=True, check=False)
-    if made.returncode != 0:
-        pytest.skip(f"mkfs.btrfs failed: {made.stderr.strip()}")
-    mount.mkdir()
-    command = ["mount", "-o", "loop,commit=300", str(image), str(mount)]
-    mounted = subprocess.run(command, capture_output=True, text=True, check=False)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a loop btrfs: {mounted.stderr.strip()}")
-    try:
+    with mounted_btrfs(tmp_path, options="commit=300") as mount:
         root = mount / "ckpt"
         root.mkdir()
         yield root
-    finally:
-        if subprocess.run(["umount", str(mount)], capture_output=True, check=False).returncode != 0:
-            subprocess.run(["umount", "-l", str(mount)], capture_output=True, check=False)
 
 
 def checkpoints(run: Path) -> int:

@@ -4,6 +4,7 @@ paths are one directory (identities), and what AliasGuard keeps whole and warns 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -27,8 +28,10 @@ TABLE = b"""\
 def test_the_mount_table_is_read_with_its_escapes() -> None:
     mounts = parse_mount_table(TABLE + b"garbage\n\n")
 
-    assert mounts[1] == Mount(45, "0:40", "/", "/t")
-    assert mounts[5] == Mount(49, "0:40", "/ck/with space", "/t/ck/with space")
+    assert mounts[0] == Mount(22, "8:1", "/", "/", "ext4")  # (after its optional field "shared:1")
+    assert mounts[1] == Mount(45, "0:40", "/", "/t", "tmpfs")
+    assert mounts[5] == Mount(49, "0:40", "/ck/with space", "/t/ck/with space", "tmpfs")
+    assert mounts[1].device_number == os.makedev(0, 0x28)
     assert len(mounts) == 6
 
 

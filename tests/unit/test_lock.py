@@ -54,19 +54,24 @@ _LOCKS = """\
 """
 
 
+BTRFS = os.makedev(0x00, 0x3A)  # the lock table's device of a btrfs whose subvolume stat gives 0:3b
+
+
 @pytest.mark.parametrize(
-    ("device", "inode", "holder"),
+    ("device", "inode", "table_device", "holder"),
     [
-        (os.makedev(0xFE, 0x00), 2154916, 4242),  # the holder, not the waiter behind it
-        (os.makedev(0xFE, 0x00), 999, 777),  # a POSIX lock (NFS's emulated flock) names its holder too
-        (os.makedev(0xFE, 0x00), 1234, None),  # a shared lock is nobody's exclusive lock
-        (os.makedev(0x08, 0x11), 31337, None),  # pid 0: a holder in another pid namespace
-        (os.makedev(0x00, 0x3B), 55, 6161),  # device numbers differ (btrfs subvolume): a unique inode
-        (os.makedev(0xFE, 0x00), 1, None),
+        (os.makedev(0xFE, 0x00), 2154916, None, 4242),  # the holder, not the waiter behind it
+        (os.makedev(0xFE, 0x00), 999, None, 777),  # a POSIX lock (NFS's emulated flock) names its holder too
+        (os.makedev(0xFE, 0x00), 1234, None, None),  # a shared lock is nobody's exclusive lock
+        (os.makedev(0x08, 0x11), 31337, None, None),  # pid 0: a holder in another pid namespace
+        (os.makedev(0x00, 0x3B), 55, BTRFS, 6161),  # a btrfs subvolume: its file system's lock
+        (os.makedev(0x00, 0x3B), 55, None, None),  # not btrfs: another file system's inode 55
+        (os.makedev(0x00, 0x3B), 55, os.makedev(0x00, 0x3C), None),  # another btrfs's inode 55
+        (os.makedev(0xFE, 0x00), 1, None, None),
     ],
 )
-def test_holder_in_proc_locks(device: int, inode: int, holder: int | None) -> None:
-    assert holder_in_proc_locks(_LOCKS, device, inode) == holder
+def test_holder_in_proc_locks(device: int, inode: int, table_device: int | None, holder: int | None) -> None:
+    assert holder_in_proc_locks(_LOCKS, device, inode, table_device) == holder
 
 
 def _refuse_directory_locks(monkeypatch: pytest.MonkeyPatch) -> None:

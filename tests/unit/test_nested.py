@@ -15,6 +15,7 @@ from typing import cast
 import pytest
 from structlog.testing import LogCapture
 
+from ckpt_watcher.aliases import Mount
 from ckpt_watcher.bucket_listing import Listing
 from ckpt_watcher.bucket_nested import LeaseGuard
 from ckpt_watcher.lease import judge_lease
@@ -39,8 +40,7 @@ OTHER_DEVICE = os.makedev(0, 0x2A)
         ("1: FLOCK  ADVISORY  READ 4242 fe:00:77 0 EOF\n", None),  # a shared lock is no watcher's
         ("1: FLOCK  ADVISORY  WRITE 4242 fe:00:78 0 EOF\n", None),  # another inode
         ("1: FLOCK  ADVISORY  WRITE 7 fe:00:77 0 EOF\n1: -> FLOCK  ADVISORY  WRITE 4242 fe:00:77 0 EOF\n", 7),
-        ("1: FLOCK  ADVISORY  WRITE 4242 00:2a:77 0 EOF\n", 4242),  # btrfs: the one lock on that inode
-        ("1: FLOCK  ADVISORY  WRITE 1 00:2a:77 0 EOF\n2: FLOCK  ADVISORY  WRITE 2 00:2b:77 0 EOF\n", None),
+        ("1: FLOCK  ADVISORY  WRITE 4242 00:2a:77 0 EOF\n", None),  # another file system's lock (no path)
         ("garbage\n\n", None),
     ],
 )
@@ -48,6 +48,49 @@ def test_the_holder_of_a_directory_is_another_process_holding_an_exclusive_lock_
     text: str, expected: int | None
 ) -> None:
     assert OtherLocks.parse(text, own_pid=100).holder(DEVICE, 77) == expected
+
+
+# /ckw-data is btrfs (the lock table names its locks 0:2a, a subvolume's stat another device), /ckw-scratch a
+# tmpfs (0:2b): only a lock on /data's file system may stand for a directory of /ckw-data with another device.
+MOUNTS = [
+    Mount(1, "254:0", "/", "/", "ext4"),
+    Mount(2, "0:42", "/", "/ckw-data", "btrfs"),
+    Mount(3, "0:43", "/", "/ckw-scratch", "tmpfs"),
+]
+
+
+ON_BTRFS = "1: FLOCK  ADVISORY  WRITE 4242 00:2a:77 0 EOF\n"
+ON_TMPFS = "1: FLOCK  ADVISORY  WRITE 4242 00:2b:77 0 EOF\n"
+TWO_ON_BTRFS = "1: FLOCK  ADVISORY  WRITE 1 00:2a:77 0 EOF\n2: FLOCK  ADVISORY  WRITE 2 00:2a:77 0 EOF\n"
+ONE_EACH = "1: FLOCK  ADVISORY  WRITE 1 00:2a:77 0 EOF\n2: FLOCK  ADVISORY  WRITE 2 00:2b:77 0 EOF\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "path", "expected"),
+    [
+        (ON_BTRFS, "/ckw-data/ck/run1", 4242),  # a btrfs subvolume: its file system's lock
+        (ON_BTRFS, "/ckw-scratch/run1", None),  # the same inode number, not on that file system
+        (ON_TMPFS, "/ckw-data/ck/run1", None),  # a tmpfs's file with the same inode number
+        (ON_TMPFS, "/ckw-scratch/run1", None),  # tmpfs: stat's device is the lock table's
+        (TWO_ON_BTRFS, "/ckw-data/r", None),  # two subvolumes' inode 77: which one cannot be told
+        (ONE_EACH, "/ckw-data/r", 1),
+        ("1: FLOCK  ADVISORY  WRITE 4242 fe:00:77 0 EOF\n", "/ckw-scratch/run1", 4242),  # its own device
+    ],
+)
+def test_a_lock_with_another_device_stands_for_a_directory_only_on_btrfs(
+    text: str, path: str, expected: int | None
+) -> None:
+    """btrfs subvolumes give ``stat`` a device of their own, the lock table the file system's: a lock
+    on an inode of another file system (same number, another device) is never taken for one there."""
+    locks = OtherLocks.parse(text, own_pid=100, mounts=MOUNTS)
+    assert locks.holder(DEVICE, 77, path) == expected
+
+
+def test_the_mount_table_is_kept_only_when_a_lock_is_on_btrfs() -> None:
+    assert OtherLocks.parse("1: FLOCK  ADVISORY  WRITE 4 00:2b:77 0 EOF\n", 100, MOUNTS).mounts == ()
+    assert OtherLocks.parse("1: FLOCK  ADVISORY  WRITE 4 00:2a:77 0 EOF\n", 100, MOUNTS).mounts == tuple(
+        MOUNTS
+    )
 
 
 def test_the_lock_files_of_the_fallback_are_beside_the_directory_and_inside_it() -> None:
