@@ -470,14 +470,19 @@ def _step_number(record: CheckpointRecord) -> int:
 def _keep_hugging_face_best(
     steps: list[CheckpointRecord], candidates: list[CheckpointRecord], ledger: _Ledger
 ) -> None:
-    """Keep the checkpoint the newest complete Hugging Face checkpoint's trainer_state.json names as
-    ``best_model_checkpoint`` (``steps`` are newest first): the Trainer's ``load_best_model_at_end``
-    loads it, and its own rotation never deletes it."""
-    newest = next((record for record in steps if record.entry_type is EntryType.DIRECTORY), None)
-    if newest is None or newest.names_best is None:
+    """Keep the checkpoint a complete Hugging Face checkpoint's trainer_state.json names as
+    ``best_model_checkpoint``: the Trainer's ``load_best_model_at_end`` loads it, and its own rotation
+    never deletes it. Named by the newest (``steps`` are newest first) and by the one written last
+    (its directory's mtime): after a resume from an older checkpoint, the abandoned branch's
+    higher steps stay until the live run passes them, and the live run's best is the latter's."""
+    directories = [record for record in steps if record.entry_type is EntryType.DIRECTORY]
+    if not directories:
         return
+    written_last = max(directories, key=lambda record: record.identity.mtime_ns if record.identity else -1)
+    naming = {written_last.names_best: written_last, directories[0].names_best: directories[0]}
     for position, record in enumerate(candidates):
-        if record.name == newest.names_best:
+        newest = naming.get(record.name)
+        if newest is not None:
             reason = f"best_model_checkpoint in {newest.name}/trainer_state.json (Hugging Face)"
             ledger.keep(position, reason, Hold.PROTECTED)
 

@@ -399,6 +399,37 @@ def test_the_checkpoint_hugging_face_calls_the_best_is_kept(tmp_path: Path) -> N
     assert entries["checkpoint-1500"]["action"] == "delete"
 
 
+def test_after_a_resume_from_an_older_checkpoint_the_live_runs_best_is_kept_too(tmp_path: Path) -> None:
+    # A run that reached checkpoint-3000 crashed and resumed from checkpoint-1000 (other data, other
+    # learning rate): the abandoned checkpoint-3000 stays until the live run passes 3000, so the
+    # highest step names the abandoned branch's best; the checkpoint written last names the live one's.
+    root = tmp_path / "output"
+    hugging_face_checkpoint(root / "checkpoint-500", 500)
+    hugging_face_checkpoint(root / "checkpoint-1000", 1000, best="checkpoint-500")
+    hugging_face_checkpoint(root / "checkpoint-3000", 3000, best="checkpoint-500")
+    backdate_tree(root, seconds=7200)  # the abandoned branch, older
+    hugging_face_checkpoint(root / "checkpoint-1500", 1500, best="checkpoint-1500")
+    hugging_face_checkpoint(root / "checkpoint-2000", 2000, best="checkpoint-1500")
+    backdate_tree(root / "checkpoint-1500", seconds=3700)
+    backdate_tree(root / "checkpoint-2000")
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("save_top_k_checkpoints: 1\nnaming:\n  step: 'checkpoint-{step}'\n")
+
+    entries = prune_entries(
+        run_cli("prune", str(root), "--policy", str(policy), "--dry-run", "--json"), exit_code=0
+    )
+
+    assert entries["checkpoint-1500"]["action"] == "keep"
+    assert entries["checkpoint-1500"]["reasons"] == [
+        "best_model_checkpoint in checkpoint-2000/trainer_state.json (Hugging Face)"
+    ]
+    assert entries["checkpoint-500"]["reasons"] == [
+        "best_model_checkpoint in checkpoint-3000/trainer_state.json (Hugging Face)"
+    ]
+    assert entries["checkpoint-3000"]["action"] == "keep"  # the newest step checkpoint
+    assert entries["checkpoint-1000"]["action"] == "delete"
+
+
 def test_the_best_of_a_hugging_face_run_saved_with_deepspeed_is_kept(tmp_path: Path) -> None:
     # The Trainer with DeepSpeed: each checkpoint-N/ holds DeepSpeed's files and `latest` beside
     # trainer_state.json; the best it names is kept all the same.
