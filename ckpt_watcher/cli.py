@@ -221,14 +221,19 @@ def _add_watch(commands: Commands) -> None:  # long: one add_argument per option
     watch.set_defaults(handler=run_watch)
 
 
+# `--lease-seconds` above it is refused: a watcher killed without releasing its lease holds it that long.
+MAX_LEASE_SECONDS = 3600.0
+
+
 def _add_lease_option(watch: argparse.ArgumentParser) -> None:
     watch.add_argument(
         "--lease-seconds",
-        type=_positive_float,
+        type=_lease_seconds,
         default=60.0,
         metavar="SECONDS",
         help="bucket roots: time to live of the single-instance lease, renewed every third of it; a "
-        "watcher killed without releasing it is taken over this long after its last renewal (default: 60)",
+        "watcher killed without releasing it is taken over this long after its last renewal (default: 60, "
+        f"at most {MAX_LEASE_SECONDS:g})",
     )
 
 
@@ -408,6 +413,18 @@ def _positive_float(text: str) -> float:
     value = _non_negative_float(text)
     if value == 0:
         raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}")
+    return value
+
+
+def _lease_seconds(text: str) -> float:
+    """A lease's time to live: at most MAX_LEASE_SECONDS, since a watcher killed without releasing it
+    holds its prefix (and another watcher's view of it as a nested one) that long."""
+    value = _positive_float(text)
+    if value > MAX_LEASE_SECONDS:
+        raise argparse.ArgumentTypeError(
+            f"expected at most {MAX_LEASE_SECONDS:g} seconds, got {text!r} (a watcher killed without "
+            "releasing its lease holds the prefix that long)"
+        )
     return value
 
 

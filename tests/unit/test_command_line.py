@@ -54,6 +54,25 @@ def test_a_poll_spelling_that_cannot_mean_anything_is_a_usage_error(
     assert "ckpt-watcher watch: error:" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("seconds", ["0", "-5", "3601", "1e9", "inf", "nan"])
+def test_a_lease_that_is_not_positive_or_outlasts_an_hour_is_a_usage_error(
+    seconds: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A watcher killed without releasing its lease holds its prefix for the lease's time to live."""
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(["watch", "s3://bucket/run", "--lease-seconds", seconds])
+
+    assert exit_.value.code == 2
+    assert "argument --lease-seconds: expected" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("seconds", "expected"), [("0.5", 0.5), ("60", 60.0), ("3600", 3600.0)])
+def test_a_lease_of_up_to_an_hour_is_taken(seconds: str, expected: float) -> None:
+    parsed = build_parser().parse_args(["watch", "s3://bucket/run", "--lease-seconds", seconds])
+
+    assert parsed.lease_seconds == expected
+
+
 @pytest.fixture
 def reset_logging() -> Iterator[None]:
     yield
