@@ -22,7 +22,7 @@ import os
 import struct
 import threading
 import zlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -670,13 +670,15 @@ def check_directory(
     now: float,
     dir_fd: int | None = None,
     stop: threading.Event | None = None,
+    trainer_states: TrainerStates | None = None,
 ) -> DirectoryVerdict:
     """Judge a directory checkpoint: its marker, and no file in it modified for ``quiet_seconds``.
 
     ``path`` is relative to ``dir_fd`` when given (then never through a symlink); ``name`` is the
-    checkpoint's name (for its layout). The walk never leaves the checkpoint's own mount: one that holds
-    a mount point is never complete (so never deleted), whatever else it holds. It raises WalkStopped
-    once ``stop`` is set (no verdict).
+    checkpoint's name (for its layout, and its entry in ``trainer_states``: a long-lived scanner's
+    memory of what its trainer_state.json said). The walk never leaves the checkpoint's own mount: one
+    that holds a mount point is never complete (so never deleted), whatever else it holds. It raises
+    WalkStopped once ``stop`` is set (no verdict).
     """
     try:
         summary = summarize_tree(path, dir_fd=dir_fd, follow_symlinks=dir_fd is None, stop=stop)
@@ -698,7 +700,8 @@ def check_directory(
         summary.top_entries, name, summary.newest_mtime_ns, total, quiet_seconds=quiet_seconds, now=now
     )
     if verdict.completeness.complete:
-        doubt, names_best = _marker_doubt(summary, verdict.layout, path, dir_fd)
+        known = _KnownTrainerState(trainer_states, name, now) if trainer_states is not None else None
+        doubt, names_best = _marker_doubt(summary, verdict.layout, path, dir_fd, known)
         if doubt is not None:
             return DirectoryVerdict(
                 Completeness(False, doubt, transient=True, suspicious=True), verdict.layout, total
@@ -708,7 +711,7 @@ def check_directory(
 
 
 def _marker_doubt(
-    summary: TreeSummary, layout: str | None, path: str, dir_fd: int | None
+    summary: TreeSummary, layout: str | None, path: str, dir_fd: int | None, known: _KnownTrainerState | None
 ) -> tuple[str | None, str | None]:
     """Why a directory checkpoint with its marker is still not whole: a file written after the marker,
     or a truncated ``trainer_state.json``; None if neither. Then the name of the checkpoint its
@@ -721,7 +724,7 @@ def _marker_doubt(
     if _WRITTEN_LAST.get(layout or "") == _HUGGING_FACE_MARKER or (
         layout == "DeepSpeed" and _HUGGING_FACE_MARKER in summary.top_file_mtimes
     ):
-        return _trainer_state_doubt(path, dir_fd)
+        return _trainer_state_doubt(path, dir_fd, known)
     return None, None
 
 
@@ -772,24 +775,49 @@ def _only_the_best(pairs: list[tuple[str, object]]) -> dict[str, object]:
     return {_BEST_KEY: best[-1]} if best else _NOTHING_KEPT  # the last of a repeated key, as json does
 
 
-def _trainer_state_doubt(path: str, dir_fd: int | None) -> tuple[str | None, str | None]:
+def _trainer_state_doubt(
+    path: str, dir_fd: int | None, known: _KnownTrainerState | None = None
+) -> tuple[str | None, str | None]:
     """Why ``path``'s trainer_state.json is not a whole JSON object (truncated by a kill), or None;
-    then the last component of its ``best_model_checkpoint``, if it names one."""
+    then the last component of its ``best_model_checkpoint``, if it names one. With ``known``, a
+    file with the very identity judged before is not read again."""
     flags = DIRECTORY_FLAGS if dir_fd is not None else DIRECTORY_FLAGS & ~os.O_NOFOLLOW
     try:
         directory = os.open(path, flags, dir_fd=dir_fd)
         try:
-            file_descriptor, status = open_regular(_HUGGING_FACE_MARKER, dir_fd=directory)
+            file_descriptor, _ = open_regular(_HUGGING_FACE_MARKER, dir_fd=directory)
         finally:
             os.close(directory)
         try:
-            if status.st_size > _TRAINER_STATE_MAX_BYTES:
-                return f"its {_HUGGING_FACE_MARKER} is over {_TRAINER_STATE_MAX_BYTES} bytes: not read", None
-            data = _read_up_to(file_descriptor, status.st_size)
+            return _judge_trainer_state(file_descriptor, known)
         finally:
             os.close(file_descriptor)
-    except OSError as error:
+    except OSError as error:  # (never remembered: it may pass while the file stays the same)
         return f"its {_HUGGING_FACE_MARKER} cannot be read: {describe_os_error(error)}", None
+
+
+def _judge_trainer_state(
+    file_descriptor: int, known: _KnownTrainerState | None
+) -> tuple[str | None, str | None]:
+    """``_trainer_state_doubt`` of the open trainer_state.json. The identity remembered is the open
+    file's own ``fstat`` (a file put in its place meanwhile is not taken for it), and only if it is
+    the same after the read (else the bytes read are of no one version of it)."""
+    status = os.fstat(file_descriptor)
+    identity = _trainer_state_identity(status)
+    if known is not None and (remembered := known.recall(identity)) is not None:
+        return remembered
+    if status.st_size > _TRAINER_STATE_MAX_BYTES:
+        return f"its {_HUGGING_FACE_MARKER} is over {_TRAINER_STATE_MAX_BYTES} bytes: not read", None
+    data = _read_up_to(file_descriptor, status.st_size)
+    unchanged = _trainer_state_identity(os.fstat(file_descriptor)) == identity
+    verdict = _parse_trainer_state(data)
+    if known is not None and unchanged:
+        known.remember(identity, status, verdict)
+    return verdict
+
+
+def _parse_trainer_state(data: bytes) -> tuple[str | None, str | None]:
+    """(why these bytes are not a whole JSON object, or None; the best checkpoint they name)."""
     try:
         state = json.loads(data, object_pairs_hook=_only_the_best)
     except (ValueError, RecursionError):
@@ -797,8 +825,77 @@ def _trainer_state_doubt(path: str, dir_fd: int | None) -> tuple[str | None, str
     if not isinstance(state, dict):
         return f"its {_HUGGING_FACE_MARKER}, written last, is not whole JSON: truncated", None
     best = state.get(_BEST_KEY)
-    names_best = os.path.basename(os.path.normpath(best)) if isinstance(best, str) and best else None
-    return None, names_best
+    return None, os.path.basename(os.path.normpath(best)) if isinstance(best, str) and best else None
+
+
+# The identity of a trainer_state.json as judged: device, inode, size, mtime and ctime (a rewrite that
+# restores the mtime still moves the ctime).
+_TRAINER_STATE_IDENTITY = struct.Struct("<QQqqq")
+# A file changed this recently (mtime or ctime) is not remembered: timestamps are coarse (a clock tick),
+# so a write landing in the same tick as the one read could leave the identity unchanged (as scan.py's
+# verdict cache; the ctime too, as a rewrite that restores the mtime is known by its ctime).
+_RACY_NANOSECONDS = 2_000_000_000
+
+
+def _trainer_state_identity(status: os.stat_result) -> bytes:
+    """The identity of the trainer_state.json ``status`` (its open descriptor's ``fstat``) describes."""
+    return _TRAINER_STATE_IDENTITY.pack(
+        status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns, status.st_ctime_ns
+    )
+
+
+class TrainerStates:
+    """What the trainer_state.json of each Hugging Face checkpoint of one group said (why it is not
+    whole, or None; the best it names), with the identity of the file read: a long run's file is tens
+    of MB, seconds to parse, and would be parsed again at every pass. Held by the long-lived scanner's
+    cache (scan.CompletenessCache); ``retain`` drops the checkpoints a scan no longer sees."""
+
+    __slots__ = ("_known",)
+
+    def __init__(self) -> None:
+        self._known: dict[str, tuple[bytes, str | None, str | None]] = {}
+
+    def __len__(self) -> int:
+        return len(self._known)
+
+    def __contains__(self, checkpoint: object) -> bool:
+        return checkpoint in self._known
+
+    def recall(self, checkpoint: str, identity: bytes) -> tuple[str | None, str | None] | None:
+        """(doubt, names_best) remembered for ``checkpoint``'s trainer_state.json with this identity."""
+        known = self._known.get(checkpoint)
+        if known is None or known[0] != identity:
+            return None
+        return known[1], known[2]
+
+    def remember(self, checkpoint: str, identity: bytes, doubt: str | None, names_best: str | None) -> None:
+        """What ``checkpoint``'s trainer_state.json of this identity says (its last version only)."""
+        self._known[checkpoint] = (identity, doubt, names_best)
+
+    def retain(self, checkpoints: Iterable[str]) -> None:
+        """Keep only the entries of these checkpoints (the names a scan of the group found)."""
+        if self._known:
+            self._known = {name: self._known[name] for name in checkpoints if name in self._known}
+
+
+@dataclass(frozen=True, slots=True)
+class _KnownTrainerState:
+    """One checkpoint's entry in ``TrainerStates``, as a scan at ``now`` sees it."""
+
+    states: TrainerStates
+    checkpoint: str
+    now: float
+
+    def recall(self, identity: bytes) -> tuple[str | None, str | None] | None:
+        """What this checkpoint's trainer_state.json of this very identity said, if remembered."""
+        return self.states.recall(self.checkpoint, identity)
+
+    def remember(
+        self, identity: bytes, status: os.stat_result, verdict: tuple[str | None, str | None]
+    ) -> None:
+        """Remember a verdict read whole from a file not changed within the last clock ticks."""
+        if self.now * 1e9 - max(status.st_mtime_ns, status.st_ctime_ns) >= _RACY_NANOSECONDS:
+            self.states.remember(self.checkpoint, identity, *verdict)
 
 
 def judge_directory(

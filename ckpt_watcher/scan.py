@@ -35,6 +35,7 @@ from ckpt_watcher.integrity import (
     COMPLETE,
     DIRECTORY_QUIET_SECONDS,
     Completeness,
+    TrainerStates,
     check_directory,
     check_file,
     check_handle,
@@ -118,7 +119,8 @@ class CompletenessCache:
 
     Verdicts that may change while the file does not (a settle time, a marker beside it, an I/O
     error) are never stored. ``retain`` drops what a scan no longer sees, so it stays bounded by the
-    group's entries.
+    group's entries. What its Hugging Face checkpoints' trainer_state.json said is kept beside
+    (``trainer_states``), by the same rules.
     """
 
     def __init__(self) -> None:
@@ -134,6 +136,7 @@ class CompletenessCache:
         # ``retain`` as it is: no dict of 100,000 entries is made beside the records (~20 MB at the
         # peak of such a pass). Anything that reads the cache first turns it into the dicts.
         self._filling: _Filling | None = None
+        self._trainer_states: TrainerStates | None = None  # made for the first directory checkpoint
 
     def _unpack(self) -> None:
         """Back to dicts for a pass (what ``retain`` packed, or what a first pass filled)."""
@@ -166,6 +169,12 @@ class CompletenessCache:
             verdicts, counted = self._packed
             return not len(counted) and not any(len(table) for table in verdicts.values())
         return not self._counted and not any(self._verdicts.values())
+
+    def trainer_states(self) -> TrainerStates:
+        """What the group's Hugging Face checkpoints' trainer_state.json said (integrity.TrainerStates)."""
+        if self._trainer_states is None:
+            self._trainer_states = TrainerStates()
+        return self._trainer_states
 
     def get(self, identity: FileIdentity, verify: str) -> Completeness | None:
         """The stored verdict on this very file at this verify level, if any."""
@@ -232,6 +241,8 @@ class CompletenessCache:
         """Keep only what concerns these records (the latest scan of the cache's directories), packed
         until the next pass (as it is found: no second copy of the cache is made on the way)."""
         records = list(records)
+        if self._trainer_states is not None:
+            self._trainer_states.retain(record.name for record in records)
         if self._filling is not None and self._filling.concerns_only(records):
             filling, self._filling = self._filling, None
             self._packed = (
@@ -606,6 +617,7 @@ class _Group:
                 now=self.now,
                 dir_fd=self.directory_fd,
                 stop=self.stop,
+                trainer_states=self.cache.trainer_states() if self.cache is not None else None,
             )
         except WalkStopped:
             raise ScanStopped(str(self.directory / name)) from None

@@ -5,11 +5,18 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import zipfile
 from pathlib import Path
 
 import pytest
 
+from ckpt_watcher import integrity
+from ckpt_watcher.overrides import PolicyTree
+from ckpt_watcher.plan import Action
+from ckpt_watcher.policy import load_policy
+from ckpt_watcher.protection import ProtectionRegistry
+from ckpt_watcher.reconcile import Reconciler, Trigger
 from tests.support.cli import events, prune_entries, run_cli, run_python
 from tests.support.factories import backdate_tree, directory_checkpoint, step_name, write_checkpoint
 
@@ -428,6 +435,77 @@ def test_after_a_resume_from_an_older_checkpoint_the_live_runs_best_is_kept_too(
     ]
     assert entries["checkpoint-3000"]["action"] == "keep"  # the newest step checkpoint
     assert entries["checkpoint-1000"]["action"] == "delete"
+
+
+def _kept(core: Reconciler, trigger: Trigger) -> dict[str, tuple[str, ...]]:
+    """What a (dry-run) pass of ``core`` keeps, and why."""
+    result = core.run(trigger, dry_run=True, keep_plan=True)
+    assert result.group_plans is not None
+    return {
+        decision.record.name: decision.reasons
+        for plan in result.group_plans
+        for decision in plan.decisions
+        if decision.action is Action.KEEP
+    }
+
+
+def test_the_daemon_reads_a_trainer_state_once_per_version_of_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A long run's trainer_state.json is tens of MB (seconds to parse): a daemon reads each one once,
+    # not at every pass; saved again (same size, its mtime put back), it is read again and its new
+    # best kept; a checkpoint removed leaves the daemon's memory.
+    root = tmp_path / "output"
+    for step in (1000, 2000, 3000):
+        hugging_face_checkpoint(root / f"checkpoint-{step}", step, best="checkpoint-1000")
+    backdate_tree(root)
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("save_top_k_checkpoints: 1\nnaming:\n  step: 'checkpoint-{step}'\n")
+    core = Reconciler(
+        PolicyTree(root, load_policy(policy), strict=False),
+        ProtectionRegistry(root),
+        pins={},
+        settle_seconds=0,
+        one_shot=False,
+    )
+    reads: list[int] = []
+    real_read = integrity._read_up_to
+
+    def counted_read(file_descriptor: int, size: int) -> bytes:
+        reads.append(size)
+        return real_read(file_descriptor, size)
+
+    monkeypatch.setattr(integrity, "_read_up_to", counted_read)
+    newest_state = root / "checkpoint-3000" / "trainer_state.json"
+    while time.time() < os.stat(newest_state).st_ctime_ns / 1e9 + 2.5:  # past the racy window
+        time.sleep(0.1)
+    best = "best_model_checkpoint in checkpoint-3000/trainer_state.json (Hugging Face)"
+
+    for trigger in (Trigger.STARTUP, Trigger.RESCAN, Trigger.RESCAN):
+        kept = _kept(core, trigger)
+        assert sorted(kept) == ["checkpoint-1000", "checkpoint-3000"]
+        assert kept["checkpoint-1000"] == (best,)
+    assert len(reads) == 3  # each once, at the first pass
+
+    before = os.stat(newest_state)
+    newest_state.write_text(newest_state.read_text().replace("checkpoint-1000", "checkpoint-2000"))
+    while os.stat(newest_state).st_ctime_ns == before.st_ctime_ns:  # (a coarse clock's same tick)
+        time.sleep(0.01)
+        newest_state.write_bytes(newest_state.read_bytes())
+    os.utime(newest_state, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert os.stat(newest_state).st_size == before.st_size
+
+    kept = _kept(core, Trigger.RESCAN)
+    assert sorted(kept) == ["checkpoint-2000", "checkpoint-3000"]
+    assert kept["checkpoint-2000"] == (best,)
+    assert len(reads) == 4
+
+    known = core.index.state(root).cache.trainer_states()
+    assert len(known) == 3
+    (root / "checkpoint-1000").rename(tmp_path / "moved-away")
+    _kept(core, Trigger.RESCAN)
+    assert len(known) == 2
+    assert "checkpoint-1000" not in known
 
 
 def test_the_best_of_a_hugging_face_run_saved_with_deepspeed_is_kept(tmp_path: Path) -> None:
