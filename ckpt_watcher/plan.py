@@ -586,39 +586,77 @@ def _keep_pending_link_target(
     Lightning saves a checkpoint, runs its loggers (a slow upload, say), and only then moves the link,
     always to a file of the callback that owns it, so of one kind. While the link still points at an
     older checkpoint of that kind, the newest of that kind is kept, so the link never ends up pointing
-    at a file that was just deleted. A dangling link protects the newest of each kind; a link to
-    something that is not a candidate (another last file) is not about to move. ``links``: those whose
-    target is in this group's directory, beside them or from a directory above (``LinkInto``).
+    at a file that was just deleted. A link to something that is not a checkpoint (another last file)
+    is not about to move. ``links``: those whose target is in this group's directory, beside them or
+    from a directory above (``LinkInto``).
+
+    A link to a checkpoint not written yet (dangling) or not whole yet has already moved: Lightning's
+    ``AsyncCheckpointIO`` links before its thread writes, a save across file systems copies the bytes
+    in under the final name. Until that target is whole, the resume point is the whole checkpoint of
+    that kind written last (after a resume from an older step, not the newest by step), kept too.
     """
     if not links:
         return
     # The links' targets among the group's entries, by name (every target is in the group's
-    # directory): a candidate, or another entry (another last, a pinned file).
+    # directory): a candidate (whole), a checkpoint not whole yet, or another entry (another last).
     target_names = {link.target.name for link in links}
     by_name = {record.name: record for record in candidates if record.name in target_names}
-    other_names = {record.name for record in records if record.name in target_names} - by_name.keys()
+    others = {
+        record.name: record
+        for record in records
+        if record.name in target_names and record.name not in by_name
+    }
     for link in links:
         target = by_name.get(link.target.name)
-        if target is None and link.target.name in other_names:
+        other = others.get(link.target.name)
+        if other is not None and other.kind not in {Kind.STEP, Kind.BEST}:
             continue  # it points at something that stays (another last, a pinned file): not moving
-        kinds = [target.kind] if target is not None else [Kind.STEP, Kind.BEST]
+        named = target or other
+        kinds = [named.kind] if named is not None else [Kind.STEP, Kind.BEST]
+        lags = f"points at {other.name}, not whole yet" if other is not None else "does not point at it yet"
         for kind in kinds:
             same_kind = [position for position, record in enumerate(candidates) if record.kind is kind]
             if not same_kind:
                 continue
-            # Newness as everywhere: (step, epoch, version). A resumed run that saves step 300 again
-            # writes ...-v1.ckpt, newer than the step 300 the link may still name. Every checkpoint
-            # at the newest step is kept while the link lags: any of them may be where it moves.
-            newest = max(candidates[position].step_order for position in same_kind)
-            if target is None or target.step_order < newest:
-                for position in same_kind:
-                    if (candidates[position].step or 0) == newest[0]:
-                        ledger.keep(
-                            position,
-                            f"newest {kind.value} checkpoint: {link.label} does not point at it yet",
-                            Hold.PROTECTED,
-                        )
+            _keep_newest_of_kind(
+                f"newest {kind.value} checkpoint: {link.label} {lags}", target, same_kind, candidates, ledger
+            )
+            if target is None:
+                _keep_resume_point(link, same_kind, candidates, ledger)
             _keep_written_since_link(link, target, same_kind, candidates, ledger)
+
+
+def _keep_newest_of_kind(
+    reason: str,
+    target: CheckpointRecord | None,
+    same_kind: list[int],
+    candidates: list[CheckpointRecord],
+    ledger: _Ledger,
+) -> None:
+    """Keep the newest checkpoints of one kind while the link's whole ``target`` (None: none) is older.
+
+    Newness as everywhere: (step, epoch, version). A resumed run that saves step 300 again writes
+    ...-v1.ckpt, newer than the step 300 the link may still name. Every checkpoint at the newest step
+    is kept while the link lags: any of them may be where it moves."""
+    newest = max(candidates[position].step_order for position in same_kind)
+    if target is None or target.step_order < newest:
+        for position in same_kind:
+            if (candidates[position].step or 0) == newest[0]:
+                ledger.keep(position, reason, Hold.PROTECTED)
+
+
+def _keep_resume_point(
+    link: LinkInto, same_kind: list[int], candidates: list[CheckpointRecord], ledger: _Ledger
+) -> None:
+    """Keep the whole checkpoint of the kind written last, while the link names one not whole (or not
+    there) yet: a kill now leaves that one the run's resume point. Time orders nothing here either; it
+    only keeps one more."""
+    latest = max(same_kind, key=lambda position: _written_order(candidates[position]))
+    if Hold.PROTECTED not in ledger.holds[latest]:
+        reason = (
+            f"written last before {link.label} moved to {link.target.name}, not whole yet: the resume point"
+        )
+        ledger.keep(latest, reason, Hold.PROTECTED)
 
 
 def _keep_written_since_link(

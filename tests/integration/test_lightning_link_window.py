@@ -98,3 +98,20 @@ def test_a_link_down_into_the_filename_subdirectory_keeps_the_checkpoint_it_move
     target = after_fit[-1]["links"]["last.ckpt"]["target"]
     assert target.startswith("steps/"), target
     assert target.endswith("-step=000032-train.ckpt"), target
+
+
+@pytest.mark.timeout(300)
+def test_a_link_to_a_save_not_whole_yet_keeps_the_runs_previous_save(tmp_path: Path) -> None:
+    """Lightning's AsyncCheckpointIO links last.ckpt before its thread writes; prune runs while the
+    checkpoint is half written. In the run rolled back below the abandoned steps, the run's previous
+    save is its only resume point until then: never deleted (the newest by step are the abandoned
+    branch's)."""
+    protect = tmp_path / "run" / "epoch=00-step=000016-train.ckpt"  # the rollback point, pinned
+    document = _run(tmp_path, "rollback", "--async-io", "--protect", str(protect))
+
+    deletions = document["deletions"]
+    assert isinstance(deletions, list)
+    assert deletions, "the policy deletes something: prune ran in the window"
+    assert [d for d in deletions if d["name"] in (d["after_save"], d["resume_point"])] == []
+    # the window was reached in the rolled-back run (its third fit), below the abandoned steps
+    assert any(d["fit"] == 2 and d["resume_point"] is not None for d in deletions), deletions

@@ -1140,6 +1140,61 @@ def test_dangling_last_link_keeps_the_newest_of_each_kind() -> None:
     assert result[older.name].action is Action.DELETE
 
 
+def resume_point(target: str) -> str:
+    return f"written last before last.ckpt moved to {target}, not whole yet: the resume point"
+
+
+def test_a_link_moved_to_a_save_not_written_yet_keeps_the_whole_one_written_last() -> None:
+    """A run resumed from step 200 below an abandoned step 400, with Lightning's AsyncCheckpointIO: the
+    link moves to step 350 before the save's thread writes it. The newest by step is the abandoned
+    branch's; the live run's resume point is step 300, the whole one written last."""
+    old = written_at(make_record(step_name(0, 100)), 1)
+    abandoned = written_at(make_record(step_name(3, 400)), 2)
+    resumed = written_at(make_record(step_name(1, 200)), 3)
+    live = written_at(make_record(step_name(2, 300)), 4)
+    last = link_to(make_record(step_name(2, 350), complete=False), made_at=5)
+    result = by_name(plan([old, abandoned, resumed, live, last], Policy(save_top_k_checkpoints=1)))
+    assert result[live.name].reasons == (resume_point(step_name(2, 350)),)
+    assert result[abandoned.name].action is Action.KEEP
+    assert result[resumed.name].action is Action.DELETE
+    assert result[old.name].action is Action.DELETE
+
+
+@pytest.mark.parametrize("entry_type", [EntryType.FILE, EntryType.DIRECTORY])
+def test_a_link_to_a_checkpoint_not_whole_yet_keeps_the_newest_whole_one(entry_type: EntryType) -> None:
+    """A save across file systems copies the bytes in under the final name, a directory checkpoint
+    is within its quiet time: the link already names it. Milestones keep step 100 (so the last way to
+    resume, rule 5, does not apply); step 150 is what a kill now leaves to resume from."""
+    milestone = written_at(make_record(step_name(0, 100), entry_type=entry_type), 1)
+    whole = written_at(make_record(step_name(1, 150), entry_type=entry_type), 2)
+    partial = written_at(make_record(step_name(2, 200), entry_type=entry_type, complete=False), 3)
+    last = link_to(partial, made_at=3)
+    policy = Policy(save_top_k_checkpoints=0, keep_every_n_steps=100)
+    records = [milestone, whole, partial, last]
+    if entry_type is EntryType.DIRECTORY:  # the factories count only files whole: a directory's verdict
+        records = [dataclasses.replace(record, complete=True) for record in (milestone, whole)] + [
+            partial,
+            last,
+        ]
+    result = by_name(plan(records, policy))
+    assert result[whole.name].reasons == (
+        f"newest step checkpoint: last.ckpt points at {partial.name}, not whole yet",
+    )
+    assert result[partial.name].action is Action.SKIP
+
+
+def test_a_link_to_a_best_not_whole_yet_keeps_the_newest_whole_best() -> None:
+    first = written_at(make_record(best_name(0, 100, 0.2)), 1)
+    second = written_at(make_record(best_name(1, 200, 0.5)), 2)
+    partial = make_record(best_name(2, 300, 0.4), complete=False)
+    steps = [written_at(make_record(step_name(2, 300)), 3)]
+    result = by_name(plan([first, second, partial, link_to(partial), *steps], Policy(save_top_k_best=1)))
+    assert result[second.name].reasons == (
+        f"newest best checkpoint: last.ckpt points at {partial.name}, not whole yet",
+    )
+    assert result[first.name].reasons == ("top 1 best (rank 1, loss=0.2000)",)
+
+
 def test_pending_link_reasons_do_not_depend_on_input_order() -> None:
     step = make_record(step_name(0, 0))
     links = [
