@@ -14,7 +14,8 @@ judged are the object's that was listed. No settle time applies to objects. The 
 (ETag, size, mtime) in the group's cache, so an unchanged object is never read again: a pass over an
 unchanged prefix costs its list requests only. A directory checkpoint (a prefix) counts when its
 writer's marker object is in it and nothing under it changed for the quiet time, as on disk
-(integrity.judge_directory).
+(integrity.judge_directory); a Hugging Face one's ``trainer_state.json`` must be whole JSON too, and
+names the best checkpoint (bucket_trainer_state.py: read once per ETag, kept across passes).
 
 Objects have no symlinks, so ``last.ckpt`` is an object like any other (rule 5 and the pending-save
 protection apply as on disk). An object whose key a path cannot name exactly (``run//x.ckpt``) is
@@ -35,6 +36,7 @@ import structlog
 
 from ckpt_watcher.bucket_delete import apply_bucket_group, finish_bucket_leftovers
 from ckpt_watcher.bucket_listing import (
+    DirectorySummary,
     Listing,
     has_key_under,
     object_identity,
@@ -42,6 +44,7 @@ from ckpt_watcher.bucket_listing import (
     summarize_prefix,
 )
 from ckpt_watcher.bucket_nested import LeaseGuard
+from ckpt_watcher.bucket_trainer_state import TrainerStates
 from ckpt_watcher.bucket_trash_moves import BucketTrashTarget
 from ckpt_watcher.config_access import LOCAL_FILES, UnreachableError
 from ckpt_watcher.config_files import MAXIMUM_CONFIG_BYTES, ConfigFileError
@@ -145,6 +148,8 @@ class BucketStorage:
         self._may_delete = may_delete
         self._unnamable_reported: set[str] = set()
         self._leases = LeaseGuard(url, store)
+        # kept across passes: a pass over an unchanged prefix reads no trainer_state.json again
+        self.trainer_states = TrainerStates(store)
 
     def begin_pass(self) -> None:
         """The next request for the listing lists the prefix again (and the sub-prefixes' leases)."""
@@ -182,6 +187,7 @@ class BucketStorage:
                 raise StorageUnavailableError(str(error)) from None
             self.listing = Listing.of(self.url, objects)
             self._stale = False
+            self.trainer_states.forget_unlisted(self.listing)
         return self.listing
 
     def walk_directories(
@@ -441,6 +447,7 @@ class _GroupScan:
         summary = summarize_prefix(objects)
         now = self.options.now if self.options.now is not None else time.time()
         odd = odd_key(objects)
+        names_best: str | None = None
         if summary.being_deleted:
             completeness = Completeness(
                 False, "being deleted (a deletion was cut short; the next pass finishes it)", transient=True
@@ -453,20 +460,7 @@ class _GroupScan:
                 transient=True,
             )
         else:
-            quiet = max(self.options.settle_seconds, self.options.directory_quiet_seconds)
-            verdict = judge_directory(
-                summary.top_entries,
-                name,
-                summary.newest_mtime_ns,
-                summary.total,
-                quiet_seconds=quiet,
-                now=now,
-            )
-            completeness = marker_verdict(name, self.markers) or verdict.completeness
-            if completeness.complete and self._still_uploading(path):
-                completeness = Completeness(
-                    False, "a multipart upload in progress under it (still being written)", transient=True
-                )
+            completeness, names_best = self._directory_completeness(name, path, summary, now)
         return CheckpointRecord.at(
             path,
             relative_path=self._relative(name),
@@ -475,10 +469,29 @@ class _GroupScan:
             identity=summary.identity,
             complete=completeness.complete,
             incomplete_reason=completeness.reason,
-            note=parsed.note,
+            note=parsed.note or (completeness.reason if completeness.suspicious else None),
             settles_at=completeness.settles_at,
+            names_best=names_best,
             **name_fields(parsed),
         )
+
+    def _directory_completeness(
+        self, name: str, path: Path, summary: DirectorySummary, now: float
+    ) -> tuple[Completeness, str | None]:
+        """A directory checkpoint's verdict from the listing (its marker and quiet time, as on disk; no
+        multipart upload under it), then from its trainer_state.json (Hugging Face), and the checkpoint
+        that one calls the best."""
+        quiet = max(self.options.settle_seconds, self.options.directory_quiet_seconds)
+        verdict = judge_directory(
+            summary.top_entries, name, summary.newest_mtime_ns, summary.total, quiet_seconds=quiet, now=now
+        )
+        completeness = marker_verdict(name, self.markers) or verdict.completeness
+        if not completeness.complete:
+            return completeness, None
+        if self._still_uploading(path):
+            reason = "a multipart upload in progress under it (still being written)"
+            return Completeness(False, reason, transient=True), None
+        return self.storage.trainer_states.judge(path, verdict.layout, self.listing, self.problems)
 
 
 class BucketConfigFiles:

@@ -721,9 +721,7 @@ def _marker_doubt(
         return doubt, None
     # A Hugging Face checkpoint saved with DeepSpeed holds DeepSpeed's `latest` too (its layout is
     # DeepSpeed's), and its trainer_state.json is still what names the best and what a resume reads.
-    if _WRITTEN_LAST.get(layout or "") == _HUGGING_FACE_MARKER or (
-        layout == "DeepSpeed" and _HUGGING_FACE_MARKER in summary.top_file_mtimes
-    ):
+    if reads_trainer_state(layout, _HUGGING_FACE_MARKER in summary.top_file_mtimes):
         return _trainer_state_doubt(path, dir_fd, known)
     return None, None
 
@@ -775,6 +773,22 @@ def _only_the_best(pairs: list[tuple[str, object]]) -> dict[str, object]:
     return {_BEST_KEY: best[-1]} if best else _NOTHING_KEPT  # the last of a repeated key, as json does
 
 
+# A Hugging Face checkpoint's trainer_state.json, judged alike on disk (_marker_doubt) and in a bucket
+# (bucket_trainer_state.py).
+TRAINER_STATE_NAME = _HUGGING_FACE_MARKER
+TRAINER_STATE_MAX_BYTES = _TRAINER_STATE_MAX_BYTES
+TRAINER_STATE_TOO_LARGE = f"its {_HUGGING_FACE_MARKER} is over {_TRAINER_STATE_MAX_BYTES} bytes: not read"
+
+
+def reads_trainer_state(layout: str | None, has_trainer_state: bool) -> bool:
+    """True if a complete directory checkpoint of ``layout`` must have its trainer_state.json read (is
+    it whole, what it calls the best), as _marker_doubt says: Hugging Face's, and DeepSpeed's with a
+    trainer_state.json at its top (``has_trainer_state``: the Trainer saving with DeepSpeed)."""
+    return _WRITTEN_LAST.get(layout or "") == _HUGGING_FACE_MARKER or (
+        layout == "DeepSpeed" and has_trainer_state
+    )
+
+
 def _trainer_state_doubt(
     path: str, dir_fd: int | None, known: _KnownTrainerState | None = None
 ) -> tuple[str | None, str | None]:
@@ -807,17 +821,19 @@ def _judge_trainer_state(
     if known is not None and (remembered := known.recall(identity)) is not None:
         return remembered
     if status.st_size > _TRAINER_STATE_MAX_BYTES:
-        return f"its {_HUGGING_FACE_MARKER} is over {_TRAINER_STATE_MAX_BYTES} bytes: not read", None
+        return TRAINER_STATE_TOO_LARGE, None
     data = _read_up_to(file_descriptor, status.st_size)
     unchanged = _trainer_state_identity(os.fstat(file_descriptor)) == identity
-    verdict = _parse_trainer_state(data)
+    verdict = trainer_state_best(data)
     if known is not None and unchanged:
         known.remember(identity, status, verdict)
     return verdict
 
 
-def _parse_trainer_state(data: bytes) -> tuple[str | None, str | None]:
-    """(why these bytes are not a whole JSON object, or None; the best checkpoint they name)."""
+def trainer_state_best(data: bytes) -> tuple[str | None, str | None]:
+    """Why ``data`` (a whole trainer_state.json's bytes, at most ``TRAINER_STATE_MAX_BYTES``) is not a
+    whole JSON object (cut), or None; then the last component of its ``best_model_checkpoint``, if it
+    names one. On disk and in a bucket alike."""
     try:
         state = json.loads(data, object_pairs_hook=_only_the_best)
     except (ValueError, RecursionError):
