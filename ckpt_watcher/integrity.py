@@ -68,7 +68,8 @@ class Completeness:
     ``not_zip`` marks a name-matching non-archive; ``settles_at`` a file only waiting out the settle
     time; ``mount_point`` a directory checkpoint that holds another mount (never deleted);
     ``suspicious`` a directory checkpoint, quiet for its quiet time, that its own files say is not
-    whole (warned about: it may stay so for good, and hold its run's retention). ``transient``
+    whole, or a checkpoint dated far ahead of this clock (warned about: it may stay so for good, or
+    long, and hold its run's retention). ``transient``
     marks a verdict that may change while the file does not (an I/O error, a settle time, a marker
     beside it): such a verdict is never cached.
     """
@@ -914,6 +915,25 @@ class _KnownTrainerState:
             self.states.remember(self.checkpoint, identity, *verdict)
 
 
+# A modification time further ahead of this machine's clock than this is not a write in progress but
+# a writer's clock ahead (another host's, on a file system that keeps the writer's times): the
+# checkpoint is not counted until this clock reaches it, which may be long, so it is warned about.
+AHEAD_OF_THIS_CLOCK_SECONDS = 60.0
+
+
+def not_settled(changed: str, age: float, wait: str, wait_seconds: float, settles_at: float) -> Completeness:
+    """A checkpoint ``changed`` ``age`` seconds ago by this machine's clock, less than ``wait_seconds``
+    (its ``wait``): still being written; or, dated far in the future, kept as suspicious (warned)."""
+    if age < -AHEAD_OF_THIS_CLOCK_SECONDS:
+        reason = (
+            f"{changed} {-age:.0f} s in the future by this machine's clock (the writer's clock is "
+            "ahead?): not counted before then"
+        )
+        return Completeness(False, reason, settles_at=settles_at, transient=True, suspicious=True)
+    reason = f"still being written ({changed} {max(age, 0.0):.1f} s ago, {wait} {wait_seconds:g} s)"
+    return Completeness(False, reason, settles_at=settles_at, transient=True)
+
+
 def judge_directory(
     top_entries: set[str], name: str, newest_mtime_ns: int, total: int, *, quiet_seconds: float, now: float
 ) -> DirectoryVerdict:
@@ -926,10 +946,8 @@ def judge_directory(
     newest = newest_mtime_ns / 1e9
     age = now - newest
     if age < quiet_seconds:
-        reason = (
-            f"still being written (a file in it changed {max(age, 0.0):.1f} s ago, "
-            f"quiet time {quiet_seconds:g} s)"
+        verdict = not_settled(
+            "a file in it changed", age, "quiet time", quiet_seconds, newest + quiet_seconds
         )
-        verdict = Completeness(False, reason, settles_at=newest + quiet_seconds, transient=True)
         return DirectoryVerdict(verdict, layout, total)
     return DirectoryVerdict(COMPLETE, layout, total)

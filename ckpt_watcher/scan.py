@@ -39,6 +39,7 @@ from ckpt_watcher.integrity import (
     check_directory,
     check_file,
     check_handle,
+    not_settled,
 )
 from ckpt_watcher.lock import LOCK_FILE_NAME
 from ckpt_watcher.logs import describe_os_error
@@ -688,13 +689,8 @@ class _Group:
                 return cached
         age = self.now - identity.mtime_ns / 1e9
         if age < self.options.settle_seconds and not self._closed(name, identity):
-            return Completeness(
-                False,
-                f"still being written (modified {max(age, 0.0):.1f} s ago, "
-                f"settle time {self.options.settle_seconds:g} s)",
-                settles_at=identity.mtime_ns / 1e9 + self.options.settle_seconds,
-                transient=True,
-            )
+            settle = self.options.settle_seconds
+            return not_settled("modified", age, "settle time", settle, identity.mtime_ns / 1e9 + settle)
         verify = self.options.verify
         deep_check = _verify_load if verify == "load" else None
         if handle is not None:
