@@ -169,11 +169,15 @@ def oldest_first_key(record: CheckpointRecord) -> tuple[tuple[int, int, int], st
 
 
 def best_order_key(record: CheckpointRecord, mode: str) -> tuple[bool, float, tuple[int, int, int, int, str]]:
-    """Better first: NaN last, then the metric by mode, then the newer checkpoint."""
+    """Better first: NaN last, then the metric by mode, then the *older* checkpoint: of two with the
+    same metric the first to reach it is the trainer's best (Lightning's ``ModelCheckpoint`` and
+    Hugging Face's Trainer replace their best only with a strictly better one), so
+    ``ckpt_path="best"`` names it."""
     metric = record.metric if record.metric is not None else math.nan
     is_nan = math.isnan(metric)
     ordered_metric = 0.0 if is_nan else (metric if mode == "min" else -metric)
-    return (is_nan, ordered_metric, _newest_first_key(record))
+    step, epoch, version = record.step_order
+    return (is_nan, ordered_metric, (step, epoch, version, int(record.date or 0), record.name))
 
 
 def symlink_targets(records: Iterable[CheckpointRecord]) -> dict[Path, str]:

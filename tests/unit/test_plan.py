@@ -243,34 +243,34 @@ CASES = [
         delete=[best_name(1, 200, 5.0), best_name(2, 300, -INF)],
     ),
     case(
-        "best-tie-goes-to-higher-step",
+        "best-tie-goes-to-the-lower-step-the-trainers-best",
+        {**NO_STEP, "save_top_k_best": 1},
+        keep=[LAST, best_name(0, 100, 0.3)],
+        delete=[best_name(1, 200, 0.3)],
+    ),
+    case(
+        "best-tie-lower-step-even-with-overflow-width",
+        {**NO_STEP, "save_top_k_best": 1},
+        keep=[LAST, best_name(9, 999_999, 0.3)],
+        delete=[best_name(9, 1_000_000, 0.3)],
+    ),
+    case(
+        "best-tie-negative-zero-equals-zero-lower-step-wins",
+        {**NO_STEP, "save_top_k_best": 1},
+        keep=[LAST, best_name(0, 100, -0.0)],
+        delete=[best_name(1, 200, 0.0)],
+    ),
+    case(
+        "best-nan-ties-go-to-the-lower-step",
+        {**NO_STEP, "save_top_k_best": 1},
+        keep=[LAST, best_name(0, 100, NAN)],
+        delete=[best_name(1, 200, NAN)],
+    ),
+    case(
+        "best-tie-same-step-the-first-version-wins",
         {**NO_STEP, "save_top_k_best": 1},
         keep=[LAST, best_name(1, 200, 0.3)],
-        delete=[best_name(0, 100, 0.3)],
-    ),
-    case(
-        "best-tie-higher-step-even-with-overflow-width",
-        {**NO_STEP, "save_top_k_best": 1},
-        keep=[LAST, best_name(9, 1_000_000, 0.3)],
-        delete=[best_name(9, 999_999, 0.3)],
-    ),
-    case(
-        "best-tie-negative-zero-equals-zero-higher-step-wins",
-        {**NO_STEP, "save_top_k_best": 1},
-        keep=[LAST, best_name(1, 200, 0.0)],
-        delete=[best_name(0, 100, -0.0)],
-    ),
-    case(
-        "best-nan-ties-go-to-higher-step",
-        {**NO_STEP, "save_top_k_best": 1},
-        keep=[LAST, best_name(1, 200, NAN)],
-        delete=[best_name(0, 100, NAN)],
-    ),
-    case(
-        "best-tie-same-step-higher-version-wins",
-        {**NO_STEP, "save_top_k_best": 1},
-        keep=[LAST, best_name(1, 200, 0.3, version=1)],
-        delete=[best_name(1, 200, 0.3)],
+        delete=[best_name(1, 200, 0.3, version=1)],
     ),
     case(
         "best-top-k-minus-1-keeps-all",
@@ -977,7 +977,7 @@ def test_fully_tied_bests_are_ranked_independently_of_input_order(first: str, se
     }
     assert [forward[first].action, forward[second].action].count(Action.KEEP) == 1
     if make_record(first).date != make_record(second).date:
-        assert forward[second].action is Action.KEEP  # the later date is the newer checkpoint
+        assert forward[first].action is Action.KEEP  # the earlier date reached that metric first
 
 
 def test_fully_tied_bests_with_a_protected_one_keep_the_same_count_in_any_order() -> None:

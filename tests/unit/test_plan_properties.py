@@ -256,12 +256,13 @@ def deleted_paths(result: Plan) -> set[Path]:
 
 
 def best_rank_key(record: CheckpointRecord, mode: str) -> tuple[bool, float, int, int, int]:
-    """Better first: NaN worst, metric by mode, ties to the higher step, epoch, version (the oracle)."""
+    """Better first: NaN worst, metric by mode, ties to the lower step, epoch, version: the first to
+    reach that metric, the trainer's best (the oracle)."""
     metric = record.metric if record.metric is not None else math.nan
     nan = math.isnan(metric)
     ordered = 0.0 if nan else (metric if mode == "min" else -metric) + 0.0  # + 0.0 folds -0.0 into 0.0
     step, epoch, version = record.step_order
-    return (nan, ordered, -step, -epoch, -version)
+    return (nan, ordered, step, epoch, version)
 
 
 def matches(record: CheckpointRecord, pattern: str) -> bool:
@@ -539,7 +540,7 @@ def kept_by_best_rank(reasons: Sequence[str]) -> bool:
 @SETTINGS
 @given(scenarios(protection=False))
 def test_bests_within_top_k_are_kept_and_ranking_is_monotone(scenario: Scenario) -> None:
-    """NaN ranks worst, the metric by best_mode, ties to the newer checkpoint (however ties are broken)."""
+    """NaN ranks worst, the metric by best_mode, ties to the older checkpoint (however ties are broken)."""
     decisions = {decision.record.path: decision for decision in scenario.plan().decisions}
     for directory, members in by_group(scenario.records).items():
         policy = scenario.policy_for(directory)
