@@ -387,3 +387,32 @@ def test_a_fresh_run_watched_at_its_own_dirpath_finds_it_empty(tmp_path: Path) -
         code = daemon.stop(signal.SIGTERM)
         assert code == 0
         assert not any("lock" in name for name in _listing(run_directory))
+
+
+TIE_SCRIPT = Path(__file__).resolve().parents[1] / "support" / "lightning_best_tie.py"
+
+
+@pytest.mark.timeout(300)
+def test_a_tie_keeps_the_checkpoint_lightning_calls_the_best(tmp_path: Path) -> None:
+    """Lightning replaces its best only with a strictly better one: of tied best checkpoints, its
+    best_model_path is the first. ``save_top_k_best: 1`` keeps that one, and ``ckpt_path="best"``
+    still loads after the prune."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("save_top_k_checkpoints: -1\nsave_top_k_best: 1\n")
+    report = tmp_path / "report.json"
+    completed = subprocess.run(
+        [sys.executable, str(TIE_SCRIPT), str(tmp_path / "run"), str(policy), str(report)],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    document = json.loads(report.read_text())
+
+    assert document["prune_exit"] == 0
+    assert "epoch=01" in document["best_model_path"]  # the first to reach 0.25
+    assert document["exists"], document["files"]
+    assert document["test_loaded_best"]
+    assert [name for name in document["files"] if name.startswith("best_")] == [document["best_model_path"]]
