@@ -233,8 +233,10 @@ class BucketStorage:
         problems: list[ScanProblem],
         *,
         stop: threading.Event | None = None,
+        progress: Callable[[], None] | None = None,
     ) -> list[CheckpointRecord]:
-        """One record per object of the directory, and one per directory checkpoint in it."""
+        """One record per object of the directory, and one per directory checkpoint in it;
+        ``progress`` is called between two batches of reads."""
         listing = self.current_listing()
         files = listing.files.get(directory, {})
         subdirectories = listing.subdirectories.get(directory, set())
@@ -244,6 +246,8 @@ class BucketStorage:
         objects = [(name, info) for name, info in files.items() if not name.startswith(DELETING_PREFIX)]
         for start in range(0, len(objects), _PREFETCH_BATCH):
             batch = objects[start : start + _PREFETCH_BATCH]
+            if progress is not None:
+                progress()
             scan.prefetch(batch)
             for name, info in batch:
                 if stop is not None and stop.is_set():
@@ -272,6 +276,7 @@ class BucketStorage:
         *,
         stop: threading.Event | None = None,
         trash: TrashMover | None = None,
+        progress: Callable[[], None] | None = None,
     ) -> list[DeletionResult]:
         """bucket_delete.apply_bucket_group, against this pass's listing; ``trash`` (the bucket's
         trash, bucket_trash_moves.BucketTrashTarget) copies each deletion into the trash first."""
@@ -286,6 +291,7 @@ class BucketStorage:
             stop=stop,
             may_delete=self._may_delete,
             trash=trash,
+            progress=progress,
         )
 
     def finish_leftovers(

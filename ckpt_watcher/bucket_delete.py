@@ -74,8 +74,10 @@ def apply_bucket_group(
     stop: threading.Event | None = None,
     may_delete: MayDelete | None = None,
     trash: TrashMove | None = None,
+    progress: Callable[[], None] | None = None,
 ) -> list[DeletionResult]:
-    """Delete one group's planned objects, oldest first; ``stop`` ends it between two deletions.
+    """Delete one group's planned objects, oldest first; ``stop`` ends it between two deletions, and
+    ``progress`` is called after each (the daemon's keep-alive).
 
     ``listing`` (bucket.Listing) is the pass's listing the plan was made from; ``may_delete`` says why
     nothing may be deleted now (the daemon's lease is not held), or None; ``trash`` moves each into
@@ -97,6 +99,8 @@ def apply_bucket_group(
                 results.append(_delete_object(decision, url, store, listing, may_delete=may_delete))
         except Exception as error:
             results.append(_failed(decision, _unexpected(error)))
+        if progress is not None:
+            progress()
     return results
 
 

@@ -23,7 +23,7 @@ import errno
 import os
 import stat
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -153,7 +153,12 @@ def apply_plan(
 
 
 def apply_group(
-    group: GroupPlan, root: Path, *, stop: threading.Event | None = None, trash: TrashMover | None = None
+    group: GroupPlan,
+    root: Path,
+    *,
+    stop: threading.Event | None = None,
+    trash: TrashMover | None = None,
+    progress: Callable[[], None] | None = None,
 ) -> list[DeletionResult]:
     """Delete one group's planned files; never partially refuses the group for one bad file.
 
@@ -161,7 +166,7 @@ def apply_group(
     checkpoint is left as it is if the stop comes while it is walked before its rename, and as its
     leftover (``removal_interrupted``, finished by ``finish_leftovers``) if it comes during its
     removal; neither has a result. With ``trash``, each is moved into the trash instead (removed at
-    once where it cannot be).
+    once where it cannot be). ``progress`` is called after each (the daemon's keep-alive).
     """
     deletions = group.deletions
     if not deletions:
@@ -180,17 +185,30 @@ def apply_group(
     except Exception as error:
         return [_failed(decision, _unexpected(error)) for decision in deletions]
     try:
-        results: list[DeletionResult] = []
-        for decision in deletions:
-            if stop is not None and stop.is_set():
-                break
-            try:
-                results.append(_delete_guarded(directory_fd, decision, trash, stop))
-            except WalkStopped:
-                break
-        return results
+        return _delete_each(directory_fd, deletions, trash, stop, progress)
     finally:
         os.close(directory_fd)
+
+
+def _delete_each(
+    directory_fd: int,
+    deletions: Sequence[Decision],
+    trash: TrashMover | None,
+    stop: threading.Event | None,
+    progress: Callable[[], None] | None,
+) -> list[DeletionResult]:
+    """``_delete_guarded`` each, until ``stop`` is set; ``progress`` after each."""
+    results: list[DeletionResult] = []
+    for decision in deletions:
+        if stop is not None and stop.is_set():
+            break
+        try:
+            results.append(_delete_guarded(directory_fd, decision, trash, stop))
+        except WalkStopped:
+            break
+        if progress is not None:
+            progress()
+    return results
 
 
 def _delete_guarded(

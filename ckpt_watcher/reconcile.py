@@ -503,9 +503,8 @@ class Reconciler:
             settle_seconds=self._settle_seconds, now=wall_now, closed_paths=closed, verify=value.policy.verify
         )
         cache = None if self._one_shot else state.cache
-        records = self.storage.scan_directory(
-            self.root, group, value.policy.compiled_naming, options, cache, problems, stop=self._stop
-        )
+        scan = functools.partial(self.storage.scan_directory, stop=self._stop, progress=self._progress)
+        records = scan(self.root, group, value.policy.compiled_naming, options, cache, problems)
         self._problems.note(problems)
         if not self._one_shot:
             state.cache.retain(records)
@@ -517,7 +516,10 @@ class Reconciler:
 
     def _apply(self, group_plan: GroupPlan, grace_seconds: int) -> ApplyResult:
         trash = self.trash.target(grace_seconds)
-        applied = ApplyResult(self.storage.apply_group(group_plan, self.root, stop=self._stop, trash=trash))
+        done = self.storage.apply_group(
+            group_plan, self.root, stop=self._stop, trash=trash, progress=self._progress
+        )
+        applied = ApplyResult(done)
         applied.interrupted = len(applied.results) < len(group_plan.deletions)
         self.space.released(group_plan.directory, applied.bytes_freed)  # btrfs may show it only later
         if any(result.outcome is Outcome.CHANGED for result in applied.results):  # changed since planned:

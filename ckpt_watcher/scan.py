@@ -94,6 +94,9 @@ class ScanResult:
     problems: list[ScanProblem] = field(default_factory=list)
 
 
+PROGRESS_EVERY = 1024  # entries of a group between two calls of a scan's ``progress``
+
+
 @dataclass(frozen=True)
 class ScanOptions:
     """How strictly a file must look finished to count.
@@ -409,7 +412,29 @@ def is_group_directory(directory: Path) -> bool | None:
     return stat.S_ISDIR(status.st_mode)
 
 
-def scan_directory(  # noqa: C901  (opens, lists and closes the directory, with each way that can fail)
+def _records_of(
+    group: _Group,
+    prefix: str,
+    names: list[str],
+    stop: threading.Event | None,
+    progress: Callable[[], None] | None,
+) -> list[CheckpointRecord]:
+    """The records of ``names`` in ``group`` (ScanStopped once ``stop`` is set)."""
+    records: list[CheckpointRecord] = []
+    for position, name in enumerate(names):
+        if stop is not None and stop.is_set():
+            raise ScanStopped(str(group.directory))
+        if progress is not None and not position % PROGRESS_EVERY:
+            progress()
+        if name in _NOT_CHECKPOINTS or name.startswith(DELETING_PREFIX):
+            continue
+        record = group.record_for(prefix, name)
+        if record is not None:
+            records.append(record)
+    return records
+
+
+def scan_directory(
     root: Path,
     directory: Path,
     naming: Naming,
@@ -418,11 +443,14 @@ def scan_directory(  # noqa: C901  (opens, lists and closes the directory, with 
     problems: list[ScanProblem] | None = None,
     *,
     stop: threading.Event | None = None,
+    progress: Callable[[], None] | None = None,
 ) -> list[CheckpointRecord]:
     """One record per entry of ``directory`` other than its plain subdirectories.
 
     With ``stop``, a huge directory is left as soon as it is set (``ScanStopped``): a daemon asked to
     stop does not first read 60,000 checkpoints, nor the 300,000 files of one directory checkpoint.
+    ``progress`` is called every ``PROGRESS_EVERY`` entries: a daemon's keep-alive (its heartbeat, which
+    a liveness probe reads) goes on through a group that takes minutes.
     """
     now = options.now if options.now is not None else time.time()
     relative_directory = os.path.relpath(directory, root)
@@ -442,14 +470,7 @@ def scan_directory(  # noqa: C901  (opens, lists and closes the directory, with 
         names = os.listdir(directory_fd)
         group = _Group(directory, directory_fd, markers_beside(names), naming, options, now, cache, stop)
         try:
-            for name in names:
-                if stop is not None and stop.is_set():
-                    raise ScanStopped(str(directory))
-                if name in _NOT_CHECKPOINTS or name.startswith(DELETING_PREFIX):
-                    continue
-                record = group.record_for(prefix, name)
-                if record is not None:
-                    records.append(record)
+            records = _records_of(group, prefix, names, stop, progress)
         finally:
             group.close()
         records = group.judge_links(records)

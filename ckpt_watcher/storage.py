@@ -12,7 +12,7 @@ and deletes nothing (a partial listing could hide a ``.keep`` pin or the newest 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Protocol
 
@@ -68,8 +68,10 @@ class Storage(Protocol):
         problems: list[ScanProblem],
         *,
         stop: threading.Event | None = None,
+        progress: Callable[[], None] | None = None,
     ) -> list[CheckpointRecord]:
-        """One group's records (scan.scan_directory)."""
+        """One group's records (scan.scan_directory); ``progress`` is called now and then in a long one
+        (the daemon's keep-alive)."""
         ...
 
     def list_links(self, directory: Path, root: Path, naming: Naming) -> list[Link] | None:
@@ -83,9 +85,10 @@ class Storage(Protocol):
         *,
         stop: threading.Event | None = None,
         trash: TrashMover | None = None,
+        progress: Callable[[], None] | None = None,
     ) -> list[DeletionResult]:
         """Delete what the group's plan says to (delete.apply_group), or move it into ``trash``;
-        never raises."""
+        never raises. ``progress`` is called after each deletion (the daemon's keep-alive)."""
         ...
 
     def finish_leftovers(
@@ -150,9 +153,10 @@ class LocalStorage:
         problems: list[ScanProblem],
         *,
         stop: threading.Event | None = None,
+        progress: Callable[[], None] | None = None,
     ) -> list[CheckpointRecord]:
         """scan.scan_directory."""
-        return scan_directory(root, directory, naming, options, cache, problems, stop=stop)
+        return scan_directory(root, directory, naming, options, cache, problems, stop=stop, progress=progress)
 
     def list_links(self, directory: Path, root: Path, naming: Naming) -> list[Link] | None:
         """links.list_links."""
@@ -165,9 +169,10 @@ class LocalStorage:
         *,
         stop: threading.Event | None = None,
         trash: TrashMover | None = None,
+        progress: Callable[[], None] | None = None,
     ) -> list[DeletionResult]:
         """delete.apply_group."""
-        return apply_group(group, root, stop=stop, trash=trash)
+        return apply_group(group, root, stop=stop, trash=trash, progress=progress)
 
     def finish_leftovers(
         self,

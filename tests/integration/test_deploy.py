@@ -897,6 +897,8 @@ def test_manifest_container_runs_passes_its_probes_and_hot_reloads_the_configmap
     daemon = DaemonProcess([], tmp_path / "log", dockerfile.env(), _as_pid_1(command))
     try:
         wait_until(lambda: _probe_passes(startup), timeout=60, what="the startup probe to pass")
+        # (the heartbeat is touched during the start-up pass too, after each deletion)
+        daemon.wait_for("pass_completed")
         assert _names(checkpoints) == KEPT_AT_START
         assert _probe_passes(liveness)
         metrics = scrape(metrics_port(daemon))
@@ -983,6 +985,8 @@ def test_bucket_deployment_runs_against_a_real_s3_server(
     daemon = DaemonProcess([], tmp_path / "log", environment, _as_pid_1(command))
     try:
         wait_until(lambda: _probe_passes(startup), timeout=60, what="the startup probe to pass")
+        # (the heartbeat is touched during the start-up pass too, after each deletion)
+        daemon.wait_for("pass_completed")
         assert names() == KEPT_AT_START | {".ckpt-watcher.lease"}
         metrics = scrape(metrics_port(daemon))
         assert metrics.value("ckpt_watcher_checkpoints", kind="step") == len(KEPT_AT_START)

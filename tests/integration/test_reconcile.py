@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from structlog.testing import LogCapture
 
-from ckpt_watcher import delete, groups, reconcile
+from ckpt_watcher import delete, groups, reconcile, scan
 from ckpt_watcher import plan as planning
 from ckpt_watcher.cli import main
 from ckpt_watcher.logs import configure_logging
@@ -22,7 +22,7 @@ from ckpt_watcher.policy_file import InvalidPolicyFilesError
 from ckpt_watcher.protection import ProtectionRegistry
 from ckpt_watcher.reconcile import Reconciler, Trigger, prune_once
 from tests.support.cli import log_records
-from tests.support.factories import step_name, write_checkpoint
+from tests.support.factories import step_name, write_checkpoint, zip_bytes
 from tests.support.logs import logged
 
 pytestmark = pytest.mark.timeout(60)
@@ -365,3 +365,40 @@ def test_leftovers_of_an_interrupted_removal_are_finished_only_when_not_a_dry_ru
     assert leftover.exists()
     prune_once(tmp_path, loaded, pins={}, settle_seconds=0, dry_run=False, working_directory=tmp_path)
     assert not leftover.exists()
+
+
+def test_a_long_group_keeps_the_daemon_alive_while_it_is_scanned_and_pruned(tmp_path: Path) -> None:
+    """The keep-alive (systemd watchdog, the heartbeat a liveness probe reads) is sent from the pass
+    itself: every PROGRESS_EVERY entries of a group's scan and after each deletion, not only between
+    groups, so a root whose one group takes minutes is not killed as hung in the middle of it."""
+    run = tmp_path / "run"
+    run.mkdir()
+    data = zip_bytes(b"weights")
+    for step in range(1, 2 * scan.PROGRESS_EVERY + 2):
+        (run / step_name(0, step)).write_bytes(data)
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("save_top_k_checkpoints: 2040\n")  # 9 deleted
+    moments: list[str] = []
+    original_delete = delete._delete_guarded
+
+    def deleting(*arguments: Any) -> Any:
+        moments.append("delete")
+        return original_delete(*arguments)
+
+    tree = PolicyTree(tmp_path, load_policy(policy), strict=False)
+    core = Reconciler(
+        tree,
+        ProtectionRegistry(tmp_path),
+        pins={},
+        settle_seconds=0,
+        one_shot=False,
+        progress=lambda: moments.append("tick"),
+    )
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(delete, "_delete_guarded", deleting)
+        assert core.run(Trigger.STARTUP).deleted == 9
+
+    ticks_before_deletions = moments[: moments.index("delete")].count("tick")
+    assert ticks_before_deletions >= 3  # the scan of 2,049 entries: at 0, 1,024 and 2,048
+    after = moments[moments.index("delete") :]
+    assert after[:18] == ["delete", "tick"] * 9  # one after each deletion
