@@ -941,10 +941,13 @@ def judge_directory(
     marker among ``top_entries`` (the names directly in it), and nothing in it modified for
     ``quiet_seconds`` (``newest_mtime_ns`` is its newest file's time); ``total`` is its size."""
     layout, missing = _directory_layout(top_entries, name)
-    if missing is not None:
-        return DirectoryVerdict(Completeness(False, missing, transient=True), layout, total)
     newest = newest_mtime_ns / 1e9
     age = now - newest
+    if missing is not None:  # quiet that long without its marker, it may never count: warned about
+        suspicious = age >= quiet_seconds  # (a layout this tool does not know, or a save cut short)
+        return DirectoryVerdict(
+            Completeness(False, missing, transient=True, suspicious=suspicious), layout, total
+        )
     if age < quiet_seconds:
         verdict = not_settled(
             "a file in it changed", age, "quiet time", quiet_seconds, newest + quiet_seconds

@@ -530,3 +530,34 @@ def test_the_best_of_a_hugging_face_run_saved_with_deepspeed_is_kept(tmp_path: P
         "best_model_checkpoint in checkpoint-1500/trainer_state.json (Hugging Face)"
     ]
     assert entries["checkpoint-1000"]["action"] == "delete"
+
+
+def test_a_directory_checkpoint_with_no_marker_it_knows_is_kept_and_warned_about_once_quiet(
+    tmp_path: Path,
+) -> None:
+    # Accelerate's save_state (automatic_checkpoint_naming) writes checkpoints/checkpoint_N/ with no
+    # marker of its own: never counted, so never deleted, and warned about once it has been quiet
+    # (retention of that run stops there); one still being written is not warned about.
+    root = tmp_path / "checkpoints"
+    for step in (0, 1, 2):
+        directory = root / f"checkpoint_{step}"
+        directory.mkdir(parents=True)
+        for name in ("model.safetensors", "optimizer.bin", "scheduler.bin", "random_states_0.pkl"):
+            (directory / name).write_bytes(b"x" * 100)
+    backdate_tree(root)
+    fresh = root / "checkpoint_3"
+    fresh.mkdir()
+    (fresh / "model.safetensors").write_bytes(b"x" * 100)
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("save_top_k_checkpoints: 1\nnaming:\n  step: 'checkpoint_{step}'\n")
+
+    result = run_cli("prune", str(root), "--policy", str(policy), "--dry-run", "--json")
+    entries = prune_entries(result, exit_code=0)
+
+    assert {entry["action"] for entry in entries.values()} == {"skip"}
+    warned = sorted(record["path"] for record in events(result.stderr, "checkpoint_suspicious"))
+    assert warned == [str(root / f"checkpoint_{step}") for step in (0, 1, 2)]
+    assert all(
+        "no completion marker yet" in record["detail"]
+        for record in events(result.stderr, "checkpoint_suspicious")
+    )
