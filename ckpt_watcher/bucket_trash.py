@@ -42,6 +42,7 @@ from ckpt_watcher.trash import (
     TrashEntry,
     TrashSummary,
     key_of,
+    record_bytes,
 )
 
 logger = structlog.get_logger("ckpt_watcher.trash")
@@ -97,7 +98,7 @@ def entry_document(entry: TrashEntry, copies: Iterable[StoredCopy]) -> bytes:
         **entry.document(),
         "objects": [[copy.relative, copy.tag, copy.size] for copy in copies],
     }
-    return json.dumps(document, ensure_ascii=True, allow_nan=False, indent=1).encode()
+    return record_bytes(document)
 
 
 def parse_entry(key: str, data: bytes, info: ObjectInfo) -> StoredEntry:
