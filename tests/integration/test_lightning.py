@@ -41,8 +41,9 @@ EVERY_N_STEPS = 3  # does not divide 8, so the newest step checkpoint of an epoc
 FIRST_EPOCHS = 6
 RESUMED_EPOCHS = 8
 STEP_SECONDS = 0.08  # per training step, so the run lasts a few seconds and the daemon prunes mid-run
-# val_loss per epoch. Epochs 1 and 3 tie at the name's precision (both "0.5000") although epoch 1 is
-# truly lower: the daemon ranks what the name says, ties going to the higher step, so epoch 3 stays.
+# val_loss per epoch. Epochs 1 and 3 tie at the name's precision (both "0.5000"): the daemon ranks
+# what the name says, ties going to the lower step (the first to reach it, which is what Lightning
+# calls its best), so epoch 1 stays; here it is also truly lower.
 # Epoch 5, the last of the first run, is outside the best 2: with save_last="link" on the best callback
 # it survives only as the target of last.ckpt, until the resumed run moves the link on.
 VAL_LOSSES = (0.9, 0.49996, 0.3, 0.50004, 0.7, 0.8, 0.2, 0.6)
@@ -193,7 +194,7 @@ def _expected_survivors(written: dict[Path, Written], last_run: TrainingRun) -> 
             keep.add(item.path.name)
     bests = sorted(
         (item for item in written.values() if item.kind == "best"),
-        key=lambda item: (item.loss, -item.step, -item.epoch, -item.version),
+        key=lambda item: (item.loss, item.step, item.epoch, item.version),
     )
     keep |= {item.path.name for item in bests[:KEEP_BEST]}
     # last.ckpt is a copy Lightning wrote (save_last=True) or a symlink it made (save_last="link")
@@ -306,7 +307,7 @@ def test_daemon_prunes_beside_a_lightning_run_that_then_resumes(  # noqa: PLR091
         if last_on == "best":
             top_bests = sorted(
                 (item for item in written.values() if item.kind == "best"),
-                key=lambda item: (item.loss, -item.step),
+                key=lambda item: (item.loss, item.step),
             )[:KEEP_BEST]
             assert first_target not in {item.path.name for item in top_bests}, "the pin is not exercised"
 

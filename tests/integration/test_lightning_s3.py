@@ -149,7 +149,12 @@ def test_watch_prunes_a_lightning_run_writing_to_s3_which_then_resumes_from_last
         assert daemon.stop() == 0
 
     deleted = collections.Counter(record["path"] for record in daemon.events("checkpoint_deleted"))
-    assert set(deleted.values()) == {1}, "a deletion logged twice"
+    # The resumed run (from last.ckpt, mid-epoch) writes the epoch's best again under the same key: a
+    # new object, which may be deleted again. Never more deletions of a key than writes of it.
+    writes = collections.Counter(save["path"] for run in (first, second) for save in run.saves)
+    assert {path: count for path, count in deleted.items() if count > writes[path]} == {}, (
+        "a deletion logged twice"
+    )
     assert {path.removeprefix(f"{url}/") for path in deleted} == {path.name for path in written} - expected
     assert _names(s3) == expected  # the lease was released
     assert daemon.events("checkpoint_delete_failed") == []
