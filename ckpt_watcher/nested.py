@@ -58,8 +58,14 @@ class OtherLocks:
             if pid != own_pid:
                 by_inode.setdefault(inode, []).append((device, pid))
         devices = frozenset(device for locks in by_inode.values() for device, _ in locks)
-        on_btrfs = any(mount.file_system == "btrfs" and mount.device_number in devices for mount in mounts)
-        return cls(by_inode, devices, tuple(mounts) if on_btrfs else ())
+        return cls(by_inode, devices).with_mounts(mounts)
+
+    def with_mounts(self, mounts: Sequence[Mount]) -> OtherLocks:
+        """These locks with the mount table, kept only if some lock is on a btrfs file system of it."""
+        on_btrfs = any(
+            mount.file_system == "btrfs" and mount.device_number in self.devices for mount in mounts
+        )
+        return OtherLocks(self.by_inode, self.devices, tuple(mounts) if on_btrfs else ())
 
     def holder(self, device: int, inode: int, path: str | None = None) -> int | None:
         """The pid holding a lock on (device, inode) (0: unknown, outside this pid namespace), or None
@@ -86,7 +92,7 @@ def read_other_locks() -> OtherLocks:
     if text is None:
         return OtherLocks()
     locks = OtherLocks.parse(text, os.getpid())
-    return OtherLocks.parse(text, os.getpid(), read_mount_table()) if locks.by_inode else locks
+    return locks.with_mounts(read_mount_table()) if locks.by_inode else locks
 
 
 def lock_files_of(directory: str) -> list[str]:

@@ -655,11 +655,17 @@ def _keep_resume_point(
     """Keep the whole checkpoint of the kind written last, while the link names one not whole (or not
     there) yet: a kill now leaves that one the run's resume point. Time orders nothing here either; it
     only keeps one more."""
-    latest = max(same_kind, key=lambda position: _written_order(candidates[position]))
+    reason = f"written last before {link.label} moved to {link.target.name}, not whole yet: the resume point"
+    _keep_written_last(same_kind, candidates, ledger, reason)
+
+
+def _keep_written_last(
+    positions: list[int], candidates: list[CheckpointRecord], ledger: _Ledger, reason: str
+) -> None:
+    """Keep the one of ``positions`` written last (mtime, then newness), unless something already
+    keeps it for good (the newest the link lags behind, a pin): one reason is enough."""
+    latest = max(positions, key=lambda position: _written_order(candidates[position]))
     if Hold.PROTECTED not in ledger.holds[latest]:
-        reason = (
-            f"written last before {link.label} moved to {link.target.name}, not whole yet: the resume point"
-        )
         ledger.keep(latest, reason, Hold.PROTECTED)
 
 
@@ -691,12 +697,8 @@ def _keep_written_since_link(
     ]
     if not written_since:
         return
-    latest = max(written_since, key=lambda position: _written_order(candidates[position]))
-    if Hold.PROTECTED in ledger.holds[latest]:
-        return  # already kept as the newest the link lags behind, or pinned
-    ledger.keep(
-        latest, f"written after {link.label} was made: it may be where the link moves next", Hold.PROTECTED
-    )
+    reason = f"written after {link.label} was made: it may be where the link moves next"
+    _keep_written_last(written_since, candidates, ledger, reason)
 
 
 def _written_order(record: CheckpointRecord) -> tuple[int, tuple[int, int, int]]:
