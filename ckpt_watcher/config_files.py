@@ -16,12 +16,12 @@ import errno
 import os
 import re
 import stat
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ckpt_watcher import clocks
 from ckpt_watcher.filesystem import real_path
 from ckpt_watcher.logs import describe_os_error
 from ckpt_watcher.records import FileIdentity
@@ -38,6 +38,9 @@ CONFIG_QUIET_SECONDS = 2.0
 # Values after expanding every alias as often as it is used. Each one costs PyYAML about 0.7 KiB
 # while it is read, so this keeps a config under ~35 MiB; a large real config has a few thousand.
 MAXIMUM_YAML_VALUES = 50_000
+# Changed config files QuietFiles remembers before it forgets those quiet already (one per per-run
+# file changed since start, at most: a bound for a volume of many runs).
+REMEMBERED_QUIET_FILES = 4096
 # Nesting of mappings and lists; real configs nest about ten deep.
 MAXIMUM_YAML_DEPTH = 64
 
@@ -200,10 +203,12 @@ def redact_quoted(message: str) -> str:
 class QuietFiles:
     """Whether a changed config file has been left alone long enough to be read as its writer meant.
 
-    Quiet: modified at least ``CONFIG_QUIET_SECONDS`` ago, or seen unchanged (same identity) for that
-    long by this process's own clock (a modification time in the future, from another machine's
-    clock, then delays it by that much at most). A writer that pauses longer than that mid-file is
-    not caught; nothing short of its close is.
+    Quiet: seen unchanged (same identity) for ``CONFIG_QUIET_SECONDS`` by this process's own
+    monotonic clock. The file's modification time does not count: a writer whose clock is behind
+    (another machine on NFS or Lustre) dates a file still being written as long past, and a stepped
+    wall clock would do the same. A changed file is therefore read at the second look at least that
+    long after the first. A writer that pauses longer than that mid-file is not caught; nothing short
+    of its close is.
 
     A file that is not there is quiet at once, unless ``missing_waits``: then only once it has been
     seen missing for the quiet time by this process's clock, as a file replaced by unlink + create
@@ -220,12 +225,11 @@ class QuietFiles:
         if identity is None and not self.missing_waits:
             self._first_seen.pop(path, None)
             return True
-        if identity is not None and time.time() - identity.mtime_ns / 1e9 >= self.quiet_seconds:
-            self._first_seen.pop(path, None)
-            return True
-        now = time.monotonic()
+        now = clocks.watcher_clock()
         seen = self._first_seen.get(path)
         if seen is None or seen[0] != identity:
+            if len(self._first_seen) >= REMEMBERED_QUIET_FILES:
+                self._forget_settled(now)
             self._first_seen[path] = (identity, now)
             return False
         if now - seen[1] < self.quiet_seconds:
@@ -233,3 +237,10 @@ class QuietFiles:
         if identity is None:
             del self._first_seen[path]  # gone for good: nothing left to remember about it
         return True
+
+    def _forget_settled(self, now: float) -> None:
+        """Drop the files seen unchanged for the quiet time already (read by now, most of them): one
+        asked about again waits the quiet time once more, which keeps more for a moment, never less."""
+        self._first_seen = {
+            path: seen for path, seen in self._first_seen.items() if now - seen[1] < self.quiet_seconds
+        }

@@ -12,6 +12,7 @@ import pytest
 import structlog
 from structlog.testing import LogCapture
 
+from tests.support.quiet_clock import QuietClock
 from tests.support.s3_server import Bucket, S3Server, environment
 
 
@@ -44,6 +45,14 @@ def captured() -> Iterator[LogCapture]:
     structlog.configure(processors=[capture], cache_logger_on_first_use=False)
     yield capture
     structlog.reset_defaults()
+
+
+@pytest.fixture
+def quiet_clock(monkeypatch: pytest.MonkeyPatch) -> QuietClock:
+    """The clock this process measures quiet times on (``clocks.watcher_clock``), moved by the test."""
+    clock = QuietClock()
+    monkeypatch.setattr("ckpt_watcher.clocks.watcher_clock", clock)
+    return clock
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,8 @@ from ckpt_watcher.policy import load_policy
 from ckpt_watcher.policy_file import ReloadResult
 from ckpt_watcher.protection import ProtectionRegistry
 from ckpt_watcher.reconcile import Reconciler, Trigger, prune_once
-from tests.support.factories import best_name, step_name, write_checkpoint, write_settled
+from tests.support.factories import best_name, step_name, write_checkpoint
+from tests.support.quiet_clock import QuietClock
 
 
 def _core(root: Path, outcomes: list[ReloadResult] | None = None) -> Reconciler:
@@ -56,7 +57,9 @@ def test_kept_overall_counts_the_groups_an_event_pass_did_not_cover(tmp_path: Pa
     assert core.run(Trigger.RESCAN).kept_overall.checkpoints == {"step": 5 + 3}
 
 
-def test_refused_per_run_files_are_counted_until_fixed_and_each_outcome_reported_once(tmp_path: Path) -> None:
+def test_refused_per_run_files_are_counted_until_fixed_and_each_outcome_reported_once(
+    tmp_path: Path, quiet_clock: QuietClock
+) -> None:
     _seed(tmp_path / "run", range(100, 300, 100))
     override = tmp_path / "run" / ".ckpt-watcher.yaml"
     override.write_text("save_top_k_checkpoints: 1\n")
@@ -64,10 +67,14 @@ def test_refused_per_run_files_are_counted_until_fixed_and_each_outcome_reported
     core = _core(tmp_path, outcomes)
     assert core.run(Trigger.STARTUP).refused_overrides == 0
 
-    write_settled(override, "save_top_k_checkpoints: [\n")  # edits, each left alone a while
+    override.write_text("save_top_k_checkpoints: [\n")  # edits, each read once left alone a while
+    assert core.run(Trigger.EVENT, {tmp_path / "run"}).refused_overrides == 0, "not read yet"
+    quiet_clock.pass_quiet_time()
     assert core.run(Trigger.EVENT, {tmp_path / "run"}).refused_overrides == 1
     assert core.run(Trigger.RESCAN).refused_overrides == 1, "read once: refused until it changes"
-    write_settled(override, "save_top_k_checkpoints: 2\n")
+    override.write_text("save_top_k_checkpoints: 2\n")
+    core.run(Trigger.EVENT, {tmp_path / "run"})
+    quiet_clock.pass_quiet_time()
     assert core.run(Trigger.EVENT, {tmp_path / "run"}).refused_overrides == 0
 
     assert outcomes == [ReloadResult.REJECTED, ReloadResult.APPLIED]

@@ -19,8 +19,9 @@ from ckpt_watcher.protection import ProtectionRegistry, read_config_protection
 from ckpt_watcher.reconcile import Reconciler, Trigger
 from tests.support.cli import WITHOUT_READ_OVERRIDE, assert_clean_exit, cli_command, prune_entries, run_cli
 from tests.support.daemon import running_daemon, wait_until
-from tests.support.factories import step_name, write_checkpoint, write_settled
+from tests.support.factories import step_name, write_backdated, write_checkpoint
 from tests.support.hostile_trees import bind, mount_namespace, mount_namespace_reason
+from tests.support.quiet_clock import QuietClock
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -386,7 +387,7 @@ class TestWatch:
         next pass deleted it. Until the file is quiet, its pins stay."""
         run, config, policy = _layout(tmp_path, "")
         resume_line = f'ckpt_path: "{RUN}/{RESUME}"\n'
-        write_settled(config, "model: llada-8b\n" + resume_line)
+        write_backdated(config, "model: llada-8b\n" + resume_line)
         arguments = ["watch", "checkpoint", "--policy", str(policy), "--settle", "0"]
         with running_daemon(arguments, tmp_path / "log", cwd=tmp_path) as daemon:
             daemon.wait_ready()
@@ -526,7 +527,7 @@ class TestWatch:
         root = tmp_path / "checkpoint"
         run = root / "run"
         written = _steps(run, [100, 200, 300, 400, 500])
-        override = write_settled(run / ".ckpt-watcher.yaml", "save_top_k_checkpoints: 10\n")
+        override = write_backdated(run / ".ckpt-watcher.yaml", "save_top_k_checkpoints: 10\n")
         policy = tmp_path / "policy.yaml"
         policy.write_text("save_top_k_checkpoints: 1\n")
         arguments = ["watch", str(root), "--policy", str(policy), "--settle", "0"]
@@ -559,8 +560,8 @@ class TestWatch:
         run1, run2 = root / "a" / "run1", root / "run2"
         written = _steps(run2, [100, 200])
         run1.mkdir(parents=True)
-        write_settled(run1 / ".ckpt-watcher.yaml", "protect_from: [train.yaml]\n")
-        write_settled(run1 / "train.yaml", f"pretrained_ckpt_path: ../../run2/{written[0]}\n")
+        write_backdated(run1 / ".ckpt-watcher.yaml", "protect_from: [train.yaml]\n")
+        write_backdated(run1 / "train.yaml", f"pretrained_ckpt_path: ../../run2/{written[0]}\n")
         policy = tmp_path / "policy.yaml"
         policy.write_text("save_top_k_checkpoints: 1\n")
         arguments = ("watch", str(root), "--policy", str(policy), "--settle", "0", "--rescan", "1")
@@ -793,7 +794,7 @@ def test_a_held_config_deleted_or_fixed_releases_every_group_at_once(
 
 
 def test_a_held_config_no_policy_names_any_more_releases_every_group(
-    tmp_path: Path, captured: LogCapture
+    tmp_path: Path, captured: LogCapture, quiet_clock: QuietClock
 ) -> None:
     """run-b's per-run file named an unreadable config, holding every group; it is edited to name
     none. The event pass over run-b releases it, and run-a (held, outside that pass) is due again at
@@ -808,7 +809,9 @@ def test_a_held_config_no_policy_names_any_more_releases_every_group(
     policy.write_text("save_top_k_checkpoints: 2\n")
     core = _core(root, policy)
     assert core.run(Trigger.STARTUP).deleted == 0
-    write_settled(run_b / ".ckpt-watcher.yaml", "save_top_k_checkpoints: 2\n")
+    (run_b / ".ckpt-watcher.yaml").write_text("save_top_k_checkpoints: 2\n")
+    assert core.run(Trigger.EVENT, [run_b]).deleted == 0  # just edited: the hold stays meanwhile
+    quiet_clock.pass_quiet_time()
 
     core.run(Trigger.EVENT, [run_b])
     assert _names(run_b) == set(written_b[2:])

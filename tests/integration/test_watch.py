@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from ckpt_watcher.lock import PROC_LOCKS, holder_in_proc_locks
+from ckpt_watcher.session import ROOT_CHECK_INTERVAL
 from tests.support.cli import WITHOUT_READ_OVERRIDE, cli_command, run_cli
 from tests.support.daemon import DaemonProcess, only_child, running_daemon, wait_until
 from tests.support.factories import (
@@ -428,6 +429,35 @@ class TestPolicyReload:
 
             daemon.wait_for("policy_reloaded")
             wait_until(lambda: len(_names(root)) == 3)
+
+    def test_a_half_written_edit_dated_long_past_is_read_only_once_left_alone(
+        self, root: Path, tmp_path: Path
+    ) -> None:
+        """A policy re-saved in place by a writer whose clock is behind (another machine on NFS) is
+        dated long past while it is written. Taken as quiet by that time, the partial file was read at
+        the daemon's next look, and its default (5 step checkpoints) deleted 3 that the policy keeps.
+        An edit is read once the daemon's own clock has seen it unchanged for the quiet time."""
+        policy = _write_policy(tmp_path / "policy.yaml", "save_top_k_best: 20\nsave_top_k_checkpoints: 10\n")
+        _steps(root, range(100, 900, 100))
+        long_past = time.time() - 3600
+        with running_daemon(["watch", str(root), "--policy", str(policy)], tmp_path / "log") as daemon:
+            daemon.wait_ready()
+            with policy.open("r+") as stream:
+                stream.truncate(0)
+                stream.write("save_top_k_best: 20\n")  # half-way: the count key not written yet
+                stream.flush()
+                os.utime(policy, (long_past, long_past))
+                time.sleep(2 * ROOT_CHECK_INTERVAL)  # the writer's pause: the daemon looks meanwhile
+                stream.write("save_top_k_checkpoints: 6\n")
+            os.utime(policy, (long_past + 1, long_past + 1))
+
+            reloaded = daemon.wait_for("policy_reloaded")[0]
+            wait_until(lambda: len(_names(root)) == 6)
+            assert daemon.stop() == 0
+        assert reloaded["changes"] == {"save_top_k_checkpoints": {"old": 10, "new": 6}}
+        assert len(daemon.events("policy_reloaded")) == 1
+        deleted = {Path(record["path"]).name for record in daemon.events("checkpoint_deleted")}
+        assert deleted == {step_name(0, 100), step_name(0, 200)}
 
     def test_invalid_edit_is_rejected_and_the_old_policy_stays(self, root: Path, tmp_path: Path) -> None:
         policy = _write_policy(tmp_path / "policy.yaml", "save_top_k_checkpoints: 3\n")

@@ -112,9 +112,10 @@ def directory_checkpoint(
     return path
 
 
-def write_settled(path: Path, text: str) -> Path:
-    """Write a config file as its writer left it a while ago (modified before CONFIG_QUIET_SECONDS):
-    the daemon reads an edit only once it has been left alone that long (config_files.QuietFiles)."""
+def write_backdated(path: Path, text: str) -> Path:
+    """Write a file dated well before CONFIG_QUIET_SECONDS ago, as a writer whose clock is behind
+    (another machine) dates one it is still writing: its time never makes a config edit quiet, only
+    the daemon's own clock does (config_files.QuietFiles; tests drive it with ``quiet_clock``)."""
     path.write_text(text)
     stamp = time.time_ns() - int((CONFIG_QUIET_SECONDS + 5) * 1e9)
     os.utime(path, ns=(stamp, stamp))

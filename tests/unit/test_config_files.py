@@ -11,6 +11,7 @@ import pytest
 from ckpt_watcher.config_files import (
     CONFIG_QUIET_SECONDS,
     MAXIMUM_CONFIG_BYTES,
+    REMEMBERED_QUIET_FILES,
     ConfigFileError,
     QuietFiles,
     parse_yaml,
@@ -19,6 +20,7 @@ from ckpt_watcher.config_files import (
 )
 from ckpt_watcher.config_yaml import BoundedLoader, YamlLimitError
 from ckpt_watcher.records import FileIdentity
+from tests.support.quiet_clock import QuietClock
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -118,20 +120,53 @@ def _identity_aged(path: Path, seconds: float) -> FileIdentity:
 
 
 @pytest.mark.parametrize(
-    ("age", "quiet"),
-    [
-        (CONFIG_QUIET_SECONDS + 0.5, True),
-        (3600.0, True),
-        (0.0, False),
-        (CONFIG_QUIET_SECONDS / 2, False),
-        (-60, False),
-    ],
+    "age",
+    [CONFIG_QUIET_SECONDS + 0.5, 3600.0, 0.0, CONFIG_QUIET_SECONDS / 2, -60],
     ids=["just-quiet", "old", "now", "half-way", "in-the-future"],
 )
-def test_a_config_is_quiet_once_modified_long_enough_ago(tmp_path: Path, age: float, quiet: bool) -> None:
+def test_a_changed_config_is_quiet_only_once_seen_unchanged_for_the_quiet_time_whatever_its_mtime(
+    tmp_path: Path, quiet_clock: QuietClock, age: float
+) -> None:
+    """Its time is the writer's clock: one behind (another machine) dates a file still being written
+    as long past. Only this process's clock counts, from the first look."""
     config = tmp_path / "train.yaml"
     config.write_text("ckpt_path: a.ckpt\n")
-    assert QuietFiles().quiet(config, _identity_aged(config, age)) is quiet
+    identity = _identity_aged(config, age)
+    files = QuietFiles()
+
+    answers = [files.quiet(config, identity)]
+    quiet_clock.now += CONFIG_QUIET_SECONDS / 2
+    answers.append(files.quiet(config, identity))
+    quiet_clock.now += CONFIG_QUIET_SECONDS / 2
+    answers.append(files.quiet(config, identity))
+    answers.append(files.quiet(config, identity))  # asked again: still quiet
+
+    assert answers == [False, False, True, True]
+
+
+def test_files_quiet_already_are_forgotten_past_the_bound_and_then_wait_once_more(
+    tmp_path: Path, quiet_clock: QuietClock
+) -> None:
+    """A volume of many runs changes many per-run files: what is remembered stays bounded, and a file
+    forgotten waits the quiet time again (keeps more for a moment, never less)."""
+    files = QuietFiles()
+    identities = {}
+    for number in range(REMEMBERED_QUIET_FILES):
+        config = tmp_path / f"run{number}.yaml"
+        config.write_text("save_top_k_best: 3\n")
+        identities[config] = FileIdentity.of_path(config)
+        files.quiet(config, identities[config])
+    quiet_clock.pass_quiet_time()
+    first = tmp_path / "run0.yaml"
+    assert files.quiet(first, identities[first])
+    newest = tmp_path / "newest.yaml"
+    newest.write_text("save_top_k_best: 3\n")
+
+    answers = [files.quiet(newest, FileIdentity.of_path(newest)), files.quiet(first, identities[first])]
+    quiet_clock.pass_quiet_time()
+    answers.append(files.quiet(first, identities[first]))
+
+    assert answers == [False, False, True]
 
 
 def test_no_file_is_quiet(tmp_path: Path) -> None:
@@ -139,49 +174,45 @@ def test_no_file_is_quiet(tmp_path: Path) -> None:
 
 
 def test_with_missing_waits_a_file_is_quiet_once_missing_for_the_quiet_time(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, quiet_clock: QuietClock
 ) -> None:
     """A file replaced by unlink + create is missing for a moment: its absence is quiet only once it
     has lasted the quiet time by this process's clock; a file that is back meanwhile starts over."""
-    clock = [1000.0]
-    monkeypatch.setattr("ckpt_watcher.config_files.time.monotonic", lambda: clock[0])
     config = tmp_path / "train.yaml"
     files = QuietFiles(missing_waits=True)
 
     answers = [files.quiet(config, None)]
-    clock[0] += CONFIG_QUIET_SECONDS / 2
+    quiet_clock.now += CONFIG_QUIET_SECONDS / 2
     answers.append(files.quiet(config, None))
     config.write_text("ckpt_path: a.ckpt\n")  # back, just written
     answers.append(files.quiet(config, _identity_aged(config, 0.0)))
     config.unlink()  # missing again: the wait starts over
     answers.append(files.quiet(config, None))
-    clock[0] += CONFIG_QUIET_SECONDS / 2
+    quiet_clock.now += CONFIG_QUIET_SECONDS / 2
     answers.append(files.quiet(config, None))
-    clock[0] += CONFIG_QUIET_SECONDS / 2
+    quiet_clock.now += CONFIG_QUIET_SECONDS / 2
     answers.append(files.quiet(config, None))
 
     assert answers == [False, False, False, False, False, True]
 
 
 def test_a_file_seen_unchanged_long_enough_is_quiet_whatever_its_time_says(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, quiet_clock: QuietClock
 ) -> None:
     """A modification time in the future (another machine's clock) delays a read by the quiet time of
     this process's own clock at most; a change meanwhile starts the wait again."""
-    clock = [1000.0]
-    monkeypatch.setattr("ckpt_watcher.config_files.time.monotonic", lambda: clock[0])
     config = tmp_path / "train.yaml"
     config.write_text("ckpt_path: a.ckpt\n")
     files = QuietFiles()
     future = _identity_aged(config, -3600)
 
     answers = [files.quiet(config, future)]
-    clock[0] += CONFIG_QUIET_SECONDS / 2
+    quiet_clock.now += CONFIG_QUIET_SECONDS / 2
     answers.append(files.quiet(config, future))
     config.write_text("ckpt_path: b.ckpt\n")  # changed again: the wait starts over
     changed = _identity_aged(config, -3600)
     answers.append(files.quiet(config, changed))
-    clock[0] += CONFIG_QUIET_SECONDS
+    quiet_clock.now += CONFIG_QUIET_SECONDS
     answers.append(files.quiet(config, changed))
 
     assert answers == [False, False, False, True]

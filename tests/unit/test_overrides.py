@@ -18,9 +18,10 @@ from ckpt_watcher.config_files import CONFIG_QUIET_SECONDS
 from ckpt_watcher.overrides import OVERRIDE_FILE_NAME, RETRY_SECONDS, PolicyTree
 from ckpt_watcher.policy import LoadedPolicy, Policy, load_policy
 from ckpt_watcher.policy_file import PolicyFile
-from tests.support.factories import write_settled
+from tests.support.factories import write_backdated
 from tests.support.hostile_configs import FlakyConfigFiles, sequence_bomb
 from tests.support.hostile_trees import make_fifo
+from tests.support.quiet_clock import QuietClock
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -112,14 +113,14 @@ def test_deep_overrides_still_apply_key_by_key(root: Path) -> None:
     assert len(deepest.sources) == 4
 
 
-def test_an_edit_is_seen_where_it_is_made_and_below(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_edit_is_seen_where_it_is_made_and_below(root: Path, quiet_clock: QuietClock) -> None:
     levels = chain(root, 5)
     tree = default_tree(root)
     for directory in levels:
         tree.for_directory(directory)
     override = levels[2] / OVERRIDE_FILE_NAME
 
-    write_settled(override, "save_top_k_checkpoints: 1\n")  # each edit left alone a while
+    override.write_text("save_top_k_checkpoints: 1\n")  # a new file: read at once
     at_the_file = tree.for_directory(levels[2])
     below = tree.for_directory(levels[5])
     above = tree.for_directory(levels[1])
@@ -130,17 +131,17 @@ def test_an_edit_is_seen_where_it_is_made_and_below(root: Path, monkeypatch: pyt
     assert (at_the_file.policy.save_top_k_checkpoints, below.policy.save_top_k_checkpoints) == (1, 1)
     assert above.policy.save_top_k_checkpoints == 5
 
-    write_settled(override, "save_top_k_checkpoints: 3\n")
+    override.write_text("save_top_k_checkpoints: 3\n")  # an edit: read once seen left alone a while
+    tree.for_directory(levels[2])
+    quiet_clock.pass_quiet_time()
     tree.for_directory(levels[2])
     again = tree.for_directory(levels[4])
     assert again is not None
     assert again.policy.save_top_k_checkpoints == 3
 
-    clock = [1000.0]
-    monkeypatch.setattr("ckpt_watcher.config_files.time.monotonic", lambda: clock[0])
     override.unlink()  # it applies until it has been missing for the quiet time
     tree.for_directory(levels[2])
-    clock[0] += CONFIG_QUIET_SECONDS
+    quiet_clock.pass_quiet_time()
     tree.for_directory(levels[2])
     gone = tree.for_directory(levels[5])
     assert gone is not None
@@ -411,7 +412,7 @@ def test_the_root_policy_alone_is_taken_as_validated(root: Path, tmp_path: Path)
 
 
 def test_an_edit_whose_read_failed_for_now_is_read_again_later(
-    root: Path, monkeypatch: pytest.MonkeyPatch
+    root: Path, monkeypatch: pytest.MonkeyPatch, quiet_clock: QuietClock
 ) -> None:
     """An edit of a per-run file (an object in a bucket) whose read got a 503 was remembered as read:
     the old policy stayed in force until the file changed again. It is read again once RETRY_SECONDS
@@ -423,7 +424,9 @@ def test_an_edit_whose_read_failed_for_now_is_read_again_later(
     files = FlakyConfigFiles(failures=0)
     tree = PolicyTree(root, load_policy(None), strict=False, files=files)
     assert _top_k(tree, run) == 2
-    write_settled(override, "save_top_k_checkpoints: 9\n")  # an edit raising retention
+    override.write_text("save_top_k_checkpoints: 9\n")  # an edit raising retention
+    assert _top_k(tree, run) == 2  # not read yet: just changed
+    quiet_clock.pass_quiet_time()
     files.failures = files.reads + 2
     clock = [1000.0]
     monkeypatch.setattr("ckpt_watcher.overrides.time.monotonic", lambda: clock[0])
@@ -464,42 +467,49 @@ def test_an_edit_that_is_still_invalid_the_same_way_is_logged_again(root: Path) 
     assert [log["event"] for log in logs if log["event"] == "policy_rejected"] == ["policy_rejected"] * 2
 
 
-def test_a_per_run_file_being_rewritten_keeps_its_last_contents_until_quiet(root: Path) -> None:
+def test_a_per_run_file_being_rewritten_keeps_its_last_contents_until_quiet(
+    root: Path, quiet_clock: QuietClock
+) -> None:
     """A per-run file re-saved in place is empty, then partial, for a moment: read then, its keys fell
     back to the root policy's (keeping less). The daemon keeps its last good contents until the edit
-    is quiet and asks for the directory again then; a one-shot prune reads it as it is."""
+    has been seen unchanged for the quiet time (its mtime does not count: a writer whose clock is
+    behind dates it long past) and asks for the directory again then; a one-shot prune reads it as
+    it is."""
     run = root / "run"
     run.mkdir()
-    override = write_settled(run / OVERRIDE_FILE_NAME, "save_top_k_best: 2\nsave_top_k_checkpoints: 50\n")
+    override = run / OVERRIDE_FILE_NAME
+    override.write_text("save_top_k_best: 2\nsave_top_k_checkpoints: 50\n")
     tree = default_tree(root)
     strict = default_tree(root, strict=True)
     assert (_top_k(tree, run), _top_k(strict, run)) == (50, 50)
 
-    override.write_text("save_top_k_best: 2\n")  # half-way: the count key not written yet
+    write_backdated(override, "save_top_k_best: 2\n")  # half-way (the count key not written yet)
     while_written = (_top_k(tree, run), _top_k(strict, run))
     due = tree.settling.take()
-    write_settled(override, "save_top_k_checkpoints: 40\n")  # written, and left alone since
+    override.write_text("save_top_k_checkpoints: 40\n")  # written whole
+    at_the_first_look = _top_k(tree, run)
+    due_again = tree.settling.take()
+    quiet_clock.pass_quiet_time()
 
     assert while_written == (50, 5)
-    assert list(due) == [run]
+    assert list(due) == list(due_again) == [run]
+    assert at_the_first_look == 50
     assert _top_k(tree, run) == 40
     assert tree.settling.take() == {}
 
 
 def test_a_per_run_file_missing_for_a_moment_keeps_its_last_contents_until_gone_for_the_quiet_time(
-    root: Path, monkeypatch: pytest.MonkeyPatch
+    root: Path, quiet_clock: QuietClock
 ) -> None:
     """``rm && cp`` (or a git checkout) replaces a per-run file: it is missing for a moment, and read
     then, the directory fell back to the root policy at once (keeping less). Its last contents stay
     until it has been missing for the quiet time, and the directory is due again then (no event may
     come); a file never valid keeps blocking meanwhile. A one-shot prune reads the tree as it is."""
-    clock = [1000.0]
-    monkeypatch.setattr("ckpt_watcher.config_files.time.monotonic", lambda: clock[0])
     run, bad = root / "run", root / "bad"
     run.mkdir()
     bad.mkdir()
-    override = write_settled(run / OVERRIDE_FILE_NAME, "save_top_k_checkpoints: 50\n")
-    invalid = write_settled(bad / OVERRIDE_FILE_NAME, "save_top_k_checkpoints: lots\n")
+    override = write_backdated(run / OVERRIDE_FILE_NAME, "save_top_k_checkpoints: 50\n")
+    invalid = write_backdated(bad / OVERRIDE_FILE_NAME, "save_top_k_checkpoints: lots\n")
     tree = default_tree(root)
     strict = default_tree(root, strict=True)
     assert (_top_k(tree, run), tree.for_directory(bad), _top_k(strict, run)) == (50, None, 50)
@@ -510,10 +520,10 @@ def test_a_per_run_file_missing_for_a_moment_keeps_its_last_contents_until_gone_
     with capture_logs() as logs:
         while_missing = (_top_k(tree, run), tree.for_directory(bad))
         due = tree.settling.take()
-        clock[0] += CONFIG_QUIET_SECONDS / 2
+        quiet_clock.now += CONFIG_QUIET_SECONDS / 2
         override.write_text("save_top_k_checkpoints: 50\n")  # back, just written: read once quiet
         half_way = (_top_k(tree, run), tree.for_directory(bad))
-        clock[0] += CONFIG_QUIET_SECONDS
+        quiet_clock.now += CONFIG_QUIET_SECONDS
         back = _top_k(tree, run)
         gone = tree.for_directory(bad)
     assert (while_missing, read_as_it_is) == ((50, None), 5)
@@ -526,22 +536,31 @@ def test_a_per_run_file_missing_for_a_moment_keeps_its_last_contents_until_gone_
 
     override.unlink()  # gone for good: the root policy, once it has been missing for the quiet time
     answers = [_top_k(tree, run)]
-    clock[0] += CONFIG_QUIET_SECONDS
+    quiet_clock.now += CONFIG_QUIET_SECONDS
     with capture_logs() as logs:
         answers.append(_top_k(tree, run))
     assert answers == [50, 5]
     assert [log["event"] for log in logs] == ["policy_override_removed"]
 
 
-def test_a_policy_file_being_rewritten_is_reloaded_once_quiet(tmp_path: Path) -> None:
-    path = write_settled(tmp_path / "policy.yaml", "save_top_k_best: 10\n")
+def test_a_policy_file_being_rewritten_is_reloaded_once_quiet(
+    tmp_path: Path, quiet_clock: QuietClock
+) -> None:
+    """Reloaded once seen unchanged for the quiet time, whatever its mtime says: a writer whose clock
+    is behind (NFS) dates the truncated file long past, and its defaults keep less."""
+    path = tmp_path / "policy.yaml"
+    path.write_text("save_top_k_best: 10\n")
     policy = PolicyFile(path, load_policy(path))
 
-    path.write_text("")  # truncated by its writer
-    changed_while_written = policy.changed_on_disk()
-    write_settled(path, "save_top_k_best: 10\nsave_top_k_checkpoints: 7\n")
+    write_backdated(path, "")  # truncated by its writer
+    changed_while_written = [policy.changed_on_disk()]
+    quiet_clock.now += CONFIG_QUIET_SECONDS / 2
+    changed_while_written.append(policy.changed_on_disk())
+    path.write_text("save_top_k_best: 10\nsave_top_k_checkpoints: 7\n")
+    changed_while_written.append(policy.changed_on_disk())
+    quiet_clock.pass_quiet_time()
 
-    assert not changed_while_written
+    assert changed_while_written == [False, False, False]
     assert policy.changed_on_disk()
     assert policy.reload()
     assert policy.loaded.policy.save_top_k_checkpoints == 7

@@ -21,9 +21,10 @@ from ckpt_watcher.protection import (
     read_config_protection,
 )
 from ckpt_watcher.records import CheckpointRecord, FileIdentity
-from tests.support.factories import make_record, step_name, write_settled
+from tests.support.factories import make_record, step_name, write_backdated
 from tests.support.hostile_configs import FlakyConfigFiles, alias_bomb, deep_block, merge_bomb
 from tests.support.hostile_trees import make_fifo
+from tests.support.quiet_clock import QuietClock
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -384,21 +385,24 @@ def test_a_config_that_is_a_dangling_symlink_holds(tmp_path: Path) -> None:
 # --- a config re-saved in place, read while it is being written -----------------------------------
 
 
-def test_a_config_being_rewritten_only_adds_pins_until_it_is_quiet(tmp_path: Path) -> None:
+def test_a_config_being_rewritten_only_adds_pins_until_it_is_quiet(
+    tmp_path: Path, quiet_clock: QuietClock
+) -> None:
     """A training config re-saved in place (open "w", then write) is empty, then partial, for a
-    moment: read then, its resume source was unpinned and deleted by the next pass. Until the edit is
-    quiet, the pins read before stay and what the partial file names is added."""
-    config = write_settled(tmp_path / "train.yaml", "model: {lr: 0.1}\nckpt_path: a.ckpt\n")
+    moment: read then, its resume source was unpinned and deleted by the next pass. Until the edit has
+    been seen unchanged for the quiet time (its mtime does not count: a writer whose clock is behind
+    dates it long past), the pins read before stay and what the partial file names is added."""
+    config = write_config(tmp_path, "model: {lr: 0.1}\nckpt_path: a.ckpt\n")
     registry = ProtectionRegistry(tmp_path)
     registry.refresh({config: "train.yaml"})
     assert set(registry.pins()) == {tmp_path / "a.ckpt"}
 
-    config.write_text("")  # truncated by the writer, not yet written
+    write_backdated(config, "")  # truncated by the writer, not yet written
     changed_empty = registry.refresh({config: "train.yaml"})
-    config.write_text("model: {lr: 0.1}\npretrained_ckpt_path: b.ckpt\n")  # half-way: a new key
+    write_backdated(config, "model: {lr: 0.1}\npretrained_ckpt_path: b.ckpt\n")  # half-way: a new key
     changed_partial = registry.refresh({config: "train.yaml"})
     pins_while_written = set(registry.pins())
-    write_settled(config, "model: {lr: 0.1}\npretrained_ckpt_path: b.ckpt\n")  # done, left alone
+    quiet_clock.pass_quiet_time()  # done, and left alone since
     with capture_logs() as logs:
         registry.refresh({config: "train.yaml"})
 
@@ -409,7 +413,7 @@ def test_a_config_being_rewritten_only_adds_pins_until_it_is_quiet(tmp_path: Pat
 
 
 def test_a_one_shot_prune_reads_a_config_as_it_is(tmp_path: Path) -> None:
-    config = write_settled(tmp_path / "train.yaml", "ckpt_path: a.ckpt\n")
+    config = write_backdated(tmp_path / "train.yaml", "ckpt_path: a.ckpt\n")
     registry = ProtectionRegistry(tmp_path)
     registry.refresh({config: "train.yaml"}, strict=True)
     config.write_text("ckpt_path: b.ckpt\n")  # just written: prune does not wait for it
