@@ -356,6 +356,14 @@ class TreeSummary:
     top_file_mtimes: dict[str, int] = field(default_factory=dict)
     mount_points: list[str] = field(default_factory=list)
     identity: EntryStatus | None = None
+    # Every entry counted, and the sum of their times: with ``bytes``, what changes whenever anything
+    # in it is written, created or removed, whatever clock dated it (``signature``).
+    entries: int = 0
+    mtime_sum_ns: int = 0
+
+    def signature(self) -> tuple[int, int, int]:
+        """What a writer still at work in it changes (a file's size, any time, an entry's coming)."""
+        return (self.entries, self.bytes, self.mtime_sum_ns)
 
 
 def _open_top(name: str, dir_fd: int | None, follow_symlinks: bool) -> tuple[int, EntryStatus]:
@@ -424,6 +432,8 @@ def _summarize_here(
         except FileNotFoundError:
             continue
         summary.newest_mtime_ns = max(summary.newest_mtime_ns, status.mtime_ns)
+        summary.entries += 1
+        summary.mtime_sum_ns += status.mtime_ns
         if stat.S_ISLNK(status.mode):
             continue
         if cursor.boundary.crosses(status, cursor.fd, name):

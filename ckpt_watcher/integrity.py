@@ -23,9 +23,10 @@ import struct
 import threading
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
+from ckpt_watcher import clocks
 from ckpt_watcher.filesystem import (
     DIRECTORY_FLAGS,
     NotRegularFileError,
@@ -645,6 +646,9 @@ class DirectoryVerdict:
     layout: str | None
     bytes: int
     names_best: str | None = None  # the name of the checkpoint its trainer_state.json calls the best
+    # What changes while anything in it is written (TreeSummary.signature), for a long-lived scanner
+    # to judge quiet by its own clock; None if it could not be walked.
+    signature: tuple[int, int, int] | None = None
 
 
 def _directory_layout(entries: set[str], name: str) -> tuple[str | None, str | None]:
@@ -700,15 +704,15 @@ def check_directory(
     verdict = judge_directory(
         summary.top_entries, name, summary.newest_mtime_ns, total, quiet_seconds=quiet_seconds, now=now
     )
+    signature = summary.signature()
     if verdict.completeness.complete:
         known = _KnownTrainerState(trainer_states, name, now) if trainer_states is not None else None
         doubt, names_best = _marker_doubt(summary, verdict.layout, path, dir_fd, known)
         if doubt is not None:
-            return DirectoryVerdict(
-                Completeness(False, doubt, transient=True, suspicious=True), verdict.layout, total
-            )
-        return DirectoryVerdict(verdict.completeness, verdict.layout, total, names_best)
-    return verdict
+            doubtful = Completeness(False, doubt, transient=True, suspicious=True)
+            return DirectoryVerdict(doubtful, verdict.layout, total, signature=signature)
+        return DirectoryVerdict(verdict.completeness, verdict.layout, total, names_best, signature)
+    return replace(verdict, signature=signature)
 
 
 def _marker_doubt(
@@ -859,6 +863,53 @@ def _trainer_state_identity(status: os.stat_result) -> bytes:
     return _TRAINER_STATE_IDENTITY.pack(
         status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns, status.st_ctime_ns
     )
+
+
+class SeenUnchanged:
+    """How long this process has seen each directory checkpoint of one group unchanged (its
+    ``TreeSummary.signature``, on ``clocks.watcher_clock``): a long-lived scanner counts one only once
+    that is its quiet time too. Its files' times are its writers' clocks: ranks on a host whose clock
+    is behind (NFS, Lustre) date files they are still writing long past, and this machine's wall clock
+    may step forward; either way a checkpoint still being written counted, and pushed out the older
+    whole one. Held by scan.CompletenessCache; ``retain`` drops the checkpoints a scan no longer sees."""
+
+    __slots__ = ("_since",)
+
+    def __init__(self) -> None:
+        self._since: dict[str, tuple[tuple[int, int, int], float]] = {}
+
+    def judge(
+        self,
+        name: str,
+        verdict: DirectoryVerdict,
+        completeness: Completeness,
+        *,
+        quiet_seconds: float,
+        now: float,
+    ) -> Completeness:
+        """``completeness`` (the verdict by its files' times), unless this process has not yet seen
+        the checkpoint unchanged for ``quiet_seconds``: then not whole yet, due again when it will
+        have (``now`` is the scan's wall-clock time, for ``settles_at``)."""
+        if verdict.signature is None:
+            return completeness
+        clock = clocks.watcher_clock()
+        seen = self._since.get(name)
+        if seen is None or seen[0] != verdict.signature:
+            seen = (verdict.signature, clock)
+            self._since[name] = seen
+        watched = clock - seen[1]
+        if not completeness.complete or watched >= quiet_seconds:
+            return completeness
+        reason = (
+            f"seen unchanged for {watched:.1f} s of its quiet time {quiet_seconds:g} s by this watcher's "
+            "clock (its files' times alone may come from a writer's clock behind)"
+        )
+        return Completeness(False, reason, settles_at=now + quiet_seconds - watched, transient=True)
+
+    def retain(self, checkpoints: Iterable[str]) -> None:
+        """Keep only the entries of these checkpoints (the names a scan of the group found)."""
+        if self._since:
+            self._since = {name: self._since[name] for name in checkpoints if name in self._since}
 
 
 class TrainerStates:

@@ -35,6 +35,7 @@ from ckpt_watcher.integrity import (
     COMPLETE,
     DIRECTORY_QUIET_SECONDS,
     Completeness,
+    SeenUnchanged,
     TrainerStates,
     check_directory,
     check_file,
@@ -106,7 +107,9 @@ class ScanOptions:
     very version (an earlier pass saw it closed), or the cache already judged this very file (same
     device, inode, size, mtime). ``now`` is the wall-clock time to compare mtimes with (the
     caller's, so tests can fix it). ``verify`` is the policy's ``zip``, ``crc`` or ``load``. A directory
-    checkpoint counts once nothing in it changed for ``directory_quiet_seconds`` (or the settle time).
+    checkpoint counts once nothing in it changed for ``directory_quiet_seconds`` (or the settle time):
+    by its files' times, and with a cache (the daemon) also as the scanner itself saw it
+    (integrity.SeenUnchanged).
     """
 
     settle_seconds: float = 0.0
@@ -141,6 +144,7 @@ class CompletenessCache:
         # peak of such a pass). Anything that reads the cache first turns it into the dicts.
         self._filling: _Filling | None = None
         self._trainer_states: TrainerStates | None = None  # made for the first directory checkpoint
+        self._seen_unchanged: SeenUnchanged | None = None  # likewise
 
     def _unpack(self) -> None:
         """Back to dicts for a pass (what ``retain`` packed, or what a first pass filled)."""
@@ -179,6 +183,13 @@ class CompletenessCache:
         if self._trainer_states is None:
             self._trainer_states = TrainerStates()
         return self._trainer_states
+
+    def seen_unchanged(self) -> SeenUnchanged:
+        """How long each directory checkpoint of the group has been seen unchanged by this process
+        (integrity.SeenUnchanged)."""
+        if self._seen_unchanged is None:
+            self._seen_unchanged = SeenUnchanged()
+        return self._seen_unchanged
 
     def get(self, identity: FileIdentity, verify: str) -> Completeness | None:
         """The stored verdict on this very file at this verify level, if any."""
@@ -247,6 +258,8 @@ class CompletenessCache:
         records = list(records)
         if self._trainer_states is not None:
             self._trainer_states.retain(record.name for record in records)
+        if self._seen_unchanged is not None:
+            self._seen_unchanged.retain(record.name for record in records)
         if self._filling is not None and self._filling.concerns_only(records):
             filling, self._filling = self._filling, None
             self._packed = (
@@ -631,11 +644,12 @@ class _Group:
     def _directory_completeness(self, name: str) -> tuple[Completeness, int, str | None]:
         """The verdict on a checkpoint-named directory, and the bytes its files hold (ScanStopped if the
         stop comes during its walk)."""
+        quiet_seconds = max(self.options.settle_seconds, self.options.directory_quiet_seconds)
         try:
             verdict = check_directory(
                 name,
                 name,
-                quiet_seconds=max(self.options.settle_seconds, self.options.directory_quiet_seconds),
+                quiet_seconds=quiet_seconds,
                 now=self.now,
                 dir_fd=self.directory_fd,
                 stop=self.stop,
@@ -643,7 +657,11 @@ class _Group:
             )
         except WalkStopped:
             raise ScanStopped(str(self.directory / name)) from None
-        completeness = _with_markers(name, self.markers, None) or verdict.completeness
+        completeness = verdict.completeness
+        if self.cache is not None:  # the daemon: quiet by its own clock too (a one-shot looks once)
+            seen = self.cache.seen_unchanged()
+            completeness = seen.judge(name, verdict, completeness, quiet_seconds=quiet_seconds, now=self.now)
+        completeness = _with_markers(name, self.markers, None) or completeness
         return completeness, verdict.bytes, verdict.names_best
 
     def judge_links(self, records: list[CheckpointRecord]) -> list[CheckpointRecord]:

@@ -17,6 +17,7 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 
 from ckpt_watcher import delete
 from ckpt_watcher.events import Batch, Inbox, ObserverLike, default_observer_factory
+from ckpt_watcher.integrity import DIRECTORY_QUIET_SECONDS
 from ckpt_watcher.naming import Naming
 from ckpt_watcher.overrides import PolicyTree
 from ckpt_watcher.policy import load_policy
@@ -26,6 +27,7 @@ from ckpt_watcher.root import ArmedRoot
 from tests.support.daemon import running_daemon, wait_until
 from tests.support.factories import backdate_tree, directory_checkpoint, step_name, write_checkpoint
 from tests.support.hostile_trees import make_deep_directory, remove_deep
+from tests.support.quiet_clock import QuietClock
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
 
@@ -55,9 +57,9 @@ def _take_until(inbox: Inbox, last: Path) -> Batch:
 
 
 def test_the_events_of_removing_a_deep_directory_checkpoint_are_few_and_cheap(
-    deep_cleanup: Path, monkeypatch: pytest.MonkeyPatch
+    deep_cleanup: Path, monkeypatch: pytest.MonkeyPatch, quiet_clock: QuietClock
 ) -> None:
-    """The daemon deletes a directory checkpoint 1,200 levels deep (the first pass): the events of its
+    """The daemon deletes a directory checkpoint 1,200 levels deep (once seen quiet): the events of its
     own removal are one per entry, made up for no moved entry, all in the one group the checkpoint was
     in, found with a few naming look-ups (not one per ancestor of every path: 720,000 at this depth,
     minutes of the worker's time during which SIGTERM waited)."""
@@ -87,7 +89,9 @@ def test_the_events_of_removing_a_deep_directory_checkpoint_are_few_and_cheap(
             settle_seconds=0,
             one_shot=False,
         )
-        assert reconciler.run(Trigger.STARTUP).deleted == 2
+        assert reconciler.run(Trigger.STARTUP).deleted == 0  # not yet seen unchanged for the quiet time
+        quiet_clock.pass_quiet_time(DIRECTORY_QUIET_SECONDS)
+        assert reconciler.run(Trigger.RESCAN).deleted == 2
         assert not deep.exists()
         sentinel = run / "sentinel.txt"
         sentinel.write_text("after the removals")

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from ckpt_watcher import integrity
+from ckpt_watcher.integrity import DIRECTORY_QUIET_SECONDS
 from ckpt_watcher.overrides import PolicyTree
 from ckpt_watcher.plan import Action
 from ckpt_watcher.policy import load_policy
@@ -19,6 +20,7 @@ from ckpt_watcher.protection import ProtectionRegistry
 from ckpt_watcher.reconcile import Reconciler, Trigger
 from tests.support.cli import events, prune_entries, run_cli, run_python
 from tests.support.factories import backdate_tree, directory_checkpoint, step_name, write_checkpoint
+from tests.support.quiet_clock import QuietClock
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -450,7 +452,7 @@ def _kept(core: Reconciler, trigger: Trigger) -> dict[str, tuple[str, ...]]:
 
 
 def test_the_daemon_reads_a_trainer_state_once_per_version_of_it(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, quiet_clock: QuietClock
 ) -> None:
     # A long run's trainer_state.json is tens of MB (seconds to parse): a daemon reads each one once,
     # not at every pass; saved again (same size, its mtime put back), it is read again and its new
@@ -481,7 +483,9 @@ def test_the_daemon_reads_a_trainer_state_once_per_version_of_it(
         time.sleep(0.1)
     best = "best_model_checkpoint in checkpoint-3000/trainer_state.json (Hugging Face)"
 
-    for trigger in (Trigger.STARTUP, Trigger.RESCAN, Trigger.RESCAN):
+    _kept(core, Trigger.STARTUP)  # each seen once: counted once seen unchanged for the quiet time
+    quiet_clock.pass_quiet_time(DIRECTORY_QUIET_SECONDS)
+    for trigger in (Trigger.RESCAN, Trigger.RESCAN, Trigger.RESCAN):
         kept = _kept(core, trigger)
         assert sorted(kept) == ["checkpoint-1000", "checkpoint-3000"]
         assert kept["checkpoint-1000"] == (best,)
@@ -561,3 +565,50 @@ def test_a_directory_checkpoint_with_no_marker_it_knows_is_kept_and_warned_about
         "no completion marker yet" in record["detail"]
         for record in events(result.stderr, "checkpoint_suspicious")
     )
+
+
+def test_ranks_whose_clock_is_behind_never_make_a_checkpoint_still_written_push_the_whole_one_out(
+    tmp_path: Path, quiet_clock: QuietClock
+) -> None:
+    """DeepSpeed ranks on hosts whose clock is 10 minutes behind (NFS, Lustre) write the next
+    checkpoint: its files are dated long past, so by their times it was quiet at once, it counted, and
+    the daemon deleted the only whole checkpoint while ranks were still writing. The daemon counts a
+    directory checkpoint only once its own clock has seen it unchanged for the quiet time; each write
+    into it starts that again."""
+    run = tmp_path / "run"
+    older = backdate_tree(directory_checkpoint(run / step_name(1, 1000)), 7200)
+    newer = directory_checkpoint(run / step_name(1, 2000), {"mp_rank_00_model_states.pt": b"rank 0"})
+    backdate_tree(newer, 600)
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("save_top_k_checkpoints: 1\n")
+    core = Reconciler(
+        PolicyTree(run, load_policy(policy), strict=False),
+        ProtectionRegistry(tmp_path),
+        pins={},
+        settle_seconds=0,
+        one_shot=False,
+    )
+
+    deleted = [core.run(Trigger.STARTUP).deleted]
+    quiet_clock.pass_quiet_time(DIRECTORY_QUIET_SECONDS / 2)
+    write_checkpoint(newer / "checkpoint" / "mp_rank_01_model_states.pt", b"rank 1")  # still written
+    backdate_tree(newer, 600)
+    deleted.append(core.run(Trigger.RESCAN).deleted)
+    kept_while_written = older.exists()
+    quiet_clock.pass_quiet_time(DIRECTORY_QUIET_SECONDS / 2)
+    result = core.run(Trigger.RESCAN, dry_run=True, keep_plan=True)
+    assert result.group_plans is not None
+    waiting = [
+        decision.reasons
+        for plan in result.group_plans
+        for decision in plan.decisions
+        if decision.record.name == newer.name and decision.action is Action.SKIP
+    ]
+    quiet_clock.pass_quiet_time(DIRECTORY_QUIET_SECONDS / 2)
+    deleted.append(core.run(Trigger.RESCAN).deleted)
+
+    assert deleted == [0, 0, 1]
+    assert kept_while_written
+    assert len(waiting) == 1
+    assert any("by this watcher's clock" in reason for reason in waiting[0]), waiting
+    assert sorted(path.name for path in run.iterdir() if not path.name.startswith(".")) == [newer.name]

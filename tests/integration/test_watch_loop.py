@@ -21,11 +21,13 @@ from watchdog.events import FileClosedEvent
 
 from ckpt_watcher import root as root_module
 from ckpt_watcher.daemon import Watcher
+from ckpt_watcher.integrity import DIRECTORY_QUIET_SECONDS
 from ckpt_watcher.place import WatchOptions
 from ckpt_watcher.policy import load_policy
 from tests.support.daemon import wait_until
 from tests.support.factories import step_name, write_checkpoint
 from tests.support.logs import logged
+from tests.support.quiet_clock import QuietClock
 from tests.support.scripted_observer import ScriptedObserver, ScriptedObservers
 
 pytestmark = pytest.mark.timeout(60)
@@ -92,10 +94,11 @@ def _hugging_face_checkpoint(directory: Path) -> Path:
 
 
 def test_an_event_inside_a_directory_checkpoint_replans_the_group_that_holds_it(
-    tmp_path: Path, captured: LogCapture
+    tmp_path: Path, captured: LogCapture, quiet_clock: QuietClock
 ) -> None:
     """Hugging Face names directories ``checkpoint-{step}`` (no .ckpt): a file closed inside
-    ``checkpoint-200/`` is news for ``run/``, whose oldest checkpoint it pushes out at once."""
+    ``checkpoint-200/`` is news for ``run/``, whose oldest checkpoint it pushes out once the daemon
+    has seen it unchanged for its quiet time."""
     policy = tmp_path / "policy.yaml"
     policy.write_text('save_top_k_checkpoints: 1\nnaming:\n  step: "checkpoint-{step}"\n')
     root = tmp_path / "root"
@@ -106,8 +109,13 @@ def test_an_event_inside_a_directory_checkpoint_replans_the_group_that_holds_it(
         newer = _hugging_face_checkpoint(run / "checkpoint-200")
 
         loop.observer.deliver(FileClosedEvent(str(newer / "trainer_state.json")))
+        wait_until(lambda: bool(_passes(captured, "event")), timeout=10, what="the event pass")
+        first_seen_then = (run / "checkpoint-100").exists()
+        quiet_clock.pass_quiet_time(DIRECTORY_QUIET_SECONDS)  # both unchanged since
+        loop.observer.deliver(FileClosedEvent(str(newer / "trainer_state.json")))
 
         wait_until(lambda: not (run / "checkpoint-100").exists(), timeout=10, what="checkpoint-100 deleted")
+        assert first_seen_then
         assert newer.exists()
 
 

@@ -16,8 +16,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ckpt_watcher.integrity import (
+    COMPLETE,
     Completeness,
     DescriptorSource,
+    DirectoryVerdict,
+    SeenUnchanged,
     TailWindowSource,
     check_handle,
     check_zip_archive,
@@ -26,6 +29,7 @@ from ckpt_watcher.integrity import (
 )
 from tests.support.factories import zip_bytes
 from tests.support.hostile_trees import make_fifo, make_socket
+from tests.support.quiet_clock import QuietClock
 
 
 @contextmanager
@@ -347,3 +351,61 @@ def test_a_handle_judged_by_name_without_proc_is_the_file_it_holds_or_no_verdict
         assert verdict.transient
     else:
         assert verdict.complete
+
+
+# --- a directory checkpoint seen unchanged by the watcher's own clock (SeenUnchanged) ---------------
+
+_WHOLE = DirectoryVerdict(COMPLETE, "DeepSpeed", 10, signature=(2, 10, 7))
+_NOT_WHOLE = Completeness(False, "no `latest` file yet")
+
+
+@pytest.mark.parametrize(
+    ("looks", "expected"),
+    [
+        # (seconds on the watcher's clock since the first look, the signature then) per look
+        ([(0, (2, 10, 7))], [False]),
+        ([(0, (2, 10, 7)), (29.9, (2, 10, 7))], [False, False]),
+        ([(0, (2, 10, 7)), (30, (2, 10, 7)), (31, (2, 10, 7))], [False, True, True]),
+        (
+            [(0, (2, 10, 7)), (20, (3, 10, 7)), (40, (3, 10, 7)), (50, (3, 10, 7))],
+            [False, False, False, True],
+        ),
+        ([(0, (2, 10, 7)), (20, (2, 11, 7)), (50, (2, 11, 7))], [False, False, True]),
+        ([(0, (2, 10, 7)), (20, (2, 10, 8)), (49, (2, 10, 8))], [False, False, False]),
+    ],
+    ids=["first-look", "not-yet", "quiet", "an-entry-came", "a-file-grew", "a-time-moved"],
+)
+def test_a_directory_counts_once_seen_unchanged_for_the_quiet_time(
+    quiet_clock: QuietClock, looks: list[tuple[float, tuple[int, int, int]]], expected: list[bool]
+) -> None:
+    """Its files' times said quiet each time; only this process's clock decides."""
+    seen = SeenUnchanged()
+    start = quiet_clock.now
+    answers = []
+    for at, signature in looks:
+        quiet_clock.now = start + at
+        verdict = DirectoryVerdict(COMPLETE, "DeepSpeed", signature[1], signature=signature)
+        judged = seen.judge("ckpt", verdict, COMPLETE, quiet_seconds=30, now=1e9)
+        answers.append(judged.complete)
+        if not judged.complete:
+            assert judged.transient
+            assert judged.settles_at is not None
+            assert 1e9 < judged.settles_at <= 1e9 + 30
+    assert answers == expected
+
+
+def test_a_verdict_not_whole_or_never_walked_is_left_as_it_is(quiet_clock: QuietClock) -> None:
+    seen = SeenUnchanged()
+    never_walked = DirectoryVerdict(COMPLETE, "DeepSpeed", 0)
+    assert seen.judge("a", _WHOLE, _NOT_WHOLE, quiet_seconds=30, now=0) is _NOT_WHOLE
+    assert seen.judge("b", never_walked, COMPLETE, quiet_seconds=30, now=0) is COMPLETE
+    quiet_clock.now += 30
+    assert seen.judge("a", _WHOLE, COMPLETE, quiet_seconds=30, now=0) is COMPLETE  # seen since the first
+
+
+def test_what_a_scan_no_longer_sees_is_forgotten(quiet_clock: QuietClock) -> None:
+    seen = SeenUnchanged()
+    seen.judge("a", _WHOLE, COMPLETE, quiet_seconds=30, now=0)
+    seen.retain(["b"])
+    quiet_clock.now += 30
+    assert not seen.judge("a", _WHOLE, COMPLETE, quiet_seconds=30, now=0).complete  # a first look again
