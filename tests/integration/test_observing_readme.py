@@ -82,10 +82,10 @@ def test_the_example_alert_rules_pass_promtool_check_rules(tmp_path: Path) -> No
     )
 
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 2 rules found" in result.stdout
+    assert "SUCCESS: 3 rules found" in result.stdout
 
 
-def test_the_example_alert_rules_fire_for_a_stalled_daemon_a_hung_first_pass_and_an_unmet_budget_only(
+def test_the_example_alert_rules_fire_for_a_stall_a_hung_first_pass_an_unmet_budget_and_failing_deletions(
     tmp_path: Path,
 ) -> None:
     _rules(tmp_path)
@@ -112,6 +112,12 @@ def test_the_example_alert_rules_fire_for_a_stalled_daemon_a_hung_first_pass_and
                     values: '0 0 1073741824x25'
                   - series: 'ckpt_watcher_budget_unmet_bytes{instance="fine:9464"}'
                     values: '0x30'
+                  - series: 'ckpt_watcher_delete_failures_total{instance="denied:9464"}'
+                    values: '0+1x50'
+                  - series: 'ckpt_watcher_delete_failures_total{instance="blip:9464"}'
+                    values: '0 1x50'
+                  - series: 'ckpt_watcher_delete_failures_total{instance="fine:9464"}'
+                    values: '0x50'
                 alert_rule_test:
                   - eval_time: 19m
                     alertname: CheckpointWatcherStalled
@@ -134,6 +140,15 @@ def test_the_example_alert_rules_fire_for_a_stalled_daemon_a_hung_first_pass_and
                       - exp_labels: {severity: warning, instance: "full:9464"}
                         exp_annotations:
                           summary: "ckpt-watcher on full:9464 cannot meet its byte budget: 1GiB short"
+                  - eval_time: 25m
+                    alertname: CheckpointDeletionsFailing
+                    exp_alerts: []
+                  - eval_time: 40m
+                    alertname: CheckpointDeletionsFailing
+                    exp_alerts:
+                      - exp_labels: {severity: warning, instance: "denied:9464"}
+                        exp_annotations:
+                          summary: "ckpt-watcher on denied:9464 keeps failing to delete checkpoints"
             """
         )
     )
