@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Mapping, MutableMapping
 from typing import Any, TextIO, cast
 
@@ -84,6 +85,60 @@ def configure_logging(level: str = "info", stream: TextIO | None = None) -> None
         logger_factory=structlog.WriteLoggerFactory(file=output),
         cache_logger_on_first_use=False,
     )
+    _route_library_messages()
+
+
+library_logger = structlog.get_logger("ckpt_watcher.libraries")
+
+# watchdog's own bookkeeping of its inotify watches (a directory watched twice, as one created while
+# its parent's walk ran): nothing for the user, so at debug.
+_BOOKKEEPING = ("Callback with id ",)
+
+
+class _LibraryRecords(logging.Handler):
+    """The warnings and errors the libraries log with ``logging`` (watchdog, botocore, s3fs), as one
+    ``library_message`` record each, like every other line on stderr (they went out as plain text)."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.WARNING)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = record.getMessage()
+        except (TypeError, ValueError):  # a library's own bad format string
+            message = str(record.msg)
+        try:
+            library_logger.log(record.levelno, "library_message", library=record.name, message=message)
+        except (OSError, ValueError):  # stderr closed (a library's thread at exit): nowhere to say it
+            return
+
+
+def _show_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: TextIO | None = None,
+    line: str | None = None,
+) -> None:
+    """``warnings.showwarning`` for the daemon: a Python warning (watchdog's RuntimeWarning, say) as a
+    ``library_warning`` record, never a plain-text line among the JSON ones."""
+    text = str(message)
+    level = logging.DEBUG if text.startswith(_BOOKKEEPING) else logging.WARNING
+    library_logger.log(
+        level, "library_warning", category=category.__name__, message=text, source=f"{filename}:{lineno}"
+    )
+
+
+def _route_library_messages() -> None:
+    """Send the libraries' ``logging`` records and Python's warnings through structlog (once, however
+    often ``configure_logging`` runs)."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, _LibraryRecords):
+            root.removeHandler(handler)
+    root.addHandler(_LibraryRecords())
+    warnings.showwarning = _show_warning
 
 
 def debug_enabled(bound: Any) -> bool:

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import io
+import json
+import logging
+import warnings
+from collections.abc import Iterator
 
 import pytest
 import structlog
@@ -27,3 +31,54 @@ def test_a_logger_that_cannot_say_is_taken_as_logging_debug() -> None:
             """A logger without is_enabled_for."""
 
     assert debug_enabled(Plain())
+
+
+@pytest.fixture
+def routed() -> Iterator[io.StringIO]:
+    """configure_logging on a stream, undone afterwards: the root logging handler it adds, and the
+    warnings module's showwarning (inside catch_warnings), with every warning shown, not raised."""
+    stream = io.StringIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        configure_logging("info", stream=stream)
+        yield stream
+    root = logging.getLogger()
+    for handler in [handler for handler in root.handlers if type(handler).__name__ == "_LibraryRecords"]:
+        root.removeHandler(handler)
+
+
+def _records(stream: io.StringIO) -> list[dict[str, object]]:
+    return [json.loads(line) for line in stream.getvalue().splitlines()]
+
+
+def test_what_libraries_log_and_python_warnings_are_json_records(routed: io.StringIO) -> None:
+    """watchdog logs with ``logging`` and warns with ``warnings``: both went to stderr as plain text
+    among the JSON lines, which a log pipeline parsing JSON drops or chokes on."""
+    logging.getLogger("watchdog.observers.inotify").warning("Unable to watch %r: %s", "/data/x", "denied")
+    logging.getLogger("botocore").info("at info: not shown")
+    warnings.warn("a deprecated call", DeprecationWarning, stacklevel=1)
+    warnings.warn("Callback with id 'x' already exists for watch /data", RuntimeWarning, stacklevel=1)
+
+    records = _records(routed)
+
+    assert [(record["event"], record["level"]) for record in records] == [
+        ("library_message", "warning"),
+        ("library_warning", "warning"),
+    ]
+    assert records[0]["library"] == "watchdog.observers.inotify"
+    assert records[0]["message"] == "Unable to watch '/data/x': denied"
+    assert records[1]["category"] == "DeprecationWarning"
+    assert records[1]["message"] == "a deprecated call"
+
+
+def test_configuring_twice_routes_each_library_record_once(routed: io.StringIO) -> None:
+    configure_logging("debug", stream=routed)
+    logging.getLogger("s3fs").error("a library's error")
+    warnings.warn("Callback with id 'x' already exists for watch /data", RuntimeWarning, stacklevel=1)
+
+    records = _records(routed)
+
+    assert [(record["event"], record["level"]) for record in records] == [
+        ("library_message", "error"),
+        ("library_warning", "debug"),
+    ]
