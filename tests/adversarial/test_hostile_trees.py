@@ -135,8 +135,11 @@ def test_a_daemon_pass_on_a_hostile_tree(tmp_path: Path, request: pytest.Fixture
         *cli_command("watch", str(tree.root), "--rescan", "3600", memory=DAEMON_MEMORY),
     ]
 
+    deepest = next(tree.root.glob("group*-deep_nesting")) / "epoch=05-step=000100-train.ckpt"
     with running_daemon([], tmp_path / "daemon.log", command=command) as daemon:
         daemon.wait_ready(timeout=180)
+        # A directory checkpoint counts once the daemon has seen it unchanged for its quiet time (30 s)
+        daemon.wait_for("checkpoint_deleted", lambda record: record["path"] == str(deepest), timeout=180)
         code = daemon.stop(signal.SIGTERM, timeout=60)
         log = daemon.log_path.read_text(errors="replace")
 
@@ -145,7 +148,6 @@ def test_a_daemon_pass_on_a_hostile_tree(tmp_path: Path, request: pytest.Fixture
     gone = check_invariants(tree, before, outside_before, allowed)
     check_survivors(tree, before, outside_before)
     assert os.path.exists(tree.root)
-    deepest = next(tree.root.glob("group*-deep_nesting")) / "epoch=05-step=000100-train.ckpt"
     assert "/" + str(deepest.relative_to(tree.root)) in gone  # the daemon's own deep removal
 
 
