@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import enum
 import errno
+import logging
 import os
 import stat
 import threading
@@ -692,13 +693,37 @@ def _gone(decision: Decision) -> DeletionResult:
     return DeletionResult(decision, Outcome.ALREADY_GONE)
 
 
+class RepeatedFailures:
+    """The last failure of each checkpoint (path and identity; bounded): one that fails the same way at
+    every pass (a run directory the watcher may not write in) is logged at error the first time and at
+    debug after that, not once a pass for as long as it lasts. Each failure still counts in its pass's
+    ``failed`` and in ckpt_watcher_delete_failures_total (the example alert watches that)."""
+
+    MAXIMUM = 10_000
+
+    def __init__(self) -> None:
+        self._last: dict[tuple[str, FileIdentity | None], str] = {}
+
+    def repeated(self, path: str, identity: FileIdentity | None, message: str) -> bool:
+        """True if this very checkpoint failed with this very message the last time it failed."""
+        key = (path, identity)
+        if self._last.get(key) == message:
+            return True
+        if len(self._last) >= self.MAXIMUM:
+            self._last.clear()  # (the ones forgotten are logged at error once more)
+        self._last[key] = message
+        return False
+
+
+_REPEATED_FAILURES = RepeatedFailures()
+
+
 def _failed(decision: Decision, message: str, remains: list[str] | None = None) -> DeletionResult:
     fields = {"remains": remains} if remains is not None else {}
-    logger.error(
-        "checkpoint_delete_failed",
-        path=display_name(str(decision.record.path)),
-        error=message,
-        detail="not deleted; retried on the next pass",
-        **fields,
-    )
+    path = display_name(str(decision.record.path))
+    if _REPEATED_FAILURES.repeated(path, decision.record.identity, message):
+        level, detail = logging.DEBUG, "not deleted, as at its last attempt; retried on the next pass"
+    else:
+        level, detail = logging.ERROR, "not deleted; retried on the next pass (a repeat of this is at debug)"
+    logger.log(level, "checkpoint_delete_failed", path=path, error=message, detail=detail, **fields)
     return DeletionResult(decision, Outcome.FAILED, message)

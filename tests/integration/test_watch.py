@@ -558,7 +558,9 @@ class TestPolicyReload:
 
 
 def test_immutable_file_failure_is_logged_and_retried(root: Path, tmp_path: Path) -> None:
-    """A deletion the OS refuses (chattr +i stands in for EPERM/EROFS): logged, daemon keeps running."""
+    """A deletion the OS refuses (chattr +i stands in for EPERM/EROFS): logged at error once, not at
+    every pass while it fails the same way (each still counts in the pass's failed), and the daemon
+    keeps running."""
     _steps(root, range(100, 700, 100))
     stuck = root / step_name(0, 100)
     if subprocess.run(["chattr", "+i", str(stuck)], check=False, capture_output=True).returncode != 0:
@@ -568,8 +570,11 @@ def test_immutable_file_failure_is_logged_and_retried(root: Path, tmp_path: Path
             ["watch", str(root), "--settle", "0", "--rescan", "1"], tmp_path / "log"
         ) as daemon:
             daemon.wait_ready()
-            failures = daemon.wait_for("checkpoint_delete_failed", count=2)
+            failures = daemon.wait_for("checkpoint_delete_failed")
             assert failures[0]["error"] == "Operation not permitted"
+            assert failures[0]["level"] == "error"
+            daemon.wait_for("pass_completed", lambda record: record["failed"] == 1, count=3)  # retried
+            assert len(daemon.events("checkpoint_delete_failed")) == 1, "a repeat is at debug"
             assert daemon.process.poll() is None
 
             subprocess.run(["chattr", "-i", str(stuck)], check=True)

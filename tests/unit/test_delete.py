@@ -16,6 +16,7 @@ from structlog.testing import capture_logs
 from ckpt_watcher import delete
 from ckpt_watcher.delete import (
     Outcome,
+    RepeatedFailures,
     apply_group,
     apply_plan,
     finish_leftovers,
@@ -25,7 +26,7 @@ from ckpt_watcher.delete import (
 from ckpt_watcher.filesystem import rename_no_replace
 from ckpt_watcher.plan import Plan, plan
 from ckpt_watcher.policy import Policy
-from ckpt_watcher.records import DELETING_PREFIX
+from ckpt_watcher.records import DELETING_PREFIX, FileIdentity
 from ckpt_watcher.scan import ScanOptions, scan_tree
 from tests.support.factories import directory_checkpoint, leftovers, step_name, write_checkpoint, zip_bytes
 from tests.support.hostile_trees import make_deep_directory, remove_deep, set_immutable
@@ -435,3 +436,24 @@ def test_a_stop_while_a_leftover_is_finished_leaves_it_for_the_next_pass(
     monkeypatch.undo()
     assert [result.removed for result in finish_leftovers(tmp_path, tmp_path / "run")] == [True]
     assert leftovers(tmp_path / "run") == []
+
+
+def test_a_failure_repeated_the_same_way_is_told_apart_from_a_new_one() -> None:
+    """The same checkpoint (path and identity) failing with the same message is a repeat; another
+    message, another file under that name, or another path is news. The memory stays bounded."""
+    failures = RepeatedFailures()
+    first = FileIdentity(1, 10, 100, 5)
+    resaved = FileIdentity(1, 11, 100, 6)
+
+    answers = [
+        failures.repeated("run/a.ckpt", first, "Permission denied"),
+        failures.repeated("run/a.ckpt", first, "Permission denied"),
+        failures.repeated("run/a.ckpt", first, "Read-only file system"),
+        failures.repeated("run/a.ckpt", resaved, "Read-only file system"),
+        failures.repeated("run/b.ckpt", resaved, "Read-only file system"),
+    ]
+    for number in range(RepeatedFailures.MAXIMUM):
+        failures.repeated(f"run/{number}.ckpt", first, "Permission denied")
+
+    assert answers == [False, True, False, False, False]
+    assert not failures.repeated("run/a.ckpt", resaved, "Read-only file system"), "forgotten past the bound"
