@@ -491,7 +491,14 @@ class _GroupScan:
         verdict = judge_directory(
             summary.top_entries, name, summary.newest_mtime_ns, summary.total, quiet_seconds=quiet, now=now
         )
-        completeness = marker_verdict(name, self.markers) or verdict.completeness
+        completeness = verdict.completeness
+        if self.cache is not None:  # the daemon: quiet by its own clock too (the store's may be behind)
+            identity = summary.identity  # (its inode is a digest of every key and ETag under it)
+            signature = (identity.inode, identity.size, identity.mtime_ns)
+            completeness = self.cache.seen_unchanged().judge(
+                name, signature, completeness, quiet_seconds=quiet, now=now
+            )
+        completeness = marker_verdict(name, self.markers) or completeness
         if not completeness.complete:
             return completeness, None
         if self._still_uploading(path):

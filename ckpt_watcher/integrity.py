@@ -881,21 +881,22 @@ class SeenUnchanged:
     def judge(
         self,
         name: str,
-        verdict: DirectoryVerdict,
+        signature: tuple[int, int, int] | None,
         completeness: Completeness,
         *,
         quiet_seconds: float,
         now: float,
     ) -> Completeness:
         """``completeness`` (the verdict by its files' times), unless this process has not yet seen
-        the checkpoint unchanged for ``quiet_seconds``: then not whole yet, due again when it will
-        have (``now`` is the scan's wall-clock time, for ``settles_at``)."""
-        if verdict.signature is None:
+        the checkpoint with this ``signature`` (what any write into it changes; None: it could not
+        be walked) for ``quiet_seconds``: then not whole yet, due again when it will have (``now``
+        is the scan's wall-clock time, for ``settles_at``)."""
+        if signature is None:
             return completeness
         clock = clocks.watcher_clock()
         seen = self._since.get(name)
-        if seen is None or seen[0] != verdict.signature:
-            seen = (verdict.signature, clock)
+        if seen is None or seen[0] != signature:
+            seen = (signature, clock)
             self._since[name] = seen
         watched = clock - seen[1]
         if not completeness.complete or watched >= quiet_seconds:

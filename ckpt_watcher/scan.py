@@ -660,7 +660,9 @@ class _Group:
         completeness = verdict.completeness
         if self.cache is not None:  # the daemon: quiet by its own clock too (a one-shot looks once)
             seen = self.cache.seen_unchanged()
-            completeness = seen.judge(name, verdict, completeness, quiet_seconds=quiet_seconds, now=self.now)
+            completeness = seen.judge(
+                name, verdict.signature, completeness, quiet_seconds=quiet_seconds, now=self.now
+            )
         completeness = _with_markers(name, self.markers, None) or completeness
         return completeness, verdict.bytes, verdict.names_best
 

@@ -17,14 +17,16 @@ import pytest
 from ckpt_watcher.bucket import BucketStorage
 from ckpt_watcher.bucket_listing import DELETING_MARKER
 from ckpt_watcher.delete import Outcome
+from ckpt_watcher.integrity import DIRECTORY_QUIET_SECONDS
 from ckpt_watcher.locations import StorageURL, parse_location
 from ckpt_watcher.object_store import ObjectInfo, ObjectStore, S3Store
 from ckpt_watcher.plan import plan
 from ckpt_watcher.policy import Policy
-from ckpt_watcher.scan import ScanOptions
+from ckpt_watcher.scan import CompletenessCache, ScanOptions
 from tests.support.cli import events, run_cli, run_python
 from tests.support.daemon import running_daemon
 from tests.support.factories import step_name, zip_bytes
+from tests.support.quiet_clock import QuietClock
 from tests.support.s3_server import ACCESS_KEY_ID, SECRET_ACCESS_KEY, Bucket, free_port
 
 pytestmark = pytest.mark.timeout(180)
@@ -535,3 +537,40 @@ def test_a_shard_written_again_with_the_same_bytes_during_a_deletion_stops_it(s3
     storage.scan_directory(url.core_path, url.core_path, naming, options, None, [])
     assert storage.finish_leftovers(url.core_path, url.core_path, naming_for=lambda _: naming) == []
     assert s3.keys(doomed) == shards  # called off: the manifest alone went
+
+
+def test_the_daemon_counts_a_directory_checkpoint_once_it_saw_its_objects_unchanged(
+    s3: Bucket, quiet_clock: QuietClock
+) -> None:
+    """A store whose clock is behind the watcher's dates the shards still being uploaded long past
+    (here the watcher's clock is an hour ahead): by their times the checkpoint was quiet at once. The
+    daemon's scan (the one with a cache) counts it only once it has seen the same objects (keys and
+    ETags) for the quiet time by its own clock; a shard arriving starts that again."""
+    _directory_checkpoint(s3, step_name(0, 100), shards=2)
+    url = _url(f"{s3.url}/run")
+    storage = BucketStorage(url, S3Store(url))
+    cache = CompletenessCache()
+    options = ScanOptions(now=time.time() + 3600)
+
+    def counted() -> bool:
+        storage.begin_pass()
+        records = storage.scan_directory(
+            url.core_path, url.core_path, Policy().compiled_naming, options, cache, []
+        )
+        (record,) = [record for record in records if record.name == step_name(0, 100)]
+        return record.complete
+
+    answers = [counted()]
+    quiet_clock.pass_quiet_time(DIRECTORY_QUIET_SECONDS / 2)
+    s3.put(f"run/{step_name(0, 100)}/zero/rank2.pt", _checkpoint(2))  # another rank's shard
+    answers.append(counted())
+    quiet_clock.pass_quiet_time(DIRECTORY_QUIET_SECONDS / 2)
+    answers.append(counted())
+    quiet_clock.pass_quiet_time(DIRECTORY_QUIET_SECONDS / 2)
+    answers.append(counted())
+    one_shot = storage.scan_directory(
+        url.core_path, url.core_path, Policy().compiled_naming, options, None, []
+    )
+
+    assert answers == [False, False, False, True]
+    assert all(record.complete for record in one_shot if record.name == step_name(0, 100))  # looks once

@@ -154,8 +154,9 @@ def test_a_watched_output_directory_reads_each_trainer_state_once(
     arguments = ["watch", url, "--policy", _policy(tmp_path), "--poll-interval", "0.5", "--settle", "0"]
     with running_daemon(arguments, tmp_path / "watch.log") as daemon:
         daemon.wait_ready()
-        wait_until(
+        wait_until(  # once the daemon has seen each directory unchanged for its quiet time (30 s)
             lambda: _checkpoints(bucket, "watched") == {"checkpoint-1000", "checkpoint-2000"},
+            timeout=DIRECTORY_QUIET_SECONDS + 60,
             what="the prefix pruned to its newest checkpoint and its best",
         )
         passes = len(daemon.events("pass_completed"))

@@ -19,7 +19,6 @@ from ckpt_watcher.integrity import (
     COMPLETE,
     Completeness,
     DescriptorSource,
-    DirectoryVerdict,
     SeenUnchanged,
     TailWindowSource,
     check_handle,
@@ -355,7 +354,7 @@ def test_a_handle_judged_by_name_without_proc_is_the_file_it_holds_or_no_verdict
 
 # --- a directory checkpoint seen unchanged by the watcher's own clock (SeenUnchanged) ---------------
 
-_WHOLE = DirectoryVerdict(COMPLETE, "DeepSpeed", 10, signature=(2, 10, 7))
+_SIGNATURE = (2, 10, 7)
 _NOT_WHOLE = Completeness(False, "no `latest` file yet")
 
 
@@ -384,8 +383,7 @@ def test_a_directory_counts_once_seen_unchanged_for_the_quiet_time(
     answers = []
     for at, signature in looks:
         quiet_clock.now = start + at
-        verdict = DirectoryVerdict(COMPLETE, "DeepSpeed", signature[1], signature=signature)
-        judged = seen.judge("ckpt", verdict, COMPLETE, quiet_seconds=30, now=1e9)
+        judged = seen.judge("ckpt", signature, COMPLETE, quiet_seconds=30, now=1e9)
         answers.append(judged.complete)
         if not judged.complete:
             assert judged.transient
@@ -396,16 +394,15 @@ def test_a_directory_counts_once_seen_unchanged_for_the_quiet_time(
 
 def test_a_verdict_not_whole_or_never_walked_is_left_as_it_is(quiet_clock: QuietClock) -> None:
     seen = SeenUnchanged()
-    never_walked = DirectoryVerdict(COMPLETE, "DeepSpeed", 0)
-    assert seen.judge("a", _WHOLE, _NOT_WHOLE, quiet_seconds=30, now=0) is _NOT_WHOLE
-    assert seen.judge("b", never_walked, COMPLETE, quiet_seconds=30, now=0) is COMPLETE
+    assert seen.judge("a", _SIGNATURE, _NOT_WHOLE, quiet_seconds=30, now=0) is _NOT_WHOLE
+    assert seen.judge("b", None, COMPLETE, quiet_seconds=30, now=0) is COMPLETE
     quiet_clock.now += 30
-    assert seen.judge("a", _WHOLE, COMPLETE, quiet_seconds=30, now=0) is COMPLETE  # seen since the first
+    assert seen.judge("a", _SIGNATURE, COMPLETE, quiet_seconds=30, now=0) is COMPLETE  # seen since the first
 
 
 def test_what_a_scan_no_longer_sees_is_forgotten(quiet_clock: QuietClock) -> None:
     seen = SeenUnchanged()
-    seen.judge("a", _WHOLE, COMPLETE, quiet_seconds=30, now=0)
+    seen.judge("a", _SIGNATURE, COMPLETE, quiet_seconds=30, now=0)
     seen.retain(["b"])
     quiet_clock.now += 30
-    assert not seen.judge("a", _WHOLE, COMPLETE, quiet_seconds=30, now=0).complete  # a first look again
+    assert not seen.judge("a", _SIGNATURE, COMPLETE, quiet_seconds=30, now=0).complete  # a first look again
