@@ -439,6 +439,19 @@ def test_after_a_resume_from_an_older_checkpoint_the_live_runs_best_is_kept_too(
     assert entries["checkpoint-1000"]["action"] == "delete"
 
 
+def _daemon_core(root: Path, tmp_path: Path, policy_text: str) -> Reconciler:
+    """The daemon's reconcile core for ``root`` (long-lived: it keeps what it saw across passes)."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(policy_text)
+    return Reconciler(
+        PolicyTree(root, load_policy(policy), strict=False),
+        ProtectionRegistry(root),
+        pins={},
+        settle_seconds=0,
+        one_shot=False,
+    )
+
+
 def _kept(core: Reconciler, trigger: Trigger) -> dict[str, tuple[str, ...]]:
     """What a (dry-run) pass of ``core`` keeps, and why."""
     result = core.run(trigger, dry_run=True, keep_plan=True)
@@ -461,15 +474,7 @@ def test_the_daemon_reads_a_trainer_state_once_per_version_of_it(
     for step in (1000, 2000, 3000):
         hugging_face_checkpoint(root / f"checkpoint-{step}", step, best="checkpoint-1000")
     backdate_tree(root)
-    policy = tmp_path / "policy.yaml"
-    policy.write_text("save_top_k_checkpoints: 1\nnaming:\n  step: 'checkpoint-{step}'\n")
-    core = Reconciler(
-        PolicyTree(root, load_policy(policy), strict=False),
-        ProtectionRegistry(root),
-        pins={},
-        settle_seconds=0,
-        one_shot=False,
-    )
+    core = _daemon_core(root, tmp_path, "save_top_k_checkpoints: 1\nnaming:\n  step: 'checkpoint-{step}'\n")
     reads: list[int] = []
     real_read = integrity._read_up_to
 
@@ -579,15 +584,7 @@ def test_ranks_whose_clock_is_behind_never_make_a_checkpoint_still_written_push_
     older = backdate_tree(directory_checkpoint(run / step_name(1, 1000)), 7200)
     newer = directory_checkpoint(run / step_name(1, 2000), {"mp_rank_00_model_states.pt": b"rank 0"})
     backdate_tree(newer, 600)
-    policy = tmp_path / "policy.yaml"
-    policy.write_text("save_top_k_checkpoints: 1\n")
-    core = Reconciler(
-        PolicyTree(run, load_policy(policy), strict=False),
-        ProtectionRegistry(tmp_path),
-        pins={},
-        settle_seconds=0,
-        one_shot=False,
-    )
+    core = _daemon_core(run, tmp_path, "save_top_k_checkpoints: 1\n")
 
     deleted = [core.run(Trigger.STARTUP).deleted]
     quiet_clock.pass_quiet_time(DIRECTORY_QUIET_SECONDS / 2)
