@@ -93,6 +93,10 @@ library_logger = structlog.get_logger("ckpt_watcher.libraries")
 # watchdog's own bookkeeping of its inotify watches (a directory watched twice, as one created while
 # its parent's walk ran): nothing for the user, so at debug.
 _BOOKKEEPING = ("Callback with id ",)
+# What watchdog logs that the daemon reports as its own event (event_queue_overflow; the observer's
+# inotify_unavailable and watch_incomplete): the library's line is at debug, not said twice.
+_REPORTED_BY_THE_DAEMON = ("Inotify queue overflowed", "Unable to watch ")
+_ORIGINAL_SHOW_WARNING = warnings.showwarning
 
 
 class _LibraryRecords(logging.Handler):
@@ -107,8 +111,11 @@ class _LibraryRecords(logging.Handler):
             message = record.getMessage()
         except (TypeError, ValueError):  # a library's own bad format string
             message = str(record.msg)
+        level = record.levelno
+        if record.name.startswith("watchdog") and message.startswith(_REPORTED_BY_THE_DAEMON):
+            level = logging.DEBUG
         try:
-            library_logger.log(record.levelno, "library_message", library=record.name, message=message)
+            library_logger.log(level, "library_message", library=record.name, message=message)
         except (OSError, ValueError):  # stderr closed (a library's thread at exit): nowhere to say it
             return
 
@@ -133,12 +140,19 @@ def _show_warning(
 def _route_library_messages() -> None:
     """Send the libraries' ``logging`` records and Python's warnings through structlog (once, however
     often ``configure_logging`` runs)."""
+    unroute_library_messages()
+    logging.getLogger().addHandler(_LibraryRecords())
+    warnings.showwarning = _show_warning
+
+
+def unroute_library_messages() -> None:
+    """Undo ``_route_library_messages`` (for a process that configures logging again, and tests)."""
     root = logging.getLogger()
     for handler in list(root.handlers):
         if isinstance(handler, _LibraryRecords):
             root.removeHandler(handler)
-    root.addHandler(_LibraryRecords())
-    warnings.showwarning = _show_warning
+    if warnings.showwarning is _show_warning:
+        warnings.showwarning = _ORIGINAL_SHOW_WARNING
 
 
 def debug_enabled(bound: Any) -> bool:

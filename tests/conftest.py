@@ -12,6 +12,7 @@ import pytest
 import structlog
 from structlog.testing import LogCapture
 
+from ckpt_watcher.logs import unroute_library_messages
 from tests.support.quiet_clock import QuietClock
 from tests.support.s3_server import Bucket, S3Server, environment
 
@@ -33,9 +34,11 @@ def no_thread_leak() -> Iterator[None]:
 
 @pytest.fixture(autouse=True)
 def default_logging() -> Iterator[None]:
-    """Undo any structlog configuration a test made (by calling ``main``, say)."""
+    """Undo any logging configuration a test made (by calling ``main``, say): structlog's, and the
+    routing of the libraries' records and warnings into it."""
     yield
     structlog.reset_defaults()
+    unroute_library_messages()
 
 
 @pytest.fixture
