@@ -39,6 +39,7 @@ from watchdog.observers.inotify_c import InotifyConstants, InotifyEvent, Inotify
 from watchdog.observers.inotify_move_event_grouper import GroupedInotifyEvent, PathedInotifyEvent
 
 from ckpt_watcher.observers import LostEventsCallback, UnwatchedOnce, report_thread_failure, walk_tree
+from ckpt_watcher.records import TRASH_DIRECTORY_NAME
 
 # What the router uses from inotify (see the module docstring).
 INOTIFY_EVENTS: list[type[FileSystemEvent]] = [
@@ -80,15 +81,24 @@ class ReportingInotifyFD(InotifyFD):
             report_thread_failure("inotify", self.lost_events)
 
 
+_TRASH = os.fsencode(TRASH_DIRECTORY_NAME)
+
+
 class DeepSafeWatchGroup(InotifyWatchGroup):
-    """watchdog's watch group with its two walks of the tree made iterative (same results)."""
+    """watchdog's watch group with its two walks of the tree made iterative (same results), and no
+    watch in a trash (``.ckpt-trash``): nothing there is ever planned, and a trash of directory
+    checkpoints would take a watch per directory in them from the ones new runs need."""
 
     def _add_all_callbacks(self, path: bytes) -> None:
+        if _TRASH in path.removeprefix(self.path).split(b"/"):  # (below the watched root only)
+            return
         is_directory = os.path.isdir(path)
         self._add_callback(path)
         if not (is_directory and self.is_recursive):
             return
         for directory, names, _ in walk_tree(path, follow_symlinks=self.follow_symlink):
+            if _TRASH in names:
+                names.remove(_TRASH)  # (pruned: never entered)
             for name in names:
                 subdirectory = os.path.join(directory, name)
                 if self.follow_symlink or not os.path.islink(subdirectory):
