@@ -348,7 +348,8 @@ def _move_to_trash(trash: TrashMover, directory_fd: int, decision: Decision) -> 
         "trash_bypassed",
         path=display_name(str(decision.record.path)),
         error=move.detail,
-        detail="it cannot be moved into the trash, so it is deleted at once, as without a trash",
+        detail="it cannot be moved into the trash, so it is removed at once, as without a trash "
+        "(checkpoint_deleted or checkpoint_delete_failed follows)",
     )
     return None
 
