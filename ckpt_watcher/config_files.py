@@ -219,6 +219,7 @@ class QuietFiles:
         self.quiet_seconds = quiet_seconds
         self.missing_waits = missing_waits
         self._first_seen: dict[Path, tuple[FileIdentity | None, float]] = {}
+        self._sweep_at = REMEMBERED_QUIET_FILES  # (then twice what a sweep left: amortized, never quadratic)
 
     def quiet(self, path: Path, identity: FileIdentity | None) -> bool:
         """True if the file as ``identity`` describes it (None: no file) may be read now."""
@@ -228,8 +229,9 @@ class QuietFiles:
         now = clocks.watcher_clock()
         seen = self._first_seen.get(path)
         if seen is None or seen[0] != identity:
-            if len(self._first_seen) >= REMEMBERED_QUIET_FILES:
+            if len(self._first_seen) >= self._sweep_at:
                 self._forget_settled(now)
+                self._sweep_at = max(REMEMBERED_QUIET_FILES, 2 * len(self._first_seen))
             self._first_seen[path] = (identity, now)
             return False
         if now - seen[1] < self.quiet_seconds:

@@ -216,3 +216,29 @@ def test_a_file_seen_unchanged_long_enough_is_quiet_whatever_its_time_says(
     answers.append(files.quiet(config, changed))
 
     assert answers == [False, False, False, True]
+
+
+def test_many_files_changing_at_once_are_swept_now_and_then_not_at_every_sighting(
+    tmp_path: Path, quiet_clock: QuietClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past the bound, with none of them quiet yet, a sweep at every new sighting made many per-run
+    files changing within the same quiet time quadratic; a sweep waits until the map has doubled."""
+    sweeps = []
+    real_sweep = QuietFiles._forget_settled
+
+    def counted(files: QuietFiles, now: float) -> None:
+        sweeps.append(now)
+        real_sweep(files, now)
+
+    monkeypatch.setattr(QuietFiles, "_forget_settled", counted)
+    config = tmp_path / "run.yaml"
+    config.write_text("save_top_k_best: 3\n")
+    identity = FileIdentity.of_path(config)
+    files = QuietFiles()
+
+    answers = {
+        files.quiet(tmp_path / f"run{number}.yaml", identity) for number in range(3 * REMEMBERED_QUIET_FILES)
+    }
+
+    assert answers == {False}  # none quiet: each seen once
+    assert len(sweeps) == 2  # at 4,096 and at 8,192 remembered, not at each of the 8,193 sightings past it
