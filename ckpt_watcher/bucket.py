@@ -487,7 +487,7 @@ class _GroupScan:
         """A directory checkpoint's verdict from the listing (its marker and quiet time, as on disk; no
         multipart upload under it), then from its trainer_state.json (Hugging Face), and the checkpoint
         that one calls the best."""
-        quiet = max(self.options.settle_seconds, self.options.directory_quiet_seconds)
+        quiet = self.options.directory_quiet
         verdict = judge_directory(
             summary.top_entries, name, summary.newest_mtime_ns, summary.total, quiet_seconds=quiet, now=now
         )

@@ -218,31 +218,27 @@ class QuietFiles:
     def __init__(self, quiet_seconds: float = CONFIG_QUIET_SECONDS, *, missing_waits: bool = False) -> None:
         self.quiet_seconds = quiet_seconds
         self.missing_waits = missing_waits
-        self._first_seen: dict[Path, tuple[FileIdentity | None, float]] = {}
+        self._seen: clocks.SeenSince[Path, FileIdentity | None] = clocks.SeenSince()
         self._sweep_at = REMEMBERED_QUIET_FILES  # (then twice what a sweep left: amortized, never quadratic)
 
     def quiet(self, path: Path, identity: FileIdentity | None) -> bool:
         """True if the file as ``identity`` describes it (None: no file) may be read now."""
         if identity is None and not self.missing_waits:
-            self._first_seen.pop(path, None)
+            self._seen.forget(path)
             return True
         now = clocks.watcher_clock()
-        seen = self._first_seen.get(path)
-        if seen is None or seen[0] != identity:
-            if len(self._first_seen) >= self._sweep_at:
+        watched = self._seen.watched(path, identity, now)
+        if watched is None:  # first seen so: its watch starts now
+            if len(self._seen) > self._sweep_at:
                 self._forget_settled(now)
-                self._sweep_at = max(REMEMBERED_QUIET_FILES, 2 * len(self._first_seen))
-            self._first_seen[path] = (identity, now)
+                self._sweep_at = max(REMEMBERED_QUIET_FILES, 2 * len(self._seen))
             return False
-        if now - seen[1] < self.quiet_seconds:
+        if watched < self.quiet_seconds:
             return False
         if identity is None:
-            del self._first_seen[path]  # gone for good: nothing left to remember about it
+            self._seen.forget(path)  # gone for good: nothing left to remember about it
         return True
 
     def _forget_settled(self, now: float) -> None:
-        """Drop the files seen unchanged for the quiet time already (read by now, most of them): one
-        asked about again waits the quiet time once more, which keeps more for a moment, never less."""
-        self._first_seen = {
-            path: seen for path, seen in self._first_seen.items() if now - seen[1] < self.quiet_seconds
-        }
+        """Drop the files seen unchanged for the quiet time already (read by now, most of them)."""
+        self._seen.forget_watched_for(self.quiet_seconds, now)

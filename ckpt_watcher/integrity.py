@@ -876,7 +876,7 @@ class SeenUnchanged:
     __slots__ = ("_since",)
 
     def __init__(self) -> None:
-        self._since: dict[str, tuple[tuple[int, int, int], float]] = {}
+        self._since: clocks.SeenSince[str, tuple[int, int, int]] = clocks.SeenSince()
 
     def judge(
         self,
@@ -893,12 +893,7 @@ class SeenUnchanged:
         is the scan's wall-clock time, for ``settles_at``)."""
         if signature is None:
             return completeness
-        clock = clocks.watcher_clock()
-        seen = self._since.get(name)
-        if seen is None or seen[0] != signature:
-            seen = (signature, clock)
-            self._since[name] = seen
-        watched = clock - seen[1]
+        watched = self._since.watched(name, signature, clocks.watcher_clock()) or 0.0
         if not completeness.complete or watched >= quiet_seconds:
             return completeness
         reason = (
@@ -909,8 +904,7 @@ class SeenUnchanged:
 
     def retain(self, checkpoints: Iterable[str]) -> None:
         """Keep only the entries of these checkpoints (the names a scan of the group found)."""
-        if self._since:
-            self._since = {name: self._since[name] for name in checkpoints if name in self._since}
+        self._since.retain(checkpoints)
 
 
 class TrainerStates:

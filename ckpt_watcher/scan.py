@@ -118,6 +118,12 @@ class ScanOptions:
     verify: str = "zip"
     directory_quiet_seconds: float = DIRECTORY_QUIET_SECONDS
 
+    @property
+    def directory_quiet(self) -> float:
+        """Seconds a directory checkpoint must be left alone to count: its own quiet time, or the
+        settle time where that is longer (on disk and in a bucket alike)."""
+        return max(self.settle_seconds, self.directory_quiet_seconds)
+
 
 class CompletenessCache:
     """Verdicts on files by identity (device, inode, size, mtime) and verify level, complete or not,
@@ -644,7 +650,7 @@ class _Group:
     def _directory_completeness(self, name: str) -> tuple[Completeness, int, str | None]:
         """The verdict on a checkpoint-named directory, and the bytes its files hold (ScanStopped if the
         stop comes during its walk)."""
-        quiet_seconds = max(self.options.settle_seconds, self.options.directory_quiet_seconds)
+        quiet_seconds = self.options.directory_quiet
         try:
             verdict = check_directory(
                 name,
