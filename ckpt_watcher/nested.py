@@ -13,7 +13,10 @@ warned once a pass while it lasts.
   (``.ckpt-watcher.lock``), looked for only on a file system other processes hold locks on.
 * ``/proc/locks`` is read once a full walk, and once again in each later pass that plans a group
   (its directories up to the root are then looked at again): a watcher started on a run directory
-  between two full walks is seen before the outer deletes anything there.
+  between two full walks is seen before the outer deletes anything there. It is read only when a
+  directory below the root is in question (never for the root's own group, which is this watcher's):
+  the kernel write-locks its lock table to list it, for an RCU grace period (~10 ms here, while every
+  process's ``flock`` waits), so a watcher of one run directory never reads it.
 * Only locks taken on this host (in this kernel) are in ``/proc/locks``: a watcher on another host
   of an NFS volume is invisible here.
 """
@@ -158,14 +161,19 @@ class NestedGuard:
         self._warned = set()
 
     def after_walk(self, root: Path, identities: Mapping[tuple[int, int], str]) -> None:
-        """A full walk listed these directories (identity -> path): read the locks, note the held."""
+        """A full walk listed these directories (identity -> path): read the locks, note the held.
+        A walk that found no directory below the root reads no locks: none could be another's."""
         top = os.fspath(root)
-        self._locks = read_other_locks()
+        below = [(identity, path) for identity, path in identities.items() if path != top]
         self._watched = {}
         self._looked_at = {top}
-        for identity, path in identities.items():
+        self._locks = None
+        if not below:
+            return
+        self._locks = locks = read_other_locks()
+        for identity, path in below:
             self._looked_at.add(path)
-            pid = watcher_of(path, identity, self._locks) if path != top else None
+            pid = watcher_of(path, identity, locks)
             if pid is not None:
                 self._watched[path] = pid
 
@@ -173,11 +181,13 @@ class NestedGuard:
         """A pin keeping everything in ``group`` if it (or a directory above it, below the root) is
         watched by another watcher (warned once a pass), else nothing."""
         top, path = os.fspath(root), os.fspath(group)
-        if self._locks is None:
-            self._locks = read_other_locks()  # an event pass: a watcher may have started since
-        locks, chain = self._locks, directories_below(path, top)
-        for directory in chain:
-            if directory not in self._looked_at:
+        chain = directories_below(path, top)
+        unseen = [directory for directory in chain if directory not in self._looked_at]
+        if unseen:  # (the root's own group has none: no locks read for it)
+            if self._locks is None:
+                self._locks = read_other_locks()  # an event pass: a watcher may have started since
+            locks = self._locks
+            for directory in unseen:
                 self._looked_at.add(directory)
                 pid = watcher_of(directory, _identity(directory), locks) if locks.by_inode else None
                 if pid is None:

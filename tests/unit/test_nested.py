@@ -15,6 +15,7 @@ from typing import cast
 import pytest
 from structlog.testing import LogCapture
 
+from ckpt_watcher import nested
 from ckpt_watcher.aliases import Mount
 from ckpt_watcher.bucket_listing import Listing
 from ckpt_watcher.bucket_nested import LeaseGuard
@@ -209,3 +210,61 @@ def test_a_sub_prefix_lease_that_cannot_be_read_keeps_its_prefix_whole(captured:
     assert guard.kept_whole(listing, url.core_path, url.core_path) == {}
     [warning] = logged(captured, "group_watched_elsewhere")
     assert "could not be read" in warning["detail"]
+
+
+@pytest.fixture
+def lock_reads(monkeypatch: pytest.MonkeyPatch) -> list[OtherLocks]:
+    """Each read of ``/proc/locks`` NestedGuard makes (what it got), in order."""
+    reads: list[OtherLocks] = []
+    real_read = nested.read_other_locks
+
+    def counted() -> OtherLocks:
+        reads.append(real_read())
+        return reads[-1]
+
+    monkeypatch.setattr(nested, "read_other_locks", counted)
+    return reads
+
+
+def test_the_root_s_own_group_reads_no_locks(tmp_path: Path, lock_reads: list[OtherLocks]) -> None:
+    """Listing /proc/locks write-locks the kernel's lock table for an RCU grace period (~10 ms, every
+    process's flock waits): a walk that found no directory below the root, and the root's own group,
+    cannot be another watcher's, so neither reads it (a full pass, then an event pass)."""
+    root = tmp_path / "root"
+    root.mkdir()
+    guard = NestedGuard()
+
+    with _held(root):  # (a lock on the root itself is the root's own)
+        _walk(guard, root, [root])
+        assert guard.kept_whole(root, root) == {}
+        guard.begin_pass()
+        assert guard.kept_whole(root, root) == {}
+
+    assert lock_reads == []
+
+
+@pytest.mark.parametrize(
+    ("walked", "asked", "reads"),
+    [
+        pytest.param(["run1"], ["", "run1", "run1"], 1, id="full pass: once, after the walk"),
+        pytest.param([], ["run1", "run1/new"], 1, id="event pass: once, at the first group below the root"),
+        pytest.param([], ["", "", "run1"], 1, id="event pass: not for the root's group, then once"),
+    ],
+)
+def test_a_directory_below_the_root_reads_the_locks_once_a_pass(
+    tmp_path: Path, lock_reads: list[OtherLocks], walked: list[str], asked: list[str], reads: int
+) -> None:
+    root = tmp_path / "root"
+    (root / "run1" / "new").mkdir(parents=True)
+    guard = NestedGuard()
+
+    with _held(root / "run1") as pid:
+        if walked:
+            _walk(guard, root, [root, *(root / name for name in walked)])
+        else:
+            guard.begin_pass()
+        kept = [guard.kept_whole(root, root / name if name else root) for name in asked]
+
+    assert len(lock_reads) == reads
+    assert [bool(pins) for pins in kept] == [name != "" for name in asked]  # run1 and below: another's
+    assert all(f"pid {pid}" in reason for pins in kept for reason in pins.values())
