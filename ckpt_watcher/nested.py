@@ -11,12 +11,12 @@ warned once a pass while it lasts.
   on the (device, inode) of a directory the full walk listed (aliases.py ``lstat``s each one), or on
   a lock file of lock.py's fallback beside it (``.NAME.ckpt-watcher.lock``) or inside it
   (``.ckpt-watcher.lock``), looked for only on a file system other processes hold locks on.
-* ``/proc/locks`` is read once a full walk, and once again in each later pass that plans a group
-  (its directories up to the root are then looked at again): a watcher started on a run directory
-  between two full walks is seen before the outer deletes anything there. It is read only when a
-  directory below the root is in question (never for the root's own group, which is this watcher's):
+* ``/proc/locks`` is read after a full walk that listed a directory below the root, and once again
+  in each later pass that plans a group below the root (its directories up to the root are then
+  looked at again): a watcher started on a run directory between two full walks is seen before the
+  outer deletes anything there. It is never read for the root's own group, which is this watcher's:
   the kernel write-locks its lock table to list it, for an RCU grace period (~10 ms here, while every
-  process's ``flock`` waits), so a watcher of one run directory never reads it.
+  process's ``flock`` waits), so a watcher of one run directory with no subdirectories never does.
 * Only locks taken on this host (in this kernel) are in ``/proc/locks``: a watcher on another host
   of an NFS volume is invisible here.
 """
