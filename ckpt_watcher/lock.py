@@ -19,6 +19,7 @@ import fcntl
 import os
 import re
 import stat
+from collections.abc import Sequence
 from pathlib import Path
 
 from ckpt_watcher.aliases import lock_table_device, read_mount_table
@@ -196,10 +197,20 @@ def holder_in_proc_locks(text: str, device: int, inode: int, table_device: int |
     lock on that inode with ``table_device`` is the holder (never one on another file system).
     """
     on_inode = [(device_of, pid) for device_of, inode_of, pid in exclusive_locks(text) if inode_of == inode]
+    pid = holder_among(on_inode, device, table_device)
+    return pid if pid is not None and pid > 0 else None
+
+
+def holder_among(on_inode: Sequence[tuple[int, int]], device: int, table_device: int | None) -> int | None:
+    """Which of the exclusive locks on one inode, as (device, pid), is the one on (``device``, that
+    inode): the lock with ``device``; else, on btrfs (``table_device``: the lock table's device for
+    that file system, when ``stat`` gives another), the single lock with ``table_device``; else None.
+    Never a lock on another file system that merely has the same inode number."""
     exact = [pid for device_of, pid in on_inode if device_of == device]
+    if exact:
+        return exact[0]
     across = [pid for device_of, pid in on_inode if device_of == table_device and table_device != device]
-    candidates = exact or (across if len(across) == 1 else [])
-    return candidates[0] if candidates and candidates[0] > 0 else None
+    return across[0] if len(across) == 1 else None
 
 
 def exclusive_locks(text: str) -> list[tuple[int, int, int]]:

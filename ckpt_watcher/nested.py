@@ -32,7 +32,7 @@ from pathlib import Path
 import structlog
 
 from ckpt_watcher.aliases import Mount, is_within, lock_table_device, read_mount_table
-from ckpt_watcher.lock import LOCK_FILE_NAME, exclusive_locks, read_proc_locks
+from ckpt_watcher.lock import LOCK_FILE_NAME, exclusive_locks, holder_among, read_proc_locks
 from ckpt_watcher.records import display_name
 
 logger = structlog.get_logger("ckpt_watcher.nested")
@@ -75,13 +75,13 @@ class OtherLocks:
         if nobody else does. On btrfs (``path``'s file system, per the mount table), whose subvolumes
         give ``stat`` another device than the lock table's, the one lock on that inode with the file
         system's device counts; never a lock on another file system that has the same inode number."""
-        on_inode = self.by_inode.get(inode, [])
-        exact = [pid for device_of, pid in on_inode if device_of == device]
-        if exact or not on_inode or path is None:
-            return exact[0] if exact else None
-        table_device = self.table_device(path)
-        across = [pid for device_of, pid in on_inode if device_of == table_device]
-        return across[0] if len(across) == 1 and table_device != device else None
+        on_inode = self.by_inode.get(inode)
+        if not on_inode:
+            return None
+        pid = holder_among(on_inode, device, None)  # (the mount table only if no lock has the device)
+        if pid is not None or path is None:
+            return pid
+        return holder_among(on_inode, device, self.table_device(path))
 
     def table_device(self, path: str) -> int | None:
         """The device the lock table gives ``path``'s locks if it is on btrfs where a lock is, else None."""

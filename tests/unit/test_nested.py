@@ -13,14 +13,17 @@ from pathlib import Path
 from typing import cast
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from structlog.testing import LogCapture
 
 from ckpt_watcher import nested
-from ckpt_watcher.aliases import Mount
+from ckpt_watcher.aliases import Mount, lock_table_device
 from ckpt_watcher.bucket_listing import Listing
 from ckpt_watcher.bucket_nested import LeaseGuard
 from ckpt_watcher.lease import judge_lease
 from ckpt_watcher.locations import StorageURL
+from ckpt_watcher.lock import holder_in_proc_locks
 from ckpt_watcher.nested import NestedGuard, OtherLocks, lock_files_of
 from ckpt_watcher.object_store import Fetched, ObjectInfo, ObjectStore, StoreError
 from tests.support.logs import logged
@@ -268,3 +271,32 @@ def test_a_directory_below_the_root_reads_the_locks_once_a_pass(
     assert len(lock_reads) == reads
     assert [bool(pins) for pins in kept] == [name != "" for name in asked]  # run1 and below: another's
     assert all(f"pid {pid}" in reason for pins in kept for reason in pins.values())
+
+
+_LOCK_DEVICES = ("fe:00", "00:2a", "00:2b")  # this test's DEVICE; the btrfs and tmpfs of MOUNTS
+
+
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(_LOCK_DEVICES), st.sampled_from([77, 78]), st.sampled_from([0, 7, 9, 100])),
+        max_size=4,
+    ),
+    st.sampled_from([DEVICE, OTHER_DEVICE]),
+    st.sampled_from(["/ckw-data/ck/run1", "/ckw-scratch/run1", "/elsewhere/run1", None]),
+)
+def test_the_daemon_s_holder_is_the_lock_file_check_s_on_every_table(
+    locks: list[tuple[str, int, int]], device: int, path: str | None
+) -> None:
+    """OtherLocks.holder (the daemon, the table parsed once a pass) and lock.holder_in_proc_locks (a
+    lock refused at start) answer the same but for this process's own locks (pid 100, not another's)
+    and a holder outside this pid namespace (pid 0: "unknown" to one, None to the other)."""
+    line = "{number}: FLOCK  ADVISORY  WRITE {pid} {device}:{inode} 0 EOF\n"
+    text = "".join(line.format(number=n, pid=p, device=d, inode=i) for n, (d, i, p) in enumerate(locks, 1))
+    others = "".join(
+        line.format(number=n, pid=p, device=d, inode=i) for n, (d, i, p) in enumerate(locks, 1) if p != 100
+    )
+    table_device = lock_table_device(path, MOUNTS) if path is not None else None
+
+    got = OtherLocks.parse(text, own_pid=100, mounts=MOUNTS).holder(device, 77, path)
+
+    assert (got or None) == holder_in_proc_locks(others, device, 77, table_device)
