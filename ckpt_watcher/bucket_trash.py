@@ -38,6 +38,7 @@ from ckpt_watcher.trash import (
     METADATA_LIMIT,
     METADATA_SUFFIX,
     RESTORED,
+    AtAGlance,
     RestoredPin,
     TrashEntry,
     TrashSummary,
@@ -166,6 +167,7 @@ class BucketTrashIndex:
     _entries: dict[str, tuple[str, StoredEntry | None]] = field(default_factory=dict)
     _pins: dict[str, tuple[str, RestoredPin | None]] = field(default_factory=dict)
     _reported: set[tuple[str, str]] = field(default_factory=set)
+    _at_a_glance: AtAGlance[StoredEntry] | None = None  # of ``_entries``: made once a change
 
     @property
     def base(self) -> str:
@@ -177,6 +179,7 @@ class BucketTrashIndex:
         self.objects = {info.key: info for info in objects if info.key.startswith(self.base + "/")}
         self.exists = self.exists or bool(self.objects)
         self._entries = self._read(INFO, self._entries, parse_entry, INFO_LIMIT)
+        self._at_a_glance = None
         self._pins = self._read(RESTORED, self._pins, lambda key, data, _: parse_pin(key, data))
 
     def look_pins(self) -> None:
@@ -230,16 +233,23 @@ class BucketTrashIndex:
         """An entry this process just made (no need to read it back)."""
         self.exists = True
         self._entries[stored.info_key] = (stored.info_tag, stored)
+        self._at_a_glance = None
 
     def drop(self, stored: StoredEntry) -> None:
         """An entry this process just purged or restored."""
         self._entries.pop(stored.info_key, None)
+        self._at_a_glance = None
+
+    def _glance(self) -> AtAGlance[StoredEntry]:
+        if self._at_a_glance is None:
+            found = [value for _, value in self._entries.values() if value is not None]
+            self._at_a_glance = AtAGlance.of(found, lambda stored: stored.entry)
+        return self._at_a_glance
 
     @property
-    def stored(self) -> list[StoredEntry]:
+    def stored(self) -> tuple[StoredEntry, ...]:
         """The readable entries, oldest first."""
-        found = [value for _, value in self._entries.values() if value is not None]
-        return sorted(found, key=lambda stored: (stored.entry.trashed_at, stored.entry.key))
+        return self._glance().oldest_first
 
     @property
     def entries(self) -> list[TrashEntry]:
@@ -259,10 +269,10 @@ class BucketTrashIndex:
         """The trash at a glance, or None when the root has none."""
         if not self.exists:
             return None
-        entries = self.entries
-        total = sum(entry.bytes for entry in entries)
-        return TrashSummary(len(entries), total, entries[0] if entries else None)
+        glance = self._glance()
+        stored = glance.oldest_first
+        return TrashSummary(len(stored), glance.bytes, stored[0].entry if stored else None)
 
     def next_purge_at(self) -> float | None:
         """When the first grace ends (epoch seconds), or None with nothing in the trash."""
-        return min((entry.purge_at for entry in self.entries), default=None)
+        return self._glance().next_purge_at

@@ -33,11 +33,11 @@ import re
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import structlog
 
@@ -637,6 +637,31 @@ class TrashSummary:
     oldest: TrashEntry | None
 
 
+_Item = TypeVar("_Item")
+
+
+@dataclass(frozen=True, slots=True)
+class AtAGlance(Generic[_Item]):
+    """A trash index's entries oldest first, their bytes and the first end of a grace: made once per
+    look, as the daemon asks when the next purge is due at every turn of its loop (sorting a trash of
+    100,000 entries at each took ~11% of a core at rest)."""
+
+    oldest_first: tuple[_Item, ...]
+    bytes: int
+    next_purge_at: float | None
+
+    @classmethod
+    def of(cls, items: Iterable[_Item], entry_of: Callable[[_Item], TrashEntry]) -> AtAGlance[_Item]:
+        """The glance at ``items``, each ``entry_of`` one: oldest first by (trashed at, key)."""
+        ordered = tuple(sorted(items, key=lambda item: (entry_of(item).trashed_at, entry_of(item).key)))
+        entries = [entry_of(item) for item in ordered]
+        return cls(
+            ordered,
+            sum(entry.bytes for entry in entries),
+            min((entry.purge_at for entry in entries), default=None),
+        )
+
+
 class TrashIndex:
     """What a reconciler knows of its root's trash between looks: the entries (``trash_bytes``, when
     the next purge is due) and the pins of restored checkpoints. A look lists ``info/`` or
@@ -650,6 +675,7 @@ class TrashIndex:
         self.root = root
         self._trash: TrashDirectory | None = None
         self._entries: dict[tuple[str, int], TrashEntry | None] = {}
+        self._at_a_glance: AtAGlance[TrashEntry] | None = None  # of ``_entries``: made once a look
         self._pins: dict[tuple[str, int], RestoredPin | None] = {}
         self._reported: set[tuple[str, int]] = set()
         self.exists = False
@@ -692,6 +718,7 @@ class TrashIndex:
     def refresh(self) -> None:
         """Look at the entries again (after a pass: its moves, and other processes' since)."""
         trash = self._opened()
+        self._at_a_glance = None
         if trash is None:
             self._entries = {}
             return
@@ -699,29 +726,33 @@ class TrashIndex:
         self._entries = _look(trash.sub(INFO), self._entries, lambda fd, name: read_entry(fd, name, problems))
         self._report_all(problems, INFO)
 
+    def _glance(self) -> AtAGlance[TrashEntry]:
+        if self._at_a_glance is None:
+            found = [entry for entry in self._entries.values() if entry is not None]
+            self._at_a_glance = AtAGlance.of(found, lambda entry: entry)
+        return self._at_a_glance
+
     @property
-    def entries(self) -> list[TrashEntry]:
+    def entries(self) -> tuple[TrashEntry, ...]:
         """The entries as last looked at, oldest first."""
-        found = [entry for entry in self._entries.values() if entry is not None]
-        return sorted(found, key=lambda entry: (entry.trashed_at, entry.key))
+        return self._glance().oldest_first
 
     @property
     def bytes(self) -> int | None:
         """Bytes in the trash as last looked at; None when the root has no trash."""
-        return sum(entry.bytes for entry in self.entries) if self.exists else None
+        return self._glance().bytes if self.exists else None
 
     def next_purge_at(self) -> float | None:
         """When the first grace ends (epoch seconds), or None with nothing in the trash."""
-        return min((entry.purge_at for entry in self.entries), default=None)
+        return self._glance().next_purge_at
 
     def summary(self) -> TrashSummary | None:
         """The trash at a glance, or None when the root has none."""
         if not self.exists:
             return None
-        entries = self.entries
-        return TrashSummary(
-            len(entries), sum(entry.bytes for entry in entries), entries[0] if entries else None
-        )
+        glance = self._glance()
+        entries = glance.oldest_first
+        return TrashSummary(len(entries), glance.bytes, entries[0] if entries else None)
 
     def _report_all(self, problems: list[tuple[str, str]], directory: str) -> None:
         for name, problem in problems:

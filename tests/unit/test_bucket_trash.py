@@ -6,12 +6,21 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from typing import Any
+from dataclasses import replace
+from typing import Any, cast
 
 import pytest
 
-from ckpt_watcher.bucket_trash import StoredCopy, entry_document, parse_entry, pinned_inode
-from ckpt_watcher.object_store import ObjectInfo, PendingCopy
+from ckpt_watcher.bucket_trash import (
+    BucketTrashIndex,
+    StoredCopy,
+    StoredEntry,
+    entry_document,
+    parse_entry,
+    pinned_inode,
+)
+from ckpt_watcher.locations import StorageURL
+from ckpt_watcher.object_store import ObjectInfo, ObjectStore, PendingCopy
 from ckpt_watcher.trash import TrashEntry
 
 KEY = "20261129T161651.000001Z-i42"
@@ -79,3 +88,33 @@ def test_a_copy_knows_the_etag_it_will_have_and_whether_it_proves_its_source() -
     assert not single.copies_whole(f'"{first}-1"')
     assert pinned_inode(single.tag) == pinned_inode(single.tag)
     assert pinned_inode(single.tag) != pinned_inode(pending.tag)
+
+
+def test_the_bucket_index_works_out_the_next_purge_once_a_change(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As the local index: the daemon's loop asks at every turn; the entries are sorted once per change
+    (a look, or an entry this process added or dropped), and every change is in the next answer."""
+    index = BucketTrashIndex(StorageURL("s3", "bucket", "root"), cast(ObjectStore, None))
+    first = StoredEntry(_entry(), (), "root/.ckpt-trash/info/a.json", '"a"')
+    later = replace(_entry(), key="20261129T161652.000001Z-i43", trashed_at=1.0e9 + 10, grace_seconds=60)
+    second = StoredEntry(later, (), "root/.ckpt-trash/info/b.json", '"b"')
+    asked: list[str] = []
+    purge_at = TrashEntry.purge_at
+
+    def counted(entry: TrashEntry) -> float:
+        asked.append(entry.key)
+        return purge_at.fget(entry)  # type: ignore[attr-defined,no-any-return]
+
+    monkeypatch.setattr(TrashEntry, "purge_at", property(counted))
+    assert index.next_purge_at() is None
+    index.add(first)
+
+    assert {index.next_purge_at() for _ in range(100)} == {1.0e9 + 3600}
+    assert len(asked) == 1  # once for the one entry, not at each question
+    index.add(second)
+    assert index.next_purge_at() == 1.0e9 + 70  # added later, a shorter grace: purged first
+    assert [stored.entry.key for stored in index.stored] == [KEY, later.key]  # oldest first
+    index.drop(second)
+    assert index.next_purge_at() == 1.0e9 + 3600
+    summary = index.summary()
+    assert summary is not None
+    assert (summary.entries, summary.bytes, summary.oldest) == (1, 10, _entry())
