@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 
 import structlog
 
@@ -88,9 +88,9 @@ class BucketTrashPass(PurgeSchedule):
         summary = self.index.summary()
         return (summary.bytes if summary is not None else None), summary
 
-    def reclaimable(self) -> list[Reclaimable]:
+    def reclaimable(self) -> Sequence[Reclaimable]:
         """Nothing: only keep_free reclaims the trash, and a bucket has no keep_free."""
-        return []
+        return ()
 
     def reclaim(self, keys: Collection[str]) -> PurgeResult:
         """Nothing to reclaim on a bucket (see ``reclaimable``)."""

@@ -600,9 +600,9 @@ def free_space_plan(
     )
     remaining = short
     reclaimed: list[Reclaimable] = []
-    for item in sorted(
-        (item for item in reclaimable if item.device == space.device), key=lambda item: (item.since, item.key)
-    ):
+    # (Only when short: the daemon asks every second, and a trash may hold 100,000 entries.)
+    trashed = [item for item in reclaimable if item.device == space.device] if remaining > 0 else []
+    for item in sorted(trashed, key=lambda item: (item.since, item.key)):
         if remaining <= 0:
             break
         reclaimed.append(item)

@@ -298,7 +298,7 @@ class SpaceKeeper:
             return False
         _refresh_growing(self._facts, time.time())
         self.schedule(now)
-        reclaimable = list(self.trash.reclaimable()) if self.trash is not None else []
+        reclaimable = self.trash.reclaimable() if self.trash is not None else ()
         for device, groups in self._by_device().items():
             space = self._read(device, groups)
             if space is None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -24,7 +24,7 @@ import structlog
 from ckpt_watcher.budget import Reclaimable
 from ckpt_watcher.delete import TrashMover
 from ckpt_watcher.records import display_name
-from ckpt_watcher.trash import TrashIndex, TrashSummary, TrashUnusableError
+from ckpt_watcher.trash import TrashEntry, TrashIndex, TrashSummary, TrashUnusableError
 from ckpt_watcher.trash_moves import PurgeResult, TrashTarget, purge_due, purge_keys
 
 logger = structlog.get_logger("ckpt_watcher.trash")
@@ -41,7 +41,7 @@ class TrashKeeper(Protocol):
     def pinned_identities(self) -> dict[tuple[int, int], str]: ...
     def target(self, grace_seconds: int) -> TrashMover | None: ...
     def end(self) -> tuple[int | None, TrashSummary | None]: ...
-    def reclaimable(self) -> list[Reclaimable]: ...
+    def reclaimable(self) -> Sequence[Reclaimable]: ...
     def reclaim(self, keys: Collection[str]) -> PurgeResult: ...
     def is_due(self, now: float) -> bool: ...
     def deadline(self) -> float | None: ...
@@ -86,6 +86,7 @@ class TrashPass(PurgeSchedule):
         self._may_exist = False  # a trash missing when the pass began may be made by its moves
         self._not_before = 0.0  # wall clock: no purge before (after one that left due entries)
         self._moved = False  # moves into the trash may have happened since the index was read
+        self._reclaimable: tuple[tuple[TrashEntry, ...], tuple[Reclaimable, ...]] | None = None  # (of a look)
 
     def begin(self, *, purge: bool, dry_run: bool) -> PurgeResult | None:
         """Open the trash for a pass and look at its entries (other processes may have changed them);
@@ -129,7 +130,7 @@ class TrashPass(PurgeSchedule):
         finally:
             self.index.close()
 
-    def reclaimable(self) -> list[Reclaimable]:
+    def reclaimable(self) -> Sequence[Reclaimable]:
         """One ``Reclaimable`` per entry as last looked at (no I/O), oldest first: what a byte budget
         may reclaim before it evicts any kept checkpoint (WAVE2 contract; the budget wires it)."""
         if self._moved:  # what this pass moved into the trash is reclaimable too, and goes first
@@ -137,10 +138,11 @@ class TrashPass(PurgeSchedule):
             self.index.start()
             if self.index.exists:
                 self.index.refresh()
-        return [
-            Reclaimable(entry.key, entry.device, entry.bytes, entry.trashed_at)
-            for entry in self.index.entries
-        ]
+        entries = self.index.entries  # (the same tuple until the index looks again)
+        if self._reclaimable is None or self._reclaimable[0] is not entries:
+            made = (Reclaimable(entry.key, entry.device, entry.bytes, entry.trashed_at) for entry in entries)
+            self._reclaimable = (entries, tuple(made))
+        return self._reclaimable[1]  # (made once a look: keep_free asks every second)
 
     def reclaim(self, keys: Collection[str]) -> PurgeResult:
         """Purge the entries a budget chose (``Reclaimable.key``), then look at the trash again."""
