@@ -600,22 +600,22 @@ def free_space_plan(
     )
     remaining = short
     reclaimed: list[Reclaimable] = []
-    # (Only when short: the daemon asks every second, and a trash may hold 100,000 entries.)
-    trashed = [item for item in reclaimable if item.device == space.device] if remaining > 0 else []
-    for item in sorted(trashed, key=lambda item: (item.since, item.key)):
-        if remaining <= 0:
-            break
-        reclaimed.append(item)
-        remaining -= item.bytes
     chosen: list[Candidate] = []
-    names_left: Counter[object] = Counter()
-    for group in groups:
-        names_left.update(group.names_left)  # (a file whose names are in two groups: both count)
-    for candidate in _freeing(eviction_order(groups), names_left):
-        if remaining <= 0:
-            break
-        chosen.append(candidate)
-        remaining -= candidate.bytes
+    if remaining > 0:  # (only then: the daemon asks every second, of a trash and groups of 100,000)
+        trashed = [item for item in reclaimable if item.device == space.device]
+        for item in sorted(trashed, key=lambda item: (item.since, item.key)):
+            if remaining <= 0:
+                break
+            reclaimed.append(item)
+            remaining -= item.bytes
+        names_left: Counter[object] = Counter()
+        for group in groups:
+            names_left.update(group.names_left)  # (a file whose names are in two groups: both count)
+        for candidate in _freeing(eviction_order(groups), names_left):
+            if remaining <= 0:
+                break
+            chosen.append(candidate)
+            remaining -= candidate.bytes
     return FreeSpacePlan(
         space,
         setting,

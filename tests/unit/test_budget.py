@@ -454,34 +454,37 @@ def test_keep_free_takes_the_trash_first_oldest_first_same_device_only() -> None
     assert [candidate.record.name for candidate in short_more.evictions] == [step_name(0, 100)]
 
 
-class _CountedLooks(list[Reclaimable]):
-    """A trash's offer that counts how often it is looked through."""
+class _CountedLooks(list[Any]):
+    """A sequence that counts how often it is looked through."""
 
     looks = 0
 
-    def __iter__(self) -> Iterator[Reclaimable]:
+    def __iter__(self) -> Iterator[Any]:
         self.looks += 1
         return super().__iter__()
 
 
-def test_keep_free_with_nothing_short_does_not_look_through_the_trash() -> None:
-    """The daemon checks keep_free every second: each check sorted every trash entry of the device,
-    needed or not (with 100,000 in the trash, 5% of a core at rest). Nothing short: not looked at;
-    short: the same choice as ever."""
+def test_keep_free_with_nothing_short_looks_through_neither_the_trash_nor_the_groups() -> None:
+    """The daemon checks keep_free every second: each check sorted every trash entry of the device and
+    went through every group's candidates, needed or not (at rest: 5% of a core with 100,000 in the
+    trash, 0.9% with 2,000 x 50 kept). Nothing short: neither is looked at; short: the same choice."""
     rules = policy(save_top_k_checkpoints=3, keep_free="2KiB")
     run = [record(step_name(0, 100), mtime=1), record(step_name(0, 200), mtime=2)]
     trash = _CountedLooks([Reclaimable("b", device=1, bytes=KIB, since=20.0), Reclaimable("a", 1, KIB, 10.0)])
+    group = space_of(run, RUN, rules)
+    candidates = _CountedLooks(group.candidates)
+    group = dataclasses.replace(group, candidates=candidates)  # type: ignore[arg-type]
     plenty = FileSystemSpace(1, ROOT, 100 * KIB, 50 * KIB)
 
-    result = free_space_plan(plenty, [space_of(run, RUN, rules)], trash)
+    result = free_space_plan(plenty, [group], trash)
 
     assert (result.short_bytes, result.reclaimed, result.evictions) == (0, (), ())
-    assert trash.looks == 0
-    short = free_space_plan(
-        dataclasses.replace(plenty, free_bytes=2 * KIB), [space_of(run, RUN, rules)], trash
-    )
-    assert [item.key for item in short.reclaimed] == ["a"]
+    assert (trash.looks, candidates.looks) == (0, 0)
+    short = free_space_plan(dataclasses.replace(plenty, free_bytes=0), [group], trash)
+    assert [item.key for item in short.reclaimed] == ["a", "b"]
+    assert [candidate.record.name for candidate in short.evictions] == [step_name(0, 100)]
     assert trash.looks == 1
+    assert candidates.looks > 0  # (once for each eviction class)
 
 
 @pytest.mark.parametrize(
