@@ -601,7 +601,7 @@ def free_space_plan(
     remaining = short
     reclaimed: list[Reclaimable] = []
     chosen: list[Candidate] = []
-    if remaining > 0:  # (only then: the daemon asks every second, of a trash and groups of 100,000)
+    if remaining > 0:  # (only when short: the daemon checks every second; a trash or group may hold 100,000)
         trashed = [item for item in reclaimable if item.device == space.device]
         for item in sorted(trashed, key=lambda item: (item.since, item.key)):
             if remaining <= 0:

@@ -22,6 +22,7 @@ from ckpt_watcher.bucket_trash import (
 from ckpt_watcher.locations import StorageURL
 from ckpt_watcher.object_store import ObjectInfo, ObjectStore, PendingCopy
 from ckpt_watcher.trash import TrashEntry
+from tests.support.purge_times import purge_times_asked
 
 KEY = "20261129T161651.000001Z-i42"
 INFO = ObjectInfo(f"root/.ckpt-trash/info/{KEY}.json", 100, '"info-tag"', 0)
@@ -97,14 +98,7 @@ def test_the_bucket_index_works_out_the_next_purge_once_a_change(monkeypatch: py
     first = StoredEntry(_entry(), (), "root/.ckpt-trash/info/a.json", '"a"')
     later = replace(_entry(), key="20261129T161652.000001Z-i43", trashed_at=1.0e9 + 10, grace_seconds=60)
     second = StoredEntry(later, (), "root/.ckpt-trash/info/b.json", '"b"')
-    asked: list[str] = []
-    purge_at = TrashEntry.purge_at
-
-    def counted(entry: TrashEntry) -> float:
-        asked.append(entry.key)
-        return purge_at.fget(entry)  # type: ignore[attr-defined,no-any-return]
-
-    monkeypatch.setattr(TrashEntry, "purge_at", property(counted))
+    asked = purge_times_asked(monkeypatch)
     assert index.next_purge_at() is None
     index.add(first)
 

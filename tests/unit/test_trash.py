@@ -56,6 +56,7 @@ from ckpt_watcher.trash_moves import (
 )
 from ckpt_watcher.trash_pass import PURGE_RETRY_SECONDS, TrashPass
 from tests.support.factories import step_name, write_checkpoint
+from tests.support.purge_times import purge_times_asked
 from tests.support.stops import stop_as_it_begins
 
 pytestmark = pytest.mark.timeout(120)
@@ -904,14 +905,7 @@ def test_the_index_works_out_the_next_purge_once_a_look_not_at_every_question(
     trash_everything_but_the_newest(tmp_path, grace=DAY, clock=NOW)
     index = TrashIndex(tmp_path)
     index.refresh()
-    asked: list[str] = []
-    purge_at = TrashEntry.purge_at
-
-    def counted(entry: TrashEntry) -> float:
-        asked.append(entry.key)
-        return purge_at.fget(entry)  # type: ignore[attr-defined,no-any-return]
-
-    monkeypatch.setattr(TrashEntry, "purge_at", property(counted))
+    asked = purge_times_asked(monkeypatch)
 
     answers = {index.next_purge_at() for _ in range(100)}
 
