@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import structlog
 
@@ -629,6 +629,24 @@ def list_trash(root: Path) -> TrashListing | None:
 
 
 @dataclass(frozen=True, slots=True)
+class IndexedEntry:
+    """What a ``TrashIndex`` keeps of one entry between looks: its key, device, bytes and times. Not
+    its original path or reasons (read again for the summary's oldest entry): a daemon that trashed
+    100,000 checkpoints held every ``TrashEntry`` whole, ~87 MB, for the whole grace period."""
+
+    key: str
+    device: int
+    bytes: int
+    trashed_at: float
+    grace_seconds: int
+
+    @property
+    def purge_at(self) -> float:
+        """When its grace is over (epoch seconds)."""
+        return self.trashed_at + self.grace_seconds
+
+
+@dataclass(frozen=True, slots=True)
 class TrashSummary:
     """The trash at a glance, for the dry run's header and JSON: its entries, bytes, oldest entry."""
 
@@ -638,6 +656,19 @@ class TrashSummary:
 
 
 _Item = TypeVar("_Item")
+
+
+class TimedEntry(Protocol):
+    """What a glance reads of an entry: ``TrashEntry`` or ``IndexedEntry``."""
+
+    @property
+    def key(self) -> str: ...
+    @property
+    def bytes(self) -> int: ...
+    @property
+    def trashed_at(self) -> float: ...
+    @property
+    def purge_at(self) -> float: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -651,7 +682,7 @@ class AtAGlance(Generic[_Item]):
     next_purge_at: float | None
 
     @classmethod
-    def of(cls, items: Iterable[_Item], entry_of: Callable[[_Item], TrashEntry]) -> AtAGlance[_Item]:
+    def of(cls, items: Iterable[_Item], entry_of: Callable[[_Item], TimedEntry]) -> AtAGlance[_Item]:
         """The glance at ``items``, each ``entry_of`` one: oldest first by (trashed at, key)."""
         ordered = tuple(sorted(items, key=lambda item: (entry_of(item).trashed_at, entry_of(item).key)))
         entries = [entry_of(item) for item in ordered]
@@ -674,8 +705,10 @@ class TrashIndex:
     def __init__(self, root: Path) -> None:
         self.root = root
         self._trash: TrashDirectory | None = None
-        self._entries: dict[tuple[str, int], TrashEntry | None] = {}
-        self._at_a_glance: AtAGlance[TrashEntry] | None = None  # of ``_entries``: made once a look
+        self._entries: dict[tuple[str, int], IndexedEntry | None] = {}
+        self._at_a_glance: AtAGlance[IndexedEntry] | None = None  # of ``_entries``: made once a look
+        self._oldest: TrashEntry | None = None  # the summary's oldest entry, read whole
+        self._numbers: dict[int, int] = {}  # one int object per device number and grace, shared
         self._pins: dict[tuple[str, int], RestoredPin | None] = {}
         self._reported: set[tuple[str, int]] = set()
         self.exists = False
@@ -723,17 +756,30 @@ class TrashIndex:
             self._entries = {}
             return
         problems: list[tuple[str, str]] = []
-        self._entries = _look(trash.sub(INFO), self._entries, lambda fd, name: read_entry(fd, name, problems))
+        self._entries = _look(trash.sub(INFO), self._entries, lambda fd, name: self._read(fd, name, problems))
         self._report_all(problems, INFO)
 
-    def _glance(self) -> AtAGlance[TrashEntry]:
+    def _read(self, info_fd: int, name: str, problems: list[tuple[str, str]]) -> IndexedEntry | None:
+        entry = read_entry(info_fd, name, problems)
+        if entry is None:
+            return None
+        shared = self._numbers.setdefault
+        return IndexedEntry(
+            entry.key,
+            shared(entry.device, entry.device),
+            entry.bytes,
+            entry.trashed_at,
+            shared(entry.grace_seconds, entry.grace_seconds),
+        )
+
+    def _glance(self) -> AtAGlance[IndexedEntry]:
         if self._at_a_glance is None:
             found = [entry for entry in self._entries.values() if entry is not None]
             self._at_a_glance = AtAGlance.of(found, lambda entry: entry)
         return self._at_a_glance
 
     @property
-    def entries(self) -> tuple[TrashEntry, ...]:
+    def entries(self) -> tuple[IndexedEntry, ...]:
         """The entries as last looked at, oldest first."""
         return self._glance().oldest_first
 
@@ -751,8 +797,31 @@ class TrashIndex:
         if not self.exists:
             return None
         glance = self._glance()
-        entries = glance.oldest_first
-        return TrashSummary(len(entries), glance.bytes, entries[0] if entries else None)
+        return TrashSummary(len(glance.oldest_first), glance.bytes, self._oldest_whole(glance.oldest_first))
+
+    def _oldest_whole(self, oldest_first: Iterable[IndexedEntry]) -> TrashEntry | None:
+        """The oldest entry as its metadata describes it, read again only when it is another entry (one
+        gone since the look is passed over)."""
+        problems: list[tuple[str, str]] = []
+        found: TrashEntry | None = None
+        opened_here = self._trash is None
+        try:
+            for indexed in oldest_first:
+                if self._oldest is not None and self._oldest.key == indexed.key:
+                    return self._oldest
+                trash = self._opened()
+                info_fd = trash.sub(INFO) if trash is not None else None
+                if info_fd is None:
+                    break
+                found = read_entry(info_fd, indexed.key + METADATA_SUFFIX, problems)
+                if found is not None:
+                    break
+        finally:
+            if opened_here:
+                self.close()
+        self._report_all(problems, INFO)
+        self._oldest = found
+        return found
 
     def _report_all(self, problems: list[tuple[str, str]], directory: str) -> None:
         for name, problem in problems:

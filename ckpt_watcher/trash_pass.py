@@ -24,7 +24,7 @@ import structlog
 from ckpt_watcher.budget import Reclaimable
 from ckpt_watcher.delete import TrashMover
 from ckpt_watcher.records import display_name
-from ckpt_watcher.trash import TrashEntry, TrashIndex, TrashSummary, TrashUnusableError
+from ckpt_watcher.trash import IndexedEntry, TrashIndex, TrashSummary, TrashUnusableError
 from ckpt_watcher.trash_moves import PurgeResult, TrashTarget, purge_due, purge_keys
 
 logger = structlog.get_logger("ckpt_watcher.trash")
@@ -86,7 +86,9 @@ class TrashPass(PurgeSchedule):
         self._may_exist = False  # a trash missing when the pass began may be made by its moves
         self._not_before = 0.0  # wall clock: no purge before (after one that left due entries)
         self._moved = False  # moves into the trash may have happened since the index was read
-        self._reclaimable: tuple[tuple[TrashEntry, ...], tuple[Reclaimable, ...]] | None = None  # (of a look)
+        self._reclaimable: tuple[tuple[IndexedEntry, ...], tuple[Reclaimable, ...]] | None = (
+            None  # (of a look)
+        )
 
     def begin(self, *, purge: bool, dry_run: bool) -> PurgeResult | None:
         """Open the trash for a pass and look at its entries (other processes may have changed them);

@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import pytest
 
-from ckpt_watcher.trash import TrashEntry
+from ckpt_watcher.trash import IndexedEntry, TrashEntry
 
 
-def purge_times_asked(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """The key of each entry whose ``purge_at`` is read from now on, in order."""
+def purge_times_asked(monkeypatch: pytest.MonkeyPatch, kind: type[TrashEntry | IndexedEntry]) -> list[str]:
+    """The key of each entry of ``kind`` (what the index keeps) whose ``purge_at`` is read from now on,
+    in order."""
     asked: list[str] = []
-    purge_at = TrashEntry.purge_at
+    purge_at: property = vars(kind)["purge_at"]
 
-    def counted(entry: TrashEntry) -> float:
+    def counted(entry: TrashEntry | IndexedEntry) -> float:
         asked.append(entry.key)
-        return purge_at.fget(entry)  # type: ignore[attr-defined,no-any-return]
+        return float(purge_at.__get__(entry, kind))
 
-    monkeypatch.setattr(TrashEntry, "purge_at", property(counted))
+    monkeypatch.setattr(kind, "purge_at", property(counted))
     return asked

@@ -98,7 +98,7 @@ def test_the_bucket_index_works_out_the_next_purge_once_a_change(monkeypatch: py
     first = StoredEntry(_entry(), (), "root/.ckpt-trash/info/a.json", '"a"')
     later = replace(_entry(), key="20261129T161652.000001Z-i43", trashed_at=1.0e9 + 10, grace_seconds=60)
     second = StoredEntry(later, (), "root/.ckpt-trash/info/b.json", '"b"')
-    asked = purge_times_asked(monkeypatch)
+    asked = purge_times_asked(monkeypatch, TrashEntry)
     assert index.next_purge_at() is None
     index.add(first)
 

@@ -30,11 +30,13 @@ from ckpt_watcher.delete import Outcome, apply_plan
 from ckpt_watcher.filesystem import EntryStatus, rename_no_replace
 from ckpt_watcher.plan import Action, Plan, plan
 from ckpt_watcher.policy import Policy
+from ckpt_watcher.records import TRASH_DIRECTORY_NAME
 from ckpt_watcher.scan import ScanOptions, scan_tree
 from ckpt_watcher.trash import (
     FILES,
     INFO,
     RESTORED,
+    IndexedEntry,
     RestoredPin,
     TrashEntry,
     TrashIndex,
@@ -905,7 +907,7 @@ def test_the_index_works_out_the_next_purge_once_a_look_not_at_every_question(
     trash_everything_but_the_newest(tmp_path, grace=DAY, clock=NOW)
     index = TrashIndex(tmp_path)
     index.refresh()
-    asked = purge_times_asked(monkeypatch)
+    asked = purge_times_asked(monkeypatch, IndexedEntry)
 
     answers = {index.next_purge_at() for _ in range(100)}
 
@@ -920,5 +922,51 @@ def test_the_index_works_out_the_next_purge_once_a_look_not_at_every_question(
     summary = index.summary()
     index.close()
     assert summary is not None
-    assert (summary.entries, summary.oldest) == (3, index.entries[0])
+    assert summary.oldest is not None
+    assert (summary.entries, summary.oldest.key) == (3, index.entries[0].key)
     assert [entry.trashed_at for entry in index.entries] == [NOW, NOW, NOW + 10]  # oldest first
+
+
+def test_the_index_keeps_no_entry_whole_and_reads_the_oldest_again_for_the_summary(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A daemon that had trashed 100,000 checkpoints held every entry whole (its original path, its
+    reasons), ~87 MB for the whole grace period. The index now keeps the key, device, bytes and times;
+    the summary's oldest entry is read whole again, only when it is another entry than last time (one
+    gone since the look is passed over)."""
+    steps(tmp_path / "a", range(100, 500, 100))
+    trash_everything_but_the_newest(tmp_path, grace=DAY, clock=NOW)
+    listing = list_trash(tmp_path)
+    assert listing is not None
+    assert len(listing.entries) == 3
+    index = TrashIndex(tmp_path)
+    index.start()
+    index.refresh()
+    reads: list[str] = []
+    read_metadata = trash_module.read_metadata
+
+    def counted(dir_fd: int, name: str) -> Any:
+        reads.append(name)
+        return read_metadata(dir_fd, name)
+
+    monkeypatch.setattr(trash_module, "read_metadata", counted)
+
+    assert index.entries == tuple(
+        IndexedEntry(entry.key, entry.device, entry.bytes, entry.trashed_at, entry.grace_seconds)
+        for entry in listing.entries
+    )
+    first = [index.summary() for _ in range(3)]
+    assert [summary.oldest if summary else None for summary in first] == [listing.entries[0]] * 3
+    assert listing.entries[0].reasons  # whole: its reasons and original path, as its metadata says
+    assert reads == [f"{listing.entries[0].key}.json"]  # once, not at each summary
+
+    purge_keys(tmp_path, [listing.entries[0].key])  # the oldest goes
+    index.refresh()
+    (tmp_path / TRASH_DIRECTORY_NAME / INFO / f"{listing.entries[1].key}.json").unlink()  # after the look
+    reads.clear()
+    summary = index.summary()
+    index.close()
+
+    assert summary is not None
+    assert (summary.entries, summary.oldest) == (2, listing.entries[2])  # the one gone is passed over
+    assert reads == [f"{entry.key}.json" for entry in listing.entries[1:]]
