@@ -270,8 +270,8 @@ class BucketTrashIndex:
         if not self.exists:
             return None
         glance = self._glance()
-        stored = glance.oldest_first
-        return TrashSummary(len(stored), glance.bytes, stored[0].entry if stored else None)
+        oldest = glance.oldest
+        return TrashSummary(glance.count, glance.bytes, oldest.entry if oldest is not None else None)
 
     def next_purge_at(self) -> float | None:
         """When the first grace ends (epoch seconds), or None with nothing in the trash."""

@@ -91,13 +91,14 @@ class TrashPass(PurgeSchedule):
         )
 
     def begin(self, *, purge: bool, dry_run: bool) -> PurgeResult | None:
-        """Open the trash for a pass and look at its entries (other processes may have changed them);
-        purge what is due if ``purge`` or the first grace is over (never in a dry run). Returns what the
-        purge did, None when none ran."""
+        """Open the trash for a pass; purge what is due if ``purge`` or the first grace is over (never in
+        a dry run). Returns what the purge did, None when none ran. A full pass (``purge``) looks at the
+        entries first (other processes may have changed them); any later pass goes by the previous
+        pass's look at its end, so that no look stands between an event and its deletions."""
         self.index.start()
         self._may_exist = self.index.exists
-        if self.index.exists:
-            self.index.refresh()
+        if self.index.exists and (purge or not self.index.looked):
+            self.index.refresh(force=True)
         if dry_run or not self.index.exists or not (purge or self.is_due(time.time())):
             return None
         now = time.time()

@@ -36,6 +36,7 @@ from ckpt_watcher.trash import (
     FILES,
     INFO,
     RESTORED,
+    AtAGlance,
     IndexedEntry,
     RestoredPin,
     TrashEntry,
@@ -970,3 +971,152 @@ def test_the_index_keeps_no_entry_whole_and_reads_the_oldest_again_for_the_summa
     assert summary is not None
     assert (summary.entries, summary.oldest) == (2, listing.entries[2])  # the one gone is passed over
     assert reads == [f"{entry.key}.json" for entry in listing.entries[1:]]
+
+
+def listings_of_the_trash(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Each directory listing made from now on (``os.scandir`` of a descriptor), in order."""
+    listed: list[int] = []
+    scandir = os.scandir
+
+    def counted(path: Any) -> Any:
+        listed.append(path)
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", counted)
+    return listed
+
+
+def test_an_unchanged_trash_is_not_listed_again_once_its_last_change_is_old(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Listing 100,000 entries took ~0.3 s at every look, twice a pass. A look now lists ``info/``
+    only if its stat changed since a look made well after its last change; a change another process
+    makes is seen at the next look, and a forced look lists whatever the stat says."""
+    steps(tmp_path / "a", range(100, 400, 100))
+    trash_everything_but_the_newest(tmp_path, clock=NOW)
+    monkeypatch.setattr(trash_module, "RACY_SECONDS", -1.0)  # every change counts as old enough
+    index = TrashIndex(tmp_path)
+    index.start()
+    listed = listings_of_the_trash(monkeypatch)
+
+    index.refresh()
+    index.refresh()
+    index.refresh()
+    assert len(listed) == 1
+    assert len(index.entries) == 2
+
+    steps(tmp_path / "b", range(100, 300, 100))
+    trash_everything_but_the_newest(tmp_path, clock=NOW + 10)  # another process's move
+    listed.clear()
+    index.refresh()
+    index.refresh()
+    assert len(listed) == 1
+    assert len(index.entries) == 3
+
+    index.refresh(force=True)
+    index.close()
+    assert len(listed) == 2
+
+
+def test_a_trash_changed_within_its_clock_s_tick_is_listed_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A change in the same tick of the file system's clock as the one a look saw leaves the stat as
+    it was: a directory changed less than RACY_SECONDS before the look is listed again at the next."""
+    steps(tmp_path / "a", range(100, 400, 100))
+    trash_everything_but_the_newest(tmp_path, clock=NOW)
+    monkeypatch.setattr(trash_module, "RACY_SECONDS", 10 * DAY)  # every change counts as recent
+    index = TrashIndex(tmp_path)
+    index.start()
+    listed = listings_of_the_trash(monkeypatch)
+
+    index.refresh()
+    index.refresh()
+    index.close()
+
+    assert len(listed) == 2
+
+
+def test_only_a_full_pass_or_the_first_looks_at_the_trash_before_its_deletions(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pass's look at the trash stood between an event and its deletions (~0.3 s with 100,000
+    entries). Any pass but the first and the full ones now goes by the previous pass's look at its end,
+    which sees what that pass moved."""
+    steps(tmp_path / "a", range(100, 400, 100))
+    trash_everything_but_the_newest(tmp_path, clock=NOW)
+    monkeypatch.setattr(trash_module, "RACY_SECONDS", 10 * DAY)  # no stat is trusted: only the rule
+    trash = TrashPass(tmp_path)
+    listed = listings_of_the_trash(monkeypatch)
+
+    trash.begin(purge=False, dry_run=True)  # the first: looks
+    first = len(listed)
+    trash.end()
+    at_end = len(listed) - first
+    trash.begin(purge=False, dry_run=True)  # an event's pass: no look
+    event = len(listed) - first - at_end
+    trash.end()
+    trash.begin(purge=True, dry_run=True)  # a full pass: looks
+    full = len(listed) - 2 * at_end - first - event
+    trash.end()
+
+    assert (first, at_end, event, full) == (1, 1, 0, 1)
+    assert trash.index.bytes == sum(entry.bytes for entry in trash.index.entries)
+    assert len(trash.index.entries) == 2
+
+
+def test_a_listing_that_fails_is_made_again_at_the_next_look_whatever_the_stat_says(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A look whose listing fails knows no entries; the directory's stat has not changed, but that
+    look is no reason to trust it: the next look lists it again."""
+    steps(tmp_path / "a", range(100, 400, 100))
+    trash_everything_but_the_newest(tmp_path, clock=NOW)
+    monkeypatch.setattr(trash_module, "RACY_SECONDS", -1.0)  # every change counts as old enough
+    index = TrashIndex(tmp_path)
+    index.start()
+    index.refresh()
+    assert len(index.entries) == 2
+    metadata_files = trash_module.metadata_files
+
+    def failing(dir_fd: int | None) -> list[tuple[str, int]]:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(trash_module, "metadata_files", failing)
+    index.refresh(force=True)
+    assert (len(index.entries), index.bytes) == (0, 0)
+    monkeypatch.setattr(trash_module, "metadata_files", metadata_files)
+    index.refresh()
+    index.close()
+
+    assert len(index.entries) == 2
+
+
+@given(
+    entries=st.lists(
+        st.builds(
+            IndexedEntry,
+            key=st.text("0123456789abcdef", min_size=1, max_size=4),
+            device=st.just(1),
+            bytes=st.integers(0, 10**6),
+            trashed_at=st.sampled_from([NOW, NOW + 1, NOW + 2.5]),
+            grace_seconds=st.integers(0, DAY),
+        ),
+        max_size=20,
+        unique_by=lambda entry: entry.key,
+    )
+)
+def test_a_glance_answers_as_its_entries_sorted_do(entries: list[IndexedEntry]) -> None:
+    """The oldest entry, bytes and first end of a grace are worked out without a sort (a look at
+    100,000 entries sorted them all); they are what the sorted entries give, and all of them oldest
+    first is the same tuple at each question."""
+    ordered = sorted(entries, key=lambda entry: (entry.trashed_at, entry.key))
+
+    glance = AtAGlance.of(entries, lambda entry: entry)
+
+    assert glance.oldest == (ordered[0] if ordered else None)
+    assert (glance.count, glance.bytes) == (len(entries), sum(entry.bytes for entry in entries))
+    assert glance.next_purge_at == min((entry.purge_at for entry in entries), default=None)
+    assert glance.oldest_first == tuple(ordered)
+    assert glance.oldest_first is glance.oldest_first
+    assert glance.oldest == (ordered[0] if ordered else None)
