@@ -688,12 +688,13 @@ class AtAGlance(Generic[_Item]):
     sorting a trash of 100,000 entries at each took ~11% of a core at rest); all of them oldest first
     only when asked (``keep_free``'s offer), as sorting them took ~0.1 s of every pass's look."""
 
-    __slots__ = ("_entries", "_items", "_oldest_first", "bytes", "next_purge_at")
+    __slots__ = ("_entries", "_items", "_oldest", "_oldest_first", "bytes", "next_purge_at")
 
     def __init__(self, items: Iterable[_Item], entry_of: Callable[[_Item], TimedEntry]) -> None:
         self._items = list(items)
         self._entries = list(map(entry_of, self._items))
         self._oldest_first: tuple[_Item, ...] | None = None
+        self._oldest: list[_Item] | None = None  # (none or one, once worked out)
         self.bytes: int = sum(map(_BYTES, self._entries))
         self.next_purge_at: float | None = min(map(_PURGE_AT, self._entries), default=None)
 
@@ -710,10 +711,13 @@ class AtAGlance(Generic[_Item]):
     @property
     def oldest(self) -> _Item | None:
         """The oldest entry (the first by trashed at, then key), None with none."""
-        if self._oldest_first is not None or not self._items:
-            return self._oldest_first[0] if self._oldest_first else None
-        order = list(map(_OLDEST_FIRST, self._entries))
-        return self._items[min(range(len(order)), key=order.__getitem__)]
+        if self._oldest is None:
+            if self._oldest_first is not None or not self._items:
+                self._oldest = list(self._oldest_first[:1] if self._oldest_first else ())
+            else:
+                order = list(map(_OLDEST_FIRST, self._entries))
+                self._oldest = [self._items[min(range(len(order)), key=order.__getitem__)]]
+        return self._oldest[0] if self._oldest else None
 
     @property
     def oldest_first(self) -> tuple[_Item, ...]:
@@ -732,15 +736,17 @@ _PURGE_AT = operator.attrgetter("purge_at")
 
 class TrashIndex:
     """What a reconciler knows of its root's trash between looks: the entries (``trash_bytes``, when
-    the next purge is due) and the pins of restored checkpoints. A look lists ``info/`` or
-    ``restored/`` and reads only the metadata files it has not seen (by name and inode).
+    the next purge is due) and the pins of restored checkpoints. A look lists ``info/`` (unless its
+    stat says it is unchanged: ``refresh``) or ``restored/`` and reads only the metadata files it has
+    not seen (by name and inode).
 
     ``start`` opens the trash for a pass (it may have appeared or been replaced since the last one),
     ``close`` ends the pass. Metadata that cannot be read is logged once (``trash_problem``).
     """
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, clock: Callable[[], float] = time.time) -> None:
         self.root = root
+        self._clock = clock  # wall clock, against the file system's change times (``refresh``)
         self._trash: TrashDirectory | None = None
         self._entries: dict[tuple[str, int], IndexedEntry | None] = {}
         self._at_a_glance: AtAGlance[IndexedEntry] | None = None  # of ``_entries``: made once a change
@@ -779,7 +785,7 @@ class TrashIndex:
         if trash is None:
             return {}
         problems: list[tuple[str, str]] = []
-        with contextlib.suppress(OSError):  # (none known then)
+        with contextlib.suppress(OSError):  # (the pins known before stay in force)
             _look(trash.sub(RESTORED), self._pins, lambda fd, name: read_pin(fd, name, problems))
         self._report_all(problems, RESTORED)
         return {
@@ -799,7 +805,7 @@ class TrashIndex:
             self._entries, self._at_a_glance, self._unchanged_as = {}, None, None
             return
         info_fd = trash.sub(INFO)
-        looked_at = time.time()
+        looked_at = self._clock()
         stamp = _directory_stamp(info_fd)
         if not force and stamp is not None and stamp == self._unchanged_as:
             return
@@ -807,9 +813,10 @@ class TrashIndex:
         try:
             changed = _look(info_fd, self._entries, lambda fd, name: self._read(fd, name, problems))
         except OSError:
-            changed, stamp = True, None  # (none known now, and listed again at the next look)
+            changed, stamp = False, None  # (what was known stays, and is listed again at the next look)
         if changed:
             self._at_a_glance = None
+            self._oldest = None  # (read again: an entry's record may have been rewritten under its key)
         self._report_all(problems, INFO)
         racy = stamp is None or looked_at - stamp[-1] / 1e9 < RACY_SECONDS
         self._unchanged_as = None if racy else stamp
@@ -892,7 +899,7 @@ class TrashIndex:
 
 def _directory_stamp(dir_fd: int | None) -> tuple[int, ...] | None:
     """What changes when a directory's entries do: its identity, size, links, mtime and (last) ctime,
-    which no one can set back. None when it cannot be read."""
+    which ``utime`` cannot set (a clock step can). None when it cannot be read."""
     if dir_fd is None:
         return None
     try:
@@ -927,21 +934,19 @@ def _look(
 ) -> bool:
     """Bring ``known`` to the metadata files of ``dir_fd`` now (by name and inode), reading each new one
     once; True if any came or went. In place, and what went is looked for only when some did: building
-    a new mapping of 100,000 entries took ~0.1 s of every look. OSError if ``dir_fd`` cannot be listed:
-    ``known`` is then emptied (what it held is read again at the next look)."""
-    try:
-        listed = metadata_files(dir_fd)
-    except OSError:
-        known.clear()
-        raise
+    a new mapping of 100,000 entries took ~0.1 s of every look. OSError if ``dir_fd`` cannot be listed,
+    ``known`` unchanged (when in doubt, a pin stays in force)."""
+    listed = metadata_files(dir_fd)
+    # In the listing's order: looking each up in a set's order took six times as long.
     came = [name_and_inode for name_and_inode in listed if name_and_inode not in known]
     gone: list[tuple[str, int]] = []
-    if len(listed) - len(came) != len(known):  # (a directory lists each name once)
+    # A listing racing a rename may give a name twice: then the counts prove nothing.
+    if len(listed) - len(came) != len(known) or len(set(listed)) != len(listed):
         present = set(listed)
         gone = [name_and_inode for name_and_inode in known if name_and_inode not in present]
     for name_and_inode in gone:
         del known[name_and_inode]
-    for name, inode in sorted(came):
+    for name, inode in sorted(set(came)):
         assert dir_fd is not None
         known[(name, inode)] = read(dir_fd, name)
     return bool(gone or came)

@@ -112,9 +112,12 @@ class TrashTarget:
     grace_seconds: int
     stop: threading.Event | None = None
     clock: Callable[[], float] = time.time
+    on_move: Callable[[], None] | None = None  # told before each move (the trash may change)
 
     def move_in(self, directory_fd: int, decision: Decision) -> Move:
         """Move the checked checkpoint ``decision`` names into the trash; never raises."""
+        if self.on_move is not None:
+            self.on_move()
         try:
             return self._move_in(directory_fd, decision)
         except TrashUnusableError as error:

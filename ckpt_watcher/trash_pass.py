@@ -86,6 +86,7 @@ class TrashPass(PurgeSchedule):
         self._may_exist = False  # a trash missing when the pass began may be made by its moves
         self._not_before = 0.0  # wall clock: no purge before (after one that left due entries)
         self._moved = False  # moves into the trash may have happened since the index was read
+        self._moves = 0  # moves into the trash tried since the index last looked
         self._reclaimable: tuple[tuple[IndexedEntry, ...], tuple[Reclaimable, ...]] | None = (
             None  # (of a look)
         )
@@ -98,7 +99,7 @@ class TrashPass(PurgeSchedule):
         self.index.start()
         self._may_exist = self.index.exists
         if self.index.exists and (purge or not self.index.looked):
-            self.index.refresh(force=True)
+            self._look(force=True)
         if dry_run or not self.index.exists or not (purge or self.is_due(time.time())):
             return None
         now = time.time()
@@ -107,7 +108,7 @@ class TrashPass(PurgeSchedule):
         except TrashUnusableError as error:
             logger.error("trash_purge_failed", path=display_name(str(self.root)), error=str(error))
             result = None
-        self.index.refresh()
+        self._look(force=True)  # (this process's change: listed whatever the directory's stat says)
         if result is None or result.failed or result.interrupted:
             self._not_before = now + PURGE_RETRY_SECONDS  # what is still due is retried later, not at once
         return result
@@ -123,24 +124,38 @@ class TrashPass(PurgeSchedule):
         if grace_seconds <= 0:
             return None
         self._may_exist = self._moved = True
-        return TrashTarget(self.root, grace_seconds, stop=self._stop)
+        return TrashTarget(self.root, grace_seconds, stop=self._stop, on_move=self._count_move)
+
+    def _count_move(self) -> None:
+        self._moves += 1
+
+    def _look(self, *, force: bool = False) -> None:
+        """Look at the entries again; listed whatever the stat of ``info/`` says if ``force`` or this
+        process tried a move since the last look. A stat need not show a change made within the same
+        tick of the file system's clock (a second on some), and a look's ``RACY_SECONDS`` is measured
+        on this machine's clock, which may run ahead of the file system's (an NFS server's): this
+        process's own changes are never left to it, so an offer to ``keep_free`` always has them."""
+        force = force or self._moves > 0
+        self._moves = 0
+        self.index.refresh(force=force)
 
     def end(self) -> tuple[int | None, TrashSummary | None]:
         """Look at the trash again and close it: its bytes (None without a trash) and its summary."""
         try:
-            self.index.refresh()
+            self._look()
             return self.index.bytes, self.index.summary()
         finally:
             self.index.close()
 
     def reclaimable(self) -> Sequence[Reclaimable]:
-        """One ``Reclaimable`` per entry as last looked at (no I/O), oldest first: what a byte budget
-        may reclaim before it evicts any kept checkpoint (WAVE2 contract; the budget wires it)."""
+        """One ``Reclaimable`` per entry, oldest first: what a byte budget may reclaim before it evicts
+        any kept checkpoint (WAVE2 contract; the budget wires it). As last looked at, and looked at
+        again (I/O) first if this pass may have moved checkpoints into the trash since."""
         if self._moved:  # what this pass moved into the trash is reclaimable too, and goes first
             self._moved = False
             self.index.start()
             if self.index.exists:
-                self.index.refresh()
+                self._look()
         entries = self.index.entries  # (the same tuple until the index looks again)
         if self._reclaimable is None or self._reclaimable[0] is not entries:
             made = (Reclaimable(entry.key, entry.device, entry.bytes, entry.trashed_at) for entry in entries)
@@ -154,5 +169,5 @@ class TrashPass(PurgeSchedule):
         except TrashUnusableError as error:
             logger.error("trash_purge_failed", path=display_name(str(self.root)), error=str(error))
             result = PurgeResult()
-        self.index.refresh()
+        self._look(force=True)
         return result

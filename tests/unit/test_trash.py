@@ -1018,80 +1018,6 @@ def test_an_unchanged_trash_is_not_listed_again_once_its_last_change_is_old(
     assert len(listed) == 2
 
 
-def test_a_trash_changed_within_its_clock_s_tick_is_listed_again(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A change in the same tick of the file system's clock as the one a look saw leaves the stat as
-    it was: a directory changed less than RACY_SECONDS before the look is listed again at the next."""
-    steps(tmp_path / "a", range(100, 400, 100))
-    trash_everything_but_the_newest(tmp_path, clock=NOW)
-    monkeypatch.setattr(trash_module, "RACY_SECONDS", 10 * DAY)  # every change counts as recent
-    index = TrashIndex(tmp_path)
-    index.start()
-    listed = listings_of_the_trash(monkeypatch)
-
-    index.refresh()
-    index.refresh()
-    index.close()
-
-    assert len(listed) == 2
-
-
-def test_only_a_full_pass_or_the_first_looks_at_the_trash_before_its_deletions(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A pass's look at the trash stood between an event and its deletions (~0.3 s with 100,000
-    entries). Any pass but the first and the full ones now goes by the previous pass's look at its end,
-    which sees what that pass moved."""
-    steps(tmp_path / "a", range(100, 400, 100))
-    trash_everything_but_the_newest(tmp_path, clock=NOW)
-    monkeypatch.setattr(trash_module, "RACY_SECONDS", 10 * DAY)  # no stat is trusted: only the rule
-    trash = TrashPass(tmp_path)
-    listed = listings_of_the_trash(monkeypatch)
-
-    trash.begin(purge=False, dry_run=True)  # the first: looks
-    first = len(listed)
-    trash.end()
-    at_end = len(listed) - first
-    trash.begin(purge=False, dry_run=True)  # an event's pass: no look
-    event = len(listed) - first - at_end
-    trash.end()
-    trash.begin(purge=True, dry_run=True)  # a full pass: looks
-    full = len(listed) - 2 * at_end - first - event
-    trash.end()
-
-    assert (first, at_end, event, full) == (1, 1, 0, 1)
-    assert trash.index.bytes == sum(entry.bytes for entry in trash.index.entries)
-    assert len(trash.index.entries) == 2
-
-
-def test_a_listing_that_fails_is_made_again_at_the_next_look_whatever_the_stat_says(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A look whose listing fails knows no entries; the directory's stat has not changed, but that
-    look is no reason to trust it: the next look lists it again."""
-    steps(tmp_path / "a", range(100, 400, 100))
-    trash_everything_but_the_newest(tmp_path, clock=NOW)
-    monkeypatch.setattr(trash_module, "RACY_SECONDS", -1.0)  # every change counts as old enough
-    index = TrashIndex(tmp_path)
-    index.start()
-    index.refresh()
-    assert len(index.entries) == 2
-    metadata_files = trash_module.metadata_files
-
-    def failing(dir_fd: int | None) -> list[tuple[str, int]]:
-        raise OSError(errno.EIO, "Input/output error")
-
-    monkeypatch.setattr(trash_module, "metadata_files", failing)
-    index.refresh(force=True)
-    assert (len(index.entries), index.bytes) == (0, 0)
-    monkeypatch.setattr(trash_module, "metadata_files", metadata_files)
-    index.refresh()
-    index.close()
-
-    assert len(index.entries) == 2
-
-
 @given(
     entries=st.lists(
         st.builds(
@@ -1120,3 +1046,165 @@ def test_a_glance_answers_as_its_entries_sorted_do(entries: list[IndexedEntry]) 
     assert glance.oldest_first == tuple(ordered)
     assert glance.oldest_first is glance.oldest_first
     assert glance.oldest == (ordered[0] if ordered else None)
+
+
+CHANGED_AT = 1_700_000_000.0  # the emulated file system's last change to info/ (epoch seconds)
+
+
+def a_stat_that_never_changes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``info/`` as a file system whose directory times never show a change (whole-second times and
+    changes within one second, or a FUSE mount that keeps them): only a listing sees one."""
+    stamp = (1, 2, 4096, 2, int(CHANGED_AT * 1e9), int(CHANGED_AT * 1e9))
+    monkeypatch.setattr(trash_module, "_directory_stamp", lambda dir_fd: None if dir_fd is None else stamp)
+
+
+@pytest.mark.parametrize(("seconds_after_the_change", "listed"), [(0.0, 2), (1.9, 2), (2.1, 1), (3600.0, 1)])
+def test_a_look_made_within_racy_seconds_of_the_last_change_is_not_trusted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, seconds_after_the_change: float, listed: int
+) -> None:
+    """A change within the same tick of the file system's clock as the last one leaves the stat as it
+    was: a look made less than RACY_SECONDS after the directory's last change lists it again at the
+    next; one made later is trusted until the stat changes."""
+    steps(tmp_path / "a", range(100, 400, 100))
+    trash_everything_but_the_newest(tmp_path, clock=NOW)
+    a_stat_that_never_changes(monkeypatch)
+    index = TrashIndex(tmp_path, clock=lambda: CHANGED_AT + seconds_after_the_change)
+    index.start()
+    listings = listings_of_the_trash(monkeypatch)
+
+    index.refresh()
+    index.refresh()
+    index.close()
+
+    assert len(listings) == listed
+
+
+def test_what_this_process_moves_in_or_purges_is_seen_whatever_the_stat_says(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pass's own purges must leave the index (else the next purge is due at once, again and again)
+    and its own moves be in the offer to keep_free (else it evicts a kept checkpoint while the trash
+    could give the space): they are listed whatever the directory's stat says."""
+    steps(tmp_path / "a", range(100, 300, 100))
+    trash_everything_but_the_newest(tmp_path, grace=1, clock=time.time() - 10)  # due since 9 s
+    a_stat_that_never_changes(monkeypatch)
+    monkeypatch.setattr(trash_module, "RACY_SECONDS", -1.0)  # every look trusted: only what forces lists
+    trash = TrashPass(tmp_path)
+
+    result = trash.begin(purge=False, dry_run=False)  # the first look: the grace is over, a purge
+    trash.end()
+
+    assert result is not None
+    assert len(result.purged) == 1
+    assert trash.index.entries == ()
+    assert not trash.is_due(time.time())
+
+    steps(tmp_path / "b", range(100, 400, 100))
+    trash.begin(purge=False, dry_run=False)  # an event's pass
+    assert list(trash.reclaimable()) == []
+    apply_plan(plan_of(tmp_path / "b"), tmp_path / "b", trash=trash.target(DAY))  # its moves
+    offered = trash.reclaimable()
+    trash_bytes, summary = trash.end()
+
+    assert len(offered) == 2
+    assert summary is not None
+    assert (summary.entries, trash_bytes) == (2, sum(item.bytes for item in offered))
+
+
+def test_only_a_full_pass_or_the_first_looks_at_the_trash_before_its_deletions(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pass's look at the trash stood between an event and its deletions (~0.3 s with 100,000
+    entries). Any pass but the first and the full ones now goes by the previous pass's look at its
+    end."""
+    steps(tmp_path / "a", range(100, 400, 100))
+    trash_everything_but_the_newest(tmp_path, clock=NOW)
+    monkeypatch.setattr(trash_module, "RACY_SECONDS", 10 * DAY)  # no stat is trusted: only the rule
+    trash = TrashPass(tmp_path)
+    listings = listings_of_the_trash(monkeypatch)
+
+    counts = []
+    for full in (False, False, True):  # the first, an event's, a full one
+        before = len(listings)
+        trash.begin(purge=full, dry_run=True)
+        counts.append(len(listings) - before)
+        trash.end()
+
+    assert counts == [1, 0, 1]
+
+
+def test_a_listing_that_fails_keeps_what_was_known_and_is_made_again_at_the_next_look(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A look whose listing fails keeps the entries (and pins) known before, and is no reason to
+    trust the directory's stat: the next look lists it, and sees what changed meanwhile."""
+    steps(tmp_path / "a", range(100, 400, 100))
+    trash_everything_but_the_newest(tmp_path, clock=NOW)
+    a_stat_that_never_changes(monkeypatch)
+    monkeypatch.setattr(trash_module, "RACY_SECONDS", -1.0)  # every look trusted
+    index = TrashIndex(tmp_path)
+    index.start()
+    index.refresh()
+    assert len(index.entries) == 2
+    steps(tmp_path / "b", range(100, 300, 100))
+    trash_everything_but_the_newest(tmp_path, clock=NOW + 10)  # another process's move
+    metadata_files = trash_module.metadata_files
+
+    def failing(dir_fd: int | None) -> list[tuple[str, int]]:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(trash_module, "metadata_files", failing)
+    index.refresh(force=True)
+    assert len(index.entries) == 2
+    monkeypatch.setattr(trash_module, "metadata_files", metadata_files)
+    index.refresh()
+    index.close()
+
+    assert len(index.entries) == 3
+
+
+def test_a_name_listed_twice_does_not_hide_one_gone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A directory listing that races a rename may give a name twice; counting the known names listed
+    must not then miss one that went."""
+    steps(tmp_path / "a", range(100, 400, 100))
+    trash_everything_but_the_newest(tmp_path, clock=NOW)
+    index = TrashIndex(tmp_path)
+    index.start()
+    index.refresh()
+    first, second = index.entries
+    metadata_files = trash_module.metadata_files
+
+    def listed_twice_and_one_gone(dir_fd: int | None) -> list[tuple[str, int]]:
+        listed = [item for item in metadata_files(dir_fd) if item[0] != f"{second.key}.json"]
+        return listed + listed
+
+    monkeypatch.setattr(trash_module, "metadata_files", listed_twice_and_one_gone)
+    index.refresh(force=True)
+    index.close()
+
+    assert index.entries == (first,)
+
+
+def test_a_restored_checkpoint_stays_pinned_when_the_pins_cannot_be_listed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A listing of ``restored/`` that failed (EIO, too many open files) forgot every pin: for that
+    pass, a restored checkpoint was planned as if never restored, and the policy could take it again.
+    When in doubt, keep: the pins known before stay in force."""
+    steps(tmp_path, range(100, 400, 100))
+    trash_everything_but_the_newest(tmp_path)
+    listing = list_trash(tmp_path)
+    assert listing is not None
+    restore(tmp_path, listing.entries, now=NOW)
+    index = TrashIndex(tmp_path)
+    pinned = index.pinned_identities(NOW + 1)
+    assert len(pinned) == 2
+
+    def failing(dir_fd: int | None) -> list[tuple[str, int]]:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(trash_module, "metadata_files", failing)
+    still = index.pinned_identities(NOW + 1)
+    index.close()
+
+    assert still == pinned
