@@ -116,6 +116,28 @@ def steps(directory: Path, numbers: range) -> dict[str, dict[str, str]]:
     return {step_name(0, step): digest(directory / step_name(0, step)) for step in numbers}
 
 
+def metadata_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The name of each metadata file read from now on, in order."""
+    reads: list[str] = []
+    read_metadata = trash_module.read_metadata
+
+    def counted(dir_fd: int, name: str) -> Any:
+        reads.append(name)
+        return read_metadata(dir_fd, name)
+
+    monkeypatch.setattr(trash_module, "read_metadata", counted)
+    return reads
+
+
+def two_restored(root: Path) -> None:
+    """Three step checkpoints in ``root``; the two older trashed, then restored at NOW (pinned a day)."""
+    steps(root, range(100, 400, 100))
+    trash_everything_but_the_newest(root)
+    listing = list_trash(root)
+    assert listing is not None
+    restore(root, listing.entries, now=NOW)
+
+
 # -- moving in --------------------------------------------------------------------------------------
 
 
@@ -242,11 +264,7 @@ def test_restore_brings_back_the_same_bytes_and_pins_them_for_the_grace(
 
 
 def test_a_restored_checkpoint_is_kept_as_restored_until_its_pin_expires(tmp_path: Path) -> None:
-    steps(tmp_path, range(100, 400, 100))
-    trash_everything_but_the_newest(tmp_path)
-    listing = list_trash(tmp_path)
-    assert listing is not None
-    restore(tmp_path, listing.entries, now=NOW)
+    two_restored(tmp_path)
     index = TrashIndex(tmp_path)
     records = scan_tree(tmp_path, KEEP_ONE.compiled_naming, QUIET).records
 
@@ -431,14 +449,7 @@ def test_the_index_reads_each_metadata_file_once(tmp_path: Path, monkeypatch: py
     assert index.bytes is None  # no trash yet
     steps(tmp_path, range(100, 400, 100))
     trash_everything_but_the_newest(tmp_path, grace=60)
-    reads: list[str] = []
-    read_metadata = trash_module.read_metadata
-
-    def counted(dir_fd: int, name: str) -> Any:
-        reads.append(name)
-        return read_metadata(dir_fd, name)
-
-    monkeypatch.setattr(trash_module, "read_metadata", counted)
+    reads = metadata_reads(monkeypatch)
 
     index.refresh()
     index.refresh()
@@ -943,14 +954,7 @@ def test_the_index_keeps_no_entry_whole_and_reads_the_oldest_again_for_the_summa
     index = TrashIndex(tmp_path)
     index.start()
     index.refresh()
-    reads: list[str] = []
-    read_metadata = trash_module.read_metadata
-
-    def counted(dir_fd: int, name: str) -> Any:
-        reads.append(name)
-        return read_metadata(dir_fd, name)
-
-    monkeypatch.setattr(trash_module, "read_metadata", counted)
+    reads = metadata_reads(monkeypatch)
 
     assert index.entries == tuple(
         IndexedEntry(entry.key, entry.device, entry.bytes, entry.trashed_at, entry.grace_seconds)
@@ -1191,11 +1195,7 @@ def test_a_restored_checkpoint_stays_pinned_when_the_pins_cannot_be_listed(
     """A listing of ``restored/`` that failed (EIO, too many open files) forgot every pin: for that
     pass, a restored checkpoint was planned as if never restored, and the policy could take it again.
     When in doubt, keep: the pins known before stay in force."""
-    steps(tmp_path, range(100, 400, 100))
-    trash_everything_but_the_newest(tmp_path)
-    listing = list_trash(tmp_path)
-    assert listing is not None
-    restore(tmp_path, listing.entries, now=NOW)
+    two_restored(tmp_path)
     index = TrashIndex(tmp_path)
     pinned = index.pinned_identities(NOW + 1)
     assert len(pinned) == 2
