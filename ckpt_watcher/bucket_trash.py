@@ -243,7 +243,7 @@ class BucketTrashIndex:
     def _glance(self) -> AtAGlance[StoredEntry]:
         if self._at_a_glance is None:
             found = [value for _, value in self._entries.values() if value is not None]
-            self._at_a_glance = AtAGlance.of(found, lambda stored: stored.entry)
+            self._at_a_glance = AtAGlance(found, lambda stored: stored.entry)
         return self._at_a_glance
 
     @property

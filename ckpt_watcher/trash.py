@@ -691,17 +691,13 @@ class AtAGlance(Generic[_Item]):
     __slots__ = ("_entries", "_items", "_oldest", "_oldest_first", "bytes", "next_purge_at")
 
     def __init__(self, items: Iterable[_Item], entry_of: Callable[[_Item], TimedEntry]) -> None:
+        """The glance at ``items``, each ``entry_of`` one: oldest by (trashed at, key)."""
         self._items = list(items)
         self._entries = list(map(entry_of, self._items))
         self._oldest_first: tuple[_Item, ...] | None = None
-        self._oldest: list[_Item] | None = None  # (none or one, once worked out)
+        self._oldest: _Item | None = None  # (once worked out)
         self.bytes: int = sum(map(_BYTES, self._entries))
         self.next_purge_at: float | None = min(map(_PURGE_AT, self._entries), default=None)
-
-    @classmethod
-    def of(cls, items: Iterable[_Item], entry_of: Callable[[_Item], TimedEntry]) -> AtAGlance[_Item]:
-        """The glance at ``items``, each ``entry_of`` one: oldest by (trashed at, key)."""
-        return cls(items, entry_of)
 
     @property
     def count(self) -> int:
@@ -711,13 +707,13 @@ class AtAGlance(Generic[_Item]):
     @property
     def oldest(self) -> _Item | None:
         """The oldest entry (the first by trashed at, then key), None with none."""
-        if self._oldest is None:
-            if self._oldest_first is not None or not self._items:
-                self._oldest = list(self._oldest_first[:1] if self._oldest_first else ())
+        if self._oldest is None and self._items:
+            if self._oldest_first is not None:
+                self._oldest = self._oldest_first[0]
             else:
                 order = list(map(_OLDEST_FIRST, self._entries))
-                self._oldest = [self._items[min(range(len(order)), key=order.__getitem__)]]
-        return self._oldest[0] if self._oldest else None
+                self._oldest = self._items[min(range(len(order)), key=order.__getitem__)]
+        return self._oldest
 
     @property
     def oldest_first(self) -> tuple[_Item, ...]:
@@ -837,7 +833,7 @@ class TrashIndex:
     def _glance(self) -> AtAGlance[IndexedEntry]:
         if self._at_a_glance is None:
             found = [entry for entry in self._entries.values() if entry is not None]
-            self._at_a_glance = AtAGlance.of(found, lambda entry: entry)
+            self._at_a_glance = AtAGlance(found, lambda entry: entry)
         return self._at_a_glance
 
     @property

@@ -85,7 +85,6 @@ class TrashPass(PurgeSchedule):
         self._stop = stop
         self._may_exist = False  # a trash missing when the pass began may be made by its moves
         self._not_before = 0.0  # wall clock: no purge before (after one that left due entries)
-        self._moved = False  # moves into the trash may have happened since the index was read
         self._moves = 0  # moves into the trash tried since the index last looked
         self._reclaimable: tuple[tuple[IndexedEntry, ...], tuple[Reclaimable, ...]] | None = (
             None  # (of a look)
@@ -123,7 +122,7 @@ class TrashPass(PurgeSchedule):
         """Where a group whose policy has this grace moves its deletions; None: deleted at once."""
         if grace_seconds <= 0:
             return None
-        self._may_exist = self._moved = True
+        self._may_exist = True
         return TrashTarget(self.root, grace_seconds, stop=self._stop, on_move=self._count_move)
 
     def _count_move(self) -> None:
@@ -151,11 +150,11 @@ class TrashPass(PurgeSchedule):
         """One ``Reclaimable`` per entry, oldest first: what a byte budget may reclaim before it evicts
         any kept checkpoint (WAVE2 contract; the budget wires it). As last looked at, and looked at
         again (I/O) first if this pass may have moved checkpoints into the trash since."""
-        if self._moved:  # what this pass moved into the trash is reclaimable too, and goes first
-            self._moved = False
+        if self._moves:  # what this pass moved into the trash is reclaimable too, and goes first
             self.index.start()
             if self.index.exists:
                 self._look()
+            self._moves = 0  # (none landed where no trash is: it was never made)
         entries = self.index.entries  # (the same tuple until the index looks again)
         if self._reclaimable is None or self._reclaimable[0] is not entries:
             made = (Reclaimable(entry.key, entry.device, entry.bytes, entry.trashed_at) for entry in entries)

@@ -1042,7 +1042,7 @@ def test_a_glance_answers_as_its_entries_sorted_do(entries: list[IndexedEntry]) 
     first is the same tuple at each question."""
     ordered = sorted(entries, key=lambda entry: (entry.trashed_at, entry.key))
 
-    glance = AtAGlance.of(entries, lambda entry: entry)
+    glance = AtAGlance(entries, lambda entry: entry)
 
     assert glance.oldest == (ordered[0] if ordered else None)
     assert (glance.count, glance.bytes) == (len(entries), sum(entry.bytes for entry in entries))
