@@ -35,7 +35,7 @@ from ckpt_watcher.metrics import DaemonFigures
 from ckpt_watcher.notify import Notifier
 from ckpt_watcher.object_store import BucketMissingError, ConditionalUnsupportedError, ObjectStore, StoreError
 from ckpt_watcher.overrides import PolicyTree
-from ckpt_watcher.place import Crew, WatchedRoot, WatchOptions
+from ckpt_watcher.place import Crew, Retries, WatchedRoot, WatchOptions
 from ckpt_watcher.policy import LoadedPolicy
 from ckpt_watcher.protection import ProtectionRegistry
 from ckpt_watcher.reconcile import PassResult, Reconciler
@@ -45,8 +45,6 @@ from ckpt_watcher.supervisor import supervise
 logger = structlog.get_logger("ckpt_watcher.bucket_watch")
 
 DEFAULT_BUCKET_POLL_SECONDS = 30.0
-_FIRST_RETRY_SECONDS = 1.0
-_LONGEST_RETRY_SECONDS = 60.0
 
 
 class ArmedBucket:
@@ -102,8 +100,11 @@ class BucketPlace:
         self.registry = ProtectionRegistry(Path.cwd(), files=self.files)
         self.pins = bucket_pins(options.protect, self.files)
         self.refuse = refusals_in_runs(store)  # an edit asking keep_free (say) is refused
-        self._failures = 0
-        self._next_attempt = 0.0
+        self._retries = Retries(
+            url.text,
+            options.poll_interval or DEFAULT_BUCKET_POLL_SECONDS,
+            "nothing is planned or deleted until the prefix can be listed whole",
+        )
 
     def lock_now(self) -> None:
         """Take the lease up front (LeaseHeldError, exit 2, if another watcher holds it; a bucket that
@@ -120,17 +121,17 @@ class BucketPlace:
                 f"does not offer ({error})"
             ) from None
         except StoreError as error:
-            self._unavailable(str(error), None)
+            self._retries.failed(str(error), None)
 
     def arm(self, crew: Crew) -> ArmedBucket | None:
         """The prefix, once its lease is held (taken now if it is not yet)."""
         if not self.lease.held:
-            if time.monotonic() < self._next_attempt:
+            if time.monotonic() < self._retries.next_attempt:
                 return None
             try:
                 self.lease.acquire()
             except StoreError as error:
-                self._unavailable(str(error), None)
+                self._retries.failed(str(error), None)
                 return None
         return ArmedBucket(self.url, self.lease, self.options.poll_interval or DEFAULT_BUCKET_POLL_SECONDS)
 
@@ -159,33 +160,14 @@ class BucketPlace:
         """A pass that could not list the prefix is not reported: it is retried soon, with a growing
         delay."""
         if result.storage_error is not None:
-            self._unavailable(result.storage_error, session)
+            self._retries.failed(result.storage_error, session)
             return False
-        if self._failures:
-            logger.info("storage_restored", path=self.url.text, failed_attempts=self._failures)
-            self._failures = 0
+        self._retries.succeeded()
         return True
 
     def release(self) -> None:
         """Release the lease."""
         self.lease.release()
-
-    def _unavailable(self, error: str, session: Session | None) -> None:
-        self._failures += 1
-        poll = self.options.poll_interval or DEFAULT_BUCKET_POLL_SECONDS
-        delay = min(_FIRST_RETRY_SECONDS * 2 ** (self._failures - 1), max(_LONGEST_RETRY_SECONDS, poll))
-        now = time.monotonic()
-        self._next_attempt = now + delay
-        if session is not None:
-            session.next_rescan = now + delay
-        logger.warning(
-            "storage_unavailable",
-            path=self.url.text,
-            error=error,
-            attempt=self._failures,
-            retry_in=delay,
-            detail="nothing is planned or deleted until the prefix can be listed whole",
-        )
 
 
 def run_bucket_watch(

@@ -127,7 +127,8 @@ class Watcher:
                     self.exit_code = 2
                     break
                 except Exception:
-                    backoff = min(LONGEST_ERROR_BACKOFF, ERROR_BACKOFF * 2**errors_in_a_row)
+                    # (the exponent stops: 2**1024 converts to no float, and raised here, ended the loop)
+                    backoff = min(LONGEST_ERROR_BACKOFF, ERROR_BACKOFF * 2 ** min(errors_in_a_row, 32))
                     errors_in_a_row += 1
                     logger.exception(
                         "worker_error",

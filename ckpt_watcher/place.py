@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,6 +136,48 @@ class Place(Protocol):
     def release(self) -> None:
         """Let go of whatever ``lock_now`` or ``arm`` still holds (at exit)."""
         ...
+
+
+# A pass that could not read what it must (a bucket's listing, a pin of a restored checkpoint) is tried
+# again this much later, doubling at each failure up to the longest (or the poll interval, if longer).
+FIRST_RETRY_SECONDS = 1.0
+LONGEST_RETRY_SECONDS = 60.0
+
+
+class Retries:
+    """When a root whose last pass could not read what it must is tried again, and the log of it: one
+    ``storage_unavailable`` warning per failed attempt, ``storage_restored`` at the first pass after."""
+
+    def __init__(self, path: str, poll_seconds: float, detail: str) -> None:
+        self.path = path
+        self.poll_seconds = poll_seconds
+        self.detail = detail
+        self.failures = 0
+        self.next_attempt = 0.0  # (monotonic)
+
+    def failed(self, error: str, session: Session | None) -> None:
+        """One more failed attempt: the next one (a full pass of ``session``) after a growing delay."""
+        self.failures += 1
+        longest = max(LONGEST_RETRY_SECONDS, self.poll_seconds)
+        delay = min(FIRST_RETRY_SECONDS * 2 ** min(self.failures - 1, 32), longest)
+        now = time.monotonic()
+        self.next_attempt = now + delay
+        if session is not None:
+            session.next_rescan = now + delay
+        logger.warning(
+            "storage_unavailable",
+            path=self.path,
+            error=error,
+            attempt=self.failures,
+            retry_in=delay,
+            detail=self.detail,
+        )
+
+    def succeeded(self) -> None:
+        """A pass read what it must: said once after failures."""
+        if self.failures:
+            logger.info("storage_restored", path=self.path, failed_attempts=self.failures)
+            self.failures = 0
 
 
 class DirectoryPlace:

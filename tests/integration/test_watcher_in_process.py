@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from structlog.testing import LogCapture
 
+from ckpt_watcher import daemon as daemon_module
 from ckpt_watcher.daemon import Watcher
 from ckpt_watcher.events import ObserverLike, default_observer_factory
 from ckpt_watcher.place import WatchOptions
@@ -266,3 +267,30 @@ def test_an_event_pass_that_raises_is_followed_by_a_full_pass_not_lost_until_the
     assert not failures
     assert [entry["retry_seconds"] for entry in logged(captured, "worker_error")] == [1.0, 2.0, 4.0]
     assert any(entry["trigger"] == "full" for entry in logged(captured, "pass_completed"))
+
+
+def test_a_worker_failing_for_hours_keeps_running(
+    tmp_path: Path, captured: LogCapture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The backoff after a worker error was ERROR_BACKOFF * 2 ** errors_in_a_row: at the 1,024th error
+    in a row (17 hours at a minute each) that no longer converts to a float, and the OverflowError,
+    raised in the handler itself, ended the worker. Waits of nothing here, so 1,100 errors take a
+    moment."""
+    monkeypatch.setattr(daemon_module, "ERROR_BACKOFF", 0.0)
+    monkeypatch.setattr(daemon_module, "LONGEST_ERROR_BACKOFF", 0.0)
+    watcher = _watcher(tmp_path)
+    turns = 0
+
+    def failing_turn() -> None:
+        nonlocal turns
+        turns += 1
+        if turns > 1_100:
+            watcher.request_stop()
+        raise RuntimeError("a bug no test has seen")
+
+    monkeypatch.setattr(watcher, "_turn", failing_turn)
+    watcher.run()
+
+    assert turns == 1_101
+    assert len(logged(captured, "worker_error")) == 1_101
+    assert logged(captured, "watch_stopped")
