@@ -30,7 +30,7 @@ import structlog
 
 from ckpt_watcher.bucket_listing import TRASH_PREFIX, object_identity
 from ckpt_watcher.locations import StorageURL, key_parts
-from ckpt_watcher.object_store import ObjectInfo, ObjectStore, StoreError
+from ckpt_watcher.object_store import ObjectInfo, ObjectMissingError, ObjectStore, StoreError
 from ckpt_watcher.records import display_name
 from ckpt_watcher.trash import (
     FILES,
@@ -158,7 +158,9 @@ def pinned_inode(tag: str) -> int:
 class BucketTrashIndex:
     """What is known of a bucket root's trash, from the objects under its prefix (a pass's listing, or
     a listing of the trash alone). Each ``info`` or pin object is read once per ETag; what cannot be
-    read is logged once (``trash_problem``) and skipped."""
+    read is logged once (``trash_problem``) and skipped: for good if what it holds is not an entry or a
+    pin, until the next look if the store failed to give it (a timeout, throttling). ``pins_in_doubt``
+    says why the last look could not read every pin (a restored checkpoint it cannot tell), or None."""
 
     url: StorageURL
     store: ObjectStore
@@ -168,6 +170,7 @@ class BucketTrashIndex:
     _pins: dict[str, tuple[str, RestoredPin | None]] = field(default_factory=dict)
     _reported: set[tuple[str, str]] = field(default_factory=set)
     _at_a_glance: AtAGlance[StoredEntry] | None = None  # of ``_entries``: made once a change
+    pins_in_doubt: str | None = None
 
     @property
     def base(self) -> str:
@@ -199,34 +202,48 @@ class BucketTrashIndex:
     ) -> dict[str, Any]:
         found: dict[str, tuple[str, Any]] = {}
         prefix = f"{self.base}/{directory}/"
+        if directory == RESTORED:
+            self.pins_in_doubt = None
         for object_key, info in self.objects.items():
             name = object_key[len(prefix) :] if object_key.startswith(prefix) else None
             if name is None or "/" in name:
                 continue
-            key = key_of(name)
             previous = known.get(object_key)
             if previous is not None and previous[0] == info.tag:
                 found[object_key] = previous
                 continue
-            value = None
             try:
-                if key is None:
-                    raise ValueError(f"not named like a trash entry (<KEY>{METADATA_SUFFIX})")
-                fetched = self.store.fetch(object_key, limit=limit)
-                value = parse(key, fetched.data, fetched.info)
-            except (StoreError, ValueError) as error:
-                self._report(object_key, info.tag, str(error))
-            found[object_key] = (info.tag, value)
+                found[object_key] = (info.tag, self._read_one(info, key_of(name), parse, limit))
+            except ObjectMissingError:
+                continue  # purged or restored since the listing
+            except StoreError as error:  # (not remembered: read again at the next look)
+                self._report(object_key, info.tag, str(error), "not read now; read again at the next look")
+                if directory == RESTORED and self.pins_in_doubt is None:
+                    self.pins_in_doubt = f"{display_name(object_key)} cannot be read: {error}"
         return found
 
-    def _report(self, key: str, tag: str, problem: str) -> None:
+    def _read_one(self, info: ObjectInfo, key: str | None, parse: Any, limit: int) -> Any:
+        """What the object says (None, reported, if it is not what its place holds); StoreError if the
+        store failed to give it."""
+        try:
+            if key is None:
+                raise ValueError(f"not named like a trash entry (<KEY>{METADATA_SUFFIX})")
+            if info.size > limit:
+                raise ValueError(f"larger than {limit} bytes")
+            fetched = self.store.fetch(info.key, limit=limit)
+            return parse(key, fetched.data, fetched.info)
+        except ValueError as error:
+            self._report(info.key, info.tag, str(error))
+            return None
+
+    def _report(self, key: str, tag: str, problem: str, detail: str = "skipped; never followed") -> None:
         if (key, tag) not in self._reported:
             self._reported.add((key, tag))
             logger.warning(
                 "trash_problem",
                 path=display_name(f"{self.url.scheme}://{self.url.bucket}/{key}"),
                 error=problem,
-                detail="skipped; never followed",
+                detail=detail,
             )
 
     def add(self, stored: StoredEntry) -> None:

@@ -73,6 +73,10 @@ class BucketTrashPass(PurgeSchedule):
                 self.index.look_pins()
             except StoreError as error:
                 raise StorageUnavailableError(str(error)) from None
+        if self.index.pins_in_doubt is not None:  # a restored checkpoint it cannot tell: nothing deleted
+            raise StorageUnavailableError(
+                f"a pin of a restored checkpoint is unknown ({self.index.pins_in_doubt})"
+            )
         return self.index.pinned_identities(time.time())
 
     def target(self, grace_seconds: int) -> BucketTrashTarget | None:

@@ -549,8 +549,7 @@ def run_prune(arguments: argparse.Namespace) -> int:
         if progress is not None:
             progress.finish()
         if result.storage_error is not None:
-            print(f"ckpt-watcher: {result.storage_error}; nothing was deleted", file=sys.stderr)
-            return EXIT_DELETE_FAILED
+            return _stopped_by_storage(result.storage_error, result)
         trash = TrashView(result.trashing, result.trash, frozenset(result.evicted_at_once))
         if arguments.json:
             write_plan_json(
@@ -597,6 +596,19 @@ def _prune_exit(result: PassResult) -> int:
     if failures:
         print(f"ckpt-watcher: {failures}; the next run tries again", file=sys.stderr)
     return EXIT_DELETE_FAILED if failures else EXIT_OK
+
+
+def _stopped_by_storage(error: str, result: PassResult) -> int:
+    """Say why the pass stopped (a bucket's listing, a pin of a restored checkpoint) and what it had
+    done by then; exit 1."""
+    done = result.deleted + result.trashed + result.purged
+    told = (
+        f"the pass stopped there ({done} deleted, trashed or purged before)"
+        if done
+        else "nothing was deleted"
+    )
+    print(f"ckpt-watcher: {error}; {told}", file=sys.stderr)
+    return EXIT_DELETE_FAILED
 
 
 def _prune_failures(result: PassResult) -> str:

@@ -194,6 +194,12 @@ class DirectoryPlace:
         self._observer_factory = observer_factory
         self._early_lock: DirectoryLock | None = None
         self._unusable: str | None = None  # why the root could not be opened, as last logged
+        self._retries = Retries(
+            str(options.root),
+            0.0,  # (at most a minute: a directory's passes are not paced by its poll)
+            "the pass stopped before its next deletion; nothing more is deleted until every pin of a "
+            "restored checkpoint can be read",
+        )
 
     def lock_now(self) -> None:
         """Take the directory lock up front if the root exists (so a second daemon exits 2 at once)."""
@@ -241,7 +247,12 @@ class DirectoryPlace:
         )
 
     def accepts(self, result: PassResult, session: Session | None) -> bool:
-        """Every pass over a directory is reported (one that could not scan a group says so itself)."""
+        """Every pass over a directory is reported (one that could not scan a group says so itself;
+        one that could not read the trash's pins, with what it did before, is also tried again soon)."""
+        if result.storage_error is not None:
+            self._retries.failed(result.storage_error, session)
+        elif result.trigger.covers_everything:  # (a pass of one group may not have read the pins)
+            self._retries.succeeded()
         return True
 
     def release(self) -> None:

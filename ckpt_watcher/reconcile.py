@@ -111,7 +111,9 @@ class PassResult:
     The counts are always there. Every decision (``the_plan``) and every outcome (``applied``) are kept
     only when the pass was asked to (``prune``'s table and JSON): a daemon's pass over 100,000
     checkpoints holds one group at a time. ``applied`` is None for a dry run. ``storage_error`` says
-    why a store could not be read whole (the pass then planned and deleted nothing).
+    why a store could not be read whole (a bucket's listing: the pass then planned and deleted nothing)
+    or a pin of a restored checkpoint could not be read (the pass stopped before the group it was
+    reading them for: what it did before is counted).
 
     For the metrics and the status line: ``deleted_by_kind`` (this pass's deletions by kind),
     ``kept_overall`` (what every known group's latest plan keeps, also the groups this pass did not
@@ -370,7 +372,7 @@ class Reconciler:
             self._plan_groups(effective, links, closed, dry_run, result)
         except ScanStopped:
             result.interrupted = True
-        except StorageUnavailableError as error:  # nothing was deleted: the listing came first
+        except StorageUnavailableError as error:  # (a listing comes first; a pin, before its group's plan)
             result.storage_error = str(error)
         finally:
             self._problems.flush()

@@ -24,7 +24,6 @@ move in or out of the trash, and every purge's rename, holds an exclusive ``floc
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import errno
 import fcntl
@@ -588,8 +587,11 @@ def read_entries(trash: TrashDirectory) -> TrashListing:
     return listing
 
 
-def read_entry(info_fd: int, name: str, problems: list[tuple[str, str]]) -> TrashEntry | None:
-    """The entry ``info/<name>`` describes, or None with the problem noted."""
+def read_entry(
+    info_fd: int, name: str, problems: list[tuple[str, str]], *, later: bool = False
+) -> TrashEntry | None:
+    """The entry ``info/<name>`` describes, or None with the problem noted (``later``: ReadLaterError
+    instead, after noting it, when the reason may pass)."""
     key = key_of(name)
     if key is None:
         problems.append((name, "not named like a trash entry (<KEY>.json)"))
@@ -599,8 +601,22 @@ def read_entry(info_fd: int, name: str, problems: list[tuple[str, str]]) -> Tras
     except FileNotFoundError:
         return None  # purged or restored meanwhile
     except (OSError, ValueError) as error:
-        problems.append((name, _describe(error)))
+        _unread(name, error, problems, later=later)
         return None
+
+
+class ReadLaterError(Exception):
+    """A metadata file could not be read for a reason that may pass (EIO, too many open files, a
+    permission since fixed): a look does not remember it as unreadable, and reads it again at the next
+    look. What a file says cannot change under its inode (it is written whole, then renamed into place),
+    so a malformed one (ValueError) is remembered."""
+
+
+def _unread(name: str, error: Exception, problems: list[tuple[str, str]], *, later: bool) -> None:
+    """Note why ``name`` could not be read; ReadLaterError if ``later`` and the reason may pass."""
+    problems.append((name, _describe(error)))
+    if later and isinstance(error, OSError):
+        raise ReadLaterError(name) from None
 
 
 def read_pins(trash: TrashDirectory, problems: list[tuple[str, str]]) -> list[RestoredPin]:
@@ -615,8 +631,11 @@ def read_pins(trash: TrashDirectory, problems: list[tuple[str, str]]) -> list[Re
     return pins
 
 
-def read_pin(restored_fd: int, name: str, problems: list[tuple[str, str]]) -> RestoredPin | None:
-    """The pin ``restored/<name>`` describes, or None with the problem noted."""
+def read_pin(
+    restored_fd: int, name: str, problems: list[tuple[str, str]], *, later: bool = False
+) -> RestoredPin | None:
+    """The pin ``restored/<name>`` describes, or None with the problem noted (``later``: as
+    ``read_entry``)."""
     key = key_of(name)
     if key is None:
         problems.append((name, "not named like a pin (<KEY>.json)"))
@@ -626,7 +645,7 @@ def read_pin(restored_fd: int, name: str, problems: list[tuple[str, str]]) -> Re
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as error:
-        problems.append((name, _describe(error)))
+        _unread(name, error, problems, later=later)
         return None
 
 
@@ -751,6 +770,8 @@ class TrashIndex:
         self._unchanged_as: tuple[int, ...] | None = None  # ``info/``'s stat at a look it can be trusted by
         self.looked = False  # at the entries once at least
         self._pins: dict[tuple[str, int], RestoredPin | None] = {}
+        # Why the last look could not read every pin (a restored checkpoint it cannot tell), or None.
+        self.pins_in_doubt: str | None = None
         self._reported: set[tuple[str, int]] = set()
         self.exists = False
 
@@ -776,14 +797,27 @@ class TrashIndex:
         return self._trash
 
     def pinned_identities(self, now: float) -> dict[tuple[int, int], str]:
-        """(device, inode) of each checkpoint restored and still pinned at ``now``, with the reason."""
+        """(device, inode) of each checkpoint restored and still pinned at ``now``, with the reason.
+        ``pins_in_doubt`` says whether every pin could be read."""
         trash = self._opened()
+        self.pins_in_doubt = None
         if trash is None:
             return {}
         problems: list[tuple[str, str]] = []
-        with contextlib.suppress(OSError):  # (the pins known before stay in force)
-            _look(trash.sub(RESTORED), self._pins, lambda fd, name: read_pin(fd, name, problems))
-        self._report_all(problems, RESTORED)
+        later: list[str] = []
+        try:
+            _, later = _look(
+                trash.sub(RESTORED), self._pins, lambda fd, name: read_pin(fd, name, problems, later=True)
+            )
+        except OSError as error:  # (the pins known before stay in force)
+            self.pins_in_doubt = f"{RESTORED}/ cannot be listed: {describe_os_error(error)}"
+        else:
+            if later:
+                reasons = dict(problems)
+                self.pins_in_doubt = (
+                    f"{RESTORED}/{later[0]} cannot be read: {reasons.get(later[0], 'unknown')}"
+                )
+        self._report_all(problems, RESTORED, later)
         return {
             (pin.device, pin.inode): pin.reason
             for pin in self._pins.values()
@@ -807,18 +841,21 @@ class TrashIndex:
             return
         problems: list[tuple[str, str]] = []
         try:
-            changed = _look(info_fd, self._entries, lambda fd, name: self._read(fd, name, problems))
+            changed, later = _look(info_fd, self._entries, lambda fd, name: self._read(fd, name, problems))
         except OSError:
-            changed, stamp = False, None  # (what was known stays, and is listed again at the next look)
+            changed, later = False, []
+            stamp = None  # (what was known stays, and is listed again at the next look)
+        if later:
+            stamp = None  # (read again at the next look, whatever the directory's stat says)
         if changed:
             self._at_a_glance = None
             self._oldest = None  # (read again: an entry's record may have been rewritten under its key)
-        self._report_all(problems, INFO)
+        self._report_all(problems, INFO, later)
         racy = stamp is None or looked_at - stamp[-1] / 1e9 < RACY_SECONDS
         self._unchanged_as = None if racy else stamp
 
     def _read(self, info_fd: int, name: str, problems: list[tuple[str, str]]) -> IndexedEntry | None:
-        entry = read_entry(info_fd, name, problems)
+        entry = read_entry(info_fd, name, problems, later=True)
         if entry is None:
             return None
         shared = self._numbers.setdefault
@@ -881,15 +918,20 @@ class TrashIndex:
         self._oldest = found
         return found
 
-    def _report_all(self, problems: list[tuple[str, str]], directory: str) -> None:
+    def _report_all(self, problems: list[tuple[str, str]], directory: str, later: Iterable[str] = ()) -> None:
+        again = frozenset(later)
         for name, problem in problems:
-            self._report((name, 0), str(self.root / TRASH_DIRECTORY_NAME / directory / name), problem)
+            detail = "not read now; read again at the next look" if name in again else None
+            self._report((name, 0), str(self.root / TRASH_DIRECTORY_NAME / directory / name), problem, detail)
 
-    def _report(self, key: tuple[str, int], path: str, problem: str) -> None:
+    def _report(self, key: tuple[str, int], path: str, problem: str, detail: str | None = None) -> None:
         if key not in self._reported:
             self._reported.add(key)
             logger.warning(
-                "trash_problem", path=display_name(path), error=problem, detail="skipped; never followed"
+                "trash_problem",
+                path=display_name(path),
+                error=problem,
+                detail=detail or "skipped; never followed",
             )
 
 
@@ -927,11 +969,12 @@ def _look(
     dir_fd: int | None,
     known: dict[tuple[str, int], _Metadata | None],
     read: Callable[[int, str], _Metadata | None],
-) -> bool:
+) -> tuple[bool, list[str]]:
     """Bring ``known`` to the metadata files of ``dir_fd`` now (by name and inode), reading each new one
-    once; True if any came or went. In place, and what went is looked for only when some did: building
-    a new mapping of 100,000 entries took ~0.1 s of every look. OSError if ``dir_fd`` cannot be listed,
-    ``known`` unchanged (when in doubt, a pin stays in force)."""
+    once; True if any came or went, and the names to read again at the next look (``ReadLaterError``: left
+    out of ``known``). In place, and what went is looked for only when some did: building a new mapping
+    of 100,000 entries took ~0.1 s of every look. OSError if ``dir_fd`` cannot be listed, ``known``
+    unchanged (when in doubt, a pin stays in force)."""
     listed = metadata_files(dir_fd)
     # In the listing's order: looking each up in a set's order took six times as long.
     came = [name_and_inode for name_and_inode in listed if name_and_inode not in known]
@@ -942,7 +985,11 @@ def _look(
         gone = [name_and_inode for name_and_inode in known if name_and_inode not in present]
     for name_and_inode in gone:
         del known[name_and_inode]
+    later: list[str] = []
     for name, inode in sorted(set(came)):
         assert dir_fd is not None
-        known[(name, inode)] = read(dir_fd, name)
-    return bool(gone or came)
+        try:
+            known[(name, inode)] = read(dir_fd, name)
+        except ReadLaterError:
+            later.append(name)
+    return bool(gone) or len(later) < len(set(came)), later

@@ -24,6 +24,7 @@ import structlog
 from ckpt_watcher.budget import Reclaimable
 from ckpt_watcher.delete import TrashMover
 from ckpt_watcher.records import display_name
+from ckpt_watcher.storage import StorageUnavailableError
 from ckpt_watcher.trash import IndexedEntry, TrashIndex, TrashSummary, TrashUnusableError
 from ckpt_watcher.trash_moves import PurgeResult, TrashTarget, purge_due, purge_keys
 
@@ -113,10 +114,17 @@ class TrashPass(PurgeSchedule):
         return result
 
     def pinned_identities(self) -> dict[tuple[int, int], str]:
-        """The restored checkpoints pinned now (read after the group's scan: see the module's doc)."""
+        """The restored checkpoints pinned now (read after the group's scan: see the module's doc).
+        StorageUnavailableError if a pin cannot be read or ``restored/`` listed: a restored checkpoint
+        it cannot tell would be planned as never restored, so the pass deletes nothing more."""
         if not self._may_exist:
             return {}  # no trash, so nothing restored: a tree without a trash costs nothing per group
-        return self.index.pinned_identities(time.time())
+        pinned = self.index.pinned_identities(time.time())
+        if self.index.pins_in_doubt is not None:
+            raise StorageUnavailableError(
+                f"a pin of a restored checkpoint is unknown ({self.index.pins_in_doubt})"
+            )
+        return pinned
 
     def target(self, grace_seconds: int) -> TrashTarget | None:
         """Where a group whose policy has this grace moves its deletions; None: deleted at once."""

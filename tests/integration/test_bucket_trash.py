@@ -479,3 +479,50 @@ def test_a_lost_answer_to_the_delete_after_the_copy_keeps_the_copy(
     assert entry["original"] == f"run/{step_name(0, 100)}"
     assert run_cli("restore", f"{s3.url}/root", "--all").returncode == 0
     assert s3.get(doomed) == objects[doomed]
+
+
+def test_a_pin_the_store_fails_to_give_holds_every_deletion_until_it_is_read(
+    s3: Bucket, s3_server: S3Server, tmp_path: Path
+) -> None:
+    """A restored checkpoint is kept by its pin. When the store failed to give the pin (a timeout, a
+    500 on every retry), the pin was taken as unreadable, the restored checkpoint as never restored,
+    and the policy trashed it again; in the daemon, until it restarted. Now ``prune`` stops before any
+    deletion (exit 1, saying why), and the daemon deletes nothing, retries, and keeps the restored
+    checkpoint once the pin can be read."""
+    _seed(s3, range(100, 400, 100))
+    policy = _policy(tmp_path, "save_top_k_checkpoints: 1\ntrash:\n  grace: 1h\n")
+    url = f"{s3.url}/root"
+    pruned = run_cli("prune", url, "--policy", str(policy))
+    assert pruned.returncode == 0, pruned.stderr
+    restored = run_cli("restore", url, step_name(0, 100))
+    assert restored.returncode == 0, restored.stderr
+    restored_key = f"root/run/{step_name(0, 100)}"
+    seed = _seed(s3, range(400, 600, 100))  # two newer: the policy would take the restored one again
+    proxy = FaultProxy(s3_server.port, tmp_path / "proxy-control")
+    proxy.start()
+    try:
+        environment = {"AWS_ENDPOINT_URL": proxy.endpoint}
+        proxy.fail_requests(f"GET /{s3.name}/{TRASH}/restored/")
+        held = run_cli("prune", url, "--policy", str(policy), environment=environment)
+        assert held.returncode == 1
+        assert "a pin of a restored checkpoint is unknown" in held.stderr
+        assert "InternalError" in held.stderr
+        assert held.stderr.rstrip().endswith("; nothing was deleted")
+        assert _checkpoint_keys(s3) == {restored_key, *seed, f"root/run/{step_name(0, 300)}"}
+
+        arguments = ["watch", url, "--policy", str(policy), "--poll-interval", "0.5", "--settle", "0"]
+        with running_daemon(arguments, tmp_path / "watch.log", environment=environment) as daemon:
+            failures = daemon.wait_for("storage_unavailable", count=2, timeout=60)
+            assert all("a pin of a restored checkpoint is unknown" in record["error"] for record in failures)
+            assert not daemon.events("checkpoint_trashed")
+            proxy.serve_all()
+            daemon.wait_for("storage_restored", timeout=60)
+            daemon.wait_for("checkpoint_trashed", count=2, timeout=60)
+            assert daemon.stop() == 0
+    finally:
+        proxy.stop()
+    trashed = [record["path"].rsplit("/", 1)[-1] for record in daemon.events("checkpoint_trashed")]
+    assert sorted(trashed) == [step_name(0, 300), step_name(0, 400)]
+    assert _checkpoint_keys(s3) == {restored_key, f"root/run/{step_name(0, 500)}"}
+    problems = [record for record in daemon.events("trash_problem") if "/restored/" in record["path"]]
+    assert [record["detail"] for record in problems] == ["not read now; read again at the next look"]

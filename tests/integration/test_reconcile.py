@@ -21,9 +21,12 @@ from ckpt_watcher.policy import load_policy
 from ckpt_watcher.policy_file import InvalidPolicyFilesError
 from ckpt_watcher.protection import ProtectionRegistry
 from ckpt_watcher.reconcile import Reconciler, Trigger, prune_once
+from ckpt_watcher.trash import list_trash
+from ckpt_watcher.trash_moves import restore
 from tests.support.cli import log_records
 from tests.support.factories import step_name, write_checkpoint, zip_bytes
 from tests.support.logs import logged
+from tests.support.pin_faults import failing_pin_reads
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -402,3 +405,54 @@ def test_a_long_group_keeps_the_daemon_alive_while_it_is_scanned_and_pruned(tmp_
     assert ticks_before_deletions >= 3  # the scan of 2,049 entries: at 0, 1,024 and 2,048
     after = moments[moments.index("delete") :]
     assert after[:18] == ["delete", "tick"] * 9  # one after each deletion
+
+
+def test_a_pin_unread_midway_stops_prune_there_and_says_what_it_did_before(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A restore while ``prune`` runs writes a pin the pass then cannot read: the groups before were
+    pruned, the pass stops before the next group's plan, and ``prune`` says both; the restored
+    checkpoint and everything after stay."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("save_top_k_checkpoints: 1\ntrash:\n  grace: 1h\n")
+    root = tmp_path / "root"
+    _steps(root / "a", range(100, 400, 100))
+    _steps(root / "b", range(100, 300, 100))
+    first = prune_once(
+        root, load_policy(policy), pins={}, settle_seconds=0, dry_run=False, working_directory=root
+    )
+    assert first.trashed == 3
+    _steps(root / "a", [400])
+    _steps(root / "b", [300])
+    pins = failing_pin_reads(monkeypatch)
+
+    def restore_during_the_pass(done: int, total: int) -> None:
+        listing = list_trash(root)
+        if done == 2 and listing is not None:  # (the root's own group, then a/)
+            restore(root, [entry for entry in listing.entries if entry.original.startswith("b/")])
+            pins.failing = True
+
+    result = prune_once(
+        root,
+        load_policy(policy),
+        pins={},
+        settle_seconds=0,
+        dry_run=False,
+        working_directory=root,
+        on_group=restore_during_the_pass,
+    )
+    assert result.trashed == 1  # a/'s step 300, before
+    assert result.storage_error is not None
+    assert "a pin of a restored checkpoint is unknown (restored/" in result.storage_error
+    assert _names(root / "b") == {step_name(0, 100), step_name(0, 200), step_name(0, 300)}
+
+    pins.failing = False
+    _steps(root / "a", [500])
+    pins.failing = True  # from the start of the pass: nothing is deleted
+    assert main(["prune", str(root), "--policy", str(policy)]) == 1
+    assert capsys.readouterr().err.rstrip().endswith("; nothing was deleted")
+    assert _names(root / "a") == {step_name(0, 400), step_name(0, 500)}
+    pins.failing = False
+    assert main(["prune", str(root), "--policy", str(policy)]) == 0
+    assert _names(root / "a") == {step_name(0, 500)}
+    assert _names(root / "b") == {step_name(0, 100), step_name(0, 300)}  # the restored one, and the newest

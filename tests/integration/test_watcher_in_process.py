@@ -17,9 +17,12 @@ from ckpt_watcher.daemon import Watcher
 from ckpt_watcher.events import ObserverLike, default_observer_factory
 from ckpt_watcher.place import WatchOptions
 from ckpt_watcher.policy import load_policy
+from ckpt_watcher.trash import list_trash
+from ckpt_watcher.trash_moves import restore
 from tests.support.daemon import wait_until
 from tests.support.factories import step_name, write_checkpoint
 from tests.support.logs import logged
+from tests.support.pin_faults import failing_pin_reads
 from tests.support.scripted_observer import ScriptedObserver
 
 pytestmark = pytest.mark.timeout(60)
@@ -267,6 +270,42 @@ def test_an_event_pass_that_raises_is_followed_by_a_full_pass_not_lost_until_the
     assert not failures
     assert [entry["retry_seconds"] for entry in logged(captured, "worker_error")] == [1.0, 2.0, 4.0]
     assert any(entry["trigger"] == "full" for entry in logged(captured, "pass_completed"))
+
+
+def test_a_pin_that_cannot_be_read_holds_deletions_until_it_can(
+    tmp_path: Path, captured: LogCapture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A checkpoint restored from the trash is kept by its pin. A pin that could not be read (EIO, out
+    of descriptors) was remembered as unreadable: its checkpoint was planned as never restored, and the
+    policy trashed it again. Now the pass stops before its next deletion, says why
+    (``storage_unavailable``, retried 1 s, 2 s, ... later), and the restored checkpoints stay once the
+    pins can be read; the policy then does the rest."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("save_top_k_checkpoints: 1\ntrash:\n  grace: 1h\n")
+    root = tmp_path / "root"
+    for step in range(100, 400, 100):
+        write_checkpoint(root / step_name(0, step))
+    watcher = Watcher(WatchOptions(root=root, settle_seconds=0, policy_path=policy), load_policy(policy))
+    with RunningWatcher(watcher):
+        wait_until(lambda: len(logged(captured, "checkpoint_trashed")) == 2, what="the first trashing")
+        pins = failing_pin_reads(monkeypatch)
+        pins.failing = True
+        listing = list_trash(root)
+        assert listing is not None
+        restore(root, listing.entries)
+        for step in (400, 500):
+            write_checkpoint(root / step_name(0, step))
+        wait_until(lambda: len(logged(captured, "storage_unavailable")) >= 3, what="three held passes")
+        failures = logged(captured, "storage_unavailable")[:3]
+        assert [record["retry_in"] for record in failures] == [1.0, 2.0, 4.0]
+        assert all("a pin of a restored checkpoint is unknown" in record["error"] for record in failures)
+        assert len(logged(captured, "checkpoint_trashed")) == 2  # nothing more
+        pins.failing = False
+        wait_until(lambda: len(logged(captured, "checkpoint_trashed")) == 4, what="the policy, pins read")
+        assert logged(captured, "storage_restored")[0]["failed_attempts"] >= 3
+
+    names = sorted(path.name for path in root.iterdir() if path.suffix == ".ckpt")
+    assert names == [step_name(0, 100), step_name(0, 200), step_name(0, 500)]  # restored, and the newest
 
 
 def test_a_worker_failing_for_hours_keeps_running(

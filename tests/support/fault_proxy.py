@@ -9,6 +9,9 @@ line is read and the CONTROL_FILE consulted (it may change at any time):
 * ``fail-continuation``: a listing request for a page after the first (``continuation-token=`` in
   the query) gets ``500 InternalError``: a listing fails mid-pagination, after its first page of
   1000 keys was served;
+* ``fail REQUEST-LINE-START``: every request whose line starts so (``GET /bucket/key``) gets
+  ``500 InternalError`` until the control file changes: one kind of request failing, every retry
+  of it too, while the rest are served;
 * ``drop-answer REQUEST-LINE-START``: the first request whose line starts so (``DELETE /bucket/key``)
   is forwarded and done, but its answer is dropped (the connection closed): a response lost on the
   way, which the client retries. The control file is emptied, so it happens once.
@@ -41,8 +44,14 @@ def _mode(control: Path) -> str:
         return ""
 
 
+_FAIL = "fail "
+
+
 def _fault(control: Path, request_line: bytes) -> bool:
-    return _mode(control) == "fail-continuation" and b"continuation-token=" in request_line
+    mode = _mode(control)
+    if mode.startswith(_FAIL):
+        return request_line.startswith(mode[len(_FAIL) :].encode())
+    return mode == "fail-continuation" and b"continuation-token=" in request_line
 
 
 _DROP = "drop-answer "

@@ -198,7 +198,8 @@ PROXY_SCRIPT = Path(__file__).with_name("fault_proxy.py")
 class FaultProxy:
     """tests/support/fault_proxy.py in front of a server: the endpoint a watcher under test uses, so
     the test can take "the server" away and bring it back (``stop``, ``start``) while the server keeps
-    its objects, or fail listings halfway (``fail_continuation``)."""
+    its objects, fail listings halfway (``fail_continuation``) or one kind of request
+    (``fail_requests``)."""
 
     def __init__(self, upstream_port: int, control: Path) -> None:
         self.port = free_port()
@@ -231,6 +232,14 @@ class FaultProxy:
     def fail_continuation(self, failing: bool) -> None:
         """Fail (or stop failing) every listing page after the first."""
         self.control.write_text("fail-continuation" if failing else "")
+
+    def fail_requests(self, request_line_start: str) -> None:
+        """Fail every request whose line starts so (``GET /bucket/key``) until told otherwise."""
+        self.control.write_text(f"fail {request_line_start}")
+
+    def serve_all(self) -> None:
+        """Fail nothing any more."""
+        self.control.write_text("")
 
     def drop_answer_once(self, request_line_start: str) -> None:
         """Do the next request whose line starts so, but drop its answer (the client retries)."""

@@ -20,7 +20,14 @@ from ckpt_watcher.bucket_trash import (
     pinned_inode,
 )
 from ckpt_watcher.locations import StorageURL
-from ckpt_watcher.object_store import ObjectInfo, ObjectStore, PendingCopy
+from ckpt_watcher.object_store import (
+    Fetched,
+    ObjectInfo,
+    ObjectMissingError,
+    ObjectStore,
+    PendingCopy,
+    StoreError,
+)
 from ckpt_watcher.trash import TrashEntry
 from tests.support.purge_times import purge_times_asked
 
@@ -112,3 +119,64 @@ def test_the_bucket_index_works_out_the_next_purge_once_a_change(monkeypatch: py
     summary = index.summary()
     assert summary is not None
     assert (summary.entries, summary.bytes, summary.oldest) == (1, 10, _entry())
+
+
+class _FlakyStore:
+    """A store whose ``fetch`` fails (a 500 on every retry) for the keys in ``failing``, says a key in
+    ``missing`` is gone, and counts what it was asked for."""
+
+    def __init__(self, objects: dict[str, bytes]) -> None:
+        self.objects = objects
+        self.failing: set[str] = set()
+        self.missing: set[str] = set()
+        self.fetched: list[str] = []
+
+    def fetch(self, key: str, *, limit: int) -> Fetched:
+        self.fetched.append(key)
+        if key in self.missing:
+            raise ObjectMissingError(key)
+        if key in self.failing:
+            raise StoreError(f"{key}: InternalError")
+        data = self.objects[key]
+        return Fetched(data, ObjectInfo(key, len(data), '"info-tag"', 0), None)
+
+
+def test_what_the_store_failed_to_give_is_fetched_again_and_a_pin_is_in_doubt_until_then() -> None:
+    """A fetch that failed was remembered under the object's ETag as unreadable: an entry's bytes
+    left out of the trash's figures, a pin's restored checkpoint planned as never restored, until the
+    daemon restarted. A failed fetch is not remembered; a failed pin puts the pins in doubt (the pass
+    deletes nothing: bucket_trash_pass); what is not an entry at all is fetched once."""
+    pin_key = f"root/.ckpt-trash/restored/{KEY}.json"
+    pin = json.dumps({"original": "run/x.ckpt", "device": 1, "inode": 2, "until": 2.0e9}).encode()
+    junk_key = "root/.ckpt-trash/info/20261129T161651.000002Z-i43.json"
+    store = _FlakyStore({INFO.key: _document(), pin_key: pin, junk_key: b"{"})
+    store.failing = {INFO.key, pin_key}
+    listing = [INFO, ObjectInfo(pin_key, len(pin), '"pin-tag"', 0), ObjectInfo(junk_key, 1, '"junk"', 0)]
+    index = BucketTrashIndex(StorageURL("s3", "bucket", "root"), cast(ObjectStore, store))
+    index.look(listing)
+    assert index.stored == ()
+    assert index.pins == []
+    assert index.pins_in_doubt == f"{pin_key} cannot be read: {pin_key}: InternalError"
+
+    store.failing = set()
+    index.look(listing)
+    assert [entry.key for entry in index.entries] == [KEY]
+    assert [(pin.device, pin.inode) for pin in index.pins] == [(1, 2)]
+    assert index.pins_in_doubt is None
+    assert sorted(store.fetched) == sorted([INFO.key, INFO.key, pin_key, pin_key, junk_key])
+
+
+def test_an_object_gone_since_the_listing_or_too_large_is_not_fetched_for_nothing() -> None:
+    """A pin purged between the listing and its fetch is no doubt about anything (the next listing
+    has it not); an object larger than an entry can be is refused from its listed size, once."""
+    pin_key = f"root/.ckpt-trash/restored/{KEY}.json"
+    store = _FlakyStore({})
+    store.missing = {pin_key}
+    index = BucketTrashIndex(StorageURL("s3", "bucket", "root"), cast(ObjectStore, store))
+    huge = ObjectInfo(INFO.key, 1 << 40, '"huge"', 0)
+    index.look([huge, ObjectInfo(pin_key, 10, '"pin-tag"', 0)])
+    index.look([huge])
+
+    assert index.pins_in_doubt is None
+    assert store.fetched == [pin_key]
+    assert index.stored == ()

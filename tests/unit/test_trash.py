@@ -32,6 +32,7 @@ from ckpt_watcher.plan import Action, Plan, plan
 from ckpt_watcher.policy import Policy
 from ckpt_watcher.records import TRASH_DIRECTORY_NAME
 from ckpt_watcher.scan import ScanOptions, scan_tree
+from ckpt_watcher.storage import StorageUnavailableError
 from ckpt_watcher.trash import (
     FILES,
     INFO,
@@ -1208,3 +1209,102 @@ def test_a_restored_checkpoint_stays_pinned_when_the_pins_cannot_be_listed(
     index.close()
 
     assert still == pinned
+    assert index.pins_in_doubt == "restored/ cannot be listed: Too many open files"
+
+
+def failing_once(
+    monkeypatch: pytest.MonkeyPatch, error: OSError, *, names_ending: str = ".json"
+) -> list[str]:
+    """``read_metadata`` failing with ``error`` the first time each file whose name ends so is read
+    (then reading it); the names it failed for."""
+    failed: list[str] = []
+    read_metadata = trash_module.read_metadata
+
+    def flaky(dir_fd: int, name: str) -> Any:
+        if name.endswith(names_ending) and name not in failed:
+            failed.append(name)
+            raise error
+        return read_metadata(dir_fd, name)
+
+    monkeypatch.setattr(trash_module, "read_metadata", flaky)
+    return failed
+
+
+def test_an_entry_that_could_not_be_read_once_is_read_again_at_the_next_look(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, logs: list[MutableMapping[str, Any]]
+) -> None:
+    """An I/O error, or a process out of descriptors, is no verdict on a metadata file: it was
+    remembered as unreadable until the daemon restarted, so its bytes were missing from the trash's
+    figures and from what ``keep_free`` may reclaim (a kept checkpoint evicted while the trash had the
+    space). It is read again at the next look, whatever the directory's stat says; said once."""
+    steps(tmp_path / "a", range(100, 400, 100))
+    trash_everything_but_the_newest(tmp_path, clock=NOW)
+    a_stat_that_never_changes(monkeypatch)
+    monkeypatch.setattr(trash_module, "RACY_SECONDS", -1.0)  # every look trusted
+    failed = failing_once(monkeypatch, OSError(errno.EIO, "Input/output error"))
+    index = TrashIndex(tmp_path)
+    index.start()
+    index.refresh()
+    assert len(failed) == 2
+    assert len(index.entries) == 0
+    index.refresh()
+    index.close()
+
+    assert len(index.entries) == 2
+    problems = events(logs, "trash_problem")
+    assert [record["path"].rsplit("/", 1)[-1] for record in problems] == sorted(failed)
+    assert {record["detail"] for record in problems} == {"not read now; read again at the next look"}
+
+
+def test_a_malformed_entry_is_read_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a metadata file says cannot change under its inode (written whole, then renamed into place):
+    one that is not an entry is not read again at each look."""
+    steps(tmp_path / "a", range(100, 300, 100))
+    trash_everything_but_the_newest(tmp_path, clock=NOW)
+    (tmp_path / TRASH_DIRECTORY_NAME / "info" / "20261129T000000.000000Z-i1.json").write_text("{")
+    reads = metadata_reads(monkeypatch)
+    index = TrashIndex(tmp_path)
+    index.start()
+    index.refresh()
+    index.refresh(force=True)
+    index.close()
+
+    assert reads.count("20261129T000000.000000Z-i1.json") == 1
+    assert len(index.entries) == 1
+
+
+def test_a_pin_that_could_not_be_read_is_in_doubt_until_it_is_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pin that could not be read once was remembered as unreadable: its restored checkpoint was
+    planned as never restored until the daemon restarted, and the policy took it again. The look says
+    the pins are in doubt (the pass deletes nothing more: trash_pass), and reads it at the next look."""
+    two_restored(tmp_path)
+    failed = failing_once(monkeypatch, OSError(errno.EIO, "Input/output error"))
+    index = TrashIndex(tmp_path)
+    first = index.pinned_identities(NOW + 1)
+    assert len(failed) == 2
+    assert first == {}
+    assert index.pins_in_doubt == f"restored/{sorted(failed)[0]} cannot be read: Input/output error"
+    second = index.pinned_identities(NOW + 1)
+    index.close()
+
+    assert len(second) == 2
+    assert index.pins_in_doubt is None
+
+
+def test_a_pass_that_cannot_read_a_pin_deletes_nothing_more(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The trash's part of a pass: a pin in doubt is StorageUnavailableError, which ends the pass before
+    the group's plan (reconcile.py), and the next pass reads it."""
+    two_restored(tmp_path)
+    failing_once(monkeypatch, OSError(errno.EMFILE, "Too many open files"))
+    keeper = TrashPass(tmp_path)
+    keeper.begin(purge=False, dry_run=True)
+    with pytest.raises(StorageUnavailableError, match="a pin of a restored checkpoint is unknown"):
+        keeper.pinned_identities()
+    pinned = keeper.pinned_identities()
+    keeper.end()
+
+    assert len(pinned) == 2
