@@ -22,7 +22,8 @@ ETag the entry recorded. Objects that no entry names are never touched.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,6 +52,10 @@ logger = structlog.get_logger("ckpt_watcher.trash")
 # An entry's info object names every object of a directory checkpoint (~100 bytes each): a limit of
 # its own, as a deletion manifest has (bucket_delete), not the 64 KiB of a file's metadata.
 INFO_LIMIT = 64 << 20
+# An entry the store failed to give (a timeout, a key this process may not use) is asked for again
+# this much later (monotonic seconds), not at every poll: a pin, at every look (until then, no pass
+# deletes anything).
+RETRY_UNREAD_SECONDS = 300.0
 
 
 def trash_base(url: StorageURL) -> str:
@@ -159,8 +164,10 @@ class BucketTrashIndex:
     """What is known of a bucket root's trash, from the objects under its prefix (a pass's listing, or
     a listing of the trash alone). Each ``info`` or pin object is read once per ETag; what cannot be
     read is logged once (``trash_problem``) and skipped: for good if what it holds is not an entry or a
-    pin, until the next look if the store failed to give it (a timeout, throttling). ``pins_in_doubt``
-    says why the last look could not read every pin (a restored checkpoint it cannot tell), or None."""
+    pin; if the store failed to give it (a timeout, throttling, a key it may not use), a pin until the
+    next look and an entry for ``RETRY_UNREAD_SECONDS`` (a GET of each of 100,000 entries at every poll
+    would cost more than the look). ``pins_in_doubt`` says why the last look could not read every pin
+    (a restored checkpoint it cannot tell), or None."""
 
     url: StorageURL
     store: ObjectStore
@@ -171,6 +178,8 @@ class BucketTrashIndex:
     _reported: set[tuple[str, str]] = field(default_factory=set)
     _at_a_glance: AtAGlance[StoredEntry] | None = None  # of ``_entries``: made once a change
     pins_in_doubt: str | None = None
+    _unread: dict[str, tuple[str, float]] = field(default_factory=dict)  # entry key: (tag, failed at)
+    clock: Callable[[], float] = time.monotonic
 
     @property
     def base(self) -> str:
@@ -202,24 +211,38 @@ class BucketTrashIndex:
     ) -> dict[str, Any]:
         found: dict[str, tuple[str, Any]] = {}
         prefix = f"{self.base}/{directory}/"
-        if directory == RESTORED:
+        pins = directory == RESTORED
+        now = self.clock()
+        if pins:
             self.pins_in_doubt = None
+        else:
+            self._unread = {key: value for key, value in self._unread.items() if key in self.objects}
         for object_key, info in self.objects.items():
             name = object_key[len(prefix) :] if object_key.startswith(prefix) else None
             if name is None or "/" in name:
                 continue
             previous = known.get(object_key)
-            if previous is not None and previous[0] == info.tag:
+            unread = self._unread.get(object_key)
+            if (
+                previous is not None
+                and previous[0] == info.tag
+                and (unread is None or now - unread[1] < RETRY_UNREAD_SECONDS)
+            ):
                 found[object_key] = previous
                 continue
+            self._unread.pop(object_key, None)
             try:
                 found[object_key] = (info.tag, self._read_one(info, key_of(name), parse, limit))
             except ObjectMissingError:
                 continue  # purged or restored since the listing
-            except StoreError as error:  # (not remembered: read again at the next look)
-                self._report(object_key, info.tag, str(error), "not read now; read again at the next look")
-                if directory == RESTORED and self.pins_in_doubt is None:
+            except StoreError as error:
+                when = "read again at the next look" if pins else "read again in a few minutes"
+                self._report(object_key, info.tag, str(error), f"not read now; {when}")
+                if pins and self.pins_in_doubt is None:
                     self.pins_in_doubt = f"{display_name(object_key)} cannot be read: {error}"
+                if not pins:
+                    found[object_key] = (info.tag, None)
+                    self._unread[object_key] = (info.tag, now)
         return found
 
     def _read_one(self, info: ObjectInfo, key: str | None, parse: Any, limit: int) -> Any:

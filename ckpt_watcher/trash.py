@@ -764,6 +764,7 @@ class TrashIndex:
         self._clock = clock  # wall clock, against the file system's change times (``refresh``)
         self._trash: TrashDirectory | None = None
         self._entries: dict[tuple[str, int], IndexedEntry | None] = {}
+        self._unread: set[tuple[str, int]] = set()  # of ``_entries``' None: to read again (``retry``)
         self._at_a_glance: AtAGlance[IndexedEntry] | None = None  # of ``_entries``: made once a change
         self._oldest: TrashEntry | None = None  # the summary's oldest entry, read whole
         self._numbers: dict[int, int] = {}  # one int object per device number and grace, shared
@@ -804,8 +805,8 @@ class TrashIndex:
         if trash is None:
             return {}
         problems: list[tuple[str, str]] = []
-        later: list[str] = []
-        try:
+        later: list[tuple[str, int]] = []
+        try:  # (a pin that could not be read is read again at each look: until then, the pass stops)
             _, later = _look(
                 trash.sub(RESTORED), self._pins, lambda fd, name: read_pin(fd, name, problems, later=True)
             )
@@ -813,22 +814,25 @@ class TrashIndex:
             self.pins_in_doubt = f"{RESTORED}/ cannot be listed: {describe_os_error(error)}"
         else:
             if later:
-                reasons = dict(problems)
+                name = later[0][0]
                 self.pins_in_doubt = (
-                    f"{RESTORED}/{later[0]} cannot be read: {reasons.get(later[0], 'unknown')}"
+                    f"{RESTORED}/{name} cannot be read: {dict(problems).get(name, 'unknown')}"
                 )
-        self._report_all(problems, RESTORED, later)
+        self._report_all(problems, RESTORED, (name for name, _ in later), "read again at the next look")
         return {
             (pin.device, pin.inode): pin.reason
             for pin in self._pins.values()
             if pin is not None and pin.until > now
         }
 
-    def refresh(self, *, force: bool = False) -> None:
+    def refresh(self, *, force: bool = False, retry: bool = False) -> None:
         """Look at the entries again (after a pass: its moves, and other processes' since). ``info/`` is
         listed only if its stat changed since a look made well after its last change (see
         ``RACY_SECONDS``), or ``force``: a look at 100,000 entries took ~0.3 s, twice a pass, and most
-        passes change nothing there. A full pass forces it: a change no stat showed is seen by a rescan."""
+        passes change nothing there. A full pass forces it: a change no stat showed is seen by a rescan.
+        ``retry`` (a full pass) reads again what could not be read for a reason that may pass (an I/O
+        error; a file another user's ``prune`` wrote with mode 600): at every look, 100,000 of those
+        would cost a failed open each."""
         trash = self._opened()
         self.looked = True
         if trash is None:
@@ -837,6 +841,11 @@ class TrashIndex:
         info_fd = trash.sub(INFO)
         looked_at = self._clock()
         stamp = _directory_stamp(info_fd)
+        if retry and self._unread:
+            for key in self._unread:  # (gone from the index: the look reads them as new)
+                self._entries.pop(key, None)
+            self._unread.clear()
+            force = True
         if not force and stamp is not None and stamp == self._unchanged_as:
             return
         problems: list[tuple[str, str]] = []
@@ -845,12 +854,13 @@ class TrashIndex:
         except OSError:
             changed, later = False, []
             stamp = None  # (what was known stays, and is listed again at the next look)
-        if later:
-            stamp = None  # (read again at the next look, whatever the directory's stat says)
+        for key in later:
+            self._entries[key] = None  # (known, as unreadable, until ``retry``)
+            self._unread.add(key)
         if changed:
             self._at_a_glance = None
             self._oldest = None  # (read again: an entry's record may have been rewritten under its key)
-        self._report_all(problems, INFO, later)
+        self._report_all(problems, INFO, (name for name, _ in later), "read again at the next full pass")
         racy = stamp is None or looked_at - stamp[-1] / 1e9 < RACY_SECONDS
         self._unchanged_as = None if racy else stamp
 
@@ -918,10 +928,12 @@ class TrashIndex:
         self._oldest = found
         return found
 
-    def _report_all(self, problems: list[tuple[str, str]], directory: str, later: Iterable[str] = ()) -> None:
+    def _report_all(
+        self, problems: list[tuple[str, str]], directory: str, later: Iterable[str] = (), when: str = ""
+    ) -> None:
         again = frozenset(later)
         for name, problem in problems:
-            detail = "not read now; read again at the next look" if name in again else None
+            detail = f"not read now; {when}" if name in again else None
             self._report((name, 0), str(self.root / TRASH_DIRECTORY_NAME / directory / name), problem, detail)
 
     def _report(self, key: tuple[str, int], path: str, problem: str, detail: str | None = None) -> None:
@@ -969,12 +981,13 @@ def _look(
     dir_fd: int | None,
     known: dict[tuple[str, int], _Metadata | None],
     read: Callable[[int, str], _Metadata | None],
-) -> tuple[bool, list[str]]:
+) -> tuple[bool, list[tuple[str, int]]]:
     """Bring ``known`` to the metadata files of ``dir_fd`` now (by name and inode), reading each new one
-    once; True if any came or went, and the names to read again at the next look (``ReadLaterError``: left
-    out of ``known``). In place, and what went is looked for only when some did: building a new mapping
-    of 100,000 entries took ~0.1 s of every look. OSError if ``dir_fd`` cannot be listed, ``known``
-    unchanged (when in doubt, a pin stays in force)."""
+    once; True if any came or went, and the (name, inode) of each that could not be read for a reason
+    that may pass (``ReadLaterError``: left out of ``known``, so a next look reads it again). In place,
+    and what went is looked for only when some did: building a new mapping of 100,000 entries took
+    ~0.1 s of every look. OSError if ``dir_fd`` cannot be listed, ``known`` unchanged (when in doubt,
+    a pin stays in force)."""
     listed = metadata_files(dir_fd)
     # In the listing's order: looking each up in a set's order took six times as long.
     came = [name_and_inode for name_and_inode in listed if name_and_inode not in known]
@@ -985,11 +998,11 @@ def _look(
         gone = [name_and_inode for name_and_inode in known if name_and_inode not in present]
     for name_and_inode in gone:
         del known[name_and_inode]
-    later: list[str] = []
+    later: list[tuple[str, int]] = []
     for name, inode in sorted(set(came)):
         assert dir_fd is not None
         try:
             known[(name, inode)] = read(dir_fd, name)
         except ReadLaterError:
-            later.append(name)
+            later.append((name, inode))
     return bool(gone) or len(later) < len(set(came)), later

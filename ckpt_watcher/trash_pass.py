@@ -99,7 +99,7 @@ class TrashPass(PurgeSchedule):
         self.index.start()
         self._may_exist = self.index.exists
         if self.index.exists and (purge or not self.index.looked):
-            self._look(force=True)
+            self._look(force=True, retry=True)
         if dry_run or not self.index.exists or not (purge or self.is_due(time.time())):
             return None
         now = time.time()
@@ -136,15 +136,16 @@ class TrashPass(PurgeSchedule):
     def _count_move(self) -> None:
         self._moves += 1
 
-    def _look(self, *, force: bool = False) -> None:
+    def _look(self, *, force: bool = False, retry: bool = False) -> None:
         """Look at the entries again; listed whatever the stat of ``info/`` says if ``force`` or this
         process tried a move since the last look. A stat need not show a change made within the same
         tick of the file system's clock (a second on some), and a look's ``RACY_SECONDS`` is measured
         on this machine's clock, which may run ahead of the file system's (an NFS server's): this
-        process's own changes are never left to it, so an offer to ``keep_free`` always has them."""
+        process's own changes are never left to it, so an offer to ``keep_free`` always has them.
+        ``retry``: a full pass's look, which reads again the entries that could not be read."""
         force = force or self._moves > 0
         self._moves = 0
-        self.index.refresh(force=force)
+        self.index.refresh(force=force, retry=retry)
 
     def end(self) -> tuple[int | None, TrashSummary | None]:
         """Look at the trash again and close it: its bytes (None without a trash) and its summary."""

@@ -12,6 +12,7 @@ from typing import Any, cast
 import pytest
 
 from ckpt_watcher.bucket_trash import (
+    RETRY_UNREAD_SECONDS,
     BucketTrashIndex,
     StoredCopy,
     StoredEntry,
@@ -144,15 +145,19 @@ class _FlakyStore:
 def test_what_the_store_failed_to_give_is_fetched_again_and_a_pin_is_in_doubt_until_then() -> None:
     """A fetch that failed was remembered under the object's ETag as unreadable: an entry's bytes
     left out of the trash's figures, a pin's restored checkpoint planned as never restored, until the
-    daemon restarted. A failed fetch is not remembered; a failed pin puts the pins in doubt (the pass
-    deletes nothing: bucket_trash_pass); what is not an entry at all is fetched once."""
+    daemon restarted. A pin that failed is fetched again at the next look, and until then the pins are
+    in doubt (the pass deletes nothing: bucket_trash_pass); an entry, RETRY_UNREAD_SECONDS later (not
+    100,000 GETs at every poll); what is not an entry at all, never again."""
     pin_key = f"root/.ckpt-trash/restored/{KEY}.json"
     pin = json.dumps({"original": "run/x.ckpt", "device": 1, "inode": 2, "until": 2.0e9}).encode()
     junk_key = "root/.ckpt-trash/info/20261129T161651.000002Z-i43.json"
     store = _FlakyStore({INFO.key: _document(), pin_key: pin, junk_key: b"{"})
     store.failing = {INFO.key, pin_key}
     listing = [INFO, ObjectInfo(pin_key, len(pin), '"pin-tag"', 0), ObjectInfo(junk_key, 1, '"junk"', 0)]
-    index = BucketTrashIndex(StorageURL("s3", "bucket", "root"), cast(ObjectStore, store))
+    now = [1000.0]
+    index = BucketTrashIndex(
+        StorageURL("s3", "bucket", "root"), cast(ObjectStore, store), clock=lambda: now[0]
+    )
     index.look(listing)
     assert index.stored == ()
     assert index.pins == []
@@ -160,9 +165,14 @@ def test_what_the_store_failed_to_give_is_fetched_again_and_a_pin_is_in_doubt_un
 
     store.failing = set()
     index.look(listing)
-    assert [entry.key for entry in index.entries] == [KEY]
     assert [(pin.device, pin.inode) for pin in index.pins] == [(1, 2)]
     assert index.pins_in_doubt is None
+    assert index.stored == ()  # (the entry: not asked for again yet)
+    now[0] += RETRY_UNREAD_SECONDS
+    index.look(listing)
+    index.look(listing)
+
+    assert [entry.key for entry in index.entries] == [KEY]
     assert sorted(store.fetched) == sorted([INFO.key, INFO.key, pin_key, pin_key, junk_key])
 
 
