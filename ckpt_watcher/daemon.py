@@ -175,9 +175,14 @@ class Watcher:
         if batch.reload and self._reload(forced=batch.forced_reload):
             batch.full_rescan = True
         session.root.note_unwatched(batch.unwatched)
-        if batch.full_rescan or now >= session.next_rescan:
+        held = now < session.held_until  # (what comes meanwhile is the retry's: a full pass)
+        if (batch.full_rescan and not held) or now >= session.next_rescan:
             session.next_rescan = now + self.options.rescan_seconds
             return Work(Trigger.FULL if batch.full_rescan else Trigger.RESCAN)
+        return None if held else self._work_between_rescans(session, batch, now)
+
+    def _work_between_rescans(self, session: Session, batch: Batch, now: float) -> Work | None:
+        """The groups events and due re-checks name; else keep_free's check, or a due purge."""
         trees = batch.trees | {str(subtree) for subtree in session.root.subtrees_to_poll(now)}
         reconciler = session.reconciler
         groups = reconciler.groups_touched(batch.files, trees) | reconciler.index.take_due_rechecks(now)
@@ -215,14 +220,17 @@ class Watcher:
     def _wait_time(self, session: Session) -> float:
         """Seconds until the nearest deadline (at most ``MAXIMUM_WAIT``)."""
         reconciler = session.reconciler
-        deadlines = [
+        deadlines: list[float | None] = [
             session.next_rescan,
             session.next_root_check,
             self.crew.liveness.next_deadline(),
-            reconciler.index.next_recheck(),
-            session.root.next_deadline(),
-            reconciler.space.next_check(),
-            reconciler.trash.deadline(),
         ]
+        if time.monotonic() >= session.held_until:  # (held: the others wait for the retry, not due now)
+            deadlines += [
+                reconciler.index.next_recheck(),
+                session.root.next_deadline(),
+                reconciler.space.next_check(),
+                reconciler.trash.deadline(),
+            ]
         nearest = min(deadline for deadline in deadlines if deadline is not None)
         return max(0.0, min(MAXIMUM_WAIT, nearest - time.monotonic()))

@@ -98,10 +98,11 @@ class DaemonFigures:
             self._passes[result.trigger.value] = self._passes.get(result.trigger.value, 0) + 1
             self._duration_counts[min(bucket, len(DURATION_BUCKETS) - 1)] += 1
             self._duration_sum += result.seconds
-            self._last_pass_at = finished_at
             self._refused_overrides = result.refused_overrides
-            self._budget_unmet_bytes = result.budget_unmet_bytes
             self._trash_bytes = result.trash_bytes
+            if result.storage_error is None:  # (a pass stopped early is no pass to go by: not its
+                self._last_pass_at = finished_at  # time, nor a budget its free-space step never saw)
+                self._budget_unmet_bytes = result.budget_unmet_bytes
 
     def record_reload(self, result: ReloadResult) -> None:
         """One policy file re-read (an ``on_outcome`` listener of ``policy_file``)."""

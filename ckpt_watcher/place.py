@@ -163,7 +163,7 @@ class Retries:
         now = time.monotonic()
         self.next_attempt = now + delay
         if session is not None:
-            session.next_rescan = now + delay
+            session.next_rescan = session.held_until = now + delay
         logger.warning(
             "storage_unavailable",
             path=self.path,

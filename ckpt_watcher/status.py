@@ -103,6 +103,8 @@ def pass_fields(result: PassResult, *, free: int | None, budget: str) -> dict[st
     }
     if result.trash_bytes is not None:
         fields["trash_bytes"] = result.trash_bytes
+    if result.storage_error is not None:  # (a pin of a restored checkpoint could not be read, say)
+        fields["stopped"] = result.storage_error
     return fields
 
 
@@ -115,7 +117,8 @@ def pass_sentence(fields: Mapping[str, Any]) -> str:
         + (f", purged {fields['purged']} from the trash" if fields.get("purged") else "")
         + (f", skipped {fields['skipped']}" if fields["skipped"] else "")
         + (f", {fields['failed']} failed (retried next pass)" if fields["failed"] else "")
-        + (", interrupted" if fields["interrupted"] else ""),
+        + (", interrupted" if fields["interrupted"] else "")
+        + (", stopped: nothing more deleted until it is retried" if fields.get("stopped") else ""),
     ]
     if fields.get("free_bytes") is not None:
         parts.append(f"{human_bytes(fields['free_bytes'])} free")

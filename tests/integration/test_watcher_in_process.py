@@ -6,8 +6,10 @@ import errno
 import logging
 import sys
 import threading
+import time
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import pytest
 from structlog.testing import LogCapture
@@ -17,6 +19,7 @@ from ckpt_watcher.daemon import Watcher
 from ckpt_watcher.events import ObserverLike, default_observer_factory
 from ckpt_watcher.place import WatchOptions
 from ckpt_watcher.policy import load_policy
+from ckpt_watcher.session import Session
 from ckpt_watcher.trash import list_trash
 from ckpt_watcher.trash_moves import restore
 from tests.support.daemon import wait_until
@@ -278,8 +281,9 @@ def test_a_pin_that_cannot_be_read_holds_deletions_until_it_can(
     """A checkpoint restored from the trash is kept by its pin. A pin that could not be read (EIO, out
     of descriptors) was remembered as unreadable: its checkpoint was planned as never restored, and the
     policy trashed it again. Now the pass stops before its next deletion, says why
-    (``storage_unavailable``, retried 1 s, 2 s, ... later), and the restored checkpoints stay once the
-    pins can be read; the policy then does the rest."""
+    (``storage_unavailable``, retried 1 s, 2 s, ... later: a full pass each, and no event's pass in
+    between, nor a busy loop), and the restored checkpoints stay once the pins can be read; the policy
+    then does the rest."""
     policy = tmp_path / "policy.yaml"
     policy.write_text("save_top_k_checkpoints: 1\ntrash:\n  grace: 1h\n")
     root = tmp_path / "root"
@@ -293,13 +297,27 @@ def test_a_pin_that_cannot_be_read_holds_deletions_until_it_can(
         listing = list_trash(root)
         assert listing is not None
         restore(root, listing.entries)
-        for step in (400, 500):
-            write_checkpoint(root / step_name(0, step))
+        write_checkpoint(root / step_name(0, 400))
+        wait_until(lambda: bool(logged(captured, "storage_unavailable")), what="the first held pass")
+        turns = 0
+        work_for = watcher._work_for
+
+        def counted(*arguments: Any) -> Any:
+            nonlocal turns
+            turns += 1
+            return work_for(*arguments)
+
+        monkeypatch.setattr(watcher, "_work_for", counted)
+        write_checkpoint(root / step_name(0, 500))  # events while held: left to the retry
         wait_until(lambda: len(logged(captured, "storage_unavailable")) >= 3, what="three held passes")
         failures = logged(captured, "storage_unavailable")[:3]
         assert [record["retry_in"] for record in failures] == [1.0, 2.0, 4.0]
         assert all("a pin of a restored checkpoint is unknown" in record["error"] for record in failures)
         assert len(logged(captured, "checkpoint_trashed")) == 2  # nothing more
+        stopped = [record for record in logged(captured, "pass_completed") if record.get("stopped")]
+        assert len(stopped) == len(logged(captured, "storage_unavailable"))
+        assert {record["trigger"] for record in stopped[1:]} == {"rescan"}
+        assert turns < 200  # ~6 s held: a turn a second or so, not a loop that never waits
         pins.failing = False
         wait_until(lambda: len(logged(captured, "checkpoint_trashed")) == 4, what="the policy, pins read")
         assert logged(captured, "storage_restored")[0]["failed_attempts"] >= 3
@@ -333,3 +351,30 @@ def test_a_worker_failing_for_hours_keeps_running(
     assert turns == 1_101
     assert len(logged(captured, "worker_error")) == 1_101
     assert logged(captured, "watch_stopped")
+
+
+def test_a_held_root_waits_for_its_retry_whatever_else_is_due(tmp_path: Path) -> None:
+    """While a root is held (its last pass could not read a pin), only its retry runs: a re-check, a
+    purge or a poll already due must not make the worker's wait zero, or it would turn without pause
+    until the retry, each turn doing nothing."""
+    watcher = _watcher(tmp_path)
+    now = time.monotonic()
+    long_ago = now - 100.0
+    reconciler = SimpleNamespace(
+        index=SimpleNamespace(next_recheck=lambda: long_ago),
+        space=SimpleNamespace(next_check=lambda: long_ago),
+        trash=SimpleNamespace(deadline=lambda: long_ago),
+    )
+    session: Any = SimpleNamespace(
+        next_rescan=now + 30.0,
+        next_root_check=now + 30.0,
+        held_until=now + 30.0,
+        reconciler=reconciler,
+        root=SimpleNamespace(next_deadline=lambda: long_ago),
+    )
+    held = watcher._wait_time(cast(Session, session))
+    session.held_until = now - 1.0
+    free = watcher._wait_time(cast(Session, session))
+
+    assert held > 0.5  # until the retry, the root check or the heartbeat, whichever is first
+    assert free == 0.0  # not held: what is due runs now

@@ -381,3 +381,23 @@ def test_a_bare_port_in_use_is_an_error_not_a_narrower_listener() -> None:
             MetricsServer.start(MetricsAddress("", port), DaemonFigures())
 
     assert raised.value.errno == errno.EADDRINUSE
+
+
+def test_a_pass_stopped_by_an_unreadable_pin_counts_what_it_did_but_is_no_pass_to_go_by() -> None:
+    """A pass that stopped before its next deletion (a pin of a restored checkpoint could not be read)
+    moved ``last_pass_timestamp_seconds`` on, so an alert on a daemon that no longer prunes stayed
+    quiet, and set ``budget_unmet_bytes`` from a free-space step that never ran (0). Its deletions
+    still count."""
+    figures = DaemonFigures()
+    first = _applied_pass(Trigger.STARTUP, seconds=0.1)
+    first.budget_unmet_bytes = 123
+    figures.record_pass(first, finished_at=1000.0)
+    stopped = _applied_pass(Trigger.RESCAN, seconds=0.1)
+    stopped.storage_error = "a pin of a restored checkpoint is unknown (restored/x.json cannot be read: EIO)"
+    figures.record_pass(stopped, finished_at=1060.0)
+
+    snapshot = figures.snapshot()
+    assert snapshot.last_pass_at == 1000.0
+    assert snapshot.budget_unmet_bytes == 123
+    assert snapshot.deletions["step"] == 2
+    assert snapshot.passes["rescan"] == 1

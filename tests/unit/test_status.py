@@ -175,3 +175,16 @@ def test_progress_shows_only_once_a_pass_is_long_at_most_every_interval_and_is_c
     clock.now += PROGRESS_DELAY / 2
     progress.update(2, 10)
     assert stream.getvalue().endswith("(25%)\r\x1b[K")
+
+
+def test_a_stopped_pass_says_so_in_its_record_and_its_status_line() -> None:
+    result = PassResult(Trigger.RESCAN)
+    fields = pass_fields(result, free=1536 * GIB, budget="none")
+    assert "stopped" not in fields
+    result.storage_error = "a pin of a restored checkpoint is unknown (restored/x.json cannot be read: EIO)"
+    fields = pass_fields(result, free=1536 * GIB, budget="none")
+
+    assert fields["stopped"] == result.storage_error
+    assert "rescan pass: deleted 0 (0 B), stopped: nothing more deleted until it is retried" in pass_sentence(
+        fields
+    )
