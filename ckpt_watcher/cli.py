@@ -545,11 +545,13 @@ def run_prune(arguments: argparse.Namespace) -> int:
             )
             if result.streamed and stream is not None:  # the groups are written: the rest of the document
                 stream.finish(result.summary, result.trash, result.space, result.budget_unmet_bytes)
+                if result.storage_error is not None:  # (the groups after it are not in the document)
+                    return _stopped_by_storage(result.storage_error, result, dry_run=arguments.dry_run)
                 return _prune_exit(result)
         if progress is not None:
             progress.finish()
         if result.storage_error is not None:
-            return _stopped_by_storage(result.storage_error, result)
+            return _stopped_by_storage(result.storage_error, result, dry_run=arguments.dry_run)
         trash = TrashView(result.trashing, result.trash, frozenset(result.evicted_at_once))
         if arguments.json:
             write_plan_json(
@@ -598,15 +600,16 @@ def _prune_exit(result: PassResult) -> int:
     return EXIT_DELETE_FAILED if failures else EXIT_OK
 
 
-def _stopped_by_storage(error: str, result: PassResult) -> int:
+def _stopped_by_storage(error: str, result: PassResult, *, dry_run: bool) -> int:
     """Say why the pass stopped (a bucket's listing, a pin of a restored checkpoint) and what it had
-    done by then; exit 1."""
+    done by then; exit 1 (a dry run's plan, if any was written, stops there too)."""
     done = result.deleted + result.trashed + result.purged
-    told = (
-        f"the pass stopped there ({done} deleted, trashed or purged before)"
-        if done
-        else "nothing was deleted"
-    )
+    if dry_run:
+        told = "the plan stops there (a dry run: nothing was deleted)"
+    elif done:
+        told = f"the pass stopped there ({done} deleted, trashed or purged before)"
+    else:
+        told = "nothing was deleted"
     print(f"ckpt-watcher: {error}; {told}", file=sys.stderr)
     return EXIT_DELETE_FAILED
 

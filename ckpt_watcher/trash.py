@@ -277,17 +277,29 @@ class TrashDirectory:
     """The root's trash, open: a descriptor of ``.ckpt-trash`` and of each subdirectory that exists."""
 
     def __init__(
-        self, root: Path, fd: int, subdirectories: dict[str, int | None], owners: frozenset[int] = frozenset()
+        self,
+        root: Path,
+        fd: int,
+        subdirectories: dict[str, int | None],
+        owners: frozenset[int] = frozenset(),
+        unusable: dict[str, str] | None = None,
     ) -> None:
         self.root = root
         self.fd = fd
         self.device = os.fstat(fd).st_dev
         self.owners = owners  # who may own its directories (``trusted_owners``); empty: not checked
         self._subdirectories = subdirectories
+        self._unusable = unusable or {}
 
     def sub(self, name: str) -> int | None:
-        """The open subdirectory ``name`` (files, info, restored, purging), None if it does not exist."""
+        """The open subdirectory ``name`` (files, info, restored, purging), None if it does not exist
+        or could not be opened (``unusable`` says which)."""
         return self._subdirectories[name]
+
+    def unusable(self, name: str) -> str | None:
+        """Why the subdirectory ``name`` is there but could not be opened (an I/O error, a symlink in
+        its place, writable by every user), or None: it is open, or it does not exist."""
+        return self._unusable.get(name) if self._subdirectories[name] is None else None
 
     def ensure(self, name: str) -> int:
         """The open subdirectory ``name``, made if it is missing; TrashUnusableError if it cannot be."""
@@ -337,20 +349,22 @@ def open_trash(root: Path, *, create: bool) -> TrashDirectory | None:
     if fd is None:
         return None
     subdirectories: dict[str, int | None] = {}
+    unusable: dict[str, str] = {}
     try:
         for name in SUBDIRECTORIES:
             try:
                 subdirectories[name] = open_directory(
                     fd, name, create=create, what=root / TRASH_DIRECTORY_NAME / name, owners=owners
                 )
-            except TrashUnusableError:
+            except TrashUnusableError as error:
                 subdirectories[name] = None  # ``ensure`` says why, to what needs it
+                unusable[name] = str(error)
     except BaseException:
         for opened in [*subdirectories.values(), fd]:
             if opened is not None:
                 os.close(opened)
         raise
-    return TrashDirectory(root, fd, subdirectories, owners)
+    return TrashDirectory(root, fd, subdirectories, owners, unusable)
 
 
 def trusted_owners(root_owner: int) -> frozenset[int]:
@@ -804,6 +818,10 @@ class TrashIndex:
         self.pins_in_doubt = None
         if trash is None:
             return {}
+        unusable = trash.unusable(RESTORED)
+        if unusable is not None:  # (not missing: there, and its pins unknown; those known stay)
+            self.pins_in_doubt = unusable
+            return self._in_force(now)
         problems: list[tuple[str, str]] = []
         later: list[tuple[str, int]] = []
         try:  # (a pin that could not be read is read again at each look: until then, the pass stops)
@@ -819,6 +837,9 @@ class TrashIndex:
                     f"{RESTORED}/{name} cannot be read: {dict(problems).get(name, 'unknown')}"
                 )
         self._report_all(problems, RESTORED, (name for name, _ in later), "read again at the next look")
+        return self._in_force(now)
+
+    def _in_force(self, now: float) -> dict[tuple[int, int], str]:
         return {
             (pin.device, pin.inode): pin.reason
             for pin in self._pins.values()

@@ -44,6 +44,7 @@ from ckpt_watcher.trash import (
     NO_SPACE_ERRNOS,
     PURGING,
     RESTORED,
+    ReadLaterError,
     RestoredPin,
     TrashDirectory,
     TrashEntry,
@@ -51,10 +52,12 @@ from ckpt_watcher.trash import (
     iso_time,
     locked,
     make_key,
+    metadata_names,
     open_directory,
     open_trash,
     read_entries,
     read_entry,
+    read_pin,
     read_pins,
     valid_relative_path,
     write_metadata,
@@ -142,9 +145,9 @@ class TrashTarget:
                 return Move(MoveOutcome.BYPASSED, "it is on another file system than the trash")
             with locked(trash, stop=self.stop):
                 now = self.clock()
-                pinned = _restored_meanwhile(trash, record.identity.device, record.identity.inode, now)
-                if pinned is not None:
-                    return Move(MoveOutcome.CHANGED, pinned)
+                held = _restored_meanwhile(trash, record.identity.device, record.identity.inode, now)
+                if held is not None:
+                    return held
                 entry = TrashEntry(
                     key=make_key(now, record.identity.inode),
                     original=relative,
@@ -172,14 +175,29 @@ class TrashTarget:
         return move
 
 
-def _restored_meanwhile(trash: TrashDirectory, device: int, inode: int, now: float) -> str | None:
-    """The pin's reason if the checkpoint (device, inode) was restored and is pinned: restored after
-    this pass planned it (a pass frozen, or waiting for this lock, while a ``prune`` trashed it and a
-    ``restore`` put it back, same inode, size and mtime). Asked under the trash's lock, which a
-    restore holds while it writes its pin and renames the checkpoint back."""
-    for pin in read_pins(trash, []):
-        if (pin.device, pin.inode) == (device, inode) and pin.until > now:
-            return f"{pin.reason} (restored since it was planned); not trashed again"
+def _restored_meanwhile(trash: TrashDirectory, device: int, inode: int, now: float) -> Move | None:
+    """Kept (CHANGED, with the pin's reason) if the checkpoint (device, inode) was restored and is
+    pinned: restored after this pass planned it (a pass frozen, or waiting for this lock, while a
+    ``prune`` trashed it and a ``restore`` put it back, same inode, size and mtime). Asked under the
+    trash's lock, which a restore holds while it writes its pin and renames the checkpoint back. Kept
+    too (FAILED) if a pin cannot be read, or ``restored/`` opened: it may be this checkpoint's. OSError
+    if ``restored/`` cannot be listed (``move_in``: FAILED)."""
+    unusable = trash.unusable(RESTORED)
+    if unusable is not None:
+        return Move(MoveOutcome.FAILED, f"the pins of restored checkpoints cannot be read ({unusable})")
+    restored = trash.sub(RESTORED)
+    problems: list[tuple[str, str]] = []
+    for name, _ in metadata_names(restored):
+        assert restored is not None
+        try:
+            pin = read_pin(restored, name, problems, later=True)
+        except ReadLaterError:
+            why = dict(problems).get(name, "unknown")
+            return Move(MoveOutcome.FAILED, f"a pin of a restored checkpoint cannot be read ({name}: {why})")
+        if pin is not None and (pin.device, pin.inode) == (device, inode) and pin.until > now:
+            return Move(
+                MoveOutcome.CHANGED, f"{pin.reason} (restored since it was planned); not trashed again"
+            )
     return None
 
 

@@ -336,3 +336,43 @@ def test_trash_commands_work_while_the_daemon_holds_the_root_lock(root: Path, tm
         assert emptied.stdout.startswith("purged 3 entries (")
         assert trash_keys(root) == []
         assert daemon.process.poll() is None
+
+
+def test_a_restored_directory_that_cannot_be_trusted_holds_every_deletion(root: Path, tmp_path: Path) -> None:
+    """``restored/`` made writable by every user (chmod o+w, a slip of an admin) is refused, as every
+    such trash directory is, and was then taken for a trash with no pins: the restored checkpoints were
+    trashed again, without a word. Now neither ``prune`` (exit 1, saying why; its dry run too, whose JSON
+    stays a whole document) nor the daemon (``storage_unavailable``, retried) deletes anything until it
+    is fixed; then the restored checkpoints stay, pinned, and the policy does the rest."""
+    write_steps(root / "run", range(100, 400, 100))
+    policy_path = policy(tmp_path, "save_top_k_checkpoints: 1\ntrash: {grace: 1h}\n")
+    assert run_cli("prune", str(root), "--policy", str(policy_path)).returncode == 0
+    assert run_cli("restore", str(root), "--all").returncode == 0
+    write_steps(root / "run", [400])
+    restored = root / TRASH / "restored"
+    restored.chmod(0o777)
+    before = digests(root)
+
+    dry = run_cli("prune", str(root), "--policy", str(policy_path), "--dry-run", "--json")
+    pruned = run_cli("prune", str(root), "--policy", str(policy_path))
+    assert dry.returncode == 1
+    assert "writable by every user" in dry.stderr
+    assert dry.stderr.rstrip().endswith("the plan stops there (a dry run: nothing was deleted)")
+    assert json.loads(dry.stdout)["summary"]["deleted"] == 0
+    assert pruned.returncode == 1
+    assert "a pin of a restored checkpoint is unknown" in pruned.stderr
+    assert pruned.stderr.rstrip().endswith("; nothing was deleted")
+    assert digests(root) == before
+
+    with running_daemon(watch(root, policy_path), tmp_path / "watch.log") as daemon:
+        daemon.wait_for("storage_unavailable", count=2)
+        assert digests(root) == before
+        assert all(record.get("stopped") for record in daemon.events("pass_completed"))
+        restored.chmod(0o775)
+        daemon.wait_for("storage_restored", timeout=60)
+        daemon.wait_for("checkpoint_trashed")
+        assert daemon.stop() == 0
+    assert [record["path"] for record in daemon.events("checkpoint_trashed")] == [
+        str(root / "run" / step_name(0, 300))
+    ]
+    assert sorted(os.listdir(root / "run")) == [step_name(0, step) for step in (100, 200, 400)]

@@ -1312,3 +1312,46 @@ def test_a_pass_that_cannot_read_a_pin_deletes_nothing_more(
     keeper.end()
 
     assert len(pinned) == 2
+
+
+def _plan_then_restore(root: Path) -> Plan:
+    """Three step checkpoints; the plan that trashes the two older is made, then (before it is applied)
+    a ``prune`` trashes them and a ``restore`` puts them back: the same files, pinned."""
+    steps(root, range(100, 400, 100))
+    planned = plan_of(root)
+    trash_everything_but_the_newest(root)
+    listing = list_trash(root)
+    assert listing is not None
+    restore(root, listing.entries, now=time.time())
+    return planned
+
+
+def test_a_checkpoint_restored_since_it_was_planned_is_not_trashed_again(tmp_path: Path) -> None:
+    """The check made under the trash's lock, at the move: the pins as they are then."""
+    planned = _plan_then_restore(tmp_path)
+    results = apply_plan(planned, tmp_path, trash=TrashTarget(tmp_path, DAY)).results
+
+    assert [result.outcome for result in results] == [Outcome.CHANGED] * 2
+    assert len(list(tmp_path.glob("*.ckpt"))) == 3
+
+
+@pytest.mark.parametrize("unreadable", ["a pin", "restored/"])
+def test_a_move_keeps_the_checkpoint_when_the_pins_cannot_be_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, unreadable: str
+) -> None:
+    """A pin that could not be read at the move (EIO), or a ``restored/`` refused (writable by every
+    user), was no pin at all: a checkpoint restored since it was planned was trashed again. It may be
+    this checkpoint's: kept (FAILED, saying why), as every deletion that cannot be checked is."""
+    planned = _plan_then_restore(tmp_path)
+    if unreadable == "a pin":
+        failing_once(monkeypatch, OSError(errno.EIO, "Input/output error"))
+    else:
+        (tmp_path / TRASH_DIRECTORY_NAME / "restored").chmod(0o777)
+    results = apply_plan(planned, tmp_path, trash=TrashTarget(tmp_path, DAY)).results
+
+    assert [result.outcome for result in results] == [Outcome.FAILED] * 2
+    expected = (
+        "a pin of a restored checkpoint cannot be read" if unreadable == "a pin" else "writable by every user"
+    )
+    assert all(expected in str(result.error) for result in results)
+    assert len(list(tmp_path.glob("*.ckpt"))) == 3
