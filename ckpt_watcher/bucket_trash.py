@@ -178,6 +178,7 @@ class BucketTrashIndex:
     _reported: set[tuple[str, str]] = field(default_factory=set)
     _at_a_glance: AtAGlance[StoredEntry] | None = None  # of ``_entries``: made once a change
     pins_in_doubt: str | None = None
+    lists_entries: bool = False  # the last look's listing showed an entry (read or not)
     _unread: dict[str, tuple[str, float]] = field(default_factory=dict)  # entry key: (tag, failed at)
     clock: Callable[[], float] = time.monotonic
 
@@ -189,6 +190,8 @@ class BucketTrashIndex:
     def look(self, objects: Iterable[ObjectInfo]) -> None:
         """What the trash holds now: ``objects`` are every object under its prefix."""
         self.objects = {info.key: info for info in objects if info.key.startswith(self.base + "/")}
+        entries = f"{self.base}/{INFO}/"
+        self.lists_entries = any(key.startswith(entries) for key in self.objects)
         self.exists = self.exists or bool(self.objects)
         self._entries = self._read(INFO, self._entries, parse_entry, INFO_LIMIT)
         self._at_a_glance = None

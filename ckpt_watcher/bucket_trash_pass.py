@@ -67,7 +67,7 @@ class BucketTrashPass(PurgeSchedule):
         """The restored checkpoints pinned now. The pins are listed again once a pass, after its listing,
         while the trash has entries (a restore under way needs one): a listing's pages are not one
         snapshot, so one that showed a restored object may have been made before its pin's page."""
-        if not self._pins_looked and self.index.stored:
+        if not self._pins_looked and self.index.lists_entries:  # (an entry unread: a restore may be on)
             self._pins_looked = True
             try:
                 self.index.look_pins()

@@ -7,10 +7,12 @@ import hashlib
 import json
 import re
 from dataclasses import replace
+from types import SimpleNamespace
 from typing import Any, cast
 
 import pytest
 
+from ckpt_watcher.bucket import BucketStorage
 from ckpt_watcher.bucket_trash import (
     RETRY_UNREAD_SECONDS,
     BucketTrashIndex,
@@ -20,6 +22,7 @@ from ckpt_watcher.bucket_trash import (
     parse_entry,
     pinned_inode,
 )
+from ckpt_watcher.bucket_trash_pass import BucketTrashPass
 from ckpt_watcher.locations import StorageURL
 from ckpt_watcher.object_store import (
     Fetched,
@@ -131,6 +134,10 @@ class _FlakyStore:
         self.failing: set[str] = set()
         self.missing: set[str] = set()
         self.fetched: list[str] = []
+        self.listed: list[ObjectInfo] = []  # what ``list_prefix`` answers
+
+    def list_prefix(self, prefix: str) -> list[ObjectInfo]:
+        return [info for info in self.listed if info.key.startswith(prefix)]
 
     def fetch(self, key: str, *, limit: int) -> Fetched:
         self.fetched.append(key)
@@ -190,3 +197,21 @@ def test_an_object_gone_since_the_listing_or_too_large_is_not_fetched_for_nothin
     assert index.pins_in_doubt is None
     assert store.fetched == [pin_key]
     assert index.stored == ()
+
+
+def test_the_pins_are_listed_again_when_an_entry_is_listed_even_one_not_read() -> None:
+    """A listing's pages are not one snapshot, so a pass lists the pins again once while the trash has
+    entries (a restore may be under way). It asked whether any entry was *read*: with the one entry's
+    info object failing to come, the pins were not listed again, and a restore racing the listing could
+    go unseen. Any entry listed is enough."""
+    pin_key = f"root/.ckpt-trash/restored/{KEY}.json"
+    pin = json.dumps({"original": "run/x.ckpt", "device": 1, "inode": 2, "until": 2.0e9}).encode()
+    store = _FlakyStore({INFO.key: _document(), pin_key: pin})
+    store.failing = {INFO.key}
+    storage = SimpleNamespace(url=StorageURL("s3", "bucket", "root"), store=store)
+    keeper = BucketTrashPass(cast(BucketStorage, storage))
+    keeper.index.look([INFO])  # the pass's listing: an entry, no pin yet (its page came first)
+    assert keeper.index.stored == ()
+    store.listed = [ObjectInfo(pin_key, len(pin), '"pin-tag"', 0)]
+
+    assert keeper.pinned_identities() == {(1, 2): keeper.index.pins[0].reason}
