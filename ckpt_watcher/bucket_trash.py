@@ -39,6 +39,7 @@ from ckpt_watcher.trash import (
     METADATA_LIMIT,
     METADATA_SUFFIX,
     RESTORED,
+    RETRY_UNREAD_SECONDS,
     AtAGlance,
     RestoredPin,
     TrashEntry,
@@ -52,10 +53,6 @@ logger = structlog.get_logger("ckpt_watcher.trash")
 # An entry's info object names every object of a directory checkpoint (~100 bytes each): a limit of
 # its own, as a deletion manifest has (bucket_delete), not the 64 KiB of a file's metadata.
 INFO_LIMIT = 64 << 20
-# An entry the store failed to give (a timeout, a key this process may not use) is asked for again
-# this much later (monotonic seconds), not at every poll: a pin, at every look (until then, no pass
-# deletes anything).
-RETRY_UNREAD_SECONDS = 300.0
 
 
 def trash_base(url: StorageURL) -> str:

@@ -67,6 +67,10 @@ LOCK_TIMEOUT = 60.0
 # A directory whose change time is less than this old when it is listed may change again within the same
 # tick of its file system's clock, unseen by a later stat: the index lists it again rather than trust it.
 RACY_SECONDS = 2.0
+# An entry (or a bucket's) that could not be read for a reason that may pass is read again no sooner
+# than this (seconds) after: a failure that lasts (a mode another user's umask gave) costs one try per
+# entry this often, not one per pass. A pin is read again at every look: until then nothing is deleted.
+RETRY_UNREAD_SECONDS = 300.0
 _LOCK_POLL = 0.01
 NAME_MAX = 255
 KEY_PATTERN = re.compile(r"[0-9]{8}T[0-9]{6}\.[0-9]{6}Z-i[0-9]+")
@@ -82,11 +86,15 @@ NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 class TrashUnusableError(Exception):
     """The trash cannot be opened or used (a symlink or a file where a directory should be, a lock
     that cannot be had...); nothing is moved, and the message says why. ``no_space``: only because
-    its file system has no room for what it needs (ENOSPC, EDQUOT)."""
+    its file system has no room for what it needs (ENOSPC, EDQUOT). ``may_hold_pins``: what could
+    not be opened may be a trash (or ``restored/``) this tool made, with pins in it (an I/O error,
+    made writable by every user); False when it cannot be (missing, another user's, a symlink or a
+    file in its place): none of this tool's restores wrote there."""
 
-    def __init__(self, message: str, *, no_space: bool = False) -> None:
+    def __init__(self, message: str, *, no_space: bool = False, may_hold_pins: bool = True) -> None:
         super().__init__(message)
         self.no_space = no_space
+        self.may_hold_pins = may_hold_pins
 
 
 def iso_time(epoch_seconds: float) -> str:
@@ -297,8 +305,9 @@ class TrashDirectory:
         return self._subdirectories[name]
 
     def unusable(self, name: str) -> str | None:
-        """Why the subdirectory ``name`` is there but could not be opened (an I/O error, a symlink in
-        its place, writable by every user), or None: it is open, or it does not exist."""
+        """Why the subdirectory ``name`` is there but could not be opened, when it may still hold what
+        this tool wrote (an I/O error, made writable by every user); None: it is open, or it does not
+        exist, or it cannot be this tool's (``TrashUnusableError.may_hold_pins``)."""
         return self._unusable.get(name) if self._subdirectories[name] is None else None
 
     def ensure(self, name: str) -> int:
@@ -358,7 +367,8 @@ def open_trash(root: Path, *, create: bool) -> TrashDirectory | None:
                 )
             except TrashUnusableError as error:
                 subdirectories[name] = None  # ``ensure`` says why, to what needs it
-                unusable[name] = str(error)
+                if error.may_hold_pins:
+                    unusable[name] = str(error)
     except BaseException:
         for opened in [*subdirectories.values(), fd]:
             if opened is not None:
@@ -390,7 +400,10 @@ def open_directory(
             if not create:
                 return None
         except OSError as error:
-            raise TrashUnusableError(f"{display_name(what)}: {_not_a_directory(error)}") from None
+            raise TrashUnusableError(
+                f"{display_name(what)}: {_not_a_directory(error)}",
+                may_hold_pins=error.errno not in _NOT_DIRECTORY_ERRNOS,
+            ) from None
         else:
             return _trusted(fd, what, owners)
         try:
@@ -401,8 +414,9 @@ def open_directory(
             raise TrashUnusableError(
                 f"cannot make {display_name(what)}: {describe_os_error(error)}",
                 no_space=error.errno in NO_SPACE_ERRNOS,
+                may_hold_pins=False,
             ) from None
-    raise TrashUnusableError(f"{display_name(what)}: vanished as soon as it was made")
+    raise TrashUnusableError(f"{display_name(what)}: vanished as soon as it was made", may_hold_pins=False)
 
 
 def _trusted(fd: int, what: Path, owners: frozenset[int]) -> int:
@@ -412,18 +426,24 @@ def _trusted(fd: int, what: Path, owners: frozenset[int]) -> int:
         return fd
     status = os.fstat(fd)
     problem = None
-    if status.st_uid not in owners:
+    theirs = status.st_uid not in owners  # (a squatter's, in a root every user may write to)
+    if theirs:
         problem = f"owned by uid {status.st_uid}, neither this user nor the root's owner"
     elif status.st_mode & stat.S_IWOTH:
         problem = "writable by every user (chmod o-w)"
     if problem is None:
         return fd
     os.close(fd)
-    raise TrashUnusableError(f"{display_name(what)}: {problem}; another user could change what it holds")
+    raise TrashUnusableError(
+        f"{display_name(what)}: {problem}; another user could change what it holds", may_hold_pins=not theirs
+    )
+
+
+_NOT_DIRECTORY_ERRNOS = frozenset({errno.ELOOP, errno.ENOTDIR})
 
 
 def _not_a_directory(error: OSError) -> str:
-    if error.errno in (errno.ELOOP, errno.ENOTDIR):
+    if error.errno in _NOT_DIRECTORY_ERRNOS:
         return "not a directory (a symlink or a file is in its place; it is never followed)"
     return describe_os_error(error)
 
@@ -779,6 +799,7 @@ class TrashIndex:
         self._trash: TrashDirectory | None = None
         self._entries: dict[tuple[str, int], IndexedEntry | None] = {}
         self._unread: set[tuple[str, int]] = set()  # of ``_entries``' None: to read again (``retry``)
+        self._retry_at = 0.0  # (wall clock) not before
         self._at_a_glance: AtAGlance[IndexedEntry] | None = None  # of ``_entries``: made once a change
         self._oldest: TrashEntry | None = None  # the summary's oldest entry, read whole
         self._numbers: dict[int, int] = {}  # one int object per device number and grace, shared
@@ -787,17 +808,20 @@ class TrashIndex:
         self._pins: dict[tuple[str, int], RestoredPin | None] = {}
         # Why the last look could not read every pin (a restored checkpoint it cannot tell), or None.
         self.pins_in_doubt: str | None = None
+        self.unusable: str | None = None  # why the trash, there and maybe this tool's, cannot be opened
         self._reported: set[tuple[str, int]] = set()
         self.exists = False
 
     def start(self) -> None:
         """Open the trash as it is now (nothing if the root has none, or it cannot be used)."""
         self.close()
+        self.unusable = None
         try:
             self._trash = open_trash(self.root, create=False)
         except TrashUnusableError as error:
             self._report(("<trash>", 0), str(self.root / TRASH_DIRECTORY_NAME), str(error))
             self._trash = None
+            self.unusable = str(error) if error.may_hold_pins else None
         self.exists = self._trash is not None
 
     def close(self) -> None:
@@ -817,7 +841,8 @@ class TrashIndex:
         trash = self._opened()
         self.pins_in_doubt = None
         if trash is None:
-            return {}
+            self.pins_in_doubt = self.unusable  # (the pins known before stay in force)
+            return self._in_force(now) if self.unusable is not None else {}
         unusable = trash.unusable(RESTORED)
         if unusable is not None:  # (not missing: there, and its pins unknown; those known stay)
             self.pins_in_doubt = unusable
@@ -852,8 +877,9 @@ class TrashIndex:
         ``RACY_SECONDS``), or ``force``: a look at 100,000 entries took ~0.3 s, twice a pass, and most
         passes change nothing there. A full pass forces it: a change no stat showed is seen by a rescan.
         ``retry`` (a full pass) reads again what could not be read for a reason that may pass (an I/O
-        error; a file another user's ``prune`` wrote with mode 600): at every look, 100,000 of those
-        would cost a failed open each."""
+        error; a file another user's ``prune`` wrote with mode 600), once RETRY_UNREAD_SECONDS have
+        passed: at every look (or every keep_free pass, a second apart), 100,000 of those would cost a
+        failed open each."""
         trash = self._opened()
         self.looked = True
         if trash is None:
@@ -862,7 +888,7 @@ class TrashIndex:
         info_fd = trash.sub(INFO)
         looked_at = self._clock()
         stamp = _directory_stamp(info_fd)
-        if retry and self._unread:
+        if retry and self._unread and looked_at >= self._retry_at:
             for key in self._unread:  # (gone from the index: the look reads them as new)
                 self._entries.pop(key, None)
             self._unread.clear()
@@ -878,6 +904,8 @@ class TrashIndex:
         for key in later:
             self._entries[key] = None  # (known, as unreadable, until ``retry``)
             self._unread.add(key)
+        if later:
+            self._retry_at = looked_at + RETRY_UNREAD_SECONDS
         if changed:
             self._at_a_glance = None
             self._oldest = None  # (read again: an entry's record may have been rewritten under its key)

@@ -97,7 +97,7 @@ class TrashPass(PurgeSchedule):
         entries first (other processes may have changed them); any later pass goes by the previous
         pass's look at its end, so that no look stands between an event and its deletions."""
         self.index.start()
-        self._may_exist = self.index.exists
+        self._may_exist = self.index.exists or self.index.unusable is not None
         if self.index.exists and (purge or not self.index.looked):
             self._look(force=True, retry=True)
         if dry_run or not self.index.exists or not (purge or self.is_due(time.time())):

@@ -338,18 +338,22 @@ def test_trash_commands_work_while_the_daemon_holds_the_root_lock(root: Path, tm
         assert daemon.process.poll() is None
 
 
-def test_a_restored_directory_that_cannot_be_trusted_holds_every_deletion(root: Path, tmp_path: Path) -> None:
-    """``restored/`` made writable by every user (chmod o+w, a slip of an admin) is refused, as every
-    such trash directory is, and was then taken for a trash with no pins: the restored checkpoints were
-    trashed again, without a word. Now neither ``prune`` (exit 1, saying why; its dry run too, whose JSON
-    stays a whole document) nor the daemon (``storage_unavailable``, retried) deletes anything until it
-    is fixed; then the restored checkpoints stay, pinned, and the policy does the rest."""
+@pytest.mark.parametrize("refused", ["restored", "trash"])
+def test_a_trash_directory_that_cannot_be_trusted_holds_every_deletion(
+    root: Path, tmp_path: Path, refused: str
+) -> None:
+    """``restored/``, or the trash itself, made writable by every user (chmod o+w, a slip of an admin)
+    is refused, as every such trash directory is, and was then taken for no pins: the restored
+    checkpoints were trashed again, without a word. Now neither ``prune`` (exit 1, saying why; its dry
+    run too, whose JSON stays a whole document) nor the daemon (``storage_unavailable``, retried)
+    deletes anything until it is fixed; then the restored checkpoints stay, pinned, and the policy
+    does the rest."""
     write_steps(root / "run", range(100, 400, 100))
     policy_path = policy(tmp_path, "save_top_k_checkpoints: 1\ntrash: {grace: 1h}\n")
     assert run_cli("prune", str(root), "--policy", str(policy_path)).returncode == 0
     assert run_cli("restore", str(root), "--all").returncode == 0
     write_steps(root / "run", [400])
-    restored = root / TRASH / "restored"
+    restored = root / TRASH / "restored" if refused == "restored" else root / TRASH
     restored.chmod(0o777)
     before = digests(root)
 

@@ -14,7 +14,6 @@ import pytest
 
 from ckpt_watcher.bucket import BucketStorage
 from ckpt_watcher.bucket_trash import (
-    RETRY_UNREAD_SECONDS,
     BucketTrashIndex,
     StoredCopy,
     StoredEntry,
@@ -32,7 +31,7 @@ from ckpt_watcher.object_store import (
     PendingCopy,
     StoreError,
 )
-from ckpt_watcher.trash import TrashEntry
+from ckpt_watcher.trash import RETRY_UNREAD_SECONDS, TrashEntry
 from tests.support.purge_times import purge_times_asked
 
 KEY = "20261129T161651.000001Z-i42"

@@ -37,6 +37,7 @@ from ckpt_watcher.trash import (
     FILES,
     INFO,
     RESTORED,
+    RETRY_UNREAD_SECONDS,
     AtAGlance,
     IndexedEntry,
     RestoredPin,
@@ -1236,20 +1237,25 @@ def test_an_entry_that_could_not_be_read_is_read_again_at_the_next_full_pass(
     """An I/O error, or a file another user's ``prune`` wrote with mode 600, is no verdict on what the
     file says: it was remembered as unreadable until the daemon restarted, so its bytes were missing
     from the trash's figures and from what ``keep_free`` may reclaim (a kept checkpoint evicted while
-    the trash had the space). A full pass's look (``retry``) reads it again; the looks between do not
-    (100,000 such files would cost a failed open each, at every pass). Said once."""
+    the trash had the space). A full pass's look (``retry``) reads it again once RETRY_UNREAD_SECONDS
+    are over; the looks before do not (100,000 such files would cost a failed open each, at every
+    pass, or every second of keep_free's passes). Said once."""
     steps(tmp_path / "a", range(100, 400, 100))
     trash_everything_but_the_newest(tmp_path, clock=NOW)
     failed = failing_once(monkeypatch, OSError(errno.EIO, "Input/output error"))
     reads = metadata_reads(monkeypatch)
-    index = TrashIndex(tmp_path)
+    now = [NOW]
+    index = TrashIndex(tmp_path, clock=lambda: now[0])
     index.start()
     index.refresh(retry=True)
     assert len(failed) == 2
     assert len(index.entries) == 0
     index.refresh(force=True)  # this process's own change, say: listed, but not read again
+    now[0] += RETRY_UNREAD_SECONDS - 1
+    index.refresh(retry=True)  # a full pass, too soon
     assert len(reads) == 2
     assert len(index.entries) == 0
+    now[0] += 1
     index.refresh(retry=True)
     index.close()
 
@@ -1355,3 +1361,55 @@ def test_a_move_keeps_the_checkpoint_when_the_pins_cannot_be_read(
     )
     assert all(expected in str(result.error) for result in results)
     assert len(list(tmp_path.glob("*.ckpt"))) == 3
+
+
+@pytest.mark.parametrize(("mode", "owner", "in_doubt"), [(0o777, None, True), (0o755, 12345, False)])
+def test_a_trash_that_cannot_be_opened_puts_the_pins_in_doubt_unless_it_is_another_users(
+    tmp_path: Path, mode: int, owner: int | None, in_doubt: bool
+) -> None:
+    """A ``.ckpt-trash`` refused as a whole was taken for no trash, so its pins for none: made
+    writable by every user (``chmod -R o+w``), the restored checkpoints were planned as never
+    restored. It may hold this tool's pins: in doubt, the pins known before kept. One another user made
+    (a squatter in a root every user may write to) holds none of this tool's restores: no doubt, so
+    it cannot stop all pruning."""
+    two_restored(tmp_path)
+    keeper = TrashPass(tmp_path)
+    keeper.begin(purge=True, dry_run=True)
+    pinned = keeper.pinned_identities()
+    keeper.end()
+    assert len(pinned) == 2
+    trash = tmp_path / TRASH_DIRECTORY_NAME
+    trash.chmod(mode)
+    if owner is not None:
+        os.chown(trash, owner, -1)
+    keeper.begin(purge=True, dry_run=True)
+    if in_doubt:
+        with pytest.raises(StorageUnavailableError, match="writable by every user"):
+            keeper.pinned_identities()
+        assert keeper.index.pinned_identities(NOW + 1) == pinned  # (those known stay)
+    else:
+        assert keeper.pinned_identities() == {}
+    keeper.end()
+
+
+def test_a_restored_directory_that_cannot_be_made_is_no_doubt(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A trash without ``restored/`` (nothing ever restored) on a full disk: making it fails, and a
+    move took that for a ``restored/`` it could not read and kept the checkpoint, so a full disk was
+    no longer pruned. Nothing is there: no pin, and the move goes on."""
+    steps(tmp_path, range(100, 400, 100))
+    trash_everything_but_the_newest(tmp_path)
+    (tmp_path / TRASH_DIRECTORY_NAME / "restored").rmdir()
+    steps(tmp_path, range(400, 500, 100))
+    make_directory = os.mkdir
+
+    def full(path: Any, mode: int = 0o777, *, dir_fd: int | None = None) -> None:
+        if str(path) == "restored":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        make_directory(path, mode, dir_fd=dir_fd)
+
+    monkeypatch.setattr(os, "mkdir", full)
+    results = apply_plan(plan_of(tmp_path), tmp_path, trash=TrashTarget(tmp_path, DAY)).results
+
+    assert [result.outcome for result in results] == [Outcome.TRASHED]
