@@ -544,10 +544,7 @@ def run_prune(arguments: argparse.Namespace) -> int:
                 group_sink=_stream_group(stream) if stream is not None else None,
             )
             if result.streamed and stream is not None:  # the groups are written: the rest of the document
-                stream.finish(result.summary, result.trash, result.space, result.budget_unmet_bytes)
-                if result.storage_error is not None:  # (the groups after it are not in the document)
-                    return _stopped_by_storage(result.storage_error, result, dry_run=arguments.dry_run)
-                return _prune_exit(result)
+                return _finish_stream(stream, result)
         if progress is not None:
             progress.finish()
         if result.storage_error is not None:
@@ -598,6 +595,14 @@ def _prune_exit(result: PassResult) -> int:
     if failures:
         print(f"ckpt-watcher: {failures}; the next run tries again", file=sys.stderr)
     return EXIT_DELETE_FAILED if failures else EXIT_OK
+
+
+def _finish_stream(stream: PlanJSONStream, result: PassResult) -> int:
+    """Write the rest of a dry run's streamed plan; the exit code."""
+    stream.finish(result.summary, result.trash, result.space, result.budget_unmet_bytes, result.storage_error)
+    if result.storage_error is not None:  # (the groups after it are not in the document)
+        return _stopped_by_storage(result.storage_error, result, dry_run=True)
+    return _prune_exit(result)
 
 
 def _stopped_by_storage(error: str, result: PassResult, *, dry_run: bool) -> int:

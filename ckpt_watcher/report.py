@@ -394,8 +394,10 @@ class PlanJSONStream:
         trash: TrashSummary | None,
         space: Sequence[FreeSpacePlan],
         budget_unmet_bytes: int,
+        stopped: str | None = None,
     ) -> None:
-        """Write the rest of the document once every group is written."""
+        """Write the rest of the document once every group is written (``stopped``: why the pass
+        stopped before the groups after them, in the summary)."""
         if not self._groups:
             self._out.write('{"groups":[')
         document = {
@@ -406,6 +408,7 @@ class PlanJSONStream:
                 **_counts_document(summary, True, None, self._trashed),
                 "evicted": self._evicted,
                 "budget_unmet_bytes": budget_unmet_bytes,
+                **({"stopped": stopped} if stopped is not None else {}),
             },
         }
         self._out.write("]," + _compact(document)[1:] + "\n")
