@@ -444,8 +444,11 @@ def _land(index: BucketTrashIndex, stored: StoredEntry, pending: list[PendingCop
         return str(error)
     if done != expected and pin_tag is not None:  # a store whose multipart ETags are not S3's
         pin = RestoredPin(pin.key, pin.original, 0, _identity_inode(entry, target, done), pin.until)
-        with contextlib.suppress(StoreError):
+        try:
             store.put_replacing(pin_object, _pin_document(pin), tag=pin_tag)
+        except StoreError as error:  # (pinned as it is not, the policy could take it again at once)
+            _delete_quietly(store, [*reversed(done), (pin_object, pin_tag)])
+            return f"its pin could not be written ({error}); not restored, still in the trash"
     copies = [(stored.data_key(index.base, copy.relative), copy.tag) for copy in stored.copies]
     _delete_quietly(store, [*copies, (stored.info_key, stored.info_tag)])
     index.drop(stored)

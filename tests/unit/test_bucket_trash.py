@@ -12,6 +12,7 @@ from typing import Any, cast
 
 import pytest
 
+from ckpt_watcher import bucket_trash_moves
 from ckpt_watcher.bucket import BucketStorage
 from ckpt_watcher.bucket_trash import (
     BucketTrashIndex,
@@ -214,3 +215,63 @@ def test_the_pins_are_listed_again_when_an_entry_is_listed_even_one_not_read() -
     store.listed = [ObjectInfo(pin_key, len(pin), '"pin-tag"', 0)]
 
     assert keeper.pinned_identities() == {(1, 2): keeper.index.pins[0].reason}
+
+
+class _OtherETagStore:
+    """A store whose completed copies get ETags other than S3's multipart rule (as some S3-compatible
+    stores give), and whose replacing write fails (``failing``); it notes each delete."""
+
+    def __init__(self) -> None:
+        self.failing = True
+        self.deleted: list[tuple[str, str]] = []
+        self.written: dict[str, bytes] = {}
+
+    def put_new(self, key: str, data: bytes) -> str:
+        self.written[key] = data
+        return '"pin-1"'
+
+    def put_replacing(self, key: str, data: bytes, *, tag: str) -> str:
+        if self.failing:
+            raise StoreError(f"{key}: InternalError")
+        self.written[key] = data
+        return '"pin-2"'
+
+    def finish_copy(self, pending: PendingCopy) -> str:
+        return '"not-s3s-rule"'
+
+    def delete(self, key: str, *, tag: str) -> None:
+        self.deleted.append((key, tag))
+
+
+@pytest.mark.parametrize("failing", [True, False])
+def test_a_restore_whose_pin_cannot_be_corrected_is_undone(failing: bool) -> None:
+    """Where a store's ETags are not S3's, a restore's pin (written before the copies land, with the
+    identity they should have) is written again with the identity they got. That write's failure was
+    ignored: the restored checkpoint stood pinned under an identity it does not have, so the next pass
+    could take it again at once. Now the restore is undone (the copies and the pin deleted, the entry
+    left in the trash) and says why."""
+    store = _OtherETagStore()
+    store.failing = failing
+    index = BucketTrashIndex(StorageURL("s3", "bucket", "root"), cast(ObjectStore, store))
+    stored = StoredEntry(_entry(), (StoredCopy("", '"abc-1"', 10),), INFO.key, INFO.tag)
+    index.add(stored)
+    pending = [
+        PendingCopy(
+            "root/.ckpt-trash/files/run/x.ckpt@k", "root/run/x.ckpt", "upload", ('"' + "ab" * 16 + '"',), 10
+        )
+    ]
+
+    problem = bucket_trash_moves._land(index, stored, pending, now=1.0e9)
+
+    pin = f"root/.ckpt-trash/restored/{KEY}.json"
+    if failing:
+        assert (
+            problem
+            == f"its pin could not be written ({pin}: InternalError); not restored, still in the trash"
+        )
+        assert store.deleted == [("root/run/x.ckpt", '"not-s3s-rule"'), (pin, '"pin-1"')]
+        assert [stored.entry.key for stored in index.stored] == [KEY]
+    else:
+        assert problem is None
+        assert json.loads(store.written[pin])["inode"] == pinned_inode('"not-s3s-rule"')
+        assert index.stored == ()
