@@ -24,6 +24,7 @@ move in or out of the trash, and every purge's rename, holds an exclusive ``floc
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import errno
 import fcntl
@@ -71,6 +72,7 @@ RACY_SECONDS = 2.0
 # than this (seconds) after: a failure that lasts (a mode another user's umask gave) costs one try per
 # entry this often, not one per pass. A pin is read again at every look: until then nothing is deleted.
 RETRY_UNREAD_SECONDS = 300.0
+METADATA_MODE = 0o644  # of every metadata file (entries, pins): see ``write_metadata``
 _LOCK_POLL = 0.01
 NAME_MAX = 255
 KEY_PATTERN = re.compile(r"[0-9]{8}T[0-9]{6}\.[0-9]{6}Z-i[0-9]+")
@@ -377,6 +379,29 @@ def open_trash(root: Path, *, create: bool) -> TrashDirectory | None:
     return TrashDirectory(root, fd, subdirectories, owners, unusable)
 
 
+_READ_ANYWAY = "its pins are read anyway (one there can only keep more); fix it for the trash to be used"
+_NOT_OURS = "not this tool's: nothing is moved into it, and no pin is read from it"
+
+
+def open_restored_untrusted(root: Path) -> int | None:
+    """``.ckpt-trash/restored`` of ``root`` opened to read pins only, whoever owns it and whatever its
+    mode (never through a symlink); None if there is none. TrashUnusableError or OSError if it cannot
+    be opened."""
+    root_fd = open_below_root(root, root)
+    try:
+        trash_fd = open_directory(
+            root_fd, TRASH_DIRECTORY_NAME, create=False, what=root / TRASH_DIRECTORY_NAME
+        )
+    finally:
+        os.close(root_fd)
+    if trash_fd is None:
+        return None
+    try:
+        return open_directory(trash_fd, RESTORED, create=False, what=root / TRASH_DIRECTORY_NAME / RESTORED)
+    finally:
+        os.close(trash_fd)
+
+
 def trusted_owners(root_owner: int) -> frozenset[int]:
     """Who may own the trash's directories: this process's user, the superuser, the root's owner.
 
@@ -400,6 +425,12 @@ def open_directory(
             if not create:
                 return None
         except OSError as error:
+            owner = _owner_if_not_trusted(parent_fd, name, owners) if error.errno in _DENIED_ERRNOS else None
+            if owner is not None:  # (another user's, mode 700 say: theirs, whatever it holds)
+                raise TrashUnusableError(
+                    f"{display_name(what)}: {_THEIRS.format(owner)}; {describe_os_error(error)}",
+                    may_hold_pins=False,
+                ) from None
             raise TrashUnusableError(
                 f"{display_name(what)}: {_not_a_directory(error)}",
                 may_hold_pins=error.errno not in _NOT_DIRECTORY_ERRNOS,
@@ -419,6 +450,21 @@ def open_directory(
     raise TrashUnusableError(f"{display_name(what)}: vanished as soon as it was made", may_hold_pins=False)
 
 
+_DENIED_ERRNOS = frozenset({errno.EACCES, errno.EPERM})
+_THEIRS = "owned by uid {}, neither this user nor the root's owner"
+
+
+def _owner_if_not_trusted(parent_fd: int, name: str, owners: frozenset[int]) -> int | None:
+    """The owner of the entry ``name`` if ``owners`` are checked and it is none of them, else None."""
+    if not owners:
+        return None
+    try:
+        owner = os.stat(name, dir_fd=parent_fd, follow_symlinks=False).st_uid
+    except OSError:
+        return None
+    return owner if owner not in owners else None
+
+
 def _trusted(fd: int, what: Path, owners: frozenset[int]) -> int:
     """``fd``, if the directory is owned by one of ``owners`` and not writable by every user (else
     closed, and TrashUnusableError saying so); any directory when ``owners`` is empty."""
@@ -428,7 +474,7 @@ def _trusted(fd: int, what: Path, owners: frozenset[int]) -> int:
     problem = None
     theirs = status.st_uid not in owners  # (a squatter's, in a root every user may write to)
     if theirs:
-        problem = f"owned by uid {status.st_uid}, neither this user nor the root's owner"
+        problem = _THEIRS.format(status.st_uid)
     elif status.st_mode & stat.S_IWOTH:
         problem = "writable by every user (chmod o-w)"
     if problem is None:
@@ -528,6 +574,11 @@ def write_metadata(dir_fd: int, key: str, document: dict[str, Any]) -> None:
     fd = os.open(temporary, _FILE_FLAGS, 0o666, dir_fd=dir_fd)
     try:
         try:
+            # Readable by every user whatever the umask: a pin a daemon running as another user cannot
+            # read stops its pruning (its restored checkpoint may be any), an entry leaves its bytes
+            # out of keep_free's offer. What it says (a path in the root, a reason) is no secret.
+            with contextlib.suppress(OSError):  # (a file system without modes)
+                os.fchmod(fd, METADATA_MODE)
             write_whole(fd, data)
             os.fsync(fd)  # whole on disk before its name is: a crash never leaves an empty record
         finally:
@@ -819,7 +870,8 @@ class TrashIndex:
         try:
             self._trash = open_trash(self.root, create=False)
         except TrashUnusableError as error:
-            self._report(("<trash>", 0), str(self.root / TRASH_DIRECTORY_NAME), str(error))
+            detail = f"nothing is moved into it; {_READ_ANYWAY}" if error.may_hold_pins else _NOT_OURS
+            self._report(("<trash>", 0), str(self.root / TRASH_DIRECTORY_NAME), str(error), detail)
             self._trash = None
             self.unusable = str(error) if error.may_hold_pins else None
         self.exists = self._trash is not None
@@ -837,30 +889,46 @@ class TrashIndex:
 
     def pinned_identities(self, now: float) -> dict[tuple[int, int], str]:
         """(device, inode) of each checkpoint restored and still pinned at ``now``, with the reason.
-        ``pins_in_doubt`` says whether every pin could be read."""
+        ``pins_in_doubt`` says why not every pin could be read (None: all were). A trash, or its
+        ``restored/``, refused but maybe this tool's (made writable by every user) has its pins read
+        anyway: a pin there can only keep more, and none there means none to keep."""
         trash = self._opened()
         self.pins_in_doubt = None
-        if trash is None:
-            self.pins_in_doubt = self.unusable  # (the pins known before stay in force)
-            return self._in_force(now) if self.unusable is not None else {}
+        if trash is None:  # (said at ``start``)
+            return self._pins_anyway(self.unusable, now) if self.unusable is not None else {}
         unusable = trash.unusable(RESTORED)
-        if unusable is not None:  # (not missing: there, and its pins unknown; those known stay)
-            self.pins_in_doubt = unusable
+        if unusable is not None:
+            self._report((RESTORED, 0), str(trash.path(RESTORED)), unusable, _READ_ANYWAY)
+            return self._pins_anyway(unusable, now)
+        return self._pins_in(trash.sub(RESTORED), now)
+
+    def _pins_anyway(self, refused: str, now: float) -> dict[tuple[int, int], str]:
+        """The pins of a trash (or ``restored/``) refused for ``refused``, read without trusting it; in
+        doubt (those known before kept) if even that cannot be done."""
+        try:
+            restored = open_restored_untrusted(self.root)
+        except (OSError, ValueError, TrashUnusableError) as error:
+            self.pins_in_doubt = f"{refused}; {_describe(error)}" if str(error) != refused else refused
             return self._in_force(now)
+        try:
+            return self._pins_in(restored, now)
+        finally:
+            if restored is not None:
+                os.close(restored)
+
+    def _pins_in(self, restored: int | None, now: float) -> dict[tuple[int, int], str]:
+        """The pins in force in the open ``restored/`` (None: there is none)."""
         problems: list[tuple[str, str]] = []
         later: list[tuple[str, int]] = []
+        where = f"{TRASH_DIRECTORY_NAME}/{RESTORED}"
         try:  # (a pin that could not be read is read again at each look: until then, the pass stops)
-            _, later = _look(
-                trash.sub(RESTORED), self._pins, lambda fd, name: read_pin(fd, name, problems, later=True)
-            )
+            _, later = _look(restored, self._pins, lambda fd, name: read_pin(fd, name, problems, later=True))
         except OSError as error:  # (the pins known before stay in force)
-            self.pins_in_doubt = f"{RESTORED}/ cannot be listed: {describe_os_error(error)}"
+            self.pins_in_doubt = f"{where}/ cannot be listed: {describe_os_error(error)}"
         else:
             if later:
                 name = later[0][0]
-                self.pins_in_doubt = (
-                    f"{RESTORED}/{name} cannot be read: {dict(problems).get(name, 'unknown')}"
-                )
+                self.pins_in_doubt = f"{where}/{name} cannot be read: {dict(problems).get(name, 'unknown')}"
         self._report_all(problems, RESTORED, (name for name, _ in later), "read again at the next look")
         return self._in_force(now)
 

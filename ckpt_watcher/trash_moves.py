@@ -180,12 +180,24 @@ def _restored_meanwhile(trash: TrashDirectory, device: int, inode: int, now: flo
     pinned: restored after this pass planned it (a pass frozen, or waiting for this lock, while a
     ``prune`` trashed it and a ``restore`` put it back, same inode, size and mtime). Asked under the
     trash's lock, which a restore holds while it writes its pin and renames the checkpoint back. Kept
-    too (FAILED) if a pin cannot be read, or ``restored/`` opened: it may be this checkpoint's. OSError
-    if ``restored/`` cannot be listed (``move_in``: FAILED)."""
-    unusable = trash.unusable(RESTORED)
-    if unusable is not None:
-        return Move(MoveOutcome.FAILED, f"the pins of restored checkpoints cannot be read ({unusable})")
-    restored = trash.sub(RESTORED)
+    too (FAILED) if a pin cannot be read: it may be this checkpoint's. A ``restored/`` refused but
+    maybe this tool's (writable by every user) is read anyway, as the pass reads it. OSError if
+    ``restored/`` cannot be listed (``move_in``: FAILED)."""
+    if trash.unusable(RESTORED) is None:
+        return _pinned_in(trash.sub(RESTORED), device, inode, now)
+    try:
+        restored = open_directory(trash.fd, RESTORED, create=False, what=trash.path(RESTORED))
+    except TrashUnusableError as error:
+        return Move(MoveOutcome.FAILED, f"the pins of restored checkpoints cannot be read ({error})")
+    try:
+        return _pinned_in(restored, device, inode, now)
+    finally:
+        if restored is not None:
+            os.close(restored)
+
+
+def _pinned_in(restored: int | None, device: int, inode: int, now: float) -> Move | None:
+    """``_restored_meanwhile`` over the open ``restored/`` (None: there is none)."""
     problems: list[tuple[str, str]] = []
     for name, _ in metadata_names(restored):
         assert restored is not None

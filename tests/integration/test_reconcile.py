@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import json
 import os
 import threading
 import time
@@ -443,12 +444,17 @@ def test_a_pin_unread_midway_stops_prune_there_and_says_what_it_did_before(
     )
     assert result.trashed == 1  # a/'s step 300, before
     assert result.storage_error is not None
-    assert "a pin of a restored checkpoint is unknown (restored/" in result.storage_error
+    assert "a pin of a restored checkpoint is unknown (.ckpt-trash/restored/" in result.storage_error
     assert _names(root / "b") == {step_name(0, 100), step_name(0, 200), step_name(0, 300)}
 
     pins.failing = False
     _steps(root / "a", [500])
     pins.failing = True  # from the start of the pass: nothing is deleted
+    capsys.readouterr()  # (what the passes above logged)
+    assert main(["prune", str(root), "--policy", str(policy), "--dry-run", "--json"]) == 1
+    shown = capsys.readouterr()
+    assert shown.err.rstrip().endswith("; the plan stops there (a dry run: nothing was deleted)")
+    assert "a pin of a restored checkpoint is unknown" in json.loads(shown.out)["summary"]["stopped"]
     assert main(["prune", str(root), "--policy", str(policy)]) == 1
     assert capsys.readouterr().err.rstrip().endswith("; nothing was deleted")
     assert _names(root / "a") == {step_name(0, 400), step_name(0, 500)}

@@ -339,46 +339,48 @@ def test_trash_commands_work_while_the_daemon_holds_the_root_lock(root: Path, tm
 
 
 @pytest.mark.parametrize("refused", ["restored", "trash"])
-def test_a_trash_directory_that_cannot_be_trusted_holds_every_deletion(
+def test_a_trash_directory_writable_by_every_user_still_has_its_pins_kept(
     root: Path, tmp_path: Path, refused: str
 ) -> None:
     """``restored/``, or the trash itself, made writable by every user (chmod o+w, a slip of an admin)
-    is refused, as every such trash directory is, and was then taken for no pins: the restored
-    checkpoints were trashed again, without a word. Now neither ``prune`` (exit 1, saying why; its dry
-    run too, whose JSON stays a whole document) nor the daemon (``storage_unavailable``, retried)
-    deletes anything until it is fixed; then the restored checkpoints stay, pinned, and the policy
-    does the rest."""
+    is refused, as every such trash directory is, and was then taken for one with no pins: the
+    restored checkpoints were trashed again (or deleted), without a word. Its pins are now read anyway
+    (one there can only keep more), so ``prune`` and the daemon keep the restored checkpoints and say
+    why the trash is refused. With the trash itself refused, the deletions that need it fail (kept),
+    as before; with only ``restored/``, the trash is used."""
     write_steps(root / "run", range(100, 400, 100))
     policy_path = policy(tmp_path, "save_top_k_checkpoints: 1\ntrash: {grace: 1h}\n")
     assert run_cli("prune", str(root), "--policy", str(policy_path)).returncode == 0
     assert run_cli("restore", str(root), "--all").returncode == 0
     write_steps(root / "run", [400])
-    restored = root / TRASH / "restored" if refused == "restored" else root / TRASH
-    restored.chmod(0o777)
-    before = digests(root)
+    (root / TRASH / "restored" if refused == "restored" else root / TRASH).chmod(0o777)
 
     dry = run_cli("prune", str(root), "--policy", str(policy_path), "--dry-run", "--json")
-    pruned = run_cli("prune", str(root), "--policy", str(policy_path))
-    assert dry.returncode == 1
-    assert "writable by every user" in dry.stderr
-    assert dry.stderr.rstrip().endswith("the plan stops there (a dry run: nothing was deleted)")
-    summary = json.loads(dry.stdout)["summary"]
-    assert summary["deleted"] == 0
-    assert "a pin of a restored checkpoint is unknown" in summary["stopped"]
-    assert pruned.returncode == 1
-    assert "a pin of a restored checkpoint is unknown" in pruned.stderr
-    assert pruned.stderr.rstrip().endswith("; nothing was deleted")
-    assert digests(root) == before
+    assert dry.returncode == 0, dry.stderr
+    entries = {
+        entry["name"]: entry for group in json.loads(dry.stdout)["groups"] for entry in group["entries"]
+    }
+    for step in (100, 200):
+        assert entries[step_name(0, step)]["action"] == "keep"
+        assert entries[step_name(0, step)]["reasons"][0].startswith("restored from the trash: pinned until ")
+    assert entries[step_name(0, 300)]["action"] == "trash"
+    problems = [
+        record
+        for record in events(dry.stderr, "trash_problem")
+        if "writable by every user" in record["error"]
+    ]
+    assert problems
+    assert "its pins are read anyway" in problems[0]["detail"]
 
     with running_daemon(watch(root, policy_path), tmp_path / "watch.log") as daemon:
-        daemon.wait_for("storage_unavailable", count=2)
-        assert digests(root) == before
-        assert all(record.get("stopped") for record in daemon.events("pass_completed"))
-        restored.chmod(0o775)
-        daemon.wait_for("storage_restored", timeout=60)
-        daemon.wait_for("checkpoint_trashed")
+        daemon.wait_ready()
+        if refused == "restored":
+            daemon.wait_for("checkpoint_trashed")
+        else:
+            daemon.wait_for("checkpoint_delete_failed")
         assert daemon.stop() == 0
-    assert [record["path"] for record in daemon.events("checkpoint_trashed")] == [
-        str(root / "run" / step_name(0, 300))
-    ]
-    assert sorted(os.listdir(root / "run")) == [step_name(0, step) for step in (100, 200, 400)]
+    assert not daemon.events("storage_unavailable")
+    kept = [step_name(0, step) for step in (100, 200, 400)]
+    assert sorted(os.listdir(root / "run")) == (
+        kept if refused == "restored" else sorted([*kept, step_name(0, 300)])
+    )

@@ -1210,7 +1210,7 @@ def test_a_restored_checkpoint_stays_pinned_when_the_pins_cannot_be_listed(
     index.close()
 
     assert still == pinned
-    assert index.pins_in_doubt == "restored/ cannot be listed: Too many open files"
+    assert index.pins_in_doubt == ".ckpt-trash/restored/ cannot be listed: Too many open files"
 
 
 def failing_once(
@@ -1295,7 +1295,9 @@ def test_a_pin_that_could_not_be_read_is_in_doubt_until_it_is_read(
     first = index.pinned_identities(NOW + 1)
     assert len(failed) == 2
     assert first == {}
-    assert index.pins_in_doubt == f"restored/{sorted(failed)[0]} cannot be read: Input/output error"
+    assert (
+        index.pins_in_doubt == f".ckpt-trash/restored/{sorted(failed)[0]} cannot be read: Input/output error"
+    )
     second = index.pinned_identities(NOW + 1)
     index.close()
 
@@ -1341,37 +1343,59 @@ def test_a_checkpoint_restored_since_it_was_planned_is_not_trashed_again(tmp_pat
     assert len(list(tmp_path.glob("*.ckpt"))) == 3
 
 
-@pytest.mark.parametrize("unreadable", ["a pin", "restored/"])
+@pytest.mark.parametrize(
+    ("case", "outcome", "why"),
+    [
+        ("a pin unreadable", Outcome.FAILED, "a pin of a restored checkpoint cannot be read"),
+        ("restored/ unreadable", Outcome.FAILED, "the pins of restored checkpoints cannot be read"),
+        ("restored/ world-writable", Outcome.CHANGED, None),
+    ],
+)
 def test_a_move_keeps_the_checkpoint_when_the_pins_cannot_be_read(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, unreadable: str
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, case: str, outcome: Outcome, why: str | None
 ) -> None:
-    """A pin that could not be read at the move (EIO), or a ``restored/`` refused (writable by every
-    user), was no pin at all: a checkpoint restored since it was planned was trashed again. It may be
-    this checkpoint's: kept (FAILED, saying why), as every deletion that cannot be checked is."""
+    """A pin that could not be read at the move (EIO), or a ``restored/`` refused, was no pin at all: a
+    checkpoint restored since it was planned was trashed again. A pin that cannot be read may be this
+    checkpoint's: kept (FAILED, saying why), as every deletion that cannot be checked is. A
+    ``restored/`` refused as writable by every user is read anyway: its pin keeps the checkpoint."""
     planned = _plan_then_restore(tmp_path)
-    if unreadable == "a pin":
+    if case == "a pin unreadable":
         failing_once(monkeypatch, OSError(errno.EIO, "Input/output error"))
+    elif case == "restored/ unreadable":
+        _refusing(monkeypatch, "restored", errno.EIO)
     else:
         (tmp_path / TRASH_DIRECTORY_NAME / "restored").chmod(0o777)
     results = apply_plan(planned, tmp_path, trash=TrashTarget(tmp_path, DAY)).results
 
-    assert [result.outcome for result in results] == [Outcome.FAILED] * 2
-    expected = (
-        "a pin of a restored checkpoint cannot be read" if unreadable == "a pin" else "writable by every user"
-    )
-    assert all(expected in str(result.error) for result in results)
+    assert [result.outcome for result in results] == [outcome] * 2
+    if why is not None:
+        assert all(why in str(result.error) for result in results)
     assert len(list(tmp_path.glob("*.ckpt"))) == 3
 
 
-@pytest.mark.parametrize(("mode", "owner", "in_doubt"), [(0o777, None, True), (0o755, 12345, False)])
-def test_a_trash_that_cannot_be_opened_puts_the_pins_in_doubt_unless_it_is_another_users(
-    tmp_path: Path, mode: int, owner: int | None, in_doubt: bool
+def _refusing(monkeypatch: pytest.MonkeyPatch, name: str, error: int) -> None:
+    """``os.open`` of ``name`` (relative to a directory descriptor) fails with ``error``."""
+    real_open = os.open
+
+    def refusing(path: Any, flags: int, mode: int = 0o777, *, dir_fd: int | None = None) -> int:
+        if path == name and dir_fd is not None:
+            raise OSError(error, os.strerror(error))
+        return real_open(path, flags, mode, dir_fd=dir_fd)
+
+    monkeypatch.setattr(os, "open", refusing)
+
+
+@pytest.mark.parametrize("case", ["world-writable", "unreadable", "another user's, mode 700"])
+def test_a_refused_trash_has_its_pins_read_anyway_in_doubt_if_it_cannot_be_or_none_if_it_is_not_ours(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, logs: list[MutableMapping[str, Any]], case: str
 ) -> None:
-    """A ``.ckpt-trash`` refused as a whole was taken for no trash, so its pins for none: made
-    writable by every user (``chmod -R o+w``), the restored checkpoints were planned as never
-    restored. It may hold this tool's pins: in doubt, the pins known before kept. One another user made
-    (a squatter in a root every user may write to) holds none of this tool's restores: no doubt, so
-    it cannot stop all pruning."""
+    """A ``.ckpt-trash`` refused as a whole was taken for no trash, so its pins for none: made writable
+    by every user (``chmod -R o+w``), the restored checkpoints were planned as never restored. Its pins
+    are now read anyway (one there can only keep more; none there, none to keep: a mount that shows
+    every directory as 0777 is still pruned). One that cannot be read at all (EIO) puts the pins in
+    doubt, those known before kept. One another user made, mode 700 (a squatter in a root every user
+    may write to), holds none of this tool's restores: no pins and no doubt, so it cannot stop all
+    pruning."""
     two_restored(tmp_path)
     keeper = TrashPass(tmp_path)
     keeper.begin(purge=True, dry_run=True)
@@ -1379,16 +1403,28 @@ def test_a_trash_that_cannot_be_opened_puts_the_pins_in_doubt_unless_it_is_anoth
     keeper.end()
     assert len(pinned) == 2
     trash = tmp_path / TRASH_DIRECTORY_NAME
-    trash.chmod(mode)
-    if owner is not None:
-        os.chown(trash, owner, -1)
+    if case == "world-writable":
+        trash.chmod(0o777)
+    elif case == "unreadable":
+        _refusing(monkeypatch, TRASH_DIRECTORY_NAME, errno.EIO)
+    else:
+        os.chown(trash, 12345, -1)
+        trash.chmod(0o700)
+        _refusing(monkeypatch, TRASH_DIRECTORY_NAME, errno.EACCES)  # (as for any user but its owner)
     keeper.begin(purge=True, dry_run=True)
-    if in_doubt:
-        with pytest.raises(StorageUnavailableError, match="writable by every user"):
+    if case == "world-writable":
+        assert keeper.pinned_identities() == pinned
+        assert keeper.index.pins_in_doubt is None
+        problems = events(logs, "trash_problem")
+        assert "writable by every user" in problems[-1]["error"]
+        assert "its pins are read anyway" in problems[-1]["detail"]
+    elif case == "unreadable":
+        with pytest.raises(StorageUnavailableError, match="Input/output error"):
             keeper.pinned_identities()
         assert keeper.index.pinned_identities(NOW + 1) == pinned  # (those known stay)
     else:
         assert keeper.pinned_identities() == {}
+        assert "owned by uid 12345" in events(logs, "trash_problem")[-1]["error"]
     keeper.end()
 
 
@@ -1413,3 +1449,18 @@ def test_a_restored_directory_that_cannot_be_made_is_no_doubt(
     results = apply_plan(plan_of(tmp_path), tmp_path, trash=TrashTarget(tmp_path, DAY)).results
 
     assert [result.outcome for result in results] == [Outcome.TRASHED]
+
+
+def test_metadata_is_readable_by_every_user_whatever_the_umask(tmp_path: Path) -> None:
+    """A ``restore`` run by a user with umask 077 wrote its pin mode 600: a daemon running as another
+    user could not read it, and (the pin in doubt) pruned nothing more. Entries and pins are 0644."""
+    previous = os.umask(0o077)
+    try:
+        two_restored(tmp_path)
+    finally:
+        os.umask(previous)
+    trash = tmp_path / TRASH_DIRECTORY_NAME
+    pins = list((trash / "restored").glob("*.json"))
+
+    assert len(pins) == 2
+    assert {stat.S_IMODE(path.stat().st_mode) for path in pins} == {0o644}
