@@ -448,7 +448,10 @@ def _land(index: BucketTrashIndex, stored: StoredEntry, pending: list[PendingCop
             store.put_replacing(pin_object, _pin_document(pin), tag=pin_tag)
         except StoreError as error:  # (pinned as it is not, the policy could take it again at once)
             _delete_quietly(store, [*reversed(done), (pin_object, pin_tag)])
-            return f"its pin could not be written ({error}); not restored, still in the trash"
+            return (
+                f"its pin could not be written ({error}); not restored (undone as far as the store let "
+                "it), still in the trash"
+            )
     copies = [(stored.data_key(index.base, copy.relative), copy.tag) for copy in stored.copies]
     _delete_quietly(store, [*copies, (stored.info_key, stored.info_tag)])
     index.drop(stored)

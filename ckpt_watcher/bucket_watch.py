@@ -8,9 +8,10 @@ renewed from the loop and between groups of a long pass, released at the end; de
 soon as the lease may no longer be held, and a lease taken over by another watcher stops this one
 (exit 2). A listing that fails, at any page, is logged (``storage_unavailable``) and retried after
 1, 2, 4, ... s (at most a minute, or the poll interval if longer); nothing is planned or deleted
-until the prefix can be listed whole again (``storage_restored``). A bucket that does not exist at
-start is exit 2; one deleted under the running watcher is such an unavailable store (its lease cannot
-be renewed, so nothing is deleted), never a lease taken over.
+until the prefix can be listed whole again (``storage_restored``). So is a pin of a restored
+checkpoint that cannot be read (the pass stops at its first group, before any deletion). A bucket
+that does not exist at start is exit 2; one deleted under the running watcher is such an unavailable
+store (its lease cannot be renewed, so nothing is deleted), never a lease taken over.
 """
 
 from __future__ import annotations
@@ -103,7 +104,8 @@ class BucketPlace:
         self._retries = Retries(
             url.text,
             options.poll_interval or DEFAULT_BUCKET_POLL_SECONDS,
-            "nothing is planned or deleted until the prefix can be listed whole",
+            "nothing is planned or deleted until the prefix can be listed whole and every pin of a "
+            "restored checkpoint read",
         )
 
     def lock_now(self) -> None:
@@ -157,8 +159,8 @@ class BucketPlace:
         )
 
     def accepts(self, result: PassResult, session: Session | None) -> bool:
-        """A pass that could not list the prefix is not reported: it is retried soon, with a growing
-        delay."""
+        """A pass that could not list the prefix (or read a pin) is not reported: it is retried soon,
+        with a growing delay."""
         if result.storage_error is not None:
             self._retries.failed(result.storage_error, session)
             return False

@@ -601,16 +601,16 @@ def _finish_stream(stream: PlanJSONStream, result: PassResult) -> int:
     """Write the rest of a dry run's streamed plan; the exit code."""
     stream.finish(result.summary, result.trash, result.space, result.budget_unmet_bytes, result.storage_error)
     if result.storage_error is not None:  # (the groups after it are not in the document)
-        return _stopped_by_storage(result.storage_error, result, dry_run=True)
+        return _stopped_by_storage(result.storage_error, result, dry_run=True, shown=True)
     return _prune_exit(result)
 
 
-def _stopped_by_storage(error: str, result: PassResult, *, dry_run: bool) -> int:
+def _stopped_by_storage(error: str, result: PassResult, *, dry_run: bool, shown: bool = False) -> int:
     """Say why the pass stopped (a bucket's listing, a pin of a restored checkpoint) and what it had
-    done by then; exit 1 (a dry run's plan, if any was written, stops there too)."""
+    done by then; exit 1 (a dry run's plan, ``shown`` as far as it went, stops there too)."""
     done = result.deleted + result.trashed + result.purged
     if dry_run:
-        told = "the plan stops there (a dry run: nothing was deleted)"
+        told = f"{'the plan stops there' if shown else 'no plan is shown'} (a dry run: nothing was deleted)"
     elif done:
         told = f"the pass stopped there ({done} deleted, trashed or purged before)"
     else:

@@ -6,7 +6,9 @@ one, listing its symlinks, applying one group's deletions and finishing interrup
 and delete.py); ``BucketStorage`` (bucket.py) is a prefix in an object store.
 
 A store that cannot be listed whole raises ``StorageUnavailableError``: the pass then plans nothing
-and deletes nothing (a partial listing could hide a ``.keep`` pin or the newest checkpoints).
+and deletes nothing (a partial listing could hide a ``.keep`` pin or the newest checkpoints). The
+trash's part of a pass raises it too when a pin of a restored checkpoint cannot be read (trash_pass,
+bucket_trash_pass): the pass stops before that group's plan, after what it did before.
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ from ckpt_watcher.scan import (
 
 
 class StorageUnavailableError(Exception):
-    """The store could not be read whole (a listing failed, maybe halfway): nothing is planned."""
+    """The store could not be read whole (a listing failed, maybe halfway: nothing is planned), or a
+    pin of a restored checkpoint could not be read (nothing more is planned)."""
 
 
 class Storage(Protocol):

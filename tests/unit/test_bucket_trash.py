@@ -265,10 +265,9 @@ def test_a_restore_whose_pin_cannot_be_corrected_is_undone(failing: bool) -> Non
 
     pin = f"root/.ckpt-trash/restored/{KEY}.json"
     if failing:
-        assert (
-            problem
-            == f"its pin could not be written ({pin}: InternalError); not restored, still in the trash"
-        )
+        assert problem is not None
+        assert problem.startswith(f"its pin could not be written ({pin}: InternalError); not restored")
+        assert problem.endswith("still in the trash")
         assert store.deleted == [("root/run/x.ckpt", '"not-s3s-rule"'), (pin, '"pin-1"')]
         assert [stored.entry.key for stored in index.stored] == [KEY]
     else:
