@@ -692,9 +692,9 @@ def read_entry(
 
 class ReadLaterError(Exception):
     """A metadata file could not be read for a reason that may pass (EIO, too many open files, a
-    permission since fixed): a look does not remember it as unreadable, and reads it again at the next
-    look. What a file says cannot change under its inode (it is written whole, then renamed into place),
-    so a malformed one (ValueError) is remembered."""
+    permission since fixed): it is not remembered as unreadable, and is read again later (a pin at the
+    next look, an entry RETRY_UNREAD_SECONDS later). What a file says cannot change under its inode
+    (it is written whole, then renamed into place), so a malformed one (ValueError) is remembered."""
 
 
 def _unread(name: str, error: Exception, problems: list[tuple[str, str]], *, later: bool) -> None:
