@@ -349,7 +349,10 @@ def open_trash(root: Path, *, create: bool) -> TrashDirectory | None:
     try:
         root_fd = open_below_root(root, root)
     except (OSError, ValueError) as error:
-        raise TrashUnusableError(f"cannot open the root {display_name(root)}: {_describe(error)}") from None
+        gone = not isinstance(error, OSError) or error.errno in (errno.ENOENT, *_NOT_DIRECTORY_ERRNOS)
+        raise TrashUnusableError(  # (a root that is not there has no trash, and no pins)
+            f"cannot open the root {display_name(root)}: {_describe(error)}", may_hold_pins=not gone
+        ) from None
     try:
         owners = trusted_owners(os.fstat(root_fd).st_uid)
         fd = open_directory(

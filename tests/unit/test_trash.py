@@ -1464,3 +1464,15 @@ def test_metadata_is_readable_by_every_user_whatever_the_umask(tmp_path: Path) -
 
     assert len(pins) == 2
     assert {stat.S_IMODE(path.stat().st_mode) for path in pins} == {0o644}
+
+
+def test_a_root_that_is_not_there_has_no_pins_and_no_doubt(tmp_path: Path) -> None:
+    """A root that cannot be opened because it does not exist (gone meanwhile, or a store's path the
+    local trash was asked about) has no trash: its pins are none, not in doubt."""
+    keeper = TrashPass(tmp_path / "gone")
+    keeper.begin(purge=True, dry_run=True)
+    pinned = keeper.pinned_identities()
+    keeper.end()
+
+    assert pinned == {}
+    assert keeper.index.pins_in_doubt is None
