@@ -320,6 +320,8 @@ def test_a_pin_that_cannot_be_read_holds_deletions_until_it_can(
         assert turns < 40  # ~6 s held: a turn a second or so, not a loop that never waits
         pins.failing = False
         wait_until(lambda: len(logged(captured, "checkpoint_trashed")) == 4, what="the policy, pins read")
+        # (said once that pass is reported, just after its deletions)
+        wait_until(lambda: bool(logged(captured, "storage_restored")), what="storage_restored")
         assert logged(captured, "storage_restored")[0]["failed_attempts"] >= 3
 
     names = sorted(path.name for path in root.iterdir() if path.suffix == ".ckpt")
