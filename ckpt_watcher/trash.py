@@ -35,10 +35,11 @@ import re
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Generic, Protocol, TypeVar
 
 import structlog
@@ -934,6 +935,13 @@ class TrashIndex:
                 self.pins_in_doubt = f"{where}/{name} cannot be read: {dict(problems).get(name, 'unknown')}"
         self._report_all(problems, RESTORED, (name for name, _ in later), "read again at the next look")
         return self._in_force(now)
+
+    @property
+    def known_pins(self) -> Mapping[tuple[str, int], RestoredPin | None]:
+        """Each pin read so far by (name, inode), None for one that says nothing (malformed): what a
+        pin says cannot change under its inode (written whole, then renamed), so a move's check may go
+        by it when the same file cannot be read again (``trash_moves._pinned_in``). A live view."""
+        return MappingProxyType(self._pins)
 
     def _in_force(self, now: float) -> dict[tuple[int, int], str]:
         return {

@@ -17,7 +17,7 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -116,6 +116,11 @@ class TrashTarget:
     stop: threading.Event | None = None
     clock: Callable[[], float] = time.time
     on_move: Callable[[], None] | None = None  # told before each move (the trash may change)
+    # The pins the pass read (``TrashIndex.known_pins``): one that cannot be read again at a move is
+    # taken as read then, not as a reason to keep every checkpoint of the root, pass after pass.
+    known_pins: Mapping[tuple[str, int], RestoredPin | None] = field(
+        default_factory=dict, compare=False, hash=False
+    )
 
     def move_in(self, directory_fd: int, decision: Decision) -> Move:
         """Move the checked checkpoint ``decision`` names into the trash; never raises."""
@@ -145,7 +150,9 @@ class TrashTarget:
                 return Move(MoveOutcome.BYPASSED, "it is on another file system than the trash")
             with locked(trash, stop=self.stop):
                 now = self.clock()
-                held = _restored_meanwhile(trash, record.identity.device, record.identity.inode, now)
+                held = _restored_meanwhile(
+                    trash, record.identity.device, record.identity.inode, now, self.known_pins
+                )
                 if held is not None:
                     return held
                 entry = TrashEntry(
@@ -175,37 +182,54 @@ class TrashTarget:
         return move
 
 
-def _restored_meanwhile(trash: TrashDirectory, device: int, inode: int, now: float) -> Move | None:
+def _restored_meanwhile(
+    trash: TrashDirectory,
+    device: int,
+    inode: int,
+    now: float,
+    known: Mapping[tuple[str, int], RestoredPin | None],
+) -> Move | None:
     """Kept (CHANGED, with the pin's reason) if the checkpoint (device, inode) was restored and is
     pinned: restored after this pass planned it (a pass frozen, or waiting for this lock, while a
     ``prune`` trashed it and a ``restore`` put it back, same inode, size and mtime). Asked under the
     trash's lock, which a restore holds while it writes its pin and renames the checkpoint back. Kept
-    too (FAILED) if a pin cannot be read: it may be this checkpoint's. A ``restored/`` refused but
+    too (FAILED) if a pin cannot be read: it may be this checkpoint's, unless ``known`` has that very
+    file (name and inode) as the pass read it. A ``restored/`` refused but
     maybe this tool's (writable by every user) is read anyway, as the pass reads it. OSError if
     ``restored/`` cannot be listed (``move_in``: FAILED)."""
     if trash.unusable(RESTORED) is None:
-        return _pinned_in(trash.sub(RESTORED), device, inode, now)
+        return _pinned_in(trash.sub(RESTORED), device, inode, now, known)
     try:
         restored = open_directory(trash.fd, RESTORED, create=False, what=trash.path(RESTORED))
     except TrashUnusableError as error:
         return Move(MoveOutcome.FAILED, f"the pins of restored checkpoints cannot be read ({error})")
     try:
-        return _pinned_in(restored, device, inode, now)
+        return _pinned_in(restored, device, inode, now, known)
     finally:
         if restored is not None:
             os.close(restored)
 
 
-def _pinned_in(restored: int | None, device: int, inode: int, now: float) -> Move | None:
+def _pinned_in(
+    restored: int | None,
+    device: int,
+    inode: int,
+    now: float,
+    known: Mapping[tuple[str, int], RestoredPin | None],
+) -> Move | None:
     """``_restored_meanwhile`` over the open ``restored/`` (None: there is none)."""
     problems: list[tuple[str, str]] = []
-    for name, _ in metadata_names(restored):
+    for name, file_inode in metadata_names(restored):
         assert restored is not None
         try:
             pin = read_pin(restored, name, problems, later=True)
         except ReadLaterError:
-            why = dict(problems).get(name, "unknown")
-            return Move(MoveOutcome.FAILED, f"a pin of a restored checkpoint cannot be read ({name}: {why})")
+            if (name, file_inode) not in known:
+                why = dict(problems).get(name, "unknown")
+                return Move(
+                    MoveOutcome.FAILED, f"a pin of a restored checkpoint cannot be read ({name}: {why})"
+                )
+            pin = known[(name, file_inode)]  # (the same file the pass read: it says what it said then)
         if pin is not None and (pin.device, pin.inode) == (device, inode) and pin.until > now:
             return Move(
                 MoveOutcome.CHANGED, f"{pin.reason} (restored since it was planned); not trashed again"

@@ -131,7 +131,13 @@ class TrashPass(PurgeSchedule):
         if grace_seconds <= 0:
             return None
         self._may_exist = True
-        return TrashTarget(self.root, grace_seconds, stop=self._stop, on_move=self._count_move)
+        return TrashTarget(
+            self.root,
+            grace_seconds,
+            stop=self._stop,
+            on_move=self._count_move,
+            known_pins=self.index.known_pins,
+        )
 
     def _count_move(self) -> None:
         self._moves += 1

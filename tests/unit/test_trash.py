@@ -61,6 +61,7 @@ from ckpt_watcher.trash_moves import (
 )
 from ckpt_watcher.trash_pass import PURGE_RETRY_SECONDS, TrashPass
 from tests.support.factories import step_name, write_checkpoint
+from tests.support.pin_faults import failing_pin_reads
 from tests.support.purge_times import purge_times_asked
 from tests.support.stops import stop_as_it_begins
 
@@ -1371,6 +1372,44 @@ def test_a_move_keeps_the_checkpoint_when_the_pins_cannot_be_read(
     if why is not None:
         assert all(why in str(result.error) for result in results)
     assert len(list(tmp_path.glob("*.ckpt"))) == 3
+
+
+def test_a_pin_the_pass_read_that_cannot_be_read_again_at_the_move_keeps_only_its_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pin the pass had read, failing at the move's own check (an EIO since): every move of the
+    root was kept (FAILED), pass after pass, though the pass knew what that file says (it cannot
+    change under its inode). The move goes by the pass's read: its checkpoint is kept, the others are
+    trashed. A pin the pass never read still keeps every move (it may be any checkpoint's)."""
+    two_restored(tmp_path)
+    steps(tmp_path, range(400, 600, 100))
+    planned = plan_of(tmp_path)  # (no pins: 100 to 400 go)
+    keeper = TrashPass(tmp_path)
+    keeper.begin(purge=False, dry_run=False)
+    assert len(keeper.pinned_identities()) == 2
+    pins = failing_pin_reads(monkeypatch)
+    pins.failing = True
+    results = apply_plan(planned, tmp_path, trash=keeper.target(DAY)).results
+
+    outcomes = {result.decision.record.step: result.outcome for result in results}
+    assert outcomes == {
+        100: Outcome.CHANGED,
+        200: Outcome.CHANGED,
+        300: Outcome.TRASHED,
+        400: Outcome.TRASHED,
+    }
+    pins.failing = False
+    listing = list_trash(tmp_path)
+    assert listing is not None
+    restore(tmp_path, [entry for entry in listing.entries if entry.original == step_name(0, 300)])
+    pins.failing = True
+    results = apply_plan(plan_of(tmp_path), tmp_path, trash=keeper.target(DAY)).results
+    keeper.end()
+
+    assert [result.decision.record.step for result in results] == [100, 200, 300]
+    assert all(result.outcome is Outcome.FAILED for result in results)
+    assert all("a pin of a restored checkpoint cannot be read" in str(result.error) for result in results)
+    assert {step_name(0, step) for step in (100, 200, 300, 500)} <= set(os.listdir(tmp_path))
 
 
 def _refusing(monkeypatch: pytest.MonkeyPatch, name: str, error: int) -> None:
