@@ -159,11 +159,13 @@ class BucketPlace:
         )
 
     def accepts(self, result: PassResult, session: Session | None) -> bool:
-        """A pass that could not list the prefix (or read a pin) is not reported: it is retried soon,
-        with a growing delay."""
+        """A pass that could not list the prefix (or read a pin) is retried soon, with a growing delay.
+        It is not reported unless it did something first (a purge at its start, the groups before a
+        pin in doubt): then it is, ``stopped``, so what it did is counted (``pass_completed``, the
+        metrics) as a directory's is."""
         if result.storage_error is not None:
             self._retries.failed(result.storage_error, session)
-            return False
+            return bool(result.scanned_groups or result.purged)
         self._retries.succeeded()
         return True
 

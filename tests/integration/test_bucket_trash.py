@@ -526,3 +526,40 @@ def test_a_pin_the_store_fails_to_give_holds_every_deletion_until_it_is_read(
     assert _checkpoint_keys(s3) == {restored_key, f"root/run/{step_name(0, 500)}"}
     problems = [record for record in daemon.events("trash_problem") if "/restored/" in record["path"]]
     assert [record["detail"] for record in problems] == ["not read now; read again at the next look"]
+
+
+def test_a_pass_stopped_by_a_pin_after_its_purge_is_reported_with_what_it_purged(
+    s3: Bucket, s3_server: S3Server, tmp_path: Path
+) -> None:
+    """A bucket pass that stopped because a pin could not be read was never reported, even when it
+    had purged the trash's due entries first: ``pass_completed`` and the metrics lost them. It is
+    reported now, ``stopped``, with what it purged; a pass that did nothing before stopping is not."""
+    _seed(s3, range(100, 400, 100))
+    url = f"{s3.url}/root"
+    policy = _policy(tmp_path, "save_top_k_checkpoints: 1\ntrash:\n  grace: 1h\n")
+    assert run_cli("prune", url, "--policy", str(policy)).returncode == 0  # 100 and 200, for an hour
+    assert run_cli("restore", url, step_name(0, 100)).returncode == 0  # pinned for that hour
+    _seed(s3, range(400, 600, 100))
+    policy = _policy(tmp_path, "save_top_k_checkpoints: 1\ntrash:\n  grace: 1s\n")
+    pruned = run_cli("prune", url, "--policy", str(policy))
+    assert pruned.returncode == 0, pruned.stderr
+    assert len(events(pruned.stderr, "checkpoint_trashed")) == 2  # 300 and 400, for a second
+    time.sleep(1.5)
+    proxy = FaultProxy(s3_server.port, tmp_path / "proxy-control")
+    proxy.start()
+    try:
+        environment = {"AWS_ENDPOINT_URL": proxy.endpoint}
+        proxy.fail_requests(f"GET /{s3.name}/{TRASH}/restored/")
+        arguments = ["watch", url, "--policy", str(policy), "--poll-interval", "0.5", "--settle", "0"]
+        with running_daemon(arguments, tmp_path / "watch.log", environment=environment) as daemon:
+            daemon.wait_for("storage_unavailable", count=2, timeout=60)
+            passes = daemon.wait_for("pass_completed", timeout=30)
+            assert daemon.stop() == 0
+    finally:
+        proxy.stop()
+    assert passes[0]["purged"] == 2
+    assert "a pin of a restored checkpoint is unknown" in passes[0]["stopped"]
+    assert len(daemon.events("pass_completed")) == 1  # the retries after it purged nothing
+    assert len(daemon.events("checkpoint_purged")) == 2
+    assert not daemon.events("checkpoint_trashed")
+    assert _checkpoint_keys(s3) == {f"root/run/{step_name(0, 100)}", f"root/run/{step_name(0, 500)}"}
