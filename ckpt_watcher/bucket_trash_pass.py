@@ -24,7 +24,7 @@ from ckpt_watcher.object_store import StoreError
 from ckpt_watcher.storage import StorageUnavailableError
 from ckpt_watcher.trash import TrashSummary
 from ckpt_watcher.trash_moves import PurgeResult
-from ckpt_watcher.trash_pass import PURGE_RETRY_SECONDS, PurgeSchedule
+from ckpt_watcher.trash_pass import PURGE_RETRY_SECONDS, PurgeSchedule, refuse_pins_in_doubt
 
 logger = structlog.get_logger("ckpt_watcher.trash")
 
@@ -73,10 +73,7 @@ class BucketTrashPass(PurgeSchedule):
                 self.index.look_pins()
             except StoreError as error:
                 raise StorageUnavailableError(str(error)) from None
-        if self.index.pins_in_doubt is not None:  # a restored checkpoint it cannot tell: nothing deleted
-            raise StorageUnavailableError(
-                f"a pin of a restored checkpoint is unknown ({self.index.pins_in_doubt})"
-            )
+        refuse_pins_in_doubt(self.index.pins_in_doubt)
         return self.index.pinned_identities(time.time())
 
     def target(self, grace_seconds: int) -> BucketTrashTarget | None:

@@ -75,6 +75,14 @@ class PurgeSchedule:
         return time.monotonic() + max(0.0, max(first, self._not_before) - time.time())
 
 
+def refuse_pins_in_doubt(pins_in_doubt: str | None) -> None:
+    """StorageUnavailableError if a pin of a restored checkpoint could not be read (``pins_in_doubt``
+    says why): a restored checkpoint the pass cannot tell would be planned as never restored, so the
+    pass deletes nothing more. Shared by the directory's trash and the bucket's."""
+    if pins_in_doubt is not None:
+        raise StorageUnavailableError(f"a pin of a restored checkpoint is unknown ({pins_in_doubt})")
+
+
 class TrashPass(PurgeSchedule):
     """One root's trash as the reconcile core uses it, pass after pass."""
 
@@ -120,10 +128,7 @@ class TrashPass(PurgeSchedule):
         if not self._may_exist:
             return {}  # no trash, so nothing restored: a tree without a trash costs nothing per group
         pinned = self.index.pinned_identities(time.time())
-        if self.index.pins_in_doubt is not None:
-            raise StorageUnavailableError(
-                f"a pin of a restored checkpoint is unknown ({self.index.pins_in_doubt})"
-            )
+        refuse_pins_in_doubt(self.index.pins_in_doubt)
         return pinned
 
     def target(self, grace_seconds: int) -> TrashTarget | None:
