@@ -176,9 +176,11 @@ class Watcher:
             batch.full_rescan = True
         session.root.note_unwatched(batch.unwatched)
         held = now < session.held_until  # (what comes meanwhile is the retry's: a full pass)
-        if (batch.full_rescan and not held) or now >= session.next_rescan:
+        session.full_rescan_asked |= batch.full_rescan
+        if (session.full_rescan_asked and not held) or now >= session.next_rescan:
             session.next_rescan = now + self.options.rescan_seconds
-            return Work(Trigger.FULL if batch.full_rescan else Trigger.RESCAN)
+            full, session.full_rescan_asked = session.full_rescan_asked, False
+            return Work(Trigger.FULL if full else Trigger.RESCAN)
         return None if held else self._work_between_rescans(session, batch, now)
 
     def _work_between_rescans(self, session: Session, batch: Batch, now: float) -> Work | None:

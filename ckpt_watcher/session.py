@@ -33,6 +33,8 @@ class Session:
     # Until then (monotonic) no pass runs but the retry at ``next_rescan``: the last could not read
     # what it must (place.Retries), and an event's or keep_free's pass would only fail the same way.
     held_until: float = 0.0
+    # A full rescan asked for while held (a policy edit, an overflow): the retry is that pass (``full``).
+    full_rescan_asked: bool = False
 
     def policy_in_force(self) -> Policy | None:
         """The policy at the root: the ``--policy`` file with the root's own ``.ckpt-watcher.yaml`` over

@@ -16,9 +16,10 @@ from structlog.testing import LogCapture
 
 from ckpt_watcher import daemon as daemon_module
 from ckpt_watcher.daemon import Watcher
-from ckpt_watcher.events import ObserverLike, default_observer_factory
+from ckpt_watcher.events import Batch, ObserverLike, default_observer_factory
 from ckpt_watcher.place import WatchOptions
 from ckpt_watcher.policy import load_policy
+from ckpt_watcher.reconcile import Trigger
 from ckpt_watcher.session import Session
 from ckpt_watcher.trash import list_trash
 from ckpt_watcher.trash_moves import restore
@@ -380,3 +381,29 @@ def test_a_held_root_waits_for_its_retry_whatever_else_is_due(tmp_path: Path) ->
 
     assert held > 0.5  # until the retry, the root check or the heartbeat, whichever is first
     assert free == 0.0  # not held: what is due runs now
+
+
+def test_a_full_rescan_asked_for_while_held_is_the_retry_and_says_so(tmp_path: Path) -> None:
+    """While a root is held, a full rescan asked for (a policy edit, an event overflow) waits for the
+    retry, which covers everything anyway; it was then logged as the periodic ``rescan``, hiding why
+    it ran. The request is kept until the retry, which runs as ``full``."""
+    watcher = _watcher(tmp_path)
+    now = time.monotonic()
+    session: Any = SimpleNamespace(
+        next_rescan=now + 30.0,
+        next_root_check=now + 30.0,
+        held_until=now + 30.0,
+        full_rescan_asked=False,
+        root=SimpleNamespace(note_unwatched=lambda unwatched: None),
+    )
+    asked = watcher._work_for(cast(Session, session), Batch(full_rescan=True))
+    session.next_rescan = session.held_until = time.monotonic() - 1.0  # the retry is due
+    retry = watcher._work_for(cast(Session, session), Batch())
+    session.held_until = time.monotonic() + 30.0  # (the retry failed too)
+    after = watcher._work_for(cast(Session, session), Batch())
+
+    assert asked is None  # held: no pass before the retry
+    assert retry is not None
+    assert retry.trigger is Trigger.FULL
+    assert after is None  # asked once, run once
+    assert not session.full_rescan_asked
