@@ -631,17 +631,34 @@ def metadata_names(dir_fd: int | None) -> list[tuple[str, int]]:
     return sorted(metadata_files(dir_fd))
 
 
-def metadata_files(dir_fd: int | None) -> list[tuple[str, int]]:
+def metadata_files(dir_fd: int | None, *, versioned: bool = False) -> list[tuple[str, int]]:
     """``metadata_names`` in the directory's own order (a look needs none: sorting 100,000 names took
-    a quarter of it)."""
+    a quarter of it). ``versioned``: each with its ``file_version`` instead of its inode (an ``lstat``
+    each; the pins, which are few)."""
     if dir_fd is None:
         return []
     found: list[tuple[str, int]] = []
     with os.scandir(dir_fd) as entries:
         for entry in entries:
-            if not entry.name.startswith(".") and entry.name.endswith(METADATA_SUFFIX):
+            if entry.name.startswith(".") or not entry.name.endswith(METADATA_SUFFIX):
+                continue
+            if not versioned:
                 found.append((entry.name, entry.inode()))
+                continue
+            try:
+                status = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue  # (gone meanwhile)
+            found.append((entry.name, file_version(status)))
     return found
+
+
+def file_version(status: os.stat_result) -> int:
+    """The inode and the change time of a file in one int (the inode above the 64 bits of the time):
+    a pin removed and written again under its name (a ``restore`` tried again) may get the freed
+    inode back, but not its change time, so what was read of the old file is never taken for the
+    new one's."""
+    return (status.st_ino << 64) | (status.st_ctime_ns & ((1 << 64) - 1))
 
 
 def key_of(name: str) -> str | None:
@@ -697,8 +714,9 @@ def read_entry(
 class ReadLaterError(Exception):
     """A metadata file could not be read for a reason that may pass (EIO, too many open files, a
     permission since fixed): it is not remembered as unreadable, and is read again later (a pin at the
-    next look, an entry RETRY_UNREAD_SECONDS later). What a file says cannot change under its inode
-    (it is written whole, then renamed into place), so a malformed one (ValueError) is remembered."""
+    next look, an entry RETRY_UNREAD_SECONDS later). What a file says does not change while it is
+    the same file (written whole, then renamed into place; an entry's name is never written twice, a
+    pin's is known by its ``file_version``), so a malformed one (ValueError) is remembered."""
 
 
 def _unread(name: str, error: Exception, problems: list[tuple[str, str]], *, later: bool) -> None:
@@ -860,7 +878,7 @@ class TrashIndex:
         self._numbers: dict[int, int] = {}  # one int object per device number and grace, shared
         self._unchanged_as: tuple[int, ...] | None = None  # ``info/``'s stat at a look it can be trusted by
         self.looked = False  # at the entries once at least
-        self._pins: dict[tuple[str, int], RestoredPin | None] = {}
+        self._pins: dict[tuple[str, int], RestoredPin | None] = {}  # by (name, ``file_version``)
         # Why the last look could not read every pin (a restored checkpoint it cannot tell), or None.
         self.pins_in_doubt: str | None = None
         self.unusable: str | None = None  # why the trash, there and maybe this tool's, cannot be opened
@@ -926,7 +944,12 @@ class TrashIndex:
         later: list[tuple[str, int]] = []
         where = f"{TRASH_DIRECTORY_NAME}/{RESTORED}"
         try:  # (a pin that could not be read is read again at each look: until then, the pass stops)
-            _, later = _look(restored, self._pins, lambda fd, name: read_pin(fd, name, problems, later=True))
+            _, later = _look(
+                restored,
+                self._pins,
+                lambda fd, name: read_pin(fd, name, problems, later=True),
+                versioned=True,
+            )
         except OSError as error:  # (the pins known before stay in force)
             self.pins_in_doubt = f"{where}/ cannot be listed: {describe_os_error(error)}"
         else:
@@ -938,9 +961,10 @@ class TrashIndex:
 
     @property
     def known_pins(self) -> Mapping[tuple[str, int], RestoredPin | None]:
-        """Each pin read so far by (name, inode), None for one that says nothing (malformed): what a
-        pin says cannot change under its inode (written whole, then renamed), so a move's check may go
-        by it when the same file cannot be read again (``trash_moves._pinned_in``). A live view."""
+        """Each pin read so far by (name, ``file_version``), None for one that says nothing (malformed):
+        what a file says cannot change unless its version does (a pin is written whole, then renamed
+        into place, which sets its change time), so a move's check may go by it when that very file
+        cannot be read again (``trash_moves._pinned_in``). A live view."""
         return MappingProxyType(self._pins)
 
     def _in_force(self, now: float) -> dict[tuple[int, int], str]:
@@ -1109,14 +1133,16 @@ def _look(
     dir_fd: int | None,
     known: dict[tuple[str, int], _Metadata | None],
     read: Callable[[int, str], _Metadata | None],
+    *,
+    versioned: bool = False,
 ) -> tuple[bool, list[tuple[str, int]]]:
-    """Bring ``known`` to the metadata files of ``dir_fd`` now (by name and inode), reading each new one
-    once; True if any came or went, and the (name, inode) of each that could not be read for a reason
-    that may pass (``ReadLaterError``: left out of ``known``, so a next look reads it again). In place,
-    and what went is looked for only when some did: building a new mapping of 100,000 entries took
-    ~0.1 s of every look. OSError if ``dir_fd`` cannot be listed, ``known`` unchanged (when in doubt,
-    a pin stays in force)."""
-    listed = metadata_files(dir_fd)
+    """Bring ``known`` to the metadata files of ``dir_fd`` now (by name and inode, or ``file_version``
+    if ``versioned``), reading each new one once; True if any came or went, and the (name, inode) of
+    each that could not be read for a reason that may pass (``ReadLaterError``: left out of ``known``,
+    so a next look reads it again). In place, and what went is looked for only when some did:
+    building a new mapping of 100,000 entries took ~0.1 s of every look. OSError if ``dir_fd`` cannot
+    be listed, ``known`` unchanged (when in doubt, a pin stays in force)."""
+    listed = metadata_files(dir_fd, versioned=versioned)
     # In the listing's order: looking each up in a set's order took six times as long.
     came = [name_and_inode for name_and_inode in listed if name_and_inode not in known]
     gone: list[tuple[str, int]] = []

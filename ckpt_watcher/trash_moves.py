@@ -52,7 +52,7 @@ from ckpt_watcher.trash import (
     iso_time,
     locked,
     make_key,
-    metadata_names,
+    metadata_files,
     open_directory,
     open_trash,
     read_entries,
@@ -219,17 +219,17 @@ def _pinned_in(
 ) -> Move | None:
     """``_restored_meanwhile`` over the open ``restored/`` (None: there is none)."""
     problems: list[tuple[str, str]] = []
-    for name, file_inode in metadata_names(restored):
+    for name, version in sorted(metadata_files(restored, versioned=True)):
         assert restored is not None
         try:
             pin = read_pin(restored, name, problems, later=True)
         except ReadLaterError:
-            if (name, file_inode) not in known:
+            if (name, version) not in known:
                 why = dict(problems).get(name, "unknown")
                 return Move(
                     MoveOutcome.FAILED, f"a pin of a restored checkpoint cannot be read ({name}: {why})"
                 )
-            pin = known[(name, file_inode)]  # (the same file the pass read: it says what it said then)
+            pin = known[(name, version)]  # (the very file a look read: it says what it said then)
         if pin is not None and (pin.device, pin.inode) == (device, inode) and pin.until > now:
             return Move(
                 MoveOutcome.CHANGED, f"{pin.reason} (restored since it was planned); not trashed again"

@@ -1157,7 +1157,7 @@ def test_a_listing_that_fails_keeps_what_was_known_and_is_made_again_at_the_next
     trash_everything_but_the_newest(tmp_path, clock=NOW + 10)  # another process's move
     metadata_files = trash_module.metadata_files
 
-    def failing(dir_fd: int | None) -> list[tuple[str, int]]:
+    def failing(dir_fd: int | None, *, versioned: bool = False) -> list[tuple[str, int]]:
         raise OSError(errno.EIO, "Input/output error")
 
     monkeypatch.setattr(trash_module, "metadata_files", failing)
@@ -1181,8 +1181,10 @@ def test_a_name_listed_twice_does_not_hide_one_gone(tmp_path: Path, monkeypatch:
     first, second = index.entries
     metadata_files = trash_module.metadata_files
 
-    def listed_twice_and_one_gone(dir_fd: int | None) -> list[tuple[str, int]]:
-        listed = [item for item in metadata_files(dir_fd) if item[0] != f"{second.key}.json"]
+    def listed_twice_and_one_gone(dir_fd: int | None, *, versioned: bool = False) -> list[tuple[str, int]]:
+        listed = [
+            item for item in metadata_files(dir_fd, versioned=versioned) if item[0] != f"{second.key}.json"
+        ]
         return listed + listed
 
     monkeypatch.setattr(trash_module, "metadata_files", listed_twice_and_one_gone)
@@ -1203,7 +1205,7 @@ def test_a_restored_checkpoint_stays_pinned_when_the_pins_cannot_be_listed(
     pinned = index.pinned_identities(NOW + 1)
     assert len(pinned) == 2
 
-    def failing(dir_fd: int | None) -> list[tuple[str, int]]:
+    def failing(dir_fd: int | None, *, versioned: bool = False) -> list[tuple[str, int]]:
         raise OSError(errno.EMFILE, "Too many open files")
 
     monkeypatch.setattr(trash_module, "metadata_files", failing)
@@ -1410,6 +1412,45 @@ def test_a_pin_the_pass_read_that_cannot_be_read_again_at_the_move_keeps_only_it
     assert all(result.outcome is Outcome.FAILED for result in results)
     assert all("a pin of a restored checkpoint cannot be read" in str(result.error) for result in results)
     assert {step_name(0, step) for step in (100, 200, 300, 500)} <= set(os.listdir(tmp_path))
+
+
+def test_a_pin_written_again_on_the_same_inode_is_read_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The index knew a pin by its name and inode. A pin removed and written again under its name (a
+    ``restore`` tried again after one that failed) may get the freed inode back on ext4, so the index
+    kept what the old file said (expired) while the new one pins its checkpoint for a day, and a
+    move's check that could not read it went by the old one. Staged here by writing the file again
+    in place (the same inode for sure): the index and the move's check both see the new pin."""
+    now = time.time()
+    steps(tmp_path, range(100, 400, 100))
+    trash_everything_but_the_newest(tmp_path, clock=now - 10)
+    listing = list_trash(tmp_path)
+    assert listing is not None
+    entry = next(item for item in listing.entries if item.original == step_name(0, 100))
+    restore(tmp_path, [entry], now=now - 2 * DAY)  # pinned until a day ago
+    keeper = TrashPass(tmp_path)
+    keeper.begin(purge=False, dry_run=False)
+    assert keeper.pinned_identities() == {}  # (read: expired)
+    pin_path = tmp_path / TRASH_DIRECTORY_NAME / RESTORED / f"{entry.key}.json"
+    inode = pin_path.stat().st_ino
+    time.sleep(0.02)  # (a change time of its own, even on a coarse clock)
+    pin = RestoredPin(entry.key, entry.original, entry.device, entry.inode, now + DAY)
+    with pin_path.open("r+b") as handle:
+        handle.truncate()
+        handle.write(trash_module.record_bytes(pin.document()))
+    assert pin_path.stat().st_ino == inode
+
+    pinned = keeper.pinned_identities()
+    pins = failing_pin_reads(monkeypatch)
+    pins.failing = True
+    results = apply_plan(plan_of(tmp_path), tmp_path, trash=keeper.target(DAY)).results
+    keeper.end()
+
+    assert pinned == {(entry.device, entry.inode): pin.reason}
+    outcomes = {result.decision.record.step: result.outcome for result in results}
+    assert outcomes == {100: Outcome.CHANGED}  # (planned without the pins; kept by the new one)
+    assert (tmp_path / step_name(0, 100)).exists()
 
 
 def _refusing(monkeypatch: pytest.MonkeyPatch, name: str, error: int) -> None:
