@@ -161,13 +161,35 @@ class BucketTrashTarget:
             return sources
         stored = self._copy_in(entry, key, sources)
         refusal = self.may_delete()  # a long copy: the lease may have been lost meanwhile
-        outcome = _failed(decision, refusal) if refusal else self._remove(decision, listing, stored)
-        if refusal or outcome.outcome is Outcome.CHANGED:  # nothing deleted: the copy is not needed
+        kept = _failed(decision, refusal) if refusal else self._restored_meanwhile(decision)
+        outcome = kept or self._remove(decision, listing, stored)
+        if kept is not None or outcome.outcome is Outcome.CHANGED:  # nothing deleted: no copy needed
             copies = [(stored.data_key(self.index.base, copy.relative), copy.tag) for copy in stored.copies]
             _delete_quietly(self.store, [*copies, (stored.info_key, stored.info_tag)])
         elif outcome.outcome is not Outcome.TRASHED:
             self.index.add(stored)  # removed in part, maybe: the copy stays restorable
         return outcome
+
+    def _restored_meanwhile(self, decision: Decision) -> DeletionResult | None:
+        """Kept (CHANGED) if the checkpoint was restored and pinned after the pass read the pins: a
+        stale plan (a pass whose listing came before another process's ``prune`` trashed it and a
+        ``restore`` put it back, an object with the same ETag when both were uploaded alike) must not
+        take it again. Asked after its copy, which saw the object as planned: a restore writes its
+        pin before its object appears, so that object's pin is listed by now. Kept too (FAILED) if
+        the pins cannot be listed or one cannot be read: it may be this checkpoint's."""
+        try:
+            self.index.look_pins()
+        except StoreError as error:
+            return _failed(decision, f"the pins of restored checkpoints cannot be listed ({error})")
+        if self.index.pins_in_doubt is not None:
+            return _failed(
+                decision, f"a pin of a restored checkpoint cannot be read ({self.index.pins_in_doubt})"
+            )
+        identity = decision.record.identity
+        assert identity is not None  # (``_trash`` refuses a record without one)
+        if (identity.device, identity.inode) in self.index.pinned_identities(self.clock()):
+            return _changed(decision)
+        return None
 
     def _sources(self, decision: Decision, key: str, listing: Listing) -> list[ObjectInfo] | DeletionResult:
         """The objects to copy: the planned object, or a directory's objects listed again (they must be

@@ -18,6 +18,8 @@ from typing import Any
 import pytest
 
 from ckpt_watcher import object_store
+from ckpt_watcher.bucket_trash_moves import BucketTrashTarget
+from ckpt_watcher.cli import main
 from ckpt_watcher.integrity import DIRECTORY_QUIET_SECONDS
 from ckpt_watcher.locations import StorageURL
 from ckpt_watcher.object_store import PreconditionFailedError, S3Store
@@ -360,7 +362,7 @@ def test_a_trash_on_policy_trashes_and_restores_the_same_on_a_directory_and_a_bu
 
 def test_what_a_trashed_object_costs_in_requests(s3: Bucket, s3_server: S3Server, tmp_path: Path) -> None:
     """Measured on the server's log (for README and BENCHMARKS.md): trashing an object uploaded in one
-    PUT is 6 requests (a deletion alone: 2), its purge 3, its restore 9."""
+    PUT is 6 requests and one listing of the pins (a deletion alone: 2), its purge 3, its restore 9."""
     key = f"root/run/{step_name(0, 100)}"
     _seed(s3, range(100, 300, 100))
     policy = _policy(tmp_path, "save_top_k_checkpoints: 1\ntrash:\n  grace: 1h\n")
@@ -380,7 +382,14 @@ def test_what_a_trashed_object_costs_in_requests(s3: Bucket, s3_server: S3Server
             if target.startswith(mine) and "list-type=2" not in target and not target.endswith(".lease")
         ]
 
+    listed_before = len(s3_server.requests())
     pruned = requests_about(lambda: run_cli("prune", url, "--policy", str(policy)))
+    pin_listings = [
+        target
+        for _, target, _ in s3_server.requests()[listed_before:]
+        if "list-type=2" in target and f"prefix={TRASH}/restored/" in urllib.parse.unquote(target)
+    ]
+    assert len(pin_listings) == 1  # the move's look at the pins, once its copy is made
     reads = [("GET", f"root/run/{step_name(0, step)}") for step in (100, 200)]  # the zip tails, as always
     trash_move = [request for request in pruned if request not in reads]
     assert len(pruned) == len(trash_move) + 2
@@ -563,3 +572,50 @@ def test_a_pass_stopped_by_a_pin_after_its_purge_is_reported_with_what_it_purged
     assert len(daemon.events("checkpoint_purged")) == 2
     assert not daemon.events("checkpoint_trashed")
     assert _checkpoint_keys(s3) == {f"root/run/{step_name(0, 100)}", f"root/run/{step_name(0, 500)}"}
+
+
+def _etag(s3: Bucket, key: str) -> str:
+    head = s3.filesystem.call_s3("head_object", Bucket=s3.name, Key=key)
+    return str(head["ETag"])
+
+
+def test_a_stale_plan_does_not_trash_a_checkpoint_restored_meanwhile(
+    s3: Bucket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A review found the bucket's moves had no check like the directory's under its lock: a pass
+    planned X for the trash; meanwhile another ``prune`` trashed X and a ``restore`` put it back,
+    pinned, with the same ETag (a restore's copy of X when X was itself restored once before); the
+    stale plan then trashed the restored X again. Now the move lists the pins after its copy (a
+    restore writes its pin before its object appears) and keeps X (CHANGED); its copy is dropped."""
+    seeded = {f"root/run/{step_name(0, step)}": _checkpoint(step) for step in (100, 200, 300, 400)}
+    s3.put_many(seeded)
+    x = f"root/run/{step_name(0, 100)}"
+    url = f"{s3.url}/root"
+    short = tmp_path / "short.yaml"
+    short.write_text("save_top_k_checkpoints: 2\ntrash:\n  grace: 2s\n")
+    long = tmp_path / "long.yaml"
+    long.write_text("save_top_k_checkpoints: 2\ntrash:\n  grace: 1h\n")
+    assert run_cli("prune", url, "--policy", str(short)).returncode == 0  # an earlier cycle of X:
+    assert run_cli("restore", url, step_name(0, 100)).returncode == 0  # its ETag is now a restore's
+    planned_tag = _etag(s3, x)
+    time.sleep(2.5)  # (that pin over: X is planned again)
+    raced: dict[str, Any] = {}
+    original = BucketTrashTarget.__call__
+
+    def another_prune_and_a_restore_first(self: BucketTrashTarget, decision: Any, listing: Any) -> Any:
+        if decision.record.name == step_name(0, 100) and not raced:
+            other = run_cli("prune", url, "--policy", str(long))
+            assert events(other.stderr, "checkpoint_trashed"), other.stderr
+            again = run_cli("restore", url, step_name(0, 100))
+            assert events(again.stderr, "checkpoint_restored"), again.stderr
+            raced["tag"] = _etag(s3, x)
+        return original(self, decision, listing)
+
+    monkeypatch.setattr(BucketTrashTarget, "__call__", another_prune_and_a_restore_first)
+    code = main(["prune", url, "--policy", str(long)])
+
+    assert raced["tag"] == planned_tag  # (what makes the race possible: the same ETag)
+    assert code == 0
+    assert x in s3.raw_keys()  # restored and pinned: kept
+    listed = [entry["original"] for entry in _trash_list(s3)]
+    assert listed.count(f"run/{step_name(0, 100)}") == 0  # (the stale move's copy dropped)
