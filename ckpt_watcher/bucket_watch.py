@@ -8,8 +8,10 @@ renewed from the loop and between groups of a long pass, released at the end; de
 soon as the lease may no longer be held, and a lease taken over by another watcher stops this one
 (exit 2). A listing that fails, at any page, is logged (``storage_unavailable``) and retried after
 1, 2, 4, ... s (at most a minute, or the poll interval if longer); nothing is planned or deleted
-until the prefix can be listed whole again (``storage_restored``). So is a pin of a restored
-checkpoint that cannot be read (the pass stops at its first group, before any deletion). A bucket
+until the prefix can be listed whole again (``storage_restored``). A pin of a restored checkpoint
+that cannot be read, or the store's unfinished uploads that it cannot list, stops the pass before
+its next deletion, retried likewise; a pass that purged the trash or pruned groups before it stopped
+is reported (``stopped``), so what it did is counted. A bucket
 that does not exist at start is exit 2; one deleted under the running watcher is such an unavailable
 store (its lease cannot be renewed, so nothing is deleted), never a lease taken over.
 """

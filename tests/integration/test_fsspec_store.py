@@ -17,7 +17,7 @@ from ckpt_watcher.object_store import ConditionalUnsupportedError, FsspecStore, 
 from ckpt_watcher.place import WatchOptions
 from ckpt_watcher.policy import load_policy
 from ckpt_watcher.policy_file import InvalidPolicyFilesError
-from ckpt_watcher.reconcile import prune_once
+from ckpt_watcher.reconcile import PassResult, Trigger, prune_once
 from tests.support.factories import step_name, zip_bytes
 
 URL = StorageURL("gs", "bucket", "run")
@@ -104,3 +104,29 @@ def test_a_store_without_conditional_copies_refuses_a_trash_at_the_root_and_in_a
             refuse_in_runs=refusals_in_runs(store),
         )
     assert len(store.list_prefix("run")) == 9  # 7 checkpoints, the half one, the per-run policy
+
+
+@pytest.mark.parametrize(
+    ("stopped", "groups", "purged", "reported"),
+    [
+        (None, 3, 0, True),  # a whole pass
+        ("the listing failed", 0, 0, False),  # nothing done: retried, not reported
+        ("a pin of a restored checkpoint is unknown", 0, 2, True),  # purged first
+        ("the unfinished uploads cannot be listed", 2, 0, True),  # groups pruned first
+    ],
+)
+def test_a_stopped_bucket_pass_is_reported_only_if_it_did_something(
+    store: FsspecStore, stopped: str | None, groups: int, purged: int, reported: bool
+) -> None:
+    """A pass that stopped (``storage_error``) is retried in every case; it is reported (``stopped``,
+    counted by the metrics) when it did something first, else dropped as it always was."""
+    place = BucketPlace(
+        WatchOptions(root=URL.core_path, poll_interval=30, rescan_seconds=30),
+        url=URL,
+        store=store,
+        lease_seconds=60,
+    )
+    result = PassResult(Trigger.RESCAN, scanned_groups=groups, purged=purged, storage_error=stopped)
+
+    assert place.accepts(result, None) is reported
+    assert place._retries.failures == (0 if stopped is None else 1)
