@@ -485,22 +485,30 @@ def _refuse_protected_urls(protect: Iterable[Path | StorageURL], root: Path) -> 
 
 
 def _refuse_beside_a_watcher(root: Path) -> None:
-    """A ``prune`` that deletes does not run where a watcher holds the root's lock (``/proc/locks``:
-    the directory's ``flock``, or a held lock file of lock.py's fallback): it would apply its own policy
-    beside the watcher's (exit 2; ``--dry-run`` runs beside it). It takes no lock itself, so a watcher
-    (re)started during its pass is never turned away by it."""
+    """A ``prune`` that deletes does not run where a watcher holds the lock of the root or of a
+    directory above it (``/proc/locks``: the directory's ``flock``, or a held lock file of lock.py's
+    fallback): it would apply its own policy beside the watcher's, which would not know to leave the
+    root to it (a prune takes no lock: nested.py) nor read the pins of the watcher's trash above it
+    (exit 2; ``--dry-run`` runs beside it). It takes no lock itself, so a watcher (re)started during
+    its pass is never turned away by it."""
     from ckpt_watcher.nested import read_other_locks, watcher_of  # noqa: PLC0415  (a real prune only)
 
-    try:
-        status = os.stat(root)
-    except OSError:
-        return  # (the pass says what is wrong with the root)
-    pid = watcher_of(str(root), (status.st_dev, status.st_ino), read_other_locks())
-    if pid is not None:
+    locks = read_other_locks()
+    for directory in [root, *root.parents]:
+        try:
+            status = os.stat(directory)
+        except OSError:
+            if directory == root:
+                return  # (the pass says what is wrong with the root)
+            continue
+        pid = watcher_of(str(directory), (status.st_dev, status.st_ino), locks)
+        if pid is None:
+            continue
         holder = f"pid {pid}" if pid > 0 else "pid unknown"
+        above = "" if directory == root else f", which holds {display_name(str(root))},"
         raise UsageError(
-            f"another ckpt-watcher is already pruning {display_name(str(root))} ({holder}): stop it "
-            "before a prune that deletes (--dry-run runs beside it)"
+            f"another ckpt-watcher is already pruning {display_name(str(directory))}{above} ({holder}): "
+            "stop it before a prune that deletes (--dry-run runs beside it)"
         )
 
 

@@ -460,11 +460,14 @@ def test_a_last_checkpoint_left_truncated_or_dangling_is_a_warning_and_kept(tmp_
     assert events(completed.stderr, "checkpoint_deleted") == []
 
 
-def test_a_prune_that_deletes_does_not_run_beside_a_watcher(tmp_path: Path) -> None:
+@pytest.mark.parametrize("watched", ["run", "parent"])
+def test_a_prune_that_deletes_does_not_run_beside_a_watcher(tmp_path: Path, watched: str) -> None:
     """A watcher keeps everything; a ``prune`` with a policy that keeps one would delete the rest by
     its own rules beside it. It exits 2 naming the watcher, deletes nothing, and its dry run (the
-    audit) still runs there; once the watcher stops, the same ``prune`` runs."""
-    run = tmp_path / "run"
+    audit) still runs there; once the watcher stops, the same ``prune`` runs. A watcher of a directory
+    above the run counts too: a review found ``prune ROOT/run`` ran beside ``watch ROOT``."""
+    watched_path = tmp_path / "runs"
+    run = watched_path / "run"
     for step in range(500, 3000, 500):
         write_checkpoint(run / step_name(0, step))
     keep_all = tmp_path / "keep-all.yaml"
@@ -473,16 +476,18 @@ def test_a_prune_that_deletes_does_not_run_beside_a_watcher(tmp_path: Path) -> N
     keep_one.write_text("save_top_k_checkpoints: 1\n")
     before = {path.name for path in run.iterdir()}
 
-    with running_daemon(["watch", str(run), "--policy", str(keep_all)], tmp_path / "watch.log") as daemon:
+    target = run if watched == "run" else watched_path
+    with running_daemon(["watch", str(target), "--policy", str(keep_all)], tmp_path / "watch.log") as daemon:
         daemon.wait_ready()
         refused = run_cli("prune", str(run), "--policy", str(keep_one), timeout=60)
         audit = run_cli("prune", str(run), "--policy", str(keep_one), "--dry-run", "--json", timeout=60)
         assert daemon.stop() == 0
 
     assert refused.returncode == 2, refused.stderr
+    above = "" if watched == "run" else f", which holds {run},"
     assert refused.stderr.strip() == (
-        f"ckpt-watcher: another ckpt-watcher is already pruning {run} (pid {daemon.process.pid}): stop it "
-        "before a prune that deletes (--dry-run runs beside it)"
+        f"ckpt-watcher: another ckpt-watcher is already pruning {target}{above} (pid {daemon.process.pid}): "
+        "stop it before a prune that deletes (--dry-run runs beside it)"
     )
     entries = prune_entries(audit, exit_code=0)
     assert sorted(name for name, entry in entries.items() if entry["action"] == "delete") == sorted(
