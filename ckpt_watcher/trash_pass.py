@@ -13,6 +13,7 @@ its checkpoint taken again.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Collection, Sequence
@@ -23,7 +24,7 @@ import structlog
 
 from ckpt_watcher.budget import Reclaimable
 from ckpt_watcher.delete import TrashMover
-from ckpt_watcher.records import display_name
+from ckpt_watcher.records import TRASH_DIRECTORY_NAME, display_name
 from ckpt_watcher.storage import StorageUnavailableError
 from ckpt_watcher.trash import IndexedEntry, TrashIndex, TrashSummary, TrashUnusableError
 from ckpt_watcher.trash_moves import PurgeResult, TrashTarget, purge_due, purge_keys
@@ -83,6 +84,20 @@ def refuse_pins_in_doubt(pins_in_doubt: str | None) -> None:
         raise StorageUnavailableError(f"a pin of a restored checkpoint is unknown ({pins_in_doubt})")
 
 
+def _has_trash(index: TrashIndex) -> bool:
+    """True if the directory ``index`` is about has a trash, opened (or refused but maybe this tool's);
+    an ``lstat`` first, so the directories above a root, most of them without one, cost no more (and
+    one this process may search but not list, mode 711, is never opened)."""
+    try:
+        os.lstat(index.root / TRASH_DIRECTORY_NAME)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        pass  # (the open says why, and whether that puts the pins in doubt)
+    index.start()
+    return index.exists or index.unusable is not None
+
+
 class TrashPass(PurgeSchedule):
     """One root's trash as the reconcile core uses it, pass after pass."""
 
@@ -98,6 +113,10 @@ class TrashPass(PurgeSchedule):
         self._reclaimable: tuple[tuple[IndexedEntry, ...], tuple[Reclaimable, ...]] | None = (
             None  # (of a look)
         )
+        # The trashes of the directories above: ``restore ROOT`` pins checkpoints below ROOT, which a
+        # ``prune`` or ``watch`` of a run directory inside it must keep too. Looked for at each pass.
+        self._above = [TrashIndex(directory) for directory in root.parents]
+        self._above_present: list[TrashIndex] = []
 
     def begin(self, *, purge: bool, dry_run: bool) -> PurgeResult | None:
         """Open the trash for a pass; purge what is due if ``purge`` or the first grace is over (never in
@@ -106,6 +125,7 @@ class TrashPass(PurgeSchedule):
         pass's look at its end, so that no look stands between an event and its deletions."""
         self.index.start()
         self._may_exist = self.index.exists or self.index.unusable is not None
+        self._above_present = [above for above in self._above if _has_trash(above)]
         if self.index.exists and (purge or not self.index.looked):
             self._look(force=True, retry=True)
         if dry_run or not self.index.exists or not (purge or self.is_due(time.time())):
@@ -122,13 +142,16 @@ class TrashPass(PurgeSchedule):
         return result
 
     def pinned_identities(self) -> dict[tuple[int, int], str]:
-        """The restored checkpoints pinned now (read after the group's scan: see the module's doc).
-        StorageUnavailableError if a pin cannot be read or ``restored/`` listed: a restored checkpoint
-        it cannot tell would be planned as never restored, so the pass deletes nothing more."""
-        if not self._may_exist:
-            return {}  # no trash, so nothing restored: a tree without a trash costs nothing per group
-        pinned = self.index.pinned_identities(time.time())
-        refuse_pins_in_doubt(self.index.pins_in_doubt)
+        """The restored checkpoints pinned now, by this root's trash and by those of the directories
+        above it (read after the group's scan: see the module's doc). StorageUnavailableError if a pin
+        cannot be read or ``restored/`` listed: a restored checkpoint it cannot tell would be planned
+        as never restored, so the pass deletes nothing more."""
+        # (no trash here or above, so nothing restored: a tree without a trash costs nothing per group)
+        indexes = ([self.index] if self._may_exist else []) + self._above_present
+        pinned: dict[tuple[int, int], str] = {}
+        for index in indexes:
+            pinned.update(index.pinned_identities(time.time()))
+            refuse_pins_in_doubt(index.pins_in_doubt)
         return pinned
 
     def target(self, grace_seconds: int) -> TrashTarget | None:
@@ -165,6 +188,8 @@ class TrashPass(PurgeSchedule):
             return self.index.bytes, self.index.summary()
         finally:
             self.index.close()
+            for above in self._above_present:
+                above.close()
 
     def reclaimable(self) -> Sequence[Reclaimable]:
         """One ``Reclaimable`` per entry, oldest first: what a byte budget may reclaim before it evicts

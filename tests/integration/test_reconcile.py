@@ -462,3 +462,37 @@ def test_a_pin_unread_midway_stops_prune_there_and_says_what_it_did_before(
     assert main(["prune", str(root), "--policy", str(policy)]) == 0
     assert _names(root / "a") == {step_name(0, 500)}
     assert _names(root / "b") == {step_name(0, 100), step_name(0, 300)}  # the restored one, and the newest
+
+
+def test_a_run_below_a_root_keeps_what_a_restore_through_that_root_pinned(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``restore ROOT`` pins the checkpoint in ROOT's trash; a ``prune`` (or ``watch``) of a run
+    directory inside ROOT read only the run's own trash, so a review found ``prune ROOT/run`` deleted
+    the restored checkpoint at once. The trashes of the directories above are read too: kept, with
+    the pin's reason, in the audit and in the prune."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("save_top_k_checkpoints: 1\ntrash:\n  grace: 1h\n")
+    root = tmp_path / "root"
+    run = root / "run"
+    _steps(run, range(100, 400, 100))
+    first = prune_once(
+        root, load_policy(policy), pins={}, settle_seconds=0, dry_run=False, working_directory=root
+    )
+    assert first.trashed == 2
+    listing = list_trash(root)
+    assert listing is not None
+    restore(root, [entry for entry in listing.entries if entry.original == f"run/{step_name(0, 100)}"])
+    capsys.readouterr()
+
+    assert main(["prune", str(run), "--policy", str(policy), "--dry-run", "--json"]) == 0
+    entries = {
+        entry["name"]: entry
+        for group in json.loads(capsys.readouterr().out)["groups"]
+        for entry in group["entries"]
+    }
+    assert entries[step_name(0, 100)]["action"] == "keep"
+    assert entries[step_name(0, 100)]["reasons"][0].startswith("restored from the trash: pinned until ")
+    assert main(["prune", str(run), "--policy", str(policy)]) == 0
+    assert _names(run) == {step_name(0, 100), step_name(0, 300)}
+    assert not (run / ".ckpt-trash").exists()  # (nothing for run's own trash to hold)
