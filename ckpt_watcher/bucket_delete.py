@@ -63,6 +63,9 @@ MayDelete = Callable[[], "str | None"]
 # with this module's ``remove_object`` / ``remove_directory`` once it is copied.
 TrashMove = Callable[[Decision, Listing], DeletionResult]
 Removed = Callable[[Decision], DeletionResult]
+# Asked right before the DELETE, after ``MayDelete``: a result to return instead (the trash's look at
+# the pins of restored checkpoints, bucket_trash_moves.py), or None to delete.
+LastCheck = Callable[[], "DeletionResult | None"]
 
 
 def apply_bucket_group(
@@ -124,10 +127,11 @@ def _delete_object(
     on_removed: Removed = _deleted,
     *,
     may_delete: MayDelete | None = None,
+    last_check: LastCheck | None = None,
 ) -> DeletionResult:
     """HEAD, then the conditional DELETE. ``may_delete`` is asked again right before the DELETE: a
     watcher frozen (SIGSTOP, a paused VM) while its HEAD was in flight may have lost its lease to
-    another watcher meanwhile, and must not act on its stale plan."""
+    another watcher meanwhile, and must not act on its stale plan. ``last_check`` right after it."""
     planned = planned_object(decision, url, listing)
     if isinstance(planned, DeletionResult):
         return planned
@@ -143,6 +147,9 @@ def _delete_object(
     refusal = may_delete() if may_delete is not None else None
     if refusal is not None:
         return _failed(decision, refusal)
+    held = last_check() if last_check is not None else None
+    if held is not None:
+        return held
     try:
         store.delete(key, tag=planned.tag)
     except PreconditionFailedError:
@@ -165,9 +172,11 @@ def _delete_directory(
     on_removed: Removed = _deleted,
     *,
     may_delete: MayDelete | None = None,
+    last_check: LastCheck | None = None,
 ) -> DeletionResult:
     """Listed again and compared, the manifest written, the marker deleted first, then the rest;
-    ``may_delete`` is asked again before the marker goes (as in ``_delete_object``)."""
+    ``may_delete``, then ``last_check``, are asked again before the marker goes (as in
+    ``_delete_object``)."""
     record = decision.record
     key = url.key_of(record.path)
     if key is None:
@@ -180,6 +189,10 @@ def _delete_directory(
     if refusal is not None:
         _remove_quietly(store, manifest_key, manifest_tag)
         return _failed(decision, refusal)
+    held = last_check() if last_check is not None else None
+    if held is not None:
+        _remove_quietly(store, manifest_key, manifest_tag)
+        return held
     markers = [info for info in objects if info.key[len(key) + 1 :] in DIRECTORY_MARKERS]
     rest = [info for info in objects if info not in markers]
     remains = _remove_marker_first(store, markers, rest, lambda: _written_since(store, key, objects))

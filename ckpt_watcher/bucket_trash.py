@@ -176,6 +176,7 @@ class BucketTrashIndex:
     _at_a_glance: AtAGlance[StoredEntry] | None = None  # of ``_entries``: made once a change
     pins_in_doubt: str | None = None
     lists_entries: bool = False  # the last look's listing showed an entry (read or not)
+    _pin_objects: list[ObjectInfo] = field(default_factory=list)  # those of ``objects`` in restored/
     _unread: dict[str, tuple[str, float]] = field(default_factory=dict)  # entry key: (tag, failed at)
     clock: Callable[[], float] = time.monotonic
 
@@ -190,24 +191,39 @@ class BucketTrashIndex:
         entries = f"{self.base}/{INFO}/"
         self.lists_entries = any(key.startswith(entries) for key in self.objects)
         self.exists = self.exists or bool(self.objects)
-        self._entries = self._read(INFO, self._entries, parse_entry, INFO_LIMIT)
+        self._entries = self._read(INFO, self._entries, parse_entry, INFO_LIMIT, self.objects.items())
         self._at_a_glance = None
-        self._pins = self._read(RESTORED, self._pins, lambda key, data, _: parse_pin(key, data))
+        pins = f"{self.base}/{RESTORED}/"
+        self._pin_objects = [info for key, info in self.objects.items() if key.startswith(pins)]
+        self._read_pins()
 
     def look_pins(self) -> None:
-        """List the pins alone again (StoreError if they cannot be listed whole)."""
-        prefix = f"{self.base}/{RESTORED}"
-        fresh = self.store.list_prefix(prefix)
-        kept = {key: info for key, info in self.objects.items() if not key.startswith(prefix + "/")}
-        self.objects = {**kept, **{info.key: info for info in fresh}}
-        self._pins = self._read(RESTORED, self._pins, lambda key, data, _: parse_pin(key, data))
+        """List the pins alone again (StoreError if they cannot be listed whole). Only they are gone
+        over: a move into the trash asks this each time, and the entries may be 100,000s."""
+        fresh = self.store.list_prefix(f"{self.base}/{RESTORED}")
+        for info in self._pin_objects:
+            self.objects.pop(info.key, None)
+        self._pin_objects = fresh
+        self.objects.update((info.key, info) for info in fresh)
+        self._read_pins()
+
+    def _read_pins(self) -> None:
+        pins = ((info.key, info) for info in self._pin_objects)
+        self._pins = self._read(
+            RESTORED, self._pins, lambda key, data, _: parse_pin(key, data), METADATA_LIMIT, pins
+        )
 
     def look_again(self) -> None:
         """List the trash prefix itself (StoreError if it cannot be listed whole)."""
         self.look(self.store.list_prefix(self.base))
 
     def _read(
-        self, directory: str, known: dict[str, tuple[str, Any]], parse: Any, limit: int = METADATA_LIMIT
+        self,
+        directory: str,
+        known: dict[str, tuple[str, Any]],
+        parse: Any,
+        limit: int,
+        objects: Iterable[tuple[str, ObjectInfo]],
     ) -> dict[str, Any]:
         found: dict[str, tuple[str, Any]] = {}
         prefix = f"{self.base}/{directory}/"
@@ -217,7 +233,7 @@ class BucketTrashIndex:
             self.pins_in_doubt = None
         else:
             self._unread = {key: value for key, value in self._unread.items() if key in self.objects}
-        for object_key, info in self.objects.items():
+        for object_key, info in objects:
             name = object_key[len(prefix) :] if object_key.startswith(prefix) else None
             if name is None or "/" in name:
                 continue

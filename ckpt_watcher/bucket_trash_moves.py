@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from ckpt_watcher.bucket_delete import planned_object, remove_directory, remove_object
+from ckpt_watcher.bucket_delete import LastCheck, planned_object, remove_directory, remove_object
 from ckpt_watcher.bucket_listing import Listing, is_folder_marker, summarize_prefix
 from ckpt_watcher.bucket_trash import (
     INFO_LIMIT,
@@ -161,9 +161,19 @@ class BucketTrashTarget:
             return sources
         stored = self._copy_in(entry, key, sources)
         refusal = self.may_delete()  # a long copy: the lease may have been lost meanwhile
-        kept = _failed(decision, refusal) if refusal else self._restored_meanwhile(decision)
-        outcome = kept or self._remove(decision, listing, stored)
-        if kept is not None or outcome.outcome is Outcome.CHANGED:  # nothing deleted: no copy needed
+        held: list[DeletionResult] = []
+
+        def restored_meanwhile() -> DeletionResult | None:  # (asked after the HEAD, before the DELETE)
+            kept = self._restored_meanwhile(decision)
+            held.extend([kept] if kept is not None else [])
+            return kept
+
+        outcome = (
+            _failed(decision, refusal)
+            if refusal
+            else self._remove(decision, listing, stored, restored_meanwhile)
+        )
+        if refusal or held or outcome.outcome is Outcome.CHANGED:  # nothing deleted: no copy needed
             copies = [(stored.data_key(self.index.base, copy.relative), copy.tag) for copy in stored.copies]
             _delete_quietly(self.store, [*copies, (stored.info_key, stored.info_tag)])
         elif outcome.outcome is not Outcome.TRASHED:
@@ -174,9 +184,11 @@ class BucketTrashTarget:
         """Kept (CHANGED) if the checkpoint was restored and pinned after the pass read the pins: a
         stale plan (a pass whose listing came before another process's ``prune`` trashed it and a
         ``restore`` put it back, an object with the same ETag when both were uploaded alike) must not
-        take it again. Asked after its copy, which saw the object as planned: a restore writes its
-        pin before its object appears, so that object's pin is listed by now. Kept too (FAILED) if
-        the pins cannot be listed or one cannot be read: it may be this checkpoint's."""
+        take it again. Asked right before the DELETE, after the HEAD that saw the object as planned:
+        a restore writes its pin before its object appears, so a restored object's pin is listed by
+        now (a restore landing between this look and the DELETE, one request, is not seen: there is
+        no lock to hold it off). Kept too (FAILED) if the pins cannot be listed or one cannot be
+        read: it may be this checkpoint's."""
         try:
             self.index.look_pins()
         except StoreError as error:
@@ -260,8 +272,11 @@ class BucketTrashTarget:
             raise _NotCopiedError(Outcome.FAILED, f"its trash entry cannot be written: {error}") from None
         return StoredEntry(stored.entry, tuple(actual), stored.info_key, info_tag)
 
-    def _remove(self, decision: Decision, listing: Listing, stored: StoredEntry) -> DeletionResult:
-        """Remove the checkpoint as without a trash; on success, ``checkpoint_trashed``.
+    def _remove(
+        self, decision: Decision, listing: Listing, stored: StoredEntry, last_check: LastCheck
+    ) -> DeletionResult:
+        """Remove the checkpoint as without a trash (``last_check`` before its DELETE); on success,
+        ``checkpoint_trashed``.
 
         Gone already once its copy is verified counts as trashed, and the copy stays: most likely our
         own conditional DELETE succeeded and its answer was lost, so botocore's retry found nothing
@@ -282,7 +297,15 @@ class BucketTrashTarget:
             return DeletionResult(decision, Outcome.TRASHED)
 
         remove = remove_directory if stored.entry.is_directory else remove_object
-        result = remove(decision, self.url, self.store, listing, trashed, may_delete=self.may_delete)
+        result = remove(
+            decision,
+            self.url,
+            self.store,
+            listing,
+            trashed,
+            may_delete=self.may_delete,
+            last_check=last_check,
+        )
         return trashed(decision) if result.outcome is Outcome.ALREADY_GONE else result
 
     def _url_of(self, key: str) -> str:

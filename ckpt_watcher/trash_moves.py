@@ -193,8 +193,8 @@ def _restored_meanwhile(
     pinned: restored after this pass planned it (a pass frozen, or waiting for this lock, while a
     ``prune`` trashed it and a ``restore`` put it back, same inode, size and mtime). Asked under the
     trash's lock, which a restore holds while it writes its pin and renames the checkpoint back. Kept
-    too (FAILED) if a pin cannot be read: it may be this checkpoint's, unless ``known`` has that very
-    file (name and inode) as the pass read it. A ``restored/`` refused but
+    too (FAILED) if a pin cannot be read: it may be this checkpoint's. A pin ``known`` has by its name
+    and ``file_version`` (that very file, as a look read it) is not read again. A ``restored/`` refused but
     maybe this tool's (writable by every user) is read anyway, as the pass reads it. OSError if
     ``restored/`` cannot be listed (``move_in``: FAILED)."""
     if trash.unusable(RESTORED) is None:
@@ -221,15 +221,16 @@ def _pinned_in(
     problems: list[tuple[str, str]] = []
     for name, version in sorted(metadata_files(restored, versioned=True)):
         assert restored is not None
-        try:
-            pin = read_pin(restored, name, problems, later=True)
-        except ReadLaterError:
-            if (name, version) not in known:
+        if (name, version) in known:  # the very file a look read: it says what it said then (a move
+            pin = known[(name, version)]  # reads only the pins new since, not 1,000 of a bulk restore)
+        else:
+            try:
+                pin = read_pin(restored, name, problems, later=True)
+            except ReadLaterError:
                 why = dict(problems).get(name, "unknown")
                 return Move(
                     MoveOutcome.FAILED, f"a pin of a restored checkpoint cannot be read ({name}: {why})"
                 )
-            pin = known[(name, version)]  # (the very file a look read: it says what it said then)
         if pin is not None and (pin.device, pin.inode) == (device, inode) and pin.until > now:
             return Move(
                 MoveOutcome.CHANGED, f"{pin.reason} (restored since it was planned); not trashed again"

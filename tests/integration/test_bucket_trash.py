@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from ckpt_watcher import object_store
+from ckpt_watcher import bucket_delete, bucket_trash_moves, object_store
 from ckpt_watcher.bucket_trash_moves import BucketTrashTarget
 from ckpt_watcher.cli import main
 from ckpt_watcher.integrity import DIRECTORY_QUIET_SECONDS
@@ -389,7 +389,7 @@ def test_what_a_trashed_object_costs_in_requests(s3: Bucket, s3_server: S3Server
         for _, target, _ in s3_server.requests()[listed_before:]
         if "list-type=2" in target and f"prefix={TRASH}/restored/" in urllib.parse.unquote(target)
     ]
-    assert len(pin_listings) == 1  # the move's look at the pins, once its copy is made
+    assert len(pin_listings) == 1  # the move's look at the pins, right before its DELETE
     reads = [("GET", f"root/run/{step_name(0, step)}") for step in (100, 200)]  # the zip tails, as always
     trash_move = [request for request in pruned if request not in reads]
     assert len(pruned) == len(trash_move) + 2
@@ -579,14 +579,16 @@ def _etag(s3: Bucket, key: str) -> str:
     return str(head["ETag"])
 
 
+@pytest.mark.parametrize("when", ["before the move", "after its copy, before its HEAD"])
 def test_a_stale_plan_does_not_trash_a_checkpoint_restored_meanwhile(
-    s3: Bucket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    s3: Bucket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, when: str
 ) -> None:
     """A review found the bucket's moves had no check like the directory's under its lock: a pass
     planned X for the trash; meanwhile another ``prune`` trashed X and a ``restore`` put it back,
     pinned, with the same ETag (a restore's copy of X when X was itself restored once before); the
-    stale plan then trashed the restored X again. Now the move lists the pins after its copy (a
-    restore writes its pin before its object appears) and keeps X (CHANGED); its copy is dropped."""
+    stale plan then trashed the restored X again. Now the move lists the pins right before its
+    DELETE, after the HEAD that saw X (a restore writes its pin before its object appears), and keeps
+    X (CHANGED); its copy is dropped. A second review found a first fix looked before the HEAD."""
     seeded = {f"root/run/{step_name(0, step)}": _checkpoint(step) for step in (100, 200, 300, 400)}
     s3.put_many(seeded)
     x = f"root/run/{step_name(0, 100)}"
@@ -600,18 +602,31 @@ def test_a_stale_plan_does_not_trash_a_checkpoint_restored_meanwhile(
     planned_tag = _etag(s3, x)
     time.sleep(2.5)  # (that pin over: X is planned again)
     raced: dict[str, Any] = {}
-    original = BucketTrashTarget.__call__
 
-    def another_prune_and_a_restore_first(self: BucketTrashTarget, decision: Any, listing: Any) -> Any:
+    def another_prune_and_a_restore(decision: Any) -> None:
         if decision.record.name == step_name(0, 100) and not raced:
             other = run_cli("prune", url, "--policy", str(long))
             assert events(other.stderr, "checkpoint_trashed"), other.stderr
             again = run_cli("restore", url, step_name(0, 100))
             assert events(again.stderr, "checkpoint_restored"), again.stderr
             raced["tag"] = _etag(s3, x)
-        return original(self, decision, listing)
 
-    monkeypatch.setattr(BucketTrashTarget, "__call__", another_prune_and_a_restore_first)
+    if when == "before the move":
+        move = BucketTrashTarget.__call__
+
+        def racing_move(self: BucketTrashTarget, decision: Any, listing: Any) -> Any:
+            another_prune_and_a_restore(decision)
+            return move(self, decision, listing)
+
+        monkeypatch.setattr(BucketTrashTarget, "__call__", racing_move)
+    else:
+        remove = bucket_delete.remove_object
+
+        def racing_remove(decision: Any, *arguments: Any, **keywords: Any) -> Any:
+            another_prune_and_a_restore(decision)
+            return remove(decision, *arguments, **keywords)
+
+        monkeypatch.setattr(bucket_trash_moves, "remove_object", racing_remove)
     code = main(["prune", url, "--policy", str(long)])
 
     assert raced["tag"] == planned_tag  # (what makes the race possible: the same ETag)

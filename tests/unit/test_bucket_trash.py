@@ -217,6 +217,25 @@ def test_the_pins_are_listed_again_when_an_entry_is_listed_even_one_not_read() -
     assert keeper.pinned_identities() == {(1, 2): keeper.index.pins[0].reason}
 
 
+def test_a_look_at_the_pins_alone_replaces_the_pins_and_leaves_the_entries() -> None:
+    """A move into the trash looks at the pins again each time; that look rebuilt the mapping of every
+    object under the trash and went over every one (a second of CPU per move at 400,000 entries, a
+    review measured). It now replaces only the pins: a pin gone is gone, a new one read, an entry as it
+    was and not fetched again."""
+    old_pin, new_pin = (f"root/.ckpt-trash/restored/{KEY[:-1]}{digit}.json" for digit in "12")
+    pin = json.dumps({"original": "run/x.ckpt", "device": 1, "inode": 2, "until": 2.0e9}).encode()
+    store = _FlakyStore({INFO.key: _document(), old_pin: pin, new_pin: pin})
+    index = BucketTrashIndex(StorageURL("s3", "bucket", "root"), cast(ObjectStore, store))
+    index.look([INFO, ObjectInfo(old_pin, len(pin), '"old"', 0)])
+    store.listed = [ObjectInfo(new_pin, len(pin), '"new"', 0)]
+    index.look_pins()
+
+    assert sorted(index.objects) == sorted([INFO.key, new_pin])
+    assert [entry.key for entry in index.entries] == [KEY]
+    assert [(pin.key, pin.inode) for pin in index.pins] == [(new_pin.rsplit("/", 1)[1][:-5], 2)]
+    assert sorted(store.fetched) == sorted([INFO.key, old_pin, new_pin])
+
+
 class _OtherETagStore:
     """A store whose completed copies get ETags other than S3's multipart rule (as some S3-compatible
     stores give), and whose replacing write fails (``failing``); it notes each delete."""
