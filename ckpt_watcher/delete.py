@@ -41,7 +41,7 @@ from ckpt_watcher.filesystem import (
     summarize_tree,
 )
 from ckpt_watcher.logs import describe_os_error
-from ckpt_watcher.plan import Decision, GroupPlan, Plan
+from ckpt_watcher.plan import PIN_SUFFIX, Decision, GroupPlan, Plan
 from ckpt_watcher.records import (
     DELETING_PREFIX,
     EntryType,
@@ -258,6 +258,9 @@ def _delete_one(
     expected_type = stat.S_ISDIR if record.entry_type is EntryType.DIRECTORY else stat.S_ISREG
     if not expected_type(status.st_mode) or now_identity != record.identity:
         return _changed(decision)
+    pinned = _pinned_since(directory_fd, decision)
+    if pinned is not None:
+        return pinned
     if record.entry_type is EntryType.DIRECTORY:
         return _remove_directory(directory_fd, decision, trash, stop)
     if trash is not None:
@@ -265,6 +268,26 @@ def _delete_one(
         if moved is not None:
             return moved
     return _unlink_checked(directory_fd, decision)
+
+
+def _pinned_since(directory_fd: int, decision: Decision) -> DeletionResult | None:
+    """Kept if a ``NAME.keep`` pin is there now: one touched after the plan was made (a keep_free
+    eviction is applied at the end of its pass, from a plan seconds old on a large tree) must still
+    keep it. An ``lstat`` a deletion; when the pin cannot be looked for, kept too."""
+    try:
+        os.lstat(decision.record.name + PIN_SUFFIX, dir_fd=directory_fd)
+    except FileNotFoundError:
+        return None
+    except OSError as error:
+        if error.errno == errno.ENAMETOOLONG:
+            return None  # (no pin can have that name)
+        return _failed(decision, f"its .keep pin cannot be looked for: {describe_os_error(error)}")
+    logger.warning(
+        "checkpoint_changed",
+        path=display_name(str(decision.record.path)),
+        detail=f"pinned by {decision.record.name}{PIN_SUFFIX} since it was planned; kept",
+    )
+    return DeletionResult(decision, Outcome.CHANGED)
 
 
 def _unlink_checked(directory_fd: int, decision: Decision) -> DeletionResult:

@@ -457,3 +457,28 @@ def test_a_failure_repeated_the_same_way_is_told_apart_from_a_new_one() -> None:
 
     assert answers == [False, True, False, False, False]
     assert not failures.repeated("run/a.ckpt", resaved, "Read-only file system"), "forgotten past the bound"
+
+
+@pytest.mark.parametrize("kind", ["file", "directory"])
+def test_a_keep_pin_touched_after_the_plan_keeps_its_checkpoint(tmp_path: Path, kind: str) -> None:
+    """Pins were read only when the plan was made; a keep_free eviction is applied at the end of its
+    pass, from a plan seconds old on a large tree, and a review saw one delete a checkpoint whose
+    ``.keep`` was touched meanwhile. Each deletion looks for the pin again: kept (CHANGED), the rest
+    deleted."""
+    for step in (100, 200, 300):
+        if kind == "file":
+            write_checkpoint(tmp_path / step_name(0, step))
+        else:
+            deepspeed(tmp_path / step_name(0, step))
+    planned = plan_of(tmp_path)
+    pinned = step_name(0, 100)
+    (tmp_path / f"{pinned}.keep").touch()
+    with capture_logs() as logs:
+        results = apply_plan(planned, tmp_path).results
+
+    outcomes = {result.decision.record.name: result.outcome for result in results}
+    assert outcomes[pinned] is Outcome.CHANGED
+    assert [outcome for name, outcome in outcomes.items() if name != pinned] == [Outcome.DELETED]
+    assert (tmp_path / pinned).exists()
+    changed = [record for record in logs if record["event"] == "checkpoint_changed"]
+    assert changed[0]["detail"] == f"pinned by {pinned}.keep since it was planned; kept"
