@@ -63,7 +63,7 @@ MayDelete = Callable[[], "str | None"]
 # with this module's ``remove_object`` / ``remove_directory`` once it is copied.
 TrashMove = Callable[[Decision, Listing], DeletionResult]
 Removed = Callable[[Decision], DeletionResult]
-# Asked right before the DELETE, after ``MayDelete``: a result to return instead (the trash's look at
+# Asked before the DELETE, just before ``MayDelete``: a result to return instead (the trash's look at
 # the pins of restored checkpoints, bucket_trash_moves.py), or None to delete.
 LastCheck = Callable[[], "DeletionResult | None"]
 
@@ -131,7 +131,8 @@ def _delete_object(
 ) -> DeletionResult:
     """HEAD, then the conditional DELETE. ``may_delete`` is asked again right before the DELETE: a
     watcher frozen (SIGSTOP, a paused VM) while its HEAD was in flight may have lost its lease to
-    another watcher meanwhile, and must not act on its stale plan. ``last_check`` right after it."""
+    another watcher meanwhile, and must not act on its stale plan. ``last_check`` just before it (it
+    sends requests of its own, during which the lease may lapse too)."""
     planned = planned_object(decision, url, listing)
     if isinstance(planned, DeletionResult):
         return planned
@@ -144,12 +145,12 @@ def _delete_object(
         return _failed(decision, str(error))
     if (current.tag, current.size) != (planned.tag, planned.size):
         return _changed(decision)
-    refusal = may_delete() if may_delete is not None else None
-    if refusal is not None:
-        return _failed(decision, refusal)
     held = last_check() if last_check is not None else None
     if held is not None:
         return held
+    refusal = may_delete() if may_delete is not None else None  # (after the check: it sends requests)
+    if refusal is not None:
+        return _failed(decision, refusal)
     try:
         store.delete(key, tag=planned.tag)
     except PreconditionFailedError:
@@ -175,7 +176,7 @@ def _delete_directory(
     last_check: LastCheck | None = None,
 ) -> DeletionResult:
     """Listed again and compared, the manifest written, the marker deleted first, then the rest;
-    ``may_delete``, then ``last_check``, are asked again before the marker goes (as in
+    ``last_check``, then ``may_delete``, are asked again before the marker goes (as in
     ``_delete_object``)."""
     record = decision.record
     key = url.key_of(record.path)
@@ -185,14 +186,14 @@ def _delete_directory(
     if isinstance(prepared, DeletionResult):
         return prepared
     objects, manifest_key, manifest_tag = prepared
-    refusal = may_delete() if may_delete is not None else None
-    if refusal is not None:
-        _remove_quietly(store, manifest_key, manifest_tag)
-        return _failed(decision, refusal)
     held = last_check() if last_check is not None else None
     if held is not None:
         _remove_quietly(store, manifest_key, manifest_tag)
         return held
+    refusal = may_delete() if may_delete is not None else None  # (after the check: it sends requests)
+    if refusal is not None:
+        _remove_quietly(store, manifest_key, manifest_tag)
+        return _failed(decision, refusal)
     markers = [info for info in objects if info.key[len(key) + 1 :] in DIRECTORY_MARKERS]
     rest = [info for info in objects if info not in markers]
     remains = _remove_marker_first(store, markers, rest, lambda: _written_since(store, key, objects))

@@ -12,8 +12,9 @@ from typing import Any, cast
 
 import pytest
 
-from ckpt_watcher import bucket_trash_moves
+from ckpt_watcher import bucket_delete, bucket_trash_moves
 from ckpt_watcher.bucket import BucketStorage
+from ckpt_watcher.bucket_listing import object_identity
 from ckpt_watcher.bucket_trash import (
     BucketTrashIndex,
     StoredCopy,
@@ -23,6 +24,7 @@ from ckpt_watcher.bucket_trash import (
     pinned_inode,
 )
 from ckpt_watcher.bucket_trash_pass import BucketTrashPass
+from ckpt_watcher.delete import DeletionResult, Outcome
 from ckpt_watcher.locations import StorageURL
 from ckpt_watcher.object_store import (
     Fetched,
@@ -293,3 +295,35 @@ def test_a_restore_whose_pin_cannot_be_corrected_is_undone(failing: bool) -> Non
         assert problem is None
         assert json.loads(store.written[pin])["inode"] == pinned_inode('"not-s3s-rule"')
         assert index.stored == ()
+
+
+def test_the_lease_is_asked_after_the_moves_look_at_the_pins_right_before_the_delete() -> None:
+    """The move's look at the pins (a LIST, GETs: seconds with retries) came between the lease check
+    and the DELETE, so a lease lapsing during it no longer stopped the DELETE, a review showed. The
+    lease is asked last."""
+    url = StorageURL("s3", "bucket", "root")
+    info = ObjectInfo("root/run/x.ckpt", 10, '"t"', 0)
+    path = url.path_of(info.key)
+    record = SimpleNamespace(path=path, identity=object_identity(info), name="x.ckpt")
+    decision = SimpleNamespace(record=record, reasons=("old",))
+    listing = SimpleNamespace(object_at=lambda asked: info if asked == path else None)
+    deleted: list[str] = []
+    store = SimpleNamespace(head=lambda key: info, delete=lambda key, tag: deleted.append(key))
+    lease = {"held": True}
+
+    def the_pins_looked_at_while_the_lease_lapses() -> None:
+        lease["held"] = False
+
+    result = bucket_delete.remove_object(
+        cast(Any, decision),
+        url,
+        cast(ObjectStore, store),
+        cast(Any, listing),
+        lambda done: DeletionResult(done, Outcome.DELETED),
+        may_delete=lambda: None if lease["held"] else "the lease could not be renewed in time",
+        last_check=the_pins_looked_at_while_the_lease_lapses,
+    )
+
+    assert deleted == []
+    assert result.outcome is Outcome.FAILED
+    assert result.error == "the lease could not be renewed in time"
