@@ -258,9 +258,6 @@ def _delete_one(
     expected_type = stat.S_ISDIR if record.entry_type is EntryType.DIRECTORY else stat.S_ISREG
     if not expected_type(status.st_mode) or now_identity != record.identity:
         return _changed(decision)
-    pinned = _pinned_since(directory_fd, decision)
-    if pinned is not None:
-        return pinned
     if record.entry_type is EntryType.DIRECTORY:
         return _remove_directory(directory_fd, decision, trash, stop)
     if trash is not None:
@@ -270,24 +267,33 @@ def _delete_one(
     return _unlink_checked(directory_fd, decision)
 
 
-def _pinned_since(directory_fd: int, decision: Decision) -> DeletionResult | None:
-    """Kept if a ``NAME.keep`` pin is there now: one touched after the plan was made (a keep_free
-    eviction is applied at the end of its pass, from a plan seconds old on a large tree) must still
-    keep it. An ``lstat`` a deletion; when the pin cannot be looked for, kept too."""
+def pinned_since(directory_fd: int, name: str) -> tuple[Outcome, str] | None:
+    """Why ``name`` must be kept though it was planned: a ``NAME.keep`` pin there now (CHANGED), or
+    one that cannot be looked for (FAILED); None to go on. One touched after the plan was made (a
+    keep_free eviction is applied at the end of its pass, from a plan seconds old on a large tree)
+    must still keep it, so this is asked right before the rename that removes or trashes it (after a
+    directory's walk, under the trash's lock). A directory under that name is no pin, as for the
+    planner (scan.py makes no record of it)."""
     try:
-        os.lstat(decision.record.name + PIN_SUFFIX, dir_fd=directory_fd)
+        status = os.lstat(name + PIN_SUFFIX, dir_fd=directory_fd)
     except FileNotFoundError:
         return None
     except OSError as error:
         if error.errno == errno.ENAMETOOLONG:
             return None  # (no pin can have that name)
-        return _failed(decision, f"its .keep pin cannot be looked for: {describe_os_error(error)}")
-    logger.warning(
-        "checkpoint_changed",
-        path=display_name(str(decision.record.path)),
-        detail=f"pinned by {decision.record.name}{PIN_SUFFIX} since it was planned; kept",
-    )
-    return DeletionResult(decision, Outcome.CHANGED)
+        return Outcome.FAILED, f"its .keep pin cannot be looked for: {describe_os_error(error)}"
+    if stat.S_ISDIR(status.st_mode):
+        return None
+    return Outcome.CHANGED, f"pinned by {name}{PIN_SUFFIX} since it was planned"
+
+
+def _kept_by_pin(directory_fd: int, decision: Decision) -> DeletionResult | None:
+    """``pinned_since`` as this module's result (logged), or None."""
+    found = pinned_since(directory_fd, decision.record.name)
+    if found is None:
+        return None
+    outcome, why = found
+    return _changed(decision, f"{why}; kept") if outcome is Outcome.CHANGED else _failed(decision, why)
 
 
 def _unlink_checked(directory_fd: int, decision: Decision) -> DeletionResult:
@@ -300,6 +306,9 @@ def _unlink_checked(directory_fd: int, decision: Decision) -> DeletionResult:
     that ``finish_leftovers`` removes only if its inode is the one its name carries."""
     record = decision.record
     assert record.identity is not None  # checked by _delete_one
+    kept = _kept_by_pin(directory_fd, decision)
+    if kept is not None:
+        return kept
     doomed = leftover_name(record.name, record.identity.inode)
     try:
         rename_no_replace(record.name, doomed, source_dir_fd=directory_fd, destination_dir_fd=directory_fd)
@@ -364,7 +373,7 @@ def _move_to_trash(trash: TrashMover, directory_fd: int, decision: Decision) -> 
     if move.outcome is MoveOutcome.GONE:
         return _gone(decision)
     if move.outcome is MoveOutcome.CHANGED:
-        return _changed(decision)
+        return _changed(decision, f"{move.detail}; kept" if move.detail else _NOT_AS_PLANNED)
     if move.outcome is MoveOutcome.FAILED:
         return _failed(decision, f"not moved to the trash: {move.detail}")
     logger.warning(
@@ -377,12 +386,11 @@ def _move_to_trash(trash: TrashMover, directory_fd: int, decision: Decision) -> 
     return None
 
 
-def _changed(decision: Decision) -> DeletionResult:
-    logger.warning(
-        "checkpoint_changed",
-        path=display_name(str(decision.record.path)),
-        detail="no longer the file that was planned; kept, it is re-planned on the next pass",
-    )
+_NOT_AS_PLANNED = "no longer the file that was planned; kept, it is re-planned on the next pass"
+
+
+def _changed(decision: Decision, detail: str = _NOT_AS_PLANNED) -> DeletionResult:
+    logger.warning("checkpoint_changed", path=display_name(str(decision.record.path)), detail=detail)
     return DeletionResult(decision, Outcome.CHANGED)
 
 
@@ -439,8 +447,8 @@ def _remove_directory(
     """
     record = decision.record
     name = record.name
-    refused = _refuse_directory(directory_fd, decision, stop)
-    if refused is not None:
+    refused = _refuse_directory(directory_fd, decision, stop) or _kept_by_pin(directory_fd, decision)
+    if refused is not None:  # (the pin looked for after the walk, which can take long)
         return refused
     if trash is not None:
         moved = _move_to_trash(trash, directory_fd, decision)

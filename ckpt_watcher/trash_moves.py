@@ -29,6 +29,7 @@ from ckpt_watcher.delete import (
     MoveOutcome,
     Outcome,
     open_below_root,
+    pinned_since,
     remove_empty_directory,
     remove_name,
     remove_trashed,
@@ -155,6 +156,12 @@ class TrashTarget:
                 )
                 if held is not None:
                     return held
+                pinned = pinned_since(directory_fd, record.name)  # (the lock may have been waited for)
+                if pinned is not None:
+                    outcome, why = pinned
+                    return Move(
+                        MoveOutcome.CHANGED if outcome is Outcome.CHANGED else MoveOutcome.FAILED, why
+                    )
                 entry = TrashEntry(
                     key=make_key(now, record.identity.inode),
                     original=relative,
@@ -232,9 +239,7 @@ def _pinned_in(
                     MoveOutcome.FAILED, f"a pin of a restored checkpoint cannot be read ({name}: {why})"
                 )
         if pin is not None and (pin.device, pin.inode) == (device, inode) and pin.until > now:
-            return Move(
-                MoveOutcome.CHANGED, f"{pin.reason} (restored since it was planned); not trashed again"
-            )
+            return Move(MoveOutcome.CHANGED, f"{pin.reason} (restored since it was planned)")
     return None
 
 

@@ -9,11 +9,13 @@ import shutil
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from structlog.testing import capture_logs
 
 from ckpt_watcher import delete
+from ckpt_watcher import trash as trash_module
 from ckpt_watcher.delete import (
     Outcome,
     RepeatedFailures,
@@ -28,6 +30,7 @@ from ckpt_watcher.plan import Plan, plan
 from ckpt_watcher.policy import Policy
 from ckpt_watcher.records import DELETING_PREFIX, FileIdentity
 from ckpt_watcher.scan import ScanOptions, scan_tree
+from ckpt_watcher.trash_moves import TrashTarget
 from tests.support.factories import directory_checkpoint, leftovers, step_name, write_checkpoint, zip_bytes
 from tests.support.hostile_trees import make_deep_directory, remove_deep, set_immutable
 from tests.support.stops import stop_as_it_begins
@@ -482,3 +485,49 @@ def test_a_keep_pin_touched_after_the_plan_keeps_its_checkpoint(tmp_path: Path, 
     assert (tmp_path / pinned).exists()
     changed = [record for record in logs if record["event"] == "checkpoint_changed"]
     assert changed[0]["detail"] == f"pinned by {pinned}.keep since it was planned; kept"
+
+
+@pytest.mark.parametrize("while_", ["a directory checkpoint is walked", "the trash's lock is waited for"])
+def test_a_keep_pin_touched_during_a_long_step_before_the_rename_still_keeps_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, while_: str
+) -> None:
+    """The pin was first looked for before the slow steps: the walk of a large directory checkpoint,
+    the wait for the trash's lock (a restore or purge holding it). A pin touched then was missed, a
+    review showed; it is looked for right before the rename (under the trash's lock for a move)."""
+    trash = None
+    if while_ == "a directory checkpoint is walked":
+        for step in (100, 200):
+            deepspeed(tmp_path / step_name(0, step))
+        slow_module: Any = delete
+        slow_name = "summarize_tree"
+    else:
+        for step in (100, 200):
+            write_checkpoint(tmp_path / step_name(0, step))
+        trash = TrashTarget(tmp_path, 3600)
+        slow_module, slow_name = trash_module, "_wait_for_lock"
+    planned = plan_of(tmp_path)
+    pinned = step_name(0, 100)
+    slow = getattr(slow_module, slow_name)
+
+    def pinned_meanwhile(*arguments: Any, **keywords: Any) -> Any:
+        (tmp_path / f"{pinned}.keep").touch()
+        return slow(*arguments, **keywords)
+
+    monkeypatch.setattr(slow_module, slow_name, pinned_meanwhile)
+    with capture_logs():
+        results = apply_plan(planned, tmp_path, trash=trash).results
+
+    assert [result.outcome for result in results] == [Outcome.CHANGED]
+    assert (tmp_path / pinned).exists()
+
+
+def test_a_directory_named_like_a_pin_is_no_pin(tmp_path: Path) -> None:
+    """The planner counts no directory as a ``.keep`` pin (a scan makes no record of it), but the
+    deleter's look did: the checkpoint was planned for deletion and refused every pass, logged as
+    pinned. Now both go by the same rule: it is deleted as planned."""
+    for step in (100, 200):
+        write_checkpoint(tmp_path / step_name(0, step))
+    (tmp_path / f"{step_name(0, 100)}.keep").mkdir()
+    results = apply_plan(plan_of(tmp_path), tmp_path).results
+
+    assert [result.outcome for result in results] == [Outcome.DELETED]
