@@ -376,3 +376,39 @@ def test_a_full_file_system_is_pruned(tmp_path: Path) -> None:
     assert actions[step_name(0, 100)] == "delete"
     assert actions[step_name(0, 200)] == "delete"
     assert not events(completed.stderr, "checkpoint_delete_failed")
+
+
+def test_a_trash_above_the_root_in_a_directory_it_cannot_list_stops_nothing(
+    world_readable_directory: Path,
+) -> None:
+    """The pins of the trashes above a root count (a ``restore`` through a root above it). A review
+    found that one in a directory this user may search but not list (mode 711: another user's home)
+    could not be opened, which put every pin in doubt and stopped every pass for good. Such a
+    directory's trash is left out (this user could never read it), as is one on another file system."""
+    if shutil.which("setpriv") is None or os.geteuid() != 0:
+        pytest.skip("needs root and setpriv to run prune as another user")
+    above = world_readable_directory / "home"
+    (above / ".ckpt-trash" / "restored").mkdir(parents=True)
+    (above / ".ckpt-trash").chmod(0o700)
+    above.chmod(0o711)
+    run = above / "runs" / "run"
+    for step in range(100, 400, 100):
+        write_checkpoint(run / step_name(0, step))
+    backdate_tree(run)
+    for path in [run.parent, run, *run.iterdir()]:
+        os.chown(path, 65534, 65534)
+    policy = world_readable_directory / "policy.yaml"
+    policy.write_text("save_top_k_checkpoints: 1\n")
+    policy.chmod(0o644)
+
+    completed = run_cli(
+        "prune",
+        str(run),
+        "--policy",
+        str(policy),
+        prefix=["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"],
+        timeout=120,
+    )
+
+    assert completed.returncode == 0, completed.stderr
+    assert sorted(path.name for path in run.iterdir()) == [step_name(0, 300)]
