@@ -494,6 +494,8 @@ def _refuse_beside_a_watcher(root: Path) -> None:
     from ckpt_watcher.nested import read_other_locks, watcher_of  # noqa: PLC0415  (a real prune only)
 
     locks = read_other_locks()
+    if not locks.by_inode:
+        return  # (nobody else holds a lock: no directory is looked at)
     for directory in [root, *root.parents]:
         try:
             status = os.stat(directory)
@@ -501,13 +503,13 @@ def _refuse_beside_a_watcher(root: Path) -> None:
             if directory == root:
                 return  # (the pass says what is wrong with the root)
             continue
-        pid = watcher_of(str(directory), (status.st_dev, status.st_ino), locks)
+        pid = watcher_of(str(directory), (status.st_dev, status.st_ino), locks, strict=directory != root)
         if pid is None:
             continue
         holder = f"pid {pid}" if pid > 0 else "pid unknown"
-        above = "" if directory == root else f", which holds {display_name(str(root))},"
+        above = "" if directory == root else f", which holds {display_name(str(root))}"
         raise UsageError(
-            f"another ckpt-watcher is already pruning {display_name(str(directory))}{above} ({holder}): "
+            f"another ckpt-watcher is already pruning {display_name(str(directory))} ({holder}){above}: "
             "stop it before a prune that deletes (--dry-run runs beside it)"
         )
 

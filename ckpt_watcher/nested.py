@@ -104,13 +104,20 @@ def lock_files_of(directory: str) -> list[str]:
     return [os.path.join(parent, f".{name}{LOCK_FILE_NAME}"), os.path.join(directory, LOCK_FILE_NAME)]
 
 
-def watcher_of(directory: str, identity: tuple[int, int] | None, locks: OtherLocks) -> int | None:
-    """The pid of another watcher holding ``directory``'s lock (0: pid unknown), else None."""
+def watcher_of(
+    directory: str, identity: tuple[int, int] | None, locks: OtherLocks, *, strict: bool = False
+) -> int | None:
+    """The pid of another watcher holding ``directory``'s lock (0: pid unknown), else None.
+    ``strict`` (a directory above the one asked about, where any tool may hold a lock: ``flock /srv
+    cron.sh``): only a lock on that very device (no btrfs guess, where every subvolume's root is
+    inode 256), held by a process whose command line names ckpt-watcher (or one outside this pid
+    namespace, which cannot be told)."""
     if not locks.by_inode:
         return None
+    where = None if strict else directory
     if identity is not None:
-        pid = locks.holder(*identity, directory)
-        if pid is not None:
+        pid = locks.holder(*identity, where)
+        if pid is not None and (not strict or _runs_ckpt_watcher(pid)):
             return pid
         if identity[0] not in locks.devices and locks.table_device(directory) not in locks.devices:
             return None  # nobody else locks anything on that file system: no lock file is held
@@ -120,10 +127,22 @@ def watcher_of(directory: str, identity: tuple[int, int] | None, locks: OtherLoc
         except OSError:
             continue
         if stat.S_ISREG(status.st_mode):
-            pid = locks.holder(status.st_dev, status.st_ino, lock_file)
+            pid = locks.holder(status.st_dev, status.st_ino, None if strict else lock_file)
             if pid is not None:
                 return pid
     return None
+
+
+def _runs_ckpt_watcher(pid: int) -> bool:
+    """True if process ``pid`` runs ckpt-watcher (its command line says so), or cannot be told (pid 0:
+    outside this pid namespace; its command line hidden, ``hidepid``)."""
+    if pid <= 0:
+        return True
+    try:
+        command_line = Path(f"/proc/{pid}/cmdline").read_bytes()[:4096]
+    except OSError:
+        return True
+    return b"ckpt_watcher" in command_line or b"ckpt-watcher" in command_line
 
 
 def _identity(path: str) -> tuple[int, int] | None:

@@ -18,7 +18,7 @@ from ckpt_watcher.plan import plan
 from ckpt_watcher.policy import DEFAULT_POLICY, POLICY_KEYS
 from ckpt_watcher.scan import scan_tree
 from tests.support.cli import TRACEBACK, WITHOUT_READ_OVERRIDE, cli_command, events, prune_entries, run_cli
-from tests.support.daemon import running_daemon
+from tests.support.daemon import running_daemon, wait_until
 from tests.support.factories import best_name, step_name, write_checkpoint, write_truncated
 
 STEPS_PER_EPOCH = 1000
@@ -484,9 +484,9 @@ def test_a_prune_that_deletes_does_not_run_beside_a_watcher(tmp_path: Path, watc
         assert daemon.stop() == 0
 
     assert refused.returncode == 2, refused.stderr
-    above = "" if watched == "run" else f", which holds {run},"
+    above = "" if watched == "run" else f", which holds {run}"
     assert refused.stderr.strip() == (
-        f"ckpt-watcher: another ckpt-watcher is already pruning {target}{above} (pid {daemon.process.pid}): "
+        f"ckpt-watcher: another ckpt-watcher is already pruning {target} (pid {daemon.process.pid}){above}: "
         "stop it before a prune that deletes (--dry-run runs beside it)"
     )
     entries = prune_entries(audit, exit_code=0)
@@ -496,3 +496,24 @@ def test_a_prune_that_deletes_does_not_run_beside_a_watcher(tmp_path: Path, watc
     assert {path.name for path in run.iterdir()} == before
     assert run_cli("prune", str(run), "--policy", str(keep_one), timeout=60).returncode == 0
     assert {path.name for path in run.iterdir()} == {step_name(0, 2500)}
+
+
+def test_a_lock_another_tool_holds_on_a_directory_above_does_not_stop_a_prune(tmp_path: Path) -> None:
+    """A lock above PATH counts only if a ckpt-watcher holds it: a review saw ``flock /srv cron.sh``
+    (any tool's lock on a directory above) refuse every prune below it, blaming a ckpt-watcher."""
+    run = tmp_path / "runs" / "run"
+    for step in range(500, 2000, 500):
+        write_checkpoint(run / step_name(0, step))
+    keep_one = tmp_path / "keep-one.yaml"
+    keep_one.write_text("save_top_k_checkpoints: 1\n")
+    holder = subprocess.Popen(["flock", "--exclusive", str(run.parent), "sleep", "120"])
+    try:
+        inode = os.stat(run.parent).st_ino
+        wait_until(lambda: f":{inode} " in Path("/proc/locks").read_text(), 30, "the lock")
+        pruned = run_cli("prune", str(run), "--policy", str(keep_one), timeout=60)
+    finally:
+        holder.kill()
+        holder.wait()
+
+    assert pruned.returncode == 0, pruned.stderr
+    assert sorted(path.name for path in run.iterdir()) == [step_name(0, 1500)]
