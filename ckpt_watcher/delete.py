@@ -373,7 +373,7 @@ def _move_to_trash(trash: TrashMover, directory_fd: int, decision: Decision) -> 
     if move.outcome is MoveOutcome.GONE:
         return _gone(decision)
     if move.outcome is MoveOutcome.CHANGED:
-        return _changed(decision, f"{move.detail}; kept" if move.detail else _NOT_AS_PLANNED)
+        return _changed(decision, move.detail or _NOT_AS_PLANNED)
     if move.outcome is MoveOutcome.FAILED:
         return _failed(decision, f"not moved to the trash: {move.detail}")
     logger.warning(

@@ -109,13 +109,13 @@ def watcher_of(
 ) -> int | None:
     """The pid of another watcher holding ``directory``'s lock (0: pid unknown), else None.
     ``strict`` (a directory above the one asked about, where any tool may hold a lock: ``flock /srv
-    cron.sh``): only a lock on that very device (no btrfs guess, where every subvolume's root is
-    inode 256), held by a process whose command line names ckpt-watcher (or one outside this pid
-    namespace, which cannot be told)."""
+    cron.sh``): only a lock held by a process whose command line names ckpt-watcher (or one whose
+    command line cannot be read), and on btrfs no guess across subvolumes for a subvolume's root
+    (inode 256 in every subvolume)."""
     if not locks.by_inode:
         return None
-    where = None if strict else directory
     if identity is not None:
+        where = None if strict and identity[1] == _SUBVOLUME_ROOT_INODE else directory
         pid = locks.holder(*identity, where)
         if pid is not None and (not strict or _runs_ckpt_watcher(pid)):
             return pid
@@ -127,19 +127,25 @@ def watcher_of(
         except OSError:
             continue
         if stat.S_ISREG(status.st_mode):
-            pid = locks.holder(status.st_dev, status.st_ino, None if strict else lock_file)
+            pid = locks.holder(status.st_dev, status.st_ino, lock_file)
             if pid is not None:
                 return pid
     return None
 
 
+_SUBVOLUME_ROOT_INODE = 256  # btrfs: the root directory of every subvolume
+
+
 def _runs_ckpt_watcher(pid: int) -> bool:
     """True if process ``pid`` runs ckpt-watcher (its command line says so), or cannot be told (pid 0:
-    outside this pid namespace; its command line hidden, ``hidepid``)."""
+    outside this pid namespace; its command line hidden, ``hidepid``). A pid that is gone is no
+    watcher: one holds its lock until it exits (``flock DIR sh -c 'job &'`` leaves it to a child)."""
     if pid <= 0:
         return True
     try:
         command_line = Path(f"/proc/{pid}/cmdline").read_bytes()[:4096]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
     except OSError:
         return True
     return b"ckpt_watcher" in command_line or b"ckpt-watcher" in command_line

@@ -898,6 +898,12 @@ class TrashIndex:
             self.unusable = str(error) if error.may_hold_pins else None
         self.exists = self._trash is not None
 
+    def note_unlistable(self) -> None:
+        """Say once that this directory's trash (above a root) is not read: this user may not list it."""
+        problem = f"{display_name(str(self.root))} cannot be listed by this user"
+        detail = "its pins (of checkpoints restored through that directory) are not read"
+        self._report(("<unlistable>", 0), str(self.root / TRASH_DIRECTORY_NAME), problem, detail)
+
     def close(self) -> None:
         """Close the trash's descriptors (what was learned stays)."""
         if self._trash is not None:

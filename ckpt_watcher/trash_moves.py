@@ -159,9 +159,9 @@ class TrashTarget:
                 pinned = pinned_since(directory_fd, record.name)  # (the lock may have been waited for)
                 if pinned is not None:
                     outcome, why = pinned
-                    return Move(
-                        MoveOutcome.CHANGED if outcome is Outcome.CHANGED else MoveOutcome.FAILED, why
-                    )
+                    if outcome is Outcome.CHANGED:
+                        return Move(MoveOutcome.CHANGED, f"{why}; kept")
+                    return Move(MoveOutcome.FAILED, why)
                 entry = TrashEntry(
                     key=make_key(now, record.identity.inode),
                     original=relative,
@@ -239,7 +239,7 @@ def _pinned_in(
                     MoveOutcome.FAILED, f"a pin of a restored checkpoint cannot be read ({name}: {why})"
                 )
         if pin is not None and (pin.device, pin.inode) == (device, inode) and pin.until > now:
-            return Move(MoveOutcome.CHANGED, f"{pin.reason} (restored since it was planned)")
+            return Move(MoveOutcome.CHANGED, f"{pin.reason} (restored since it was planned); kept")
     return None
 
 

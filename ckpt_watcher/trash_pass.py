@@ -99,7 +99,8 @@ def _has_trash(index: TrashIndex, root: Path) -> bool:
         return False
     except OSError:
         pass  # (the open says why, and whether that puts the pins in doubt)
-    if not os.access(index.root, os.R_OK | os.X_OK):
+    if not os.access(index.root, os.R_OK | os.X_OK, effective_ids=os.access in os.supports_effective_ids):
+        index.note_unlistable()
         return False
     index.start()
     return index.exists or index.unusable is not None

@@ -412,3 +412,5 @@ def test_a_trash_above_the_root_in_a_directory_it_cannot_list_stops_nothing(
 
     assert completed.returncode == 0, completed.stderr
     assert sorted(path.name for path in run.iterdir()) == [step_name(0, 300)]
+    (unread,) = [record for record in events(completed.stderr, "trash_problem") if "home" in record["path"]]
+    assert unread["error"].endswith("home cannot be listed by this user")  # said, not silently left

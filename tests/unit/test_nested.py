@@ -300,3 +300,40 @@ def test_the_daemon_s_holder_is_the_lock_file_check_s_on_every_table(
     got = OtherLocks.parse(text, own_pid=100, mounts=MOUNTS).holder(device, 77, path)
 
     assert (got or None) == holder_in_proc_locks(others, device, 77, table_device)
+
+
+@contextmanager
+def _process(*argv_tail: str) -> Iterator[int]:
+    """A process whose command line ends with ``argv_tail``, running while the block runs."""
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", *argv_tail])
+    try:
+        yield process.pid
+    finally:
+        process.kill()
+        process.wait()
+
+
+@pytest.mark.parametrize(
+    ("holder", "inode", "expected"),
+    [
+        ("a ckpt-watcher", 77, True),  # on btrfs, through the file system's lock: a subvolume's directory
+        ("another tool", 77, False),  # flock /srv cron.sh: not a watcher
+        ("gone", 77, False),  # the pid left its lock to a child and exited
+        ("a ckpt-watcher", 256, False),  # every subvolume's root: no guess across subvolumes
+    ],
+)
+def test_a_lock_above_a_prune_counts_only_if_a_ckpt_watcher_holds_it(
+    holder: str, inode: int, expected: bool
+) -> None:
+    """``watcher_of(strict=True)``, for the directories above a prune's PATH (cli.py): reviews found
+    any tool's lock there refused the prune, and btrfs subvolume roots (all inode 256) matched each
+    other."""
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    with _process("ckpt-watcher", "watch") as watcher, _process("cron.sh") as other:
+        pid = {"a ckpt-watcher": watcher, "another tool": other, "gone": gone.pid}[holder]
+        text = f"1: FLOCK  ADVISORY  WRITE {pid} 00:2a:{inode} 0 EOF\n"
+        locks = OtherLocks.parse(text, own_pid=100, mounts=MOUNTS)
+        found = nested.watcher_of("/ckw-data/ck", (DEVICE, inode), locks, strict=True)
+
+    assert (found == pid) is expected
