@@ -84,26 +84,34 @@ def refuse_pins_in_doubt(pins_in_doubt: str | None) -> None:
         raise StorageUnavailableError(f"a pin of a restored checkpoint is unknown ({pins_in_doubt})")
 
 
-def _has_trash(index: TrashIndex, root: Path) -> bool:
-    """True if the directory above ``root`` that ``index`` is about has a trash that may pin
+def _with_trash(indexes: Sequence[TrashIndex], root: Path) -> list[TrashIndex]:
+    """The directories above ``root`` (``indexes``, one each) that have a trash that may pin
     checkpoints of ``root``, opened (or refused but maybe this tool's). An ``lstat`` first, so the
-    directories above, most of them without one, cost no more. Left out: one on another file system
-    than ``root`` (a move into a trash never crosses file systems, so no pin there names a file of
-    ``root``), and one this process may search but not list (mode 711: another user's home, say),
-    whose trash it could not open, which would otherwise stop every pass here for good."""
-    try:
-        os.lstat(index.root / TRASH_DIRECTORY_NAME)
-        if os.stat(index.root).st_dev != os.stat(root).st_dev:
-            return False
-    except FileNotFoundError:
-        return False
-    except OSError:
-        pass  # (the open says why, and whether that puts the pins in doubt)
-    if not os.access(index.root, os.R_OK | os.X_OK, effective_ids=os.access in os.supports_effective_ids):
-        index.note_unlistable()
-        return False
-    index.start()
-    return index.exists or index.unusable is not None
+    directories above, most of them without one, cost no more; ``root`` is stat'ed once, and only if
+    one has. Left out: one on another file system than ``root`` (a move into a trash never crosses
+    file systems, so no pin there names a file of ``root``), and one this process may search but not
+    list (mode 711: another user's home, say), whose trash it could not open, which would otherwise
+    stop every pass here for good."""
+    present: list[TrashIndex] = []
+    root_device: int | None = None
+    for index in indexes:
+        try:
+            os.lstat(index.root / TRASH_DIRECTORY_NAME)
+            if root_device is None:
+                root_device = os.stat(root).st_dev
+            if os.stat(index.root).st_dev != root_device:
+                continue
+        except FileNotFoundError:
+            continue
+        except OSError:
+            pass  # (the open says why, and whether that puts the pins in doubt)
+        if not os.access(index.root, os.R_OK | os.X_OK, effective_ids=os.access in os.supports_effective_ids):
+            index.note_unlistable()
+            continue
+        index.start()
+        if index.exists or index.unusable is not None:
+            present.append(index)
+    return present
 
 
 class TrashPass(PurgeSchedule):
@@ -133,7 +141,7 @@ class TrashPass(PurgeSchedule):
         pass's look at its end, so that no look stands between an event and its deletions."""
         self.index.start()
         self._may_exist = self.index.exists or self.index.unusable is not None
-        self._above_present = [above for above in self._above if _has_trash(above, self.root)]
+        self._above_present = _with_trash(self._above, self.root)
         if self.index.exists and (purge or not self.index.looked):
             self._look(force=True, retry=True)
         if dry_run or not self.index.exists or not (purge or self.is_due(time.time())):
