@@ -25,6 +25,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import structlog
 
@@ -53,8 +54,10 @@ from ckpt_watcher.object_store import (
 )
 from ckpt_watcher.plan import Decision
 from ckpt_watcher.records import EntryType, display_name
+from ckpt_watcher.storage import StorageUnavailableError
 from ckpt_watcher.trash import RestoredPin, TrashEntry, iso_time, make_key, valid_relative_path
 from ckpt_watcher.trash_moves import PurgeResult, RestoreResult
+from ckpt_watcher.trash_pass import refuse_pins_in_doubt
 
 logger = structlog.get_logger("ckpt_watcher.trash")
 
@@ -109,6 +112,42 @@ def copy_checked(store: ObjectStore, source: ObjectInfo, destination: str) -> Pe
     return pending
 
 
+def pins_in_force(index: BucketTrashIndex, now: float, *, look: bool = True) -> dict[tuple[int, int], str]:
+    """The restored checkpoints pinned at ``now`` (the pins listed again first if ``look``).
+    StorageUnavailableError if they cannot be listed or one cannot be read: a restored checkpoint it
+    cannot tell would be planned, or moved, as never restored. For a pass and for a move's last check."""
+    if look:
+        try:
+            index.look_pins()
+        except StoreError as error:
+            problem = f"the pins of restored checkpoints cannot be listed ({error})"
+            raise StorageUnavailableError(problem) from None
+    refuse_pins_in_doubt(index.pins_in_doubt)
+    return index.pinned_identities(now)
+
+
+@dataclass
+class _LastGate:
+    """The checks a move asks right before its DELETE (a restore meanwhile, then the lease), and
+    whether one held it back. Both are asked before anything of the checkpoint is deleted (an object's
+    DELETE, a directory's marker), so a move one of them held deleted nothing, and its copy in the
+    trash is dropped: kept, it was a second copy that a later pass trashed again beside it."""
+
+    restored_meanwhile: LastCheck
+    lease: Callable[[], str | None]
+    held: bool = False
+
+    def last_check(self) -> DeletionResult | None:
+        kept = self.restored_meanwhile()
+        self.held = self.held or kept is not None
+        return kept
+
+    def may_delete(self) -> str | None:
+        refusal = self.lease()
+        self.held = self.held or refusal is not None
+        return refusal
+
+
 @dataclass
 class BucketTrashTarget:
     """Moves one group's deletions into a bucket root's trash, each kept restorable ``grace_seconds``."""
@@ -161,19 +200,13 @@ class BucketTrashTarget:
             return sources
         stored = self._copy_in(entry, key, sources)
         refusal = self.may_delete()  # a long copy: the lease may have been lost meanwhile
-        held: list[DeletionResult] = []
-
-        def restored_meanwhile() -> DeletionResult | None:  # (asked after the HEAD, before the DELETE)
-            kept = self._restored_meanwhile(decision)
-            held.extend([kept] if kept is not None else [])
-            return kept
-
+        gate = _LastGate(partial(self._restored_meanwhile, decision), self.may_delete)
         outcome = (
             _failed(decision, refusal)
             if refusal
-            else self._remove(decision, listing, stored, restored_meanwhile)
+            else self._remove(decision, listing, stored, gate.last_check, gate.may_delete)
         )
-        if refusal or held or outcome.outcome is Outcome.CHANGED:  # nothing deleted: no copy needed
+        if refusal or gate.held or outcome.outcome is Outcome.CHANGED:  # nothing deleted: no copy needed
             copies = [(stored.data_key(self.index.base, copy.relative), copy.tag) for copy in stored.copies]
             _delete_quietly(self.store, [*copies, (stored.info_key, stored.info_tag)])
         elif outcome.outcome is not Outcome.TRASHED:
@@ -190,16 +223,12 @@ class BucketTrashTarget:
         no lock to hold it off). Kept too (FAILED) if the pins cannot be listed or one cannot be
         read: it may be this checkpoint's."""
         try:
-            self.index.look_pins()
-        except StoreError as error:
-            return _failed(decision, f"the pins of restored checkpoints cannot be listed ({error})")
-        if self.index.pins_in_doubt is not None:
-            return _failed(
-                decision, f"a pin of a restored checkpoint cannot be read ({self.index.pins_in_doubt})"
-            )
+            pinned = pins_in_force(self.index, self.clock())
+        except StorageUnavailableError as error:
+            return _failed(decision, str(error))
         identity = decision.record.identity
         assert identity is not None  # (``_trash`` refuses a record without one)
-        if (identity.device, identity.inode) in self.index.pinned_identities(self.clock()):
+        if (identity.device, identity.inode) in pinned:
             return _changed(decision)
         return None
 
@@ -273,10 +302,15 @@ class BucketTrashTarget:
         return StoredEntry(stored.entry, tuple(actual), stored.info_key, info_tag)
 
     def _remove(
-        self, decision: Decision, listing: Listing, stored: StoredEntry, last_check: LastCheck
+        self,
+        decision: Decision,
+        listing: Listing,
+        stored: StoredEntry,
+        last_check: LastCheck,
+        may_delete: Callable[[], str | None],
     ) -> DeletionResult:
-        """Remove the checkpoint as without a trash (``last_check`` before its DELETE); on success,
-        ``checkpoint_trashed``.
+        """Remove the checkpoint as without a trash (``last_check``, then ``may_delete``, right before
+        its DELETE); on success, ``checkpoint_trashed``.
 
         Gone already once its copy is verified counts as trashed, and the copy stays: most likely our
         own conditional DELETE succeeded and its answer was lost, so botocore's retry found nothing
@@ -303,7 +337,7 @@ class BucketTrashTarget:
             self.store,
             listing,
             trashed,
-            may_delete=self.may_delete,
+            may_delete=may_delete,
             last_check=last_check,
         )
         return trashed(decision) if result.outcome is Outcome.ALREADY_GONE else result

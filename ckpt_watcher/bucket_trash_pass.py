@@ -18,13 +18,11 @@ import structlog
 
 from ckpt_watcher.bucket import BucketStorage
 from ckpt_watcher.bucket_trash import BucketTrashIndex
-from ckpt_watcher.bucket_trash_moves import BucketTrashTarget, purge_stored
+from ckpt_watcher.bucket_trash_moves import BucketTrashTarget, pins_in_force, purge_stored
 from ckpt_watcher.budget import Reclaimable
-from ckpt_watcher.object_store import StoreError
-from ckpt_watcher.storage import StorageUnavailableError
 from ckpt_watcher.trash import TrashSummary
 from ckpt_watcher.trash_moves import PurgeResult
-from ckpt_watcher.trash_pass import PURGE_RETRY_SECONDS, PurgeSchedule, refuse_pins_in_doubt
+from ckpt_watcher.trash_pass import PURGE_RETRY_SECONDS, PurgeSchedule
 
 logger = structlog.get_logger("ckpt_watcher.trash")
 
@@ -67,14 +65,9 @@ class BucketTrashPass(PurgeSchedule):
         """The restored checkpoints pinned now. The pins are listed again once a pass, after its listing,
         while the trash has entries (a restore under way needs one): a listing's pages are not one
         snapshot, so one that showed a restored object may have been made before its pin's page."""
-        if not self._pins_looked and self.index.lists_entries:  # (an entry unread: a restore may be on)
-            self._pins_looked = True
-            try:
-                self.index.look_pins()
-            except StoreError as error:
-                raise StorageUnavailableError(str(error)) from None
-        refuse_pins_in_doubt(self.index.pins_in_doubt)
-        return self.index.pinned_identities(time.time())
+        look = not self._pins_looked and self.index.lists_entries  # (an entry unread: a restore may be on)
+        self._pins_looked = self._pins_looked or look
+        return pins_in_force(self.index, time.time(), look=look)
 
     def target(self, grace_seconds: int) -> BucketTrashTarget | None:
         """Where a group whose policy has this grace moves its deletions; None: deleted at once."""

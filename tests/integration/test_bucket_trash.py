@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from ckpt_watcher import bucket_delete, bucket_trash_moves, object_store
+from ckpt_watcher.bucket import BucketStorage
 from ckpt_watcher.bucket_trash_moves import BucketTrashTarget
 from ckpt_watcher.cli import main
 from ckpt_watcher.integrity import DIRECTORY_QUIET_SECONDS
@@ -634,3 +635,39 @@ def test_a_stale_plan_does_not_trash_a_checkpoint_restored_meanwhile(
     assert x in s3.raw_keys()  # restored and pinned: kept
     listed = [entry["original"] for entry in _trash_list(s3)]
     assert listed.count(f"run/{step_name(0, 100)}") == 0  # (the stale move's copy dropped)
+
+
+def test_a_move_the_lease_stops_at_its_delete_leaves_no_copy_in_the_trash(
+    s3: Bucket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A move whose lease was lost right before its DELETE (asked last) deleted nothing, yet kept its
+    copy in the trash: the next pass trashed the object again beside it, two entries for one
+    checkpoint. The copy is dropped, as for a move a restore meanwhile holds back; the next pass
+    trashes the object once."""
+    seeded = _seed(s3, range(100, 500, 100))
+    policy = _policy(tmp_path, "save_top_k_checkpoints: 2\ntrash:\n  grace: 1h\n")
+    url = f"{s3.url}/root"
+    remove = bucket_delete.remove_object
+    lease = {"held": True}
+
+    def the_lease_lost_at_the_delete(decision: Any, *arguments: Any, **keywords: Any) -> Any:
+        lease["held"] = False  # (lapsing while its HEAD and its look at the pins are in flight)
+        try:
+            return remove(decision, *arguments, **keywords)
+        finally:
+            lease["held"] = True
+
+    def refusal(self: BucketStorage) -> str | None:
+        return None if lease["held"] else "the lease could not be renewed in time"
+
+    with monkeypatch.context() as patched:
+        patched.setattr(bucket_trash_moves, "remove_object", the_lease_lost_at_the_delete)
+        patched.setattr(BucketStorage, "refusal", refusal)
+        code = main(["prune", url, "--policy", str(policy)])
+
+    assert code == 1  # (each move failed, saying why)
+    assert _checkpoint_keys(s3) == set(seeded)
+    assert _trash_list(s3) == []
+    assert main(["prune", url, "--policy", str(policy)]) == 0
+    originals = sorted(entry["original"] for entry in _trash_list(s3))
+    assert originals == [f"run/{step_name(0, 100)}", f"run/{step_name(0, 200)}"]
