@@ -387,6 +387,10 @@ def _move_to_trash(trash: TrashMover, directory_fd: int, decision: Decision) -> 
 
 
 _NOT_AS_PLANNED = "no longer the file that was planned; kept, it is re-planned on the next pass"
+# A directory checkpoint whose files changed between its scan and its deletion's walk: a re-save in
+# place (a rolled-back run saving the same step again, torch.distributed.checkpoint's default)
+# changes neither the directory's own mtime nor, when a file is rewritten, its list of entries.
+_WRITTEN_SINCE = "written to since it was planned (its files changed)"
 
 
 def _changed(decision: Decision, detail: str = _NOT_AS_PLANNED) -> DeletionResult:
@@ -406,8 +410,9 @@ def leftover_name(name: str, inode: int) -> str:
 def _refuse_directory(
     directory_fd: int, decision: Decision, stop: threading.Event | None
 ) -> DeletionResult | None:
-    """Why a planned directory checkpoint must not be removed now (gone, changed, holding a mount
-    point), or None if it may be. Raises WalkStopped once ``stop`` is set (nothing was touched)."""
+    """Why a planned directory checkpoint must not be removed now (gone, changed, written to since its
+    scan, holding a mount point), or None if it may be. Raises WalkStopped once ``stop`` is set
+    (nothing was touched)."""
     try:
         summary = summarize_tree(decision.record.name, dir_fd=directory_fd, stop=stop)
     except FileNotFoundError:
@@ -424,6 +429,9 @@ def _refuse_directory(
         or (walked.device, walked.inode, walked.mtime_ns) != (planned.device, planned.inode, planned.mtime_ns)
     ):
         return _changed(decision)
+    planned_signature = decision.record.tree_signature
+    if planned_signature is not None and summary.signature() != planned_signature:
+        return _changed(decision, f"{_WRITTEN_SINCE}; kept, it is re-planned on the next pass")
     if summary.mount_points:
         return _failed(
             decision,

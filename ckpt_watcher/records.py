@@ -62,6 +62,10 @@ class FileIdentity:
         return cls(status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns)
 
 
+# filesystem.TreeSummary.signature of a directory checkpoint's walk (entries, bytes, their times)
+TreeSignature = tuple[int, int, int] | None
+
+
 @quick_init
 @dataclass(frozen=True, slots=True)
 class CheckpointRecord:
@@ -94,6 +98,10 @@ class CheckpointRecord:
     note: str | None = None
     settles_at: float | None = None
     names_best: str | None = None  # a Hugging Face checkpoint's trainer_state.json best_model_checkpoint
+    # A directory checkpoint's files as its scan walked them (filesystem.TreeSummary.signature: entries,
+    # bytes, their times): its deletion walks it again and keeps it if anything in it was written since
+    # (a re-save in place changes neither the directory's own mtime nor, maybe, its bytes).
+    tree_signature: TreeSignature = None
 
     @property
     def path(self) -> Path:

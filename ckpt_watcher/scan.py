@@ -51,6 +51,7 @@ from ckpt_watcher.records import (
     CheckpointRecord,
     EntryType,
     FileIdentity,
+    TreeSignature,
     display_name,
     path_prefix,
 )
@@ -610,6 +611,7 @@ class _Group:
         link_target: Path | None = None
         completeness: Completeness
         names_best: str | None = None
+        tree_signature: TreeSignature = None
         size = identity.size if entry_type is EntryType.FILE else 0
         if entry_type is EntryType.SYMLINK:
             link_target = self.resolver.resolve(self.directory / name)  # resolves names only: opens nothing
@@ -617,7 +619,7 @@ class _Group:
         elif entry_type is EntryType.FILE and parsed.kind is not Kind.UNKNOWN:
             completeness = self._file_completeness(name, identity, parsed.kind, status, handle)
         elif entry_type is EntryType.DIRECTORY:
-            completeness, size, names_best = self._directory_completeness(name)
+            completeness, size, names_best, tree_signature = self._directory_completeness(name)
         else:
             completeness = Completeness(False, None)
         if self.cache is not None:  # the daemon: one string per name in all it keeps, shared with
@@ -645,11 +647,12 @@ class _Group:
             parsed.note or _completeness_note(completeness),  # note
             completeness.settles_at,
             names_best,
+            tree_signature,
         )
 
-    def _directory_completeness(self, name: str) -> tuple[Completeness, int, str | None]:
-        """The verdict on a checkpoint-named directory, and the bytes its files hold (ScanStopped if the
-        stop comes during its walk)."""
+    def _directory_completeness(self, name: str) -> tuple[Completeness, int, str | None, TreeSignature]:
+        """The verdict on a checkpoint-named directory, its files' bytes, the best its trainer_state.json
+        names, and its walk's signature (ScanStopped if the stop comes during its walk)."""
         quiet_seconds = self.options.directory_quiet
         try:
             verdict = check_directory(
@@ -670,7 +673,7 @@ class _Group:
                 name, verdict.signature, completeness, quiet_seconds=quiet_seconds, now=self.now
             )
         completeness = _with_markers(name, self.markers, None) or completeness
-        return completeness, verdict.bytes, verdict.names_best
+        return completeness, verdict.bytes, verdict.names_best, verdict.signature
 
     def judge_links(self, records: list[CheckpointRecord]) -> list[CheckpointRecord]:
         """Settle each checkpoint-named symlink's completeness from its target, never walking it."""

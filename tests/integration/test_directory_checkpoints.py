@@ -10,14 +10,18 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
 from ckpt_watcher import integrity
+from ckpt_watcher.delete import Outcome, apply_plan
 from ckpt_watcher.integrity import DIRECTORY_QUIET_SECONDS
 from ckpt_watcher.overrides import PolicyTree
-from ckpt_watcher.plan import Action
+from ckpt_watcher.plan import Action, plan
 from ckpt_watcher.policy import load_policy
 from ckpt_watcher.protection import ProtectionRegistry
 from ckpt_watcher.reconcile import Reconciler, Trigger
+from ckpt_watcher.scan import ScanOptions, scan_tree
+from ckpt_watcher.trash_moves import TrashTarget
 from tests.support.cli import events, prune_entries, run_cli, run_python
 from tests.support.factories import backdate_tree, directory_checkpoint, step_name, write_checkpoint
 from tests.support.quiet_clock import QuietClock
@@ -609,3 +613,61 @@ def test_ranks_whose_clock_is_behind_never_make_a_checkpoint_still_written_push_
     assert len(waiting) == 1
     assert any("by this watcher's clock" in reason for reason in waiting[0]), waiting
     assert sorted(path.name for path in run.iterdir() if not path.name.startswith(".")) == [newer.name]
+
+
+def _rewrite_in_place(checkpoint: Path, how: str) -> None:
+    """What a save into an existing directory checkpoint does to it, leaving the directory's own mtime
+    as it was (no entry of its own made or removed)."""
+    if how == "a file rewritten, same size":
+        with (checkpoint / "optimizer.pt").open("r+b") as handle:
+            handle.write(b"z" * 100)
+    elif how == "a file rewritten, longer":
+        (checkpoint / "model.safetensors").write_bytes(b"z" * 4096)
+    else:
+        (checkpoint / "shards" / "part-1").write_bytes(b"z" * 100)
+
+
+@pytest.mark.parametrize("grace", [0, 3600], ids=["deleted", "trashed"])
+@pytest.mark.parametrize(
+    "how", ["a file rewritten, same size", "a file rewritten, longer", "a file added below"]
+)
+def test_a_directory_checkpoint_written_to_after_its_plan_is_kept(
+    tmp_path: Path, how: str, grace: int
+) -> None:
+    """A review found a directory checkpoint saved again in place after its group's scan (a rolled-back
+    run reaching the same step: torch.distributed.checkpoint overwrites by default, Hugging Face's
+    ``save_file`` opens with ``"wb"``) deleted, or trashed, mid-save: the deletion's walk compared only
+    the directory's own inode and mtime, which rewriting a file in it, or making one in a directory
+    below, leaves as they were. The walk's signature (entries, bytes, times) is now held to the scan's:
+    kept (CHANGED), and deleted by a later pass once its save is over and it is still planned."""
+    root = tmp_path / "output"
+    older = hugging_face_checkpoint(root / "checkpoint-100", 100)
+    (older / "shards").mkdir()
+    (older / "shards" / "part-0").write_bytes(b"y" * 100)
+    hugging_face_checkpoint(root / "checkpoint-200", 200)
+    backdate_tree(root)
+    policy_file = tmp_path / "policy.yaml"
+    trash = f"trash:\n  grace: {grace}s\n" if grace else ""
+    policy_file.write_text(f"save_top_k_checkpoints: 1\nnaming:\n  step: 'checkpoint-{{step}}'\n{trash}")
+    policy = load_policy(policy_file).policy
+    options = ScanOptions(directory_quiet_seconds=0.0)
+    planned = plan(scan_tree(root, policy.compiled_naming, options).records, policy)
+    assert [decision.record.name for decision in planned.deletions] == ["checkpoint-100"]
+    _rewrite_in_place(older, how)
+    target = TrashTarget(root, grace) if grace else None
+
+    with capture_logs() as logs:
+        results = apply_plan(planned, root, trash=target).results
+
+    assert [result.outcome for result in results] == [Outcome.CHANGED]
+    assert (older / "trainer_state.json").is_file()
+    changed = [record for record in logs if record["event"] == "checkpoint_changed"]
+    assert "written to since it was planned" in changed[0]["detail"]
+    assert not (root / ".ckpt-trash").exists()  # (nothing moved, not even begun)
+    state = older / "trainer_state.json"
+    state.write_text(state.read_text())  # (the save ends: its marker written last)
+    backdate_tree(root)
+    again = plan(scan_tree(root, policy.compiled_naming, options).records, policy)
+    outcomes = [result.outcome for result in apply_plan(again, root, trash=target).results]
+    assert outcomes == [Outcome.TRASHED if grace else Outcome.DELETED]
+    assert not older.exists()
