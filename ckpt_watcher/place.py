@@ -31,6 +31,7 @@ from ckpt_watcher.policy import LoadedPolicy
 from ckpt_watcher.policy_file import PolicyFile
 from ckpt_watcher.protection import ProtectionRegistry, command_line_pins
 from ckpt_watcher.reconcile import PassResult, Reconciler
+from ckpt_watcher.records import display_name
 from ckpt_watcher.root import ArmedRoot, take_lock
 
 if TYPE_CHECKING:
@@ -194,6 +195,10 @@ class DirectoryPlace:
         self._observer_factory = observer_factory
         self._early_lock: DirectoryLock | None = None
         self._unusable: str | None = None  # why the root could not be opened, as last logged
+        # Where the root led when it was first armed (its real path) and whether it was a symlink then:
+        # a root replaced by a symlink, or leading elsewhere since, is never armed again (a re-arm on
+        # where it leads now would prune a tree that was never the watched root).
+        self._first_armed: tuple[Path, bool] | None = None
         self._retries = Retries(
             str(options.root),
             0.0,  # (at most a minute: a directory's passes are not paced by its poll)
@@ -220,6 +225,9 @@ class DirectoryPlace:
                 )
                 self._unusable = problem
             return None
+        leads_to = _leads_to(self.options.root)
+        if self._elsewhere(leads_to):
+            return None
         self._unusable = None
         armed = ArmedRoot.arm(
             self.options.root,
@@ -229,9 +237,35 @@ class DirectoryPlace:
             poll_interval=self.options.poll_interval,
             config_files=config_files(self.options.policy_path, self.registry),
         )
-        if armed is not None:
-            self._early_lock = None  # the armed root holds it now
+        if armed is None:
+            return None
+        self._early_lock = None  # the armed root holds it now
+        if self._first_armed is not None and armed.path != self._first_armed[0]:  # (swapped meanwhile)
+            armed.disarm()
+            return None
+        self._first_armed = self._first_armed or (armed.path, leads_to[1])
         return armed
+
+    def _elsewhere(self, leads_to: tuple[Path, bool]) -> bool:
+        """True (said once) if the root now leads elsewhere than where it was first armed, or is a
+        symlink now and was not: it is waited for, never followed, like a root that cannot be opened."""
+        first = self._first_armed
+        if first is None or leads_to == first:
+            return False
+        problem = f"it now leads to {display_name(str(leads_to[0]))}" + (
+            ", through a symlink" if leads_to[1] and not first[1] else ""
+        )
+        if problem != self._unusable:
+            logger.warning(
+                "watch_path_unusable",
+                path=display_name(str(self.options.root)),
+                error=problem,
+                detail=f"first watched at {display_name(str(first[0]))}; a root replaced by a symlink or "
+                "leading elsewhere is never followed: waiting until it is that directory again (restart "
+                "the daemon to watch where it leads now)",
+            )
+            self._unusable = problem
+        return True
 
     def reconciler(self, root: WatchedRoot, crew: Crew) -> Reconciler:
         """The reconcile core over the directory."""
@@ -267,6 +301,11 @@ def config_files(policy_path: Path | None, registry: ProtectionRegistry) -> froz
     files = [policy_path] if policy_path is not None else []
     files.extend(registry.configs())
     return frozenset(os.path.abspath(path) for path in files)
+
+
+def _leads_to(root: Path) -> tuple[Path, bool]:
+    """Where ``root`` leads now (its real path), and whether it is itself a symlink."""
+    return real_path(root), os.path.islink(root)
 
 
 def _unopenable(root: Path) -> str | None:

@@ -857,3 +857,30 @@ def test_a_resume_path_the_watcher_may_not_look_into_is_a_warning_not_a_failed_p
     assert "which cannot be looked at (Permission denied)" in detail
     assert pruned.returncode == 0, pruned.stderr
     assert "Traceback" not in pruned.stderr
+
+
+def test_a_root_replaced_by_a_symlink_is_never_followed(root: Path, tmp_path: Path) -> None:
+    """A review: the root moved aside and a symlink to another tree put in its place, the daemon re-armed
+    on the symlink's target and pruned checkpoints that were never under the watched root. A root that
+    leads elsewhere than where it was first watched (or is a symlink now) is waited for, said once,
+    and watched again once it is that directory again."""
+    elsewhere = tmp_path / "elsewhere"
+    _steps(elsewhere, range(100, 900, 100))
+    with running_daemon(["watch", str(root), "--settle", "0"], tmp_path / "log") as daemon:
+        daemon.wait_ready()
+        root.rename(tmp_path / "root.aside")
+        root.symlink_to(elsewhere)
+        daemon.wait_for("watch_path_lost")
+        [unusable] = daemon.wait_for("watch_path_unusable")
+        time.sleep(1.5)  # (several turns of the loop)
+        assert len(_names(elsewhere)) == 8
+        assert not daemon.events("watch_rearmed")
+        assert not daemon.events("checkpoint_deleted")
+        root.unlink()
+        (tmp_path / "root.aside").rename(root)
+        daemon.wait_for("watch_rearmed")
+        _steps(root, range(100, 800, 100))
+        wait_until(lambda: len(_names(root)) == 5, what="pruning to 5 after re-arming")
+        assert len(daemon.events("watch_path_unusable")) == 1
+    assert unusable["error"] == f"it now leads to {elsewhere}, through a symlink"
+    assert len(_names(elsewhere)) == 8
