@@ -30,7 +30,7 @@ from ckpt_watcher.naming import Naming
 from ckpt_watcher.policy import LoadedPolicy, Policy, PolicyCheck, PolicyError, load_checked_policy
 from ckpt_watcher.policy_file import OutcomeListener, log_loaded, log_rejected, log_warnings
 from ckpt_watcher.protection import ConfigLabel, unreadable_configs
-from ckpt_watcher.records import FileIdentity
+from ckpt_watcher.records import FileIdentity, display_name
 
 logger = structlog.get_logger("ckpt_watcher.overrides")
 
@@ -110,6 +110,54 @@ class SettlingFiles:
         return due
 
 
+class NewFiles:
+    """The per-run files that appear while the daemon runs (where a look found none): read only once
+    quiet, as an edit is (``SettlingFiles``), for read at once one may be half-written
+    ("save_top_k_checkpoints: 1" of a "10") and prune its run by the part that was there. Meanwhile
+    nothing is planned in its directory or below (not by the policy above either: it may keep fewer).
+    A file there at the first look (the daemon's start) is read at once, as the root policy is; a
+    one-shot prune (``strict``) reads every file as it is."""
+
+    def __init__(self, settling: SettlingFiles, *, on_change: Callable[[], None]) -> None:
+        self._settling = settling
+        self._on_change = on_change  # (a directory blocked or unblocked: every answer may have changed)
+        self._without_file: set[Path] = set()  # looked at, and no file there
+        self._waiting: set[Path] = set()  # whose new file is left unread for now
+
+    def unread(self, directory: Path, identity: FileIdentity | None) -> bool:
+        """True if ``directory`` has no file to read now (``identity`` None: none at all, remembered)
+        or a new one not yet quiet; False if a file there may be read."""
+        if identity is None:
+            if not self._settling.strict:
+                self._without_file.add(directory)
+            self._set_waiting(directory, False)  # (gone before it was read: unblocked)
+            return True
+        waiting = directory in self._without_file and not self._settling.quiet(directory, identity)
+        if not waiting:
+            self._without_file.discard(directory)  # (read now: an edit of it waits as edits do)
+        self._set_waiting(directory, waiting)
+        return waiting
+
+    def _set_waiting(self, directory: Path, waiting: bool) -> None:
+        if waiting != (directory in self._waiting):
+            (self._waiting.add if waiting else self._waiting.discard)(directory)
+            self._on_change()
+
+    def retain(self, keep: Callable[[Path], bool]) -> None:
+        """Forget the directories ``keep`` says are gone."""
+        self._without_file = {directory for directory in self._without_file if keep(directory)}
+
+    def why_blocked(self, directory: Path) -> str | None:
+        """Why nothing is planned in ``directory`` if a new file here or above is left unread, or None."""
+        waiting = [above for above in self._waiting if above == directory or above in directory.parents]
+        if not waiting:
+            return None
+        return (
+            f"a new {OVERRIDE_FILE_NAME} in {display_name(str(min(waiting)))} is read once it has been "
+            "left unchanged for a moment (it may be half-written); nothing is deleted here until then"
+        )
+
+
 class PolicyTree:
     """Answers "which policy applies in this directory?" for one root, re-reading files that changed.
 
@@ -148,6 +196,7 @@ class PolicyTree:
         self._memo: dict[tuple[Any, ...], EffectivePolicy] = {}
         self._sweep_at = MINIMUM_SWEEP
         self.settling = SettlingFiles(strict=strict)  # edits left unread for now (being written)
+        self.new_files = NewFiles(self.settling, on_change=self._invalidate)  # appeared, unread yet
 
     @property
     def tracked_directories(self) -> int:
@@ -171,6 +220,7 @@ class PolicyTree:
             del self._layers[directory]
         for directory in [directory for directory in self._resolved if directory not in present]:
             del self._resolved[directory]
+        self.new_files.retain(present.__contains__)
         if gone_layers:
             self._invalidate()
         self._sweep_at = max(MINIMUM_SWEEP, 2 * (len(self._resolved) + len(self._layers)))
@@ -251,6 +301,7 @@ class PolicyTree:
         gone_layers = [directory for directory in self._layers if not is_directory(directory)]
         for directory in gone_layers:
             del self._layers[directory]
+        self.new_files.retain(is_directory)
         if gone_layers:
             self._invalidate()
         self._sweep_at = max(MINIMUM_SWEEP, 2 * (len(self._resolved) + len(self._layers)))
@@ -260,8 +311,8 @@ class PolicyTree:
         path = directory / OVERRIDE_FILE_NAME
         identity = self.files.entry_identity(path)
         cached = self._layers.get(directory)
-        if cached is None and identity is None:
-            return None
+        if cached is None and self.new_files.unread(directory, identity):
+            return _Layer(identity, None) if identity is not None else None  # (not kept: asked again)
         if cached is not None and cached.is_current(identity):
             return cached
         # Its last contents stay in force while an edit may be half-written, or while the file may be
@@ -300,6 +351,12 @@ class PolicyTree:
         layer = _Layer(identity=identity, good=loaded)
         self._layers[directory] = layer
         return layer
+
+    def why_blocked(self, directory: Path) -> str:
+        """Why nothing is planned in ``directory`` (``for_directory`` gave None)."""
+        return self.new_files.why_blocked(directory) or (
+            f"an invalid {OVERRIDE_FILE_NAME} applies here; nothing is deleted here until it is fixed"
+        )
 
     def allowed_directories(self) -> tuple[Path, ...]:
         """Where configs named by a per-run file may be: under the root, or beside the --policy file."""

@@ -42,7 +42,7 @@ from ckpt_watcher.links import LinkPins
 from ckpt_watcher.logs import debug_enabled
 from ckpt_watcher.memory import no_cyclic_collection, release_after
 from ckpt_watcher.naming import Kind, Naming
-from ckpt_watcher.overrides import OVERRIDE_FILE_NAME, EffectivePolicy, PolicyTree
+from ckpt_watcher.overrides import EffectivePolicy, PolicyTree
 from ckpt_watcher.plan import Action, Decision, GroupPlan, Plan, Summary, plan
 from ckpt_watcher.policy import LoadedPolicy, Policy, PolicyError
 from ckpt_watcher.policy_file import InvalidPolicyFilesError
@@ -413,7 +413,7 @@ class Reconciler:
             state = self.index.state(group)
             if value is None:
                 blocked.append(group)
-                _log_blocked(group, state)
+                _log_blocked(group, state, self.tree.why_blocked(group))
                 continue
             state.blocked = False
             self.index.set_protect_from(group, value.protect_from)
@@ -834,14 +834,10 @@ class ProblemLog:
         self._messages = {}
 
 
-def _log_blocked(group: Path, state: GroupState) -> None:
+def _log_blocked(group: Path, state: GroupState, why: str) -> None:
     """``group_blocked``, once while the group stays blocked."""
     if not state.blocked or state.held:
-        logger.warning(
-            "group_blocked",
-            directory=str(group),
-            detail=f"an invalid {OVERRIDE_FILE_NAME} applies here; nothing is deleted here until it is fixed",
-        )
+        logger.warning("group_blocked", directory=str(group), detail=why)
         state.blocked, state.held = True, False
 
 

@@ -736,10 +736,11 @@ def test_a_config_never_read_holds_a_checkpoint_it_names_in_another_run(
 
 
 def test_a_config_a_per_run_file_just_named_is_read_before_its_group_is_planned(
-    tmp_path: Path, captured: LogCapture
+    tmp_path: Path, captured: LogCapture, quiet_clock: QuietClock
 ) -> None:
     """An event pass over run-a takes run-b in (a config changed), and run-b's per-run file now names
-    a config nobody read yet, unreadable: it is read (and holds) before anything in run-b is planned."""
+    a config nobody read yet, unreadable: it is read (and holds) before anything in run-b is planned.
+    (The per-run file is new: read once it has been left alone for the quiet time.)"""
     root = tmp_path / "checkpoint"
     run_a, run_b = root / "run-a", root / "run-b"
     _steps(run_a, [10])
@@ -756,6 +757,9 @@ def test_a_config_a_per_run_file_just_named_is_read_before_its_group_is_planned(
     written += _steps(run_b, [300, 400])
     _steps(run_a, [20])
     train_a.write_text(f'ckpt_path: "{run_a / step_name(0, 20)}"\n')
+    core.run(Trigger.EVENT, [run_b])  # (its new per-run file seen, left unread for now)
+    assert _names(run_b) == set(written)
+    quiet_clock.pass_quiet_time()
 
     core.run(Trigger.EVENT, [run_a])
 

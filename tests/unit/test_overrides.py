@@ -120,7 +120,11 @@ def test_an_edit_is_seen_where_it_is_made_and_below(root: Path, quiet_clock: Qui
         tree.for_directory(directory)
     override = levels[2] / OVERRIDE_FILE_NAME
 
-    override.write_text("save_top_k_checkpoints: 1\n")  # a new file: read at once
+    override.write_text("save_top_k_checkpoints: 1\n")  # a new file: read once left alone a while,
+    assert tree.for_directory(levels[2]) is None  # and nothing planned here or below until then
+    assert tree.for_directory(levels[5]) is None
+    assert tree.for_directory(levels[1]) is not None
+    quiet_clock.pass_quiet_time()
     at_the_file = tree.for_directory(levels[2])
     below = tree.for_directory(levels[5])
     above = tree.for_directory(levels[1])
@@ -564,3 +568,47 @@ def test_a_policy_file_being_rewritten_is_reloaded_once_quiet(
     assert policy.changed_on_disk()
     assert policy.reload()
     assert policy.loaded.policy.save_top_k_checkpoints == 7
+
+
+def test_a_new_per_run_file_is_read_only_once_quiet_and_blocks_below_meanwhile(
+    root: Path, quiet_clock: QuietClock
+) -> None:
+    """A review: a per-run file made while the daemon ran was read at its first look, half-written
+    ("save_top_k_checkpoints: 1" of a "10"), and its run was pruned to 1. A file that appears where a
+    look found none is now read once it has been left alone for the quiet time, as an edit is, and
+    until then nothing is planned in its directory or below (not the policy above either: it may keep
+    fewer). A file there at the first look (the daemon's start) is read at once, and a one-shot prune
+    reads every file as it is."""
+    run = root / "run"
+    (run / "sub").mkdir(parents=True)
+    there_at_start = root / "other"
+    there_at_start.mkdir()
+    (there_at_start / OVERRIDE_FILE_NAME).write_text("save_top_k_checkpoints: 7\n")
+    tree = default_tree(root)
+    at_start = tree.for_directory(there_at_start)
+    assert at_start is not None
+    assert at_start.policy.save_top_k_checkpoints == 7
+    assert tree.for_directory(run) is not None  # (looked at: no file)
+
+    (run / OVERRIDE_FILE_NAME).write_text("save_top_k_checkpoints: 1")  # (its writer not done)
+    assert tree.for_directory(run) is None
+    assert tree.for_directory(run / "sub") is None
+    assert tree.why_blocked(run / "sub").startswith(f"a new {OVERRIDE_FILE_NAME} in {run} is read once")
+    quiet_clock.pass_quiet_time(1.0)
+    (run / OVERRIDE_FILE_NAME).write_text("save_top_k_checkpoints: 10\n")
+    assert tree.for_directory(run) is None  # (changed: its quiet time starts again)
+    quiet_clock.pass_quiet_time()
+    assert tree.for_directory(run) is not None  # (a scan asks about a directory before those below)
+    read = tree.for_directory(run / "sub")
+    assert read is not None
+    assert read.policy.save_top_k_checkpoints == 10
+    assert tree.settling.take()  # (the daemon was told when to look at it again)
+
+    prune_tree = default_tree(root, strict=True)
+    assert prune_tree.for_directory(run) is not None
+    (root / "late").mkdir()
+    assert prune_tree.for_directory(root / "late") is not None
+    (root / "late" / OVERRIDE_FILE_NAME).write_text("save_top_k_checkpoints: 2\n")
+    late = prune_tree.for_directory(root / "late")
+    assert late is not None
+    assert late.policy.save_top_k_checkpoints == 2
