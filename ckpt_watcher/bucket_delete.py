@@ -256,16 +256,20 @@ def _remove_marker_first(
     written: Callable[[], str | None] = lambda: None,
 ) -> list[str] | str | None:
     """Delete the markers (conditionally), then the rest in batches: the keys that remain, None if a
-    marker was replaced, or what ``written`` (asked once the markers are gone) says was written there
-    meanwhile (nothing else was deleted then)."""
+    marker was replaced before any was deleted, or what was written there meanwhile (a marker replaced
+    after another was deleted, or what ``written``, asked once the markers are gone, says), nothing
+    else deleted then. (A sharded Lightning checkpoint has two markers: one replaced after the first
+    went is no "nothing deleted", which would drop a trash move's copy of it.)"""
     remains: list[str] = []
+    deleted_one = False
     for info in markers:
         try:
             store.delete(info.key, tag=info.tag)
+            deleted_one = True
         except ObjectMissingError:
             continue
         except PreconditionFailedError:
-            return None
+            return f"{display_name(info.key)} was written again" if deleted_one else None
         except StoreError:
             remains.append(info.key)
     if remains:  # the marker is still there: deleting the rest would leave a complete-looking husk

@@ -671,3 +671,42 @@ def test_a_move_the_lease_stops_at_its_delete_leaves_no_copy_in_the_trash(
     assert main(["prune", url, "--policy", str(policy)]) == 0
     originals = sorted(entry["original"] for entry in _trash_list(s3))
     assert originals == [f"run/{step_name(0, 100)}", f"run/{step_name(0, 200)}"]
+
+
+def test_a_second_marker_written_again_after_the_first_went_keeps_the_copy(
+    s3: Bucket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A review: a sharded Lightning checkpoint has two markers (``.metadata``, ``meta.pt``). The first
+    deleted, the second found written again (a re-save in place: 412) was called CHANGED, which a
+    trash move takes for "nothing deleted": its copy was dropped, though the original had lost its
+    ``.metadata``, and only a warning said so, exit 0. It is a failure now (what was written again,
+    nothing more deleted), and the copy stays in the trash, restorable."""
+    names = [".metadata", "__0_0.distcp", "meta.pt"]
+    s3.put_many(
+        {
+            f"root/run/{step_name(0, step)}/{name}": _checkpoint(step + index)
+            for step in (100, 200)
+            for index, name in enumerate(names)
+        }
+    )
+    quiet_from = time.time() + DIRECTORY_QUIET_SECONDS + 1
+    wait_until(lambda: time.time() > quiet_from, timeout=90, what="the directories' quiet time")
+    doomed = f"root/run/{step_name(0, 100)}"
+    delete = S3Store.delete
+
+    def the_second_marker_written_again(self: S3Store, key: str, *, tag: str) -> None:
+        if key == f"{doomed}/meta.pt":
+            s3.put(key, b"meta.pt of the re-save")  # (the writer's re-save in place, finishing)
+        delete(self, key, tag=tag)
+
+    policy = _policy(tmp_path, "save_top_k_checkpoints: 1\ntrash:\n  grace: 1h\n")
+    with monkeypatch.context() as patched:
+        patched.setattr(S3Store, "delete", the_second_marker_written_again)
+        code = main(["prune", f"{s3.url}/root", "--policy", str(policy)])
+
+    assert code == 1
+    left = {key for key in _checkpoint_keys(s3) if key.startswith(doomed + "/")}
+    assert f"{doomed}/.metadata" not in left  # (the first marker went)
+    assert f"{doomed}/__0_0.distcp" in left  # (nothing more of it)
+    [entry] = _trash_list(s3)
+    assert entry["original"] == f"run/{step_name(0, 100)}"
