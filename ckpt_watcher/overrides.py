@@ -324,6 +324,7 @@ class PolicyTree:
         if identity is None:
             assert cached is not None
             del self._layers[directory]
+            self.new_files.unread(directory, None)  # (none there now: one that appears later waits)
             if cached.good is not None:
                 logger.info("policy_override_removed", source=str(path))
             return None

@@ -791,10 +791,12 @@ def _forget_unwalked(index: GroupIndex, walked: Collection[Path], problems: Iter
 
 def _policies_read(tree: PolicyTree, index: GroupIndex) -> None:
     """After the per-run files of a pass were read: the daemon looks again at each directory whose
-    file was left unread for now (being written) once it is quiet, as no event may come by then. (A
-    one-shot prune stops at an invalid one once the protect_from configs were read too: _refresh.)"""
+    file was left unread for now (being written), and every group below it, once it is quiet, as no
+    event may come by then. (A one-shot prune stops at an invalid one once the protect_from configs
+    were read too: _refresh.)"""
     for directory, at in tree.settling.take().items():
-        index.recheck(directory, at)
+        for group in index.below(directory):  # (the directory itself too, if a group: its file applies
+            index.recheck(group, at)  # to every group below it, whose answers wait for a look)
 
 
 def _refresh(reconciler: Reconciler, trigger: Trigger) -> bool:

@@ -884,3 +884,49 @@ def test_a_root_replaced_by_a_symlink_is_never_followed(root: Path, tmp_path: Pa
         assert len(daemon.events("watch_path_unusable")) == 1
     assert unusable["error"] == f"it now leads to {elsewhere}, through a symlink"
     assert len(_names(elsewhere)) == 8
+
+
+def _write_in_two_chunks(path: Path, first: str, rest: str) -> None:
+    """A writer that flushes part of a file and finishes it a second later."""
+    with path.open("w") as handle:
+        handle.write(first)
+        handle.flush()
+        time.sleep(1.0)
+        handle.write(rest)
+
+
+def test_a_per_run_file_written_after_one_was_removed_is_read_only_once_whole(
+    root: Path, tmp_path: Path
+) -> None:
+    """A review: once a removed per-run file had been gone for its quiet time, a new one was read at
+    its first look again, half-written ("save_top_k_checkpoints: 1" of a "10"), and four
+    checkpoints were deleted. A file that appears after one was removed waits as a new one does."""
+    run = root / "run"
+    written = _steps(run, range(100, 600, 100))
+    per_run = run / ".ckpt-watcher.yaml"
+    per_run.write_text("save_top_k_checkpoints: 10\n")
+    with running_daemon(["watch", str(root), "--settle", "0"], tmp_path / "log") as daemon:
+        daemon.wait_ready()
+        per_run.unlink()
+        daemon.wait_for("policy_override_removed")
+        time.sleep(2.5)  # (gone for good: its directory is on the policy above, which keeps 5)
+        _write_in_two_chunks(per_run, "save_top_k_checkpoints: 1", "0\n")
+        time.sleep(3.5)  # (the file quiet, read whole, and a pass under it)
+        assert _names(run) == set(written)
+        assert not daemon.events("checkpoint_deleted")
+        assert daemon.events("group_blocked")
+
+
+def test_a_new_per_run_file_above_the_runs_applies_to_them_once_quiet(root: Path, tmp_path: Path) -> None:
+    """A review: a new per-run file in a directory above the runs blocked them while it was left
+    unread, then only its own directory was looked at again once it was quiet: the runs below stayed
+    blocked until the next full rescan (5 minutes by default). Every group below it is looked at."""
+    run = root / "exp" / "run1"
+    _steps(run, range(100, 400, 100))
+    with running_daemon(["watch", str(root), "--settle", "0"], tmp_path / "log") as daemon:
+        daemon.wait_ready()
+        (root / "exp" / ".ckpt-watcher.yaml").write_text("save_top_k_checkpoints: 1\n")
+        blocked = daemon.wait_for("group_blocked", count=2)
+        wait_until(lambda: len(_names(run)) == 1, timeout=20, what="run1 pruned to 1 under the new file")
+        assert not [record for record in daemon.events("pass_completed") if record["trigger"] == "rescan"]
+    assert {record["directory"] for record in blocked} == {str(root / "exp"), str(run)}
