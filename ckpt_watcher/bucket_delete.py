@@ -201,7 +201,11 @@ def _delete_directory(
         _remove_quietly(store, manifest_key, manifest_tag)
         return _changed(decision)
     if isinstance(remains, str):  # written again after its marker went: the next pass calls it off
-        return _failed(decision, f"its marker was deleted, then {remains}; nothing more of it deleted")
+        return _failed(
+            decision,
+            f"its marker was deleted, then {remains}; nothing more of it deleted (the next pass calls "
+            "its deletion off)",
+        )
     if remains:
         shown = [display_name(f"{url.scheme}://{url.bucket}/{item}") for item in remains[:_REMAINS_SHOWN]]
         return _failed(
