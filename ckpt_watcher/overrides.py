@@ -144,8 +144,10 @@ class NewFiles:
             self._on_change()
 
     def retain(self, keep: Callable[[Path], bool]) -> None:
-        """Forget the directories ``keep`` says are gone."""
+        """Forget the directories ``keep`` says are gone (one removed while its new file waited too:
+        nothing asks about it again)."""
         self._without_file = {directory for directory in self._without_file if keep(directory)}
+        self._waiting = {directory for directory in self._waiting if keep(directory)}
 
     def why_blocked(self, directory: Path) -> str | None:
         """Why nothing is planned in ``directory`` if a new file here or above is left unread, or None."""

@@ -612,3 +612,22 @@ def test_a_new_per_run_file_is_read_only_once_quiet_and_blocks_below_meanwhile(
     late = prune_tree.for_directory(root / "late")
     assert late is not None
     assert late.policy.save_top_k_checkpoints == 2
+
+
+def test_a_directory_removed_while_its_new_file_waits_is_forgotten(
+    root: Path, quiet_clock: QuietClock
+) -> None:
+    """The directories whose new per-run file waits were kept by name until it was read; one removed
+    meanwhile was never asked about again, so it stayed for good (and in ``why_blocked``)."""
+    run = root / "run"
+    run.mkdir()
+    tree = default_tree(root)
+    assert tree.for_directory(run) is not None
+    (run / OVERRIDE_FILE_NAME).write_text("save_top_k_checkpoints: 1\n")
+    assert tree.for_directory(run) is None
+    assert tree.new_files.why_blocked(run) is not None
+    shutil.rmtree(run)
+
+    tree.retain([root])
+
+    assert tree.new_files.why_blocked(run) is None
