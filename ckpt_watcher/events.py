@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import structlog
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.events import EVENT_TYPE_EVENTS_LOST, FileSystemEvent, FileSystemEventHandler
 
 from ckpt_watcher.observers import make_observer
 from ckpt_watcher.overrides import OVERRIDE_FILE_NAME
@@ -125,7 +125,12 @@ class EventRouter(FileSystemEventHandler):
     def dispatch(self, event: FileSystemEvent) -> None:
         """Route every event; an exception here is logged and never reaches the observer."""
         try:
-            self._route(event)
+            if event.event_type == EVENT_TYPE_EVENTS_LOST:
+                # After an inotify overflow, once the watches are mended: a rescan that starts now
+                # misses nothing written after it (the overflow's log record asked for one when read).
+                self._inbox.request_full_rescan()
+            else:
+                self._route(event)
         except Exception:
             logger.exception("event_handler_failed", event_type=event.event_type)
 

@@ -17,9 +17,10 @@
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from watchdog.events import (
@@ -27,6 +28,7 @@ from watchdog.events import (
     DirDeletedEvent,
     DirModifiedEvent,
     DirMovedEvent,
+    EventsLostEvent,
     FileClosedEvent,
     FileCreatedEvent,
     FileDeletedEvent,
@@ -35,7 +37,17 @@ from watchdog.events import (
 )
 from watchdog.observers.api import DEFAULT_OBSERVER_TIMEOUT, BaseObserver
 from watchdog.observers.inotify import InotifyFullEmitter, InotifyObserver, InotifyWatchGroup
-from watchdog.observers.inotify_c import InotifyConstants, InotifyEvent, InotifyFD, Mask
+from watchdog.observers.inotify_c import (
+    CallbackId,
+    InotifyConstants,
+    InotifyEvent,
+    InotifyFD,
+    Mask,
+    Watch,
+    WatchCallback,
+    WatchDescriptor,
+    inotify_add_watch,
+)
 from watchdog.observers.inotify_move_event_grouper import GroupedInotifyEvent, PathedInotifyEvent
 
 from ckpt_watcher.observers import LostEventsCallback, UnwatchedOnce, report_thread_failure, walk_tree
@@ -50,6 +62,7 @@ INOTIFY_EVENTS: list[type[FileSystemEvent]] = [
     DirCreatedEvent,
     DirDeletedEvent,
     DirMovedEvent,
+    EventsLostEvent,  # (after an overflow: a full rescan, once the watches are mended)
 ]
 _CREATED_DIRECTORY = Mask(InotifyConstants.IN_CREATE | InotifyConstants.IN_ISDIR)
 
@@ -67,12 +80,30 @@ class ReportingInotifyFD(InotifyFD):
         try:
             return super().add_callback(path, *arguments)
         except OSError as error:
-            if error.errno == errno.ENOSPC:
-                if self.unwatched is not None:
-                    self.unwatched(os.fsdecode(path))  # polled by the daemon until a watch fits
-            else:
-                self._unwatchable.report(path, error)
+            self._report_unwatched(path, error)
             raise
+
+    def rejoin(self, path: bytes, mask: Mask, callback: WatchCallback, id_: CallbackId) -> WatchDescriptor:
+        """``add_callback`` for a group making its watches match the tree: for a directory already
+        watched the kernel returns the same watch descriptor and queues nothing, and a callback already
+        on it stays on it, without watchdog's warning that it was overwritten."""
+        with self._lock:
+            wd = inotify_add_watch(self._inotify_fd, path, mask)
+            if wd == -1:
+                error_number = ctypes.get_errno()
+                error = OSError(error_number, os.strerror(error_number), os.fsdecode(path))
+                self._report_unwatched(path, error)
+                raise error
+            watch = self._watch_for_wd.setdefault(wd, Watch(wd, mask, path))
+            watch.callbacks[id_] = callback
+            return wd
+
+    def _report_unwatched(self, path: bytes, error: OSError) -> None:
+        if error.errno == errno.ENOSPC:
+            if self.unwatched is not None:
+                self.unwatched(os.fsdecode(path))  # polled by the daemon until a watch fits
+        else:
+            self._unwatchable.report(path, error)
 
     def handle_event(self, event: InotifyEvent) -> None:
         try:
@@ -85,15 +116,21 @@ _TRASH = os.fsencode(TRASH_DIRECTORY_NAME)
 
 
 class DeepSafeWatchGroup(InotifyWatchGroup):
-    """watchdog's watch group with its two walks of the tree made iterative (same results), and no
-    watch in a trash (``.ckpt-trash``): nothing there is ever planned, and a trash of directory
-    checkpoints would take a watch per directory in them from the ones new runs need."""
+    """watchdog's watch group with its two walks of the tree made iterative (same results), no watch
+    in a trash (``.ckpt-trash``): nothing there is ever planned, and a trash of directory checkpoints
+    would take a watch per directory in them from the ones new runs need; and a queue overflow that
+    mends the watches instead of removing and adding them all (``on_queue_overflow``)."""
 
     def _add_all_callbacks(self, path: bytes) -> None:
+        for directory in self._directories(path):
+            self._add_callback(directory)
+
+    def _directories(self, path: bytes) -> Iterator[bytes]:
+        """``path`` and, recursive, every directory below it: no symlink followed, no trash entered."""
         if _TRASH in path.removeprefix(self.path).split(b"/"):  # (below the watched root only)
             return
         is_directory = os.path.isdir(path)
-        self._add_callback(path)
+        yield path
         if not (is_directory and self.is_recursive):
             return
         for directory, names, _ in walk_tree(path, follow_symlinks=self.follow_symlink):
@@ -102,17 +139,70 @@ class DeepSafeWatchGroup(InotifyWatchGroup):
             for name in names:
                 subdirectory = os.path.join(directory, name)
                 if self.follow_symlink or not os.path.islink(subdirectory):
-                    self._add_callback(subdirectory)
+                    yield subdirectory
+
+    def on_queue_overflow(self) -> None:
+        """Events were lost: make the watches match the tree as it is now, in one walk.
+
+        watchdog removes every watch and adds them all again; each removal queues an ``IN_IGNORED``,
+        so a tree with more directories than the kernel's queue (``fs.inotify.max_queued_events``,
+        16,384 by default) overflows it again, for good. Here every directory the walk finds is asked
+        of the kernel: one watched already keeps its watch descriptor and queues nothing. The nodes
+        are rebuilt from the walk (a directory deleted and made again, or renamed, while events were
+        lost is where the walk found it), and only the watches the walk did not return are removed:
+        directories deleted, or moved out of the tree or into a trash.
+        """
+        reporting = self._inotify_fd
+        if not isinstance(reporting, ReportingInotifyFD):
+            super().on_queue_overflow()
+            return
+        with self._lock:
+            if not (self.is_active and self.is_recursive):
+                return
+            before = set(self._nodes_by_wd)
+            self._root, self._nodes_by_wd = None, {}
+            self._forget_moves_out()
+            try:
+                for directory in self._directories(self.path):
+                    self._rejoin(reporting, directory)
+            except OSError:
+                pass  # the root itself is gone (said by the fd if it needs saying); the daemon re-arms
+            finally:
+                stale = before - self._nodes_by_wd.keys()
+                if stale:
+                    reporting.remove_callbacks([(wd, self._id) for wd in stale])
+                    self._move_event_grouper.purge_events_for_wds(stale)
+
+    def _rejoin(self, reporting: ReportingInotifyFD, directory: bytes) -> None:
+        """Watch ``directory`` (again) and place its node; only a failure on the root is raised."""
+        try:
+            wd = reporting.rejoin(directory, self.event_mask, self, self._id)
+        except OSError:
+            if directory == self.path:
+                raise
+            return  # vanished since it was listed, or reported by the fd (the watch limit is polled)
+        self._insert_node(directory, wd)
+
+    def _forget_moves_out(self) -> None:
+        """Drop the directory moves out of the tree still waiting for their other half: it was lost
+        with the overflow, and their watches are the walk's to mend. Timed out later, one would remove
+        the watches of whatever directory the walk found at its old path."""
+
+        def moved_out_directory(event: GroupedInotifyEvent) -> bool:
+            return isinstance(event, PathedInotifyEvent) and event.ev.is_moved_from and event.ev.is_directory
+
+        while self._move_event_grouper._queue.remove(moved_out_directory) is not None:
+            pass
 
     def _recursive_simulate(self, src_path: bytes) -> list[InotifyEvent]:
         """Creation events for what a new directory already held when its watch was added."""
         events: list[InotifyEvent] = []
         for directory, names, files in walk_tree(src_path, follow_symlinks=self.follow_symlink):
-            watch = self._active_callbacks_by_path.get(directory)
-            if watch is None:
+            node = self._find_node_by_path(directory)
+            if node is None or self._nodes_by_wd.get(node.wd) is not node:
                 continue  # not watched: its own creation event reports its contents
-            events.extend(InotifyEvent(watch, _CREATED_DIRECTORY, 0, name) for name in names)
-            events.extend(InotifyEvent(watch, InotifyConstants.IN_CREATE, 0, name) for name in files)
+            events.extend(InotifyEvent(node.wd, _CREATED_DIRECTORY, 0, name) for name in names)
+            events.extend(InotifyEvent(node.wd, InotifyConstants.IN_CREATE, 0, name) for name in files)
         return events
 
 

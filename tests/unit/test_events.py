@@ -12,6 +12,7 @@ from watchdog.events import (
     DirDeletedEvent,
     DirModifiedEvent,
     DirMovedEvent,
+    EventsLostEvent,
     FileClosedEvent,
     FileClosedNoWriteEvent,
     FileCreatedEvent,
@@ -127,6 +128,16 @@ def test_wake_returns_an_empty_batch_at_once() -> None:
 
     assert not worker.is_alive()
     assert taken == [Batch()]
+
+
+def test_events_lost_ask_for_a_full_rescan_and_nothing_else(captured: LogCapture) -> None:
+    """watchdog's event after an overflow, queued once the watches are mended; the overflow's log
+    record (below) already said it, so the event is not said again."""
+    batch = _batch(EventsLostEvent(RUN, is_directory=True))
+
+    assert batch.full_rescan
+    assert (batch.files, batch.trees) == (set(), set())
+    assert captured.entries == []
 
 
 def test_an_inotify_overflow_record_asks_for_a_full_rescan(captured: LogCapture) -> None:
