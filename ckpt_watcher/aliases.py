@@ -30,7 +30,7 @@ from pathlib import Path
 
 import structlog
 
-from ckpt_watcher.filesystem import EntryStatus, _unescape_octal, status_at
+from ckpt_watcher.filesystem import EntryStatus, _unescape_octal, real_path, status_at
 from ckpt_watcher.records import display_name
 
 logger = structlog.get_logger("ckpt_watcher.aliases")
@@ -251,7 +251,8 @@ class AliasGuard:
         identity = (status.device, status.inode)
         seen = self._paths.setdefault(identity, path)
         if seen != path:
-            again = _status(seen)
+            again = _status(seen) if os.fspath(real_path(seen)) == seen else None  # (no symlink on the way:
+            # ``mv run out/; ln -s out/run run`` shows the walk's path leading to the run's new one)
             if again is not None and (again.device, again.inode) == identity:
                 self._aliased.setdefault(seen, path)
                 self._aliased[path] = seen
