@@ -162,6 +162,7 @@ class Watcher:
     def _work_for(self, session: Session, batch: Batch) -> Work | None:
         """Check the root, the observer and the policy when due; then say what to reconcile."""
         now = time.monotonic()
+        policy_due = False  # (asked once: a file missing for its quiet time is said so at one asking)
         if now >= session.next_root_check:
             session.next_root_check = now + ROOT_CHECK_INTERVAL
             if not session.root.still_there():
@@ -169,10 +170,10 @@ class Watcher:
                 return None
             batch.full_rescan |= session.root.ensure_observer_alive(self.stop.is_set())
             if self.policy.changed_on_disk():
-                batch.reload = True
+                batch.reload = policy_due = True
             elif self.place.registry.refresh(self.place.registry.configs()):
                 batch.full_rescan = True
-        if batch.reload and self._reload(forced=batch.forced_reload):
+        if batch.reload and self._reload(forced=batch.forced_reload, due=policy_due):
             batch.full_rescan = True
         session.root.note_unwatched(batch.unwatched)
         held = now < session.held_until  # (what comes meanwhile is the retry's: a full pass)
@@ -195,11 +196,11 @@ class Watcher:
                 return None  # (a pass over no group still purges the trash when a grace is over)
         return Work(Trigger.EVENT, frozenset(groups), frozenset(Path(path) for path in batch.closed))
 
-    def _reload(self, *, forced: bool) -> bool:
-        """Re-read the policy (if it changed, or ``forced``) and the protect_from configs; True if what
-        is in force changed."""
+    def _reload(self, *, forced: bool, due: bool = False) -> bool:
+        """Re-read the policy (if it changed, ``due`` if that was just asked, or ``forced``) and the
+        protect_from configs; True if what is in force changed."""
         policy_changed = False
-        if forced or self.policy.changed_on_disk():
+        if forced or due or self.policy.changed_on_disk():
             self.crew.liveness.reloading()
             try:
                 policy_changed = self.policy.reload()

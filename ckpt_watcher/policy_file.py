@@ -130,7 +130,9 @@ class PolicyFile:
         self._on_outcome = on_outcome
         self._signature = FileIdentity.of_path(path)
         self._missing_logged = False
-        self._quiet = QuietFiles()
+        # Missing only once gone for the quiet time: an editor that moves the old file aside before it
+        # writes the new one (vim's backup) leaves a gap, and the last good policy is in force anyway.
+        self._quiet = QuietFiles(missing_waits=True)
 
     def changed_on_disk(self) -> bool:
         """True if the file is no longer the one last read (or appeared, or vanished), once a changed

@@ -389,7 +389,10 @@ class ProtectionRegistry:
         self.working_directory = working_directory
         self.files = files  # where configs are read: the disk, and a bucket for URLs (config_access.py)
         self._loaded: dict[Path, _LoadedConfig] = {}
-        self._quiet = QuietFiles()
+        # A config read before and missing now is said missing only once gone for the quiet time: an
+        # editor that moves the old file aside before writing the new one leaves a gap (its previous
+        # protection stays in force meanwhile, as it does once the config is said missing).
+        self._quiet = QuietFiles(missing_waits=True)
 
     def retain(self, configs: Mapping[Path, str]) -> bool:
         """Forget configs no policy names any more; True if any was dropped."""
@@ -478,7 +481,10 @@ class ProtectionRegistry:
             partial = None  # (what it says once quiet is logged then)
         settling = previous.settling if previous is not None else None
         in_force = pins_from([old, settling] if settling is not None else [old])
-        self._loaded[config] = _LoadedConfig(None, label, old, settling=partial)
+        # (why the last read was refused stays: a config missing for good is read once every quiet
+        # time, and that refusal is not said again each time)
+        error, missing = (previous.error, previous.missing) if previous is not None else (None, False)
+        self._loaded[config] = _LoadedConfig(None, label, old, error, missing, settling=partial)
         return pins_from([old, partial] if partial is not None else [old]) != in_force
 
     def holding(self) -> dict[Path, str]:

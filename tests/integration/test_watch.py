@@ -486,6 +486,34 @@ class TestPolicyReload:
             _steps(root, range(100, 600, 100))
             wait_until(lambda: len(_names(root)) == 2, what="the last good policy (2) still applied")
 
+    def test_a_policy_saved_by_renaming_the_old_file_aside_first_is_never_missing(
+        self, root: Path, tmp_path: Path
+    ) -> None:
+        """An editor's save that moves the old file aside and then writes the new one (vim's backup
+        copy, ``backupcopy=no``), for the policy and the training config it protects from: each is
+        missing for a moment, which said ``policy_missing`` and ``protection_rejected`` (an error a
+        team alerts on) for a save. A file gone for good still says so (the test above)."""
+        policy = _write_policy(
+            tmp_path / "policy.yaml", "save_top_k_checkpoints: 2\nprotect_from: [train.yaml]\n"
+        )
+        train = tmp_path / "train.yaml"
+        train.write_text(f"ckpt_path: {root / 'none.ckpt'}\n")
+        with running_daemon(["watch", str(root), "--policy", str(policy)], tmp_path / "log") as daemon:
+            daemon.wait_ready()
+            for path, text in (
+                (train, f"ckpt_path: {root / 'other.ckpt'}\n"),
+                (policy, "save_top_k_checkpoints: 3\nprotect_from: [train.yaml]\n"),
+            ):
+                path.rename(path.with_name(path.name + "~"))
+                time.sleep(0.5)  # (the editor writing the new file: well past the daemon's batching)
+                path.write_text(text)
+            daemon.wait_for("policy_reloaded")
+            daemon.wait_for("protection_reloaded")
+            _steps(root, range(100, 600, 100))
+            wait_until(lambda: len(_names(root)) == 3, what="the new policy (3) applied")
+            assert not daemon.events("policy_missing")
+            assert not daemon.events("protection_rejected")
+
     def test_a_policy_directory_made_unsearchable_is_a_rejected_edit(
         self, root: Path, tmp_path: Path
     ) -> None:
