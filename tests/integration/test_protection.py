@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from structlog.testing import LogCapture
 
+from ckpt_watcher.config_files import CONFIG_QUIET_SECONDS
 from ckpt_watcher.overrides import PolicyTree
 from ckpt_watcher.policy import load_policy
 from ckpt_watcher.protection import ProtectionRegistry, read_config_protection
@@ -430,6 +431,25 @@ class TestWatch:
                 write_checkpoint(run / step_name(4, step))
             wait_until(lambda: _names(run) == {RESUME, step_name(4, 5000), step_name(4, 5500)})
             assert daemon.process.poll() is None
+
+    def test_a_config_deleted_for_good_is_said_missing_once_and_its_protection_stays(
+        self, tmp_path: Path
+    ) -> None:
+        """Said once it has been gone for its quiet time (a save that moves the old file aside is
+        missing for a moment), and not again at each later read, which each quiet time makes."""
+        run, config, policy = _layout(tmp_path, f'ckpt_path: "{RUN}/{RESUME}"\n')
+        arguments = ["watch", "checkpoint", "--policy", str(policy), "--settle", "0"]
+        with running_daemon(arguments, tmp_path / "log", cwd=tmp_path) as daemon:
+            daemon.wait_ready()
+            config.unlink()
+            (rejected,) = daemon.wait_for("protection_rejected")
+            assert rejected["detail"].startswith("the previous protection set from this file stays")
+            for step in range(2000, 6000, 500):
+                write_checkpoint(run / step_name(4, step))
+            wait_until(lambda: _names(run) == {RESUME, step_name(4, 5000), step_name(4, 5500)})
+            time.sleep(3 * CONFIG_QUIET_SECONDS)  # (reads of the missing file meanwhile: one a quiet time)
+            assert len(daemon.events("protection_rejected")) == 1
+            assert daemon.stop() == 0
 
     def test_a_config_never_read_holds_deletions_until_it_is_read(self, tmp_path: Path) -> None:
         """The config exists but cannot be read from the start (here: a YAML error), so the resume
