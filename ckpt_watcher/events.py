@@ -171,18 +171,19 @@ class EventRouter(FileSystemEventHandler):
 
 
 class OverflowListener(logging.Handler):
-    """watchdog reports an inotify queue overflow only as a log record; turn it into a full rescan."""
+    """watchdog says an inotify queue overflow only in a log record: said here once, as the daemon's
+    own ``event_queue_overflow``. The full rescan is asked by the ``EventsLostEvent`` watchdog queues
+    once the watches are mended (``EventRouter``): one asked now would start before they are, and on
+    a large tree run twice."""
 
     _WATCHDOG_LOGGERS = ("watchdog.observers.inotify_c", "watchdog.observers.inotify")
 
-    def __init__(self, inbox: Inbox) -> None:
+    def __init__(self) -> None:
         super().__init__(level=logging.WARNING)
-        self._inbox = inbox
 
     def emit(self, record: logging.LogRecord) -> None:
         if "overflow" in record.getMessage().lower():
             logger.warning("event_queue_overflow", detail="events were lost; rescanning everything")
-            self._inbox.request_full_rescan()
 
     def attach(self) -> None:
         """Listen to watchdog's inotify loggers."""

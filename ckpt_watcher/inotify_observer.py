@@ -80,25 +80,26 @@ class ReportingInotifyFD(InotifyFD):
         try:
             return super().add_callback(path, *arguments)
         except OSError as error:
-            self._report_unwatched(path, error)
+            self.report_unwatched(path, error)
             raise
 
     def rejoin(self, path: bytes, mask: Mask, callback: WatchCallback, id_: CallbackId) -> WatchDescriptor:
-        """``add_callback`` for a group making its watches match the tree: for a directory already
-        watched the kernel returns the same watch descriptor and queues nothing, and a callback already
-        on it stays on it, without watchdog's warning that it was overwritten."""
+        """``add_callback`` for a group that may hold the watch already (a directory its overflow walk
+        watched, whose creation is then replayed): the kernel returns the same watch descriptor and
+        queues nothing, and a callback already on it stays on it, without watchdog's warning that it
+        was overwritten. Failures are raised, not reported: the group says which need saying."""
         with self._lock:
             wd = inotify_add_watch(self._inotify_fd, path, mask)
             if wd == -1:
                 error_number = ctypes.get_errno()
-                error = OSError(error_number, os.strerror(error_number), os.fsdecode(path))
-                self._report_unwatched(path, error)
-                raise error
+                raise OSError(error_number, os.strerror(error_number), os.fsdecode(path))
             watch = self._watch_for_wd.setdefault(wd, Watch(wd, mask, path))
             watch.callbacks[id_] = callback
             return wd
 
-    def _report_unwatched(self, path: bytes, error: OSError) -> None:
+    def report_unwatched(self, path: bytes, error: OSError) -> None:
+        """Say that ``path`` could not be watched: left out by the watch limit, to the daemon (which
+        polls it); anything else in a ``watch_incomplete`` warning, unless it needs no word."""
         if error.errno == errno.ENOSPC:
             if self.unwatched is not None:
                 self.unwatched(os.fsdecode(path))  # polled by the daemon until a watch fits
@@ -113,6 +114,8 @@ class ReportingInotifyFD(InotifyFD):
 
 
 _TRASH = os.fsencode(TRASH_DIRECTORY_NAME)
+_INVALID_WD = WatchDescriptor(-1)  # (a node on the way to a watched one, not watched itself)
+_LIMITS = frozenset({errno.ENOSPC, errno.EMFILE})  # the watch and instance limits
 
 
 class DeepSafeWatchGroup(InotifyWatchGroup):
@@ -120,6 +123,9 @@ class DeepSafeWatchGroup(InotifyWatchGroup):
     in a trash (``.ckpt-trash``): nothing there is ever planned, and a trash of directory checkpoints
     would take a watch per directory in them from the ones new runs need; and a queue overflow that
     mends the watches instead of removing and adding them all (``on_queue_overflow``)."""
+
+    # During an overflow's walk: the directories the watch limit left out, tried again after it.
+    _held_back: list[bytes] | None = None
 
     def _add_all_callbacks(self, path: bytes) -> None:
         for directory in self._directories(path):
@@ -150,10 +156,10 @@ class DeepSafeWatchGroup(InotifyWatchGroup):
         of the kernel: one watched already keeps its watch descriptor and queues nothing. The nodes
         are rebuilt from the walk (a directory deleted and made again, or renamed, while events were
         lost is where the walk found it), and only the watches the walk did not return are removed:
-        directories deleted, or moved out of the tree or into a trash.
+        directories deleted, or moved out of the tree or into a trash. A directory the watch limit
+        left out meanwhile is tried again once they are (their removal may have made the room).
         """
-        reporting = self._inotify_fd
-        if not isinstance(reporting, ReportingInotifyFD):
+        if not isinstance(self._inotify_fd, ReportingInotifyFD):
             super().on_queue_overflow()
             return
         with self._lock:
@@ -162,26 +168,57 @@ class DeepSafeWatchGroup(InotifyWatchGroup):
             before = set(self._nodes_by_wd)
             self._root, self._nodes_by_wd = None, {}
             self._forget_moves_out()
+            self._held_back = []
             try:
-                for directory in self._directories(self.path):
-                    self._rejoin(reporting, directory)
+                self._add_all_callbacks(self.path)
             except OSError:
                 pass  # the root itself is gone (said by the fd if it needs saying); the daemon re-arms
             finally:
+                held_back, self._held_back = self._held_back, None
                 stale = before - self._nodes_by_wd.keys()
                 if stale:
-                    reporting.remove_callbacks([(wd, self._id) for wd in stale])
+                    self._inotify_fd.remove_callbacks([(wd, self._id) for wd in stale])
                     self._move_event_grouper.purge_events_for_wds(stale)
+                for directory in held_back:
+                    self._add_callback(directory)
 
-    def _rejoin(self, reporting: ReportingInotifyFD, directory: bytes) -> None:
-        """Watch ``directory`` (again) and place its node; only a failure on the root is raised."""
+    def _add_callback(self, path: bytes) -> None:
+        """watchdog's, on ``ReportingInotifyFD.rejoin``: a directory whose watch the group holds
+        already joins it quietly (watchdog warned that the callback was overwritten: an exception
+        where warnings are errors, and the directory was lost). As watchdog's, only the root's
+        failure, and the watch or instance limit while the group is set up (the daemon then polls),
+        reach the caller; any other directory that cannot be watched is said (``report_unwatched``)
+        and skipped, or, during an overflow's walk, left out by the watch limit until it is over."""
+        reporting = self._inotify_fd
+        if not isinstance(reporting, ReportingInotifyFD):
+            super()._add_callback(path)
+            return
+        existing = self._find_node_by_path(path)
+        if existing is not None and existing.wd != _INVALID_WD:
+            return
         try:
-            wd = reporting.rejoin(directory, self.event_mask, self, self._id)
-        except OSError:
-            if directory == self.path:
+            wd = reporting.rejoin(path, self.event_mask, self, self._id)
+        except OSError as error:
+            if path == self.path or (error.errno in _LIMITS and not self.is_active):
                 raise
-            return  # vanished since it was listed, or reported by the fd (the watch limit is polled)
-        self._insert_node(directory, wd)
+            if error.errno == errno.ENOSPC and self._held_back is not None:
+                self._held_back.append(path)
+            else:
+                reporting.report_unwatched(path, error)
+            return
+        if self._insert_node(path, wd) is None:
+            reporting.remove_callbacks([(wd, self._id)])
+
+    def on_event(self, event: InotifyEvent) -> None:
+        """watchdog's, and a directory moved within the tree is walked for what is not watched in it:
+        watchdog only moves the watches it had there, and one renamed while an overflow's walk ran
+        was watched without what is below it (that listing found the old name gone)."""
+        super().on_event(event)
+        if event.is_moved_to and event.is_directory and self.is_recursive:
+            with self._lock:
+                destination = self._build_event_source_path(event) if self.is_active else None
+                if destination is not None:
+                    self._add_all_callbacks(destination)  # (what is watched already costs its listing)
 
     def _forget_moves_out(self) -> None:
         """Drop the directory moves out of the tree still waiting for their other half: it was lost
@@ -199,7 +236,7 @@ class DeepSafeWatchGroup(InotifyWatchGroup):
         events: list[InotifyEvent] = []
         for directory, names, files in walk_tree(src_path, follow_symlinks=self.follow_symlink):
             node = self._find_node_by_path(directory)
-            if node is None or self._nodes_by_wd.get(node.wd) is not node:
+            if node is None or self._nodes_by_wd.get(node.wd) is not node:  # (or a node on the way)
                 continue  # not watched: its own creation event reports its contents
             events.extend(InotifyEvent(node.wd, _CREATED_DIRECTORY, 0, name) for name in names)
             events.extend(InotifyEvent(node.wd, InotifyConstants.IN_CREATE, 0, name) for name in files)

@@ -83,7 +83,7 @@ class ArmedRoot:
         self._observer: ObserverLike | None = None
         self._router: EventRouter | None = None
         self._root_watch: Any = None
-        self._overflow = OverflowListener(inbox)
+        self._overflow = OverflowListener()
         self._config_files: frozenset[str] = frozenset()
         self._unwatched: set[Path] = set()
         self._next_poll = 0.0

@@ -8,18 +8,22 @@ The instance here is not started until the test has done what was to be lost: no
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
 import select
 import shutil
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
-from watchdog.observers.inotify_c import InotifyConstants, Mask, WatchDescriptor
+from watchdog.observers.inotify_c import InotifyConstants, Mask, WatchDescriptor, inotify_add_watch
 from watchdog.observers.inotify_move_event_grouper import InotifyMoveEventGrouper, PathedInotifyEvent
 
 from ckpt_watcher.inotify_observer import DeepSafeWatchGroup, ReportingInotifyFD
+from ckpt_watcher.observers import walk_tree
 from ckpt_watcher.records import TRASH_DIRECTORY_NAME
 from tests.support.daemon import wait_until
 
@@ -239,3 +243,90 @@ def test_an_overflow_on_a_tree_with_more_directories_than_the_queue_ends(
     wait_until(lambda: os.fsencode(written) in recorder.paths, timeout=30, what="an event after it")
 
     assert group.overflows == 1
+
+
+def test_events_replayed_after_the_walk_keep_the_directories_it_watched(
+    unread: tuple[Path, ReportingInotifyFD, CountingGroup],
+) -> None:
+    """Events queued after the overflow, before the walk reached their directory, are handled after
+    it: ``rm -rf d; mkdir -p d/e`` replays a deletion and a creation of a directory the walk watched
+    already. Joining the watch the group held raised watchdog's warning that the callback was
+    overwritten (an exception where warnings are errors), and ``d`` was lost with what is below it."""
+    root, instance, group = unread
+    recorder = RecordingGrouper()
+    group._move_event_grouper = recorder
+    shutil.rmtree(root / "d")
+    (root / "d" / "e").mkdir(parents=True)
+    group.on_queue_overflow()  # (the walk sees the tree as it is now; the events of the change wait)
+
+    instance.start()
+    after = root / "d" / "e" / "after"
+    after.touch()
+    wait_until(lambda: os.fsencode(after) in recorder.paths, timeout=30, what="an event in d/e after it")
+
+    _assert_watches_match_the_tree(group, instance, root)
+
+
+def test_a_directory_renamed_while_the_walk_runs_is_watched_whole(
+    unread: tuple[Path, ReportingInotifyFD, CountingGroup], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A trainer's ``tmp-9`` renamed to ``checkpoint-9`` after the walk watched it and before it was
+    listed: its shards were never reached, their watches were removed as stale, and the rename's
+    events (read after the walk) only moved the node. The shards stayed unwatched for good."""
+    root, instance, group = unread
+    recorder = RecordingGrouper()
+    group._move_event_grouper = recorder
+    for shard in ("shard-0", "shard-1"):
+        (root / "tmp-9" / shard).mkdir(parents=True)
+    group.on_queue_overflow()  # (watches the new directories: their events are not read)
+    walk = walk_tree
+
+    def renaming_during(top: bytes, **options: Any) -> Iterator[tuple[bytes, list[bytes], list[bytes]]]:
+        for listing in walk(top, **options):
+            yield listing
+            if listing[0] == os.fsencode(root) and (root / "tmp-9").exists():
+                (root / "tmp-9").rename(root / "checkpoint-9")  # (root listed; tmp-9 not yet)
+
+    monkeypatch.setattr("ckpt_watcher.inotify_observer.walk_tree", renaming_during)
+    group.on_queue_overflow()
+    monkeypatch.setattr("ckpt_watcher.inotify_observer.walk_tree", walk)
+
+    instance.start()
+    last_shard = os.fsencode(root / "checkpoint-9" / "shard-1")
+    wait_until(lambda: last_shard in group._active_callbacks_by_path, timeout=30, what="the shards watched")
+    after = root / "checkpoint-9" / "shard-1" / "after"
+    after.touch()
+    wait_until(lambda: os.fsencode(after) in recorder.paths, timeout=30, what="an event in a shard after it")
+
+    _assert_watches_match_the_tree(group, instance, root)
+
+
+def test_the_watches_the_walk_removes_make_room_for_the_directories_it_found(
+    unread: tuple[Path, ReportingInotifyFD, CountingGroup], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At the watch limit (``fs.inotify.max_user_watches``), directories made while events were lost
+    were refused during the walk, because the watches of the checkpoints moved into the trash were
+    only removed after it: they were handed to the daemon's polling, with room for them."""
+    root, instance, group = unread
+    limit = len(_kernel_watches(instance))
+
+    def at_the_limit(descriptor: int, path: bytes, mask: int) -> int:
+        watched = _kernel_watches(instance).values()
+        if len(watched) >= limit and os.stat(path).st_ino not in watched:
+            ctypes.set_errno(errno.ENOSPC)
+            return -1
+        return inotify_add_watch(descriptor, path, mask)
+
+    monkeypatch.setattr("ckpt_watcher.inotify_observer.inotify_add_watch", at_the_limit)
+    unwatched: list[str] = []
+    instance.unwatched = unwatched.append
+    (root / "c").rename(root / TRASH_DIRECTORY_NAME / "c")
+    (root / "d").rename(root / TRASH_DIRECTORY_NAME / "d")  # (d, e and f: four watches with c)
+    for name in ("new-1", "new-2", "new-3"):
+        (root / name).mkdir()
+
+    group.on_queue_overflow()
+
+    assert unwatched == []
+    _assert_watches_match_the_tree(group, instance, root)
+    assert len(_kernel_watches(instance)) == limit - 1

@@ -45,13 +45,14 @@ class ScriptedObserver:
         return self._alive.is_set()
 
     def deliver(self, event: FileSystemEvent) -> None:
-        """Dispatch ``event`` as watchdog would: to the handler of each watch that covers its path."""
+        """Dispatch ``event`` as watchdog would: to the handler of each watch that covers its path (the
+        watched directory's own, as ``EventsLostEvent``, too)."""
         path = Path(str(event.src_path or event.dest_path))
         with self._lock:
             handlers = [
                 handler
                 for handler, watched, recursive in self.scheduled
-                if path.parent == Path(watched) or (recursive and Path(watched) in path.parents)
+                if Path(watched) in (path, path.parent) or (recursive and Path(watched) in path.parents)
             ]
         for handler in handlers:
             handler.dispatch(event)
