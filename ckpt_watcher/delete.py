@@ -386,11 +386,12 @@ def _move_to_trash(trash: TrashMover, directory_fd: int, decision: Decision) -> 
     return None
 
 
-_NOT_AS_PLANNED = "no longer the file that was planned; kept, it is re-planned on the next pass"
+_REPLANNED = "kept, it is re-planned on the next pass"
+_NOT_AS_PLANNED = f"no longer the file that was planned; {_REPLANNED}"
 # A directory checkpoint whose files changed between its scan and its deletion's walk: a re-save in
 # place (a rolled-back run saving the same step again, torch.distributed.checkpoint's default)
 # changes neither the directory's own mtime nor, when a file is rewritten, its list of entries.
-_WRITTEN_SINCE = "written to since it was planned (its files changed)"
+_WRITTEN_SINCE = f"written to since it was planned (its files changed); {_REPLANNED}"
 
 
 def _changed(decision: Decision, detail: str = _NOT_AS_PLANNED) -> DeletionResult:
@@ -431,7 +432,7 @@ def _refuse_directory(
         return _changed(decision)
     planned_signature = decision.record.tree_signature
     if planned_signature is not None and summary.signature() != planned_signature:
-        return _changed(decision, f"{_WRITTEN_SINCE}; kept, it is re-planned on the next pass")
+        return _changed(decision, _WRITTEN_SINCE)
     if summary.mount_points:
         return _failed(
             decision,

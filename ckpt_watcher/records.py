@@ -63,7 +63,7 @@ class FileIdentity:
 
 
 # filesystem.TreeSummary.signature of a directory checkpoint's walk (entries, bytes, their times)
-TreeSignature = tuple[int, int, int] | None
+TreeSignature = tuple[int, int, int]
 
 
 @quick_init
@@ -101,7 +101,7 @@ class CheckpointRecord:
     # A directory checkpoint's files as its scan walked them (filesystem.TreeSummary.signature: entries,
     # bytes, their times): its deletion walks it again and keeps it if anything in it was written since
     # (a re-save in place changes neither the directory's own mtime nor, maybe, its bytes).
-    tree_signature: TreeSignature = None
+    tree_signature: TreeSignature | None = None
 
     @property
     def path(self) -> Path:

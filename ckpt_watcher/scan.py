@@ -530,6 +530,11 @@ class _Identities:
         return FileIdentity(device, status.st_ino, size, status.st_mtime_ns)
 
 
+# A checkpoint-named directory as its walk found it: the verdict, its files' bytes, the best its
+# trainer_state.json names, and the walk's signature.
+_DirectoryLook = tuple[Completeness, int, str | None, TreeSignature | None]
+
+
 @dataclass
 class _Group:
     """One directory being scanned: what every entry's record needs."""
@@ -611,7 +616,7 @@ class _Group:
         link_target: Path | None = None
         completeness: Completeness
         names_best: str | None = None
-        tree_signature: TreeSignature = None
+        tree_signature: TreeSignature | None = None
         size = identity.size if entry_type is EntryType.FILE else 0
         if entry_type is EntryType.SYMLINK:
             link_target = self.resolver.resolve(self.directory / name)  # resolves names only: opens nothing
@@ -650,7 +655,7 @@ class _Group:
             tree_signature,
         )
 
-    def _directory_completeness(self, name: str) -> tuple[Completeness, int, str | None, TreeSignature]:
+    def _directory_completeness(self, name: str) -> _DirectoryLook:
         """The verdict on a checkpoint-named directory, its files' bytes, the best its trainer_state.json
         names, and its walk's signature (ScanStopped if the stop comes during its walk)."""
         quiet_seconds = self.options.directory_quiet
