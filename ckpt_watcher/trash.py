@@ -92,12 +92,16 @@ class TrashUnusableError(Exception):
     its file system has no room for what it needs (ENOSPC, EDQUOT). ``may_hold_pins``: what could
     not be opened may be a trash (or ``restored/``) this tool made, with pins in it (an I/O error,
     made writable by every user); False when it cannot be (missing, another user's, a symlink or a
-    file in its place): none of this tool's restores wrote there."""
+    file in its place): none of this tool's restores wrote there. ``root_gone``: the root itself is
+    not there (nothing to say of its trash: the daemon's root check says the root is gone)."""
 
-    def __init__(self, message: str, *, no_space: bool = False, may_hold_pins: bool = True) -> None:
+    def __init__(
+        self, message: str, *, no_space: bool = False, may_hold_pins: bool = True, root_gone: bool = False
+    ) -> None:
         super().__init__(message)
         self.no_space = no_space
         self.may_hold_pins = may_hold_pins
+        self.root_gone = root_gone
 
 
 def iso_time(epoch_seconds: float) -> str:
@@ -352,7 +356,9 @@ def open_trash(root: Path, *, create: bool) -> TrashDirectory | None:
     except (OSError, ValueError) as error:
         gone = not isinstance(error, OSError) or error.errno in (errno.ENOENT, *_NOT_DIRECTORY_ERRNOS)
         raise TrashUnusableError(  # (a root that is not there has no trash, and no pins)
-            f"cannot open the root {display_name(root)}: {_describe(error)}", may_hold_pins=not gone
+            f"cannot open the root {display_name(root)}: {_describe(error)}",
+            may_hold_pins=not gone,
+            root_gone=gone,
         ) from None
     try:
         owners = trusted_owners(os.fstat(root_fd).st_uid)
@@ -893,7 +899,8 @@ class TrashIndex:
             self._trash = open_trash(self.root, create=False)
         except TrashUnusableError as error:
             detail = f"nothing is moved into it; {_READ_ANYWAY}" if error.may_hold_pins else _NOT_OURS
-            self._report(("<trash>", 0), str(self.root / TRASH_DIRECTORY_NAME), str(error), detail)
+            if not error.root_gone:  # (a root removed: its trash is not "not this tool's")
+                self._report(("<trash>", 0), str(self.root / TRASH_DIRECTORY_NAME), str(error), detail)
             self._trash = None
             self.unusable = str(error) if error.may_hold_pins else None
         self.exists = self._trash is not None

@@ -7,6 +7,7 @@ import datetime
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Iterable
@@ -384,3 +385,18 @@ def test_a_trash_directory_writable_by_every_user_still_has_its_pins_kept(
     assert sorted(os.listdir(root / "run")) == (
         kept if refused == "restored" else sorted([*kept, step_name(0, 300)])
     )
+
+
+def test_a_root_removed_says_nothing_of_its_trash(root: Path, tmp_path: Path) -> None:
+    """The root (and its trash) removed under the daemon: the pass of the removal's events, before
+    the root check noticed, said the trash was "not this tool's" (``trash_problem``). Only the root
+    check speaks (``watch_path_lost``)."""
+    write_steps(root / "run", range(100, 600, 100))
+    policy_path = policy(tmp_path, "save_top_k_checkpoints: 2\ntrash: {grace: 1h}\n")
+    arguments = ["watch", str(root), "--policy", str(policy_path), "--settle", "0"]
+    with running_daemon(arguments, tmp_path / "log") as daemon:
+        daemon.wait_ready()
+        wait_until(lambda: len(trash_keys(root)) == 3, what="three checkpoints trashed")
+        shutil.rmtree(root)  # (its events start a pass before the root check looks)
+        daemon.wait_for("watch_path_lost")
+        assert daemon.events("trash_problem") == []
