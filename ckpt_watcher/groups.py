@@ -33,10 +33,12 @@ LINK_RECHECK_SECONDS = 1.0
 
 @dataclass
 class LastLink:
-    """A ``last`` symlink as last seen: its target, and since when a listing has missed it."""
+    """A ``last`` symlink as last seen: its target, since when a listing has missed it, and when it was
+    made (its own mtime, None if unknown): while it is missed, the plan still reads it as there."""
 
     target: Path
     missing_since: float | None = None
+    made_ns: int | None = None
 
 
 @dataclass(slots=True)
@@ -214,28 +216,18 @@ class GroupIndex:
         else:
             self._linked.discard(directory)
 
-    def last_link_pins(self, group: Path, links: Iterable[Link], now: float) -> dict[Path, str]:
-        """Remember ``group``'s ``last`` links as listed at ``now``; return pins for the targets of those
-        missing from this listing. A link missing from one listing keeps its target pinned until a
-        listing LINK_RECHECK_SECONDS later still misses it (a re-check is scheduled for then), so
-        one listing between Lightning's unlink and symlink never takes that protection away."""
+    def last_link_pins(
+        self, group: Path, links: Iterable[Link], now: float
+    ) -> tuple[dict[Path, str], list[Link]]:
+        """Remember ``group``'s ``last`` links as listed at ``now`` (``remember_last_links``); the pins
+        and the links as last seen of those missing from this listing, re-checked when they are due."""
         state = self.state(group)
-        current = {link.name: link.target for link in links if link.is_last}
-        remembered: dict[str, LastLink] = {}
-        pins: dict[Path, str] = {}
-        for name, link in state.last_links.items():
-            if name in current:
-                continue
-            missing_since = link.missing_since if link.missing_since is not None else now
-            if now - missing_since < LINK_RECHECK_SECONDS:
-                relative = os.path.relpath(group / name, self.root)
-                pins[link.target] = f"target of {relative} (missing from this listing; re-checked)"
-                remembered[name] = LastLink(link.target, missing_since)
-                self.recheck(group, missing_since + LINK_RECHECK_SECONDS)
-        for name, target in current.items():
-            remembered[name] = LastLink(target)
-        state.last_links = remembered
-        return pins
+        state.last_links, pins, missing, recheck_at = remember_last_links(
+            state.last_links, os.path.relpath(group, self.root), links, now
+        )
+        if recheck_at is not None:
+            self.recheck(group, recheck_at)
+        return pins, missing
 
     def link_pins(self, namings: Mapping[Path, Naming], lister: LinkLister = list_links) -> LinkPins:
         """List the symlinks of every group of a pass (``namings``: each group's naming; ``lister``:
@@ -250,12 +242,13 @@ class GroupIndex:
             if links is None:  # cannot be listed now: what its links protected at its last listing stays
                 pins.add(self._states[group].link_targets if group in self._states else {}, owner=group)
                 continue
-            targets, missing = link_reasons(links), self.last_link_pins(group, links, now)
+            targets, (missing, missed) = link_reasons(links), self.last_link_pins(group, links, now)
             self.set_link_targets(group, {**missing, **targets})  # (a pass that does not list it: these)
             self.state(group).links_reach_beyond = bool(missing) or reaches_beyond(group, links)
             pins.add(targets, owner=group)
             pins.add(missing)
-            pins.add_beyond_paths(group, links)
+            pins.add_beyond_paths(group, [*links, *missed])
+            pins.add_listed(group, [*links, *missed])
         pins.add(self.link_targets_outside(set(listed)))
         return pins
 
@@ -346,6 +339,37 @@ class GroupIndex:
         if not os.path.isdir(directory) or os.path.islink(directory):
             return False
         return self._naming_for(parent).classify(directory.name, directory=True).kind is Kind.UNKNOWN
+
+
+def remember_last_links(
+    remembered: Mapping[str, LastLink], group: str, links: Iterable[Link], now: float
+) -> tuple[dict[str, LastLink], dict[Path, str], list[Link], float | None]:
+    """A group's ``last`` links as listed at ``now`` (``group``: its path from the root), after those
+    ``remembered``: what to remember now, pins for the targets of those missing from this listing,
+    those links as last seen, and when to look again (None: nothing missing).
+
+    A link missing from one listing keeps its target pinned, and the plan reads it as still there
+    (the ``save_last="link"`` rules keep the save it is about to name), until a listing
+    LINK_RECHECK_SECONDS later still misses it: Lightning removes ``last.ckpt`` before it links it
+    again, so one listing between the two never takes that protection away."""
+    current = {link.name: link for link in links if link.is_last}
+    kept: dict[str, LastLink] = {}
+    pins: dict[Path, str] = {}
+    missing: list[Link] = []
+    recheck_at: float | None = None
+    for name, link in remembered.items():
+        missing_since = link.missing_since if link.missing_since is not None else now
+        if name in current or now - missing_since >= LINK_RECHECK_SECONDS:
+            continue
+        relative = os.path.normpath(os.path.join(group, name))
+        pins[link.target] = f"target of {relative} (missing from this listing; re-checked)"
+        kept[name] = LastLink(link.target, missing_since, link.made_ns)
+        missing.append(Link(name, relative, True, link.target, made_ns=link.made_ns))
+        due = missing_since + LINK_RECHECK_SECONDS
+        recheck_at = due if recheck_at is None else min(recheck_at, due)
+    for name, listed in current.items():
+        kept[name] = LastLink(listed.target, made_ns=listed.made_ns)
+    return kept, pins, missing, recheck_at
 
 
 class GroupFinder:

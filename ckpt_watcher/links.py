@@ -158,11 +158,28 @@ class LinkPins:
         self._by_directory: dict[Path, dict[Path, dict[Path | None, str]]] = defaultdict(dict)
         self.identities: dict[tuple[int, int], str] = {}  # targets outside the root (link_identities)
         self._down: dict[Path, list[LinkInto]] = defaultdict(list)  # links_down, by target directory
+        self._listed: dict[Path, list[LinkInto]] = {}  # each group's own ``last`` links, as listed
 
     def links_into(self, group: Path) -> list[LinkInto]:
         """The ``last`` links of directories above ``group`` that point into it (``plan``'s
         ``links_into``): the ``save_last="link"`` rules keep what they are about to move to."""
         return list(self._down.get(group, ()))
+
+    def listed_links(self, group: Path) -> list[LinkInto]:
+        """``group``'s own ``last`` links into its directory as this pass listed them before its scan
+        (``plan``'s ``listed_links``): one the scan then misses was removed a moment ago (Lightning
+        removes ``last.ckpt`` before it links it again), and the plan reads it as still there."""
+        return self._listed.get(group, [])
+
+    def add_listed(self, group: Path, links: Iterable[Link]) -> None:
+        """Note ``group``'s own ``last`` links (those into its own directory) as listed."""
+        own = [
+            LinkInto(link.name, link.target, link.made_ns)
+            for link in links
+            if link.is_last and link.target.parent == group
+        ]
+        if own:
+            self._listed[group] = own
 
     def add_beyond_paths(self, group: Path, links: list[Link]) -> None:
         """What ``group``'s links protect that no path under the root names: targets outside the root,
@@ -182,12 +199,12 @@ class LinkPins:
                 self._by_directory[directory].setdefault(target, {}).setdefault(owner, reason)
 
     def for_group(self, group: Path) -> dict[Path, str]:
-        """The pins for planning ``group``: targets in it or below it that a link outside it names
-        (its own links the planner finds among its records, as they are at its scan)."""
+        """The pins for planning ``group``: targets in it or below it that a link names, its own links
+        too (the planner finds them among its records as they are at its scan, unless one was removed
+        between this listing and that scan: Lightning removes ``last.ckpt`` before it links it again).
+        A link elsewhere gives the reason when there is one."""
         pins: dict[Path, str] = {}
         for target, owners in self._by_directory.get(group, {}).items():
-            for owner, reason in owners.items():
-                if owner != group:
-                    pins[target] = reason
-                    break
+            reasons = [reason for owner, reason in owners.items() if owner != group]
+            pins[target] = reasons[0] if reasons else next(iter(owners.values()))
         return pins

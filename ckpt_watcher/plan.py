@@ -256,6 +256,7 @@ def plan(
     pinned_identities: Mapping[tuple[int, int], str] | None = None,
     pinned_names: Mapping[str, str] | None = None,
     links_into: Iterable[LinkInto] = (),
+    listed_links: Iterable[LinkInto] = (),
 ) -> Plan:
     """Decide for every record; ``pins`` maps paths that must be kept to the reason why.
 
@@ -267,6 +268,9 @@ def plan(
     ``pinned_names`` keeps a record of that name in any group (``protection.namesakes_from``).
     ``links_into``: ``last`` links elsewhere whose target is in a directory below their own (a caller
     planning that group alone; ``links_from_above``): the ``save_last="link"`` rules apply there too.
+    ``listed_links``: a group's own ``last`` links as a listing just before its scan saw them (and
+    those missed a moment ago): one the records lack was removed between the two (Lightning removes
+    ``last.ckpt`` before it links it again), and its rules still apply.
     """
     group_policies = group_policies or {}
     records = list(records)
@@ -274,7 +278,8 @@ def plan(
     for path, reason in symlink_targets(records).items():
         protected[path].append(reason)
     for path, reason in (pins or {}).items():
-        protected[path].append(reason)
+        if reason not in protected[path]:  # (a group's own link, listed before its scan: said once)
+            protected[path].append(reason)
     if pinned_identities:
         _add_record_pins(records, functools.partial(_identity_reason, pinned_identities), protected)
     if pinned_names:
@@ -285,14 +290,8 @@ def plan(
         protected_in[path.parent][path.name] = list(reasons)
     _protect_holders(protected, protected_in)
     from_above = _links_by_target_directory([*links_into, *links_from_above(records)])
-    groups: dict[Path, list[CheckpointRecord]] = defaultdict(list)
-    directory: Path | None = None
-    members: list[CheckpointRecord] = []
-    for record in records:
-        if record.directory is not directory:  # a scan's records share their directory's Path
-            directory = record.directory
-            members = groups[directory]
-        members.append(record)
+    listed = _links_by_target_directory(listed_links)
+    groups = _by_directory(records)
     return Plan(
         groups=tuple(
             _plan_group(
@@ -301,10 +300,24 @@ def plan(
                 group_policies.get(directory, policy),
                 _with_pins_above(directory, groups[directory], protected_in.get(directory, {}), pins or {}),
                 from_above.get(directory, ()),
+                listed.get(directory, ()),
             )
             for directory in sorted(groups)
         )
     )
+
+
+def _by_directory(records: list[CheckpointRecord]) -> dict[Path, list[CheckpointRecord]]:
+    """``records`` by their directory, in their order."""
+    groups: dict[Path, list[CheckpointRecord]] = defaultdict(list)
+    directory: Path | None = None
+    members: list[CheckpointRecord] = []
+    for record in records:
+        if record.directory is not directory:  # a scan's records share their directory's Path
+            directory = record.directory
+            members = groups[directory]
+        members.append(record)
+    return groups
 
 
 def _links_by_target_directory(links: Iterable[LinkInto]) -> dict[Path, list[LinkInto]]:
@@ -497,9 +510,11 @@ def _plan_group(  # noqa: C901, PLR0912  (long: the policy's rules in the order 
     policy: Policy,
     protected: Mapping[str, list[str]],
     from_above: Iterable[LinkInto] = (),
+    listed: Iterable[LinkInto] = (),
 ) -> GroupPlan:
     """One group's decisions; ``protected``: the reasons that keep an entry of it, by name;
-    ``from_above``: the ``last`` links of directories above it that point into it."""
+    ``from_above``: the ``last`` links of directories above it that point into it; ``listed``: its own
+    as listed before its scan (``plan``'s ``listed_links``)."""
     lasts: list[CheckpointRecord] = []
     skipped: list[tuple[CheckpointRecord, str]] = []
     steps: list[CheckpointRecord] = []
@@ -540,7 +555,10 @@ def _plan_group(  # noqa: C901, PLR0912  (long: the policy's rules in the order 
                 ledger.keep(position, f"matches protect pattern '{pattern}'", Hold.PROTECTED)
 
     _keep_hugging_face_best(steps, candidates, ledger)
-    _keep_pending_link_target([*_own_links(lasts), *from_above], records, candidates, ledger)
+    own = _own_links(lasts)
+    scanned = {last.name for last in lasts}  # (a link the scan found is read as the scan found it)
+    own += [link for link in listed if link.label not in scanned]
+    _keep_pending_link_target([*own, *from_above], records, candidates, ledger)
 
     has_usable_last = any(last.complete for last in lasts)
     if candidates and not has_usable_last and not any(map(ledger.is_kept, range(len(candidates)))):

@@ -721,6 +721,7 @@ def _plan(
         pinned_identities=identities,
         pinned_names=context.pinned_names,
         links_into=context.links.links_into(group),
+        listed_links=context.links.listed_links(group),
     ).groups
 
 

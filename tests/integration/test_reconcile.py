@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from structlog.testing import LogCapture
 
-from ckpt_watcher import delete, groups, reconcile, scan
+from ckpt_watcher import delete, groups, reconcile, scan, storage
 from ckpt_watcher import plan as planning
 from ckpt_watcher.cli import main
 from ckpt_watcher.logs import configure_logging
@@ -25,7 +25,7 @@ from ckpt_watcher.reconcile import Reconciler, Trigger, prune_once
 from ckpt_watcher.trash import list_trash
 from ckpt_watcher.trash_moves import restore
 from tests.support.cli import log_records
-from tests.support.factories import step_name, write_checkpoint, zip_bytes
+from tests.support.factories import best_name, step_name, write_checkpoint, zip_bytes
 from tests.support.logs import logged
 from tests.support.pin_faults import failing_pin_reads
 
@@ -44,6 +44,65 @@ def _steps(directory: Path, steps: range | list[int]) -> list[Path]:
 
 def _names(directory: Path) -> set[str]:
     return {path.name for path in directory.iterdir()}
+
+
+def _best_and_last_only(tmp_path: Path) -> Path:
+    """Keep only the best and last.ckpt (no step checkpoint kept for itself): the setup where nothing
+    but the ``save_last="link"`` rules keeps the save last.ckpt is about to name."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("save_top_k_checkpoints: 0\nsave_top_k_best: 2\n")
+    return policy
+
+
+def test_the_save_last_ckpt_is_about_to_name_is_kept_while_the_link_is_missing(tmp_path: Path) -> None:
+    """Lightning moves last.ckpt by removing it, then linking it again: an event pass in between saw
+    no link, and the memory of the missing link pinned only its old target. The new save, which
+    nothing else keeps here, was deleted, and last.ckpt was then made dangling."""
+    root = tmp_path / "root"
+    run = root / "run"
+    write_checkpoint(run / step_name(0, 8))
+    write_checkpoint(run / best_name(0, 8, 0.5))
+    (run / "last.ckpt").symlink_to(step_name(0, 8))
+    core = _daemon_core(root, _best_and_last_only(tmp_path))
+    core.run(Trigger.FULL)
+    write_checkpoint(run / step_name(0, 12))  # the next save, then the link is moved:
+    (run / "last.ckpt").unlink()
+
+    core.run(Trigger.EVENT, {run})
+
+    assert {step_name(0, 8), step_name(0, 12)} <= _names(run)
+    (run / "last.ckpt").symlink_to(step_name(0, 12))
+    core.run(Trigger.EVENT, {run})  # (the link back, pointing at the new save)
+    assert step_name(0, 12) in _names(run)
+
+
+def test_a_last_link_removed_between_the_listing_and_the_scan_still_keeps_its_targets(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pass lists the links before it scans the group, and left a group's own link to its scan: one
+    removed in between (Lightning moving last.ckpt) protected neither its target nor the save it was
+    about to name. Both were deleted, and last.ckpt was then made dangling."""
+    root = tmp_path / "root"
+    run = root / "run"
+    write_checkpoint(run / step_name(0, 8))
+    write_checkpoint(run / best_name(0, 8, 0.5))
+    (run / "last.ckpt").symlink_to(step_name(0, 8))
+    core = _daemon_core(root, _best_and_last_only(tmp_path))
+    core.run(Trigger.FULL)
+    write_checkpoint(run / step_name(0, 12))  # the next save
+    scan_directory = storage.LocalStorage.scan_directory
+
+    def scan_after_the_unlink(
+        self: storage.LocalStorage, top: Path, group: Path, *rest: Any, **options: Any
+    ) -> Any:
+        if group == run and (run / "last.ckpt").is_symlink():
+            (run / "last.ckpt").unlink()  # (after the pass listed the links, before the scan)
+        return scan_directory(self, top, group, *rest, **options)
+
+    monkeypatch.setattr(storage.LocalStorage, "scan_directory", scan_after_the_unlink)
+    core.run(Trigger.EVENT, {run})
+
+    assert {step_name(0, 8), step_name(0, 12)} <= _names(run)
 
 
 def test_a_pass_result_counts_what_was_applied(tmp_path: Path) -> None:
