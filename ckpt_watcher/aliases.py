@@ -251,15 +251,28 @@ class AliasGuard:
         identity = (status.device, status.inode)
         seen = self._paths.setdefault(identity, path)
         if seen != path:
-            again = _status(seen) if os.fspath(real_path(seen)) == seen else None  # (no symlink on the way:
-            # ``mv run out/; ln -s out/run run`` shows the walk's path leading to the run's new one)
-            if again is not None and (again.device, again.inode) == identity:
-                self._aliased.setdefault(seen, path)
-                self._aliased[path] = seen
+            other = self._still_at(identity, (seen, self._aliased.get(seen)), path)
+            if other is not None:
+                self._aliased.setdefault(other, path)
+                self._aliased[path] = other
             else:
                 self._paths[identity] = path  # (that path is another directory now)
         if status.mount_id is None or status.mount_id not in self._mount_ids:
             self._outside, self._mount_ids = _read_mounts(root)  # a mount made since the walk
+
+    @staticmethod
+    def _still_at(identity: tuple[int, int], paths: Iterable[str | None], path: str) -> str | None:
+        """The first of ``paths`` (the walk's, but ``path``) that still shows the directory ``identity``
+        names, with no symlink on the way: ``mv run out/; ln -s out/run run`` leaves the walk's path
+        leading to the run's new one, which is no second path of it, though a bind mount of it the
+        walk saw elsewhere still is."""
+        for other in paths:
+            if other is None or other == path or os.fspath(real_path(other)) != other:
+                continue
+            again = _status(other)
+            if again is not None and (again.device, again.inode) == identity:
+                return other
+        return None
 
     def _warn_aliased(self, path: str, other: str) -> str:
         pair = frozenset({path, other})

@@ -171,3 +171,32 @@ def test_watch_never_prunes_a_directory_from_outside_the_root(tmp_path: Path) ->
     deleted = {record["path"] for record in records if record.get("event") == "checkpoint_deleted"}
     assert not any(path.startswith(str(imported)) for path in deleted)
     assert _names(outside) == {*ALL, step_name(0, 500)}
+
+
+def test_an_event_pass_still_sees_the_bind_mount_of_a_run_moved_behind_a_symlink(tmp_path: Path) -> None:
+    """``root/z`` is a bind mount of ``root/a``; then ``mv a moved/; ln -s moved/a a``. The walk's
+    first path of the run (``a/run1``) now leads there through a symlink, which is no second path;
+    but ``z/run1`` still is one, and the run at its new path is kept whole (it was pruned under its
+    own policy by event passes until the next full walk)."""
+    root = tmp_path / "root"
+    for directory in ("a/run1", "z", "moved"):
+        (root / directory).mkdir(parents=True)
+    script = """
+import os, sys
+from pathlib import Path
+from ckpt_watcher.aliases import AliasGuard
+root = Path(sys.argv[1])
+guard = AliasGuard()
+list(guard.walk(root, [root / name for name in ("a", "a/run1", "moved", "z", "z/run1")]))
+os.rename(root / "a", root / "moved" / "a")
+os.symlink("moved/a", root / "a")
+guard.begin_pass()
+print(sorted(guard.kept_whole(root, root / "moved" / "a" / "run1").values()))
+"""
+    command = [*mount_namespace([bind(root / "a", root / "z")]), sys.executable, "-c", script, str(root)]
+    completed = subprocess.run(
+        command, cwd=REPOSITORY, capture_output=True, text=True, timeout=60, check=False
+    )
+
+    assert completed.returncode == 0, completed.stderr
+    assert "kept whole: the same directory as z/run1 (a bind mount)" in completed.stdout, completed.stdout
