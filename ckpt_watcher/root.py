@@ -276,15 +276,23 @@ class ArmedRoot:
 
     def _try_rewatch(self) -> bool:
         """If a watch fits for every unwatched subtree now, watch the root again from scratch (a
-        directory that still does not fit is reported again) and rescan: events of the gap are lost.
-        True if it did."""
+        directory that still does not fit is reported again; if the root does not fit, it is set up
+        as at the start) and rescan: events of the gap are lost. True if it did."""
         observer = self._observer
         if observer is None or self._router is None or not inotify_has_room(self._unwatched):
             return False
         observer.unschedule(self._root_watch)
-        self._root_watch = observer.schedule(self._router, str(self.path), recursive=True)
-        for directory in sorted(self._unwatched):
-            logger.info("inotify_restored", subtree=str(directory), detail="watched again; no longer polled")
+        try:
+            self._root_watch = observer.schedule(self._router, str(self.path), recursive=True)
+        except Exception:  # the tree grew past the room checked: set up as at the start (maybe polling)
+            stop_observer(observer)
+            self._observer = self._root_watch = None
+            self.start_observer(self._config_files)
+        else:
+            for directory in sorted(self._unwatched):
+                logger.info(
+                    "inotify_restored", subtree=str(directory), detail="watched again; no longer polled"
+                )
         self._unwatched.clear()
         self._inbox.request_full_rescan()
         return True

@@ -6,6 +6,7 @@ Real files in tmp_path, the real worker loop in a thread; the observer is a stan
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import threading
@@ -223,6 +224,51 @@ def test_a_directory_inotify_cannot_watch_is_polled_until_it_can_be(
         wait_until(lambda: bool(logged(captured, "inotify_restored")), timeout=20, what="inotify_restored")
         assert logged(captured, "inotify_restored")[0]["subtree"] == str(late)
         assert [path for _, path, recursive in made[-1].scheduled if recursive] == roots_watched
+
+
+class FullObserver(UnwatchingObserver):
+    """An inotify stand-in whose watch limit leaves no room for the whole tree (once ``full`` is set)."""
+
+    full = False
+
+    def schedule(self, event_handler: Any, path: str, *, recursive: bool = False) -> tuple[Any, str, bool]:
+        if self.full and recursive:
+            raise OSError(errno.ENOSPC, "inotify watch limit reached")
+        return super().schedule(event_handler, path, recursive=recursive)
+
+
+def test_a_root_that_no_longer_fits_when_watched_again_is_polled_whole(
+    tmp_path: Path, captured: LogCapture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The room check before watching the root again looks at the unwatched subtrees only; the tree
+    grew meanwhile and the watch limit was hit again: the root stayed unwatched, and each later try
+    unscheduled the gone watch again (KeyError, a worker_error every 5 s). It is now set up as at the
+    start: polled whole, with a warning."""
+    monkeypatch.setattr(root_module, "inotify_has_room", lambda directories: True)
+    made: list[FullObserver] = []
+
+    def factory(poll_interval: float | None) -> FullObserver:
+        made.append(FullObserver(poll_interval))
+        made[-1].full = len(made) > 1 and poll_interval is None
+        return made[-1]
+
+    root = tmp_path / "root"
+    late = root / "late"
+    late.mkdir(parents=True)
+    with RunningLoop(root, observers=factory):
+        _started(captured)
+        first = made[-1]
+        assert first.unwatched is not None
+        first.full = True
+        first.unwatched(str(late))  # the watch limit was hit for this directory
+
+        wait_until(lambda: made[-1].poll_interval is not None, timeout=20, what="the root polled whole")
+        wait_until(
+            lambda: any(entry["subtree"] == str(root) for entry in logged(captured, "inotify_unavailable")),
+            what="the root's inotify_unavailable",
+        )
+    assert not logged(captured, "worker_error")
+    assert not logged(captured, "inotify_restored")
 
 
 def test_a_root_deleted_and_made_again_is_watched_by_a_new_observer(
