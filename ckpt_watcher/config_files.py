@@ -239,6 +239,10 @@ class QuietFiles:
             self._seen.forget(path)  # gone for good: nothing left to remember about it
         return True
 
+    def forget(self, path: Path) -> None:
+        """Drop ``path``'s watch (it is as last read): a later change waits its quiet time afresh."""
+        self._seen.forget(path)
+
     def _forget_settled(self, now: float) -> None:
         """Drop the files seen unchanged for the quiet time already (read by now, most of them)."""
         self._seen.forget_watched_for(self.quiet_seconds, now)

@@ -141,6 +141,8 @@ class PolicyFile:
         that keep less. (A reload on request, SIGHUP, reads the file as it is.)"""
         identity = FileIdentity.of_path(self.path)
         if identity == self._signature:
+            if self.path is not None:  # (moved aside and back: what was seen meanwhile is over)
+                self._quiet.forget(self.path)
             return False
         return self.path is None or self._quiet.quiet(self.path, identity)
 

@@ -570,6 +570,27 @@ def test_a_policy_file_being_rewritten_is_reloaded_once_quiet(
     assert policy.loaded.policy.save_top_k_checkpoints == 7
 
 
+def test_a_policy_file_missing_for_a_moment_long_ago_waits_again_when_missing_again(
+    tmp_path: Path, quiet_clock: QuietClock
+) -> None:
+    """A review: moved aside and back within its quiet time, the file's time missing was remembered;
+    a save that moves it aside again, much later, was then said missing at its first look."""
+    path = tmp_path / "policy.yaml"
+    path.write_text("save_top_k_best: 10\n")
+    policy = PolicyFile(path, load_policy(path))
+    path.rename(tmp_path / "policy.yaml~")
+    assert not policy.changed_on_disk()  # (missing: its wait starts)
+    (tmp_path / "policy.yaml~").rename(path)
+    assert not policy.changed_on_disk()  # (back as it was read)
+    quiet_clock.now += 600
+
+    path.rename(tmp_path / "policy.yaml~")
+
+    assert not policy.changed_on_disk(), "missing a moment only: it waits its quiet time again"
+    quiet_clock.pass_quiet_time()
+    assert policy.changed_on_disk()
+
+
 def test_a_new_per_run_file_is_read_only_once_quiet_and_blocks_below_meanwhile(
     root: Path, quiet_clock: QuietClock
 ) -> None:
