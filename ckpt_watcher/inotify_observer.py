@@ -36,7 +36,7 @@ from watchdog.events import (
     FileSystemEvent,
 )
 from watchdog.observers.api import DEFAULT_OBSERVER_TIMEOUT, BaseObserver
-from watchdog.observers.inotify import InotifyFullEmitter, InotifyObserver, InotifyWatchGroup
+from watchdog.observers.inotify import DirNode, InotifyFullEmitter, InotifyObserver, InotifyWatchGroup
 from watchdog.observers.inotify_c import (
     CallbackId,
     InotifyConstants,
@@ -116,6 +116,7 @@ class ReportingInotifyFD(InotifyFD):
 _TRASH = os.fsencode(TRASH_DIRECTORY_NAME)
 _INVALID_WD = WatchDescriptor(-1)  # (a node on the way to a watched one, not watched itself)
 _LIMITS = frozenset({errno.ENOSPC, errno.EMFILE})  # the watch and instance limits
+_UNLISTED_SWEEP = 64  # unlisted directories remembered before those deleted since are dropped
 
 
 class DeepSafeWatchGroup(InotifyWatchGroup):
@@ -126,6 +127,10 @@ class DeepSafeWatchGroup(InotifyWatchGroup):
 
     # During an overflow's walk: the directories the watch limit left out, tried again after it.
     _held_back: list[bytes] | None = None
+
+    def __post_init__(self) -> None:
+        self._unlisted: set[DirNode] = set()  # watched by a walk that could not list them
+        super().__post_init__()
 
     def _add_all_callbacks(self, path: bytes) -> None:
         for directory in self._directories(path):
@@ -139,7 +144,8 @@ class DeepSafeWatchGroup(InotifyWatchGroup):
         yield path
         if not (is_directory and self.is_recursive):
             return
-        for directory, names, _ in walk_tree(path, follow_symlinks=self.follow_symlink):
+        walk = walk_tree(path, follow_symlinks=self.follow_symlink, on_error=self._note_unlisted)
+        for directory, names, _ in walk:
             if _TRASH in names:
                 names.remove(_TRASH)  # (pruned: never entered)
             for name in names:
@@ -209,15 +215,28 @@ class DeepSafeWatchGroup(InotifyWatchGroup):
         if self._insert_node(path, wd) is None:
             reporting.remove_callbacks([(wd, self._id)])
 
+    def _note_unlisted(self, directory: bytes, error: OSError) -> None:
+        """A directory watched by a walk that could not list it (renamed or removed in between): its
+        subtree is not watched; if it was renamed, its move's event walks it (``on_event``)."""
+        node = self._find_node_by_path(directory)
+        if node is not None:
+            if len(self._unlisted) >= _UNLISTED_SWEEP:  # (those deleted meanwhile: forgotten)
+                self._unlisted = {old for old in self._unlisted if self._reconstruct_path_iterative(old)}
+            self._unlisted.add(node)
+
     def on_event(self, event: InotifyEvent) -> None:
-        """watchdog's, and a directory moved within the tree is walked for what is not watched in it:
-        watchdog only moves the watches it had there, and one renamed while an overflow's walk ran
-        was watched without what is below it (that listing found the old name gone)."""
+        """watchdog's, and a directory moved within the tree holding one a walk could not list is
+        walked for what is not watched in it: watchdog only moves the watches it had there, and a
+        directory renamed between a walk's watch of it and its listing (an overflow's walk over a
+        large tree takes seconds) was otherwise watched without what is below it, for good."""
         super().on_event(event)
-        if event.is_moved_to and event.is_directory and self.is_recursive:
+        if event.is_moved_to and event.is_directory and self.is_recursive and self._unlisted:
             with self._lock:
                 destination = self._build_event_source_path(event) if self.is_active else None
-                if destination is not None:
+                moved = self._find_node_by_path(destination) if destination is not None else None
+                below = {node for node in self._unlisted if _is_within(node, moved)}
+                if destination is not None and below:
+                    self._unlisted -= below
                     self._add_all_callbacks(destination)  # (what is watched already costs its listing)
 
     def _forget_moves_out(self) -> None:
@@ -265,6 +284,15 @@ class DeepSafeInotifyEmitter(InotifyFullEmitter):
         for path in (source, destination):
             if path:
                 self.queue_event(DirModifiedEvent(os.path.dirname(path)))
+
+
+def _is_within(node: DirNode | None, top: DirNode | None) -> bool:
+    """True if ``node`` is ``top`` or below it in the watch tree (None: neither is there)."""
+    while node is not None and top is not None:
+        if node is top:
+            return True
+        node = node.parent
+    return False
 
 
 def _moved_directory(event: GroupedInotifyEvent) -> tuple[bytes, bytes] | None:

@@ -330,3 +330,27 @@ def test_the_watches_the_walk_removes_make_room_for_the_directories_it_found(
     assert unwatched == []
     _assert_watches_match_the_tree(group, instance, root)
     assert len(_kernel_watches(instance)) == limit - 1
+
+
+def test_a_directory_renamed_in_the_tree_is_not_walked_again(
+    unread: tuple[Path, ReportingInotifyFD, CountingGroup], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only a directory a walk could not list is walked after its move: every other rename (a Hugging
+    Face ``tmp-checkpoint-N``, the daemon's own ``.ckpt-watcher-deleting-`` prefix before a removal)
+    keeps its watches as watchdog moved them, without a walk of what is below it (a large sharded
+    checkpoint under the group's lock)."""
+    root, instance, group = unread
+    walked: list[bytes] = []
+
+    def counting(top: bytes, **options: Any) -> Iterator[tuple[bytes, list[bytes], list[bytes]]]:
+        walked.append(top)
+        return walk_tree(top, **options)
+
+    monkeypatch.setattr("ckpt_watcher.inotify_observer.walk_tree", counting)
+    instance.start()
+    (root / "d").rename(root / "d2")
+    moved = os.fsencode(root / "d2" / "e" / "f")
+    wait_until(lambda: moved in group._active_callbacks_by_path, timeout=30, what="the watches moved")
+
+    assert walked == []
+    _assert_watches_match_the_tree(group, instance, root)
