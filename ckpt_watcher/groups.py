@@ -238,19 +238,26 @@ class GroupIndex:
         beyond = [group for group in self._linked - namings.keys() if self._states[group].links_reach_beyond]
         listed = {**namings, **{group: self._naming_for(group) for group in beyond}}
         for group, naming in listed.items():
-            links = lister(group, self.root, naming)
-            if links is None:  # cannot be listed now: what its links protected at its last listing stays
-                pins.add(self._states[group].link_targets if group in self._states else {}, owner=group)
-                continue
-            targets, (missing, missed) = link_reasons(links), self.last_link_pins(group, links, now)
-            self.set_link_targets(group, {**missing, **targets})  # (a pass that does not list it: these)
-            self.state(group).links_reach_beyond = bool(missing) or reaches_beyond(group, links)
-            pins.add(targets, owner=group)
-            pins.add(missing)
-            pins.add_beyond_paths(group, [*links, *missed])
-            pins.add_listed(group, [*links, *missed])
+            self.list_group_links(pins, group, naming, lister, now)
         pins.add(self.link_targets_outside(set(listed)))
         return pins
+
+    def list_group_links(
+        self, pins: LinkPins, group: Path, naming: Naming, lister: LinkLister, now: float
+    ) -> None:
+        """List ``group``'s symlinks into ``pins`` (``link_pins``; also for a group a pass adds, as
+        keep_free's re-plan of one outside it)."""
+        links = lister(group, self.root, naming)
+        if links is None:  # cannot be listed now: what its links protected at its last listing stays
+            pins.add(self._states[group].link_targets if group in self._states else {}, owner=group)
+            return
+        targets, (missing, missed) = link_reasons(links), self.last_link_pins(group, links, now)
+        self.set_link_targets(group, {**missing, **targets})  # (a pass that does not list it: these)
+        self.state(group).links_reach_beyond = bool(missing) or reaches_beyond(group, links)
+        pins.add(targets, owner=group)
+        pins.add(missing)
+        pins.add_beyond_paths(group, [*links, *missed])
+        pins.add_listed(group, [*links, *missed])
 
     def link_targets_outside(self, groups: set[Path]) -> dict[Path, str]:
         """Link targets remembered for the groups that are not in ``groups`` (not scanned this pass)."""

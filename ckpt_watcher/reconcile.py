@@ -480,11 +480,13 @@ class Reconciler:
             self._progress()
 
     def _replan(self, group: Path, context: _PassContext) -> None:
-        """A group outside the pass that keep_free would take from: scanned and planned afresh first."""
+        """A group outside the pass that keep_free would take from: listed, scanned, planned afresh."""
         value = self.tree.for_directory(group) if self.storage.is_group(group) else None
         if value is None or not _protection_known(self.registry, self.index, value):
             return  # gone, or what a config it names protects is not known (yet): nothing is taken
         context.result.sources[group] = value.sources
+        naming, now = self.tree.naming_for(group), time.monotonic()  # its links listed as the pass did
+        self.index.list_group_links(context.links, group, naming, self.storage.list_links, now)
         _alone(group, context.result, functools.partial(self._plan_group, group, value, context))
 
     def _stopping(self) -> bool:

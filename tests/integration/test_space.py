@@ -440,3 +440,27 @@ def test_a_directory_checkpoint_being_written_is_measured_by_its_files(tmp_path:
     shutil.rmtree(checkpoint)
     other.rename(checkpoint)  # another directory took its name
     assert grown(item) is None
+
+
+def test_keep_free_replanning_a_run_whose_last_link_is_missing_keeps_the_save_it_is_about_to_name(
+    disk: Path, tmp_path: Path
+) -> None:
+    """keep_free re-plans a run outside an event pass between Lightning's removal of last.ckpt and its
+    new link (a review): the re-plan listed no links, so nothing kept the save about to be linked
+    (the policy keeps only best and last), and it was deleted with the whole re-plan applied."""
+    run, other = disk / "b", disk / "a"
+    write(run / step_name(0, 8), age=100)
+    write(run / best_name(0, 4, 0.5), age=100)
+    write(run / best_name(0, 8, 0.4), age=100)
+    (run / "last.ckpt").symlink_to(step_name(0, 8))
+    policy = policy_file(tmp_path, "save_top_k_checkpoints: 0\nsave_top_k_best: 2\nkeep_free: 12MiB\n")
+    core = _daemon_core(disk, policy)
+    core.run(Trigger.FULL)
+    write(run / step_name(0, 12), age=10)  # Lightning's next save, then os.remove(last.ckpt):
+    (run / "last.ckpt").unlink()
+    write(other / step_name(0, 1), size=3 * CHECKPOINT_BYTES, age=10)  # the disk is short now
+
+    core.run(Trigger.EVENT, {other})  # keep_free takes from the run outside the pass
+
+    assert step_name(0, 12) in names(run)
+    assert step_name(0, 8) in names(run)  # (the link's old target, pinned while it is missing)
