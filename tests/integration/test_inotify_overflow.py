@@ -113,6 +113,15 @@ def _assert_watches_match_the_tree(
     assert set(instance._watch_for_wd) == set(kernel), "watchdog's book of watches differs from the kernel's"
 
 
+def _seen_and_watched(
+    group: DeepSafeWatchGroup, instance: ReportingInotifyFD, recorder: RecordingGrouper, written: Path
+) -> None:
+    """A file written now is reported by its path, and the watches match the tree."""
+    written.touch()
+    wait_until(lambda: os.fsencode(written) in recorder.paths, timeout=30, what=f"an event for {written}")
+    _assert_watches_match_the_tree(group, instance, Path(os.fsdecode(group.path)))
+
+
 @pytest.fixture
 def unread(tmp_path: Path) -> Iterator[tuple[Path, ReportingInotifyFD, CountingGroup]]:
     """A tree watched by the daemon's watch group on an inotify instance nobody reads yet."""
@@ -260,11 +269,8 @@ def test_events_replayed_after_the_walk_keep_the_directories_it_watched(
     group.on_queue_overflow()  # (the walk sees the tree as it is now; the events of the change wait)
 
     instance.start()
-    after = root / "d" / "e" / "after"
-    after.touch()
-    wait_until(lambda: os.fsencode(after) in recorder.paths, timeout=30, what="an event in d/e after it")
 
-    _assert_watches_match_the_tree(group, instance, root)
+    _seen_and_watched(group, instance, recorder, root / "d" / "e" / "after")
 
 
 def test_a_directory_renamed_while_the_walk_runs_is_watched_whole(
@@ -294,11 +300,8 @@ def test_a_directory_renamed_while_the_walk_runs_is_watched_whole(
     instance.start()
     last_shard = os.fsencode(root / "checkpoint-9" / "shard-1")
     wait_until(lambda: last_shard in group._active_callbacks_by_path, timeout=30, what="the shards watched")
-    after = root / "checkpoint-9" / "shard-1" / "after"
-    after.touch()
-    wait_until(lambda: os.fsencode(after) in recorder.paths, timeout=30, what="an event in a shard after it")
 
-    _assert_watches_match_the_tree(group, instance, root)
+    _seen_and_watched(group, instance, recorder, root / "checkpoint-9" / "shard-1" / "after")
 
 
 def test_the_watches_the_walk_removes_make_room_for_the_directories_it_found(

@@ -54,19 +54,25 @@ def _best_and_last_only(tmp_path: Path) -> Path:
     return policy
 
 
+def _linked_run(tmp_path: Path) -> tuple[Path, Reconciler]:
+    """A run whose last.ckpt links its step 8 (beside a best), after a full pass of the daemon's core
+    keeping only best and last; then Lightning's next save, step 12, not linked yet."""
+    run = tmp_path / "root" / "run"
+    write_checkpoint(run / step_name(0, 8))
+    write_checkpoint(run / best_name(0, 8, 0.5))
+    (run / "last.ckpt").symlink_to(step_name(0, 8))
+    core = _daemon_core(run.parent, _best_and_last_only(tmp_path))
+    core.run(Trigger.FULL)
+    write_checkpoint(run / step_name(0, 12))
+    return run, core
+
+
 def test_the_save_last_ckpt_is_about_to_name_is_kept_while_the_link_is_missing(tmp_path: Path) -> None:
     """Lightning moves last.ckpt by removing it, then linking it again: an event pass in between saw
     no link, and the memory of the missing link pinned only its old target. The new save, which
     nothing else keeps here, was deleted, and last.ckpt was then made dangling."""
-    root = tmp_path / "root"
-    run = root / "run"
-    write_checkpoint(run / step_name(0, 8))
-    write_checkpoint(run / best_name(0, 8, 0.5))
-    (run / "last.ckpt").symlink_to(step_name(0, 8))
-    core = _daemon_core(root, _best_and_last_only(tmp_path))
-    core.run(Trigger.FULL)
-    write_checkpoint(run / step_name(0, 12))  # the next save, then the link is moved:
-    (run / "last.ckpt").unlink()
+    run, core = _linked_run(tmp_path)
+    (run / "last.ckpt").unlink()  # (Lightning moving the link to the new save)
 
     core.run(Trigger.EVENT, {run})
 
@@ -82,14 +88,7 @@ def test_a_last_link_removed_between_the_listing_and_the_scan_still_keeps_its_ta
     """A pass lists the links before it scans the group, and left a group's own link to its scan: one
     removed in between (Lightning moving last.ckpt) protected neither its target nor the save it was
     about to name. Both were deleted, and last.ckpt was then made dangling."""
-    root = tmp_path / "root"
-    run = root / "run"
-    write_checkpoint(run / step_name(0, 8))
-    write_checkpoint(run / best_name(0, 8, 0.5))
-    (run / "last.ckpt").symlink_to(step_name(0, 8))
-    core = _daemon_core(root, _best_and_last_only(tmp_path))
-    core.run(Trigger.FULL)
-    write_checkpoint(run / step_name(0, 12))  # the next save
+    run, core = _linked_run(tmp_path)
     scan_directory = storage.LocalStorage.scan_directory
 
     def scan_after_the_unlink(

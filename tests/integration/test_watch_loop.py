@@ -194,6 +194,13 @@ class UnwatchingObserver(ScriptedObserver):
         self.unwatched = callback
 
 
+def _root_with(tmp_path: Path, name: str) -> tuple[Path, Path]:
+    """A root, and a directory ``name`` in it."""
+    root = tmp_path / "root"
+    (root / name).mkdir(parents=True)
+    return root, root / name
+
+
 def test_a_directory_inotify_cannot_watch_is_polled_until_it_can_be(
     tmp_path: Path, captured: LogCapture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -205,9 +212,7 @@ def test_a_directory_inotify_cannot_watch_is_polled_until_it_can_be(
         made.append(UnwatchingObserver(poll_interval))
         return made[-1]
 
-    root = tmp_path / "root"
-    late = root / "late"
-    late.mkdir(parents=True)
+    root, late = _root_with(tmp_path, "late")
     with RunningLoop(root, observers=factory):
         _started(captured)
         assert made[-1].unwatched is not None
@@ -252,9 +257,7 @@ def test_a_root_that_no_longer_fits_when_watched_again_is_polled_whole(
         made[-1].full = len(made) > 1 and poll_interval is None
         return made[-1]
 
-    root = tmp_path / "root"
-    late = root / "late"
-    late.mkdir(parents=True)
+    root, late = _root_with(tmp_path, "late")
     with RunningLoop(root, observers=factory):
         _started(captured)
         first = made[-1]
