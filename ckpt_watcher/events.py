@@ -127,7 +127,7 @@ class EventRouter(FileSystemEventHandler):
         try:
             if event.event_type == EVENT_TYPE_EVENTS_LOST:
                 # After an inotify overflow, once the watches are mended: a rescan that starts now
-                # misses nothing written after it (the overflow's log record asked for one when read).
+                # misses nothing written after it (the overflow's log record only says it).
                 self._inbox.request_full_rescan()
             else:
                 self._route(event)
