@@ -430,15 +430,15 @@ def _refuse_directory(
         or (walked.device, walked.inode, walked.mtime_ns) != (planned.device, planned.inode, planned.mtime_ns)
     ):
         return _changed(decision)
-    planned_signature = decision.record.tree_signature
-    if planned_signature is not None and summary.signature() != planned_signature:
-        return _changed(decision, _WRITTEN_SINCE)
-    if summary.mount_points:
+    if summary.mount_points:  # (before the signature: a mount hides what was walked below it)
         return _failed(
             decision,
             f"contains a mount point ({display_name(summary.mount_points[0])}): a checkpoint holding "
             "another file system is never deleted",
         )
+    planned_signature = decision.record.tree_signature
+    if planned_signature is not None and summary.signature() != planned_signature:
+        return _changed(decision, _WRITTEN_SINCE)
     return None
 
 
