@@ -76,18 +76,12 @@ class ReportingInotifyFD(InotifyFD):
         self.lost_events: LostEventsCallback | None = None
         self._unwatchable = UnwatchedOnce("inotify")
 
-    def add_callback(self, path: bytes, *arguments: Any) -> Any:
-        try:
-            return super().add_callback(path, *arguments)
-        except OSError as error:
-            self.report_unwatched(path, error)
-            raise
-
     def rejoin(self, path: bytes, mask: Mask, callback: WatchCallback, id_: CallbackId) -> WatchDescriptor:
-        """``add_callback`` for a group that may hold the watch already (a directory its overflow walk
-        watched, whose creation is then replayed): the kernel returns the same watch descriptor and
-        queues nothing, and a callback already on it stays on it, without watchdog's warning that it
-        was overwritten. Failures are raised, not reported: the group says which need saying."""
+        """How ``DeepSafeWatchGroup`` adds every watch (watchdog's ``add_callback`` is not used). One the
+        group may hold already (a directory its overflow walk watched, whose creation is then
+        replayed) is joined: the kernel returns the same watch descriptor and queues nothing, and a
+        callback already on it stays, without watchdog's warning that it was overwritten. Failures
+        are raised, not reported: the group says which need saying (``report_unwatched``)."""
         with self._lock:
             wd = inotify_add_watch(self._inotify_fd, path, mask)
             if wd == -1:
